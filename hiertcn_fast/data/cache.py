@@ -1,0 +1,269 @@
+"""The on-disk session cache: flat numpy memmaps plus a JSON manifest.
+
+Layout of a cache directory (all arrays raw little-endian binary, opened with ``np.memmap``)::
+
+    manifest.json                 counts, preprocessing params, source fingerprint, checksums
+    item.bin             int32    (events,)      dense item ids >= 1 (0 = padding/start token)
+    timestamp.bin        float64  (events,)      seconds
+    session_offsets.bin  int64    (sessions+1,)  session s = events [off[s], off[s+1])
+    session_split.bin    int8     (sessions,)    0 train, 1 validation, 2 test
+    user_session_offsets.bin int64 (users+1,)    user u = sessions [off[u], off[u+1])
+    user_raw_id.bin      int64    (users,)       raw id of each dense user
+    item_raw_id.bin      int64    (items+1,)     raw id of each dense item; entry 0 is -1
+    partition_user_offsets.bin int64 (partitions+1,) partition p = users [off[p], off[p+1])
+
+Events are sorted by user, then time (ties keep source order). A partition is a contiguous
+range of users, so it covers contiguous sessions and events and can be streamed on its own.
+
+Integrity: the manifest carries a SHA-256 of its own content and a CRC-32 per array
+(user-, item- and partition-level arrays) and per partition (event- and session-level arrays).
+Opening checks the manifest, every file's exact size (truncation), the small arrays' CRCs and the
+offsets' end points, which keeps it far below a second at any scale; the per-partition CRCs are
+checked the first time a partition is used (:meth:`SessionCache.verify_partitions`, called by the
+batcher) or at open with ``verify="full"``. Any mismatch raises :class:`CacheCorruptError`.
+
+Writes are atomic: a cache is built in a temporary sibling directory, every file and the
+directory are fsync'ed, the manifest is written last, and the directory is renamed into place.
+A crash leaves only a ``.tmp-*`` directory, which is never opened as a cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+import zlib
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+__all__ = ["SessionCache", "CacheCorruptError", "CACHE_FORMAT", "CACHE_VERSION", "SPLITS"]
+
+CACHE_FORMAT = "hiertcn_fast.session_cache"
+CACHE_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TEMP_PREFIX = ".tmp-"
+SPLITS = {"train": 0, "valid": 1, "test": 2}
+
+# name -> dtype, and which checksum granularity protects it.
+ARRAY_DTYPES = {
+    "item": np.int32,
+    "timestamp": np.float64,
+    "session_offsets": np.int64,
+    "session_split": np.int8,
+    "user_session_offsets": np.int64,
+    "user_raw_id": np.int64,
+    "item_raw_id": np.int64,
+    "partition_user_offsets": np.int64,
+}
+GLOBAL_ARRAYS = ("user_session_offsets", "user_raw_id", "item_raw_id", "partition_user_offsets")
+PARTITIONED_ARRAYS = ("item", "timestamp", "session_offsets", "session_split")
+CRC_BLOCK_BYTES = 64 << 20
+
+
+class CacheCorruptError(RuntimeError):
+    """The cache on disk is truncated, modified or otherwise not what its manifest says."""
+
+
+def crc32_of(array: np.ndarray) -> int:
+    """CRC-32 of an array's bytes, in blocks so a memmap is never copied whole."""
+    flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    crc = 0
+    for start in range(0, flat.shape[0], CRC_BLOCK_BYTES):
+        crc = zlib.crc32(flat[start:start + CRC_BLOCK_BYTES], crc)
+    return crc
+
+
+def manifest_digest(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def partition_slices(partition_user_offsets, user_session_offsets, session_offsets, partition: int) -> dict:
+    """Index ranges of one partition, per array name (session_offsets overlaps by one entry)."""
+    user_lo, user_hi = int(partition_user_offsets[partition]), int(partition_user_offsets[partition + 1])
+    session_lo, session_hi = int(user_session_offsets[user_lo]), int(user_session_offsets[user_hi])
+    event_lo, event_hi = int(session_offsets[session_lo]), int(session_offsets[session_hi])
+    return {
+        "item": slice(event_lo, event_hi),
+        "timestamp": slice(event_lo, event_hi),
+        "session_offsets": slice(session_lo, session_hi + 1),
+        "session_split": slice(session_lo, session_hi),
+    }
+
+
+def compute_checksums(arrays: dict[str, np.ndarray]) -> dict:
+    """The manifest's ``checksums`` entry for a complete set of arrays."""
+    partitions = []
+    for p in range(arrays["partition_user_offsets"].shape[0] - 1):
+        ranges = partition_slices(arrays["partition_user_offsets"], arrays["user_session_offsets"],
+                                  arrays["session_offsets"], p)
+        partitions.append({name: crc32_of(arrays[name][ranges[name]]) for name in PARTITIONED_ARRAYS})
+    return {"global": {name: crc32_of(arrays[name]) for name in GLOBAL_ARRAYS}, "partitions": partitions}
+
+
+def open_array(path: Path, dtype, length: int, mode: str = "r") -> np.ndarray:
+    if length == 0:
+        return np.empty(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode=mode, shape=(length,))
+
+
+def new_temp_dir(final_path: Path) -> Path:
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    temp = final_path.parent / f"{TEMP_PREFIX}{final_path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    temp.mkdir()
+    return temp
+
+
+def publish_temp_dir(temp: Path, final_path: Path, manifest: dict) -> bool:
+    """Write the manifest last, fsync everything and rename ``temp`` to ``final_path``.
+
+    Returns False (and removes ``temp``) if another process published the same cache first.
+    """
+    for name in ARRAY_DTYPES:
+        fsync_path(temp / f"{name}.bin")
+    manifest = dict(manifest, manifest_sha256=manifest_digest(manifest))
+    manifest_path = temp / MANIFEST_NAME
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_path(temp)
+    try:
+        os.rename(temp, final_path)
+    except OSError:
+        if (final_path / MANIFEST_NAME).exists():
+            shutil.rmtree(temp, ignore_errors=True)
+            return False
+        raise
+    fsync_path(final_path.parent)
+    return True
+
+
+class SessionCache:
+    """A read-only view of a cache directory. Open with :meth:`open`.
+
+    Attributes (numpy memmaps, see the module docstring for shapes): ``item``, ``timestamp``,
+    ``session_offsets``, ``session_split``, ``user_session_offsets``, ``user_raw_id``,
+    ``item_raw_id``, ``partition_user_offsets``; and ``manifest``, ``params``, ``stats``,
+    ``num_events``, ``num_sessions``, ``num_users``, ``num_items`` (dense ids are 1..num_items),
+    ``num_partitions``, ``max_session_length``.
+    """
+
+    def __init__(self, path: Path, manifest: dict, arrays: dict[str, np.ndarray]):
+        self.path = path
+        self.manifest = manifest
+        self.params = manifest["params"]
+        self.stats = manifest["stats"]
+        counts = manifest["counts"]
+        self.num_events = counts["events"]
+        self.num_sessions = counts["sessions"]
+        self.num_users = counts["users"]
+        self.num_items = counts["items"]
+        self.num_partitions = counts["partitions"]
+        self.max_session_length = counts["max_session_length"]
+        for name, array in arrays.items():
+            setattr(self, name, array)
+        self._verified_partitions: set[int] = set()
+
+    @property
+    def key(self) -> str:
+        return self.manifest["key"]
+
+    def __repr__(self) -> str:
+        return (f"SessionCache({str(self.path)!r}, events={self.num_events}, sessions={self.num_sessions}, "
+                f"users={self.num_users}, items={self.num_items}, partitions={self.num_partitions})")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, verify: str = "lazy") -> "SessionCache":
+        """Open a cache directory.
+
+        verify: ``"lazy"`` (manifest, sizes, small arrays now; each partition on first use),
+        ``"full"`` (everything now) or ``"none"`` (sizes and manifest only; partitions are still
+        checked by :meth:`verify_partitions` when the batcher asks).
+        """
+        if verify not in ("lazy", "full", "none"):
+            raise ValueError(f"verify must be 'lazy', 'full' or 'none', got {verify!r}")
+        path = Path(path)
+        if path.name.startswith(TEMP_PREFIX):
+            raise CacheCorruptError(f"{path}: an unfinished cache build (temporary directory), not a cache")
+        manifest_path = path / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise CacheCorruptError(f"{path}: no {MANIFEST_NAME}; not a complete session cache")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise CacheCorruptError(f"{manifest_path}: unreadable manifest ({error})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
+            raise CacheCorruptError(f"{manifest_path}: not a {CACHE_FORMAT} manifest")
+        if manifest.get("version") != CACHE_VERSION:
+            raise CacheCorruptError(f"{manifest_path}: format version {manifest.get('version')!r}, "
+                                    f"this code reads version {CACHE_VERSION}; rebuild the cache")
+        if manifest.get("manifest_sha256") != manifest_digest(manifest):
+            raise CacheCorruptError(f"{manifest_path}: manifest checksum mismatch (edited or corrupted)")
+        arrays = {}
+        for name, dtype in ARRAY_DTYPES.items():
+            file_path = path / f"{name}.bin"
+            length = manifest["files"][name]["length"]
+            expected = length * np.dtype(dtype).itemsize
+            actual = file_path.stat().st_size if file_path.is_file() else None
+            if actual != expected:
+                raise CacheCorruptError(f"{file_path}: expected {expected} bytes, found "
+                                        f"{'no file' if actual is None else actual} (truncated or replaced)")
+            arrays[name] = open_array(file_path, dtype, length)
+        cache = cls(path, manifest, arrays)
+        if verify != "none":
+            for name in GLOBAL_ARRAYS:
+                if crc32_of(arrays[name]) != manifest["checksums"]["global"][name]:
+                    raise CacheCorruptError(f"{path / (name + '.bin')}: checksum mismatch (corrupted)")
+        cache._check_structure()
+        if verify == "full":
+            cache.verify()
+        return cache
+
+    def _check_structure(self) -> None:
+        ends = (("session_offsets", self.num_events), ("user_session_offsets", self.num_sessions),
+                ("partition_user_offsets", self.num_users))
+        for name, end in ends:
+            offsets = getattr(self, name)
+            if int(offsets[0]) != 0 or int(offsets[-1]) != end:
+                raise CacheCorruptError(f"{self.path / (name + '.bin')}: offsets do not span 0..{end} (corrupted)")
+
+    def verify_partitions(self, partitions: Iterable[int]) -> None:
+        """Check the CRCs of the given partitions (each once per process); raise on mismatch."""
+        expected = self.manifest["checksums"]["partitions"]
+        for p in partitions:
+            p = int(p)
+            if p in self._verified_partitions:
+                continue
+            ranges = partition_slices(self.partition_user_offsets, self.user_session_offsets,
+                                      self.session_offsets, p)
+            for name in PARTITIONED_ARRAYS:
+                if crc32_of(getattr(self, name)[ranges[name]]) != expected[p][name]:
+                    raise CacheCorruptError(f"{self.path / (name + '.bin')}: checksum mismatch in partition "
+                                            f"{p} (corrupted)")
+            self._verified_partitions.add(p)
+
+    def verify(self) -> None:
+        """Check every partition's CRCs now."""
+        self.verify_partitions(range(self.num_partitions))
+
+    def partition_of_users(self, users: np.ndarray) -> np.ndarray:
+        """Partition index of dense user indices. users: (n,) -> (n,)."""
+        return np.searchsorted(self.partition_user_offsets, users, side="right") - 1
+
+    def split_code(self, split: str) -> int:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+        return SPLITS[split]

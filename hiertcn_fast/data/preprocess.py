@@ -1,0 +1,366 @@
+"""Preprocessing of an interaction log into a :class:`SessionCache`, streaming in chunks.
+
+The steps follow the HierTCN authors' code, each a field of :class:`PreprocessParams`:
+1. drop malformed records and unwanted event types (the reader does this and counts them);
+2. keep items with at least ``min_item_count`` events;
+3. keep users with ``min_user_count`` .. ``max_user_count`` events (counted after step 2);
+4. sort each user's events by time (stable: ties keep source order) and start a new session
+   when the gap to the previous event is >= ``session_gap`` seconds;
+5. keep the first ``max_session_length`` events of each session;
+6. re-index the remaining items densely as 1..num_items in raw-id order (0 = padding/start);
+7. split users 80/10/10 at random (``split="cold"``, seeded) or sessions by their start time at
+   80% / 90% of the time span (``split="warm"``).
+
+Memory: the source is read once in chunks and spilled to per-partition files on disk (a user's
+events all land in one partition, chosen by a hash of the raw user id); each partition is then
+loaded, filtered, sorted and sessionized on its own. Peak memory is therefore about
+``~70 bytes x max(chunk_size, largest partition)`` plus per-item counts, whatever the log size.
+The result does not depend on ``chunk_size``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .cache import (ARRAY_DTYPES, CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME, CacheCorruptError, SessionCache,
+                    compute_checksums, new_temp_dir, open_array, publish_temp_dir)
+from .readers import DEFAULT_CHUNK_SIZE, InteractionSource, ReadStats, _check_chunk_size
+
+__all__ = ["PreprocessParams", "preprocess", "cache_key"]
+
+SPILL_DTYPE = np.dtype([("user", np.int64), ("item", np.int64), ("timestamp", np.float64)])
+SPLIT_MODES = ("cold", "warm")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessParams:
+    """Every choice that changes the cache's content (and therefore its key).
+
+    Defaults are the paper's XING settings. ``max_user_count`` and ``max_session_length`` may be
+    None (no limit). ``session_gap`` is in seconds; a gap equal to it starts a new session.
+    ``split_fractions`` are (train, validation, test) and must sum to 1.
+    """
+
+    min_item_count: int = 50
+    min_user_count: int = 10
+    max_user_count: int | None = 500
+    session_gap: float = 1800.0
+    max_session_length: int | None = 20
+    split: str = "cold"
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    num_partitions: int = 16
+
+    def __post_init__(self):
+        for name in ("min_item_count", "min_user_count", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        for name in ("max_user_count", "max_session_length", "num_partitions"):
+            value = getattr(self, name)
+            if value is None and name != "num_partitions":
+                continue
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer{' or None' if name != 'num_partitions' else ''}, "
+                                 f"got {value!r}")
+        if self.max_user_count is not None and self.max_user_count < self.min_user_count:
+            raise ValueError(f"max_user_count ({self.max_user_count}) must be >= min_user_count "
+                             f"({self.min_user_count})")
+        if not (isinstance(self.session_gap, (int, float)) and self.session_gap > 0):
+            raise ValueError(f"session_gap must be a positive number of seconds, got {self.session_gap!r}")
+        if self.split not in SPLIT_MODES:
+            raise ValueError(f"split must be one of {SPLIT_MODES}, got {self.split!r}")
+        fractions = tuple(float(f) for f in self.split_fractions)
+        if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-9:
+            raise ValueError(f"split_fractions must be three non-negative numbers summing to 1, "
+                             f"got {self.split_fractions!r}")
+        object.__setattr__(self, "split_fractions", fractions)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self) | {"split_fractions": list(self.split_fractions)}
+
+
+def cache_key(source: InteractionSource, params: PreprocessParams) -> str:
+    """Hex digest identifying (format, source content, params): a new key means a new cache."""
+    body = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "source": source.fingerprint(),
+            "params": params.to_json()}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _partition_of_user(user: np.ndarray, num_partitions: int) -> np.ndarray:
+    # Multiplicative hash so that consecutive ids spread over partitions.
+    mixed = (user.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(33)
+    return (mixed % np.uint64(num_partitions)).astype(np.int64)
+
+
+def _merge_counts(keys: np.ndarray, counts: np.ndarray, new_values: np.ndarray):
+    """(sorted keys, counts) updated with the occurrences in new_values."""
+    new_keys, new_counts = np.unique(new_values, return_counts=True)
+    if keys.shape[0] == 0:
+        return new_keys, new_counts.astype(np.int64)
+    merged_keys, inverse = np.unique(np.concatenate([keys, new_keys]), return_inverse=True)
+    merged_counts = np.zeros(merged_keys.shape[0], dtype=np.int64)
+    np.add.at(merged_counts, inverse, np.concatenate([counts, new_counts]))
+    return merged_keys, merged_counts
+
+
+def _sorted_member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    if sorted_set.shape[0] == 0:
+        return np.zeros(values.shape[0], dtype=bool)
+    position = np.minimum(np.searchsorted(sorted_set, values), sorted_set.shape[0] - 1)
+    return sorted_set[position] == values
+
+
+class _Appender:
+    """Appends arrays of one dtype to a raw binary file and counts their length."""
+
+    def __init__(self, path: Path, dtype):
+        self.path = path
+        self.dtype = np.dtype(dtype)
+        self.file = open(path, "wb")
+        self.length = 0
+
+    def append(self, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array, dtype=self.dtype)
+        array.tofile(self.file)
+        self.length += array.shape[0]
+
+    def close(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+
+def _spill(source, params, chunk_size, spill_dir, read_stats):
+    """Pass 1: read the source once, count items, write events to per-partition spill files."""
+    spill_files = [open(spill_dir / f"part{p}.bin", "wb") for p in range(params.num_partitions)]
+    item_keys = np.empty(0, np.int64)
+    item_counts = np.empty(0, np.int64)
+    total = 0
+    try:
+        for chunk in source.iter_chunks(chunk_size, read_stats):
+            total += len(chunk)
+            item_keys, item_counts = _merge_counts(item_keys, item_counts, chunk.item)
+            records = np.empty(len(chunk), dtype=SPILL_DTYPE)
+            records["user"], records["item"], records["timestamp"] = chunk.user, chunk.item, chunk.timestamp
+            partition = _partition_of_user(chunk.user, params.num_partitions)
+            order = np.argsort(partition, kind="stable")
+            bounds = np.concatenate(([0], np.cumsum(np.bincount(partition, minlength=params.num_partitions))))
+            records = records[order]
+            for p in range(params.num_partitions):
+                if bounds[p + 1] > bounds[p]:
+                    records[bounds[p]:bounds[p + 1]].tofile(spill_files[p])
+    finally:
+        for f in spill_files:
+            f.close()
+    return total, item_keys, item_counts
+
+
+def _sessionize_partition(records, kept_items, params, stats):
+    """Pass 2 for one partition. Returns arrays sorted by (user, time), already sessionized.
+
+    records: structured (n,) with user, item, timestamp (source order).
+    """
+    in_kept_items = _sorted_member(records["item"], kept_items)
+    stats["events_dropped_item_filter"] += int((~in_kept_items).sum())
+    records = records[in_kept_items]
+
+    users, user_counts = np.unique(records["user"], return_counts=True)
+    too_few = user_counts < params.min_user_count
+    too_many = (user_counts > params.max_user_count) if params.max_user_count is not None else np.zeros_like(too_few)
+    stats["users_dropped_too_few_events"] += int(too_few.sum())
+    stats["events_dropped_user_too_few_events"] += int(user_counts[too_few].sum())
+    stats["users_dropped_too_many_events"] += int(too_many.sum())
+    stats["events_dropped_user_too_many_events"] += int(user_counts[too_many].sum())
+    kept_users = users[~(too_few | too_many)]
+    records = records[_sorted_member(records["user"], kept_users)]
+
+    order = np.lexsort((records["timestamp"], records["user"]))  # stable: ties keep source order
+    user = records["user"][order]
+    item = records["item"][order]
+    timestamp = records["timestamp"][order]
+    n = user.shape[0]
+    starts = np.ones(n, dtype=bool)
+    if n > 1:
+        starts[1:] = (user[1:] != user[:-1]) | (np.diff(timestamp) >= params.session_gap)
+    session_start = np.flatnonzero(starts)
+    if params.max_session_length is not None:
+        session_of_event = np.cumsum(starts) - 1
+        position_in_session = np.arange(n) - session_start[session_of_event]
+        keep = position_in_session < params.max_session_length
+        stats["events_dropped_session_truncation"] += int(n - keep.sum())
+        user, item, timestamp = user[keep], item[keep], timestamp[keep]
+        starts = starts[keep]
+        session_start = np.flatnonzero(starts)
+    session_lengths = np.diff(np.append(session_start, user.shape[0]))
+    user_start = np.flatnonzero(np.concatenate(([True], user[1:] != user[:-1]))) if user.shape[0] else np.empty(0, np.int64)
+    sessions_per_user = np.diff(np.append(np.searchsorted(session_start, user_start), session_start.shape[0]))
+    return {
+        "user_raw_id": user[user_start] if user.shape[0] else np.empty(0, np.int64),
+        "item_raw": item,
+        "timestamp": timestamp,
+        "session_lengths": session_lengths,
+        "sessions_per_user": sessions_per_user,
+    }
+
+
+def _assign_splits(arrays, params, num_users):
+    """Split label per session. Cold: whole users at random; warm: sessions by start time."""
+    train_fraction, valid_fraction, _ = params.split_fractions
+    if params.split == "cold":
+        permutation = np.random.default_rng(params.seed).permutation(num_users)
+        train_end = int(round(train_fraction * num_users))
+        valid_end = int(round((train_fraction + valid_fraction) * num_users))
+        user_split = np.empty(num_users, dtype=np.int8)
+        user_split[permutation[:train_end]] = 0
+        user_split[permutation[train_end:valid_end]] = 1
+        user_split[permutation[valid_end:]] = 2
+        return np.repeat(user_split, np.diff(arrays["user_session_offsets"]))
+    session_start_time = arrays["timestamp"][arrays["session_offsets"][:-1]]
+    first, last = float(arrays["timestamp"].min()), float(arrays["timestamp"].max())
+    span = last - first
+    train_cut = first + train_fraction * span
+    valid_cut = first + (train_fraction + valid_fraction) * span
+    return np.where(session_start_time < train_cut, 0, np.where(session_start_time < valid_cut, 1, 2)).astype(np.int8)
+
+
+def _build(source, params, final_path, chunk_size, key):
+    started = time.perf_counter()
+    read_stats = ReadStats()
+    temp = new_temp_dir(final_path)
+    try:
+        spill_dir = temp / "spill"
+        spill_dir.mkdir()
+        events_read, item_keys, item_counts = _spill(source, params, chunk_size, spill_dir, read_stats)
+        kept_items = item_keys[item_counts >= params.min_item_count]
+        stats = {
+            "events_read": events_read,
+            "items_read": int(item_keys.shape[0]),
+            "items_dropped_item_filter": int(item_keys.shape[0] - kept_items.shape[0]),
+            "events_dropped_item_filter": 0,
+            "users_dropped_too_few_events": 0, "events_dropped_user_too_few_events": 0,
+            "users_dropped_too_many_events": 0, "events_dropped_user_too_many_events": 0,
+            "events_dropped_session_truncation": 0,
+        }
+        del item_keys, item_counts
+
+        writers = {name: _Appender(temp / f"{name}.bin", ARRAY_DTYPES[name])
+                   for name in ("timestamp", "session_offsets", "user_session_offsets", "user_raw_id")}
+        item_raw_writer = _Appender(spill_dir / "item_raw.bin", np.int64)
+        writers["session_offsets"].append(np.zeros(1, np.int64))
+        writers["user_session_offsets"].append(np.zeros(1, np.int64))
+        partition_user_offsets = [0]
+        present_items = np.empty(0, np.int64)
+        events_written = sessions_written = 0
+        max_session_length = 0
+        for p in range(params.num_partitions):
+            spill_path = spill_dir / f"part{p}.bin"
+            records = np.fromfile(spill_path, dtype=SPILL_DTYPE)
+            spill_path.unlink()
+            part = _sessionize_partition(records, kept_items, params, stats)
+            del records
+            writers["timestamp"].append(part["timestamp"])
+            item_raw_writer.append(part["item_raw"])
+            writers["session_offsets"].append(events_written + np.cumsum(part["session_lengths"]))
+            writers["user_session_offsets"].append(sessions_written + np.cumsum(part["sessions_per_user"]))
+            writers["user_raw_id"].append(part["user_raw_id"])
+            present_items = np.union1d(present_items, part["item_raw"])
+            events_written += part["timestamp"].shape[0]
+            sessions_written += part["session_lengths"].shape[0]
+            if part["session_lengths"].shape[0]:
+                max_session_length = max(max_session_length, int(part["session_lengths"].max()))
+            partition_user_offsets.append(partition_user_offsets[-1] + part["user_raw_id"].shape[0])
+        for writer in (*writers.values(), item_raw_writer):
+            writer.close()
+        if events_written == 0:
+            raise ValueError(f"no events left after preprocessing {source.name!r}: "
+                             f"{json.dumps(stats | {'read': read_stats.to_json()})}")
+        stats["items_unused_after_user_filter"] = int(kept_items.shape[0] - present_items.shape[0])
+
+        # Pass 3: dense item ids in raw-id order, split labels, small arrays.
+        item_raw = open_array(item_raw_writer.path, np.int64, item_raw_writer.length)
+        item_writer = _Appender(temp / "item.bin", np.int32)
+        for start in range(0, events_written, max(chunk_size, 1 << 16)):
+            piece = item_raw[start:start + max(chunk_size, 1 << 16)]
+            item_writer.append((np.searchsorted(present_items, piece) + 1).astype(np.int32))
+        item_writer.close()
+        del item_raw
+        num_users = partition_user_offsets[-1]
+        lengths = {"item": events_written, "timestamp": events_written, "session_offsets": sessions_written + 1,
+                   "user_session_offsets": num_users + 1, "user_raw_id": num_users}
+        arrays = {name: open_array(temp / f"{name}.bin", ARRAY_DTYPES[name], length)
+                  for name, length in lengths.items()}
+        small = {"item_raw_id": np.concatenate(([-1], present_items)).astype(np.int64),
+                 "partition_user_offsets": np.asarray(partition_user_offsets, dtype=np.int64)}
+        small["session_split"] = _assign_splits(arrays | small, params, num_users)
+        for name, array in small.items():
+            with open(temp / f"{name}.bin", "wb") as f:
+                array.tofile(f)
+        arrays.update(small)
+        shutil.rmtree(spill_dir)
+
+        split_counts = {}
+        user_sessions_in = {}
+        session_events = np.diff(arrays["session_offsets"])
+        session_user = np.repeat(np.arange(num_users), np.diff(arrays["user_session_offsets"]))
+        for split_name, code in (("train", 0), ("valid", 1), ("test", 2)):
+            in_split = arrays["session_split"] == code
+            user_sessions_in[split_name] = np.unique(session_user[in_split]).shape[0]
+            split_counts[split_name] = {"users": int(user_sessions_in[split_name]), "sessions": int(in_split.sum()),
+                                        "events": int(session_events[in_split].sum())}
+        manifest = {
+            "format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key, "source_name": source.name,
+            "source": source.fingerprint(), "params": params.to_json(),
+            "counts": {"events": events_written, "sessions": sessions_written, "users": num_users,
+                       "items": int(present_items.shape[0]), "partitions": params.num_partitions,
+                       "max_session_length": max_session_length, "splits": split_counts},
+            "stats": stats | {"read": read_stats.to_json(),
+                              "seconds": round(time.perf_counter() - started, 3)},
+            "files": {name: {"dtype": np.dtype(dtype).str, "length": int(arrays[name].shape[0])}
+                      for name, dtype in ARRAY_DTYPES.items()},
+            "checksums": compute_checksums(arrays),
+            "created_unix": time.time(),
+        }
+        del arrays
+        publish_temp_dir(temp, final_path, manifest)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def preprocess(source: InteractionSource, cache_dir: str | os.PathLike, params: PreprocessParams | None = None,
+               chunk_size: int = DEFAULT_CHUNK_SIZE, rebuild: bool = False, verify: str = "lazy") -> SessionCache:
+    """Preprocess ``source`` into a cache under ``cache_dir`` (once) and open it.
+
+    The cache lives in ``cache_dir/<source name>-<key>`` where the key hashes the source's
+    fingerprint and ``params``: an existing cache with the same key is opened without reading the
+    source; different params build a new one. A corrupted existing cache raises
+    :class:`CacheCorruptError` unless ``rebuild=True``, which replaces it.
+    ``chunk_size`` (events read per chunk) bounds memory and never changes the result.
+    The returned cache's ``stats`` count every event and record dropped, by reason.
+    """
+    if not isinstance(source, InteractionSource):
+        raise TypeError(f"source must be an InteractionSource, got {type(source).__name__}")
+    params = PreprocessParams() if params is None else params
+    if not isinstance(params, PreprocessParams):
+        raise TypeError(f"params must be a PreprocessParams, got {type(params).__name__}")
+    chunk_size = _check_chunk_size(chunk_size)
+    key = cache_key(source, params)
+    final_path = Path(cache_dir) / f"{source.name}-{key}"
+    if (final_path / MANIFEST_NAME).exists() or final_path.exists():
+        if not rebuild:
+            try:
+                return SessionCache.open(final_path, verify=verify)
+            except CacheCorruptError as error:
+                raise CacheCorruptError(f"{error}; pass rebuild=True to replace the cache") from None
+        shutil.rmtree(final_path)
+    _build(source, params, final_path, chunk_size, key)
+    return SessionCache.open(final_path, verify=verify)

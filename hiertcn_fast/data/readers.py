@@ -1,0 +1,413 @@
+"""Readers that turn interaction logs into chunks of (user, item, timestamp) arrays.
+
+Every reader is an :class:`InteractionSource`: it can be iterated several times, yields
+:class:`InteractionChunk` objects of at most ``chunk_size`` events, and fills a
+:class:`ReadStats` with everything it read, dropped or found malformed. Nothing is dropped
+silently: a malformed record is either fatal (``on_malformed="fail"``, raising
+:class:`MalformedRecordError` naming the file and line) or counted by reason
+(``on_malformed="skip"``), with the first few offending lines kept as examples.
+
+User and item ids must be integers (they are the raw ids; preprocessing re-indexes them).
+Timestamps are seconds as float64 (integers and decimals both parse).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+__all__ = [
+    "InteractionChunk",
+    "ReadStats",
+    "MalformedRecordError",
+    "InteractionSource",
+    "DelimitedSource",
+    "RecBoleInterSource",
+    "XingSource",
+    "load_dataset",
+    "recbole_example_path",
+]
+
+ON_MALFORMED_POLICIES = ("skip", "fail")
+DEFAULT_CHUNK_SIZE = 1 << 20
+MAX_EXAMPLES = 20
+
+
+class MalformedRecordError(ValueError):
+    """A record could not be parsed and the policy is ``on_malformed="fail"``."""
+
+
+class InteractionChunk(NamedTuple):
+    """A block of events in source order. All arrays have shape (events,).
+
+    user: int64 raw user ids; item: int64 raw item ids; timestamp: float64 seconds.
+    """
+
+    user: np.ndarray
+    item: np.ndarray
+    timestamp: np.ndarray
+
+    def __len__(self) -> int:  # type: ignore[override]
+        return int(self.user.shape[0])
+
+
+@dataclasses.dataclass
+class ReadStats:
+    """What a reader saw. ``malformed`` counts dropped records by reason; ``dropped_event_type``
+    counts well-formed records removed on purpose (e.g. XING deletes), by event type."""
+
+    records: int = 0
+    events: int = 0
+    blank_lines: int = 0
+    malformed: Counter = dataclasses.field(default_factory=Counter)
+    dropped_event_type: Counter = dataclasses.field(default_factory=Counter)
+    examples: list = dataclasses.field(default_factory=list)
+
+    @property
+    def malformed_total(self) -> int:
+        return int(sum(self.malformed.values()))
+
+    @property
+    def dropped_event_type_total(self) -> int:
+        return int(sum(self.dropped_event_type.values()))
+
+    def note_malformed(self, where: str, reason: str, line: str, policy: str) -> None:
+        message = f"{where}: {reason}: {line[:200]!r}"
+        if policy == "fail":
+            raise MalformedRecordError(message)
+        self.malformed[reason] += 1
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append(message)
+
+    def to_json(self) -> dict:
+        return {
+            "records": self.records,
+            "events": self.events,
+            "blank_lines": self.blank_lines,
+            "malformed": dict(self.malformed),
+            "dropped_event_type": {str(k): v for k, v in self.dropped_event_type.items()},
+            "examples": list(self.examples),
+        }
+
+
+class InteractionSource:
+    """Base class of readers: re-iterable, chunked, with a fingerprint for cache keys."""
+
+    name: str = "source"
+
+    def iter_chunks(
+        self, chunk_size: int = DEFAULT_CHUNK_SIZE, stats: ReadStats | None = None
+    ) -> Iterator[InteractionChunk]:
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict:
+        """JSON-able description that changes whenever the data this source yields may change."""
+        raise NotImplementedError
+
+
+def _check_chunk_size(chunk_size: int) -> int:
+    if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    return int(chunk_size)
+
+
+def _file_fingerprint(path: Path) -> dict:
+    """Size, mtime and a hash of the first and last MiB: cheap, yet sees edits and truncation."""
+    st = path.stat()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        if st.st_size > 2 << 20:
+            f.seek(st.st_size - (1 << 20))
+            digest.update(f.read(1 << 20))
+    return {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "sha256_ends": digest.hexdigest()}
+
+
+class DelimitedSource(InteractionSource):
+    """A CSV/TSV file of interactions with a column mapping.
+
+    Args:
+        path: the file.
+        user, item, timestamp: column names (when ``header=True``) or 0-based column indices.
+        event_type: optional column of integer event types.
+        delimiter: field separator; default tab for ``.tsv``/``.inter`` files, comma otherwise.
+        header: whether the first line names the columns.
+        drop_event_types: event types whose records are removed (counted in
+            ``ReadStats.dropped_event_type``).
+        known_event_types: if given, any other event type is a malformed record.
+        on_malformed: ``"skip"`` (count and continue) or ``"fail"`` (raise with file:line).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        user: str | int = "user_id",
+        item: str | int = "item_id",
+        timestamp: str | int = "timestamp",
+        event_type: str | int | None = None,
+        delimiter: str | None = None,
+        header: bool = True,
+        drop_event_types: Sequence[int] = (),
+        known_event_types: Sequence[int] | None = None,
+        on_malformed: str = "fail",
+        name: str | None = None,
+    ):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"path: no such file {str(self.path)!r}")
+        if on_malformed not in ON_MALFORMED_POLICIES:
+            raise ValueError(f"on_malformed must be one of {ON_MALFORMED_POLICIES}, got {on_malformed!r}")
+        if delimiter is None:
+            delimiter = "\t" if self.path.suffix in (".tsv", ".inter", ".txt") else ","
+        if not isinstance(delimiter, str) or len(delimiter) != 1:
+            raise ValueError(f"delimiter must be a single character, got {delimiter!r}")
+        self.columns = {"user": user, "item": item, "timestamp": timestamp}
+        if event_type is not None:
+            self.columns["event_type"] = event_type
+        for role, column in self.columns.items():
+            if not isinstance(column, (str, int)) or (not header and not isinstance(column, int)):
+                raise TypeError(f"{role}: expected a column {'name or ' if header else ''}index, got {column!r}")
+        self.delimiter = delimiter
+        self.header = header
+        self.drop_event_types = frozenset(int(t) for t in drop_event_types)
+        self.known_event_types = None if known_event_types is None else frozenset(int(t) for t in known_event_types)
+        if self.known_event_types is not None and not self.drop_event_types <= self.known_event_types:
+            raise ValueError("drop_event_types must be a subset of known_event_types")
+        self.on_malformed = on_malformed
+        self.name = name or self.path.stem
+
+    def fingerprint(self) -> dict:
+        return {
+            "reader": type(self).__name__,
+            "file": _file_fingerprint(self.path),
+            "columns": {k: v for k, v in self.columns.items()},
+            "delimiter": self.delimiter,
+            "header": self.header,
+            "drop_event_types": sorted(self.drop_event_types),
+            "known_event_types": None if self.known_event_types is None else sorted(self.known_event_types),
+            "on_malformed": self.on_malformed,
+        }
+
+    def _header_cell_name(self, cell: str) -> str:
+        return cell.strip()
+
+    def _resolve_columns(self, header_cells: list[str] | None) -> dict[str, int]:
+        if header_cells is None:
+            return dict(self.columns)  # type: ignore[arg-type]
+        names = [self._header_cell_name(c) for c in header_cells]
+        resolved = {}
+        for role, column in self.columns.items():
+            if isinstance(column, int):
+                if not 0 <= column < len(names):
+                    raise ValueError(f"{self.path}:1: {role} column index {column} out of range "
+                                     f"(header has {len(names)} columns)")
+                resolved[role] = column
+            elif column in names:
+                resolved[role] = names.index(column)
+            else:
+                raise ValueError(f"{self.path}:1: missing column {column!r} for {role}; header has {names}")
+        return resolved
+
+    def iter_chunks(self, chunk_size: int = DEFAULT_CHUNK_SIZE, stats: ReadStats | None = None):
+        chunk_size = _check_chunk_size(chunk_size)
+        stats = stats if stats is not None else ReadStats()
+        with open(self.path, "r", encoding="utf-8", newline="") as f:
+            first_line_number = 1
+            header_cells = None
+            if self.header:
+                header = f.readline()
+                if not header:
+                    raise ValueError(f"{self.path}: empty file (expected a header line)")
+                header_cells = header.rstrip("\r\n").split(self.delimiter)
+                first_line_number = 2
+            columns = self._resolve_columns(header_cells)
+            lines: list[str] = []
+            line_number = first_line_number
+            for line in f:
+                lines.append(line)
+                if len(lines) == chunk_size:
+                    chunk = self._parse_lines(lines, line_number, columns, stats)
+                    line_number += len(lines)
+                    lines = []
+                    if len(chunk):
+                        yield chunk
+            if lines:
+                chunk = self._parse_lines(lines, line_number, columns, stats)
+                if len(chunk):
+                    yield chunk
+            elif line_number == first_line_number and not self.header:
+                raise ValueError(f"{self.path}: empty file")
+
+    def _parse_lines(self, lines: list[str], first_line: int, columns: dict[str, int], stats: ReadStats):
+        """Vectorised parse of a block of lines; on any failure, re-parse line by line to report
+        (or skip) exactly the bad records."""
+        rows = [line.rstrip("\r\n").split(self.delimiter) for line in lines]
+        blank = [i for i, row in enumerate(rows) if row == [""]]
+        if blank:
+            stats.blank_lines += len(blank)
+            blank_set = set(blank)
+            keep = [i for i in range(len(rows)) if i not in blank_set]
+            rows = [rows[i] for i in keep]
+            line_numbers = np.asarray(keep, dtype=np.int64) + first_line
+        else:
+            line_numbers = np.arange(first_line, first_line + len(rows), dtype=np.int64)
+        stats.records += len(rows)
+        parsed = self._parse_rows_fast(rows, columns)
+        if parsed is None:
+            parsed = self._parse_rows_slow(rows, line_numbers, lines, first_line, columns, stats)
+        user, item, timestamp, event_type = parsed
+        if event_type is not None and self.drop_event_types:
+            drop = np.isin(event_type, np.fromiter(self.drop_event_types, dtype=np.int64))
+            if drop.any():
+                types, counts = np.unique(event_type[drop], return_counts=True)
+                for t, c in zip(types.tolist(), counts.tolist()):
+                    stats.dropped_event_type[int(t)] += int(c)
+                keep_mask = ~drop
+                user, item, timestamp = user[keep_mask], item[keep_mask], timestamp[keep_mask]
+        stats.events += int(user.shape[0])
+        return InteractionChunk(user, item, timestamp)
+
+    def _parse_rows_fast(self, rows, columns):
+        if not rows:
+            empty = np.empty(0, np.int64)
+            return empty, empty, np.empty(0, np.float64), (empty if "event_type" in columns else None)
+        width = len(rows[0])
+        if any(len(row) != width for row in rows) or max(columns.values()) >= width:
+            return None
+        table = np.array(rows)
+        try:
+            user = table[:, columns["user"]].astype(np.int64)
+            item = table[:, columns["item"]].astype(np.int64)
+            timestamp = table[:, columns["timestamp"]].astype(np.float64)
+            event_type = table[:, columns["event_type"]].astype(np.int64) if "event_type" in columns else None
+        except (ValueError, OverflowError):
+            return None
+        if not np.isfinite(timestamp).all():
+            return None
+        if event_type is not None and self.known_event_types is not None:
+            if not np.isin(event_type, np.fromiter(self.known_event_types, dtype=np.int64)).all():
+                return None
+        return user, item, timestamp, event_type
+
+    def _parse_rows_slow(self, rows, line_numbers, lines, first_line, columns, stats):
+        users, items, timestamps, event_types = [], [], [], []
+        needed = max(columns.values()) + 1
+        for row, line_number in zip(rows, line_numbers.tolist()):
+            where = f"{self.path}:{line_number}"
+            text = lines[line_number - first_line]
+            if len(row) < needed:
+                stats.note_malformed(where, f"expected at least {needed} fields, found {len(row)}", text,
+                                     self.on_malformed)
+                continue
+            try:
+                user = int(row[columns["user"]])
+                item = int(row[columns["item"]])
+            except ValueError:
+                stats.note_malformed(where, "user or item id is not an integer", text, self.on_malformed)
+                continue
+            try:
+                timestamp = float(row[columns["timestamp"]])
+            except ValueError:
+                stats.note_malformed(where, "timestamp is not a number", text, self.on_malformed)
+                continue
+            if not np.isfinite(timestamp):
+                stats.note_malformed(where, "timestamp is not finite", text, self.on_malformed)
+                continue
+            if not (-(1 << 63) <= user < (1 << 63) and -(1 << 63) <= item < (1 << 63)):
+                stats.note_malformed(where, "id out of int64 range", text, self.on_malformed)
+                continue
+            if "event_type" in columns:
+                try:
+                    event_type = int(row[columns["event_type"]])
+                except ValueError:
+                    stats.note_malformed(where, "event type is not an integer", text, self.on_malformed)
+                    continue
+                if self.known_event_types is not None and event_type not in self.known_event_types:
+                    stats.note_malformed(where, f"unknown event type {event_type}", text, self.on_malformed)
+                    continue
+                event_types.append(event_type)
+            users.append(user)
+            items.append(item)
+            timestamps.append(timestamp)
+        return (
+            np.asarray(users, dtype=np.int64),
+            np.asarray(items, dtype=np.int64),
+            np.asarray(timestamps, dtype=np.float64),
+            np.asarray(event_types, dtype=np.int64) if "event_type" in columns else None,
+        )
+
+
+RECBOLE_FIELD_TYPES = ("token", "token_seq", "float", "float_seq")
+
+
+class RecBoleInterSource(DelimitedSource):
+    """A RecBole atomic ``.inter`` file: tab-separated, header cells ``name:type``.
+
+    The user, item and timestamp fields are named without their ``:type`` suffix
+    (defaults ``user_id``, ``item_id``, ``timestamp``).
+    """
+
+    def __init__(self, path, user="user_id", item="item_id", timestamp="timestamp",
+                 on_malformed="fail", name=None):
+        super().__init__(path, user=user, item=item, timestamp=timestamp, delimiter="\t", header=True,
+                         on_malformed=on_malformed, name=name)
+
+    def _header_cell_name(self, cell: str) -> str:
+        cell = cell.strip()
+        field, sep, field_type = cell.partition(":")
+        if not sep or field_type not in RECBOLE_FIELD_TYPES:
+            raise ValueError(f"{self.path}:1: header cell {cell!r} is not 'name:type' with type one of "
+                             f"{RECBOLE_FIELD_TYPES}")
+        return field
+
+
+XING_EVENT_TYPES = (1, 2, 3, 4, 5)
+XING_DELETE = 4
+
+
+class XingSource(DelimitedSource):
+    """The XING RecSys Challenge 2016 ``interactions.csv``: tab-separated
+    ``user_id item_id interaction_type created_at``; deletes (type 4) are dropped and counted,
+    types outside 1..5 are malformed."""
+
+    def __init__(self, path, on_malformed="fail", name="xing"):
+        super().__init__(path, user="user_id", item="item_id", timestamp="created_at",
+                         event_type="interaction_type", delimiter="\t", header=True,
+                         drop_event_types=(XING_DELETE,), known_event_types=XING_EVENT_TYPES,
+                         on_malformed=on_malformed, name=name)
+
+
+def recbole_example_path(name: str) -> Path:
+    """Path of ``recbole/dataset_example/<name>/<name>.inter`` in the installed (not imported)
+    recbole package."""
+    spec = importlib.util.find_spec("recbole")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"data set {name!r} ships inside the 'recbole' wheel, which is not installed; "
+            "install it without its dependencies: pip install --no-deps recbole==1.2.1"
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / "dataset_example" / name / f"{name}.inter"
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"recbole is installed but has no dataset_example/{name}/{name}.inter; "
+                            "reinstall it: pip install --no-deps --force-reinstall recbole==1.2.1")
+
+
+BUILTIN_DATASETS = ("ml-100k",)
+
+
+def load_dataset(name: str, on_malformed: str = "fail") -> InteractionSource:
+    """A built-in data set as a source. ``"ml-100k"``: MovieLens-100k from the recbole wheel."""
+    if name not in BUILTIN_DATASETS:
+        raise ValueError(f"name must be one of {BUILTIN_DATASETS}, got {name!r}")
+    return RecBoleInterSource(recbole_example_path(name), on_malformed=on_malformed, name=name)
+
