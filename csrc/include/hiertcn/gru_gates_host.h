@@ -1,0 +1,68 @@
+// Host-side validation and params filling for the gru_gates ops, shared by the CPU and CUDA entry
+// points so that both backends accept exactly the same inputs.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "hiertcn/checks.h"
+#include "hiertcn/gru_gates.h"
+
+namespace hiertcn {
+
+inline GruGatesParams make_gru_gates_params(const at::Tensor& gi, const at::Tensor& gh, const at::Tensor& h,
+                                            const at::Tensor& out) {
+  check_rows_unit_stride(h, "h");
+  const int64_t batch = h.size(0), hidden = h.size(1);
+  check_shape(gi, {batch, 3 * hidden}, "gi");
+  check_shape(gh, {batch, 3 * hidden}, "gh");
+  check_shape(out, {batch, hidden}, "out");
+  check_rows_unit_stride(gi, "gi");
+  check_rows_unit_stride(gh, "gh");
+  check_rows_unit_stride(out, "out");
+  check_same_device_dtype(h, gi, "h", "gi");
+  check_same_device_dtype(h, gh, "h", "gh");
+  check_same_device_dtype(h, out, "h", "out");
+  GruGatesParams p;
+  p.batch = batch;
+  p.hidden = hidden;
+  p.gi_row_stride = gi.stride(0);
+  p.gh_row_stride = gh.stride(0);
+  p.h_row_stride = h.stride(0);
+  p.out_row_stride = out.stride(0);
+  p.gi = gi.data_ptr();
+  p.gh = gh.data_ptr();
+  p.h = h.data_ptr();
+  p.out = out.data_ptr();
+  return p;
+}
+
+inline GruGatesBackwardParams make_gru_gates_backward_params(const at::Tensor& grad_out, const at::Tensor& gi,
+                                                             const at::Tensor& gh, const at::Tensor& h,
+                                                             const at::Tensor& grad_gi, const at::Tensor& grad_gh,
+                                                             const at::Tensor& grad_h) {
+  const GruGatesParams fwd = make_gru_gates_params(gi, gh, h, grad_out);
+  check_shape(grad_gi, gi.sizes(), "grad_gi");
+  check_shape(grad_gh, gh.sizes(), "grad_gh");
+  check_shape(grad_h, h.sizes(), "grad_h");
+  for (const auto* t : {&grad_gi, &grad_gh, &grad_h}) {
+    TORCH_CHECK(t->is_contiguous(), "gradient outputs of gru_gates_backward_out must be contiguous");
+    check_same_device_dtype(h, *t, "h", "gradient output");
+  }
+  GruGatesBackwardParams p;
+  p.batch = fwd.batch;
+  p.hidden = fwd.hidden;
+  p.grad_out_row_stride = fwd.out_row_stride;
+  p.gi_row_stride = fwd.gi_row_stride;
+  p.gh_row_stride = fwd.gh_row_stride;
+  p.h_row_stride = fwd.h_row_stride;
+  p.grad_out = grad_out.data_ptr();
+  p.gi = fwd.gi;
+  p.gh = fwd.gh;
+  p.h = fwd.h;
+  p.grad_gi = grad_gi.data_ptr();
+  p.grad_gh = grad_gh.data_ptr();
+  p.grad_h = grad_h.data_ptr();
+  return p;
+}
+
+}  // namespace hiertcn

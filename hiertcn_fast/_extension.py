@@ -1,0 +1,40 @@
+"""Guarded load of the compiled extension hiertcn_fast._C.
+
+Importing hiertcn_fast never fails because of the extension: when it is missing or broken, the
+error is kept here and reported by hiertcn_fast.backends().
+"""
+
+import importlib
+
+import torch  # noqa: F401  (loads libtorch, which the extension links against)
+
+_module = None
+_error = None
+
+
+def _load():
+    global _module, _error
+    try:
+        _module = importlib.import_module("hiertcn_fast._C")
+    except ImportError as exc:  # not built, or built against another torch
+        _error = f"{type(exc).__name__}: {exc}"
+
+
+def loaded() -> bool:
+    """True when the compiled operators are registered with torch."""
+    return _module is not None
+
+
+def load_error():
+    """Why the extension could not be imported (None when it was)."""
+    return _error
+
+
+def compiled_with_cuda() -> bool:
+    """True when this build of the extension contains the CUDA kernels."""
+    if _module is None:
+        return False
+    return torch.ops.hiertcn_fast.build_info() == "cuda=1"
+
+
+_load()

@@ -1,0 +1,160 @@
+"""Which backends exist here, which one an op uses, and why the others are missing.
+
+Four backends implement every op:
+  cuda       the C++/CUDA kernels in csrc/cuda (CUDA tensors)
+  triton     the Triton kernels in hiertcn_fast/triton (CUDA tensors; CPU tensors under
+             TRITON_INTERPRET=1, for testing)
+  cpu        the C++ kernels in csrc/cpu (CPU tensors)
+  reference  plain PyTorch, any device and floating dtype: the definition the others are tested against
+
+Selection, first match wins: the op's ``backend=`` keyword, the innermost ``use_backend(...)``
+block, the HIERTCN_BACKEND environment variable, then ``auto``. ``auto`` picks, for CUDA tensors,
+cuda if built, else triton, else reference; for CPU tensors, cpu if built, else reference (and
+reference for dtypes the preferred backend lacks). A backend that was asked for by name and cannot
+run raises BackendUnavailableError naming the fix; it never falls back silently.
+"""
+
+import contextlib
+import contextvars
+import dataclasses
+import importlib.util
+import os
+
+import torch
+
+from . import _extension
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+ENV_VAR = "HIERTCN_BACKEND"
+_REINSTALL = "pip install --no-build-isolation --no-deps --force-reinstall . (from the source tree)"
+
+_selected = contextvars.ContextVar("hiertcn_backend", default=None)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend asked for by name cannot run the call; the message says why and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    detail: str  # what it runs on when available, why not otherwise
+    fix: str = ""  # how to make it available; empty when it is
+
+    def __str__(self):
+        mark = "yes" if self.available else "no "
+        text = f"{self.name:<10} {mark}  {self.detail}"
+        return text + (f"\n{'':<15}fix: {self.fix}" if self.fix else "")
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run in the interpreter (TRITON_INTERPRET=1), on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _status(name: str) -> BackendStatus:
+    if name == "reference":
+        return BackendStatus(name, True, "plain PyTorch on any device")
+    if name == "cpu":
+        if _extension.loaded():
+            return BackendStatus(name, True, "compiled C++ kernels for CPU tensors")
+        return BackendStatus(name, False, f"the compiled extension is not loaded ({_extension.load_error()})",
+                             f"build it with a C++ compiler: {_REINSTALL}")
+    if name == "cuda":
+        if not _extension.loaded():
+            return BackendStatus(name, False, f"the compiled extension is not loaded ({_extension.load_error()})",
+                                 f"build it with nvcc on PATH or CUDA_HOME set: {_REINSTALL}")
+        if not _extension.compiled_with_cuda():
+            return BackendStatus(name, False, "the extension was built without the CUDA kernels",
+                                 f"rebuild with nvcc matching torch's CUDA {torch.version.cuda} "
+                                 f"(CUDA_HOME, HIERTCN_CUDA=1): {_REINSTALL}")
+        if not torch.cuda.is_available():
+            return BackendStatus(name, False, "CUDA kernels compiled, but no CUDA device is visible",
+                                 "run on a machine with an NVIDIA GPU and driver")
+        return BackendStatus(name, True, f"compiled CUDA kernels on {torch.cuda.get_device_name()}")
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return BackendStatus(name, False, "triton is not installed", "pip install triton")
+        if torch.cuda.is_available():
+            return BackendStatus(name, True, f"Triton kernels on {torch.cuda.get_device_name()}")
+        if triton_interpreted():
+            return BackendStatus(name, True, "Triton kernels interpreted on CPU tensors (TRITON_INTERPRET=1; slow)")
+        return BackendStatus(name, False, "no CUDA device is visible",
+                             "use a GPU, or set TRITON_INTERPRET=1 before importing triton to interpret "
+                             "the kernels on CPU tensors (for testing)")
+    raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+
+
+def backends():
+    """The status of every backend here: a list of BackendStatus in the order cuda, triton, cpu, reference."""
+    return [_status(name) for name in BACKENDS]
+
+
+def _check_name(name, source):
+    if name not in BACKENDS + ("auto",):
+        raise ValueError(f"{source} must be one of {BACKENDS + ('auto',)}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ops called inside the block on backend ``name`` (or "auto")."""
+    token = _selected.set(_check_name(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        _selected.reset(token)
+
+
+def requested_backend(backend=None):
+    """The backend asked for, by precedence: argument, use_backend block, environment, "auto"."""
+    if backend is not None:
+        return _check_name(backend, "backend")
+    if _selected.get() is not None:
+        return _selected.get()
+    return _check_name(os.environ.get(ENV_VAR, "auto") or "auto", f"the {ENV_VAR} environment variable")
+
+
+def _can_run(name, device: torch.device, dtype, dtypes) -> str:
+    """Why backend ``name`` cannot run on this device and dtype ('' when it can)."""
+    status = _status(name)
+    if not status.available:
+        return f"{status.detail}; fix: {status.fix}"
+    if name == "cuda" and device.type != "cuda":
+        return f"it needs CUDA tensors, got tensors on {device}"
+    if name == "cpu" and device.type != "cpu":
+        return f"it needs CPU tensors, got tensors on {device}"
+    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):
+        return f"it needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got tensors on {device}"
+    if dtype not in dtypes[name]:
+        supported = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes[name]))
+        return f"it does not support {dtype} (supported: {supported})"
+    return ""
+
+
+def resolve(op: str, backend, device: torch.device, dtype: torch.dtype, dtypes) -> str:
+    """The backend that runs ``op`` on tensors of ``device``/``dtype``.
+
+    ``dtypes`` maps each backend name to the dtypes that op supports on it.
+    """
+    name = requested_backend(backend)
+    if name != "auto":
+        why = _can_run(name, device, dtype, dtypes)
+        if why:
+            raise BackendUnavailableError(f"{op}: backend {name!r} cannot run this call: {why}")
+        return name
+    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+    for candidate in order:
+        if not _can_run(candidate, device, dtype, dtypes):
+            return candidate
+    raise TypeError(f"{op}: no backend supports {dtype} on {device}")
+
+
+def describe() -> str:
+    """A human-readable report of the backends, for `python -m hiertcn_fast info`."""
+    lines = [f"torch {torch.__version__} (CUDA {torch.version.cuda}), "
+             f"CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
+             f"backend selection: {ENV_VAR}={os.environ.get(ENV_VAR, '(unset: auto)')}", ""]
+    lines += [str(status) for status in backends()]
+    return "\n".join(lines)

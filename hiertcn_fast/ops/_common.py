@@ -1,0 +1,60 @@
+"""Helpers shared by every op module: output allocation and argument validation."""
+
+import contextlib
+import os
+
+import torch
+
+_poison = os.environ.get("HIERTCN_POISON_OUTPUTS", "0") == "1"
+
+FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@contextlib.contextmanager
+def poison_outputs(enabled: bool = True):
+    """Fill every output that an op allocates with NaN before its kernel runs.
+
+    A kernel that leaves an element unwritten then shows up as NaN in the result. Tests turn this
+    on; HIERTCN_POISON_OUTPUTS=1 turns it on for a whole process.
+    """
+    global _poison
+    previous, _poison = _poison, enabled
+    try:
+        yield
+    finally:
+        _poison = previous
+
+
+def new_output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """A fresh contiguous output on ``like``'s device (NaN-filled under poison_outputs)."""
+    out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+    if _poison and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
+def unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dimension has unit stride (what the kernels index), else a contiguous copy."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def check_tensor(t, name: str, ndim: int, dtypes=FLOATING) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have a floating dtype {tuple(str(d) for d in dtypes)}, got {t.dtype}")
+
+
+def check_like(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    """``t`` must share ``ref``'s device and dtype."""
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; use one dtype")
+
+
+def check_shape(t: torch.Tensor, name: str, expected) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")

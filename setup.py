@@ -1,0 +1,171 @@
+"""Build hiertcn_fast and its compiled extension hiertcn_fast._C.
+
+Knobs (environment variables; the README lists them in one table):
+  HIERTCN_EXTENSION=0      pure-Python install: no compilation, the triton and reference backends
+                           still work.
+  HIERTCN_CUDA=auto|0|1    build the CUDA kernels: auto (default) when nvcc is found and torch has
+                           CUDA, 0 never, 1 always (a missing nvcc is then an error).
+  HIERTCN_CUDA_ARCHS       CUDA architectures, default "8.0;9.0+PTX" (sm_80, sm_90 and PTX).
+  CUDA_HOME                the CUDA toolkit; default /usr/local/cuda when it holds bin/nvcc.
+  MAX_JOBS                 parallel compile jobs; default: the number of CPUs.
+Nothing here touches the network.
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(ROOT, "csrc")
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
+def fail(message):
+    # SystemExit with a string prints the message alone: no traceback for a configuration problem.
+    raise SystemExit(f"hiertcn_fast setup: {message}")
+
+
+def note(message):
+    print(f"hiertcn_fast setup: {message}", file=sys.stderr)
+
+
+def read_sources():
+    """Return (cpp_sources, cuda_sources) from csrc/SOURCES, as paths relative to the repo root."""
+    groups = {"cpp": [], "cuda": []}
+    group = "cpp"
+    with open(os.path.join(CSRC, "SOURCES")) as f:
+        for raw in f:
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            if line == "[cuda]":
+                group = "cuda"
+                continue
+            matches = sorted(glob.glob(os.path.join(CSRC, line)))
+            groups[group].extend(os.path.relpath(m, ROOT) for m in matches)
+    return groups["cpp"], groups["cuda"]
+
+
+def find_cuda_home():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        return home if os.path.exists(os.path.join(home, "bin", "nvcc")) else None
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda"
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    # nvcc may be a wrapper script outside the toolkit; ask it where the real compiler lives.
+    real = os.path.realpath(nvcc)
+    home = os.path.dirname(os.path.dirname(real))
+    return home if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")) else None
+
+
+def missing_cuda_library_headers(cuda_home):
+    """Include folders for the CUDA library headers (cuSPARSE, cuBLAS, ...) that torch's headers need
+    but a minimal toolkit lacks: taken from the nvidia-* wheels that a CUDA build of torch installs."""
+    if os.path.exists(os.path.join(cuda_home, "include", "cusparse.h")):
+        return []
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+    found = sorted({os.path.dirname(p) for root in roots for p in glob.glob(os.path.join(root, "*", "include",
+                                                                                          "cusparse.h"))})
+    return found[:1]
+
+
+def nvcc_release(cuda_home):
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def extension_modules():
+    if os.environ.get("HIERTCN_EXTENSION", "1") == "0":
+        note("HIERTCN_EXTENSION=0: pure-Python install (triton and reference backends only)")
+        return [], {}
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        fail("no C++ compiler found (looked for $CXX or c++). Install one (Debian: apt-get install g++) "
+             "or set HIERTCN_EXTENSION=0 for a pure-Python install.")
+
+    cuda_mode = os.environ.get("HIERTCN_CUDA", "auto")
+    if cuda_mode not in ("auto", "0", "1"):
+        fail(f"HIERTCN_CUDA must be auto, 0 or 1, got {cuda_mode!r}")
+    cuda_home = find_cuda_home() if cuda_mode != "0" else None
+    if cuda_home:
+        # torch.utils.cpp_extension reads CUDA_HOME once, at import.
+        os.environ["CUDA_HOME"] = cuda_home
+    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        fail("torch must be installed before building the extension: pip install torch, then install "
+             "hiertcn_fast with --no-build-isolation (or set HIERTCN_EXTENSION=0).")
+
+    with_cuda = False
+    if cuda_mode != "0":
+        reason = None
+        if cuda_home is None:
+            reason = "nvcc not found (set CUDA_HOME to the CUDA toolkit)"
+        elif torch.version.cuda is None:
+            reason = f"torch {torch.__version__} is a CPU-only build"
+        else:
+            release = nvcc_release(cuda_home)
+            torch_major = int(torch.version.cuda.split(".")[0])
+            if release is None:
+                reason = f"could not run {cuda_home}/bin/nvcc --version"
+            elif release[0] != torch_major:
+                reason = (f"nvcc {release[0]}.{release[1]} at {cuda_home} does not match torch's CUDA "
+                          f"{torch.version.cuda}")
+        if reason is None:
+            with_cuda = True
+        elif cuda_mode == "1":
+            fail(f"HIERTCN_CUDA=1 but the CUDA kernels cannot be built: {reason}")
+        else:
+            note(f"building without the CUDA kernels: {reason}")
+
+    cpp_sources, cuda_sources = read_sources()
+    sources = cpp_sources + ["csrc/python/module.cpp"]
+    cxx_flags = ["-O3", "-Wall", "-Wno-unused-function"]
+    macros = []
+    if with_cuda:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("HIERTCN_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
+        note(f"building CUDA kernels with {cuda_home} for {os.environ['TORCH_CUDA_ARCH_LIST']}")
+        macros.append(("HIERTCN_WITH_CUDA", "1"))
+        extra_includes = missing_cuda_library_headers(cuda_home)
+        if extra_includes:
+            note(f"{cuda_home} lacks the CUDA library headers; using {extra_includes[0]}")
+        ext = CUDAExtension(
+            "hiertcn_fast._C",
+            sources + cuda_sources,
+            include_dirs=[os.path.join(CSRC, "include")] + extra_includes,
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
+        )
+    else:
+        ext = CppExtension("hiertcn_fast._C", sources, include_dirs=[os.path.join(CSRC, "include")],
+                           define_macros=macros, extra_compile_args={"cxx": cxx_flags})
+    use_ninja = shutil.which("ninja") is not None
+    if not use_ninja:
+        note("ninja not found: compiling serially (pip install ninja for parallel builds)")
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=use_ninja)}
+
+
+ext_modules, cmdclass = extension_modules()
+setup(
+    packages=find_packages(include=["hiertcn_fast", "hiertcn_fast.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
