@@ -1,0 +1,297 @@
+"""Preprocessing against a plain-Python reference; sessionizing edge cases; cache integrity."""
+
+import dataclasses
+import json
+import os
+import time
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+
+from hiertcn_fast.data import (CacheCorruptError, DelimitedSource, InteractionChunk, InteractionSource,
+                               PreprocessParams, SessionCache, SyntheticSource, load_dataset, preprocess)
+
+
+class ArraySource(InteractionSource):
+    """An in-memory log; ``fail_after`` simulates a crash after that many chunks."""
+
+    def __init__(self, user, item, timestamp, name="arrays", fail_after=None):
+        self.user = np.asarray(user, np.int64)
+        self.item = np.asarray(item, np.int64)
+        self.timestamp = np.asarray(timestamp, np.float64)
+        self.name = name
+        self.fail_after = fail_after
+        self.iterations = 0
+
+    def fingerprint(self):
+        return {"reader": "ArraySource", "sha": hash((self.user.tobytes(), self.item.tobytes(),
+                                                      self.timestamp.tobytes()))}
+
+    def iter_chunks(self, chunk_size=1 << 20, stats=None):
+        self.iterations += 1
+        for index, start in enumerate(range(0, self.user.shape[0], chunk_size)):
+            if self.fail_after is not None and index >= self.fail_after:
+                raise RuntimeError("simulated crash while reading")
+            piece = slice(start, start + chunk_size)
+            if stats is not None:
+                stats.records += len(self.user[piece])
+                stats.events += len(self.user[piece])
+            yield InteractionChunk(self.user[piece], self.item[piece], self.timestamp[piece])
+
+
+def reference_user_sessions(user, item, timestamp, params):
+    """Plain-Python version of the paper's preprocessing: raw user -> list of sessions of
+    (raw item, timestamp)."""
+    events = list(zip(user.tolist(), item.tolist(), timestamp.tolist()))
+    item_count = Counter(i for _, i, _ in events)
+    events = [e for e in events if item_count[e[1]] >= params.min_item_count]
+    user_count = Counter(u for u, _, _ in events)
+    high = params.max_user_count if params.max_user_count is not None else float("inf")
+    events = [e for e in events if params.min_user_count <= user_count[e[0]] <= high]
+    by_user = defaultdict(list)
+    for position, (u, i, t) in enumerate(events):
+        by_user[u].append((t, position, i))
+    result = {}
+    for u, rows in by_user.items():
+        rows.sort()
+        sessions = []
+        for t, _, i in rows:
+            if not sessions or t - sessions[-1][-1][1] >= params.session_gap:
+                sessions.append([])
+            sessions[-1].append((i, t))
+        if params.max_session_length is not None:
+            sessions = [s[:params.max_session_length] for s in sessions]
+        result[u] = sessions
+    return result
+
+
+def cache_user_sessions(cache):
+    result = {}
+    for u in range(cache.num_users):
+        sessions = []
+        for s in range(cache.user_session_offsets[u], cache.user_session_offsets[u + 1]):
+            lo, hi = cache.session_offsets[s], cache.session_offsets[s + 1]
+            sessions.append([(int(cache.item_raw_id[i]), float(t))
+                             for i, t in zip(cache.item[lo:hi], cache.timestamp[lo:hi])])
+        result[int(cache.user_raw_id[u])] = sessions
+    return result
+
+
+def random_log(seed, n=3000, users=300, items=400):
+    rng = np.random.default_rng(seed)
+    user = (rng.zipf(1.2, size=n) % users) * 7 + 3  # skewed: some heavy, some one-off users
+    item = rng.zipf(1.3, size=n) % items + 1000
+    # Coarse times make ties and exact-threshold gaps frequent.
+    timestamp = rng.integers(0, 150, size=n) * 600.0
+    return user, item, timestamp
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("chunk_size,num_partitions", [(1 << 20, 1), (13, 7), (256, 3)])
+def test_preprocess_equals_reference(tmp_path, seed, chunk_size, num_partitions):
+    user, item, timestamp = random_log(seed)
+    params = PreprocessParams(min_item_count=5, min_user_count=3, max_user_count=70, session_gap=1800,
+                              max_session_length=4, num_partitions=num_partitions, seed=seed)
+    cache = preprocess(ArraySource(user, item, timestamp), tmp_path, params, chunk_size=chunk_size, verify="full")
+    expected = reference_user_sessions(user, item, timestamp, params)
+    assert cache_user_sessions(cache) == expected
+    stats = cache.stats
+    dropped = (stats["events_dropped_item_filter"] + stats["events_dropped_user_too_few_events"]
+               + stats["events_dropped_user_too_many_events"] + stats["events_dropped_session_truncation"])
+    assert stats["events_read"] == user.shape[0] == dropped + cache.num_events
+    assert stats["items_read"] == np.unique(item).shape[0]
+    assert stats["users_dropped_too_many_events"] > 0 and stats["users_dropped_too_few_events"] > 0
+    assert stats["events_dropped_session_truncation"] > 0 and stats["events_dropped_item_filter"] > 0
+    # Dense items 1..num_items, in raw-id order, every one used; 0 reserved.
+    assert cache.item_raw_id[0] == -1 and (np.diff(cache.item_raw_id[1:]) > 0).all()
+    assert np.array_equal(np.unique(cache.item), np.arange(1, cache.num_items + 1))
+    # Partitions are contiguous user ranges covering everything.
+    assert cache.partition_user_offsets[-1] == cache.num_users and cache.num_partitions == num_partitions
+
+
+def test_result_independent_of_chunk_size(tmp_path):
+    source = SyntheticSource(60_000, num_items=500, seed=3, users_per_block=50)
+    params = PreprocessParams(min_item_count=20, min_user_count=5, max_user_count=400, num_partitions=5)
+    in_memory = preprocess(source, tmp_path / "a", params, chunk_size=1 << 20)
+    streamed = preprocess(source, tmp_path / "b", params, chunk_size=101)  # ~600 chunks
+    for name in ("item", "timestamp", "session_offsets", "session_split", "user_session_offsets",
+                 "user_raw_id", "item_raw_id", "partition_user_offsets"):
+        np.testing.assert_array_equal(getattr(in_memory, name), getattr(streamed, name), err_msg=name)
+    assert in_memory.manifest["checksums"] == streamed.manifest["checksums"]
+
+
+def sessions_of(times, gap=1800.0, min_user_count=1, max_session_length=None, users=None):
+    n = len(times)
+    users = [1] * n if users is None else users
+    params = PreprocessParams(min_item_count=1, min_user_count=min_user_count, max_user_count=None,
+                              session_gap=gap, max_session_length=max_session_length, num_partitions=2)
+    return params, np.asarray(users), np.arange(n) + 100, np.asarray(times, dtype=np.float64)
+
+
+def test_sessionizing_edge_cases(tmp_path):
+    # Gap exactly at the threshold starts a session; just below does not; equal timestamps keep
+    # source order and stay together; a one-event user is one session of length 1.
+    params, user, item, timestamp = sessions_of([0, 1799, 3598, 3598, 3598, 10_000, 5],
+                                                users=[1, 1, 1, 1, 1, 1, 2])
+    cache = preprocess(ArraySource(user, item, timestamp), tmp_path, params)
+    sessions = cache_user_sessions(cache)
+    assert sessions[1] == [[(100, 0.0), (101, 1799.0), (102, 3598.0), (103, 3598.0), (104, 3598.0)],
+                           [(105, 10_000.0)]]
+    params, user, item, timestamp = sessions_of([0, 1800, 3600, 3600.5])
+    cache = preprocess(ArraySource(user, item, timestamp), tmp_path, params)
+    assert cache_user_sessions(cache)[1] == [[(100, 0.0)], [(101, 1800.0)], [(102, 3600.0), (103, 3600.5)]]
+    assert cache_user_sessions(preprocess(ArraySource([9], [1], [5.0]), tmp_path, params)) == {9: [[(1, 5.0)]]}
+
+
+def test_unsorted_input_and_ties_keep_source_order(tmp_path):
+    params, user, item, timestamp = sessions_of([50, 10, 50, 10, 30], max_session_length=3)
+    cache = preprocess(ArraySource(user, item, timestamp), tmp_path, params)
+    assert cache_user_sessions(cache)[1] == [[(101, 10.0), (103, 10.0), (104, 30.0)]]
+    assert cache.stats["events_dropped_session_truncation"] == 2
+
+
+def test_cold_and_warm_splits(tmp_path):
+    source = SyntheticSource(40_000, num_items=300, seed=4, users_per_block=100)
+    cold = preprocess(source, tmp_path, PreprocessParams(min_item_count=5, min_user_count=2, seed=11))
+    user_of_session = np.repeat(np.arange(cold.num_users), np.diff(cold.user_session_offsets))
+    label_per_user = {}
+    for u, label in zip(user_of_session.tolist(), cold.session_split.tolist()):
+        assert label_per_user.setdefault(u, label) == label  # all of a user's sessions in one split
+    counts = np.bincount(list(label_per_user.values()), minlength=3) / cold.num_users
+    np.testing.assert_allclose(counts, [0.8, 0.1, 0.1], atol=0.01)
+    again = preprocess(source, tmp_path / "again", PreprocessParams(min_item_count=5, min_user_count=2, seed=11))
+    np.testing.assert_array_equal(again.session_split, cold.session_split)
+    reseeded = preprocess(source, tmp_path, PreprocessParams(min_item_count=5, min_user_count=2, seed=12))
+    assert not np.array_equal(reseeded.session_split, cold.session_split)
+
+    warm = preprocess(source, tmp_path, PreprocessParams(min_item_count=5, min_user_count=2, split="warm"))
+    start_time = warm.timestamp[warm.session_offsets[:-1]]
+    span_lo, span_hi = warm.timestamp.min(), warm.timestamp.max()
+    cut = span_lo + np.array([0.8, 0.9]) * (span_hi - span_lo)
+    np.testing.assert_array_equal(warm.session_split, np.searchsorted(cut, start_time, side="right"))
+    assert set(np.unique(warm.session_split).tolist()) == {0, 1, 2}
+
+
+def test_params_validation():
+    with pytest.raises(ValueError, match="split"):
+        PreprocessParams(split="random")
+    with pytest.raises(ValueError, match="split_fractions"):
+        PreprocessParams(split_fractions=(0.5, 0.1, 0.1))
+    with pytest.raises(ValueError, match="max_user_count"):
+        PreprocessParams(min_user_count=10, max_user_count=5)
+    with pytest.raises(ValueError, match="session_gap"):
+        PreprocessParams(session_gap=0)
+    with pytest.raises(ValueError, match="num_partitions"):
+        PreprocessParams(num_partitions=0)
+    with pytest.raises(TypeError, match="source"):
+        preprocess("ml-100k", "/tmp")
+
+
+def test_no_events_left_is_an_error(tmp_path):
+    header_only = tmp_path / "log.csv"
+    header_only.write_text("user_id,item_id,timestamp\n")
+    with pytest.raises(ValueError, match="no events left"):
+        preprocess(DelimitedSource(header_only), tmp_path / "cache")
+    assert not any((tmp_path / "cache").iterdir())  # nothing half-built left behind
+
+
+# ---- the cache: keys, reuse, atomicity, corruption -------------------------------------------
+
+SMALL = PreprocessParams(min_item_count=1, min_user_count=1, max_user_count=None, max_session_length=None,
+                         num_partitions=4)
+
+
+@pytest.fixture
+def small_source():
+    user, item, timestamp = random_log(7, n=4000, users=50)
+    return ArraySource(user, item, timestamp, name="small")
+
+
+def test_same_params_reopen_without_reading_and_new_params_new_cache(tmp_path, small_source):
+    first = preprocess(small_source, tmp_path, SMALL)
+    assert small_source.iterations == 1
+    started = time.perf_counter()
+    again = preprocess(small_source, tmp_path, SMALL)
+    assert time.perf_counter() - started < 0.5
+    assert small_source.iterations == 1 and again.path == first.path
+    other = preprocess(small_source, tmp_path, dataclasses.replace(SMALL, session_gap=900))
+    assert small_source.iterations == 2 and other.path != first.path and other.num_sessions > first.num_sessions
+    assert other.params["session_gap"] == 900 and first.params["session_gap"] == 1800
+
+
+def test_crash_mid_build_leaves_nothing_that_looks_valid(tmp_path, small_source):
+    small_source.fail_after = 2
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        preprocess(small_source, tmp_path, SMALL, chunk_size=500)
+    assert list(tmp_path.iterdir()) == []
+    small_source.fail_after = None
+    cache = preprocess(small_source, tmp_path, SMALL, chunk_size=500)
+    assert cache.num_events == 4000
+
+
+def test_leftover_temp_dir_is_never_a_cache(tmp_path, small_source):
+    cache = preprocess(small_source, tmp_path, SMALL)
+    temp = tmp_path / f".tmp-{cache.path.name}-1-deadbeef"
+    os.rename(cache.path, temp)
+    with pytest.raises(CacheCorruptError, match="unfinished"):
+        SessionCache.open(temp)
+    (temp / "manifest.json").unlink()
+    os.rename(temp, cache.path)
+    with pytest.raises(CacheCorruptError, match="no manifest.json"):
+        SessionCache.open(cache.path)
+
+
+def flip_byte(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        value = f.read(1)
+        f.seek(offset)
+        f.write(bytes([value[0] ^ 0x01]))
+
+
+@pytest.mark.parametrize("name", ["item", "timestamp", "session_split"])
+def test_corrupted_partition_data_is_detected(tmp_path, small_source, name):
+    cache = preprocess(small_source, tmp_path, SMALL)
+    path = cache.path / f"{name}.bin"
+    flip_byte(path, path.stat().st_size // 2)
+    lazy = SessionCache.open(cache.path)  # cheap open does not read the events
+    with pytest.raises(CacheCorruptError, match=f"{name}.bin: checksum mismatch in partition"):
+        lazy.verify()
+    with pytest.raises(CacheCorruptError, match="checksum mismatch"):
+        SessionCache.open(cache.path, verify="full")
+    with pytest.raises(CacheCorruptError, match="rebuild=True"):
+        preprocess(small_source, tmp_path, SMALL, verify="full")
+    rebuilt = preprocess(small_source, tmp_path, SMALL, rebuild=True, verify="full")
+    assert rebuilt.num_events == cache.num_events
+
+
+def test_corrupted_global_arrays_truncation_and_manifest_are_detected(tmp_path, small_source):
+    cache = preprocess(small_source, tmp_path, SMALL)
+    flip_byte(cache.path / "user_raw_id.bin", 3)
+    with pytest.raises(CacheCorruptError, match="user_raw_id.bin: checksum mismatch"):
+        SessionCache.open(cache.path)
+    cache = preprocess(small_source, tmp_path, SMALL, rebuild=True)
+    with open(cache.path / "timestamp.bin", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 8)
+    with pytest.raises(CacheCorruptError, match="timestamp.bin: expected .* bytes"):
+        SessionCache.open(cache.path)
+    cache = preprocess(small_source, tmp_path, SMALL, rebuild=True)
+    manifest_path = cache.path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["counts"]["events"] += 1
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CacheCorruptError, match="manifest checksum mismatch"):
+        SessionCache.open(cache.path)
+    manifest_path.write_text("{not json")
+    with pytest.raises(CacheCorruptError, match="unreadable manifest"):
+        SessionCache.open(cache.path)
+
+
+def test_ml100k_cache_opens_fast(tmp_path):
+    params = PreprocessParams(min_item_count=5, min_user_count=5, max_user_count=None)
+    cache = preprocess(load_dataset("ml-100k"), tmp_path, params)
+    assert cache.num_users == 943 and cache.stats["events_read"] == 100_000
+    started = time.perf_counter()
+    SessionCache.open(cache.path)
+    assert time.perf_counter() - started < 0.2
