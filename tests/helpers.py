@@ -1,0 +1,39 @@
+"""Helpers for the op tests: backend/device pairs, fresh random inputs, dtype tolerances."""
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+
+# (backend, device) pairs that run here; GPU ones carry the gpu marker and skip without CUDA.
+BACKEND_DEVICES = [
+    pytest.param("reference", "cpu", id="reference-cpu"),
+    pytest.param("cpu", "cpu", id="cpu"),
+    pytest.param("triton", "cuda" if CUDA else "cpu", id="triton-cuda" if CUDA else "triton-interpreted"),
+    pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
+]
+
+# The dtype each backend is compared in against the float64 reference.
+COMPARE_DTYPE = {"reference": torch.float64, "cpu": torch.float64, "triton": torch.float32, "cuda": torch.float32}
+
+TOLERANCE = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=5e-3, atol=5e-3),
+    torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+}
+
+
+def rand(*shape, dtype=torch.float64, device="cpu", noncontiguous=False, scale=1.0):
+    """Fresh random values, never all zero. With noncontiguous=True the tensor is a slice of a wider
+    one, so its rows are strided (the last dimension keeps unit stride unless it is the only one)."""
+    if noncontiguous:
+        wide = torch.randn(*shape[:-1], shape[-1] * 2 + 3, dtype=dtype, device=device) * scale
+        return wide[..., 1:1 + shape[-1]]
+    return torch.randn(*shape, dtype=dtype, device=device) * scale
+
+
+def assert_close(actual, expected, dtype=None):
+    tol = TOLERANCE[dtype or actual.dtype]
+    assert not torch.isnan(actual).any(), "output holds NaN: an element was left unwritten"
+    torch.testing.assert_close(actual.to(expected.dtype), expected, **tol)
