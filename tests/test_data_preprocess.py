@@ -9,35 +9,25 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
-from hiertcn_fast.data import (CacheCorruptError, DelimitedSource, InteractionChunk, InteractionSource,
-                               PreprocessParams, SessionCache, SyntheticSource, load_dataset, preprocess)
+from hiertcn_fast.data import (ArraySource, CacheCorruptError, DelimitedSource, PreprocessParams, SessionCache,
+                               SyntheticSource, load_dataset, preprocess)
 
 
-class ArraySource(InteractionSource):
-    """An in-memory log; ``fail_after`` simulates a crash after that many chunks."""
+class CountingSource(ArraySource):
+    """An in-memory log that counts its reads; ``fail_after`` simulates a crash after that many
+    chunks."""
 
     def __init__(self, user, item, timestamp, name="arrays", fail_after=None):
-        self.user = np.asarray(user, np.int64)
-        self.item = np.asarray(item, np.int64)
-        self.timestamp = np.asarray(timestamp, np.float64)
-        self.name = name
+        super().__init__(user, item, timestamp, name)
         self.fail_after = fail_after
         self.iterations = 0
 
-    def fingerprint(self):
-        return {"reader": "ArraySource", "sha": hash((self.user.tobytes(), self.item.tobytes(),
-                                                      self.timestamp.tobytes()))}
-
     def iter_chunks(self, chunk_size=1 << 20, stats=None):
         self.iterations += 1
-        for index, start in enumerate(range(0, self.user.shape[0], chunk_size)):
+        for index, chunk in enumerate(super().iter_chunks(chunk_size, stats)):
             if self.fail_after is not None and index >= self.fail_after:
                 raise RuntimeError("simulated crash while reading")
-            piece = slice(start, start + chunk_size)
-            if stats is not None:
-                stats.records += len(self.user[piece])
-                stats.events += len(self.user[piece])
-            yield InteractionChunk(self.user[piece], self.item[piece], self.timestamp[piece])
+            yield chunk
 
 
 def reference_user_sessions(user, item, timestamp, params):
@@ -205,7 +195,7 @@ SMALL = PreprocessParams(min_item_count=1, min_user_count=1, max_user_count=None
 @pytest.fixture
 def small_source():
     user, item, timestamp = random_log(7, n=4000, users=50)
-    return ArraySource(user, item, timestamp, name="small")
+    return CountingSource(user, item, timestamp, name="small")
 
 
 def test_same_params_reopen_without_reading_and_new_params_new_cache(tmp_path, small_source):

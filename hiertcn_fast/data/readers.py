@@ -28,6 +28,7 @@ __all__ = [
     "ReadStats",
     "MalformedRecordError",
     "InteractionSource",
+    "ArraySource",
     "DelimitedSource",
     "RecBoleInterSource",
     "XingSource",
@@ -116,6 +117,38 @@ def _check_chunk_size(chunk_size: int) -> int:
     if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     return int(chunk_size)
+
+
+class ArraySource(InteractionSource):
+    """An in-memory log of equal-length arrays (user, item: integers; timestamp: seconds)."""
+
+    def __init__(self, user, item, timestamp, name: str = "arrays"):
+        self.user = np.ascontiguousarray(user, dtype=np.int64)
+        self.item = np.ascontiguousarray(item, dtype=np.int64)
+        self.timestamp = np.ascontiguousarray(timestamp, dtype=np.float64)
+        if not (self.user.ndim == self.item.ndim == self.timestamp.ndim == 1
+                and self.user.shape == self.item.shape == self.timestamp.shape):
+            raise ValueError(f"user, item, timestamp must be 1-D of equal length, got shapes {self.user.shape}, "
+                             f"{self.item.shape}, {self.timestamp.shape}")
+        if not np.isfinite(self.timestamp).all():
+            raise ValueError("timestamp must be finite")
+        self.name = name
+
+    def fingerprint(self) -> dict:
+        digest = hashlib.sha256()
+        for array in (self.user, self.item, self.timestamp):
+            digest.update(array.tobytes())
+        return {"reader": type(self).__name__, "events": int(self.user.shape[0]), "sha256": digest.hexdigest()}
+
+    def iter_chunks(self, chunk_size: int = DEFAULT_CHUNK_SIZE, stats: ReadStats | None = None):
+        chunk_size = _check_chunk_size(chunk_size)
+        stats = stats if stats is not None else ReadStats()
+        for start in range(0, self.user.shape[0], chunk_size):
+            piece = slice(start, start + chunk_size)
+            chunk = InteractionChunk(self.user[piece], self.item[piece], self.timestamp[piece])
+            stats.records += len(chunk)
+            stats.events += len(chunk)
+            yield chunk
 
 
 def _file_fingerprint(path: Path) -> dict:
