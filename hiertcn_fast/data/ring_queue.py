@@ -17,7 +17,7 @@ CUDA, slots are pageable and the consumer receives a copy (``clone``) with the s
 
 Errors and shutdown. An exception in ``produce`` is re-raised in the consumer (the original
 exception object, traceback included, with a note naming the thread and batch) once the consumer
-reaches a batch that will not come. ``close()`` (also on leaving a ``with`` block, on early stop
+reaches the failed batch (all earlier batches are delivered first). ``close()`` (also on leaving a ``with`` block, on early stop
 or KeyboardInterrupt) wakes and joins every producer; waits poll every 50 ms so this takes well
 under a second unless a ``produce`` call itself is slow.
 """
@@ -128,7 +128,9 @@ class PinnedRingQueue:
     # ---- producers ---------------------------------------------------------------------------
 
     def _stream_over(self, seq: int) -> bool:
-        return self._closed or self._error is not None or (self._end_seq is not None and seq >= self._end_seq)
+        # Batches before a failed one are still produced, so the consumer gets all of them first.
+        return (self._closed or (self._error is not None and seq > self._error[2])
+                or (self._end_seq is not None and seq >= self._end_seq))
 
     def _producer_loop(self) -> None:
         while True:
@@ -171,13 +173,15 @@ class PinnedRingQueue:
         """The next batch as ``(seq, tensors on device)``, or None at the end of the stream.
         Raises a producer's exception if the next batch will never come."""
         with self._condition:
+            if self._closed and self._error is None:
+                raise RuntimeError("PinnedRingQueue.get() after close()")
             seq = self._next_deliver
             slot = seq % self.num_slots
             waited_from = time.perf_counter()
             while self._ready_seq[slot] != seq:
                 if self._end_seq is not None and seq >= self._end_seq:
                     return None
-                if self._error is not None:
+                if self._error is not None and seq >= self._error[2]:
                     self._closed = True
                     self._condition.notify_all()
                     raise self._error[0]
