@@ -79,8 +79,10 @@ def random_log(seed, n=3000, users=300, items=400):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("chunk_size,num_partitions", [(1 << 20, 1), (13, 7), (256, 3)])
-def test_preprocess_equals_reference(tmp_path, seed, chunk_size, num_partitions):
+@pytest.mark.parametrize("id_scale", [1, 1 << 33])  # dense lookup tables / binary search
+def test_preprocess_equals_reference(tmp_path, seed, chunk_size, num_partitions, id_scale):
     user, item, timestamp = random_log(seed)
+    user, item = user * id_scale - 5, item * id_scale
     params = PreprocessParams(min_item_count=5, min_user_count=3, max_user_count=70, session_gap=1800,
                               max_session_length=4, num_partitions=num_partitions, seed=seed)
     cache = preprocess(ArraySource(user, item, timestamp), tmp_path, params, chunk_size=chunk_size, verify="full")
