@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from hiertcn_fast.data import (ArraySource, LaneStateCache, PreprocessParams, SessionBatcher, SyntheticSource,
-                               load_dataset, preprocess)
+from hiertcn_fast.data import (ArraySource, CacheCorruptError, LaneStateCache, PreprocessParams, SessionBatcher,
+                               SessionCache, SyntheticSource, load_dataset, preprocess)
 
 SPLITS = {"train": 0, "valid": 1, "test": 2}
 
@@ -162,6 +162,10 @@ def test_shuffle_is_seeded_per_epoch_and_partition_local(ml100k):
 
 def test_truncation_and_step_widths(ml100k):
     batcher = SessionBatcher(ml100k, "train", lanes=8, sessions_per_batch=4, max_session_length=3)
+    full = SessionBatcher(ml100k, "train", lanes=8, sessions_per_batch=4)
+    assert full.truncated_events == 0 and batcher.truncated_events > 0
+    assert batcher.num_events + batcher.truncated_events == full.num_events
+    assert sum(int(batcher.batch(i).lengths.sum()) for i in range(batcher.num_batches())) == batcher.num_events
     for index in range(batcher.num_batches()):
         batch = batcher.batch(index)
         assert batch.lengths.max() <= 3
@@ -264,6 +268,15 @@ def test_validation_errors(ml100k, tmp_path):
         other.load_state_dict(batcher.state_dict())
     with pytest.raises(ValueError, match="continues"):
         LaneStateCache(1, 4, 2).reset_lanes(torch.ones(3, dtype=torch.bool))
+
+
+def test_corrupted_cache_is_reported_by_the_batcher(tmp_path):
+    cache = random_cache(tmp_path, 0)
+    with open(cache.path / "session_split.bin", "r+b") as f:
+        f.seek(5)
+        f.write(b"\x07")
+    with pytest.raises(CacheCorruptError, match="session_split.bin: checksum mismatch"):
+        SessionBatcher(SessionCache.open(cache.path), "train")
 
 
 def test_synthetic_streamed_cache_batches(tmp_path):

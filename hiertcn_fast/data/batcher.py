@@ -142,6 +142,9 @@ class SessionBatcher:
         device, state_dtype: where and how the state cache lives.
 
     Iterating yields the remaining batches of the current epoch and then advances the epoch.
+    Every event of the split is delivered exactly once per epoch, in time order within its user,
+    except events beyond ``max_session_length`` (counted in ``truncated_events``).
+    Construction verifies the cache's checksums (once per opened cache).
     """
 
     def __init__(self, cache: SessionCache, split: str = "train", lanes: int = 32, sessions_per_batch: int = 10,
@@ -173,6 +176,9 @@ class SessionBatcher:
                 raise ValueError(f"state_shape must be (layers, hidden), got {state_shape!r}")
             self.state_cache = LaneStateCache(state_shape[0], lanes, state_shape[1], device, state_dtype)
 
+        # The split labels of every partition are read right here: check them all first (once per
+        # opened cache), so corruption is reported as such and never read as data.
+        cache.verify()
         # Each user's sessions in the split are contiguous (cold: all of them; warm: a time range).
         in_split = np.flatnonzero(np.asarray(cache.session_split) == self.split_code)
         session_user = np.searchsorted(cache.user_session_offsets, in_split, side="right") - 1
@@ -187,8 +193,11 @@ class SessionBatcher:
             raise ValueError(f"split {split!r}: a user's sessions in the split are not contiguous; "
                              "the cache is not one this batcher understands")
         self._user_partition = cache.partition_of_users(self.split_users)
-        self.num_events = int(np.diff(np.asarray(cache.session_offsets))[in_split].sum())
+        session_lengths = np.diff(np.asarray(cache.session_offsets))[in_split]
         self.num_sessions = int(in_split.shape[0])
+        self.num_events = int(np.minimum(session_lengths, max_session_length).sum())
+        # Events beyond max_session_length are never delivered; say how many.
+        self.truncated_events = int(session_lengths.sum()) - self.num_events
 
     # ---- the schedule ------------------------------------------------------------------------
 
@@ -210,7 +219,6 @@ class SessionBatcher:
     def _plan_for(self, epoch: int) -> _EpochPlan:
         if self._plan is not None and self._plan.epoch == epoch:
             return self._plan
-        self.cache.verify_partitions(np.unique(self._user_partition))
         order = self.user_order(epoch)
         counts = self.user_session_count[order]
         lane_of_user = np.empty(order.shape[0], dtype=np.int64)
