@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -170,6 +171,7 @@ class SessionBatcher:
         self.epoch = 0
         self.next_index = 0
         self._plan: _EpochPlan | None = None
+        self._plan_lock = threading.Lock()
         self.state_cache = None
         if state_shape is not None:
             if len(state_shape) != 2:
@@ -217,8 +219,15 @@ class SessionBatcher:
         return np.lexsort((random_key, rank[self._user_partition]))
 
     def _plan_for(self, epoch: int) -> _EpochPlan:
-        if self._plan is not None and self._plan.epoch == epoch:
+        plan = self._plan
+        if plan is not None and plan.epoch == epoch:
+            return plan
+        with self._plan_lock:  # producer threads may ask at once; plan once
+            if self._plan is None or self._plan.epoch != epoch:
+                self._plan = self._build_plan(epoch)
             return self._plan
+
+    def _build_plan(self, epoch: int) -> _EpochPlan:
         order = self.user_order(epoch)
         counts = self.user_session_count[order]
         lane_of_user = np.empty(order.shape[0], dtype=np.int64)
@@ -243,8 +252,16 @@ class SessionBatcher:
         session[row, lane] = np.repeat(self.user_first_session[order], counts) + within_user
         user[row, lane] = np.repeat(self.split_users[order], counts)
         keep[row, lane] = within_user < np.repeat(counts, counts) - 1
-        self._plan = _EpochPlan(epoch, session, user, keep, num_batches)
-        return self._plan
+        return _EpochPlan(epoch, session, user, keep, num_batches)
+
+    def __getstate__(self) -> dict:  # e.g. DataLoader workers under the spawn start method
+        state = dict(self.__dict__)
+        del state["_plan_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._plan_lock = threading.Lock()
 
     def num_batches(self, epoch: int | None = None) -> int:
         return self._plan_for(self.epoch if epoch is None else epoch).num_batches
