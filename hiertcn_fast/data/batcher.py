@@ -59,6 +59,9 @@ BATCH_FIELDS = {
 }
 
 
+NUMPY_DTYPES = {torch.int64: np.int64, torch.bool: np.bool_}
+
+
 @dataclasses.dataclass
 class SessionBatch:
     """One mini-batch; see the module docstring for every field's shape and meaning."""
@@ -195,6 +198,10 @@ class SessionBatcher:
             raise ValueError(f"split {split!r}: a user's sessions in the split are not contiguous; "
                              "the cache is not one this batcher understands")
         self._user_partition = cache.partition_of_users(self.split_users)
+        # Plain ndarray views: indexing a np.memmap subclass costs more per call.
+        self._item = np.asarray(cache.item)
+        self._session_offsets = np.asarray(cache.session_offsets)
+        self._spec = self.batch_spec()
         session_lengths = np.diff(np.asarray(cache.session_offsets))[in_split]
         self.num_sessions = int(in_split.shape[0])
         self.num_events = int(np.minimum(session_lengths, max_session_length).sum())
@@ -276,6 +283,12 @@ class SessionBatcher:
                   "session": (steps, lanes), "continues": (lanes,)}
         return {name: (shapes[name], dtype) for name, dtype in BATCH_FIELDS.items()}
 
+    def _allocate(self, width: int) -> dict[str, np.ndarray]:
+        arrays = {}
+        for name, (shape, dtype) in self._spec.items():
+            arrays[name] = np.empty(shape if name != "items" else shape[:2] + (width,), dtype=NUMPY_DTYPES[dtype])
+        return arrays
+
     def _write(self, epoch: int, index: int, out: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
         """Batch ``index`` of ``epoch`` as numpy arrays, written into ``out`` when given."""
         plan = self._plan_for(epoch)
@@ -285,19 +298,17 @@ class SessionBatcher:
         session = plan.session[rows]
         valid = session >= 0
         safe_session = np.where(valid, session, 0)
-        offsets = self.cache.session_offsets
+        offsets = self._session_offsets
         start = offsets[safe_session]
         lengths = np.where(valid, np.minimum(offsets[safe_session + 1] - start, self.max_session_length), 0)
         step_widths = np.where(valid.any(axis=1), lengths.max(axis=1) + 1, 0)
         width = int(step_widths.max()) if out is None else out["items"].shape[2]
-        arrays = out if out is not None else {
-            name: np.empty(shape if name != "items" else shape[:2] + (width,), dtype=_numpy_dtype(dtype))
-            for name, (shape, dtype) in self.batch_spec().items()}
+        arrays = out if out is not None else self._allocate(width)
         items = arrays["items"]
         items.fill(0)
         positions = np.arange(width - 1)
         present = positions < lengths[..., None]
-        items[..., 1:][present] = self.cache.item[(start[..., None] + positions)[present]]
+        items[..., 1:][present] = self._item[(start[..., None] + positions)[present]]
         arrays["lengths"][...] = lengths
         arrays["step_widths"][...] = step_widths
         arrays["valid"][...] = valid
@@ -398,6 +409,3 @@ class SessionBatcher:
             self.state_cache.store(state_dict["state"].to(self.state_cache.state.device))
         self.epoch, self.next_index = int(state_dict["epoch"]), int(state_dict["next_index"])
 
-
-def _numpy_dtype(dtype: torch.dtype):
-    return torch.empty(0, dtype=dtype).numpy().dtype
