@@ -149,3 +149,20 @@ def test_rule_bad_inputs(tiny_cache, synthetic_cache):
     with pytest.raises(ValueError, match="split must be one of"):
         list(iter_split_events(tiny_cache, "dev"))
     assert isinstance(_one_chunk(tiny_cache), EvalEvents)
+
+
+def test_evaluate_rules_writes_report(synthetic_cache, tmp_path):
+    pytest.importorskip("matplotlib")
+    from hiertcn_fast.rule_report import evaluate_rules, format_table
+
+    results = evaluate_rules(synthetic_cache, "valid", rules=("most_popular", "transitions"), chunk_size=100,
+                             out_dir=tmp_path)
+    assert list(results) == ["most_popular", "transitions"]
+    counts = synthetic_cache.manifest["counts"]["splits"]["valid"]
+    assert results["transitions"].quality["counts"]["events"] == counts["events"]
+    assert results["transitions"].events_per_second > 0 and results["transitions"].peak_memory_bytes > 0
+    assert {"report.md", "results.json", "quality.png", "throughput.png"} <= {p.name for p in tmp_path.iterdir()}
+    table = format_table(results)
+    assert f"{results['transitions'].quality['per_user']['all']['MRR']:.4f}" in table
+    with pytest.raises(ValueError, match="rules: unknown names"):
+        evaluate_rules(synthetic_cache, rules=("oracle",))
