@@ -86,12 +86,13 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, padding_item: int 
     for start in range(0, n, rows):
         block = scores[start:start + rows]
         target_score = block.gather(1, targets[start:start + rows, None])
-        block_higher = (block > target_score).sum(1)
-        block_tied = (block == target_score).sum(1) - 1
+        # int32 counts are enough for any catalogue and reduce about twice as fast as int64.
+        block_higher = (block > target_score).sum(1, dtype=torch.int32)
+        block_tied = (block == target_score).sum(1, dtype=torch.int32) - 1
         if padding_item is not None:
             pad_score = block[:, padding_item]
-            block_higher -= (pad_score > target_score[:, 0]).long()
-            block_tied -= (pad_score == target_score[:, 0]).long()
+            block_higher -= (pad_score > target_score[:, 0]).int()
+            block_tied -= (pad_score == target_score[:, 0]).int()
         higher[start:start + rows] = block_higher
         tied[start:start + rows] = block_tied
     return higher, tied
@@ -228,10 +229,15 @@ class RankingMetrics:
             first_bad = int(torch.nonzero(bad_target)[0, 0])
             raise ValueError(f"targets: item id {int(targets[first_bad])} at event {first_bad} is not in the "
                              f"catalogue (ids 0..{num_columns - 1}, padding item {self.padding_item} excluded)")
-        if bool(torch.isnan(scores).any()):
-            rows = torch.nonzero(torch.isnan(scores).any(1))[:, 0]
-            raise ValueError(f"scores: NaN in {rows.numel()} of {n} events (first at event {int(rows[0])}); "
-                             "ranks of NaN scores are undefined")
+        # A row sum is a fast vectorised reduction and is NaN if the row holds a NaN (or both infinities,
+        # hence the exact check on the suspect rows only).
+        row_sums = scores.sum(1, dtype=torch.float32) if scores.element_size() < 4 else scores.sum(1)
+        suspect = torch.nonzero(torch.isnan(row_sums))[:, 0]
+        if suspect.numel():
+            rows = suspect[torch.isnan(scores[suspect]).any(1)]
+            if rows.numel():
+                raise ValueError(f"scores: NaN in {rows.numel()} of {n} events (first at event {int(rows[0])}); "
+                                 "ranks of NaN scores are undefined")
 
         higher, tied = target_ranks(scores, targets, self.padding_item)
         higher = higher.cpu().numpy().astype(np.float64)
