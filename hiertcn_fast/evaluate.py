@@ -29,8 +29,10 @@ import math
 import numpy as np
 import torch
 
+from .data import SessionBatch
+
 __all__ = ["RankingMetrics", "TIE_POLICIES", "DEFAULT_RECALL_KS", "DEFAULT_MRR_CUTOFFS", "DEFAULT_NDCG_KS",
-           "target_ranks"]
+           "target_ranks", "batch_targets"]
 
 TIE_POLICIES = {
     "optimistic": "rank = 1 + number of catalogue items scoring strictly higher than the target "
@@ -96,6 +98,29 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, padding_item: int 
         higher[start:start + rows] = block_higher
         tied[start:start + rows] = block_tied
     return higher, tied
+
+
+def batch_targets(batch: SessionBatch) -> dict[str, torch.Tensor]:
+    """The prediction events of a lane mini-batch, for :meth:`RankingMetrics.update`.
+
+    A model reads ``batch.items[..., :-1]`` and predicts ``batch.items[..., 1:]``; position t of
+    a session is an event iff t < its length. Returns, on the batch's device:
+    ``mask`` bool (steps, lanes, time - 1), True at the events; ``targets`` int64 (events,),
+    ``users`` int64 (events,), ``first_in_session`` bool (events,), in the mask's (row-major) order.
+    Scores shaped (steps, lanes, time - 1, items) give the matching (events, items) as
+    ``scores[mask]``.
+    """
+    if not isinstance(batch, SessionBatch):
+        raise TypeError(f"batch must be a SessionBatch, got {type(batch).__name__}")
+    steps, lanes, time = batch.items.shape
+    position = torch.arange(time - 1, device=batch.items.device)
+    mask = position < batch.lengths[..., None]
+    return {
+        "mask": mask,
+        "targets": batch.items[..., 1:][mask],
+        "users": batch.user[..., None].expand(steps, lanes, time - 1)[mask],
+        "first_in_session": (position == 0).expand(steps, lanes, time - 1)[mask],
+    }
 
 
 class _UserSums:
