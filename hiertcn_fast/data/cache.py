@@ -103,16 +103,6 @@ def partition_slices(partition_user_offsets, user_session_offsets, session_offse
     }
 
 
-def compute_checksums(arrays: dict[str, np.ndarray]) -> dict:
-    """The manifest's ``checksums`` entry for a complete set of arrays."""
-    partitions = []
-    for p in range(arrays["partition_user_offsets"].shape[0] - 1):
-        ranges = partition_slices(arrays["partition_user_offsets"], arrays["user_session_offsets"],
-                                  arrays["session_offsets"], p)
-        partitions.append({name: crc32_of(arrays[name][ranges[name]]) for name in PARTITIONED_ARRAYS})
-    return {"global": {name: crc32_of(arrays[name]) for name in GLOBAL_ARRAYS}, "partitions": partitions}
-
-
 def open_array(path: Path, dtype, length: int, mode: str = "r") -> np.ndarray:
     if length == 0:
         return np.empty(0, dtype=dtype)
