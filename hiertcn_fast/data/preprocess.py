@@ -33,8 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import (ARRAY_DTYPES, CACHE_FORMAT, CACHE_VERSION, GLOBAL_ARRAYS, MANIFEST_NAME, SPLITS as SPLIT_CODES,
-                    CacheCorruptError, SessionCache, crc32_of, new_temp_dir, publish_temp_dir)
+from .cache import (ARRAY_DTYPES, CACHE_FORMAT, CACHE_VERSION, GLOBAL_ARRAYS, SPLITS as SPLIT_CODES,
+                    CacheCorruptError, SessionCache, crc32_of, new_temp_dir, publish_temp_dir,
+                    remove_stale_temp_dirs)
 from .readers import DEFAULT_CHUNK_SIZE, InteractionSource, ReadStats, _check_chunk_size
 
 __all__ = ["PreprocessParams", "preprocess", "cache_key"]
@@ -430,12 +431,13 @@ def preprocess(source: InteractionSource, cache_dir: str | os.PathLike, params: 
     chunk_size = _check_chunk_size(chunk_size)
     key = cache_key(source, params)
     final_path = Path(cache_dir) / f"{source.name}-{key}"
-    if (final_path / MANIFEST_NAME).exists() or final_path.exists():
+    if final_path.exists():
         if not rebuild:
             try:
                 return SessionCache.open(final_path, verify=verify)
             except CacheCorruptError as error:
                 raise CacheCorruptError(f"{error}; pass rebuild=True to replace the cache") from None
         shutil.rmtree(final_path)
+    remove_stale_temp_dirs(final_path)
     _build(source, params, final_path, chunk_size, key)
     return SessionCache.open(final_path, verify=verify)
