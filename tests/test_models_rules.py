@@ -160,7 +160,7 @@ def test_rule_bad_inputs(tiny_cache, synthetic_cache):
 
 
 def test_evaluate_rules_writes_report(synthetic_cache, tmp_path):
-    pytest.importorskip("matplotlib")
+
     from hiertcn_fast.rule_report import evaluate_rules, format_table
 
     results = evaluate_rules(synthetic_cache, "valid", rules=("most_popular", "transitions"), chunk_size=100,
