@@ -12,6 +12,7 @@ Conventions (csrc/include/hiertcn/causal_conv.h has the kernel-side statement):
 """
 
 import dataclasses
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -264,9 +265,6 @@ class CausalConvState:
             self.history[rows] = 0
 
 
-CAUSAL_CONV_STEP_DTYPES = CAUSAL_CONV_DTYPES
-
-
 def causal_conv1d_step_reference(x, weight, state, bias=None, *, groups=1, context=None, context_weight=None,
                                  activation=None, residual=None):
     """Plain-PyTorch causal_conv1d_step (updates ``state`` in place). Shapes as causal_conv1d_step."""
@@ -318,7 +316,7 @@ def causal_conv1d_step(x, weight, state, bias=None, *, groups=1, context=None, c
         check_tensor(residual, "residual", 2)
         check_like(residual, "residual", x, "x")
         check_shape(residual, "residual (batch, out_channels)", (x.shape[0], out_channels))
-    name = resolve("causal_conv1d_step", backend, x.device, x.dtype, CAUSAL_CONV_STEP_DTYPES)
+    name = resolve("causal_conv1d_step", backend, x.device, x.dtype, CAUSAL_CONV_DTYPES)
     with torch.no_grad():
         if name == "reference":
             return causal_conv1d_step_reference(x, weight, state, bias, groups=groups, context=context,
@@ -353,3 +351,35 @@ if _extension.loaded():
     def _causal_conv1d_step_out_fake(x, weight, bias, context_table, residual, dilation, groups, activation, *,
                                      history, position, out):
         return None
+
+
+@torch.library.triton_op("hiertcn_fast::causal_conv1d_triton_out", mutates_args={"out", "pre"})
+def _causal_conv1d_triton_out(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                              context_table: Optional[torch.Tensor], residual: Optional[torch.Tensor], dilation: int,
+                              groups: int, activation: int, out: torch.Tensor, pre: Optional[torch.Tensor]) -> None:
+    from ..triton import causal_conv as kernels
+
+    kernels.causal_conv_forward(x, weight, bias, context_table, residual, dilation, groups, activation, out, pre)
+
+
+@torch.library.triton_op("hiertcn_fast::causal_conv1d_backward_triton_out",
+                         mutates_args={"grad_pre", "grad_x", "grad_weight", "grad_residual"})
+def _causal_conv1d_backward_triton_out(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                       pre: Optional[torch.Tensor], residual: Optional[torch.Tensor], dilation: int,
+                                       groups: int, activation: int, grad_pre: torch.Tensor, grad_x: torch.Tensor,
+                                       grad_weight: torch.Tensor, grad_residual: Optional[torch.Tensor]) -> None:
+    from ..triton import causal_conv as kernels
+
+    kernels.causal_conv_backward(grad_out, x, weight, pre, residual, dilation, groups, activation, grad_pre, grad_x,
+                                 grad_weight, grad_residual)
+
+
+@torch.library.triton_op("hiertcn_fast::causal_conv1d_step_triton_out", mutates_args={"history", "position", "out"})
+def _causal_conv1d_step_triton_out(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                   context_table: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                                   dilation: int, groups: int, activation: int, history: torch.Tensor,
+                                   position: torch.Tensor, out: torch.Tensor) -> None:
+    from ..triton import causal_conv as kernels
+
+    kernels.causal_conv_step(x, weight, bias, context_table, residual, dilation, groups, activation, history,
+                             position, out)
