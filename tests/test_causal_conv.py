@@ -53,6 +53,21 @@ def test_matches_reference_and_conv1d_peer(backend, device, case):
     assert_close(out, conv1d_peer(**peer_args), dtype)
 
 
+@pytest.mark.parametrize("case", [ConvCase(2, 29, 48, 40, 5, 3, context_channels=7, activation="gelu", residual=True),
+                                  ConvCase(3, 17, 33, 67, 2, 8, activation="tanh")], ids=str)
+def test_cpu_float32_register_blocks(case):
+    # float32 has its own register-block widths in the CPU micro-kernels (16 lanes, not 8): full blocks,
+    # half blocks and tails of input and output channels all occur here.
+    args = case.inputs(torch.float32, "cpu", noncontiguous=True)
+    out, grads, grad_out = run_forward_backward(args, "cpu")
+    ref_args, ref_leaves = split_leaves(args, torch.float64)
+    ref = causal_conv1d_reference(**ref_args)
+    ref.backward(grad_out.double())
+    assert_close(out, ref, torch.float32)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad.double(), ref_leaves[name].grad, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_context_equals_explicit_concatenation(backend, device):
     dtype = COMPARE_DTYPE[backend]

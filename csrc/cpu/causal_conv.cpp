@@ -1,11 +1,16 @@
 // CPU kernels for the dilated causal convolution (hiertcn/causal_conv.h): parallel over
-// (batch, time tile) tasks; inside a tile, tap by tap, each packed weight row is loaded once and
-// applied to every row of the tile (an outer-product update the compiler vectorises over output
-// channels), accumulating in a tile-local buffer before the fused epilogue.
+// (batch, time tile) tasks, accumulating a tile in a local buffer before the fused epilogue.
+// Dense convolutions (groups == 1) run register-blocked micro-kernels (kRowBlock rows x one vector
+// block of output channels held in registers across every tap and input channel), compiled for
+// several instruction sets and picked for the running CPU at load time (target_clones). Grouped
+// and depthwise ones apply each packed weight row to every row of the tile, vectorised over channels.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "hiertcn/causal_conv_host.h"
@@ -14,6 +19,222 @@ namespace hiertcn {
 namespace {
 
 constexpr int64_t kTimeTile = 8;
+constexpr int kRowBlock = 4;
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define HIERTCN_CPU_CLONES __attribute__((target_clones("avx512f", "fma", "default")))
+#else
+#define HIERTCN_CPU_CLONES
+#endif
+#define HIERTCN_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// Output channels per register block: 64 bytes, one AVX-512 vector (two AVX2 ones). Accumulators are
+// GCC vector-extension values, which the compiler keeps in registers (plain arrays it spills).
+template <typename T>
+constexpr int kOutBlock = 64 / sizeof(T);
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+
+template <typename T>
+HIERTCN_ALWAYS_INLINE Vec<T> load_vec(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+HIERTCN_ALWAYS_INLINE void store_vec(T* p, Vec<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// acc[r][o0 : o0 + NV * kOutBlock] += sum over taps j and input channels ci of rows[j][r][ci] packed[j][ci][o0 + o],
+// r < kRowBlock, with NV vectors of accumulators per row. rows has kTimeTile entries per tap; a tap whose rows
+// are all out of range has tap_used[j] false.
+template <typename T, int NV>
+HIERTCN_ALWAYS_INLINE void dense_row_block(const T* const* rows, const bool* tap_used, const T* packed, int64_t K,
+                                           int64_t C_in, int64_t C_out, int64_t o0, T* acc) {
+  constexpr int B = kOutBlock<T>;
+  Vec<T> sum[kRowBlock][NV] = {};
+  for (int64_t j = 0; j < K; ++j) {
+    if (!tap_used[j]) continue;
+    const T* const* tap_rows = rows + j * kTimeTile;
+    const T* w = packed + j * C_in * C_out + o0;
+    for (int64_t ci = 0; ci < C_in; ++ci, w += C_out) {
+      Vec<T> wv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) wv[v] = load_vec(w + v * B);
+#pragma GCC unroll 4
+      for (int r = 0; r < kRowBlock; ++r) {
+        const T xv = tap_rows[r][ci];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) sum[r][v] += xv * wv[v];
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < kRowBlock; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      T* dst = acc + r * C_out + o0 + v * B;
+      store_vec(dst, load_vec(dst) + sum[r][v]);
+    }
+}
+
+// The same for the last, narrower block of output channels (width < kOutBlock).
+template <typename T>
+HIERTCN_ALWAYS_INLINE void dense_row_block_tail(const T* const* rows, const bool* tap_used, const T* packed,
+                                                int64_t K, int64_t C_in, int64_t C_out, int64_t o0, T* acc) {
+  const int64_t width = C_out - o0;
+  for (int64_t j = 0; j < K; ++j) {
+    if (!tap_used[j]) continue;
+    const T* const* tap_rows = rows + j * kTimeTile;
+    const T* w = packed + j * C_in * C_out + o0;
+    for (int64_t ci = 0; ci < C_in; ++ci, w += C_out)
+      for (int r = 0; r < kRowBlock; ++r) {
+        const T xv = tap_rows[r][ci];
+        for (int64_t o = 0; o < width; ++o) acc[r * C_out + o0 + o] += xv * w[o];
+      }
+  }
+}
+
+template <typename T>
+HIERTCN_ALWAYS_INLINE void dense_tile_impl(const T* const* rows, const bool* tap_used, const T* packed, int64_t K,
+                                           int64_t C_in, int64_t C_out, T* acc) {
+  constexpr int B = kOutBlock<T>;
+  for (int r0 = 0; r0 < kTimeTile; r0 += kRowBlock) {
+    int64_t o0 = 0;
+    for (; o0 + 2 * B <= C_out; o0 += 2 * B)
+      dense_row_block<T, 2>(rows + r0, tap_used, packed, K, C_in, C_out, o0, acc + r0 * C_out);
+    for (; o0 + B <= C_out; o0 += B)
+      dense_row_block<T, 1>(rows + r0, tap_used, packed, K, C_in, C_out, o0, acc + r0 * C_out);
+    if (o0 < C_out) dense_row_block_tail<T>(rows + r0, tap_used, packed, K, C_in, C_out, o0, acc + r0 * C_out);
+  }
+}
+
+// One time tile of a dense convolution: acc (kTimeTile, C_out) += the tile's conv.
+HIERTCN_CPU_CLONES void dense_tile_f32(const float* const* rows, const bool* tap_used, const float* packed, int64_t K,
+                                       int64_t C_in, int64_t C_out, float* acc) {
+  dense_tile_impl(rows, tap_used, packed, K, C_in, C_out, acc);
+}
+HIERTCN_CPU_CLONES void dense_tile_f64(const double* const* rows, const bool* tap_used, const double* packed, int64_t K,
+                                       int64_t C_in, int64_t C_out, double* acc) {
+  dense_tile_impl(rows, tap_used, packed, K, C_in, C_out, acc);
+}
+void dense_tile(const float* const* rows, const bool* tap_used, const float* packed, int64_t K, int64_t C_in,
+                int64_t C_out, float* acc) {
+  dense_tile_f32(rows, tap_used, packed, K, C_in, C_out, acc);
+}
+void dense_tile(const double* const* rows, const bool* tap_used, const double* packed, int64_t K, int64_t C_in,
+                int64_t C_out, double* acc) {
+  dense_tile_f64(rows, tap_used, packed, K, C_in, C_out, acc);
+}
+
+// part[ci0 + c][o0 + o] += sum over rows [row_begin, row_end) of x[b, t - lag, ci0 + c] gz[row, o0 + o], for
+// c < kRowBlock and NV vectors of output channels, accumulated in vector registers.
+template <typename T, int NV>
+HIERTCN_ALWAYS_INLINE void dense_weight_grad_block(const T* x, int64_t x_batch_stride, int64_t x_time_stride,
+                                                   const T* gz, int64_t C_out, int64_t time, int64_t row_begin,
+                                                   int64_t row_end, int64_t lag, int64_t ci0, int64_t o0, T* part) {
+  constexpr int B = kOutBlock<T>;
+  Vec<T> sum[kRowBlock][NV] = {};
+  int64_t b = row_begin / time, t = row_begin % time;
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    if (t >= lag) {
+      const T* xr = x + b * x_batch_stride + (t - lag) * x_time_stride + ci0;
+      const T* g = gz + row * C_out + o0;
+      Vec<T> gv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) gv[v] = load_vec(g + v * B);
+#pragma GCC unroll 4
+      for (int c = 0; c < kRowBlock; ++c) {
+        const T xv = xr[c];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) sum[c][v] += xv * gv[v];
+      }
+    }
+    if (++t == time) t = 0, ++b;
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < kRowBlock; ++c)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      T* dst = part + (ci0 + c) * C_out + o0 + v * B;
+      store_vec(dst, load_vec(dst) + sum[c][v]);
+    }
+}
+
+// The same for a block narrower than kRowBlock input or kOutBlock output channels.
+template <typename T>
+HIERTCN_ALWAYS_INLINE void dense_weight_grad_block_tail(const T* x, int64_t x_batch_stride, int64_t x_time_stride,
+                                                        const T* gz, int64_t C_out, int64_t time, int64_t row_begin,
+                                                        int64_t row_end, int64_t lag, int64_t ci0, int64_t c_count,
+                                                        int64_t o0, int64_t width, T* part) {
+  int64_t b = row_begin / time, t = row_begin % time;
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    if (t >= lag) {
+      const T* xr = x + b * x_batch_stride + (t - lag) * x_time_stride + ci0;
+      const T* g = gz + row * C_out + o0;
+      for (int64_t c = 0; c < c_count; ++c)
+        for (int64_t o = 0; o < width; ++o) part[(ci0 + c) * C_out + o0 + o] += xr[c] * g[o];
+    }
+    if (++t == time) t = 0, ++b;
+  }
+}
+
+template <typename T>
+HIERTCN_ALWAYS_INLINE void dense_weight_grad_impl(const T* x, int64_t x_batch_stride, int64_t x_time_stride,
+                                                  const T* gz, int64_t C_in, int64_t C_out, int64_t K, int64_t dilation,
+                                                  int64_t time, int64_t row_begin, int64_t row_end, T* part) {
+  constexpr int B = kOutBlock<T>;
+  for (int64_t j = 0; j < K; ++j) {
+    const int64_t lag = (K - 1 - j) * dilation;
+    T* part_tap = part + j * C_in * C_out;
+    for (int64_t ci0 = 0; ci0 < C_in; ci0 += kRowBlock) {
+      const int64_t c_count = std::min<int64_t>(kRowBlock, C_in - ci0);
+      int64_t o0 = 0;
+      if (c_count == kRowBlock) {
+        for (; o0 + 2 * B <= C_out; o0 += 2 * B)
+          dense_weight_grad_block<T, 2>(x, x_batch_stride, x_time_stride, gz, C_out, time, row_begin, row_end, lag,
+                                        ci0, o0, part_tap);
+        for (; o0 + B <= C_out; o0 += B)
+          dense_weight_grad_block<T, 1>(x, x_batch_stride, x_time_stride, gz, C_out, time, row_begin, row_end, lag,
+                                        ci0, o0, part_tap);
+      }
+      if (o0 < C_out)
+        dense_weight_grad_block_tail<T>(x, x_batch_stride, x_time_stride, gz, C_out, time, row_begin, row_end, lag,
+                                        ci0, c_count, o0, C_out - o0, part_tap);
+    }
+  }
+}
+
+HIERTCN_CPU_CLONES void dense_weight_grad_f32(const float* x, int64_t xb, int64_t xt, const float* gz, int64_t C_in,
+                                              int64_t C_out, int64_t K, int64_t dilation, int64_t time,
+                                              int64_t row_begin, int64_t row_end, float* part) {
+  dense_weight_grad_impl(x, xb, xt, gz, C_in, C_out, K, dilation, time, row_begin, row_end, part);
+}
+HIERTCN_CPU_CLONES void dense_weight_grad_f64(const double* x, int64_t xb, int64_t xt, const double* gz, int64_t C_in,
+                                              int64_t C_out, int64_t K, int64_t dilation, int64_t time,
+                                              int64_t row_begin, int64_t row_end, double* part) {
+  dense_weight_grad_impl(x, xb, xt, gz, C_in, C_out, K, dilation, time, row_begin, row_end, part);
+}
+void dense_weight_grad(const float* x, int64_t xb, int64_t xt, const float* gz, int64_t C_in, int64_t C_out, int64_t K,
+                       int64_t dilation, int64_t time, int64_t row_begin, int64_t row_end, float* part) {
+  dense_weight_grad_f32(x, xb, xt, gz, C_in, C_out, K, dilation, time, row_begin, row_end, part);
+}
+void dense_weight_grad(const double* x, int64_t xb, int64_t xt, const double* gz, int64_t C_in, int64_t C_out,
+                       int64_t K, int64_t dilation, int64_t time, int64_t row_begin, int64_t row_end, double* part) {
+  dense_weight_grad_f64(x, xb, xt, gz, C_in, C_out, K, dilation, time, row_begin, row_end, part);
+}
 
 // acc[r][:] += in_rows[r] (one tap's input row per tile row) times packed tap matrix w_tap, for
 // the rows whose source is in range (in_rows[r] == nullptr otherwise).
@@ -42,55 +263,88 @@ void accumulate_tap(const T* const* in_rows, int64_t rows, const T* w_tap, A* ac
   }
 }
 
+// Calls f with the activation code as a compile-time constant, so the per-element epilogue has no
+// switch and the loop over channels vectorises.
+template <typename F>
+void with_activation(int64_t activation, F&& f) {
+  switch (activation) {
+    case kActRelu:
+      return f(std::integral_constant<int64_t, kActRelu>{});
+    case kActGelu:
+      return f(std::integral_constant<int64_t, kActGelu>{});
+    case kActTanh:
+      return f(std::integral_constant<int64_t, kActTanh>{});
+    default:
+      return f(std::integral_constant<int64_t, kActNone>{});
+  }
+}
+
+// The fused epilogue of rows t0 .. t0 + rows - 1 of batch row b, from the accumulated conv acc (rows, C_out).
 template <typename T>
-void causal_conv_cpu_kernel(const CausalConvParams& p) {
+void epilogue_tile(const CausalConvParams& p, int64_t b, int64_t t0, int64_t rows, const acc_t<T>* acc) {
   using A = acc_t<T>;
-  const T* in = static_cast<const T*>(p.in);
-  const T* packed = static_cast<const T*>(p.packed_weight);
   const T* bias = static_cast<const T*>(p.bias);
   const T* table = static_cast<const T*>(p.context_table);
   const T* residual = static_cast<const T*>(p.residual);
   T* out = static_cast<T*>(p.out);
   T* pre = static_cast<T*>(p.pre);
+  const int64_t C_out = p.out_channels, K = p.kernel_size;
+  with_activation(p.activation, [&](auto activation) {
+    constexpr int64_t kAct = decltype(activation)::value;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t t = t0 + r;
+      const A* a = acc + r * C_out;
+      const T* table_row = table ? table + (b * K + context_tap_index(t, p.dilation, K)) * C_out : nullptr;
+      const T* res_row = residual ? residual + b * p.residual_batch_stride + t * p.residual_time_stride : nullptr;
+      T* out_row = out + (b * p.time + t) * C_out;
+      T* pre_row = pre ? pre + (b * p.time + t) * C_out : nullptr;
+      for (int64_t o = 0; o < C_out; ++o) {
+        A z = a[o];
+        if (bias) z += A(bias[o]);
+        if (table_row) z += A(table_row[o]);
+        if (pre_row) pre_row[o] = T(z);
+        out_row[o] = T(epilogue_forward<A>(z, res_row != nullptr, res_row ? A(res_row[o]) : A(0), kAct));
+      }
+    }
+  });
+}
+
+template <typename T>
+void causal_conv_cpu_kernel(const CausalConvParams& p) {
+  using A = acc_t<T>;
+  const T* in = static_cast<const T*>(p.in);
+  const T* packed = static_cast<const T*>(p.packed_weight);
   const int64_t C_in = p.in_channels, C_out = p.out_channels, K = p.kernel_size;
   const int64_t tiles = (p.time + kTimeTile - 1) / kTimeTile;
   // Group tasks so that each parallel chunk does at least ~32k multiply-adds.
   const int64_t task_flops = std::max<int64_t>(1, kTimeTile * C_in * (C_out / p.groups) * K);
   const int64_t grain = std::max<int64_t>(1, 32768 / task_flops);
+  const bool dense = p.groups == 1;
+  // Out-of-range source rows of the dense micro-kernels read zeros instead of branching.
+  const std::vector<T> zero_row(dense ? C_in : 0, T(0));
   at::parallel_for(0, p.batch * tiles, grain, [&](int64_t begin, int64_t end) {
     std::vector<A> acc(kTimeTile * C_out);
-    const T* in_rows[kTimeTile];
+    std::vector<const T*> in_rows(K * kTimeTile);
+    std::unique_ptr<bool[]> tap_used(new bool[K]);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tiles, t0 = (task % tiles) * kTimeTile;
       const int64_t rows = std::min(kTimeTile, p.time - t0);
       std::fill(acc.begin(), acc.end(), A(0));
       for (int64_t j = 0; j < K; ++j) {
         const int64_t offset = p.direction * (K - 1 - j) * p.dilation;
-        bool any = false;
-        for (int64_t r = 0; r < rows; ++r) {
+        const T** tap_rows = in_rows.data() + j * kTimeTile;
+        tap_used[j] = false;
+        for (int64_t r = 0; r < kTimeTile; ++r) {
           const int64_t s = t0 + r - offset;
-          const bool valid = s >= 0 && s < p.time;
-          in_rows[r] = valid ? in + b * p.in_batch_stride + s * p.in_time_stride : nullptr;
-          any |= valid;
+          const bool valid = r < rows && s >= 0 && s < p.time;
+          tap_rows[r] = valid ? in + b * p.in_batch_stride + s * p.in_time_stride : (dense ? zero_row.data() : nullptr);
+          tap_used[j] = tap_used[j] || valid;
         }
-        if (any) accumulate_tap(in_rows, rows, packed + j * C_in * (C_out / p.groups), acc.data(), C_in, C_out,
-                                p.groups);
+        if (!dense && tap_used[j])
+          accumulate_tap(tap_rows, rows, packed + j * C_in * (C_out / p.groups), acc.data(), C_in, C_out, p.groups);
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t t = t0 + r;
-        const A* a = acc.data() + r * C_out;
-        const T* table_row = table ? table + (b * K + context_tap_index(t, p.dilation, K)) * C_out : nullptr;
-        const T* res_row = residual ? residual + b * p.residual_batch_stride + t * p.residual_time_stride : nullptr;
-        T* out_row = out + (b * p.time + t) * C_out;
-        T* pre_row = pre ? pre + (b * p.time + t) * C_out : nullptr;
-        for (int64_t o = 0; o < C_out; ++o) {
-          A z = a[o];
-          if (bias) z += A(bias[o]);
-          if (table_row) z += A(table_row[o]);
-          if (pre_row) pre_row[o] = T(z);
-          out_row[o] = T(epilogue_forward<A>(z, res_row != nullptr, res_row ? A(res_row[o]) : A(0), p.activation));
-        }
-      }
+      if (dense) dense_tile(in_rows.data(), tap_used.get(), packed, K, C_in, C_out, acc.data());
+      epilogue_tile<T>(p, b, t0, rows, acc.data());
     }
   });
 }
@@ -106,19 +360,21 @@ void epilogue_backward_cpu_kernel(const CausalConvBackwardParams& p) {
   const int64_t C = p.out_channels;
   at::parallel_for(0, p.batch * p.time, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
                    [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / p.time, t = row % p.time;
-      const T* g_row = g + b * p.grad_out_batch_stride + t * p.grad_out_time_stride;
-      const T* res_row = residual ? residual + b * p.residual_batch_stride + t * p.residual_time_stride : nullptr;
-      for (int64_t o = 0; o < C; ++o) {
-        A grad_res = A(0);
-        const A z = pre ? A(pre[row * C + o]) : A(0);
-        grad_pre[row * C + o] =
-            T(epilogue_backward<A>(A(g_row[o]), z, res_row != nullptr, res_row ? A(res_row[o]) : A(0), p.activation,
-                                   &grad_res));
-        if (grad_residual) grad_residual[row * C + o] = T(grad_res);
+    with_activation(p.activation, [&](auto activation) {
+      constexpr int64_t kAct = decltype(activation)::value;
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / p.time, t = row % p.time;
+        const T* g_row = g + b * p.grad_out_batch_stride + t * p.grad_out_time_stride;
+        const T* res_row = residual ? residual + b * p.residual_batch_stride + t * p.residual_time_stride : nullptr;
+        for (int64_t o = 0; o < C; ++o) {
+          A grad_res = A(0);
+          const A z = pre ? A(pre[row * C + o]) : A(0);
+          grad_pre[row * C + o] = T(epilogue_backward<A>(A(g_row[o]), z, res_row != nullptr,
+                                                         res_row ? A(res_row[o]) : A(0), kAct, &grad_res));
+          if (grad_residual) grad_residual[row * C + o] = T(grad_res);
+        }
       }
-    }
+    });
   });
 }
 
@@ -141,6 +397,11 @@ void weight_grad_cpu_kernel(const CausalConvBackwardParams& p) {
       A* part = partials + chunk * packed_size;
       std::fill(part, part + packed_size, A(0));
       const int64_t row_end = std::min(rows, (chunk + 1) * chunk_rows);
+      if (p.groups == 1) {
+        dense_weight_grad(x, p.x_batch_stride, p.x_time_stride, gz, C_in, C_out, K, p.dilation, p.time,
+                          chunk * chunk_rows, row_end, part);
+        continue;
+      }
       for (int64_t row = chunk * chunk_rows; row < row_end; ++row) {
         const int64_t b = row / p.time, t = row % p.time;
         const T* gz_row = gz + row * C_out;
