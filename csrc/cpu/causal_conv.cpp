@@ -449,31 +449,58 @@ void causal_conv_step_cpu_kernel(const CausalConvStepParams& p) {
   T* out = static_cast<T*>(p.out);
   const int64_t C_in = p.in_channels, C_out = p.out_channels, K = p.kernel_size;
   const int64_t history_length = (K - 1) * p.dilation;
-  at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> acc(C_out);
-    const T* in_row[1];
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t pos = position[b];
-      const T* x_row = x + b * p.x_row_stride;
-      T* hist = history + b * history_length * C_in;
+  // kTimeTile batch rows at a time go through the same tile kernels as the forward, row r's tap j
+  // reading x (lag 0), its history slot, or nothing (before the row's start).
+  const bool dense = p.groups == 1;
+  const std::vector<T> zero_row(dense ? C_in : 0, T(0));
+  const int64_t tiles = (p.batch + kTimeTile - 1) / kTimeTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> acc(kTimeTile * C_out);
+    std::vector<const T*> in_rows(K * kTimeTile);
+    std::unique_ptr<bool[]> tap_used(new bool[K]);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t b0 = tile * kTimeTile, rows = std::min(kTimeTile, p.batch - b0);
       std::fill(acc.begin(), acc.end(), A(0));
       for (int64_t j = 0; j < K; ++j) {
         const int64_t lag = (K - 1 - j) * p.dilation;
-        if (lag > pos) continue;
-        in_row[0] = lag == 0 ? x_row : hist + ((pos - lag) % history_length) * C_in;
-        accumulate_tap(in_row, 1, packed + j * C_in * (C_out / p.groups), acc.data(), C_in, C_out, p.groups);
+        const T** tap_rows = in_rows.data() + j * kTimeTile;
+        tap_used[j] = false;
+        for (int64_t r = 0; r < kTimeTile; ++r) {
+          const int64_t b = b0 + r;
+          const bool valid = r < rows && lag <= position[b];
+          if (!valid)
+            tap_rows[r] = dense ? zero_row.data() : nullptr;
+          else if (lag == 0)
+            tap_rows[r] = x + b * p.x_row_stride;
+          else
+            tap_rows[r] = history + (b * history_length + (position[b] - lag) % history_length) * C_in;
+          tap_used[j] = tap_used[j] || valid;
+        }
+        if (!dense && tap_used[j])
+          accumulate_tap(tap_rows, rows, packed + j * C_in * (C_out / p.groups), acc.data(), C_in, C_out, p.groups);
       }
-      const T* table_row = table ? table + (b * K + context_tap_index(pos, p.dilation, K)) * C_out : nullptr;
-      const T* res_row = residual ? residual + b * p.residual_row_stride : nullptr;
-      for (int64_t o = 0; o < C_out; ++o) {
-        A z = acc[o];
-        if (bias) z += A(bias[o]);
-        if (table_row) z += A(table_row[o]);
-        out[b * C_out + o] = T(epilogue_forward<A>(z, res_row != nullptr, res_row ? A(res_row[o]) : A(0),
-                                                   p.activation));
+      if (dense) dense_tile(in_rows.data(), tap_used.get(), packed, K, C_in, C_out, acc.data());
+      with_activation(p.activation, [&](auto activation) {
+        constexpr int64_t kAct = decltype(activation)::value;
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t b = b0 + r, pos = position[b];
+          const A* a = acc.data() + r * C_out;
+          const T* table_row = table ? table + (b * K + context_tap_index(pos, p.dilation, K)) * C_out : nullptr;
+          const T* res_row = residual ? residual + b * p.residual_row_stride : nullptr;
+          for (int64_t o = 0; o < C_out; ++o) {
+            A z = a[o];
+            if (bias) z += A(bias[o]);
+            if (table_row) z += A(table_row[o]);
+            out[b * C_out + o] = T(epilogue_forward<A>(z, res_row != nullptr, res_row ? A(res_row[o]) : A(0), kAct));
+          }
+        }
+      });
+      for (int64_t b = b0; b < b0 + rows; ++b) {
+        const T* x_row = x + b * p.x_row_stride;
+        if (history_length > 0)
+          std::copy(x_row, x_row + C_in, history + (b * history_length + position[b] % history_length) * C_in);
+        ++position[b];
       }
-      if (history_length > 0) std::copy(x_row, x_row + C_in, hist + (pos % history_length) * C_in);
-      position[b] = pos + 1;
     }
   });
 }
@@ -507,14 +534,13 @@ void causal_conv1d_backward_out_cpu(const at::Tensor& grad_out, const at::Tensor
   });
 }
 
-void causal_conv1d_step_out_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                const std::optional<at::Tensor>& context_table,
+void causal_conv1d_step_out_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
+                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& context_table,
                                 const std::optional<at::Tensor>& residual, int64_t dilation, int64_t groups,
                                 int64_t activation, at::Tensor& history, at::Tensor& position, at::Tensor& out) {
-  const ConvShape s = check_conv_args(x, weight, bias, context_table, dilation, groups, activation, true);
-  const at::Tensor packed = pack_conv_weight(weight, groups);
+  const ConvShape s = check_conv_args(x, packed_weight, bias, context_table, dilation, groups, activation, true);
   const CausalConvStepParams p =
-      make_causal_conv_step_params(s, x, packed, bias, context_table, residual, history, position, out);
+      make_causal_conv_step_params(s, x, packed_weight, bias, context_table, residual, history, position, out);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_step_out_cpu",
                              [&] { causal_conv_step_cpu_kernel<scalar_t>(p); });
 }
