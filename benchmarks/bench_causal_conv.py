@@ -3,8 +3,9 @@
 The PyTorch way of a causal conv block on channels-last input: transpose, F.pad on the left, F.conv1d,
 transpose back, then bias (inside conv1d), activation and residual as separate ops; with a context
 vector, tile it over time and concatenate it to the input first (what HierTCN's reference code does).
-torch.compile of the same function is the third variant. For the step, the PyTorch way recomputes
-the layer's output at the newest step from the window of the last receptive-field inputs.
+torch.compile of the same function is the third variant. For the step (a TCN stack of residual
+blocks, one event per row), the PyTorch way recomputes the stack's newest output from the window of
+the last receptive-field inputs.
 
 FLOPs are the nominal ones of the concatenated convolution (2 per multiply-add; forward + backward
 counted as 3x forward), so the fast variant's TFLOP/s is an effective rate: it skips the context's
@@ -15,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import harness
-from hiertcn_fast.ops import CausalConvState, causal_conv1d, causal_conv1d_step
+from hiertcn_fast.nn import TCN
+from hiertcn_fast.ops import causal_conv1d
 
 
 def torch_way(x, weight, bias, dilation, groups, context, context_weight, residual):
@@ -77,30 +79,41 @@ def _conv_case(device, dtype, label, batch, time, channels, k, dilation, *, grou
                         bytes=(activations + weights) * element * passes, dtype=dtype)
 
 
-def _step_case(device, dtype, batch, channels, k, dilation):
-    window = (k - 1) * dilation + 1
+def _step_case(device, dtype, batch, channels, k, dilations):
+    """TCN.step for one event against recomputing the stack's newest output from the last window of inputs."""
+    tcn = TCN(channels, [channels] * len(dilations), k, dilations, device=device, dtype=dtype).eval()
+    window = tcn.receptive_field
     element = torch.finfo(dtype).bits // 8
-    name = f"step b={batch} c={channels} k={k} d={dilation} window={window}"
+    macs = batch * channels * channels * k * len(dilations)
+    name = f"tcn step b={batch} c={channels} k={k} layers={len(dilations)} window={window}"
 
     def make():
-        weight = torch.randn(channels, channels, k, device=device, dtype=dtype) * (channels * k) ** -0.5
-        bias = torch.randn(channels, device=device, dtype=dtype)
-        history = torch.randn(batch, window, channels, device=device, dtype=dtype)
-        state = CausalConvState.zeros(batch, channels, k, dilation, dtype=dtype, device=device)
-        x_t = history[:, -1]
-        for t in range(window - 1):  # a full history, so every tap is live
-            causal_conv1d_step(history[:, t], weight, state, bias, activation="relu")
+        inputs = torch.randn(batch, window, channels, device=device, dtype=dtype)
+        state = tcn.init_state(batch)
+        with torch.no_grad():
+            for t in range(window - 1):  # a full history, so every tap is live
+                tcn.step(inputs[:, t], state)
+        x_t = inputs[:, -1]
+        layers = [(block.conv.weight.detach(), block.conv.bias.detach(), block.conv.dilation) for block in tcn.blocks]
 
         def recompute(window_inputs):
-            # The newest output from the window of the last `window` inputs: no padding needed.
-            return torch.relu(F.conv1d(window_inputs.transpose(1, 2), weight, bias, dilation=dilation)[:, :, -1])
+            h = window_inputs
+            for weight, bias, dilation in layers:
+                h = torch_way(h, weight, bias, dilation, 1, None, None, h)
+            return h[:, -1]
 
         compiled_fn = torch.compile(recompute)
-        return {"hiertcn_fast": lambda: causal_conv1d_step(x_t, weight, state, bias, activation="relu"),
-                "torch eager": lambda: recompute(history), "torch.compile": lambda: compiled_fn(history)}
 
-    return harness.Case("causal_conv1d_step", name, make, flops=2 * batch * channels * channels * k,
-                        bytes=(batch * channels * (k + 1) + channels * channels * k) * element, dtype=dtype)
+        def step():
+            with torch.no_grad():
+                return tcn.step(x_t, state)
+
+        return {"hiertcn_fast": step, "torch eager": lambda: recompute(inputs),
+                "torch.compile": lambda: compiled_fn(inputs)}
+
+    return harness.Case("tcn_step", name, make, flops=2 * macs,
+                        bytes=(batch * channels * (k + 1) + channels * channels * k) * len(dilations) * element,
+                        dtype=dtype)
 
 
 def cases(device, quick):
@@ -122,9 +135,9 @@ def cases(device, quick):
                 out.append(_conv_case(device, dtype, "long dense", 16, time, 128, 5, dilation, backward=backward))
                 out.append(_conv_case(device, dtype, "long depthwise", 16, time, 512, 4, dilation, groups=512,
                                       backward=backward))
-    for batch in ([32] if quick else [1, 32, 1024]):
-        out.append(_step_case(device, dtype, batch, 128, 5, 5))  # window 21: HierTCN's session length
-        out.append(_step_case(device, dtype, batch, 128, 5, 125))  # window 501: a long history
+    for batch in ([1, 32] if quick else [1, 32, 1024]):
+        out.append(_step_case(device, dtype, batch, 128, 5, (1, 2, 2)))  # window 21: HierTCN's session length
+        out.append(_step_case(device, dtype, batch, 128, 5, tuple(2 ** i for i in range(7))))  # window 509
     return out
 
 
