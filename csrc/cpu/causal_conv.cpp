@@ -15,11 +15,16 @@
 
 #include "hiertcn/causal_conv_host.h"
 
+// The 64-byte vector types below pass between inlined helpers only; no ABI crosses a call.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace hiertcn {
 namespace {
 
 constexpr int64_t kTimeTile = 8;
 constexpr int kRowBlock = 4;
+// Input channels per weight-gradient register block (x kOutBlock-wide vectors of output channels).
+constexpr int kChannelBlock = 8;
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define HIERTCN_CPU_CLONES __attribute__((target_clones("avx512f", "fma", "default")))
@@ -140,13 +145,13 @@ void dense_tile(const double* const* rows, const bool* tap_used, const double* p
 }
 
 // part[ci0 + c][o0 + o] += sum over rows [row_begin, row_end) of x[b, t - lag, ci0 + c] gz[row, o0 + o], for
-// c < kRowBlock and NV vectors of output channels, accumulated in vector registers.
+// c < kChannelBlock and NV vectors of output channels, accumulated in vector registers.
 template <typename T, int NV>
 HIERTCN_ALWAYS_INLINE void dense_weight_grad_block(const T* x, int64_t x_batch_stride, int64_t x_time_stride,
                                                    const T* gz, int64_t C_out, int64_t time, int64_t row_begin,
                                                    int64_t row_end, int64_t lag, int64_t ci0, int64_t o0, T* part) {
   constexpr int B = kOutBlock<T>;
-  Vec<T> sum[kRowBlock][NV] = {};
+  Vec<T> sum[kChannelBlock][NV] = {};
   int64_t b = row_begin / time, t = row_begin % time;
   for (int64_t row = row_begin; row < row_end; ++row) {
     if (t >= lag) {
@@ -155,8 +160,8 @@ HIERTCN_ALWAYS_INLINE void dense_weight_grad_block(const T* x, int64_t x_batch_s
       Vec<T> gv[NV];
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) gv[v] = load_vec(g + v * B);
-#pragma GCC unroll 4
-      for (int c = 0; c < kRowBlock; ++c) {
+#pragma GCC unroll 8
+      for (int c = 0; c < kChannelBlock; ++c) {
         const T xv = xr[c];
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) sum[c][v] += xv * gv[v];
@@ -164,8 +169,8 @@ HIERTCN_ALWAYS_INLINE void dense_weight_grad_block(const T* x, int64_t x_batch_s
     }
     if (++t == time) t = 0, ++b;
   }
-#pragma GCC unroll 4
-  for (int c = 0; c < kRowBlock; ++c)
+#pragma GCC unroll 8
+  for (int c = 0; c < kChannelBlock; ++c)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       T* dst = part + (ci0 + c) * C_out + o0 + v * B;
@@ -173,7 +178,7 @@ HIERTCN_ALWAYS_INLINE void dense_weight_grad_block(const T* x, int64_t x_batch_s
     }
 }
 
-// The same for a block narrower than kRowBlock input or kOutBlock output channels.
+// The same for a block narrower than kChannelBlock input or kOutBlock output channels.
 template <typename T>
 HIERTCN_ALWAYS_INLINE void dense_weight_grad_block_tail(const T* x, int64_t x_batch_stride, int64_t x_time_stride,
                                                         const T* gz, int64_t C_out, int64_t time, int64_t row_begin,
@@ -199,10 +204,10 @@ HIERTCN_ALWAYS_INLINE void dense_weight_grad_impl(const T* x, int64_t x_batch_st
   for (int64_t j = 0; j < K; ++j) {
     const int64_t lag = (K - 1 - j) * dilation;
     T* part_tap = part + j * C_in * C_out;
-    for (int64_t ci0 = 0; ci0 < C_in; ci0 += kRowBlock) {
-      const int64_t c_count = std::min<int64_t>(kRowBlock, C_in - ci0);
+    for (int64_t ci0 = 0; ci0 < C_in; ci0 += kChannelBlock) {
+      const int64_t c_count = std::min<int64_t>(kChannelBlock, C_in - ci0);
       int64_t o0 = 0;
-      if (c_count == kRowBlock) {
+      if (c_count == kChannelBlock) {
         for (; o0 + 2 * B <= C_out; o0 += 2 * B)
           dense_weight_grad_block<T, 2>(x, x_batch_stride, x_time_stride, gz, C_out, time, row_begin, row_end, lag,
                                         ci0, o0, part_tap);
@@ -263,55 +268,108 @@ void accumulate_tap(const T* const* in_rows, int64_t rows, const T* w_tap, A* ac
   }
 }
 
-// Calls f with the activation code as a compile-time constant, so the per-element epilogue has no
-// switch and the loop over channels vectorises.
-template <typename F>
-void with_activation(int64_t activation, F&& f) {
-  switch (activation) {
-    case kActRelu:
-      return f(std::integral_constant<int64_t, kActRelu>{});
-    case kActGelu:
-      return f(std::integral_constant<int64_t, kActGelu>{});
-    case kActTanh:
-      return f(std::integral_constant<int64_t, kActTanh>{});
-    default:
-      return f(std::integral_constant<int64_t, kActNone>{});
+// The activation part of the epilogue and its backward, one row at a time, with the activation and the
+// residual as compile-time constants, compiled per instruction set: the selects of relu and the
+// residual vectorise (as scalar code they are branches, mispredicted half the time on random signs).
+template <typename T, int64_t kAct, bool kResidual>
+HIERTCN_ALWAYS_INLINE void activation_row_loop(const T* z, const T* res_row, T* out_row, int64_t C) {
+  for (int64_t o = 0; o < C; ++o) out_row[o] = epilogue_forward<T>(z[o], kResidual, kResidual ? res_row[o] : T(0), kAct);
+}
+
+template <typename T, int64_t kAct, bool kResidual>
+HIERTCN_ALWAYS_INLINE void activation_backward_row_loop(const T* g_row, const T* pre_row, const T* res_row,
+                                                        T* grad_pre_row, T* grad_res_row, int64_t C) {
+  for (int64_t o = 0; o < C; ++o) {
+    T grad_res = T(0);
+    // pre is absent only without an activation, where z is not read.
+    grad_pre_row[o] = epilogue_backward<T>(g_row[o], kAct == kActNone ? T(0) : pre_row[o], kResidual,
+                                           kResidual ? res_row[o] : T(0), kAct, &grad_res);
+    if (kResidual) grad_res_row[o] = grad_res;
   }
+}
+
+// Instantiates `loop<T, activation, residual>(args...)` for the runtime activation code and residual flag.
+#define HIERTCN_ACTIVATION_SWITCH(loop, T, activation, residual, ...)                              \
+  switch ((activation) * 2 + ((residual) ? 1 : 0)) {                                              \
+    case kActRelu * 2: return loop<T, kActRelu, false>(__VA_ARGS__);                               \
+    case kActRelu * 2 + 1: return loop<T, kActRelu, true>(__VA_ARGS__);                            \
+    case kActGelu * 2: return loop<T, kActGelu, false>(__VA_ARGS__);                               \
+    case kActGelu * 2 + 1: return loop<T, kActGelu, true>(__VA_ARGS__);                            \
+    case kActTanh * 2: return loop<T, kActTanh, false>(__VA_ARGS__);                               \
+    case kActTanh * 2 + 1: return loop<T, kActTanh, true>(__VA_ARGS__);                            \
+    case kActNone * 2 + 1: return loop<T, kActNone, true>(__VA_ARGS__);                            \
+    default: return loop<T, kActNone, false>(__VA_ARGS__);                                         \
+  }
+
+HIERTCN_CPU_CLONES void activation_row_f32(const float* z, const float* res_row, float* out_row, int64_t C,
+                                           int64_t activation) {
+  HIERTCN_ACTIVATION_SWITCH(activation_row_loop, float, activation, res_row != nullptr, z, res_row, out_row, C)
+}
+HIERTCN_CPU_CLONES void activation_row_f64(const double* z, const double* res_row, double* out_row, int64_t C,
+                                           int64_t activation) {
+  HIERTCN_ACTIVATION_SWITCH(activation_row_loop, double, activation, res_row != nullptr, z, res_row, out_row, C)
+}
+void activation_row(const float* z, const float* res_row, float* out_row, int64_t C, int64_t activation) {
+  activation_row_f32(z, res_row, out_row, C, activation);
+}
+void activation_row(const double* z, const double* res_row, double* out_row, int64_t C, int64_t activation) {
+  activation_row_f64(z, res_row, out_row, C, activation);
+}
+
+HIERTCN_CPU_CLONES void activation_backward_row_f32(const float* g_row, const float* pre_row, const float* res_row,
+                                                    float* grad_pre_row, float* grad_res_row, int64_t C,
+                                                    int64_t activation) {
+  HIERTCN_ACTIVATION_SWITCH(activation_backward_row_loop, float, activation, res_row != nullptr, g_row, pre_row,
+                            res_row, grad_pre_row, grad_res_row, C)
+}
+HIERTCN_CPU_CLONES void activation_backward_row_f64(const double* g_row, const double* pre_row, const double* res_row,
+                                                    double* grad_pre_row, double* grad_res_row, int64_t C,
+                                                    int64_t activation) {
+  HIERTCN_ACTIVATION_SWITCH(activation_backward_row_loop, double, activation, res_row != nullptr, g_row, pre_row,
+                            res_row, grad_pre_row, grad_res_row, C)
+}
+void activation_backward_row(const float* g_row, const float* pre_row, const float* res_row, float* grad_pre_row,
+                             float* grad_res_row, int64_t C, int64_t activation) {
+  activation_backward_row_f32(g_row, pre_row, res_row, grad_pre_row, grad_res_row, C, activation);
+}
+void activation_backward_row(const double* g_row, const double* pre_row, const double* res_row,
+                             double* grad_pre_row, double* grad_res_row, int64_t C, int64_t activation) {
+  activation_backward_row_f64(g_row, pre_row, res_row, grad_pre_row, grad_res_row, C, activation);
+}
+
+// One output row of the fused epilogue; z (C) holds the conv and becomes conv + bias + context term. Separate
+// simple loops, because the compiler vectorises each of them but not one loop with optional operands.
+template <typename T>
+void epilogue_row(T* z, const T* bias, const T* table_row, const T* res_row, T* pre_row, T* out_row, int64_t C,
+                  int64_t activation) {
+  if (bias)
+    for (int64_t o = 0; o < C; ++o) z[o] += bias[o];
+  if (table_row)
+    for (int64_t o = 0; o < C; ++o) z[o] += table_row[o];
+  if (pre_row) std::copy(z, z + C, pre_row);
+  activation_row(z, res_row, out_row, C, activation);
 }
 
 // The fused epilogue of rows t0 .. t0 + rows - 1 of batch row b, from the accumulated conv acc (rows, C_out).
 template <typename T>
-void epilogue_tile(const CausalConvParams& p, int64_t b, int64_t t0, int64_t rows, const acc_t<T>* acc) {
-  using A = acc_t<T>;
-  const T* bias = static_cast<const T*>(p.bias);
+void epilogue_tile(const CausalConvParams& p, int64_t b, int64_t t0, int64_t rows, T* acc) {
   const T* table = static_cast<const T*>(p.context_table);
   const T* residual = static_cast<const T*>(p.residual);
-  T* out = static_cast<T*>(p.out);
   T* pre = static_cast<T*>(p.pre);
   const int64_t C_out = p.out_channels, K = p.kernel_size;
-  with_activation(p.activation, [&](auto activation) {
-    constexpr int64_t kAct = decltype(activation)::value;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t t = t0 + r;
-      const A* a = acc + r * C_out;
-      const T* table_row = table ? table + (b * K + context_tap_index(t, p.dilation, K)) * C_out : nullptr;
-      const T* res_row = residual ? residual + b * p.residual_batch_stride + t * p.residual_time_stride : nullptr;
-      T* out_row = out + (b * p.time + t) * C_out;
-      T* pre_row = pre ? pre + (b * p.time + t) * C_out : nullptr;
-      for (int64_t o = 0; o < C_out; ++o) {
-        A z = a[o];
-        if (bias) z += A(bias[o]);
-        if (table_row) z += A(table_row[o]);
-        if (pre_row) pre_row[o] = T(z);
-        out_row[o] = T(epilogue_forward<A>(z, res_row != nullptr, res_row ? A(res_row[o]) : A(0), kAct));
-      }
-    }
-  });
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = t0 + r, row = b * p.time + t;
+    epilogue_row<T>(acc + r * C_out, static_cast<const T*>(p.bias),
+                    table ? table + (b * K + context_tap_index(t, p.dilation, K)) * C_out : nullptr,
+                    residual ? residual + b * p.residual_batch_stride + t * p.residual_time_stride : nullptr,
+                    pre ? pre + row * C_out : nullptr, static_cast<T*>(p.out) + row * C_out, C_out, p.activation);
+  }
 }
 
 template <typename T>
 void causal_conv_cpu_kernel(const CausalConvParams& p) {
   using A = acc_t<T>;
+  static_assert(std::is_same_v<A, T>, "the CPU kernels run float and double, which accumulate in themselves");
   const T* in = static_cast<const T*>(p.in);
   const T* packed = static_cast<const T*>(p.packed_weight);
   const int64_t C_in = p.in_channels, C_out = p.out_channels, K = p.kernel_size;
@@ -351,7 +409,6 @@ void causal_conv_cpu_kernel(const CausalConvParams& p) {
 
 template <typename T>
 void epilogue_backward_cpu_kernel(const CausalConvBackwardParams& p) {
-  using A = acc_t<T>;
   const T* g = static_cast<const T*>(p.grad_out);
   const T* pre = static_cast<const T*>(p.pre);
   const T* residual = static_cast<const T*>(p.residual);
@@ -360,26 +417,16 @@ void epilogue_backward_cpu_kernel(const CausalConvBackwardParams& p) {
   const int64_t C = p.out_channels;
   at::parallel_for(0, p.batch * p.time, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
                    [&](int64_t begin, int64_t end) {
-    with_activation(p.activation, [&](auto activation) {
-      constexpr int64_t kAct = decltype(activation)::value;
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t b = row / p.time, t = row % p.time;
-        const T* g_row = g + b * p.grad_out_batch_stride + t * p.grad_out_time_stride;
-        const T* res_row = residual ? residual + b * p.residual_batch_stride + t * p.residual_time_stride : nullptr;
-        for (int64_t o = 0; o < C; ++o) {
-          A grad_res = A(0);
-          const A z = pre ? A(pre[row * C + o]) : A(0);
-          grad_pre[row * C + o] = T(epilogue_backward<A>(A(g_row[o]), z, res_row != nullptr,
-                                                         res_row ? A(res_row[o]) : A(0), kAct, &grad_res));
-          if (grad_residual) grad_residual[row * C + o] = T(grad_res);
-        }
-      }
-    });
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / p.time, t = row % p.time;
+      activation_backward_row(g + b * p.grad_out_batch_stride + t * p.grad_out_time_stride,
+                              pre ? pre + row * C : nullptr,
+                              residual ? residual + b * p.residual_batch_stride + t * p.residual_time_stride : nullptr,
+                              grad_pre + row * C, grad_residual ? grad_residual + row * C : nullptr, C, p.activation);
+    }
   });
 }
 
-// grad_weight[o, cl, j] = sum over (b, t) of grad_pre[b, t, o] x[b, t - (k-1-j) d, g * in_g + cl]: each chunk
-// of rows sums into its own partial buffer (packed layout), then the chunks are added in order.
 template <typename T>
 void weight_grad_cpu_kernel(const CausalConvBackwardParams& p) {
   using A = acc_t<T>;
@@ -480,21 +527,13 @@ void causal_conv_step_cpu_kernel(const CausalConvStepParams& p) {
           accumulate_tap(tap_rows, rows, packed + j * C_in * (C_out / p.groups), acc.data(), C_in, C_out, p.groups);
       }
       if (dense) dense_tile(in_rows.data(), tap_used.get(), packed, K, C_in, C_out, acc.data());
-      with_activation(p.activation, [&](auto activation) {
-        constexpr int64_t kAct = decltype(activation)::value;
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t b = b0 + r, pos = position[b];
-          const A* a = acc.data() + r * C_out;
-          const T* table_row = table ? table + (b * K + context_tap_index(pos, p.dilation, K)) * C_out : nullptr;
-          const T* res_row = residual ? residual + b * p.residual_row_stride : nullptr;
-          for (int64_t o = 0; o < C_out; ++o) {
-            A z = a[o];
-            if (bias) z += A(bias[o]);
-            if (table_row) z += A(table_row[o]);
-            out[b * C_out + o] = T(epilogue_forward<A>(z, res_row != nullptr, res_row ? A(res_row[o]) : A(0), kAct));
-          }
-        }
-      });
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t b = b0 + r;
+        epilogue_row<T>(acc.data() + r * C_out, bias,
+                        table ? table + (b * K + context_tap_index(position[b], p.dilation, K)) * C_out : nullptr,
+                        residual ? residual + b * p.residual_row_stride : nullptr, nullptr, out + b * C_out, C_out,
+                        p.activation);
+      }
       for (int64_t b = b0; b < b0 + rows; ++b) {
         const T* x_row = x + b * p.x_row_stride;
         if (history_length > 0)
