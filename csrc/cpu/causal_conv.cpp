@@ -22,6 +22,9 @@ namespace hiertcn {
 namespace {
 
 constexpr int64_t kTimeTile = 8;
+// Rows per weight-gradient chunk: few chunks (each adds a whole partial weight gradient at the end),
+// still several per thread.
+constexpr int64_t kWeightGradRowsPerChunk = 512;
 constexpr int kRowBlock = 4;
 // Input channels per weight-gradient register block (x kOutBlock-wide vectors of output channels).
 constexpr int kChannelBlock = 8;
@@ -561,7 +564,8 @@ void causal_conv1d_backward_out_cpu(const at::Tensor& grad_out, const at::Tensor
                                     const std::optional<at::Tensor>& grad_residual) {
   const ConvShape s = check_conv_args(x, weight, std::nullopt, std::nullopt, dilation, groups, activation, false);
   CausalConvBackwardParams p =
-      make_causal_conv_backward_params(s, grad_out, x, pre, residual, grad_pre, grad_x, grad_weight, grad_residual);
+      make_causal_conv_backward_params(s, kWeightGradRowsPerChunk, grad_out, x, pre, residual, grad_pre, grad_x,
+                                       grad_weight, grad_residual);
   const at::Tensor partials = new_grad_weight_partials(p, x);
   p.grad_weight_partials = partials.data_ptr();
   const at::Tensor packed_transposed = pack_conv_weight_transposed(weight);
