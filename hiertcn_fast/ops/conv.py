@@ -336,22 +336,26 @@ def causal_conv1d_step(x, weight, state, bias=None, *, groups=1, context=None, c
         check_like(residual, "residual", x, "x")
         check_shape(residual, "residual (batch, out_channels)", (x.shape[0], out_channels))
     name = resolve("causal_conv1d_step", backend, x.device, x.dtype, CAUSAL_CONV_DTYPES)
-    with torch.no_grad():
-        if name == "reference":
-            return causal_conv1d_step_reference(x, weight, state, bias, groups=groups, context=context,
-                                                context_weight=context_weight, activation=activation,
-                                                residual=residual)
-        table = None if context is None else context_table(context, context_weight).contiguous()
-        out = new_output((x.shape[0], out_channels), x)
-        args = (unit_stride_rows(x), state.packed_weight(weight, groups), bias, table,
-                None if residual is None else unit_stride_rows(residual), state.dilation, groups,
-                ACTIVATIONS[activation])
-        if name == "triton":
-            torch.ops.hiertcn_fast.causal_conv1d_step_triton_out(*args, state.history, state.position, out)
-        else:
-            torch.ops.hiertcn_fast.causal_conv1d_step_out(*args, history=state.history, position=state.position,
-                                                          out=out)
-        return out
+    if torch.is_grad_enabled():  # the step is inference only; entering no_grad costs more than the check
+        with torch.no_grad():
+            return _step(name, x, weight, state, bias, groups, context, context_weight, activation, residual,
+                         out_channels)
+    return _step(name, x, weight, state, bias, groups, context, context_weight, activation, residual, out_channels)
+
+
+def _step(name, x, weight, state, bias, groups, context, context_weight, activation, residual, out_channels):
+    if name == "reference":
+        return causal_conv1d_step_reference(x, weight, state, bias, groups=groups, context=context,
+                                            context_weight=context_weight, activation=activation, residual=residual)
+    table = None if context is None else context_table(context, context_weight).contiguous()
+    out = new_output((x.shape[0], out_channels), x)
+    args = (unit_stride_rows(x), state.packed_weight(weight, groups), bias, table,
+            None if residual is None else unit_stride_rows(residual), state.dilation, groups, ACTIVATIONS[activation])
+    if name == "triton":
+        torch.ops.hiertcn_fast.causal_conv1d_step_triton_out(*args, state.history, state.position, out)
+    else:
+        torch.ops.hiertcn_fast.causal_conv1d_step_out(*args, history=state.history, position=state.position, out=out)
+    return out
 
 
 # ---- registrations -------------------------------------------------------------------------------
