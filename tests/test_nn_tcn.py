@@ -72,6 +72,19 @@ def test_tcn_step_equals_forward(backend, device):
     assert_close(again[2], full[2, 0], dtype)
 
 
+def test_tcn_state_moves_and_continues():
+    tcn = TCN(3, [4], kernel_size=3, dtype=torch.float64)
+    x = rand(2, 6, 3)
+    with torch.no_grad():
+        full = tcn(x)
+        state = tcn.init_state(2)
+        first = [tcn.step(x[:, t], state) for t in range(3)]
+        moved = state.to("cpu", torch.float64)
+        assert moved.layers[0].history is not state.layers[0].history
+        rest = [tcn.step(x[:, t], moved) for t in range(3, 6)]
+    assert_close(torch.stack(first + rest, 1), full)
+
+
 def test_tcn_trains():
     torch.manual_seed(0)
     tcn = TCN(4, [8, 8], kernel_size=3)

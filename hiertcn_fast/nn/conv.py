@@ -123,6 +123,9 @@ class TCNState:
         for layer in self.layers:
             layer.reset(rows)
 
+    def to(self, device=None, dtype=None) -> "TCNState":
+        return TCNState(layer.to(device, dtype) for layer in self.layers)
+
 
 class TCN(nn.Module):
     """A stack of TemporalBlocks, block i with dilation dilations[i] (default 2**i).

@@ -277,6 +277,12 @@ class CausalConvState:
             self.position[rows] = 0
             self.history[rows] = 0
 
+    def to(self, device=None, dtype=None) -> "CausalConvState":
+        """An independent copy on ``device``, history in ``dtype`` (position stays int64); caches are not carried."""
+        return CausalConvState(self.history.to(device=device, dtype=dtype, copy=True),
+                               self.position.to(device=device, copy=True),
+                               self.kernel_size, self.dilation)
+
     def packed_weight(self, weight: torch.Tensor, groups: int) -> torch.Tensor:
         """pack_weight(weight, groups), recomputed only when weight is another tensor or was modified in place."""
         if not _cache_is_fresh(self._packed, (weight,), groups):
