@@ -30,6 +30,28 @@ def load_error():
     return _error
 
 
+def register_fake(op_name: str):
+    """Decorator: register a fake (meta) kernel for the compiled op ``hiertcn_fast::op_name``.
+
+    Without the extension it does nothing. When the extension is loaded but lacks the op (a build
+    older than the Python sources), the extension is marked out of date instead of failing the
+    import: the cpu and cuda backends then report it, with the fix, and auto uses the others.
+    """
+
+    def decorate(fn):
+        global _module, _error
+        if _module is None:
+            return fn
+        if not hasattr(torch.ops.hiertcn_fast, op_name):
+            _module = None
+            _error = (f"the compiled extension is out of date: it lacks hiertcn_fast::{op_name}; rebuild it "
+                      f"(pip install --no-build-isolation --no-deps -e ., or python setup.py build_ext --inplace)")
+            return fn
+        return torch.library.register_fake(f"hiertcn_fast::{op_name}")(fn)
+
+    return decorate
+
+
 def compiled_with_cuda() -> bool:
     """True when this build of the extension contains the CUDA kernels."""
     if _module is None:

@@ -73,3 +73,16 @@ def test_info_command_runs():
     out = subprocess.run([sys.executable, "-m", "hiertcn_fast", "info"], capture_output=True, text=True, check=True)
     for name in ("cuda", "triton", "cpu", "reference"):
         assert name in out.stdout
+
+
+def test_out_of_date_extension_is_reported_not_fatal(monkeypatch):
+    from hiertcn_fast import _extension
+
+    monkeypatch.setattr(_extension, "_module", _extension._module)
+    monkeypatch.setattr(_extension, "_error", _extension._error)
+    fake = _extension.register_fake("op_this_build_lacks")(lambda: None)
+    assert fake() is None
+    assert not _extension.loaded()
+    assert "out of date" in _extension.load_error() and "op_this_build_lacks" in _extension.load_error()
+    status = {s.name: s for s in hiertcn_fast.backends()}["cpu"]
+    assert not status.available and "out of date" in status.detail

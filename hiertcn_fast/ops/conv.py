@@ -384,21 +384,21 @@ def _step(name, x, weight, state, bias, groups, context, context_weight, activat
 
 # ---- registrations -------------------------------------------------------------------------------
 
-if _extension.loaded():
+@_extension.register_fake("causal_conv1d_out")
+def _causal_conv1d_out_fake(x, weight, bias, context_table, residual, dilation, groups, activation, *, out, pre):
+    return None
 
-    @torch.library.register_fake("hiertcn_fast::causal_conv1d_out")
-    def _causal_conv1d_out_fake(x, weight, bias, context_table, residual, dilation, groups, activation, *, out, pre):
-        return None
 
-    @torch.library.register_fake("hiertcn_fast::causal_conv1d_backward_out")
-    def _causal_conv1d_backward_out_fake(grad_out, x, weight, pre, residual, dilation, groups, activation, *,
-                                         grad_pre, grad_x, grad_weight, grad_residual):
-        return None
+@_extension.register_fake("causal_conv1d_backward_out")
+def _causal_conv1d_backward_out_fake(grad_out, x, weight, pre, residual, dilation, groups, activation, *,
+                                     grad_pre, grad_x, grad_weight, grad_residual):
+    return None
 
-    @torch.library.register_fake("hiertcn_fast::causal_conv1d_step_out")
-    def _causal_conv1d_step_out_fake(x, packed_weight, bias, context_table, residual, dilation, groups, activation, *,
-                                     history, position, out):
-        return None
+
+@_extension.register_fake("causal_conv1d_step_out")
+def _causal_conv1d_step_out_fake(x, packed_weight, bias, context_table, residual, dilation, groups, activation, *,
+                                 history, position, out):
+    return None
 
 
 @torch.library.triton_op("hiertcn_fast::causal_conv1d_triton_out", mutates_args={"out", "pre"})

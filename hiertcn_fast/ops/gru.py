@@ -89,15 +89,14 @@ class _GruGatesFunction(torch.autograd.Function):
 
 # ---- registrations -------------------------------------------------------------------------------
 
-if _extension.loaded():
+@_extension.register_fake("gru_gates_out")
+def _gru_gates_out_fake(gi, gh, h, *, out):
+    return None
 
-    @torch.library.register_fake("hiertcn_fast::gru_gates_out")
-    def _gru_gates_out_fake(gi, gh, h, *, out):
-        return None
 
-    @torch.library.register_fake("hiertcn_fast::gru_gates_backward_out")
-    def _gru_gates_backward_out_fake(grad_out, gi, gh, h, *, grad_gi, grad_gh, grad_h):
-        return None
+@_extension.register_fake("gru_gates_backward_out")
+def _gru_gates_backward_out_fake(grad_out, gi, gh, h, *, grad_gi, grad_gh, grad_h):
+    return None
 
 
 @torch.library.triton_op("hiertcn_fast::gru_gates_triton_out", mutates_args={"out"})
