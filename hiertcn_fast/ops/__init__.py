@@ -1,6 +1,8 @@
 """The public ops. Every op takes ``backend=`` (see hiertcn_fast.backends) and has a plain-PyTorch
 ``<op>_reference`` that defines it."""
 
-from .gru import gru_gates, gru_gates_reference
+from .gru import (gru, gru_cell, gru_cell_reference, gru_gates, gru_gates_reference, gru_reference, session_update,
+                  session_update_reference)
 
-__all__ = ["gru_gates", "gru_gates_reference"]
+__all__ = ["gru", "gru_cell", "gru_cell_reference", "gru_gates", "gru_gates_reference", "gru_reference",
+           "session_update", "session_update_reference"]
