@@ -125,7 +125,7 @@ def _layer_weights(weights, num_layers, input_size, hidden, ref, name="weights")
                 continue
             arg = f"{name}[{layer}] ({label})"
             check_tensor(t, arg, ndim)
-            check_like(t, arg, ref, "the activations")
+            check_like(t, arg, ref, "h")
             if t.shape[0] != 3 * hidden:
                 raise ValueError(f"{arg} must have 3 * hidden = {3 * hidden} rows (gates r, z, n of hidden "
                                  f"size {hidden}), got shape {tuple(t.shape)}")
