@@ -9,35 +9,25 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
-from hiertcn_fast.data import (CacheCorruptError, DelimitedSource, InteractionChunk, InteractionSource,
-                               PreprocessParams, SessionCache, SyntheticSource, load_dataset, preprocess)
+from hiertcn_fast.data import (ArraySource, CacheCorruptError, DelimitedSource, PreprocessParams, SessionCache,
+                               SyntheticSource, load_dataset, preprocess)
 
 
-class ArraySource(InteractionSource):
-    """An in-memory log; ``fail_after`` simulates a crash after that many chunks."""
+class CountingSource(ArraySource):
+    """An in-memory log that counts its reads; ``fail_after`` simulates a crash after that many
+    chunks."""
 
     def __init__(self, user, item, timestamp, name="arrays", fail_after=None):
-        self.user = np.asarray(user, np.int64)
-        self.item = np.asarray(item, np.int64)
-        self.timestamp = np.asarray(timestamp, np.float64)
-        self.name = name
+        super().__init__(user, item, timestamp, name)
         self.fail_after = fail_after
         self.iterations = 0
 
-    def fingerprint(self):
-        return {"reader": "ArraySource", "sha": hash((self.user.tobytes(), self.item.tobytes(),
-                                                      self.timestamp.tobytes()))}
-
     def iter_chunks(self, chunk_size=1 << 20, stats=None):
         self.iterations += 1
-        for index, start in enumerate(range(0, self.user.shape[0], chunk_size)):
+        for index, chunk in enumerate(super().iter_chunks(chunk_size, stats)):
             if self.fail_after is not None and index >= self.fail_after:
                 raise RuntimeError("simulated crash while reading")
-            piece = slice(start, start + chunk_size)
-            if stats is not None:
-                stats.records += len(self.user[piece])
-                stats.events += len(self.user[piece])
-            yield InteractionChunk(self.user[piece], self.item[piece], self.timestamp[piece])
+            yield chunk
 
 
 def reference_user_sessions(user, item, timestamp, params):
@@ -89,8 +79,10 @@ def random_log(seed, n=3000, users=300, items=400):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("chunk_size,num_partitions", [(1 << 20, 1), (13, 7), (256, 3)])
-def test_preprocess_equals_reference(tmp_path, seed, chunk_size, num_partitions):
+@pytest.mark.parametrize("id_scale", [1, 1 << 33])  # dense lookup tables / binary search
+def test_preprocess_equals_reference(tmp_path, seed, chunk_size, num_partitions, id_scale):
     user, item, timestamp = random_log(seed)
+    user, item = user * id_scale - 5, item * id_scale
     params = PreprocessParams(min_item_count=5, min_user_count=3, max_user_count=70, session_gap=1800,
                               max_session_length=4, num_partitions=num_partitions, seed=seed)
     cache = preprocess(ArraySource(user, item, timestamp), tmp_path, params, chunk_size=chunk_size, verify="full")
@@ -205,7 +197,7 @@ SMALL = PreprocessParams(min_item_count=1, min_user_count=1, max_user_count=None
 @pytest.fixture
 def small_source():
     user, item, timestamp = random_log(7, n=4000, users=50)
-    return ArraySource(user, item, timestamp, name="small")
+    return CountingSource(user, item, timestamp, name="small")
 
 
 def test_same_params_reopen_without_reading_and_new_params_new_cache(tmp_path, small_source):

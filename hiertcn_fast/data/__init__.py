@@ -5,14 +5,17 @@ Pure Python/NumPy/PyTorch; it imports nothing else from hiertcn_fast (it sits on
 data flow) and never the compiled extension.
 """
 
+from .batcher import BATCH_FIELDS, LaneStateCache, SessionBatch, SessionBatcher
 from .cache import CacheCorruptError, SessionCache
 from .preprocess import PreprocessParams, cache_key, preprocess
-from .readers import (DelimitedSource, InteractionChunk, InteractionSource, MalformedRecordError, ReadStats,
+from .readers import (ArraySource, DelimitedSource, InteractionChunk, InteractionSource, MalformedRecordError, ReadStats,
                       RecBoleInterSource, XingSource, load_dataset, recbole_example_path)
+from .ring_queue import PinnedRingQueue, QueueStats
 from .synthetic import SyntheticSource
 
 __all__ = [
-    "CacheCorruptError", "SessionCache", "PreprocessParams", "cache_key", "preprocess", "DelimitedSource",
+    "ArraySource", "CacheCorruptError", "SessionCache", "PreprocessParams", "cache_key", "preprocess", "DelimitedSource",
     "InteractionChunk", "InteractionSource", "MalformedRecordError", "ReadStats", "RecBoleInterSource",
-    "XingSource", "load_dataset", "recbole_example_path", "SyntheticSource",
+    "XingSource", "load_dataset", "recbole_example_path", "SyntheticSource", "BATCH_FIELDS", "LaneStateCache",
+    "SessionBatch", "SessionBatcher", "PinnedRingQueue", "QueueStats",
 ]

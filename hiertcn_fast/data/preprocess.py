@@ -112,11 +112,37 @@ def _merge_counts(keys: np.ndarray, counts: np.ndarray, new_values: np.ndarray):
     return merged_keys, merged_counts
 
 
-def _sorted_member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    if sorted_set.shape[0] == 0:
-        return np.zeros(values.shape[0], dtype=bool)
-    position = np.minimum(np.searchsorted(sorted_set, values), sorted_set.shape[0] - 1)
-    return sorted_set[position] == values
+class _KeyIndex:
+    """Position of int64 keys in a sorted unique key array (-1 when absent).
+
+    A dense lookup table when the keys' span is small (raw ids usually are dense-ish): a gather
+    instead of a binary search per event, several times faster on large logs.
+    """
+
+    DENSE_SPAN_LIMIT = 1 << 25
+
+    def __init__(self, sorted_keys: np.ndarray):
+        self.keys = sorted_keys
+        self.table = None
+        if sorted_keys.shape[0]:
+            self.low = int(sorted_keys[0])
+            span = int(sorted_keys[-1]) - self.low + 1
+            if span <= max(self.DENSE_SPAN_LIMIT, 4 * sorted_keys.shape[0]) and span <= 1 << 31:
+                self.table = np.full(span, -1, dtype=np.int32 if sorted_keys.shape[0] < 1 << 31 else np.int64)
+                self.table[sorted_keys - self.low] = np.arange(sorted_keys.shape[0])
+
+    def positions(self, values: np.ndarray) -> np.ndarray:
+        if self.keys.shape[0] == 0:
+            return np.full(values.shape[0], -1, dtype=np.int64)
+        if self.table is not None:
+            offset = values - self.low
+            inside = (offset >= 0) & (offset < self.table.shape[0])
+            return np.where(inside, self.table[np.where(inside, offset, 0)], -1)
+        position = np.minimum(np.searchsorted(self.keys, values), self.keys.shape[0] - 1)
+        return np.where(self.keys[position] == values, position, -1)
+
+    def contains(self, values: np.ndarray) -> np.ndarray:
+        return self.positions(values) >= 0
 
 
 class _Appender:
@@ -152,7 +178,9 @@ def _spill(source, params, chunk_size, spill_dir, read_stats):
             records = np.empty(len(chunk), dtype=SPILL_DTYPE)
             records["user"], records["item"], records["timestamp"] = chunk.user, chunk.item, chunk.timestamp
             partition = _partition_of_user(chunk.user, params.num_partitions)
-            order = np.argsort(partition, kind="stable")
+            # int16 keys make numpy's stable sort a radix sort: linear time.
+            order = np.argsort(partition.astype(np.int16) if params.num_partitions < 1 << 15 else partition,
+                               kind="stable")
             bounds = np.concatenate(([0], np.cumsum(np.bincount(partition, minlength=params.num_partitions))))
             records = records[order]
             for p in range(params.num_partitions):
@@ -169,7 +197,7 @@ def _sessionize_partition(records, kept_items, params, stats):
 
     records: structured (n,) with user, item, timestamp (source order).
     """
-    in_kept_items = _sorted_member(records["item"], kept_items)
+    in_kept_items = kept_items.contains(records["item"])
     stats["events_dropped_item_filter"] += int((~in_kept_items).sum())
     records = records[in_kept_items]
 
@@ -181,7 +209,7 @@ def _sessionize_partition(records, kept_items, params, stats):
     stats["users_dropped_too_many_events"] += int(too_many.sum())
     stats["events_dropped_user_too_many_events"] += int(user_counts[too_many].sum())
     kept_users = users[~(too_few | too_many)]
-    records = records[_sorted_member(records["user"], kept_users)]
+    records = records[_KeyIndex(kept_users).contains(records["user"])]
 
     order = np.lexsort((records["timestamp"], records["user"]))  # stable: ties keep source order
     user = records["user"][order]
@@ -250,6 +278,7 @@ def _build(source, params, final_path, chunk_size, key):
             "users_dropped_too_many_events": 0, "events_dropped_user_too_many_events": 0,
             "events_dropped_session_truncation": 0,
         }
+        kept_item_index = _KeyIndex(kept_items)
         del item_keys, item_counts
 
         writers = {name: _Appender(temp / f"{name}.bin", ARRAY_DTYPES[name])
@@ -265,7 +294,7 @@ def _build(source, params, final_path, chunk_size, key):
             spill_path = spill_dir / f"part{p}.bin"
             records = np.fromfile(spill_path, dtype=SPILL_DTYPE)
             spill_path.unlink()
-            part = _sessionize_partition(records, kept_items, params, stats)
+            part = _sessionize_partition(records, kept_item_index, params, stats)
             del records
             writers["timestamp"].append(part["timestamp"])
             item_raw_writer.append(part["item_raw"])
@@ -288,9 +317,10 @@ def _build(source, params, final_path, chunk_size, key):
         # Pass 3: dense item ids in raw-id order, split labels, small arrays.
         item_raw = open_array(item_raw_writer.path, np.int64, item_raw_writer.length)
         item_writer = _Appender(temp / "item.bin", np.int32)
+        present_item_index = _KeyIndex(present_items)
         for start in range(0, events_written, max(chunk_size, 1 << 16)):
             piece = item_raw[start:start + max(chunk_size, 1 << 16)]
-            item_writer.append((np.searchsorted(present_items, piece) + 1).astype(np.int32))
+            item_writer.append((present_item_index.positions(piece) + 1).astype(np.int32))
         item_writer.close()
         del item_raw
         num_users = partition_user_offsets[-1]

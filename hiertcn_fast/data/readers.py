@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import io
 import os
 from collections import Counter
 from pathlib import Path
@@ -28,6 +29,7 @@ __all__ = [
     "ReadStats",
     "MalformedRecordError",
     "InteractionSource",
+    "ArraySource",
     "DelimitedSource",
     "RecBoleInterSource",
     "XingSource",
@@ -116,6 +118,38 @@ def _check_chunk_size(chunk_size: int) -> int:
     if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     return int(chunk_size)
+
+
+class ArraySource(InteractionSource):
+    """An in-memory log of equal-length arrays (user, item: integers; timestamp: seconds)."""
+
+    def __init__(self, user, item, timestamp, name: str = "arrays"):
+        self.user = np.ascontiguousarray(user, dtype=np.int64)
+        self.item = np.ascontiguousarray(item, dtype=np.int64)
+        self.timestamp = np.ascontiguousarray(timestamp, dtype=np.float64)
+        if not (self.user.ndim == self.item.ndim == self.timestamp.ndim == 1
+                and self.user.shape == self.item.shape == self.timestamp.shape):
+            raise ValueError(f"user, item, timestamp must be 1-D of equal length, got shapes {self.user.shape}, "
+                             f"{self.item.shape}, {self.timestamp.shape}")
+        if not np.isfinite(self.timestamp).all():
+            raise ValueError("timestamp must be finite")
+        self.name = name
+
+    def fingerprint(self) -> dict:
+        digest = hashlib.sha256()
+        for array in (self.user, self.item, self.timestamp):
+            digest.update(array.tobytes())
+        return {"reader": type(self).__name__, "events": int(self.user.shape[0]), "sha256": digest.hexdigest()}
+
+    def iter_chunks(self, chunk_size: int = DEFAULT_CHUNK_SIZE, stats: ReadStats | None = None):
+        chunk_size = _check_chunk_size(chunk_size)
+        stats = stats if stats is not None else ReadStats()
+        for start in range(0, self.user.shape[0], chunk_size):
+            piece = slice(start, start + chunk_size)
+            chunk = InteractionChunk(self.user[piece], self.item[piece], self.timestamp[piece])
+            stats.records += len(chunk)
+            stats.events += len(chunk)
+            yield chunk
 
 
 def _file_fingerprint(path: Path) -> dict:
@@ -247,22 +281,15 @@ class DelimitedSource(InteractionSource):
                 raise ValueError(f"{self.path}: empty file")
 
     def _parse_lines(self, lines: list[str], first_line: int, columns: dict[str, int], stats: ReadStats):
-        """Vectorised parse of a block of lines; on any failure, re-parse line by line to report
-        (or skip) exactly the bad records."""
-        rows = [line.rstrip("\r\n").split(self.delimiter) for line in lines]
-        blank = [i for i, row in enumerate(rows) if row == [""]]
-        if blank:
-            stats.blank_lines += len(blank)
-            blank_set = set(blank)
-            keep = [i for i in range(len(rows)) if i not in blank_set]
-            rows = [rows[i] for i in keep]
-            line_numbers = np.asarray(keep, dtype=np.int64) + first_line
-        else:
-            line_numbers = np.arange(first_line, first_line + len(rows), dtype=np.int64)
-        stats.records += len(rows)
-        parsed = self._parse_rows_fast(rows, columns)
+        """Parse a block of lines with numpy's C parser; on any failure, re-parse line by line to
+        report (or skip) exactly the bad records."""
+        blank_lines = sum(1 for line in lines if not line.strip())
+        parsed = self._parse_fast(lines, len(lines) - blank_lines, columns)
         if parsed is None:
-            parsed = self._parse_rows_slow(rows, line_numbers, lines, first_line, columns, stats)
+            parsed = self._parse_slow(lines, first_line, columns, stats)
+        else:
+            stats.blank_lines += blank_lines
+            stats.records += len(lines) - blank_lines
         user, item, timestamp, event_type = parsed
         if event_type is not None and self.drop_event_types:
             drop = np.isin(event_type, np.fromiter(self.drop_event_types, dtype=np.int64))
@@ -275,34 +302,36 @@ class DelimitedSource(InteractionSource):
         stats.events += int(user.shape[0])
         return InteractionChunk(user, item, timestamp)
 
-    def _parse_rows_fast(self, rows, columns):
-        if not rows:
+    def _parse_fast(self, lines, records, columns):
+        roles = list(columns)
+        if records == 0:
             empty = np.empty(0, np.int64)
             return empty, empty, np.empty(0, np.float64), (empty if "event_type" in columns else None)
-        width = len(rows[0])
-        if any(len(row) != width for row in rows) or max(columns.values()) >= width:
-            return None
-        table = np.array(rows)
+        dtype = np.dtype([(role, np.float64 if role == "timestamp" else np.int64) for role in roles])
         try:
-            user = table[:, columns["user"]].astype(np.int64)
-            item = table[:, columns["item"]].astype(np.int64)
-            timestamp = table[:, columns["timestamp"]].astype(np.float64)
-            event_type = table[:, columns["event_type"]].astype(np.int64) if "event_type" in columns else None
-        except (ValueError, OverflowError):
+            table = np.loadtxt(io.StringIO("".join(lines)), delimiter=self.delimiter, dtype=dtype,
+                               usecols=[columns[role] for role in roles], comments=None, ndmin=1)
+        except (ValueError, OverflowError, IndexError):
             return None
-        if not np.isfinite(timestamp).all():
+        if table.shape[0] != records or not np.isfinite(table["timestamp"]).all():
             return None
+        event_type = table["event_type"] if "event_type" in columns else None
         if event_type is not None and self.known_event_types is not None:
             if not np.isin(event_type, np.fromiter(self.known_event_types, dtype=np.int64)).all():
                 return None
-        return user, item, timestamp, event_type
+        return (np.ascontiguousarray(table["user"]), np.ascontiguousarray(table["item"]),
+                np.ascontiguousarray(table["timestamp"]), None if event_type is None else np.ascontiguousarray(event_type))
 
-    def _parse_rows_slow(self, rows, line_numbers, lines, first_line, columns, stats):
+    def _parse_slow(self, lines, first_line, columns, stats):
         users, items, timestamps, event_types = [], [], [], []
         needed = max(columns.values()) + 1
-        for row, line_number in zip(rows, line_numbers.tolist()):
+        for line_number, text in enumerate(lines, start=first_line):
+            if not text.strip():
+                stats.blank_lines += 1
+                continue
+            stats.records += 1
             where = f"{self.path}:{line_number}"
-            text = lines[line_number - first_line]
+            row = text.rstrip("\r\n").split(self.delimiter)
             if len(row) < needed:
                 stats.note_malformed(where, f"expected at least {needed} fields, found {len(row)}", text,
                                      self.on_malformed)

@@ -10,7 +10,7 @@
 // transcendental evaluations per element are cheaper than writing and reading 3 * hidden floats.
 #pragma once
 
-#include <cmath>
+#include <math.h>
 
 #include "hiertcn/common.h"
 
@@ -51,9 +51,15 @@ struct GruGatesBackwardParams {
   void* grad_h;
 };
 
+// Precision-matched math: float stays in float (expf, not the double exp) on host and device.
+HIERTCN_HD float exp_acc(float x) { return expf(x); }
+HIERTCN_HD double exp_acc(double x) { return exp(x); }
+HIERTCN_HD float tanh_acc(float x) { return tanhf(x); }
+HIERTCN_HD double tanh_acc(double x) { return tanh(x); }
+
 template <typename A>
 HIERTCN_HD A sigmoid_acc(A x) {
-  return A(1) / (A(1) + exp(-x));
+  return A(1) / (A(1) + exp_acc(-x));
 }
 
 // One hidden unit's forward: returns h'.
@@ -61,7 +67,7 @@ template <typename A>
 HIERTCN_HD A gru_gate_forward(A gi_r, A gi_z, A gi_n, A gh_r, A gh_z, A gh_n, A h) {
   const A r = sigmoid_acc(gi_r + gh_r);
   const A z = sigmoid_acc(gi_z + gh_z);
-  const A n = tanh(gi_n + r * gh_n);
+  const A n = tanh_acc(gi_n + r * gh_n);
   return (A(1) - z) * n + z * h;
 }
 
@@ -71,7 +77,7 @@ HIERTCN_HD void gru_gate_backward(A g, A gi_r, A gi_z, A gi_n, A gh_r, A gh_z, A
                                   A* d_gi_z, A* d_gi_n, A* d_gh_n, A* d_h) {
   const A r = sigmoid_acc(gi_r + gh_r);
   const A z = sigmoid_acc(gi_z + gh_z);
-  const A n = tanh(gi_n + r * gh_n);
+  const A n = tanh_acc(gi_n + r * gh_n);
   const A d_pre_n = g * (A(1) - z) * (A(1) - n * n);
   const A d_r = d_pre_n * gh_n;
   *d_gi_r = d_r * r * (A(1) - r);

@@ -1,0 +1,262 @@
+"""Shared benchmark harness: every fast path timed next to the PyTorch way, in the same run.
+
+A bench module (benchmarks/bench_<op>.py) defines
+
+    def cases(device: str, quick: bool) -> list[Case]: ...
+    test_bench = harness.bench_test(cases)
+
+and pytest runs it (``python -m pytest benchmarks/bench_<op>.py``; benchmarks/conftest.py wires the
+timers). On the CPU each variant is timed by pytest-benchmark; on a GPU by triton.testing.do_bench
+(median of many runs after warm-up, L2 flushed between runs), falling back to CUDA events. After the
+run the harness prints, per case, each variant's median time, its speed-up over the baseline, the
+achieved GB/s and TFLOP/s from the case's byte/FLOP model (with % of the device's peak on a GPU),
+and the peak memory of one call; and writes all of it as JSON to benchmarks/results/.
+
+Environment: HIERTCN_BENCH_DEVICE=cpu|cuda (default: cuda when present), HIERTCN_BENCH_FULL=1 for
+the full shape matrix (default: the quick one), HIERTCN_BENCH_OUT=folder for the JSON (default
+benchmarks/results).
+"""
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable, Dict, List, Optional
+
+import pytest
+import torch
+
+RESULTS_DIR = os.environ.get("HIERTCN_BENCH_OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                  "results")
+
+# Peak rates of GPUs we report against: (HBM bytes/s, dense bf16 tensor-core FLOP/s, fp32 FLOP/s), from
+# the vendors' datasheets. Measured ceilings go into RESULTS.md beside the figures.
+DEVICE_PEAKS = {
+    "H200": (4.8e12, 989e12, 67e12),
+    "H100": (3.35e12, 989e12, 67e12),
+    "A100": (2.0e12, 312e12, 19.5e12),
+}
+
+
+@dataclasses.dataclass
+class Case:
+    """One benchmark shape of one op.
+
+    make() builds the inputs and returns {variant name: zero-argument callable} for exactly the names
+    in ``variants``, which include ``fast`` and ``baseline``. flops and bytes are per call (bytes: the
+    minimal memory traffic, inputs read once and outputs written once), used for TFLOP/s and GB/s.
+    """
+
+    op: str
+    name: str
+    make: Callable[[], Dict[str, Callable[[], object]]]
+    flops: Optional[float] = None
+    bytes: Optional[float] = None
+    fast: str = "hiertcn_fast"
+    baseline: str = "torch eager"
+    dtype: torch.dtype = torch.float32
+    variants: tuple = ("hiertcn_fast", "torch eager", "torch.compile")
+
+    @property
+    def id(self):
+        return f"{self.op}[{self.name}]"
+
+
+def bench_device() -> str:
+    return os.environ.get("HIERTCN_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def full_matrix() -> bool:
+    return os.environ.get("HIERTCN_BENCH_FULL", "0") == "1"
+
+
+# ---- collection ------------------------------------------------------------------------------------
+
+_results: List[dict] = []
+_built = {"id": None, "variants": None}
+
+
+def _variants(case: Case):
+    # Variants of one case run back to back: build its inputs once, drop them when the case changes.
+    if _built["id"] != case.id:
+        _built["id"], _built["variants"] = None, None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        _built["variants"] = case.make()
+        _built["id"] = case.id
+        if set(_built["variants"]) != set(case.variants):
+            raise KeyError(f"{case.id}: make() returned variants {sorted(_built['variants'])}, "
+                           f"declared {sorted(case.variants)}")
+    return _built["variants"]
+
+
+def bench_test(cases_fn):
+    """A pytest test function, parametrized over every (case, variant) of ``cases_fn(device, quick)``."""
+    device = bench_device()
+    params = []
+    for case in cases_fn(device, not full_matrix()):
+        if not {case.fast, case.baseline} <= set(case.variants):
+            raise ValueError(f"{case.id}: variants {case.variants} must include {case.fast!r} and {case.baseline!r}")
+        for variant in case.variants:
+            params.append(pytest.param(case, variant, id=f"{case.name}-{variant}"))
+
+    @pytest.mark.parametrize("case,variant", params)
+    def test(case, variant, bench_timer):
+        bench_timer(case, variant, _variants(case)[variant])
+
+    return test
+
+
+# ---- timing ----------------------------------------------------------------------------------------
+
+def time_gpu(fn) -> dict:
+    fn()
+    torch.cuda.synchronize()
+    try:
+        from triton.testing import do_bench
+
+        times_ms = do_bench(fn, warmup=25, rep=100, return_mode="all")
+    except ImportError:
+        times_ms = []
+        for _ in range(50):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times_ms.append(start.elapsed_time(end))
+    return {"median_s": statistics.median(times_ms) / 1e3, "min_s": min(times_ms) / 1e3, "rounds": len(times_ms),
+            "timer": "triton.testing.do_bench" if times_ms else "cuda events"}
+
+
+def time_cpu(benchmark, fn) -> dict:
+    fn()  # warm-up outside the timed rounds (first-call dispatch, compile)
+    start = time.perf_counter()
+    fn()
+    once = time.perf_counter() - start
+    rounds = max(3, min(50, int(1.0 / max(once, 1e-6))))
+    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+    stats = benchmark.stats.stats
+    return {"median_s": stats.median, "min_s": stats.min, "rounds": rounds, "timer": "pytest-benchmark"}
+
+
+def peak_bytes(fn, device: str) -> Optional[int]:
+    """Peak bytes allocated during one call, above what was allocated before it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    # CPU: replay the allocator's records from the profiler, in time order (op granularity).
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for event in events:
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+def record(case: Case, variant: str, timing: dict, device: str) -> None:
+    row = {"op": case.op, "case": case.name, "variant": variant, "baseline": case.baseline, "device": device,
+           "dtype": str(case.dtype),
+           "flops": case.flops, "bytes": case.bytes, **timing}
+    seconds = timing["median_s"]
+    if case.bytes:
+        row["GB/s"] = case.bytes / seconds / 1e9
+    if case.flops:
+        row["TFLOP/s"] = case.flops / seconds / 1e12
+    peaks = device_peaks() if device == "cuda" else None
+    if peaks:
+        hbm, bf16, fp32 = peaks
+        if case.bytes:
+            row["%HBM"] = 100 * case.bytes / seconds / hbm
+        if case.flops:
+            compute_peak = fp32 if case.dtype in (torch.float32, torch.float64) else bf16
+            row["%FLOP peak"] = 100 * case.flops / seconds / compute_peak
+    _results.append(row)
+
+
+def device_peaks():
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, peaks in DEVICE_PEAKS.items():
+        if key in name:
+            return peaks
+    return None
+
+
+# ---- reporting -------------------------------------------------------------------------------------
+
+def summary_rows() -> List[dict]:
+    """Results with speed-up over each case's baseline (baseline time / variant time) filled in."""
+    baselines = {}
+    for row in _results:
+        baselines.setdefault((row["op"], row["case"]), {})[row["variant"]] = row["median_s"]
+    rows = []
+    for row in _results:
+        base = baselines[(row["op"], row["case"])].get(row["baseline"])
+        rows.append(dict(row, speedup=(base / row["median_s"]) if base else None))
+    return rows
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
+            platform.machine(), "cores": os.cpu_count()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        pass
+    return info
+
+
+def format_table(rows: List[dict]) -> str:
+    header = f"{'op':<16} {'case':<38} {'variant':<14} {'median':>10} {'speedup':>8} {'GB/s':>8} " \
+             f"{'TFLOP/s':>8} {'%peak':>6} {'peak MiB':>9}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        pct = r.get("%HBM") if r.get("%HBM") is not None else r.get("%FLOP peak")
+        lines.append(
+            f"{r['op']:<16} {r['case'][:38]:<38} {r['variant']:<14} {_fmt_time(r['median_s']):>10} "
+            f"{_fmt(r['speedup'], 'x'):>8} {_fmt(r.get('GB/s')):>8} {_fmt(r.get('TFLOP/s'), '', 3):>8} "
+            f"{_fmt(pct):>6} {_fmt(r['peak_bytes'] / 2**20 if r.get('peak_bytes') is not None else None):>9}")
+    return "\n".join(lines)
+
+
+def _fmt(value, suffix="", digits=2):
+    return "-" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def _fmt_time(seconds):
+    return f"{seconds * 1e6:.1f}us" if seconds < 1e-3 else f"{seconds * 1e3:.2f}ms"
+
+
+def write_results(label: str, command: str) -> Optional[str]:
+    if not _results:
+        return None
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    path = os.path.join(RESULTS_DIR, f"{label}-{bench_device()}.json")
+    payload = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "command": command, "machine": machine(), "full_matrix": full_matrix(), "results": summary_rows()}
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+    return path

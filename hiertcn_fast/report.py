@@ -1,0 +1,270 @@
+"""The main job's report folder: a markdown table, PNG plots and the JSON of every figure.
+
+``write_report(results, out_dir)`` writes
+
+- ``report.md``: per model Recall@10, MRR and NDCG@10 (per user, the paper's unit, and per event),
+  events/s and peak memory; the first-of-session / other-events breakdown; the tie policy and the
+  averaging units stated under the tables;
+- ``training_curves.png`` (loss against step, when any model has a curve), ``quality.png`` (metric
+  bars per model, per user and per event), ``throughput.png`` (events/s and peak memory bars, when
+  any model has them);
+- ``results.json``: everything above and every metric of every model. Non-finite numbers (an empty
+  group's NaN) are written as null so the file is strict JSON.
+
+Plots are drawn with matplotlib's Agg canvas directly (no pyplot), so nothing global changes and
+no display is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+__all__ = ["ModelResult", "write_report", "TABLE_METRICS"]
+
+TABLE_METRICS = ("Recall@10", "MRR", "NDCG@10")
+GROUPS = ("all", "first_in_session", "rest")
+UNITS = ("per_user", "per_event")
+PLOT_DPI = 110
+
+
+@dataclasses.dataclass
+class ModelResult:
+    """One model's figures.
+
+    quality: the dict of :meth:`hiertcn_fast.evaluate.RankingMetrics.result`.
+    training_curve: (step, loss) pairs, in step order (empty for models that are not trained).
+    events_per_second: training (or, for rules, scoring) throughput; None if not measured.
+    peak_memory_bytes: peak memory of the run; None if not measured.
+    extra: any other JSON-able figures (written to results.json only).
+    """
+
+    name: str
+    quality: dict
+    training_curve: Sequence[tuple[float, float]] = ()
+    events_per_second: float | None = None
+    peak_memory_bytes: int | None = None
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.quality, Mapping):
+            raise TypeError(f"quality of {self.name!r} must be a dict from RankingMetrics.result(), "
+                            f"got {type(self.quality).__name__}")
+        for key in ("per_user", "per_event", "tie_policy", "averaging"):
+            if key not in self.quality:
+                raise ValueError(f"quality of {self.name!r} has no {key!r}; pass RankingMetrics.result()")
+        curve = []
+        for point in self.training_curve:
+            if len(point) != 2:
+                raise ValueError(f"training_curve of {self.name!r} must hold (step, loss) pairs, got {point!r}")
+            curve.append((float(point[0]), float(point[1])))
+        self.training_curve = curve
+        for field in ("events_per_second", "peak_memory_bytes"):
+            value = getattr(self, field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise ValueError(f"{field} of {self.name!r} must be a non-negative number or None, got {value!r}")
+
+
+def _as_results(results) -> list[ModelResult]:
+    if isinstance(results, Mapping):
+        results = [value if isinstance(value, ModelResult) else ModelResult(name=name, **value)
+                   for name, value in results.items()]
+    results = list(results)
+    if not results:
+        raise ValueError("results must hold at least one model")
+    for result in results:
+        if not isinstance(result, ModelResult):
+            raise TypeError(f"results must hold ModelResult objects, got {type(result).__name__}")
+    names = [r.name for r in results]
+    if len(set(names)) != len(names):
+        raise ValueError(f"results: model names must be unique, got {names}")
+    policies = {r.quality["tie_policy"] for r in results}
+    if len(policies) != 1:
+        raise ValueError(f"results: models were evaluated with different tie policies {sorted(policies)}; "
+                         "their numbers are not comparable")
+    return results
+
+
+def _finite_or_none(value):
+    """JSON-safe copy: non-finite floats become None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _number(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _throughput(value) -> str:
+    return "n/a" if value is None else f"{value:,.0f}"
+
+
+def _memory(value) -> str:
+    return "n/a" if value is None else f"{value / 2**20:,.1f} MiB"
+
+
+def _markdown(results: list[ModelResult], title: str, notes: Sequence[str], plots: list[str]) -> str:
+    quality = results[0].quality
+    lines = [f"# {title}", ""]
+    lines += [f"- {note}" for note in notes]
+    if notes:
+        lines.append("")
+    header = ["model", *[f"{m} (per user)" for m in TABLE_METRICS], *[f"{m} (per event)" for m in TABLE_METRICS],
+              "events/s", "peak memory"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        row = [r.name, *[_number(r.quality["per_user"]["all"].get(m)) for m in TABLE_METRICS],
+               *[_number(r.quality["per_event"]["all"].get(m)) for m in TABLE_METRICS],
+               _throughput(r.events_per_second), _memory(r.peak_memory_bytes)]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "## First event of a session vs the other events (per user)", ""]
+    header = ["model", *[f"{m} (first)" for m in TABLE_METRICS], *[f"{m} (rest)" for m in TABLE_METRICS]]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        per_user = r.quality["per_user"]
+        row = [r.name, *[_number(per_user["first_in_session"].get(m)) for m in TABLE_METRICS],
+               *[_number(per_user["rest"].get(m)) for m in TABLE_METRICS]]
+        lines.append("| " + " | ".join(row) + " |")
+    counts = quality.get("counts", {})
+    lines += ["", "## How these numbers were made", "",
+              f"- Catalogue: {quality.get('catalogue', 'full')}; "
+              f"{counts.get('catalogue_items', 'n/a')} items, no sampled negatives.",
+              f"- Tie policy: {quality['tie_policy']}.",
+              f"- Per user: {quality['averaging']['per_user']}.",
+              f"- Per event: {quality['averaging']['per_event']}.",
+              f"- Evaluated: {counts.get('events', 'n/a')} events of {counts.get('users', 'n/a')} users "
+              f"({counts.get('first_in_session_events', 'n/a')} first-of-session).",
+              "- Targets tied with another item (fraction of events): "
+              + ", ".join(f"{r.name} {_number(r.quality.get('ties', {}).get('fraction_events_with_tied_target'))}"
+                          for r in results) + ".",
+              "- events/s: training throughput for trained models, scoring throughput for rules "
+              "(see results.json for each model's notes)."]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=PLOT_DPI)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _plot_training_curves(results, path: Path) -> bool:
+    curves = [r for r in results if r.training_curve]
+    if not curves:
+        return False
+    figure = _figure(7, 4)
+    axes = figure.add_subplot()
+    for r in curves:
+        steps, losses = zip(*r.training_curve)
+        axes.plot(steps, losses, label=r.name)
+    axes.set_xlabel("step")
+    axes.set_ylabel("training loss")
+    axes.set_title("Training curves")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    return True
+
+
+def _grouped_bars(axes, labels, series: dict[str, list[float]], title: str) -> None:
+    width = 0.8 / max(len(series), 1)
+    for i, (name, values) in enumerate(series.items()):
+        positions = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
+        axes.bar(positions, [0.0 if v is None or not math.isfinite(v) else v for v in values], width, label=name)
+    axes.set_xticks(range(len(labels)))
+    axes.set_xticklabels(labels, rotation=20)
+    axes.set_title(title)
+    axes.grid(axis="y", alpha=0.3)
+
+
+def _plot_quality(results, path: Path) -> None:
+    metrics = results[0].quality.get("metrics") or list(TABLE_METRICS)
+    figure = _figure(11, 4)
+    for k, unit in enumerate(UNITS):
+        axes = figure.add_subplot(1, 2, k + 1)
+        series = {r.name: [r.quality[unit]["all"].get(m, math.nan) for m in metrics] for r in results}
+        _grouped_bars(axes, metrics, series, f"Full-catalogue quality ({unit.replace('_', ' ')})")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def _plot_throughput(results, path: Path) -> bool:
+    if all(r.events_per_second is None and r.peak_memory_bytes is None for r in results):
+        return False
+    figure = _figure(10, 4)
+    names = [r.name for r in results]
+    for k, (title, values) in enumerate((
+            ("events/s", [r.events_per_second for r in results]),
+            ("peak memory (MiB)", [None if r.peak_memory_bytes is None else r.peak_memory_bytes / 2**20
+                                   for r in results]))):
+        axes = figure.add_subplot(1, 2, k + 1)
+        axes.bar(names, [0.0 if v is None else v for v in values], color=f"C{k}")
+        axes.set_title(title)
+        axes.tick_params(axis="x", rotation=20)
+        axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    return True
+
+
+def write_report(results, out_dir: str | os.PathLike, title: str = "HierTCN report",
+                 notes: Sequence[str] = (), metadata: Mapping | None = None) -> dict[str, Path]:
+    """Write the report folder and return the paths written, by name.
+
+    results: a list of :class:`ModelResult`, or a dict model name -> dict with the fields of
+    ModelResult (quality, training_curve, events_per_second, peak_memory_bytes, extra).
+    All models must share one tie policy. notes: lines placed under the title (data set, split,
+    machine...). metadata: JSON-able, copied into results.json.
+    """
+    results = _as_results(results)
+    if isinstance(notes, str):
+        raise TypeError("notes must be a sequence of strings, not one string")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    if _plot_training_curves(results, out / "training_curves.png"):
+        written["training_curves"] = out / "training_curves.png"
+    _plot_quality(results, out / "quality.png")
+    written["quality"] = out / "quality.png"
+    if _plot_throughput(results, out / "throughput.png"):
+        written["throughput"] = out / "throughput.png"
+    plots = [p.name for p in written.values()]
+
+    (out / "report.md").write_text(_markdown(results, title, list(notes), plots))
+    written["report"] = out / "report.md"
+    document = {
+        "title": title,
+        "created_unix": time.time(),
+        "notes": list(notes),
+        "metadata": dict(metadata or {}),
+        "tie_policy": results[0].quality["tie_policy"],
+        "averaging": results[0].quality["averaging"],
+        "models": {r.name: {"quality": r.quality, "training_curve": [list(p) for p in r.training_curve],
+                            "events_per_second": r.events_per_second, "peak_memory_bytes": r.peak_memory_bytes,
+                            "extra": r.extra} for r in results},
+        "files": plots + ["report.md"],
+    }
+    (out / "results.json").write_text(json.dumps(_finite_or_none(document), indent=1, allow_nan=False))
+    written["results"] = out / "results.json"
+    return written

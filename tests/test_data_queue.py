@@ -1,0 +1,238 @@
+"""PinnedRingQueue: exactly-once ordered delivery, back-pressure, errors, shutdown, no leaks."""
+
+import os
+import random
+import signal
+import threading
+import time
+import traceback
+
+import pytest
+import torch
+
+from hiertcn_fast.data import PinnedRingQueue, PreprocessParams, SessionBatcher, load_dataset, preprocess
+
+SPEC = {"value": ((3, 5), torch.int64), "flag": ((7,), torch.bool), "weight": ((2,), torch.float32)}
+
+
+def counting_producer(total, queue_box, num_slots, delay=0.0, seed=0):
+    """Writes batch ``seq`` as the constant ``seq``; checks the ring never runs ahead."""
+    rng = random.Random(seed)
+    lock = threading.Lock()
+    violations = []
+
+    def produce(seq, slot):
+        if seq >= total:
+            return False
+        queue = queue_box[0]
+        if queue is not None and seq >= queue.stats.delivered + num_slots:
+            violations.append(seq)
+        if delay:
+            with lock:
+                pause = rng.uniform(0, delay)
+            time.sleep(pause)
+        slot["value"].fill_(seq)
+        slot["flag"].fill_(seq % 2 == 1)
+        slot["weight"].fill_(seq * 0.5)
+        return True
+
+    return produce, violations
+
+
+@pytest.mark.parametrize("num_slots", [1, 2, 5])
+def test_exactly_once_in_order_under_four_producers_and_random_delays(num_slots):
+    total = 150
+    box = [None]
+    produce, violations = counting_producer(total, box, num_slots, delay=0.002, seed=num_slots)
+    rng = random.Random(42)
+    received = []
+    with PinnedRingQueue(SPEC, produce, num_producers=4, num_slots=num_slots) as queue:
+        box[0] = queue
+        for seq, tensors in queue:
+            if rng.random() < 0.3:
+                time.sleep(rng.uniform(0, 0.004))
+            received.append((seq, tensors))
+        assert queue.get() is None and queue.get() is None  # the end is sticky
+        stats = queue.stats.as_dict()
+    assert [seq for seq, _ in received] == list(range(total))
+    for seq, tensors in received:  # delivered tensors are the consumer's: never overwritten later
+        assert (tensors["value"] == seq).all() and tensors["value"].shape == (3, 5)
+        assert (tensors["flag"] == (seq % 2 == 1)).all() and (tensors["weight"] == seq * 0.5).all()
+    assert violations == []
+    assert stats["delivered"] == total and 1 <= stats["max_occupancy"] <= num_slots
+    assert stats["producer_wait_seconds"] >= 0 and stats["consumer_wait_seconds"] > 0
+
+
+def test_back_pressure_blocks_producers_when_full():
+    produced = []
+
+    def produce(seq, slot):
+        produced.append(seq)
+        slot["value"].fill_(seq)
+        return True
+
+    with PinnedRingQueue(SPEC, produce, num_producers=4, num_slots=3) as queue:
+        time.sleep(0.2)
+        assert sorted(produced) == [0, 1, 2]  # only as many as slots, with nothing consumed
+        assert queue.get()[0] == 0
+        time.sleep(0.2)
+        assert sorted(produced) == [0, 1, 2, 3]
+
+
+def failing_produce(seq, slot):
+    if seq == 5:
+        raise ValueError("bad record in batch 5")
+    slot["value"].fill_(seq)
+    return True
+
+
+def test_producer_exception_reaches_consumer_with_traceback():
+    seen = []
+    with pytest.raises(ValueError, match="bad record in batch 5") as caught:
+        with PinnedRingQueue(SPEC, failing_produce, num_producers=4, num_slots=2) as queue:
+            for seq, _ in queue:
+                seen.append(seq)
+    assert seen == [0, 1, 2, 3, 4]
+    frames = [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)]
+    assert "failing_produce" in frames and "_producer_loop" in frames
+    assert any("producing batch 5" in note for note in caught.value.__notes__)
+    assert queue.alive_producers == 0
+
+
+def test_early_close_joins_every_thread_within_a_second():
+    def slow(seq, slot):
+        time.sleep(0.05)
+        slot["value"].fill_(seq)
+        return True
+
+    before = threading.active_count()
+    queue = PinnedRingQueue(SPEC, slow, num_producers=4, num_slots=4)
+    for seq, _ in queue:
+        if seq == 2:
+            break
+    started = time.perf_counter()
+    assert queue.close()
+    assert time.perf_counter() - started < 1.0
+    assert queue.alive_producers == 0 and threading.active_count() == before
+    with pytest.raises(RuntimeError, match="after close"):
+        queue.get()
+
+
+def test_keyboard_interrupt_while_waiting_closes_cleanly():
+    def slow(seq, slot):
+        time.sleep(0.3)
+        return True
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    before = threading.active_count()
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        started = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt):
+            with PinnedRingQueue(SPEC, slow, num_producers=3, num_slots=2) as queue:
+                queue.get()  # blocks: the first batch takes 0.3 s
+        assert time.perf_counter() - started < 1.0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert queue.alive_producers == 0 and threading.active_count() == before
+
+
+@pytest.fixture(scope="module")
+def ml100k_cache(tmp_path_factory):
+    params = PreprocessParams(min_item_count=5, min_user_count=5, max_user_count=None, num_partitions=4)
+    return preprocess(load_dataset("ml-100k"), tmp_path_factory.mktemp("ml100k_queue"), params)
+
+
+def make_batcher(cache):
+    return SessionBatcher(cache, "train", lanes=8, sessions_per_batch=4, max_session_length=20)
+
+
+def test_abandoned_generator_closes_the_queue(ml100k_cache):
+    before = threading.active_count()
+    iterator = make_batcher(ml100k_cache).iter_queued(num_producers=4, num_slots=2)
+    next(iterator)
+    iterator.close()  # what garbage collection of an abandoned loop does
+    assert threading.active_count() == before
+
+
+def rss_bytes():
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_many_open_close_cycles_do_not_grow_threads_or_memory():
+    before_threads = threading.active_count()
+    big_spec = {"x": ((256, 1024), torch.float32)}  # 1 MiB per slot: a leak would show
+
+    def produce(seq, slot):
+        return seq < 3
+
+    for _ in range(10):  # warm-up: allocator pools settle
+        with PinnedRingQueue(big_spec, produce, num_producers=4, num_slots=4) as queue:
+            list(queue)
+    before_rss = rss_bytes()
+    for cycle in range(150):
+        with PinnedRingQueue(big_spec, produce, num_producers=4, num_slots=4) as queue:
+            if cycle % 2:
+                list(queue)
+            else:
+                queue.get()
+    assert threading.active_count() == before_threads
+    assert rss_bytes() - before_rss < 64 << 20
+
+
+def test_spec_and_argument_validation():
+    ok = lambda seq, slot: False  # noqa: E731
+    with pytest.raises(TypeError, match="spec"):
+        PinnedRingQueue({}, ok)
+    with pytest.raises(TypeError, match=r"spec\['x'\]"):
+        PinnedRingQueue({"x": (3, torch.int64)}, ok)
+    with pytest.raises(TypeError, match=r"spec\['x'\]"):
+        PinnedRingQueue({"x": ((3,), "int64")}, ok)
+    with pytest.raises(TypeError, match="produce"):
+        PinnedRingQueue(SPEC, None)
+    with pytest.raises(ValueError, match="num_slots"):
+        PinnedRingQueue(SPEC, ok, num_slots=0)
+    with pytest.raises(ValueError, match="num_producers"):
+        PinnedRingQueue(SPEC, ok, num_producers=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            PinnedRingQueue(SPEC, ok, device="cuda")
+    with PinnedRingQueue(SPEC, ok) as empty:
+        assert list(empty) == []
+
+
+def test_batcher_through_queue_equals_direct_batches(ml100k_cache):
+    ml100k_batcher = make_batcher(ml100k_cache)
+    direct = [ml100k_batcher.batch(index) for index in range(ml100k_batcher.num_batches())]
+    queued = list(ml100k_batcher.iter_queued(num_producers=4, num_slots=3))
+    assert [b.index for b in queued] == list(range(len(direct)))
+    for want, got in zip(direct, queued):
+        width = want.items.shape[2]
+        assert (got.items[..., width:] == 0).all()
+        assert torch.equal(got.items[..., :width], want.items)
+        for name in ("lengths", "step_widths", "valid", "keep", "user", "session", "continues"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+@pytest.mark.gpu
+def test_cuda_copies_from_pinned_slots_never_overwrite_batches_in_use():
+    total, num_slots = 60, 2
+    box = [None]
+    produce, violations = counting_producer(total, box, num_slots)
+    with PinnedRingQueue(SPEC, produce, num_producers=4, num_slots=num_slots, device="cuda") as queue:
+        box[0] = queue
+        assert all(t.is_pinned() for slot in queue._slots for t in slot.values())
+        kept = []
+        for seq, tensors in queue:
+            torch.cuda._sleep(200_000)  # keep the consumer stream busy so copies race ahead
+            assert tensors["value"].is_cuda
+            kept.append((seq, tensors["value"] * 1))
+        torch.cuda.synchronize()
+    assert [seq for seq, _ in kept] == list(range(total))
+    assert all((value == seq).all().item() for seq, value in kept)
+    assert violations == []

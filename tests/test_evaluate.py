@@ -1,0 +1,255 @@
+"""Full-catalogue ranking metrics: hand-computed cases, tie policies, averaging units, streaming,
+and a brute-force numpy implementation on random data."""
+
+import json
+import math
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+
+from hiertcn_fast import evaluate
+from hiertcn_fast.evaluate import RankingMetrics, target_ranks
+
+
+def _update(metrics, scores, targets, users=None, first=None):
+    n = len(targets)
+    users = torch.zeros(n, dtype=torch.int64) if users is None else torch.as_tensor(users, dtype=torch.int64)
+    first = torch.zeros(n, dtype=torch.bool) if first is None else torch.as_tensor(first, dtype=torch.bool)
+    metrics.update(torch.as_tensor(scores, dtype=torch.float32), torch.as_tensor(targets, dtype=torch.int64),
+                   users, first)
+
+
+def test_hand_computed_ranks_and_metrics(device):
+    # Column 0 is padding and scores highest: it must not count.
+    scores = torch.tensor([[9.0, 0.5, 0.9, 0.1, 0.7],    # target 1: items 2, 4 higher -> rank 3
+                           [9.0, 0.5, 0.9, 0.1, 0.7],    # target 2 -> rank 1
+                           [9.0, 0.5, 0.9, 0.1, 0.7]],   # target 3 -> rank 4
+                          device=device)
+    metrics = RankingMetrics()
+    metrics.update(scores, torch.tensor([1, 2, 3], device=device), torch.tensor([7, 7, 7]),
+                   torch.tensor([True, False, False]))
+    result = metrics.result()
+    all_events = result["per_event"]["all"]
+    ranks = np.array([3.0, 1.0, 4.0])
+    assert all_events["events"] == 3
+    assert all_events["Recall@1"] == pytest.approx(1 / 3)
+    assert all_events["Recall@5"] == pytest.approx(1.0)
+    assert all_events["MRR"] == pytest.approx(np.mean(1 / ranks))
+    assert all_events["MRR@20"] == pytest.approx(np.mean(1 / ranks))
+    assert all_events["NDCG@10"] == pytest.approx(np.mean(1 / np.log2(ranks + 1)))
+    assert result["per_event"]["first_in_session"]["MRR"] == pytest.approx(1 / 3)
+    assert result["per_event"]["rest"]["MRR"] == pytest.approx((1 + 1 / 4) / 2)
+    assert result["counts"]["catalogue_items"] == 4
+    assert result["counts"]["first_in_session_events"] == 1 and result["counts"]["rest_events"] == 2
+    assert "strictly higher" in result["tie_policy"]
+    assert set(result["averaging"]) == {"per_event", "per_user"}
+
+
+def test_cutoffs_exclude_ranks_beyond_them():
+    scores = torch.arange(30, dtype=torch.float32).flip(0)[None]  # item i has rank i (column 0 padding)
+    metrics = RankingMetrics()
+    _update(metrics, scores.repeat(2, 1), [11, 25])  # ranks 11 and 25
+    result = metrics.result()["per_event"]["all"]
+    assert result["Recall@10"] == 0.0 and result["Recall@20"] == 0.5 and result["NDCG@10"] == 0.0
+    assert result["MRR"] == pytest.approx((1 / 11 + 1 / 25) / 2)
+    assert result["MRR@20"] == pytest.approx((1 / 11) / 2)
+
+
+def test_ties_do_not_hurt_the_target_by_default():
+    scores = torch.tensor([[5.0, 1.0, 1.0, 1.0, 2.0, 0.0]])  # target 2 tied with items 1 and 3; item 4 higher
+    policies = {"optimistic": 2.0, "pessimistic": 4.0, "average": 3.0}
+    for ties, rank in policies.items():
+        metrics = RankingMetrics(ties=ties)
+        _update(metrics, scores, [2])
+        result = metrics.result()
+        assert result["per_event"]["all"]["MRR"] == pytest.approx(1 / rank), ties
+        assert result["tie_policy"].startswith(ties)
+        assert result["ties"]["events_with_tied_target"] == 1
+        assert result["ties"]["mean_items_tied_with_target"] == 2.0
+
+
+def test_constant_scores_are_flagged():
+    metrics = RankingMetrics()
+    _update(metrics, torch.zeros(4, 10), [1, 2, 3, 9])
+    result = metrics.result()
+    assert result["per_event"]["all"]["Recall@1"] == 1.0  # the optimistic policy's known blind spot...
+    assert result["ties"]["fraction_events_with_tied_target"] == 1.0  # ...which the result reports
+    assert result["ties"]["mean_items_tied_with_target"] == 8.0
+
+
+def test_padding_item_tie_is_not_counted():
+    metrics = RankingMetrics(ties="pessimistic")
+    _update(metrics, torch.tensor([[1.0, 1.0, 0.0]]), [1])
+    assert metrics.result()["per_event"]["all"]["Recall@1"] == 1.0
+    every_column = RankingMetrics(ties="pessimistic", padding_item=None)
+    _update(every_column, torch.tensor([[1.0, 1.0, 0.0]]), [0])
+    assert every_column.result()["per_event"]["all"]["MRR"] == 0.5
+
+
+def test_per_user_and_per_event_averages_differ():
+    # User 1: three events, all rank 1. User 2: one event, rank 2.
+    scores = torch.tensor([[0.0, 3.0, 2.0, 1.0]]).repeat(4, 1)
+    metrics = RankingMetrics()
+    _update(metrics, scores, [1, 1, 1, 2], users=[1, 1, 1, 2], first=[True, False, False, True])
+    result = metrics.result()
+    assert result["per_event"]["all"]["MRR"] == pytest.approx((3 + 0.5) / 4)
+    assert result["per_user"]["all"]["MRR"] == pytest.approx((1 + 0.5) / 2)
+    assert result["per_event"]["all"]["Recall@1"] == pytest.approx(0.75)
+    assert result["per_user"]["all"]["Recall@1"] == pytest.approx(0.5)
+    assert result["per_user"]["all"]["users"] == 2
+    # First-of-session: both users; rest: only user 1.
+    assert result["per_user"]["first_in_session"]["MRR"] == pytest.approx(0.75)
+    assert result["per_user"]["rest"]["users"] == 1
+    assert result["per_user"]["rest"]["MRR"] == 1.0
+    assert result["counts"]["users"] == 2
+
+
+def test_empty_group_is_nan_and_result_is_json():
+    metrics = RankingMetrics()
+    _update(metrics, torch.rand(3, 6), [1, 2, 3], first=[False] * 3)
+    result = metrics.result()
+    assert math.isnan(result["per_event"]["first_in_session"]["MRR"])
+    assert result["per_user"]["first_in_session"]["users"] == 0
+    again = json.loads(json.dumps(result))
+    assert again["per_event"]["rest"]["events"] == 3
+    assert math.isnan(RankingMetrics().result()["per_event"]["all"]["Recall@10"])
+
+
+def _brute_force(scores, targets, users, first, ties, padding_item=0):
+    """Ranks by sorting each row with numpy, then plain-Python averaging."""
+    per_event = []
+    for row, target in zip(scores, targets):
+        catalogue = np.delete(row, padding_item) if padding_item is not None else row
+        descending = np.sort(catalogue)[::-1]
+        positions = np.flatnonzero(descending == row[target])
+        best, worst = positions[0] + 1, positions[-1] + 1
+        rank = {"optimistic": best, "pessimistic": worst, "average": (best + worst) / 2}[ties]
+        per_event.append({"Recall@1": rank <= 1, "Recall@5": rank <= 5, "Recall@10": rank <= 10,
+                          "Recall@20": rank <= 20, "MRR": 1 / rank, "MRR@20": (rank <= 20) / rank,
+                          "NDCG@10": (rank <= 10) / math.log2(rank + 1)})
+    out = {}
+    for group, select in (("all", lambda f: True), ("first_in_session", lambda f: f), ("rest", lambda f: not f)):
+        chosen = [i for i in range(len(targets)) if select(first[i])]
+        by_user = defaultdict(list)
+        for i in chosen:
+            by_user[users[i]].append(per_event[i])
+        out[group] = {
+            "per_event": {m: np.mean([per_event[i][m] for i in chosen]) for m in per_event[0]},
+            "per_user": {m: np.mean([np.mean([e[m] for e in evs]) for evs in by_user.values()]) for m in per_event[0]},
+        }
+    return out
+
+
+@pytest.mark.parametrize("ties", ["optimistic", "pessimistic", "average"])
+def test_matches_brute_force_on_random_data(ties, device):
+    rng = np.random.default_rng(3)
+    n, num_columns = 300, 41
+    # Rounded scores so that ties are frequent.
+    scores = np.round(rng.normal(size=(n, num_columns)), 1).astype(np.float32)
+    targets = rng.integers(1, num_columns, n)
+    users = rng.integers(0, 25, n) * 1000 - 7000  # arbitrary, negative included
+    first = rng.random(n) < 0.3
+    metrics = RankingMetrics(ties=ties)
+    metrics.update(torch.from_numpy(scores).to(device), torch.from_numpy(targets).to(device),
+                   torch.from_numpy(users), torch.from_numpy(first))
+    result = metrics.result()
+    expected = _brute_force(scores, targets, users, first, ties)
+    for group in ("all", "first_in_session", "rest"):
+        for unit in ("per_event", "per_user"):
+            for name, value in expected[group][unit].items():
+                assert result[unit][group][name] == pytest.approx(value, abs=1e-12), (group, unit, name)
+
+
+def test_chunked_updates_equal_one_update(monkeypatch):
+    rng = np.random.default_rng(5)
+    n, num_columns = 500, 30
+    scores = torch.from_numpy(np.round(rng.normal(size=(n, num_columns)), 1))
+    targets = torch.from_numpy(rng.integers(1, num_columns, n))
+    users = torch.from_numpy(rng.integers(0, 60, n))
+    first = torch.from_numpy(rng.random(n) < 0.2)
+    whole = RankingMetrics()
+    whole.update(scores, targets, users, first)
+    # Small pending limit and row blocks: exercise the per-user merging and the blocked rank kernel.
+    monkeypatch.setattr(evaluate, "MIN_PENDING_ROWS", 7)
+    monkeypatch.setattr(evaluate, "ROW_BLOCK_ELEMENTS", 100)
+    chunked = RankingMetrics()
+    bounds = [0, 1, 1, 50, 173, 400, n]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        chunked.update(scores[lo:hi], targets[lo:hi], users[lo:hi], first[lo:hi])
+    _close(chunked.result(), whole.result())
+    halves = [RankingMetrics(), RankingMetrics()]
+    halves[0].update(scores[:200], targets[:200], users[:200], first[:200])
+    halves[1].update(scores[200:], targets[200:], users[200:], first[200:])
+    halves[0].merge(halves[1])
+    _close(halves[0].result(), whole.result())
+
+
+def _close(a, b):
+    for unit in ("per_event", "per_user"):
+        for group in ("all", "first_in_session", "rest"):
+            for name, value in b[unit][group].items():
+                assert a[unit][group][name] == pytest.approx(value, rel=1e-12, abs=1e-12), (unit, group, name)
+    assert a["counts"] == b["counts"] and a["ties"] == b["ties"]
+    return True
+
+
+def test_target_ranks_counts():
+    scores = torch.tensor([[3.0, 1.0, 2.0, 2.0], [0.0, 5.0, 5.0, 5.0]])
+    higher, tied = target_ranks(scores, torch.tensor([2, 1]))
+    assert higher.tolist() == [0, 0] and tied.tolist() == [1, 2]
+    higher, tied = target_ranks(scores, torch.tensor([2, 1]), padding_item=None)
+    assert higher.tolist() == [1, 0] and tied.tolist() == [1, 2]
+
+
+def test_half_precision_scores(device):
+    metrics = RankingMetrics()
+    scores = torch.tensor([[0.0, 1.0, 3.0, 2.0]], dtype=torch.bfloat16, device=device)
+    metrics.update(scores, torch.tensor([3]), torch.tensor([0]), torch.tensor([False]))
+    assert metrics.result()["per_event"]["all"]["MRR"] == 0.5
+
+
+def test_bad_inputs_raise_clear_errors():
+    metrics = RankingMetrics()
+    good = dict(scores=torch.rand(2, 5), targets=torch.tensor([1, 2]), users=torch.tensor([0, 1]),
+                first_in_session=torch.tensor([True, False]))
+
+    def call(**override):
+        metrics.update(**(good | override))
+
+    nan_scores = torch.rand(2, 5)
+    nan_scores[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="scores: NaN"):
+        call(scores=nan_scores)
+    with pytest.raises(ValueError, match="scores: expected shape"):
+        call(scores=torch.rand(10))
+    with pytest.raises(TypeError, match="scores: expected a floating point"):
+        call(scores=torch.ones(2, 5, dtype=torch.int64))
+    with pytest.raises(TypeError, match="scores must be"):
+        call(scores=[[0.1, 0.2]])
+    with pytest.raises(ValueError, match="targets: expected shape"):
+        call(targets=torch.tensor([1, 2, 3]))
+    with pytest.raises(TypeError, match="targets: expected an integer"):
+        call(targets=torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="targets: item id 0"):
+        call(targets=torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="targets: item id 5"):
+        call(targets=torch.tensor([5, 1]))
+    with pytest.raises(ValueError, match="users: expected shape"):
+        call(users=torch.tensor([0]))
+    with pytest.raises(TypeError, match="first_in_session: expected dtype torch.bool"):
+        call(first_in_session=torch.tensor([1, 0]))
+    call()
+    with pytest.raises(ValueError, match="expected 5 item columns"):
+        call(scores=torch.rand(2, 6))
+    with pytest.raises(ValueError, match="ties must be"):
+        RankingMetrics(ties="random")
+    with pytest.raises(ValueError, match="recall_ks"):
+        RankingMetrics(recall_ks=(0, 5))
+    with pytest.raises(ValueError, match="padding_item"):
+        RankingMetrics(padding_item=-1)
+    with pytest.raises(ValueError, match="padding_item 9"):
+        RankingMetrics(padding_item=9).update(**good)
+    with pytest.raises(ValueError, match="other: metrics"):
+        metrics.merge(RankingMetrics(ties="average"))

@@ -1,0 +1,100 @@
+"""The report folder: files written, strict JSON that round-trips, numbers in the markdown, valid PNGs."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hiertcn_fast.evaluate import RankingMetrics
+from hiertcn_fast.report import ModelResult, write_report
+
+pytest.importorskip("matplotlib")
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _quality(seed: int, ties: str = "optimistic", with_first: bool = True) -> dict:
+    rng = np.random.default_rng(seed)
+    metrics = RankingMetrics(ties=ties)
+    n = 40
+    first = rng.random(n) < 0.3 if with_first else np.zeros(n, dtype=bool)
+    metrics.update(torch.from_numpy(rng.normal(size=(n, 25))), torch.from_numpy(rng.integers(1, 25, n)),
+                   torch.from_numpy(rng.integers(0, 6, n)), torch.from_numpy(first))
+    return metrics.result()
+
+
+def _results():
+    return [
+        ModelResult("hiertcn", _quality(0), training_curve=[(0, 3.5), (10, 2.25), (20, 1.75)],
+                    events_per_second=123456.7, peak_memory_bytes=300 * 2**20, extra={"epochs": 2}),
+        ModelResult("most_popular", _quality(1, with_first=False), events_per_second=9.9e6),
+    ]
+
+
+def test_files_json_markdown_and_pngs(tmp_path):
+    results = _results()
+    written = write_report(results, tmp_path / "report", title="Test report", notes=["data: synthetic"],
+                           metadata={"seed": 3})
+    assert set(written) == {"training_curves", "quality", "throughput", "report", "results"}
+    for name in ("training_curves", "quality", "throughput"):
+        data = written[name].read_bytes()
+        assert data[:8] == PNG_SIGNATURE and len(data) > 1000, name
+        assert data[12:16] == b"IHDR"
+
+    document = json.loads(written["results"].read_text())
+    assert document["metadata"] == {"seed": 3} and document["notes"] == ["data: synthetic"]
+    assert document["tie_policy"] == results[0].quality["tie_policy"]
+    hiertcn = document["models"]["hiertcn"]
+    assert hiertcn["training_curve"] == [[0.0, 3.5], [10.0, 2.25], [20.0, 1.75]]
+    assert hiertcn["events_per_second"] == 123456.7 and hiertcn["peak_memory_bytes"] == 300 * 2**20
+    assert hiertcn["extra"] == {"epochs": 2}
+    for result in results:
+        stored = document["models"][result.name]["quality"]
+        for unit in ("per_user", "per_event"):
+            for group, values in result.quality[unit].items():
+                for metric, value in values.items():
+                    expected = None if isinstance(value, float) and math.isnan(value) else value
+                    assert stored[unit][group][metric] == expected, (result.name, unit, group, metric)
+    # The empty first-of-session group is NaN in memory and null in the strict JSON.
+    assert document["models"]["most_popular"]["quality"]["per_event"]["first_in_session"]["MRR"] is None
+
+    markdown = written["report"].read_text()
+    assert markdown.startswith("# Test report")
+    rows = {}  # the main table's row of each model (the breakdown table comes after it)
+    for line in markdown.splitlines():
+        if line.startswith("| "):
+            rows.setdefault(line.split("|")[1].strip(), line)
+    for result in results:
+        for unit in ("per_user", "per_event"):
+            for metric in ("Recall@10", "MRR", "NDCG@10"):
+                assert f"{result.quality[unit]['all'][metric]:.4f}" in rows[result.name]
+    assert "123,457" in rows["hiertcn"] and "300.0 MiB" in rows["hiertcn"]
+    assert "9,900,000" in rows["most_popular"] and "n/a" in rows["most_popular"]
+    assert "strictly higher" in markdown and "then mean over users" in markdown
+    assert "![quality](quality.png)" in markdown
+
+
+def test_optional_plots_are_skipped(tmp_path):
+    written = write_report({"rule": {"quality": _quality(2)}}, tmp_path)
+    assert set(written) == {"quality", "report", "results"}
+    assert not (tmp_path / "training_curves.png").exists()
+    assert json.loads((tmp_path / "results.json").read_text())["files"] == ["quality.png", "report.md"]
+
+
+def test_bad_results_raise(tmp_path):
+    with pytest.raises(ValueError, match="at least one model"):
+        write_report([], tmp_path)
+    with pytest.raises(ValueError, match="different tie policies"):
+        write_report([ModelResult("a", _quality(0)), ModelResult("b", _quality(0, ties="average"))], tmp_path)
+    with pytest.raises(ValueError, match="names must be unique"):
+        write_report([ModelResult("a", _quality(0)), ModelResult("a", _quality(1))], tmp_path)
+    with pytest.raises(ValueError, match="has no 'per_user'"):
+        ModelResult("a", {"MRR": 0.1})
+    with pytest.raises(ValueError, match="training_curve of 'a'"):
+        ModelResult("a", _quality(0), training_curve=[(1, 2, 3)])
+    with pytest.raises(ValueError, match="events_per_second of 'a'"):
+        ModelResult("a", _quality(0), events_per_second=-1.0)
+    with pytest.raises(TypeError, match="notes must be"):
+        write_report([ModelResult("a", _quality(0))], tmp_path, notes="one string")
