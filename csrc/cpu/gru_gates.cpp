@@ -1,5 +1,11 @@
 // CPU kernels for the fused GRU gate math: parallel over batch rows, a straight loop over hidden
-// units that the compiler vectorises where the math library allows.
+// units that the compiler vectorises (float: the branch-free exp_poly of hiertcn/gru_gates.h).
+//
+// GCC if-converts the clamps in exp_poly, and so vectorises the loops, only when floating-point
+// comparisons may not trap; nothing here reads the floating-point exception flags.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
