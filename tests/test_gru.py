@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import hiertcn_fast
+from hiertcn_fast.nn import GRU, GRUCell
 from hiertcn_fast.ops import gru, gru_cell, gru_reference, session_update, session_update_reference
 from gru_helpers import (assert_outputs_and_grads_match, layer_weights, session_update_composition, torch_gru,
                          torch_gru_cell)
@@ -196,7 +197,7 @@ def test_backward_is_deterministic(backend, device):
 def test_torch_compile_fullgraph(backend):
     device = "cuda" if backend in ("cuda", "triton") else "cpu"
     dtype = torch.float32
-    x, h0, weights = sequence_inputs(3, 4, 5, 6, 2, False, True, dtype, device)
+    x, h0, weights = sequence_inputs(3, 2, 5, 6, 2, False, True, dtype, device)
     items, lengths, h, keep, su_weights, (pw, pb) = session_inputs(3, 4, 5, 6, 2, True, True, "mixed", "mixed",
                                                                    dtype, device)
     x.requires_grad_()
@@ -277,7 +278,7 @@ def test_half_types_on_gpu(backend, dtype):
 @pytest.mark.parametrize("bias", [True, False])
 def test_gru_cell_module_is_a_drop_in(bias):
     peer = torch.nn.GRUCell(5, 8, bias=bias)
-    cell = hiertcn_fast.nn.GRUCell(5, 8, bias=bias)
+    cell = GRUCell(5, 8, bias=bias)
     cell.load_state_dict(peer.state_dict())
     x, h = torch.randn(3, 5), torch.randn(3, 8)
     assert_close(cell(x, h), peer(x, h), torch.float32)
@@ -289,14 +290,14 @@ def test_gru_cell_module_is_a_drop_in(bias):
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_gru_module_is_a_drop_in_and_steps(batch_first):
     peer = torch.nn.GRU(5, 8, num_layers=2, batch_first=batch_first)
-    module = hiertcn_fast.nn.GRU(5, 8, num_layers=2, batch_first=batch_first)
+    module = GRU(5, 8, num_layers=2, batch_first=batch_first)
     module.load_state_dict(peer.state_dict())
     x = torch.randn(3, 7, 5) if batch_first else torch.randn(7, 3, 5)
     h0 = torch.randn(2, 3, 8)
     for args in ((x, h0), (x,), (x[0] if batch_first else x[:, 0], h0[:, 0])):
         for got, want in zip(module(*args), peer(*args)):
             assert_close(got, want, torch.float32)
-    stepper = hiertcn_fast.nn.GRU(5, 8, num_layers=2, batch_first=True)
+    stepper = GRU(5, 8, num_layers=2, batch_first=True)
     stepper.load_state_dict(peer.state_dict())
     sequence = x if batch_first else x.transpose(0, 1)
     h, outputs = h0, []
@@ -311,7 +312,7 @@ def test_gru_module_is_a_drop_in_and_steps(batch_first):
 
 def test_gru_module_rejects_bidirectional():
     with pytest.raises(ValueError, match="bidirectional"):
-        hiertcn_fast.nn.GRU(3, 4, bidirectional=True)
+        GRU(3, 4, bidirectional=True)
 
 
 # ---- bad input -----------------------------------------------------------------------------------
@@ -322,7 +323,7 @@ def test_bad_input_is_a_clear_error():
         gru_cell(x, h, w_ih, w_hh[:, :3], b_ih, b_hh)
     with pytest.raises(ValueError, match=r"must have 3 \* hidden = 12 rows \(gates r, z, n"):
         gru_cell(x, h, w_ih[:8], w_hh, b_ih, b_hh)
-    with pytest.raises(ValueError, match=r"w_ih\) must have shape \(12, 3\)"):
+    with pytest.raises(ValueError, match=r"w_ih\) must have shape \(12, 5\), got \(12, 3\)"):
         gru_cell(torch.randn(2, 5), h, w_ih, w_hh, b_ih, b_hh)
     with pytest.raises(TypeError, match=r"cell weights\[0\] \(w_ih\) has dtype torch.float64 but h has torch.float32"):
         gru_cell(x, h, w_ih.double(), w_hh, b_ih, b_hh)
