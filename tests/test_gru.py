@@ -11,8 +11,13 @@ from gru_helpers import (assert_outputs_and_grads_match, layer_weights, session_
                          torch_gru_cell)
 from helpers import BACKEND_DEVICES, COMPARE_DTYPE, CUDA, assert_close, rand
 
-COMPILED_AND_REFERENCE = [p for p in BACKEND_DEVICES if p.values[0] in ("reference", "cpu")]
-TRITON_AND_CUDA = [p for p in BACKEND_DEVICES if p.values[0] in ("triton", "cuda")]
+
+def backend_cases(cases, small_cases):
+    """(backend, device, case) params: every case for the fast CPU backends, the small ones for triton
+    (interpreted on the CPU) and cuda."""
+    return [pytest.param(*p.values, case, marks=p.marks, id=f"{p.id}-{case}") for p in BACKEND_DEVICES
+            for case in (cases if p.values[0] in ("reference", "cpu") else small_cases)]
+
 
 # (batch, input, hidden, noncontiguous, bias): every hidden size with every batch size for the fast
 # backends; the interpreted Triton kernels get the small ones.
@@ -32,22 +37,11 @@ def cell_inputs(batch, input_size, hidden, noncontiguous, bias, dtype, device):
             rand(batch, hidden, dtype=dtype, device=device, noncontiguous=noncontiguous), *weights]
 
 
-def check_cell(backend, device, case):
+@pytest.mark.parametrize("backend,device,case", backend_cases(CELL_CASES, CELL_CASES_SMALL))
+def test_cell_matches_torch_gru_cell(backend, device, case):
     dtype = COMPARE_DTYPE[backend]
     inputs = cell_inputs(*case, dtype, device)
     assert_outputs_and_grads_match(lambda *a: gru_cell(*a, backend=backend), torch_gru_cell, inputs, dtype)
-
-
-@pytest.mark.parametrize("backend,device", COMPILED_AND_REFERENCE)
-@pytest.mark.parametrize("case", CELL_CASES, ids=str)
-def test_cell_matches_torch_gru_cell(backend, device, case):
-    check_cell(backend, device, case)
-
-
-@pytest.mark.parametrize("backend,device", TRITON_AND_CUDA)
-@pytest.mark.parametrize("case", CELL_CASES_SMALL, ids=str)
-def test_cell_matches_torch_gru_cell_small(backend, device, case):
-    check_cell(backend, device, case)
 
 
 def sequence_inputs(batch, time, input_size, hidden, layers, noncontiguous, bias, dtype, device):
@@ -56,7 +50,8 @@ def sequence_inputs(batch, time, input_size, hidden, layers, noncontiguous, bias
     return x, h0, layer_weights(input_size, hidden, layers, dtype, device, bias, noncontiguous)
 
 
-def check_sequence(backend, device, case):
+@pytest.mark.parametrize("backend,device,case", backend_cases(SEQUENCE_CASES, SEQUENCE_CASES_SMALL))
+def test_sequence_matches_torch_gru(backend, device, case):
     dtype = COMPARE_DTYPE[backend]
     x, h0, weights = sequence_inputs(*case, dtype, device)
     per_layer = len(weights[0])
@@ -68,18 +63,6 @@ def check_sequence(backend, device, case):
     assert_outputs_and_grads_match(
         lambda x, h0, *w: gru(x, h0, regroup(w), num_layers=len(weights), backend=backend),
         lambda x, h0, *w: torch_gru(x, h0, regroup(w)), [x, h0, *flat], dtype)
-
-
-@pytest.mark.parametrize("backend,device", COMPILED_AND_REFERENCE)
-@pytest.mark.parametrize("case", SEQUENCE_CASES, ids=str)
-def test_sequence_matches_torch_gru(backend, device, case):
-    check_sequence(backend, device, case)
-
-
-@pytest.mark.parametrize("backend,device", TRITON_AND_CUDA)
-@pytest.mark.parametrize("case", SEQUENCE_CASES_SMALL, ids=str)
-def test_sequence_matches_torch_gru_small(backend, device, case):
-    check_sequence(backend, device, case)
 
 
 def test_sequence_without_initial_state_starts_from_zero():
