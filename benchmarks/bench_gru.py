@@ -35,17 +35,28 @@ def _run(fn, leaves, backward):
 
 # ---- cell ----------------------------------------------------------------------------------------
 
-def _cell_maker(batch, hidden, dtype, device, backward):
+WITH_COMPILE = ("hiertcn_fast", "torch eager", "torch.compile")
+WITHOUT_COMPILE = ("hiertcn_fast", "torch eager")
+
+
+def _variants(quick, hiertcn_shape):
+    """torch.compile costs seconds per case to build: in the quick matrix only at HierTCN's shape."""
+    return WITH_COMPILE if hiertcn_shape or not quick else WITHOUT_COMPILE
+
+
+def _cell_maker(batch, hidden, dtype, device, backward, variants):
     def make():
         cell = torch.nn.GRUCell(hidden, hidden, device=device, dtype=dtype)
         x = torch.randn(batch, hidden, device=device, dtype=dtype, requires_grad=backward)
         h = torch.randn(batch, hidden, device=device, dtype=dtype, requires_grad=backward)
         leaves = [x, h, *cell.parameters()]
         weights = list(cell.parameters())
-        compiled = torch.compile(cell)
-        return {"hiertcn_fast": _run(lambda: gru_cell(x, h, *weights), leaves, backward),
-                "torch eager": _run(lambda: cell(x, h), leaves, backward),
-                "torch.compile": _run(lambda: compiled(x, h), leaves, backward)}
+        made = {"hiertcn_fast": _run(lambda: gru_cell(x, h, *weights), leaves, backward),
+                "torch eager": _run(lambda: cell(x, h), leaves, backward)}
+        if "torch.compile" in variants:
+            compiled = torch.compile(cell)
+            made["torch.compile"] = _run(lambda: compiled(x, h), leaves, backward)
+        return made
 
     return make
 
@@ -59,12 +70,13 @@ def _cell_cases(device, quick):
         matmul_flops = 2 * batch * (2 * hidden) * 3 * hidden
         weight_bytes = 2 * 3 * hidden * hidden * _element(dtype)
         act_bytes = batch * hidden * 3 * _element(dtype)
+        variants = _variants(quick, (batch, hidden) == (256, 128))
         for backward in (False, True):
             cases.append(harness.Case(
                 "gru_cell", f"b={batch} h={hidden} {'fwd+bwd' if backward else 'fwd'}",
-                _cell_maker(batch, hidden, dtype, device, backward),
+                _cell_maker(batch, hidden, dtype, device, backward, variants),
                 flops=matmul_flops * (3 if backward else 1),
-                bytes=(weight_bytes + act_bytes) * (3 if backward else 1), dtype=dtype))
+                bytes=(weight_bytes + act_bytes) * (3 if backward else 1), dtype=dtype, variants=variants))
     return cases
 
 
@@ -95,7 +107,7 @@ def _sequence_cases(device, quick):
                 _sequence_maker(batch, time, hidden, layers, dtype, device, backward),
                 flops=flops * (3 if backward else 1),
                 bytes=batch * time * hidden * (layers + 1) * _element(dtype) * (3 if backward else 1), dtype=dtype,
-                variants=("hiertcn_fast", "torch eager")))
+                variants=WITHOUT_COMPILE))
     return cases
 
 
@@ -112,7 +124,7 @@ def session_update_composition(items, lengths, h, keep, layers):
     return torch.where((lengths > 0)[None, :, None], torch.stack(states), h) * keep[None, :, None]
 
 
-def _session_maker(batch, time, hidden, layers, dtype, device, backward):
+def _session_maker(batch, time, hidden, layers, dtype, device, backward, variants):
     def make():
         module = torch.nn.GRU(hidden, hidden, num_layers=layers, device=device, dtype=dtype)
         items = torch.randn(batch, time, hidden, device=device, dtype=dtype, requires_grad=backward)
@@ -121,11 +133,13 @@ def _session_maker(batch, time, hidden, layers, dtype, device, backward):
         keep = (torch.rand(batch, device=device) > 0.1).to(dtype)
         weights = module.all_weights
         leaves = [items, h, *module.parameters()]
-        compiled = torch.compile(session_update_composition)
-        return {"hiertcn_fast": _run(lambda: session_update(items, lengths, h, keep, weights), leaves, backward),
+        made = {"hiertcn_fast": _run(lambda: session_update(items, lengths, h, keep, weights), leaves, backward),
                 "torch eager": _run(lambda: session_update_composition(items, lengths, h, keep, weights), leaves,
-                                    backward),
-                "torch.compile": _run(lambda: compiled(items, lengths, h, keep, weights), leaves, backward)}
+                                    backward)}
+        if "torch.compile" in variants:
+            compiled = torch.compile(session_update_composition)
+            made["torch.compile"] = _run(lambda: compiled(items, lengths, h, keep, weights), leaves, backward)
+        return made
 
     return make
 
@@ -137,12 +151,14 @@ def _session_cases(device, quick):
     cases = []
     for batch in batches:
         flops = 2 * batch * layers * (2 * hidden) * 3 * hidden
+        variants = _variants(quick, batch == 32)
         for backward in (False, True):
             cases.append(harness.Case(
                 "session_update", f"b={batch} t={time} h={hidden} l={layers} {'fwd+bwd' if backward else 'fwd'}",
-                _session_maker(batch, time, hidden, layers, dtype, device, backward),
+                _session_maker(batch, time, hidden, layers, dtype, device, backward, variants),
                 flops=flops * (3 if backward else 1),
-                bytes=batch * time * hidden * _element(dtype) * (2 if backward else 1), dtype=dtype))
+                bytes=batch * time * hidden * _element(dtype) * (2 if backward else 1), dtype=dtype,
+                variants=variants))
     return cases
 
 

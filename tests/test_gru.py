@@ -204,27 +204,30 @@ def test_torch_compile_fullgraph(backend):
     assert torch.isfinite(x.grad).all() and torch.isfinite(items.grad).all()
 
 
-def test_opcheck_compiled_ops():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_opcheck_compiled_ops(device):
     ops = torch.ops.hiertcn_fast
-    x, h0, weights = sequence_inputs(3, 4, 5, 6, 1, False, True, torch.float64, "cpu")
+    dtype = torch.float64 if device == "cpu" else torch.float32
+
+    def empty(*shape):
+        return torch.empty(*shape, dtype=dtype, device=device)
+
+    x, h0, weights = sequence_inputs(3, 4, 5, 6, 1, False, True, dtype, device)
     (w_ih, w_hh, b_ih, b_hh), h0 = weights[0], h0[0]
-    output, gi, gh = torch.empty(3, 4, 6, dtype=torch.float64), torch.empty(3, 4, 18, dtype=torch.float64), \
-        torch.empty(4, 3, 18, dtype=torch.float64)
-    torch.library.opcheck(ops.gru_layer_forward_out.default, (x, h0, w_ih, w_hh, b_ih, b_hh),
-                          dict(output=output, gi=gi, gh=gh))
-    ops.gru_layer_forward_out(x, h0, w_ih, w_hh, b_ih, b_hh, output=output, gi=gi, gh=gh)
+    saved = dict(output=empty(3, 4, 6), gi=empty(3, 4, 18), gh=empty(4, 3, 18))
+    torch.library.opcheck(ops.gru_layer_forward_out.default, (x, h0, w_ih, w_hh, b_ih, b_hh), saved)
+    ops.gru_layer_forward_out(x, h0, w_ih, w_hh, b_ih, b_hh, **saved)
     grads = dict(grad_x=torch.empty_like(x), grad_h0=torch.empty_like(h0), grad_w_ih=torch.empty_like(w_ih),
                  grad_w_hh=torch.empty_like(w_hh), grad_b_ih=torch.empty_like(b_ih), grad_b_hh=torch.empty_like(b_hh))
     torch.library.opcheck(ops.gru_layer_backward_out.default,
-                          (torch.randn_like(output), x, h0, w_ih, w_hh, output, gi, gh), grads)
+                          (torch.randn_like(saved["output"]), x, h0, w_ih, w_hh, *saved.values()), grads)
 
-    items, lengths, h, keep, weights, (pw, pb) = session_inputs(4, 3, 5, 6, 2, True, True, "mixed", "mixed",
-                                                                torch.float64, "cpu")
+    items, lengths, h, keep, weights, (pw, pb) = session_inputs(4, 3, 5, 6, 2, True, True, "mixed", "mixed", dtype,
+                                                                device)
     items = items.contiguous()
     flat = [t for layer in weights for t in layer]
-    saved = dict(out=torch.empty_like(h), states=torch.empty_like(h), session_mean=torch.empty(4, 5).double(),
-                 projected=torch.empty(4, 6).double(), gi=torch.empty(2, 4, 18).double(),
-                 gh=torch.empty(2, 4, 18).double())
+    saved = dict(out=torch.empty_like(h), states=torch.empty_like(h), session_mean=empty(4, 5),
+                 projected=empty(4, 6), gi=empty(2, 4, 18), gh=empty(2, 4, 18))
     torch.library.opcheck(ops.session_update_forward_out.default, (items, lengths, h, keep, flat, pw, pb), saved)
     ops.session_update_forward_out(items, lengths, h, keep, flat, pw, pb, **saved)
     grads = dict(grad_item_embeddings=torch.empty_like(items), grad_h=torch.empty_like(h),
