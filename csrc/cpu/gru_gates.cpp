@@ -30,31 +30,16 @@ int64_t rows_per_task(int64_t hidden) { return std::max<int64_t>(1, 16384 / std:
 // One batch row. The pointers are __restrict (outputs never overlap inputs: the callers allocate them)
 // and the sizes plain values: without both, the compiler does not vectorise the loops over units.
 template <typename T>
-HIERTCN_CPU_CLONES void gru_gates_row(const T* __restrict gi, const T* __restrict gh, const T* __restrict h, T* __restrict out,
-                   int64_t H) {
-  using A = acc_t<T>;
-  for (int64_t j = 0; j < H; ++j) {
-    out[j] = static_cast<T>(gru_gate_forward<A>(gi[j], gi[H + j], gi[2 * H + j], gh[j], gh[H + j], gh[2 * H + j], h[j]));
-  }
+HIERTCN_CPU_CLONES void forward_row(const T* __restrict gi, const T* __restrict gh, const T* __restrict h,
+                                    T* __restrict out, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) out[j] = gru_gate_forward_row<T, acc_t<T>>(gi, gh, h, j, H);
 }
 
 template <typename T>
-HIERTCN_CPU_CLONES void gru_gates_backward_row(const T* __restrict g, const T* __restrict gi, const T* __restrict gh,
-                            const T* __restrict h, T* __restrict d_gi, T* __restrict d_gh, T* __restrict d_h,
-                            int64_t H) {
-  using A = acc_t<T>;
-  for (int64_t j = 0; j < H; ++j) {
-    A d_r, d_z, d_n, d_hn, dh;
-    gru_gate_backward<A>(g[j], gi[j], gi[H + j], gi[2 * H + j], gh[j], gh[H + j], gh[2 * H + j], h[j], &d_r, &d_z,
-                         &d_n, &d_hn, &dh);
-    d_gi[j] = static_cast<T>(d_r);
-    d_gi[H + j] = static_cast<T>(d_z);
-    d_gi[2 * H + j] = static_cast<T>(d_n);
-    d_gh[j] = static_cast<T>(d_r);
-    d_gh[H + j] = static_cast<T>(d_z);
-    d_gh[2 * H + j] = static_cast<T>(d_hn);
-    d_h[j] = static_cast<T>(dh);
-  }
+HIERTCN_CPU_CLONES void backward_row(const T* __restrict g, const T* __restrict gi, const T* __restrict gh,
+                                     const T* __restrict h, T* __restrict d_gi, T* __restrict d_gh,
+                                     T* __restrict d_h, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) gru_gate_backward_row<T, acc_t<T>>(g, gi, gh, h, d_gi, d_gh, d_h, j, H);
 }
 
 template <typename T>
@@ -65,7 +50,7 @@ void gru_gates_cpu_kernel(const GruGatesParams& p) {
   T* out = static_cast<T*>(p.out);
   at::parallel_for(0, p.batch, rows_per_task(p.hidden), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      gru_gates_row<T>(gi + b * p.gi_row_stride, gh + b * p.gh_row_stride, h + b * p.h_row_stride,
+      forward_row<T>(gi + b * p.gi_row_stride, gh + b * p.gh_row_stride, h + b * p.h_row_stride,
                        out + b * p.out_row_stride, p.hidden);
     }
   });
@@ -82,7 +67,7 @@ void gru_gates_backward_cpu_kernel(const GruGatesBackwardParams& p) {
   T* d_h = static_cast<T*>(p.grad_h);
   at::parallel_for(0, p.batch, rows_per_task(p.hidden), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      gru_gates_backward_row<T>(g + b * p.grad_out_row_stride, gi + b * p.gi_row_stride, gh + b * p.gh_row_stride,
+      backward_row<T>(g + b * p.grad_out_row_stride, gi + b * p.gi_row_stride, gh + b * p.gh_row_stride,
                                 h + b * p.h_row_stride, d_gi + b * p.grad_gi_row_stride,
                                 d_gh + b * p.grad_gh_row_stride, d_h + b * p.grad_h_row_stride, p.hidden);
     }

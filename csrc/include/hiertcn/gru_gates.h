@@ -132,4 +132,28 @@ HIERTCN_HD void gru_gate_backward(A g, A gi_r, A gi_z, A gi_n, A gh_r, A gh_z, A
   *d_h = g * z;
 }
 
+// Unit j of one row, read from and written to row pointers, shared by the CPU and CUDA kernels:
+// gi and gh hold the gates r, z, n at j, H + j, 2H + j. Math in A, storage in T.
+template <typename T, typename A>
+HIERTCN_HD T gru_gate_forward_row(const T* gi, const T* gh, const T* h, int64_t j, int64_t H) {
+  return static_cast<T>(gru_gate_forward<A>(A(gi[j]), A(gi[H + j]), A(gi[2 * H + j]), A(gh[j]), A(gh[H + j]),
+                                            A(gh[2 * H + j]), A(h[j])));
+}
+
+// The gradient of gh's r and z parts equals gi's: both enter the same sigmoid.
+template <typename T, typename A>
+HIERTCN_HD void gru_gate_backward_row(const T* g, const T* gi, const T* gh, const T* h, T* d_gi, T* d_gh, T* d_h,
+                                      int64_t j, int64_t H) {
+  A d_r, d_z, d_n, d_hn, dh;
+  gru_gate_backward<A>(A(g[j]), A(gi[j]), A(gi[H + j]), A(gi[2 * H + j]), A(gh[j]), A(gh[H + j]), A(gh[2 * H + j]),
+                       A(h[j]), &d_r, &d_z, &d_n, &d_hn, &dh);
+  d_gi[j] = static_cast<T>(d_r);
+  d_gi[H + j] = static_cast<T>(d_z);
+  d_gi[2 * H + j] = static_cast<T>(d_n);
+  d_gh[j] = static_cast<T>(d_r);
+  d_gh[H + j] = static_cast<T>(d_z);
+  d_gh[2 * H + j] = static_cast<T>(d_hn);
+  d_h[j] = static_cast<T>(dh);
+}
+
 }  // namespace hiertcn
