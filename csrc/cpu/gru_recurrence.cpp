@@ -347,7 +347,8 @@ void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& i
   for (int64_t l = s.layers - 1; l >= 0; --l) {
     const LayerWeights w = layer_weights(weights, s, l);
     const at::Tensor h_l = h.select(0, l);
-    const at::Tensor layer_input = l > 0 ? states.select(0, l - 1) : (projected.has_value() ? *projected : session_mean);
+    const at::Tensor layer_input =
+        l > 0 ? states.select(0, l - 1) : (projected.has_value() ? *projected : session_mean);
     step_gates_backward(k, grad_layer_output, gi.select(0, l), gh.select(0, l), h_l, grad_gi, grad_gh, grad_h_direct);
     at::Tensor grad_h_l = grad_h.select(0, l);
     grad_h_l.add_(grad_h_direct).addmm_(grad_gh, w.w_hh);
