@@ -246,6 +246,19 @@ def test_opcheck_compiled_ops(device):
                            saved["projected"], saved["states"], saved["gi"], saved["gh"]), grads)
 
 
+def test_triton_session_mean_ops():
+    # Fake-tensor checks of a triton_op need a GPU (the interpreter reads data pointers): schema only here.
+    device = "cuda" if CUDA else "cpu"
+    items, lengths = rand(3, 4, 5, dtype=torch.float32, device=device), torch.tensor([0, 4, 2], device=device)
+    mean, grad_items = torch.empty(3, 5, device=device), torch.empty(3, 4, 5, device=device)
+    checks = None if CUDA else ("test_schema",)
+    kwargs = {} if checks is None else {"test_utils": checks}
+    ops = torch.ops.hiertcn_fast
+    torch.library.opcheck(ops.session_mean_triton_out.default, (items, lengths, mean), **kwargs)
+    torch.library.opcheck(ops.session_mean_backward_triton_out.default, (torch.randn_like(mean), lengths, grad_items),
+                          **kwargs)
+
+
 # ---- half types on the GPU ------------------------------------------------------------------------
 
 @pytest.mark.gpu

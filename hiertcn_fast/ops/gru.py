@@ -13,7 +13,8 @@ the C++ schemas in csrc/ops.cpp, triton_op for the Triton kernels).
 How the backends run a sequence: cpu and cuda call one compiled op per layer for the whole sequence
 (csrc/cpu/gru_recurrence.cpp: the input projection of all steps as one matrix product, then the
 recurrence and the backward through time in C++, matrix products by ATen, gates by our kernels).
-triton runs the same loop in Python with the Triton gate kernels, and autograd differentiates it.
+triton runs the same loop in Python with the Triton gate kernels (and session mean kernels), and
+autograd differentiates it.
 
 Not done yet on the GPU, for want of a GPU to measure on: fusing the recurrent matrix product with
 the gates (one kernel per step at small batch) and a persistent kernel for the whole recurrence.
@@ -310,17 +311,45 @@ def gru(x: torch.Tensor, h0, weights, *, num_layers: int, backend=None):
 
 # ---- HierTCN's session-level update --------------------------------------------------------------
 
-def _session_update_composed(items, lengths, h, keep, layers, proj_weight, proj_bias, gates_backend):
-    """session_update from torch ops and the gates op (the reference, and the triton backend)."""
+def _session_mean_reference(items, lengths):
+    """items (batch, time, dim), lengths (batch,) -> the mean over each row's first lengths[b] items (0 if none)."""
     in_session = torch.arange(items.shape[1], device=items.device) < lengths[:, None]
     total = torch.where(in_session[..., None], items, torch.zeros((), dtype=items.dtype, device=items.device)).sum(1)
-    layer_input = total / lengths.clamp(min=1).to(items.dtype)[:, None]
+    return total / lengths.clamp(min=1).to(items.dtype)[:, None]
+
+
+class _SessionMeanTritonFunction(torch.autograd.Function):
+    """The session mean on the Triton kernels, differentiable in items."""
+
+    @staticmethod
+    def forward(ctx, items, lengths):
+        mean = new_output((items.shape[0], items.shape[2]), items)
+        torch.ops.hiertcn_fast.session_mean_triton_out(items, lengths, mean)
+        ctx.save_for_backward(lengths)
+        ctx.items_shape = items.shape
+        return mean
+
+    @staticmethod
+    def backward(ctx, grad_mean):
+        (lengths,) = ctx.saved_tensors
+        grad_items = new_output(ctx.items_shape, grad_mean)
+        torch.ops.hiertcn_fast.session_mean_backward_triton_out(unit_stride_rows(grad_mean), lengths, grad_items)
+        return grad_items, None
+
+
+def _session_update_composed(items, lengths, h, keep, layers, proj_weight, proj_bias, backend):
+    """session_update from torch ops, the session mean and the gates op on ``backend`` (reference or triton),
+    differentiated by autograd."""
+    if backend == "triton":
+        layer_input = _SessionMeanTritonFunction.apply(unit_stride_rows(items), lengths)
+    else:
+        layer_input = _session_mean_reference(items, lengths)
     if proj_weight is not None:
         layer_input = F.linear(layer_input, proj_weight, proj_bias)
     states = []
     for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
         layer_input = gru_gates(F.linear(layer_input, w_ih, b_ih), F.linear(h[layer], w_hh, b_hh), h[layer],
-                                backend=gates_backend)
+                                backend=backend)
         states.append(layer_input)
     active = (lengths > 0)[None, :, None]
     return torch.where(active, torch.stack(states), h) * keep[None, :, None]
@@ -486,3 +515,17 @@ def _gru_gates_backward_triton_out(grad_out: torch.Tensor, gi: torch.Tensor, gh:
     from ..triton import gru_gates as kernels
 
     kernels.gru_gates_backward(grad_out, gi, gh, h, grad_gi, grad_gh, grad_h)
+
+
+@torch.library.triton_op("hiertcn_fast::session_mean_triton_out", mutates_args={"mean"})
+def _session_mean_triton_out(items: torch.Tensor, lengths: torch.Tensor, mean: torch.Tensor) -> None:
+    from ..triton import gru_session as kernels
+
+    kernels.session_mean_forward(items, lengths, mean)
+
+
+@torch.library.triton_op("hiertcn_fast::session_mean_backward_triton_out", mutates_args={"grad_items"})
+def _session_mean_backward_triton_out(grad_mean: torch.Tensor, lengths: torch.Tensor, grad_items: torch.Tensor) -> None:
+    from ..triton import gru_session as kernels
+
+    kernels.session_mean_backward(grad_mean, lengths, grad_items)
