@@ -128,7 +128,7 @@ def time_generators(cache_path: str, max_batches: int, workers: int) -> dict:
     results["generator_queue"] = {"batches": count, "batches_per_s": count / seconds,
                                   "events_per_s": events / seconds}
     loader = torch.utils.data.DataLoader(BatchDataset(make()), batch_size=None, shuffle=False, num_workers=workers,
-                                         pin_memory=cuda, prefetch_factor=4)
+                                         pin_memory=cuda, prefetch_factor=4 if workers else None)
 
     def to_device(iterator):
         for batch in iterator:

@@ -133,12 +133,31 @@ def _can_run(name, device: torch.device, dtype, dtypes) -> str:
     return ""
 
 
+_resolved = {}
+
+
 def resolve(op: str, backend, device: torch.device, dtype: torch.dtype, dtypes) -> str:
     """The backend that runs ``op`` on tensors of ``device``/``dtype``.
 
-    ``dtypes`` maps each backend name to the dtypes that op supports on it.
+    ``dtypes`` maps each backend name to the dtypes that op supports on it (constant per op).
+    Answers are memoised: what is installed does not change while the process runs, and this sits
+    on every op call (a TCN step calls it once per layer per event).
     """
     name = requested_backend(backend)
+    key = (op, name, device.type, dtype, triton_interpreted())
+    answer = _resolved.get(key)
+    if answer is None:
+        try:
+            answer = _resolve_uncached(op, name, device, dtype, dtypes)
+        except (BackendUnavailableError, TypeError) as exc:
+            answer = exc
+        _resolved[key] = answer
+    if isinstance(answer, Exception):
+        raise type(answer)(*answer.args)
+    return answer
+
+
+def _resolve_uncached(op, name, device, dtype, dtypes) -> str:
     if name != "auto":
         why = _can_run(name, device, dtype, dtypes)
         if why:

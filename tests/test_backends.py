@@ -50,8 +50,15 @@ def test_bad_names_are_rejected(monkeypatch):
 
 def test_auto_prefers_compiled_cpu_kernels_for_cpu_tensors():
     assert resolve("op", None, torch.device("cpu"), torch.float32, DTYPES) == "cpu"
-    no_cpu_half = dict(DTYPES, cpu=set())
-    assert resolve("op", None, torch.device("cpu"), torch.float32, no_cpu_half) == "reference"
+    no_cpu_kernel = dict(DTYPES, cpu=set())
+    assert resolve("op_without_cpu_kernel", None, torch.device("cpu"), torch.float32, no_cpu_kernel) == "reference"
+
+
+def test_refusals_are_remembered_and_raised_again():
+    no_cpu_kernel = dict(DTYPES, cpu=set())
+    for _ in range(2):
+        with pytest.raises(hiertcn_fast.BackendUnavailableError, match="does not support torch.float32"):
+            resolve("op_refusing_cpu", "cpu", torch.device("cpu"), torch.float32, no_cpu_kernel)
 
 
 def test_context_manager_routes_ops():

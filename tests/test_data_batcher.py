@@ -138,7 +138,9 @@ def test_every_event_once_per_epoch_in_time_order(ml100k, split):
         sessions, users_seen = collect_epoch(batcher)
         np.testing.assert_array_equal(np.sort(sessions), expected)  # each session exactly once
         events = np.diff(ml100k.session_offsets)[sessions].sum()
-        assert events == batcher.num_events == ml100k.manifest["counts"]["splits"][split]["events"]
+        split_counts = ml100k.manifest["counts"]["splits"][split]
+        assert events == batcher.num_events == split_counts["events"]
+        assert batcher.split_users.shape[0] == split_counts["users"] and sessions.shape[0] == split_counts["sessions"]
         # Per user: sessions delivered in time order, all in one lane.
         session_user = np.searchsorted(ml100k.user_session_offsets, sessions, side="right") - 1
         for user in np.unique(session_user):

@@ -228,8 +228,15 @@ def test_leftover_temp_dir_is_never_a_cache(tmp_path, small_source):
     os.rename(cache.path, temp)
     with pytest.raises(CacheCorruptError, match="unfinished"):
         SessionCache.open(temp)
-    (temp / "manifest.json").unlink()
     os.rename(temp, cache.path)
+    # An unfinished build by a process that is gone is cleaned up by the next build.
+    dead = tmp_path / f".tmp-{cache.path.name}-999999999-0badf00d"
+    dead.mkdir()
+    alive = tmp_path / f".tmp-{cache.path.name}-{os.getpid()}-0badf00d"
+    alive.mkdir()
+    preprocess(small_source, tmp_path, SMALL, rebuild=True)
+    assert not dead.exists() and alive.exists()
+    (cache.path / "manifest.json").unlink()
     with pytest.raises(CacheCorruptError, match="no manifest.json"):
         SessionCache.open(cache.path)
 

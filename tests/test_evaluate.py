@@ -222,6 +222,11 @@ def test_bad_inputs_raise_clear_errors():
     nan_scores[1, 3] = float("nan")
     with pytest.raises(ValueError, match="scores: NaN"):
         call(scores=nan_scores)
+    infinite = torch.rand(2, 5)
+    infinite[0, 1], infinite[0, 2] = float("inf"), float("-inf")  # a NaN row sum, but no NaN score
+    call(scores=infinite)
+    with pytest.raises(ValueError, match="scores: NaN in 1 of 2 events"):
+        call(scores=torch.cat([infinite[:1], nan_scores[1:]]).to(torch.float16))
     with pytest.raises(ValueError, match="scores: expected shape"):
         call(scores=torch.rand(10))
     with pytest.raises(TypeError, match="scores: expected a floating point"):

@@ -10,10 +10,7 @@ import torch
 from hiertcn_fast.evaluate import RankingMetrics
 from hiertcn_fast.report import ModelResult, write_report
 
-pytest.importorskip("matplotlib")
-
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
 
 def _quality(seed: int, ties: str = "optimistic", with_first: bool = True) -> dict:
     rng = np.random.default_rng(seed)
@@ -24,14 +21,12 @@ def _quality(seed: int, ties: str = "optimistic", with_first: bool = True) -> di
                    torch.from_numpy(rng.integers(0, 6, n)), torch.from_numpy(first))
     return metrics.result()
 
-
 def _results():
     return [
         ModelResult("hiertcn", _quality(0), training_curve=[(0, 3.5), (10, 2.25), (20, 1.75)],
                     events_per_second=123456.7, peak_memory_bytes=300 * 2**20, extra={"epochs": 2}),
         ModelResult("most_popular", _quality(1, with_first=False), events_per_second=9.9e6),
     ]
-
 
 def test_files_json_markdown_and_pngs(tmp_path):
     results = _results()
@@ -75,13 +70,11 @@ def test_files_json_markdown_and_pngs(tmp_path):
     assert "strictly higher" in markdown and "then mean over users" in markdown
     assert "![quality](quality.png)" in markdown
 
-
 def test_optional_plots_are_skipped(tmp_path):
     written = write_report({"rule": {"quality": _quality(2)}}, tmp_path)
     assert set(written) == {"quality", "report", "results"}
     assert not (tmp_path / "training_curves.png").exists()
     assert json.loads((tmp_path / "results.json").read_text())["files"] == ["quality.png", "report.md"]
-
 
 def test_bad_results_raise(tmp_path):
     with pytest.raises(ValueError, match="at least one model"):

@@ -103,16 +103,6 @@ def partition_slices(partition_user_offsets, user_session_offsets, session_offse
     }
 
 
-def compute_checksums(arrays: dict[str, np.ndarray]) -> dict:
-    """The manifest's ``checksums`` entry for a complete set of arrays."""
-    partitions = []
-    for p in range(arrays["partition_user_offsets"].shape[0] - 1):
-        ranges = partition_slices(arrays["partition_user_offsets"], arrays["user_session_offsets"],
-                                  arrays["session_offsets"], p)
-        partitions.append({name: crc32_of(arrays[name][ranges[name]]) for name in PARTITIONED_ARRAYS})
-    return {"global": {name: crc32_of(arrays[name]) for name in GLOBAL_ARRAYS}, "partitions": partitions}
-
-
 def open_array(path: Path, dtype, length: int, mode: str = "r") -> np.ndarray:
     if length == 0:
         return np.empty(0, dtype=dtype)
@@ -124,6 +114,28 @@ def new_temp_dir(final_path: Path) -> Path:
     temp = final_path.parent / f"{TEMP_PREFIX}{final_path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     temp.mkdir()
     return temp
+
+
+def remove_stale_temp_dirs(final_path: Path) -> list[Path]:
+    """Remove unfinished builds of ``final_path`` left by processes that no longer exist."""
+    removed = []
+    prefix = f"{TEMP_PREFIX}{final_path.name}-"
+    if not final_path.parent.is_dir():
+        return removed
+    for candidate in final_path.parent.iterdir():
+        if not candidate.name.startswith(prefix):
+            continue
+        pid_text = candidate.name[len(prefix):].split("-")[0]
+        if not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+        except PermissionError:  # alive, someone else's
+            pass
+    return removed
 
 
 def publish_temp_dir(temp: Path, final_path: Path, manifest: dict) -> bool:
@@ -212,6 +224,10 @@ class SessionCache:
                                     f"this code reads version {CACHE_VERSION}; rebuild the cache")
         if manifest.get("manifest_sha256") != manifest_digest(manifest):
             raise CacheCorruptError(f"{manifest_path}: manifest checksum mismatch (edited or corrupted)")
+        missing = [key for key in ("files", "counts", "checksums", "params", "stats", "key") if key not in manifest]
+        missing += [name for name in ARRAY_DTYPES if name not in manifest.get("files", {})]
+        if missing:
+            raise CacheCorruptError(f"{manifest_path}: manifest lacks {missing}")
         arrays = {}
         for name, dtype in ARRAY_DTYPES.items():
             file_path = path / f"{name}.bin"

@@ -11,10 +11,13 @@ The steps follow the HierTCN authors' code, each a field of :class:`PreprocessPa
 7. split users 80/10/10 at random (``split="cold"``, seeded) or sessions by their start time at
    80% / 90% of the time span (``split="warm"``).
 
-Memory: the source is read once in chunks and spilled to per-partition files on disk (a user's
-events all land in one partition, chosen by a hash of the raw user id); each partition is then
-loaded, filtered, sorted and sessionized on its own. Peak memory is therefore about
-``~70 bytes x max(chunk_size, largest partition)`` plus per-item counts, whatever the log size.
+Memory: the source is read once in chunks; each chunk is grouped into ~256 buckets and spilled to
+disk as one run file (a user's events all land in one bucket, chosen by a hash of the raw user
+id; bucket ``b`` belongs to partition ``b // buckets_per_partition``); each bucket is then loaded, filtered, sorted and
+sessionized on its own, and the last pass streams partition by partition with explicit reads (no
+memory maps, whose pages would count as resident). Peak memory is therefore about
+``~100 bytes x max(chunk_size, events / 256)`` plus per-item and per-user counters, whatever
+the log size; the disk needs about 24 bytes per event of scratch space next to the cache.
 The result does not depend on ``chunk_size``.
 """
 
@@ -30,8 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import (ARRAY_DTYPES, CACHE_FORMAT, CACHE_VERSION, MANIFEST_NAME, CacheCorruptError, SessionCache,
-                    compute_checksums, new_temp_dir, open_array, publish_temp_dir)
+from .cache import (ARRAY_DTYPES, CACHE_FORMAT, CACHE_VERSION, GLOBAL_ARRAYS, SPLITS as SPLIT_CODES,
+                    CacheCorruptError, SessionCache, crc32_of, new_temp_dir, publish_temp_dir,
+                    remove_stale_temp_dirs)
 from .readers import DEFAULT_CHUNK_SIZE, InteractionSource, ReadStats, _check_chunk_size
 
 __all__ = ["PreprocessParams", "preprocess", "cache_key"]
@@ -165,35 +169,54 @@ class _Appender:
         self.file.close()
 
 
+def _spill_buckets_per_partition(num_partitions: int) -> int:
+    # Spill buckets are what pass 2 holds in memory at once; partitions are what the cache is cut
+    # into. About 256 buckets keep pass 2 at ~1/256 of the log per step.
+    return max(1, 256 // num_partitions)
+
+
 def _spill(source, params, chunk_size, spill_dir, read_stats):
-    """Pass 1: read the source once, count items, write events to per-partition spill files."""
-    spill_files = [open(spill_dir / f"part{p}.bin", "wb") for p in range(params.num_partitions)]
+    """Pass 1: read the source once, count items, and write each chunk's events grouped by bucket
+    to one run file (bucket ``b`` belongs to partition ``b // buckets_per_partition``; all of a
+    user's events share a bucket). Returns (events read, item keys, item counts, runs), a run
+    being (path, bucket offsets)."""
+    num_buckets = params.num_partitions * _spill_buckets_per_partition(params.num_partitions)
     item_keys = np.empty(0, np.int64)
     item_counts = np.empty(0, np.int64)
     total = 0
-    try:
-        for chunk in source.iter_chunks(chunk_size, read_stats):
-            total += len(chunk)
-            item_keys, item_counts = _merge_counts(item_keys, item_counts, chunk.item)
-            records = np.empty(len(chunk), dtype=SPILL_DTYPE)
-            records["user"], records["item"], records["timestamp"] = chunk.user, chunk.item, chunk.timestamp
-            partition = _partition_of_user(chunk.user, params.num_partitions)
-            # int16 keys make numpy's stable sort a radix sort: linear time.
-            order = np.argsort(partition.astype(np.int16) if params.num_partitions < 1 << 15 else partition,
-                               kind="stable")
-            bounds = np.concatenate(([0], np.cumsum(np.bincount(partition, minlength=params.num_partitions))))
-            records = records[order]
-            for p in range(params.num_partitions):
-                if bounds[p + 1] > bounds[p]:
-                    records[bounds[p]:bounds[p + 1]].tofile(spill_files[p])
-    finally:
-        for f in spill_files:
-            f.close()
-    return total, item_keys, item_counts
+    runs = []
+    for chunk in source.iter_chunks(chunk_size, read_stats):
+        total += len(chunk)
+        item_keys, item_counts = _merge_counts(item_keys, item_counts, chunk.item)
+        records = np.empty(len(chunk), dtype=SPILL_DTYPE)
+        records["user"], records["item"], records["timestamp"] = chunk.user, chunk.item, chunk.timestamp
+        bucket = _partition_of_user(chunk.user, num_buckets)
+        # int16 keys make numpy's stable sort a radix sort: linear time.
+        order = np.argsort(bucket.astype(np.int16) if num_buckets < 1 << 15 else bucket, kind="stable")
+        bounds = np.concatenate(([0], np.cumsum(np.bincount(bucket, minlength=num_buckets))))
+        path = spill_dir / f"run{len(runs)}.bin"
+        records[order].tofile(path)
+        runs.append((path, bounds))
+    return total, item_keys, item_counts, runs
 
 
-def _sessionize_partition(records, kept_items, params, stats):
-    """Pass 2 for one partition. Returns arrays sorted by (user, time), already sessionized.
+def _read_range(path: Path, dtype, start: int, stop: int) -> np.ndarray:
+    """Elements [start, stop) of a raw binary file, read (not mapped: mapped pages would count
+    towards the resident memory the streaming design keeps bounded)."""
+    dtype = np.dtype(dtype)
+    return np.fromfile(path, dtype=dtype, count=stop - start, offset=start * dtype.itemsize)
+
+
+def _read_bucket(runs, bucket: int) -> np.ndarray:
+    """All spilled events of one bucket, in source order (runs are in source order)."""
+    pieces = [_read_range(path, SPILL_DTYPE, int(bounds[bucket]), int(bounds[bucket + 1]))
+              for path, bounds in runs if bounds[bucket + 1] > bounds[bucket]]
+    return np.concatenate(pieces) if pieces else np.empty(0, SPILL_DTYPE)
+
+
+def _sessionize_bucket(records, kept_items, params, stats):
+    """Pass 2 for one spill bucket (complete users). Returns arrays sorted by (user, time),
+    sessionized.
 
     records: structured (n,) with user, item, timestamp (source order).
     """
@@ -240,24 +263,63 @@ def _sessionize_partition(records, kept_items, params, stats):
     }
 
 
-def _assign_splits(arrays, params, num_users):
-    """Split label per session. Cold: whole users at random; warm: sessions by start time."""
+def _write_items_and_splits(temp, spill_dir, params, partition_user_offsets, user_session_offsets, present_items,
+                            time_range):
+    """Pass 3, one partition at a time: dense item ids (raw-id order), split labels per session,
+    per-partition checksums, and (users, sessions, events) per split.
+
+    Cold: whole users at random (seeded). Warm: sessions by start time, cut at the train and
+    train+valid fractions of the time span.
+    """
+    num_users = user_session_offsets.shape[0] - 1
     train_fraction, valid_fraction, _ = params.split_fractions
     if params.split == "cold":
         permutation = np.random.default_rng(params.seed).permutation(num_users)
-        train_end = int(round(train_fraction * num_users))
-        valid_end = int(round((train_fraction + valid_fraction) * num_users))
         user_split = np.empty(num_users, dtype=np.int8)
-        user_split[permutation[:train_end]] = 0
-        user_split[permutation[train_end:valid_end]] = 1
-        user_split[permutation[valid_end:]] = 2
-        return np.repeat(user_split, np.diff(arrays["user_session_offsets"]))
-    session_start_time = arrays["timestamp"][arrays["session_offsets"][:-1]]
-    first, last = float(arrays["timestamp"].min()), float(arrays["timestamp"].max())
-    span = last - first
-    train_cut = first + train_fraction * span
-    valid_cut = first + (train_fraction + valid_fraction) * span
-    return np.where(session_start_time < train_cut, 0, np.where(session_start_time < valid_cut, 1, 2)).astype(np.int8)
+        boundaries = [0, int(round(train_fraction * num_users)),
+                      int(round((train_fraction + valid_fraction) * num_users)), num_users]
+        for code in range(3):
+            user_split[permutation[boundaries[code]:boundaries[code + 1]]] = code
+        del permutation
+    else:
+        first, last = time_range
+        cuts = np.array([first + train_fraction * (last - first),
+                         first + (train_fraction + valid_fraction) * (last - first)])
+    present_item_index = _KeyIndex(present_items)
+    item_writer = _Appender(temp / "item.bin", np.int32)
+    split_writer = _Appender(temp / "session_split.bin", np.int8)
+    counts = np.zeros((3, 3), dtype=np.int64)  # (split, [users, sessions, events])
+    checksums = []
+    for p in range(params.num_partitions):
+        user_lo, user_hi = int(partition_user_offsets[p]), int(partition_user_offsets[p + 1])
+        session_lo, session_hi = int(user_session_offsets[user_lo]), int(user_session_offsets[user_hi])
+        session_offsets = _read_range(temp / "session_offsets.bin", np.int64, session_lo, session_hi + 1)
+        event_lo, event_hi = int(session_offsets[0]), int(session_offsets[-1])
+        item = (present_item_index.positions(_read_range(spill_dir / "item_raw.bin", np.int64, event_lo, event_hi))
+                + 1).astype(np.int32)
+        sessions_per_user = np.diff(user_session_offsets[user_lo:user_hi + 1])
+        if params.split == "cold":
+            labels = np.repeat(user_split[user_lo:user_hi], sessions_per_user)
+        else:
+            start_time = _read_range(spill_dir / "session_start.bin", np.float64, session_lo, session_hi)
+            labels = np.searchsorted(cuts, start_time, side="right").astype(np.int8)
+        item_writer.append(item)
+        split_writer.append(labels)
+        checksums.append({"item": crc32_of(item),
+                          "timestamp": crc32_of(_read_range(temp / "timestamp.bin", np.float64, event_lo, event_hi)),
+                          "session_offsets": crc32_of(session_offsets), "session_split": crc32_of(labels)})
+        # A user's sessions in a split are contiguous, so each (user, split) run starts once.
+        session_user = np.repeat(np.arange(user_lo, user_hi), sessions_per_user)
+        run_start = np.ones(labels.shape[0], dtype=bool)
+        run_start[1:] = (session_user[1:] != session_user[:-1]) | (labels[1:] != labels[:-1])
+        counts[:, 0] += np.bincount(labels[run_start], minlength=3)
+        counts[:, 1] += np.bincount(labels, minlength=3)
+        counts[:, 2] += np.bincount(labels, weights=np.diff(session_offsets), minlength=3).astype(np.int64)
+    item_writer.close()
+    split_writer.close()
+    split_counts = {name: {"users": int(counts[code, 0]), "sessions": int(counts[code, 1]),
+                           "events": int(counts[code, 2])} for name, code in SPLIT_CODES.items()}
+    return split_counts, checksums
 
 
 def _build(source, params, final_path, chunk_size, key):
@@ -267,7 +329,7 @@ def _build(source, params, final_path, chunk_size, key):
     try:
         spill_dir = temp / "spill"
         spill_dir.mkdir()
-        events_read, item_keys, item_counts = _spill(source, params, chunk_size, spill_dir, read_stats)
+        events_read, item_keys, item_counts, runs = _spill(source, params, chunk_size, spill_dir, read_stats)
         kept_items = item_keys[item_counts >= params.min_item_count]
         stats = {
             "events_read": events_read,
@@ -284,68 +346,62 @@ def _build(source, params, final_path, chunk_size, key):
         writers = {name: _Appender(temp / f"{name}.bin", ARRAY_DTYPES[name])
                    for name in ("timestamp", "session_offsets", "user_session_offsets", "user_raw_id")}
         item_raw_writer = _Appender(spill_dir / "item_raw.bin", np.int64)
+        session_start_writer = _Appender(spill_dir / "session_start.bin", np.float64)
+        time_range = [np.inf, -np.inf]
         writers["session_offsets"].append(np.zeros(1, np.int64))
         writers["user_session_offsets"].append(np.zeros(1, np.int64))
         partition_user_offsets = [0]
-        present_items = np.empty(0, np.int64)
+        item_used = np.zeros(kept_items.shape[0], dtype=bool)
         events_written = sessions_written = 0
         max_session_length = 0
-        for p in range(params.num_partitions):
-            spill_path = spill_dir / f"part{p}.bin"
-            records = np.fromfile(spill_path, dtype=SPILL_DTYPE)
-            spill_path.unlink()
-            part = _sessionize_partition(records, kept_item_index, params, stats)
+        buckets_per_partition = _spill_buckets_per_partition(params.num_partitions)
+        for bucket in range(params.num_partitions * buckets_per_partition):
+            records = _read_bucket(runs, bucket)
+            part = _sessionize_bucket(records, kept_item_index, params, stats)
             del records
             writers["timestamp"].append(part["timestamp"])
             item_raw_writer.append(part["item_raw"])
             writers["session_offsets"].append(events_written + np.cumsum(part["session_lengths"]))
             writers["user_session_offsets"].append(sessions_written + np.cumsum(part["sessions_per_user"]))
             writers["user_raw_id"].append(part["user_raw_id"])
-            present_items = np.union1d(present_items, part["item_raw"])
+            session_start = np.cumsum(part["session_lengths"]) - part["session_lengths"]
+            session_start_writer.append(part["timestamp"][session_start])
+            if part["timestamp"].shape[0]:
+                time_range = [min(time_range[0], part["timestamp"].min()), max(time_range[1], part["timestamp"].max())]
+                max_session_length = max(max_session_length, int(part["session_lengths"].max()))
+            item_used[kept_item_index.positions(part["item_raw"])] = True
             events_written += part["timestamp"].shape[0]
             sessions_written += part["session_lengths"].shape[0]
-            if part["session_lengths"].shape[0]:
-                max_session_length = max(max_session_length, int(part["session_lengths"].max()))
-            partition_user_offsets.append(partition_user_offsets[-1] + part["user_raw_id"].shape[0])
-        for writer in (*writers.values(), item_raw_writer):
+            if bucket % buckets_per_partition == 0:
+                partition_user_offsets.append(partition_user_offsets[-1])
+            partition_user_offsets[-1] += part["user_raw_id"].shape[0]
+        present_items = kept_items[item_used]
+        for path, _ in runs:
+            path.unlink()
+        for writer in (*writers.values(), item_raw_writer, session_start_writer):
             writer.close()
         if events_written == 0:
             raise ValueError(f"no events left after preprocessing {source.name!r}: "
                              f"{json.dumps(stats | {'read': read_stats.to_json()})}")
         stats["items_unused_after_user_filter"] = int(kept_items.shape[0] - present_items.shape[0])
 
-        # Pass 3: dense item ids in raw-id order, split labels, small arrays.
-        item_raw = open_array(item_raw_writer.path, np.int64, item_raw_writer.length)
-        item_writer = _Appender(temp / "item.bin", np.int32)
-        present_item_index = _KeyIndex(present_items)
-        for start in range(0, events_written, max(chunk_size, 1 << 16)):
-            piece = item_raw[start:start + max(chunk_size, 1 << 16)]
-            item_writer.append((present_item_index.positions(piece) + 1).astype(np.int32))
-        item_writer.close()
-        del item_raw
         num_users = partition_user_offsets[-1]
-        lengths = {"item": events_written, "timestamp": events_written, "session_offsets": sessions_written + 1,
-                   "user_session_offsets": num_users + 1, "user_raw_id": num_users}
-        arrays = {name: open_array(temp / f"{name}.bin", ARRAY_DTYPES[name], length)
-                  for name, length in lengths.items()}
+        user_session_offsets = _read_range(temp / "user_session_offsets.bin", np.int64, 0, num_users + 1)
         small = {"item_raw_id": np.concatenate(([-1], present_items)).astype(np.int64),
                  "partition_user_offsets": np.asarray(partition_user_offsets, dtype=np.int64)}
-        small["session_split"] = _assign_splits(arrays | small, params, num_users)
         for name, array in small.items():
             with open(temp / f"{name}.bin", "wb") as f:
                 array.tofile(f)
-        arrays.update(small)
+        split_counts, partition_checksums = _write_items_and_splits(
+            temp, spill_dir, params, small["partition_user_offsets"], user_session_offsets, present_items,
+            time_range)
         shutil.rmtree(spill_dir)
-
-        split_counts = {}
-        user_sessions_in = {}
-        session_events = np.diff(arrays["session_offsets"])
-        session_user = np.repeat(np.arange(num_users), np.diff(arrays["user_session_offsets"]))
-        for split_name, code in (("train", 0), ("valid", 1), ("test", 2)):
-            in_split = arrays["session_split"] == code
-            user_sessions_in[split_name] = np.unique(session_user[in_split]).shape[0]
-            split_counts[split_name] = {"users": int(user_sessions_in[split_name]), "sessions": int(in_split.sum()),
-                                        "events": int(session_events[in_split].sum())}
+        lengths = {"item": events_written, "timestamp": events_written, "session_offsets": sessions_written + 1,
+                   "session_split": sessions_written, "user_session_offsets": num_users + 1,
+                   "user_raw_id": num_users, "item_raw_id": present_items.shape[0] + 1,
+                   "partition_user_offsets": params.num_partitions + 1}
+        global_checksums = {name: crc32_of(_read_range(temp / f"{name}.bin", ARRAY_DTYPES[name], 0, lengths[name]))
+                            for name in GLOBAL_ARRAYS}
         manifest = {
             "format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key, "source_name": source.name,
             "source": source.fingerprint(), "params": params.to_json(),
@@ -354,12 +410,11 @@ def _build(source, params, final_path, chunk_size, key):
                        "max_session_length": max_session_length, "splits": split_counts},
             "stats": stats | {"read": read_stats.to_json(),
                               "seconds": round(time.perf_counter() - started, 3)},
-            "files": {name: {"dtype": np.dtype(dtype).str, "length": int(arrays[name].shape[0])}
+            "files": {name: {"dtype": np.dtype(dtype).str, "length": int(lengths[name])}
                       for name, dtype in ARRAY_DTYPES.items()},
-            "checksums": compute_checksums(arrays),
+            "checksums": {"global": global_checksums, "partitions": partition_checksums},
             "created_unix": time.time(),
         }
-        del arrays
         publish_temp_dir(temp, final_path, manifest)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
@@ -385,12 +440,13 @@ def preprocess(source: InteractionSource, cache_dir: str | os.PathLike, params: 
     chunk_size = _check_chunk_size(chunk_size)
     key = cache_key(source, params)
     final_path = Path(cache_dir) / f"{source.name}-{key}"
-    if (final_path / MANIFEST_NAME).exists() or final_path.exists():
+    if final_path.exists():
         if not rebuild:
             try:
                 return SessionCache.open(final_path, verify=verify)
             except CacheCorruptError as error:
                 raise CacheCorruptError(f"{error}; pass rebuild=True to replace the cache") from None
         shutil.rmtree(final_path)
+    remove_stale_temp_dirs(final_path)
     _build(source, params, final_path, chunk_size, key)
     return SessionCache.open(final_path, verify=verify)

@@ -8,7 +8,8 @@ never copies of histories.
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+import dataclasses
+from typing import Iterator
 
 import numpy as np
 
@@ -23,7 +24,8 @@ HISTORY_SCOPES = {
 }
 
 
-class EvalEvents(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class EvalEvents:
     """A chunk of prediction events, in the cache's order (user, then time).
 
     user: int64 (n,) dense user index; target: int64 (n,) item id (>= 1);
@@ -43,7 +45,7 @@ class EvalEvents(NamedTuple):
     item_log: np.ndarray
     num_items: int
 
-    def __len__(self) -> int:  # type: ignore[override]
+    def __len__(self) -> int:
         return int(self.target.shape[0])
 
     @property

@@ -1,8 +1,11 @@
 """The public ops. Every op takes ``backend=`` (see hiertcn_fast.backends) and has a plain-PyTorch
 ``<op>_reference`` that defines it."""
 
+from .conv import (CausalConvState, causal_conv1d, causal_conv1d_reference, causal_conv1d_step,
+                   causal_conv1d_step_reference, context_table)
 from .gru import (gru, gru_cell, gru_cell_reference, gru_gates, gru_gates_reference, gru_reference, session_update,
                   session_update_reference)
 
-__all__ = ["gru", "gru_cell", "gru_cell_reference", "gru_gates", "gru_gates_reference", "gru_reference",
-           "session_update", "session_update_reference"]
+__all__ = ["CausalConvState", "causal_conv1d", "causal_conv1d_reference", "causal_conv1d_step",
+           "causal_conv1d_step_reference", "context_table", "gru", "gru_cell", "gru_cell_reference", "gru_gates",
+           "gru_gates_reference", "gru_reference", "session_update", "session_update_reference"]
