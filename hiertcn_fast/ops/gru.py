@@ -479,25 +479,29 @@ def _gru_gates_out_fake(gi, gh, h, *, out):
 def _gru_gates_backward_out_fake(grad_out, gi, gh, h, *, grad_gi, grad_gh, grad_h):
     return None
 
-    @torch.library.register_fake("hiertcn_fast::gru_layer_forward_out")
-    def _gru_layer_forward_out_fake(x, h0, w_ih, w_hh, b_ih, b_hh, *, output, gi, gh):
-        return None
 
-    @torch.library.register_fake("hiertcn_fast::gru_layer_backward_out")
-    def _gru_layer_backward_out_fake(grad_output, x, h0, w_ih, w_hh, output, gi, gh, *, grad_x, grad_h0, grad_w_ih,
-                                     grad_w_hh, grad_b_ih, grad_b_hh):
-        return None
+@_extension.register_fake("gru_layer_forward_out")
+def _gru_layer_forward_out_fake(x, h0, w_ih, w_hh, b_ih, b_hh, *, output, gi, gh):
+    return None
 
-    @torch.library.register_fake("hiertcn_fast::session_update_forward_out")
-    def _session_update_forward_out_fake(item_embeddings, lengths, h, keep, weights, proj_weight, proj_bias, *, out,
-                                         states, session_mean, projected, gi, gh):
-        return None
 
-    @torch.library.register_fake("hiertcn_fast::session_update_backward_out")
-    def _session_update_backward_out_fake(grad_out, item_embeddings, lengths, h, keep, weights, proj_weight,
-                                          session_mean, projected, states, gi, gh, *, grad_item_embeddings, grad_h,
-                                          grad_weights, grad_proj_weight, grad_proj_bias):
-        return None
+@_extension.register_fake("gru_layer_backward_out")
+def _gru_layer_backward_out_fake(grad_output, x, h0, w_ih, w_hh, output, gi, gh, *, grad_x, grad_h0, grad_w_ih,
+                                 grad_w_hh, grad_b_ih, grad_b_hh):
+    return None
+
+
+@_extension.register_fake("session_update_forward_out")
+def _session_update_forward_out_fake(item_embeddings, lengths, h, keep, weights, proj_weight, proj_bias, *, out,
+                                     states, session_mean, projected, gi, gh):
+    return None
+
+
+@_extension.register_fake("session_update_backward_out")
+def _session_update_backward_out_fake(grad_out, item_embeddings, lengths, h, keep, weights, proj_weight,
+                                      session_mean, projected, states, gi, gh, *, grad_item_embeddings, grad_h,
+                                      grad_weights, grad_proj_weight, grad_proj_bias):
+    return None
 
 
 @torch.library.triton_op("hiertcn_fast::gru_gates_triton_out", mutates_args={"out"})
