@@ -29,4 +29,20 @@ TORCH_LIBRARY(hiertcn_fast, m) {
   m.def(
       "gru_gates_backward_out(Tensor grad_out, Tensor gi, Tensor gh, Tensor h, *, Tensor(a!) grad_gi, "
       "Tensor(b!) grad_gh, Tensor(c!) grad_h) -> ()");
+
+  // Dilated causal convolution (hiertcn/causal_conv.h): x (batch, time, in), weight (out, in/groups, k),
+  // context_table (batch, k, out) per-tap suffix sums of the context term, activation 0 none, 1 relu,
+  // 2 gelu, 3 tanh. pre, when given, receives the pre-activation z that the backward needs.
+  m.def(
+      "causal_conv1d_out(Tensor x, Tensor weight, Tensor? bias, Tensor? context_table, Tensor? residual, "
+      "int dilation, int groups, int activation, *, Tensor(a!) out, Tensor(b!)? pre) -> ()");
+  m.def(
+      "causal_conv1d_backward_out(Tensor grad_out, Tensor x, Tensor weight, Tensor? pre, Tensor? residual, "
+      "int dilation, int groups, int activation, *, Tensor(a!) grad_pre, Tensor(b!) grad_x, "
+      "Tensor(c!) grad_weight, Tensor(d!)? grad_residual) -> ()");
+  // One step: x (batch, in), history (batch, (k-1)*dilation, in) circular buffer and position (batch) int64,
+  // both updated in place; out (batch, out).
+  m.def(
+      "causal_conv1d_step_out(Tensor x, Tensor weight, Tensor? bias, Tensor? context_table, Tensor? residual, "
+      "int dilation, int groups, int activation, *, Tensor(a!) history, Tensor(b!) position, Tensor(c!) out) -> ()");
 }

@@ -1,0 +1,5 @@
+"""nn.Module wrappers around hiertcn_fast.ops (drop-ins for their torch.nn cousins)."""
+
+from .conv import TCN, CausalConv1d, TCNState, TemporalBlock
+
+__all__ = ["CausalConv1d", "TCN", "TCNState", "TemporalBlock"]

@@ -1,6 +1,9 @@
 """The public ops. Every op takes ``backend=`` (see hiertcn_fast.backends) and has a plain-PyTorch
 ``<op>_reference`` that defines it."""
 
+from .conv import (CausalConvState, causal_conv1d, causal_conv1d_reference, causal_conv1d_step,
+                   causal_conv1d_step_reference, context_table)
 from .gru import gru_gates, gru_gates_reference
 
-__all__ = ["gru_gates", "gru_gates_reference"]
+__all__ = ["CausalConvState", "causal_conv1d", "causal_conv1d_reference", "causal_conv1d_step",
+           "causal_conv1d_step_reference", "context_table", "gru_gates", "gru_gates_reference"]

@@ -1,0 +1,264 @@
+// CUDA kernels for the dilated causal convolution (hiertcn/causal_conv.h), the same algorithm and
+// packed-weight indexing as the CPU kernels (csrc/cpu/causal_conv.cpp):
+//   forward / input gradient: a block owns a tile of kTimeTile steps of one batch row and up to
+//     kThreads output channels (one per thread, kTimeTile accumulators in registers); tap by tap
+//     the tile's source rows are staged in shared memory, kChannelChunk input channels at a time,
+//     and every weight element loaded is applied to the whole tile.
+//   weight gradient: one thread per packed weight element and row chunk sums its rows in order;
+//     a second kernel adds the chunks in order (deterministic, no atomics).
+//   step: one block per batch row; the history slot it overwrites is read first (tap 0), so the
+//     write waits for a block barrier.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "hiertcn/causal_conv_host.h"
+
+namespace hiertcn {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kTimeTile = 16;
+constexpr int kChannelChunk = 64;
+
+template <typename T>
+__global__ void causal_conv_cuda_kernel(CausalConvParams p) {
+  using A = acc_t<T>;
+  __shared__ A staged[kTimeTile][kChannelChunk];
+  const int64_t tiles = (p.time + kTimeTile - 1) / kTimeTile;
+  const int64_t b = blockIdx.x / tiles, t0 = (blockIdx.x % tiles) * kTimeTile;
+  const int64_t C_in = p.in_channels, C_out = p.out_channels, K = p.kernel_size;
+  const int64_t in_g = C_in / p.groups, out_g = C_out / p.groups;
+  const int64_t o_first = static_cast<int64_t>(blockIdx.y) * kThreads;
+  const int64_t o_last = min(o_first + kThreads, C_out) - 1;
+  const int64_t o = o_first + threadIdx.x;
+  const bool active = o < C_out;
+  const int64_t g = (active ? o : o_last) / out_g, ol = (active ? o : o_last) % out_g;
+  // Input channels any thread of this block reads: those of the groups its output channels span.
+  const int64_t ci_begin = (o_first / out_g) * in_g, ci_end = (o_last / out_g + 1) * in_g;
+  const T* in = static_cast<const T*>(p.in) + b * p.in_batch_stride;
+  const T* packed = static_cast<const T*>(p.packed_weight);
+  A acc[kTimeTile];
+#pragma unroll
+  for (int r = 0; r < kTimeTile; ++r) acc[r] = A(0);
+  for (int64_t j = 0; j < K; ++j) {
+    const int64_t offset = p.direction * (K - 1 - j) * p.dilation;
+    const int64_t s_first = t0 - offset, s_last = t0 + kTimeTile - 1 - offset;
+    if (s_last < 0 || s_first >= p.time) continue;  // uniform across the block
+    const T* w_tap = packed + j * C_in * out_g;
+    for (int64_t c0 = ci_begin; c0 < ci_end; c0 += kChannelChunk) {
+      const int64_t chunk = min(static_cast<int64_t>(kChannelChunk), ci_end - c0);
+      __syncthreads();
+      for (int64_t idx = threadIdx.x; idx < kTimeTile * kChannelChunk; idx += kThreads) {
+        const int64_t r = idx / kChannelChunk, c = idx % kChannelChunk, s = s_first + r;
+        staged[r][c] = (c < chunk && s >= 0 && s < p.time) ? A(in[s * p.in_time_stride + c0 + c]) : A(0);
+      }
+      __syncthreads();
+      if (!active) continue;
+      const int64_t lo = max(c0, g * in_g), hi = min(c0 + chunk, (g + 1) * in_g);
+      for (int64_t ci = lo; ci < hi; ++ci) {
+        const A w = A(w_tap[ci * out_g + ol]);
+#pragma unroll
+        for (int r = 0; r < kTimeTile; ++r) acc[r] += staged[r][ci - c0] * w;
+      }
+    }
+  }
+  if (!active) return;
+  const T* bias = static_cast<const T*>(p.bias);
+  const T* table = static_cast<const T*>(p.context_table);
+  const T* residual = static_cast<const T*>(p.residual);
+  T* out = static_cast<T*>(p.out);
+  T* pre = static_cast<T*>(p.pre);
+#pragma unroll
+  for (int r = 0; r < kTimeTile; ++r) {
+    const int64_t t = t0 + r;
+    if (t >= p.time) break;
+    A z = acc[r];
+    if (bias) z += A(bias[o]);
+    if (table) z += A(table[(b * K + context_tap_index(t, p.dilation, K)) * C_out + o]);
+    const int64_t idx = (b * p.time + t) * C_out + o;
+    if (pre) pre[idx] = T(z);
+    const A res = residual ? A(residual[b * p.residual_batch_stride + t * p.residual_time_stride + o]) : A(0);
+    out[idx] = T(epilogue_forward<A>(z, residual != nullptr, res, p.activation));
+  }
+}
+
+template <typename T>
+__global__ void epilogue_backward_cuda_kernel(CausalConvBackwardParams p) {
+  using A = acc_t<T>;
+  const int64_t C = p.out_channels;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= p.batch * p.time * C) return;
+  const int64_t row = idx / C, o = idx % C, b = row / p.time, t = row % p.time;
+  const T* g = static_cast<const T*>(p.grad_out);
+  const T* pre = static_cast<const T*>(p.pre);
+  const T* residual = static_cast<const T*>(p.residual);
+  const A res = residual ? A(residual[b * p.residual_batch_stride + t * p.residual_time_stride + o]) : A(0);
+  A grad_res = A(0);
+  const A grad_z = epilogue_backward<A>(A(g[b * p.grad_out_batch_stride + t * p.grad_out_time_stride + o]),
+                                        pre ? A(pre[idx]) : A(0), residual != nullptr, res, p.activation, &grad_res);
+  static_cast<T*>(p.grad_pre)[idx] = T(grad_z);
+  if (p.grad_residual) static_cast<T*>(p.grad_residual)[idx] = T(grad_res);
+}
+
+// partials[chunk][j][ci][ol] = sum over the chunk's rows of x[b, t - (k-1-j) d, ci] grad_pre[b, t, g * out_g + ol].
+template <typename T>
+__global__ void weight_grad_partials_cuda_kernel(CausalConvBackwardParams p) {
+  using A = acc_t<T>;
+  const int64_t C_in = p.in_channels, C_out = p.out_channels, K = p.kernel_size;
+  const int64_t in_g = C_in / p.groups, out_g = C_out / p.groups;
+  const int64_t packed_size = K * C_in * out_g;
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= packed_size) return;
+  const int64_t chunk = blockIdx.y;
+  const int64_t j = e / (C_in * out_g), ci = (e / out_g) % C_in, ol = e % out_g;
+  const int64_t o = (ci / in_g) * out_g + ol, lag = (K - 1 - j) * p.dilation;
+  const T* x = static_cast<const T*>(p.x);
+  const T* gz = static_cast<const T*>(p.grad_pre);
+  const int64_t rows = p.batch * p.time;
+  const int64_t chunk_rows = weight_grad_chunk_rows(rows, p.weight_grad_chunks);
+  const int64_t row_end = min(rows, (chunk + 1) * chunk_rows);
+  A sum = A(0);
+  for (int64_t row = chunk * chunk_rows; row < row_end; ++row) {
+    const int64_t b = row / p.time, s = row % p.time - lag;
+    if (s < 0) continue;
+    sum += A(x[b * p.x_batch_stride + s * p.x_time_stride + ci]) * A(gz[row * C_out + o]);
+  }
+  static_cast<A*>(p.grad_weight_partials)[chunk * packed_size + e] = sum;
+}
+
+template <typename T>
+__global__ void weight_grad_reduce_cuda_kernel(CausalConvBackwardParams p) {
+  using A = acc_t<T>;
+  const int64_t C_in = p.in_channels, K = p.kernel_size;
+  const int64_t in_g = C_in / p.groups, out_g = p.out_channels / p.groups;
+  const int64_t packed_size = K * C_in * out_g;
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= packed_size) return;
+  const A* partials = static_cast<const A*>(p.grad_weight_partials);
+  A sum = A(0);
+  for (int64_t chunk = 0; chunk < p.weight_grad_chunks; ++chunk) sum += partials[chunk * packed_size + e];
+  const int64_t j = e / (C_in * out_g), ci = (e / out_g) % C_in, ol = e % out_g;
+  const int64_t g = ci / in_g, cl = ci % in_g;
+  static_cast<T*>(p.grad_weight)[((g * out_g + ol) * in_g + cl) * K + j] = T(sum);
+}
+
+template <typename T>
+__global__ void causal_conv_step_cuda_kernel(CausalConvStepParams p) {
+  using A = acc_t<T>;
+  const int64_t b = blockIdx.x;
+  const int64_t C_in = p.in_channels, C_out = p.out_channels, K = p.kernel_size;
+  const int64_t in_g = C_in / p.groups, out_g = C_out / p.groups;
+  const int64_t history_length = (K - 1) * p.dilation;
+  int64_t* position = static_cast<int64_t*>(p.position);
+  const int64_t pos = position[b];
+  const T* x = static_cast<const T*>(p.x) + b * p.x_row_stride;
+  T* history = static_cast<T*>(p.history) + b * history_length * C_in;
+  const T* packed = static_cast<const T*>(p.packed_weight);
+  const T* bias = static_cast<const T*>(p.bias);
+  const T* table = static_cast<const T*>(p.context_table);
+  const T* residual = static_cast<const T*>(p.residual);
+  for (int64_t o = threadIdx.x; o < C_out; o += blockDim.x) {
+    const int64_t g = o / out_g, ol = o % out_g;
+    A z = A(0);
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t lag = (K - 1 - j) * p.dilation;
+      if (lag > pos) continue;
+      const T* src = lag == 0 ? x : history + ((pos - lag) % history_length) * C_in;
+      const T* w_tap = packed + j * C_in * out_g;
+      for (int64_t ci = g * in_g; ci < (g + 1) * in_g; ++ci) z += A(src[ci]) * A(w_tap[ci * out_g + ol]);
+    }
+    if (bias) z += A(bias[o]);
+    if (table) z += A(table[(b * K + context_tap_index(pos, p.dilation, K)) * C_out + o]);
+    const A res = residual ? A(residual[b * p.residual_row_stride + o]) : A(0);
+    static_cast<T*>(p.out)[b * C_out + o] = T(epilogue_forward<A>(z, residual != nullptr, res, p.activation));
+  }
+  __syncthreads();
+  if (history_length > 0) {
+    T* slot = history + (pos % history_length) * C_in;
+    for (int64_t c = threadIdx.x; c < C_in; c += blockDim.x) slot[c] = x[c];
+  }
+  if (threadIdx.x == 0) position[b] = pos + 1;
+}
+
+unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
+
+template <typename T>
+void launch_causal_conv(const CausalConvParams& p, cudaStream_t stream) {
+  if (p.batch * p.time == 0 || p.out_channels == 0) return;
+  const dim3 grid(static_cast<unsigned>(p.batch * ((p.time + kTimeTile - 1) / kTimeTile)), blocks_for(p.out_channels));
+  causal_conv_cuda_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void causal_conv1d_out_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& context_table, const std::optional<at::Tensor>& residual,
+                            int64_t dilation, int64_t groups, int64_t activation, at::Tensor& out,
+                            const std::optional<at::Tensor>& pre) {
+  const ConvShape s = check_conv_args(x, weight, bias, context_table, dilation, groups, activation, false);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor packed = pack_conv_weight(weight, groups);
+  const CausalConvParams p = make_causal_conv_params(s, x, packed, bias, context_table, residual, out, pre);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "causal_conv1d_out_cuda",
+                                  [&] { launch_causal_conv<scalar_t>(p, stream); });
+}
+
+void causal_conv1d_backward_out_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& pre, const std::optional<at::Tensor>& residual,
+                                     int64_t dilation, int64_t groups, int64_t activation, at::Tensor& grad_pre,
+                                     at::Tensor& grad_x, at::Tensor& grad_weight,
+                                     const std::optional<at::Tensor>& grad_residual) {
+  const ConvShape s = check_conv_args(x, weight, std::nullopt, std::nullopt, dilation, groups, activation, false);
+  const c10::cuda::CUDAGuard guard(x.device());
+  CausalConvBackwardParams p =
+      make_causal_conv_backward_params(s, grad_out, x, pre, residual, grad_pre, grad_x, grad_weight, grad_residual);
+  const at::Tensor partials = new_grad_weight_partials(p, x);
+  p.grad_weight_partials = partials.data_ptr();
+  const at::Tensor packed_transposed = pack_conv_weight_transposed(weight);
+  const CausalConvParams input_grad = make_input_grad_params(s, grad_pre, packed_transposed, grad_x);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t elements = s.batch * s.time * s.out_channels;
+  const int64_t packed_size = s.kernel_size * s.in_channels * (s.out_channels / s.groups);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "causal_conv1d_backward_out_cuda", [&] {
+    if (elements > 0) {
+      epilogue_backward_cuda_kernel<scalar_t><<<blocks_for(elements), kThreads, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    launch_causal_conv<scalar_t>(input_grad, stream);
+    if (packed_size > 0) {
+      const dim3 grid(blocks_for(packed_size), static_cast<unsigned>(p.weight_grad_chunks));
+      weight_grad_partials_cuda_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      weight_grad_reduce_cuda_kernel<scalar_t><<<blocks_for(packed_size), kThreads, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
+void causal_conv1d_step_out_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& context_table,
+                                 const std::optional<at::Tensor>& residual, int64_t dilation, int64_t groups,
+                                 int64_t activation, at::Tensor& history, at::Tensor& position, at::Tensor& out) {
+  const ConvShape s = check_conv_args(x, weight, bias, context_table, dilation, groups, activation, true);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor packed = pack_conv_weight(weight, groups);
+  const CausalConvStepParams p =
+      make_causal_conv_step_params(s, x, packed, bias, context_table, residual, history, position, out);
+  if (s.batch == 0) return;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "causal_conv1d_step_out_cuda", [&] {
+    causal_conv_step_cuda_kernel<scalar_t><<<static_cast<unsigned>(s.batch), kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hiertcn_fast, CUDA, m) {
+  m.impl("causal_conv1d_out", &causal_conv1d_out_cuda);
+  m.impl("causal_conv1d_backward_out", &causal_conv1d_backward_out_cuda);
+  m.impl("causal_conv1d_step_out", &causal_conv1d_step_out_cuda);
+}
+
+}  // namespace hiertcn

@@ -1,0 +1,171 @@
+// Dilated causal convolution over time, channels-last, with a fused epilogue.
+//
+//   x: (batch, time, in_channels); weight: (out_channels, in_channels / groups, k) as nn.Conv1d
+//   conv[t] = sum_j W[:, :, j] x[t - (k - 1 - j) * dilation]      (zero before the start)
+//   z = conv + bias + context_table[min(k - 1, t / dilation)]
+//   out = act(z)                      without residual
+//   out = act(act(z) + residual)      with residual (the TCN block)
+//
+// The context term of a time-constant input c concatenated to every step is, at step t,
+// sum over the taps that land at or after the start of C_j c. Those taps are always the last
+// min(k, t / dilation + 1) ones, so it is one row of a per-tap suffix sum, context_table
+// (batch, k, out_channels), which the caller computes once per sequence (cheap: batch x k rows).
+//
+// Kernels see the weight packed as k shifted (grouped) matrices, packed[j][ci][ol] (see
+// pack_conv_weight in causal_conv_host.h). The same kernel with direction -1 and the transposed
+// packing computes the input gradient: grad_x[s] = sum_j grad_z[s + (k - 1 - j) * dilation] W_j.
+#pragma once
+
+#include <cmath>
+
+#include "hiertcn/common.h"
+
+namespace hiertcn {
+
+// Activation codes shared with hiertcn_fast/ops/conv.py (ACTIVATIONS).
+enum ActivationCode : int64_t { kActNone = 0, kActRelu = 1, kActGelu = 2, kActTanh = 3 };
+
+struct CausalConvParams {
+  int64_t batch;
+  int64_t time;
+  int64_t in_channels;
+  int64_t out_channels;
+  int64_t groups;
+  int64_t kernel_size;
+  int64_t dilation;
+  // +1: out[t] reads in[t - (k-1-j) * dilation] (forward); -1: in[t + (k-1-j) * dilation] (input gradient).
+  int64_t direction;
+  int64_t activation;
+  // Element strides of `in` and `residual` along batch and time; channels have unit stride.
+  int64_t in_batch_stride;
+  int64_t in_time_stride;
+  int64_t residual_batch_stride;
+  int64_t residual_time_stride;
+  const void* in;
+  // (kernel_size, in_channels, out_channels / groups), contiguous.
+  const void* packed_weight;
+  // Optional (nullptr when absent): bias (out_channels), context_table (batch, kernel_size,
+  // out_channels) contiguous, residual (batch, time, out_channels).
+  const void* bias;
+  const void* context_table;
+  const void* residual;
+  // (batch, time, out_channels), contiguous. pre (optional) receives z, the pre-activation value.
+  void* out;
+  void* pre;
+};
+
+struct CausalConvBackwardParams {
+  int64_t batch;
+  int64_t time;
+  int64_t in_channels;
+  int64_t out_channels;
+  int64_t groups;
+  int64_t kernel_size;
+  int64_t dilation;
+  int64_t activation;
+  int64_t grad_out_batch_stride;
+  int64_t grad_out_time_stride;
+  int64_t x_batch_stride;
+  int64_t x_time_stride;
+  int64_t residual_batch_stride;
+  int64_t residual_time_stride;
+  // Row chunks of the weight-gradient reduction (weight_grad_chunks): fixed by the shape alone,
+  // so the summation order, and hence the result, never depends on the thread count.
+  int64_t weight_grad_chunks;
+  const void* grad_out;
+  const void* x;
+  const void* pre;       // z from the forward; nullptr when activation is none
+  const void* residual;  // nullptr when absent
+  void* grad_pre;        // (batch, time, out_channels) contiguous: dL/dz
+  void* grad_residual;   // (batch, time, out_channels) contiguous, or nullptr
+  void* grad_weight;     // (out_channels, in_channels / groups, kernel_size) contiguous
+  // (weight_grad_chunks, kernel_size, in_channels, out_channels / groups) accumulation-type scratch.
+  void* grad_weight_partials;
+};
+
+struct CausalConvStepParams {
+  int64_t batch;
+  int64_t in_channels;
+  int64_t out_channels;
+  int64_t groups;
+  int64_t kernel_size;
+  int64_t dilation;
+  int64_t activation;
+  int64_t x_row_stride;
+  int64_t residual_row_stride;
+  const void* x;              // (batch, in_channels): this step's input
+  const void* packed_weight;  // as in CausalConvParams
+  const void* bias;
+  const void* context_table;
+  const void* residual;  // (batch, out_channels) or nullptr
+  // history (batch, (kernel_size - 1) * dilation, in_channels) contiguous: a circular buffer, the
+  // input of step p stored at slot p % history_length. position (batch) int64: steps taken per row.
+  void* history;
+  void* position;
+  void* out;  // (batch, out_channels) contiguous
+};
+
+// Rows (batch * time) per weight-gradient chunk and the chunk count; a pure function of the shape.
+HIERTCN_HD int64_t weight_grad_chunks(int64_t rows) {
+  const int64_t chunks = (rows + 127) / 128;
+  return chunks < 1 ? 1 : (chunks > 64 ? 64 : chunks);
+}
+
+HIERTCN_HD int64_t weight_grad_chunk_rows(int64_t rows, int64_t chunks) { return (rows + chunks - 1) / chunks; }
+
+// Which suffix sum of the context table applies at step t: the number of in-range taps minus one.
+HIERTCN_HD int64_t context_tap_index(int64_t t, int64_t dilation, int64_t kernel_size) {
+  const int64_t m = t / dilation;
+  return m < kernel_size - 1 ? m : kernel_size - 1;
+}
+
+template <typename A>
+HIERTCN_HD A activate(A v, int64_t activation) {
+  switch (activation) {
+    case kActRelu:
+      return v > A(0) ? v : A(0);
+    case kActGelu:
+      return A(0.5) * v * (A(1) + erf(v * A(0.70710678118654752440)));
+    case kActTanh:
+      return tanh(v);
+    default:
+      return v;
+  }
+}
+
+// d act(v) / dv.
+template <typename A>
+HIERTCN_HD A activation_grad(A v, int64_t activation) {
+  switch (activation) {
+    case kActRelu:
+      return v > A(0) ? A(1) : A(0);
+    case kActGelu:
+      return A(0.5) * (A(1) + erf(v * A(0.70710678118654752440))) +
+             v * exp(A(-0.5) * v * v) * A(0.39894228040143267794);
+    case kActTanh: {
+      const A y = tanh(v);
+      return A(1) - y * y;
+    }
+    default:
+      return A(1);
+  }
+}
+
+// out from z (and the residual when has_residual).
+template <typename A>
+HIERTCN_HD A epilogue_forward(A z, bool has_residual, A residual, int64_t activation) {
+  const A a = activate(z, activation);
+  return has_residual ? activate(a + residual, activation) : a;
+}
+
+// Given g = dL/dout: dL/dz, and dL/dresidual into *grad_residual.
+template <typename A>
+HIERTCN_HD A epilogue_backward(A g, A z, bool has_residual, A residual, int64_t activation, A* grad_residual) {
+  if (has_residual) {
+    g *= activation_grad(activate(z, activation) + residual, activation);
+    *grad_residual = g;
+  }
+  return g * activation_grad(z, activation);
+}
+
+}  // namespace hiertcn

@@ -1,0 +1,236 @@
+// Host-side validation, weight packing and params filling for the causal_conv1d ops, shared by the
+// CPU and CUDA entry points so that both backends accept exactly the same inputs and index the
+// packed weights the same way.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "hiertcn/causal_conv.h"
+#include "hiertcn/checks.h"
+
+namespace hiertcn {
+
+// Channels-last activations: unit stride along channels, any batch and time strides.
+inline void check_channels_last(const at::Tensor& t, at::IntArrayRef expected, const char* name) {
+  check_shape(t, expected, name);
+  TORCH_CHECK(t.size(2) <= 1 || t.stride(2) == 1, name, " must have unit stride along channels, got strides ",
+              t.strides());
+}
+
+struct ConvShape {
+  int64_t batch, time, in_channels, out_channels, groups, kernel_size, dilation, activation;
+};
+
+// Validates the arguments every causal_conv1d op shares and returns the problem's shape.
+inline ConvShape check_conv_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& context_table, int64_t dilation, int64_t groups,
+                                 int64_t activation, bool step) {
+  TORCH_CHECK(x.dim() == (step ? 2 : 3), "x must be ", (step ? "(batch, in_channels)" : "(batch, time, in_channels)"),
+              ", got shape ", x.sizes());
+  TORCH_CHECK(weight.dim() == 3, "weight must be (out_channels, in_channels / groups, k), got shape ", weight.sizes());
+  TORCH_CHECK(groups >= 1, "groups must be >= 1, got ", groups);
+  TORCH_CHECK(dilation >= 1, "dilation must be >= 1, got ", dilation);
+  TORCH_CHECK(activation >= kActNone && activation <= kActTanh, "activation code must be 0..3, got ", activation);
+  ConvShape s;
+  s.batch = x.size(0);
+  s.time = step ? 1 : x.size(1);
+  s.in_channels = x.size(-1);
+  s.out_channels = weight.size(0);
+  s.groups = groups;
+  s.kernel_size = weight.size(2);
+  s.dilation = dilation;
+  s.activation = activation;
+  TORCH_CHECK(s.kernel_size >= 1, "weight must have k >= 1 taps, got shape ", weight.sizes());
+  TORCH_CHECK(s.in_channels % groups == 0 && s.out_channels % groups == 0, "groups (", groups,
+              ") must divide in_channels (", s.in_channels, ") and out_channels (", s.out_channels, ")");
+  TORCH_CHECK(weight.size(1) * groups == s.in_channels, "weight must have in_channels / groups = ",
+              s.in_channels / groups, " input channels, got shape ", weight.sizes());
+  TORCH_CHECK(x.size(-1) <= 1 || x.stride(-1) == 1, "x must have unit stride along channels, got strides ",
+              x.strides());
+  check_same_device_dtype(x, weight, "x", "weight");
+  if (bias) {
+    check_shape(*bias, {s.out_channels}, "bias");
+    check_same_device_dtype(x, *bias, "x", "bias");
+  }
+  if (context_table) {
+    check_shape(*context_table, {s.batch, s.kernel_size, s.out_channels}, "context_table");
+    TORCH_CHECK(context_table->is_contiguous(), "context_table must be contiguous");
+    check_same_device_dtype(x, *context_table, "x", "context_table");
+  }
+  return s;
+}
+
+inline void check_output(const at::Tensor& out, const at::Tensor& x, at::IntArrayRef expected, const char* name) {
+  check_shape(out, expected, name);
+  TORCH_CHECK(out.is_contiguous(), name, " must be contiguous");
+  check_same_device_dtype(x, out, "x", name);
+}
+
+// weight (out, in/groups, k) -> packed[j][ci][ol] = W[g * out_g + ol, ci - g * in_g, j], g = ci / in_g:
+// (k, in_channels, out_channels / groups), so that tap j is a plain (grouped) matrix from x rows to out rows.
+inline at::Tensor pack_conv_weight(const at::Tensor& weight, int64_t groups) {
+  const int64_t out = weight.size(0), in_g = weight.size(1), k = weight.size(2);
+  return weight.reshape({groups, out / groups, in_g, k}).permute({3, 0, 2, 1}).reshape({k, groups * in_g, out / groups})
+      .contiguous();
+}
+
+// The transposed packing used by the input gradient: packed[j][o][cl] = W[o, cl, j]: (k, out_channels, in/groups).
+inline at::Tensor pack_conv_weight_transposed(const at::Tensor& weight) {
+  return weight.permute({2, 0, 1}).contiguous();
+}
+
+inline CausalConvParams make_causal_conv_params(const ConvShape& s, const at::Tensor& x, const at::Tensor& packed,
+                                                const std::optional<at::Tensor>& bias,
+                                                const std::optional<at::Tensor>& context_table,
+                                                const std::optional<at::Tensor>& residual, const at::Tensor& out,
+                                                const std::optional<at::Tensor>& pre) {
+  check_output(out, x, {s.batch, s.time, s.out_channels}, "out");
+  if (pre) check_output(*pre, x, {s.batch, s.time, s.out_channels}, "pre");
+  CausalConvParams p{};
+  p.batch = s.batch;
+  p.time = s.time;
+  p.in_channels = s.in_channels;
+  p.out_channels = s.out_channels;
+  p.groups = s.groups;
+  p.kernel_size = s.kernel_size;
+  p.dilation = s.dilation;
+  p.direction = 1;
+  p.activation = s.activation;
+  p.in_batch_stride = x.stride(0);
+  p.in_time_stride = x.stride(1);
+  p.in = x.data_ptr();
+  p.packed_weight = packed.data_ptr();
+  p.bias = bias ? bias->data_ptr() : nullptr;
+  p.context_table = context_table ? context_table->data_ptr() : nullptr;
+  if (residual) {
+    check_channels_last(*residual, {s.batch, s.time, s.out_channels}, "residual");
+    check_same_device_dtype(x, *residual, "x", "residual");
+    p.residual_batch_stride = residual->stride(0);
+    p.residual_time_stride = residual->stride(1);
+    p.residual = residual->data_ptr();
+  }
+  p.out = out.data_ptr();
+  p.pre = pre ? pre->data_ptr() : nullptr;
+  return p;
+}
+
+// The input gradient as a plain (epilogue-free) anti-causal conv of grad_pre with the transposed packing:
+// in_channels and out_channels swap roles.
+inline CausalConvParams make_input_grad_params(const ConvShape& s, const at::Tensor& grad_pre,
+                                               const at::Tensor& packed_transposed, const at::Tensor& grad_x) {
+  CausalConvParams p{};
+  p.batch = s.batch;
+  p.time = s.time;
+  p.in_channels = s.out_channels;
+  p.out_channels = s.in_channels;
+  p.groups = s.groups;
+  p.kernel_size = s.kernel_size;
+  p.dilation = s.dilation;
+  p.direction = -1;
+  p.activation = kActNone;
+  p.in_batch_stride = grad_pre.stride(0);
+  p.in_time_stride = grad_pre.stride(1);
+  p.in = grad_pre.data_ptr();
+  p.packed_weight = packed_transposed.data_ptr();
+  p.out = grad_x.data_ptr();
+  return p;
+}
+
+// Validates the backward op's arguments; returns its params (the caller allocates the partials scratch
+// with grad_weight_partials_shape and sets grad_weight_partials).
+inline CausalConvBackwardParams make_causal_conv_backward_params(
+    const ConvShape& s, const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& pre,
+    const std::optional<at::Tensor>& residual, const at::Tensor& grad_pre, const at::Tensor& grad_x,
+    const at::Tensor& grad_weight, const std::optional<at::Tensor>& grad_residual) {
+  check_channels_last(grad_out, {s.batch, s.time, s.out_channels}, "grad_out");
+  check_same_device_dtype(x, grad_out, "x", "grad_out");
+  TORCH_CHECK(s.activation == kActNone || pre.has_value(), "pre (the forward's z) is required with an activation");
+  if (pre) check_output(*pre, x, {s.batch, s.time, s.out_channels}, "pre");
+  TORCH_CHECK(residual.has_value() == grad_residual.has_value(),
+              "grad_residual must be given exactly when residual is");
+  check_output(grad_pre, x, {s.batch, s.time, s.out_channels}, "grad_pre");
+  check_output(grad_x, x, {s.batch, s.time, s.in_channels}, "grad_x");
+  check_output(grad_weight, x, {s.out_channels, s.in_channels / s.groups, s.kernel_size}, "grad_weight");
+  CausalConvBackwardParams p{};
+  p.batch = s.batch;
+  p.time = s.time;
+  p.in_channels = s.in_channels;
+  p.out_channels = s.out_channels;
+  p.groups = s.groups;
+  p.kernel_size = s.kernel_size;
+  p.dilation = s.dilation;
+  p.activation = s.activation;
+  p.grad_out_batch_stride = grad_out.stride(0);
+  p.grad_out_time_stride = grad_out.stride(1);
+  p.x_batch_stride = x.stride(0);
+  p.x_time_stride = x.stride(1);
+  p.weight_grad_chunks = weight_grad_chunks(s.batch * s.time);
+  p.grad_out = grad_out.data_ptr();
+  p.x = x.data_ptr();
+  p.pre = pre ? pre->data_ptr() : nullptr;
+  if (residual) {
+    check_channels_last(*residual, {s.batch, s.time, s.out_channels}, "residual");
+    check_same_device_dtype(x, *residual, "x", "residual");
+    check_output(*grad_residual, x, {s.batch, s.time, s.out_channels}, "grad_residual");
+    p.residual_batch_stride = residual->stride(0);
+    p.residual_time_stride = residual->stride(1);
+    p.residual = residual->data_ptr();
+    p.grad_residual = grad_residual->data_ptr();
+  }
+  p.grad_pre = grad_pre.data_ptr();
+  p.grad_weight = grad_weight.data_ptr();
+  return p;
+}
+
+inline at::Tensor new_grad_weight_partials(const CausalConvBackwardParams& p, const at::Tensor& x) {
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return at::empty({p.weight_grad_chunks, p.kernel_size * p.in_channels * (p.out_channels / p.groups)},
+                   x.options().dtype(acc_dtype));
+}
+
+inline CausalConvStepParams make_causal_conv_step_params(const ConvShape& s, const at::Tensor& x,
+                                                         const at::Tensor& packed,
+                                                         const std::optional<at::Tensor>& bias,
+                                                         const std::optional<at::Tensor>& context_table,
+                                                         const std::optional<at::Tensor>& residual,
+                                                         const at::Tensor& history, const at::Tensor& position,
+                                                         const at::Tensor& out) {
+  const int64_t history_length = (s.kernel_size - 1) * s.dilation;
+  check_shape(history, {s.batch, history_length, s.in_channels}, "history");
+  TORCH_CHECK(history.is_contiguous(), "history must be contiguous");
+  check_same_device_dtype(x, history, "x", "history");
+  check_shape(position, {s.batch}, "position");
+  TORCH_CHECK(position.scalar_type() == at::kLong && position.is_contiguous(),
+              "position must be a contiguous int64 tensor, got ", position.scalar_type());
+  TORCH_CHECK(position.device() == x.device(), "position must be on the device of x (", x.device(), "), got ",
+              position.device());
+  check_output(out, x, {s.batch, s.out_channels}, "out");
+  CausalConvStepParams p{};
+  p.batch = s.batch;
+  p.in_channels = s.in_channels;
+  p.out_channels = s.out_channels;
+  p.groups = s.groups;
+  p.kernel_size = s.kernel_size;
+  p.dilation = s.dilation;
+  p.activation = s.activation;
+  p.x_row_stride = x.stride(0);
+  p.x = x.data_ptr();
+  p.packed_weight = packed.data_ptr();
+  p.bias = bias ? bias->data_ptr() : nullptr;
+  p.context_table = context_table ? context_table->data_ptr() : nullptr;
+  if (residual) {
+    check_rows_unit_stride(*residual, "residual");
+    check_shape(*residual, {s.batch, s.out_channels}, "residual");
+    check_same_device_dtype(x, *residual, "x", "residual");
+    p.residual_row_stride = residual->stride(0);
+    p.residual = residual->data_ptr();
+  }
+  p.history = history.data_ptr();
+  p.position = position.data_ptr();
+  p.out = out.data_ptr();
+  return p;
+}
+
+}  // namespace hiertcn

@@ -1,0 +1,168 @@
+"""Causal convolution modules: CausalConv1d (an nn.Conv1d drop-in for channels-last, causal input),
+TemporalBlock (HierTCN's residual block) and TCN (a stack of them with exponentially growing dilation).
+Every module runs a whole sequence with forward() and one event at a time with step(), on a state
+from init_state(); stepping through a sequence gives forward()'s outputs."""
+
+import math
+
+import torch
+from torch import nn
+
+from ..ops.conv import CausalConvState, causal_conv1d, causal_conv1d_step
+
+
+class CausalConv1d(nn.Module):
+    """Dilated causal convolution over time, channels-last.
+
+    Constructor as nn.Conv1d (no stride or padding: the padding is causal, (k - 1) * dilation zeros
+    before the start), so an nn.Conv1d state_dict loads unchanged; plus ``context_channels`` (a
+    time-constant input concatenated to every step, weight ``context_weight`` (out, ctx, k)) and a
+    fused ``activation`` (None, "relu", "gelu", "tanh").
+
+    forward(x, context=None, residual=None): x (batch, time, in_channels), context (batch,
+    context_channels), residual (batch, time, out_channels) -> (batch, time, out_channels).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, dilation=1, groups=1, bias=True, *, context_channels=0,
+                 activation=None, backend=None, device=None, dtype=None):
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups ({groups}) must divide in_channels ({in_channels}) and out_channels "
+                             f"({out_channels})")
+        factory = dict(device=device, dtype=dtype)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.dilation, self.groups, self.context_channels = dilation, groups, context_channels
+        self.activation, self.backend = activation, backend
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kernel_size, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.context_weight = (nn.Parameter(torch.empty(out_channels, context_channels, kernel_size, **factory))
+                               if context_channels else None)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # nn.Conv1d's initialisation; the context weight as if its channels were more input channels.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.context_weight is not None:
+            nn.init.kaiming_uniform_(self.context_weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight.shape[1] * self.kernel_size
+            bound = 1 / math.sqrt(fan_in) if fan_in else 0.0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @property
+    def receptive_field(self) -> int:
+        """Steps each output depends on: (k - 1) * dilation + 1."""
+        return (self.kernel_size - 1) * self.dilation + 1
+
+    def _context_args(self, context):
+        if (context is None) != (self.context_weight is None):
+            raise ValueError(f"this layer has context_channels={self.context_channels}: pass context exactly when "
+                             f"it is nonzero")
+        return dict(context=context, context_weight=self.context_weight)
+
+    def forward(self, x, context=None, residual=None):
+        return causal_conv1d(x, self.weight, self.bias, dilation=self.dilation, groups=self.groups,
+                             activation=self.activation, residual=residual, backend=self.backend,
+                             **self._context_args(context))
+
+    def init_state(self, batch, *, device=None, dtype=None) -> CausalConvState:
+        """A fresh state for ``batch`` rows (on the parameters' device and dtype unless given)."""
+        return CausalConvState.zeros(batch, self.in_channels, self.kernel_size, self.dilation,
+                                     dtype=dtype or self.weight.dtype, device=device or self.weight.device)
+
+    def step(self, x_t, state, context=None, residual=None):
+        """x_t (batch, in_channels) -> (batch, out_channels); advances ``state`` by one step."""
+        return causal_conv1d_step(x_t, self.weight, state, self.bias, groups=self.groups, activation=self.activation,
+                                  residual=residual, backend=self.backend, **self._context_args(context))
+
+    def extra_repr(self):
+        text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, dilation={self.dilation}, "
+                f"groups={self.groups}, bias={self.bias is not None}")
+        if self.context_channels:
+            text += f", context_channels={self.context_channels}"
+        return text + (f", activation={self.activation!r}" if self.activation else "")
+
+
+class TemporalBlock(nn.Module):
+    """HierTCN's residual block: out = relu(relu(conv(x) + bias + context term) + residual), the
+    residual being x, or a linear projection of x when the channel counts differ.
+
+    forward(x, context=None): x (batch, time, in_channels) -> (batch, time, out_channels).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size=5, dilation=1, *, context_channels=0, backend=None,
+                 device=None, dtype=None):
+        super().__init__()
+        self.conv = CausalConv1d(in_channels, out_channels, kernel_size, dilation, context_channels=context_channels,
+                                 activation="relu", backend=backend, device=device, dtype=dtype)
+        self.projection = (nn.Linear(in_channels, out_channels, device=device, dtype=dtype)
+                           if in_channels != out_channels else None)
+
+    def _residual(self, x):
+        return x if self.projection is None else self.projection(x)
+
+    def forward(self, x, context=None):
+        return self.conv(x, context, residual=self._residual(x))
+
+    def init_state(self, batch, **kwargs) -> CausalConvState:
+        return self.conv.init_state(batch, **kwargs)
+
+    def step(self, x_t, state, context=None):
+        """x_t (batch, in_channels) -> (batch, out_channels); advances ``state`` by one step."""
+        return self.conv.step(x_t, state, context, residual=self._residual(x_t))
+
+
+class TCNState:
+    """The per-layer CausalConvStates of a TCN, stepped together; rows reset together across layers."""
+
+    def __init__(self, layers):
+        self.layers = list(layers)
+
+    def reset(self, rows=None):
+        """Start a new sequence in ``rows`` (a (batch,) bool mask or index tensor; None: every row)."""
+        for layer in self.layers:
+            layer.reset(rows)
+
+
+class TCN(nn.Module):
+    """A stack of TemporalBlocks, block i with dilation dilations[i] (default 2**i).
+
+    ``channels`` lists each block's output channels; context (batch, context_channels), when the TCN
+    has context_channels, enters the first block at every step (HierTCN's user state).
+    forward(x, context=None): x (batch, time, in_channels) -> (batch, time, channels[-1]).
+    """
+
+    def __init__(self, in_channels, channels, kernel_size=5, dilations=None, context_channels=0, *, backend=None,
+                 device=None, dtype=None):
+        super().__init__()
+        channels = list(channels)
+        dilations = [2 ** i for i in range(len(channels))] if dilations is None else list(dilations)
+        if len(dilations) != len(channels):
+            raise ValueError(f"dilations must have one entry per block ({len(channels)}), got {len(dilations)}")
+        self.context_channels = context_channels
+        widths = [in_channels] + channels
+        self.blocks = nn.ModuleList(
+            TemporalBlock(widths[i], widths[i + 1], kernel_size, dilations[i],
+                          context_channels=context_channels if i == 0 else 0, backend=backend, device=device,
+                          dtype=dtype)
+            for i in range(len(channels)))
+
+    @property
+    def receptive_field(self) -> int:
+        return 1 + sum(block.conv.receptive_field - 1 for block in self.blocks)
+
+    def forward(self, x, context=None):
+        for i, block in enumerate(self.blocks):
+            x = block(x, context if i == 0 else None)
+        return x
+
+    def init_state(self, batch, **kwargs) -> TCNState:
+        """A fresh state for ``batch`` rows (device and dtype: the parameters', unless given)."""
+        return TCNState(block.init_state(batch, **kwargs) for block in self.blocks)
+
+    def step(self, x_t, state, context=None):
+        """One event per row: x_t (batch, in_channels) -> (batch, channels[-1]); advances every layer of
+        ``state``. One kernel launch per layer (not one for the whole stack)."""
+        for i, (block, layer_state) in enumerate(zip(self.blocks, state.layers)):
+            x_t = block.step(x_t, layer_state, context if i == 0 else None)
+        return x_t

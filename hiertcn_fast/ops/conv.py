@@ -1,0 +1,385 @@
+"""Dilated causal convolution op family: ``causal_conv1d`` (forward and backward, fused epilogue)
+and ``causal_conv1d_step`` with its ``CausalConvState`` (one event at a time).
+
+Conventions (csrc/include/hiertcn/causal_conv.h has the kernel-side statement):
+  x: (batch, time, in_channels), channels-last; weight: (out_channels, in_channels / groups, k) as
+  nn.Conv1d; conv[t] = sum_j weight[:, :, j] x[t - (k - 1 - j) * dilation], zeros before the start,
+  so tap k - 1 is the current step (exactly F.conv1d on the input left-padded by (k - 1) * dilation).
+  With context (batch, ctx) and context_weight (out, ctx, k) the result equals convolving the
+  concatenation [x, context repeated at every step] with [weight, context_weight]; the context term
+  is computed as per-tap suffix sums (``context_table``), never by materialising the concatenation.
+  Epilogue: out = act(z) or, with residual, act(act(z) + residual), z = conv + bias + context term.
+"""
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _extension
+from ..backends import resolve
+from ._common import FLOATING, check_like, check_shape, check_tensor, new_output, unit_stride_rows
+
+# Activation codes shared with the kernels (hiertcn/causal_conv.h ActivationCode, triton/causal_conv.py).
+ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "tanh": 3}
+
+CAUSAL_CONV_DTYPES = {
+    "cuda": {torch.float16, torch.bfloat16, torch.float32, torch.float64},
+    "triton": {torch.float16, torch.bfloat16, torch.float32},
+    "cpu": {torch.float32, torch.float64},
+    "reference": set(FLOATING),
+}
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(dtype):
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def _activate(v, activation):
+    if activation is None:
+        return v
+    return {"relu": torch.relu, "gelu": F.gelu, "tanh": torch.tanh}[activation](v)
+
+
+def context_table(context: torch.Tensor, context_weight: torch.Tensor) -> torch.Tensor:
+    """Per-tap suffix sums of the context term: (batch, k, out_channels).
+
+    context: (batch, ctx); context_weight: (out, ctx, k). Row m is sum_{j >= k-1-m} context_weight[:, :, j] @
+    context: the context term of a step with m + 1 taps at or after the start of the sequence.
+    """
+    per_tap = torch.einsum("bc,ocj->bjo", context, context_weight)
+    return per_tap.flip(1).cumsum(1)
+
+
+def context_rows(time: int, dilation: int, kernel_size: int, device) -> torch.Tensor:
+    """(time,) int64: which context_table row applies at each step (the in-range taps minus one)."""
+    return torch.clamp(torch.arange(time, device=device) // dilation, max=kernel_size - 1)
+
+
+def _context_table_grad(grad_pre: torch.Tensor, dilation: int, kernel_size: int) -> torch.Tensor:
+    """The gradient of context_table from dL/dz (batch, time, out): per-row sums over the steps that read
+    each row, in a fixed order (deterministic)."""
+    last = kernel_size - 1
+    rows = [grad_pre[:, m * dilation:(None if m == last else (m + 1) * dilation)].sum(1) for m in range(kernel_size)]
+    return torch.stack(rows, 1)
+
+
+def _tap_product(source: torch.Tensor, weight_tap: torch.Tensor, groups: int) -> torch.Tensor:
+    """source (..., in_channels) times one tap weight_tap (out, in/groups), grouped: (..., out)."""
+    out_channels, in_per_group = weight_tap.shape
+    grouped = source.reshape(*source.shape[:-1], groups, in_per_group)
+    w = weight_tap.reshape(groups, out_channels // groups, in_per_group)
+    return torch.einsum("...gc,goc->...go", grouped, w).reshape(*source.shape[:-1], out_channels)
+
+
+def _epilogue_reference(z, activation, residual):
+    out = _activate(z, activation)
+    return out if residual is None else _activate(out + residual, activation)
+
+
+def causal_conv1d_reference(x, weight, bias=None, *, dilation=1, groups=1, context=None, context_weight=None,
+                            activation=None, residual=None):
+    """Plain-PyTorch causal_conv1d, as k shifted (grouped) matmuls: the definition every backend is tested
+    against. Half types compute in float32. Shapes as causal_conv1d."""
+    compute = _compute_dtype(x.dtype)
+    batch, time, _ = x.shape
+    out_channels, _, kernel_size = weight.shape
+    xc, wc = x.to(compute), weight.to(compute)
+    z = x.new_zeros(batch, time, out_channels, dtype=compute)
+    for j in range(kernel_size):
+        lag = (kernel_size - 1 - j) * dilation
+        if lag >= time:
+            continue
+        shifted = F.pad(xc[:, :time - lag], (0, 0, lag, 0))
+        z = z + _tap_product(shifted, wc[:, :, j], groups)
+    if bias is not None:
+        z = z + bias.to(compute)
+    if context is not None:
+        table = context_table(context.to(compute), context_weight.to(compute))
+        z = z + table[:, context_rows(time, dilation, kernel_size, x.device)]
+    res = None if residual is None else residual.to(compute)
+    return _epilogue_reference(z, activation, res).to(x.dtype)
+
+
+def _check_int(value, name, minimum):
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_conv_common(x, x_name, weight, bias, dilation, groups, context, context_weight, activation):
+    """Checks shared by causal_conv1d and causal_conv1d_step; returns (out_channels, kernel_size)."""
+    check_tensor(weight, "weight", 3)
+    check_like(weight, "weight", x, x_name)
+    _check_int(dilation, "dilation", 1)
+    _check_int(groups, "groups", 1)
+    in_channels = x.shape[-1]
+    out_channels, in_per_group, kernel_size = weight.shape
+    if kernel_size < 1:
+        raise ValueError(f"weight must have k >= 1 taps (out_channels, in_channels / groups, k), "
+                         f"got shape {tuple(weight.shape)}")
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(f"groups ({groups}) must divide in_channels ({in_channels}) and out_channels "
+                         f"({out_channels})")
+    if in_per_group * groups != in_channels:
+        raise ValueError(f"weight (out_channels, in_channels / groups, k) must have {in_channels // groups} input "
+                         f"channels for {x_name} with {in_channels} channels and groups={groups}, "
+                         f"got shape {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor(bias, "bias", 1)
+        check_like(bias, "bias", x, x_name)
+        check_shape(bias, "bias (out_channels,)", (out_channels,))
+    if (context is None) != (context_weight is None):
+        raise ValueError("context and context_weight must be given together")
+    if context is not None:
+        check_tensor(context, "context", 2)
+        check_like(context, "context", x, x_name)
+        check_tensor(context_weight, "context_weight", 3)
+        check_like(context_weight, "context_weight", x, x_name)
+        if context.shape[0] != x.shape[0]:
+            raise ValueError(f"context (batch, ctx_channels) must have batch {x.shape[0]}, got shape "
+                             f"{tuple(context.shape)}")
+        check_shape(context_weight, "context_weight (out_channels, ctx_channels, k)",
+                    (out_channels, context.shape[1], kernel_size))
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    return out_channels, kernel_size
+
+
+def _check_causal_conv(x, weight, bias, dilation, groups, context, context_weight, activation, residual):
+    check_tensor(x, "x", 3)
+    if x.shape[1] == 0:
+        raise ValueError(f"x (batch, time, in_channels) has an empty time axis (shape {tuple(x.shape)}); "
+                         f"causal_conv1d needs at least one step")
+    out_channels, _ = _check_conv_common(x, "x", weight, bias, dilation, groups, context, context_weight, activation)
+    if residual is not None:
+        check_tensor(residual, "residual", 3)
+        check_like(residual, "residual", x, "x")
+        check_shape(residual, "residual (batch, time, out_channels)", (*x.shape[:2], out_channels))
+
+
+def causal_conv1d(x, weight, bias=None, *, dilation=1, groups=1, context=None, context_weight=None, activation=None,
+                  residual=None, backend=None):
+    """Dilated causal convolution over time with a fused epilogue.
+
+    x: (batch, time, in_channels); weight: (out_channels, in_channels / groups, k); bias: (out_channels,);
+    context: (batch, ctx_channels) with context_weight (out_channels, ctx_channels, k): the time-constant
+    input concatenated to every step; residual: (batch, time, out_channels); activation: None, "relu",
+    "gelu" or "tanh". Returns (batch, time, out_channels) = act(z), or act(act(z) + residual) with a
+    residual. Differentiable in every tensor argument; backward is deterministic.
+    """
+    _check_causal_conv(x, weight, bias, dilation, groups, context, context_weight, activation, residual)
+    name = resolve("causal_conv1d", backend, x.device, x.dtype, CAUSAL_CONV_DTYPES)
+    if name == "reference":
+        return causal_conv1d_reference(x, weight, bias, dilation=dilation, groups=groups, context=context,
+                                       context_weight=context_weight, activation=activation, residual=residual)
+    table = None if context is None else context_table(context, context_weight).contiguous()
+    if residual is not None:
+        residual = unit_stride_rows(residual)
+    return _CausalConvFunction.apply(unit_stride_rows(x), weight, bias, table, residual, dilation, groups,
+                                     ACTIVATIONS[activation], name)
+
+
+def _forward_kernel(name, x, weight, bias, table, residual, dilation, groups, activation, out, pre):
+    if name == "triton":
+        torch.ops.hiertcn_fast.causal_conv1d_triton_out(x, weight, bias, table, residual, dilation, groups, activation,
+                                                        out, pre)
+    else:
+        torch.ops.hiertcn_fast.causal_conv1d_out(x, weight, bias, table, residual, dilation, groups, activation,
+                                                 out=out, pre=pre)
+
+
+def _backward_kernel(name, grad_out, x, weight, pre, residual, dilation, groups, activation, grad_pre, grad_x,
+                     grad_weight, grad_residual):
+    if name == "triton":
+        torch.ops.hiertcn_fast.causal_conv1d_backward_triton_out(grad_out, x, weight, pre, residual, dilation, groups,
+                                                                 activation, grad_pre, grad_x, grad_weight,
+                                                                 grad_residual)
+    else:
+        torch.ops.hiertcn_fast.causal_conv1d_backward_out(grad_out, x, weight, pre, residual, dilation, groups,
+                                                          activation, grad_pre=grad_pre, grad_x=grad_x,
+                                                          grad_weight=grad_weight, grad_residual=grad_residual)
+
+
+class _CausalConvFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, table, residual, dilation, groups, activation, name):
+        batch, time, _ = x.shape
+        out_shape = (batch, time, weight.shape[0])
+        out = new_output(out_shape, x)
+        # z is kept only when the backward needs it (an activation, and some input wants a gradient).
+        pre = new_output(out_shape, x) if activation != 0 and any(ctx.needs_input_grad[:5]) else None
+        _forward_kernel(name, x, weight, bias, table, residual, dilation, groups, activation, out, pre)
+        ctx.save_for_backward(x, weight, pre, residual)
+        ctx.config = (dilation, groups, activation, name, bias is not None, table is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, pre, residual = ctx.saved_tensors
+        dilation, groups, activation, name, has_bias, has_table = ctx.config
+        grad_pre = new_output(grad_out.shape, x)
+        grad_x = new_output(x.shape, x)
+        grad_weight = new_output(weight.shape, weight)
+        grad_residual = None if residual is None else new_output(residual.shape, x)
+        _backward_kernel(name, unit_stride_rows(grad_out), x, weight, pre, residual, dilation, groups, activation,
+                         grad_pre, grad_x, grad_weight, grad_residual)
+        grad_bias = grad_pre.sum((0, 1)) if has_bias else None
+        grad_table = _context_table_grad(grad_pre, dilation, weight.shape[2]) if has_table else None
+        return grad_x, grad_weight, grad_bias, grad_table, grad_residual, None, None, None, None
+
+
+# ---- incremental update --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CausalConvState:
+    """What causal_conv1d_step needs of the past, for one layer.
+
+    history: (batch, (k - 1) * dilation, in_channels), a circular buffer: the input of step p of a row
+    lives at slot p % ((k - 1) * dilation) until it falls out of the receptive field.
+    position: (batch,) int64, steps taken per row since its last reset. Both are updated in place.
+    """
+
+    history: torch.Tensor
+    position: torch.Tensor
+    kernel_size: int
+    dilation: int
+
+    @classmethod
+    def zeros(cls, batch, in_channels, kernel_size, dilation=1, *, dtype=torch.float32, device="cpu"):
+        history = torch.zeros(batch, (kernel_size - 1) * dilation, in_channels, dtype=dtype, device=device)
+        return cls(history, torch.zeros(batch, dtype=torch.int64, device=device), kernel_size, dilation)
+
+    def reset(self, rows=None):
+        """Start a new sequence in ``rows`` (a (batch,) bool mask or index tensor; None: every row)."""
+        if rows is None:
+            self.position.zero_()
+            self.history.zero_()
+        else:
+            self.position[rows] = 0
+            self.history[rows] = 0
+
+
+def causal_conv1d_step_reference(x, weight, state, bias=None, *, groups=1, context=None, context_weight=None,
+                                 activation=None, residual=None):
+    """Plain-PyTorch causal_conv1d_step (updates ``state`` in place). Shapes as causal_conv1d_step."""
+    compute = _compute_dtype(x.dtype)
+    kernel_size, dilation = state.kernel_size, state.dilation
+    history_length = (kernel_size - 1) * dilation
+    rows = torch.arange(x.shape[0], device=x.device)
+    position = state.position
+    wc = weight.to(compute)
+    z = _tap_product(x.to(compute), wc[:, :, kernel_size - 1], groups)
+    for j in range(kernel_size - 1):
+        lag = (kernel_size - 1 - j) * dilation
+        source = state.history[rows, (position - lag) % history_length].to(compute)
+        source = torch.where((position >= lag)[:, None], source, torch.zeros_like(source))
+        z = z + _tap_product(source, wc[:, :, j], groups)
+    if bias is not None:
+        z = z + bias.to(compute)
+    if context is not None:
+        table = context_table(context.to(compute), context_weight.to(compute))
+        z = z + table[rows, torch.clamp(position // dilation, max=kernel_size - 1)]
+    res = None if residual is None else residual.to(compute)
+    out = _epilogue_reference(z, activation, res).to(x.dtype)
+    if history_length:
+        state.history[rows, position % history_length] = x
+    position += 1
+    return out
+
+
+def causal_conv1d_step(x, weight, state, bias=None, *, groups=1, context=None, context_weight=None, activation=None,
+                       residual=None, backend=None):
+    """One step of causal_conv1d for every row, updating ``state`` in place (inference: no autograd).
+
+    x: (batch, in_channels), this step's input; weight, bias, groups, context, context_weight and
+    activation as causal_conv1d (kernel size and dilation come from ``state``, a CausalConvState);
+    residual: (batch, out_channels). Returns (batch, out_channels): what causal_conv1d would give at
+    each row's current position. Reads k rows of history per row; writes one.
+    """
+    check_tensor(x, "x", 2)
+    if not isinstance(state, CausalConvState):
+        raise TypeError(f"state must be a CausalConvState, got {type(state).__name__}")
+    out_channels, kernel_size = _check_conv_common(x, "x", weight, bias, state.dilation, groups, context,
+                                                   context_weight, activation)
+    if kernel_size != state.kernel_size:
+        raise ValueError(f"weight has k={kernel_size} taps but the state was made for k={state.kernel_size}")
+    check_like(state.history, "state.history", x, "x")
+    check_shape(state.history, "state.history (batch, (k - 1) * dilation, in_channels)",
+                (x.shape[0], (kernel_size - 1) * state.dilation, x.shape[1]))
+    if residual is not None:
+        check_tensor(residual, "residual", 2)
+        check_like(residual, "residual", x, "x")
+        check_shape(residual, "residual (batch, out_channels)", (x.shape[0], out_channels))
+    name = resolve("causal_conv1d_step", backend, x.device, x.dtype, CAUSAL_CONV_DTYPES)
+    with torch.no_grad():
+        if name == "reference":
+            return causal_conv1d_step_reference(x, weight, state, bias, groups=groups, context=context,
+                                                context_weight=context_weight, activation=activation,
+                                                residual=residual)
+        table = None if context is None else context_table(context, context_weight).contiguous()
+        out = new_output((x.shape[0], out_channels), x)
+        args = (unit_stride_rows(x), weight, bias, table, None if residual is None else unit_stride_rows(residual),
+                state.dilation, groups, ACTIVATIONS[activation])
+        if name == "triton":
+            torch.ops.hiertcn_fast.causal_conv1d_step_triton_out(*args, state.history, state.position, out)
+        else:
+            torch.ops.hiertcn_fast.causal_conv1d_step_out(*args, history=state.history, position=state.position,
+                                                          out=out)
+        return out
+
+
+# ---- registrations -------------------------------------------------------------------------------
+
+if _extension.loaded():
+
+    @torch.library.register_fake("hiertcn_fast::causal_conv1d_out")
+    def _causal_conv1d_out_fake(x, weight, bias, context_table, residual, dilation, groups, activation, *, out, pre):
+        return None
+
+    @torch.library.register_fake("hiertcn_fast::causal_conv1d_backward_out")
+    def _causal_conv1d_backward_out_fake(grad_out, x, weight, pre, residual, dilation, groups, activation, *,
+                                         grad_pre, grad_x, grad_weight, grad_residual):
+        return None
+
+    @torch.library.register_fake("hiertcn_fast::causal_conv1d_step_out")
+    def _causal_conv1d_step_out_fake(x, weight, bias, context_table, residual, dilation, groups, activation, *,
+                                     history, position, out):
+        return None
+
+
+@torch.library.triton_op("hiertcn_fast::causal_conv1d_triton_out", mutates_args={"out", "pre"})
+def _causal_conv1d_triton_out(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                              context_table: Optional[torch.Tensor], residual: Optional[torch.Tensor], dilation: int,
+                              groups: int, activation: int, out: torch.Tensor, pre: Optional[torch.Tensor]) -> None:
+    from ..triton import causal_conv as kernels
+
+    kernels.causal_conv_forward(x, weight, bias, context_table, residual, dilation, groups, activation, out, pre)
+
+
+@torch.library.triton_op("hiertcn_fast::causal_conv1d_backward_triton_out",
+                         mutates_args={"grad_pre", "grad_x", "grad_weight", "grad_residual"})
+def _causal_conv1d_backward_triton_out(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                       pre: Optional[torch.Tensor], residual: Optional[torch.Tensor], dilation: int,
+                                       groups: int, activation: int, grad_pre: torch.Tensor, grad_x: torch.Tensor,
+                                       grad_weight: torch.Tensor, grad_residual: Optional[torch.Tensor]) -> None:
+    from ..triton import causal_conv as kernels
+
+    kernels.causal_conv_backward(grad_out, x, weight, pre, residual, dilation, groups, activation, grad_pre, grad_x,
+                                 grad_weight, grad_residual)
+
+
+@torch.library.triton_op("hiertcn_fast::causal_conv1d_step_triton_out", mutates_args={"history", "position", "out"})
+def _causal_conv1d_step_triton_out(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                   context_table: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                                   dilation: int, groups: int, activation: int, history: torch.Tensor,
+                                   position: torch.Tensor, out: torch.Tensor) -> None:
+    from ..triton import causal_conv as kernels
+
+    kernels.causal_conv_step(x, weight, bias, context_table, residual, dilation, groups, activation, history,
+                             position, out)

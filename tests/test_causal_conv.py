@@ -1,0 +1,338 @@
+"""causal_conv1d: every backend against the reference and against F.conv1d on a left-padded input (an
+independent peer), gradients, determinism, the incremental step, torch.library checks, bad input."""
+
+import pytest
+import torch
+
+import hiertcn_fast
+from hiertcn_fast.ops import (CausalConvState, causal_conv1d, causal_conv1d_reference, causal_conv1d_step,
+                              context_table)
+from conv_helpers import ConvCase, conv1d_peer, left_padded_conv1d, split_leaves
+from helpers import BACKEND_DEVICES, CUDA, COMPARE_DTYPE, assert_close, rand
+
+# The DESIGN.md shape matrix: k 1..9, dilations up to 64, time 1, prime, and shorter than the receptive
+# field, batch 1, channel counts that are not multiples of 8, dense / depthwise / grouped, every epilogue.
+CASES = [
+    ConvCase(1, 1, 3, 5, 1, 1),
+    ConvCase(2, 13, 6, 10, 3, 2, context_channels=4, activation="relu", residual=True),
+    ConvCase(3, 7, 12, 12, 5, 4, groups=12, activation="tanh", residual=True),
+    ConvCase(2, 31, 9, 6, 9, 1, groups=3, context_channels=5, activation="gelu"),
+    ConvCase(2, 37, 5, 7, 2, 64, context_channels=3, activation="tanh"),
+    ConvCase(1, 200, 4, 8, 4, 64, groups=4, activation="relu", residual=True),
+    ConvCase(2, 19, 40, 70, 3, 2, context_channels=6, activation="gelu", residual=True),
+    ConvCase(2, 11, 7, 7, 6, 1, bias=False, residual=True),
+]
+
+
+def run_forward_backward(args, backend, grad_out=None):
+    """Output and the gradients of every tensor argument (by name) for loss = <out, grad_out>."""
+    call, leaves = split_leaves(args)
+    out = causal_conv1d(**call, backend=backend)
+    if grad_out is None:
+        grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    return out, {name: t.grad for name, t in leaves.items()}, grad_out
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_reference_and_conv1d_peer(backend, device, case):
+    dtype = COMPARE_DTYPE[backend]
+    args = case.inputs(dtype, device, noncontiguous=case.batch == 2)
+    out, grads, grad_out = run_forward_backward(args, backend)
+    assert out.shape == (case.batch, case.time, case.out_channels) and out.dtype == dtype
+
+    ref_args, ref_leaves = split_leaves(args, torch.float64)
+    ref = causal_conv1d_reference(**ref_args)
+    assert_close(out, ref, dtype)
+    ref.backward(grad_out.double())
+    for name, grad in grads.items():
+        assert_close(grad, ref_leaves[name].grad, dtype)
+
+    peer_args = {name: (value.double() if torch.is_tensor(value) else value) for name, value in args.items()}
+    assert_close(out, conv1d_peer(**peer_args), dtype)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_context_equals_explicit_concatenation(backend, device):
+    dtype = COMPARE_DTYPE[backend]
+    batch, time, channels, ctx_channels, k, dilation = 3, 10, 6, 5, 4, 3
+    x = rand(batch, time, channels, dtype=dtype, device=device)
+    context = rand(batch, ctx_channels, dtype=dtype, device=device)
+    weight = rand(9, channels + ctx_channels, k, dtype=dtype, device=device)
+    bias = rand(9, dtype=dtype, device=device)
+    concatenated = torch.cat([x, context[:, None].expand(-1, time, -1)], dim=2)
+    expected = left_padded_conv1d(concatenated, weight, bias, dilation)
+    out = causal_conv1d(x, weight[:, :channels].contiguous(), bias, dilation=dilation, context=context,
+                        context_weight=weight[:, channels:].contiguous(), backend=backend)
+    assert_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("case", [ConvCase(2, 9, 4, 6, 3, 2, context_channels=3, activation="tanh", residual=True),
+                                  ConvCase(1, 7, 4, 4, 4, 1, groups=4, activation="gelu", residual=True),
+                                  ConvCase(2, 5, 3, 6, 2, 3, groups=3, context_channels=2)], ids=str)
+def test_gradcheck_float64(backend, case):
+    args = case.inputs(torch.float64, "cpu")
+    names = [name for name in ("x", "weight", "bias", "context", "context_weight", "residual") if name in args]
+
+    def fn(*tensors):
+        return causal_conv1d(**{**args, **dict(zip(names, tensors))}, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, [args[name].detach().requires_grad_() for name in names])
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] != "reference"])
+def test_backward_is_deterministic(backend, device):
+    case = ConvCase(3, 150, 20, 24, 5, 2, context_channels=4, activation="relu", residual=True)
+    args = case.inputs(COMPARE_DTYPE[backend], device)
+    _, first, grad_out = run_forward_backward(args, backend)
+    _, second, _ = run_forward_backward(args, backend, grad_out)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+# ---- incremental step ----------------------------------------------------------------------------
+
+STEP_CASES = [
+    ConvCase(3, 12, 5, 7, 3, 2, context_channels=4, activation="relu", residual=True),
+    ConvCase(2, 9, 6, 6, 4, 3, groups=6, activation="tanh"),
+    ConvCase(2, 6, 4, 5, 1, 1, activation="gelu"),
+]
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("case", STEP_CASES, ids=str)
+def test_step_by_step_equals_forward(backend, device, case):
+    dtype = COMPARE_DTYPE[backend]
+    args = case.inputs(dtype, device)
+    x, residual = args.pop("x"), args.pop("residual", None)
+    dilation = args.pop("dilation")
+    state = CausalConvState.zeros(case.batch, case.in_channels, case.kernel_size, dilation, dtype=dtype,
+                                  device=device)
+    steps = [causal_conv1d_step(x[:, t], state=state, residual=None if residual is None else residual[:, t], **args,
+                                backend=backend) for t in range(case.time)]
+    full = causal_conv1d_reference(x.double(), dilation=dilation, residual=None if residual is None else residual.double(),
+                                   **{k: (v.double() if torch.is_tensor(v) else v) for k, v in args.items()})
+    assert_close(torch.stack(steps, 1), full, dtype)
+    assert torch.equal(state.position, torch.full((case.batch,), case.time, device=device))
+    # The circular buffer holds exactly the last (k - 1) * dilation inputs, bitwise, at slot t % length.
+    length = (case.kernel_size - 1) * dilation
+    for t in range(max(0, case.time - length), case.time):
+        assert torch.equal(state.history[:, t % length], x[:, t])
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_step_rows_reset_independently(backend, device):
+    dtype = COMPARE_DTYPE[backend]
+    batch, channels, k, dilation = 3, 5, 3, 2
+    weight = rand(4, channels, k, dtype=dtype, device=device)
+    first = rand(batch, 7, channels, dtype=dtype, device=device)
+    second = rand(batch, 6, channels, dtype=dtype, device=device)
+    state = CausalConvState.zeros(batch, channels, k, dilation, dtype=dtype, device=device)
+    for t in range(7):
+        causal_conv1d_step(first[:, t], weight, state, backend=backend)
+    state.reset(torch.tensor([False, True, False], device=device))
+    # Row 1 starts a new sequence; rows 0 and 2 carry on with theirs.
+    expected = causal_conv1d_reference(torch.cat([first, second], 1).double(), weight.double(), dilation=dilation)
+    expected_row1 = causal_conv1d_reference(second[1:2].double(), weight.double(), dilation=dilation)
+    outs = torch.stack([causal_conv1d_step(second[:, t], weight, state, backend=backend) for t in range(6)], 1)
+    assert_close(outs[[0, 2]], expected[[0, 2], 7:], dtype)
+    assert_close(outs[1:2], expected_row1, dtype)
+    assert state.position.tolist() == [13, 6, 13]
+
+
+def test_step_backends_agree_bitwise_on_state():
+    case = STEP_CASES[0]
+    args = case.inputs(torch.float32, "cpu")
+    x, residual, dilation = args.pop("x"), args.pop("residual"), args.pop("dilation")
+    states = {name: CausalConvState.zeros(case.batch, case.in_channels, case.kernel_size, dilation)
+              for name in ("reference", "cpu")}
+    for t in range(case.time):
+        for name, state in states.items():
+            causal_conv1d_step(x[:, t], state=state, residual=residual[:, t], **args, backend=name)
+    assert torch.equal(states["reference"].history, states["cpu"].history)
+    assert torch.equal(states["reference"].position, states["cpu"].position)
+
+
+# ---- torch.library -------------------------------------------------------------------------------
+
+def _op_args(dtype=torch.float64, device="cpu"):
+    case = ConvCase(2, 9, 4, 6, 3, 2, context_channels=3, activation="gelu", residual=True)
+    args = case.inputs(dtype, device)
+    table = context_table(args["context"], args["context_weight"]).contiguous()
+    return (args["x"], args["weight"], args["bias"], table, args["residual"], 2, 1, 2), case
+
+
+def test_opcheck_compiled_ops():
+    ops = torch.ops.hiertcn_fast
+    args, case = _op_args()
+    x, weight = args[0], args[1]
+    out_shape = (case.batch, case.time, case.out_channels)
+    torch.library.opcheck(ops.causal_conv1d_out.default, args,
+                          {"out": torch.empty(out_shape, dtype=x.dtype), "pre": torch.empty(out_shape, dtype=x.dtype)})
+    pre = torch.empty(out_shape, dtype=x.dtype)
+    ops.causal_conv1d_out(*args, out=torch.empty(out_shape, dtype=x.dtype), pre=pre)
+    grads = dict(grad_pre=torch.empty(out_shape, dtype=x.dtype), grad_x=torch.empty_like(x),
+                 grad_weight=torch.empty_like(weight), grad_residual=torch.empty(out_shape, dtype=x.dtype))
+    torch.library.opcheck(ops.causal_conv1d_backward_out.default,
+                          (torch.randn(out_shape, dtype=x.dtype), x, weight, pre, args[4], 2, 1, 2), grads)
+    state = CausalConvState.zeros(case.batch, case.in_channels, case.kernel_size, 2, dtype=x.dtype)
+    step_args = (x[:, 0], weight, args[2], args[3], args[4][:, 0], 2, 1, 2)
+    torch.library.opcheck(ops.causal_conv1d_step_out.default, step_args,
+                          dict(history=state.history, position=state.position,
+                               out=torch.empty(case.batch, case.out_channels, dtype=x.dtype)))
+
+
+def test_triton_op_schema_check():
+    # Fake-tensor and compile checks of a triton_op need a GPU (the interpreter reads data pointers):
+    # test_triton_opcheck_and_compile_on_gpu runs them.
+    device = "cuda" if CUDA else "cpu"
+    args, case = _op_args(torch.float32, device)
+    out_shape = (case.batch, case.time, case.out_channels)
+    torch.library.opcheck(torch.ops.hiertcn_fast.causal_conv1d_triton_out.default,
+                          (*args, torch.empty(out_shape, device=device), torch.empty(out_shape, device=device)),
+                          test_utils=("test_schema",))
+
+
+@pytest.mark.gpu
+def test_opcheck_cuda_and_triton_ops_on_gpu():
+    ops = torch.ops.hiertcn_fast
+    args, case = _op_args(torch.float32, "cuda")
+    out_shape = (case.batch, case.time, case.out_channels)
+    empty = lambda: torch.empty(out_shape, device="cuda")  # noqa: E731
+    torch.library.opcheck(ops.causal_conv1d_out.default, args, {"out": empty(), "pre": empty()})
+    torch.library.opcheck(ops.causal_conv1d_triton_out.default, (*args, empty(), empty()))
+    pre = empty()
+    ops.causal_conv1d_out(*args, out=empty(), pre=pre)
+    x, weight = args[0], args[1]
+    backward_args = (torch.randn(out_shape, device="cuda"), x, weight, pre, args[4], 2, 1, 2)
+    torch.library.opcheck(ops.causal_conv1d_backward_triton_out.default,
+                          (*backward_args, empty(), torch.empty_like(x), torch.empty_like(weight), empty()))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", pytest.param("cuda", marks=pytest.mark.gpu),
+                                     pytest.param("triton", marks=pytest.mark.gpu)])
+def test_torch_compile_fullgraph(backend):
+    device = "cuda" if backend in ("cuda", "triton") else "cpu"
+    case = ConvCase(2, 11, 6, 8, 3, 2, context_channels=3, activation="relu", residual=True)
+    args = case.inputs(torch.float32, device)
+    call, leaves = split_leaves(args)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda kw: causal_conv1d(**kw, backend=backend), fullgraph=True)
+    out = compiled(call)
+    ref_args, _ = split_leaves(args, torch.float64)
+    assert_close(out, causal_conv1d_reference(**ref_args), torch.float32)
+    out.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves.values())
+
+
+# ---- half types on the GPU -----------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [ConvCase(4, 21, 128, 128, 5, 2, context_channels=256, activation="relu",
+                                           residual=True),
+                                  ConvCase(2, 300, 64, 64, 4, 64, groups=64, activation="gelu")], ids=str)
+def test_half_types_on_gpu(backend, dtype, case):
+    args = case.inputs(dtype, "cuda")
+    out, grads, grad_out = run_forward_backward(args, backend)
+    assert out.dtype == dtype
+    ref_args, ref_leaves = split_leaves(args, torch.float64)
+    ref = causal_conv1d_reference(**ref_args)
+    ref.backward(grad_out.double())
+    scale = ref.abs().max().item() + 1
+    torch.testing.assert_close(out.double() / scale, ref.detach() / scale, rtol=0, atol=2e-2)
+    for name, grad in grads.items():
+        expected = ref_leaves[name].grad
+        gscale = expected.abs().max().item() + 1
+        torch.testing.assert_close(grad.double() / gscale, expected / gscale, rtol=0, atol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_large_shapes_on_gpu(backend):
+    case = ConvCase(3, 700, 96, 80, 7, 32, context_channels=16, activation="tanh", residual=True)
+    args = case.inputs(torch.float32, "cuda", noncontiguous=True)
+    out, grads, grad_out = run_forward_backward(args, backend)
+    ref_args, ref_leaves = split_leaves(args, torch.float64)
+    ref = causal_conv1d_reference(**ref_args)
+    ref.backward(grad_out.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad.double(), ref_leaves[name].grad, rtol=1e-4, atol=1e-3)
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+def test_bad_input_is_a_clear_error():
+    x, weight = rand(2, 5, 4, dtype=torch.float32), rand(6, 4, 3, dtype=torch.float32)
+    with pytest.raises(ValueError, match="x must be 3-D"):
+        causal_conv1d(x[0], weight)
+    with pytest.raises(ValueError, match="weight must be 3-D"):
+        causal_conv1d(x, weight[0])
+    with pytest.raises(ValueError, match=r"must have 4 input channels .* got shape \(6, 3, 3\)"):
+        causal_conv1d(x, weight[:, :3])
+    with pytest.raises(ValueError, match="dilation must be >= 1, got 0"):
+        causal_conv1d(x, weight, dilation=0)
+    with pytest.raises(TypeError, match="dilation must be an int"):
+        causal_conv1d(x, weight, dilation=1.5)
+    with pytest.raises(ValueError, match="k >= 1"):
+        causal_conv1d(x, weight[:, :, :0])
+    with pytest.raises(ValueError, match="empty time axis"):
+        causal_conv1d(x[:, :0], weight)
+    with pytest.raises(ValueError, match=r"groups \(3\) must divide"):
+        causal_conv1d(x, weight, groups=3)
+    with pytest.raises(ValueError, match=r"bias \(out_channels,\) must have shape \(6,\)"):
+        causal_conv1d(x, weight, rand(5, dtype=torch.float32))
+    with pytest.raises(TypeError, match="weight has dtype torch.float64 but x has torch.float32"):
+        causal_conv1d(x, weight.double())
+    with pytest.raises(ValueError, match="context and context_weight must be given together"):
+        causal_conv1d(x, weight, context=rand(2, 3, dtype=torch.float32))
+    with pytest.raises(ValueError, match=r"context_weight \(out_channels, ctx_channels, k\) must have shape"):
+        causal_conv1d(x, weight, context=rand(2, 3, dtype=torch.float32),
+                      context_weight=rand(6, 3, 2, dtype=torch.float32))
+    with pytest.raises(ValueError, match=r"residual \(batch, time, out_channels\) must have shape \(2, 5, 6\)"):
+        causal_conv1d(x, weight, residual=rand(2, 5, 4, dtype=torch.float32))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        causal_conv1d(x, weight, activation="sigmoid")
+    with pytest.raises(TypeError, match="must have a floating dtype"):
+        causal_conv1d(x.long(), weight)
+    if CUDA:
+        with pytest.raises(ValueError, match="weight is on cuda"):
+            causal_conv1d(x, weight.cuda())
+
+
+def test_step_bad_input_is_a_clear_error():
+    weight = rand(6, 4, 3, dtype=torch.float32)
+    state = CausalConvState.zeros(2, 4, 3, 2)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        causal_conv1d_step(rand(2, 1, 4, dtype=torch.float32), weight, state)
+    with pytest.raises(ValueError, match="the state was made for k=3"):
+        causal_conv1d_step(rand(2, 4, dtype=torch.float32), weight[:, :, :2], state)
+    with pytest.raises(ValueError, match=r"state.history .* must have shape \(3, 4, 4\)"):
+        causal_conv1d_step(rand(3, 4, dtype=torch.float32), weight, state)
+    with pytest.raises(TypeError, match="state must be a CausalConvState"):
+        causal_conv1d_step(rand(2, 4, dtype=torch.float32), weight, state.history)
+
+
+def test_compiled_op_checks_arguments_itself():
+    x, weight = rand(2, 5, 4, dtype=torch.float32), rand(6, 4, 3, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="out must have shape"):
+        torch.ops.hiertcn_fast.causal_conv1d_out(x, weight, None, None, None, 1, 1, 0, out=torch.empty(2, 5, 5),
+                                                 pre=None)
+    with pytest.raises(RuntimeError, match="dilation must be >= 1"):
+        torch.ops.hiertcn_fast.causal_conv1d_out(x, weight, None, None, None, 0, 1, 0, out=torch.empty(2, 5, 6),
+                                                 pre=None)
+    with pytest.raises(RuntimeError, match="must have the dtype of x"):
+        torch.ops.hiertcn_fast.causal_conv1d_out(x, weight.double(), None, None, None, 1, 1, 0,
+                                                 out=torch.empty(2, 5, 6), pre=None)
+
+
+def test_explicit_backend_never_falls_back():
+    x, weight = rand(2, 5, 4, dtype=torch.float16), rand(6, 4, 3, dtype=torch.float16)
+    with pytest.raises(hiertcn_fast.BackendUnavailableError, match="does not support torch.float16"):
+        causal_conv1d(x, weight, backend="cpu")
+    # auto picks a backend that supports the dtype: the reference, for float16 on the CPU.
+    assert_close(causal_conv1d(x, weight), causal_conv1d_reference(x.double(), weight.double()), torch.float16)

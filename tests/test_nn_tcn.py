@@ -1,0 +1,88 @@
+"""hiertcn_fast.nn causal convolution modules: nn.Conv1d compatibility, the TemporalBlock semantics,
+and TCN stepping equal to its forward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hiertcn_fast.nn import TCN, CausalConv1d, TemporalBlock
+from conv_helpers import left_padded_conv1d
+from helpers import BACKEND_DEVICES, COMPARE_DTYPE, assert_close, rand
+
+
+def test_causal_conv1d_loads_an_nn_conv1d_state_dict():
+    torch_conv = torch.nn.Conv1d(6, 9, 4, dilation=3, groups=3).double()
+    conv = CausalConv1d(6, 9, 4, dilation=3, groups=3, dtype=torch.float64)
+    conv.load_state_dict(torch_conv.state_dict())
+    x = rand(2, 17, 6)
+    expected = torch_conv(F.pad(x.transpose(1, 2), (9, 0))).transpose(1, 2)
+    assert_close(conv(x), expected.detach())
+
+
+def test_causal_conv1d_initialises_like_nn_conv1d():
+    torch.manual_seed(0)
+    torch_conv = torch.nn.Conv1d(5, 7, 3)
+    torch.manual_seed(0)
+    conv = CausalConv1d(5, 7, 3)
+    assert torch.equal(conv.weight, torch_conv.weight) and torch.equal(conv.bias, torch_conv.bias)
+
+
+@pytest.mark.parametrize("in_channels,out_channels", [(6, 6), (4, 7)])
+def test_temporal_block_semantics(in_channels, out_channels):
+    block = TemporalBlock(in_channels, out_channels, kernel_size=5, dilation=2, context_channels=3,
+                          dtype=torch.float64)
+    x, context = rand(2, 11, in_channels), rand(2, 3)
+    conv = block.conv
+    concatenated = torch.cat([x, context[:, None].expand(-1, 11, -1)], 2)
+    z = left_padded_conv1d(concatenated, torch.cat([conv.weight, conv.context_weight], 1), conv.bias, 2)
+    residual = x if block.projection is None else block.projection(x)
+    assert_close(block(x, context), torch.relu(torch.relu(z) + residual).detach())
+
+
+def test_tcn_shapes_and_receptive_field():
+    tcn = TCN(5, [8, 8, 6], kernel_size=3, context_channels=4)
+    assert [b.conv.dilation for b in tcn.blocks] == [1, 2, 4]
+    assert tcn.receptive_field == 1 + 2 * (1 + 2 + 4)
+    out = tcn(torch.randn(2, 10, 5), torch.randn(2, 4))
+    assert out.shape == (2, 10, 6)
+    # Causality: changing a later step never changes an earlier output.
+    x = torch.randn(1, 10, 5)
+    context = torch.randn(1, 4)
+    changed = x.clone()
+    changed[:, 6:] += 1
+    assert torch.equal(tcn(x, context)[:, :6], tcn(changed, context)[:, :6])
+    with pytest.raises(ValueError, match="context_channels=4"):
+        tcn(x)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_tcn_step_equals_forward(backend, device):
+    dtype = COMPARE_DTYPE[backend]
+    tcn = TCN(5, [8, 6], kernel_size=3, context_channels=4, backend=backend, device=device, dtype=dtype)
+    x, context = rand(3, 9, 5, dtype=dtype, device=device), rand(3, 4, dtype=dtype, device=device)
+    with torch.no_grad():
+        full = tcn(x, context)
+        state = tcn.init_state(3)
+        steps = torch.stack([tcn.step(x[:, t], state, context) for t in range(9)], 1)
+    assert_close(steps, full, dtype)
+    # A new session in row 2 only: that row restarts from an empty history.
+    state.reset(torch.tensor([2], device=device))
+    with torch.no_grad():
+        again = tcn.step(x[:, 0], state, context)
+    assert_close(again[2], full[2, 0], dtype)
+
+
+def test_tcn_trains():
+    torch.manual_seed(0)
+    tcn = TCN(4, [8, 8], kernel_size=3)
+    optimiser = torch.optim.Adam(tcn.parameters(), lr=1e-2)
+    x = torch.randn(8, 12, 4)
+    target = torch.roll(x, 1, dims=1)[..., :1].expand(-1, -1, 8)
+    losses = []
+    for _ in range(30):
+        optimiser.zero_grad()
+        loss = F.mse_loss(tcn(x), target)
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
