@@ -45,4 +45,30 @@ TORCH_LIBRARY(hiertcn_fast, m) {
   m.def(
       "causal_conv1d_step_out(Tensor x, Tensor weight, Tensor? bias, Tensor? context_table, Tensor? residual, "
       "int dilation, int groups, int activation, *, Tensor(a!) history, Tensor(b!) position, Tensor(c!) out) -> ()");
+
+  // One GRU layer over a whole sequence (cpu/gru_recurrence.cpp): x (batch, time, input), h0 (batch,
+  // hidden), nn.GRU's weights; output (batch, time, hidden), and for the backward the pre-activations
+  // gi (batch, time, 3*hidden) and gh (time, batch, 3*hidden). grad_output holds dL/d output per step.
+  m.def(
+      "gru_layer_forward_out(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, *, "
+      "Tensor(a!) output, Tensor(b!) gi, Tensor(c!) gh) -> ()");
+  m.def(
+      "gru_layer_backward_out(Tensor grad_output, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor output, "
+      "Tensor gi, Tensor gh, *, Tensor(a!)? grad_x, Tensor(b!) grad_h0, Tensor(c!) grad_w_ih, Tensor(d!) grad_w_hh, "
+      "Tensor(e!)? grad_b_ih, Tensor(f!)? grad_b_hh) -> ()");
+
+  // HierTCN's session-level update (cpu/gru_recurrence.cpp): masked session mean of item_embeddings
+  // (batch, time, dim) over lengths (batch,) int64, optional projection, one step of a multi-layer GRU
+  // from h (layers, batch, hidden), rows of length 0 unchanged, then times keep (batch,). weights: per
+  // layer w_ih, w_hh[, b_ih, b_hh]. Saved for the backward: states (the GRU's new states before
+  // masking), session_mean (batch, dim), projected (batch, projected), gi and gh (layers, batch, 3*hidden).
+  m.def(
+      "session_update_forward_out(Tensor item_embeddings, Tensor lengths, Tensor h, Tensor keep, Tensor[] weights, "
+      "Tensor? proj_weight, Tensor? proj_bias, *, Tensor(a!) out, Tensor(b!) states, Tensor(c!) session_mean, "
+      "Tensor(d!)? projected, Tensor(e!) gi, Tensor(f!) gh) -> ()");
+  m.def(
+      "session_update_backward_out(Tensor grad_out, Tensor item_embeddings, Tensor lengths, Tensor h, Tensor keep, "
+      "Tensor[] weights, Tensor? proj_weight, Tensor session_mean, Tensor? projected, Tensor states, Tensor gi, "
+      "Tensor gh, *, Tensor(a!)? grad_item_embeddings, Tensor(b!) grad_h, Tensor(c!)[] grad_weights, "
+      "Tensor(d!)? grad_proj_weight, Tensor(e!)? grad_proj_bias) -> ()");
 }

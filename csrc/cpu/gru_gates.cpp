@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "hiertcn/gru_gates_host.h"
+#include "hiertcn/gru_kernels.h"
 
 namespace hiertcn {
 namespace {
@@ -50,9 +51,9 @@ void gru_gates_backward_cpu_kernel(const GruGatesBackwardParams& p) {
       const T* gi_row = gi + b * p.gi_row_stride;
       const T* gh_row = gh + b * p.gh_row_stride;
       const T* h_row = h + b * p.h_row_stride;
-      T* d_gi_row = d_gi + b * 3 * H;
-      T* d_gh_row = d_gh + b * 3 * H;
-      T* d_h_row = d_h + b * H;
+      T* d_gi_row = d_gi + b * p.grad_gi_row_stride;
+      T* d_gh_row = d_gh + b * p.grad_gh_row_stride;
+      T* d_h_row = d_h + b * p.grad_h_row_stride;
       for (int64_t j = 0; j < H; ++j) {
         A d_r, d_z, d_n, d_hn, dh;
         gru_gate_backward<A>(g_row[j], gi_row[j], gi_row[H + j], gi_row[2 * H + j], gh_row[j], gh_row[H + j],
@@ -70,18 +71,24 @@ void gru_gates_backward_cpu_kernel(const GruGatesBackwardParams& p) {
 }
 
 void gru_gates_out_cpu(const at::Tensor& gi, const at::Tensor& gh, const at::Tensor& h, at::Tensor& out) {
-  const GruGatesParams p = make_gru_gates_params(gi, gh, h, out);
-  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "gru_gates_out_cpu", [&] { gru_gates_cpu_kernel<scalar_t>(p); });
+  launch_gru_gates_cpu(make_gru_gates_params(gi, gh, h, out), h.scalar_type());
 }
 
 void gru_gates_backward_out_cpu(const at::Tensor& grad_out, const at::Tensor& gi, const at::Tensor& gh,
                                 const at::Tensor& h, at::Tensor& grad_gi, at::Tensor& grad_gh, at::Tensor& grad_h) {
-  const GruGatesBackwardParams p = make_gru_gates_backward_params(grad_out, gi, gh, h, grad_gi, grad_gh, grad_h);
-  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "gru_gates_backward_out_cpu",
-                             [&] { gru_gates_backward_cpu_kernel<scalar_t>(p); });
+  launch_gru_gates_backward_cpu(make_gru_gates_backward_params(grad_out, gi, gh, h, grad_gi, grad_gh, grad_h),
+                                h.scalar_type());
 }
 
 }  // namespace
+
+void launch_gru_gates_cpu(const GruGatesParams& p, at::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "gru_gates_cpu", [&] { gru_gates_cpu_kernel<scalar_t>(p); });
+}
+
+void launch_gru_gates_backward_cpu(const GruGatesBackwardParams& p, at::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "gru_gates_backward_cpu", [&] { gru_gates_backward_cpu_kernel<scalar_t>(p); });
+}
 
 TORCH_LIBRARY_IMPL(hiertcn_fast, CPU, m) {
   m.impl("gru_gates_out", &gru_gates_out_cpu);

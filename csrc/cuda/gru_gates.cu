@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "hiertcn/gru_gates_host.h"
+#include "hiertcn/gru_kernels.h"
 
 namespace hiertcn {
 namespace {
@@ -37,9 +38,9 @@ __global__ void gru_gates_backward_cuda_kernel(GruGatesBackwardParams p) {
   const T* gi = static_cast<const T*>(p.gi) + b * p.gi_row_stride;
   const T* gh = static_cast<const T*>(p.gh) + b * p.gh_row_stride;
   const T* h = static_cast<const T*>(p.h) + b * p.h_row_stride;
-  T* d_gi = static_cast<T*>(p.grad_gi) + b * 3 * H;
-  T* d_gh = static_cast<T*>(p.grad_gh) + b * 3 * H;
-  T* d_h = static_cast<T*>(p.grad_h) + b * H;
+  T* d_gi = static_cast<T*>(p.grad_gi) + b * p.grad_gi_row_stride;
+  T* d_gh = static_cast<T*>(p.grad_gh) + b * p.grad_gh_row_stride;
+  T* d_h = static_cast<T*>(p.grad_h) + b * p.grad_h_row_stride;
   A d_r, d_z, d_n, d_hn, dh;
   gru_gate_backward<A>(A(g[j]), A(gi[j]), A(gi[H + j]), A(gi[2 * H + j]), A(gh[j]), A(gh[H + j]), A(gh[2 * H + j]),
                        A(h[j]), &d_r, &d_z, &d_n, &d_hn, &dh);
@@ -52,34 +53,41 @@ __global__ void gru_gates_backward_cuda_kernel(GruGatesBackwardParams p) {
   d_h[j] = static_cast<T>(dh);
 }
 
-int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
-
 void gru_gates_out_cuda(const at::Tensor& gi, const at::Tensor& gh, const at::Tensor& h, at::Tensor& out) {
-  const GruGatesParams p = make_gru_gates_params(gi, gh, h, out);
-  const int64_t n = p.batch * p.hidden;
-  if (n == 0) return;
   const c10::cuda::CUDAGuard guard(h.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "gru_gates_out_cuda", [&] {
-    gru_gates_cuda_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(p);
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_gru_gates_cuda(make_gru_gates_params(gi, gh, h, out), h.scalar_type());
 }
 
 void gru_gates_backward_out_cuda(const at::Tensor& grad_out, const at::Tensor& gi, const at::Tensor& gh,
                                  const at::Tensor& h, at::Tensor& grad_gi, at::Tensor& grad_gh, at::Tensor& grad_h) {
-  const GruGatesBackwardParams p = make_gru_gates_backward_params(grad_out, gi, gh, h, grad_gi, grad_gh, grad_h);
+  const c10::cuda::CUDAGuard guard(h.device());
+  launch_gru_gates_backward_cuda(make_gru_gates_backward_params(grad_out, gi, gh, h, grad_gi, grad_gh, grad_h),
+                                 h.scalar_type());
+}
+
+}  // namespace
+
+// The launchers run on the current device and stream: the callers (the op entry points above and
+// the recurrence drivers, whose tensors ATen already placed) set the device.
+void launch_gru_gates_cuda(const GruGatesParams& p, at::ScalarType dtype) {
   const int64_t n = p.batch * p.hidden;
   if (n == 0) return;
-  const c10::cuda::CUDAGuard guard(h.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "gru_gates_backward_out_cuda", [&] {
-    gru_gates_backward_cuda_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(p);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gru_gates_cuda", [&] {
+    gru_gates_cuda_kernel<scalar_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(p);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-}  // namespace
+void launch_gru_gates_backward_cuda(const GruGatesBackwardParams& p, at::ScalarType dtype) {
+  const int64_t n = p.batch * p.hidden;
+  if (n == 0) return;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gru_gates_backward_cuda", [&] {
+    gru_gates_backward_cuda_kernel<scalar_t><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(p);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 TORCH_LIBRARY_IMPL(hiertcn_fast, CUDA, m) {
   m.impl("gru_gates_out", &gru_gates_out_cuda);

@@ -3,7 +3,9 @@
 
 from .conv import (CausalConvState, causal_conv1d, causal_conv1d_reference, causal_conv1d_step,
                    causal_conv1d_step_reference, context_table)
-from .gru import gru_gates, gru_gates_reference
+from .gru import (gru, gru_cell, gru_cell_reference, gru_gates, gru_gates_reference, gru_reference, session_update,
+                  session_update_reference)
 
 __all__ = ["CausalConvState", "causal_conv1d", "causal_conv1d_reference", "causal_conv1d_step",
-           "causal_conv1d_step_reference", "context_table", "gru_gates", "gru_gates_reference"]
+           "causal_conv1d_step_reference", "context_table", "gru", "gru_cell", "gru_cell_reference", "gru_gates",
+           "gru_gates_reference", "gru_reference", "session_update", "session_update_reference"]

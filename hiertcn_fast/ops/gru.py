@@ -1,17 +1,30 @@
-"""GRU op family. So far: ``gru_gates``, the fused gate math of one GRU step (nn.GRU semantics).
+"""GRU op family (nn.GRU semantics: gate order r, z, n; reset applied to W_hn h + b_hn).
 
-Each op here has a public function (validation and backend dispatch), a plain-PyTorch reference,
-an autograd.Function around the compiled or Triton kernels, and the torch.library registrations
-(fake kernels for the C++ schemas in csrc/ops.cpp, triton_op for the Triton kernels).
+- ``gru_gates``: the fused gate math of one step, given both pre-activations.
+- ``gru_cell``: nn.GRUCell.
+- ``gru``: nn.GRU(batch_first=True), multi-layer, returning (output, h_n).
+- ``session_update``: HierTCN's high-level step: masked session mean, optional projection, one step
+  of a multi-layer GRU, rows without a session unchanged, ended users zeroed.
+
+Each op has a public function (validation and backend dispatch), a plain-PyTorch reference, an
+autograd.Function around the compiled kernels, and the torch.library registrations (fake kernels for
+the C++ schemas in csrc/ops.cpp, triton_op for the Triton kernels).
+
+How the backends run a sequence: cpu and cuda call one compiled op per layer for the whole sequence
+(csrc/cpu/gru_recurrence.cpp: the input projection of all steps as one matrix product, then the
+recurrence and the backward through time in C++, matrix products by ATen, gates by our kernels).
+triton runs the same loop in Python with the Triton gate kernels, and autograd differentiates it.
 """
 
 import torch
+import torch.nn.functional as F
 
 from .. import _extension
 from ..backends import resolve
 from ._common import FLOATING, check_like, check_shape, check_tensor, new_output, unit_stride_rows
 
-GRU_GATES_DTYPES = {
+# The dtypes every op of the family supports, per backend.
+GRU_DTYPES = {
     "cuda": {torch.float16, torch.bfloat16, torch.float32, torch.float64},
     "triton": {torch.float16, torch.bfloat16, torch.float32},
     "cpu": {torch.float32, torch.float64},
@@ -49,7 +62,7 @@ def gru_gates(gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, *, backend=No
     (batch, hidden). Differentiable in gi, gh and h.
     """
     _check_gru_gates(gi, gh, h)
-    name = resolve("gru_gates", backend, h.device, h.dtype, GRU_GATES_DTYPES)
+    name = resolve("gru_gates", backend, h.device, h.dtype, GRU_DTYPES)
     if name == "reference":
         return gru_gates_reference(gi, gh, h)
     return _GruGatesFunction.apply(unit_stride_rows(gi), unit_stride_rows(gh), unit_stride_rows(h), name)
@@ -87,6 +100,299 @@ class _GruGatesFunction(torch.autograd.Function):
         return grad_gi, grad_gh, grad_h, None
 
 
+# ---- weights -------------------------------------------------------------------------------------
+
+def _layer_weights(weights, num_layers, input_size, hidden, ref, name="weights"):
+    """Validate per-layer GRU weights and return them as (w_ih, w_hh, b_ih, b_hh) tuples (biases may be None).
+
+    weights: ``num_layers`` sequences (w_ih (3 * hidden, in), w_hh (3 * hidden, hidden)[, b_ih, b_hh
+    (3 * hidden,)]), nn.GRU's layout and gate order, e.g. ``nn.GRU(...).all_weights``; ``in`` is
+    input_size for layer 0 and hidden above it.
+    """
+    if isinstance(weights, torch.Tensor) or len(weights) != num_layers:
+        got = "a tensor" if isinstance(weights, torch.Tensor) else f"{len(weights)}"
+        raise ValueError(f"{name} must hold one (w_ih, w_hh[, b_ih, b_hh]) sequence per layer "
+                         f"(num_layers={num_layers}), got {got}")
+    layers = []
+    for layer, tensors in enumerate(weights):
+        if len(tensors) not in (2, 4):
+            raise ValueError(f"{name}[{layer}] must be (w_ih, w_hh) or (w_ih, w_hh, b_ih, b_hh), "
+                             f"got {len(tensors)} tensors")
+        w_ih, w_hh, b_ih, b_hh = (tuple(tensors) + (None, None))[:4]
+        in_features = input_size if layer == 0 else hidden
+        for label, t, ndim in (("w_ih", w_ih, 2), ("w_hh", w_hh, 2), ("b_ih", b_ih, 1), ("b_hh", b_hh, 1)):
+            if t is None:
+                continue
+            arg = f"{name}[{layer}] ({label})"
+            check_tensor(t, arg, ndim)
+            check_like(t, arg, ref, "h")
+            if t.shape[0] != 3 * hidden:
+                raise ValueError(f"{arg} must have 3 * hidden = {3 * hidden} rows (gates r, z, n of hidden "
+                                 f"size {hidden}), got shape {tuple(t.shape)}")
+        check_shape(w_ih, f"{name}[{layer}] (w_ih)", (3 * hidden, in_features))
+        check_shape(w_hh, f"{name}[{layer}] (w_hh)", (3 * hidden, hidden))
+        layers.append((w_ih, w_hh, b_ih, b_hh))
+    return layers
+
+
+def _check_layer_input(x, name, batch, hidden_like):
+    check_like(x, name, hidden_like, "h")
+    if x.shape[0] != batch:
+        raise ValueError(f"{name} has batch {x.shape[0]} but h has batch {batch}")
+
+
+# ---- one layer over a sequence (the cell is one step of it) --------------------------------------
+
+def _layer_composed(x, h0, w_ih, w_hh, b_ih, b_hh, gates_backend):
+    """One GRU layer from torch matrix products and the gates op, step by step; autograd differentiates
+    it. The reference (with the reference gates) and the triton backend (with the Triton gates)."""
+    gi = F.linear(x, w_ih, b_ih)
+    h = h0
+    outputs = []
+    for t in range(x.shape[1]):
+        h = gru_gates(gi[:, t], F.linear(h, w_hh, b_hh), h, backend=gates_backend)
+        outputs.append(h)
+    return torch.stack(outputs, dim=1)
+
+
+class _GruLayerFunction(torch.autograd.Function):
+    """One layer over a whole sequence on the compiled kernels (cpu, cuda): one op call per direction."""
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh):
+        batch, time, _ = x.shape
+        hidden = h0.shape[1]
+        output = new_output((batch, time, hidden), h0)
+        gi = new_output((batch, time, 3 * hidden), h0)
+        gh = new_output((time, batch, 3 * hidden), h0)
+        torch.ops.hiertcn_fast.gru_layer_forward_out(x, h0, w_ih, w_hh, b_ih, b_hh, output=output, gi=gi, gh=gh)
+        ctx.save_for_backward(x, h0, w_ih, w_hh, output, gi, gh)
+        ctx.bias = b_ih is not None
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, h0, w_ih, w_hh, output, gi, gh = ctx.saved_tensors
+        grad_x = new_output(x.shape, x) if ctx.needs_input_grad[0] else None
+        grad_b_ih = new_output(w_ih.shape[:1], w_ih) if ctx.bias else None
+        grad_b_hh = new_output(w_hh.shape[:1], w_hh) if ctx.bias else None
+        grad_h0, grad_w_ih, grad_w_hh = new_output(h0.shape, h0), new_output(w_ih.shape, w_ih), new_output(
+            w_hh.shape, w_hh)
+        torch.ops.hiertcn_fast.gru_layer_backward_out(
+            grad_output.contiguous(), x, h0, w_ih, w_hh, output, gi, gh, grad_x=grad_x, grad_h0=grad_h0,
+            grad_w_ih=grad_w_ih, grad_w_hh=grad_w_hh, grad_b_ih=grad_b_ih, grad_b_hh=grad_b_hh)
+        return grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
+
+
+def _gru_layer(name, x, h0, w_ih, w_hh, b_ih, b_hh):
+    """One layer on backend ``name``: x (batch, time, input), h0 (batch, hidden) -> (batch, time, hidden)."""
+    if name in ("cpu", "cuda"):
+        return _GruLayerFunction.apply(x, unit_stride_rows(h0), w_ih, w_hh, b_ih, b_hh)
+    return _layer_composed(x, h0, w_ih, w_hh, b_ih, b_hh, name)
+
+
+def gru_cell_reference(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
+    """Plain-PyTorch gru_cell (half types in float32 inside the gates)."""
+    return gru_gates_reference(F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh), h)
+
+
+def gru_cell(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih=None, b_hh=None, *,
+             backend=None) -> torch.Tensor:
+    """One GRU step, what nn.GRUCell computes: x (batch, input), h (batch, hidden) -> h' (batch, hidden).
+
+    w_ih (3 * hidden, input), w_hh (3 * hidden, hidden), b_ih and b_hh (3 * hidden,) or both None:
+    nn.GRUCell's weight_ih, weight_hh, bias_ih, bias_hh. Differentiable in every tensor argument.
+    """
+    check_tensor(h, "h", 2)
+    check_tensor(x, "x", 2)
+    _check_layer_input(x, "x", h.shape[0], h)
+    if (b_ih is None) != (b_hh is None):
+        raise ValueError("b_ih and b_hh must be given together or not at all")
+    ((w_ih, w_hh, b_ih, b_hh),) = _layer_weights([(w_ih, w_hh) + ((b_ih, b_hh) if b_ih is not None else ())], 1,
+                                                 x.shape[1], h.shape[1], h, name="cell weights")
+    name = resolve("gru_cell", backend, h.device, h.dtype, GRU_DTYPES)
+    if name == "reference":
+        return gru_cell_reference(x, h, w_ih, w_hh, b_ih, b_hh)
+    return _gru_layer(name, x.unsqueeze(1), h, w_ih, w_hh, b_ih, b_hh)[:, 0]
+
+
+# ---- multi-layer sequence ------------------------------------------------------------------------
+
+def _check_gru(x, h0, weights, num_layers):
+    check_tensor(x, "x", 3)
+    if x.shape[1] < 1:
+        raise ValueError(f"x must hold at least one time step, got shape {tuple(x.shape)}")
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if h0 is None:
+        if isinstance(weights, torch.Tensor) or not weights or len(weights[0]) < 2:
+            raise ValueError("weights must hold one (w_ih, w_hh[, b_ih, b_hh]) sequence per layer")
+        hidden = weights[0][1].shape[-1]
+        h0 = x.new_zeros(num_layers, x.shape[0], hidden)
+    check_tensor(h0, "h0", 3)
+    check_like(x, "x", h0, "h0")
+    check_shape(h0, "h0 (num_layers, batch, hidden)", (num_layers, x.shape[0], h0.shape[2]))
+    return h0, _layer_weights(weights, num_layers, x.shape[2], h0.shape[2], h0)
+
+
+def gru_reference(x, h0, weights, *, num_layers):
+    """Plain-PyTorch gru, step by step with the reference gates."""
+    h0, layers = _check_gru(x, h0, weights, num_layers)
+    return _gru_layers("reference", x, h0, layers)
+
+
+def _gru_layers(name, x, h0, layers):
+    layer_input, last_states = x, []
+    for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
+        layer_input = _gru_layer(name, layer_input, h0[layer], w_ih, w_hh, b_ih, b_hh)
+        last_states.append(layer_input[:, -1])
+    return layer_input, torch.stack(last_states)
+
+
+def gru(x: torch.Tensor, h0, weights, *, num_layers: int, backend=None):
+    """A multi-layer GRU over a sequence, what nn.GRU(batch_first=True) computes.
+
+    x: (batch, time, input); h0: (num_layers, batch, hidden), or None for zeros; weights: one
+    (w_ih, w_hh[, b_ih, b_hh]) sequence per layer in nn.GRU's layout, e.g. ``module.all_weights``.
+    Returns (output (batch, time, hidden) = the last layer's states, h_n (num_layers, batch, hidden)).
+    Differentiable in x, h0 and every weight.
+    """
+    h0, layers = _check_gru(x, h0, weights, num_layers)
+    name = resolve("gru", backend, h0.device, h0.dtype, GRU_DTYPES)
+    return _gru_layers(name, x, h0, layers)
+
+
+# ---- HierTCN's session-level update --------------------------------------------------------------
+
+def _session_update_composed(items, lengths, h, keep, layers, proj_weight, proj_bias, gates_backend):
+    """session_update from torch ops and the gates op (the reference, and the triton backend)."""
+    in_session = torch.arange(items.shape[1], device=items.device) < lengths[:, None]
+    total = torch.where(in_session[..., None], items, torch.zeros((), dtype=items.dtype, device=items.device)).sum(1)
+    layer_input = total / lengths.clamp(min=1).to(items.dtype)[:, None]
+    if proj_weight is not None:
+        layer_input = F.linear(layer_input, proj_weight, proj_bias)
+    states = []
+    for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
+        layer_input = gru_gates(F.linear(layer_input, w_ih, b_ih), F.linear(h[layer], w_hh, b_hh), h[layer],
+                                backend=gates_backend)
+        states.append(layer_input)
+    active = (lengths > 0)[None, :, None]
+    return torch.where(active, torch.stack(states), h) * keep[None, :, None]
+
+
+class _SessionUpdateFunction(torch.autograd.Function):
+    """session_update on the compiled kernels (cpu, cuda): one op call forward, one backward."""
+
+    @staticmethod
+    def forward(ctx, items, lengths, h, keep, proj_weight, proj_bias, *weights):
+        batch, dim = items.shape[0], items.shape[2]
+        layers, hidden = h.shape[0], h.shape[2]
+        out, states = new_output(h.shape, h), new_output(h.shape, h)
+        session_mean = new_output((batch, dim), h)
+        projected = new_output((batch, proj_weight.shape[0]), h) if proj_weight is not None else None
+        gi, gh = new_output((layers, batch, 3 * hidden), h), new_output((layers, batch, 3 * hidden), h)
+        torch.ops.hiertcn_fast.session_update_forward_out(
+            items, lengths, h, keep, list(weights), proj_weight, proj_bias, out=out, states=states,
+            session_mean=session_mean, projected=projected, gi=gi, gh=gh)
+        ctx.save_for_backward(items, lengths, h, keep, proj_weight, session_mean, projected, states, gi, gh,
+                              *weights)
+        ctx.proj_bias = proj_bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        items, lengths, h, keep, proj_weight, session_mean, projected, states, gi, gh, *weights = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_items = new_output(items.shape, items) if ctx.needs_input_grad[0] else None
+        grad_h = new_output(h.shape, h)
+        grad_weights = [new_output(w.shape, w) for w in weights]
+        grad_proj_weight = new_output(proj_weight.shape, proj_weight) if proj_weight is not None else None
+        grad_proj_bias = new_output(proj_weight.shape[:1], proj_weight) if ctx.proj_bias else None
+        torch.ops.hiertcn_fast.session_update_backward_out(
+            grad_out, items, lengths, h, keep, weights, proj_weight, session_mean, projected, states, gi, gh,
+            grad_item_embeddings=grad_items, grad_h=grad_h, grad_weights=grad_weights,
+            grad_proj_weight=grad_proj_weight, grad_proj_bias=grad_proj_bias)
+        grad_keep = None
+        if ctx.needs_input_grad[3]:
+            kept = torch.where((lengths > 0)[None, :, None], states, h)
+            grad_keep = (grad_out * kept).sum(dim=(0, 2))
+        return grad_items, None, grad_h, grad_keep, grad_proj_weight, grad_proj_bias, *grad_weights
+
+
+def _check_session_update(items, lengths, h, keep, weights, proj_weight, proj_bias):
+    """Validate session_update's arguments; returns (lengths as int64, keep in h's dtype, layers)."""
+    check_tensor(h, "h", 3)
+    check_tensor(items, "item_embeddings", 3)
+    check_like(items, "item_embeddings", h, "h")
+    layers_count, batch, hidden = h.shape
+    if items.shape[0] != batch:
+        raise ValueError(f"item_embeddings has batch {items.shape[0]} but h (layers, batch, hidden) has {batch}")
+    if not isinstance(lengths, torch.Tensor) or lengths.dtype.is_floating_point or lengths.dtype.is_complex:
+        raise TypeError(f"lengths must be an integer tensor, got {getattr(lengths, 'dtype', type(lengths))}")
+    check_shape(lengths, "lengths (batch,)", (batch,))
+    if lengths.device != h.device:
+        raise ValueError(f"lengths is on {lengths.device} but h is on {h.device}; move them to one device")
+    if not isinstance(keep, torch.Tensor):
+        raise TypeError(f"keep must be a tensor, got {type(keep).__name__}")
+    check_shape(keep, "keep (batch,)", (batch,))
+    if keep.device != h.device:
+        raise ValueError(f"keep is on {keep.device} but h is on {h.device}; move them to one device")
+    if keep.dtype != torch.bool:
+        check_like(keep, "keep", h, "h")
+    input_size = items.shape[2]
+    if proj_weight is not None:
+        check_tensor(proj_weight, "proj_weight", 2)
+        check_like(proj_weight, "proj_weight", h, "h")
+        if proj_weight.shape[1] != items.shape[2]:
+            raise ValueError(f"proj_weight must be (projected, dim = {items.shape[2]}), got {tuple(proj_weight.shape)}")
+        input_size = proj_weight.shape[0]
+        if proj_bias is not None:
+            check_tensor(proj_bias, "proj_bias", 1)
+            check_like(proj_bias, "proj_bias", h, "h")
+            check_shape(proj_bias, "proj_bias (projected,)", (input_size,))
+    elif proj_bias is not None:
+        raise ValueError("proj_bias needs proj_weight")
+    layers = _layer_weights(weights, layers_count, input_size, hidden, h)
+    if len({w[2] is None for w in layers}) > 1:
+        raise ValueError("weights must have biases in every layer or in none")
+    return lengths.to(torch.int64), keep.to(h.dtype), layers
+
+
+def session_update_reference(item_embeddings, lengths, h, keep, weights, *, proj_weight=None, proj_bias=None):
+    """Plain-PyTorch session_update."""
+    lengths, keep, layers = _check_session_update(item_embeddings, lengths, h, keep, weights, proj_weight, proj_bias)
+    return _session_update_composed(item_embeddings, lengths, h, keep, layers, proj_weight, proj_bias, "reference")
+
+
+def session_update(item_embeddings: torch.Tensor, lengths: torch.Tensor, h: torch.Tensor, keep: torch.Tensor,
+                   weights, *, proj_weight=None, proj_bias=None, backend=None) -> torch.Tensor:
+    """HierTCN's high-level step for a batch of lanes, in one op. Returns the new h (layers, batch, hidden).
+
+    item_embeddings: (batch, time, dim), the current session of every lane, padded; lengths: (batch,)
+    integers in [0, time], the session lengths; h: (layers, batch, hidden), the GRU state; keep:
+    (batch,) bool or h's dtype, 0 where the lane's user has ended (its state restarts from zero);
+    weights: one (w_ih, w_hh[, b_ih, b_hh]) sequence per layer in nn.GRU's layout; proj_weight
+    (projected, dim) and proj_bias (projected,): an optional input projection.
+
+        x    = mean(item_embeddings[b, :lengths[b]])          (0 for a row of length 0)
+        x    = x proj_weight^T + proj_bias                    (when proj_weight is given)
+        h'_l = GRUCell_l(h'_{l-1} (x for l = 0), h_l)
+        out  = keep * (h' where lengths > 0, else h)
+
+    Differentiable in item_embeddings, h, the weights, the projection and a floating keep. Lengths
+    outside [0, time] are an error on CPU tensors; CUDA kernels clamp them (checking would synchronise).
+    """
+    lengths, keep_values, layers = _check_session_update(item_embeddings, lengths, h, keep, weights, proj_weight,
+                                                         proj_bias)
+    name = resolve("session_update", backend, h.device, h.dtype, GRU_DTYPES)
+    if name in ("reference", "triton"):
+        return _session_update_composed(item_embeddings, lengths, h, keep_values, layers, proj_weight, proj_bias,
+                                        name)
+    flat = [t for layer in layers for t in layer if t is not None]
+    return _SessionUpdateFunction.apply(unit_stride_rows(item_embeddings), lengths, h.contiguous(), keep_values,
+                                        proj_weight, proj_bias, *flat)
+
+
 # ---- registrations -------------------------------------------------------------------------------
 
 if _extension.loaded():
@@ -97,6 +403,26 @@ if _extension.loaded():
 
     @torch.library.register_fake("hiertcn_fast::gru_gates_backward_out")
     def _gru_gates_backward_out_fake(grad_out, gi, gh, h, *, grad_gi, grad_gh, grad_h):
+        return None
+
+    @torch.library.register_fake("hiertcn_fast::gru_layer_forward_out")
+    def _gru_layer_forward_out_fake(x, h0, w_ih, w_hh, b_ih, b_hh, *, output, gi, gh):
+        return None
+
+    @torch.library.register_fake("hiertcn_fast::gru_layer_backward_out")
+    def _gru_layer_backward_out_fake(grad_output, x, h0, w_ih, w_hh, output, gi, gh, *, grad_x, grad_h0, grad_w_ih,
+                                     grad_w_hh, grad_b_ih, grad_b_hh):
+        return None
+
+    @torch.library.register_fake("hiertcn_fast::session_update_forward_out")
+    def _session_update_forward_out_fake(item_embeddings, lengths, h, keep, weights, proj_weight, proj_bias, *, out,
+                                         states, session_mean, projected, gi, gh):
+        return None
+
+    @torch.library.register_fake("hiertcn_fast::session_update_backward_out")
+    def _session_update_backward_out_fake(grad_out, item_embeddings, lengths, h, keep, weights, proj_weight,
+                                          session_mean, projected, states, gi, gh, *, grad_item_embeddings, grad_h,
+                                          grad_weights, grad_proj_weight, grad_proj_bias):
         return None
 
 

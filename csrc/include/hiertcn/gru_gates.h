@@ -37,7 +37,11 @@ struct GruGatesBackwardParams {
   int64_t gi_row_stride;
   int64_t gh_row_stride;
   int64_t h_row_stride;
-  // grad_gi, grad_gh and grad_h are freshly allocated and contiguous.
+  // The gradients are written with row strides too: the recurrence writes each step's grad_gi
+  // straight into its slice of a (batch, time, 3 * hidden) buffer.
+  int64_t grad_gi_row_stride;
+  int64_t grad_gh_row_stride;
+  int64_t grad_h_row_stride;
   const void* grad_out;
   const void* gi;
   const void* gh;
@@ -66,7 +70,6 @@ HIERTCN_HD A gru_gate_forward(A gi_r, A gi_z, A gi_n, A gh_r, A gh_z, A gh_n, A 
   const A n = tanh_acc(gi_n + r * gh_n);
   return (A(1) - z) * n + z * h;
 }
-
 
 // One hidden unit's backward, given g = dL/dh'.
 template <typename A>

@@ -44,10 +44,12 @@ inline GruGatesBackwardParams make_gru_gates_backward_params(const at::Tensor& g
   check_shape(grad_gi, gi.sizes(), "grad_gi");
   check_shape(grad_gh, gh.sizes(), "grad_gh");
   check_shape(grad_h, h.sizes(), "grad_h");
-  for (const auto* t : {&grad_gi, &grad_gh, &grad_h}) {
-    TORCH_CHECK(t->is_contiguous(), "gradient outputs of gru_gates_backward_out must be contiguous");
-    check_same_device_dtype(h, *t, "h", "gradient output");
-  }
+  check_rows_unit_stride(grad_gi, "grad_gi");
+  check_rows_unit_stride(grad_gh, "grad_gh");
+  check_rows_unit_stride(grad_h, "grad_h");
+  check_same_device_dtype(h, grad_gi, "h", "grad_gi");
+  check_same_device_dtype(h, grad_gh, "h", "grad_gh");
+  check_same_device_dtype(h, grad_h, "h", "grad_h");
   GruGatesBackwardParams p;
   p.batch = fwd.batch;
   p.hidden = fwd.hidden;
@@ -55,6 +57,9 @@ inline GruGatesBackwardParams make_gru_gates_backward_params(const at::Tensor& g
   p.gi_row_stride = fwd.gi_row_stride;
   p.gh_row_stride = fwd.gh_row_stride;
   p.h_row_stride = fwd.h_row_stride;
+  p.grad_gi_row_stride = grad_gi.stride(0);
+  p.grad_gh_row_stride = grad_gh.stride(0);
+  p.grad_h_row_stride = grad_h.stride(0);
   p.grad_out = grad_out.data_ptr();
   p.gi = fwd.gi;
   p.gh = fwd.gh;

@@ -1,0 +1,407 @@
+// The GRU recurrences: one GRU layer over a whole sequence (which is also the cell, at one step) and
+// HierTCN's session-level update, forward and backward through time.
+//
+// These are drivers, written once for both devices and registered for CPU and CUDA tensors: the
+// matrix products go to ATen (MKL/oneDNN, cuBLAS), the element-wise work to the fused kernels of
+// hiertcn/gru_kernels.h for the tensors' device. The loop over time runs here, in C++: one op call
+// per layer and sequence, not one Python call per step.
+//
+// Layouts (all buffers are allocated by the caller, contiguous):
+//   layer:          x (batch, time, input), h0 (batch, hidden), output (batch, time, hidden),
+//                   gi (batch, time, 3 * hidden) = x W_ih^T + b_ih for all steps (one matrix product),
+//                   gh (time, batch, 3 * hidden) = h_{t-1} W_hh^T + b_hh, time-major so that each step
+//                   writes one contiguous block.
+//   session update: h, out, states (layers, batch, hidden); gi, gh (layers, batch, 3 * hidden).
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "hiertcn/checks.h"
+#include "hiertcn/gru_gates_host.h"
+#include "hiertcn/gru_kernels.h"
+
+namespace hiertcn {
+
+const GruKernels& gru_kernels_for(const at::Device& device) {
+  static const GruKernels cpu{launch_gru_gates_cpu, launch_gru_gates_backward_cpu, launch_session_mean_cpu,
+                              launch_session_mean_backward_cpu};
+#ifdef HIERTCN_WITH_CUDA
+  static const GruKernels cuda{launch_gru_gates_cuda, launch_gru_gates_backward_cuda, launch_session_mean_cuda,
+                               launch_session_mean_backward_cuda};
+  if (device.is_cuda()) return cuda;
+#endif
+  TORCH_CHECK(device.is_cpu(), "hiertcn_fast GRU ops: no kernels for tensors on ", device);
+  return cpu;
+}
+
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+// out = bias + a b^T, or a b^T without a bias.
+void affine_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& weight, const OptTensor& bias) {
+  if (bias.has_value()) {
+    at::addmm_out(out, *bias, a, weight.t());
+  } else {
+    at::mm_out(out, a, weight.t());
+  }
+}
+
+// One layer's weights: w_ih (3 * hidden, input), w_hh (3 * hidden, hidden), biases (3 * hidden) or none.
+void check_layer_weights(const at::Tensor& ref, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                         const OptTensor& b_ih, const OptTensor& b_hh, int64_t input, int64_t hidden) {
+  check_same_device_dtype(ref, w_ih, "the activations", "w_ih");
+  check_same_device_dtype(ref, w_hh, "the activations", "w_hh");
+  check_shape(w_ih, {3 * hidden, input}, "w_ih (3 * hidden, input)");
+  check_shape(w_hh, {3 * hidden, hidden}, "w_hh (3 * hidden, hidden)");
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "b_ih and b_hh must be given together or not at all");
+  if (b_ih.has_value()) {
+    check_same_device_dtype(ref, *b_ih, "the activations", "b_ih");
+    check_same_device_dtype(ref, *b_hh, "the activations", "b_hh");
+    check_shape(*b_ih, {3 * hidden}, "b_ih (3 * hidden)");
+    check_shape(*b_hh, {3 * hidden}, "b_hh (3 * hidden)");
+  }
+}
+
+void check_buffer(const at::Tensor& ref, const at::Tensor& t, at::IntArrayRef shape, const char* name) {
+  check_same_device_dtype(ref, t, "the activations", name);
+  check_shape(t, shape, name);
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// h' = gates(gi, gh, h) for one step; every argument is (batch, ...) with unit-stride rows.
+void step_gates(const GruKernels& k, const at::Tensor& gi, const at::Tensor& gh, const at::Tensor& h, at::Tensor out) {
+  k.gates(make_gru_gates_params(gi, gh, h, out), h.scalar_type());
+}
+
+void step_gates_backward(const GruKernels& k, const at::Tensor& grad, const at::Tensor& gi, const at::Tensor& gh,
+                         const at::Tensor& h, at::Tensor grad_gi, at::Tensor grad_gh, at::Tensor grad_h) {
+  k.gates_backward(make_gru_gates_backward_params(grad, gi, gh, h, grad_gi, grad_gh, grad_h), h.scalar_type());
+}
+
+// ---- one layer over a sequence -----------------------------------------------------------------
+
+void gru_layer_forward_out(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                           const OptTensor& b_ih, const OptTensor& b_hh, at::Tensor& output, at::Tensor& gi,
+                           at::Tensor& gh) {
+  TORCH_CHECK(x.dim() == 3, "x must be (batch, time, input), got ", x.dim(), "-D");
+  const c10::DeviceGuard guard(x.device());
+  check_rows_unit_stride(h0, "h0");
+  const int64_t batch = x.size(0), time = x.size(1), input = x.size(2), hidden = h0.size(1);
+  TORCH_CHECK(time >= 1, "x must hold at least one time step");
+  check_shape(h0, {batch, hidden}, "h0 (batch, hidden)");
+  check_same_device_dtype(x, h0, "x", "h0");
+  check_layer_weights(x, w_ih, w_hh, b_ih, b_hh, input, hidden);
+  check_buffer(x, output, {batch, time, hidden}, "output");
+  check_buffer(x, gi, {batch, time, 3 * hidden}, "gi");
+  check_buffer(x, gh, {time, batch, 3 * hidden}, "gh");
+  if (batch == 0 || hidden == 0) return;
+  const GruKernels& k = gru_kernels_for(x.device());
+
+  at::Tensor gi_rows = gi.view({batch * time, 3 * hidden});
+  affine_out(gi_rows, x.reshape({batch * time, input}), w_ih, b_ih);
+  for (int64_t t = 0; t < time; ++t) {
+    const at::Tensor h_prev = t == 0 ? h0 : output.select(1, t - 1);
+    at::Tensor gh_t = gh.select(0, t);
+    affine_out(gh_t, h_prev, w_hh, b_hh);
+    step_gates(k, gi.select(1, t), gh_t, h_prev, output.select(1, t));
+  }
+}
+
+// Backward through time. grad_output (batch, time, hidden) holds dL/d output at every step (the
+// gradient of h_n arrives through its last step). Each step's dL/d gh lands in a time-major buffer and
+// dL/d gi in a batch-major one, so the weight gradients are one matrix product each over all steps.
+void gru_layer_backward_out(const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& h0,
+                            const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output,
+                            const at::Tensor& gi, const at::Tensor& gh, const OptTensor& grad_x, at::Tensor& grad_h0,
+                            at::Tensor& grad_w_ih, at::Tensor& grad_w_hh, const OptTensor& grad_b_ih,
+                            const OptTensor& grad_b_hh) {
+  TORCH_CHECK(x.dim() == 3, "x must be (batch, time, input), got ", x.dim(), "-D");
+  const c10::DeviceGuard guard(x.device());
+  check_rows_unit_stride(h0, "h0");
+  const int64_t batch = x.size(0), time = x.size(1), input = x.size(2), hidden = h0.size(1);
+  TORCH_CHECK(time >= 1, "x must hold at least one time step");
+  check_layer_weights(x, w_ih, w_hh, std::nullopt, std::nullopt, input, hidden);
+  check_buffer(x, grad_output, {batch, time, hidden}, "grad_output");
+  check_buffer(x, output, {batch, time, hidden}, "output");
+  check_buffer(x, gi, {batch, time, 3 * hidden}, "gi");
+  check_buffer(x, gh, {time, batch, 3 * hidden}, "gh");
+  check_buffer(x, grad_h0, {batch, hidden}, "grad_h0");
+  check_buffer(x, grad_w_ih, {3 * hidden, input}, "grad_w_ih");
+  check_buffer(x, grad_w_hh, {3 * hidden, hidden}, "grad_w_hh");
+  if (grad_x.has_value()) check_buffer(x, *grad_x, {batch, time, input}, "grad_x");
+  TORCH_CHECK(grad_b_ih.has_value() == grad_b_hh.has_value(), "grad_b_ih and grad_b_hh go together");
+  if (grad_b_ih.has_value()) {
+    check_buffer(x, *grad_b_ih, {3 * hidden}, "grad_b_ih");
+    check_buffer(x, *grad_b_hh, {3 * hidden}, "grad_b_hh");
+  }
+  if (batch == 0 || hidden == 0) {
+    grad_h0.zero_();
+    grad_w_ih.zero_();
+    grad_w_hh.zero_();
+    for (const OptTensor* t : {&grad_x, &grad_b_ih, &grad_b_hh})
+      if (t->has_value()) (*t)->zero_();
+    return;
+  }
+  const GruKernels& k = gru_kernels_for(x.device());
+
+  at::Tensor grad_gi = at::empty_like(gi);
+  at::Tensor grad_gh = at::empty_like(gh);
+  at::Tensor grad_h_direct = at::empty_like(grad_h0);  // dL/dh_{t-1} through the gates alone
+  at::Tensor grad_h_carry = at::empty_like(grad_h0);   // dL/dh_{t-1} in full: gates plus W_hh path
+  at::Tensor grad_step = at::empty_like(grad_h0);      // dL/dh_t: from the output plus from step t + 1
+  for (int64_t t = time - 1; t >= 0; --t) {
+    at::Tensor grad_h_t = grad_output.select(1, t);
+    if (t < time - 1) {
+      at::add_out(grad_step, grad_h_t, grad_h_carry);
+      grad_h_t = grad_step;
+    }
+    const at::Tensor h_prev = t == 0 ? h0 : output.select(1, t - 1);
+    at::Tensor grad_gh_t = grad_gh.select(0, t);
+    step_gates_backward(k, grad_h_t, gi.select(1, t), gh.select(0, t), h_prev, grad_gi.select(1, t), grad_gh_t,
+                        grad_h_direct);
+    at::Tensor& carry = t == 0 ? grad_h0 : grad_h_carry;
+    at::addmm_out(carry, grad_h_direct, grad_gh_t, w_hh);
+  }
+
+  const at::Tensor grad_gi_rows = grad_gi.view({batch * time, 3 * hidden});
+  const at::Tensor grad_gh_rows = grad_gh.view({time * batch, 3 * hidden});
+  if (grad_x.has_value()) {
+    at::Tensor grad_x_rows = grad_x->view({batch * time, input});
+    at::mm_out(grad_x_rows, grad_gi_rows, w_ih);
+  }
+  at::mm_out(grad_w_ih, grad_gi_rows.t(), x.reshape({batch * time, input}));
+  // The states each step started from, time-major like grad_gh: h0, then the outputs of steps 0..time-2.
+  const at::Tensor h_prev_all = at::cat({h0.unsqueeze(0), output.narrow(1, 0, time - 1).transpose(0, 1)}, 0);
+  at::mm_out(grad_w_hh, grad_gh_rows.t(), h_prev_all.reshape({time * batch, hidden}));
+  if (grad_b_ih.has_value()) {
+    at::Tensor grad_b_ih_out = *grad_b_ih, grad_b_hh_out = *grad_b_hh;
+    at::sum_out(grad_b_ih_out, grad_gi_rows, {0});
+    at::sum_out(grad_b_hh_out, grad_gh_rows, {0});
+  }
+}
+
+// ---- HierTCN's session-level update ------------------------------------------------------------
+
+struct SessionUpdateShapes {
+  int64_t layers, batch, time, dim, hidden, input;
+  bool bias;
+};
+
+// Validates the arguments both directions share; weights holds per layer (w_ih, w_hh[, b_ih, b_hh]).
+SessionUpdateShapes check_session_update(const at::Tensor& items, const at::Tensor& lengths, const at::Tensor& h,
+                                         const at::Tensor& keep, at::TensorList weights, const OptTensor& proj_weight,
+                                         const OptTensor& proj_bias) {
+  TORCH_CHECK(items.dim() == 3, "item_embeddings must be (batch, time, dim), got ", items.dim(), "-D");
+  TORCH_CHECK(items.size(2) <= 1 || items.stride(2) == 1, "item_embeddings must have unit stride along dim");
+  TORCH_CHECK(h.dim() == 3, "h must be (layers, batch, hidden), got ", h.dim(), "-D");
+  SessionUpdateShapes s;
+  s.layers = h.size(0);
+  s.batch = items.size(0);
+  s.time = items.size(1);
+  s.dim = items.size(2);
+  s.hidden = h.size(2);
+  TORCH_CHECK(s.layers >= 1, "h must hold at least one layer");
+  check_same_device_dtype(items, h, "item_embeddings", "h");
+  check_shape(h, {s.layers, s.batch, s.hidden}, "h (layers, batch, hidden)");
+  TORCH_CHECK(h.is_contiguous(), "h must be contiguous");
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.device() == items.device(),
+              "lengths must be int64 on the device of item_embeddings");
+  check_shape(lengths, {s.batch}, "lengths (batch,)");
+  TORCH_CHECK(lengths.is_contiguous(), "lengths must be contiguous");
+  check_same_device_dtype(items, keep, "item_embeddings", "keep");
+  check_shape(keep, {s.batch}, "keep (batch,)");
+  if (lengths.is_cpu() && s.batch > 0) {
+    const auto [lo, hi] = at::aminmax(lengths);
+    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() <= s.time, "lengths must lie in [0, time = ", s.time,
+                "], got values in [", lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
+  }
+  TORCH_CHECK(weights.size() == static_cast<size_t>(2 * s.layers) ||
+                  weights.size() == static_cast<size_t>(4 * s.layers),
+              "weights must hold 2 (no bias) or 4 tensors per layer for ", s.layers, " layers, got ", weights.size());
+  s.bias = weights.size() == static_cast<size_t>(4 * s.layers);
+  s.input = s.dim;
+  if (proj_weight.has_value()) {
+    check_same_device_dtype(items, *proj_weight, "item_embeddings", "proj_weight");
+    TORCH_CHECK(proj_weight->dim() == 2 && proj_weight->size(1) == s.dim,
+                "proj_weight must be (projected, dim = ", s.dim, "), got ", proj_weight->sizes());
+    s.input = proj_weight->size(0);
+    if (proj_bias.has_value()) {
+      check_same_device_dtype(items, *proj_bias, "item_embeddings", "proj_bias");
+      check_shape(*proj_bias, {s.input}, "proj_bias (projected,)");
+    }
+  } else {
+    TORCH_CHECK(!proj_bias.has_value(), "proj_bias needs proj_weight");
+  }
+  const int64_t per_layer = s.bias ? 4 : 2;
+  for (int64_t l = 0; l < s.layers; ++l) {
+    const at::TensorList w = weights.slice(l * per_layer, per_layer);
+    check_layer_weights(items, w[0], w[1], s.bias ? OptTensor(w[2]) : std::nullopt,
+                        s.bias ? OptTensor(w[3]) : std::nullopt, l == 0 ? s.input : s.hidden, s.hidden);
+  }
+  return s;
+}
+
+struct LayerWeights {
+  at::Tensor w_ih, w_hh;
+  OptTensor b_ih, b_hh;
+};
+
+LayerWeights layer_weights(at::TensorList weights, const SessionUpdateShapes& s, int64_t l) {
+  const int64_t per_layer = s.bias ? 4 : 2;
+  const at::TensorList w = weights.slice(l * per_layer, per_layer);
+  return {w[0], w[1], s.bias ? OptTensor(w[2]) : std::nullopt, s.bias ? OptTensor(w[3]) : std::nullopt};
+}
+
+// (1, batch, 1) views that broadcast a per-row value over (layers, batch, hidden).
+at::Tensor per_row(const at::Tensor& t) { return t.view({1, t.size(0), 1}); }
+
+void session_update_forward_out(const at::Tensor& items, const at::Tensor& lengths, const at::Tensor& h,
+                                const at::Tensor& keep, at::TensorList weights, const OptTensor& proj_weight,
+                                const OptTensor& proj_bias, at::Tensor& out, at::Tensor& states,
+                                at::Tensor& session_mean, const OptTensor& projected, at::Tensor& gi,
+                                at::Tensor& gh) {
+  const SessionUpdateShapes s = check_session_update(items, lengths, h, keep, weights, proj_weight, proj_bias);
+  const c10::DeviceGuard guard(items.device());
+  check_buffer(items, out, h.sizes(), "out");
+  check_buffer(items, states, h.sizes(), "states");
+  check_buffer(items, session_mean, {s.batch, s.dim}, "session_mean");
+  TORCH_CHECK(projected.has_value() == proj_weight.has_value(), "projected is needed exactly with proj_weight");
+  if (projected.has_value()) check_buffer(items, *projected, {s.batch, s.input}, "projected");
+  check_buffer(items, gi, {s.layers, s.batch, 3 * s.hidden}, "gi");
+  check_buffer(items, gh, {s.layers, s.batch, 3 * s.hidden}, "gh");
+  if (s.batch == 0) return;
+  const GruKernels& k = gru_kernels_for(items.device());
+
+  SessionMeanParams mean_params;
+  mean_params.batch = s.batch;
+  mean_params.time = s.time;
+  mean_params.dim = s.dim;
+  mean_params.items_batch_stride = items.stride(0);
+  mean_params.items_time_stride = items.stride(1);
+  mean_params.mean_row_stride = s.dim;
+  mean_params.lengths = lengths.data_ptr<int64_t>();
+  mean_params.items = items.data_ptr();
+  mean_params.mean = session_mean.data_ptr();
+  k.session_mean(mean_params, items.scalar_type());
+
+  at::Tensor layer_input = session_mean;
+  if (projected.has_value()) {
+    at::Tensor projected_out = *projected;
+    affine_out(projected_out, session_mean, *proj_weight, proj_bias);
+    layer_input = projected_out;
+  }
+  for (int64_t l = 0; l < s.layers; ++l) {
+    const LayerWeights w = layer_weights(weights, s, l);
+    at::Tensor gi_l = gi.select(0, l), gh_l = gh.select(0, l);
+    affine_out(gi_l, layer_input, w.w_ih, w.b_ih);
+    affine_out(gh_l, h.select(0, l), w.w_hh, w.b_hh);
+    step_gates(k, gi_l, gh_l, h.select(0, l), states.select(0, l));
+    layer_input = states.select(0, l);
+  }
+  // Rows without a session keep their state; then ended users' rows are zeroed.
+  at::mul_out(out, at::where(per_row(lengths.gt(0)), states, h), per_row(keep));
+}
+
+void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& items, const at::Tensor& lengths,
+                                 const at::Tensor& h, const at::Tensor& keep, at::TensorList weights,
+                                 const OptTensor& proj_weight, const at::Tensor& session_mean,
+                                 const OptTensor& projected, const at::Tensor& states, const at::Tensor& gi,
+                                 const at::Tensor& gh, const OptTensor& grad_items, at::Tensor& grad_h,
+                                 at::TensorList grad_weights, const OptTensor& grad_proj_weight,
+                                 const OptTensor& grad_proj_bias) {
+  const SessionUpdateShapes s = check_session_update(items, lengths, h, keep, weights, proj_weight, std::nullopt);
+  const c10::DeviceGuard guard(items.device());
+  check_buffer(items, grad_out, h.sizes(), "grad_out");
+  check_buffer(items, states, h.sizes(), "states");
+  check_buffer(items, session_mean, {s.batch, s.dim}, "session_mean");
+  TORCH_CHECK(projected.has_value() == proj_weight.has_value(), "projected is needed exactly with proj_weight");
+  if (projected.has_value()) check_buffer(items, *projected, {s.batch, s.input}, "projected");
+  check_buffer(items, gi, {s.layers, s.batch, 3 * s.hidden}, "gi");
+  check_buffer(items, gh, {s.layers, s.batch, 3 * s.hidden}, "gh");
+  if (grad_items.has_value()) check_buffer(items, *grad_items, items.sizes(), "grad_item_embeddings");
+  check_buffer(items, grad_h, h.sizes(), "grad_h");
+  TORCH_CHECK(grad_weights.size() == weights.size(), "grad_weights must match weights one to one");
+  for (size_t i = 0; i < weights.size(); ++i) check_buffer(items, grad_weights[i], weights[i].sizes(), "grad_weights");
+  TORCH_CHECK(grad_proj_weight.has_value() == proj_weight.has_value(), "grad_proj_weight goes with proj_weight");
+  if (grad_proj_weight.has_value()) check_buffer(items, *grad_proj_weight, proj_weight->sizes(), "grad_proj_weight");
+  if (grad_proj_bias.has_value()) check_buffer(items, *grad_proj_bias, {s.input}, "grad_proj_bias");
+  const GruKernels& k = gru_kernels_for(items.device());
+
+  // out = keep * (active ? states : h): split dL/d out between the GRU states and the kept-old states.
+  const at::Tensor active = per_row(lengths.gt(0));
+  const at::Tensor grad_kept = grad_out * per_row(keep);
+  const at::Tensor zero = at::zeros({}, grad_out.options());
+  at::where_out(grad_h, active, zero, grad_kept);
+  const at::Tensor grad_states = at::where(active, grad_kept, zero);
+
+  at::Tensor grad_gi = at::empty({s.batch, 3 * s.hidden}, grad_out.options());
+  at::Tensor grad_gh = at::empty_like(grad_gi);
+  at::Tensor grad_h_direct = at::empty({s.batch, s.hidden}, grad_out.options());
+  at::Tensor grad_layer_output = grad_states.select(0, s.layers - 1);  // dL/d states[l], in full
+  at::Tensor grad_layer_input;
+  const int64_t per_layer = s.bias ? 4 : 2;
+  for (int64_t l = s.layers - 1; l >= 0; --l) {
+    const LayerWeights w = layer_weights(weights, s, l);
+    const at::Tensor h_l = h.select(0, l);
+    const at::Tensor layer_input = l > 0 ? states.select(0, l - 1) : (projected.has_value() ? *projected : session_mean);
+    step_gates_backward(k, grad_layer_output, gi.select(0, l), gh.select(0, l), h_l, grad_gi, grad_gh, grad_h_direct);
+    at::Tensor grad_h_l = grad_h.select(0, l);
+    grad_h_l.add_(grad_h_direct).addmm_(grad_gh, w.w_hh);
+    at::Tensor grad_w_ih = grad_weights[l * per_layer], grad_w_hh = grad_weights[l * per_layer + 1];
+    at::mm_out(grad_w_ih, grad_gi.t(), layer_input);
+    at::mm_out(grad_w_hh, grad_gh.t(), h_l);
+    if (s.bias) {
+      at::Tensor grad_b_ih = grad_weights[l * per_layer + 2], grad_b_hh = grad_weights[l * per_layer + 3];
+      at::sum_out(grad_b_ih, grad_gi, {0});
+      at::sum_out(grad_b_hh, grad_gh, {0});
+    }
+    grad_layer_input = at::mm(grad_gi, w.w_ih);
+    if (l > 0) grad_layer_output = grad_states.select(0, l - 1) + grad_layer_input;
+  }
+
+  at::Tensor grad_mean = grad_layer_input;
+  if (proj_weight.has_value()) {
+    at::Tensor grad_proj_weight_out = *grad_proj_weight;
+    at::mm_out(grad_proj_weight_out, grad_layer_input.t(), session_mean);
+    if (grad_proj_bias.has_value()) {
+      at::Tensor grad_proj_bias_out = *grad_proj_bias;
+      at::sum_out(grad_proj_bias_out, grad_layer_input, {0});
+    }
+    grad_mean = at::mm(grad_layer_input, *proj_weight);
+  }
+  if (grad_items.has_value() && grad_items->numel() > 0) {
+    SessionMeanBackwardParams p;
+    p.batch = s.batch;
+    p.time = s.time;
+    p.dim = s.dim;
+    p.grad_mean_row_stride = s.dim;
+    p.lengths = lengths.data_ptr<int64_t>();
+    p.grad_mean = grad_mean.data_ptr();
+    p.grad_items = grad_items->data_ptr();
+    k.session_mean_backward(p, items.scalar_type());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hiertcn_fast, CPU, m) {
+  m.impl("gru_layer_forward_out", &gru_layer_forward_out);
+  m.impl("gru_layer_backward_out", &gru_layer_backward_out);
+  m.impl("session_update_forward_out", &session_update_forward_out);
+  m.impl("session_update_backward_out", &session_update_backward_out);
+}
+
+#ifdef HIERTCN_WITH_CUDA
+// The same drivers for CUDA tensors: ATen runs the matrix products on the tensors' device and current
+// stream, and gru_kernels_for picks the CUDA kernels.
+TORCH_LIBRARY_IMPL(hiertcn_fast, CUDA, m) {
+  m.impl("gru_layer_forward_out", &gru_layer_forward_out);
+  m.impl("gru_layer_backward_out", &gru_layer_backward_out);
+  m.impl("session_update_forward_out", &session_update_forward_out);
+  m.impl("session_update_backward_out", &session_update_backward_out);
+}
+#endif
+
+}  // namespace hiertcn

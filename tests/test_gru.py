@@ -1,0 +1,360 @@
+"""gru_cell, gru and session_update on every backend against torch.nn.GRUCell / torch.nn.GRU (an
+independent peer carrying the same weights) and against session_update's composition from torch ops."""
+
+import pytest
+import torch
+
+import hiertcn_fast
+from hiertcn_fast.ops import gru, gru_cell, gru_reference, session_update, session_update_reference
+from gru_helpers import (assert_outputs_and_grads_match, layer_weights, session_update_composition, torch_gru,
+                         torch_gru_cell)
+from helpers import BACKEND_DEVICES, COMPARE_DTYPE, CUDA, assert_close, rand
+
+COMPILED_AND_REFERENCE = [p for p in BACKEND_DEVICES if p.values[0] in ("reference", "cpu")]
+TRITON_AND_CUDA = [p for p in BACKEND_DEVICES if p.values[0] in ("triton", "cuda")]
+
+# (batch, input, hidden, noncontiguous, bias): every hidden size with every batch size for the fast
+# backends; the interpreted Triton kernels get the small ones.
+CELL_CASES = [(batch, 2 + hidden % 11, hidden, (batch + hidden) % 2 == 1, hidden != 200)
+              for hidden in (1, 7, 128, 200, 512) for batch in (1, 3, 256)]
+CELL_CASES_SMALL = [(1, 3, 1, False, True), (3, 5, 7, True, True), (5, 4, 7, False, False), (3, 6, 128, True, True)]
+
+# (batch, time, input, hidden, layers, noncontiguous, bias): time 1 and primes, 1..3 layers.
+SEQUENCE_CASES = [(1, 1, 5, 1, 1, False, True), (3, 7, 4, 7, 2, True, True), (256, 5, 16, 128, 3, False, True),
+                  (3, 13, 9, 200, 1, True, False), (1, 7, 12, 512, 2, False, True), (256, 1, 32, 512, 1, True, True)]
+SEQUENCE_CASES_SMALL = [(1, 1, 3, 1, 1, False, True), (3, 5, 4, 7, 2, True, True), (2, 3, 5, 33, 3, False, False)]
+
+
+def cell_inputs(batch, input_size, hidden, noncontiguous, bias, dtype, device):
+    (weights,) = layer_weights(input_size, hidden, 1, dtype, device, bias, noncontiguous)
+    return [rand(batch, input_size, dtype=dtype, device=device, noncontiguous=noncontiguous),
+            rand(batch, hidden, dtype=dtype, device=device, noncontiguous=noncontiguous), *weights]
+
+
+def check_cell(backend, device, case):
+    dtype = COMPARE_DTYPE[backend]
+    inputs = cell_inputs(*case, dtype, device)
+    assert_outputs_and_grads_match(lambda *a: gru_cell(*a, backend=backend), torch_gru_cell, inputs, dtype)
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_AND_REFERENCE)
+@pytest.mark.parametrize("case", CELL_CASES, ids=str)
+def test_cell_matches_torch_gru_cell(backend, device, case):
+    check_cell(backend, device, case)
+
+
+@pytest.mark.parametrize("backend,device", TRITON_AND_CUDA)
+@pytest.mark.parametrize("case", CELL_CASES_SMALL, ids=str)
+def test_cell_matches_torch_gru_cell_small(backend, device, case):
+    check_cell(backend, device, case)
+
+
+def sequence_inputs(batch, time, input_size, hidden, layers, noncontiguous, bias, dtype, device):
+    x = rand(batch, time, input_size, dtype=dtype, device=device, noncontiguous=noncontiguous)
+    h0 = rand(layers, batch, hidden, dtype=dtype, device=device, noncontiguous=noncontiguous)
+    return x, h0, layer_weights(input_size, hidden, layers, dtype, device, bias, noncontiguous)
+
+
+def check_sequence(backend, device, case):
+    dtype = COMPARE_DTYPE[backend]
+    x, h0, weights = sequence_inputs(*case, dtype, device)
+    per_layer = len(weights[0])
+    flat = [t for layer in weights for t in layer]
+
+    def regroup(flat_weights):
+        return [flat_weights[i:i + per_layer] for i in range(0, len(flat_weights), per_layer)]
+
+    assert_outputs_and_grads_match(
+        lambda x, h0, *w: gru(x, h0, regroup(w), num_layers=len(weights), backend=backend),
+        lambda x, h0, *w: torch_gru(x, h0, regroup(w)), [x, h0, *flat], dtype)
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_AND_REFERENCE)
+@pytest.mark.parametrize("case", SEQUENCE_CASES, ids=str)
+def test_sequence_matches_torch_gru(backend, device, case):
+    check_sequence(backend, device, case)
+
+
+@pytest.mark.parametrize("backend,device", TRITON_AND_CUDA)
+@pytest.mark.parametrize("case", SEQUENCE_CASES_SMALL, ids=str)
+def test_sequence_matches_torch_gru_small(backend, device, case):
+    check_sequence(backend, device, case)
+
+
+def test_sequence_without_initial_state_starts_from_zero():
+    x, h0, weights = sequence_inputs(3, 5, 4, 6, 2, False, True, torch.float64, "cpu")
+    output, h_n = gru(x, None, weights, num_layers=2)
+    expected_output, expected_h_n = torch_gru(x, torch.zeros_like(h0), weights)
+    assert_close(output, expected_output)
+    assert_close(h_n, expected_h_n)
+
+
+# ---- session_update ------------------------------------------------------------------------------
+
+# (batch, time, dim, hidden, layers, projected, bias, lengths, keep)
+SESSION_CASES = [
+    (5, 6, 4, 7, 2, True, True, "mixed", "mixed"),
+    (4, 3, 8, 5, 1, False, True, "zero", "mixed"),
+    (4, 3, 8, 5, 3, True, False, "mixed", "zero"),
+    (1, 1, 3, 1, 1, False, False, "full", "bool"),
+    (33, 20, 16, 128, 2, True, True, "mixed", "bool"),
+]
+
+
+def session_inputs(batch, time, dim, hidden, layers, projected, bias, lengths_kind, keep_kind, dtype, device):
+    items = rand(batch, time, dim, dtype=dtype, device=device, noncontiguous=True)
+    lengths = {"mixed": torch.randint(0, time + 1, (batch,), device=device),
+               "zero": torch.zeros(batch, dtype=torch.int64, device=device),
+               "full": torch.full((batch,), time, device=device)}[lengths_kind]
+    if lengths_kind == "mixed":
+        lengths[0], lengths[-1] = 0, time
+    h = rand(layers, batch, hidden, dtype=dtype, device=device)
+    keep = {"mixed": (torch.arange(batch, device=device) % 3 != 1).to(dtype),
+            "zero": torch.zeros(batch, dtype=dtype, device=device),
+            "bool": torch.arange(batch, device=device) % 2 == 0}[keep_kind]
+    proj = [rand(dim + 1, dim, dtype=dtype, device=device, scale=0.5), rand(dim + 1, dtype=dtype, device=device)]
+    weights = layer_weights(dim + 1 if projected else dim, hidden, layers, dtype, device, bias)
+    return items, lengths, h, keep, weights, proj if projected else [None, None]
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("case", SESSION_CASES, ids=str)
+def test_session_update_matches_its_composition(backend, device, case):
+    if backend == "triton" and case[3] > 7 and not CUDA:
+        pytest.skip("interpreted Triton: small shapes only")
+    dtype = COMPARE_DTYPE[backend]
+    items, lengths, h, keep, weights, (proj_weight, proj_bias) = session_inputs(*case, dtype, device)
+    per_layer = len(weights[0])
+    flat = [t for layer in weights for t in layer]
+    extra = [t for t in (proj_weight, proj_bias) if t is not None]
+
+    def split(rest):
+        proj = list(rest[:len(extra)]) + [None] * (2 - len(extra))
+        w = rest[len(extra):]
+        return proj, [w[i:i + per_layer] for i in range(0, len(w), per_layer)]
+
+    def mine(items, h, keep, *rest):
+        (pw, pb), layers = split(rest)
+        return session_update(items, lengths, h, keep, layers, proj_weight=pw, proj_bias=pb, backend=backend)
+
+    def peer(items, h, keep, *rest):
+        (pw, pb), layers = split(rest)
+        return session_update_composition(items, lengths, h, keep, layers, pw, pb)
+
+    assert_outputs_and_grads_match(mine, peer, [items, h, keep, *extra, *flat], dtype)
+
+
+def test_session_update_rows_without_session_keep_their_state():
+    items, lengths, h, keep, weights, _ = session_inputs(4, 3, 5, 6, 2, False, True, "zero", "mixed",
+                                                         torch.float64, "cpu")
+    out = session_update(items, lengths, h, torch.ones_like(keep), weights)
+    assert torch.equal(out, h)
+    assert torch.equal(session_update(items, lengths, h, torch.zeros_like(keep), weights), torch.zeros_like(h))
+
+
+# ---- gradcheck, determinism, compile, opcheck -----------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_gradcheck_float64(backend):
+    x, h, *w = [t.requires_grad_() for t in cell_inputs(3, 4, 5, True, True, torch.float64, "cpu")]
+    assert torch.autograd.gradcheck(lambda *a: gru_cell(*a, backend=backend), (x, h, *w))
+
+    xs, h0, layers = sequence_inputs(2, 3, 3, 4, 2, False, True, torch.float64, "cpu")
+    flat = [t.requires_grad_() for t in (xs, h0, *[t for layer in layers for t in layer])]
+    assert torch.autograd.gradcheck(
+        lambda x, h0, *w: gru(x, h0, [w[:4], w[4:]], num_layers=2, backend=backend), flat)
+
+    items, lengths, h, keep, weights, proj = session_inputs(4, 3, 3, 4, 2, True, True, "mixed", "mixed",
+                                                            torch.float64, "cpu")
+    flat = [t.requires_grad_() for t in (items, h, keep, *proj, *[t for layer in weights for t in layer])]
+    assert torch.autograd.gradcheck(
+        lambda i, hh, k, pw, pb, *w: session_update(i, lengths, hh, k, [w[:4], w[4:]], proj_weight=pw, proj_bias=pb,
+                                                    backend=backend), flat)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] in ("cpu", "cuda")])
+def test_backward_is_deterministic(backend, device):
+    x, h0, weights = sequence_inputs(33, 9, 10, 40, 2, False, True, torch.float32, device)
+    items, lengths, h, keep, su_weights, proj = session_inputs(33, 5, 10, 40, 2, True, True, "mixed", "mixed",
+                                                               torch.float32, device)
+    runs = []
+    for _ in range(2):
+        params = [t.detach().clone().requires_grad_() for layer in weights for t in layer]
+        inputs = [x.detach().clone().requires_grad_(), h0.detach().clone().requires_grad_()]
+        output, h_n = gru(*inputs, [params[:4], params[4:]], num_layers=2, backend=backend)
+        (output.square().sum() + h_n.sum()).backward()
+        su_params = [t.detach().clone().requires_grad_() for t in (items, *proj)]
+        session_update(su_params[0], lengths, h, keep, su_weights, proj_weight=su_params[1], proj_bias=su_params[2],
+                       backend=backend).square().sum().backward()
+        runs.append([t.grad for t in inputs + params + su_params])
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", pytest.param("cuda", marks=pytest.mark.gpu),
+                                     pytest.param("triton", marks=pytest.mark.gpu)])
+def test_torch_compile_fullgraph(backend):
+    device = "cuda" if backend in ("cuda", "triton") else "cpu"
+    dtype = torch.float32
+    x, h0, weights = sequence_inputs(3, 4, 5, 6, 2, False, True, dtype, device)
+    items, lengths, h, keep, su_weights, (pw, pb) = session_inputs(3, 4, 5, 6, 2, True, True, "mixed", "mixed",
+                                                                   dtype, device)
+    x.requires_grad_()
+    items.requires_grad_()
+
+    def step(x, h0, items):
+        output, h_n = gru(x, h0, weights, num_layers=2, backend=backend)
+        cell = gru_cell(x[:, 0], h0[0], *weights[0], backend=backend)
+        updated = session_update(items, lengths, h, keep, su_weights, proj_weight=pw, proj_bias=pb, backend=backend)
+        return output, h_n, cell, updated
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    results = compiled(x, h0, items)
+    expected_output, expected_h_n = gru_reference(x.detach(), h0, weights, num_layers=2)
+    expected = (expected_output, expected_h_n, torch_gru_cell(x[:, 0].detach(), h0[0], *weights[0]),
+                session_update_reference(items.detach(), lengths, h, keep, su_weights, proj_weight=pw, proj_bias=pb))
+    for got, want in zip(results, expected):
+        assert_close(got, want, dtype)
+    sum(r.sum() for r in results).backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(items.grad).all()
+
+
+def test_opcheck_compiled_ops():
+    ops = torch.ops.hiertcn_fast
+    x, h0, weights = sequence_inputs(3, 4, 5, 6, 1, False, True, torch.float64, "cpu")
+    (w_ih, w_hh, b_ih, b_hh), h0 = weights[0], h0[0]
+    output, gi, gh = torch.empty(3, 4, 6, dtype=torch.float64), torch.empty(3, 4, 18, dtype=torch.float64), \
+        torch.empty(4, 3, 18, dtype=torch.float64)
+    torch.library.opcheck(ops.gru_layer_forward_out.default, (x, h0, w_ih, w_hh, b_ih, b_hh),
+                          dict(output=output, gi=gi, gh=gh))
+    ops.gru_layer_forward_out(x, h0, w_ih, w_hh, b_ih, b_hh, output=output, gi=gi, gh=gh)
+    grads = dict(grad_x=torch.empty_like(x), grad_h0=torch.empty_like(h0), grad_w_ih=torch.empty_like(w_ih),
+                 grad_w_hh=torch.empty_like(w_hh), grad_b_ih=torch.empty_like(b_ih), grad_b_hh=torch.empty_like(b_hh))
+    torch.library.opcheck(ops.gru_layer_backward_out.default,
+                          (torch.randn_like(output), x, h0, w_ih, w_hh, output, gi, gh), grads)
+
+    items, lengths, h, keep, weights, (pw, pb) = session_inputs(4, 3, 5, 6, 2, True, True, "mixed", "mixed",
+                                                                torch.float64, "cpu")
+    items = items.contiguous()
+    flat = [t for layer in weights for t in layer]
+    saved = dict(out=torch.empty_like(h), states=torch.empty_like(h), session_mean=torch.empty(4, 5).double(),
+                 projected=torch.empty(4, 6).double(), gi=torch.empty(2, 4, 18).double(),
+                 gh=torch.empty(2, 4, 18).double())
+    torch.library.opcheck(ops.session_update_forward_out.default, (items, lengths, h, keep, flat, pw, pb), saved)
+    ops.session_update_forward_out(items, lengths, h, keep, flat, pw, pb, **saved)
+    grads = dict(grad_item_embeddings=torch.empty_like(items), grad_h=torch.empty_like(h),
+                 grad_weights=[torch.empty_like(t) for t in flat], grad_proj_weight=torch.empty_like(pw),
+                 grad_proj_bias=torch.empty_like(pb))
+    torch.library.opcheck(ops.session_update_backward_out.default,
+                          (torch.randn_like(h), items, lengths, h, keep, flat, pw, saved["session_mean"],
+                           saved["projected"], saved["states"], saved["gi"], saved["gh"]), grads)
+
+
+# ---- half types on the GPU ------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types_on_gpu(backend, dtype):
+    x, h0, weights = sequence_inputs(17, 9, 24, 96, 2, True, True, dtype, "cuda")
+    output, h_n = gru(x, h0, weights, num_layers=2, backend=backend)
+    expected_output, expected_h_n = torch_gru(x.double(), h0.double(), [[t.double() for t in w] for w in weights])
+    assert output.dtype == dtype and h_n.dtype == dtype
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.float16 else dict(rtol=8e-2, atol=8e-2)
+    torch.testing.assert_close(output.double(), expected_output, **tol)
+    torch.testing.assert_close(h_n.double(), expected_h_n, **tol)
+    items, lengths, h, keep, su_weights, _ = session_inputs(17, 5, 24, 96, 2, False, True, "mixed", "mixed", dtype,
+                                                            "cuda")
+    out = session_update(items, lengths, h, keep, su_weights, backend=backend)
+    expected = session_update_composition(items.double(), lengths, h.double(), keep.double(),
+                                          [[t.double() for t in w] for w in su_weights])
+    torch.testing.assert_close(out.double(), expected, **tol)
+
+
+# ---- nn modules ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gru_cell_module_is_a_drop_in(bias):
+    peer = torch.nn.GRUCell(5, 8, bias=bias)
+    cell = hiertcn_fast.nn.GRUCell(5, 8, bias=bias)
+    cell.load_state_dict(peer.state_dict())
+    x, h = torch.randn(3, 5), torch.randn(3, 8)
+    assert_close(cell(x, h), peer(x, h), torch.float32)
+    assert_close(cell(x), peer(x), torch.float32)
+    assert_close(cell(x[0], h[0]), peer(x[0], h[0]), torch.float32)
+    assert cell.state_dict().keys() == peer.state_dict().keys()
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_gru_module_is_a_drop_in_and_steps(batch_first):
+    peer = torch.nn.GRU(5, 8, num_layers=2, batch_first=batch_first)
+    module = hiertcn_fast.nn.GRU(5, 8, num_layers=2, batch_first=batch_first)
+    module.load_state_dict(peer.state_dict())
+    x = torch.randn(3, 7, 5) if batch_first else torch.randn(7, 3, 5)
+    h0 = torch.randn(2, 3, 8)
+    for args in ((x, h0), (x,), (x[0] if batch_first else x[:, 0], h0[:, 0])):
+        for got, want in zip(module(*args), peer(*args)):
+            assert_close(got, want, torch.float32)
+    stepper = hiertcn_fast.nn.GRU(5, 8, num_layers=2, batch_first=True)
+    stepper.load_state_dict(peer.state_dict())
+    sequence = x if batch_first else x.transpose(0, 1)
+    h, outputs = h0, []
+    for t in range(sequence.shape[1]):
+        out, h = stepper.step(sequence[:, t], h)
+        outputs.append(out)
+    expected_output, expected_h_n = peer(x, h0)
+    expected_output = expected_output if batch_first else expected_output.transpose(0, 1)
+    assert_close(torch.stack(outputs, 1), expected_output, torch.float32)
+    assert_close(h, expected_h_n, torch.float32)
+
+
+def test_gru_module_rejects_bidirectional():
+    with pytest.raises(ValueError, match="bidirectional"):
+        hiertcn_fast.nn.GRU(3, 4, bidirectional=True)
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+def test_bad_input_is_a_clear_error():
+    x, h, w_ih, w_hh, b_ih, b_hh = cell_inputs(2, 3, 4, False, True, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"w_hh\) must have shape \(12, 4\)"):
+        gru_cell(x, h, w_ih, w_hh[:, :3], b_ih, b_hh)
+    with pytest.raises(ValueError, match=r"must have 3 \* hidden = 12 rows \(gates r, z, n"):
+        gru_cell(x, h, w_ih[:8], w_hh, b_ih, b_hh)
+    with pytest.raises(ValueError, match=r"w_ih\) must have shape \(12, 3\)"):
+        gru_cell(torch.randn(2, 5), h, w_ih, w_hh, b_ih, b_hh)
+    with pytest.raises(TypeError, match=r"cell weights\[0\] \(w_ih\) has dtype torch.float64 but h has torch.float32"):
+        gru_cell(x, h, w_ih.double(), w_hh, b_ih, b_hh)
+    with pytest.raises(TypeError, match="x has dtype torch.float64 but h has torch.float32"):
+        gru_cell(x.double(), h, w_ih, w_hh, b_ih, b_hh)
+    with pytest.raises(ValueError, match="b_ih and b_hh must be given together"):
+        gru_cell(x, h, w_ih, w_hh, b_ih, None)
+    with pytest.raises(ValueError, match="x has batch 3 but h has batch 2"):
+        gru_cell(torch.randn(3, 3), h, w_ih, w_hh, b_ih, b_hh)
+    if not CUDA:
+        with pytest.raises(hiertcn_fast.BackendUnavailableError, match="cuda"):
+            gru_cell(x, h, w_ih, w_hh, b_ih, b_hh, backend="cuda")
+
+    xs, h0, weights = sequence_inputs(2, 3, 3, 4, 2, False, True, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"one \(w_ih, w_hh\[, b_ih, b_hh\]\) sequence per layer \(num_layers=3\)"):
+        gru(xs, None, weights, num_layers=3)
+    with pytest.raises(ValueError, match=r"h0 \(num_layers, batch, hidden\) must have shape \(2, 2, 4\)"):
+        gru(xs, h0[:, :1], weights, num_layers=2)
+    with pytest.raises(ValueError, match=r"weights\[1\] must be \(w_ih, w_hh\) or \(w_ih, w_hh, b_ih, b_hh\)"):
+        gru(xs, h0, [weights[0], weights[1][:3]], num_layers=2)
+    with pytest.raises(ValueError, match=r"weights\[1\] \(w_hh\) must have 3 \* hidden = 12 rows"):
+        gru(xs, h0, [weights[0], [weights[1][0], weights[1][1][:8]]], num_layers=2)
+    with pytest.raises(ValueError, match=r"weights\[1\] \(w_ih\) is on meta but h is on cpu"):
+        gru(xs, h0, [weights[0], [weights[1][0].to("meta"), weights[1][1]]], num_layers=2)
+
+    items, lengths, hs, keep, su_weights, _ = session_inputs(4, 3, 3, 4, 2, False, True, "mixed", "mixed",
+                                                             torch.float32, "cpu")
+    with pytest.raises(TypeError, match="lengths must be an integer tensor"):
+        session_update(items, lengths.float(), hs, keep, su_weights)
+    with pytest.raises(ValueError, match=r"keep \(batch,\) must have shape \(4,\)"):
+        session_update(items, lengths, hs, keep[:3], su_weights)
+    with pytest.raises(ValueError, match=r"weights\[0\] \(w_ih\) must have shape \(12, 5\)"):
+        session_update(items, lengths, hs, keep, su_weights, proj_weight=torch.randn(5, 3))
+    with pytest.raises(RuntimeError, match=r"lengths must lie in \[0, time = 3\]"):
+        session_update(items, lengths + 5, hs, keep, su_weights, backend="cpu")
