@@ -58,19 +58,23 @@ class HistoryBatch:
 class UserHistoryBatcher:
     """Batches of ``users_per_batch`` whole users of one split of a :class:`SessionCache`.
 
-    Users are shuffled per epoch with a permutation that is a function of (seed, epoch) when
-    ``shuffle``; ``max_session_length`` truncates sessions as the lane batcher does (None: none).
+    ``by_length`` (default) groups users of similar history length into a batch, which cuts the
+    padding several-fold (ml-100k: mean 33 events, longest 254); with ``shuffle`` the order of the
+    batches (and of equal-length users) is a permutation that is a function of (seed, epoch).
+    ``max_session_length`` truncates sessions as the lane batcher does (None: none).
     Position (epoch, next_index) and :meth:`state_dict` / :meth:`load_state_dict` as the lane
     batcher's, so the training loop resumes both the same way.
     """
 
     def __init__(self, cache: SessionCache, split: str = "train", users_per_batch: int = 32,
-                 max_session_length: int | None = None, shuffle: bool = False, seed: int = 0):
+                 max_session_length: int | None = None, shuffle: bool = False, seed: int = 0,
+                 by_length: bool = True):
         if not isinstance(cache, SessionCache):
             raise TypeError(f"cache must be a SessionCache, got {type(cache).__name__}")
         check_positive(users_per_batch=users_per_batch)
         self.cache, self.split = cache, split
         self.users_per_batch, self.shuffle, self.seed = users_per_batch, bool(shuffle), int(seed)
+        self.by_length = bool(by_length)
         self.max_session_length = max_session_length or max(cache.max_session_length, 1)
         self.epoch, self.next_index = 0, 0
         code = cache.split_code(split)
@@ -92,16 +96,24 @@ class UserHistoryBatcher:
             first = np.zeros(int(user_lengths.sum()), dtype=bool)
             first[np.cumsum(user_lengths) - user_lengths] = True
             self._first.append(first)
-        self.num_events = int(sum(e.shape[0] for e in self._events))
+        self._lengths = np.array([e.shape[0] for e in self._events], dtype=np.int64)
+        self.num_events = int(self._lengths.sum())
         self.max_user_length = max((e.shape[0] for e in self._events), default=0)
 
     def num_batches(self, epoch: int | None = None) -> int:
         return -(-self.users.shape[0] // self.users_per_batch)
 
     def _order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.users.shape[0])
-        return np.random.default_rng([self.seed, epoch]).permutation(self.users.shape[0])
+        count = self.users.shape[0]
+        rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
+        order = rng.permutation(count) if rng is not None else np.arange(count)
+        if not self.by_length:
+            return order
+        order = order[np.argsort(self._lengths[order], kind="stable")]
+        batches = [order[i:i + self.users_per_batch] for i in range(0, count, self.users_per_batch)]
+        if rng is not None:
+            batches = [batches[k] for k in rng.permutation(len(batches))]
+        return np.concatenate(batches) if batches else order
 
     def batch(self, index: int, epoch: int | None = None) -> HistoryBatch:
         epoch = self.epoch if epoch is None else epoch
@@ -132,7 +144,8 @@ class UserHistoryBatcher:
 
     def _identity(self) -> dict:
         return {"cache_key": self.cache.key, "split": self.split, "users_per_batch": self.users_per_batch,
-                "max_session_length": self.max_session_length, "shuffle": self.shuffle, "seed": self.seed}
+                "max_session_length": self.max_session_length, "shuffle": self.shuffle, "seed": self.seed,
+                "by_length": self.by_length}
 
     def state_dict(self) -> dict:
         return {**self._identity(), "epoch": self.epoch, "next_index": self.next_index, "state": None}
