@@ -60,7 +60,8 @@ def _train(args) -> int:
                          learning_rate=args.lr, seed=args.seed, device=str(device), num_producers=args.producers,
                          log_every=args.log_every)
     for name in args.models:
-        model = build_model(name, cache.num_items, seed=args.seed, dropout=args.dropout, **MODEL_SIZES[name](args.dim))
+        model = build_model(name, cache.num_items, seed=args.seed, dropout=args.dropout, backend=args.backend,
+                            **MODEL_SIZES[name](args.dim))
         trainer = Trainer(model, cache, config, name=name).train()
         eval_started = time.perf_counter()
         quality = evaluate(model, cache, args.split, config)
@@ -86,7 +87,8 @@ def _train(args) -> int:
              f"events); rules fitted on train",
              f"neural models: width {args.dim}, {args.epochs} epochs, {args.lanes} lanes x {args.sessions_per_batch} "
              f"sessions per batch, Adam lr {args.lr} divided by 5 at 50% and 75%, dropout {args.dropout}, "
-             f"full softmax, seed {args.seed}, device {device}",
+             f"full softmax, seed {args.seed}, device {device}, backend {args.backend or 'auto'}, "
+             f"{torch.get_num_threads()} CPU thread(s)",
              "peak memory: neural models on CPU = data memory (largest step's batch + saved activations); on GPU "
              "the device peak; rules = peak traced host memory",
              f"wall time of the whole job: {wall:.0f} s"]
@@ -123,7 +125,11 @@ def main(argv=None) -> int:
     train.add_argument("--producers", type=int, default=1, help="batch producer threads of the ring queue")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    train.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    train.add_argument("--threads", type=int, default=1,
+                       help="torch CPU threads (default 1: these small models run several times faster on one "
+                            "thread than on two busy cores; 0: torch's default)")
+    train.add_argument("--backend", default=None, choices=("cuda", "triton", "cpu", "reference"),
+                       help="op backend of the neural models (default: the usual automatic selection)")
     train.add_argument("--log-every", type=int, default=0, help="progress every N steps (0: once per epoch)")
     train.set_defaults(run=_train)
     args = parser.parse_args(argv)

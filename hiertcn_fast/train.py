@@ -172,6 +172,10 @@ class _LossStep(torch.nn.Module):
             else:
                 loss_sum = sampled_softmax_loss(self.model.dropout(features), targets, self.model.output, sampled,
                                                 self.log_q)
+        if features.shape[0] == 0:
+            # No event in this rank's lanes: a zero loss that still reaches every parameter, so that the
+            # backward pass (and DDP's gradient all-reduce, which every rank must join) runs as usual.
+            loss_sum = loss_sum.nan_to_num(0.0) + sum(p.sum() for p in self.model.parameters()) * 0.0
         return loss_sum * scale, loss_sum.detach(), new_state
 
 

@@ -1,5 +1,6 @@
 """Helpers for the model, training and serving tests: hand-built lane batches and small caches."""
 
+import pytest
 import torch
 
 from hiertcn_fast.data import SessionBatch
@@ -40,3 +41,23 @@ def random_sessions(generator, num_items, lanes, max_sessions=4, max_length=7):
                                                                                   generator=generator)),),
                                      generator=generator).tolist() for _ in range(count)])
     return result
+
+
+def synthetic_cache(path, num_events=6000, num_items=300, seed=1):
+    """A small cold-split cache of the synthetic log (planted long- and short-term structure)."""
+    from hiertcn_fast.data import PreprocessParams, SyntheticSource, preprocess
+
+    params = PreprocessParams(min_item_count=2, min_user_count=3, max_user_count=None, split="cold",
+                              num_partitions=2)
+    source = SyntheticSource(num_events, num_items=num_items, num_topics=10, mean_events_per_user=40, seed=seed)
+    return preprocess(source, path, params)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models on a shared 2-core machine run fastest on one intra-op thread (no spinning workers);
+    import this fixture into a test module to use it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -5,7 +5,7 @@ import torch
 
 from hiertcn_fast.models import HierTCN, SessionGRU
 from hiertcn_fast.serve import StreamingRecommender
-from model_helpers import lane_batch
+from model_helpers import lane_batch, one_thread  # noqa: F401 (autouse fixture)
 
 NUM_ITEMS = 23
 GAP = 1800.0
