@@ -116,10 +116,11 @@ def main(argv=None) -> int:
                        help=f"comma-separated neural models (default: {','.join(DEFAULT_MODELS)})")
     train.add_argument("--no-rules", dest="rules", action="store_false", help="skip the rule baselines")
     train.add_argument("--split", default="test", choices=("valid", "test"), help="evaluated split")
-    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--epochs", type=int, default=15)
     train.add_argument("--dim", type=int, default=64, help="embedding / hidden / channel width (paper: 128)")
     train.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (paper: 1e-2)")
-    train.add_argument("--dropout", type=float, default=0.0)
+    train.add_argument("--dropout", type=float, default=0.3,
+                       help="dropout on the low-level input and the output layer input (ml-100k is small)")
     train.add_argument("--lanes", type=int, default=32)
     train.add_argument("--sessions-per-batch", type=int, default=10)
     train.add_argument("--producers", type=int, default=1, help="batch producer threads of the ring queue")
