@@ -5,13 +5,19 @@ import pytest
 import torch
 
 import hiertcn_fast
+from hiertcn_fast.nn import GRU, GRUCell
 from hiertcn_fast.ops import gru, gru_cell, gru_reference, session_update, session_update_reference
 from gru_helpers import (assert_outputs_and_grads_match, layer_weights, session_update_composition, torch_gru,
                          torch_gru_cell)
 from helpers import BACKEND_DEVICES, COMPARE_DTYPE, CUDA, assert_close, rand
 
-COMPILED_AND_REFERENCE = [p for p in BACKEND_DEVICES if p.values[0] in ("reference", "cpu")]
-TRITON_AND_CUDA = [p for p in BACKEND_DEVICES if p.values[0] in ("triton", "cuda")]
+
+def backend_cases(cases, small_cases):
+    """(backend, device, case) params: every case for the fast CPU backends, the small ones for triton
+    (interpreted on the CPU) and cuda."""
+    return [pytest.param(*p.values, case, marks=p.marks, id=f"{p.id}-{case}") for p in BACKEND_DEVICES
+            for case in (cases if p.values[0] in ("reference", "cpu") else small_cases)]
+
 
 # (batch, input, hidden, noncontiguous, bias): every hidden size with every batch size for the fast
 # backends; the interpreted Triton kernels get the small ones.
@@ -31,22 +37,11 @@ def cell_inputs(batch, input_size, hidden, noncontiguous, bias, dtype, device):
             rand(batch, hidden, dtype=dtype, device=device, noncontiguous=noncontiguous), *weights]
 
 
-def check_cell(backend, device, case):
+@pytest.mark.parametrize("backend,device,case", backend_cases(CELL_CASES, CELL_CASES_SMALL))
+def test_cell_matches_torch_gru_cell(backend, device, case):
     dtype = COMPARE_DTYPE[backend]
     inputs = cell_inputs(*case, dtype, device)
     assert_outputs_and_grads_match(lambda *a: gru_cell(*a, backend=backend), torch_gru_cell, inputs, dtype)
-
-
-@pytest.mark.parametrize("backend,device", COMPILED_AND_REFERENCE)
-@pytest.mark.parametrize("case", CELL_CASES, ids=str)
-def test_cell_matches_torch_gru_cell(backend, device, case):
-    check_cell(backend, device, case)
-
-
-@pytest.mark.parametrize("backend,device", TRITON_AND_CUDA)
-@pytest.mark.parametrize("case", CELL_CASES_SMALL, ids=str)
-def test_cell_matches_torch_gru_cell_small(backend, device, case):
-    check_cell(backend, device, case)
 
 
 def sequence_inputs(batch, time, input_size, hidden, layers, noncontiguous, bias, dtype, device):
@@ -55,7 +50,8 @@ def sequence_inputs(batch, time, input_size, hidden, layers, noncontiguous, bias
     return x, h0, layer_weights(input_size, hidden, layers, dtype, device, bias, noncontiguous)
 
 
-def check_sequence(backend, device, case):
+@pytest.mark.parametrize("backend,device,case", backend_cases(SEQUENCE_CASES, SEQUENCE_CASES_SMALL))
+def test_sequence_matches_torch_gru(backend, device, case):
     dtype = COMPARE_DTYPE[backend]
     x, h0, weights = sequence_inputs(*case, dtype, device)
     per_layer = len(weights[0])
@@ -69,24 +65,20 @@ def check_sequence(backend, device, case):
         lambda x, h0, *w: torch_gru(x, h0, regroup(w)), [x, h0, *flat], dtype)
 
 
-@pytest.mark.parametrize("backend,device", COMPILED_AND_REFERENCE)
-@pytest.mark.parametrize("case", SEQUENCE_CASES, ids=str)
-def test_sequence_matches_torch_gru(backend, device, case):
-    check_sequence(backend, device, case)
-
-
-@pytest.mark.parametrize("backend,device", TRITON_AND_CUDA)
-@pytest.mark.parametrize("case", SEQUENCE_CASES_SMALL, ids=str)
-def test_sequence_matches_torch_gru_small(backend, device, case):
-    check_sequence(backend, device, case)
-
-
 def test_sequence_without_initial_state_starts_from_zero():
     x, h0, weights = sequence_inputs(3, 5, 4, 6, 2, False, True, torch.float64, "cpu")
     output, h_n = gru(x, None, weights, num_layers=2)
     expected_output, expected_h_n = torch_gru(x, torch.zeros_like(h0), weights)
     assert_close(output, expected_output)
     assert_close(h_n, expected_h_n)
+
+
+def test_cpu_float32_matches_torch_including_saturated_gates():
+    # float32 on the CPU runs the vectorised exp of hiertcn/gru_gates.h; large biases drive most gates
+    # into saturation, where its clamps act.
+    inputs = cell_inputs(256, 16, 512, True, True, torch.float32, "cpu")
+    inputs[4] = inputs[4] * 2000
+    assert_outputs_and_grads_match(lambda *a: gru_cell(*a, backend="cpu"), torch_gru_cell, inputs, torch.float32)
 
 
 # ---- session_update ------------------------------------------------------------------------------
@@ -196,7 +188,7 @@ def test_backward_is_deterministic(backend, device):
 def test_torch_compile_fullgraph(backend):
     device = "cuda" if backend in ("cuda", "triton") else "cpu"
     dtype = torch.float32
-    x, h0, weights = sequence_inputs(3, 4, 5, 6, 2, False, True, dtype, device)
+    x, h0, weights = sequence_inputs(3, 2, 5, 6, 2, False, True, dtype, device)
     items, lengths, h, keep, su_weights, (pw, pb) = session_inputs(3, 4, 5, 6, 2, True, True, "mixed", "mixed",
                                                                    dtype, device)
     x.requires_grad_()
@@ -220,27 +212,30 @@ def test_torch_compile_fullgraph(backend):
     assert torch.isfinite(x.grad).all() and torch.isfinite(items.grad).all()
 
 
-def test_opcheck_compiled_ops():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_opcheck_compiled_ops(device):
     ops = torch.ops.hiertcn_fast
-    x, h0, weights = sequence_inputs(3, 4, 5, 6, 1, False, True, torch.float64, "cpu")
+    dtype = torch.float64 if device == "cpu" else torch.float32
+
+    def empty(*shape):
+        return torch.empty(*shape, dtype=dtype, device=device)
+
+    x, h0, weights = sequence_inputs(3, 4, 5, 6, 1, False, True, dtype, device)
     (w_ih, w_hh, b_ih, b_hh), h0 = weights[0], h0[0]
-    output, gi, gh = torch.empty(3, 4, 6, dtype=torch.float64), torch.empty(3, 4, 18, dtype=torch.float64), \
-        torch.empty(4, 3, 18, dtype=torch.float64)
-    torch.library.opcheck(ops.gru_layer_forward_out.default, (x, h0, w_ih, w_hh, b_ih, b_hh),
-                          dict(output=output, gi=gi, gh=gh))
-    ops.gru_layer_forward_out(x, h0, w_ih, w_hh, b_ih, b_hh, output=output, gi=gi, gh=gh)
+    saved = dict(output=empty(3, 4, 6), gi=empty(3, 4, 18), gh=empty(4, 3, 18))
+    torch.library.opcheck(ops.gru_layer_forward_out.default, (x, h0, w_ih, w_hh, b_ih, b_hh), saved)
+    ops.gru_layer_forward_out(x, h0, w_ih, w_hh, b_ih, b_hh, **saved)
     grads = dict(grad_x=torch.empty_like(x), grad_h0=torch.empty_like(h0), grad_w_ih=torch.empty_like(w_ih),
                  grad_w_hh=torch.empty_like(w_hh), grad_b_ih=torch.empty_like(b_ih), grad_b_hh=torch.empty_like(b_hh))
     torch.library.opcheck(ops.gru_layer_backward_out.default,
-                          (torch.randn_like(output), x, h0, w_ih, w_hh, output, gi, gh), grads)
+                          (torch.randn_like(saved["output"]), x, h0, w_ih, w_hh, *saved.values()), grads)
 
-    items, lengths, h, keep, weights, (pw, pb) = session_inputs(4, 3, 5, 6, 2, True, True, "mixed", "mixed",
-                                                                torch.float64, "cpu")
+    items, lengths, h, keep, weights, (pw, pb) = session_inputs(4, 3, 5, 6, 2, True, True, "mixed", "mixed", dtype,
+                                                                device)
     items = items.contiguous()
     flat = [t for layer in weights for t in layer]
-    saved = dict(out=torch.empty_like(h), states=torch.empty_like(h), session_mean=torch.empty(4, 5).double(),
-                 projected=torch.empty(4, 6).double(), gi=torch.empty(2, 4, 18).double(),
-                 gh=torch.empty(2, 4, 18).double())
+    saved = dict(out=torch.empty_like(h), states=torch.empty_like(h), session_mean=empty(4, 5),
+                 projected=empty(4, 6), gi=empty(2, 4, 18), gh=empty(2, 4, 18))
     torch.library.opcheck(ops.session_update_forward_out.default, (items, lengths, h, keep, flat, pw, pb), saved)
     ops.session_update_forward_out(items, lengths, h, keep, flat, pw, pb, **saved)
     grads = dict(grad_item_embeddings=torch.empty_like(items), grad_h=torch.empty_like(h),
@@ -277,7 +272,7 @@ def test_half_types_on_gpu(backend, dtype):
 @pytest.mark.parametrize("bias", [True, False])
 def test_gru_cell_module_is_a_drop_in(bias):
     peer = torch.nn.GRUCell(5, 8, bias=bias)
-    cell = hiertcn_fast.nn.GRUCell(5, 8, bias=bias)
+    cell = GRUCell(5, 8, bias=bias)
     cell.load_state_dict(peer.state_dict())
     x, h = torch.randn(3, 5), torch.randn(3, 8)
     assert_close(cell(x, h), peer(x, h), torch.float32)
@@ -289,14 +284,14 @@ def test_gru_cell_module_is_a_drop_in(bias):
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_gru_module_is_a_drop_in_and_steps(batch_first):
     peer = torch.nn.GRU(5, 8, num_layers=2, batch_first=batch_first)
-    module = hiertcn_fast.nn.GRU(5, 8, num_layers=2, batch_first=batch_first)
+    module = GRU(5, 8, num_layers=2, batch_first=batch_first)
     module.load_state_dict(peer.state_dict())
     x = torch.randn(3, 7, 5) if batch_first else torch.randn(7, 3, 5)
     h0 = torch.randn(2, 3, 8)
     for args in ((x, h0), (x,), (x[0] if batch_first else x[:, 0], h0[:, 0])):
         for got, want in zip(module(*args), peer(*args)):
             assert_close(got, want, torch.float32)
-    stepper = hiertcn_fast.nn.GRU(5, 8, num_layers=2, batch_first=True)
+    stepper = GRU(5, 8, num_layers=2, batch_first=True)
     stepper.load_state_dict(peer.state_dict())
     sequence = x if batch_first else x.transpose(0, 1)
     h, outputs = h0, []
@@ -311,7 +306,7 @@ def test_gru_module_is_a_drop_in_and_steps(batch_first):
 
 def test_gru_module_rejects_bidirectional():
     with pytest.raises(ValueError, match="bidirectional"):
-        hiertcn_fast.nn.GRU(3, 4, bidirectional=True)
+        GRU(3, 4, bidirectional=True)
 
 
 # ---- bad input -----------------------------------------------------------------------------------
@@ -322,7 +317,7 @@ def test_bad_input_is_a_clear_error():
         gru_cell(x, h, w_ih, w_hh[:, :3], b_ih, b_hh)
     with pytest.raises(ValueError, match=r"must have 3 \* hidden = 12 rows \(gates r, z, n"):
         gru_cell(x, h, w_ih[:8], w_hh, b_ih, b_hh)
-    with pytest.raises(ValueError, match=r"w_ih\) must have shape \(12, 3\)"):
+    with pytest.raises(ValueError, match=r"w_ih\) must have shape \(12, 5\), got \(12, 3\)"):
         gru_cell(torch.randn(2, 5), h, w_ih, w_hh, b_ih, b_hh)
     with pytest.raises(TypeError, match=r"cell weights\[0\] \(w_ih\) has dtype torch.float64 but h has torch.float32"):
         gru_cell(x, h, w_ih.double(), w_hh, b_ih, b_hh)

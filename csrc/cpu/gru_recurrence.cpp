@@ -243,6 +243,18 @@ SessionUpdateShapes check_session_update(const at::Tensor& items, const at::Tens
   return s;
 }
 
+// The tensors the forward saves for the backward (written by one, read by the other).
+void check_session_update_saved(const at::Tensor& items, const SessionUpdateShapes& s, const OptTensor& proj_weight,
+                                const at::Tensor& states, const at::Tensor& session_mean, const OptTensor& projected,
+                                const at::Tensor& gi, const at::Tensor& gh) {
+  check_buffer(items, states, {s.layers, s.batch, s.hidden}, "states");
+  check_buffer(items, session_mean, {s.batch, s.dim}, "session_mean");
+  TORCH_CHECK(projected.has_value() == proj_weight.has_value(), "projected is needed exactly with proj_weight");
+  if (projected.has_value()) check_buffer(items, *projected, {s.batch, s.input}, "projected");
+  check_buffer(items, gi, {s.layers, s.batch, 3 * s.hidden}, "gi");
+  check_buffer(items, gh, {s.layers, s.batch, 3 * s.hidden}, "gh");
+}
+
 struct LayerWeights {
   at::Tensor w_ih, w_hh;
   OptTensor b_ih, b_hh;
@@ -265,12 +277,7 @@ void session_update_forward_out(const at::Tensor& items, const at::Tensor& lengt
   const SessionUpdateShapes s = check_session_update(items, lengths, h, keep, weights, proj_weight, proj_bias);
   const c10::DeviceGuard guard(items.device());
   check_buffer(items, out, h.sizes(), "out");
-  check_buffer(items, states, h.sizes(), "states");
-  check_buffer(items, session_mean, {s.batch, s.dim}, "session_mean");
-  TORCH_CHECK(projected.has_value() == proj_weight.has_value(), "projected is needed exactly with proj_weight");
-  if (projected.has_value()) check_buffer(items, *projected, {s.batch, s.input}, "projected");
-  check_buffer(items, gi, {s.layers, s.batch, 3 * s.hidden}, "gi");
-  check_buffer(items, gh, {s.layers, s.batch, 3 * s.hidden}, "gh");
+  check_session_update_saved(items, s, proj_weight, states, session_mean, projected, gi, gh);
   if (s.batch == 0) return;
   const GruKernels& k = gru_kernels_for(items.device());
 
@@ -314,12 +321,7 @@ void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& i
   const SessionUpdateShapes s = check_session_update(items, lengths, h, keep, weights, proj_weight, std::nullopt);
   const c10::DeviceGuard guard(items.device());
   check_buffer(items, grad_out, h.sizes(), "grad_out");
-  check_buffer(items, states, h.sizes(), "states");
-  check_buffer(items, session_mean, {s.batch, s.dim}, "session_mean");
-  TORCH_CHECK(projected.has_value() == proj_weight.has_value(), "projected is needed exactly with proj_weight");
-  if (projected.has_value()) check_buffer(items, *projected, {s.batch, s.input}, "projected");
-  check_buffer(items, gi, {s.layers, s.batch, 3 * s.hidden}, "gi");
-  check_buffer(items, gh, {s.layers, s.batch, 3 * s.hidden}, "gh");
+  check_session_update_saved(items, s, proj_weight, states, session_mean, projected, gi, gh);
   if (grad_items.has_value()) check_buffer(items, *grad_items, items.sizes(), "grad_item_embeddings");
   check_buffer(items, grad_h, h.sizes(), "grad_h");
   TORCH_CHECK(grad_weights.size() == weights.size(), "grad_weights must match weights one to one");

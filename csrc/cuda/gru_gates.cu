@@ -14,43 +14,27 @@ constexpr int kThreads = 256;
 
 template <typename T>
 __global__ void gru_gates_cuda_kernel(GruGatesParams p) {
-  using A = acc_t<T>;
   const int64_t H = p.hidden;
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= p.batch * H) return;
   const int64_t b = idx / H, j = idx % H;
-  const T* gi = static_cast<const T*>(p.gi) + b * p.gi_row_stride;
-  const T* gh = static_cast<const T*>(p.gh) + b * p.gh_row_stride;
-  const T* h = static_cast<const T*>(p.h) + b * p.h_row_stride;
   T* out = static_cast<T*>(p.out) + b * p.out_row_stride;
-  out[j] = static_cast<T>(gru_gate_forward<A>(A(gi[j]), A(gi[H + j]), A(gi[2 * H + j]), A(gh[j]), A(gh[H + j]),
-                                              A(gh[2 * H + j]), A(h[j])));
+  out[j] = gru_gate_forward_row<T, acc_t<T>>(static_cast<const T*>(p.gi) + b * p.gi_row_stride,
+                                             static_cast<const T*>(p.gh) + b * p.gh_row_stride,
+                                             static_cast<const T*>(p.h) + b * p.h_row_stride, j, H);
 }
 
 template <typename T>
 __global__ void gru_gates_backward_cuda_kernel(GruGatesBackwardParams p) {
-  using A = acc_t<T>;
   const int64_t H = p.hidden;
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= p.batch * H) return;
   const int64_t b = idx / H, j = idx % H;
-  const T* g = static_cast<const T*>(p.grad_out) + b * p.grad_out_row_stride;
-  const T* gi = static_cast<const T*>(p.gi) + b * p.gi_row_stride;
-  const T* gh = static_cast<const T*>(p.gh) + b * p.gh_row_stride;
-  const T* h = static_cast<const T*>(p.h) + b * p.h_row_stride;
-  T* d_gi = static_cast<T*>(p.grad_gi) + b * p.grad_gi_row_stride;
-  T* d_gh = static_cast<T*>(p.grad_gh) + b * p.grad_gh_row_stride;
-  T* d_h = static_cast<T*>(p.grad_h) + b * p.grad_h_row_stride;
-  A d_r, d_z, d_n, d_hn, dh;
-  gru_gate_backward<A>(A(g[j]), A(gi[j]), A(gi[H + j]), A(gi[2 * H + j]), A(gh[j]), A(gh[H + j]), A(gh[2 * H + j]),
-                       A(h[j]), &d_r, &d_z, &d_n, &d_hn, &dh);
-  d_gi[j] = static_cast<T>(d_r);
-  d_gi[H + j] = static_cast<T>(d_z);
-  d_gi[2 * H + j] = static_cast<T>(d_n);
-  d_gh[j] = static_cast<T>(d_r);
-  d_gh[H + j] = static_cast<T>(d_z);
-  d_gh[2 * H + j] = static_cast<T>(d_hn);
-  d_h[j] = static_cast<T>(dh);
+  gru_gate_backward_row<T, acc_t<T>>(
+      static_cast<const T*>(p.grad_out) + b * p.grad_out_row_stride, static_cast<const T*>(p.gi) + b * p.gi_row_stride,
+      static_cast<const T*>(p.gh) + b * p.gh_row_stride, static_cast<const T*>(p.h) + b * p.h_row_stride,
+      static_cast<T*>(p.grad_gi) + b * p.grad_gi_row_stride, static_cast<T*>(p.grad_gh) + b * p.grad_gh_row_stride,
+      static_cast<T*>(p.grad_h) + b * p.grad_h_row_stride, j, H);
 }
 
 void gru_gates_out_cuda(const at::Tensor& gi, const at::Tensor& gh, const at::Tensor& h, at::Tensor& out) {

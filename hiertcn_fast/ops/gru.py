@@ -14,6 +14,10 @@ How the backends run a sequence: cpu and cuda call one compiled op per layer for
 (csrc/cpu/gru_recurrence.cpp: the input projection of all steps as one matrix product, then the
 recurrence and the backward through time in C++, matrix products by ATen, gates by our kernels).
 triton runs the same loop in Python with the Triton gate kernels, and autograd differentiates it.
+
+Not done yet on the GPU, for want of a GPU to measure on: fusing the recurrent matrix product with
+the gates (one kernel per step at small batch) and a persistent kernel for the whole recurrence.
+The cuda backend runs two launches per step (cuBLAS, then the gates) from the C++ loop.
 """
 
 import torch
@@ -156,38 +160,50 @@ def _layer_composed(x, h0, w_ih, w_hh, b_ih, b_hh, gates_backend):
 
 
 class _GruLayerFunction(torch.autograd.Function):
-    """One layer over a whole sequence on the compiled kernels (cpu, cuda): one op call per direction."""
+    """One layer over a whole sequence on the compiled kernels (cpu, cuda): one op call per direction.
+
+    With single_step=True, x is (batch, input) and the result (batch, hidden): the cell, without the
+    two view nodes that adding and dropping the time dimension outside would put in the graph.
+    """
 
     @staticmethod
-    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh):
-        batch, time, _ = x.shape
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, single_step):
+        x_seq = x.unsqueeze(1) if single_step else x
+        batch, time, _ = x_seq.shape
         hidden = h0.shape[1]
         output = new_output((batch, time, hidden), h0)
         gi = new_output((batch, time, 3 * hidden), h0)
         gh = new_output((time, batch, 3 * hidden), h0)
-        torch.ops.hiertcn_fast.gru_layer_forward_out(x, h0, w_ih, w_hh, b_ih, b_hh, output=output, gi=gi, gh=gh)
-        ctx.save_for_backward(x, h0, w_ih, w_hh, output, gi, gh)
+        torch.ops.hiertcn_fast.gru_layer_forward_out(x_seq, h0, w_ih, w_hh, b_ih, b_hh, output=output, gi=gi, gh=gh)
+        ctx.save_for_backward(x_seq, h0, w_ih, w_hh, output, gi, gh)
         ctx.bias = b_ih is not None
-        return output
+        ctx.single_step = single_step
+        return output.view(batch, hidden) if single_step else output
 
     @staticmethod
     def backward(ctx, grad_output):
         x, h0, w_ih, w_hh, output, gi, gh = ctx.saved_tensors
+        grad_output = (grad_output.unsqueeze(1) if ctx.single_step else grad_output).contiguous()
         grad_x = new_output(x.shape, x) if ctx.needs_input_grad[0] else None
         grad_b_ih = new_output(w_ih.shape[:1], w_ih) if ctx.bias else None
         grad_b_hh = new_output(w_hh.shape[:1], w_hh) if ctx.bias else None
         grad_h0, grad_w_ih, grad_w_hh = new_output(h0.shape, h0), new_output(w_ih.shape, w_ih), new_output(
             w_hh.shape, w_hh)
         torch.ops.hiertcn_fast.gru_layer_backward_out(
-            grad_output.contiguous(), x, h0, w_ih, w_hh, output, gi, gh, grad_x=grad_x, grad_h0=grad_h0,
-            grad_w_ih=grad_w_ih, grad_w_hh=grad_w_hh, grad_b_ih=grad_b_ih, grad_b_hh=grad_b_hh)
-        return grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
+            grad_output, x, h0, w_ih, w_hh, output, gi, gh, grad_x=grad_x, grad_h0=grad_h0, grad_w_ih=grad_w_ih,
+            grad_w_hh=grad_w_hh, grad_b_ih=grad_b_ih, grad_b_hh=grad_b_hh)
+        if grad_x is not None and ctx.single_step:
+            grad_x = grad_x.view(x.shape[0], x.shape[2])
+        return grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, None
 
 
-def _gru_layer(name, x, h0, w_ih, w_hh, b_ih, b_hh):
-    """One layer on backend ``name``: x (batch, time, input), h0 (batch, hidden) -> (batch, time, hidden)."""
+def _gru_layer(name, x, h0, w_ih, w_hh, b_ih, b_hh, single_step=False):
+    """One layer on backend ``name``: x (batch, time, input), h0 (batch, hidden) -> (batch, time, hidden);
+    with single_step, x (batch, input) -> (batch, hidden)."""
     if name in ("cpu", "cuda"):
-        return _GruLayerFunction.apply(x, unit_stride_rows(h0), w_ih, w_hh, b_ih, b_hh)
+        return _GruLayerFunction.apply(x, unit_stride_rows(h0), w_ih, w_hh, b_ih, b_hh, single_step)
+    if single_step:
+        return _layer_composed(x.unsqueeze(1), h0, w_ih, w_hh, b_ih, b_hh, name)[:, 0]
     return _layer_composed(x, h0, w_ih, w_hh, b_ih, b_hh, name)
 
 
@@ -213,7 +229,7 @@ def gru_cell(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.T
     name = resolve("gru_cell", backend, h.device, h.dtype, GRU_DTYPES)
     if name == "reference":
         return gru_cell_reference(x, h, w_ih, w_hh, b_ih, b_hh)
-    return _gru_layer(name, x.unsqueeze(1), h, w_ih, w_hh, b_ih, b_hh)[:, 0]
+    return _gru_layer(name, x, h, w_ih, w_hh, b_ih, b_hh, single_step=True)
 
 
 # ---- multi-layer sequence ------------------------------------------------------------------------

@@ -1,0 +1,169 @@
+"""The GRU family against torch.nn: gru_cell vs nn.GRUCell, gru vs nn.GRU (cuDNN on a GPU, PyTorch's
+own kernels on the CPU), session_update vs its composition from torch ops; torch.compile where it
+applies. HierTCN's shapes: batch 32..256 lanes, hidden 128, 2 layers, sessions of up to 20 items.
+
+    python -m pytest benchmarks/bench_gru.py            (quick matrix; HIERTCN_BENCH_FULL=1 for all)
+"""
+
+import torch
+import torch.nn.functional as F
+
+import harness
+from hiertcn_fast.ops import gru, gru_cell, session_update
+
+
+def _dtype(device):
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
+def _element(dtype):
+    return torch.finfo(dtype).bits // 8
+
+
+def _run(fn, leaves, backward):
+    """fn() for a forward-only variant; forward then gradients w.r.t. every leaf otherwise."""
+    if not backward:
+        return lambda: fn()
+
+    def forward_backward():
+        out = fn()
+        outputs = out if isinstance(out, tuple) else (out,)
+        return torch.autograd.grad(outputs, leaves, [torch.ones_like(o) for o in outputs])
+
+    return forward_backward
+
+
+# ---- cell ----------------------------------------------------------------------------------------
+
+WITH_COMPILE = ("hiertcn_fast", "torch eager", "torch.compile")
+WITHOUT_COMPILE = ("hiertcn_fast", "torch eager")
+
+
+def _variants(quick, hiertcn_shape):
+    """torch.compile costs seconds per case to build: in the quick matrix only at HierTCN's shape."""
+    return WITH_COMPILE if hiertcn_shape or not quick else WITHOUT_COMPILE
+
+
+def _cell_maker(batch, hidden, dtype, device, backward, variants):
+    def make():
+        cell = torch.nn.GRUCell(hidden, hidden, device=device, dtype=dtype)
+        x = torch.randn(batch, hidden, device=device, dtype=dtype, requires_grad=backward)
+        h = torch.randn(batch, hidden, device=device, dtype=dtype, requires_grad=backward)
+        leaves = [x, h, *cell.parameters()]
+        weights = list(cell.parameters())
+        made = {"hiertcn_fast": _run(lambda: gru_cell(x, h, *weights), leaves, backward),
+                "torch eager": _run(lambda: cell(x, h), leaves, backward)}
+        if "torch.compile" in variants:
+            compiled = torch.compile(cell)
+            made["torch.compile"] = _run(lambda: compiled(x, h), leaves, backward)
+        return made
+
+    return make
+
+
+def _cell_cases(device, quick):
+    dtype = _dtype(device)
+    shapes = ([(32, 128), (256, 128), (1024, 256)] if quick else
+              [(batch, hidden) for hidden in (128, 256, 512) for batch in (1, 32, 256, 1024)])
+    cases = []
+    for batch, hidden in shapes:
+        matmul_flops = 2 * batch * (2 * hidden) * 3 * hidden
+        weight_bytes = 2 * 3 * hidden * hidden * _element(dtype)
+        act_bytes = batch * hidden * 3 * _element(dtype)
+        variants = _variants(quick, (batch, hidden) == (256, 128))
+        for backward in (False, True):
+            cases.append(harness.Case(
+                "gru_cell", f"b={batch} h={hidden} {'fwd+bwd' if backward else 'fwd'}",
+                _cell_maker(batch, hidden, dtype, device, backward, variants),
+                flops=matmul_flops * (3 if backward else 1),
+                bytes=(weight_bytes + act_bytes) * (3 if backward else 1), dtype=dtype, variants=variants))
+    return cases
+
+
+# ---- sequence ------------------------------------------------------------------------------------
+
+def _sequence_maker(batch, time, hidden, layers, dtype, device, backward):
+    def make():
+        module = torch.nn.GRU(hidden, hidden, num_layers=layers, batch_first=True, device=device, dtype=dtype)
+        x = torch.randn(batch, time, hidden, device=device, dtype=dtype, requires_grad=backward)
+        leaves = [x, *module.parameters()]
+        weights = module.all_weights
+        return {"hiertcn_fast": _run(lambda: gru(x, None, weights, num_layers=layers), leaves, backward),
+                "torch eager": _run(lambda: module(x), leaves, backward)}
+
+    return make
+
+
+def _sequence_cases(device, quick):
+    dtype = _dtype(device)
+    hidden, layers = 128, 2
+    shapes = [(32, 20), (8, 500)] if quick else [(batch, time) for time in (20, 500) for batch in (1, 8, 32, 64, 256)]
+    cases = []
+    for batch, time in shapes:
+        flops = 2 * batch * time * layers * (2 * hidden) * 3 * hidden
+        for backward in (False, True):
+            cases.append(harness.Case(
+                "gru", f"b={batch} t={time} h={hidden} l={layers} {'fwd+bwd' if backward else 'fwd'}",
+                _sequence_maker(batch, time, hidden, layers, dtype, device, backward),
+                flops=flops * (3 if backward else 1),
+                bytes=batch * time * hidden * (layers + 1) * _element(dtype) * (3 if backward else 1), dtype=dtype,
+                variants=WITHOUT_COMPILE))
+    return cases
+
+
+# ---- session_update ------------------------------------------------------------------------------
+
+def session_update_composition(items, lengths, h, keep, layers):
+    """HierTCN's session update the PyTorch way: masked mean, nn.GRUCell per layer, masks."""
+    in_session = (torch.arange(items.shape[1], device=items.device) < lengths[:, None]).to(items.dtype)
+    x = (items * in_session[..., None]).sum(1) / lengths.clamp(min=1)[:, None].to(items.dtype)
+    states = []
+    for layer, weights in enumerate(layers):
+        x = torch._VF.gru_cell(x, h[layer], *weights)
+        states.append(x)
+    return torch.where((lengths > 0)[None, :, None], torch.stack(states), h) * keep[None, :, None]
+
+
+def _session_maker(batch, time, hidden, layers, dtype, device, backward, variants):
+    def make():
+        module = torch.nn.GRU(hidden, hidden, num_layers=layers, device=device, dtype=dtype)
+        items = torch.randn(batch, time, hidden, device=device, dtype=dtype, requires_grad=backward)
+        h = torch.randn(layers, batch, hidden, device=device, dtype=dtype, requires_grad=backward)
+        lengths = torch.randint(0, time + 1, (batch,), device=device)
+        keep = (torch.rand(batch, device=device) > 0.1).to(dtype)
+        weights = module.all_weights
+        leaves = [items, h, *module.parameters()]
+        made = {"hiertcn_fast": _run(lambda: session_update(items, lengths, h, keep, weights), leaves, backward),
+                "torch eager": _run(lambda: session_update_composition(items, lengths, h, keep, weights), leaves,
+                                    backward)}
+        if "torch.compile" in variants:
+            compiled = torch.compile(session_update_composition)
+            made["torch.compile"] = _run(lambda: compiled(items, lengths, h, keep, weights), leaves, backward)
+        return made
+
+    return make
+
+
+def _session_cases(device, quick):
+    dtype = _dtype(device)
+    hidden, layers, time = 128, 2, 20
+    batches = (32, 256) if quick else (32, 256, 1024)
+    cases = []
+    for batch in batches:
+        flops = 2 * batch * layers * (2 * hidden) * 3 * hidden
+        variants = _variants(quick, batch == 32)
+        for backward in (False, True):
+            cases.append(harness.Case(
+                "session_update", f"b={batch} t={time} h={hidden} l={layers} {'fwd+bwd' if backward else 'fwd'}",
+                _session_maker(batch, time, hidden, layers, dtype, device, backward, variants),
+                flops=flops * (3 if backward else 1),
+                bytes=batch * time * hidden * _element(dtype) * (2 if backward else 1), dtype=dtype,
+                variants=variants))
+    return cases
+
+
+def cases(device, quick):
+    return _cell_cases(device, quick) + _sequence_cases(device, quick) + _session_cases(device, quick)
+
+
+test_bench = harness.bench_test(cases)
