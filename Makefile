@@ -21,6 +21,7 @@ test: install
 
 bench: install
 	$(PYTHON) -m pytest benchmarks -q
+	$(PYTHON) benchmarks/bench_data.py --quick
 
 cmake-test: install
 	rm -rf build/cmake

@@ -31,6 +31,7 @@ step info 60 $PY -m hiertcn_fast info
 step gpu_tests 150 $PY -m pytest tests -q -m gpu -p no:cacheprovider
 step triton_tests 120 $PY -m pytest tests -q -k "triton or cuda" -m "not gpu" -p no:cacheprovider
 step benchmarks 240 $PY -m pytest benchmarks -q
+step data_bench 120 $PY benchmarks/bench_data.py --quick
 
 echo "=== summary"
 $PY benchmarks/summarize.py "$OUT_DIR"/*.json 2>&1 | tee "$OUT_DIR/summary.txt"

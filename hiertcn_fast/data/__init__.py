@@ -3,6 +3,22 @@ mini-batch generator with its high-level state cache, and a pinned-memory ring-b
 
 Pure Python/NumPy/PyTorch; it imports nothing else from hiertcn_fast (it sits on top of the
 data flow) and never the compiled extension.
+
+Typical use::
+
+    from hiertcn_fast.data import PreprocessParams, SessionBatcher, load_dataset, preprocess
+
+    cache = preprocess(load_dataset("ml-100k"), "~/.cache/hiertcn", PreprocessParams(min_item_count=5))
+    train = SessionBatcher(cache, "train", lanes=32, sessions_per_batch=10, shuffle=True,
+                           state_shape=(2, 128), device="cuda")
+    for batch in train.iter_queued(num_producers=2):       # or: for batch in train:
+        state = train.begin_state(batch)                   # (layers, lanes, hidden), reset per lane
+        new_state = model(batch, state)                    # applies batch.keep after each step
+        train.end_state(batch, new_state)                  # carried to the next batch
+        checkpoint = train.state_dict()                    # position + state: exact resume
+
+Batch fields and shapes: :mod:`hiertcn_fast.data.batcher`. Cache layout and integrity:
+:mod:`hiertcn_fast.data.cache`. Preprocessing steps and memory: :mod:`hiertcn_fast.data.preprocess`.
 """
 
 from .batcher import BATCH_FIELDS, LaneStateCache, SessionBatch, SessionBatcher

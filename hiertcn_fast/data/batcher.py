@@ -237,14 +237,16 @@ class SessionBatcher:
     def _build_plan(self, epoch: int) -> _EpochPlan:
         order = self.user_order(epoch)
         counts = self.user_session_count[order]
-        lane_of_user = np.empty(order.shape[0], dtype=np.int64)
-        first_row = np.empty(order.shape[0], dtype=np.int64)
+        lane_of_user, first_row = [], []
+        # The lane with the fewest sessions so far, ties to the lowest index: a heap of (filled, lane).
         heap = [(0, lane) for lane in range(self.lanes)]
-        for position, count in enumerate(counts.tolist()):
+        for count in counts.tolist():
             filled, lane = heap[0]
-            lane_of_user[position] = lane
-            first_row[position] = filled
+            lane_of_user.append(lane)
+            first_row.append(filled)
             heapq.heapreplace(heap, (filled + count, lane))
+        lane_of_user = np.asarray(lane_of_user, dtype=np.int64)
+        first_row = np.asarray(first_row, dtype=np.int64)
         rows = max(filled for filled, _ in heap)
         steps = self.sessions_per_batch
         num_batches = -(-rows // steps)

@@ -11,9 +11,9 @@ The steps follow the HierTCN authors' code, each a field of :class:`PreprocessPa
 7. split users 80/10/10 at random (``split="cold"``, seeded) or sessions by their start time at
    80% / 90% of the time span (``split="warm"``).
 
-Memory: the source is read once in chunks and spilled to ~256 bucket files on disk (a user's
-events all land in one bucket, chosen by a hash of the raw user id; bucket ``b`` belongs to
-partition ``b // buckets_per_partition``); each bucket is then loaded, filtered, sorted and
+Memory: the source is read once in chunks; each chunk is grouped into ~256 buckets and spilled to
+disk as one run file (a user's events all land in one bucket, chosen by a hash of the raw user
+id; bucket ``b`` belongs to partition ``b // buckets_per_partition``); each bucket is then loaded, filtered, sorted and
 sessionized on its own, and the last pass streams partition by partition with explicit reads (no
 memory maps, whose pages would count as resident). Peak memory is therefore about
 ``~100 bytes x max(chunk_size, events / 256)`` plus per-item and per-user counters, whatever
@@ -176,12 +176,15 @@ def _spill_buckets_per_partition(num_partitions: int) -> int:
 
 
 def _spill(source, params, chunk_size, spill_dir, read_stats):
-    """Pass 1: read the source once, count items, append events to spill bucket files (bucket
-    ``b`` belongs to partition ``b // buckets_per_partition``; all of a user's events share one)."""
+    """Pass 1: read the source once, count items, and write each chunk's events grouped by bucket
+    to one run file (bucket ``b`` belongs to partition ``b // buckets_per_partition``; all of a
+    user's events share a bucket). Returns (events read, item keys, item counts, runs), a run
+    being (path, bucket offsets)."""
     num_buckets = params.num_partitions * _spill_buckets_per_partition(params.num_partitions)
     item_keys = np.empty(0, np.int64)
     item_counts = np.empty(0, np.int64)
     total = 0
+    runs = []
     for chunk in source.iter_chunks(chunk_size, read_stats):
         total += len(chunk)
         item_keys, item_counts = _merge_counts(item_keys, item_counts, chunk.item)
@@ -191,11 +194,24 @@ def _spill(source, params, chunk_size, spill_dir, read_stats):
         # int16 keys make numpy's stable sort a radix sort: linear time.
         order = np.argsort(bucket.astype(np.int16) if num_buckets < 1 << 15 else bucket, kind="stable")
         bounds = np.concatenate(([0], np.cumsum(np.bincount(bucket, minlength=num_buckets))))
-        records = records[order]
-        for b in np.flatnonzero(np.diff(bounds)).tolist():
-            with open(spill_dir / f"bucket{b}.bin", "ab") as f:
-                records[bounds[b]:bounds[b + 1]].tofile(f)
-    return total, item_keys, item_counts
+        path = spill_dir / f"run{len(runs)}.bin"
+        records[order].tofile(path)
+        runs.append((path, bounds))
+    return total, item_keys, item_counts, runs
+
+
+def _read_range(path: Path, dtype, start: int, stop: int) -> np.ndarray:
+    """Elements [start, stop) of a raw binary file, read (not mapped: mapped pages would count
+    towards the resident memory the streaming design keeps bounded)."""
+    dtype = np.dtype(dtype)
+    return np.fromfile(path, dtype=dtype, count=stop - start, offset=start * dtype.itemsize)
+
+
+def _read_bucket(runs, bucket: int) -> np.ndarray:
+    """All spilled events of one bucket, in source order (runs are in source order)."""
+    pieces = [_read_range(path, SPILL_DTYPE, int(bounds[bucket]), int(bounds[bucket + 1]))
+              for path, bounds in runs if bounds[bucket + 1] > bounds[bucket]]
+    return np.concatenate(pieces) if pieces else np.empty(0, SPILL_DTYPE)
 
 
 def _sessionize_bucket(records, kept_items, params, stats):
@@ -245,13 +261,6 @@ def _sessionize_bucket(records, kept_items, params, stats):
         "session_lengths": session_lengths,
         "sessions_per_user": sessions_per_user,
     }
-
-
-def _read_range(path: Path, dtype, start: int, stop: int) -> np.ndarray:
-    """Elements [start, stop) of a raw binary file, read (not mapped: mapped pages would count
-    towards the resident memory the streaming design keeps bounded)."""
-    dtype = np.dtype(dtype)
-    return np.fromfile(path, dtype=dtype, count=stop - start, offset=start * dtype.itemsize)
 
 
 def _write_items_and_splits(temp, spill_dir, params, partition_user_offsets, user_session_offsets, present_items,
@@ -320,7 +329,7 @@ def _build(source, params, final_path, chunk_size, key):
     try:
         spill_dir = temp / "spill"
         spill_dir.mkdir()
-        events_read, item_keys, item_counts = _spill(source, params, chunk_size, spill_dir, read_stats)
+        events_read, item_keys, item_counts, runs = _spill(source, params, chunk_size, spill_dir, read_stats)
         kept_items = item_keys[item_counts >= params.min_item_count]
         stats = {
             "events_read": events_read,
@@ -347,9 +356,7 @@ def _build(source, params, final_path, chunk_size, key):
         max_session_length = 0
         buckets_per_partition = _spill_buckets_per_partition(params.num_partitions)
         for bucket in range(params.num_partitions * buckets_per_partition):
-            spill_path = spill_dir / f"bucket{bucket}.bin"
-            records = np.fromfile(spill_path, dtype=SPILL_DTYPE) if spill_path.exists() else np.empty(0, SPILL_DTYPE)
-            spill_path.unlink(missing_ok=True)
+            records = _read_bucket(runs, bucket)
             part = _sessionize_bucket(records, kept_item_index, params, stats)
             del records
             writers["timestamp"].append(part["timestamp"])
@@ -369,6 +376,8 @@ def _build(source, params, final_path, chunk_size, key):
                 partition_user_offsets.append(partition_user_offsets[-1])
             partition_user_offsets[-1] += part["user_raw_id"].shape[0]
         present_items = kept_items[item_used]
+        for path, _ in runs:
+            path.unlink()
         for writer in (*writers.values(), item_raw_writer, session_start_writer):
             writer.close()
         if events_written == 0:
