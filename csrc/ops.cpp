@@ -40,10 +40,11 @@ TORCH_LIBRARY(hiertcn_fast, m) {
       "causal_conv1d_backward_out(Tensor grad_out, Tensor x, Tensor weight, Tensor? pre, Tensor? residual, "
       "int dilation, int groups, int activation, *, Tensor(a!) grad_pre, Tensor(b!) grad_x, "
       "Tensor(c!) grad_weight, Tensor(d!)? grad_residual) -> ()");
-  // One step: x (batch, in), history (batch, (k-1)*dilation, in) circular buffer and position (batch) int64,
-  // both updated in place; out (batch, out).
+  // One step: x (batch, in), packed_weight (k, in, out/groups) (the forward kernels' packing, cached by the
+  // caller), history (batch, (k-1)*dilation, in) circular buffer and position (batch) int64, both updated in
+  // place; out (batch, out).
   m.def(
-      "causal_conv1d_step_out(Tensor x, Tensor weight, Tensor? bias, Tensor? context_table, Tensor? residual, "
+      "causal_conv1d_step_out(Tensor x, Tensor packed_weight, Tensor? bias, Tensor? context_table, Tensor? residual, "
       "int dilation, int groups, int activation, *, Tensor(a!) history, Tensor(b!) position, Tensor(c!) out) -> ()");
 
   // One GRU layer over a whole sequence (cpu/gru_recurrence.cpp): x (batch, time, input), h0 (batch,

@@ -7,6 +7,7 @@ import torch
 import hiertcn_fast
 from hiertcn_fast.ops import (CausalConvState, causal_conv1d, causal_conv1d_reference, causal_conv1d_step,
                               context_table)
+from hiertcn_fast.ops.conv import pack_weight
 from conv_helpers import ConvCase, conv1d_peer, left_padded_conv1d, split_leaves
 from helpers import BACKEND_DEVICES, CUDA, COMPARE_DTYPE, assert_close, rand
 
@@ -51,6 +52,21 @@ def test_matches_reference_and_conv1d_peer(backend, device, case):
 
     peer_args = {name: (value.double() if torch.is_tensor(value) else value) for name, value in args.items()}
     assert_close(out, conv1d_peer(**peer_args), dtype)
+
+
+@pytest.mark.parametrize("case", [ConvCase(2, 29, 48, 40, 5, 3, context_channels=7, activation="gelu", residual=True),
+                                  ConvCase(3, 17, 33, 67, 2, 8, activation="tanh")], ids=str)
+def test_cpu_float32_register_blocks(case):
+    # float32 has its own register-block widths in the CPU micro-kernels (16 lanes, not 8): full blocks,
+    # half blocks and tails of input and output channels all occur here.
+    args = case.inputs(torch.float32, "cpu", noncontiguous=True)
+    out, grads, grad_out = run_forward_backward(args, "cpu")
+    ref_args, ref_leaves = split_leaves(args, torch.float64)
+    ref = causal_conv1d_reference(**ref_args)
+    ref.backward(grad_out.double())
+    assert_close(out, ref, torch.float32)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad.double(), ref_leaves[name].grad, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
@@ -155,6 +171,22 @@ def test_step_backends_agree_bitwise_on_state():
     assert torch.equal(states["reference"].position, states["cpu"].position)
 
 
+def test_step_repacks_the_weight_only_when_it_changes():
+    state = CausalConvState.zeros(2, 4, 3, 1)
+    weight = rand(6, 4, 3, dtype=torch.float32)
+    x = rand(2, 4, dtype=torch.float32)
+    causal_conv1d_step(x, weight, state, backend="cpu")
+    packed = state.packed_weight(weight, 1)
+    assert state.packed_weight(weight, 1) is packed
+    with torch.no_grad():
+        weight.mul_(2)  # an in-place update (an optimiser step) must be seen by the next step
+    assert state.packed_weight(weight, 1) is not packed
+    reference_state = CausalConvState.zeros(2, 4, 3, 1)
+    causal_conv1d_step(x, weight, reference_state, backend="reference")
+    assert_close(causal_conv1d_step(x, weight, state, backend="cpu"),
+                 causal_conv1d_step(x, weight, reference_state, backend="reference"), torch.float32)
+
+
 # ---- torch.library -------------------------------------------------------------------------------
 
 def _op_args(dtype=torch.float64, device="cpu"):
@@ -178,7 +210,7 @@ def test_opcheck_compiled_ops():
     torch.library.opcheck(ops.causal_conv1d_backward_out.default,
                           (torch.randn(out_shape, dtype=x.dtype), x, weight, pre, args[4], 2, 1, 2), grads)
     state = CausalConvState.zeros(case.batch, case.in_channels, case.kernel_size, 2, dtype=x.dtype)
-    step_args = (x[:, 0], weight, args[2], args[3], args[4][:, 0], 2, 1, 2)
+    step_args = (x[:, 0], pack_weight(weight, 1), args[2], args[3], args[4][:, 0], 2, 1, 2)
     torch.library.opcheck(ops.causal_conv1d_step_out.default, step_args,
                           dict(history=state.history, position=state.position,
                                out=torch.empty(case.batch, case.out_channels, dtype=x.dtype)))
@@ -190,8 +222,9 @@ def test_triton_op_schema_check():
     device = "cuda" if CUDA else "cpu"
     args, case = _op_args(torch.float32, device)
     out_shape = (case.batch, case.time, case.out_channels)
+    triton_args = (args[0], pack_weight(args[1], 1), *args[2:])
     torch.library.opcheck(torch.ops.hiertcn_fast.causal_conv1d_triton_out.default,
-                          (*args, torch.empty(out_shape, device=device), torch.empty(out_shape, device=device)),
+                          (*triton_args, torch.empty(out_shape, device=device), torch.empty(out_shape, device=device)),
                           test_utils=("test_schema",))
 
 
@@ -202,7 +235,8 @@ def test_opcheck_cuda_and_triton_ops_on_gpu():
     out_shape = (case.batch, case.time, case.out_channels)
     empty = lambda: torch.empty(out_shape, device="cuda")  # noqa: E731
     torch.library.opcheck(ops.causal_conv1d_out.default, args, {"out": empty(), "pre": empty()})
-    torch.library.opcheck(ops.causal_conv1d_triton_out.default, (*args, empty(), empty()))
+    torch.library.opcheck(ops.causal_conv1d_triton_out.default,
+                          (args[0], pack_weight(args[1], 1), *args[2:], empty(), empty()))
     pre = empty()
     ops.causal_conv1d_out(*args, out=empty(), pre=pre)
     x, weight = args[0], args[1]

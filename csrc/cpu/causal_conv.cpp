@@ -1,19 +1,245 @@
 // CPU kernels for the dilated causal convolution (hiertcn/causal_conv.h): parallel over
-// (batch, time tile) tasks; inside a tile, tap by tap, each packed weight row is loaded once and
-// applied to every row of the tile (an outer-product update the compiler vectorises over output
-// channels), accumulating in a tile-local buffer before the fused epilogue.
+// (batch, time tile) tasks, accumulating a tile in a local buffer before the fused epilogue.
+// Dense convolutions (groups == 1) run register-blocked micro-kernels (kRowBlock rows x one vector
+// block of output channels held in registers across every tap and input channel), compiled for
+// several instruction sets and picked for the running CPU at load time (target_clones). Grouped
+// and depthwise ones apply each packed weight row to every row of the tile, vectorised over channels.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "hiertcn/causal_conv_host.h"
+
+// The 64-byte vector types below pass between inlined helpers only; no ABI crosses a call.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace hiertcn {
 namespace {
 
 constexpr int64_t kTimeTile = 8;
+constexpr int kRowBlock = 4;
+// Input channels per weight-gradient register block (x kOutBlock-wide vectors of output channels).
+constexpr int kChannelBlock = 8;
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define HIERTCN_CPU_CLONES __attribute__((target_clones("avx512f", "fma", "default")))
+#else
+#define HIERTCN_CPU_CLONES
+#endif
+#define HIERTCN_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// Output channels per register block: 64 bytes, one AVX-512 vector (two AVX2 ones). Accumulators are
+// GCC vector-extension values, which the compiler keeps in registers (plain arrays it spills).
+template <typename T>
+constexpr int kOutBlock = 64 / sizeof(T);
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+
+template <typename T>
+HIERTCN_ALWAYS_INLINE Vec<T> load_vec(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+HIERTCN_ALWAYS_INLINE void store_vec(T* p, Vec<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// acc[r][o0 : o0 + NV * kOutBlock] += sum over taps j and input channels ci of rows[j][r][ci] packed[j][ci][o0 + o],
+// r < kRowBlock, with NV vectors of accumulators per row. rows has kTimeTile entries per tap; a tap whose rows
+// are all out of range has tap_used[j] false.
+template <typename T, int NV>
+HIERTCN_ALWAYS_INLINE void dense_row_block(const T* const* rows, const bool* tap_used, const T* packed, int64_t K,
+                                           int64_t C_in, int64_t C_out, int64_t o0, T* acc) {
+  constexpr int B = kOutBlock<T>;
+  Vec<T> sum[kRowBlock][NV] = {};
+  for (int64_t j = 0; j < K; ++j) {
+    if (!tap_used[j]) continue;
+    const T* const* tap_rows = rows + j * kTimeTile;
+    const T* w = packed + j * C_in * C_out + o0;
+    for (int64_t ci = 0; ci < C_in; ++ci, w += C_out) {
+      Vec<T> wv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) wv[v] = load_vec(w + v * B);
+#pragma GCC unroll 4
+      for (int r = 0; r < kRowBlock; ++r) {
+        const T xv = tap_rows[r][ci];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) sum[r][v] += xv * wv[v];
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < kRowBlock; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      T* dst = acc + r * C_out + o0 + v * B;
+      store_vec(dst, load_vec(dst) + sum[r][v]);
+    }
+}
+
+// The same for the last, narrower block of output channels (width < kOutBlock).
+template <typename T>
+HIERTCN_ALWAYS_INLINE void dense_row_block_tail(const T* const* rows, const bool* tap_used, const T* packed,
+                                                int64_t K, int64_t C_in, int64_t C_out, int64_t o0, T* acc) {
+  const int64_t width = C_out - o0;
+  for (int64_t j = 0; j < K; ++j) {
+    if (!tap_used[j]) continue;
+    const T* const* tap_rows = rows + j * kTimeTile;
+    const T* w = packed + j * C_in * C_out + o0;
+    for (int64_t ci = 0; ci < C_in; ++ci, w += C_out)
+      for (int r = 0; r < kRowBlock; ++r) {
+        const T xv = tap_rows[r][ci];
+        for (int64_t o = 0; o < width; ++o) acc[r * C_out + o0 + o] += xv * w[o];
+      }
+  }
+}
+
+template <typename T>
+HIERTCN_ALWAYS_INLINE void dense_tile_impl(const T* const* rows, const bool* tap_used, const T* packed, int64_t K,
+                                           int64_t C_in, int64_t C_out, T* acc) {
+  constexpr int B = kOutBlock<T>;
+  for (int r0 = 0; r0 < kTimeTile; r0 += kRowBlock) {
+    int64_t o0 = 0;
+    for (; o0 + 2 * B <= C_out; o0 += 2 * B)
+      dense_row_block<T, 2>(rows + r0, tap_used, packed, K, C_in, C_out, o0, acc + r0 * C_out);
+    for (; o0 + B <= C_out; o0 += B)
+      dense_row_block<T, 1>(rows + r0, tap_used, packed, K, C_in, C_out, o0, acc + r0 * C_out);
+    if (o0 < C_out) dense_row_block_tail<T>(rows + r0, tap_used, packed, K, C_in, C_out, o0, acc + r0 * C_out);
+  }
+}
+
+// One time tile of a dense convolution: acc (kTimeTile, C_out) += the tile's conv.
+HIERTCN_CPU_CLONES void dense_tile_f32(const float* const* rows, const bool* tap_used, const float* packed, int64_t K,
+                                       int64_t C_in, int64_t C_out, float* acc) {
+  dense_tile_impl(rows, tap_used, packed, K, C_in, C_out, acc);
+}
+HIERTCN_CPU_CLONES void dense_tile_f64(const double* const* rows, const bool* tap_used, const double* packed, int64_t K,
+                                       int64_t C_in, int64_t C_out, double* acc) {
+  dense_tile_impl(rows, tap_used, packed, K, C_in, C_out, acc);
+}
+void dense_tile(const float* const* rows, const bool* tap_used, const float* packed, int64_t K, int64_t C_in,
+                int64_t C_out, float* acc) {
+  dense_tile_f32(rows, tap_used, packed, K, C_in, C_out, acc);
+}
+void dense_tile(const double* const* rows, const bool* tap_used, const double* packed, int64_t K, int64_t C_in,
+                int64_t C_out, double* acc) {
+  dense_tile_f64(rows, tap_used, packed, K, C_in, C_out, acc);
+}
+
+// part[ci0 + c][o0 + o] += sum over rows [row_begin, row_end) of x[b, t - lag, ci0 + c] gz[row, o0 + o], for
+// c < kChannelBlock and NV vectors of output channels, accumulated in vector registers.
+template <typename T, int NV>
+HIERTCN_ALWAYS_INLINE void dense_weight_grad_block(const T* x, int64_t x_batch_stride, int64_t x_time_stride,
+                                                   const T* gz, int64_t C_out, int64_t time, int64_t row_begin,
+                                                   int64_t row_end, int64_t lag, int64_t ci0, int64_t o0, T* part) {
+  constexpr int B = kOutBlock<T>;
+  Vec<T> sum[kChannelBlock][NV] = {};
+  int64_t b = row_begin / time, t = row_begin % time;
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    if (t >= lag) {
+      const T* xr = x + b * x_batch_stride + (t - lag) * x_time_stride + ci0;
+      const T* g = gz + row * C_out + o0;
+      Vec<T> gv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) gv[v] = load_vec(g + v * B);
+#pragma GCC unroll 8
+      for (int c = 0; c < kChannelBlock; ++c) {
+        const T xv = xr[c];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) sum[c][v] += xv * gv[v];
+      }
+    }
+    if (++t == time) t = 0, ++b;
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < kChannelBlock; ++c)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      T* dst = part + (ci0 + c) * C_out + o0 + v * B;
+      store_vec(dst, load_vec(dst) + sum[c][v]);
+    }
+}
+
+// The same for a block narrower than kChannelBlock input or kOutBlock output channels.
+template <typename T>
+HIERTCN_ALWAYS_INLINE void dense_weight_grad_block_tail(const T* x, int64_t x_batch_stride, int64_t x_time_stride,
+                                                        const T* gz, int64_t C_out, int64_t time, int64_t row_begin,
+                                                        int64_t row_end, int64_t lag, int64_t ci0, int64_t c_count,
+                                                        int64_t o0, int64_t width, T* part) {
+  int64_t b = row_begin / time, t = row_begin % time;
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    if (t >= lag) {
+      const T* xr = x + b * x_batch_stride + (t - lag) * x_time_stride + ci0;
+      const T* g = gz + row * C_out + o0;
+      for (int64_t c = 0; c < c_count; ++c)
+        for (int64_t o = 0; o < width; ++o) part[(ci0 + c) * C_out + o0 + o] += xr[c] * g[o];
+    }
+    if (++t == time) t = 0, ++b;
+  }
+}
+
+template <typename T>
+HIERTCN_ALWAYS_INLINE void dense_weight_grad_impl(const T* x, int64_t x_batch_stride, int64_t x_time_stride,
+                                                  const T* gz, int64_t C_in, int64_t C_out, int64_t K, int64_t dilation,
+                                                  int64_t time, int64_t row_begin, int64_t row_end, T* part) {
+  constexpr int B = kOutBlock<T>;
+  for (int64_t j = 0; j < K; ++j) {
+    const int64_t lag = (K - 1 - j) * dilation;
+    T* part_tap = part + j * C_in * C_out;
+    for (int64_t ci0 = 0; ci0 < C_in; ci0 += kChannelBlock) {
+      const int64_t c_count = std::min<int64_t>(kChannelBlock, C_in - ci0);
+      int64_t o0 = 0;
+      if (c_count == kChannelBlock) {
+        for (; o0 + 2 * B <= C_out; o0 += 2 * B)
+          dense_weight_grad_block<T, 2>(x, x_batch_stride, x_time_stride, gz, C_out, time, row_begin, row_end, lag,
+                                        ci0, o0, part_tap);
+        for (; o0 + B <= C_out; o0 += B)
+          dense_weight_grad_block<T, 1>(x, x_batch_stride, x_time_stride, gz, C_out, time, row_begin, row_end, lag,
+                                        ci0, o0, part_tap);
+      }
+      if (o0 < C_out)
+        dense_weight_grad_block_tail<T>(x, x_batch_stride, x_time_stride, gz, C_out, time, row_begin, row_end, lag,
+                                        ci0, c_count, o0, C_out - o0, part_tap);
+    }
+  }
+}
+
+HIERTCN_CPU_CLONES void dense_weight_grad_f32(const float* x, int64_t xb, int64_t xt, const float* gz, int64_t C_in,
+                                              int64_t C_out, int64_t K, int64_t dilation, int64_t time,
+                                              int64_t row_begin, int64_t row_end, float* part) {
+  dense_weight_grad_impl(x, xb, xt, gz, C_in, C_out, K, dilation, time, row_begin, row_end, part);
+}
+HIERTCN_CPU_CLONES void dense_weight_grad_f64(const double* x, int64_t xb, int64_t xt, const double* gz, int64_t C_in,
+                                              int64_t C_out, int64_t K, int64_t dilation, int64_t time,
+                                              int64_t row_begin, int64_t row_end, double* part) {
+  dense_weight_grad_impl(x, xb, xt, gz, C_in, C_out, K, dilation, time, row_begin, row_end, part);
+}
+void dense_weight_grad(const float* x, int64_t xb, int64_t xt, const float* gz, int64_t C_in, int64_t C_out, int64_t K,
+                       int64_t dilation, int64_t time, int64_t row_begin, int64_t row_end, float* part) {
+  dense_weight_grad_f32(x, xb, xt, gz, C_in, C_out, K, dilation, time, row_begin, row_end, part);
+}
+void dense_weight_grad(const double* x, int64_t xb, int64_t xt, const double* gz, int64_t C_in, int64_t C_out,
+                       int64_t K, int64_t dilation, int64_t time, int64_t row_begin, int64_t row_end, double* part) {
+  dense_weight_grad_f64(x, xb, xt, gz, C_in, C_out, K, dilation, time, row_begin, row_end, part);
+}
 
 // acc[r][:] += in_rows[r] (one tap's input row per tile row) times packed tap matrix w_tap, for
 // the rows whose source is in range (in_rows[r] == nullptr otherwise).
@@ -42,62 +268,147 @@ void accumulate_tap(const T* const* in_rows, int64_t rows, const T* w_tap, A* ac
   }
 }
 
+// The activation part of the epilogue and its backward, one row at a time, with the activation and the
+// residual as compile-time constants, compiled per instruction set: the selects of relu and the
+// residual vectorise (as scalar code they are branches, mispredicted half the time on random signs).
+template <typename T, int64_t kAct, bool kResidual>
+HIERTCN_ALWAYS_INLINE void activation_row_loop(const T* z, const T* res_row, T* out_row, int64_t C) {
+  for (int64_t o = 0; o < C; ++o) out_row[o] = epilogue_forward<T>(z[o], kResidual, kResidual ? res_row[o] : T(0), kAct);
+}
+
+template <typename T, int64_t kAct, bool kResidual>
+HIERTCN_ALWAYS_INLINE void activation_backward_row_loop(const T* g_row, const T* pre_row, const T* res_row,
+                                                        T* grad_pre_row, T* grad_res_row, int64_t C) {
+  for (int64_t o = 0; o < C; ++o) {
+    T grad_res = T(0);
+    // pre is absent only without an activation, where z is not read.
+    grad_pre_row[o] = epilogue_backward<T>(g_row[o], kAct == kActNone ? T(0) : pre_row[o], kResidual,
+                                           kResidual ? res_row[o] : T(0), kAct, &grad_res);
+    if (kResidual) grad_res_row[o] = grad_res;
+  }
+}
+
+// Instantiates `loop<T, activation, residual>(args...)` for the runtime activation code and residual flag.
+#define HIERTCN_ACTIVATION_SWITCH(loop, T, activation, residual, ...)                              \
+  switch ((activation) * 2 + ((residual) ? 1 : 0)) {                                              \
+    case kActRelu * 2: return loop<T, kActRelu, false>(__VA_ARGS__);                               \
+    case kActRelu * 2 + 1: return loop<T, kActRelu, true>(__VA_ARGS__);                            \
+    case kActGelu * 2: return loop<T, kActGelu, false>(__VA_ARGS__);                               \
+    case kActGelu * 2 + 1: return loop<T, kActGelu, true>(__VA_ARGS__);                            \
+    case kActTanh * 2: return loop<T, kActTanh, false>(__VA_ARGS__);                               \
+    case kActTanh * 2 + 1: return loop<T, kActTanh, true>(__VA_ARGS__);                            \
+    case kActNone * 2 + 1: return loop<T, kActNone, true>(__VA_ARGS__);                            \
+    default: return loop<T, kActNone, false>(__VA_ARGS__);                                         \
+  }
+
+HIERTCN_CPU_CLONES void activation_row_f32(const float* z, const float* res_row, float* out_row, int64_t C,
+                                           int64_t activation) {
+  HIERTCN_ACTIVATION_SWITCH(activation_row_loop, float, activation, res_row != nullptr, z, res_row, out_row, C)
+}
+HIERTCN_CPU_CLONES void activation_row_f64(const double* z, const double* res_row, double* out_row, int64_t C,
+                                           int64_t activation) {
+  HIERTCN_ACTIVATION_SWITCH(activation_row_loop, double, activation, res_row != nullptr, z, res_row, out_row, C)
+}
+void activation_row(const float* z, const float* res_row, float* out_row, int64_t C, int64_t activation) {
+  activation_row_f32(z, res_row, out_row, C, activation);
+}
+void activation_row(const double* z, const double* res_row, double* out_row, int64_t C, int64_t activation) {
+  activation_row_f64(z, res_row, out_row, C, activation);
+}
+
+HIERTCN_CPU_CLONES void activation_backward_row_f32(const float* g_row, const float* pre_row, const float* res_row,
+                                                    float* grad_pre_row, float* grad_res_row, int64_t C,
+                                                    int64_t activation) {
+  HIERTCN_ACTIVATION_SWITCH(activation_backward_row_loop, float, activation, res_row != nullptr, g_row, pre_row,
+                            res_row, grad_pre_row, grad_res_row, C)
+}
+HIERTCN_CPU_CLONES void activation_backward_row_f64(const double* g_row, const double* pre_row, const double* res_row,
+                                                    double* grad_pre_row, double* grad_res_row, int64_t C,
+                                                    int64_t activation) {
+  HIERTCN_ACTIVATION_SWITCH(activation_backward_row_loop, double, activation, res_row != nullptr, g_row, pre_row,
+                            res_row, grad_pre_row, grad_res_row, C)
+}
+void activation_backward_row(const float* g_row, const float* pre_row, const float* res_row, float* grad_pre_row,
+                             float* grad_res_row, int64_t C, int64_t activation) {
+  activation_backward_row_f32(g_row, pre_row, res_row, grad_pre_row, grad_res_row, C, activation);
+}
+void activation_backward_row(const double* g_row, const double* pre_row, const double* res_row,
+                             double* grad_pre_row, double* grad_res_row, int64_t C, int64_t activation) {
+  activation_backward_row_f64(g_row, pre_row, res_row, grad_pre_row, grad_res_row, C, activation);
+}
+
+// One output row of the fused epilogue; z (C) holds the conv and becomes conv + bias + context term. Separate
+// simple loops, because the compiler vectorises each of them but not one loop with optional operands.
+template <typename T>
+void epilogue_row(T* z, const T* bias, const T* table_row, const T* res_row, T* pre_row, T* out_row, int64_t C,
+                  int64_t activation) {
+  if (bias)
+    for (int64_t o = 0; o < C; ++o) z[o] += bias[o];
+  if (table_row)
+    for (int64_t o = 0; o < C; ++o) z[o] += table_row[o];
+  if (pre_row) std::copy(z, z + C, pre_row);
+  activation_row(z, res_row, out_row, C, activation);
+}
+
+// The fused epilogue of rows t0 .. t0 + rows - 1 of batch row b, from the accumulated conv acc (rows, C_out).
+template <typename T>
+void epilogue_tile(const CausalConvParams& p, int64_t b, int64_t t0, int64_t rows, T* acc) {
+  const T* table = static_cast<const T*>(p.context_table);
+  const T* residual = static_cast<const T*>(p.residual);
+  T* pre = static_cast<T*>(p.pre);
+  const int64_t C_out = p.out_channels, K = p.kernel_size;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = t0 + r, row = b * p.time + t;
+    epilogue_row<T>(acc + r * C_out, static_cast<const T*>(p.bias),
+                    table ? table + (b * K + context_tap_index(t, p.dilation, K)) * C_out : nullptr,
+                    residual ? residual + b * p.residual_batch_stride + t * p.residual_time_stride : nullptr,
+                    pre ? pre + row * C_out : nullptr, static_cast<T*>(p.out) + row * C_out, C_out, p.activation);
+  }
+}
+
 template <typename T>
 void causal_conv_cpu_kernel(const CausalConvParams& p) {
   using A = acc_t<T>;
+  static_assert(std::is_same_v<A, T>, "the CPU kernels run float and double, which accumulate in themselves");
   const T* in = static_cast<const T*>(p.in);
   const T* packed = static_cast<const T*>(p.packed_weight);
-  const T* bias = static_cast<const T*>(p.bias);
-  const T* table = static_cast<const T*>(p.context_table);
-  const T* residual = static_cast<const T*>(p.residual);
-  T* out = static_cast<T*>(p.out);
-  T* pre = static_cast<T*>(p.pre);
   const int64_t C_in = p.in_channels, C_out = p.out_channels, K = p.kernel_size;
   const int64_t tiles = (p.time + kTimeTile - 1) / kTimeTile;
   // Group tasks so that each parallel chunk does at least ~32k multiply-adds.
   const int64_t task_flops = std::max<int64_t>(1, kTimeTile * C_in * (C_out / p.groups) * K);
   const int64_t grain = std::max<int64_t>(1, 32768 / task_flops);
+  const bool dense = p.groups == 1;
+  // Out-of-range source rows of the dense micro-kernels read zeros instead of branching.
+  const std::vector<T> zero_row(dense ? C_in : 0, T(0));
   at::parallel_for(0, p.batch * tiles, grain, [&](int64_t begin, int64_t end) {
     std::vector<A> acc(kTimeTile * C_out);
-    const T* in_rows[kTimeTile];
+    std::vector<const T*> in_rows(K * kTimeTile);
+    std::unique_ptr<bool[]> tap_used(new bool[K]);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tiles, t0 = (task % tiles) * kTimeTile;
       const int64_t rows = std::min(kTimeTile, p.time - t0);
       std::fill(acc.begin(), acc.end(), A(0));
       for (int64_t j = 0; j < K; ++j) {
         const int64_t offset = p.direction * (K - 1 - j) * p.dilation;
-        bool any = false;
-        for (int64_t r = 0; r < rows; ++r) {
+        const T** tap_rows = in_rows.data() + j * kTimeTile;
+        tap_used[j] = false;
+        for (int64_t r = 0; r < kTimeTile; ++r) {
           const int64_t s = t0 + r - offset;
-          const bool valid = s >= 0 && s < p.time;
-          in_rows[r] = valid ? in + b * p.in_batch_stride + s * p.in_time_stride : nullptr;
-          any |= valid;
+          const bool valid = r < rows && s >= 0 && s < p.time;
+          tap_rows[r] = valid ? in + b * p.in_batch_stride + s * p.in_time_stride : (dense ? zero_row.data() : nullptr);
+          tap_used[j] = tap_used[j] || valid;
         }
-        if (any) accumulate_tap(in_rows, rows, packed + j * C_in * (C_out / p.groups), acc.data(), C_in, C_out,
-                                p.groups);
+        if (!dense && tap_used[j])
+          accumulate_tap(tap_rows, rows, packed + j * C_in * (C_out / p.groups), acc.data(), C_in, C_out, p.groups);
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t t = t0 + r;
-        const A* a = acc.data() + r * C_out;
-        const T* table_row = table ? table + (b * K + context_tap_index(t, p.dilation, K)) * C_out : nullptr;
-        const T* res_row = residual ? residual + b * p.residual_batch_stride + t * p.residual_time_stride : nullptr;
-        T* out_row = out + (b * p.time + t) * C_out;
-        T* pre_row = pre ? pre + (b * p.time + t) * C_out : nullptr;
-        for (int64_t o = 0; o < C_out; ++o) {
-          A z = a[o];
-          if (bias) z += A(bias[o]);
-          if (table_row) z += A(table_row[o]);
-          if (pre_row) pre_row[o] = T(z);
-          out_row[o] = T(epilogue_forward<A>(z, res_row != nullptr, res_row ? A(res_row[o]) : A(0), p.activation));
-        }
-      }
+      if (dense) dense_tile(in_rows.data(), tap_used.get(), packed, K, C_in, C_out, acc.data());
+      epilogue_tile<T>(p, b, t0, rows, acc.data());
     }
   });
 }
 
 template <typename T>
 void epilogue_backward_cpu_kernel(const CausalConvBackwardParams& p) {
-  using A = acc_t<T>;
   const T* g = static_cast<const T*>(p.grad_out);
   const T* pre = static_cast<const T*>(p.pre);
   const T* residual = static_cast<const T*>(p.residual);
@@ -108,22 +419,14 @@ void epilogue_backward_cpu_kernel(const CausalConvBackwardParams& p) {
                    [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / p.time, t = row % p.time;
-      const T* g_row = g + b * p.grad_out_batch_stride + t * p.grad_out_time_stride;
-      const T* res_row = residual ? residual + b * p.residual_batch_stride + t * p.residual_time_stride : nullptr;
-      for (int64_t o = 0; o < C; ++o) {
-        A grad_res = A(0);
-        const A z = pre ? A(pre[row * C + o]) : A(0);
-        grad_pre[row * C + o] =
-            T(epilogue_backward<A>(A(g_row[o]), z, res_row != nullptr, res_row ? A(res_row[o]) : A(0), p.activation,
-                                   &grad_res));
-        if (grad_residual) grad_residual[row * C + o] = T(grad_res);
-      }
+      activation_backward_row(g + b * p.grad_out_batch_stride + t * p.grad_out_time_stride,
+                              pre ? pre + row * C : nullptr,
+                              residual ? residual + b * p.residual_batch_stride + t * p.residual_time_stride : nullptr,
+                              grad_pre + row * C, grad_residual ? grad_residual + row * C : nullptr, C, p.activation);
     }
   });
 }
 
-// grad_weight[o, cl, j] = sum over (b, t) of grad_pre[b, t, o] x[b, t - (k-1-j) d, g * in_g + cl]: each chunk
-// of rows sums into its own partial buffer (packed layout), then the chunks are added in order.
 template <typename T>
 void weight_grad_cpu_kernel(const CausalConvBackwardParams& p) {
   using A = acc_t<T>;
@@ -141,6 +444,11 @@ void weight_grad_cpu_kernel(const CausalConvBackwardParams& p) {
       A* part = partials + chunk * packed_size;
       std::fill(part, part + packed_size, A(0));
       const int64_t row_end = std::min(rows, (chunk + 1) * chunk_rows);
+      if (p.groups == 1) {
+        dense_weight_grad(x, p.x_batch_stride, p.x_time_stride, gz, C_in, C_out, K, p.dilation, p.time,
+                          chunk * chunk_rows, row_end, part);
+        continue;
+      }
       for (int64_t row = chunk * chunk_rows; row < row_end; ++row) {
         const int64_t b = row / p.time, t = row % p.time;
         const T* gz_row = gz + row * C_out;
@@ -188,31 +496,50 @@ void causal_conv_step_cpu_kernel(const CausalConvStepParams& p) {
   T* out = static_cast<T*>(p.out);
   const int64_t C_in = p.in_channels, C_out = p.out_channels, K = p.kernel_size;
   const int64_t history_length = (K - 1) * p.dilation;
-  at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> acc(C_out);
-    const T* in_row[1];
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t pos = position[b];
-      const T* x_row = x + b * p.x_row_stride;
-      T* hist = history + b * history_length * C_in;
+  // kTimeTile batch rows at a time go through the same tile kernels as the forward, row r's tap j
+  // reading x (lag 0), its history slot, or nothing (before the row's start).
+  const bool dense = p.groups == 1;
+  const std::vector<T> zero_row(dense ? C_in : 0, T(0));
+  const int64_t tiles = (p.batch + kTimeTile - 1) / kTimeTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> acc(kTimeTile * C_out);
+    std::vector<const T*> in_rows(K * kTimeTile);
+    std::unique_ptr<bool[]> tap_used(new bool[K]);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t b0 = tile * kTimeTile, rows = std::min(kTimeTile, p.batch - b0);
       std::fill(acc.begin(), acc.end(), A(0));
       for (int64_t j = 0; j < K; ++j) {
         const int64_t lag = (K - 1 - j) * p.dilation;
-        if (lag > pos) continue;
-        in_row[0] = lag == 0 ? x_row : hist + ((pos - lag) % history_length) * C_in;
-        accumulate_tap(in_row, 1, packed + j * C_in * (C_out / p.groups), acc.data(), C_in, C_out, p.groups);
+        const T** tap_rows = in_rows.data() + j * kTimeTile;
+        tap_used[j] = false;
+        for (int64_t r = 0; r < kTimeTile; ++r) {
+          const int64_t b = b0 + r;
+          const bool valid = r < rows && lag <= position[b];
+          if (!valid)
+            tap_rows[r] = dense ? zero_row.data() : nullptr;
+          else if (lag == 0)
+            tap_rows[r] = x + b * p.x_row_stride;
+          else
+            tap_rows[r] = history + (b * history_length + (position[b] - lag) % history_length) * C_in;
+          tap_used[j] = tap_used[j] || valid;
+        }
+        if (!dense && tap_used[j])
+          accumulate_tap(tap_rows, rows, packed + j * C_in * (C_out / p.groups), acc.data(), C_in, C_out, p.groups);
       }
-      const T* table_row = table ? table + (b * K + context_tap_index(pos, p.dilation, K)) * C_out : nullptr;
-      const T* res_row = residual ? residual + b * p.residual_row_stride : nullptr;
-      for (int64_t o = 0; o < C_out; ++o) {
-        A z = acc[o];
-        if (bias) z += A(bias[o]);
-        if (table_row) z += A(table_row[o]);
-        out[b * C_out + o] = T(epilogue_forward<A>(z, res_row != nullptr, res_row ? A(res_row[o]) : A(0),
-                                                   p.activation));
+      if (dense) dense_tile(in_rows.data(), tap_used.get(), packed, K, C_in, C_out, acc.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t b = b0 + r;
+        epilogue_row<T>(acc.data() + r * C_out, bias,
+                        table ? table + (b * K + context_tap_index(position[b], p.dilation, K)) * C_out : nullptr,
+                        residual ? residual + b * p.residual_row_stride : nullptr, nullptr, out + b * C_out, C_out,
+                        p.activation);
       }
-      if (history_length > 0) std::copy(x_row, x_row + C_in, hist + (pos % history_length) * C_in);
-      position[b] = pos + 1;
+      for (int64_t b = b0; b < b0 + rows; ++b) {
+        const T* x_row = x + b * p.x_row_stride;
+        if (history_length > 0)
+          std::copy(x_row, x_row + C_in, history + (b * history_length + position[b] % history_length) * C_in);
+        ++position[b];
+      }
     }
   });
 }
@@ -246,14 +573,13 @@ void causal_conv1d_backward_out_cpu(const at::Tensor& grad_out, const at::Tensor
   });
 }
 
-void causal_conv1d_step_out_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                const std::optional<at::Tensor>& context_table,
+void causal_conv1d_step_out_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
+                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& context_table,
                                 const std::optional<at::Tensor>& residual, int64_t dilation, int64_t groups,
                                 int64_t activation, at::Tensor& history, at::Tensor& position, at::Tensor& out) {
-  const ConvShape s = check_conv_args(x, weight, bias, context_table, dilation, groups, activation, true);
-  const at::Tensor packed = pack_conv_weight(weight, groups);
+  const ConvShape s = check_conv_args(x, packed_weight, bias, context_table, dilation, groups, activation, true);
   const CausalConvStepParams p =
-      make_causal_conv_step_params(s, x, packed, bias, context_table, residual, history, position, out);
+      make_causal_conv_step_params(s, x, packed_weight, bias, context_table, residual, history, position, out);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_step_out_cpu",
                              [&] { causal_conv_step_cpu_kernel<scalar_t>(p); });
 }

@@ -236,15 +236,14 @@ void causal_conv1d_backward_out_cuda(const at::Tensor& grad_out, const at::Tenso
   });
 }
 
-void causal_conv1d_step_out_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                 const std::optional<at::Tensor>& context_table,
+void causal_conv1d_step_out_cuda(const at::Tensor& x, const at::Tensor& packed_weight,
+                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& context_table,
                                  const std::optional<at::Tensor>& residual, int64_t dilation, int64_t groups,
                                  int64_t activation, at::Tensor& history, at::Tensor& position, at::Tensor& out) {
-  const ConvShape s = check_conv_args(x, weight, bias, context_table, dilation, groups, activation, true);
+  const ConvShape s = check_conv_args(x, packed_weight, bias, context_table, dilation, groups, activation, true);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor packed = pack_conv_weight(weight, groups);
   const CausalConvStepParams p =
-      make_causal_conv_step_params(s, x, packed, bias, context_table, residual, history, position, out);
+      make_causal_conv_step_params(s, x, packed_weight, bias, context_table, residual, history, position, out);
   if (s.batch == 0) return;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "causal_conv1d_step_out_cuda", [&] {

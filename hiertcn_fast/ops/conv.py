@@ -59,6 +59,15 @@ def context_rows(time: int, dilation: int, kernel_size: int, device) -> torch.Te
     return torch.clamp(torch.arange(time, device=device) // dilation, max=kernel_size - 1)
 
 
+def pack_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The kernels' weight layout: (out, in/groups, k) -> (k, in_channels, out/groups), contiguous, with
+    packed[j][ci][ol] = weight[g * out/groups + ol, ci - g * in/groups, j], g = ci // (in/groups): tap j as a
+    (grouped) matrix from input rows to output rows (csrc/include/hiertcn/causal_conv_host.h does the same)."""
+    out_channels, in_per_group, k = weight.shape
+    grouped = weight.reshape(groups, out_channels // groups, in_per_group, k)
+    return grouped.permute(3, 0, 2, 1).reshape(k, groups * in_per_group, out_channels // groups).contiguous()
+
+
 def _context_table_grad(grad_pre: torch.Tensor, dilation: int, kernel_size: int) -> torch.Tensor:
     """The gradient of context_table from dL/dz (batch, time, out): per-row sums over the steps that read
     each row, in a fixed order (deterministic)."""
@@ -186,8 +195,8 @@ def causal_conv1d(x, weight, bias=None, *, dilation=1, groups=1, context=None, c
 
 def _forward_kernel(name, x, weight, bias, table, residual, dilation, groups, activation, out, pre):
     if name == "triton":
-        torch.ops.hiertcn_fast.causal_conv1d_triton_out(x, weight, bias, table, residual, dilation, groups, activation,
-                                                        out, pre)
+        torch.ops.hiertcn_fast.causal_conv1d_triton_out(x, pack_weight(weight, groups), bias, table, residual, dilation,
+                                                        groups, activation, out, pre)
     else:
         torch.ops.hiertcn_fast.causal_conv1d_out(x, weight, bias, table, residual, dilation, groups, activation,
                                                  out=out, pre=pre)
@@ -243,12 +252,14 @@ class CausalConvState:
     history: (batch, (k - 1) * dilation, in_channels), a circular buffer: the input of step p of a row
     lives at slot p % ((k - 1) * dilation) until it falls out of the receptive field.
     position: (batch,) int64, steps taken per row since its last reset. Both are updated in place.
+    The state also caches the layer's weight in the kernels' packing, so that a step does not repack it.
     """
 
     history: torch.Tensor
     position: torch.Tensor
     kernel_size: int
     dilation: int
+    _packed: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
     @classmethod
     def zeros(cls, batch, in_channels, kernel_size, dilation=1, *, dtype=torch.float32, device="cpu"):
@@ -263,6 +274,14 @@ class CausalConvState:
         else:
             self.position[rows] = 0
             self.history[rows] = 0
+
+    def packed_weight(self, weight: torch.Tensor, groups: int) -> torch.Tensor:
+        """pack_weight(weight, groups), repacked only when weight is another tensor or was modified in place.
+        The cache holds the weight itself, so its memory cannot be reused by another tensor meanwhile."""
+        if not (self._packed and self._packed[0] is weight and self._packed[1] == weight._version
+                and self._packed[2] == groups):
+            self._packed = (weight, weight._version, groups, pack_weight(weight.detach(), groups))
+        return self._packed[3]
 
 
 def causal_conv1d_step_reference(x, weight, state, bias=None, *, groups=1, context=None, context_weight=None,
@@ -324,8 +343,9 @@ def causal_conv1d_step(x, weight, state, bias=None, *, groups=1, context=None, c
                                                 residual=residual)
         table = None if context is None else context_table(context, context_weight).contiguous()
         out = new_output((x.shape[0], out_channels), x)
-        args = (unit_stride_rows(x), weight, bias, table, None if residual is None else unit_stride_rows(residual),
-                state.dilation, groups, ACTIVATIONS[activation])
+        args = (unit_stride_rows(x), state.packed_weight(weight, groups), bias, table,
+                None if residual is None else unit_stride_rows(residual), state.dilation, groups,
+                ACTIVATIONS[activation])
         if name == "triton":
             torch.ops.hiertcn_fast.causal_conv1d_step_triton_out(*args, state.history, state.position, out)
         else:
@@ -348,18 +368,18 @@ if _extension.loaded():
         return None
 
     @torch.library.register_fake("hiertcn_fast::causal_conv1d_step_out")
-    def _causal_conv1d_step_out_fake(x, weight, bias, context_table, residual, dilation, groups, activation, *,
+    def _causal_conv1d_step_out_fake(x, packed_weight, bias, context_table, residual, dilation, groups, activation, *,
                                      history, position, out):
         return None
 
 
 @torch.library.triton_op("hiertcn_fast::causal_conv1d_triton_out", mutates_args={"out", "pre"})
-def _causal_conv1d_triton_out(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def _causal_conv1d_triton_out(x: torch.Tensor, packed_weight: torch.Tensor, bias: Optional[torch.Tensor],
                               context_table: Optional[torch.Tensor], residual: Optional[torch.Tensor], dilation: int,
                               groups: int, activation: int, out: torch.Tensor, pre: Optional[torch.Tensor]) -> None:
     from ..triton import causal_conv as kernels
 
-    kernels.causal_conv_forward(x, weight, bias, context_table, residual, dilation, groups, activation, out, pre)
+    kernels.causal_conv_forward(x, packed_weight, bias, context_table, residual, dilation, groups, activation, out, pre)
 
 
 @torch.library.triton_op("hiertcn_fast::causal_conv1d_backward_triton_out",
@@ -375,11 +395,11 @@ def _causal_conv1d_backward_triton_out(grad_out: torch.Tensor, x: torch.Tensor, 
 
 
 @torch.library.triton_op("hiertcn_fast::causal_conv1d_step_triton_out", mutates_args={"history", "position", "out"})
-def _causal_conv1d_step_triton_out(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def _causal_conv1d_step_triton_out(x: torch.Tensor, packed_weight: torch.Tensor, bias: Optional[torch.Tensor],
                                    context_table: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                                    dilation: int, groups: int, activation: int, history: torch.Tensor,
                                    position: torch.Tensor, out: torch.Tensor) -> None:
     from ..triton import causal_conv as kernels
 
-    kernels.causal_conv_step(x, weight, bias, context_table, residual, dilation, groups, activation, history,
+    kernels.causal_conv_step(x, packed_weight, bias, context_table, residual, dilation, groups, activation, history,
                              position, out)

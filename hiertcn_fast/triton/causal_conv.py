@@ -1,6 +1,7 @@
 """Triton kernels for the dilated causal convolution (semantics: csrc/include/hiertcn/causal_conv.h).
 
-The weight is packed as in the C++ kernels, packed[j][ci][ol] (k, in_channels, out_channels / groups).
+The forward and step kernels take the weight packed as in the C++ kernels (hiertcn_fast.ops.conv.pack_weight),
+packed[j][ci][ol] (k, in_channels, out_channels / groups).
 Dense convolutions (groups == 1) run each tap as tl.dot over channel blocks; grouped ones (depthwise
 included) gather each output column's input channels and multiply elementwise. The same forward
 kernel with DIRECTION = -1 and the transposed packing computes the input gradient. The weight
@@ -263,14 +264,8 @@ def _step_update_kernel(x, history, position, in_channels, history_length, x_row
 
 def _dot_precision(dtype):
     # float32 must not silently drop to tf32: the reference comparison (and users) expect float32 accuracy.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def pack_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """(out, in/groups, k) -> (k, in_channels, out/groups): packed[j][ci][ol] = W[g * out_g + ol, ci % in_g, j]."""
-    out_channels, in_per_group, k = weight.shape
-    grouped = weight.reshape(groups, out_channels // groups, in_per_group, k)
-    return grouped.permute(3, 0, 2, 1).reshape(k, groups * in_per_group, out_channels // groups).contiguous()
+    # Half types have one precision; None leaves tl.dot's default.
+    return "ieee" if dtype == torch.float32 else None
 
 
 def _launch_conv(inp, packed, groups, kernel_size, dilation, direction, out, *, bias=None, table=None, residual=None,
@@ -291,8 +286,9 @@ def _launch_conv(inp, packed, groups, kernel_size, dilation, direction, out, *, 
         BLOCK_T=BLOCK_TIME, BLOCK_O=BLOCK_OUT, BLOCK_C=BLOCK_IN)
 
 
-def causal_conv_forward(x, weight, bias, table, residual, dilation, groups, activation, out, pre) -> None:
-    _launch_conv(x, pack_weight(weight, groups), groups, weight.shape[2], dilation, 1, out, bias=bias, table=table,
+def causal_conv_forward(x, packed_weight, bias, table, residual, dilation, groups, activation, out, pre) -> None:
+    """packed_weight: (k, in_channels, out/groups), hiertcn_fast.ops.conv.pack_weight's layout."""
+    _launch_conv(x, packed_weight, groups, packed_weight.shape[0], dilation, 1, out, bias=bias, table=table,
                  residual=residual, pre=pre, activation=activation)
 
 
@@ -324,16 +320,18 @@ def causal_conv_backward(grad_out, x, weight, pre, residual, dilation, groups, a
             kernel_size, dilation, x.stride(0), x.stride(1), BLOCK_E=BLOCK_ELEMENTS, BLOCK_R=BLOCK_ROWS)
 
 
-def causal_conv_step(x, weight, bias, table, residual, dilation, groups, activation, history, position, out) -> None:
+def causal_conv_step(x, packed_weight, bias, table, residual, dilation, groups, activation, history, position,
+                     out) -> None:
     batch, in_channels = x.shape
-    out_channels, _, kernel_size = weight.shape
+    kernel_size, _, out_per_group = packed_weight.shape
+    out_channels = out_per_group * groups
     if batch == 0:
         return
     res = residual if residual is not None else out
     grid = (batch, triton.cdiv(out_channels, BLOCK_OUT))
     torch.library.wrap_triton(_step_kernel)[grid](
-        x, pack_weight(weight, groups), bias if bias is not None else out, table if table is not None else out, res,
-        history, position, out, in_channels, out_channels, in_channels // groups, out_channels // groups,
+        x, packed_weight, bias if bias is not None else out, table if table is not None else out, res,
+        history, position, out, in_channels, out_channels, in_channels // groups, out_per_group,
         kernel_size, dilation, x.stride(0), res.stride(0),
         DENSE=groups == 1, HAS_BIAS=bias is not None, HAS_TABLE=table is not None, HAS_RESIDUAL=residual is not None,
         ACTIVATION=activation, BLOCK_O=BLOCK_OUT, BLOCK_C=BLOCK_IN)

@@ -23,13 +23,18 @@ struct ConvShape {
   int64_t batch, time, in_channels, out_channels, groups, kernel_size, dilation, activation;
 };
 
-// Validates the arguments every causal_conv1d op shares and returns the problem's shape.
+// Validates the arguments every causal_conv1d op shares and returns the problem's shape. The step op
+// takes its weight already packed (pack_conv_weight's layout, cached by the caller's state); the others
+// take nn.Conv1d's layout.
 inline ConvShape check_conv_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                  const std::optional<at::Tensor>& context_table, int64_t dilation, int64_t groups,
                                  int64_t activation, bool step) {
   TORCH_CHECK(x.dim() == (step ? 2 : 3), "x must be ", (step ? "(batch, in_channels)" : "(batch, time, in_channels)"),
               ", got shape ", x.sizes());
-  TORCH_CHECK(weight.dim() == 3, "weight must be (out_channels, in_channels / groups, k), got shape ", weight.sizes());
+  const char* weight_layout =
+      step ? "packed_weight must be (k, in_channels, out_channels / groups)" : "weight must be (out_channels, "
+                                                                              "in_channels / groups, k)";
+  TORCH_CHECK(weight.dim() == 3, weight_layout, ", got shape ", weight.sizes());
   TORCH_CHECK(groups >= 1, "groups must be >= 1, got ", groups);
   TORCH_CHECK(dilation >= 1, "dilation must be >= 1, got ", dilation);
   TORCH_CHECK(activation >= kActNone && activation <= kActTanh, "activation code must be 0..3, got ", activation);
@@ -37,16 +42,17 @@ inline ConvShape check_conv_args(const at::Tensor& x, const at::Tensor& weight, 
   s.batch = x.size(0);
   s.time = step ? 1 : x.size(1);
   s.in_channels = x.size(-1);
-  s.out_channels = weight.size(0);
+  s.out_channels = step ? weight.size(2) * groups : weight.size(0);
   s.groups = groups;
-  s.kernel_size = weight.size(2);
+  s.kernel_size = step ? weight.size(0) : weight.size(2);
   s.dilation = dilation;
   s.activation = activation;
-  TORCH_CHECK(s.kernel_size >= 1, "weight must have k >= 1 taps, got shape ", weight.sizes());
+  TORCH_CHECK(s.kernel_size >= 1, weight_layout, " with k >= 1, got shape ", weight.sizes());
   TORCH_CHECK(s.in_channels % groups == 0 && s.out_channels % groups == 0, "groups (", groups,
               ") must divide in_channels (", s.in_channels, ") and out_channels (", s.out_channels, ")");
-  TORCH_CHECK(weight.size(1) * groups == s.in_channels, "weight must have in_channels / groups = ",
-              s.in_channels / groups, " input channels, got shape ", weight.sizes());
+  TORCH_CHECK((step ? weight.size(1) : weight.size(1) * groups) == s.in_channels, weight_layout, " for ",
+              s.in_channels, " input channels and groups = ", groups, ", got shape ", weight.sizes());
+  TORCH_CHECK(!step || weight.is_contiguous(), "packed_weight must be contiguous");
   TORCH_CHECK(x.size(-1) <= 1 || x.stride(-1) == 1, "x must have unit stride along channels, got strides ",
               x.strides());
   check_same_device_dtype(x, weight, "x", "weight");
@@ -191,7 +197,7 @@ inline at::Tensor new_grad_weight_partials(const CausalConvBackwardParams& p, co
 }
 
 inline CausalConvStepParams make_causal_conv_step_params(const ConvShape& s, const at::Tensor& x,
-                                                         const at::Tensor& packed,
+                                                         const at::Tensor& packed_weight,
                                                          const std::optional<at::Tensor>& bias,
                                                          const std::optional<at::Tensor>& context_table,
                                                          const std::optional<at::Tensor>& residual,
@@ -217,7 +223,7 @@ inline CausalConvStepParams make_causal_conv_step_params(const ConvShape& s, con
   p.activation = s.activation;
   p.x_row_stride = x.stride(0);
   p.x = x.data_ptr();
-  p.packed_weight = packed.data_ptr();
+  p.packed_weight = packed_weight.data_ptr();
   p.bias = bias ? bias->data_ptr() : nullptr;
   p.context_table = context_table ? context_table->data_ptr() : nullptr;
   if (residual) {

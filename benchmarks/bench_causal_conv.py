@@ -1,0 +1,144 @@
+"""causal_conv1d and causal_conv1d_step against the PyTorch way, in the same run.
+
+The PyTorch way of a causal conv block on channels-last input: transpose, F.pad on the left, F.conv1d,
+transpose back, then bias (inside conv1d), activation and residual as separate ops; with a context
+vector, tile it over time and concatenate it to the input first (what HierTCN's reference code does).
+torch.compile of the same function is the third variant. For the step (a TCN stack of residual
+blocks, one event per row), the PyTorch way recomputes the stack's newest output from the window of
+the last receptive-field inputs.
+
+FLOPs are the nominal ones of the concatenated convolution (2 per multiply-add; forward + backward
+counted as 3x forward), so the fast variant's TFLOP/s is an effective rate: it skips the context's
+per-step work. Bytes: activations and weights read once, outputs written once.
+"""
+
+import torch
+import torch.nn.functional as F
+
+import harness
+from hiertcn_fast.nn import TCN
+from hiertcn_fast.ops import causal_conv1d
+
+
+def torch_way(x, weight, bias, dilation, groups, context, context_weight, residual):
+    """(batch, time, in) -> (batch, time, out) = relu(relu(conv + bias) + residual), context concatenated."""
+    if context is not None:
+        x = torch.cat([x, context[:, None, :].expand(-1, x.shape[1], -1)], dim=2)
+        weight = torch.cat([weight, context_weight], dim=1)
+    k = weight.shape[2]
+    y = F.conv1d(F.pad(x.transpose(1, 2), ((k - 1) * dilation, 0)), weight, bias, dilation=dilation, groups=groups)
+    y = torch.relu(y.transpose(1, 2))
+    return y if residual is None else torch.relu(y + residual)
+
+
+def _conv_case(device, dtype, label, batch, time, channels, k, dilation, *, groups=1, context_channels=0,
+               residual=True, backward=False):
+    in_per_group = channels // groups
+    element = torch.finfo(dtype).bits // 8
+    macs = batch * time * channels * (in_per_group + context_channels) * k
+    activations = batch * time * channels * (3 if residual else 2) + batch * context_channels
+    weights = channels * (in_per_group + context_channels) * k
+    passes = 3 if backward else 1
+    name = (f"{label} b={batch} t={time} c={channels} k={k} d={dilation}" + (f" ctx={context_channels}"
+            if context_channels else "") + (" fwd+bwd" if backward else " fwd"))
+
+    def make():
+        def tensor(*shape, scale=1.0):
+            return (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(dtype).requires_grad_(backward)
+
+        x = tensor(batch, time, channels)
+        weight = tensor(channels, in_per_group, k, scale=(in_per_group * k) ** -0.5)
+        bias = tensor(channels)
+        context = tensor(batch, context_channels) if context_channels else None
+        context_weight = tensor(channels, context_channels, k, scale=(context_channels * k) ** -0.5) \
+            if context_channels else None
+        res = tensor(batch, time, channels) if residual else None
+        leaves = [t for t in (x, weight, bias, context, context_weight, res) if t is not None]
+        grad_out = torch.randn(batch, time, channels, device=device, dtype=dtype)
+
+        def fast():
+            return causal_conv1d(x, weight, bias, dilation=dilation, groups=groups, context=context,
+                                 context_weight=context_weight, activation="relu", residual=res)
+
+        def eager():
+            return torch_way(x, weight, bias, dilation, groups, context, context_weight, res)
+
+        compiled_fn = torch.compile(torch_way)
+
+        def compiled():
+            return compiled_fn(x, weight, bias, dilation, groups, context, context_weight, res)
+
+        def run(fn):
+            if not backward:
+                return fn
+            return lambda: torch.autograd.grad(fn(), leaves, grad_out)
+
+        return {"hiertcn_fast": run(fast), "torch eager": run(eager), "torch.compile": run(compiled)}
+
+    return harness.Case("causal_conv1d", name, make, flops=2 * macs * passes,
+                        bytes=(activations + weights) * element * passes, dtype=dtype)
+
+
+def _step_case(device, dtype, batch, channels, k, dilations):
+    """TCN.step for one event against recomputing the stack's newest output from the last window of inputs."""
+    tcn = TCN(channels, [channels] * len(dilations), k, dilations, device=device, dtype=dtype).eval()
+    window = tcn.receptive_field
+    element = torch.finfo(dtype).bits // 8
+    macs = batch * channels * channels * k * len(dilations)
+    name = f"tcn step b={batch} c={channels} k={k} layers={len(dilations)} window={window}"
+
+    def make():
+        inputs = torch.randn(batch, window, channels, device=device, dtype=dtype)
+        state = tcn.init_state(batch)
+        with torch.no_grad():
+            for t in range(window - 1):  # a full history, so every tap is live
+                tcn.step(inputs[:, t], state)
+        x_t = inputs[:, -1]
+        layers = [(block.conv.weight.detach(), block.conv.bias.detach(), block.conv.dilation) for block in tcn.blocks]
+
+        def recompute(window_inputs):
+            h = window_inputs
+            for weight, bias, dilation in layers:
+                h = torch_way(h, weight, bias, dilation, 1, None, None, h)
+            return h[:, -1]
+
+        compiled_fn = torch.compile(recompute)
+
+        def step():
+            with torch.no_grad():
+                return tcn.step(x_t, state)
+
+        return {"hiertcn_fast": step, "torch eager": lambda: recompute(inputs),
+                "torch.compile": lambda: compiled_fn(inputs)}
+
+    return harness.Case("tcn_step", name, make, flops=2 * macs,
+                        bytes=(batch * channels * (k + 1) + channels * channels * k) * len(dilations) * element,
+                        dtype=dtype)
+
+
+def cases(device, quick):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    hiertcn_batches = [32, 256] if quick else [32, 256, 1024]
+    out = []
+    for backward in (False, True):
+        for batch in hiertcn_batches:
+            # HierTCN's first block (user state as context) and a plain dense block.
+            out.append(_conv_case(device, dtype, "hiertcn block1", batch, 21, 128, 5, 1, context_channels=256,
+                                  backward=backward))
+            out.append(_conv_case(device, dtype, "hiertcn dense", batch, 21, 128, 5, 2, backward=backward))
+        if quick:
+            out.append(_conv_case(device, dtype, "long dense", 4, 1024, 64, 5, 64, backward=backward))
+            out.append(_conv_case(device, dtype, "long depthwise", 4, 2048, 128, 4, 512, groups=128,
+                                  backward=backward))
+        else:
+            for time, dilation in ((500, 16), (4096, 512)):
+                out.append(_conv_case(device, dtype, "long dense", 16, time, 128, 5, dilation, backward=backward))
+                out.append(_conv_case(device, dtype, "long depthwise", 16, time, 512, 4, dilation, groups=512,
+                                      backward=backward))
+    for batch in ([1, 32] if quick else [1, 32, 1024]):
+        out.append(_step_case(device, dtype, batch, 128, 5, (1, 2, 2)))  # window 21: HierTCN's session length
+        out.append(_step_case(device, dtype, batch, 128, 5, tuple(2 ** i for i in range(7))))  # window 509
+    return out
+
+
+test_bench = harness.bench_test(cases)
