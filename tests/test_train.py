@@ -97,6 +97,14 @@ def test_sampled_softmax_training_lowers_the_loss(cache):
     assert counts[0] == 0 and counts.sum() == sum(len(e) for e in iter_split_events(cache, "train"))
 
 
+def test_bf16_autocast_of_the_output_layer_trains(cache):
+    """amp=True (the GPU default) runs the output layer and loss under bf16 autocast; here on the CPU."""
+    model = build_model("hiertcn", cache.num_items, seed=1, **TINY["hiertcn"])
+    trainer = Trainer(model, cache, config(amp=True, epochs=2), out=None).train()
+    means = epoch_means(trainer)
+    assert trainer.amp and means[-1] < means[0], means
+
+
 def test_learning_rate_schedule_divides_by_five_twice(cache):
     trainer = Trainer(build_model("session_gru", cache.num_items, **TINY["session_gru"]), cache,
                       config(epochs=4), out=None)
