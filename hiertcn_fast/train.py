@@ -43,7 +43,7 @@ from .evaluate import RankingMetrics, batch_targets
 from .models import NEURAL_MODELS, HistoryBatch, NextItemModel, UserHistoryBatcher
 
 __all__ = ["TrainConfig", "Trainer", "evaluate", "build_model", "sampled_softmax_loss", "train_item_counts",
-           "DataMemoryMeter"]
+           "DataMemoryMeter", "user_lane_batches"]
 
 LOSSES = ("full", "sampled")
 SAMPLERS = ("unigram", "uniform")
@@ -478,35 +478,96 @@ class Trainer:
 
 # ---- evaluation -----------------------------------------------------------------------------------
 
+def user_lane_batches(cache: SessionCache, splits, users: np.ndarray, users_per_batch: int,
+                      max_session_length: int):
+    """Lane batches holding ONE user per lane: lane b of a batch is user ``users[k]``'s sessions of
+    ``splits`` (in time order), truncated to ``max_session_length`` events. ``keep`` is True throughout
+    (a lane never changes user) and padded steps have length 0, so a stateful model's final state of
+    lane b is its user's state after those sessions. Yields (users of the batch, SessionBatch)."""
+    codes = [cache.split_code(split) for split in splits]
+    session_split = np.asarray(cache.session_split)
+    user_session_offsets = np.asarray(cache.user_session_offsets)
+    offsets, item = np.asarray(cache.session_offsets), np.asarray(cache.item)
+    for start in range(0, users.shape[0], users_per_batch):
+        chosen = users[start:start + users_per_batch]
+        per_user = []
+        for user in chosen:
+            sessions = np.arange(user_session_offsets[user], user_session_offsets[user + 1])
+            per_user.append(sessions[np.isin(session_split[sessions], codes)])
+        steps = max(1, max(s.shape[0] for s in per_user))
+        lanes = chosen.shape[0]
+        session = np.full((steps, lanes), -1, dtype=np.int64)
+        for lane, sessions in enumerate(per_user):
+            session[:sessions.shape[0], lane] = sessions
+        valid = session >= 0
+        safe = np.where(valid, session, 0)
+        lengths = np.where(valid, np.minimum(offsets[safe + 1] - offsets[safe], max_session_length), 0)
+        width = int(lengths.max()) if lengths.size else 0
+        items = np.zeros((steps, lanes, width + 1), dtype=np.int64)
+        positions = np.arange(width)
+        present = positions < lengths[..., None]
+        items[..., 1:][present] = item[(offsets[safe][..., None] + positions)[present]]
+        user = np.where(valid, chosen[None, :], -1)
+        batch = SessionBatch(torch.from_numpy(items), torch.from_numpy(lengths),
+                             torch.from_numpy(np.where(valid.any(1), lengths.max(1) + 1, 0)), torch.from_numpy(valid),
+                             torch.ones(steps, lanes, dtype=torch.bool), torch.from_numpy(user),
+                             torch.from_numpy(session), torch.zeros(lanes, dtype=torch.bool), 0, start)
+        yield chosen, batch
+
+
+def _split_users(cache: SessionCache, split: str) -> np.ndarray:
+    """Dense indices of the users with a session in ``split``, ascending."""
+    sessions = np.flatnonzero(np.asarray(cache.session_split) == cache.split_code(split))
+    return np.unique(np.searchsorted(np.asarray(cache.user_session_offsets), sessions, side="right") - 1)
+
+
+EARLIER_SPLITS = {"train": (), "valid": ("train",), "test": ("train", "valid")}
+
+
 @torch.no_grad()
 def evaluate(model: NextItemModel, cache: SessionCache, split: str = "test", config: TrainConfig | None = None,
              metrics: RankingMetrics | None = None) -> dict:
-    """Full-catalogue metrics of ``model`` on every event of ``split`` (RankingMetrics.result()).
+    """Full-catalogue metrics of ``model`` on every event of ``split`` (RankingMetrics.result()); every
+    event is predicted from exactly the user's earlier events, as the rules' "user" history scope sees them.
 
-    Lanes start from a zero state (their own state cache, as the paper keeps per split); in a cold
-    (by user) split that is each user's first session, so every event is predicted from exactly
-    the user's earlier events, as the rules' "user" history scope sees them.
+    Cold (by user) split: the split's users are new, so the lane generator runs over the split with
+    its own state cache (the paper's scheme), lanes starting each user from a zero state. Warm (by
+    time) split: a user's sessions in ``split`` follow their sessions in the earlier splits, so each
+    user's state is first built over those (one user per lane, :func:`user_lane_batches`) and the
+    split is then evaluated from it. The single-level history TCN supports cold splits only.
     """
     config = config or TrainConfig()
-    if cache.params.get("split") == "warm":
-        # In a warm split a user's test sessions follow their training sessions; lanes here would start
-        # those users from a zero state, which is not the history the rules (and a deployed model) see.
-        raise NotImplementedError("evaluate: warm (by time) splits need the state warmed up over each user's "
-                                  "earlier splits, which is not implemented; use a cold (by user) split")
     device = next(model.parameters()).device
-    source = _Source(model, cache, split, config, device, shuffle=False)
     metrics = metrics or RankingMetrics()
+    warm = cache.params.get("split") == "warm"
+    if warm and model.input_kind != "sessions":
+        raise NotImplementedError(f"evaluate: {type(model).__name__} on a warm (by time) split would need the "
+                                  "earlier splits' events as context; only cold splits are supported for it")
     was_training = model.training
     model.eval()
+
+    def score(batch, state):
+        features, new_state = model(batch, state)
+        fields = batch_targets(batch) if isinstance(batch, SessionBatch) else batch.targets()
+        metrics.update(model.scores(features).float(), fields["targets"], fields["users"],
+                       fields["first_in_session"])
+        return new_state
+
     try:
-        for batch, _ in source.batches():
-            state = source.begin(batch)
-            features, new_state = model(batch, state)
-            source.end(batch, new_state)
-            fields = source.targets(batch)
-            metrics.update(model.scores(features).float(), fields["targets"], fields["users"],
-                           fields["first_in_session"])
+        if not warm:
+            source = _Source(model, cache, split, config, device, shuffle=False)
+            for batch, _ in source.batches():
+                source.end(batch, score(batch, source.begin(batch)))
+        else:
+            max_length = getattr(model, "max_session_length", None) or cache.max_session_length
+            users = _split_users(cache, split)
+            for chosen, batch in user_lane_batches(cache, (split,), users, config.lanes, max_length):
+                state = None
+                if model.state_shape is not None and EARLIER_SPLITS[split]:
+                    (_, history), = user_lane_batches(cache, EARLIER_SPLITS[split], chosen, chosen.shape[0],
+                                                      max_length)
+                    _, state = model(history.to(device), None)
+                score(batch.to(device), state)
     finally:
         model.train(was_training)
     return metrics.result()
-

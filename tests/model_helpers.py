@@ -43,11 +43,12 @@ def random_sessions(generator, num_items, lanes, max_sessions=4, max_length=7):
     return result
 
 
-def synthetic_cache(path, num_events=6000, num_items=300, seed=1):
-    """A small cold-split cache of the synthetic log (planted long- and short-term structure)."""
+def synthetic_cache(path, num_events=6000, num_items=300, seed=1, split="cold"):
+    """A small cache of the synthetic log (planted long- and short-term structure), split by user
+    ("cold") or by time ("warm")."""
     from hiertcn_fast.data import PreprocessParams, SyntheticSource, preprocess
 
-    params = PreprocessParams(min_item_count=2, min_user_count=3, max_user_count=None, split="cold",
+    params = PreprocessParams(min_item_count=2, min_user_count=3, max_user_count=None, split=split,
                               num_partitions=2)
     source = SyntheticSource(num_events, num_items=num_items, num_topics=10, mean_events_per_user=40, seed=seed)
     return preprocess(source, path, params)

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from hiertcn_fast.models import iter_split_events
+from hiertcn_fast.evaluate import RankingMetrics, batch_targets
 from hiertcn_fast.train import (DataMemoryMeter, TrainConfig, Trainer, build_model, evaluate, sampled_softmax_loss,
-                                train_item_counts)
+                                train_item_counts, user_lane_batches)
 from model_helpers import synthetic_cache, one_thread  # noqa: F401 (autouse fixture)
 
 TINY = {
@@ -73,6 +74,43 @@ def test_resume_equals_uninterrupted(cache, tmp_path, name):
         assert torch.equal(a, b), key
     if straight.source.state_cache is not None:
         assert torch.equal(straight.source.state_cache.state, resumed.source.state_cache.state)
+
+
+def zero_state_metrics(model, cache, split, users_per_batch):
+    """Metrics of ``split`` with one user per lane, every user starting from a zero state."""
+    model.eval()
+    metrics = RankingMetrics()
+    users = np.unique(np.concatenate([e.user for e in iter_split_events(cache, split)]))
+    with torch.no_grad():
+        for _, batch in user_lane_batches(cache, (split,), users, users_per_batch, model.max_session_length):
+            features, _ = model(batch, None)
+            fields = batch_targets(batch)
+            metrics.update(model.scores(features), fields["targets"], fields["users"], fields["first_in_session"])
+    return metrics
+
+
+def test_one_user_per_lane_batches_equal_the_lane_generator(cache):
+    """The warm-split path (one user per lane) scores a cold split exactly as the lane generator does."""
+    model = build_model("hiertcn", cache.num_items, seed=1, **TINY["hiertcn"])
+    metrics = zero_state_metrics(model, cache, "test", 5)
+    expected = evaluate(model, cache, "test", config())
+    assert metrics.result()["counts"] == expected["counts"]
+    for unit in ("per_user", "per_event"):
+        for metric in ("Recall@10", "MRR"):
+            assert metrics.result()[unit]["all"][metric] == pytest.approx(expected[unit]["all"][metric], abs=1e-6)
+
+
+def test_warm_split_evaluation_starts_from_the_earlier_sessions(tmp_path):
+    warm = synthetic_cache(tmp_path / "warm", split="warm")
+    model = build_model("hiertcn", warm.num_items, seed=1, **TINY["hiertcn"])
+    Trainer(model, warm, config(epochs=2), out=None).train()
+    quality = evaluate(model, warm, "test", config())
+    assert quality["counts"]["events"] == sum(len(e) for e in iter_split_events(warm, "test"))
+    # Without the warm-up (zero states) the first events of the test sessions are predicted differently.
+    cold_start = zero_state_metrics(model, warm, "test", 8)
+    assert cold_start.result()["per_event"]["first_in_session"]["MRR"] != quality["per_event"]["first_in_session"]["MRR"]
+    with pytest.raises(NotImplementedError, match="warm"):
+        evaluate(build_model("history_tcn", warm.num_items, **TINY["history_tcn"]), warm, "test")
 
 
 def test_full_softmax_equals_sampled_softmax_over_every_item():
