@@ -5,7 +5,8 @@
   time with ``--split-by time``), trains
   HierTCN and the neural baselines with the same loop, evaluates them and the rule baselines on
   every event of the test split against the full catalogue, and writes a report folder
-  (report.md, PNG plots, results.json). Uses a GPU when present.
+  (report.md, PNG plots, results.json). Uses a GPU when present; under ``torchrun`` the lanes of
+  every batch are sharded across the ranks (DistributedDataParallel) and rank 0 writes the report.
 """
 
 import argparse
@@ -45,15 +46,36 @@ def _model_list(text: str) -> tuple:
 def _train(args) -> int:
     import torch
 
-    from .data import load_dataset, preprocess
-    from .report import ModelResult, write_report
-    from .rule_report import ML100K_PARAMS, evaluate_rules, format_table
-    from .train import TrainConfig, Trainer, build_model, default_device, evaluate
+    from .train import default_device
 
     started = time.perf_counter()
     device = default_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Under torchrun every rank trains its shard of the lanes; rank 0 alone evaluates and reports.
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    main_rank = not distributed or torch.distributed.get_rank() == 0
+    try:
+        return _train_and_report(args, device, started, main_rank)
+    finally:
+        if distributed:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def _train_and_report(args, device, started, main_rank) -> int:
+    import torch
+
+    from .data import load_dataset, preprocess
+    from .report import ModelResult, write_report
+    from .rule_report import ML100K_PARAMS, evaluate_rules, format_table
+    from .train import TrainConfig, Trainer, build_model, evaluate
+
     params = dataclasses.replace(ML100K_PARAMS, split="warm" if args.split_by == "time" else "cold")
     cache = preprocess(load_dataset(args.dataset), args.cache_dir, params)
     models = args.models
@@ -62,7 +84,7 @@ def _train(args) -> int:
         print("history_tcn skipped: its evaluation supports cold (by user) splits only", flush=True)
     print(f"data: {args.dataset}, {cache.num_events} events, {cache.num_users} users, {cache.num_items} items; "
           f"device {device}", flush=True)
-    results = evaluate_rules(cache, args.split) if args.rules else {}
+    results = evaluate_rules(cache, args.split) if args.rules and main_rank else {}
     config = TrainConfig(epochs=args.epochs, lanes=args.lanes, sessions_per_batch=args.sessions_per_batch,
                          learning_rate=args.lr, seed=args.seed, device=str(device), num_producers=args.producers,
                          log_every=args.log_every)
@@ -70,6 +92,8 @@ def _train(args) -> int:
         model = build_model(name, cache.num_items, seed=args.seed, dropout=args.dropout, backend=args.backend,
                             **MODEL_SIZES[name](args.dim))
         trainer = Trainer(model, cache, config, name=name).train()
+        if not main_rank:
+            continue
         eval_started = time.perf_counter()
         quality = evaluate(model, cache, args.split, config)
         eval_seconds = time.perf_counter() - eval_started
@@ -84,6 +108,8 @@ def _train(args) -> int:
         per_user = quality["per_user"]["all"]
         print(f"[{name}] test Recall@10 {per_user['Recall@10']:.4f} MRR {per_user['MRR']:.4f} (per user); "
               f"{trainer.train_seconds:.0f} s training, {parameters:,} parameters", flush=True)
+    if not main_rank:
+        return 0
     split_counts = cache.manifest["counts"]["splits"]
     wall = time.perf_counter() - started
     notes = [f"data: {args.dataset}, {cache.num_events} events, {cache.num_users} users, {cache.num_items} items "
@@ -101,7 +127,8 @@ def _train(args) -> int:
              f"wall time of the whole job: {wall:.0f} s"]
     write_report(list(results.values()), args.out, title=f"HierTCN and baselines on {args.dataset}", notes=notes,
                  metadata={"cache_key": cache.key, "params": cache.params, "split": args.split,
-                           "argv": sys.argv[1:], "wall_seconds": wall, "device": str(device)})
+                           "argv": sys.argv[1:], "wall_seconds": wall, "device": str(device),
+                           "world_size": int(os.environ.get("WORLD_SIZE", "1"))})
     print(format_table(results, "per_user"))
     print(format_table(results, "per_event"))
     print(f"report: {os.path.join(args.out, 'report.md')} ({wall:.0f} s)")
