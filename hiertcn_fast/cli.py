@@ -87,7 +87,7 @@ def _train_and_report(args, device, started, main_rank) -> int:
     results = evaluate_rules(cache, args.split) if args.rules and main_rank else {}
     config = TrainConfig(epochs=args.epochs, lanes=args.lanes, sessions_per_batch=args.sessions_per_batch,
                          learning_rate=args.lr, seed=args.seed, device=str(device), num_producers=args.producers,
-                         log_every=args.log_every)
+                         log_every=args.log_every, loss=args.loss, num_sampled=args.num_sampled)
     for name in models:
         model = build_model(name, cache.num_items, seed=args.seed, dropout=args.dropout, backend=args.backend,
                             **MODEL_SIZES[name](args.dim))
@@ -120,7 +120,8 @@ def _train_and_report(args, device, started, main_rank) -> int:
              f"events); rules fitted on train",
              f"neural models: width {args.dim}, {args.epochs} epochs, {args.lanes} lanes x {args.sessions_per_batch} "
              f"sessions per batch, Adam lr {args.lr} divided by 5 at 50% and 75%, dropout {args.dropout}, "
-             f"full softmax, seed {args.seed}, device {device}, backend {args.backend or 'auto'}, "
+             f"{'full softmax' if args.loss == 'full' else f'sampled softmax ({args.num_sampled} items, log-q)'}, "
+             f"seed {args.seed}, device {device}, backend {args.backend or 'auto'}, "
              f"{torch.get_num_threads()} CPU thread(s)",
              "peak memory: neural models on CPU = data memory (largest step's batch + saved activations); on GPU "
              "the device peak; rules = peak traced host memory",
@@ -157,6 +158,9 @@ def main(argv=None) -> int:
     train.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (paper: 1e-2)")
     train.add_argument("--dropout", type=float, default=0.3,
                        help="dropout on the low-level input and the output layer input (ml-100k is small)")
+    train.add_argument("--loss", default="full", choices=("full", "sampled"),
+                       help="full softmax over all items (default) or sampled softmax with log-q correction")
+    train.add_argument("--num-sampled", type=int, default=1024, help="items sampled per batch with --loss sampled")
     train.add_argument("--lanes", type=int, default=32)
     train.add_argument("--sessions-per-batch", type=int, default=10)
     train.add_argument("--producers", type=int, default=1, help="batch producer threads of the ring queue")

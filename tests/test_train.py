@@ -174,3 +174,18 @@ def test_config_and_model_errors(cache):
     trainer = Trainer(build_model("session_gru", cache.num_items, **TINY["session_gru"]), cache, config(), out=None)
     with pytest.raises(ValueError, match="not a hiertcn_fast checkpoint"):
         trainer.load_checkpoint({"format": "other"})
+
+
+def test_main_job_command_writes_the_report(tmp_path, capsys):
+    """``python -m hiertcn_fast train`` end to end on ml-100k, shrunk to seconds."""
+    pytest.importorskip("recbole")
+    from hiertcn_fast.cli import main
+
+    out = tmp_path / "report"
+    assert main(["train", "--epochs", "1", "--dim", "8", "--models", "hiertcn,session_gru", "--out", str(out),
+                 "--cache-dir", str(tmp_path / "cache"), "--loss", "sampled", "--num-sampled", "64"]) == 0
+    assert {"report.md", "results.json", "quality.png", "training_curves.png"} <= {p.name for p in out.iterdir()}
+    report = (out / "report.md").read_text()
+    for name in ("hiertcn", "session_gru", "transitions", "most_popular"):
+        assert f"| {name} |" in report
+    assert "Recall@10" in capsys.readouterr().out
