@@ -171,6 +171,17 @@ def test_step_backends_agree_bitwise_on_state():
     assert torch.equal(states["reference"].position, states["cpu"].position)
 
 
+def test_step_recomputes_the_context_table_only_when_the_context_changes():
+    state = CausalConvState.zeros(2, 4, 3, 1)
+    context, context_weight = rand(2, 5, dtype=torch.float32), rand(6, 5, 3, dtype=torch.float32)
+    table = state.cached_context_table(context, context_weight)
+    assert state.cached_context_table(context, context_weight) is table
+    context[1] += 1  # a new session's user state written in place
+    fresh = state.cached_context_table(context, context_weight)
+    assert fresh is not table and torch.equal(fresh, context_table(context, context_weight))
+    assert state.cached_context_table(context.clone(), context_weight) is not fresh
+
+
 def test_step_repacks_the_weight_only_when_it_changes():
     state = CausalConvState.zeros(2, 4, 3, 1)
     weight = rand(6, 4, 3, dtype=torch.float32)

@@ -22,6 +22,9 @@ namespace hiertcn {
 namespace {
 
 constexpr int64_t kTimeTile = 8;
+// Rows per weight-gradient chunk: few chunks (each adds a whole partial weight gradient at the end),
+// still several per thread.
+constexpr int64_t kWeightGradRowsPerChunk = 512;
 constexpr int kRowBlock = 4;
 // Input channels per weight-gradient register block (x kOutBlock-wide vectors of output channels).
 constexpr int kChannelBlock = 8;
@@ -114,9 +117,10 @@ HIERTCN_ALWAYS_INLINE void dense_row_block_tail(const T* const* rows, const bool
 
 template <typename T>
 HIERTCN_ALWAYS_INLINE void dense_tile_impl(const T* const* rows, const bool* tap_used, const T* packed, int64_t K,
-                                           int64_t C_in, int64_t C_out, T* acc) {
+                                           int64_t C_in, int64_t C_out, int64_t valid_rows, T* acc) {
   constexpr int B = kOutBlock<T>;
-  for (int r0 = 0; r0 < kTimeTile; r0 += kRowBlock) {
+  // Row blocks past the tile's valid rows (a short last tile, a small step batch) are skipped.
+  for (int r0 = 0; r0 < valid_rows; r0 += kRowBlock) {
     int64_t o0 = 0;
     for (; o0 + 2 * B <= C_out; o0 += 2 * B)
       dense_row_block<T, 2>(rows + r0, tap_used, packed, K, C_in, C_out, o0, acc + r0 * C_out);
@@ -126,22 +130,23 @@ HIERTCN_ALWAYS_INLINE void dense_tile_impl(const T* const* rows, const bool* tap
   }
 }
 
-// One time tile of a dense convolution: acc (kTimeTile, C_out) += the tile's conv.
+// One time tile of a dense convolution: acc (kTimeTile, C_out) += the tile's conv, for its first valid_rows rows
+// (rounded up to whole row blocks).
 HIERTCN_CPU_CLONES void dense_tile_f32(const float* const* rows, const bool* tap_used, const float* packed, int64_t K,
-                                       int64_t C_in, int64_t C_out, float* acc) {
-  dense_tile_impl(rows, tap_used, packed, K, C_in, C_out, acc);
+                                       int64_t C_in, int64_t C_out, int64_t valid_rows, float* acc) {
+  dense_tile_impl(rows, tap_used, packed, K, C_in, C_out, valid_rows, acc);
 }
 HIERTCN_CPU_CLONES void dense_tile_f64(const double* const* rows, const bool* tap_used, const double* packed, int64_t K,
-                                       int64_t C_in, int64_t C_out, double* acc) {
-  dense_tile_impl(rows, tap_used, packed, K, C_in, C_out, acc);
+                                       int64_t C_in, int64_t C_out, int64_t valid_rows, double* acc) {
+  dense_tile_impl(rows, tap_used, packed, K, C_in, C_out, valid_rows, acc);
 }
 void dense_tile(const float* const* rows, const bool* tap_used, const float* packed, int64_t K, int64_t C_in,
-                int64_t C_out, float* acc) {
-  dense_tile_f32(rows, tap_used, packed, K, C_in, C_out, acc);
+                int64_t C_out, int64_t valid_rows, float* acc) {
+  dense_tile_f32(rows, tap_used, packed, K, C_in, C_out, valid_rows, acc);
 }
 void dense_tile(const double* const* rows, const bool* tap_used, const double* packed, int64_t K, int64_t C_in,
-                int64_t C_out, double* acc) {
-  dense_tile_f64(rows, tap_used, packed, K, C_in, C_out, acc);
+                int64_t C_out, int64_t valid_rows, double* acc) {
+  dense_tile_f64(rows, tap_used, packed, K, C_in, C_out, valid_rows, acc);
 }
 
 // part[ci0 + c][o0 + o] += sum over rows [row_begin, row_end) of x[b, t - lag, ci0 + c] gz[row, o0 + o], for
@@ -401,7 +406,7 @@ void causal_conv_cpu_kernel(const CausalConvParams& p) {
         if (!dense && tap_used[j])
           accumulate_tap(tap_rows, rows, packed + j * C_in * (C_out / p.groups), acc.data(), C_in, C_out, p.groups);
       }
-      if (dense) dense_tile(in_rows.data(), tap_used.get(), packed, K, C_in, C_out, acc.data());
+      if (dense) dense_tile(in_rows.data(), tap_used.get(), packed, K, C_in, C_out, rows, acc.data());
       epilogue_tile<T>(p, b, t0, rows, acc.data());
     }
   });
@@ -526,7 +531,7 @@ void causal_conv_step_cpu_kernel(const CausalConvStepParams& p) {
         if (!dense && tap_used[j])
           accumulate_tap(tap_rows, rows, packed + j * C_in * (C_out / p.groups), acc.data(), C_in, C_out, p.groups);
       }
-      if (dense) dense_tile(in_rows.data(), tap_used.get(), packed, K, C_in, C_out, acc.data());
+      if (dense) dense_tile(in_rows.data(), tap_used.get(), packed, K, C_in, C_out, rows, acc.data());
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t b = b0 + r;
         epilogue_row<T>(acc.data() + r * C_out, bias,
@@ -561,7 +566,8 @@ void causal_conv1d_backward_out_cpu(const at::Tensor& grad_out, const at::Tensor
                                     const std::optional<at::Tensor>& grad_residual) {
   const ConvShape s = check_conv_args(x, weight, std::nullopt, std::nullopt, dilation, groups, activation, false);
   CausalConvBackwardParams p =
-      make_causal_conv_backward_params(s, grad_out, x, pre, residual, grad_pre, grad_x, grad_weight, grad_residual);
+      make_causal_conv_backward_params(s, kWeightGradRowsPerChunk, grad_out, x, pre, residual, grad_pre, grad_x,
+                                       grad_weight, grad_residual);
   const at::Tensor partials = new_grad_weight_partials(p, x);
   p.grad_weight_partials = partials.data_ptr();
   const at::Tensor packed_transposed = pack_conv_weight_transposed(weight);

@@ -20,6 +20,8 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kTimeTile = 16;
 constexpr int kChannelChunk = 64;
+// Rows per weight-gradient chunk: many chunks, so that the partial sums fill the GPU.
+constexpr int64_t kWeightGradRowsPerChunk = 128;
 
 template <typename T>
 __global__ void causal_conv_cuda_kernel(CausalConvParams p) {
@@ -212,7 +214,8 @@ void causal_conv1d_backward_out_cuda(const at::Tensor& grad_out, const at::Tenso
   const ConvShape s = check_conv_args(x, weight, std::nullopt, std::nullopt, dilation, groups, activation, false);
   const c10::cuda::CUDAGuard guard(x.device());
   CausalConvBackwardParams p =
-      make_causal_conv_backward_params(s, grad_out, x, pre, residual, grad_pre, grad_x, grad_weight, grad_residual);
+      make_causal_conv_backward_params(s, kWeightGradRowsPerChunk, grad_out, x, pre, residual, grad_pre, grad_x,
+                                       grad_weight, grad_residual);
   const at::Tensor partials = new_grad_weight_partials(p, x);
   p.grad_weight_partials = partials.data_ptr();
   const at::Tensor packed_transposed = pack_conv_weight_transposed(weight);

@@ -252,7 +252,8 @@ class CausalConvState:
     history: (batch, (k - 1) * dilation, in_channels), a circular buffer: the input of step p of a row
     lives at slot p % ((k - 1) * dilation) until it falls out of the receptive field.
     position: (batch,) int64, steps taken per row since its last reset. Both are updated in place.
-    The state also caches the layer's weight in the kernels' packing, so that a step does not repack it.
+    The state also caches the layer's weight in the kernels' packing and the context term's table, so that
+    a step neither repacks the one nor recomputes the other.
     """
 
     history: torch.Tensor
@@ -260,6 +261,7 @@ class CausalConvState:
     kernel_size: int
     dilation: int
     _packed: tuple = dataclasses.field(default=(), repr=False, compare=False)
+    _table: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
     @classmethod
     def zeros(cls, batch, in_channels, kernel_size, dilation=1, *, dtype=torch.float32, device="cpu"):
@@ -276,12 +278,28 @@ class CausalConvState:
             self.history[rows] = 0
 
     def packed_weight(self, weight: torch.Tensor, groups: int) -> torch.Tensor:
-        """pack_weight(weight, groups), repacked only when weight is another tensor or was modified in place.
-        The cache holds the weight itself, so its memory cannot be reused by another tensor meanwhile."""
-        if not (self._packed and self._packed[0] is weight and self._packed[1] == weight._version
-                and self._packed[2] == groups):
-            self._packed = (weight, weight._version, groups, pack_weight(weight.detach(), groups))
-        return self._packed[3]
+        """pack_weight(weight, groups), recomputed only when weight is another tensor or was modified in place."""
+        if not _cache_is_fresh(self._packed, (weight,), groups):
+            self._packed = _cache_entry((weight,), groups, pack_weight(weight.detach(), groups))
+        return self._packed[-1]
+
+    def cached_context_table(self, context: torch.Tensor, context_weight: torch.Tensor) -> torch.Tensor:
+        """context_table(context, context_weight), recomputed only when either is another tensor or was modified
+        in place: a session's context term costs its FLOPs once, not at every step."""
+        if not _cache_is_fresh(self._table, (context, context_weight), None):
+            self._table = _cache_entry((context, context_weight), None,
+                                       context_table(context.detach(), context_weight.detach()).contiguous())
+        return self._table[-1]
+
+
+def _cache_entry(sources, extra, value):
+    # The entry holds its source tensors, so their memory cannot be reused by other tensors while cached.
+    return (*((t, t._version) for t in sources), extra, value)
+
+
+def _cache_is_fresh(entry, sources, extra):
+    return bool(entry) and entry[-2] == extra and all(
+        cached is t and version == t._version for (cached, version), t in zip(entry[:-2], sources))
 
 
 def causal_conv1d_step_reference(x, weight, state, bias=None, *, groups=1, context=None, context_weight=None,
@@ -336,22 +354,26 @@ def causal_conv1d_step(x, weight, state, bias=None, *, groups=1, context=None, c
         check_like(residual, "residual", x, "x")
         check_shape(residual, "residual (batch, out_channels)", (x.shape[0], out_channels))
     name = resolve("causal_conv1d_step", backend, x.device, x.dtype, CAUSAL_CONV_DTYPES)
-    with torch.no_grad():
-        if name == "reference":
-            return causal_conv1d_step_reference(x, weight, state, bias, groups=groups, context=context,
-                                                context_weight=context_weight, activation=activation,
-                                                residual=residual)
-        table = None if context is None else context_table(context, context_weight).contiguous()
-        out = new_output((x.shape[0], out_channels), x)
-        args = (unit_stride_rows(x), state.packed_weight(weight, groups), bias, table,
-                None if residual is None else unit_stride_rows(residual), state.dilation, groups,
-                ACTIVATIONS[activation])
-        if name == "triton":
-            torch.ops.hiertcn_fast.causal_conv1d_step_triton_out(*args, state.history, state.position, out)
-        else:
-            torch.ops.hiertcn_fast.causal_conv1d_step_out(*args, history=state.history, position=state.position,
-                                                          out=out)
-        return out
+    if torch.is_grad_enabled():  # the step is inference only; entering no_grad costs more than the check
+        with torch.no_grad():
+            return _step(name, x, weight, state, bias, groups, context, context_weight, activation, residual,
+                         out_channels)
+    return _step(name, x, weight, state, bias, groups, context, context_weight, activation, residual, out_channels)
+
+
+def _step(name, x, weight, state, bias, groups, context, context_weight, activation, residual, out_channels):
+    if name == "reference":
+        return causal_conv1d_step_reference(x, weight, state, bias, groups=groups, context=context,
+                                            context_weight=context_weight, activation=activation, residual=residual)
+    table = None if context is None else state.cached_context_table(context, context_weight)
+    out = new_output((x.shape[0], out_channels), x)
+    args = (unit_stride_rows(x), state.packed_weight(weight, groups), bias, table,
+            None if residual is None else unit_stride_rows(residual), state.dilation, groups, ACTIVATIONS[activation])
+    if name == "triton":
+        torch.ops.hiertcn_fast.causal_conv1d_step_triton_out(*args, state.history, state.position, out)
+    else:
+        torch.ops.hiertcn_fast.causal_conv1d_step_out(*args, history=state.history, position=state.position, out=out)
+    return out
 
 
 # ---- registrations -------------------------------------------------------------------------------

@@ -105,9 +105,11 @@ struct CausalConvStepParams {
   void* out;  // (batch, out_channels) contiguous
 };
 
-// Rows (batch * time) per weight-gradient chunk and the chunk count; a pure function of the shape.
-HIERTCN_HD int64_t weight_grad_chunks(int64_t rows) {
-  const int64_t chunks = (rows + 127) / 128;
+// How many chunks the weight-gradient reduction splits its batch * time rows into, about rows_per_chunk
+// each (a backend's choice: more chunks, more parallelism, more partial sums to add), at most 64; a pure
+// function of the shape, so the summation order never depends on the thread count.
+HIERTCN_HD int64_t weight_grad_chunks(int64_t rows, int64_t rows_per_chunk) {
+  const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
   return chunks < 1 ? 1 : (chunks > 64 ? 64 : chunks);
 }
 

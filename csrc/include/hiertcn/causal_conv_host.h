@@ -147,7 +147,7 @@ inline CausalConvParams make_input_grad_params(const ConvShape& s, const at::Ten
 // Validates the backward op's arguments; returns its params (the caller allocates the partials scratch
 // with grad_weight_partials_shape and sets grad_weight_partials).
 inline CausalConvBackwardParams make_causal_conv_backward_params(
-    const ConvShape& s, const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& pre,
+    const ConvShape& s, int64_t weight_grad_rows_per_chunk, const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& pre,
     const std::optional<at::Tensor>& residual, const at::Tensor& grad_pre, const at::Tensor& grad_x,
     const at::Tensor& grad_weight, const std::optional<at::Tensor>& grad_residual) {
   check_channels_last(grad_out, {s.batch, s.time, s.out_channels}, "grad_out");
@@ -172,7 +172,7 @@ inline CausalConvBackwardParams make_causal_conv_backward_params(
   p.grad_out_time_stride = grad_out.stride(1);
   p.x_batch_stride = x.stride(0);
   p.x_time_stride = x.stride(1);
-  p.weight_grad_chunks = weight_grad_chunks(s.batch * s.time);
+  p.weight_grad_chunks = weight_grad_chunks(s.batch * s.time, weight_grad_rows_per_chunk);
   p.grad_out = grad_out.data_ptr();
   p.x = x.data_ptr();
   p.pre = pre ? pre->data_ptr() : nullptr;
