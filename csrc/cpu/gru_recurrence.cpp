@@ -342,12 +342,13 @@ void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& i
   at::Tensor grad_gh = at::empty_like(grad_gi);
   at::Tensor grad_h_direct = at::empty({s.batch, s.hidden}, grad_out.options());
   at::Tensor grad_layer_output = grad_states.select(0, s.layers - 1);  // dL/d states[l], in full
-  at::Tensor grad_layer_input;
+  at::Tensor grad_input;  // dL/d layer 0's input: the (projected) session mean
   const int64_t per_layer = s.bias ? 4 : 2;
   for (int64_t l = s.layers - 1; l >= 0; --l) {
     const LayerWeights w = layer_weights(weights, s, l);
     const at::Tensor h_l = h.select(0, l);
-    const at::Tensor layer_input = l > 0 ? states.select(0, l - 1) : (projected.has_value() ? *projected : session_mean);
+    const at::Tensor layer_input =
+        l > 0 ? states.select(0, l - 1) : (projected.has_value() ? *projected : session_mean);
     step_gates_backward(k, grad_layer_output, gi.select(0, l), gh.select(0, l), h_l, grad_gi, grad_gh, grad_h_direct);
     at::Tensor grad_h_l = grad_h.select(0, l);
     grad_h_l.add_(grad_h_direct).addmm_(grad_gh, w.w_hh);
@@ -359,19 +360,23 @@ void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& i
       at::sum_out(grad_b_ih, grad_gi, {0});
       at::sum_out(grad_b_hh, grad_gh, {0});
     }
-    grad_layer_input = at::mm(grad_gi, w.w_ih);
-    if (l > 0) grad_layer_output = grad_states.select(0, l - 1) + grad_layer_input;
+    // Below layer 0 the input is the previous layer's state, whose own gradient joins here.
+    if (l > 0) {
+      grad_layer_output = at::addmm(grad_states.select(0, l - 1), grad_gi, w.w_ih);
+    } else {
+      grad_input = at::mm(grad_gi, w.w_ih);
+    }
   }
 
-  at::Tensor grad_mean = grad_layer_input;
+  at::Tensor grad_mean = grad_input;
   if (proj_weight.has_value()) {
     at::Tensor grad_proj_weight_out = *grad_proj_weight;
-    at::mm_out(grad_proj_weight_out, grad_layer_input.t(), session_mean);
+    at::mm_out(grad_proj_weight_out, grad_input.t(), session_mean);
     if (grad_proj_bias.has_value()) {
       at::Tensor grad_proj_bias_out = *grad_proj_bias;
-      at::sum_out(grad_proj_bias_out, grad_layer_input, {0});
+      at::sum_out(grad_proj_bias_out, grad_input, {0});
     }
-    grad_mean = at::mm(grad_layer_input, *proj_weight);
+    grad_mean = at::mm(grad_input, *proj_weight);
   }
   if (grad_items.has_value() && grad_items->numel() > 0) {
     SessionMeanBackwardParams p;

@@ -113,6 +113,9 @@ def _layer_weights(weights, num_layers, input_size, hidden, ref, name="weights")
     (3 * hidden,)]), nn.GRU's layout and gate order, e.g. ``nn.GRU(...).all_weights``; ``in`` is
     input_size for layer 0 and hidden above it.
     """
+    layers = _well_formed_layer_weights(weights, num_layers, input_size, hidden, ref)
+    if layers is not None:
+        return layers
     if isinstance(weights, torch.Tensor) or len(weights) != num_layers:
         got = "a tensor" if isinstance(weights, torch.Tensor) else f"{len(weights)}"
         raise ValueError(f"{name} must hold one (w_ih, w_hh[, b_ih, b_hh]) sequence per layer "
@@ -135,6 +138,33 @@ def _layer_weights(weights, num_layers, input_size, hidden, ref, name="weights")
                                  f"size {hidden}), got shape {tuple(t.shape)}")
         check_shape(w_ih, f"{name}[{layer}] (w_ih)", (3 * hidden, in_features))
         check_shape(w_hh, f"{name}[{layer}] (w_hh)", (3 * hidden, hidden))
+        layers.append((w_ih, w_hh, b_ih, b_hh))
+    return layers
+
+
+def _well_formed_layer_weights(weights, num_layers, input_size, hidden, ref):
+    """_layer_weights' result when every check passes, else None (then _layer_weights says what is wrong).
+
+    One cheap pass: validation costs more than the kernels at HierTCN's small shapes.
+    """
+    if isinstance(weights, torch.Tensor) or len(weights) != num_layers:
+        return None
+    dtype, device, rows = ref.dtype, ref.device, 3 * hidden
+    layers = []
+    for layer, tensors in enumerate(weights):
+        if len(tensors) == 4:
+            w_ih, w_hh, b_ih, b_hh = tensors
+            biases_ok = (isinstance(b_ih, torch.Tensor) and isinstance(b_hh, torch.Tensor)
+                         and b_ih.shape == (rows,) and b_hh.shape == (rows,)
+                         and b_ih.dtype == b_hh.dtype == dtype and b_ih.device == b_hh.device == device)
+        elif len(tensors) == 2:
+            (w_ih, w_hh), b_ih, b_hh, biases_ok = tensors, None, None, True
+        else:
+            return None
+        if not (biases_ok and isinstance(w_ih, torch.Tensor) and isinstance(w_hh, torch.Tensor)
+                and w_ih.shape == (rows, input_size if layer == 0 else hidden) and w_hh.shape == (rows, hidden)
+                and w_ih.dtype == w_hh.dtype == dtype and w_ih.device == w_hh.device == device):
+            return None
         layers.append((w_ih, w_hh, b_ih, b_hh))
     return layers
 
