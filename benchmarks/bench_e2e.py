@@ -14,15 +14,17 @@
 
 Every model trains with the same loop (hiertcn_fast.train.Trainer) on ml-100k (the main job's
 preprocessing), paper sizes (width 128) unless --dim says otherwise; each model first trains a
-warm-up epoch that is not timed, then ``--epochs`` timed ones.
+warm-up epoch that is not timed, then ``--rounds`` timed epochs, the models taking turns (events/s:
+the median over the rounds), so that a change in the machine's load affects all models alike.
 
-    python benchmarks/bench_e2e.py [--quick] [--dim 128] [--epochs 1] [--threads 1] [--out FILE]
+    python benchmarks/bench_e2e.py [--quick] [--dim 128] [--rounds 3] [--threads 1] [--out FILE]
     python -m pytest benchmarks/bench_e2e.py       (the quick run, as a test)
 """
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -55,52 +57,70 @@ def long_history_cache(directory):
     return preprocess(source, directory, LONG_HISTORY_PARAMS)
 
 
+def trained_one_epoch(cache, name, backend, dim, device, lanes) -> Trainer:
+    model = build_model(name, cache.num_items, seed=0, backend=backend, **MODEL_SIZES[name](dim))
+    return Trainer(model, cache, TrainConfig(epochs=1, lanes=lanes, device=str(device), learning_rate=1e-3),
+                   name=name, out=None).train()
+
+
 def data_memory(cache, name, dim, device, lanes) -> dict:
     """One untimed epoch: the data memory (and device peak) of the largest step."""
-    model = build_model(name, cache.num_items, seed=0, **MODEL_SIZES[name](dim))
-    trainer = Trainer(model, cache, TrainConfig(epochs=1, lanes=lanes, device=str(device), learning_rate=1e-3),
-                      name=name, out=None).train()
+    trainer = trained_one_epoch(cache, name, None, dim, device, lanes)
     return {"data_memory_bytes": trainer.memory.peak_bytes,
             "device_peak_bytes": trainer.peak_memory_bytes if device.type == "cuda" else None,
             "events": trainer.train_events}
 
 
-def measure(cache, name, backend, dim, epochs, device, lanes) -> dict:
-    """Train one warm-up epoch (untimed), then ``epochs`` timed ones; events/s and memory."""
-    model = build_model(name, cache.num_items, seed=0, backend=backend, **MODEL_SIZES[name](dim))
-    config = TrainConfig(epochs=1 + epochs, lanes=lanes, device=str(device), learning_rate=1e-3)
-    trainer = Trainer(model, cache, config, name=name, out=None)
-    config.max_steps = trainer.source.num_batches(0)
-    trainer.train()                                            # warm-up: allocator, kernels, threads
-    warm_events, warm_seconds = trainer.train_events, trainer.train_seconds
-    trainer.config.max_steps = None
+def make_trainer(cache, name, backend, dim, device, lanes) -> Trainer:
+    """A trainer for one model that has run its warm-up epoch (allocator, kernels, threads), untimed."""
+    trainer = trained_one_epoch(cache, name, backend, dim, device, lanes)
     trainer.memory.peak_bytes = 0
+    return trainer
+
+
+def timed_epoch(trainer, device) -> float:
+    """Train one more epoch; its events/s."""
+    events, seconds = trainer.train_events, trainer.train_seconds
+    trainer.config.epochs += 1
     if device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
     trainer.train()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    events, seconds = trainer.train_events - warm_events, trainer.train_seconds - warm_seconds
-    return {"events": events, "seconds": seconds, "events_per_second": events / seconds,
-            "data_memory_bytes": trainer.memory.peak_bytes,
-            "device_peak_bytes": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
-            "parameters": sum(p.numel() for p in model.parameters())}
+    return (trainer.train_events - events) / (trainer.train_seconds - seconds)
 
 
-def run(dim=128, epochs=1, threads=1, device=None, quick=False, out=None, lanes=32) -> dict:
+def measure_all(cache, runs, dim, rounds, device, lanes) -> dict:
+    """Events/s of every run, as the median over ``rounds`` rounds in which each model trains one epoch
+    in turn: a machine whose load changes affects all models alike."""
+    trainers = {label: make_trainer(cache, name, backend, dim, device, lanes) for label, name, backend in runs}
+    if device.type == "cuda":
+        for trainer in trainers.values():
+            trainer.train_seconds = 0.0
+    rates = {label: [] for label in trainers}
+    for _ in range(rounds):
+        for label, trainer in trainers.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            rates[label].append(timed_epoch(trainer, device))
+    return {label: {"events_per_second": statistics.median(rates[label]), "events_per_second_rounds": rates[label],
+                    "data_memory_bytes": trainer.memory.peak_bytes,
+                    "device_peak_bytes": trainer.peak_memory_bytes if device.type == "cuda" else None,
+                    "parameters": sum(p.numel() for p in trainer.model.parameters())}
+            for label, trainer in trainers.items()}
+
+
+def run(dim=128, rounds=3, threads=1, device=None, quick=False, out=None, lanes=32) -> dict:
     device = default_device(device)
     if threads:
         torch.set_num_threads(threads)
     cache = preprocess(load_dataset("ml-100k"), os.path.join(tempfile.gettempdir(), "hiertcn_fast_cache"),
                        ML100K_PARAMS)
-    results = {}
-    for label, name, backend in RUNS:
-        if quick and label not in ("hiertcn", "hiertcn (reference)", "hrnn", "history_tcn"):
-            continue
-        results[label] = measure(cache, name, backend, dim, epochs, device, lanes)
-        print(f"{label:<22} {results[label]['events_per_second']:>10,.0f} events/s   data memory "
-              f"{results[label]['data_memory_bytes'] / 2**20:8.1f} MiB", flush=True)
+    runs = [run for run in RUNS if not quick or run[0] in ("hiertcn", "hiertcn (reference)", "hrnn", "history_tcn")]
+    results = measure_all(cache, runs, dim, rounds, device, lanes)
+    for label, result in results.items():
+        print(f"{label:<22} {result['events_per_second']:>10,.0f} events/s (median of {rounds} epochs)   "
+              f"data memory {result['data_memory_bytes'] / 2**20:8.1f} MiB", flush=True)
     hiertcn = results["hiertcn"]
     ratios = {f"events/s hiertcn / {other}": hiertcn["events_per_second"] / results[other]["events_per_second"]
               for other in ("hrnn", "hiergru", "session_gru", "hiertcn (reference)") if other in results}
@@ -123,7 +143,7 @@ def run(dim=128, epochs=1, threads=1, device=None, quick=False, out=None, lanes=
                                                                    / PINTEREST_EVENTS_PER_SECOND)
     for key, value in ratios.items():
         print(f"{key:<48} {value:8.3f}")
-    document = {"benchmark": "bench_e2e", "data": "ml-100k", "dim": dim, "epochs_timed": epochs, "lanes": lanes,
+    document = {"benchmark": "bench_e2e", "data": "ml-100k", "dim": dim, "timed_rounds": rounds, "lanes": lanes,
                 "sessions_per_batch": 10, "device": str(device), "threads": torch.get_num_threads(),
                 "machine": harness.machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "command": " ".join(sys.argv), "models": results, "long_history_memory": long_history, "ratios": ratios,
@@ -138,7 +158,7 @@ def run(dim=128, epochs=1, threads=1, device=None, quick=False, out=None, lanes=
 
 
 def test_bench_e2e(tmp_path):
-    document = run(dim=32, epochs=1, quick=True, out=str(tmp_path / "bench_e2e.json"))
+    document = run(dim=32, rounds=1, quick=True, out=str(tmp_path / "bench_e2e.json"))
     assert document["models"]["hiertcn"]["events_per_second"] > 0
     assert 0 < document["ratios"]["data memory saved vs history_tcn (long histories)"] < 1
 
@@ -146,14 +166,15 @@ def test_bench_e2e(tmp_path):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dim", type=int, default=128, help="model width (paper: 128)")
-    parser.add_argument("--epochs", type=int, default=1, help="timed epochs per model (after one warm-up epoch)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="timed epochs per model, taken in turns (events/s: the median); after one warm-up epoch")
     parser.add_argument("--lanes", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--quick", action="store_true", help="only HierTCN (fused and reference), HRNN, history TCN")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_e2e.json)")
     args = parser.parse_args(argv)
-    run(args.dim, args.epochs, args.threads, args.device, args.quick, args.out, args.lanes)
+    run(args.dim, args.rounds, args.threads, args.device, args.quick, args.out, args.lanes)
     return 0
 
 
