@@ -1,0 +1,260 @@
+"""Streaming inference with a trained :class:`~hiertcn_fast.models.HierTCN`.
+
+:class:`StreamingRecommender` keeps, per user, everything HierTCN needs of the past, and updates it
+in O(1) work per event:
+
+- ``state`` (layers, users, hidden): the high-level GRU state (the TCN's context);
+- the TCN's step state (per layer a circular buffer of the last (k - 1) * dilation inputs,
+  :class:`~hiertcn_fast.nn.TCNState`): the open session, as far as the convolution can see;
+- ``session_sum`` (users, embedding_dim) and ``session_count``: the running sum of the open
+  session's item embeddings, so closing a session (the session mean into the GRU) costs one
+  GRU step, never a pass over the session;
+- ``features`` (users, channels): the TCN output at the latest position, what the next item is
+  predicted from; ``last_time``: the time of the user's latest event.
+
+An event more than ``session_gap`` seconds (default 30 min, the preprocessing's rule) after the
+user's previous one closes the open session first: GRU step with the session mean, conv state
+reset, and the new session's start token stepped with the new state. Events past
+``max_session_length`` in a session are ignored, as the preprocessing drops them from training
+data (they do not start a session either). Recommendations therefore equal a full forward pass
+of the model over the same history (tests/test_serve.py).
+
+Users live in rows ("slots") of these tensors, which grow by doubling; ``state_dict`` /
+``load_state_dict`` save and restore every user (or a chosen subset with :meth:`export_users`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .models import HierTCN
+from .nn import TCNState
+from .ops import CausalConvState
+
+__all__ = ["StreamingRecommender"]
+
+STATE_FORMAT = "hiertcn_fast.streaming_state/1"
+
+
+def _as_rows(values, dtype, device) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=dtype).reshape(-1).to(device)
+
+
+class StreamingRecommender:
+    """Per-user streaming state over a trained HierTCN; see the module docstring.
+
+    Args:
+        model: a HierTCN (put in eval mode; its parameters are not changed).
+        session_gap: seconds of inactivity that close a session (a gap equal to it closes it).
+        max_session_length: events per session that count (default: the model's).
+        initial_capacity: user rows allocated up front.
+    """
+
+    def __init__(self, model: HierTCN, session_gap: float = 1800.0, max_session_length: int | None = None,
+                 initial_capacity: int = 64):
+        if not isinstance(model, HierTCN):
+            raise TypeError(f"StreamingRecommender needs a HierTCN (conv step state + GRU state), "
+                            f"got {type(model).__name__}")
+        if not session_gap > 0:
+            raise ValueError(f"session_gap must be a positive number of seconds, got {session_gap!r}")
+        self.model = model.eval()
+        self.session_gap = float(session_gap)
+        self.max_session_length = int(max_session_length or model.max_session_length)
+        weight = model.output.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.user_slot: dict = {}
+        self.capacity = 0
+        layers, hidden = model.state_shape
+        self.state = torch.zeros(layers, 0, hidden, device=self.device, dtype=self.dtype)
+        self.conv = model.tcn.init_state(0)
+        self.session_sum = torch.zeros(0, model.item_embedding.embedding_dim, device=self.device, dtype=self.dtype)
+        self.session_count = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self.features = torch.zeros(0, model.output.in_features, device=self.device, dtype=self.dtype)
+        self.last_time = torch.zeros(0, dtype=torch.float64, device=self.device)
+        self._grow(initial_capacity)
+
+    # ---- storage ---------------------------------------------------------------------------------
+
+    def _grow(self, capacity: int) -> None:
+        extra = capacity - self.capacity
+        if extra <= 0:
+            return
+
+        def padded(t, dim=0):
+            shape = list(t.shape)
+            shape[dim] = extra
+            return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+        self.state = padded(self.state, 1)
+        self.session_sum = padded(self.session_sum)
+        self.session_count = padded(self.session_count)
+        self.features = padded(self.features)
+        self.last_time = padded(self.last_time)
+        self.conv = TCNState(CausalConvState(padded(layer.history), padded(layer.position), layer.kernel_size,
+                                             layer.dilation) for layer in self.conv.layers)
+        self.capacity = capacity
+
+    def _slots(self, users, create: bool) -> torch.Tensor:
+        """Rows of ``users``; new users get fresh rows (their first session opened) when ``create``."""
+        rows, fresh = [], []
+        for user in users:
+            slot = self.user_slot.get(user)
+            if slot is None:
+                if not create:
+                    raise KeyError(f"unknown user {user!r}: observe() an event of it first")
+                slot = len(self.user_slot)
+                self.user_slot[user] = slot
+                fresh.append(slot)
+            rows.append(slot)
+        if len(self.user_slot) > self.capacity:
+            self._grow(max(2 * self.capacity, len(self.user_slot)))
+        if fresh:
+            self._open_sessions(torch.tensor(fresh, dtype=torch.int64, device=self.device))
+        return torch.tensor(rows, dtype=torch.int64, device=self.device)
+
+    # ---- the model's steps, for a set of rows ---------------------------------------------------------
+
+    def _conv_step(self, rows: torch.Tensor, inputs: torch.Tensor) -> None:
+        """Step the TCN of ``rows`` (distinct) with inputs (rows, embedding_dim); store the outputs."""
+        sub = TCNState(CausalConvState(layer.history[rows], layer.position[rows], layer.kernel_size, layer.dilation)
+                       for layer in self.conv.layers)
+        context = self.model.context_of(self.state[:, rows])
+        self.features[rows] = self.model.tcn.step(inputs, sub, context)
+        for layer, stepped in zip(self.conv.layers, sub.layers):
+            layer.history[rows] = stepped.history
+            layer.position[rows] = stepped.position
+
+    def _open_sessions(self, rows: torch.Tensor) -> None:
+        """Start a session in ``rows``: empty conv history, then the start token (a zero embedding)."""
+        for layer in self.conv.layers:
+            layer.reset(rows)
+        self.session_sum[rows] = 0
+        self.session_count[rows] = 0
+        self._conv_step(rows, self.session_sum.new_zeros(rows.shape[0], self.session_sum.shape[1]))
+
+    def _close_sessions(self, rows: torch.Tensor) -> None:
+        """The high-level step for the open sessions of ``rows`` (each with >= 1 event), then a new session."""
+        self.state[:, rows] = self.model.close_sessions(self.session_sum[rows], self.session_count[rows],
+                                                        self.state[:, rows])
+        self._open_sessions(rows)
+
+    # ---- events ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def observe(self, user, item: int, timestamp: float) -> None:
+        """One event of ``user``: item id (1..num_items) at ``timestamp`` seconds (non-decreasing per user)."""
+        self.observe_many([user], [item], [timestamp])
+
+    @torch.no_grad()
+    def observe_many(self, users, items, timestamps) -> None:
+        """Events of many users at once (sequences of equal length, in time order per user). Vectorised
+        over rounds in which every user appears at most once."""
+        users = list(users)
+        items = _as_rows(items, torch.int64, self.device)
+        timestamps = _as_rows(timestamps, torch.float64, self.device)
+        if not len(users) == items.shape[0] == timestamps.shape[0]:
+            raise ValueError(f"users, items and timestamps must have one entry per event, got {len(users)}, "
+                             f"{items.shape[0]} and {timestamps.shape[0]}")
+        if items.numel() and (int(items.min()) < 1 or int(items.max()) > self.model.num_items):
+            raise ValueError(f"items must be item ids in 1..{self.model.num_items}")
+        pending = list(range(len(users)))
+        while pending:
+            seen, this_round, later = set(), [], []
+            for i in pending:
+                (later if users[i] in seen else this_round).append(i)
+                seen.add(users[i])
+            self._observe_round([users[i] for i in this_round], items[this_round], timestamps[this_round])
+            pending = later
+
+    def _observe_round(self, users, items: torch.Tensor, timestamps: torch.Tensor) -> None:
+        rows = self._slots(users, create=True)
+        earlier = timestamps < self.last_time[rows]
+        if bool((earlier & (self.session_count[rows] > 0)).any()):
+            raise ValueError("timestamps must not decrease within a user's stream")
+        gap = (self.session_count[rows] > 0) & (timestamps - self.last_time[rows] >= self.session_gap)
+        if bool(gap.any()):
+            self._close_sessions(rows[gap])
+        self.last_time[rows] = timestamps
+        counted = self.session_count[rows] < self.max_session_length
+        rows, items = rows[counted], items[counted]
+        if rows.numel() == 0:
+            return
+        embedded = self.model.embed(items)
+        self.session_sum[rows] += embedded
+        self.session_count[rows] += 1
+        self._conv_step(rows, embedded)
+
+    # ---- recommendations -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def scores_many(self, users, now=None) -> torch.Tensor:
+        """Logits (users, num_items + 1) of each user's next item (column 0, the padding id, is -inf).
+        With ``now`` (seconds, one per user or one for all), users idle for >= session_gap get
+        first-of-session predictions (their open session is closed, as the next event would)."""
+        users = list(users)
+        rows = self._slots(users, create=False)
+        if now is not None:
+            now = torch.as_tensor(now, dtype=torch.float64, device=self.device).expand(rows.shape[0])
+            idle = (self.session_count[rows] > 0) & (now - self.last_time[rows] >= self.session_gap)
+            if bool(idle.any()):
+                self._close_sessions(torch.unique(rows[idle]))
+        logits = self.model.scores(self.features[rows]).float()
+        logits[:, 0] = -math.inf
+        return logits
+
+    def scores(self, user, now=None) -> torch.Tensor:
+        """Logits (num_items + 1,) of ``user``'s next item; see :meth:`scores_many`."""
+        return self.scores_many([user], None if now is None else [now])[0]
+
+    def recommend_many(self, users, k: int = 10, now=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` items per user: (item ids (users, k) int64, scores (users, k)), best first."""
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.model.num_items:
+            raise ValueError(f"k must be an integer in 1..{self.model.num_items}, got {k!r}")
+        top = self.scores_many(users, now).topk(k, dim=1)
+        return top.indices, top.values
+
+    def recommend(self, user, k: int = 10, now=None) -> list[int]:
+        """The top-``k`` item ids for ``user``'s next event, best first."""
+        return self.recommend_many([user], k, None if now is None else [now])[0][0].tolist()
+
+    # ---- saving and restoring --------------------------------------------------------------------------
+
+    def export_users(self, users=None) -> dict:
+        """Every per-user tensor of ``users`` (default: all), on the CPU, with their ids."""
+        users = list(self.user_slot) if users is None else list(users)
+        rows = self._slots(users, create=False)
+        return {"format": STATE_FORMAT, "users": users, "session_gap": self.session_gap,
+                "max_session_length": self.max_session_length, "state": self.state[:, rows].cpu(),
+                "conv_history": [layer.history[rows].cpu() for layer in self.conv.layers],
+                "conv_position": [layer.position[rows].cpu() for layer in self.conv.layers],
+                "session_sum": self.session_sum[rows].cpu(), "session_count": self.session_count[rows].cpu(),
+                "features": self.features[rows].cpu(), "last_time": self.last_time[rows].cpu()}
+
+    def state_dict(self) -> dict:
+        return self.export_users()
+
+    def load_state_dict(self, saved: dict) -> None:
+        """Restore users saved by :meth:`state_dict` / :meth:`export_users` (replacing their current
+        state; other users are kept). The model must be the one they were made with."""
+        if saved.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a streaming state (format {saved.get('format')!r}, expected {STATE_FORMAT!r})")
+        if len(saved["conv_history"]) != len(self.conv.layers):
+            raise ValueError("the saved state has a different number of TCN layers than this model")
+        users = list(saved["users"])
+        new = [u for u in users if u not in self.user_slot]
+        for user in new:
+            self.user_slot[user] = len(self.user_slot)
+        if len(self.user_slot) > self.capacity:
+            self._grow(max(2 * self.capacity, len(self.user_slot)))
+        rows = torch.tensor([self.user_slot[u] for u in users], dtype=torch.int64, device=self.device)
+        to = dict(device=self.device)
+        self.state[:, rows] = saved["state"].to(**to, dtype=self.dtype)
+        for layer, history, position in zip(self.conv.layers, saved["conv_history"], saved["conv_position"]):
+            layer.history[rows] = history.to(**to, dtype=self.dtype)
+            layer.position[rows] = position.to(**to)
+        self.session_sum[rows] = saved["session_sum"].to(**to, dtype=self.dtype)
+        self.session_count[rows] = saved["session_count"].to(**to)
+        self.features[rows] = saved["features"].to(**to, dtype=self.dtype)
+        self.last_time[rows] = saved["last_time"].to(**to)

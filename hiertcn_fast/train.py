@@ -1,0 +1,573 @@
+"""Training and evaluation of the neural models on a :class:`~hiertcn_fast.data.SessionCache`.
+
+The loop (:class:`Trainer`) feeds a model through the lane generator (:class:`SessionBatcher`,
+batches built by producer threads into the :class:`PinnedRingQueue`), or through whole-user
+batches for the single-level history TCN, and for every batch:
+
+1. takes the high-level state of its lanes from the lane state cache, zeroing the lanes whose
+   first session starts a new user (``continues``);
+2. runs the model (the fused kernels in float32) and the output layer with the loss (bf16
+   autocast on a GPU): full softmax cross-entropy over all items, or a sampled softmax with log-q
+   correction;
+3. backward, gradient clipping, Adam, and a step learning-rate schedule (divided by ``lr_gamma``
+   at fractions ``lr_milestones`` of the run, the paper's "divided by 5 twice");
+4. stores the new state, DETACHED (truncated backpropagation through time at batch boundaries).
+
+Checkpoints hold the model, the optimizer, the generator position and the state cache, the RNG
+states and the loss curve; resuming from one continues exactly as if uninterrupted (tested on the
+CPU, where a seed makes a run reproducible). Under torchrun (torch.distributed initialised) the
+lanes of every batch are sharded across ranks, each rank keeps the state cache of its lanes, and
+the loss is normalised by the events of the WHOLE batch, so the loss curve is that of one rank on
+the same data.
+
+Evaluation (:func:`evaluate`) runs a model over a split with its own state cache and scores every
+event against the full catalogue with :class:`~hiertcn_fast.evaluate.RankingMetrics`; the events
+are the ones the rule baselines are scored on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import LaneStateCache, SessionBatch, SessionBatcher, SessionCache
+from .evaluate import RankingMetrics, batch_targets
+from .models import NEURAL_MODELS, HistoryBatch, NextItemModel, UserHistoryBatcher
+
+__all__ = ["TrainConfig", "Trainer", "evaluate", "build_model", "sampled_softmax_loss", "train_item_counts",
+           "DataMemoryMeter", "user_lane_batches"]
+
+LOSSES = ("full", "sampled")
+SAMPLERS = ("unigram", "uniform")
+CHECKPOINT_FORMAT = "hiertcn_fast.checkpoint/1"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every knob of a training run (defaults: the paper's, except where noted).
+
+    epochs: passes over the training split. lanes (B) and sessions_per_batch (S): the lane
+    generator's batch (32 x 10); the history model takes ``lanes`` users per batch.
+    learning_rate (paper 1e-2), lr_milestones (fractions of the run), lr_gamma (0.2: "divided by 5
+    twice"), grad_clip (max global norm; 0 disables), weight_decay (Adam's L2).
+    loss: "full" (softmax over all items) or "sampled" (num_sampled items per batch from a
+    ``sampler`` proposal, "unigram" = train counts ** 0.75 or "uniform", with log-q correction).
+    amp: bf16 autocast of the output layer and loss; None = on for CUDA devices.
+    device: None = CUDA when present. num_producers, queue_slots: the ring queue (0 producers:
+    build batches in the consuming thread). log_every: print progress every this many steps (0:
+    once per epoch). checkpoint_path / checkpoint_every: write a checkpoint every this many steps
+    and at the end. max_steps: stop after this many steps in total (tests, time budgets).
+    """
+
+    epochs: int = 10
+    lanes: int = 32
+    sessions_per_batch: int = 10
+    learning_rate: float = 1e-2
+    lr_milestones: tuple[float, ...] = (0.5, 0.75)
+    lr_gamma: float = 0.2
+    grad_clip: float = 5.0
+    weight_decay: float = 0.0
+    loss: str = "full"
+    num_sampled: int = 1024
+    sampler: str = "unigram"
+    seed: int = 0
+    amp: bool | None = None
+    device: str | None = None
+    num_producers: int = 1
+    queue_slots: int = 4
+    log_every: int = 0
+    checkpoint_path: str | None = None
+    checkpoint_every: int = 0
+    max_steps: int | None = None
+
+    def __post_init__(self):
+        for name in ("epochs", "lanes", "sessions_per_batch", "num_sampled", "queue_slots"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("num_producers", "log_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if not self.learning_rate > 0 or not 0 < self.lr_gamma <= 1 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("learning_rate must be > 0, lr_gamma in (0, 1], grad_clip and weight_decay >= 0")
+        self.lr_milestones = tuple(float(m) for m in self.lr_milestones)
+        if any(not 0 < m < 1 for m in self.lr_milestones):
+            raise ValueError(f"lr_milestones must be fractions of the run in (0, 1), got {self.lr_milestones}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 0):
+            raise ValueError(f"max_steps must be a non-negative integer or None, got {self.max_steps!r}")
+
+
+def default_device(device=None) -> torch.device:
+    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def build_model(name: str, num_items: int, seed: int = 0, **sizes) -> NextItemModel:
+    """A model of :data:`hiertcn_fast.models.NEURAL_MODELS` by name, its parameters drawn from ``seed``."""
+    if name not in NEURAL_MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(NEURAL_MODELS)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return NEURAL_MODELS[name](num_items, **sizes)
+
+
+def train_item_counts(cache: SessionCache, split: str = "train") -> np.ndarray:
+    """int64 (num_items + 1,): events per item id in ``split`` (entry 0, the padding id, is 0)."""
+    code = cache.split_code(split)
+    sessions = np.flatnonzero(np.asarray(cache.session_split) == code)
+    offsets = np.asarray(cache.session_offsets)
+    lengths = offsets[sessions + 1] - offsets[sessions]
+    starts = np.repeat(offsets[sessions] - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))
+    return np.bincount(np.asarray(cache.item)[starts], minlength=cache.num_items + 1).astype(np.int64)
+
+
+# ---- losses --------------------------------------------------------------------------------------
+
+def sampled_softmax_loss(features: torch.Tensor, targets: torch.Tensor, output: torch.nn.Linear,
+                         sampled: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Sampled softmax with log-q correction, summed over events.
+
+    features (events, d); targets (events,) item ids; output: the model's Linear(d -> items);
+    sampled (num_sampled,) item ids drawn (with replacement) from the proposal q, shared by the
+    batch; log_q (items,) = log(num_sampled * q(item)), the expected-count correction. Each event's
+    logits are its target's and the sampled items', every one minus its log_q; a sampled item that
+    equals the event's target (an accidental hit) is masked out. Unbiased for the full softmax's
+    gradient as num_sampled grows (Bengio & Senecal 2008; Yi et al. 2019).
+    """
+    weight, bias = output.weight, output.bias
+    positive = (features * weight[targets]).sum(-1) + bias[targets] - log_q[targets]
+    negative = features @ weight[sampled].T + bias[sampled] - log_q[sampled]
+    negative = negative.masked_fill(sampled[None, :] == targets[:, None], float("-inf"))
+    logits = torch.cat([positive[:, None], negative], dim=1)
+    return F.cross_entropy(logits.float(), torch.zeros_like(targets), reduction="sum")
+
+
+class _LossStep(torch.nn.Module):
+    """The model plus its loss, as one module, so that DistributedDataParallel sees every parameter
+    used in its forward. forward(batch, state, targets, scale, sampled) -> (scaled loss, loss sum, new state)."""
+
+    def __init__(self, model: NextItemModel, amp: bool, device_type: str, log_q: torch.Tensor | None):
+        super().__init__()
+        self.model = model
+        self.amp, self.device_type = amp, device_type
+        self.log_q = log_q
+
+    def forward(self, batch, state, targets, scale: float, sampled):
+        features, new_state = self.model(batch, state)
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
+            if sampled is None:
+                loss_sum = F.cross_entropy(self.model.scores(features).float(), targets, reduction="sum")
+            else:
+                loss_sum = sampled_softmax_loss(self.model.dropout(features), targets, self.model.output, sampled,
+                                                self.log_q)
+        if features.shape[0] == 0:
+            # No event in this rank's lanes: a zero loss that still reaches every parameter, so that the
+            # backward pass (and DDP's gradient all-reduce, which every rank must join) runs as usual.
+            loss_sum = loss_sum.nan_to_num(0.0) + sum(p.sum() for p in self.model.parameters()) * 0.0
+        return loss_sum * scale, loss_sum.detach(), new_state
+
+
+# ---- data memory ----------------------------------------------------------------------------------
+
+class DataMemoryMeter:
+    """Bytes a training step holds for its data: the batch tensors plus every activation saved for
+    the backward pass (parameters excluded; each storage counted once), the paper's "data memory".
+
+    Use ``with meter.step(batch_tensors, parameters): forward...``; ``peak_bytes`` is the largest step.
+    """
+
+    def __init__(self):
+        self.peak_bytes = 0
+
+    @contextlib.contextmanager
+    def step(self, tensors, parameters):
+        excluded = {p.untyped_storage().data_ptr() for p in parameters}
+        storages: dict[int, int] = {}
+        for t in tensors:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in excluded:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+        self.peak_bytes = max(self.peak_bytes, sum(storages.values()))
+
+
+# ---- data sources -------------------------------------------------------------------------------
+
+class _Source:
+    """Batches of one split for one model kind, on ``device``, with the lane state cache and the
+    position; a rank of a distributed run sees its slice of the lanes (or users)."""
+
+    def __init__(self, model: NextItemModel, cache: SessionCache, split: str, config: TrainConfig, device,
+                 shuffle: bool, rank: int = 0, world_size: int = 1):
+        self.kind = model.input_kind
+        self.device = device
+        self.queued = config.num_producers > 0 and self.kind == "sessions"
+        self.num_producers, self.queue_slots = config.num_producers, config.queue_slots
+        max_length = getattr(model, "max_session_length", None)
+        if self.kind == "sessions":
+            self.batcher = SessionBatcher(cache, split, lanes=config.lanes, sessions_per_batch=config.sessions_per_batch,
+                                          max_session_length=max_length, shuffle=shuffle, seed=config.seed)
+        else:
+            self.batcher = UserHistoryBatcher(cache, split, users_per_batch=config.lanes, max_session_length=max_length,
+                                              shuffle=shuffle, seed=config.seed)
+        if config.lanes % world_size:
+            raise ValueError(f"lanes ({config.lanes}) must be a multiple of the world size ({world_size})")
+        local = config.lanes // world_size
+        self.rows = slice(rank * local, (rank + 1) * local)
+        self.sharded = world_size > 1
+        self.state_cache = None
+        if model.state_shape is not None:
+            layers, hidden = model.state_shape
+            self.state_cache = LaneStateCache(layers, local, hidden, device=device)
+
+    @property
+    def epoch(self) -> int:
+        return self.batcher.epoch
+
+    def num_batches(self, epoch: int) -> int:
+        return self.batcher.num_batches(epoch)
+
+    def batches(self):
+        """The remaining batches of the current epoch: (local batch on device, events of the whole batch)."""
+        if self.queued:
+            stream = self.batcher.iter_queued(self.num_producers, self.queue_slots, device=self.device)
+        else:
+            stream = (b.to(self.device) for b in self.batcher)
+        for batch in stream:
+            total_events = int(batch.lengths.sum())
+            yield (self._local(batch) if self.sharded else batch), total_events
+
+    def _local(self, batch):
+        rows = self.rows
+        if isinstance(batch, HistoryBatch):
+            return HistoryBatch(batch.items[rows], batch.lengths[rows], batch.first_in_session[rows],
+                                batch.user[rows], batch.epoch, batch.index)
+        fields = {name: t[:, rows] for name, t in batch.tensors().items() if name not in ("step_widths", "continues")}
+        return SessionBatch(step_widths=batch.step_widths, continues=batch.continues[rows], epoch=batch.epoch,
+                            index=batch.index, **fields)
+
+    def targets(self, batch) -> dict:
+        return batch.targets() if isinstance(batch, HistoryBatch) else batch_targets(batch)
+
+    def begin(self, batch):
+        if self.state_cache is None:
+            return None
+        return self.state_cache.reset_lanes(batch.continues).clone()
+
+    def end(self, batch, new_state) -> None:
+        if self.state_cache is not None:
+            self.state_cache.store(new_state)
+
+    def state_dict(self) -> dict:
+        return {"batcher": self.batcher.state_dict(),
+                "lane_state": None if self.state_cache is None else self.state_cache.state.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batcher.load_state_dict(state["batcher"])
+        if self.state_cache is not None:
+            self.state_cache.store(state["lane_state"].to(self.state_cache.state.device))
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+
+class Trainer:
+    """Trains ``model`` on the training split of ``cache`` with ``config``; see the module docstring.
+
+    After :meth:`train`: ``curve`` [(step, mean loss per event)], ``train_events``,
+    ``train_seconds``, ``events_per_second``, ``peak_memory_bytes`` (CUDA: device peak; CPU: the
+    data memory of the largest step, :class:`DataMemoryMeter`), ``memory_kind`` says which.
+    """
+
+    def __init__(self, model: NextItemModel, cache: SessionCache, config: TrainConfig | None = None, name: str = "",
+                 out=sys.stdout):
+        if not isinstance(model, NextItemModel):
+            raise TypeError(f"model must be a NextItemModel, got {type(model).__name__}")
+        self.config = config = config or TrainConfig()
+        self.name = name or type(model).__name__
+        self.out = out
+        self.device = default_device(config.device)
+        self.model = model.to(self.device)
+        self.cache = cache
+        self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = torch.distributed.get_rank() if self.distributed else 0
+        self.world_size = torch.distributed.get_world_size() if self.distributed else 1
+        self.source = _Source(model, cache, "train", config, self.device, shuffle=True, rank=self.rank,
+                              world_size=self.world_size)
+        self.amp = (self.device.type == "cuda") if config.amp is None else bool(config.amp)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate,
+                                          weight_decay=config.weight_decay)
+        log_q = None
+        self.proposal = None
+        if config.loss == "sampled":
+            counts = train_item_counts(cache).astype(np.float64)
+            weights = counts ** 0.75 if config.sampler == "unigram" else np.ones_like(counts)
+            weights[0] = 0.0
+            self.proposal = torch.from_numpy(weights / weights.sum()).to(self.device, torch.float32)
+            log_q = torch.log(config.num_sampled * self.proposal.clamp(min=1e-30))
+        self.sampler = torch.Generator(device=self.device)
+        self.sampler.manual_seed(config.seed)
+        step_module = _LossStep(model, self.amp, self.device.type, log_q)
+        if self.distributed:
+            step_module = torch.nn.parallel.DistributedDataParallel(step_module)
+        self.loss_step = step_module
+        self.step = 0
+        self.curve: list[tuple[int, float]] = []
+        self.train_events = 0
+        self.train_seconds = 0.0
+        self.memory = DataMemoryMeter()
+        self._rng_seeded = False
+
+    # ---- schedule ----
+
+    def learning_rate(self, epoch: int, index: int) -> float:
+        """The step schedule at batch ``index`` of ``epoch``: a pure function of the position, so a
+        resumed run follows it exactly."""
+        progress = (epoch + index / max(self.source.num_batches(epoch), 1)) / self.config.epochs
+        passed = sum(progress >= m for m in self.config.lr_milestones)
+        return self.config.learning_rate * self.config.lr_gamma ** passed
+
+    # ---- one step ----
+
+    def _train_step(self, batch, total_events: int) -> float:
+        config = self.config
+        state = self.source.begin(batch)
+        targets = self.source.targets(batch)["targets"]
+        lr = self.learning_rate(batch.epoch, batch.index)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        sampled = None
+        if self.proposal is not None:
+            sampled = torch.multinomial(self.proposal, config.num_sampled, replacement=True, generator=self.sampler)
+        # DDP averages gradients over ranks: scale each rank's sum so the average is the mean over the
+        # events of the whole batch.
+        scale = self.world_size / max(total_events, 1)
+        tensors = list(batch.tensors().values()) if isinstance(batch, SessionBatch) else [batch.items]
+        with self.memory.step(tensors, self.model.parameters()):
+            loss, loss_sum, new_state = self.loss_step(batch, state, targets, scale, sampled)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.source.end(batch, new_state)
+        if self.distributed:
+            torch.distributed.all_reduce(loss_sum)
+        return float(loss_sum) / max(total_events, 1)
+
+    # ---- the run ----
+
+    def train(self) -> "Trainer":
+        config = self.config
+        if not self._rng_seeded and self.step == 0:
+            torch.manual_seed(config.seed + self.rank)  # dropout; a resumed run restores the RNG instead
+            self._rng_seeded = True
+        self.model.train()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        def finished() -> bool:
+            return config.max_steps is not None and self.step >= config.max_steps
+
+        while self.source.epoch < config.epochs and not finished():
+            epoch = self.source.epoch
+            epoch_loss, epoch_events = 0.0, 0
+            started = time.perf_counter()
+            for batch, total_events in self.source.batches():
+                loss = self._train_step(batch, total_events)
+                self.step += 1
+                self.curve.append((self.step, loss))
+                self.train_events += total_events
+                epoch_loss += loss * total_events
+                epoch_events += total_events
+                if config.log_every and self.step % config.log_every == 0:
+                    self._log(epoch, loss, self.train_events, self.train_seconds + time.perf_counter() - started)
+                if config.checkpoint_path and config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                    self.train_seconds += time.perf_counter() - started
+                    self.save_checkpoint(config.checkpoint_path)
+                    started = time.perf_counter()
+                # Stop only after a batch is consumed: the generator has already counted it as handed out.
+                if finished():
+                    break
+            self.train_seconds += time.perf_counter() - started
+            if epoch_events and not config.log_every:
+                self._log(epoch, epoch_loss / epoch_events, self.train_events, self.train_seconds)
+        if config.checkpoint_path:
+            self.save_checkpoint(config.checkpoint_path)
+        return self
+
+    def _log(self, epoch: int, loss: float, events: int, seconds: float) -> None:
+        if self.rank != 0 or self.out is None:
+            return
+        rate = events / seconds if seconds > 0 else float("nan")
+        print(f"[{self.name}] epoch {epoch + 1}/{self.config.epochs} step {self.step} loss {loss:.4f} "
+              f"lr {self.optimizer.param_groups[0]['lr']:.2e} {rate:,.0f} events/s", file=self.out, flush=True)
+
+    @property
+    def events_per_second(self) -> float | None:
+        return self.train_events / self.train_seconds if self.train_seconds > 0 else None
+
+    @property
+    def memory_kind(self) -> str:
+        return ("peak device memory allocated (torch.cuda.max_memory_allocated)" if self.device.type == "cuda" else
+                "data memory: the largest step's batch tensors plus activations saved for backward")
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return int(self.memory.peak_bytes)
+
+    # ---- checkpoints ----
+
+    def checkpoint(self) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "name": self.name, "config": dataclasses.asdict(self.config),
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "source": self.source.state_dict(), "step": self.step, "curve": list(self.curve),
+                "train_events": self.train_events, "train_seconds": self.train_seconds,
+                "rng": torch.get_rng_state(), "sampler": self.sampler.get_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    def save_checkpoint(self, path) -> Path:
+        """Write :meth:`checkpoint` atomically (a temporary file renamed into place); per rank in a
+        distributed run (``path.rank<r>``)."""
+        path = Path(path if self.world_size == 1 else f"{path}.rank{self.rank}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save(self.checkpoint(), temporary)
+        os.replace(temporary, path)
+        return path
+
+    def load_checkpoint(self, path_or_state) -> "Trainer":
+        """Restore everything :meth:`checkpoint` holds; :meth:`train` then continues where it stopped."""
+        state = path_or_state
+        if not isinstance(state, dict):
+            path = Path(path_or_state if self.world_size == 1 else f"{path_or_state}.rank{self.rank}")
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"not a hiertcn_fast checkpoint (format {state.get('format')!r}, "
+                             f"expected {CHECKPOINT_FORMAT!r})")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.source.load_state_dict(state["source"])
+        self.step, self.curve = int(state["step"]), [tuple(p) for p in state["curve"]]
+        self.train_events, self.train_seconds = int(state["train_events"]), float(state["train_seconds"])
+        torch.set_rng_state(state["rng"])
+        self.sampler.set_state(state["sampler"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self._rng_seeded = True
+        return self
+
+
+# ---- evaluation -----------------------------------------------------------------------------------
+
+def user_lane_batches(cache: SessionCache, splits, users: np.ndarray, users_per_batch: int,
+                      max_session_length: int):
+    """Lane batches holding ONE user per lane: lane b of a batch is user ``users[k]``'s sessions of
+    ``splits`` (in time order), truncated to ``max_session_length`` events. ``keep`` is True throughout
+    (a lane never changes user) and padded steps have length 0, so a stateful model's final state of
+    lane b is its user's state after those sessions. Yields (users of the batch, SessionBatch)."""
+    codes = [cache.split_code(split) for split in splits]
+    session_split = np.asarray(cache.session_split)
+    user_session_offsets = np.asarray(cache.user_session_offsets)
+    offsets, item = np.asarray(cache.session_offsets), np.asarray(cache.item)
+    for start in range(0, users.shape[0], users_per_batch):
+        chosen = users[start:start + users_per_batch]
+        per_user = []
+        for user in chosen:
+            sessions = np.arange(user_session_offsets[user], user_session_offsets[user + 1])
+            per_user.append(sessions[np.isin(session_split[sessions], codes)])
+        steps = max(1, max(s.shape[0] for s in per_user))
+        lanes = chosen.shape[0]
+        session = np.full((steps, lanes), -1, dtype=np.int64)
+        for lane, sessions in enumerate(per_user):
+            session[:sessions.shape[0], lane] = sessions
+        valid = session >= 0
+        safe = np.where(valid, session, 0)
+        lengths = np.where(valid, np.minimum(offsets[safe + 1] - offsets[safe], max_session_length), 0)
+        width = int(lengths.max()) if lengths.size else 0
+        items = np.zeros((steps, lanes, width + 1), dtype=np.int64)
+        positions = np.arange(width)
+        present = positions < lengths[..., None]
+        items[..., 1:][present] = item[(offsets[safe][..., None] + positions)[present]]
+        user = np.where(valid, chosen[None, :], -1)
+        batch = SessionBatch(torch.from_numpy(items), torch.from_numpy(lengths),
+                             torch.from_numpy(np.where(valid.any(1), lengths.max(1) + 1, 0)), torch.from_numpy(valid),
+                             torch.ones(steps, lanes, dtype=torch.bool), torch.from_numpy(user),
+                             torch.from_numpy(session), torch.zeros(lanes, dtype=torch.bool), 0, start)
+        yield chosen, batch
+
+
+def _split_users(cache: SessionCache, split: str) -> np.ndarray:
+    """Dense indices of the users with a session in ``split``, ascending."""
+    sessions = np.flatnonzero(np.asarray(cache.session_split) == cache.split_code(split))
+    return np.unique(np.searchsorted(np.asarray(cache.user_session_offsets), sessions, side="right") - 1)
+
+
+EARLIER_SPLITS = {"train": (), "valid": ("train",), "test": ("train", "valid")}
+
+
+@torch.no_grad()
+def evaluate(model: NextItemModel, cache: SessionCache, split: str = "test", config: TrainConfig | None = None,
+             metrics: RankingMetrics | None = None) -> dict:
+    """Full-catalogue metrics of ``model`` on every event of ``split`` (RankingMetrics.result()); every
+    event is predicted from exactly the user's earlier events, as the rules' "user" history scope sees them.
+
+    Cold (by user) split: the split's users are new, so the lane generator runs over the split with
+    its own state cache (the paper's scheme), lanes starting each user from a zero state. Warm (by
+    time) split: a user's sessions in ``split`` follow their sessions in the earlier splits, so each
+    user's state is first built over those (one user per lane, :func:`user_lane_batches`) and the
+    split is then evaluated from it. The single-level history TCN supports cold splits only.
+    """
+    config = config or TrainConfig()
+    device = next(model.parameters()).device
+    metrics = metrics or RankingMetrics()
+    warm = cache.params.get("split") == "warm"
+    if warm and model.input_kind != "sessions":
+        raise NotImplementedError(f"evaluate: {type(model).__name__} on a warm (by time) split would need the "
+                                  "earlier splits' events as context; only cold splits are supported for it")
+    was_training = model.training
+    model.eval()
+
+    def score(batch, state):
+        features, new_state = model(batch, state)
+        fields = batch_targets(batch) if isinstance(batch, SessionBatch) else batch.targets()
+        metrics.update(model.scores(features).float(), fields["targets"], fields["users"],
+                       fields["first_in_session"])
+        return new_state
+
+    try:
+        if not warm:
+            source = _Source(model, cache, split, config, device, shuffle=False)
+            for batch, _ in source.batches():
+                source.end(batch, score(batch, source.begin(batch)))
+        else:
+            max_length = getattr(model, "max_session_length", None) or cache.max_session_length
+            users = _split_users(cache, split)
+            for chosen, batch in user_lane_batches(cache, (split,), users, config.lanes, max_length):
+                state = None
+                if model.state_shape is not None and EARLIER_SPLITS[split]:
+                    (_, history), = user_lane_batches(cache, EARLIER_SPLITS[split], chosen, chosen.shape[0],
+                                                      max_length)
+                    _, state = model(history.to(device), None)
+                score(batch.to(device), state)
+    finally:
+        model.train(was_training)
+    return metrics.result()

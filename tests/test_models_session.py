@@ -1,0 +1,159 @@
+"""The lane-batch models (HierTCN, HierGRU, HRNN, SessionGRU): shapes, causality, state carrying and
+resets, and HierTCN's fused path against backend='reference'."""
+
+import pytest
+import torch
+
+from hiertcn_fast.evaluate import batch_targets
+from hiertcn_fast.models import HRNN, HierGRU, HierTCN, SessionGRU
+from model_helpers import lane_batch, random_sessions, one_thread  # noqa: F401 (autouse fixture)
+
+NUM_ITEMS = 31
+
+
+def make(name, **kwargs):
+    torch.manual_seed(11)
+    if name == "hiertcn":
+        return HierTCN(NUM_ITEMS, embedding_dim=10, state_layers=2, state_hidden=6, tcn_channels=(8, 9),
+                       kernel_size=3, dilations=(1, 2), **kwargs)
+    if name == "hiergru":
+        return HierGRU(NUM_ITEMS, embedding_dim=10, state_layers=2, state_hidden=6, session_hidden=9, **kwargs)
+    if name == "hrnn":
+        return HRNN(NUM_ITEMS, embedding_dim=10, user_layers=1, user_hidden=6, session_hidden=9, **kwargs)
+    return SessionGRU(NUM_ITEMS, embedding_dim=10, hidden=9, **kwargs)
+
+
+MODELS = ["hiertcn", "hiergru", "hrnn", "session_gru"]
+STATEFUL = ["hiertcn", "hiergru", "hrnn"]
+
+
+def features_of(model, batch, state=None):
+    with torch.no_grad():
+        return model.double()(batch, state)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_shapes_and_event_order(name):
+    model = make(name).double()
+    generator = torch.Generator().manual_seed(0)
+    batch = lane_batch(random_sessions(generator, NUM_ITEMS, lanes=5), width=9)
+    features, state = model(batch, None)
+    targets = batch_targets(batch)
+    assert features.shape == (targets["targets"].shape[0], model.output.in_features)
+    assert model.scores(features).shape == (features.shape[0], NUM_ITEMS + 1)
+    if model.state_shape is None:
+        assert state is None
+    else:
+        assert state.shape == (model.state_shape[0], 5, model.state_shape[1])
+    # The loss backpropagates to every parameter.
+    torch.nn.functional.cross_entropy(model.scores(features), targets["targets"]).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_no_future_leak(name):
+    """Changing item p of a session changes no prediction made before it was seen: not the earlier
+    positions of that session, not earlier sessions, not other lanes."""
+    model = make(name)
+    sessions = [[[1, 2, 3, 4, 5], [6, 7, 8]], [[9, 10], [11, 12, 13, 14]], [[15, 16, 17]]]
+    base = lane_batch(sessions)
+    changed_sessions = [[list(s) for s in lane] for lane in sessions]
+    changed_sessions[0][0][2] = 30  # lane 0, session 0, item 3 (predicted at position 2)
+    changed = lane_batch(changed_sessions)
+    before, _ = features_of(model, base)
+    after, _ = features_of(model, changed)
+    fields = batch_targets(base)
+    mask = fields["mask"]
+    step, lane, position = torch.nonzero(mask, as_tuple=True)
+    may_change = (lane == 0) & ((step > 0) | (position >= 3))
+    if name == "session_gru":
+        may_change &= step == 0
+    torch.testing.assert_close(after[~may_change], before[~may_change])
+    assert not torch.allclose(after[may_change & (step == 0)], before[may_change & (step == 0)])
+    if name in STATEFUL:  # the next session sees the change through the state
+        assert not torch.allclose(after[(lane == 0) & (step == 1)], before[(lane == 0) & (step == 1)])
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_state_carried_between_batches_equals_one_batch(name):
+    """Four sessions of each lane in one batch == two batches of two with the state carried."""
+    model = make(name)
+    generator = torch.Generator().manual_seed(3)
+    lanes = [[torch.randint(1, NUM_ITEMS + 1, (int(n),), generator=generator).tolist()
+              for n in torch.randint(1, 6, (4,), generator=generator)] for _ in range(3)]
+    whole, whole_state = features_of(model, lane_batch(lanes))
+    first = lane_batch([lane[:2] for lane in lanes], keep_last=True)
+    second = lane_batch([lane[2:] for lane in lanes], continues=torch.ones(3, dtype=torch.bool), index=1)
+    part1, state = features_of(model, first)
+    part2, final = features_of(model, second, state)
+    # Reorder: the batches list events step-major, so interleave back by (step, lane).
+    split = [batch_targets(b)["mask"] for b in (first, second)]
+    width = max(m.shape[2] for m in split)
+    full = torch.zeros(4, 3, width, part1.shape[1], dtype=part1.dtype)
+    full[:2, :, :split[0].shape[2]][split[0]] = part1
+    full[2:, :, :split[1].shape[2]][split[1]] = part2
+    mask = torch.zeros(4, 3, width, dtype=torch.bool)
+    mask[:2, :, :split[0].shape[2]] = split[0]
+    mask[2:, :, :split[1].shape[2]] = split[1]
+    torch.testing.assert_close(full[mask], whole)
+    torch.testing.assert_close(final, whole_state)
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_user_boundary_resets_state(name):
+    """A lane holding user A then user B predicts B's events as if B were alone."""
+    model = make(name)
+    user_a, user_b = [[1, 2, 3], [4, 5]], [[6, 7], [8, 9, 10]]
+    shared = lane_batch([user_a + user_b])
+    shared.keep[1, 0] = False  # user A ends after its second session
+    alone = lane_batch([user_b])
+    together, _ = features_of(model, shared)
+    by_itself, _ = features_of(model, alone)
+    events_a = sum(len(s) for s in user_a)
+    torch.testing.assert_close(together[events_a:], by_itself)
+
+
+def test_hiertcn_defaults_are_the_papers():
+    model = HierTCN(100)
+    assert model.item_embedding.embedding_dim == 128
+    assert model.state_shape == (2, 128) and model.context_dim == 256
+    assert [b.conv.out_channels for b in model.tcn.blocks] == [128, 128]
+    assert [b.conv.kernel_size for b in model.tcn.blocks] == [5, 5]
+    assert [b.conv.dilation for b in model.tcn.blocks] == [1, 2]
+    assert model.tcn.blocks[0].conv.context_channels == 256
+    assert model.max_session_length == 20 and model.output.out_features == 101
+
+
+def test_hiertcn_fused_equals_reference():
+    """Same weights, backend='reference' vs the default (fused) backend: features, state and gradients."""
+    generator = torch.Generator().manual_seed(4)
+    batch = lane_batch(random_sessions(generator, NUM_ITEMS, lanes=4, max_length=9))
+    state = torch.randn(2, 4, 6, dtype=torch.float64, generator=generator)
+    results = []
+    for backend in (None, "reference"):
+        model = make("hiertcn", backend=backend).double()
+        features, new_state = model(batch, state)
+        (features.square().sum() + new_state.sum()).backward()
+        results.append((features, new_state, {n: p.grad for n, p in model.named_parameters()}))
+    (f_fast, s_fast, g_fast), (f_ref, s_ref, g_ref) = results
+    torch.testing.assert_close(f_fast, f_ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(s_fast, s_ref, rtol=1e-9, atol=1e-9)
+    for name in g_ref:
+        torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-8, atol=1e-8, msg=name)
+
+
+def test_empty_batch_and_errors():
+    model = make("hiertcn")
+    batch = lane_batch([[[1]]])
+    batch.lengths.zero_()
+    batch.valid.zero_()
+    features, state = model(batch, None)
+    assert features.shape == (0, 9) and state.shape == (2, 1, 6)
+    with pytest.raises(ValueError, match="state must be"):
+        model(lane_batch([[[1, 2]]]), torch.zeros(2, 3, 6))
+    with pytest.raises(ValueError, match="tcn_channels"):
+        HierTCN(10, tcn_channels=())
+    with pytest.raises(ValueError, match="dropout"):
+        HierTCN(10, dropout=1.0)
+    with pytest.raises(ValueError, match="state=None"):
+        make("session_gru")(lane_batch([[[1, 2]]]), torch.zeros(1, 1, 1))
