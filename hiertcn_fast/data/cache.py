@@ -43,7 +43,7 @@ import numpy as np
 __all__ = ["SessionCache", "CacheCorruptError", "CACHE_FORMAT", "CACHE_VERSION", "SPLITS"]
 
 CACHE_FORMAT = "hiertcn_fast.session_cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bumped whenever the content for the same source and params changes
 MANIFEST_NAME = "manifest.json"
 TEMP_PREFIX = ".tmp-"
 SPLITS = {"train": 0, "valid": 1, "test": 2}
