@@ -1,11 +1,11 @@
-# The two quickstart commands are `make bench` (the main job) and `make test`; both install first.
+# The two quickstart commands are `make train` (the main job) and `make test`; both install first.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 # torch 2.14.1 is the CUDA 13.0 build the development machines carry; triton comes with it.
 TORCH_SPEC ?= torch==2.14.1
 INSTALL_STAMP := build/.installed
 
-.PHONY: install test bench cmake-test gpu-check clean
+.PHONY: install train test bench cmake-test gpu-check clean
 
 install: $(INSTALL_STAMP)
 
@@ -16,6 +16,9 @@ $(INSTALL_STAMP): setup.py pyproject.toml csrc/SOURCES $(wildcard csrc/*.cpp csr
 	$(PIP) install --no-build-isolation --no-deps -e .
 	@mkdir -p build && touch $(INSTALL_STAMP)
 
+train: install
+	$(PYTHON) -m hiertcn_fast train
+
 test: install
 	$(PYTHON) -m pytest tests -q
 
@@ -23,7 +26,10 @@ bench: install
 	$(PYTHON) -m pytest benchmarks -q
 	$(PYTHON) benchmarks/bench_data.py --quick
 
-cmake-test: install
+cmake-train: install
+	$(PYTHON) -m hiertcn_fast train
+
+test: install
 	rm -rf build/cmake
 	cmake -S . -B build/cmake -G Ninja
 	cmake --build build/cmake -j
