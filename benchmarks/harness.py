@@ -230,13 +230,13 @@ def machine() -> dict:
 
 
 def format_table(rows: List[dict]) -> str:
-    header = f"{'op':<16} {'case':<38} {'variant':<14} {'median':>10} {'speedup':>8} {'GB/s':>8} " \
+    header = f"{'op':<16} {'case':<52} {'variant':<14} {'median':>10} {'speedup':>8} {'GB/s':>8} " \
              f"{'TFLOP/s':>8} {'%peak':>6} {'peak MiB':>9}"
     lines = [header, "-" * len(header)]
     for r in rows:
         pct = r.get("%HBM") if r.get("%HBM") is not None else r.get("%FLOP peak")
         lines.append(
-            f"{r['op']:<16} {r['case'][:38]:<38} {r['variant']:<14} {_fmt_time(r['median_s']):>10} "
+            f"{r['op']:<16} {r['case'][:52]:<52} {r['variant']:<14} {_fmt_time(r['median_s']):>10} "
             f"{_fmt(r['speedup'], 'x'):>8} {_fmt(r.get('GB/s')):>8} {_fmt(r.get('TFLOP/s'), '', 3):>8} "
             f"{_fmt(pct):>6} {_fmt(r['peak_bytes'] / 2**20 if r.get('peak_bytes') is not None else None):>9}")
     return "\n".join(lines)
