@@ -63,7 +63,8 @@ class TrainConfig:
     amp: bf16 autocast of the output layer and loss; None = on for CUDA devices.
     device: None = CUDA when present. num_producers, queue_slots: the ring queue (0 producers:
     build batches in the consuming thread). log_every: print progress every this many steps (0:
-    once per epoch). checkpoint_path / checkpoint_every: write a checkpoint every this many steps
+    once per epoch). progress_bar: a live bar per epoch with loss and events/s (None: when the
+    output is a terminal). checkpoint_path / checkpoint_every: write a checkpoint every this many steps
     and at the end. max_steps: stop after this many steps in total (tests, time budgets).
     """
 
@@ -84,6 +85,7 @@ class TrainConfig:
     num_producers: int = 1
     queue_slots: int = 4
     log_every: int = 0
+    progress_bar: bool | None = None
     checkpoint_path: str | None = None
     checkpoint_every: int = 0
     max_steps: int | None = None
@@ -388,29 +390,53 @@ class Trainer:
         while self.source.epoch < config.epochs and not finished():
             epoch = self.source.epoch
             epoch_loss, epoch_events = 0.0, 0
+            bar = self._progress_bar(epoch)
             started = time.perf_counter()
-            for batch, total_events in self.source.batches():
-                loss = self._train_step(batch, total_events)
-                self.step += 1
-                self.curve.append((self.step, loss))
-                self.train_events += total_events
-                epoch_loss += loss * total_events
-                epoch_events += total_events
-                if config.log_every and self.step % config.log_every == 0:
-                    self._log(epoch, loss, self.train_events, self.train_seconds + time.perf_counter() - started)
-                if config.checkpoint_path and config.checkpoint_every and self.step % config.checkpoint_every == 0:
-                    self.train_seconds += time.perf_counter() - started
-                    self.save_checkpoint(config.checkpoint_path)
-                    started = time.perf_counter()
-                # Stop only after a batch is consumed: the generator has already counted it as handed out.
-                if finished():
-                    break
+            try:
+                for batch, total_events in self.source.batches():
+                    loss = self._train_step(batch, total_events)
+                    self.step += 1
+                    self.curve.append((self.step, loss))
+                    self.train_events += total_events
+                    epoch_loss += loss * total_events
+                    epoch_events += total_events
+                    if bar is not None:
+                        seconds = self.train_seconds + time.perf_counter() - started
+                        bar.set_postfix_str(f"loss {loss:.4f}, {self.train_events / seconds:,.0f} events/s",
+                                            refresh=False)
+                        bar.update(1)
+                    if config.log_every and self.step % config.log_every == 0:
+                        self._log(epoch, loss, self.train_events, self.train_seconds + time.perf_counter() - started)
+                    if config.checkpoint_path and config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                        self.train_seconds += time.perf_counter() - started
+                        self.save_checkpoint(config.checkpoint_path)
+                        started = time.perf_counter()
+                    # Stop only after a batch is consumed: the generator has already counted it as handed out.
+                    if finished():
+                        break
+            finally:
+                if bar is not None:
+                    bar.close()
             self.train_seconds += time.perf_counter() - started
             if epoch_events and not config.log_every:
                 self._log(epoch, epoch_loss / epoch_events, self.train_events, self.train_seconds)
         if config.checkpoint_path:
             self.save_checkpoint(config.checkpoint_path)
         return self
+
+    def _progress_bar(self, epoch: int):
+        """A tqdm bar over this epoch's batches, or None (not rank 0, no output, or not wanted)."""
+        if self.rank != 0 or self.out is None:
+            return None
+        wanted = self.config.progress_bar
+        if wanted is None:
+            wanted = hasattr(self.out, "isatty") and self.out.isatty()
+        if not wanted:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.source.num_batches(epoch), file=self.out, leave=False, unit="batch",
+                    desc=f"[{self.name}] epoch {epoch + 1}/{self.config.epochs}")
 
     def _log(self, epoch: int, loss: float, events: int, seconds: float) -> None:
         if self.rank != 0 or self.out is None:

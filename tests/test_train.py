@@ -189,3 +189,18 @@ def test_main_job_command_writes_the_report(tmp_path, capsys):
     for name in ("hiertcn", "session_gru", "transitions", "most_popular"):
         assert f"| {name} |" in report
     assert "Recall@10" in capsys.readouterr().out
+
+
+def test_progress_bar_shows_loss_and_events_per_second(cache):
+    import io
+
+    out = io.StringIO()
+    model = build_model("hiertcn", cache.num_items, seed=1, **TINY["hiertcn"])
+    trainer = Trainer(model, cache, config(epochs=1, progress_bar=True), name="hiertcn", out=out).train()
+    batches = trainer.source.num_batches(0)
+    bar_frames = [frame for frame in out.getvalue().split("\r") if f"/{batches} [" in frame]
+    assert any("events/s" in frame and "loss" in frame for frame in bar_frames), bar_frames
+    quiet = io.StringIO()  # not a terminal: log lines only, no bar
+    Trainer(build_model("hiertcn", cache.num_items, seed=1, **TINY["hiertcn"]), cache, config(epochs=1),
+            name="hiertcn", out=quiet).train()
+    assert "\r" not in quiet.getvalue() and "events/s" in quiet.getvalue()
