@@ -79,9 +79,6 @@ def _train_and_report(args, device, started, main_rank) -> int:
     params = dataclasses.replace(ML100K_PARAMS, split="warm" if args.split_by == "time" else "cold")
     cache = preprocess(load_dataset(args.dataset), args.cache_dir, params)
     models = args.models
-    if args.split_by == "time" and "history_tcn" in models:
-        models = tuple(m for m in models if m != "history_tcn")
-        print("history_tcn skipped: its evaluation supports cold (by user) splits only", flush=True)
     print(f"data: {args.dataset}, {cache.num_events} events, {cache.num_users} users, {cache.num_items} items; "
           f"device {device}", flush=True)
     results = evaluate_rules(cache, args.split) if args.rules and main_rank else {}

@@ -260,8 +260,7 @@ class _Source:
     def _local(self, batch):
         rows = self.rows
         if isinstance(batch, HistoryBatch):
-            return HistoryBatch(batch.items[rows], batch.lengths[rows], batch.first_in_session[rows],
-                                batch.user[rows], batch.epoch, batch.index)
+            return batch.rows(rows)
         fields = {name: t[:, rows] for name, t in batch.tensors().items() if name not in ("step_widths", "continues")}
         return SessionBatch(step_widths=batch.step_widths, continues=batch.continues[rows], epoch=batch.epoch,
                             index=batch.index, **fields)
@@ -560,15 +559,13 @@ def evaluate(model: NextItemModel, cache: SessionCache, split: str = "test", con
     its own state cache (the paper's scheme), lanes starting each user from a zero state. Warm (by
     time) split: a user's sessions in ``split`` follow their sessions in the earlier splits, so each
     user's state is first built over those (one user per lane, :func:`user_lane_batches`) and the
-    split is then evaluated from it. The single-level history TCN supports cold splits only.
+    split is then evaluated from it; the single-level history TCN reads the earlier splits' events
+    as the leading part of each user's history and predicts only the split's.
     """
     config = config or TrainConfig()
     device = next(model.parameters()).device
     metrics = metrics or RankingMetrics()
     warm = cache.params.get("split") == "warm"
-    if warm and model.input_kind != "sessions":
-        raise NotImplementedError(f"evaluate: {type(model).__name__} on a warm (by time) split would need the "
-                                  "earlier splits' events as context; only cold splits are supported for it")
     was_training = model.training
     model.eval()
 
@@ -580,7 +577,12 @@ def evaluate(model: NextItemModel, cache: SessionCache, split: str = "test", con
         return new_state
 
     try:
-        if not warm:
+        if warm and model.input_kind == "history":
+            max_length = getattr(model, "max_session_length", None)
+            for batch in UserHistoryBatcher(cache, split, users_per_batch=config.lanes, max_session_length=max_length,
+                                            context_splits=EARLIER_SPLITS[split]):
+                score(batch.to(device), None)
+        elif not warm:
             source = _Source(model, cache, split, config, device, shuffle=False)
             for batch, _ in source.batches():
                 source.end(batch, score(batch, source.begin(batch)))

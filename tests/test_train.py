@@ -109,8 +109,37 @@ def test_warm_split_evaluation_starts_from_the_earlier_sessions(tmp_path):
     # Without the warm-up (zero states) the first events of the test sessions are predicted differently.
     cold_start = zero_state_metrics(model, warm, "test", 8)
     assert cold_start.result()["per_event"]["first_in_session"]["MRR"] != quality["per_event"]["first_in_session"]["MRR"]
-    with pytest.raises(NotImplementedError, match="warm"):
-        evaluate(build_model("history_tcn", warm.num_items, **TINY["history_tcn"]), warm, "test")
+
+
+def test_warm_split_evaluation_of_the_history_tcn_reads_the_earlier_splits(tmp_path):
+    from hiertcn_fast.models.history_tcn import UserHistoryBatcher
+
+    warm = synthetic_cache(tmp_path / "warm", split="warm")
+    model = build_model("history_tcn", warm.num_items, seed=1, **TINY["history_tcn"])
+    Trainer(model, warm, config(epochs=2), out=None).train()
+    quality = evaluate(model, warm, "test", config())
+    events = list(iter_split_events(warm, "test"))
+    assert quality["counts"]["events"] == sum(len(e) for e in events)
+    assert quality["counts"]["first_in_session_events"] == sum(int(e.first_in_session.sum()) for e in events)
+    # The same users without their earlier sessions as context are predicted differently.
+    model.eval()
+    no_context = RankingMetrics()
+    with torch.no_grad():
+        for batch in UserHistoryBatcher(warm, "test", users_per_batch=8):
+            features, _ = model(batch, None)
+            fields = batch.targets()
+            no_context.update(model.scores(features).float(), fields["targets"], fields["users"],
+                              fields["first_in_session"])
+    assert no_context.result()["counts"]["events"] == quality["counts"]["events"]
+    assert no_context.result()["per_event"]["all"]["MRR"] != quality["per_event"]["all"]["MRR"]
+
+
+def test_context_splits_must_precede_the_split(tmp_path):
+    from hiertcn_fast.models.history_tcn import UserHistoryBatcher
+
+    warm = synthetic_cache(tmp_path / "warm", split="warm")
+    with pytest.raises(ValueError, match="precedes one of the context splits"):
+        UserHistoryBatcher(warm, "train", context_splits=("test",))
 
 
 def test_full_softmax_equals_sampled_softmax_over_every_item():

@@ -31,6 +31,8 @@ class HistoryBatch:
     items int64 (users, time): [0, x_1..x_n, 0 padding], time >= 1 + max length; lengths int64
     (users,): events of each user; first_in_session bool (users, time - 1): position t (predicting
     x_{t+1}) is the first event of a session; user int64 (users,): dense user index.
+    context_lengths int64 (users,) or None: the first context_lengths events of a row are history
+    from earlier splits (a warm split's evaluation), read by the model but not predicted.
     """
 
     items: torch.Tensor
@@ -39,17 +41,33 @@ class HistoryBatch:
     user: torch.Tensor
     epoch: int
     index: int
+    context_lengths: torch.Tensor | None = None
 
     def to(self, device, non_blocking: bool = False) -> "HistoryBatch":
         moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name in ("items", "lengths", "first_in_session", "user"):
-            moved[name] = moved[name].to(device, non_blocking=non_blocking)
+        for name in ("items", "lengths", "first_in_session", "user", "context_lengths"):
+            if moved[name] is not None:
+                moved[name] = moved[name].to(device, non_blocking=non_blocking)
         return HistoryBatch(**moved)
+
+    def rows(self, rows) -> "HistoryBatch":
+        """The batch restricted to some users (a rank's share)."""
+        context = None if self.context_lengths is None else self.context_lengths[rows]
+        return HistoryBatch(self.items[rows], self.lengths[rows], self.first_in_session[rows], self.user[rows],
+                            self.epoch, self.index, context)
+
+    def predicted(self, width: int) -> torch.Tensor:
+        """bool (users, width): the positions whose next event is predicted (not padding, not context)."""
+        positions = torch.arange(width, device=self.items.device)
+        mask = positions < self.lengths[:, None]
+        if self.context_lengths is not None:
+            mask &= positions >= self.context_lengths[:, None]
+        return mask
 
     def targets(self) -> dict[str, torch.Tensor]:
         """The prediction events, as :func:`hiertcn_fast.evaluate.batch_targets` gives for lane batches."""
         time = self.items.shape[1]
-        mask = torch.arange(time - 1, device=self.items.device) < self.lengths[:, None]
+        mask = self.predicted(time - 1)
         return {"mask": mask, "targets": self.items[:, 1:][mask],
                 "users": self.user[:, None].expand(-1, time - 1)[mask],
                 "first_in_session": self.first_in_session[mask]}
@@ -62,13 +80,15 @@ class UserHistoryBatcher:
     padding several-fold (ml-100k: mean 33 events, longest 254); with ``shuffle`` the order of the
     batches (and of equal-length users) is a permutation that is a function of (seed, epoch).
     ``max_session_length`` truncates sessions as the lane batcher does (None: none).
+    ``context_splits``: splits whose sessions of the same users come first as read-only history (a
+    warm split's evaluation: train and valid before test); their events are not predicted.
     Position (epoch, next_index) and :meth:`state_dict` / :meth:`load_state_dict` as the lane
     batcher's, so the training loop resumes both the same way.
     """
 
     def __init__(self, cache: SessionCache, split: str = "train", users_per_batch: int = 32,
                  max_session_length: int | None = None, shuffle: bool = False, seed: int = 0,
-                 by_length: bool = True):
+                 by_length: bool = True, context_splits=()):
         if not isinstance(cache, SessionCache):
             raise TypeError(f"cache must be a SessionCache, got {type(cache).__name__}")
         check_positive(users_per_batch=users_per_batch)
@@ -77,27 +97,41 @@ class UserHistoryBatcher:
         self.by_length = bool(by_length)
         self.max_session_length = max_session_length or max(cache.max_session_length, 1)
         self.epoch, self.next_index = 0, 0
-        code = cache.split_code(split)
-        sessions = np.flatnonzero(np.asarray(cache.session_split) == code)
+        self.context_splits = tuple(context_splits)
+        session_split = np.asarray(cache.session_split)
         user_session_offsets = np.asarray(cache.user_session_offsets)
+        in_split = session_split == cache.split_code(split)
+        self.users = np.unique(np.searchsorted(user_session_offsets, np.flatnonzero(in_split), side="right") - 1)
+        in_context = np.isin(session_split, [cache.split_code(s) for s in self.context_splits])
+        # Sessions are stored by user, then time: a user's sessions of the split and of the context
+        # splits, in time order, are a subsequence of that user's sessions.
+        sessions = np.flatnonzero(in_split | in_context)
         session_user = np.searchsorted(user_session_offsets, sessions, side="right") - 1
+        keep = np.isin(session_user, self.users)
+        sessions, session_user = sessions[keep], session_user[keep]
         offsets = np.asarray(cache.session_offsets)
         lengths = np.minimum(offsets[sessions + 1] - offsets[sessions], self.max_session_length)
         item = np.asarray(cache.item)
-        # Per user of the split: its events (sessions concatenated) and which of them open a session.
-        self.users = np.unique(session_user)
-        self._events, self._first = [], []
+        # Per user of the split: its events (sessions concatenated), which of them open a session, and
+        # how many lead as context.
+        self._events, self._first, self._context = [], [], []
         bounds = np.searchsorted(session_user, self.users, side="left").tolist() + [sessions.shape[0]]
         for k in range(self.users.shape[0]):
             user_sessions = sessions[bounds[k]:bounds[k + 1]]
             user_lengths = lengths[bounds[k]:bounds[k + 1]]
+            context = in_context[user_sessions]
+            if context.any() and context.argmin() < np.flatnonzero(context).max():
+                raise ValueError(f"context_splits {self.context_splits}: a session of user {self.users[k]} in "
+                                 f"split {split!r} precedes one of the context splits; they must come first "
+                                 "(a warm, by-time split)")
+            self._context.append(int(user_lengths[context].sum()))
             self._events.append(np.concatenate([item[offsets[s]:offsets[s] + n]
                                                 for s, n in zip(user_sessions, user_lengths)]).astype(np.int64))
             first = np.zeros(int(user_lengths.sum()), dtype=bool)
             first[np.cumsum(user_lengths) - user_lengths] = True
             self._first.append(first)
         self._lengths = np.array([e.shape[0] for e in self._events], dtype=np.int64)
-        self.num_events = int(self._lengths.sum())
+        self.num_events = int(self._lengths.sum()) - sum(self._context)
         self.max_user_length = max((e.shape[0] for e in self._events), default=0)
 
     def num_batches(self, epoch: int | None = None) -> int:
@@ -127,8 +161,11 @@ class UserHistoryBatcher:
         for row, k in enumerate(chosen):
             items[row, 1:lengths[row] + 1] = self._events[k]
             first[row, :lengths[row]] = self._first[k]
+        context = None
+        if self.context_splits:
+            context = torch.tensor([self._context[k] for k in chosen], dtype=torch.int64)
         return HistoryBatch(torch.from_numpy(items), torch.from_numpy(lengths), torch.from_numpy(first),
-                            torch.from_numpy(self.users[chosen].astype(np.int64)), epoch, index)
+                            torch.from_numpy(self.users[chosen].astype(np.int64)), epoch, index, context)
 
     def __iter__(self):
         """The remaining batches of the current epoch; the epoch advances at the end."""
@@ -145,7 +182,7 @@ class UserHistoryBatcher:
     def _identity(self) -> dict:
         return {"cache_key": self.cache.key, "split": self.split, "users_per_batch": self.users_per_batch,
                 "max_session_length": self.max_session_length, "shuffle": self.shuffle, "seed": self.seed,
-                "by_length": self.by_length}
+                "by_length": self.by_length, "context_splits": list(self.context_splits)}
 
     def state_dict(self) -> dict:
         return {**self._identity(), "epoch": self.epoch, "next_index": self.next_index, "state": None}
@@ -185,5 +222,4 @@ class HistoryTCN(NextItemModel):
             return self.item_embedding.weight.new_zeros(0, self.output.in_features), None
         inputs = self.dropout(self.embed(batch.items[:, :width]))
         outputs = self.tcn(inputs)                                          # (users, width, channels)
-        mask = torch.arange(width, device=outputs.device) < batch.lengths[:, None]
-        return outputs[mask], None
+        return outputs[batch.predicted(width)], None
