@@ -19,10 +19,8 @@ def _tanh(x):
 
 
 @triton.jit
-def _gru_gates_fwd_kernel(gi, gh, h, out, hidden, gi_row, gh_row, h_row, out_row, BLOCK: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = j < hidden
+def _gates(gi, gh, h, b, j, mask, hidden, gi_row, gh_row, h_row):
+    """Row b, units j: the gates r, z, n, and gh_n and h (float32), which the backward needs too."""
     gi_r = tl.load(gi + b * gi_row + j, mask=mask).to(tl.float32)
     gi_z = tl.load(gi + b * gi_row + hidden + j, mask=mask).to(tl.float32)
     gi_n = tl.load(gi + b * gi_row + 2 * hidden + j, mask=mask).to(tl.float32)
@@ -33,6 +31,15 @@ def _gru_gates_fwd_kernel(gi, gh, h, out, hidden, gi_row, gh_row, h_row, out_row
     r = _sigmoid(gi_r + gh_r)
     z = _sigmoid(gi_z + gh_z)
     n = _tanh(gi_n + r * gh_n)
+    return r, z, n, gh_n, hv
+
+
+@triton.jit
+def _gru_gates_fwd_kernel(gi, gh, h, out, hidden, gi_row, gh_row, h_row, out_row, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = j < hidden
+    r, z, n, gh_n, hv = _gates(gi, gh, h, b, j, mask, hidden, gi_row, gh_row, h_row)
     result = (1.0 - z) * n + z * hv
     tl.store(out + b * out_row + j, result.to(out.dtype.element_ty), mask=mask)
 
@@ -44,16 +51,7 @@ def _gru_gates_bwd_kernel(grad_out, gi, gh, h, d_gi, d_gh, d_h, hidden, g_row, g
     j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = j < hidden
     g = tl.load(grad_out + b * g_row + j, mask=mask).to(tl.float32)
-    gi_r = tl.load(gi + b * gi_row + j, mask=mask).to(tl.float32)
-    gi_z = tl.load(gi + b * gi_row + hidden + j, mask=mask).to(tl.float32)
-    gi_n = tl.load(gi + b * gi_row + 2 * hidden + j, mask=mask).to(tl.float32)
-    gh_r = tl.load(gh + b * gh_row + j, mask=mask).to(tl.float32)
-    gh_z = tl.load(gh + b * gh_row + hidden + j, mask=mask).to(tl.float32)
-    gh_n = tl.load(gh + b * gh_row + 2 * hidden + j, mask=mask).to(tl.float32)
-    hv = tl.load(h + b * h_row + j, mask=mask).to(tl.float32)
-    r = _sigmoid(gi_r + gh_r)
-    z = _sigmoid(gi_z + gh_z)
-    n = _tanh(gi_n + r * gh_n)
+    r, z, n, gh_n, hv = _gates(gi, gh, h, b, j, mask, hidden, gi_row, gh_row, h_row)
     d_pre_n = g * (1.0 - z) * (1.0 - n * n)
     d_r = d_pre_n * gh_n * r * (1.0 - r)
     d_z = g * (hv - n) * z * (1.0 - z)
