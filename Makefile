@@ -26,10 +26,7 @@ bench: install
 	$(PYTHON) -m pytest benchmarks -q
 	$(PYTHON) benchmarks/bench_data.py --quick
 
-cmake-train: install
-	$(PYTHON) -m hiertcn_fast train
-
-test: install
+cmake-test: install
 	rm -rf build/cmake
 	cmake -S . -B build/cmake -G Ninja
 	cmake --build build/cmake -j
