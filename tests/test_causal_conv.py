@@ -22,6 +22,9 @@ CASES = [
     ConvCase(1, 200, 4, 8, 4, 64, groups=4, activation="relu", residual=True),
     ConvCase(2, 19, 40, 70, 3, 2, context_channels=6, activation="gelu", residual=True),
     ConvCase(2, 11, 7, 7, 6, 1, bias=False, residual=True),
+    # Big enough for the CPU backend's BLAS route (dense, >= 32 channels); the second with a tap past the start.
+    ConvCase(3, 57, 36, 40, 5, 4, context_channels=5, activation="relu", residual=True),
+    ConvCase(3, 40, 48, 32, 4, 16, activation="tanh"),
 ]
 
 
@@ -98,9 +101,24 @@ def test_gradcheck_float64(backend, case):
     assert torch.autograd.gradcheck(fn, [args[name].detach().requires_grad_() for name in names])
 
 
+def test_gradcheck_float64_cpu_blas_route():
+    # Big enough for the CPU backend's BLAS route; fast mode (random projections), as full numerical
+    # Jacobians of this many inputs take tens of seconds.
+    args = ConvCase(3, 60, 32, 32, 3, 3, context_channels=2, activation="tanh", residual=True).inputs(torch.float64,
+                                                                                                        "cpu")
+    names = [name for name in ("x", "weight", "bias", "context", "context_weight", "residual") if name in args]
+
+    def fn(*tensors):
+        return causal_conv1d(**{**args, **dict(zip(names, tensors))}, backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, [args[name].detach().requires_grad_() for name in names], fast_mode=True)
+
+
 @pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] != "reference"])
-def test_backward_is_deterministic(backend, device):
-    case = ConvCase(3, 150, 20, 24, 5, 2, context_channels=4, activation="relu", residual=True)
+@pytest.mark.parametrize("case", [ConvCase(3, 150, 20, 24, 5, 2, context_channels=4, activation="relu", residual=True),
+                                  ConvCase(3, 150, 40, 48, 5, 2, context_channels=4, activation="relu", residual=True)],
+                         ids=str)
+def test_backward_is_deterministic(backend, device, case):
     args = case.inputs(COMPARE_DTYPE[backend], device)
     _, first, grad_out = run_forward_backward(args, backend)
     _, second, _ = run_forward_backward(args, backend, grad_out)

@@ -371,6 +371,27 @@ void epilogue_tile(const CausalConvParams& p, int64_t b, int64_t t0, int64_t row
   }
 }
 
+// The fused epilogue of every output row from a precomputed conv z in time-major order (row t * batch + b
+// of (time * batch, out_channels)); z is scratch and is overwritten.
+template <typename T>
+void epilogue_time_major_cpu_kernel(const CausalConvParams& p, T* z) {
+  const int64_t C_out = p.out_channels;
+  at::parallel_for(0, p.batch * p.time, std::max<int64_t>(1, 16384 / std::max<int64_t>(C_out, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / p.time, t = row % p.time;
+      const T* table = static_cast<const T*>(p.context_table);
+      const T* residual = static_cast<const T*>(p.residual);
+      T* pre = static_cast<T*>(p.pre);
+      epilogue_row<T>(z + (t * p.batch + b) * C_out, static_cast<const T*>(p.bias),
+                      table ? table + (b * p.kernel_size + context_tap_index(t, p.dilation, p.kernel_size)) * C_out
+                            : nullptr,
+                      residual ? residual + b * p.residual_batch_stride + t * p.residual_time_stride : nullptr,
+                      pre ? pre + row * C_out : nullptr, static_cast<T*>(p.out) + row * C_out, C_out, p.activation);
+    }
+  });
+}
+
 template <typename T>
 void causal_conv_cpu_kernel(const CausalConvParams& p) {
   using A = acc_t<T>;
@@ -549,6 +570,67 @@ void causal_conv_step_cpu_kernel(const CausalConvStepParams& p) {
   });
 }
 
+// Dense convolutions big enough for BLAS run through it in this op entry layer: k shifted matrix products on
+// time-major (time * batch, channels) copies, where a shift by s steps is a shift by s * batch rows and never
+// crosses into another batch row; our kernels do the element-wise epilogues. The register-blocked
+// micro-kernels keep grouped, narrow and tiny convolutions, where the copies and BLAS calls cost more than
+// they save (measured at HierTCN's shapes, 1 and 2 threads).
+constexpr int64_t kBlasMinChannels = 32;
+constexpr int64_t kBlasMinMultiplyAdds = int64_t(1) << 19;
+
+bool use_blas(const ConvShape& s) {
+  return s.groups == 1 && s.in_channels >= kBlasMinChannels && s.out_channels >= kBlasMinChannels &&
+         s.batch * s.time * s.in_channels * s.out_channels * s.kernel_size >= kBlasMinMultiplyAdds;
+}
+
+// (batch, time, C) channels-last -> contiguous (time * batch, C).
+at::Tensor time_major(const at::Tensor& t) {
+  return t.transpose(0, 1).contiguous().view({t.size(0) * t.size(1), t.size(2)});
+}
+
+// Steps [first_step, first_step + steps) of the time-major a (time * batch, .).
+at::Tensor rows_from(const at::Tensor& a, int64_t batch, int64_t first_step, int64_t steps) {
+  return a.narrow(0, first_step * batch, steps * batch);
+}
+
+// z (time * batch, C_out) = sum over taps j of x shifted by (k - 1 - j) * dilation steps, times mats[j];
+// mats (k, C_in, C_out). direction 1 shifts towards later steps (the forward), -1 towards earlier ones
+// (the input gradient). Taps are added in a fixed order: deterministic for a fixed thread count.
+at::Tensor time_major_conv(const ConvShape& s, const at::Tensor& x_tm, const at::Tensor& mats, int64_t direction) {
+  const int64_t B = s.batch, T = s.time, K = s.kernel_size;
+  at::Tensor z = at::mm(x_tm, mats.select(0, K - 1));
+  for (int64_t j = K - 2; j >= 0; --j) {
+    const int64_t shift = (K - 1 - j) * s.dilation;
+    if (shift >= T) continue;
+    const int64_t steps = T - shift;
+    at::Tensor dst = rows_from(z, B, direction > 0 ? shift : 0, steps);
+    dst.addmm_(rows_from(x_tm, B, direction > 0 ? 0 : shift, steps), mats.select(0, j));
+  }
+  return z;
+}
+
+// grad_x and grad_weight of the dense conv from grad_pre = dL/dz, through BLAS.
+void blas_conv_backward(const ConvShape& s, const at::Tensor& grad_pre, const at::Tensor& x, const at::Tensor& weight,
+                        at::Tensor& grad_x, at::Tensor& grad_weight) {
+  const int64_t B = s.batch, T = s.time, K = s.kernel_size;
+  const at::Tensor gz_tm = time_major(grad_pre);
+  const at::Tensor gx_tm = time_major_conv(s, gz_tm, pack_conv_weight_transposed(weight), -1);
+  grad_x.copy_(gx_tm.view({T, B, s.in_channels}).transpose(0, 1));
+  const at::Tensor x_tm = time_major(x);
+  // grad_w[j] (C_out, C_in) = gz rows [shift, T)^T x rows [0, T - shift).
+  at::Tensor grad_w = at::empty({K, s.out_channels, s.in_channels}, x.options());
+  for (int64_t j = 0; j < K; ++j) {
+    const int64_t shift = (K - 1 - j) * s.dilation;
+    at::Tensor dst = grad_w.select(0, j);
+    if (shift >= T) {
+      dst.zero_();
+      continue;
+    }
+    at::mm_out(dst, rows_from(gz_tm, B, shift, T - shift).t(), rows_from(x_tm, B, 0, T - shift));
+  }
+  grad_weight.copy_(grad_w.permute({1, 2, 0}));
+}
+
 void causal_conv1d_out_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& context_table, const std::optional<at::Tensor>& residual,
                            int64_t dilation, int64_t groups, int64_t activation, at::Tensor& out,
@@ -556,6 +638,12 @@ void causal_conv1d_out_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const ConvShape s = check_conv_args(x, weight, bias, context_table, dilation, groups, activation, false);
   const at::Tensor packed = pack_conv_weight(weight, groups);
   const CausalConvParams p = make_causal_conv_params(s, x, packed, bias, context_table, residual, out, pre);
+  if (use_blas(s)) {
+    at::Tensor z = time_major_conv(s, time_major(x), packed, 1);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_out_cpu",
+                               [&] { epilogue_time_major_cpu_kernel<scalar_t>(p, z.data_ptr<scalar_t>()); });
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_out_cpu", [&] { causal_conv_cpu_kernel<scalar_t>(p); });
 }
 
@@ -568,6 +656,12 @@ void causal_conv1d_backward_out_cpu(const at::Tensor& grad_out, const at::Tensor
   CausalConvBackwardParams p =
       make_causal_conv_backward_params(s, kWeightGradRowsPerChunk, grad_out, x, pre, residual, grad_pre, grad_x,
                                        grad_weight, grad_residual);
+  if (use_blas(s)) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_backward_out_cpu",
+                               [&] { epilogue_backward_cpu_kernel<scalar_t>(p); });
+    blas_conv_backward(s, grad_pre, x, weight, grad_x, grad_weight);
+    return;
+  }
   const at::Tensor partials = new_grad_weight_partials(p, x);
   p.grad_weight_partials = partials.data_ptr();
   const at::Tensor packed_transposed = pack_conv_weight_transposed(weight);
