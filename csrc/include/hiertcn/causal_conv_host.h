@@ -23,6 +23,19 @@ struct ConvShape {
   int64_t batch, time, in_channels, out_channels, groups, kernel_size, dilation, activation;
 };
 
+// The fields every conv params struct takes unchanged from the problem's shape (time aside: the
+// step has none).
+template <typename Params>
+void set_shape_fields(Params& p, const ConvShape& s) {
+  p.batch = s.batch;
+  p.in_channels = s.in_channels;
+  p.out_channels = s.out_channels;
+  p.groups = s.groups;
+  p.kernel_size = s.kernel_size;
+  p.dilation = s.dilation;
+  p.activation = s.activation;
+}
+
 // Validates the arguments every causal_conv1d op shares and returns the problem's shape. The step op
 // takes its weight already packed (pack_conv_weight's layout, cached by the caller's state); the others
 // take nn.Conv1d's layout.
@@ -95,15 +108,9 @@ inline CausalConvParams make_causal_conv_params(const ConvShape& s, const at::Te
   check_output(out, x, {s.batch, s.time, s.out_channels}, "out");
   if (pre) check_output(*pre, x, {s.batch, s.time, s.out_channels}, "pre");
   CausalConvParams p{};
-  p.batch = s.batch;
+  set_shape_fields(p, s);
   p.time = s.time;
-  p.in_channels = s.in_channels;
-  p.out_channels = s.out_channels;
-  p.groups = s.groups;
-  p.kernel_size = s.kernel_size;
-  p.dilation = s.dilation;
   p.direction = 1;
-  p.activation = s.activation;
   p.in_batch_stride = x.stride(0);
   p.in_time_stride = x.stride(1);
   p.in = x.data_ptr();
@@ -160,14 +167,8 @@ inline CausalConvBackwardParams make_causal_conv_backward_params(
   check_output(grad_x, x, {s.batch, s.time, s.in_channels}, "grad_x");
   check_output(grad_weight, x, {s.out_channels, s.in_channels / s.groups, s.kernel_size}, "grad_weight");
   CausalConvBackwardParams p{};
-  p.batch = s.batch;
+  set_shape_fields(p, s);
   p.time = s.time;
-  p.in_channels = s.in_channels;
-  p.out_channels = s.out_channels;
-  p.groups = s.groups;
-  p.kernel_size = s.kernel_size;
-  p.dilation = s.dilation;
-  p.activation = s.activation;
   p.grad_out_batch_stride = grad_out.stride(0);
   p.grad_out_time_stride = grad_out.stride(1);
   p.x_batch_stride = x.stride(0);
@@ -214,13 +215,7 @@ inline CausalConvStepParams make_causal_conv_step_params(const ConvShape& s, con
               position.device());
   check_output(out, x, {s.batch, s.out_channels}, "out");
   CausalConvStepParams p{};
-  p.batch = s.batch;
-  p.in_channels = s.in_channels;
-  p.out_channels = s.out_channels;
-  p.groups = s.groups;
-  p.kernel_size = s.kernel_size;
-  p.dilation = s.dilation;
-  p.activation = s.activation;
+  set_shape_fields(p, s);
   p.x_row_stride = x.stride(0);
   p.x = x.data_ptr();
   p.packed_weight = packed_weight.data_ptr();
