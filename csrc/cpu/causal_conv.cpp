@@ -66,87 +66,105 @@ HIERTCN_ALWAYS_INLINE void store_vec(T* p, Vec<T> v) {
 }
 
 // acc[r][o0 : o0 + NV * kOutBlock] += sum over taps j and input channels ci of rows[j][r][ci] packed[j][ci][o0 + o],
-// r < kRowBlock, with NV vectors of accumulators per row. rows has kTimeTile entries per tap; a tap whose rows
+// r < R, with NV vectors of accumulators per row. rows has kTimeTile entries per tap; a tap whose rows
 // are all out of range has tap_used[j] false.
-template <typename T, int NV>
+template <typename T, int R, int NV>
 HIERTCN_ALWAYS_INLINE void dense_row_block(const T* const* rows, const bool* tap_used, const T* packed, int64_t K,
                                            int64_t C_in, int64_t C_out, int64_t o0, T* acc) {
   constexpr int B = kOutBlock<T>;
-  Vec<T> sum[kRowBlock][NV] = {};
+  Vec<T> sum[R][NV] = {};
   for (int64_t j = 0; j < K; ++j) {
     if (!tap_used[j]) continue;
     const T* const* tap_rows = rows + j * kTimeTile;
     const T* w = packed + j * C_in * C_out + o0;
     for (int64_t ci = 0; ci < C_in; ++ci, w += C_out) {
       Vec<T> wv[NV];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) wv[v] = load_vec(w + v * B);
 #pragma GCC unroll 4
-      for (int r = 0; r < kRowBlock; ++r) {
+      for (int r = 0; r < R; ++r) {
         const T xv = tap_rows[r][ci];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) sum[r][v] += xv * wv[v];
       }
     }
   }
 #pragma GCC unroll 4
-  for (int r = 0; r < kRowBlock; ++r)
-#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       T* dst = acc + r * C_out + o0 + v * B;
       store_vec(dst, load_vec(dst) + sum[r][v]);
     }
 }
 
-// The same for the last, narrower block of output channels (width < kOutBlock).
-template <typename T>
+// The same for the last, narrower block of output channels [o0, o_end) (width < kOutBlock).
+template <typename T, int R>
 HIERTCN_ALWAYS_INLINE void dense_row_block_tail(const T* const* rows, const bool* tap_used, const T* packed,
-                                                int64_t K, int64_t C_in, int64_t C_out, int64_t o0, T* acc) {
-  const int64_t width = C_out - o0;
+                                                int64_t K, int64_t C_in, int64_t C_out, int64_t o0, int64_t o_end,
+                                                T* acc) {
+  const int64_t width = o_end - o0;
   for (int64_t j = 0; j < K; ++j) {
     if (!tap_used[j]) continue;
     const T* const* tap_rows = rows + j * kTimeTile;
     const T* w = packed + j * C_in * C_out + o0;
     for (int64_t ci = 0; ci < C_in; ++ci, w += C_out)
-      for (int r = 0; r < kRowBlock; ++r) {
+      for (int r = 0; r < R; ++r) {
         const T xv = tap_rows[r][ci];
         for (int64_t o = 0; o < width; ++o) acc[r * C_out + o0 + o] += xv * w[o];
       }
   }
 }
 
-template <typename T>
-HIERTCN_ALWAYS_INLINE void dense_tile_impl(const T* const* rows, const bool* tap_used, const T* packed, int64_t K,
-                                           int64_t C_in, int64_t C_out, int64_t valid_rows, T* acc) {
+// Output channels [o_begin, o_end) of R rows.
+template <typename T, int R>
+HIERTCN_ALWAYS_INLINE void dense_rows(const T* const* rows, const bool* tap_used, const T* packed, int64_t K,
+                                      int64_t C_in, int64_t C_out, int64_t o_begin, int64_t o_end, T* acc) {
   constexpr int B = kOutBlock<T>;
-  // Row blocks past the tile's valid rows (a short last tile, a small step batch) are skipped.
-  for (int r0 = 0; r0 < valid_rows; r0 += kRowBlock) {
-    int64_t o0 = 0;
-    for (; o0 + 2 * B <= C_out; o0 += 2 * B)
-      dense_row_block<T, 2>(rows + r0, tap_used, packed, K, C_in, C_out, o0, acc + r0 * C_out);
-    for (; o0 + B <= C_out; o0 += B)
-      dense_row_block<T, 1>(rows + r0, tap_used, packed, K, C_in, C_out, o0, acc + r0 * C_out);
-    if (o0 < C_out) dense_row_block_tail<T>(rows + r0, tap_used, packed, K, C_in, C_out, o0, acc + r0 * C_out);
-  }
+  int64_t o0 = o_begin;
+  // A single row has one multiply-add per weight load: eight vectors of accumulators (eight independent
+  // chains) keep the FMA units busy and read each weight row as one contiguous run.
+  if (R == 1)
+    for (; o0 + 8 * B <= o_end; o0 += 8 * B) dense_row_block<T, R, 8>(rows, tap_used, packed, K, C_in, C_out, o0, acc);
+  for (; o0 + 2 * B <= o_end; o0 += 2 * B) dense_row_block<T, R, 2>(rows, tap_used, packed, K, C_in, C_out, o0, acc);
+  for (; o0 + B <= o_end; o0 += B) dense_row_block<T, R, 1>(rows, tap_used, packed, K, C_in, C_out, o0, acc);
+  if (o0 < o_end) dense_row_block_tail<T, R>(rows, tap_used, packed, K, C_in, C_out, o0, o_end, acc);
 }
 
-// One time tile of a dense convolution: acc (kTimeTile, C_out) += the tile's conv, for its first valid_rows rows
-// (rounded up to whole row blocks).
+template <typename T>
+HIERTCN_ALWAYS_INLINE void dense_tile_impl(const T* const* rows, const bool* tap_used, const T* packed, int64_t K,
+                                           int64_t C_in, int64_t C_out, int64_t o_begin, int64_t o_end,
+                                           int64_t valid_rows, T* acc) {
+  // Blocks of kRowBlock rows share every weight load; the last one or two valid rows of a tile (a small step
+  // batch above all) go one at a time instead of as a block padded with zero rows. Either way a row's sum
+  // runs over the same taps and channels in the same order, so the result does not depend on the blocking.
+  int64_t r0 = 0;
+  for (; valid_rows - r0 >= kRowBlock - 1; r0 += kRowBlock)
+    dense_rows<T, kRowBlock>(rows + r0, tap_used, packed, K, C_in, C_out, o_begin, o_end, acc + r0 * C_out);
+  for (; r0 < valid_rows; ++r0)
+    dense_rows<T, 1>(rows + r0, tap_used, packed, K, C_in, C_out, o_begin, o_end, acc + r0 * C_out);
+}
+
+// One time tile of a dense convolution: acc (kTimeTile, C_out) += the tile's conv in output channels
+// [o_begin, o_end) (o_begin a multiple of 2 * kOutBlock unless it is the last block), for its first valid_rows
+// rows (a block of kRowBlock may cover one row past them, whose source rows must then be readable).
 HIERTCN_CPU_CLONES void dense_tile_f32(const float* const* rows, const bool* tap_used, const float* packed, int64_t K,
-                                       int64_t C_in, int64_t C_out, int64_t valid_rows, float* acc) {
-  dense_tile_impl(rows, tap_used, packed, K, C_in, C_out, valid_rows, acc);
+                                       int64_t C_in, int64_t C_out, int64_t o_begin, int64_t o_end,
+                                       int64_t valid_rows, float* acc) {
+  dense_tile_impl(rows, tap_used, packed, K, C_in, C_out, o_begin, o_end, valid_rows, acc);
 }
 HIERTCN_CPU_CLONES void dense_tile_f64(const double* const* rows, const bool* tap_used, const double* packed, int64_t K,
-                                       int64_t C_in, int64_t C_out, int64_t valid_rows, double* acc) {
-  dense_tile_impl(rows, tap_used, packed, K, C_in, C_out, valid_rows, acc);
+                                       int64_t C_in, int64_t C_out, int64_t o_begin, int64_t o_end,
+                                       int64_t valid_rows, double* acc) {
+  dense_tile_impl(rows, tap_used, packed, K, C_in, C_out, o_begin, o_end, valid_rows, acc);
 }
 void dense_tile(const float* const* rows, const bool* tap_used, const float* packed, int64_t K, int64_t C_in,
-                int64_t C_out, int64_t valid_rows, float* acc) {
-  dense_tile_f32(rows, tap_used, packed, K, C_in, C_out, valid_rows, acc);
+                int64_t C_out, int64_t valid_rows, float* acc, int64_t o_begin = 0, int64_t o_end = -1) {
+  dense_tile_f32(rows, tap_used, packed, K, C_in, C_out, o_begin, o_end < 0 ? C_out : o_end, valid_rows, acc);
 }
 void dense_tile(const double* const* rows, const bool* tap_used, const double* packed, int64_t K, int64_t C_in,
-                int64_t C_out, int64_t valid_rows, double* acc) {
-  dense_tile_f64(rows, tap_used, packed, K, C_in, C_out, valid_rows, acc);
+                int64_t C_out, int64_t valid_rows, double* acc, int64_t o_begin = 0, int64_t o_end = -1) {
+  dense_tile_f64(rows, tap_used, packed, K, C_in, C_out, o_begin, o_end < 0 ? C_out : o_end, valid_rows, acc);
 }
 
 // part[ci0 + c][o0 + o] += sum over rows [row_begin, row_end) of x[b, t - lag, ci0 + c] gz[row, o0 + o], for
@@ -570,6 +588,150 @@ void causal_conv_step_cpu_kernel(const CausalConvStepParams& p) {
   });
 }
 
+// The whole TCN stack for one step, with the same tile kernels, tap order and epilogue as
+// causal_conv_step_cpu_kernel, so a layer's output equals that op's bitwise when its residual is the layer
+// input. Rows never interact, so a task may take kTimeTile batch rows through every layer; a batch with fewer
+// tiles than threads instead splits each layer's output channels between the threads (each thread then
+// keeps its share of every layer's weights in its own cache from step to step).
+template <typename T>
+struct StackTile {
+  // acc and res (kTimeTile, C_out) hold the conv and the residual projection; in_buf holds the layer's
+  // input rows and out_buf receives its output rows (row stride max_channels); they swap per layer.
+  std::vector<T> acc, res, in_buf, out_buf;
+  std::vector<const T*> tap_rows, cur;  // (K_max, kTimeTile) source rows per tap; the input rows
+  std::unique_ptr<bool[]> tap_used;
+  StackTile(int64_t C_max, int64_t K_max)
+      : acc(kTimeTile * C_max), res(kTimeTile * C_max), in_buf(kTimeTile * C_max), out_buf(kTimeTile * C_max),
+        tap_rows(K_max * kTimeTile), cur(kTimeTile), tap_used(new bool[K_max]) {}
+};
+
+// Points the tile's tap rows at layer l's sources for batch rows [b0, b0 + rows).
+template <typename T>
+void stack_layer_taps(const TcnStepParams& p, int64_t l, int64_t b0, int64_t rows, const T* zero_row,
+                      StackTile<T>& s) {
+  const TcnStepLayer& L = p.layer[l];
+  const int64_t K = L.kernel_size, history_length = (K - 1) * L.dilation;
+  const T* history = static_cast<const T*>(L.history);
+  const int64_t* position = static_cast<const int64_t*>(L.position);
+  for (int64_t j = 0; j < K; ++j) {
+    const int64_t lag = (K - 1 - j) * L.dilation;
+    const T** tap_rows = s.tap_rows.data() + j * kTimeTile;
+    s.tap_used[j] = false;
+    for (int64_t r = 0; r < kTimeTile; ++r) {
+      const int64_t b = b0 + r;
+      const bool valid = r < rows && lag <= position[b];
+      if (!valid)
+        tap_rows[r] = zero_row;
+      else if (lag == 0)
+        tap_rows[r] = s.cur[r];
+      else
+        tap_rows[r] = history + (b * history_length + (position[b] - lag) % history_length) * L.in_channels;
+      s.tap_used[j] = s.tap_used[j] || valid;
+    }
+  }
+}
+
+// Output channels [o_begin, o_end) of layer l for the tile's rows: conv, residual projection, epilogue.
+template <typename T>
+void stack_layer_outputs(const TcnStepParams& p, int64_t l, int64_t b0, int64_t rows, int64_t o_begin, int64_t o_end,
+                         StackTile<T>& s) {
+  const TcnStepLayer& L = p.layer[l];
+  const int64_t C_in = L.in_channels, C_out = L.out_channels, K = L.kernel_size;
+  const int64_t* position = static_cast<const int64_t*>(L.position);
+  const T* table = l == 0 ? static_cast<const T*>(p.context_table) : nullptr;
+  const T* bias = static_cast<const T*>(L.bias);
+  const T* proj_bias = static_cast<const T*>(L.proj_bias);
+  const bool last = l == p.layers - 1;
+  const int64_t width = o_end - o_begin;
+  for (int64_t r = 0; r < kTimeTile; ++r) std::fill_n(s.acc.data() + r * C_out + o_begin, width, T(0));
+  dense_tile(s.tap_rows.data(), s.tap_used.get(), static_cast<const T*>(L.packed_weight), K, C_in, C_out, rows,
+             s.acc.data(), o_begin, o_end);
+  if (L.proj_weight) {
+    const bool used = true;
+    for (int64_t r = 0; r < kTimeTile; ++r) std::fill_n(s.res.data() + r * C_out + o_begin, width, T(0));
+    dense_tile(s.cur.data(), &used, static_cast<const T*>(L.proj_weight), 1, C_in, C_out, rows, s.res.data(),
+               o_begin, o_end);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t b = b0 + r;
+    const T* res_row = s.cur[r] + o_begin;
+    if (L.proj_weight) {
+      T* row = s.res.data() + r * C_out + o_begin;
+      if (proj_bias)
+        for (int64_t o = 0; o < width; ++o) row[o] += proj_bias[o_begin + o];
+      res_row = row;
+    }
+    T* out_row = last ? static_cast<T*>(p.out) + b * C_out : s.out_buf.data() + r * p.max_channels;
+    epilogue_row<T>(s.acc.data() + r * C_out + o_begin, bias ? bias + o_begin : nullptr,
+                    table ? table + (b * K + context_tap_index(position[b], L.dilation, K)) * C_out + o_begin
+                          : nullptr,
+                    res_row, nullptr, out_row + o_begin, width, p.activation);
+  }
+}
+
+// After layer l's outputs: its input rows enter its history, its positions advance, and its output rows
+// become the next layer's input.
+template <typename T>
+void stack_layer_finish(const TcnStepParams& p, int64_t l, int64_t b0, int64_t rows, StackTile<T>& s) {
+  const TcnStepLayer& L = p.layer[l];
+  const int64_t C_in = L.in_channels, history_length = (L.kernel_size - 1) * L.dilation;
+  T* history = static_cast<T*>(L.history);
+  int64_t* position = static_cast<int64_t*>(L.position);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t b = b0 + r;
+    if (history_length > 0)
+      std::copy(s.cur[r], s.cur[r] + C_in, history + (b * history_length + position[b] % history_length) * C_in);
+    ++position[b];
+  }
+  if (l + 1 < p.layers) {
+    std::swap(s.in_buf, s.out_buf);
+    for (int64_t r = 0; r < rows; ++r) s.cur[r] = s.in_buf.data() + r * p.max_channels;
+  }
+}
+
+template <typename T>
+void tcn_step_cpu_kernel(const TcnStepParams& p) {
+  int64_t K_max = 1;
+  for (int64_t l = 0; l < p.layers; ++l) K_max = std::max(K_max, p.layer[l].kernel_size);
+  const std::vector<T> zero_row(p.max_channels, T(0));
+  const T* x = static_cast<const T*>(p.x);
+  const int64_t tiles = (p.batch + kTimeTile - 1) / kTimeTile;
+  auto start_tile = [&](StackTile<T>& s, int64_t b0, int64_t rows) {
+    for (int64_t r = 0; r < kTimeTile; ++r) s.cur[r] = r < rows ? x + (b0 + r) * p.x_row_stride : zero_row.data();
+  };
+  if (tiles >= at::get_num_threads()) {
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      StackTile<T> s(p.max_channels, K_max);
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t b0 = tile * kTimeTile, rows = std::min(kTimeTile, p.batch - b0);
+        start_tile(s, b0, rows);
+        for (int64_t l = 0; l < p.layers; ++l) {
+          stack_layer_taps(p, l, b0, rows, zero_row.data(), s);
+          stack_layer_outputs(p, l, b0, rows, 0, p.layer[l].out_channels, s);
+          stack_layer_finish(p, l, b0, rows, s);
+        }
+      }
+    });
+    return;
+  }
+  // Few rows: blocks of 2 * kOutBlock output channels of a layer go to the threads; a block always lands on
+  // the same thread for a given shape, and its sums do not depend on where it runs.
+  constexpr int64_t kBlock = 2 * kOutBlock<T>;
+  StackTile<T> s(p.max_channels, K_max);
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t b0 = tile * kTimeTile, rows = std::min(kTimeTile, p.batch - b0);
+    start_tile(s, b0, rows);
+    for (int64_t l = 0; l < p.layers; ++l) {
+      const int64_t C_out = p.layer[l].out_channels;
+      stack_layer_taps(p, l, b0, rows, zero_row.data(), s);
+      at::parallel_for(0, (C_out + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
+        stack_layer_outputs(p, l, b0, rows, begin * kBlock, std::min(C_out, end * kBlock), s);
+      });
+      stack_layer_finish(p, l, b0, rows, s);
+    }
+  }
+}
+
 // Dense convolutions big enough for BLAS run through it in this op entry layer: k shifted matrix products on
 // time-major (time * batch, channels) copies, where a shift by s steps is a shift by s * batch rows and never
 // crosses into another batch row; our kernels do the element-wise epilogues. The register-blocked
@@ -684,12 +846,22 @@ void causal_conv1d_step_out_cpu(const at::Tensor& x, const at::Tensor& packed_we
                              [&] { causal_conv_step_cpu_kernel<scalar_t>(p); });
 }
 
+void tcn_step_out_cpu(const at::Tensor& x, at::TensorList packed_weights, const OptionalTensorList& biases,
+                      const OptionalTensorList& proj_weights, const OptionalTensorList& proj_biases,
+                      const std::optional<at::Tensor>& context_table, at::IntArrayRef dilations, int64_t activation,
+                      at::TensorList histories, at::TensorList positions, at::Tensor& out) {
+  const TcnStepParams p = make_tcn_step_params(x, packed_weights, biases, proj_weights, proj_biases, context_table,
+                                               dilations, activation, histories, positions, out);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tcn_step_out_cpu", [&] { tcn_step_cpu_kernel<scalar_t>(p); });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hiertcn_fast, CPU, m) {
   m.impl("causal_conv1d_out", &causal_conv1d_out_cpu);
   m.impl("causal_conv1d_backward_out", &causal_conv1d_backward_out_cpu);
   m.impl("causal_conv1d_step_out", &causal_conv1d_step_out_cpu);
+  m.impl("tcn_step_out", &tcn_step_out_cpu);
 }
 
 }  // namespace hiertcn

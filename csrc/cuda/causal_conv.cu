@@ -183,6 +183,94 @@ __global__ void causal_conv_step_cuda_kernel(CausalConvStepParams p) {
   if (threadIdx.x == 0) position[b] = pos + 1;
 }
 
+// The whole TCN stack in one launch: one block per batch row takes it through every layer. The layer input
+// and output live in shared memory (float accumulation type); each output channel's sum over taps and input
+// channels is split into `splits` contiguous slices, one thread each, whose partial sums are added in slice
+// order (deterministic). A layer writes its history slot and position after a barrier, when every read of
+// its history is done.
+template <typename T>
+__global__ void tcn_step_cuda_kernel(TcnStepParams p) {
+  using A = acc_t<T>;
+  extern __shared__ unsigned char tcn_smem[];
+  A* in_buf = reinterpret_cast<A*>(tcn_smem);
+  A* out_buf = in_buf + p.max_channels;
+  A* partial = out_buf + p.max_channels;  // blockDim.x entries
+  const int64_t b = blockIdx.x;
+  const T* x = static_cast<const T*>(p.x) + b * p.x_row_stride;
+  const T* table = static_cast<const T*>(p.context_table);
+  for (int64_t c = threadIdx.x; c < p.layer[0].in_channels; c += blockDim.x) in_buf[c] = A(x[c]);
+  __syncthreads();
+  for (int64_t l = 0; l < p.layers; ++l) {
+    const TcnStepLayer& L = p.layer[l];
+    const int64_t C_in = L.in_channels, C_out = L.out_channels, K = L.kernel_size;
+    const int64_t history_length = (K - 1) * L.dilation;
+    T* history = static_cast<T*>(L.history) + b * history_length * C_in;
+    int64_t* position = static_cast<int64_t*>(L.position);
+    const int64_t pos = position[b];
+    const T* packed = static_cast<const T*>(L.packed_weight);
+    const T* bias = static_cast<const T*>(L.bias);
+    const T* proj = static_cast<const T*>(L.proj_weight);
+    const T* proj_bias = static_cast<const T*>(L.proj_bias);
+    // Reduction index e = j * C_in + ci over every tap and input channel, plus C_in more for the projection.
+    const int64_t conv_terms = K * C_in, terms = conv_terms + (proj ? C_in : 0);
+    const int64_t splits = C_out >= blockDim.x ? 1 : blockDim.x / C_out;
+    const int64_t slice = (terms + splits - 1) / splits;
+    for (int64_t o0 = 0; o0 < C_out; o0 += blockDim.x) {
+      const int64_t o = o0 + threadIdx.x % min(C_out - o0, static_cast<int64_t>(blockDim.x));
+      const int64_t s = splits == 1 ? 0 : threadIdx.x / C_out;
+      const bool active = s < splits && (splits > 1 || o0 + threadIdx.x < C_out);
+      // Two partial sums: the conv (slot 0) and the projection (slot 1), kept apart for the epilogue.
+      A conv = A(0), res = A(0);
+      if (active) {
+        const int64_t e_end = min(terms, (s + 1) * slice);
+        for (int64_t e = s * slice; e < e_end; ++e) {
+          if (e < conv_terms) {
+            const int64_t j = e / C_in, ci = e % C_in, lag = (K - 1 - j) * L.dilation;
+            if (lag > pos) continue;
+            const A v = lag == 0 ? in_buf[ci] : A(history[((pos - lag) % history_length) * C_in + ci]);
+            conv += v * A(packed[(j * C_in + ci) * C_out + o]);
+          } else {
+            const int64_t ci = e - conv_terms;
+            res += in_buf[ci] * A(proj[ci * C_out + o]);
+          }
+        }
+      }
+      if (splits > 1) {
+        // Two passes through `partial`: the conv sums, then the projection sums.
+        for (int pass = 0; pass < (proj ? 2 : 1); ++pass) {
+          __syncthreads();
+          partial[threadIdx.x] = pass == 0 ? conv : res;
+          __syncthreads();
+          if (threadIdx.x < C_out) {
+            A sum = A(0);
+            for (int64_t k = 0; k < splits; ++k) sum += partial[k * C_out + threadIdx.x];
+            if (pass == 0) conv = sum; else res = sum;
+          }
+        }
+      }
+      if (active && (splits == 1 || threadIdx.x < C_out)) {
+        A z = conv;
+        if (bias) z += A(bias[o]);
+        if (table && l == 0) z += A(table[(b * K + context_tap_index(pos, L.dilation, K)) * C_out + o]);
+        const A residual = proj ? res + (proj_bias ? A(proj_bias[o]) : A(0)) : in_buf[o];
+        out_buf[o] = epilogue_forward<A>(z, true, residual, p.activation);
+      }
+    }
+    __syncthreads();  // every read of in_buf and of the history is done
+    if (history_length > 0) {
+      T* slot = history + (pos % history_length) * C_in;
+      for (int64_t c = threadIdx.x; c < C_in; c += blockDim.x) slot[c] = T(in_buf[c]);
+    }
+    if (threadIdx.x == 0) position[b] = pos + 1;
+    A* swap = in_buf;
+    in_buf = out_buf;
+    out_buf = swap;
+    __syncthreads();  // the new in_buf is complete, the old one free to overwrite
+  }
+  T* out = static_cast<T*>(p.out) + b * p.layer[p.layers - 1].out_channels;
+  for (int64_t c = threadIdx.x; c < p.layer[p.layers - 1].out_channels; c += blockDim.x) out[c] = T(in_buf[c]);
+}
+
 unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
 template <typename T>
@@ -255,12 +343,34 @@ void causal_conv1d_step_out_cuda(const at::Tensor& x, const at::Tensor& packed_w
   });
 }
 
+constexpr int kStackThreads = 256;
+
+void tcn_step_out_cuda(const at::Tensor& x, at::TensorList packed_weights, const OptionalTensorList& biases,
+                       const OptionalTensorList& proj_weights, const OptionalTensorList& proj_biases,
+                       const std::optional<at::Tensor>& context_table, at::IntArrayRef dilations, int64_t activation,
+                       at::TensorList histories, at::TensorList positions, at::Tensor& out) {
+  const TcnStepParams p = make_tcn_step_params(x, packed_weights, biases, proj_weights, proj_biases, context_table,
+                                               dilations, activation, histories, positions, out);
+  if (p.batch == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tcn_step_out_cuda", [&] {
+    using A = acc_t<scalar_t>;
+    const size_t smem = (2 * p.max_channels + kStackThreads) * sizeof(A);
+    TORCH_CHECK(smem <= 48 * 1024, "tcn_step on CUDA supports up to ", (48 * 1024 / sizeof(A) - kStackThreads) / 2,
+                " channels per layer, got ", p.max_channels);
+    tcn_step_cuda_kernel<scalar_t><<<static_cast<unsigned>(p.batch), kStackThreads, smem, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hiertcn_fast, CUDA, m) {
   m.impl("causal_conv1d_out", &causal_conv1d_out_cuda);
   m.impl("causal_conv1d_backward_out", &causal_conv1d_backward_out_cuda);
   m.impl("causal_conv1d_step_out", &causal_conv1d_step_out_cuda);
+  m.impl("tcn_step_out", &tcn_step_out_cuda);
 }
 
 }  // namespace hiertcn

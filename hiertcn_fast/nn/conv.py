@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops.conv import CausalConvState, causal_conv1d, causal_conv1d_step
+from ..ops.conv import CausalConvState, causal_conv1d, causal_conv1d_step, tcn_step
 
 
 class CausalConv1d(nn.Module):
@@ -165,7 +165,20 @@ class TCN(nn.Module):
 
     def step(self, x_t, state, context=None):
         """One event per row: x_t (batch, in_channels) -> (batch, channels[-1]); advances every layer of
-        ``state``. One kernel launch per layer (not one for the whole stack)."""
-        for i, (block, layer_state) in enumerate(zip(self.blocks, state.layers)):
-            x_t = block.step(x_t, layer_state, context if i == 0 else None)
-        return x_t
+        ``state``. On the cpu and cuda backends the whole stack is one op (one CUDA launch): ops.tcn_step."""
+        if not isinstance(state, TCNState):
+            raise TypeError(f"state must be a TCNState (from TCN.init_state), got {type(state).__name__}")
+        blocks = self._modules["blocks"]._modules.values()
+        if len(state.layers) != len(blocks):
+            raise ValueError(f"state has {len(state.layers)} layers but this TCN has {len(blocks)} blocks")
+        # The step runs once per event: the parameters are read from the modules' dicts, not through
+        # nn.Module.__getattr__, which costs a microsecond per lookup.
+        convs = [block._modules["conv"] for block in blocks]
+        params = [conv._parameters for conv in convs]
+        projections = [block._modules.get("projection") for block in blocks]
+        projections = [None if p is None else p._parameters for p in projections]
+        first = convs[0]._context_args(context)
+        return tcn_step(x_t, [p["weight"] for p in params], [p.get("bias") for p in params], state.layers,
+                        proj_weights=[None if p is None else p["weight"] for p in projections],
+                        proj_biases=[None if p is None else p.get("bias") for p in projections],
+                        activation="relu", backend=convs[0].backend, **first)

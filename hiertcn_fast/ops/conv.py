@@ -1,5 +1,6 @@
 """Dilated causal convolution op family: ``causal_conv1d`` (forward and backward, fused epilogue)
-and ``causal_conv1d_step`` with its ``CausalConvState`` (one event at a time).
+and ``causal_conv1d_step`` with its ``CausalConvState`` (one event at a time); ``tcn_step`` steps a whole
+stack of residual layers at once.
 
 Conventions (csrc/include/hiertcn/causal_conv.h has the kernel-side statement):
   x: (batch, time, in_channels), channels-last; weight: (out_channels, in_channels / groups, k) as
@@ -262,6 +263,7 @@ class CausalConvState:
     dilation: int
     _packed: tuple = dataclasses.field(default=(), repr=False, compare=False)
     _table: tuple = dataclasses.field(default=(), repr=False, compare=False)
+    _projection: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
     @classmethod
     def zeros(cls, batch, in_channels, kernel_size, dilation=1, *, dtype=torch.float32, device="cpu"):
@@ -288,6 +290,13 @@ class CausalConvState:
         if not _cache_is_fresh(self._packed, (weight,), groups):
             self._packed = _cache_entry((weight,), groups, pack_weight(weight.detach(), groups))
         return self._packed[-1]
+
+    def packed_projection(self, proj_weight: torch.Tensor) -> torch.Tensor:
+        """proj_weight (out, in) (an nn.Linear's) as the contiguous (in, out) matrix tcn_step's kernels read,
+        recomputed only when proj_weight is another tensor or was modified in place."""
+        if not _cache_is_fresh(self._projection, (proj_weight,), None):
+            self._projection = _cache_entry((proj_weight,), None, proj_weight.detach().t().contiguous())
+        return self._projection[-1]
 
     def cached_context_table(self, context: torch.Tensor, context_weight: torch.Tensor) -> torch.Tensor:
         """context_table(context, context_weight), recomputed only when either is another tensor or was modified
@@ -382,6 +391,92 @@ def _step(name, x, weight, state, bias, groups, context, context_weight, activat
     return out
 
 
+def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None, context=None, context_weight=None,
+             activation="relu", backend=None):
+    """One event through a stack of residual causal-conv layers (the TCN's blocks), updating every layer's
+    state in place (inference: no autograd).
+
+    Layer l maps h_l (batch, C_l) to h_{l+1} = act(act(z_l) + r_l) (batch, C_{l+1}), where z_l is the
+    causal_conv1d_step of weights[l] (dense: (C_{l+1}, C_l, k_l)) over states[l] (a CausalConvState, which
+    fixes k_l and the dilation) plus biases[l] (or None), plus for l = 0 the context term of context
+    (batch, ctx) and context_weight (C_1, ctx, k_0); the residual r_l is h_l, or the nn.Linear
+    proj_weights[l] (C_{l+1}, C_l) with proj_biases[l] applied to h_l (required where C_{l+1} != C_l).
+    x: h_0 (batch, C_0); returns h_L. The cpu and cuda backends run the whole stack as one op (on CUDA
+    one kernel launch); triton and reference step layer by layer. Each layer equals causal_conv1d_step
+    with that residual.
+    """
+    check_tensor(x, "x", 2)
+    layers = len(weights)
+    proj_weights = [None] * layers if proj_weights is None else list(proj_weights)
+    proj_biases = [None] * layers if proj_biases is None else list(proj_biases)
+    if not layers or not (len(biases) == len(states) == len(proj_weights) == len(proj_biases) == layers):
+        raise ValueError(f"weights, biases, states, proj_weights and proj_biases need one entry per layer (at "
+                         f"least one); got {layers}, {len(biases)}, {len(states)}, {len(proj_weights)} and "
+                         f"{len(proj_biases)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    if (context is None) != (context_weight is None):
+        raise ValueError("context and context_weight must be given together")
+    name = resolve("tcn_step", backend, x.device, x.dtype, CAUSAL_CONV_DTYPES)
+    if name in ("cpu", "cuda") and layers <= _MAX_STACK_LAYERS:
+        _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight)
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return _fused_stack_step(x, weights, biases, states, proj_weights, proj_biases, context,
+                                         context_weight, activation)
+        return _fused_stack_step(x, weights, biases, states, proj_weights, proj_biases, context, context_weight,
+                                 activation)
+    # Layer by layer (the triton and reference backends, and stacks deeper than the fused kernels take).
+    layer_backend = name if name in ("triton", "reference") else backend
+    h = x
+    for l in range(layers):
+        residual = h if proj_weights[l] is None else F.linear(h, proj_weights[l], proj_biases[l])
+        extra = dict(context=context, context_weight=context_weight) if l == 0 else {}
+        h = causal_conv1d_step(h, weights[l], states[l], biases[l], activation=activation, residual=residual,
+                               backend=layer_backend, **extra)
+    return h
+
+
+# hiertcn/causal_conv.h kMaxStackLayers: deeper stacks step layer by layer.
+_MAX_STACK_LAYERS = 32
+
+
+def _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight):
+    """What the fused op cannot tell the user as clearly: the rest (shapes against the states, devices,
+    dtypes) the compiled op checks."""
+    for l, (weight, state, proj_weight) in enumerate(zip(weights, states, proj_weights)):
+        if not isinstance(state, CausalConvState):
+            raise TypeError(f"states[{l}] must be a CausalConvState, got {type(state).__name__}")
+        check_tensor(weight, f"weights[{l}]", 3)
+        if weight.shape[2] != state.kernel_size:
+            raise ValueError(f"weights[{l}] has k={weight.shape[2]} taps but states[{l}] was made for "
+                             f"k={state.kernel_size}")
+        if proj_weight is None and proj_biases[l] is not None:
+            raise ValueError(f"proj_biases[{l}] is given without proj_weights[{l}]")
+        if proj_weight is not None:
+            check_tensor(proj_weight, f"proj_weights[{l}]", 2)
+            check_shape(proj_weight, f"proj_weights[{l}] (out_channels, in_channels)", weight.shape[:2])
+    if context is not None:
+        check_tensor(context, "context", 2)
+        check_tensor(context_weight, "context_weight", 3)
+        check_like(context, "context", x, "x")
+        check_like(context_weight, "context_weight", x, "x")
+        check_shape(context, "context (batch, ctx_channels)", (x.shape[0], context.shape[1]))
+        check_shape(context_weight, "context_weight (out_channels, ctx_channels, k)",
+                    (weights[0].shape[0], context.shape[1], weights[0].shape[2]))
+
+
+def _fused_stack_step(x, weights, biases, states, proj_weights, proj_biases, context, context_weight, activation):
+    table = None if context is None else states[0].cached_context_table(context, context_weight)
+    out = new_output((x.shape[0], weights[-1].shape[0]), x)
+    torch.ops.hiertcn_fast.tcn_step_out(
+        unit_stride_rows(x), [state.packed_weight(w, 1) for w, state in zip(weights, states)], list(biases),
+        [None if pw is None else state.packed_projection(pw) for pw, state in zip(proj_weights, states)],
+        list(proj_biases), table, [state.dilation for state in states], ACTIVATIONS[activation],
+        histories=[state.history for state in states], positions=[state.position for state in states], out=out)
+    return out
+
+
 # ---- registrations -------------------------------------------------------------------------------
 
 @_extension.register_fake("causal_conv1d_out")
@@ -398,6 +493,12 @@ def _causal_conv1d_backward_out_fake(grad_out, x, weight, pre, residual, dilatio
 @_extension.register_fake("causal_conv1d_step_out")
 def _causal_conv1d_step_out_fake(x, packed_weight, bias, context_table, residual, dilation, groups, activation, *,
                                  history, position, out):
+    return None
+
+
+@_extension.register_fake("tcn_step_out")
+def _tcn_step_out_fake(x, packed_weights, biases, proj_weights, proj_biases, context_table, dilations, activation, *,
+                       histories, positions, out):
     return None
 
 

@@ -105,6 +105,38 @@ struct CausalConvStepParams {
   void* out;  // (batch, out_channels) contiguous
 };
 
+// A whole TCN stack stepped at once (the TCN module's step): layer l is a dense (groups == 1) causal conv
+// step of kernel_size[l] taps at dilation[l] with the block epilogue out = act(act(z) + residual), where
+// the residual is the layer's input, or proj_weight x + proj_bias when the channel counts differ; layer
+// l + 1 reads layer l's output. Every layer keeps its own history and position, advanced as by
+// causal_conv1d_step. Only the first layer may have a context table.
+constexpr int kMaxStackLayers = 32;
+
+struct TcnStepLayer {
+  int64_t in_channels;
+  int64_t out_channels;
+  int64_t kernel_size;
+  int64_t dilation;
+  const void* packed_weight;  // (kernel_size, in_channels, out_channels), contiguous
+  const void* bias;           // (out_channels) or nullptr
+  const void* proj_weight;    // (in_channels, out_channels) contiguous (nn.Linear's weight transposed), or nullptr
+  const void* proj_bias;      // (out_channels) or nullptr
+  void* history;              // (batch, (kernel_size - 1) * dilation, in_channels), contiguous
+  void* position;             // (batch) int64
+};
+
+struct TcnStepParams {
+  int64_t batch;
+  int64_t layers;
+  int64_t activation;
+  int64_t x_row_stride;
+  int64_t max_channels;  // the widest layer input or output
+  const void* x;              // (batch, layer[0].in_channels)
+  const void* context_table;  // (batch, layer[0].kernel_size, layer[0].out_channels) or nullptr
+  void* out;                  // (batch, layer[layers - 1].out_channels), contiguous
+  TcnStepLayer layer[kMaxStackLayers];
+};
+
 // How many chunks the weight-gradient reduction splits its batch * time rows into, about rows_per_chunk
 // each (a backend's choice: more chunks, more parallelism, more partial sums to add), at most 64; a pure
 // function of the shape, so the summation order never depends on the thread count.

@@ -5,6 +5,9 @@
 
 #include <ATen/ATen.h>
 
+#include <ATen/core/List.h>
+
+#include <algorithm>
 #include <optional>
 
 #include "hiertcn/causal_conv.h"
@@ -230,6 +233,96 @@ inline CausalConvStepParams make_causal_conv_step_params(const ConvShape& s, con
   }
   p.history = history.data_ptr();
   p.position = position.data_ptr();
+  p.out = out.data_ptr();
+  return p;
+}
+
+using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
+
+// Validates the stack step's arguments (one entry per layer in every list) and fills its params.
+inline TcnStepParams make_tcn_step_params(const at::Tensor& x, at::TensorList packed_weights,
+                                          const OptionalTensorList& biases, const OptionalTensorList& proj_weights,
+                                          const OptionalTensorList& proj_biases,
+                                          const std::optional<at::Tensor>& context_table, at::IntArrayRef dilations,
+                                          int64_t activation, at::TensorList histories, at::TensorList positions,
+                                          const at::Tensor& out) {
+  const int64_t layers = static_cast<int64_t>(packed_weights.size());
+  TORCH_CHECK(layers >= 1 && layers <= kMaxStackLayers, "a TCN stack step takes 1 to ", kMaxStackLayers,
+              " layers, got ", layers);
+  TORCH_CHECK(static_cast<int64_t>(biases.size()) == layers && static_cast<int64_t>(proj_weights.size()) == layers &&
+                  static_cast<int64_t>(proj_biases.size()) == layers &&
+                  static_cast<int64_t>(dilations.size()) == layers &&
+                  static_cast<int64_t>(histories.size()) == layers && static_cast<int64_t>(positions.size()) == layers,
+              "packed_weights, biases, proj_weights, proj_biases, dilations, histories and positions need one entry "
+              "per layer (", layers, ")");
+  TORCH_CHECK(x.dim() == 2, "x must be (batch, in_channels), got shape ", x.sizes());
+  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "x must have unit stride along channels, got strides ", x.strides());
+  TORCH_CHECK(activation >= kActNone && activation <= kActTanh, "activation code must be 0..3, got ", activation);
+  TcnStepParams p{};
+  p.batch = x.size(0);
+  p.layers = layers;
+  p.activation = activation;
+  p.x_row_stride = x.stride(0);
+  p.x = x.data_ptr();
+  int64_t channels = x.size(1);
+  p.max_channels = channels;
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor& w = packed_weights[l];
+    TORCH_CHECK(w.dim() == 3 && w.size(0) >= 1 && w.size(1) == channels && w.is_contiguous(), "packed_weights[", l,
+                "] must be a contiguous (k >= 1, ", channels, ", out_channels) tensor, got shape ", w.sizes());
+    check_same_device_dtype(x, w, "x", "packed_weights[l]");
+    TcnStepLayer& layer = p.layer[l];
+    layer.in_channels = channels;
+    layer.out_channels = w.size(2);
+    layer.kernel_size = w.size(0);
+    layer.dilation = dilations[l];
+    TORCH_CHECK(layer.dilation >= 1, "dilations[", l, "] must be >= 1, got ", layer.dilation);
+    layer.packed_weight = w.data_ptr();
+    const std::optional<at::Tensor> bias = biases[l];
+    if (bias) {
+      check_shape(*bias, {layer.out_channels}, "biases[l]");
+      TORCH_CHECK(bias->is_contiguous(), "biases[", l, "] must be contiguous");
+      check_same_device_dtype(x, *bias, "x", "biases[l]");
+      layer.bias = bias->data_ptr();
+    }
+    const std::optional<at::Tensor> proj = proj_weights[l];
+    const std::optional<at::Tensor> proj_bias = proj_biases[l];
+    TORCH_CHECK(proj.has_value() || layer.out_channels == channels, "layer ", l, " maps ", channels, " to ",
+                layer.out_channels, " channels, so its residual needs proj_weights[", l, "]");
+    TORCH_CHECK(proj.has_value() || !proj_bias.has_value(), "proj_biases[", l, "] is given without proj_weights[", l,
+                "]");
+    if (proj) {
+      check_shape(*proj, {channels, layer.out_channels}, "proj_weights[l] (in_channels, out_channels)");
+      TORCH_CHECK(proj->is_contiguous(), "proj_weights[", l, "] must be contiguous");
+      check_same_device_dtype(x, *proj, "x", "proj_weights[l]");
+      layer.proj_weight = proj->data_ptr();
+    }
+    if (proj_bias) {
+      check_shape(*proj_bias, {layer.out_channels}, "proj_biases[l]");
+      TORCH_CHECK(proj_bias->is_contiguous(), "proj_biases[", l, "] must be contiguous");
+      check_same_device_dtype(x, *proj_bias, "x", "proj_biases[l]");
+      layer.proj_bias = proj_bias->data_ptr();
+    }
+    const at::Tensor& history = histories[l];
+    check_shape(history, {p.batch, (layer.kernel_size - 1) * layer.dilation, channels}, "histories[l]");
+    TORCH_CHECK(history.is_contiguous(), "histories[", l, "] must be contiguous");
+    check_same_device_dtype(x, history, "x", "histories[l]");
+    layer.history = history.data_ptr();
+    const at::Tensor& position = positions[l];
+    check_shape(position, {p.batch}, "positions[l]");
+    TORCH_CHECK(position.scalar_type() == at::kLong && position.is_contiguous() && position.device() == x.device(),
+                "positions[", l, "] must be a contiguous int64 tensor on the device of x");
+    layer.position = position.data_ptr();
+    channels = layer.out_channels;
+    p.max_channels = std::max(p.max_channels, channels);
+  }
+  if (context_table) {
+    check_shape(*context_table, {p.batch, p.layer[0].kernel_size, p.layer[0].out_channels}, "context_table");
+    TORCH_CHECK(context_table->is_contiguous(), "context_table must be contiguous");
+    check_same_device_dtype(x, *context_table, "x", "context_table");
+    p.context_table = context_table->data_ptr();
+  }
+  check_output(out, x, {p.batch, channels}, "out");
   p.out = out.data_ptr();
   return p;
 }

@@ -1,0 +1,244 @@
+"""tcn_step: a whole stack of residual causal-conv layers stepped at once (one op on cpu and cuda) against
+an independent layer-by-layer composition of the reference step and F.linear; bitwise agreement with the
+per-layer cpu step; row resets; the torch.library schema; bad input."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hiertcn_fast.ops import CausalConvState, causal_conv1d_step, causal_conv1d_step_reference, tcn_step
+from hiertcn_fast.ops.conv import pack_weight
+from helpers import BACKEND_DEVICES, COMPARE_DTYPE, TOLERANCE, assert_close, rand
+
+
+@dataclasses.dataclass
+class StackCase:
+    batch: int
+    channels: tuple  # (C_0, C_1, ..., C_L): the input width, then each layer's output width
+    kernels: tuple
+    dilations: tuple
+    context_channels: int = 0
+    bias: bool = True
+    activation: str = "relu"
+    steps: int = 9
+
+    def __str__(self):
+        return (f"b{self.batch}-c{'x'.join(map(str, self.channels))}-k{''.join(map(str, self.kernels))}-"
+                f"d{'.'.join(map(str, self.dilations))}-ctx{self.context_channels}-{self.activation}"
+                f"{'' if self.bias else '-nobias'}")
+
+    def params(self, dtype, device):
+        """Per-layer weights, biases, projections (only where the width changes) and the context inputs."""
+        c = self.channels
+        layers = range(len(self.kernels))
+        # Weights scaled by 1 / sqrt(fan-in), as nn.Conv1d's, so activations keep their size through the stack.
+        weights = [rand(c[l + 1], c[l], self.kernels[l], dtype=dtype, device=device,
+                        scale=(c[l] * self.kernels[l]) ** -0.5) for l in layers]
+        biases = [rand(c[l + 1], dtype=dtype, device=device) if self.bias else None for l in layers]
+        proj_weights = [rand(c[l + 1], c[l], dtype=dtype, device=device, scale=c[l] ** -0.5) if c[l] != c[l + 1] else None
+                        for l in layers]
+        proj_biases = [rand(c[l + 1], dtype=dtype, device=device) if c[l] != c[l + 1] and self.bias else None
+                       for l in layers]
+        context = context_weight = None
+        if self.context_channels:
+            context = rand(self.batch, self.context_channels, dtype=dtype, device=device)
+            context_weight = rand(c[1], self.context_channels, self.kernels[0], dtype=dtype, device=device,
+                                  scale=(self.context_channels * self.kernels[0]) ** -0.5)
+        return dict(weights=weights, biases=biases, proj_weights=proj_weights, proj_biases=proj_biases,
+                    context=context, context_weight=context_weight)
+
+    def states(self, dtype, device):
+        return [CausalConvState.zeros(self.batch, self.channels[l], k, d, dtype=dtype, device=device)
+                for l, (k, d) in enumerate(zip(self.kernels, self.dilations))]
+
+
+CASES = [
+    # Projections where the width changes (layers 0 and 2), mixed k and dilation, context, a row reset.
+    StackCase(3, (6, 8, 8, 5), (3, 2, 4), (1, 3, 2), context_channels=4),
+    # Batch 1; a k = 1 layer (no history at all); no biases; tanh.
+    StackCase(1, (5, 5, 5), (1, 5), (1, 7), bias=False, activation="tanh"),
+    # One full tile of 8 rows plus one; widths past a vector block with a tail; gelu.
+    StackCase(9, (40, 40, 40), (3, 3), (1, 2), context_channels=3, activation="gelu"),
+    # HierTCN-like widths at a small batch (the single-row and padded-block paths of the dense kernel).
+    StackCase(2, (128, 128, 128, 128), (5, 5, 5), (1, 2, 2), context_channels=6, steps=12),
+]
+
+
+def layer_by_layer(x, params, states):
+    """The definition: each layer's reference step with its residual (the input, or its nn.Linear projection)."""
+    h = x
+    for l, state in enumerate(states):
+        proj = params["proj_weights"][l]
+        residual = h if proj is None else F.linear(h, proj, params["proj_biases"][l])
+        extra = dict(context=params["context"], context_weight=params["context_weight"]) if l == 0 else {}
+        h = causal_conv1d_step_reference(h, params["weights"][l], state, params["biases"][l], residual=residual,
+                                         activation=params["activation"], **extra)
+    return h
+
+
+def _run_both(case, backend, device, reset_at=None):
+    dtype = COMPARE_DTYPE[backend]
+    params = case.params(torch.float64, device)
+    xs = rand(case.batch, case.steps, case.channels[0], device=device)
+    states, expected_states = case.states(dtype, device), case.states(torch.float64, device)
+    cast = {k: ([None if t is None else t.to(dtype) for t in v] if isinstance(v, list) else
+                (None if v is None else v.to(dtype))) for k, v in params.items()}
+    outs, expected = [], []
+    for t in range(case.steps):
+        if t == reset_at:
+            rows = torch.tensor([case.batch - 1], device=device)
+            for state in states + expected_states:
+                state.reset(rows)
+        with torch.no_grad():
+            outs.append(tcn_step(xs[:, t].to(dtype), cast["weights"], cast["biases"], states,
+                                 proj_weights=cast["proj_weights"], proj_biases=cast["proj_biases"],
+                                 context=cast["context"], context_weight=cast["context_weight"],
+                                 activation=case.activation, backend=backend))
+        expected.append(layer_by_layer(xs[:, t], dict(params, activation=case.activation), expected_states))
+    return torch.stack(outs, 1), torch.stack(expected, 1), states, expected_states, xs
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_tcn_step_equals_layer_by_layer_reference(backend, device, case):
+    outs, expected, states, expected_states, xs = _run_both(case, backend, device, reset_at=case.steps // 2)
+    assert_close(outs, expected, COMPARE_DTYPE[backend])
+    for state, expected_state in zip(states, expected_states):
+        assert torch.equal(state.position, expected_state.position)
+    # The first layer's history holds the inputs themselves, bitwise.
+    assert torch.equal(states[0].history, expected_states[0].history.to(states[0].history.dtype))
+    assert states[0].position.tolist() == [case.steps] * (case.batch - 1) + [case.steps - case.steps // 2]
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 9, 20])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_stack_equals_the_per_layer_cpu_step_bitwise(batch, threads):
+    """Without projections the fused stack runs the per-layer op's kernels in the same order: the outputs and
+    every layer's state are bitwise those of stepping layer by layer, at any thread count (batches below
+    the thread count split each layer's output channels between threads; larger ones split rows)."""
+    case = StackCase(batch, (128, 128, 128), (5, 3), (1, 4), context_channels=5, steps=10)
+    params = case.params(torch.float32, "cpu")
+    xs = rand(batch, case.steps, 128, dtype=torch.float32)
+    fused, per_layer = case.states(torch.float32, "cpu"), case.states(torch.float32, "cpu")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for t in range(case.steps):
+            with torch.no_grad():
+                out = tcn_step(xs[:, t], params["weights"], params["biases"], fused, context=params["context"],
+                               context_weight=params["context_weight"], backend="cpu")
+                h = xs[:, t]
+                for l, state in enumerate(per_layer):
+                    extra = dict(context=params["context"], context_weight=params["context_weight"]) if l == 0 else {}
+                    h = causal_conv1d_step(h, params["weights"][l], state, params["biases"][l], residual=h,
+                                           activation="relu", backend="cpu", **extra)
+            assert torch.equal(out, h), f"step {t}"
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(fused, per_layer):
+        assert torch.equal(a.history, b.history) and torch.equal(a.position, b.position)
+
+
+def test_stacks_deeper_than_the_fused_op_step_layer_by_layer():
+    case = StackCase(2, (3,) * 35, (2,) * 34, (1,) * 34, steps=3)
+    params = case.params(torch.float64, "cpu")
+    states, expected_states = case.states(torch.float64, "cpu"), case.states(torch.float64, "cpu")
+    for t in range(case.steps):
+        x = rand(2, 3)
+        out = tcn_step(x, params["weights"], params["biases"], states, backend="cpu")
+        assert_close(out, layer_by_layer(x, dict(params, activation="relu"), expected_states))
+
+
+def test_projection_is_repacked_when_it_changes_in_place():
+    case = CASES[0]
+    params = case.params(torch.float64, "cpu")
+    states, expected_states = case.states(torch.float64, "cpu"), case.states(torch.float64, "cpu")
+    x = rand(case.batch, case.channels[0])
+    call = dict(proj_weights=params["proj_weights"], proj_biases=params["proj_biases"], context=params["context"],
+                context_weight=params["context_weight"], backend="cpu")
+    tcn_step(x, params["weights"], params["biases"], states, **call)
+    packed = states[0].packed_projection(params["proj_weights"][0])
+    assert states[0].packed_projection(params["proj_weights"][0]) is packed
+    params["proj_weights"][0].mul_(-2)  # an optimiser step between events
+    assert states[0].packed_projection(params["proj_weights"][0]) is not packed
+    layer_by_layer(x, dict(params, activation="relu"), expected_states)
+    assert_close(tcn_step(x, params["weights"], params["biases"], states, **call),
+                 layer_by_layer(x, dict(params, activation="relu"), expected_states))
+
+
+def _op_call(case, dtype=torch.float64, device="cpu"):
+    params = case.params(dtype, device)
+    states = case.states(dtype, device)
+    from hiertcn_fast.ops.conv import context_table
+    table = context_table(params["context"], params["context_weight"]).contiguous()
+    args = (rand(case.batch, case.channels[0], dtype=dtype, device=device),
+            [pack_weight(w, 1) for w in params["weights"]], params["biases"],
+            [None if p is None else p.t().contiguous() for p in params["proj_weights"]], params["proj_biases"],
+            table, list(case.dilations), 1)
+    kwargs = dict(histories=[s.history for s in states], positions=[s.position for s in states],
+                  out=torch.empty(case.batch, case.channels[-1], dtype=dtype, device=device))
+    return args, kwargs
+
+
+def test_opcheck_tcn_step_op():
+    args, kwargs = _op_call(CASES[0])
+    torch.library.opcheck(torch.ops.hiertcn_fast.tcn_step_out.default, args, kwargs)
+
+
+def test_bad_input_is_a_clear_error():
+    case = CASES[0]
+    params = case.params(torch.float32, "cpu")
+    states = case.states(torch.float32, "cpu")
+    x = rand(case.batch, case.channels[0], dtype=torch.float32)
+    w, b = params["weights"], params["biases"]
+    with pytest.raises(ValueError, match="one entry per layer"):
+        tcn_step(x, w, b[:2], states)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        tcn_step(x[:, None], w, b, states)
+    with pytest.raises(ValueError, match=r"weights\[1\] has k=2 taps but states\[1\] was made for k=3"):
+        tcn_step(x, w, b, [states[0], CausalConvState.zeros(3, 8, 3, 3), states[2]],
+                 proj_weights=params["proj_weights"], backend="cpu")
+    with pytest.raises(RuntimeError, match="needs proj_weights"):
+        tcn_step(x, w, b, states, backend="cpu")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        tcn_step(x, w, b, states, activation="swish")
+    with pytest.raises(RuntimeError, match="must have the dtype of x"):
+        tcn_step(x, [w[0].double(), *w[1:]], b, states, proj_weights=params["proj_weights"], backend="cpu")
+    with pytest.raises(ValueError, match="context and context_weight must be given together"):
+        tcn_step(x, w, b, states, context=params["context"])
+    # Nothing was stepped by the failed calls.
+    assert all(int(s.position.sum()) == 0 for s in states)
+
+
+def test_compiled_op_checks_arguments_itself():
+    args, kwargs = _op_call(CASES[0], torch.float32)
+    ops = torch.ops.hiertcn_fast
+    with pytest.raises(RuntimeError, match="one entry per layer"):
+        ops.tcn_step_out(*args[:6], args[6][:2], *args[7:], **kwargs)
+    bad = dict(kwargs, histories=[kwargs["histories"][0][:, :1], *kwargs["histories"][1:]])
+    with pytest.raises(RuntimeError, match="histories"):
+        ops.tcn_step_out(*args, **bad)
+    with pytest.raises(RuntimeError, match="out must have shape"):
+        ops.tcn_step_out(*args, **dict(kwargs, out=torch.empty(3, 4)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], StackCase(2, (300, 300, 20), (3, 2), (1, 5), steps=7),
+                                  StackCase(5, (20, 20), (4,), (2,), context_channels=3, steps=8)], ids=str)
+def test_cuda_stack_step_in_one_launch(case, dtype):
+    params = case.params(torch.float64, "cuda")
+    xs = rand(case.batch, case.steps, case.channels[0], device="cuda")
+    states, expected_states = case.states(dtype, "cuda"), case.states(torch.float64, "cuda")
+    cast = {k: ([None if t is None else t.to(dtype) for t in v] if isinstance(v, list) else
+                (None if v is None else v.to(dtype))) for k, v in params.items()}
+    for t in range(case.steps):
+        out = tcn_step(xs[:, t].to(dtype), cast["weights"], cast["biases"], states, proj_weights=cast["proj_weights"],
+                       proj_biases=cast["proj_biases"], context=cast["context"],
+                       context_weight=cast["context_weight"], activation=case.activation, backend="cuda")
+        expected = layer_by_layer(xs[:, t], dict(params, activation=case.activation), expected_states)
+        torch.testing.assert_close(out.double(), expected, **TOLERANCE[dtype])
+    for state, expected_state in zip(states, expected_states):
+        assert torch.equal(state.position, expected_state.position)
