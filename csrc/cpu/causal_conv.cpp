@@ -793,6 +793,75 @@ void blas_conv_backward(const ConvShape& s, const at::Tensor& grad_pre, const at
   grad_weight.copy_(grad_w.permute({1, 2, 0}));
 }
 
+// Small problems split the batch into one chunk per thread, each running its (single-threaded) matrix
+// products and epilogue start to finish: one parallel region per op instead of one per matrix product, whose
+// fork and join cost more than the products save at HierTCN's sizes. Large problems run whole, each product
+// threaded. Either way the result is deterministic for a given thread count.
+constexpr int64_t kBlasChunkMaxMultiplyAdds = int64_t(1) << 28;
+
+int64_t blas_chunks(const ConvShape& s) {
+  const int64_t macs = s.batch * s.time * s.in_channels * s.out_channels * s.kernel_size;
+  if (macs >= kBlasChunkMaxMultiplyAdds) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(s.batch, at::get_num_threads()));
+}
+
+// Runs fn(first_row, rows) over the chunks of the batch (chunk c on a thread of its own).
+template <typename Fn>
+void for_batch_chunks(const ConvShape& s, int64_t chunks, const Fn& fn) {
+  const int64_t per_chunk = (s.batch + chunks - 1) / chunks;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t first = c * per_chunk, rows = std::min(per_chunk, s.batch - first);
+      if (rows > 0) fn(c, first, rows);
+    }
+  });
+}
+
+// The forward through BLAS for batch rows [first, first + rows).
+template <typename T>
+void blas_conv_forward_rows(const ConvShape& s, const CausalConvParams& p, const at::Tensor& x,
+                            const at::Tensor& packed, int64_t first, int64_t rows) {
+  ConvShape chunk = s;
+  chunk.batch = rows;
+  at::Tensor z = time_major_conv(chunk, time_major(x.narrow(0, first, rows)), packed, 1);
+  CausalConvParams q = p;
+  q.batch = rows;
+  q.in = static_cast<const T*>(p.in) + first * p.in_batch_stride;
+  if (p.context_table) q.context_table = static_cast<const T*>(p.context_table) + first * s.kernel_size * s.out_channels;
+  if (p.residual) q.residual = static_cast<const T*>(p.residual) + first * p.residual_batch_stride;
+  q.out = static_cast<T*>(p.out) + first * s.time * s.out_channels;
+  if (p.pre) q.pre = static_cast<T*>(p.pre) + first * s.time * s.out_channels;
+  epilogue_time_major_cpu_kernel<T>(q, z.data_ptr<T>());
+}
+
+// grad_x and grad_weight through BLAS with the batch in chunks: each chunk's grad_x rows, and a partial weight
+// gradient per chunk, added in chunk order.
+void blas_conv_backward_chunked(const ConvShape& s, int64_t chunks, const at::Tensor& grad_pre, const at::Tensor& x,
+                                const at::Tensor& weight, at::Tensor& grad_x, at::Tensor& grad_weight) {
+  const at::Tensor packed_transposed = pack_conv_weight_transposed(weight);
+  at::Tensor partials = at::empty({chunks, s.kernel_size, s.out_channels, s.in_channels}, x.options());
+  for_batch_chunks(s, chunks, [&](int64_t c, int64_t first, int64_t rows) {
+    ConvShape chunk = s;
+    chunk.batch = rows;
+    const at::Tensor gz_tm = time_major(grad_pre.narrow(0, first, rows));
+    const at::Tensor gx_tm = time_major_conv(chunk, gz_tm, packed_transposed, -1);
+    grad_x.narrow(0, first, rows).copy_(gx_tm.view({s.time, rows, s.in_channels}).transpose(0, 1));
+    const at::Tensor x_tm = time_major(x.narrow(0, first, rows));
+    for (int64_t j = 0; j < s.kernel_size; ++j) {
+      const int64_t shift = (s.kernel_size - 1 - j) * s.dilation;
+      at::Tensor dst = partials[c][j];
+      if (shift >= s.time) {
+        dst.zero_();
+        continue;
+      }
+      at::mm_out(dst, rows_from(gz_tm, rows, shift, s.time - shift).t(), rows_from(x_tm, rows, 0, s.time - shift));
+    }
+  });
+  at::Tensor grad_w = partials[0];
+  for (int64_t c = 1; c < chunks; ++c) grad_w = grad_w + partials[c];
+  grad_weight.copy_(grad_w.permute({1, 2, 0}));
+}
+
 void causal_conv1d_out_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& context_table, const std::optional<at::Tensor>& residual,
                            int64_t dilation, int64_t groups, int64_t activation, at::Tensor& out,
@@ -801,9 +870,16 @@ void causal_conv1d_out_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const at::Tensor packed = pack_conv_weight(weight, groups);
   const CausalConvParams p = make_causal_conv_params(s, x, packed, bias, context_table, residual, out, pre);
   if (use_blas(s)) {
-    at::Tensor z = time_major_conv(s, time_major(x), packed, 1);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_out_cpu",
-                               [&] { epilogue_time_major_cpu_kernel<scalar_t>(p, z.data_ptr<scalar_t>()); });
+    const int64_t chunks = blas_chunks(s);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_out_cpu", [&] {
+      if (chunks == 1) {
+        blas_conv_forward_rows<scalar_t>(s, p, x, packed, 0, s.batch);
+      } else {
+        for_batch_chunks(s, chunks, [&](int64_t, int64_t first, int64_t rows) {
+          blas_conv_forward_rows<scalar_t>(s, p, x, packed, first, rows);
+        });
+      }
+    });
     return;
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_out_cpu", [&] { causal_conv_cpu_kernel<scalar_t>(p); });
@@ -821,7 +897,11 @@ void causal_conv1d_backward_out_cpu(const at::Tensor& grad_out, const at::Tensor
   if (use_blas(s)) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_backward_out_cpu",
                                [&] { epilogue_backward_cpu_kernel<scalar_t>(p); });
-    blas_conv_backward(s, grad_pre, x, weight, grad_x, grad_weight);
+    const int64_t chunks = blas_chunks(s);
+    if (chunks == 1)
+      blas_conv_backward(s, grad_pre, x, weight, grad_x, grad_weight);
+    else
+      blas_conv_backward_chunked(s, chunks, grad_pre, x, weight, grad_x, grad_weight);
     return;
   }
   const at::Tensor partials = new_grad_weight_partials(p, x);

@@ -343,7 +343,8 @@ void causal_conv1d_step_out_cuda(const at::Tensor& x, const at::Tensor& packed_w
   });
 }
 
-constexpr int kStackThreads = 256;
+// Enough threads that a batch-1 step splits each output channel's sum several ways.
+constexpr int kStackThreads = 512;
 
 void tcn_step_out_cuda(const at::Tensor& x, at::TensorList packed_weights, const OptionalTensorList& biases,
                        const OptionalTensorList& proj_weights, const OptionalTensorList& proj_biases,
