@@ -243,6 +243,17 @@ def gru_cell_reference(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
     return gru_gates_reference(F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh), h)
 
 
+def _well_formed_cell(x, h, w_ih, w_hh, b_ih, b_hh):
+    """True when every check of gru_cell passes, in one cheap pass (else the full checks say what is wrong):
+    at HierTCN's sizes the checks cost a noticeable share of a step."""
+    if not (isinstance(x, torch.Tensor) and isinstance(h, torch.Tensor) and x.dim() == 2 and h.dim() == 2
+            and h.dtype in FLOATING and x.dtype == h.dtype and x.device == h.device and x.shape[0] == h.shape[0]
+            and (b_ih is None) == (b_hh is None)):
+        return False
+    weights = (w_ih, w_hh) if b_ih is None else (w_ih, w_hh, b_ih, b_hh)
+    return _well_formed_layer_weights((weights,), 1, x.shape[1], h.shape[1], h) is not None
+
+
 def gru_cell(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih=None, b_hh=None, *,
              backend=None) -> torch.Tensor:
     """One GRU step, what nn.GRUCell computes: x (batch, input), h (batch, hidden) -> h' (batch, hidden).
@@ -250,13 +261,14 @@ def gru_cell(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.T
     w_ih (3 * hidden, input), w_hh (3 * hidden, hidden), b_ih and b_hh (3 * hidden,) or both None:
     nn.GRUCell's weight_ih, weight_hh, bias_ih, bias_hh. Differentiable in every tensor argument.
     """
-    check_tensor(h, "h", 2)
-    check_tensor(x, "x", 2)
-    _check_layer_input(x, "x", h.shape[0], h)
-    if (b_ih is None) != (b_hh is None):
-        raise ValueError("b_ih and b_hh must be given together or not at all")
-    ((w_ih, w_hh, b_ih, b_hh),) = _layer_weights([(w_ih, w_hh) + ((b_ih, b_hh) if b_ih is not None else ())], 1,
-                                                 x.shape[1], h.shape[1], h, name="cell weights")
+    if not _well_formed_cell(x, h, w_ih, w_hh, b_ih, b_hh):
+        check_tensor(h, "h", 2)
+        check_tensor(x, "x", 2)
+        _check_layer_input(x, "x", h.shape[0], h)
+        if (b_ih is None) != (b_hh is None):
+            raise ValueError("b_ih and b_hh must be given together or not at all")
+        _layer_weights([(w_ih, w_hh) + ((b_ih, b_hh) if b_ih is not None else ())], 1, x.shape[1], h.shape[1], h,
+                       name="cell weights")
     name = resolve("gru_cell", backend, h.device, h.dtype, GRU_DTYPES)
     if name == "reference":
         return gru_cell_reference(x, h, w_ih, w_hh, b_ih, b_hh)
@@ -433,6 +445,35 @@ def _check_session_update(items, lengths, h, keep, weights, proj_weight, proj_bi
     return lengths.to(torch.int64), keep.to(h.dtype), layers
 
 
+def _well_formed_session_update(items, lengths, h, keep, weights, proj_weight, proj_bias):
+    """The layers of _check_session_update when its checks pass and lengths (int64) and keep (h's dtype) need
+    no conversion, in one cheap pass; else None (then _check_session_update converts or says what is wrong)."""
+    if not (isinstance(h, torch.Tensor) and isinstance(items, torch.Tensor) and isinstance(lengths, torch.Tensor)
+            and isinstance(keep, torch.Tensor) and h.dim() == 3 and items.dim() == 3 and h.dtype in FLOATING):
+        return None
+    dtype, device = h.dtype, h.device
+    batch = h.shape[1]
+    if not (items.dtype == dtype and items.device == device and items.shape[0] == batch
+            and lengths.dtype == torch.int64 and lengths.device == device and lengths.shape == (batch,)
+            and keep.dtype == dtype and keep.device == device and keep.shape == (batch,)):
+        return None
+    input_size = items.shape[2]
+    if proj_weight is not None:
+        if not (isinstance(proj_weight, torch.Tensor) and proj_weight.dim() == 2 and proj_weight.dtype == dtype
+                and proj_weight.device == device and proj_weight.shape[1] == input_size):
+            return None
+        input_size = proj_weight.shape[0]
+        if proj_bias is not None and not (isinstance(proj_bias, torch.Tensor) and proj_bias.dtype == dtype
+                                          and proj_bias.device == device and proj_bias.shape == (input_size,)):
+            return None
+    elif proj_bias is not None:
+        return None
+    layers = _well_formed_layer_weights(weights, h.shape[0], input_size, h.shape[2], h)
+    if layers is None or len({w[2] is None for w in layers}) > 1:
+        return None
+    return layers
+
+
 def session_update_reference(item_embeddings, lengths, h, keep, weights, *, proj_weight=None, proj_bias=None):
     """Plain-PyTorch session_update."""
     lengths, keep, layers = _check_session_update(item_embeddings, lengths, h, keep, weights, proj_weight, proj_bias)
@@ -457,15 +498,16 @@ def session_update(item_embeddings: torch.Tensor, lengths: torch.Tensor, h: torc
     Differentiable in item_embeddings, h, the weights, the projection and a floating keep. Lengths
     outside [0, time] are an error on CPU tensors; CUDA kernels clamp them (checking would synchronise).
     """
-    lengths, keep_values, layers = _check_session_update(item_embeddings, lengths, h, keep, weights, proj_weight,
-                                                         proj_bias)
+    layers = _well_formed_session_update(item_embeddings, lengths, h, keep, weights, proj_weight, proj_bias)
+    if layers is None:
+        lengths, keep, layers = _check_session_update(item_embeddings, lengths, h, keep, weights, proj_weight,
+                                                      proj_bias)
     name = resolve("session_update", backend, h.device, h.dtype, GRU_DTYPES)
     if name in ("reference", "triton"):
-        return _session_update_composed(item_embeddings, lengths, h, keep_values, layers, proj_weight, proj_bias,
-                                        name)
+        return _session_update_composed(item_embeddings, lengths, h, keep, layers, proj_weight, proj_bias, name)
     flat = [t for layer in layers for t in layer if t is not None]
-    return _SessionUpdateFunction.apply(unit_stride_rows(item_embeddings), lengths, h.contiguous(), keep_values,
-                                        proj_weight, proj_bias, *flat)
+    return _SessionUpdateFunction.apply(unit_stride_rows(item_embeddings), lengths, h.contiguous(), keep, proj_weight,
+                                        proj_bias, *flat)
 
 
 # ---- registrations -------------------------------------------------------------------------------
