@@ -44,6 +44,16 @@ def test_cell_matches_torch_gru_cell(backend, device, case):
     assert_outputs_and_grads_match(lambda *a: gru_cell(*a, backend=backend), torch_gru_cell, inputs, dtype)
 
 
+def test_cell_under_inference_mode_and_no_grad():
+    # The cell op has an autograd kernel and a plain one; inference mode reaches the plain one.
+    inputs = cell_inputs(5, 3, 7, True, True, torch.float64, "cpu")
+    expected = torch_gru_cell(*inputs)
+    with torch.inference_mode():
+        assert_close(gru_cell(*inputs, backend="cpu"), expected)
+    with torch.no_grad():
+        assert_close(gru_cell(*[t.requires_grad_() for t in inputs], backend="cpu"), expected)
+
+
 def sequence_inputs(batch, time, input_size, hidden, layers, noncontiguous, bias, dtype, device):
     x = rand(batch, time, input_size, dtype=dtype, device=device, noncontiguous=noncontiguous)
     h0 = rand(layers, batch, hidden, dtype=dtype, device=device, noncontiguous=noncontiguous)
@@ -229,6 +239,9 @@ def test_opcheck_compiled_ops(device):
                  grad_w_hh=torch.empty_like(w_hh), grad_b_ih=torch.empty_like(b_ih), grad_b_hh=torch.empty_like(b_hh))
     torch.library.opcheck(ops.gru_layer_backward_out.default,
                           (torch.randn_like(saved["output"]), x, h0, w_ih, w_hh, *saved.values()), grads)
+
+    cell_args = [x[:, 0].detach().requires_grad_(), h0.detach().requires_grad_(), w_ih, w_hh, b_ih, b_hh]
+    torch.library.opcheck(ops.gru_cell.default, cell_args)
 
     items, lengths, h, keep, weights, (pw, pb) = session_inputs(4, 3, 5, 6, 2, True, True, "mixed", "mixed", dtype,
                                                                 device)

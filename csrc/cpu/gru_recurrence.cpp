@@ -14,7 +14,9 @@
 //   session update: h, out, states (layers, batch, hidden); gi, gh (layers, batch, 3 * hidden).
 #include <ATen/CPUFunctions.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DeviceGuard.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -641,7 +643,109 @@ void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& i
   if (grad_items.has_value() && grad_items->numel() > 0) run_session_mean_backward(k, lengths, s, grad_mean, *grad_items);
 }
 
+// ---- the cell as one op, differentiated in C++ ------------------------------------------------------
+//
+// gru_cell is the layer ops at time 1 behind one autograd node written in C++: at HierTCN's sizes a
+// Python autograd.Function around them (its forward and backward in the interpreter, outputs allocated
+// from Python) costs about as much as the step's arithmetic. The layer ops are called through the
+// dispatcher, so that either device's kernels (and fake tensors, for opcheck) serve.
+
+void call_layer_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                        const OptTensor& b_ih, const OptTensor& b_hh, at::Tensor& output, at::Tensor& gi,
+                        at::Tensor& gh) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("hiertcn_fast::gru_layer_forward_out", "")
+                             .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const OptTensor&, const OptTensor&, at::Tensor&, at::Tensor&, at::Tensor&)>();
+  op.call(x, h0, w_ih, w_hh, b_ih, b_hh, output, gi, gh);
+}
+
+void call_layer_backward(const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& h0,
+                         const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& gi,
+                         const at::Tensor& gh, const OptTensor& grad_x, at::Tensor& grad_h0, at::Tensor& grad_w_ih,
+                         at::Tensor& grad_w_hh, const OptTensor& grad_b_ih, const OptTensor& grad_b_hh) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("hiertcn_fast::gru_layer_backward_out", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, at::Tensor&,
+                      at::Tensor&, at::Tensor&, const OptTensor&, const OptTensor&)>();
+  op.call(grad_output, x, h0, w_ih, w_hh, output, gi, gh, grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih,
+          grad_b_hh);
+}
+
+// h' (batch, hidden) for x (batch, input), h (batch, hidden); the pre-activations into gi and gh
+// ((batch, 1, 3 * hidden) and (1, batch, 3 * hidden), the layer op's time-1 layouts).
+at::Tensor cell_forward(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                        const OptTensor& b_ih, const OptTensor& b_hh, at::Tensor& gi, at::Tensor& gh) {
+  TORCH_CHECK(x.dim() == 2 && h.dim() == 2, "gru_cell: x and h must be 2-D (batch, features), got ", x.dim(),
+              "-D and ", h.dim(), "-D");
+  const int64_t batch = h.size(0), hidden = h.size(1);
+  at::Tensor out = at::empty({batch, hidden}, h.options());
+  gi = at::empty({batch, 1, 3 * hidden}, h.options());
+  gh = at::empty({1, batch, 3 * hidden}, h.options());
+  at::Tensor output = out.unsqueeze(1);
+  call_layer_forward(x.unsqueeze(1), h, w_ih, w_hh, b_ih, b_hh, output, gi, gh);
+  return out;
+}
+
+// The layer op's kernels index h by rows with unit stride.
+at::Tensor unit_stride_rows(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
+
+class GruCellFunction : public torch::autograd::Function<GruCellFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h,
+                            const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
+                            const OptTensor& b_hh) {
+    at::Tensor gi, gh;
+    const at::Tensor h_rows = unit_stride_rows(h);
+    at::Tensor out = cell_forward(x, h_rows, w_ih, w_hh, b_ih, b_hh, gi, gh);
+    ctx->save_for_backward({x, h_rows, w_ih, w_hh, gi, gh, out});
+    ctx->saved_data["bias"] = b_ih.has_value();
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const torch::autograd::variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &h = saved[1], &w_ih = saved[2], &w_hh = saved[3], &gi = saved[4],
+                     &gh = saved[5], &out = saved[6];
+    const bool bias = ctx->saved_data["bias"].toBool();
+    const at::Tensor grad_out = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(out);
+    OptTensor grad_x;
+    if (ctx->needs_input_grad(0)) grad_x = at::empty({x.size(0), 1, x.size(1)}, x.options());
+    at::Tensor grad_h = at::empty_like(h, at::MemoryFormat::Contiguous);
+    at::Tensor grad_w_ih = at::empty_like(w_ih, at::MemoryFormat::Contiguous);
+    at::Tensor grad_w_hh = at::empty_like(w_hh, at::MemoryFormat::Contiguous);
+    OptTensor grad_b_ih, grad_b_hh;
+    if (bias) {
+      grad_b_ih = at::empty({w_ih.size(0)}, w_ih.options());
+      grad_b_hh = at::empty({w_hh.size(0)}, w_hh.options());
+    }
+    call_layer_backward(grad_out.unsqueeze(1), x.unsqueeze(1), h, w_ih, w_hh, out.unsqueeze(1), gi, gh, grad_x,
+                        grad_h, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh);
+    return {grad_x.has_value() ? grad_x->squeeze(1) : at::Tensor(), grad_h, grad_w_ih, grad_w_hh,
+            grad_b_ih.value_or(at::Tensor()), grad_b_hh.value_or(at::Tensor())};
+  }
+};
+
+at::Tensor gru_cell_autograd(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                             const OptTensor& b_ih, const OptTensor& b_hh) {
+  return GruCellFunction::apply(x, h, w_ih, w_hh, b_ih, b_hh);
+}
+
+// Below autograd (inference mode, or no input needing a gradient there): the forward alone.
+at::Tensor gru_cell_forward_only(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih,
+                                 const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh) {
+  at::Tensor gi, gh;
+  return cell_forward(x, unit_stride_rows(h), w_ih, w_hh, b_ih, b_hh, gi, gh);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(hiertcn_fast, Autograd, m) { m.impl("gru_cell", &gru_cell_autograd); }
+
+TORCH_LIBRARY_IMPL(hiertcn_fast, CompositeExplicitAutograd, m) { m.impl("gru_cell", &gru_cell_forward_only); }
 
 TORCH_LIBRARY_IMPL(hiertcn_fast, CPU, m) {
   m.impl("gru_layer_forward_out", &gru_layer_forward_out);

@@ -272,6 +272,10 @@ def gru_cell(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.T
     name = resolve("gru_cell", backend, h.device, h.dtype, GRU_DTYPES)
     if name == "reference":
         return gru_cell_reference(x, h, w_ih, w_hh, b_ih, b_hh)
+    if name in ("cpu", "cuda") and not torch.compiler.is_compiling():
+        # One op whose autograd node is C++ (csrc/cpu/gru_recurrence.cpp); torch.compile traces the
+        # autograd.Function below instead, where the Python costs nothing per call.
+        return torch.ops.hiertcn_fast.gru_cell.default(x, h, w_ih, w_hh, b_ih, b_hh)
     return _gru_layer(name, x, h, w_ih, w_hh, b_ih, b_hh, single_step=True)
 
 
@@ -531,6 +535,11 @@ def _gru_layer_forward_out_fake(x, h0, w_ih, w_hh, b_ih, b_hh, *, output, gi, gh
 def _gru_layer_backward_out_fake(grad_output, x, h0, w_ih, w_hh, output, gi, gh, *, grad_x, grad_h0, grad_w_ih,
                                  grad_w_hh, grad_b_ih, grad_b_hh):
     return None
+
+
+@_extension.register_fake("gru_cell")
+def _gru_cell_fake(x, h, w_ih, w_hh, b_ih, b_hh):
+    return h.new_empty(h.shape)
 
 
 @_extension.register_fake("session_update_forward_out")
