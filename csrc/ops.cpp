@@ -57,6 +57,11 @@ TORCH_LIBRARY(hiertcn_fast, m) {
       "Tensor[] weights, Tensor? proj_weight, Tensor session_mean, Tensor? projected, Tensor states, Tensor gi, "
       "Tensor gh, *, Tensor(a!)? grad_item_embeddings, Tensor(b!) grad_h, Tensor(c!)[] grad_weights, "
       "Tensor(d!)? grad_proj_weight, Tensor(e!)? grad_proj_bias) -> ()");
+  // session_update as one op (cpu/gru_recurrence.cpp): the out ops above behind one C++ autograd node;
+  // lengths int64, keep in h's dtype.
+  m.def(
+      "session_update(Tensor item_embeddings, Tensor lengths, Tensor h, Tensor keep, Tensor[] weights, "
+      "Tensor? proj_weight, Tensor? proj_bias) -> Tensor");
 
   // Dilated causal convolution (hiertcn/causal_conv.h): x (batch, time, in), weight (out, in/groups, k),
   // context_table (batch, k, out) per-tap suffix sums of the context term, activation 0 none, 1 relu,

@@ -44,14 +44,21 @@ def test_cell_matches_torch_gru_cell(backend, device, case):
     assert_outputs_and_grads_match(lambda *a: gru_cell(*a, backend=backend), torch_gru_cell, inputs, dtype)
 
 
-def test_cell_under_inference_mode_and_no_grad():
-    # The cell op has an autograd kernel and a plain one; inference mode reaches the plain one.
+def test_cell_and_session_update_under_inference_mode_and_no_grad():
+    # The cell and session_update ops have an autograd kernel and a plain one; inference mode reaches the
+    # plain one.
     inputs = cell_inputs(5, 3, 7, True, True, torch.float64, "cpu")
     expected = torch_gru_cell(*inputs)
     with torch.inference_mode():
         assert_close(gru_cell(*inputs, backend="cpu"), expected)
     with torch.no_grad():
         assert_close(gru_cell(*[t.requires_grad_() for t in inputs], backend="cpu"), expected)
+    items, lengths, h, keep, weights, (pw, pb) = session_inputs(4, 3, 5, 6, 2, True, True, "mixed", "mixed",
+                                                                torch.float64, "cpu")
+    expected = session_update_reference(items, lengths, h, keep, weights, proj_weight=pw, proj_bias=pb)
+    with torch.inference_mode():
+        assert_close(session_update(items, lengths, h, keep, weights, proj_weight=pw, proj_bias=pb, backend="cpu"),
+                     expected)
 
 
 def sequence_inputs(batch, time, input_size, hidden, layers, noncontiguous, bias, dtype, device):
@@ -249,6 +256,8 @@ def test_opcheck_compiled_ops(device):
     flat = [t for layer in weights for t in layer]
     saved = dict(out=torch.empty_like(h), states=torch.empty_like(h), session_mean=empty(4, 5),
                  projected=empty(4, 6), gi=empty(2, 4, 18), gh=empty(2, 4, 18))
+    su_args = [items.detach().requires_grad_(), lengths, h.detach().requires_grad_(), keep, flat, pw, pb]
+    torch.library.opcheck(ops.session_update.default, su_args)
     torch.library.opcheck(ops.session_update_forward_out.default, (items, lengths, h, keep, flat, pw, pb), saved)
     ops.session_update_forward_out(items, lengths, h, keep, flat, pw, pb, **saved)
     grads = dict(grad_item_embeddings=torch.empty_like(items), grad_h=torch.empty_like(h),

@@ -741,11 +741,139 @@ at::Tensor gru_cell_forward_only(const at::Tensor& x, const at::Tensor& h, const
   return cell_forward(x, unit_stride_rows(h), w_ih, w_hh, b_ih, b_hh, gi, gh);
 }
 
+// ---- session_update as one op, differentiated in C++ ------------------------------------------------
+//
+// The same for session_update: its out ops behind one C++ autograd node. lengths must be int64 and keep
+// in h's dtype (the Python entry point converts them).
+
+void call_session_forward(const at::Tensor& items, const at::Tensor& lengths, const at::Tensor& h,
+                          const at::Tensor& keep, at::TensorList weights, const OptTensor& proj_weight,
+                          const OptTensor& proj_bias, at::Tensor& out, at::Tensor& states, at::Tensor& session_mean,
+                          const OptTensor& projected, at::Tensor& gi, at::Tensor& gh) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("hiertcn_fast::session_update_forward_out", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList,
+                      const OptTensor&, const OptTensor&, at::Tensor&, at::Tensor&, at::Tensor&, const OptTensor&,
+                      at::Tensor&, at::Tensor&)>();
+  op.call(items, lengths, h, keep, weights, proj_weight, proj_bias, out, states, session_mean, projected, gi, gh);
+}
+
+void call_session_backward(const at::Tensor& grad_out, const at::Tensor& items, const at::Tensor& lengths,
+                           const at::Tensor& h, const at::Tensor& keep, at::TensorList weights,
+                           const OptTensor& proj_weight, const at::Tensor& session_mean, const OptTensor& projected,
+                           const at::Tensor& states, const at::Tensor& gi, const at::Tensor& gh,
+                           const OptTensor& grad_items, at::Tensor& grad_h, at::TensorList grad_weights,
+                           const OptTensor& grad_proj_weight, const OptTensor& grad_proj_bias) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("hiertcn_fast::session_update_backward_out", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      at::TensorList, const OptTensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
+                      const at::Tensor&, const at::Tensor&, const OptTensor&, at::Tensor&, at::TensorList,
+                      const OptTensor&, const OptTensor&)>();
+  op.call(grad_out, items, lengths, h, keep, weights, proj_weight, session_mean, projected, states, gi, gh,
+          grad_items, grad_h, grad_weights, grad_proj_weight, grad_proj_bias);
+}
+
+// The buffers the forward fills and the backward reads.
+struct SessionSaved {
+  at::Tensor out, states, session_mean, gi, gh;
+  OptTensor projected;
+};
+
+SessionSaved session_forward(const at::Tensor& items, const at::Tensor& lengths, const at::Tensor& h,
+                             const at::Tensor& keep, at::TensorList weights, const OptTensor& proj_weight,
+                             const OptTensor& proj_bias) {
+  TORCH_CHECK(items.dim() == 3 && h.dim() == 3, "session_update: item_embeddings and h must be 3-D, got ",
+              items.dim(), "-D and ", h.dim(), "-D");
+  const int64_t layers = h.size(0), batch = h.size(1), hidden = h.size(2);
+  SessionSaved r;
+  r.out = at::empty_like(h, at::MemoryFormat::Contiguous);
+  r.states = at::empty_like(r.out);
+  r.session_mean = at::empty({batch, items.size(2)}, h.options());
+  if (proj_weight.has_value()) r.projected = at::empty({batch, proj_weight->size(0)}, h.options());
+  r.gi = at::empty({layers, batch, 3 * hidden}, h.options());
+  r.gh = at::empty_like(r.gi);
+  call_session_forward(items, lengths, h, keep, weights, proj_weight, proj_bias, r.out, r.states, r.session_mean,
+                       r.projected, r.gi, r.gh);
+  return r;
+}
+
+class SessionUpdateFunction : public torch::autograd::Function<SessionUpdateFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& items, const at::Tensor& lengths,
+                            const at::Tensor& h, const at::Tensor& keep, at::TensorList weights,
+                            const OptTensor& proj_weight, const OptTensor& proj_bias) {
+    const at::Tensor items_rows = unit_stride_rows(items), h_contiguous = h.contiguous();
+    SessionSaved r = session_forward(items_rows, lengths, h_contiguous, keep, weights, proj_weight, proj_bias);
+    torch::autograd::variable_list saved{items_rows,    lengths, h_contiguous,   keep,
+                                         r.states,      r.gi,    r.gh,           r.session_mean,
+                                         proj_weight.value_or(at::Tensor()), r.projected.value_or(at::Tensor())};
+    saved.insert(saved.end(), weights.begin(), weights.end());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["proj_bias"] = proj_bias.has_value();
+    return r.out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const torch::autograd::variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &items = saved[0], &lengths = saved[1], &h = saved[2], &keep = saved[3], &states = saved[4],
+                     &gi = saved[5], &gh = saved[6], &session_mean = saved[7];
+    const OptTensor proj_weight = saved[8].defined() ? OptTensor(saved[8]) : std::nullopt;
+    const OptTensor projected = saved[9].defined() ? OptTensor(saved[9]) : std::nullopt;
+    const std::vector<at::Tensor> weights(saved.begin() + 10, saved.end());
+    const at::Tensor grad_out = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(h);
+
+    OptTensor grad_items, grad_proj_weight, grad_proj_bias;
+    if (ctx->needs_input_grad(0)) grad_items = at::empty(items.sizes(), items.options());
+    at::Tensor grad_h = at::empty_like(h);
+    std::vector<at::Tensor> grad_weights;
+    grad_weights.reserve(weights.size());
+    for (const at::Tensor& w : weights) grad_weights.push_back(at::empty(w.sizes(), w.options()));
+    if (proj_weight.has_value()) {
+      grad_proj_weight = at::empty(proj_weight->sizes(), proj_weight->options());
+      if (ctx->saved_data["proj_bias"].toBool()) grad_proj_bias = at::empty({proj_weight->size(0)}, h.options());
+    }
+    call_session_backward(grad_out, items, lengths, h, keep, weights, proj_weight, session_mean, projected, states, gi,
+                          gh, grad_items, grad_h, grad_weights, grad_proj_weight, grad_proj_bias);
+    at::Tensor grad_keep;
+    if (ctx->needs_input_grad(3)) {
+      const at::Tensor active = lengths.gt(0).view({1, -1, 1});
+      grad_keep = (grad_out * at::where(active, states, h)).sum({0, 2});
+    }
+    torch::autograd::variable_list result{grad_items.value_or(at::Tensor()), at::Tensor(), grad_h, grad_keep};
+    result.insert(result.end(), grad_weights.begin(), grad_weights.end());
+    result.push_back(grad_proj_weight.value_or(at::Tensor()));
+    result.push_back(grad_proj_bias.value_or(at::Tensor()));
+    return result;
+  }
+};
+
+at::Tensor session_update_autograd(const at::Tensor& items, const at::Tensor& lengths, const at::Tensor& h,
+                                   const at::Tensor& keep, at::TensorList weights, const OptTensor& proj_weight,
+                                   const OptTensor& proj_bias) {
+  return SessionUpdateFunction::apply(items, lengths, h, keep, weights, proj_weight, proj_bias);
+}
+
+at::Tensor session_update_forward_only(const at::Tensor& items, const at::Tensor& lengths, const at::Tensor& h,
+                                       const at::Tensor& keep, at::TensorList weights, const OptTensor& proj_weight,
+                                       const OptTensor& proj_bias) {
+  return session_forward(unit_stride_rows(items), lengths, h.contiguous(), keep, weights, proj_weight, proj_bias).out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hiertcn_fast, Autograd, m) { m.impl("gru_cell", &gru_cell_autograd); }
+TORCH_LIBRARY_IMPL(hiertcn_fast, Autograd, m) {
+  m.impl("gru_cell", &gru_cell_autograd);
+  m.impl("session_update", &session_update_autograd);
+}
 
-TORCH_LIBRARY_IMPL(hiertcn_fast, CompositeExplicitAutograd, m) { m.impl("gru_cell", &gru_cell_forward_only); }
+TORCH_LIBRARY_IMPL(hiertcn_fast, CompositeExplicitAutograd, m) {
+  m.impl("gru_cell", &gru_cell_forward_only);
+  m.impl("session_update", &session_update_forward_only);
+}
 
 TORCH_LIBRARY_IMPL(hiertcn_fast, CPU, m) {
   m.impl("gru_layer_forward_out", &gru_layer_forward_out);

@@ -510,6 +510,10 @@ def session_update(item_embeddings: torch.Tensor, lengths: torch.Tensor, h: torc
     if name in ("reference", "triton"):
         return _session_update_composed(item_embeddings, lengths, h, keep, layers, proj_weight, proj_bias, name)
     flat = [t for layer in layers for t in layer if t is not None]
+    if not torch.compiler.is_compiling():
+        # One op whose autograd node is C++; torch.compile traces the autograd.Function below.
+        return torch.ops.hiertcn_fast.session_update.default(item_embeddings, lengths, h, keep, flat, proj_weight,
+                                                             proj_bias)
     return _SessionUpdateFunction.apply(unit_stride_rows(item_embeddings), lengths, h.contiguous(), keep, proj_weight,
                                         proj_bias, *flat)
 
@@ -539,6 +543,11 @@ def _gru_layer_backward_out_fake(grad_output, x, h0, w_ih, w_hh, output, gi, gh,
 
 @_extension.register_fake("gru_cell")
 def _gru_cell_fake(x, h, w_ih, w_hh, b_ih, b_hh):
+    return h.new_empty(h.shape)
+
+
+@_extension.register_fake("session_update")
+def _session_update_fake(item_embeddings, lengths, h, keep, weights, proj_weight, proj_bias):
     return h.new_empty(h.shape)
 
 
