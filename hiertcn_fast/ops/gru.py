@@ -178,16 +178,31 @@ def _check_layer_input(x, name, batch, hidden_like):
 
 # ---- one layer over a sequence (the cell is one step of it) --------------------------------------
 
+def _gates_any_state_dtype(gi, gh, h, backend):
+    """The gates (reference or triton) with h in float32 while gi and gh are half: h' then comes in h's
+    dtype, and so does its gradient (both kernels compute in float32 and store each output in its own
+    dtype). The caller's shapes are right by construction; gru_gates validates the public calls."""
+    if backend == "reference":
+        return gru_gates_reference(gi, gh, h)
+    return _GruGatesFunction.apply(unit_stride_rows(gi), unit_stride_rows(gh), unit_stride_rows(h), backend)
+
+
 def _layer_composed(x, h0, w_ih, w_hh, b_ih, b_hh, gates_backend):
     """One GRU layer from torch matrix products and the gates op, step by step; autograd differentiates
-    it. The reference (with the reference gates) and the triton backend (with the Triton gates)."""
+    it. The reference (with the reference gates) and the triton backend (with the Triton gates).
+
+    Half types carry the state in float32 from step to step, and so its gradient through time: dL/dh
+    summed over hundreds of steps in half precision loses the small contributions of distant steps.
+    Each step's products still run in the input's dtype (on h rounded to it)."""
     gi = F.linear(x, w_ih, b_ih)
-    h = h0
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    h = h0.float() if half else h0
     outputs = []
     for t in range(x.shape[1]):
-        h = gru_gates(gi[:, t], F.linear(h, w_hh, b_hh), h, backend=gates_backend)
+        gh = F.linear(h.to(x.dtype) if half else h, w_hh, b_hh)
+        h = _gates_any_state_dtype(gi[:, t], gh, h, gates_backend)
         outputs.append(h)
-    return torch.stack(outputs, dim=1)
+    return torch.stack(outputs, dim=1).to(x.dtype)
 
 
 class _GruLayerFunction(torch.autograd.Function):
