@@ -14,7 +14,15 @@ How the backends run a sequence: cpu and cuda call one compiled op per layer for
 (csrc/cpu/gru_recurrence.cpp: the input projection of all steps as one matrix product, then the
 recurrence and the backward through time in C++, matrix products by ATen, gates by our kernels).
 triton runs the same loop in Python with the Triton gate kernels (and session mean kernels), and
-autograd differentiates it.
+autograd differentiates it; for half types that loop carries the state, and so the gradient through
+time, in float32.
+
+gru_cell and session_update on cpu and cuda are single ops (hiertcn_fast::gru_cell,
+hiertcn_fast::session_update) whose autograd node is written in C++ around the out ops: at HierTCN's
+sizes a Python autograd.Function and its Python-side allocations cost about as much as the step's
+arithmetic. Under torch.compile they go through the Python autograd.Functions instead (traced once,
+free per call). On CPU tensors a single step also runs its two independent matrix products at once,
+one per thread, and adds the biases inside the gates kernel (see gru_recurrence.cpp).
 
 Not done yet on the GPU, for want of a GPU to measure on: fusing the recurrent matrix product with
 the gates (one kernel per step at small batch) and a persistent kernel for the whole recurrence.
