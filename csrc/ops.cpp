@@ -40,6 +40,8 @@ TORCH_LIBRARY(hiertcn_fast, m) {
       "gru_layer_backward_out(Tensor grad_output, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor output, "
       "Tensor gi, Tensor gh, *, Tensor(a!)? grad_x, Tensor(b!) grad_h0, Tensor(c!) grad_w_ih, Tensor(d!) grad_w_hh, "
       "Tensor(e!)? grad_b_ih, Tensor(f!)? grad_b_hh) -> ()");
+  // The cell (cpu/gru_recurrence.cpp): the layer ops at time 1 behind one autograd node written in C++.
+  m.def("gru_cell(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) -> Tensor");
 
   // HierTCN's session-level update (cpu/gru_recurrence.cpp): masked session mean of item_embeddings
   // (batch, time, dim) over lengths (batch,) int64, optional projection, one step of a multi-layer GRU
@@ -55,6 +57,11 @@ TORCH_LIBRARY(hiertcn_fast, m) {
       "Tensor[] weights, Tensor? proj_weight, Tensor session_mean, Tensor? projected, Tensor states, Tensor gi, "
       "Tensor gh, *, Tensor(a!)? grad_item_embeddings, Tensor(b!) grad_h, Tensor(c!)[] grad_weights, "
       "Tensor(d!)? grad_proj_weight, Tensor(e!)? grad_proj_bias) -> ()");
+  // session_update as one op (cpu/gru_recurrence.cpp): the out ops above behind one C++ autograd node;
+  // lengths int64, keep in h's dtype.
+  m.def(
+      "session_update(Tensor item_embeddings, Tensor lengths, Tensor h, Tensor keep, Tensor[] weights, "
+      "Tensor? proj_weight, Tensor? proj_bias) -> Tensor");
 
   // Dilated causal convolution (hiertcn/causal_conv.h): x (batch, time, in), weight (out, in/groups, k),
   // context_table (batch, k, out) per-tap suffix sums of the context term, activation 0 none, 1 relu,

@@ -35,6 +35,18 @@ HIERTCN_CPU_CLONES void forward_row(const T* __restrict gi, const T* __restrict 
   for (int64_t j = 0; j < H; ++j) out[j] = gru_gate_forward_row<T, acc_t<T>>(gi, gh, h, j, H);
 }
 
+// forward_row after adding the biases to the row's pre-activations in place.
+template <typename T>
+HIERTCN_CPU_CLONES void forward_row_bias(T* __restrict gi, T* __restrict gh, const T* __restrict b_ih,
+                                         const T* __restrict b_hh, const T* __restrict h, T* __restrict out,
+                                         int64_t H) {
+  for (int64_t j = 0; j < 3 * H; ++j) {
+    gi[j] += b_ih[j];
+    gh[j] += b_hh[j];
+  }
+  for (int64_t j = 0; j < H; ++j) out[j] = gru_gate_forward_row<T, acc_t<T>>(gi, gh, h, j, H);
+}
+
 template <typename T>
 HIERTCN_CPU_CLONES void backward_row(const T* __restrict g, const T* __restrict gi, const T* __restrict gh,
                                      const T* __restrict h, T* __restrict d_gi, T* __restrict d_gh,
@@ -52,6 +64,22 @@ void gru_gates_cpu_kernel(const GruGatesParams& p) {
     for (int64_t b = begin; b < end; ++b) {
       forward_row<T>(gi + b * p.gi_row_stride, gh + b * p.gh_row_stride, h + b * p.h_row_stride,
                        out + b * p.out_row_stride, p.hidden);
+    }
+  });
+}
+
+template <typename T>
+void gru_gates_bias_cpu_kernel(const GruGatesBiasParams& p) {
+  T* gi = static_cast<T*>(p.gi);
+  T* gh = static_cast<T*>(p.gh);
+  const T* b_ih = static_cast<const T*>(p.b_ih);
+  const T* b_hh = static_cast<const T*>(p.b_hh);
+  const T* h = static_cast<const T*>(p.h);
+  T* out = static_cast<T*>(p.out);
+  at::parallel_for(0, p.batch, rows_per_task(p.hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      forward_row_bias<T>(gi + b * p.gi_row_stride, gh + b * p.gh_row_stride, b_ih, b_hh, h + b * p.h_row_stride,
+                          out + b * p.out_row_stride, p.hidden);
     }
   });
 }
@@ -88,6 +116,10 @@ void gru_gates_backward_out_cpu(const at::Tensor& grad_out, const at::Tensor& gi
 
 void launch_gru_gates_cpu(const GruGatesParams& p, at::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES(dtype, "gru_gates_cpu", [&] { gru_gates_cpu_kernel<scalar_t>(p); });
+}
+
+void launch_gru_gates_bias_cpu(const GruGatesBiasParams& p, at::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "gru_gates_bias_cpu", [&] { gru_gates_bias_cpu_kernel<scalar_t>(p); });
 }
 
 void launch_gru_gates_backward_cpu(const GruGatesBackwardParams& p, at::ScalarType dtype) {

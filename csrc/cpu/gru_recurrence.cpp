@@ -12,9 +12,15 @@
 //                   gh (time, batch, 3 * hidden) = h_{t-1} W_hh^T + b_hh, time-major so that each step
 //                   writes one contiguous block.
 //   session update: h, out, states (layers, batch, hidden); gi, gh (layers, batch, 3 * hidden).
+#include <ATen/CPUFunctions.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DeviceGuard.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <functional>
 #include <vector>
 
 #include "hiertcn/checks.h"
@@ -80,6 +86,105 @@ void step_gates_backward(const GruKernels& k, const at::Tensor& grad, const at::
   k.gates_backward(make_gru_gates_backward_params(grad, gi, gh, h, grad_gi, grad_gh, grad_h), h.scalar_type());
 }
 
+// ---- CPU single steps ----------------------------------------------------------------------------
+//
+// The cell (a layer at time 1) and session_update take these paths on CPU tensors. At HierTCN's sizes
+// (batch 32..256, hidden 128) a step is a few small matrix products, and fork/join and per-call
+// overheads cost as much as the arithmetic, so:
+// - two independent products run at once, one per thread, each single-threaded in BLAS (called inside
+//   a parallel region), rather than one after the other, each split across the threads: half the
+//   fork/join round trips, and no split of a product too small to share well;
+// - products are called through at::cpu:: (no dispatcher, no autograd layer: they also run on the
+//   worker thread, which carries none of the caller's thread-local dispatch state);
+// - the biases are added by the gates kernel while the rows are in cache (addmm would first copy them,
+//   broadcast, into the output), and the masks of session_update are one pass.
+
+// Pairs of products run concurrently only with exactly two threads in the intra-op pool: with more,
+// BLAS's own split of each product uses them better than two single-threaded products. Tiny steps stay
+// serial: a fork costs a few microseconds.
+bool run_pairs_concurrently(int64_t macs_per_pair) {
+  return at::get_num_threads() == 2 && !at::in_parallel_region() && macs_per_pair >= (int64_t{1} << 17);
+}
+
+template <typename First, typename Second>
+void run_pair(bool concurrently, const First& first, const Second& second) {
+  if (!concurrently) {
+    first();
+    second();
+    return;
+  }
+  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      if (task == 0) {
+        first();
+      } else {
+        second();
+      }
+    }
+  });
+}
+
+// gi = x W_ih^T, gh = h W_hh^T, then h' = gates(gi + b_ih, gh + b_hh, h), biases added into gi and gh.
+// Every tensor is 2-D (batch, ...); gi, gh and out contiguous.
+void step_forward_cpu(bool concurrently, const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih,
+                      const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, at::Tensor gi,
+                      at::Tensor gh, at::Tensor out, const std::function<void()>& before_input_product = {}) {
+  run_pair(
+      concurrently,
+      [&] {
+        if (before_input_product) before_input_product();
+        at::cpu::mm_out(gi, x, w_ih.t());
+      },
+      [&] { at::cpu::mm_out(gh, h, w_hh.t()); });
+  if (!b_ih.has_value()) {
+    launch_gru_gates_cpu(make_gru_gates_params(gi, gh, h, out), h.scalar_type());
+    return;
+  }
+  GruGatesBiasParams p;
+  p.batch = h.size(0);
+  p.hidden = h.size(1);
+  p.gi_row_stride = gi.stride(0);
+  p.gh_row_stride = gh.stride(0);
+  p.h_row_stride = h.stride(0);
+  p.out_row_stride = out.stride(0);
+  p.gi = gi.data_ptr();
+  p.gh = gh.data_ptr();
+  const at::Tensor b_ih_rows = b_ih->contiguous(), b_hh_rows = b_hh->contiguous();
+  p.b_ih = b_ih_rows.data_ptr();
+  p.b_hh = b_hh_rows.data_ptr();
+  p.h = h.data_ptr();
+  p.out = out.data_ptr();
+  launch_gru_gates_bias_cpu(p, h.scalar_type());
+}
+
+// The weight gradients of one step, given dL/d gi and dL/d gh (batch, 3 * hidden):
+//   input side:  grad_w_ih = grad_gi^T x, grad_b_ih = sum grad_gi, then input_side_extra();
+//   state side:  grad_h += grad_gh W_hh, grad_w_hh = grad_gh^T h, grad_b_hh = sum grad_gh.
+// grad_h holds the gates' direct part dL/dh' * z on entry.
+void step_weight_grads_cpu(bool concurrently, const at::Tensor& grad_gi, const at::Tensor& grad_gh,
+                           const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_hh, at::Tensor grad_h,
+                           at::Tensor grad_w_ih, at::Tensor grad_w_hh, const OptTensor& grad_b_ih,
+                           const OptTensor& grad_b_hh, const std::function<void()>& input_side_extra) {
+  run_pair(
+      concurrently,
+      [&] {
+        input_side_extra();
+        at::cpu::mm_out(grad_w_ih, grad_gi.t(), x);
+        if (grad_b_ih.has_value()) {
+          at::Tensor out = *grad_b_ih;
+          at::cpu::sum_out(out, grad_gi, {0});
+        }
+      },
+      [&] {
+        at::cpu::addmm_out(grad_h, grad_h, grad_gh, w_hh);
+        at::cpu::mm_out(grad_w_hh, grad_gh.t(), h);
+        if (grad_b_hh.has_value()) {
+          at::Tensor out = *grad_b_hh;
+          at::cpu::sum_out(out, grad_gh, {0});
+        }
+      });
+}
+
 // ---- one layer over a sequence -----------------------------------------------------------------
 
 void gru_layer_forward_out(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
@@ -97,6 +202,11 @@ void gru_layer_forward_out(const at::Tensor& x, const at::Tensor& h0, const at::
   check_buffer(x, gi, {batch, time, 3 * hidden}, "gi");
   check_buffer(x, gh, {time, batch, 3 * hidden}, "gh");
   if (batch == 0 || hidden == 0) return;
+  if (x.is_cpu() && time == 1) {
+    step_forward_cpu(run_pairs_concurrently(batch * 3 * hidden * std::max(input, hidden)), x.select(1, 0), h0, w_ih,
+                     w_hh, b_ih, b_hh, gi.select(1, 0), gh.select(0, 0), output.select(1, 0));
+    return;
+  }
   const GruKernels& k = gru_kernels_for(x.device());
 
   at::Tensor gi_rows = gi.view({batch * time, 3 * hidden});
@@ -145,6 +255,23 @@ void gru_layer_backward_out(const at::Tensor& grad_output, const at::Tensor& x, 
     return;
   }
   const GruKernels& k = gru_kernels_for(x.device());
+  if (x.is_cpu() && time == 1) {
+    // The cell: dL/dh0 receives the gates' direct part, then the W_hh product adds onto it.
+    const at::Tensor grad_gi_step = at::empty({batch, 3 * hidden}, gi.options());
+    const at::Tensor grad_gh_step = at::empty_like(grad_gi_step);
+    const at::Tensor x_step = x.select(1, 0);
+    step_gates_backward(k, grad_output.select(1, 0), gi.select(1, 0), gh.select(0, 0), h0, grad_gi_step,
+                        grad_gh_step, grad_h0);
+    step_weight_grads_cpu(
+        run_pairs_concurrently(batch * 3 * hidden * std::max(input, hidden)), grad_gi_step, grad_gh_step, x_step,
+        h0, w_hh, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, [&] {
+          if (grad_x.has_value()) {
+            at::Tensor grad_x_step = grad_x->select(1, 0);
+            at::cpu::mm_out(grad_x_step, grad_gi_step, w_ih);
+          }
+        });
+    return;
+  }
 
   at::Tensor grad_gi = at::empty_like(gi);
   at::Tensor grad_gh = at::empty_like(gh);
@@ -213,9 +340,10 @@ SessionUpdateShapes check_session_update(const at::Tensor& items, const at::Tens
   check_same_device_dtype(items, keep, "item_embeddings", "keep");
   check_shape(keep, {s.batch}, "keep (batch,)");
   if (lengths.is_cpu() && s.batch > 0) {
-    const auto [lo, hi] = at::aminmax(lengths);
-    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() <= s.time, "lengths must lie in [0, time = ", s.time,
-                "], got values in [", lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
+    const int64_t* values = lengths.data_ptr<int64_t>();
+    const auto [lo, hi] = std::minmax_element(values, values + s.batch);
+    TORCH_CHECK(*lo >= 0 && *hi <= s.time, "lengths must lie in [0, time = ", s.time, "], got values in [", *lo,
+                ", ", *hi, "]");
   }
   TORCH_CHECK(weights.size() == static_cast<size_t>(2 * s.layers) ||
                   weights.size() == static_cast<size_t>(4 * s.layers),
@@ -266,6 +394,45 @@ LayerWeights layer_weights(at::TensorList weights, const SessionUpdateShapes& s,
   return {w[0], w[1], s.bias ? OptTensor(w[2]) : std::nullopt, s.bias ? OptTensor(w[3]) : std::nullopt};
 }
 
+void run_session_mean(const GruKernels& k, const at::Tensor& items, const at::Tensor& lengths,
+                      const SessionUpdateShapes& s, const at::Tensor& session_mean) {
+  SessionMeanParams p;
+  p.batch = s.batch;
+  p.time = s.time;
+  p.dim = s.dim;
+  p.items_batch_stride = items.stride(0);
+  p.items_time_stride = items.stride(1);
+  p.mean_row_stride = s.dim;
+  p.lengths = lengths.data_ptr<int64_t>();
+  p.items = items.data_ptr();
+  p.mean = session_mean.data_ptr();
+  k.session_mean(p, items.scalar_type());
+}
+
+void run_session_mean_backward(const GruKernels& k, const at::Tensor& lengths, const SessionUpdateShapes& s,
+                               const at::Tensor& grad_mean, const at::Tensor& grad_items) {
+  SessionMeanBackwardParams p;
+  p.batch = s.batch;
+  p.time = s.time;
+  p.dim = s.dim;
+  p.grad_mean_row_stride = s.dim;
+  p.lengths = lengths.data_ptr<int64_t>();
+  p.grad_mean = grad_mean.data_ptr();
+  p.grad_items = grad_items.data_ptr();
+  k.session_mean_backward(p, grad_items.scalar_type());
+}
+
+// keep must be contiguous (the callers hold a contiguous copy while the kernel runs).
+SessionKeepParams session_keep_params(const SessionUpdateShapes& s, const at::Tensor& lengths, const at::Tensor& keep) {
+  SessionKeepParams p{};
+  p.layers = s.layers;
+  p.batch = s.batch;
+  p.hidden = s.hidden;
+  p.lengths = lengths.data_ptr<int64_t>();
+  p.keep = keep.data_ptr();
+  return p;
+}
+
 // (1, batch, 1) views that broadcast a per-row value over (layers, batch, hidden).
 at::Tensor per_row(const at::Tensor& t) { return t.view({1, t.size(0), 1}); }
 
@@ -280,19 +447,39 @@ void session_update_forward_out(const at::Tensor& items, const at::Tensor& lengt
   check_session_update_saved(items, s, proj_weight, states, session_mean, projected, gi, gh);
   if (s.batch == 0) return;
   const GruKernels& k = gru_kernels_for(items.device());
+  if (items.is_cpu()) {
+    // Layer 0's input products wait for the session mean (and projection), computed on their thread
+    // while the other thread runs the state product.
+    const bool concurrently = run_pairs_concurrently(s.batch * 3 * s.hidden * std::max(s.input, s.hidden));
+    const at::Tensor first_input = projected.has_value() ? *projected : session_mean;
+    for (int64_t l = 0; l < s.layers; ++l) {
+      const LayerWeights w = layer_weights(weights, s, l);
+      std::function<void()> before_input_product;
+      if (l == 0) {
+        before_input_product = [&] {
+          run_session_mean(k, items, lengths, s, session_mean);
+          if (!projected.has_value()) return;
+          at::Tensor projected_out = *projected;
+          if (proj_bias.has_value()) {
+            at::cpu::addmm_out(projected_out, *proj_bias, session_mean, proj_weight->t());
+          } else {
+            at::cpu::mm_out(projected_out, session_mean, proj_weight->t());
+          }
+        };
+      }
+      step_forward_cpu(concurrently, l == 0 ? first_input : states.select(0, l - 1), h.select(0, l), w.w_ih, w.w_hh,
+                       w.b_ih, w.b_hh, gi.select(0, l), gh.select(0, l), states.select(0, l), before_input_product);
+    }
+    const at::Tensor keep_values = keep.contiguous();
+    SessionKeepParams p = session_keep_params(s, lengths, keep_values);
+    p.states = states.data_ptr();
+    p.h = h.data_ptr();
+    p.out = out.data_ptr();
+    launch_session_keep_cpu(p, h.scalar_type());
+    return;
+  }
 
-  SessionMeanParams mean_params;
-  mean_params.batch = s.batch;
-  mean_params.time = s.time;
-  mean_params.dim = s.dim;
-  mean_params.items_batch_stride = items.stride(0);
-  mean_params.items_time_stride = items.stride(1);
-  mean_params.mean_row_stride = s.dim;
-  mean_params.lengths = lengths.data_ptr<int64_t>();
-  mean_params.items = items.data_ptr();
-  mean_params.mean = session_mean.data_ptr();
-  k.session_mean(mean_params, items.scalar_type());
-
+  run_session_mean(k, items, lengths, s, session_mean);
   at::Tensor layer_input = session_mean;
   if (projected.has_value()) {
     at::Tensor projected_out = *projected;
@@ -309,6 +496,76 @@ void session_update_forward_out(const at::Tensor& items, const at::Tensor& lengt
   }
   // Rows without a session keep their state; then ended users' rows are zeroed.
   at::mul_out(out, at::where(per_row(lengths.gt(0)), states, h), per_row(keep));
+}
+
+// session_update's backward on CPU tensors: the layers from the top, each one gates backward and then
+// its products in two concurrent halves (input side: weight gradient and the gradient passed below;
+// state side: dL/dh and its weight gradient).
+void session_update_backward_cpu(const GruKernels& k, const SessionUpdateShapes& s, const at::Tensor& grad_out,
+                                 const at::Tensor& items, const at::Tensor& lengths, const at::Tensor& h,
+                                 const at::Tensor& keep, at::TensorList weights, const OptTensor& proj_weight,
+                                 const at::Tensor& session_mean, const OptTensor& projected, const at::Tensor& states,
+                                 const at::Tensor& gi, const at::Tensor& gh, const OptTensor& grad_items,
+                                 at::Tensor& grad_h, at::TensorList grad_weights, const OptTensor& grad_proj_weight,
+                                 const OptTensor& grad_proj_bias) {
+  if (s.batch == 0) {
+    grad_h.zero_();
+    for (const at::Tensor& g : grad_weights) at::Tensor(g).zero_();
+    for (const OptTensor* t : {&grad_proj_weight, &grad_proj_bias})
+      if (t->has_value()) (*t)->zero_();
+    return;
+  }
+  const bool concurrently = run_pairs_concurrently(s.batch * 3 * s.hidden * std::max(s.input, s.hidden));
+  const at::Tensor grad_states = at::empty_like(states);
+  const at::Tensor keep_values = keep.contiguous();
+  SessionKeepParams keep_params = session_keep_params(s, lengths, keep_values);
+  keep_params.states = grad_out.data_ptr();
+  keep_params.out = grad_states.data_ptr();
+  keep_params.grad_h = grad_h.data_ptr();
+  launch_session_keep_backward_cpu(keep_params, h.scalar_type());
+
+  const at::Tensor grad_gi = at::empty({s.batch, 3 * s.hidden}, grad_out.options());
+  const at::Tensor grad_gh = at::empty_like(grad_gi);
+  const at::Tensor grad_h_direct = at::empty({s.batch, s.hidden}, grad_out.options());
+  const at::Tensor grad_below = s.layers > 1 ? at::empty_like(grad_h_direct) : at::Tensor();
+  at::Tensor grad_input = at::empty({s.batch, s.input}, grad_out.options());  // dL/d layer 0's input
+  at::Tensor grad_layer_output = grad_states.select(0, s.layers - 1);          // dL/d states[l], in full
+  const int64_t per_layer = s.bias ? 4 : 2;
+  for (int64_t l = s.layers - 1; l >= 0; --l) {
+    const LayerWeights w = layer_weights(weights, s, l);
+    const at::Tensor h_l = h.select(0, l);
+    const at::Tensor layer_input =
+        l > 0 ? states.select(0, l - 1) : (projected.has_value() ? *projected : session_mean);
+    step_gates_backward(k, grad_layer_output, gi.select(0, l), gh.select(0, l), h_l, grad_gi, grad_gh, grad_h_direct);
+    at::Tensor grad_h_l = grad_h.select(0, l);
+    at::cpu::add_out(grad_h_l, grad_h_l, grad_h_direct);
+    step_weight_grads_cpu(concurrently, grad_gi, grad_gh, layer_input, h_l, w.w_hh, grad_h_l,
+                          grad_weights[l * per_layer], grad_weights[l * per_layer + 1],
+                          s.bias ? OptTensor(grad_weights[l * per_layer + 2]) : std::nullopt,
+                          s.bias ? OptTensor(grad_weights[l * per_layer + 3]) : std::nullopt, [&] {
+                            // Below layer 0 the input is the previous layer's state, whose own gradient joins.
+                            if (l > 0) {
+                              at::Tensor below = grad_below;
+                              at::cpu::addmm_out(below, grad_states.select(0, l - 1), grad_gi, w.w_ih);
+                            } else {
+                              at::cpu::mm_out(grad_input, grad_gi, w.w_ih);
+                            }
+                          });
+    if (l > 0) grad_layer_output = grad_below;
+  }
+
+  at::Tensor grad_mean = grad_input;
+  if (proj_weight.has_value()) {
+    at::Tensor grad_proj_weight_out = *grad_proj_weight;
+    at::cpu::mm_out(grad_proj_weight_out, grad_input.t(), session_mean);
+    if (grad_proj_bias.has_value()) {
+      at::Tensor grad_proj_bias_out = *grad_proj_bias;
+      at::cpu::sum_out(grad_proj_bias_out, grad_input, {0});
+    }
+    grad_mean = at::empty({s.batch, s.dim}, grad_out.options());
+    at::cpu::mm_out(grad_mean, grad_input, *proj_weight);
+  }
+  if (grad_items.has_value() && grad_items->numel() > 0) run_session_mean_backward(k, lengths, s, grad_mean, *grad_items);
 }
 
 void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& items, const at::Tensor& lengths,
@@ -330,6 +587,11 @@ void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& i
   if (grad_proj_weight.has_value()) check_buffer(items, *grad_proj_weight, proj_weight->sizes(), "grad_proj_weight");
   if (grad_proj_bias.has_value()) check_buffer(items, *grad_proj_bias, {s.input}, "grad_proj_bias");
   const GruKernels& k = gru_kernels_for(items.device());
+  if (items.is_cpu()) {
+    session_update_backward_cpu(k, s, grad_out, items, lengths, h, keep, weights, proj_weight, session_mean, projected,
+                                states, gi, gh, grad_items, grad_h, grad_weights, grad_proj_weight, grad_proj_bias);
+    return;
+  }
 
   // out = keep * (active ? states : h): split dL/d out between the GRU states and the kept-old states.
   const at::Tensor active = per_row(lengths.gt(0));
@@ -378,20 +640,240 @@ void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& i
     }
     grad_mean = at::mm(grad_input, *proj_weight);
   }
-  if (grad_items.has_value() && grad_items->numel() > 0) {
-    SessionMeanBackwardParams p;
-    p.batch = s.batch;
-    p.time = s.time;
-    p.dim = s.dim;
-    p.grad_mean_row_stride = s.dim;
-    p.lengths = lengths.data_ptr<int64_t>();
-    p.grad_mean = grad_mean.data_ptr();
-    p.grad_items = grad_items->data_ptr();
-    k.session_mean_backward(p, items.scalar_type());
+  if (grad_items.has_value() && grad_items->numel() > 0) run_session_mean_backward(k, lengths, s, grad_mean, *grad_items);
+}
+
+// ---- the cell as one op, differentiated in C++ ------------------------------------------------------
+//
+// gru_cell is the layer ops at time 1 behind one autograd node written in C++: at HierTCN's sizes a
+// Python autograd.Function around them (its forward and backward in the interpreter, outputs allocated
+// from Python) costs about as much as the step's arithmetic. The layer ops are called through the
+// dispatcher, so that either device's kernels (and fake tensors, for opcheck) serve.
+
+void call_layer_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                        const OptTensor& b_ih, const OptTensor& b_hh, at::Tensor& output, at::Tensor& gi,
+                        at::Tensor& gh) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("hiertcn_fast::gru_layer_forward_out", "")
+                             .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const OptTensor&, const OptTensor&, at::Tensor&, at::Tensor&, at::Tensor&)>();
+  op.call(x, h0, w_ih, w_hh, b_ih, b_hh, output, gi, gh);
+}
+
+void call_layer_backward(const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& h0,
+                         const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& gi,
+                         const at::Tensor& gh, const OptTensor& grad_x, at::Tensor& grad_h0, at::Tensor& grad_w_ih,
+                         at::Tensor& grad_w_hh, const OptTensor& grad_b_ih, const OptTensor& grad_b_hh) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("hiertcn_fast::gru_layer_backward_out", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, at::Tensor&,
+                      at::Tensor&, at::Tensor&, const OptTensor&, const OptTensor&)>();
+  op.call(grad_output, x, h0, w_ih, w_hh, output, gi, gh, grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih,
+          grad_b_hh);
+}
+
+// h' (batch, hidden) for x (batch, input), h (batch, hidden); the pre-activations into gi and gh
+// ((batch, 1, 3 * hidden) and (1, batch, 3 * hidden), the layer op's time-1 layouts).
+at::Tensor cell_forward(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                        const OptTensor& b_ih, const OptTensor& b_hh, at::Tensor& gi, at::Tensor& gh) {
+  TORCH_CHECK(x.dim() == 2 && h.dim() == 2, "gru_cell: x and h must be 2-D (batch, features), got ", x.dim(),
+              "-D and ", h.dim(), "-D");
+  const int64_t batch = h.size(0), hidden = h.size(1);
+  at::Tensor out = at::empty({batch, hidden}, h.options());
+  gi = at::empty({batch, 1, 3 * hidden}, h.options());
+  gh = at::empty({1, batch, 3 * hidden}, h.options());
+  at::Tensor output = out.unsqueeze(1);
+  call_layer_forward(x.unsqueeze(1), h, w_ih, w_hh, b_ih, b_hh, output, gi, gh);
+  return out;
+}
+
+// The layer op's kernels index h by rows with unit stride.
+at::Tensor unit_stride_rows(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
+
+class GruCellFunction : public torch::autograd::Function<GruCellFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h,
+                            const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
+                            const OptTensor& b_hh) {
+    at::Tensor gi, gh;
+    const at::Tensor h_rows = unit_stride_rows(h);
+    at::Tensor out = cell_forward(x, h_rows, w_ih, w_hh, b_ih, b_hh, gi, gh);
+    ctx->save_for_backward({x, h_rows, w_ih, w_hh, gi, gh, out});
+    ctx->saved_data["bias"] = b_ih.has_value();
+    return out;
   }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const torch::autograd::variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &h = saved[1], &w_ih = saved[2], &w_hh = saved[3], &gi = saved[4],
+                     &gh = saved[5], &out = saved[6];
+    const bool bias = ctx->saved_data["bias"].toBool();
+    const at::Tensor grad_out = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(out);
+    OptTensor grad_x;
+    if (ctx->needs_input_grad(0)) grad_x = at::empty({x.size(0), 1, x.size(1)}, x.options());
+    at::Tensor grad_h = at::empty_like(h, at::MemoryFormat::Contiguous);
+    at::Tensor grad_w_ih = at::empty_like(w_ih, at::MemoryFormat::Contiguous);
+    at::Tensor grad_w_hh = at::empty_like(w_hh, at::MemoryFormat::Contiguous);
+    OptTensor grad_b_ih, grad_b_hh;
+    if (bias) {
+      grad_b_ih = at::empty({w_ih.size(0)}, w_ih.options());
+      grad_b_hh = at::empty({w_hh.size(0)}, w_hh.options());
+    }
+    call_layer_backward(grad_out.unsqueeze(1), x.unsqueeze(1), h, w_ih, w_hh, out.unsqueeze(1), gi, gh, grad_x,
+                        grad_h, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh);
+    return {grad_x.has_value() ? grad_x->squeeze(1) : at::Tensor(), grad_h, grad_w_ih, grad_w_hh,
+            grad_b_ih.value_or(at::Tensor()), grad_b_hh.value_or(at::Tensor())};
+  }
+};
+
+at::Tensor gru_cell_autograd(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                             const OptTensor& b_ih, const OptTensor& b_hh) {
+  return GruCellFunction::apply(x, h, w_ih, w_hh, b_ih, b_hh);
+}
+
+// Below autograd (inference mode, or no input needing a gradient there): the forward alone.
+at::Tensor gru_cell_forward_only(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih,
+                                 const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh) {
+  at::Tensor gi, gh;
+  return cell_forward(x, unit_stride_rows(h), w_ih, w_hh, b_ih, b_hh, gi, gh);
+}
+
+// ---- session_update as one op, differentiated in C++ ------------------------------------------------
+//
+// The same for session_update: its out ops behind one C++ autograd node. lengths must be int64 and keep
+// in h's dtype (the Python entry point converts them).
+
+void call_session_forward(const at::Tensor& items, const at::Tensor& lengths, const at::Tensor& h,
+                          const at::Tensor& keep, at::TensorList weights, const OptTensor& proj_weight,
+                          const OptTensor& proj_bias, at::Tensor& out, at::Tensor& states, at::Tensor& session_mean,
+                          const OptTensor& projected, at::Tensor& gi, at::Tensor& gh) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("hiertcn_fast::session_update_forward_out", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList,
+                      const OptTensor&, const OptTensor&, at::Tensor&, at::Tensor&, at::Tensor&, const OptTensor&,
+                      at::Tensor&, at::Tensor&)>();
+  op.call(items, lengths, h, keep, weights, proj_weight, proj_bias, out, states, session_mean, projected, gi, gh);
+}
+
+void call_session_backward(const at::Tensor& grad_out, const at::Tensor& items, const at::Tensor& lengths,
+                           const at::Tensor& h, const at::Tensor& keep, at::TensorList weights,
+                           const OptTensor& proj_weight, const at::Tensor& session_mean, const OptTensor& projected,
+                           const at::Tensor& states, const at::Tensor& gi, const at::Tensor& gh,
+                           const OptTensor& grad_items, at::Tensor& grad_h, at::TensorList grad_weights,
+                           const OptTensor& grad_proj_weight, const OptTensor& grad_proj_bias) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("hiertcn_fast::session_update_backward_out", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      at::TensorList, const OptTensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
+                      const at::Tensor&, const at::Tensor&, const OptTensor&, at::Tensor&, at::TensorList,
+                      const OptTensor&, const OptTensor&)>();
+  op.call(grad_out, items, lengths, h, keep, weights, proj_weight, session_mean, projected, states, gi, gh,
+          grad_items, grad_h, grad_weights, grad_proj_weight, grad_proj_bias);
+}
+
+// The buffers the forward fills and the backward reads.
+struct SessionSaved {
+  at::Tensor out, states, session_mean, gi, gh;
+  OptTensor projected;
+};
+
+SessionSaved session_forward(const at::Tensor& items, const at::Tensor& lengths, const at::Tensor& h,
+                             const at::Tensor& keep, at::TensorList weights, const OptTensor& proj_weight,
+                             const OptTensor& proj_bias) {
+  TORCH_CHECK(items.dim() == 3 && h.dim() == 3, "session_update: item_embeddings and h must be 3-D, got ",
+              items.dim(), "-D and ", h.dim(), "-D");
+  const int64_t layers = h.size(0), batch = h.size(1), hidden = h.size(2);
+  SessionSaved r;
+  r.out = at::empty_like(h, at::MemoryFormat::Contiguous);
+  r.states = at::empty_like(r.out);
+  r.session_mean = at::empty({batch, items.size(2)}, h.options());
+  if (proj_weight.has_value()) r.projected = at::empty({batch, proj_weight->size(0)}, h.options());
+  r.gi = at::empty({layers, batch, 3 * hidden}, h.options());
+  r.gh = at::empty_like(r.gi);
+  call_session_forward(items, lengths, h, keep, weights, proj_weight, proj_bias, r.out, r.states, r.session_mean,
+                       r.projected, r.gi, r.gh);
+  return r;
+}
+
+class SessionUpdateFunction : public torch::autograd::Function<SessionUpdateFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& items, const at::Tensor& lengths,
+                            const at::Tensor& h, const at::Tensor& keep, at::TensorList weights,
+                            const OptTensor& proj_weight, const OptTensor& proj_bias) {
+    const at::Tensor items_rows = unit_stride_rows(items), h_contiguous = h.contiguous();
+    SessionSaved r = session_forward(items_rows, lengths, h_contiguous, keep, weights, proj_weight, proj_bias);
+    torch::autograd::variable_list saved{items_rows,    lengths, h_contiguous,   keep,
+                                         r.states,      r.gi,    r.gh,           r.session_mean,
+                                         proj_weight.value_or(at::Tensor()), r.projected.value_or(at::Tensor())};
+    saved.insert(saved.end(), weights.begin(), weights.end());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["proj_bias"] = proj_bias.has_value();
+    return r.out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const torch::autograd::variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &items = saved[0], &lengths = saved[1], &h = saved[2], &keep = saved[3], &states = saved[4],
+                     &gi = saved[5], &gh = saved[6], &session_mean = saved[7];
+    const OptTensor proj_weight = saved[8].defined() ? OptTensor(saved[8]) : std::nullopt;
+    const OptTensor projected = saved[9].defined() ? OptTensor(saved[9]) : std::nullopt;
+    const std::vector<at::Tensor> weights(saved.begin() + 10, saved.end());
+    const at::Tensor grad_out = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(h);
+
+    OptTensor grad_items, grad_proj_weight, grad_proj_bias;
+    if (ctx->needs_input_grad(0)) grad_items = at::empty(items.sizes(), items.options());
+    at::Tensor grad_h = at::empty_like(h);
+    std::vector<at::Tensor> grad_weights;
+    grad_weights.reserve(weights.size());
+    for (const at::Tensor& w : weights) grad_weights.push_back(at::empty(w.sizes(), w.options()));
+    if (proj_weight.has_value()) {
+      grad_proj_weight = at::empty(proj_weight->sizes(), proj_weight->options());
+      if (ctx->saved_data["proj_bias"].toBool()) grad_proj_bias = at::empty({proj_weight->size(0)}, h.options());
+    }
+    call_session_backward(grad_out, items, lengths, h, keep, weights, proj_weight, session_mean, projected, states, gi,
+                          gh, grad_items, grad_h, grad_weights, grad_proj_weight, grad_proj_bias);
+    at::Tensor grad_keep;
+    if (ctx->needs_input_grad(3)) {
+      const at::Tensor active = lengths.gt(0).view({1, -1, 1});
+      grad_keep = (grad_out * at::where(active, states, h)).sum({0, 2});
+    }
+    torch::autograd::variable_list result{grad_items.value_or(at::Tensor()), at::Tensor(), grad_h, grad_keep};
+    result.insert(result.end(), grad_weights.begin(), grad_weights.end());
+    result.push_back(grad_proj_weight.value_or(at::Tensor()));
+    result.push_back(grad_proj_bias.value_or(at::Tensor()));
+    return result;
+  }
+};
+
+at::Tensor session_update_autograd(const at::Tensor& items, const at::Tensor& lengths, const at::Tensor& h,
+                                   const at::Tensor& keep, at::TensorList weights, const OptTensor& proj_weight,
+                                   const OptTensor& proj_bias) {
+  return SessionUpdateFunction::apply(items, lengths, h, keep, weights, proj_weight, proj_bias);
+}
+
+at::Tensor session_update_forward_only(const at::Tensor& items, const at::Tensor& lengths, const at::Tensor& h,
+                                       const at::Tensor& keep, at::TensorList weights, const OptTensor& proj_weight,
+                                       const OptTensor& proj_bias) {
+  return session_forward(unit_stride_rows(items), lengths, h.contiguous(), keep, weights, proj_weight, proj_bias).out;
 }
 
 }  // namespace
+
+TORCH_LIBRARY_IMPL(hiertcn_fast, Autograd, m) {
+  m.impl("gru_cell", &gru_cell_autograd);
+  m.impl("session_update", &session_update_autograd);
+}
+
+TORCH_LIBRARY_IMPL(hiertcn_fast, CompositeExplicitAutograd, m) {
+  m.impl("gru_cell", &gru_cell_forward_only);
+  m.impl("session_update", &session_update_forward_only);
+}
 
 TORCH_LIBRARY_IMPL(hiertcn_fast, CPU, m) {
   m.impl("gru_layer_forward_out", &gru_layer_forward_out);

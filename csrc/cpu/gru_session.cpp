@@ -49,7 +49,54 @@ void session_mean_backward_cpu_kernel(const SessionMeanBackwardParams& p) {
   });
 }
 
+// Serial: (layers, batch, hidden) is a few thousand elements at HierTCN's sizes, less than a fork costs.
+template <typename T>
+void session_keep_cpu_kernel(const SessionKeepParams& p) {
+  const T* states = static_cast<const T*>(p.states);
+  const T* h = static_cast<const T*>(p.h);
+  const T* keep = static_cast<const T*>(p.keep);
+  T* out = static_cast<T*>(p.out);
+  for (int64_t l = 0; l < p.layers; ++l) {
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const int64_t row = (l * p.batch + b) * p.hidden;
+      const T* from = (p.lengths[b] > 0 ? states : h) + row;
+      const T scale = keep[b];
+      for (int64_t j = 0; j < p.hidden; ++j) out[row + j] = scale * from[j];
+    }
+  }
+}
+
+template <typename T>
+void session_keep_backward_cpu_kernel(const SessionKeepParams& p) {
+  const T* grad_out = static_cast<const T*>(p.states);
+  const T* keep = static_cast<const T*>(p.keep);
+  T* grad_states = static_cast<T*>(p.out);
+  T* grad_h = static_cast<T*>(p.grad_h);
+  for (int64_t l = 0; l < p.layers; ++l) {
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const int64_t row = (l * p.batch + b) * p.hidden;
+      const bool active = p.lengths[b] > 0;
+      const T scale = keep[b];
+      T* to = (active ? grad_states : grad_h) + row;
+      T* zeroed = (active ? grad_h : grad_states) + row;
+      for (int64_t j = 0; j < p.hidden; ++j) {
+        to[j] = scale * grad_out[row + j];
+        zeroed[j] = T(0);
+      }
+    }
+  }
+}
+
 }  // namespace
+
+void launch_session_keep_cpu(const SessionKeepParams& p, at::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "session_keep_cpu", [&] { session_keep_cpu_kernel<scalar_t>(p); });
+}
+
+void launch_session_keep_backward_cpu(const SessionKeepParams& p, at::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "session_keep_backward_cpu",
+                             [&] { session_keep_backward_cpu_kernel<scalar_t>(p); });
+}
 
 void launch_session_mean_cpu(const SessionMeanParams& p, at::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES(dtype, "session_mean_cpu", [&] { session_mean_cpu_kernel<scalar_t>(p); });

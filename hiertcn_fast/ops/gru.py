@@ -14,7 +14,15 @@ How the backends run a sequence: cpu and cuda call one compiled op per layer for
 (csrc/cpu/gru_recurrence.cpp: the input projection of all steps as one matrix product, then the
 recurrence and the backward through time in C++, matrix products by ATen, gates by our kernels).
 triton runs the same loop in Python with the Triton gate kernels (and session mean kernels), and
-autograd differentiates it.
+autograd differentiates it; for half types that loop carries the state, and so the gradient through
+time, in float32.
+
+gru_cell and session_update on cpu and cuda are single ops (hiertcn_fast::gru_cell,
+hiertcn_fast::session_update) whose autograd node is written in C++ around the out ops: at HierTCN's
+sizes a Python autograd.Function and its Python-side allocations cost about as much as the step's
+arithmetic. Under torch.compile they go through the Python autograd.Functions instead (traced once,
+free per call). On CPU tensors a single step also runs its two independent matrix products at once,
+one per thread, and adds the biases inside the gates kernel (see gru_recurrence.cpp).
 
 Not done yet on the GPU, for want of a GPU to measure on: fusing the recurrent matrix product with
 the gates (one kernel per step at small batch) and a persistent kernel for the whole recurrence.
@@ -178,16 +186,31 @@ def _check_layer_input(x, name, batch, hidden_like):
 
 # ---- one layer over a sequence (the cell is one step of it) --------------------------------------
 
+def _gates_any_state_dtype(gi, gh, h, backend):
+    """The gates (reference or triton) with h in float32 while gi and gh are half: h' then comes in h's
+    dtype, and so does its gradient (both kernels compute in float32 and store each output in its own
+    dtype). The caller's shapes are right by construction; gru_gates validates the public calls."""
+    if backend == "reference":
+        return gru_gates_reference(gi, gh, h)
+    return _GruGatesFunction.apply(unit_stride_rows(gi), unit_stride_rows(gh), unit_stride_rows(h), backend)
+
+
 def _layer_composed(x, h0, w_ih, w_hh, b_ih, b_hh, gates_backend):
     """One GRU layer from torch matrix products and the gates op, step by step; autograd differentiates
-    it. The reference (with the reference gates) and the triton backend (with the Triton gates)."""
+    it. The reference (with the reference gates) and the triton backend (with the Triton gates).
+
+    Half types carry the state in float32 from step to step, and so its gradient through time: dL/dh
+    summed over hundreds of steps in half precision loses the small contributions of distant steps.
+    Each step's products still run in the input's dtype (on h rounded to it)."""
     gi = F.linear(x, w_ih, b_ih)
-    h = h0
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    h = h0.float() if half else h0
     outputs = []
     for t in range(x.shape[1]):
-        h = gru_gates(gi[:, t], F.linear(h, w_hh, b_hh), h, backend=gates_backend)
+        gh = F.linear(h.to(x.dtype) if half else h, w_hh, b_hh)
+        h = _gates_any_state_dtype(gi[:, t], gh, h, gates_backend)
         outputs.append(h)
-    return torch.stack(outputs, dim=1)
+    return torch.stack(outputs, dim=1).to(x.dtype)
 
 
 class _GruLayerFunction(torch.autograd.Function):
@@ -243,6 +266,17 @@ def gru_cell_reference(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
     return gru_gates_reference(F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh), h)
 
 
+def _well_formed_cell(x, h, w_ih, w_hh, b_ih, b_hh):
+    """True when every check of gru_cell passes, in one cheap pass (else the full checks say what is wrong):
+    at HierTCN's sizes the checks cost a noticeable share of a step."""
+    if not (isinstance(x, torch.Tensor) and isinstance(h, torch.Tensor) and x.dim() == 2 and h.dim() == 2
+            and h.dtype in FLOATING and x.dtype == h.dtype and x.device == h.device and x.shape[0] == h.shape[0]
+            and (b_ih is None) == (b_hh is None)):
+        return False
+    weights = (w_ih, w_hh) if b_ih is None else (w_ih, w_hh, b_ih, b_hh)
+    return _well_formed_layer_weights((weights,), 1, x.shape[1], h.shape[1], h) is not None
+
+
 def gru_cell(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih=None, b_hh=None, *,
              backend=None) -> torch.Tensor:
     """One GRU step, what nn.GRUCell computes: x (batch, input), h (batch, hidden) -> h' (batch, hidden).
@@ -250,16 +284,21 @@ def gru_cell(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.T
     w_ih (3 * hidden, input), w_hh (3 * hidden, hidden), b_ih and b_hh (3 * hidden,) or both None:
     nn.GRUCell's weight_ih, weight_hh, bias_ih, bias_hh. Differentiable in every tensor argument.
     """
-    check_tensor(h, "h", 2)
-    check_tensor(x, "x", 2)
-    _check_layer_input(x, "x", h.shape[0], h)
-    if (b_ih is None) != (b_hh is None):
-        raise ValueError("b_ih and b_hh must be given together or not at all")
-    ((w_ih, w_hh, b_ih, b_hh),) = _layer_weights([(w_ih, w_hh) + ((b_ih, b_hh) if b_ih is not None else ())], 1,
-                                                 x.shape[1], h.shape[1], h, name="cell weights")
+    if not _well_formed_cell(x, h, w_ih, w_hh, b_ih, b_hh):
+        check_tensor(h, "h", 2)
+        check_tensor(x, "x", 2)
+        _check_layer_input(x, "x", h.shape[0], h)
+        if (b_ih is None) != (b_hh is None):
+            raise ValueError("b_ih and b_hh must be given together or not at all")
+        _layer_weights([(w_ih, w_hh) + ((b_ih, b_hh) if b_ih is not None else ())], 1, x.shape[1], h.shape[1], h,
+                       name="cell weights")
     name = resolve("gru_cell", backend, h.device, h.dtype, GRU_DTYPES)
     if name == "reference":
         return gru_cell_reference(x, h, w_ih, w_hh, b_ih, b_hh)
+    if name in ("cpu", "cuda") and not torch.compiler.is_compiling():
+        # One op whose autograd node is C++ (csrc/cpu/gru_recurrence.cpp); torch.compile traces the
+        # autograd.Function below instead, where the Python costs nothing per call.
+        return torch.ops.hiertcn_fast.gru_cell.default(x, h, w_ih, w_hh, b_ih, b_hh)
     return _gru_layer(name, x, h, w_ih, w_hh, b_ih, b_hh, single_step=True)
 
 
@@ -433,6 +472,35 @@ def _check_session_update(items, lengths, h, keep, weights, proj_weight, proj_bi
     return lengths.to(torch.int64), keep.to(h.dtype), layers
 
 
+def _well_formed_session_update(items, lengths, h, keep, weights, proj_weight, proj_bias):
+    """The layers of _check_session_update when its checks pass and lengths (int64) and keep (h's dtype) need
+    no conversion, in one cheap pass; else None (then _check_session_update converts or says what is wrong)."""
+    if not (isinstance(h, torch.Tensor) and isinstance(items, torch.Tensor) and isinstance(lengths, torch.Tensor)
+            and isinstance(keep, torch.Tensor) and h.dim() == 3 and items.dim() == 3 and h.dtype in FLOATING):
+        return None
+    dtype, device = h.dtype, h.device
+    batch = h.shape[1]
+    if not (items.dtype == dtype and items.device == device and items.shape[0] == batch
+            and lengths.dtype == torch.int64 and lengths.device == device and lengths.shape == (batch,)
+            and keep.dtype == dtype and keep.device == device and keep.shape == (batch,)):
+        return None
+    input_size = items.shape[2]
+    if proj_weight is not None:
+        if not (isinstance(proj_weight, torch.Tensor) and proj_weight.dim() == 2 and proj_weight.dtype == dtype
+                and proj_weight.device == device and proj_weight.shape[1] == input_size):
+            return None
+        input_size = proj_weight.shape[0]
+        if proj_bias is not None and not (isinstance(proj_bias, torch.Tensor) and proj_bias.dtype == dtype
+                                          and proj_bias.device == device and proj_bias.shape == (input_size,)):
+            return None
+    elif proj_bias is not None:
+        return None
+    layers = _well_formed_layer_weights(weights, h.shape[0], input_size, h.shape[2], h)
+    if layers is None or len({w[2] is None for w in layers}) > 1:
+        return None
+    return layers
+
+
 def session_update_reference(item_embeddings, lengths, h, keep, weights, *, proj_weight=None, proj_bias=None):
     """Plain-PyTorch session_update."""
     lengths, keep, layers = _check_session_update(item_embeddings, lengths, h, keep, weights, proj_weight, proj_bias)
@@ -457,15 +525,20 @@ def session_update(item_embeddings: torch.Tensor, lengths: torch.Tensor, h: torc
     Differentiable in item_embeddings, h, the weights, the projection and a floating keep. Lengths
     outside [0, time] are an error on CPU tensors; CUDA kernels clamp them (checking would synchronise).
     """
-    lengths, keep_values, layers = _check_session_update(item_embeddings, lengths, h, keep, weights, proj_weight,
-                                                         proj_bias)
+    layers = _well_formed_session_update(item_embeddings, lengths, h, keep, weights, proj_weight, proj_bias)
+    if layers is None:
+        lengths, keep, layers = _check_session_update(item_embeddings, lengths, h, keep, weights, proj_weight,
+                                                      proj_bias)
     name = resolve("session_update", backend, h.device, h.dtype, GRU_DTYPES)
     if name in ("reference", "triton"):
-        return _session_update_composed(item_embeddings, lengths, h, keep_values, layers, proj_weight, proj_bias,
-                                        name)
+        return _session_update_composed(item_embeddings, lengths, h, keep, layers, proj_weight, proj_bias, name)
     flat = [t for layer in layers for t in layer if t is not None]
-    return _SessionUpdateFunction.apply(unit_stride_rows(item_embeddings), lengths, h.contiguous(), keep_values,
-                                        proj_weight, proj_bias, *flat)
+    if not torch.compiler.is_compiling():
+        # One op whose autograd node is C++; torch.compile traces the autograd.Function below.
+        return torch.ops.hiertcn_fast.session_update.default(item_embeddings, lengths, h, keep, flat, proj_weight,
+                                                             proj_bias)
+    return _SessionUpdateFunction.apply(unit_stride_rows(item_embeddings), lengths, h.contiguous(), keep, proj_weight,
+                                        proj_bias, *flat)
 
 
 # ---- registrations -------------------------------------------------------------------------------
@@ -489,6 +562,16 @@ def _gru_layer_forward_out_fake(x, h0, w_ih, w_hh, b_ih, b_hh, *, output, gi, gh
 def _gru_layer_backward_out_fake(grad_output, x, h0, w_ih, w_hh, output, gi, gh, *, grad_x, grad_h0, grad_w_ih,
                                  grad_w_hh, grad_b_ih, grad_b_hh):
     return None
+
+
+@_extension.register_fake("gru_cell")
+def _gru_cell_fake(x, h, w_ih, w_hh, b_ih, b_hh):
+    return h.new_empty(h.shape)
+
+
+@_extension.register_fake("session_update")
+def _session_update_fake(item_embeddings, lengths, h, keep, weights, proj_weight, proj_bias):
+    return h.new_empty(h.shape)
 
 
 @_extension.register_fake("session_update_forward_out")

@@ -63,7 +63,8 @@ def _gru_gates_bwd_kernel(grad_out, gi, gh, h, d_gi, d_gh, d_h, hidden, g_row, g
     tl.store(d_gh + row3 + j, d_r.to(ty), mask=mask)
     tl.store(d_gh + row3 + hidden + j, d_z.to(ty), mask=mask)
     tl.store(d_gh + row3 + 2 * hidden + j, (d_pre_n * r).to(ty), mask=mask)
-    tl.store(d_h + b * hidden + j, (g * z).to(ty), mask=mask)
+    # d_h in its own dtype: float32 where the caller carries the state in float32 under half gi and gh.
+    tl.store(d_h + b * hidden + j, (g * z).to(d_h.dtype.element_ty), mask=mask)
 
 
 def _grid(batch, hidden):

@@ -30,6 +30,44 @@ void launch_session_mean_cuda(const SessionMeanParams& p, at::ScalarType dtype);
 void launch_session_mean_backward_cuda(const SessionMeanBackwardParams& p, at::ScalarType dtype);
 #endif
 
+// CPU only, for the single-step fast paths of cpu/gru_recurrence.cpp: gi += b_ih and gh += b_hh row by
+// row, in place, then the gates. The biases join the products while the rows are in cache, instead of
+// addmm's broadcast copy of them into the output before the product; gi and gh leave as the
+// pre-activations that the backward reads.
+struct GruGatesBiasParams {
+  int64_t batch;
+  int64_t hidden;
+  int64_t gi_row_stride;
+  int64_t gh_row_stride;
+  int64_t h_row_stride;
+  int64_t out_row_stride;
+  void* gi;  // (batch, 3 * hidden): x W_ih^T on entry, + b_ih on exit
+  void* gh;  // (batch, 3 * hidden): h W_hh^T on entry, + b_hh on exit
+  const void* b_ih;  // (3 * hidden,)
+  const void* b_hh;
+  const void* h;
+  void* out;
+};
+void launch_gru_gates_bias_cpu(const GruGatesBiasParams& p, at::ScalarType dtype);
+
+// CPU only: session_update's last step over (layers, batch, hidden), contiguous, and its backward:
+//   out = keep * (lengths > 0 ? states : h)
+//   grad_states = keep * (lengths > 0 ? grad_out : 0),  grad_h = keep * (lengths > 0 ? 0 : grad_out)
+// One pass instead of ATen's comparison, where and multiply, each with its own temporary.
+struct SessionKeepParams {
+  int64_t layers;
+  int64_t batch;
+  int64_t hidden;
+  const int64_t* lengths;  // (batch,)
+  const void* keep;        // (batch,)
+  const void* states;      // forward: the GRU's new states; backward: grad_out
+  const void* h;           // forward: the old states; backward: unused
+  void* out;               // forward: out; backward: grad_states
+  void* grad_h;            // backward only
+};
+void launch_session_keep_cpu(const SessionKeepParams& p, at::ScalarType dtype);
+void launch_session_keep_backward_cpu(const SessionKeepParams& p, at::ScalarType dtype);
+
 // Blocks of `threads` threads covering n elements, one element per thread.
 inline int64_t blocks_for(int64_t n, int64_t threads) { return (n + threads - 1) / threads; }
 
