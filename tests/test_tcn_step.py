@@ -151,21 +151,22 @@ def test_stacks_deeper_than_the_fused_op_step_layer_by_layer():
         assert_close(out, layer_by_layer(x, dict(params, activation="relu"), expected_states))
 
 
-def test_projection_is_repacked_when_it_changes_in_place():
+@pytest.mark.parametrize("changed", ["weights", "proj_weights", "context", "context_weight"])
+def test_a_change_in_place_is_seen_by_the_next_step(changed):
+    """The packed weights, projections and context table are cached between steps; an in-place change (an
+    optimiser step, a new session's user state) must reach the next step."""
     case = CASES[0]
     params = case.params(torch.float64, "cpu")
     states, expected_states = case.states(torch.float64, "cpu"), case.states(torch.float64, "cpu")
-    x = rand(case.batch, case.channels[0])
     call = dict(proj_weights=params["proj_weights"], proj_biases=params["proj_biases"], context=params["context"],
                 context_weight=params["context_weight"], backend="cpu")
-    tcn_step(x, params["weights"], params["biases"], states, **call)
-    packed = states[0].packed_projection(params["proj_weights"][0])
-    assert states[0].packed_projection(params["proj_weights"][0]) is packed
-    params["proj_weights"][0].mul_(-2)  # an optimiser step between events
-    assert states[0].packed_projection(params["proj_weights"][0]) is not packed
-    layer_by_layer(x, dict(params, activation="relu"), expected_states)
-    assert_close(tcn_step(x, params["weights"], params["biases"], states, **call),
-                 layer_by_layer(x, dict(params, activation="relu"), expected_states))
+    for t in range(3):
+        x = rand(case.batch, case.channels[0])
+        if t == 2:
+            target = params[changed]
+            (target[0] if isinstance(target, list) else target).mul_(-2)
+        assert_close(tcn_step(x, params["weights"], params["biases"], states, **call),
+                     layer_by_layer(x, dict(params, activation="relu"), expected_states))
 
 
 def _op_call(case, dtype=torch.float64, device="cpu"):

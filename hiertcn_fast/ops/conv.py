@@ -263,7 +263,7 @@ class CausalConvState:
     dilation: int
     _packed: tuple = dataclasses.field(default=(), repr=False, compare=False)
     _table: tuple = dataclasses.field(default=(), repr=False, compare=False)
-    _projection: tuple = dataclasses.field(default=(), repr=False, compare=False)
+    _stack_plan: tuple = dataclasses.field(default=(), repr=False, compare=False)  # see tcn_step
 
     @classmethod
     def zeros(cls, batch, in_channels, kernel_size, dilation=1, *, dtype=torch.float32, device="cpu"):
@@ -290,13 +290,6 @@ class CausalConvState:
         if not _cache_is_fresh(self._packed, (weight,), groups):
             self._packed = _cache_entry((weight,), groups, pack_weight(weight.detach(), groups))
         return self._packed[-1]
-
-    def packed_projection(self, proj_weight: torch.Tensor) -> torch.Tensor:
-        """proj_weight (out, in) (an nn.Linear's) as the contiguous (in, out) matrix tcn_step's kernels read,
-        recomputed only when proj_weight is another tensor or was modified in place."""
-        if not _cache_is_fresh(self._projection, (proj_weight,), None):
-            self._projection = _cache_entry((proj_weight,), None, proj_weight.detach().t().contiguous())
-        return self._projection[-1]
 
     def cached_context_table(self, context: torch.Tensor, context_weight: torch.Tensor) -> torch.Tensor:
         """context_table(context, context_weight), recomputed only when either is another tensor or was modified
@@ -419,13 +412,11 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
         raise ValueError("context and context_weight must be given together")
     name = resolve("tcn_step", backend, x.device, x.dtype, CAUSAL_CONV_DTYPES)
     if name in ("cpu", "cuda") and layers <= _MAX_STACK_LAYERS:
-        _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight)
+        plan = _stack_plan(x, weights, biases, states, proj_weights, proj_biases, context, context_weight)
         if torch.is_grad_enabled():
             with torch.no_grad():
-                return _fused_stack_step(x, weights, biases, states, proj_weights, proj_biases, context,
-                                         context_weight, activation)
-        return _fused_stack_step(x, weights, biases, states, proj_weights, proj_biases, context, context_weight,
-                                 activation)
+                return _run_stack_plan(plan, x, states, activation)
+        return _run_stack_plan(plan, x, states, activation)
     # Layer by layer (the triton and reference backends, and stacks deeper than the fused kernels take).
     layer_backend = name if name in ("triton", "reference") else backend
     h = x
@@ -466,14 +457,34 @@ def _check_stack(x, weights, states, proj_weights, proj_biases, context, context
                     (weights[0].shape[0], context.shape[1], weights[0].shape[2]))
 
 
-def _fused_stack_step(x, weights, biases, states, proj_weights, proj_biases, context, context_weight, activation):
-    table = None if context is None else states[0].cached_context_table(context, context_weight)
-    out = new_output((x.shape[0], weights[-1].shape[0]), x)
-    torch.ops.hiertcn_fast.tcn_step_out(
-        unit_stride_rows(x), [state.packed_weight(w, 1) for w, state in zip(weights, states)], list(biases),
-        [None if pw is None else state.packed_projection(pw) for pw, state in zip(proj_weights, states)],
-        list(proj_biases), table, [state.dilation for state in states], ACTIVATIONS[activation],
-        histories=[state.history for state in states], positions=[state.position for state in states], out=out)
+def _stack_plan(x, weights, biases, states, proj_weights, proj_biases, context, context_weight):
+    """The fused op's arguments that outlive a step (packed weights and projections, the context table),
+    cached on the first layer's state: rebuilt, and the stack checked, only when a weight, bias, projection,
+    context or state is another object, or a weight, projection or context was modified in place (an
+    optimiser step, a new session's user state). A step then costs one key comparison in Python."""
+    sources = (*weights, *proj_weights, context, context_weight)
+    key = (tuple(map(id, sources)), tuple(map(id, biases)), tuple(map(id, proj_biases)), tuple(map(id, states)),
+           tuple([-1 if t is None else t._version for t in sources]))
+    cached = states[0]._stack_plan
+    if cached and cached[0] == key:
+        return cached[1]
+    _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight)
+    plan = ([pack_weight(w.detach(), 1) for w in weights], list(biases),
+            [None if p is None else p.detach().t().contiguous() for p in proj_weights], list(proj_biases),
+            None if context is None else context_table(context.detach(), context_weight.detach()).contiguous(),
+            [state.dilation for state in states])
+    # The entry holds its sources (and the states), so their ids cannot be reused by other objects while cached.
+    states[0]._stack_plan = (key, plan, sources, tuple(states))
+    return plan
+
+
+def _run_stack_plan(plan, x, states, activation):
+    packed, biases, projections, proj_biases, table, dilations = plan
+    out = new_output((x.shape[0], packed[-1].shape[2]), x)
+    torch.ops.hiertcn_fast.tcn_step_out(unit_stride_rows(x), packed, biases, projections, proj_biases, table,
+                                        dilations, ACTIVATIONS[activation],
+                                        histories=[state.history for state in states],
+                                        positions=[state.position for state in states], out=out)
     return out
 
 
