@@ -153,10 +153,11 @@ def extension_modules():
             include_dirs=[os.path.join(CSRC, "include")] + extra_includes,
             define_macros=macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
+            libraries=["dl"],  # cpu_blas.h looks up torch's BLAS entry points
         )
     else:
         ext = CppExtension("hiertcn_fast._C", sources, include_dirs=[os.path.join(CSRC, "include")],
-                           define_macros=macros, extra_compile_args={"cxx": cxx_flags})
+                           define_macros=macros, extra_compile_args={"cxx": cxx_flags}, libraries=["dl"])
     use_ninja = shutil.which("ninja") is not None
     if not use_ninja:
         note("ninja not found: compiling serially (pip install ninja for parallel builds)")

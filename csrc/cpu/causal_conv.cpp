@@ -9,11 +9,13 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <type_traits>
 #include <vector>
 
 #include "hiertcn/causal_conv_host.h"
+#include "hiertcn/cpu_blas.h"
 
 // The 64-byte vector types below pass between inlined helpers only; no ABI crosses a call.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -758,8 +760,35 @@ at::Tensor rows_from(const at::Tensor& a, int64_t batch, int64_t first_step, int
 // z (time * batch, C_out) = sum over taps j of x shifted by (k - 1 - j) * dilation steps, times mats[j];
 // mats (k, C_in, C_out). direction 1 shifts towards later steps (the forward), -1 towards earlier ones
 // (the input gradient). Taps are added in a fixed order: deterministic for a fixed thread count.
+// Whether the raw BLAS entry points serve this dtype and these sizes (the BLAS counts in int).
+bool raw_blas(const at::Tensor& t, int64_t largest) {
+  if (largest > std::numeric_limits<int>::max()) return false;
+  if (t.scalar_type() == at::kFloat) return cpu_blas::available<float>();
+  if (t.scalar_type() == at::kDouble) return cpu_blas::available<double>();
+  return false;
+}
+
 at::Tensor time_major_conv(const ConvShape& s, const at::Tensor& x_tm, const at::Tensor& mats, int64_t direction) {
   const int64_t B = s.batch, T = s.time, K = s.kernel_size;
+  const int64_t C_in = mats.size(1), C_out = mats.size(2);
+  if (raw_blas(x_tm, B * T * std::max(C_in, C_out))) {
+    at::Tensor z = at::empty({B * T, C_out}, x_tm.options());
+    AT_DISPATCH_FLOATING_TYPES(x_tm.scalar_type(), "time_major_conv", [&] {
+      const scalar_t* x = x_tm.data_ptr<scalar_t>();
+      const scalar_t* w = mats.data_ptr<scalar_t>();
+      scalar_t* out = z.data_ptr<scalar_t>();
+      cpu_blas::gemm<scalar_t>(false, false, B * T, C_out, C_in, x, C_in, w + (K - 1) * C_in * C_out, C_out,
+                               scalar_t(0), out, C_out);
+      for (int64_t j = K - 2; j >= 0; --j) {
+        const int64_t shift = (K - 1 - j) * s.dilation;
+        if (shift >= T) continue;
+        const int64_t dst_row = (direction > 0 ? shift : 0) * B, src_row = (direction > 0 ? 0 : shift) * B;
+        cpu_blas::gemm<scalar_t>(false, false, (T - shift) * B, C_out, C_in, x + src_row * C_in, C_in,
+                                 w + j * C_in * C_out, C_out, scalar_t(1), out + dst_row * C_out, C_out);
+      }
+    });
+    return z;
+  }
   at::Tensor z = at::mm(x_tm, mats.select(0, K - 1));
   for (int64_t j = K - 2; j >= 0; --j) {
     const int64_t shift = (K - 1 - j) * s.dilation;
@@ -771,6 +800,27 @@ at::Tensor time_major_conv(const ConvShape& s, const at::Tensor& x_tm, const at:
   return z;
 }
 
+// grad_w (k, C_out, C_in): tap j = gz rows [shift, T)^T x rows [0, T - shift), time-major, B batch rows.
+void time_major_weight_grad(const ConvShape& s, int64_t B, const at::Tensor& gz_tm, const at::Tensor& x_tm,
+                            at::Tensor grad_w) {
+  const int64_t T = s.time, K = s.kernel_size, C_in = s.in_channels, C_out = s.out_channels;
+  const bool raw = raw_blas(x_tm, B * T * std::max(C_in, C_out));
+  for (int64_t j = 0; j < K; ++j) {
+    const int64_t shift = (K - 1 - j) * s.dilation;
+    at::Tensor dst = grad_w.select(0, j);
+    if (shift >= T) {
+      dst.zero_();
+    } else if (raw) {
+      AT_DISPATCH_FLOATING_TYPES(x_tm.scalar_type(), "time_major_weight_grad", [&] {
+        cpu_blas::gemm<scalar_t>(true, false, C_out, C_in, (T - shift) * B, gz_tm.data_ptr<scalar_t>() + shift * B * C_out,
+                                 C_out, x_tm.data_ptr<scalar_t>(), C_in, scalar_t(0), dst.data_ptr<scalar_t>(), C_in);
+      });
+    } else {
+      at::mm_out(dst, rows_from(gz_tm, B, shift, T - shift).t(), rows_from(x_tm, B, 0, T - shift));
+    }
+  }
+}
+
 // grad_x and grad_weight of the dense conv from grad_pre = dL/dz, through BLAS.
 void blas_conv_backward(const ConvShape& s, const at::Tensor& grad_pre, const at::Tensor& x, const at::Tensor& weight,
                         at::Tensor& grad_x, at::Tensor& grad_weight) {
@@ -778,87 +828,8 @@ void blas_conv_backward(const ConvShape& s, const at::Tensor& grad_pre, const at
   const at::Tensor gz_tm = time_major(grad_pre);
   const at::Tensor gx_tm = time_major_conv(s, gz_tm, pack_conv_weight_transposed(weight), -1);
   grad_x.copy_(gx_tm.view({T, B, s.in_channels}).transpose(0, 1));
-  const at::Tensor x_tm = time_major(x);
-  // grad_w[j] (C_out, C_in) = gz rows [shift, T)^T x rows [0, T - shift).
   at::Tensor grad_w = at::empty({K, s.out_channels, s.in_channels}, x.options());
-  for (int64_t j = 0; j < K; ++j) {
-    const int64_t shift = (K - 1 - j) * s.dilation;
-    at::Tensor dst = grad_w.select(0, j);
-    if (shift >= T) {
-      dst.zero_();
-      continue;
-    }
-    at::mm_out(dst, rows_from(gz_tm, B, shift, T - shift).t(), rows_from(x_tm, B, 0, T - shift));
-  }
-  grad_weight.copy_(grad_w.permute({1, 2, 0}));
-}
-
-// Small problems split the batch into one chunk per thread, each running its (single-threaded) matrix
-// products and epilogue start to finish: one parallel region per op instead of one per matrix product, whose
-// fork and join cost more than the products save at HierTCN's sizes. Large problems run whole, each product
-// threaded. Either way the result is deterministic for a given thread count.
-constexpr int64_t kBlasChunkMaxMultiplyAdds = int64_t(1) << 28;
-
-int64_t blas_chunks(const ConvShape& s) {
-  const int64_t macs = s.batch * s.time * s.in_channels * s.out_channels * s.kernel_size;
-  if (macs >= kBlasChunkMaxMultiplyAdds) return 1;
-  return std::max<int64_t>(1, std::min<int64_t>(s.batch, at::get_num_threads()));
-}
-
-// Runs fn(first_row, rows) over the chunks of the batch (chunk c on a thread of its own).
-template <typename Fn>
-void for_batch_chunks(const ConvShape& s, int64_t chunks, const Fn& fn) {
-  const int64_t per_chunk = (s.batch + chunks - 1) / chunks;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      const int64_t first = c * per_chunk, rows = std::min(per_chunk, s.batch - first);
-      if (rows > 0) fn(c, first, rows);
-    }
-  });
-}
-
-// The forward through BLAS for batch rows [first, first + rows).
-template <typename T>
-void blas_conv_forward_rows(const ConvShape& s, const CausalConvParams& p, const at::Tensor& x,
-                            const at::Tensor& packed, int64_t first, int64_t rows) {
-  ConvShape chunk = s;
-  chunk.batch = rows;
-  at::Tensor z = time_major_conv(chunk, time_major(x.narrow(0, first, rows)), packed, 1);
-  CausalConvParams q = p;
-  q.batch = rows;
-  q.in = static_cast<const T*>(p.in) + first * p.in_batch_stride;
-  if (p.context_table) q.context_table = static_cast<const T*>(p.context_table) + first * s.kernel_size * s.out_channels;
-  if (p.residual) q.residual = static_cast<const T*>(p.residual) + first * p.residual_batch_stride;
-  q.out = static_cast<T*>(p.out) + first * s.time * s.out_channels;
-  if (p.pre) q.pre = static_cast<T*>(p.pre) + first * s.time * s.out_channels;
-  epilogue_time_major_cpu_kernel<T>(q, z.data_ptr<T>());
-}
-
-// grad_x and grad_weight through BLAS with the batch in chunks: each chunk's grad_x rows, and a partial weight
-// gradient per chunk, added in chunk order.
-void blas_conv_backward_chunked(const ConvShape& s, int64_t chunks, const at::Tensor& grad_pre, const at::Tensor& x,
-                                const at::Tensor& weight, at::Tensor& grad_x, at::Tensor& grad_weight) {
-  const at::Tensor packed_transposed = pack_conv_weight_transposed(weight);
-  at::Tensor partials = at::empty({chunks, s.kernel_size, s.out_channels, s.in_channels}, x.options());
-  for_batch_chunks(s, chunks, [&](int64_t c, int64_t first, int64_t rows) {
-    ConvShape chunk = s;
-    chunk.batch = rows;
-    const at::Tensor gz_tm = time_major(grad_pre.narrow(0, first, rows));
-    const at::Tensor gx_tm = time_major_conv(chunk, gz_tm, packed_transposed, -1);
-    grad_x.narrow(0, first, rows).copy_(gx_tm.view({s.time, rows, s.in_channels}).transpose(0, 1));
-    const at::Tensor x_tm = time_major(x.narrow(0, first, rows));
-    for (int64_t j = 0; j < s.kernel_size; ++j) {
-      const int64_t shift = (s.kernel_size - 1 - j) * s.dilation;
-      at::Tensor dst = partials[c][j];
-      if (shift >= s.time) {
-        dst.zero_();
-        continue;
-      }
-      at::mm_out(dst, rows_from(gz_tm, rows, shift, s.time - shift).t(), rows_from(x_tm, rows, 0, s.time - shift));
-    }
-  });
-  at::Tensor grad_w = partials[0];
-  for (int64_t c = 1; c < chunks; ++c) grad_w = grad_w + partials[c];
+  time_major_weight_grad(s, B, gz_tm, time_major(x), grad_w);
   grad_weight.copy_(grad_w.permute({1, 2, 0}));
 }
 
@@ -870,16 +841,9 @@ void causal_conv1d_out_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const at::Tensor packed = pack_conv_weight(weight, groups);
   const CausalConvParams p = make_causal_conv_params(s, x, packed, bias, context_table, residual, out, pre);
   if (use_blas(s)) {
-    const int64_t chunks = blas_chunks(s);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_out_cpu", [&] {
-      if (chunks == 1) {
-        blas_conv_forward_rows<scalar_t>(s, p, x, packed, 0, s.batch);
-      } else {
-        for_batch_chunks(s, chunks, [&](int64_t, int64_t first, int64_t rows) {
-          blas_conv_forward_rows<scalar_t>(s, p, x, packed, first, rows);
-        });
-      }
-    });
+    at::Tensor z = time_major_conv(s, time_major(x), packed, 1);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_out_cpu",
+                               [&] { epilogue_time_major_cpu_kernel<scalar_t>(p, z.data_ptr<scalar_t>()); });
     return;
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_out_cpu", [&] { causal_conv_cpu_kernel<scalar_t>(p); });
@@ -897,11 +861,7 @@ void causal_conv1d_backward_out_cpu(const at::Tensor& grad_out, const at::Tensor
   if (use_blas(s)) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_backward_out_cpu",
                                [&] { epilogue_backward_cpu_kernel<scalar_t>(p); });
-    const int64_t chunks = blas_chunks(s);
-    if (chunks == 1)
-      blas_conv_backward(s, grad_pre, x, weight, grad_x, grad_weight);
-    else
-      blas_conv_backward_chunked(s, chunks, grad_pre, x, weight, grad_x, grad_weight);
+    blas_conv_backward(s, grad_pre, x, weight, grad_x, grad_weight);
     return;
   }
   const at::Tensor partials = new_grad_weight_partials(p, x);
