@@ -243,3 +243,22 @@ def test_cuda_stack_step_in_one_launch(case, dtype):
         torch.testing.assert_close(out.double(), expected, **TOLERANCE[dtype])
     for state, expected_state in zip(states, expected_states):
         assert torch.equal(state.position, expected_state.position)
+
+
+def test_cached_packing_does_not_keep_the_weights_alive():
+    import gc
+    import weakref
+
+    from hiertcn_fast.ops import conv as conv_ops
+
+    case = CASES[0]
+    params = case.params(torch.float32, "cpu")
+    states = case.states(torch.float32, "cpu")
+    tcn_step(rand(case.batch, case.channels[0], dtype=torch.float32), params["weights"], params["biases"], states,
+             proj_weights=params["proj_weights"], proj_biases=params["proj_biases"], context=params["context"],
+             context_weight=params["context_weight"], backend="cpu")
+    first = weakref.ref(params["weights"][0])
+    assert params["weights"][0] in conv_ops._packed_stacks
+    del params, states
+    gc.collect()
+    assert first() is None

@@ -13,10 +13,12 @@ Conventions (csrc/include/hiertcn/causal_conv.h has the kernel-side statement):
 """
 
 import dataclasses
+import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _extension
 from ..backends import resolve
@@ -263,7 +265,7 @@ class CausalConvState:
     dilation: int
     _packed: tuple = dataclasses.field(default=(), repr=False, compare=False)
     _table: tuple = dataclasses.field(default=(), repr=False, compare=False)
-    _stack_plan: tuple = dataclasses.field(default=(), repr=False, compare=False)  # see tcn_step
+    _stack_plan: tuple = dataclasses.field(default=(), repr=False, compare=False)  # what tcn_step checked last
 
     @classmethod
     def zeros(cls, batch, in_channels, kernel_size, dilation=1, *, dtype=torch.float32, device="cpu"):
@@ -457,25 +459,38 @@ def _check_stack(x, weights, states, proj_weights, proj_biases, context, context
                     (weights[0].shape[0], context.shape[1], weights[0].shape[2]))
 
 
+# The packed weights and projections of the stacks stepped so far, per first weight: a step of a stack whose
+# weights are the same tensors, unmodified, packs nothing. Weak on both sides, so a cached stack never keeps
+# its weights alive.
+_packed_stacks = WeakIdKeyDictionary()  # weakref.WeakKeyDictionary would compare tensors with ==
+
+
+def _packed_stack(weights, proj_weights):
+    sources = (*weights, *proj_weights)
+    versions = tuple([-1 if t is None else t._version for t in sources])
+    entry = _packed_stacks.get(weights[0])
+    if entry is not None and entry[1] == versions and all(
+            (ref is None and t is None) or (ref is not None and ref() is t) for ref, t in zip(entry[0], sources)):
+        return entry[2]
+    packed = ([pack_weight(w.detach(), 1) for w in weights],
+              [None if p is None else p.detach().t().contiguous() for p in proj_weights])
+    _packed_stacks[weights[0]] = (tuple(None if t is None else weakref.ref(t) for t in sources), versions, packed)
+    return packed
+
+
 def _stack_plan(x, weights, biases, states, proj_weights, proj_biases, context, context_weight):
-    """The fused op's arguments that outlive a step (packed weights and projections, the context table),
-    cached on the first layer's state: rebuilt, and the stack checked, only when a weight, bias, projection,
-    context or state is another object, or a weight, projection or context was modified in place (an
-    optimiser step, a new session's user state). A step then costs one key comparison in Python."""
-    sources = (*weights, *proj_weights, context, context_weight)
-    key = (tuple(map(id, sources)), tuple(map(id, biases)), tuple(map(id, proj_biases)), tuple(map(id, states)),
-           tuple([-1 if t is None else t._version for t in sources]))
-    cached = states[0]._stack_plan
-    if cached and cached[0] == key:
-        return cached[1]
-    _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight)
-    plan = ([pack_weight(w.detach(), 1) for w in weights], list(biases),
-            [None if p is None else p.detach().t().contiguous() for p in proj_weights], list(proj_biases),
-            None if context is None else context_table(context.detach(), context_weight.detach()).contiguous(),
-            [state.dilation for state in states])
-    # The entry holds its sources (and the states), so their ids cannot be reused by other objects while cached.
-    states[0]._stack_plan = (key, plan, sources, tuple(states))
-    return plan
+    """The fused op's arguments: packed weights and projections (cached per stack of weights, repacked when
+    one is another tensor or was modified in place, e.g. by an optimiser step), the context table (cached on
+    the first layer's state, recomputed when the context changes), and the stack's checks, run again only
+    when the weights, projections, context or states are other objects."""
+    checked = (*weights, *proj_weights, *proj_biases, context, context_weight, *states)
+    previous = states[0]._stack_plan
+    if len(previous) != len(checked) or not all(a is b for a, b in zip(previous, checked)):
+        _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight)
+        states[0]._stack_plan = checked
+    packed, projections = _packed_stack(weights, proj_weights)
+    table = None if context is None else states[0].cached_context_table(context, context_weight)
+    return packed, list(biases), projections, list(proj_biases), table, [state.dilation for state in states]
 
 
 def _run_stack_plan(plan, x, states, activation):
