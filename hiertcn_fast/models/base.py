@@ -91,7 +91,8 @@ class NextItemModel(nn.Module):
 class SessionInputs:
     """The embedded sessions of a lane batch, trimmed to its longest session, and the rows worth running.
 
-    embedded: (steps, lanes, width + 1, embedding_dim): position 0 the start token, then the items;
+    embedded: (steps, lanes, width + 1, embedding_dim): position 0 the start token, then the items
+    (``embedded_steps``: its per-step views);
     ``inputs()`` are positions 0..width-1 (what the low level reads), ``session_items()`` positions
     1..width (what the session aggregate reads). mask: bool (steps, lanes, width), the prediction
     events. rows: int64 (active rows,) indices into steps * lanes of the sessions with >= 1 event,
@@ -103,6 +104,10 @@ class SessionInputs:
         self.steps, self.lanes = self.lengths.shape
         self.width = int(self.lengths.max()) if self.lengths.numel() else 0
         self.embedded = model.embed(batch.items[..., :self.width + 1])
+        # Per-step views through one unbind: its backward stacks the steps' gradients once, where indexing
+        # embedded[step] at each step would zero-fill and add a whole-batch gradient per step.
+        self.embedded_steps = self.embedded.unbind(0)
+        self._session_items = self.embedded[:, :, 1:].unbind(0)
         self.mask = session_event_mask(self.lengths, self.width)
         self.rows = torch.nonzero(self.lengths.reshape(-1) > 0)[:, 0]
 
@@ -113,7 +118,7 @@ class SessionInputs:
 
     def session_items(self, step: int) -> torch.Tensor:
         """(lanes, width, embedding_dim): the items of step ``step``'s sessions (padding beyond lengths)."""
-        return self.embedded[step, :, 1:]
+        return self._session_items[step]
 
     def per_row(self, values: torch.Tensor) -> torch.Tensor:
         """values (steps, lanes, ...) -> (active rows, ...)."""

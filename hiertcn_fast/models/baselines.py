@@ -91,7 +91,7 @@ class HRNN(NextItemModel):
             lengths = sessions.lengths[step]
             h0 = torch.tanh(self.session_init(state[-1]))
             # One step past the last input so that the final state has read the session's last item.
-            outputs, _ = self.session_gru(self.dropout(sessions.embedded[step]), h0[None])
+            outputs, _ = self.session_gru(self.dropout(sessions.embedded_steps[step]), h0[None])
             per_step.append(outputs[:, :sessions.width])
             last = outputs[lanes, lengths]                                  # (lanes, session_hidden)
             # The user GRU's step, rows without a session unchanged, ended users zeroed: session_update
