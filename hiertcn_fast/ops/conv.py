@@ -265,7 +265,7 @@ class CausalConvState:
     dilation: int
     _packed: tuple = dataclasses.field(default=(), repr=False, compare=False)
     _table: tuple = dataclasses.field(default=(), repr=False, compare=False)
-    _stack_plan: tuple = dataclasses.field(default=(), repr=False, compare=False)  # what tcn_step checked last
+    _stack_checked: tuple = dataclasses.field(default=(), repr=False, compare=False)  # what tcn_step checked last
 
     @classmethod
     def zeros(cls, batch, in_channels, kernel_size, dilation=1, *, dtype=torch.float32, device="cpu"):
@@ -484,10 +484,10 @@ def _stack_plan(x, weights, biases, states, proj_weights, proj_biases, context, 
     the first layer's state, recomputed when the context changes), and the stack's checks, run again only
     when the weights, projections, context or states are other objects."""
     checked = (*weights, *proj_weights, *proj_biases, context, context_weight, *states)
-    previous = states[0]._stack_plan
+    previous = states[0]._stack_checked
     if len(previous) != len(checked) or not all(a is b for a, b in zip(previous, checked)):
         _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight)
-        states[0]._stack_plan = checked
+        states[0]._stack_checked = checked
     packed, projections = _packed_stack(weights, proj_weights)
     table = None if context is None else states[0].cached_context_table(context, context_weight)
     return packed, list(biases), projections, list(proj_biases), table, [state.dilation for state in states]
