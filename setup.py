@@ -138,7 +138,11 @@ def extension_modules():
 
     cpp_sources, cuda_sources = read_sources()
     sources = cpp_sources + ["csrc/python/module.cpp"]
-    cxx_flags = ["-O3", "-Wall", "-Wno-unused-function"]
+    # -fopenmp: at::parallel_for is a header template that runs in parallel only where the including code is
+    # compiled with OpenMP (torch's own build is); without it every kernel of ours would run on one thread.
+    # The extension then needs libgomp.so.1, the runtime torch has already loaded.
+    cxx_flags = ["-O3", "-Wall", "-Wno-unused-function", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     macros = []
     if with_cuda:
         os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("HIERTCN_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
@@ -154,10 +158,12 @@ def extension_modules():
             define_macros=macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
             libraries=["dl"],  # cpu_blas.h looks up torch's BLAS entry points
+            extra_link_args=link_flags,
         )
     else:
         ext = CppExtension("hiertcn_fast._C", sources, include_dirs=[os.path.join(CSRC, "include")],
-                           define_macros=macros, extra_compile_args={"cxx": cxx_flags}, libraries=["dl"])
+                           define_macros=macros, extra_compile_args={"cxx": cxx_flags}, libraries=["dl"],
+                           extra_link_args=link_flags)
     use_ninja = shutil.which("ninja") is not None
     if not use_ninja:
         note("ninja not found: compiling serially (pip install ninja for parallel builds)")

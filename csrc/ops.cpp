@@ -80,7 +80,8 @@ TORCH_LIBRARY(hiertcn_fast, m) {
       "causal_conv1d_step_out(Tensor x, Tensor packed_weight, Tensor? bias, Tensor? context_table, Tensor? residual, "
       "int dilation, int groups, int activation, *, Tensor(a!) history, Tensor(b!) position, Tensor(c!) out) -> ()");
   // One step of a whole TCN stack (hiertcn/causal_conv.h, TcnStepParams): per layer a dense packed weight
-  // (k, in, out), optional bias, optional residual projection proj_weight (in, out) + proj_bias, dilation,
+  // (k, in, out) or column-blocked (out / block, k, in, block) (CPU only), optional bias, optional residual
+  // projection proj_weight (in, out) or (out / block, in, block) + proj_bias, dilation,
   // history and position (updated in place); context_table for the first layer only; out (batch, out).
   m.def(
       "tcn_step_out(Tensor x, Tensor[] packed_weights, Tensor?[] biases, Tensor?[] proj_weights, "

@@ -67,19 +67,20 @@ HIERTCN_ALWAYS_INLINE void store_vec(T* p, Vec<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// acc[r][o0 : o0 + NV * kOutBlock] += sum over taps j and input channels ci of rows[j][r][ci] packed[j][ci][o0 + o],
-// r < R, with NV vectors of accumulators per row. rows has kTimeTile entries per tap; a tap whose rows
-// are all out of range has tap_used[j] false.
+// acc[r * ldacc + o0 : ... + NV * kOutBlock] += sum over taps j and input channels ci of rows[j][r][ci] times
+// w[(j * C_in + ci) * ldw + o0 + o], r < R, with NV vectors of accumulators per row. rows has kTimeTile entries
+// per tap; a tap whose rows are all out of range has tap_used[j] false. ldw is the weights' row stride: C_out
+// for the (k, C_in, C_out) packing, the block width for a column block of the blocked one.
 template <typename T, int R, int NV>
-HIERTCN_ALWAYS_INLINE void dense_row_block(const T* const* rows, const bool* tap_used, const T* packed, int64_t K,
-                                           int64_t C_in, int64_t C_out, int64_t o0, T* acc) {
+HIERTCN_ALWAYS_INLINE void dense_row_block(const T* const* rows, const bool* tap_used, const T* w_base, int64_t K,
+                                           int64_t C_in, int64_t ldw, int64_t o0, T* acc, int64_t ldacc) {
   constexpr int B = kOutBlock<T>;
   Vec<T> sum[R][NV] = {};
   for (int64_t j = 0; j < K; ++j) {
     if (!tap_used[j]) continue;
     const T* const* tap_rows = rows + j * kTimeTile;
-    const T* w = packed + j * C_in * C_out + o0;
-    for (int64_t ci = 0; ci < C_in; ++ci, w += C_out) {
+    const T* w = w_base + j * C_in * ldw + o0;
+    for (int64_t ci = 0; ci < C_in; ++ci, w += ldw) {
       Vec<T> wv[NV];
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) wv[v] = load_vec(w + v * B);
@@ -95,78 +96,78 @@ HIERTCN_ALWAYS_INLINE void dense_row_block(const T* const* rows, const bool* tap
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-      T* dst = acc + r * C_out + o0 + v * B;
+      T* dst = acc + r * ldacc + o0 + v * B;
       store_vec(dst, load_vec(dst) + sum[r][v]);
     }
 }
 
-// The same for the last, narrower block of output channels [o0, o_end) (width < kOutBlock).
+// The same for the last, narrower block of output channels [o0, width) (width - o0 < kOutBlock).
 template <typename T, int R>
-HIERTCN_ALWAYS_INLINE void dense_row_block_tail(const T* const* rows, const bool* tap_used, const T* packed,
-                                                int64_t K, int64_t C_in, int64_t C_out, int64_t o0, int64_t o_end,
-                                                T* acc) {
-  const int64_t width = o_end - o0;
+HIERTCN_ALWAYS_INLINE void dense_row_block_tail(const T* const* rows, const bool* tap_used, const T* w_base,
+                                                int64_t K, int64_t C_in, int64_t ldw, int64_t o0, int64_t width,
+                                                T* acc, int64_t ldacc) {
   for (int64_t j = 0; j < K; ++j) {
     if (!tap_used[j]) continue;
     const T* const* tap_rows = rows + j * kTimeTile;
-    const T* w = packed + j * C_in * C_out + o0;
-    for (int64_t ci = 0; ci < C_in; ++ci, w += C_out)
+    const T* w = w_base + j * C_in * ldw;
+    for (int64_t ci = 0; ci < C_in; ++ci, w += ldw)
       for (int r = 0; r < R; ++r) {
         const T xv = tap_rows[r][ci];
-        for (int64_t o = 0; o < width; ++o) acc[r * C_out + o0 + o] += xv * w[o];
+        for (int64_t o = o0; o < width; ++o) acc[r * ldacc + o] += xv * w[o];
       }
   }
 }
 
-// Output channels [o_begin, o_end) of R rows.
+// Output channels [0, width) of R rows.
 template <typename T, int R>
-HIERTCN_ALWAYS_INLINE void dense_rows(const T* const* rows, const bool* tap_used, const T* packed, int64_t K,
-                                      int64_t C_in, int64_t C_out, int64_t o_begin, int64_t o_end, T* acc) {
+HIERTCN_ALWAYS_INLINE void dense_rows(const T* const* rows, const bool* tap_used, const T* w, int64_t K, int64_t C_in,
+                                      int64_t ldw, int64_t width, T* acc, int64_t ldacc) {
   constexpr int B = kOutBlock<T>;
-  int64_t o0 = o_begin;
-  // A single row has one multiply-add per weight load: eight vectors of accumulators (eight independent
+  int64_t o0 = 0;
+  // A single row has one multiply-add per weight load: four or eight vectors of accumulators (independent
   // chains) keep the FMA units busy and read each weight row as one contiguous run.
-  if (R == 1)
-    for (; o0 + 8 * B <= o_end; o0 += 8 * B) dense_row_block<T, R, 8>(rows, tap_used, packed, K, C_in, C_out, o0, acc);
-  for (; o0 + 2 * B <= o_end; o0 += 2 * B) dense_row_block<T, R, 2>(rows, tap_used, packed, K, C_in, C_out, o0, acc);
-  for (; o0 + B <= o_end; o0 += B) dense_row_block<T, R, 1>(rows, tap_used, packed, K, C_in, C_out, o0, acc);
-  if (o0 < o_end) dense_row_block_tail<T, R>(rows, tap_used, packed, K, C_in, C_out, o0, o_end, acc);
+  if (R == 1) {
+    for (; o0 + 8 * B <= width; o0 += 8 * B) dense_row_block<T, R, 8>(rows, tap_used, w, K, C_in, ldw, o0, acc, ldacc);
+    for (; o0 + 4 * B <= width; o0 += 4 * B) dense_row_block<T, R, 4>(rows, tap_used, w, K, C_in, ldw, o0, acc, ldacc);
+  }
+  for (; o0 + 2 * B <= width; o0 += 2 * B) dense_row_block<T, R, 2>(rows, tap_used, w, K, C_in, ldw, o0, acc, ldacc);
+  for (; o0 + B <= width; o0 += B) dense_row_block<T, R, 1>(rows, tap_used, w, K, C_in, ldw, o0, acc, ldacc);
+  if (o0 < width) dense_row_block_tail<T, R>(rows, tap_used, w, K, C_in, ldw, o0, width, acc, ldacc);
 }
 
 template <typename T>
-HIERTCN_ALWAYS_INLINE void dense_tile_impl(const T* const* rows, const bool* tap_used, const T* packed, int64_t K,
-                                           int64_t C_in, int64_t C_out, int64_t o_begin, int64_t o_end,
-                                           int64_t valid_rows, T* acc) {
+HIERTCN_ALWAYS_INLINE void dense_tile_impl(const T* const* rows, const bool* tap_used, const T* w, int64_t K,
+                                           int64_t C_in, int64_t ldw, int64_t width, int64_t valid_rows, T* acc,
+                                           int64_t ldacc) {
   // Blocks of kRowBlock rows share every weight load; the last one or two valid rows of a tile (a small step
   // batch above all) go one at a time instead of as a block padded with zero rows. Either way a row's sum
   // runs over the same taps and channels in the same order, so the result does not depend on the blocking.
   int64_t r0 = 0;
   for (; valid_rows - r0 >= kRowBlock - 1; r0 += kRowBlock)
-    dense_rows<T, kRowBlock>(rows + r0, tap_used, packed, K, C_in, C_out, o_begin, o_end, acc + r0 * C_out);
-  for (; r0 < valid_rows; ++r0)
-    dense_rows<T, 1>(rows + r0, tap_used, packed, K, C_in, C_out, o_begin, o_end, acc + r0 * C_out);
+    dense_rows<T, kRowBlock>(rows + r0, tap_used, w, K, C_in, ldw, width, acc + r0 * ldacc, ldacc);
+  for (; r0 < valid_rows; ++r0) dense_rows<T, 1>(rows + r0, tap_used, w, K, C_in, ldw, width, acc + r0 * ldacc, ldacc);
 }
 
-// One time tile of a dense convolution: acc (kTimeTile, C_out) += the tile's conv in output channels
-// [o_begin, o_end) (o_begin a multiple of 2 * kOutBlock unless it is the last block), for its first valid_rows
-// rows (a block of kRowBlock may cover one row past them, whose source rows must then be readable).
-HIERTCN_CPU_CLONES void dense_tile_f32(const float* const* rows, const bool* tap_used, const float* packed, int64_t K,
-                                       int64_t C_in, int64_t C_out, int64_t o_begin, int64_t o_end,
-                                       int64_t valid_rows, float* acc) {
-  dense_tile_impl(rows, tap_used, packed, K, C_in, C_out, o_begin, o_end, valid_rows, acc);
+// One time tile of a dense convolution: acc[r * ldacc + o] += the tile's conv for output channels o < width,
+// from the weights w[(j * C_in + ci) * ldw + o], for its first valid_rows rows (a block of kRowBlock may cover
+// one row past them, whose source rows must then be readable).
+HIERTCN_CPU_CLONES void dense_tile_f32(const float* const* rows, const bool* tap_used, const float* w, int64_t K,
+                                       int64_t C_in, int64_t ldw, int64_t width, int64_t valid_rows, float* acc,
+                                       int64_t ldacc) {
+  dense_tile_impl(rows, tap_used, w, K, C_in, ldw, width, valid_rows, acc, ldacc);
 }
-HIERTCN_CPU_CLONES void dense_tile_f64(const double* const* rows, const bool* tap_used, const double* packed, int64_t K,
-                                       int64_t C_in, int64_t C_out, int64_t o_begin, int64_t o_end,
-                                       int64_t valid_rows, double* acc) {
-  dense_tile_impl(rows, tap_used, packed, K, C_in, C_out, o_begin, o_end, valid_rows, acc);
+HIERTCN_CPU_CLONES void dense_tile_f64(const double* const* rows, const bool* tap_used, const double* w, int64_t K,
+                                       int64_t C_in, int64_t ldw, int64_t width, int64_t valid_rows, double* acc,
+                                       int64_t ldacc) {
+  dense_tile_impl(rows, tap_used, w, K, C_in, ldw, width, valid_rows, acc, ldacc);
 }
-void dense_tile(const float* const* rows, const bool* tap_used, const float* packed, int64_t K, int64_t C_in,
-                int64_t C_out, int64_t valid_rows, float* acc, int64_t o_begin = 0, int64_t o_end = -1) {
-  dense_tile_f32(rows, tap_used, packed, K, C_in, C_out, o_begin, o_end < 0 ? C_out : o_end, valid_rows, acc);
+void dense_tile(const float* const* rows, const bool* tap_used, const float* w, int64_t K, int64_t C_in, int64_t ldw,
+                int64_t width, int64_t valid_rows, float* acc, int64_t ldacc) {
+  dense_tile_f32(rows, tap_used, w, K, C_in, ldw, width, valid_rows, acc, ldacc);
 }
-void dense_tile(const double* const* rows, const bool* tap_used, const double* packed, int64_t K, int64_t C_in,
-                int64_t C_out, int64_t valid_rows, double* acc, int64_t o_begin = 0, int64_t o_end = -1) {
-  dense_tile_f64(rows, tap_used, packed, K, C_in, C_out, o_begin, o_end < 0 ? C_out : o_end, valid_rows, acc);
+void dense_tile(const double* const* rows, const bool* tap_used, const double* w, int64_t K, int64_t C_in, int64_t ldw,
+                int64_t width, int64_t valid_rows, double* acc, int64_t ldacc) {
+  dense_tile_f64(rows, tap_used, w, K, C_in, ldw, width, valid_rows, acc, ldacc);
 }
 
 // part[ci0 + c][o0 + o] += sum over rows [row_begin, row_end) of x[b, t - lag, ci0 + c] gz[row, o0 + o], for
@@ -447,7 +448,7 @@ void causal_conv_cpu_kernel(const CausalConvParams& p) {
         if (!dense && tap_used[j])
           accumulate_tap(tap_rows, rows, packed + j * C_in * (C_out / p.groups), acc.data(), C_in, C_out, p.groups);
       }
-      if (dense) dense_tile(in_rows.data(), tap_used.get(), packed, K, C_in, C_out, rows, acc.data());
+      if (dense) dense_tile(in_rows.data(), tap_used.get(), packed, K, C_in, C_out, C_out, rows, acc.data(), C_out);
       epilogue_tile<T>(p, b, t0, rows, acc.data());
     }
   });
@@ -572,7 +573,7 @@ void causal_conv_step_cpu_kernel(const CausalConvStepParams& p) {
         if (!dense && tap_used[j])
           accumulate_tap(tap_rows, rows, packed + j * C_in * (C_out / p.groups), acc.data(), C_in, C_out, p.groups);
       }
-      if (dense) dense_tile(in_rows.data(), tap_used.get(), packed, K, C_in, C_out, rows, acc.data());
+      if (dense) dense_tile(in_rows.data(), tap_used.get(), packed, K, C_in, C_out, C_out, rows, acc.data(), C_out);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t b = b0 + r;
         epilogue_row<T>(acc.data() + r * C_out, bias,
@@ -633,6 +634,19 @@ void stack_layer_taps(const TcnStepParams& p, int64_t l, int64_t b0, int64_t row
   }
 }
 
+// acc[r * ldacc + o] += the conv of output channels [o_begin, o_end) of a layer whose packed weights are
+// column blocks of `block` channels (block == C_out: the plain packing), one dense_tile call per block spanned.
+template <typename T>
+void blocked_dense_tile(const T* const* rows, const bool* tap_used, const T* packed, int64_t K, int64_t C_in,
+                        int64_t block, int64_t valid_rows, T* acc, int64_t ldacc, int64_t o_begin, int64_t o_end) {
+  for (int64_t o = o_begin; o < o_end;) {
+    const int64_t b = o / block, within = o % block, width = std::min(o_end - o, block - within);
+    dense_tile(rows, tap_used, packed + b * K * C_in * block + within, K, C_in, block, width, valid_rows, acc + o,
+               ldacc);
+    o += width;
+  }
+}
+
 // Output channels [o_begin, o_end) of layer l for the tile's rows: conv, residual projection, epilogue.
 template <typename T>
 void stack_layer_outputs(const TcnStepParams& p, int64_t l, int64_t b0, int64_t rows, int64_t o_begin, int64_t o_end,
@@ -646,13 +660,13 @@ void stack_layer_outputs(const TcnStepParams& p, int64_t l, int64_t b0, int64_t 
   const bool last = l == p.layers - 1;
   const int64_t width = o_end - o_begin;
   for (int64_t r = 0; r < kTimeTile; ++r) std::fill_n(s.acc.data() + r * C_out + o_begin, width, T(0));
-  dense_tile(s.tap_rows.data(), s.tap_used.get(), static_cast<const T*>(L.packed_weight), K, C_in, C_out, rows,
-             s.acc.data(), o_begin, o_end);
+  blocked_dense_tile(s.tap_rows.data(), s.tap_used.get(), static_cast<const T*>(L.packed_weight), K, C_in,
+                     L.weight_block, rows, s.acc.data(), C_out, o_begin, o_end);
   if (L.proj_weight) {
     const bool used = true;
     for (int64_t r = 0; r < kTimeTile; ++r) std::fill_n(s.res.data() + r * C_out + o_begin, width, T(0));
-    dense_tile(s.cur.data(), &used, static_cast<const T*>(L.proj_weight), 1, C_in, C_out, rows, s.res.data(),
-               o_begin, o_end);
+    blocked_dense_tile(s.cur.data(), &used, static_cast<const T*>(L.proj_weight), 1, C_in, L.weight_block, rows,
+                       s.res.data(), C_out, o_begin, o_end);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t b = b0 + r;
@@ -716,18 +730,21 @@ void tcn_step_cpu_kernel(const TcnStepParams& p) {
     });
     return;
   }
-  // Few rows: blocks of 2 * kOutBlock output channels of a layer go to the threads; a block always lands on
-  // the same thread for a given shape, and its sums do not depend on where it runs.
-  constexpr int64_t kBlock = 2 * kOutBlock<T>;
+  // Few rows: a layer's output channels are split between the threads, by its weights' column blocks (or,
+  // for the plain packing, by 2 * kOutBlock channels). A block always lands on the same thread for a given
+  // shape, so that thread's cache keeps that block's weights from step to step, and a sum does not depend on
+  // where it runs. (Splitting the plain packing's rows in halves would not do: the hardware prefetchers fetch
+  // the other half of every row too.)
   StackTile<T> s(p.max_channels, K_max);
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const int64_t b0 = tile * kTimeTile, rows = std::min(kTimeTile, p.batch - b0);
     start_tile(s, b0, rows);
     for (int64_t l = 0; l < p.layers; ++l) {
       const int64_t C_out = p.layer[l].out_channels;
+      const int64_t unit = p.layer[l].weight_block < C_out ? p.layer[l].weight_block : 2 * kOutBlock<T>;
       stack_layer_taps(p, l, b0, rows, zero_row.data(), s);
-      at::parallel_for(0, (C_out + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
-        stack_layer_outputs(p, l, b0, rows, begin * kBlock, std::min(C_out, end * kBlock), s);
+      at::parallel_for(0, (C_out + unit - 1) / unit, 1, [&](int64_t begin, int64_t end) {
+        stack_layer_outputs(p, l, b0, rows, begin * unit, std::min(C_out, end * unit), s);
       });
       stack_layer_finish(p, l, b0, rows, s);
     }

@@ -352,6 +352,9 @@ void tcn_step_out_cuda(const at::Tensor& x, at::TensorList packed_weights, const
                        at::TensorList histories, at::TensorList positions, at::Tensor& out) {
   const TcnStepParams p = make_tcn_step_params(x, packed_weights, biases, proj_weights, proj_biases, context_table,
                                                dilations, activation, histories, positions, out);
+  for (int64_t l = 0; l < p.layers; ++l)
+    TORCH_CHECK(p.layer[l].weight_block == p.layer[l].out_channels, "tcn_step on CUDA takes the (k, in, out) weight "
+                "packing; packed_weights[", l, "] is column-blocked in blocks of ", p.layer[l].weight_block);
   if (p.batch == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

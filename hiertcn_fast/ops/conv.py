@@ -465,17 +465,44 @@ def _check_stack(x, weights, states, proj_weights, proj_biases, context, context
 _packed_stacks = WeakIdKeyDictionary()  # weakref.WeakKeyDictionary would compare tensors with ==
 
 
-def _packed_stack(weights, proj_weights):
+def _stack_weight_block(out_channels: int, threads: int) -> int:
+    """The CPU stack step's column block for a layer of out_channels: the widest of 64, 32 and 16 channels that
+    divides out_channels into at least one block per thread (else the narrowest that divides it), so each
+    thread steps whole blocks and keeps their weights in its own cache; out_channels (the plain packing) when
+    none divides it."""
+    dividing = [block for block in (64, 32, 16) if out_channels % block == 0 and block < out_channels]
+    for block in dividing:
+        if out_channels // block >= threads:
+            return block
+    return dividing[-1] if dividing else out_channels
+
+
+def _blocked(packed: torch.Tensor, block: int) -> torch.Tensor:
+    """(..., in, out) -> column blocks (out / block, ..., in, block), contiguous (hiertcn/causal_conv.h)."""
+    *lead, in_channels, out_channels = packed.shape
+    if block == out_channels:
+        return packed.contiguous()
+    split = packed.reshape(*lead, in_channels, out_channels // block, block)
+    return split.movedim(-2, 0).contiguous()
+
+
+def _packed_stack(weights, proj_weights, device_type):
     sources = (*weights, *proj_weights)
-    versions = tuple([-1 if t is None else t._version for t in sources])
+    threads = torch.get_num_threads() if device_type == "cpu" else 0
+    versions = (threads, *[-1 if t is None else t._version for t in sources])
     entry = _packed_stacks.get(weights[0])
     if entry is not None and entry[1] == versions and all(
             (ref is None and t is None) or (ref is not None and ref() is t) for ref, t in zip(entry[0], sources)):
         return entry[2]
-    packed = ([pack_weight(w.detach(), 1) for w in weights],
-              [None if p is None else p.detach().t().contiguous() for p in proj_weights])
-    _packed_stacks[weights[0]] = (tuple(None if t is None else weakref.ref(t) for t in sources), versions, packed)
-    return packed
+    packed, projections = [], []
+    for w, p in zip(weights, proj_weights):
+        # The CUDA kernel takes the plain packing; the CPU one column blocks (see tcn_step_cpu_kernel).
+        block = _stack_weight_block(w.shape[0], threads) if device_type == "cpu" else w.shape[0]
+        packed.append(_blocked(pack_weight(w.detach(), 1), block))
+        projections.append(None if p is None else _blocked(p.detach().t(), block))
+    entry = (tuple(None if t is None else weakref.ref(t) for t in sources), versions, (packed, projections))
+    _packed_stacks[weights[0]] = entry
+    return entry[2]
 
 
 def _stack_plan(x, weights, biases, states, proj_weights, proj_biases, context, context_weight):
@@ -488,14 +515,15 @@ def _stack_plan(x, weights, biases, states, proj_weights, proj_biases, context, 
     if len(previous) != len(checked) or not all(a is b for a, b in zip(previous, checked)):
         _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight)
         states[0]._stack_checked = checked
-    packed, projections = _packed_stack(weights, proj_weights)
+    packed, projections = _packed_stack(weights, proj_weights, x.device.type)
     table = None if context is None else states[0].cached_context_table(context, context_weight)
     return packed, list(biases), projections, list(proj_biases), table, [state.dilation for state in states]
 
 
 def _run_stack_plan(plan, x, states, activation):
     packed, biases, projections, proj_biases, table, dilations = plan
-    out = new_output((x.shape[0], packed[-1].shape[2]), x)
+    out = new_output((x.shape[0], packed[-1].shape[0] * packed[-1].shape[-1] if packed[-1].dim() == 4
+                      else packed[-1].shape[2]), x)
     torch.ops.hiertcn_fast.tcn_step_out(unit_stride_rows(x), packed, biases, projections, proj_biases, table,
                                         dilations, ACTIVATIONS[activation],
                                         histories=[state.history for state in states],

@@ -117,9 +117,16 @@ struct TcnStepLayer {
   int64_t out_channels;
   int64_t kernel_size;
   int64_t dilation;
-  const void* packed_weight;  // (kernel_size, in_channels, out_channels), contiguous
-  const void* bias;           // (out_channels) or nullptr
-  const void* proj_weight;    // (in_channels, out_channels) contiguous (nn.Linear's weight transposed), or nullptr
+  // Column blocks of weight_block output channels (out_channels a multiple of it): packed_weight is
+  // (out_channels / weight_block, kernel_size, in_channels, weight_block) and proj_weight
+  // (out_channels / weight_block, in_channels, weight_block), contiguous, so that a thread stepping one block
+  // of every layer reads (and keeps in its cache) one contiguous run per layer. weight_block == out_channels is
+  // the plain (kernel_size, in_channels, out_channels) and (in_channels, out_channels) packing, the only one
+  // the CUDA kernel takes.
+  int64_t weight_block;
+  const void* packed_weight;
+  const void* bias;         // (out_channels) or nullptr
+  const void* proj_weight;  // nn.Linear's weight transposed, column-blocked as above, or nullptr
   const void* proj_bias;      // (out_channels) or nullptr
   void* history;              // (batch, (kernel_size - 1) * dilation, in_channels), contiguous
   void* position;             // (batch) int64

@@ -268,13 +268,20 @@ inline TcnStepParams make_tcn_step_params(const at::Tensor& x, at::TensorList pa
   p.max_channels = channels;
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor& w = packed_weights[l];
-    TORCH_CHECK(w.dim() == 3 && w.size(0) >= 1 && w.size(1) == channels && w.is_contiguous(), "packed_weights[", l,
-                "] must be a contiguous (k >= 1, ", channels, ", out_channels) tensor, got shape ", w.sizes());
+    // (k, in, out), or column-blocked (out / block, k, in, block).
+    const bool blocked = w.dim() == 4;
+    const int64_t tap_dim = blocked ? 1 : 0;
+    TORCH_CHECK((w.dim() == 3 || blocked) && w.size(tap_dim) >= 1 && w.size(tap_dim + 1) == channels &&
+                    w.size(tap_dim + 2) >= 1 && w.is_contiguous(),
+                "packed_weights[", l, "] must be a contiguous (k >= 1, ", channels, ", out_channels) tensor or a "
+                "column-blocked (out_channels / block, k >= 1, ", channels, ", block >= 1) one, got shape ",
+                w.sizes());
     check_same_device_dtype(x, w, "x", "packed_weights[l]");
     TcnStepLayer& layer = p.layer[l];
     layer.in_channels = channels;
-    layer.out_channels = w.size(2);
-    layer.kernel_size = w.size(0);
+    layer.weight_block = w.size(tap_dim + 2);
+    layer.out_channels = blocked ? w.size(0) * layer.weight_block : layer.weight_block;
+    layer.kernel_size = w.size(tap_dim);
     layer.dilation = dilations[l];
     TORCH_CHECK(layer.dilation >= 1, "dilations[", l, "] must be >= 1, got ", layer.dilation);
     layer.packed_weight = w.data_ptr();
@@ -292,7 +299,11 @@ inline TcnStepParams make_tcn_step_params(const at::Tensor& x, at::TensorList pa
     TORCH_CHECK(proj.has_value() || !proj_bias.has_value(), "proj_biases[", l, "] is given without proj_weights[", l,
                 "]");
     if (proj) {
-      check_shape(*proj, {channels, layer.out_channels}, "proj_weights[l] (in_channels, out_channels)");
+      if (blocked)
+        check_shape(*proj, {w.size(0), channels, layer.weight_block},
+                    "proj_weights[l] (column-blocked like packed_weights[l]: out_channels / block, in_channels, block)");
+      else
+        check_shape(*proj, {channels, layer.out_channels}, "proj_weights[l] (in_channels, out_channels)");
       TORCH_CHECK(proj->is_contiguous(), "proj_weights[", l, "] must be contiguous");
       check_same_device_dtype(x, *proj, "x", "proj_weights[l]");
       layer.proj_weight = proj->data_ptr();
