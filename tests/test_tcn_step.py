@@ -183,6 +183,53 @@ def _op_call(case, dtype=torch.float64, device="cpu"):
     return args, kwargs
 
 
+def _blocked_args(args, blocks):
+    """_op_call's arguments with layer l's weights and projection column-blocked in blocks[l] channels."""
+    from hiertcn_fast.ops.conv import _blocked
+    packed = [_blocked(w, b) for w, b in zip(args[1], blocks)]
+    projections = [None if p is None else _blocked(p, b) for p, b in zip(args[3], blocks)]
+    return (args[0], packed, args[2], projections, *args[4:])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [1, 3, 17])
+def test_column_blocked_packing_equals_the_plain_one_bitwise(threads, batch):
+    """The CPU op takes each layer's weights (and projection) as column blocks; block widths that are multiples
+    of the 16-float vector (the ones tcn_step picks) give bitwise the plain packing's outputs and states: each
+    output channel sums the same terms in the same order. (A block with a scalar tail may round differently.)"""
+    case = StackCase(batch, (32, 64, 64, 48), (3, 2, 4), (1, 3, 2), context_channels=4)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = []
+        for blocks in ([64, 64, 48], [16, 32, 16], [32, 16, 16], [64, 64, 16]):  # 64 and 48: the plain packing
+            torch.manual_seed(0)
+            args, kwargs = _op_call(case, torch.float32)
+            if blocks != [64, 64, 48]:
+                args = _blocked_args(args, blocks)
+                assert any(w.dim() == 4 for w in args[1])
+            for _ in range(5):  # a few steps, so the histories are read too
+                torch.ops.hiertcn_fast.tcn_step_out(*args, **kwargs)
+            results.append((kwargs["out"].clone(), [h.clone() for h in kwargs["histories"]]))
+    finally:
+        torch.set_num_threads(previous)
+    plain_out, plain_histories = results[0]
+    assert plain_out.abs().sum() > 0
+    for out, histories in results[1:]:
+        assert torch.equal(out, plain_out)
+        assert all(torch.equal(h, g) for h, g in zip(histories, plain_histories))
+
+
+def test_column_blocked_projection_must_match_its_weights_blocks():
+    plain, kwargs = _op_call(CASES[0], torch.float32)
+    args = _blocked_args(plain, [4, 8, 5])
+    assert args[1][0].dim() == 4 and args[3][0].dim() == 3
+    bad_projections = [plain[3][0], *args[3][1:]]  # layer 0's weights blocked, its projection left plain
+    with pytest.raises(RuntimeError, match="column-blocked like packed_weights"):
+        torch.ops.hiertcn_fast.tcn_step_out(args[0], args[1], args[2], bad_projections, *args[4:], **kwargs)
+    torch.ops.hiertcn_fast.tcn_step_out(*args, **kwargs)  # the matching blocks run
+
+
 def test_opcheck_tcn_step_op():
     args, kwargs = _op_call(CASES[0])
     torch.library.opcheck(torch.ops.hiertcn_fast.tcn_step_out.default, args, kwargs)

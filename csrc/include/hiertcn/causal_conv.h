@@ -122,7 +122,8 @@ struct TcnStepLayer {
   // (out_channels / weight_block, in_channels, weight_block), contiguous, so that a thread stepping one block
   // of every layer reads (and keeps in its cache) one contiguous run per layer. weight_block == out_channels is
   // the plain (kernel_size, in_channels, out_channels) and (in_channels, out_channels) packing, the only one
-  // the CUDA kernel takes.
+  // the CUDA kernel takes. Blocks that are multiples of the CPU vector width (16 floats, 8 doubles) give
+  // bitwise the plain packing's results.
   int64_t weight_block;
   const void* packed_weight;
   const void* bias;         // (out_channels) or nullptr
