@@ -137,7 +137,8 @@ def extension_modules():
             note(f"building without the CUDA kernels: {reason}")
 
     cpp_sources, cuda_sources = read_sources()
-    sources = cpp_sources + ["csrc/python/module.cpp"]
+    # The Python module (pybind11) itself: only in this build, not in the CMake library.
+    sources = cpp_sources + sorted(os.path.relpath(m, ROOT) for m in glob.glob(os.path.join(CSRC, "python", "*.cpp")))
     # -fopenmp: at::parallel_for is a header template that runs in parallel only where the including code is
     # compiled with OpenMP (torch's own build is); without it every kernel of ours would run on one thread.
     # The extension then needs libgomp.so.1, the runtime torch has already loaded.

@@ -52,6 +52,16 @@ def register_fake(op_name: str):
     return decorate
 
 
+def module():
+    """The compiled module hiertcn_fast._C (None when it is not loaded)."""
+    return _module
+
+
+def has_tcn_step_plan() -> bool:
+    """True when the loaded extension has the prepared CPU stack step (hiertcn_fast._C.TcnStepPlan)."""
+    return _module is not None and hasattr(_module, "TcnStepPlan")
+
+
 def compiled_with_cuda() -> bool:
     """True when this build of the extension contains the CUDA kernels."""
     if _module is None:

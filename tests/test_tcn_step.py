@@ -116,9 +116,11 @@ def test_tcn_step_equals_layer_by_layer_reference(backend, device, case):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_cpu_stack_equals_the_per_layer_cpu_step_bitwise(batch, threads):
     """Without projections the fused stack runs the per-layer op's kernels in the same order: the outputs and
-    every layer's state are bitwise those of stepping layer by layer, at any thread count (batches below
-    the thread count split each layer's output channels between threads; larger ones split rows)."""
-    case = StackCase(batch, (128, 128, 128), (5, 3), (1, 4), context_channels=5, steps=10)
+    every layer's state are bitwise those of stepping layer by layer, at any thread count. With two threads,
+    batches of one tile (up to 8 rows) run in a team that splits each layer's output channels (this stack's
+    1.3 MB of weights is past the team's threshold), larger ones split tiles of rows; the first step is the
+    op's, later ones a prepared plan's."""
+    case = StackCase(batch, (128,) * 6, (5, 3, 5, 2, 5), (1, 4, 2, 3, 8), context_channels=5, steps=10)
     params = case.params(torch.float32, "cpu")
     xs = rand(batch, case.steps, 128, dtype=torch.float32)
     fused, per_layer = case.states(torch.float32, "cpu"), case.states(torch.float32, "cpu")
@@ -167,6 +169,58 @@ def test_a_change_in_place_is_seen_by_the_next_step(changed):
             (target[0] if isinstance(target, list) else target).mul_(-2)
         assert_close(tcn_step(x, params["weights"], params["biases"], states, **call),
                      layer_by_layer(x, dict(params, activation="relu"), expected_states))
+
+
+def test_prepared_step_runs_only_for_the_arguments_it_was_prepared_for(monkeypatch):
+    """From the second call with the same argument objects the CPU step runs a prepared plan (no dispatcher);
+    a replaced weight or state tensor, new storage under a weight, or another backend requested must never
+    run a stale plan, and a bad x is still a clear error."""
+    import hiertcn_fast.ops.conv as conv
+    runs = []
+    real_run = conv._prepared_run
+    monkeypatch.setattr(conv, "_prepared_run", lambda *a: runs.append(1) or real_run(*a))
+    case = CASES[0]
+    params = case.params(torch.float64, "cpu")
+    states, expected_states = case.states(torch.float64, "cpu"), case.states(torch.float64, "cpu")
+    call = dict(proj_weights=params["proj_weights"], proj_biases=params["proj_biases"], context=params["context"],
+                context_weight=params["context_weight"])
+
+    def step(expect_plan):
+        before = len(runs)
+        x = rand(case.batch, case.channels[0])
+        assert_close(tcn_step(x, params["weights"], params["biases"], states, **call),
+                     layer_by_layer(x, dict(params, activation="relu"), expected_states))
+        assert (len(runs) > before) == expect_plan
+        return x
+
+    step(False)  # the op
+    step(True)  # prepared now, and run
+    assert states[0]._prepared[2] is not None
+    step(True)
+    # A weight replaced by another tensor: the op runs (and a new plan is prepared on the next call).
+    params["weights"] = [params["weights"][0].clone().mul_(-1), *params["weights"][1:]]
+    step(False)
+    step(True)
+    # New storage under the same weight tensor (its version may not move).
+    params["weights"][1].data = params["weights"][1].data.clone().mul_(0.5)
+    plan = states[0]._prepared[2]
+    step(True)  # the plan refuses; the weights are repacked and a new plan runs, in the same call
+    assert states[0]._prepared[2] is not plan
+    step(True)
+    # A state tensor rebound: its new tensor is the one stepped.
+    old_history = states[2].history
+    states[2].history = old_history.clone()
+    step(False)
+    assert not torch.equal(states[2].history, old_history)
+    step(True)
+    # Another backend requested: never the CPU plan.
+    monkeypatch.setenv("HIERTCN_BACKEND", "reference")
+    step(False)
+    monkeypatch.delenv("HIERTCN_BACKEND")
+    step(True)  # the plan reads the states the reference steps advanced
+    with pytest.raises(RuntimeError, match=r"x must be \(3, 6\)"):
+        tcn_step(rand(2, case.channels[0]), params["weights"], params["biases"], states, **call)
+    step(True)
 
 
 def _op_call(case, dtype=torch.float64, device="cpu"):

@@ -13,6 +13,7 @@ Conventions (csrc/include/hiertcn/causal_conv.h has the kernel-side statement):
 """
 
 import dataclasses
+import operator
 import weakref
 from typing import Optional
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _extension
-from ..backends import resolve
+from ..backends import requested_backend, resolve
 from ._common import FLOATING, check_like, check_shape, check_tensor, new_output, unit_stride_rows
 
 # Activation codes shared with the kernels (hiertcn/causal_conv.h ActivationCode, triton/causal_conv.py).
@@ -266,6 +267,8 @@ class CausalConvState:
     _packed: tuple = dataclasses.field(default=(), repr=False, compare=False)
     _table: tuple = dataclasses.field(default=(), repr=False, compare=False)
     _stack_checked: tuple = dataclasses.field(default=(), repr=False, compare=False)  # what tcn_step checked last
+    # tcn_step's prepared CPU step: (argument objects, (activation, backend requested), plan or None)
+    _prepared: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
     @classmethod
     def zeros(cls, batch, in_channels, kernel_size, dilation=1, *, dtype=torch.float32, device="cpu"):
@@ -303,13 +306,14 @@ class CausalConvState:
 
 
 def _cache_entry(sources, extra, value):
-    # The entry holds its source tensors, so their memory cannot be reused by other tensors while cached.
-    return (*((t, t._version) for t in sources), extra, value)
+    # The entry holds its source tensors, so their memory cannot be reused by other tensors while cached. The
+    # version catches in-place changes; the data pointer, new storage under the same tensor (``w.data = ...``).
+    return (*((t, (t._version, t.data_ptr())) for t in sources), extra, value)
 
 
 def _cache_is_fresh(entry, sources, extra):
     return bool(entry) and entry[-2] == extra and all(
-        cached is t and version == t._version for (cached, version), t in zip(entry[:-2], sources))
+        cached is t and version == (t._version, t.data_ptr()) for (cached, version), t in zip(entry[:-2], sources))
 
 
 def causal_conv1d_step_reference(x, weight, state, bias=None, *, groups=1, context=None, context_weight=None,
@@ -400,8 +404,19 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
     one kernel launch); triton and reference step layer by layer. Each layer equals causal_conv1d_step
     with that residual.
     """
+    # A prepared CPU step for exactly these argument objects (the same TCN stepping the same state) skips the
+    # checks below: they passed when it was prepared, and it checks x and the weights' versions itself.
+    entry = states[0]._prepared if states and type(states[0]) is CausalConvState else ()
+    if entry and entry[2] is not None:
+        key = _prepared_key(weights, biases, states, proj_weights, proj_biases, context, context_weight)
+        if (len(entry[0]) == len(key) and all(map(operator.is_, entry[0], key))
+                and entry[1] == (activation, requested_backend(backend))):
+            out = _prepared_run(entry, x, states, context, context_weight)
+            if out is not None:
+                return out
     check_tensor(x, "x", 2)
     layers = len(weights)
+    original_proj = (proj_weights, proj_biases)
     proj_weights = [None] * layers if proj_weights is None else list(proj_weights)
     proj_biases = [None] * layers if proj_biases is None else list(proj_biases)
     if not layers or not (len(biases) == len(states) == len(proj_weights) == len(proj_biases) == layers):
@@ -414,6 +429,11 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
         raise ValueError("context and context_weight must be given together")
     name = resolve("tcn_step", backend, x.device, x.dtype, CAUSAL_CONV_DTYPES)
     if name in ("cpu", "cuda") and layers <= _MAX_STACK_LAYERS:
+        if name == "cpu" and _extension.has_tcn_step_plan() and not torch.compiler.is_compiling():
+            out = _prepared_step(x, weights, biases, states, proj_weights, proj_biases, context, context_weight,
+                                 activation, backend, original_proj)
+            if out is not None:
+                return out
         plan = _stack_plan(x, weights, biases, states, proj_weights, proj_biases, context, context_weight)
         if torch.is_grad_enabled():
             with torch.no_grad():
@@ -489,7 +509,8 @@ def _blocked(packed: torch.Tensor, block: int) -> torch.Tensor:
 def _packed_stack(weights, proj_weights, device_type):
     sources = (*weights, *proj_weights)
     threads = torch.get_num_threads() if device_type == "cpu" else 0
-    versions = (threads, *[-1 if t is None else t._version for t in sources])
+    # The version catches in-place changes; the data pointer, new storage (``weight.data = ...``, .to()).
+    versions = (threads, *[None if t is None else (t._version, t.data_ptr()) for t in sources])
     entry = _packed_stacks.get(weights[0])
     if entry is not None and entry[1] == versions and all(
             (ref is None and t is None) or (ref is not None and ref() is t) for ref, t in zip(entry[0], sources)):
@@ -518,6 +539,46 @@ def _stack_plan(x, weights, biases, states, proj_weights, proj_biases, context, 
     packed, projections = _packed_stack(weights, proj_weights, x.device.type)
     table = None if context is None else states[0].cached_context_table(context, context_weight)
     return packed, list(biases), projections, list(proj_biases), table, [state.dilation for state in states]
+
+
+def _prepared_key(weights, biases, states, proj_weights, proj_biases, context, context_weight):
+    """The argument objects a prepared step is valid for (compared by identity)."""
+    return (context, context_weight, proj_weights is None, proj_biases is None, *weights, *biases,
+            *(proj_weights or ()), *(proj_biases or ()), *states, *[state.history for state in states],
+            *[state.position for state in states])
+
+
+def _prepared_step(x, weights, biases, states, proj_weights, proj_biases, context, context_weight, activation,
+                   backend, original_proj):
+    """The CPU step through a prepared plan (csrc/python/tcn_step_plan.cpp). The second call with the same
+    argument objects (weights, biases, projections, context and its weight, states and their tensors),
+    activation and requested backend prepares one, checked and packed once; later such calls run it first
+    thing in tcn_step, without the checks or the dispatcher. None where the op must run instead: a first
+    call, changed arguments, or weights modified in place since the plan was made (the op then repacks
+    them, and the next call prepares again)."""
+    key = _prepared_key(weights, biases, states, *original_proj, context, context_weight)
+    mode = (activation, requested_backend(backend))
+    entry = states[0]._prepared
+    if not entry or len(entry[0]) != len(key) or not all(map(operator.is_, entry[0], key)) or entry[1] != mode:
+        states[0]._prepared = (key, mode, None)
+        return None
+    packed, biases, projections, proj_biases, table, dilations = _stack_plan(
+        x, weights, biases, states, proj_weights, proj_biases, context, context_weight)
+    sources = [t for t in (*weights, *proj_weights) if t is not None]
+    plan = _extension.module().TcnStepPlan(
+        unit_stride_rows(x), packed, biases, projections, proj_biases, table, dilations, ACTIVATIONS[activation],
+        [state.history for state in states], [state.position for state in states], sources)
+    entry = (key, mode, plan)
+    states[0]._prepared = entry
+    return _prepared_run(entry, x, states, context, context_weight)
+
+
+def _prepared_run(entry, x, states, context, context_weight):
+    table = None if context is None else states[0].cached_context_table(context, context_weight)
+    out = entry[2].step(x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous(), table)
+    if out is None:  # a weight changed in place: the op repacks, and the next call prepares again
+        states[0]._prepared = (entry[0], entry[1], None)
+    return out
 
 
 def _run_stack_plan(plan, x, states, activation):

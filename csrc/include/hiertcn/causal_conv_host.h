@@ -239,6 +239,10 @@ inline CausalConvStepParams make_causal_conv_step_params(const ConvShape& s, con
 
 using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
 
+// The CPU stack step on filled params (cpu/causal_conv.cpp): what tcn_step_out runs after its checks, for the
+// prepared step of the Python module (csrc/python/tcn_step_plan.cpp), which checks once and reuses the params.
+void tcn_step_cpu(const TcnStepParams& p, at::ScalarType dtype);
+
 // Validates the stack step's arguments (one entry per layer in every list) and fills its params.
 inline TcnStepParams make_tcn_step_params(const at::Tensor& x, at::TensorList packed_weights,
                                           const OptionalTensorList& biases, const OptionalTensorList& proj_weights,
