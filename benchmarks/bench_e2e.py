@@ -111,9 +111,19 @@ def measure_all(cache, runs, dim, rounds, device, lanes) -> dict:
 
 
 def run(dim=128, rounds=3, threads=1, device=None, quick=False, out=None, lanes=32) -> dict:
-    device = default_device(device)
+    # The thread count is restored on return: under pytest the benchmark files after this one (bench_gru,
+    # bench_gru_gates) would otherwise run on this run's one thread.
+    previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    try:
+        return _run(dim, rounds, device, quick, out, lanes)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(dim, rounds, device, quick, out, lanes) -> dict:
+    device = default_device(device)
     cache = preprocess(load_dataset("ml-100k"), os.path.join(tempfile.gettempdir(), "hiertcn_fast_cache"),
                        ML100K_PARAMS)
     runs = [run for run in RUNS if not quick or run[0] in ("hiertcn", "hiertcn (reference)", "hrnn", "history_tcn")]
