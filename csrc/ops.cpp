@@ -83,6 +83,9 @@ TORCH_LIBRARY(hiertcn_fast, m) {
   // (k, in, out) or column-blocked (out / block, k, in, block) (CPU only), optional bias, optional residual
   // projection proj_weight (in, out) or (out / block, in, block) + proj_bias, dilation,
   // history and position (updated in place); context_table for the first layer only; out (batch, out).
+  // The full-softmax cross-entropy's row pass (cpu/softmax_xent.cpp): logits (rows, classes) get bias added,
+  // and become softmax - one_hot(targets) in place; loss[r] = logsumexp(row r) - logit[r][targets[r]].
+  m.def("softmax_xent_out(Tensor(a!) logits, Tensor targets, Tensor? bias, *, Tensor(b!) loss) -> ()");
   m.def(
       "tcn_step_out(Tensor x, Tensor[] packed_weights, Tensor?[] biases, Tensor?[] proj_weights, "
       "Tensor?[] proj_biases, Tensor? context_table, int[] dilations, int activation, *, Tensor(a!)[] histories, "

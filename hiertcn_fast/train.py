@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from .data import LaneStateCache, SessionBatch, SessionBatcher, SessionCache
 from .evaluate import RankingMetrics, batch_targets
 from .models import NEURAL_MODELS, HistoryBatch, NextItemModel, UserHistoryBatcher
+from .ops import linear_cross_entropy
 
 __all__ = ["TrainConfig", "Trainer", "evaluate", "build_model", "sampled_softmax_loss", "train_item_counts",
            "DataMemoryMeter", "user_lane_batches"]
@@ -170,7 +171,10 @@ class _LossStep(torch.nn.Module):
         features, new_state = self.model(batch, state)
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
             if sampled is None:
-                loss_sum = F.cross_entropy(self.model.scores(features).float(), targets, reduction="sum")
+                # model.scores's logits and their cross-entropy, fused on the CPU (ops.linear_cross_entropy).
+                output = self.model.output
+                loss_sum = linear_cross_entropy(self.model.dropout(features), output.weight, output.bias, targets,
+                                                backend=getattr(self.model, "backend", None))
             else:
                 loss_sum = sampled_softmax_loss(self.model.dropout(features), targets, self.model.output, sampled,
                                                 self.log_q)

@@ -1,0 +1,125 @@
+// CPU kernel of the fused full-softmax cross-entropy (hiertcn_fast.ops.linear_cross_entropy): one pass per
+// row, in cache, over logits a matrix product has just written. Per row: add the bias, take the max, turn
+// the row into e^(z - max) while summing it, then loss = log-sum-exp - z[target] and the row into
+// softmax - one_hot(target), the gradient of the loss with respect to the logits, which the backward
+// multiplies out with two matrix products. Parallel over rows; every row's sums run in a fixed order, so
+// the result does not depend on the thread count.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define HIERTCN_CPU_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#else
+#define HIERTCN_CPU_CLONES
+#endif
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+
+#include "hiertcn/checks.h"
+#include "hiertcn/gru_gates.h"
+
+namespace hiertcn {
+namespace {
+
+// The reductions keep 16 interleaved partial results (one vector's lanes), combined pairwise at the end: a
+// single running max or sum would be one long dependency chain the compiler may not reorder.
+constexpr int kLanes = 16;
+
+template <typename T>
+HIERTCN_CPU_CLONES T row_max(const T* __restrict z, int64_t n) {
+  T part[kLanes];
+  for (int l = 0; l < kLanes; ++l) part[l] = z[0];
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) part[l] = z[j + l] > part[l] ? z[j + l] : part[l];
+  for (; j < n; ++j) part[0] = z[j] > part[0] ? z[j] : part[0];
+  for (int width = kLanes / 2; width >= 1; width /= 2)
+    for (int l = 0; l < width; ++l) part[l] = part[l + width] > part[l] ? part[l + width] : part[l];
+  return part[0];
+}
+
+template <typename T>
+HIERTCN_CPU_CLONES void add_bias(T* __restrict z, const T* __restrict bias, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) z[j] += bias[j];
+}
+
+// z <- e^(z - m); returns the sum.
+template <typename T>
+HIERTCN_CPU_CLONES T exp_shift_sum(T* __restrict z, T m, int64_t n) {
+  T part[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const T e = exp_acc(z[j + l] - m);
+      z[j + l] = e;
+      part[l] += e;
+    }
+  for (; j < n; ++j) {
+    const T e = exp_acc(z[j] - m);
+    z[j] = e;
+    part[0] += e;
+  }
+  for (int width = kLanes / 2; width >= 1; width /= 2)
+    for (int l = 0; l < width; ++l) part[l] += part[l + width];
+  return part[0];
+}
+
+template <typename T>
+HIERTCN_CPU_CLONES void scale_row(T* __restrict z, T s, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) z[j] *= s;
+}
+
+template <typename T>
+void softmax_xent_rows(T* logits, const int64_t* targets, const T* bias, T* loss, int64_t rows, int64_t classes) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(classes, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      T* z = logits + r * classes;
+      if (bias) add_bias(z, bias, classes);
+      const int64_t t = targets[r];
+      const T target_logit = z[t];
+      const T m = row_max(z, classes);
+      const T sum = exp_shift_sum(z, m, classes);
+      loss[r] = (m + std::log(sum)) - target_logit;
+      scale_row(z, T(1) / sum, classes);
+      z[t] -= T(1);
+    }
+  });
+}
+
+void softmax_xent_out_cpu(at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& bias,
+                          at::Tensor& loss) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "logits must be a contiguous (rows, classes) tensor, got "
+              "shape ", logits.sizes());
+  const int64_t rows = logits.size(0), classes = logits.size(1);
+  TORCH_CHECK(classes >= 1 || rows == 0, "logits need at least one class");
+  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.size(0) == rows &&
+                  targets.is_contiguous() && targets.device() == logits.device(),
+              "targets must be a contiguous int64 (", rows, ",) tensor on the device of logits, got ",
+              targets.scalar_type(), " of shape ", targets.sizes());
+  if (bias) {
+    check_shape(*bias, {classes}, "bias");
+    TORCH_CHECK(bias->is_contiguous(), "bias must be contiguous");
+    check_same_device_dtype(logits, *bias, "logits", "bias");
+  }
+  check_shape(loss, {rows}, "loss");
+  TORCH_CHECK(loss.is_contiguous(), "loss must be contiguous");
+  check_same_device_dtype(logits, loss, "logits", "loss");
+  if (rows == 0) return;
+  const at::Tensor bad = targets.lt(0).logical_or_(targets.ge(classes));
+  TORCH_CHECK(!bad.any().item<bool>(), "targets must lie in [0, ", classes, ")");
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "softmax_xent_out_cpu", [&] {
+    softmax_xent_rows<scalar_t>(logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(),
+                                bias ? bias->data_ptr<scalar_t>() : nullptr, loss.data_ptr<scalar_t>(), rows,
+                                classes);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hiertcn_fast, CPU, m) { m.impl("softmax_xent_out", &softmax_xent_out_cpu); }
+
+}  // namespace hiertcn

@@ -1,0 +1,95 @@
+"""The full-softmax cross-entropy of a linear output layer, fused on the CPU.
+
+``linear_cross_entropy(features, weight, bias, targets)`` is
+``F.cross_entropy(F.linear(features, weight, bias), targets, reduction="sum")``: the training loss of every
+next-item model here, over the whole catalogue. PyTorch's way runs the product, a log-softmax pass, the
+negative log-likelihood, and in the backward a zero-filled one-hot gradient, a log-softmax backward pass
+and two products. The cpu backend runs the product, then one pass per row in cache (bias, max,
+log-sum-exp, loss, and the row turned into softmax - one_hot, its gradient), and in the backward only the
+two products and a column sum. It keeps one (events, items) buffer for the backward, as PyTorch's way keeps
+the log-softmax.
+
+Backends: cpu (csrc/cpu/softmax_xent.cpp; float32 and float64) and reference (the composition above).
+Every other request, and every tensor the cpu kernel does not take (CUDA, half types, torch.compile's
+tracing), runs the reference composition: there is no GPU kernel for this op.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .. import _extension
+from ..backends import requested_backend
+from ._common import check_tensor, new_output
+
+_CPU_DTYPES = (torch.float32, torch.float64)
+
+
+def linear_cross_entropy_reference(features, weight, bias, targets):
+    """Plain PyTorch: the summed cross-entropy of the logits features @ weight^T + bias (in float32 at least)."""
+    logits = F.linear(features, weight, bias)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, features, weight, bias, targets):
+        logits = new_output((features.shape[0], weight.shape[0]), features)
+        torch.mm(features, weight.t(), out=logits)
+        loss_rows = new_output((features.shape[0],), features)
+        torch.ops.hiertcn_fast.softmax_xent_out(logits, targets, bias, loss=loss_rows)
+        ctx.save_for_backward(features, weight, logits)  # logits now hold softmax - one_hot
+        ctx.has_bias = bias is not None
+        return loss_rows.sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        features, weight, grad_logits = ctx.saved_tensors
+        # dL/dlogits = grad_loss * (softmax - one_hot); grad_loss is a scalar, folded into the products.
+        grad_features = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_features = torch.mm(grad_logits, weight).mul_(grad_loss)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.mm(grad_logits.t(), features).mul_(grad_loss)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_logits.sum(0).mul_(grad_loss)
+        return grad_features, grad_weight, grad_bias, None
+
+
+def _fused_applies(features, weight, bias, targets) -> bool:
+    return (_extension.loaded() and features.device.type == "cpu" and features.dtype in _CPU_DTYPES
+            and weight.dtype == features.dtype and weight.device == features.device
+            and (bias is None or (bias.dtype == features.dtype and bias.device == features.device))
+            and targets.device == features.device and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def linear_cross_entropy(features: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor, *,
+                         backend=None) -> torch.Tensor:
+    """Summed full-softmax cross-entropy of ``features @ weight.T + bias`` against ``targets``.
+
+    features (events, dim), weight (classes, dim) and bias (classes,) or None (nn.Linear's), targets
+    (events,) int64 class ids in [0, classes). Returns a scalar (float32 for half-type inputs), differentiable
+    in features, weight and bias; equals F.cross_entropy(F.linear(...), targets, reduction="sum").
+    """
+    check_tensor(features, "features", 2)
+    check_tensor(weight, "weight", 2)
+    if weight.shape[1] != features.shape[1]:
+        raise ValueError(f"weight must be (classes, {features.shape[1]}), got shape {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be ({weight.shape[0]},), got shape {tuple(bias.shape)}")
+    if not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64 or targets.dim() != 1:
+        raise ValueError("targets must be a 1-D int64 tensor of class ids")
+    if targets.shape[0] != features.shape[0]:
+        raise ValueError(f"targets must hold one class id per row of features ({features.shape[0]}), got "
+                         f"{targets.shape[0]}")
+    if requested_backend(backend) == "reference" or not _fused_applies(features, weight, bias, targets):
+        return linear_cross_entropy_reference(features, weight, bias, targets)
+    return _LinearCrossEntropy.apply(features.contiguous(), weight.contiguous(),
+                                     None if bias is None else bias.contiguous(), targets.contiguous())
+
+
+@_extension.register_fake("softmax_xent_out")
+def _softmax_xent_out_fake(logits, targets, bias, *, loss):
+    return None

@@ -1,0 +1,121 @@
+"""linear_cross_entropy (the fused full-softmax training loss) against PyTorch's F.cross_entropy of F.linear, an
+independent peer: loss and every gradient, shapes with vector tails, extreme logits, empty batches,
+gradcheck, the compiled row op (opcheck, thread-count independence) and bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hiertcn_fast.ops import linear_cross_entropy, linear_cross_entropy_reference
+from helpers import rand
+
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-5)}
+
+
+def peer(features, weight, bias, targets):
+    return F.cross_entropy(F.linear(features, weight, bias), targets, reduction="sum")
+
+
+def _leaves(events, dim, classes, dtype, bias=True, scale=1.0):
+    features = rand(events, dim, dtype=dtype, scale=scale).requires_grad_()
+    weight = rand(classes, dim, dtype=dtype, scale=dim ** -0.5).requires_grad_()
+    b = rand(classes, dtype=dtype).requires_grad_() if bias else None
+    targets = torch.randint(0, classes, (events,))
+    return features, weight, b, targets
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("events,dim,classes", [(1, 3, 1), (7, 5, 17), (33, 64, 100), (300, 64, 1297)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_equals_cross_entropy_of_linear(dtype, events, dim, classes, bias):
+    features, weight, b, targets = _leaves(events, dim, classes, dtype, bias)
+    leaves = [t for t in (features, weight, b) if t is not None]
+    ours = linear_cross_entropy(features, weight, b, targets, backend="cpu")
+    expected = peer(features, weight, b, targets)
+    torch.testing.assert_close(ours, expected, **TOL[dtype])
+    # A non-unit upstream gradient, as the trainer's loss scaling gives.
+    for got, want in zip(torch.autograd.grad(ours * 0.37, leaves), torch.autograd.grad(expected * 0.37, leaves)):
+        torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+def test_the_cpu_path_is_taken_and_reference_matches():
+    features, weight, b, targets = _leaves(20, 8, 30, torch.float64)
+    fused = linear_cross_entropy(features, weight, b, targets)
+    assert fused.grad_fn is not None and "LinearCrossEntropy" in type(fused.grad_fn).__name__
+    reference = linear_cross_entropy(features, weight, b, targets, backend="reference")
+    assert "LinearCrossEntropy" not in type(reference.grad_fn).__name__
+    torch.testing.assert_close(fused, reference, **TOL[torch.float64])
+    torch.testing.assert_close(linear_cross_entropy_reference(features, weight, b, targets), reference)
+
+
+def test_extreme_logits_stay_finite():
+    """Logits in the thousands (a row's softmax underflows almost everywhere) give the peer's finite loss."""
+    features, weight, b, targets = _leaves(16, 4, 50, torch.float32, scale=300.0)
+    ours = linear_cross_entropy(features, weight, b, targets, backend="cpu")
+    expected = peer(features, weight, b, targets)
+    assert torch.isfinite(ours) and expected.item() > 100
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-3)
+    grads = torch.autograd.grad(ours, [features, weight, b])
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_empty_batch_is_zero_loss_with_zero_gradients():
+    features, weight, b, targets = _leaves(0, 6, 9, torch.float32)
+    loss = linear_cross_entropy(features, weight, b, targets, backend="cpu")
+    assert loss.item() == 0.0
+    grads = torch.autograd.grad(loss, [weight, b])
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_gradcheck():
+    features, weight, b, targets = _leaves(5, 3, 7, torch.float64)
+    assert torch.autograd.gradcheck(lambda f, w, bb: linear_cross_entropy(f, w, bb, targets, backend="cpu"),
+                                    (features, weight, b))
+
+
+def _row_op(logits, targets, bias):
+    loss = torch.empty(logits.shape[0], dtype=logits.dtype)
+    torch.ops.hiertcn_fast.softmax_xent_out(logits, targets, bias, loss=loss)
+    return logits, loss
+
+
+def test_row_op_is_softmax_minus_one_hot_and_thread_count_independent():
+    logits = rand(50, 301, dtype=torch.float32, scale=3.0)
+    targets = torch.randint(0, 301, (50,))
+    bias = rand(301, dtype=torch.float32)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(_row_op(logits.clone(), targets, bias))
+    finally:
+        torch.set_num_threads(previous)
+    (grad1, loss1), (grad2, loss2) = results
+    assert torch.equal(grad1, grad2) and torch.equal(loss1, loss2)
+    z = (logits + bias).double()
+    expected_grad = torch.softmax(z, 1) - F.one_hot(targets, 301).double()
+    torch.testing.assert_close(grad1.double(), expected_grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss1.double(), torch.logsumexp(z, 1) - z.gather(1, targets[:, None])[:, 0],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck_row_op():
+    logits = rand(6, 11, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.hiertcn_fast.softmax_xent_out.default,
+                          (logits, torch.randint(0, 11, (6,)), rand(11, dtype=torch.float32)),
+                          dict(loss=torch.empty(6)))
+
+
+def test_bad_input_is_a_clear_error():
+    features, weight, b, targets = _leaves(4, 3, 5, torch.float32)
+    with pytest.raises(ValueError, match=r"weight must be \(classes, 3\)"):
+        linear_cross_entropy(features, weight[:, :2], b, targets)
+    with pytest.raises(ValueError, match=r"bias must be \(5,\)"):
+        linear_cross_entropy(features, weight, b[:4], targets)
+    with pytest.raises(ValueError, match="1-D int64"):
+        linear_cross_entropy(features, weight, b, targets.int())
+    with pytest.raises(ValueError, match="one class id per row"):
+        linear_cross_entropy(features, weight, b, targets[:3])
+    with pytest.raises(RuntimeError, match=r"targets must lie in \[0, 5\)"):
+        linear_cross_entropy(features, weight, b, torch.tensor([0, 1, 5, 2]), backend="cpu")
