@@ -1,20 +1,8 @@
 // CPU kernels for the fused GRU gate math: parallel over batch rows, a straight loop over hidden
 // units that the compiler vectorises (float: the branch-free exp_poly of hiertcn/gru_gates.h).
-//
-// GCC if-converts the clamps in exp_poly, and so vectorises the loops, only when floating-point
-// comparisons may not trap; nothing here reads the floating-point exception flags.
-//
-// The row functions are compiled for AVX-512, AVX2 and the baseline, picked at load time for the CPU
-// at hand (GCC target_clones): the build flags target the baseline x86-64, whose 4-wide SSE loops
-// run the gates three to four times slower.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define HIERTCN_CPU_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
-#else
-#define HIERTCN_CPU_CLONES
-#endif
+// (hiertcn/cpu_clones.h: vectorised, and compiled for AVX-512, AVX2 and the baseline.)
+#include "hiertcn/cpu_clones.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -4,14 +4,8 @@
 // softmax - one_hot(target), the gradient of the loss with respect to the logits, which the backward
 // multiplies out with two matrix products. Parallel over rows; every row's sums run in a fixed order, so
 // the result does not depend on the thread count.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define HIERTCN_CPU_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
-#else
-#define HIERTCN_CPU_CLONES
-#endif
+#include "hiertcn/cpu_clones.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -1,0 +1,19 @@
+// Include first in a CPU kernel file whose element-wise loops must vectorise (gru_gates.cpp,
+// softmax_xent.cpp).
+//
+// GCC if-converts the clamps in exp_poly (hiertcn/gru_gates.h), and so vectorises the loops, only when
+// floating-point comparisons may not trap; nothing here reads the floating-point exception flags.
+//
+// HIERTCN_CPU_CLONES compiles a function for AVX-512, AVX2 and the baseline, picked at load time for the CPU
+// at hand (GCC target_clones): the build flags target the baseline x86-64, whose 4-wide SSE loops run the
+// element-wise math three to four times slower.
+#pragma once
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define HIERTCN_CPU_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#else
+#define HIERTCN_CPU_CLONES
+#endif
