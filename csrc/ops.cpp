@@ -10,12 +10,18 @@
 
 namespace hiertcn {
 
-// "cuda=1" when the CUDA kernels were compiled into this build, else "cuda=0".
+// "cuda=1" when the CUDA kernels were compiled into this build, else "cuda=0"; then "openmp=1" when the CPU
+// kernels were compiled with OpenMP (else at::parallel_for runs them on one thread), else "openmp=0".
 std::string build_info() {
 #ifdef HIERTCN_WITH_CUDA
-  return "cuda=1";
+  std::string info = "cuda=1";
 #else
-  return "cuda=0";
+  std::string info = "cuda=0";
+#endif
+#ifdef _OPENMP
+  return info + " openmp=1";
+#else
+  return info + " openmp=0";
 #endif
 }
 

@@ -66,7 +66,12 @@ def compiled_with_cuda() -> bool:
     """True when this build of the extension contains the CUDA kernels."""
     if _module is None:
         return False
-    return torch.ops.hiertcn_fast.build_info() == "cuda=1"
+    return "cuda=1" in build_info().split()
+
+
+def build_info() -> str:
+    """The compiled extension's build flags, e.g. "cuda=0 openmp=1" ("" when it is not loaded)."""
+    return torch.ops.hiertcn_fast.build_info() if _module is not None else ""
 
 
 _load()

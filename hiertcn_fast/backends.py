@@ -58,7 +58,9 @@ def _status(name: str) -> BackendStatus:
         return BackendStatus(name, True, "plain PyTorch on any device")
     if name == "cpu":
         if _extension.loaded():
-            return BackendStatus(name, True, "compiled C++ kernels for CPU tensors")
+            threads = ("parallel (OpenMP)" if "openmp=1" in _extension.build_info().split()
+                       else "single-threaded: built without OpenMP")
+            return BackendStatus(name, True, f"compiled C++ kernels for CPU tensors, {threads}")
         return BackendStatus(name, False, f"the compiled extension is not loaded ({_extension.load_error()})",
                              f"build it with a C++ compiler: {_REINSTALL}")
     if name == "cuda":

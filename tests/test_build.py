@@ -62,3 +62,16 @@ def test_import_and_reference_backend_work_without_the_extension(tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert "torch.Size([2, 2])" in result.stdout and "refused:" in result.stdout
+
+
+def test_the_built_extension_runs_its_cpu_kernels_in_parallel():
+    """The CPU kernels' at::parallel_for is parallel only in code compiled with OpenMP; a build without it
+    passed every other test while running each kernel on one thread."""
+    from hiertcn_fast import _extension
+    if not _extension.loaded():
+        pytest.fail(f"the compiled extension is not loaded: {_extension.load_error()}")
+    assert "openmp=1" in _extension.build_info().split(), _extension.build_info()
+    # And the runtime is torch's own: one OpenMP runtime in the process.
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) == 1, runtimes
