@@ -363,3 +363,26 @@ def test_cached_packing_does_not_keep_the_weights_alive():
     del params, states
     gc.collect()
     assert first() is None
+
+
+def test_a_stepped_state_is_freed_without_the_cycle_collector():
+    """The caches tcn_step keeps on a state (checks, prepared plan) must not refer back to it: the streaming
+    recommender makes a fresh state per call, and a reference cycle would keep each one's buffers alive
+    until the garbage collector runs."""
+    import gc
+    import weakref
+    from hiertcn_fast.nn import TCN
+    tcn = TCN(16, [16, 16, 16], 3).eval()
+    x = rand(2, 16, dtype=torch.float32)
+    gc.disable()
+    try:
+        state = tcn.init_state(2)
+        with torch.no_grad():
+            for _ in range(3):  # the op, then a prepared plan
+                tcn.step(x, state)
+        assert state.layers[0]._prepared[2] is not None
+        first, history = weakref.ref(state.layers[0]), weakref.ref(state.layers[1].history)
+        del state
+        assert first() is None and history() is None
+    finally:
+        gc.enable()

@@ -267,7 +267,7 @@ class CausalConvState:
     _packed: tuple = dataclasses.field(default=(), repr=False, compare=False)
     _table: tuple = dataclasses.field(default=(), repr=False, compare=False)
     _stack_checked: tuple = dataclasses.field(default=(), repr=False, compare=False)  # what tcn_step checked last
-    # tcn_step's prepared CPU step: (argument objects, (activation, backend requested), plan or None)
+    # tcn_step's prepared CPU step: (argument objects, (activation, backend requested, layers), plan or None)
     _prepared: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
     @classmethod
@@ -410,7 +410,7 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
     if entry and entry[2] is not None:
         key = _prepared_key(weights, biases, states, proj_weights, proj_biases, context, context_weight)
         if (len(entry[0]) == len(key) and all(map(operator.is_, entry[0], key))
-                and entry[1] == (activation, requested_backend(backend))):
+                and entry[1] == (activation, requested_backend(backend), len(states))):
             out = _prepared_run(entry, x, states, context, context_weight)
             if out is not None:
                 return out
@@ -531,7 +531,8 @@ def _stack_plan(x, weights, biases, states, proj_weights, proj_biases, context, 
     one is another tensor or was modified in place, e.g. by an optimiser step), the context table (cached on
     the first layer's state, recomputed when the context changes), and the stack's checks, run again only
     when the weights, projections, context or states are other objects."""
-    checked = (*weights, *proj_weights, *proj_biases, context, context_weight, *states)
+    # Stored on states[0], which is therefore not in it (no reference cycle: a state is freed with its last use).
+    checked = (*weights, *proj_weights, *proj_biases, context, context_weight, *states[1:])
     previous = states[0]._stack_checked
     if len(previous) != len(checked) or not all(a is b for a, b in zip(previous, checked)):
         _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight)
@@ -542,9 +543,10 @@ def _stack_plan(x, weights, biases, states, proj_weights, proj_biases, context, 
 
 
 def _prepared_key(weights, biases, states, proj_weights, proj_biases, context, context_weight):
-    """The argument objects a prepared step is valid for (compared by identity)."""
+    """The argument objects a prepared step is valid for (compared by identity). It is kept on states[0], which
+    is therefore left out: no reference cycle, so a state is freed with its last use."""
     return (context, context_weight, proj_weights is None, proj_biases is None, *weights, *biases,
-            *(proj_weights or ()), *(proj_biases or ()), *states, *[state.history for state in states],
+            *(proj_weights or ()), *(proj_biases or ()), *states[1:], *[state.history for state in states],
             *[state.position for state in states])
 
 
@@ -557,7 +559,7 @@ def _prepared_step(x, weights, biases, states, proj_weights, proj_biases, contex
     call, changed arguments, or weights modified in place since the plan was made (the op then repacks
     them, and the next call prepares again)."""
     key = _prepared_key(weights, biases, states, *original_proj, context, context_weight)
-    mode = (activation, requested_backend(backend))
+    mode = (activation, requested_backend(backend), len(states))
     entry = states[0]._prepared
     if not entry or len(entry[0]) != len(key) or not all(map(operator.is_, entry[0], key)) or entry[1] != mode:
         states[0]._prepared = (key, mode, None)
