@@ -70,8 +70,15 @@ def compiled_with_cuda() -> bool:
 
 
 def build_info() -> str:
-    """The compiled extension's build flags, e.g. "cuda=0 openmp=1" ("" when it is not loaded)."""
-    return torch.ops.hiertcn_fast.build_info() if _module is not None else ""
+    """The compiled extension's build flags, e.g. "cuda=0 openmp=1" ("" when it is not loaded). Read once, at
+    import: backend selection asks for it, also while torch.compile traces, where an op returning a string
+    cannot be called."""
+    global _build_info
+    if _build_info is None:
+        _build_info = torch.ops.hiertcn_fast.build_info() if _module is not None else ""
+    return _build_info if _module is not None else ""
 
 
+_build_info = None
 _load()
+build_info()
