@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from .data import LaneStateCache, SessionBatch, SessionBatcher, SessionCache
 from .evaluate import RankingMetrics, batch_targets
 from .models import NEURAL_MODELS, HistoryBatch, NextItemModel, UserHistoryBatcher
+from .backends import requested_backend
 from .ops import linear_cross_entropy
 
 __all__ = ["TrainConfig", "Trainer", "evaluate", "build_model", "sampled_softmax_loss", "train_item_counts",
@@ -171,10 +172,14 @@ class _LossStep(torch.nn.Module):
         features, new_state = self.model(batch, state)
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
             if sampled is None:
-                # model.scores's logits and their cross-entropy, fused on the CPU (ops.linear_cross_entropy).
+                # model.scores's logits and their cross-entropy, fused on the CPU (ops.linear_cross_entropy):
+                # a model on backend='reference' keeps PyTorch's; any other picks automatically (the loss has
+                # no GPU kernel, so a model on cuda or triton gets the reference composition there).
                 output = self.model.output
+                loss_backend = ("reference" if requested_backend(getattr(self.model, "backend", None)) == "reference"
+                                else "auto")
                 loss_sum = linear_cross_entropy(self.model.dropout(features), output.weight, output.bias, targets,
-                                                backend=getattr(self.model, "backend", None))
+                                                backend=loss_backend)
             else:
                 loss_sum = sampled_softmax_loss(self.model.dropout(features), targets, self.model.output, sampled,
                                                 self.log_q)

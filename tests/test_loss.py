@@ -119,3 +119,16 @@ def test_bad_input_is_a_clear_error():
         linear_cross_entropy(features, weight, b, targets[:3])
     with pytest.raises(RuntimeError, match=r"targets must lie in \[0, 5\)"):
         linear_cross_entropy(features, weight, b, torch.tensor([0, 1, 5, 2]), backend="cpu")
+
+
+def test_backends_it_lacks_are_an_error_never_a_silent_fallback():
+    from hiertcn_fast.backends import BackendUnavailableError
+    features, weight, b, targets = _leaves(4, 3, 5, torch.float32)
+    for name in ("cuda", "triton"):
+        with pytest.raises(BackendUnavailableError, match=f"no {name} backend"):
+            linear_cross_entropy(features, weight, b, targets, backend=name)
+    with pytest.raises(BackendUnavailableError, match="backend 'cpu' cannot run this call: it takes float32 or float64"):
+        linear_cross_entropy(features.bfloat16(), weight.bfloat16(), b.bfloat16(), targets, backend="cpu")
+    # auto takes the reference composition where the kernel cannot run (half types here), with its result.
+    half = [t.detach().bfloat16() for t in (features, weight, b)]
+    torch.testing.assert_close(linear_cross_entropy(*half, targets), linear_cross_entropy_reference(*half, targets))

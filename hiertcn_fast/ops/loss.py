@@ -9,16 +9,17 @@ log-sum-exp, loss, and the row turned into softmax - one_hot, its gradient), and
 two products and a column sum. It keeps one (events, items) buffer for the backward, as PyTorch's way keeps
 the log-softmax.
 
-Backends: cpu (csrc/cpu/softmax_xent.cpp; float32 and float64) and reference (the composition above).
-Every other request, and every tensor the cpu kernel does not take (CUDA, half types, torch.compile's
-tracing), runs the reference composition: there is no GPU kernel for this op.
+Backends: cpu (csrc/cpu/softmax_xent.cpp; float32 and float64 CPU tensors) and reference (the composition
+above). With auto, whatever the cpu kernel does not take (CUDA tensors, half types, torch.compile's tracing)
+runs the reference composition; asking for cuda or triton, which this op does not have, or for cpu where it
+cannot run, is an error that says so.
 """
 
 import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from ..backends import requested_backend
+from ..backends import BackendUnavailableError, requested_backend
 from ._common import check_tensor, new_output
 
 _CPU_DTYPES = (torch.float32, torch.float64)
@@ -57,12 +58,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_features, grad_weight, grad_bias, None
 
 
-def _fused_applies(features, weight, bias, targets) -> bool:
-    return (_extension.loaded() and features.device.type == "cpu" and features.dtype in _CPU_DTYPES
-            and weight.dtype == features.dtype and weight.device == features.device
-            and (bias is None or (bias.dtype == features.dtype and bias.device == features.device))
-            and targets.device == features.device and not torch.compiler.is_compiling()
-            and not torch.is_autocast_enabled("cpu"))
+def _why_not_fused(features, weight, bias, targets) -> str:
+    """Why the cpu kernel cannot take this call ('' when it can)."""
+    if not _extension.loaded():
+        return f"the compiled extension is not loaded ({_extension.load_error()})"
+    if features.device.type != "cpu" or features.dtype not in _CPU_DTYPES:
+        return f"it takes float32 or float64 CPU tensors, got {features.dtype} on {features.device}"
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.dtype != features.dtype or t.device != features.device):
+            return f"{name} must have the dtype and device of features"
+    if targets.device != features.device:
+        return "targets must be on the device of features"
+    if torch.compiler.is_compiling():
+        return "it does not run under torch.compile"
+    if torch.is_autocast_enabled("cpu"):
+        return "it does not run under CPU autocast"
+    return ""
 
 
 def linear_cross_entropy(features: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor, *,
@@ -84,7 +95,14 @@ def linear_cross_entropy(features: torch.Tensor, weight: torch.Tensor, bias, tar
     if targets.shape[0] != features.shape[0]:
         raise ValueError(f"targets must hold one class id per row of features ({features.shape[0]}), got "
                          f"{targets.shape[0]}")
-    if requested_backend(backend) == "reference" or not _fused_applies(features, weight, bias, targets):
+    requested = requested_backend(backend)
+    if requested in ("cuda", "triton"):
+        raise BackendUnavailableError(f"linear_cross_entropy has no {requested} backend (it has cpu and reference; "
+                                      f"auto runs the reference on CUDA tensors)")
+    why = "" if requested == "reference" else _why_not_fused(features, weight, bias, targets)
+    if requested == "cpu" and why:
+        raise BackendUnavailableError(f"linear_cross_entropy: backend 'cpu' cannot run this call: {why}")
+    if requested == "reference" or why:
         return linear_cross_entropy_reference(features, weight, bias, targets)
     return _LinearCrossEntropy.apply(features.contiguous(), weight.contiguous(),
                                      None if bias is None else bias.contiguous(), targets.contiguous())
