@@ -57,11 +57,12 @@ void gru_gates_cpu_kernel(const GruGatesParams& p) {
 }
 
 template <typename T>
-void gru_gates_bias_cpu_kernel(const GruGatesBiasParams& p) {
-  T* gi = static_cast<T*>(p.gi);
-  T* gh = static_cast<T*>(p.gh);
-  const T* b_ih = static_cast<const T*>(p.b_ih);
-  const T* b_hh = static_cast<const T*>(p.b_hh);
+void gru_gates_bias_cpu_kernel(const GruGatesBiasParams& bp) {
+  const GruGatesParams& p = bp.gates;
+  T* gi = static_cast<T*>(const_cast<void*>(p.gi));  // written in place: see GruGatesBiasParams
+  T* gh = static_cast<T*>(const_cast<void*>(p.gh));
+  const T* b_ih = static_cast<const T*>(bp.b_ih);
+  const T* b_hh = static_cast<const T*>(bp.b_hh);
   const T* h = static_cast<const T*>(p.h);
   T* out = static_cast<T*>(p.out);
   at::parallel_for(0, p.batch, rows_per_task(p.hidden), [&](int64_t begin, int64_t end) {

@@ -138,52 +138,69 @@ void step_forward_cpu(bool concurrently, const at::Tensor& x, const at::Tensor& 
         at::cpu::mm_out(gi, x, w_ih.t());
       },
       [&] { at::cpu::mm_out(gh, h, w_hh.t()); });
+  const GruGatesParams gates = make_gru_gates_params(gi, gh, h, out);
   if (!b_ih.has_value()) {
-    launch_gru_gates_cpu(make_gru_gates_params(gi, gh, h, out), h.scalar_type());
+    launch_gru_gates_cpu(gates, h.scalar_type());
     return;
   }
-  GruGatesBiasParams p;
-  p.batch = h.size(0);
-  p.hidden = h.size(1);
-  p.gi_row_stride = gi.stride(0);
-  p.gh_row_stride = gh.stride(0);
-  p.h_row_stride = h.stride(0);
-  p.out_row_stride = out.stride(0);
-  p.gi = gi.data_ptr();
-  p.gh = gh.data_ptr();
   const at::Tensor b_ih_rows = b_ih->contiguous(), b_hh_rows = b_hh->contiguous();
-  p.b_ih = b_ih_rows.data_ptr();
-  p.b_hh = b_hh_rows.data_ptr();
-  p.h = h.data_ptr();
-  p.out = out.data_ptr();
-  launch_gru_gates_bias_cpu(p, h.scalar_type());
+  launch_gru_gates_bias_cpu(GruGatesBiasParams{gates, b_ih_rows.data_ptr(), b_hh_rows.data_ptr()}, h.scalar_type());
+}
+
+// Products and column sums into out: through at::cpu:: for CPU tensors (no dispatcher round trip; a step
+// makes a dozen, and on a worker thread of a concurrent pair there is no caller's dispatch state), through the
+// dispatcher for the others.
+void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+  if (out.is_cpu()) {
+    at::cpu::mm_out(out, a, b);
+  } else {
+    at::mm_out(out, a, b);
+  }
+}
+
+void addmm_into(at::Tensor out, const at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
+  if (out.is_cpu()) {
+    at::cpu::addmm_out(out, c, a, b);
+  } else {
+    at::addmm_out(out, c, a, b);
+  }
+}
+
+void add_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+  if (out.is_cpu()) {
+    at::cpu::add_out(out, a, b);
+  } else {
+    at::add_out(out, a, b);
+  }
+}
+
+void sum_rows_into(at::Tensor out, const at::Tensor& a) {
+  if (out.is_cpu()) {
+    at::cpu::sum_out(out, a, {0});
+  } else {
+    at::sum_out(out, a, {0});
+  }
 }
 
 // The weight gradients of one step, given dL/d gi and dL/d gh (batch, 3 * hidden):
-//   input side:  grad_w_ih = grad_gi^T x, grad_b_ih = sum grad_gi, then input_side_extra();
+//   input side:  input_side_extra(), grad_w_ih = grad_gi^T x, grad_b_ih = sum grad_gi;
 //   state side:  grad_h += grad_gh W_hh, grad_w_hh = grad_gh^T h, grad_b_hh = sum grad_gh.
-// grad_h holds the gates' direct part dL/dh' * z on entry.
-void step_weight_grads_cpu(bool concurrently, const at::Tensor& grad_gi, const at::Tensor& grad_gh,
-                           const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_hh, at::Tensor grad_h,
-                           at::Tensor grad_w_ih, at::Tensor grad_w_hh, const OptTensor& grad_b_ih,
-                           const OptTensor& grad_b_hh, const std::function<void()>& input_side_extra) {
+// grad_h holds the gates' direct part dL/dh' * z on entry. concurrently: the two sides at once (CPU only).
+void step_weight_grads(bool concurrently, const at::Tensor& grad_gi, const at::Tensor& grad_gh, const at::Tensor& x,
+                       const at::Tensor& h, const at::Tensor& w_hh, at::Tensor grad_h, at::Tensor grad_w_ih,
+                       at::Tensor grad_w_hh, const OptTensor& grad_b_ih, const OptTensor& grad_b_hh,
+                       const std::function<void()>& input_side_extra) {
   run_pair(
       concurrently,
       [&] {
         input_side_extra();
-        at::cpu::mm_out(grad_w_ih, grad_gi.t(), x);
-        if (grad_b_ih.has_value()) {
-          at::Tensor out = *grad_b_ih;
-          at::cpu::sum_out(out, grad_gi, {0});
-        }
+        mm_into(grad_w_ih, grad_gi.t(), x);
+        if (grad_b_ih.has_value()) sum_rows_into(*grad_b_ih, grad_gi);
       },
       [&] {
-        at::cpu::addmm_out(grad_h, grad_h, grad_gh, w_hh);
-        at::cpu::mm_out(grad_w_hh, grad_gh.t(), h);
-        if (grad_b_hh.has_value()) {
-          at::Tensor out = *grad_b_hh;
-          at::cpu::sum_out(out, grad_gh, {0});
-        }
+        addmm_into(grad_h, grad_h, grad_gh, w_hh);
+        mm_into(grad_w_hh, grad_gh.t(), h);
+        if (grad_b_hh.has_value()) sum_rows_into(*grad_b_hh, grad_gh);
       });
 }
 
@@ -264,7 +281,7 @@ void gru_layer_backward_out(const at::Tensor& grad_output, const at::Tensor& x, 
     const at::Tensor x_step = x.select(1, 0);
     step_gates_backward(k, grad_output.select(1, 0), gi.select(1, 0), gh.select(0, 0), h0, grad_gi_step,
                         grad_gh_step, grad_h0);
-    step_weight_grads_cpu(
+    step_weight_grads(
         run_pairs_concurrently(batch * 3 * hidden * std::max(input, hidden)), grad_gi_step, grad_gh_step, x_step,
         h0, w_hh, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, [&] {
           if (grad_x.has_value()) {
@@ -500,76 +517,6 @@ void session_update_forward_out(const at::Tensor& items, const at::Tensor& lengt
   at::mul_out(out, at::where(per_row(lengths.gt(0)), states, h), per_row(keep));
 }
 
-// session_update's backward on CPU tensors: the layers from the top, each one gates backward and then
-// its products in two concurrent halves (input side: weight gradient and the gradient passed below;
-// state side: dL/dh and its weight gradient).
-void session_update_backward_cpu(const GruKernels& k, const SessionUpdateShapes& s, const at::Tensor& grad_out,
-                                 const at::Tensor& items, const at::Tensor& lengths, const at::Tensor& h,
-                                 const at::Tensor& keep, at::TensorList weights, const OptTensor& proj_weight,
-                                 const at::Tensor& session_mean, const OptTensor& projected, const at::Tensor& states,
-                                 const at::Tensor& gi, const at::Tensor& gh, const OptTensor& grad_items,
-                                 at::Tensor& grad_h, at::TensorList grad_weights, const OptTensor& grad_proj_weight,
-                                 const OptTensor& grad_proj_bias) {
-  if (s.batch == 0) {
-    grad_h.zero_();
-    for (const at::Tensor& g : grad_weights) at::Tensor(g).zero_();
-    for (const OptTensor* t : {&grad_proj_weight, &grad_proj_bias})
-      if (t->has_value()) (*t)->zero_();
-    return;
-  }
-  const bool concurrently = run_pairs_concurrently(s.batch * 3 * s.hidden * std::max(s.input, s.hidden));
-  const at::Tensor grad_states = at::empty_like(states);
-  const at::Tensor keep_values = keep.contiguous();
-  SessionKeepParams keep_params = session_keep_params(s, lengths, keep_values);
-  keep_params.states = grad_out.data_ptr();
-  keep_params.out = grad_states.data_ptr();
-  keep_params.grad_h = grad_h.data_ptr();
-  launch_session_keep_backward_cpu(keep_params, h.scalar_type());
-
-  const at::Tensor grad_gi = at::empty({s.batch, 3 * s.hidden}, grad_out.options());
-  const at::Tensor grad_gh = at::empty_like(grad_gi);
-  const at::Tensor grad_h_direct = at::empty({s.batch, s.hidden}, grad_out.options());
-  const at::Tensor grad_below = s.layers > 1 ? at::empty_like(grad_h_direct) : at::Tensor();
-  at::Tensor grad_input = at::empty({s.batch, s.input}, grad_out.options());  // dL/d layer 0's input
-  at::Tensor grad_layer_output = grad_states.select(0, s.layers - 1);          // dL/d states[l], in full
-  const int64_t per_layer = s.bias ? 4 : 2;
-  for (int64_t l = s.layers - 1; l >= 0; --l) {
-    const LayerWeights w = layer_weights(weights, s, l);
-    const at::Tensor h_l = h.select(0, l);
-    const at::Tensor layer_input =
-        l > 0 ? states.select(0, l - 1) : (projected.has_value() ? *projected : session_mean);
-    step_gates_backward(k, grad_layer_output, gi.select(0, l), gh.select(0, l), h_l, grad_gi, grad_gh, grad_h_direct);
-    at::Tensor grad_h_l = grad_h.select(0, l);
-    at::cpu::add_out(grad_h_l, grad_h_l, grad_h_direct);
-    step_weight_grads_cpu(concurrently, grad_gi, grad_gh, layer_input, h_l, w.w_hh, grad_h_l,
-                          grad_weights[l * per_layer], grad_weights[l * per_layer + 1],
-                          s.bias ? OptTensor(grad_weights[l * per_layer + 2]) : std::nullopt,
-                          s.bias ? OptTensor(grad_weights[l * per_layer + 3]) : std::nullopt, [&] {
-                            // Below layer 0 the input is the previous layer's state, whose own gradient joins.
-                            if (l > 0) {
-                              at::Tensor below = grad_below;
-                              at::cpu::addmm_out(below, grad_states.select(0, l - 1), grad_gi, w.w_ih);
-                            } else {
-                              at::cpu::mm_out(grad_input, grad_gi, w.w_ih);
-                            }
-                          });
-    if (l > 0) grad_layer_output = grad_below;
-  }
-
-  at::Tensor grad_mean = grad_input;
-  if (proj_weight.has_value()) {
-    at::Tensor grad_proj_weight_out = *grad_proj_weight;
-    at::cpu::mm_out(grad_proj_weight_out, grad_input.t(), session_mean);
-    if (grad_proj_bias.has_value()) {
-      at::Tensor grad_proj_bias_out = *grad_proj_bias;
-      at::cpu::sum_out(grad_proj_bias_out, grad_input, {0});
-    }
-    grad_mean = at::empty({s.batch, s.dim}, grad_out.options());
-    at::cpu::mm_out(grad_mean, grad_input, *proj_weight);
-  }
-  if (grad_items.has_value() && grad_items->numel() > 0) run_session_mean_backward(k, lengths, s, grad_mean, *grad_items);
-}
-
 void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& items, const at::Tensor& lengths,
                                  const at::Tensor& h, const at::Tensor& keep, at::TensorList weights,
                                  const OptTensor& proj_weight, const at::Tensor& session_mean,
@@ -588,25 +535,44 @@ void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& i
   TORCH_CHECK(grad_proj_weight.has_value() == proj_weight.has_value(), "grad_proj_weight goes with proj_weight");
   if (grad_proj_weight.has_value()) check_buffer(items, *grad_proj_weight, proj_weight->sizes(), "grad_proj_weight");
   if (grad_proj_bias.has_value()) check_buffer(items, *grad_proj_bias, {s.input}, "grad_proj_bias");
-  const GruKernels& k = gru_kernels_for(items.device());
-  if (items.is_cpu()) {
-    session_update_backward_cpu(k, s, grad_out, items, lengths, h, keep, weights, proj_weight, session_mean, projected,
-                                states, gi, gh, grad_items, grad_h, grad_weights, grad_proj_weight, grad_proj_bias);
+  if (s.batch == 0) {
+    grad_h.zero_();
+    for (const at::Tensor& g : grad_weights) at::Tensor(g).zero_();
+    for (const OptTensor* t : {&grad_proj_weight, &grad_proj_bias})
+      if (t->has_value()) (*t)->zero_();
     return;
   }
+  const GruKernels& k = gru_kernels_for(items.device());
 
   // out = keep * (active ? states : h): split dL/d out between the GRU states and the kept-old states.
-  const at::Tensor active = per_row(lengths.gt(0));
-  const at::Tensor grad_kept = grad_out * per_row(keep);
-  const at::Tensor zero = at::zeros({}, grad_out.options());
-  at::where_out(grad_h, active, zero, grad_kept);
-  const at::Tensor grad_states = at::where(active, grad_kept, zero);
+  const at::Tensor grad_states = at::empty_like(states);
+  if (items.is_cpu()) {
+    const at::Tensor keep_values = keep.contiguous();
+    SessionKeepParams keep_params = session_keep_params(s, lengths, keep_values);
+    keep_params.states = grad_out.data_ptr();
+    keep_params.out = grad_states.data_ptr();
+    keep_params.grad_h = grad_h.data_ptr();
+    launch_session_keep_backward_cpu(keep_params, h.scalar_type());
+  } else {
+    const at::Tensor active = per_row(lengths.gt(0));
+    const at::Tensor grad_kept = grad_out * per_row(keep);
+    const at::Tensor zero = at::zeros({}, grad_out.options());
+    at::where_out(grad_h, active, zero, grad_kept);
+    at::Tensor grad_states_out = grad_states;
+    at::where_out(grad_states_out, active, grad_kept, zero);
+  }
 
-  at::Tensor grad_gi = at::empty({s.batch, 3 * s.hidden}, grad_out.options());
-  at::Tensor grad_gh = at::empty_like(grad_gi);
-  at::Tensor grad_h_direct = at::empty({s.batch, s.hidden}, grad_out.options());
-  at::Tensor grad_layer_output = grad_states.select(0, s.layers - 1);  // dL/d states[l], in full
-  at::Tensor grad_input;  // dL/d layer 0's input: the (projected) session mean
+  // The layers from the top: each one gates backward, then its products in two halves, concurrent on the
+  // CPU (input side: its weight gradient and the gradient passed below; state side: dL/dh and its weight
+  // gradient).
+  const bool concurrently =
+      items.is_cpu() && run_pairs_concurrently(s.batch * 3 * s.hidden * std::max(s.input, s.hidden));
+  const at::Tensor grad_gi = at::empty({s.batch, 3 * s.hidden}, grad_out.options());
+  const at::Tensor grad_gh = at::empty_like(grad_gi);
+  const at::Tensor grad_h_direct = at::empty({s.batch, s.hidden}, grad_out.options());
+  const at::Tensor grad_below = s.layers > 1 ? at::empty_like(grad_h_direct) : at::Tensor();
+  const at::Tensor grad_input = at::empty({s.batch, s.input}, grad_out.options());  // dL/d layer 0's input
+  at::Tensor grad_layer_output = grad_states.select(0, s.layers - 1);                // dL/d states[l], in full
   const int64_t per_layer = s.bias ? 4 : 2;
   for (int64_t l = s.layers - 1; l >= 0; --l) {
     const LayerWeights w = layer_weights(weights, s, l);
@@ -615,32 +581,27 @@ void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& i
         l > 0 ? states.select(0, l - 1) : (projected.has_value() ? *projected : session_mean);
     step_gates_backward(k, grad_layer_output, gi.select(0, l), gh.select(0, l), h_l, grad_gi, grad_gh, grad_h_direct);
     at::Tensor grad_h_l = grad_h.select(0, l);
-    grad_h_l.add_(grad_h_direct).addmm_(grad_gh, w.w_hh);
-    at::Tensor grad_w_ih = grad_weights[l * per_layer], grad_w_hh = grad_weights[l * per_layer + 1];
-    at::mm_out(grad_w_ih, grad_gi.t(), layer_input);
-    at::mm_out(grad_w_hh, grad_gh.t(), h_l);
-    if (s.bias) {
-      at::Tensor grad_b_ih = grad_weights[l * per_layer + 2], grad_b_hh = grad_weights[l * per_layer + 3];
-      at::sum_out(grad_b_ih, grad_gi, {0});
-      at::sum_out(grad_b_hh, grad_gh, {0});
-    }
-    // Below layer 0 the input is the previous layer's state, whose own gradient joins here.
-    if (l > 0) {
-      grad_layer_output = at::addmm(grad_states.select(0, l - 1), grad_gi, w.w_ih);
-    } else {
-      grad_input = at::mm(grad_gi, w.w_ih);
-    }
+    add_into(grad_h_l, grad_h_l, grad_h_direct);
+    step_weight_grads(concurrently, grad_gi, grad_gh, layer_input, h_l, w.w_hh, grad_h_l, grad_weights[l * per_layer],
+                      grad_weights[l * per_layer + 1],
+                      s.bias ? OptTensor(grad_weights[l * per_layer + 2]) : std::nullopt,
+                      s.bias ? OptTensor(grad_weights[l * per_layer + 3]) : std::nullopt, [&] {
+                        // Below layer 0 the input is the previous layer's state, whose own gradient joins.
+                        if (l > 0) {
+                          addmm_into(grad_below, grad_states.select(0, l - 1), grad_gi, w.w_ih);
+                        } else {
+                          mm_into(grad_input, grad_gi, w.w_ih);
+                        }
+                      });
+    if (l > 0) grad_layer_output = grad_below;
   }
 
   at::Tensor grad_mean = grad_input;
   if (proj_weight.has_value()) {
-    at::Tensor grad_proj_weight_out = *grad_proj_weight;
-    at::mm_out(grad_proj_weight_out, grad_input.t(), session_mean);
-    if (grad_proj_bias.has_value()) {
-      at::Tensor grad_proj_bias_out = *grad_proj_bias;
-      at::sum_out(grad_proj_bias_out, grad_input, {0});
-    }
-    grad_mean = at::mm(grad_input, *proj_weight);
+    mm_into(*grad_proj_weight, grad_input.t(), session_mean);
+    if (grad_proj_bias.has_value()) sum_rows_into(*grad_proj_bias, grad_input);
+    grad_mean = at::empty({s.batch, s.dim}, grad_out.options());
+    mm_into(grad_mean, grad_input, *proj_weight);
   }
   if (grad_items.has_value() && grad_items->numel() > 0) run_session_mean_backward(k, lengths, s, grad_mean, *grad_items);
 }

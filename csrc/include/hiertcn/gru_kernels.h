@@ -35,18 +35,11 @@ void launch_session_mean_backward_cuda(const SessionMeanBackwardParams& p, at::S
 // addmm's broadcast copy of them into the output before the product; gi and gh leave as the
 // pre-activations that the backward reads.
 struct GruGatesBiasParams {
-  int64_t batch;
-  int64_t hidden;
-  int64_t gi_row_stride;
-  int64_t gh_row_stride;
-  int64_t h_row_stride;
-  int64_t out_row_stride;
-  void* gi;  // (batch, 3 * hidden): x W_ih^T on entry, + b_ih on exit
-  void* gh;  // (batch, 3 * hidden): h W_hh^T on entry, + b_hh on exit
+  // The gates' params; gi and gh, x W_ih^T and h W_hh^T on entry, leave with b_ih and b_hh added (the
+  // tensors behind them are the caller's writable buffers).
+  GruGatesParams gates;
   const void* b_ih;  // (3 * hidden,)
   const void* b_hh;
-  const void* h;
-  void* out;
 };
 void launch_gru_gates_bias_cpu(const GruGatesBiasParams& p, at::ScalarType dtype);
 
