@@ -99,3 +99,104 @@ def test_tcn_trains():
         optimiser.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_tcn_step_shortcut_runs_only_for_the_objects_it_was_made_for(monkeypatch):
+    """TCN.step skips the op's argument handling when the same TCN steps the same state with the same modules,
+    parameters, state tensors and context as last time; any replaced, rebound or modified one, or another
+    backend asked for, must give the result of a fresh computation (a twin TCN on the reference backend)."""
+    import copy
+
+    import hiertcn_fast.nn.conv as nn_conv
+    from hiertcn_fast import use_backend
+    from hiertcn_fast._extension import has_tcn_step_plan
+    if not has_tcn_step_plan():
+        pytest.skip("the extension has no prepared TCN step (built without its python bindings)")
+    runs = []
+    real = nn_conv.prepared_tcn_step
+
+    def counted(*args):
+        out = real(*args)
+        if out is not None:
+            runs.append(1)
+        return out
+
+    monkeypatch.setattr(nn_conv, "prepared_tcn_step", counted)
+    torch.manual_seed(0)
+    tcn = TCN(5, [6, 6, 4], kernel_size=3, context_channels=3, dtype=torch.float64)
+    twin = copy.deepcopy(tcn)
+    state, twin_state = tcn.init_state(2), twin.init_state(2)
+    context = rand(2, 3)
+
+    def step(expect_shortcut, x=None):
+        before = len(runs)
+        x = rand(2, 5) if x is None else x
+        with torch.no_grad():
+            out = tcn.step(x, state, context)
+            with use_backend("reference"):
+                expected = twin.step(x, twin_state, context)
+        assert_close(out, expected)
+        assert (len(runs) > before) == expect_shortcut
+
+    step(False)  # the op
+    step(False)  # the op's prepared step, made now
+    step(True)
+    step(True)
+
+    def both(change):
+        change(tcn)
+        change(twin)
+
+    # A parameter replaced by another Parameter: never the old packing.
+    both(lambda m: setattr(m.blocks[1].conv, "weight", torch.nn.Parameter(m.blocks[1].conv.weight.detach() * -1)))
+    step(False)
+    step(False)
+    step(True)
+    # A weight modified in place: the prepared step refuses, and the op repacks and prepares again in the same
+    # call. A bias modified in place is read as it is now (it is not packed).
+    with torch.no_grad():
+        both(lambda m: m.blocks[2].conv.weight.mul_(3))
+    step(False)
+    step(True)
+    with torch.no_grad():
+        both(lambda m: m.blocks[2].conv.bias.mul_(3))
+    step(True)
+    # New storage under the same weight; under the context weight (the context term is recomputed from it).
+    both(lambda m: setattr(m.blocks[0].conv.weight, "data", m.blocks[0].conv.weight.data * 0.5))
+    step(False)
+    step(True)
+    both(lambda m: setattr(m.blocks[0].conv.context_weight, "data", m.blocks[0].conv.context_weight.data * 0.5))
+    step(True)
+    # A whole block replaced (its weights copied into the twin's).
+    block = TemporalBlock(6, 6, 3, 2, dtype=torch.float64)
+    tcn.blocks[1] = block
+    twin.blocks[1] = copy.deepcopy(block)
+    step(False)
+    step(False)
+    step(True)
+    # A state tensor rebound.
+    state.layers[2].history = state.layers[2].history.clone()
+    step(False)
+    step(False)
+    step(True)
+    # Another context tensor (a new session's user state).
+    context = rand(2, 3)
+    step(False)
+    step(False)
+    step(True)
+    # Another backend asked for: by the environment, then by the first conv.
+    monkeypatch.setenv("HIERTCN_BACKEND", "reference")
+    step(False)
+    monkeypatch.delenv("HIERTCN_BACKEND")
+    step(False)
+    step(True)
+    tcn.blocks[0].conv.backend = "reference"
+    step(False)
+    tcn.blocks[0].conv.backend = None
+    step(False)
+    step(True)
+    # A bad input is still a clear error, and the state is not advanced by it.
+    with pytest.raises(RuntimeError, match=r"x must be \(2, 5\)"):
+        with torch.no_grad():
+            tcn.step(rand(3, 5), state, context)
+    step(True)

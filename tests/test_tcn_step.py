@@ -177,8 +177,8 @@ def test_prepared_step_runs_only_for_the_arguments_it_was_prepared_for(monkeypat
     run a stale plan, and a bad x is still a clear error."""
     import hiertcn_fast.ops.conv as conv
     runs = []
-    real_run = conv._prepared_run
-    monkeypatch.setattr(conv, "_prepared_run", lambda *a: runs.append(1) or real_run(*a))
+    real_run = conv.prepared_tcn_step
+    monkeypatch.setattr(conv, "prepared_tcn_step", lambda *a: runs.append(1) or real_run(*a))
     case = CASES[0]
     params = case.params(torch.float64, "cpu")
     states, expected_states = case.states(torch.float64, "cpu"), case.states(torch.float64, "cpu")

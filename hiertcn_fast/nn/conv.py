@@ -4,11 +4,13 @@ Every module runs a whole sequence with forward() and one event at a time with s
 from init_state(); stepping through a sequence gives forward()'s outputs."""
 
 import math
+import operator
 
 import torch
 from torch import nn
 
-from ..ops.conv import CausalConvState, causal_conv1d, causal_conv1d_step, tcn_step
+from ..backends import requested_backend
+from ..ops.conv import CausalConvState, causal_conv1d, causal_conv1d_step, prepared_tcn_step, tcn_step
 
 
 class CausalConv1d(nn.Module):
@@ -117,6 +119,9 @@ class TCNState:
 
     def __init__(self, layers):
         self.layers = list(layers)
+        # TCN.step's shortcut: (the objects its last op call was made of, the backend requested, the op's
+        # prepared step it ran) or None.
+        self._fast = None
 
     def reset(self, rows=None):
         """Start a new sequence in ``rows`` (a (batch,) bool mask or index tensor; None: every row)."""
@@ -168,17 +173,63 @@ class TCN(nn.Module):
         ``state``. On the cpu and cuda backends the whole stack is one op (one CUDA launch): ops.tcn_step."""
         if not isinstance(state, TCNState):
             raise TypeError(f"state must be a TCNState (from TCN.init_state), got {type(state).__name__}")
+        # A step runs once per event, and at batch 1 its Python costs as much as the kernel. When this TCN
+        # steps this state with the same objects as last time (every module, parameter, state tensor and the
+        # context, compared by identity) and the op prepared a step for that call, run it directly: the op
+        # would check exactly what it checked then. The prepared step itself refuses to run on parameters
+        # modified in place.
+        fast = state._fast
+        if fast is not None and not torch.compiler.is_compiling():
+            key = self._step_objects(state, context)
+            if (len(key) == len(fast[0]) and all(map(operator.is_, key, fast[0]))
+                    and fast[1] == requested_backend(key[1].backend)):
+                out = prepared_tcn_step(fast[2], x_t, state.layers, context, key[4])
+                if out is not None:
+                    return out
+            state._fast = None
         blocks = self._modules["blocks"]._modules.values()
         if len(state.layers) != len(blocks):
             raise ValueError(f"state has {len(state.layers)} layers but this TCN has {len(blocks)} blocks")
-        # The step runs once per event: the parameters are read from the modules' dicts, not through
-        # nn.Module.__getattr__, which costs a microsecond per lookup.
+        # The parameters are read from the modules' dicts, not through nn.Module.__getattr__, which costs a
+        # microsecond per lookup.
         convs = [block._modules["conv"] for block in blocks]
         params = [conv._parameters for conv in convs]
         projections = [block._modules.get("projection") for block in blocks]
         projections = [None if p is None else p._parameters for p in projections]
         first = convs[0]._context_args(context)
-        return tcn_step(x_t, [p["weight"] for p in params], [p.get("bias") for p in params], state.layers,
-                        proj_weights=[None if p is None else p["weight"] for p in projections],
-                        proj_biases=[None if p is None else p.get("bias") for p in projections],
-                        activation="relu", backend=convs[0].backend, **first)
+        out = tcn_step(x_t, [p["weight"] for p in params], [p.get("bias") for p in params], state.layers,
+                       proj_weights=[None if p is None else p["weight"] for p in projections],
+                       proj_biases=[None if p is None else p.get("bias") for p in projections],
+                       activation="relu", backend=convs[0].backend, **first)
+        entry = state.layers[0]._prepared
+        if entry and entry[2] is not None and not torch.compiler.is_compiling():
+            # The op ran (or just made) a prepared step for exactly these objects.
+            state._fast = (self._step_objects(state, context), requested_backend(convs[0].backend), entry)
+        return out
+
+    def _step_objects(self, state, context):
+        """Everything a step's op call is made of, flat: the context, then per block its conv, the conv's
+        weight, bias and context weight and the projection with its parameters, then per layer the state with
+        its tensors and prepared step. Index 1 is the first conv, index 4 its context weight."""
+        objects = [context]
+        add = objects.append
+        for block in self._modules["blocks"]._modules.values():
+            modules = block._modules
+            conv = modules["conv"]
+            params = conv._parameters
+            add(conv)
+            add(params["weight"])
+            add(params.get("bias"))
+            add(params.get("context_weight"))
+            projection = modules.get("projection")
+            add(projection)
+            if projection is not None:
+                params = projection._parameters
+                add(params["weight"])
+                add(params.get("bias"))
+        for layer in state.layers:
+            add(layer)
+            add(layer.history)
+            add(layer.position)
+            add(layer._prepared)
+        return objects

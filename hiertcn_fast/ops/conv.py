@@ -411,7 +411,7 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
         key = _prepared_key(weights, biases, states, proj_weights, proj_biases, context, context_weight)
         if (len(entry[0]) == len(key) and all(map(operator.is_, entry[0], key))
                 and entry[1] == (activation, requested_backend(backend), len(states))):
-            out = _prepared_run(entry, x, states, context, context_weight)
+            out = prepared_tcn_step(entry, x, states, context, context_weight)
             if out is not None:
                 return out
     check_tensor(x, "x", 2)
@@ -572,10 +572,13 @@ def _prepared_step(x, weights, biases, states, proj_weights, proj_biases, contex
         [state.history for state in states], [state.position for state in states], sources)
     entry = (key, mode, plan)
     states[0]._prepared = entry
-    return _prepared_run(entry, x, states, context, context_weight)
+    return prepared_tcn_step(entry, x, states, context, context_weight)
 
 
-def _prepared_run(entry, x, states, context, context_weight):
+def prepared_tcn_step(entry, x, states, context, context_weight):
+    """Runs the prepared step of ``entry`` (a states[0]._prepared whose plan is set) on x: its output, or None
+    where the plan refused (a weight changed in place), which also drops the plan. For callers that checked
+    that the entry belongs to exactly these arguments (tcn_step, TCN.step)."""
     table = None if context is None else states[0].cached_context_table(context, context_weight)
     out = entry[2].step(x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous(), table)
     if out is None:  # a weight changed in place: the op repacks, and the next call prepares again
