@@ -741,6 +741,33 @@ void advance_positions(const TcnStepParams& p, int64_t b0, int64_t rows) {
 // 2.3 MB, 105 us alone against 20).
 constexpr int64_t kStackTeamMinWeightBytes = int64_t(1) << 20;
 
+// The few-rows path's buffers, kept by each calling thread from step to step and grown as needed: at batch 1
+// a step is a few microseconds of arithmetic, and allocating and zeroing them on every call cost a tenth of
+// it. zero_row stays zero (it is only read); the rest is written before it is read.
+template <typename T>
+struct StackScratch {
+  int64_t channels = 0, taps = 0, threads = 0;
+  std::vector<StackTile<T>> tiles;
+  std::vector<T> bufs, zero_row;
+
+  void fit(int64_t C, int64_t K, int64_t nt) {
+    if (C <= channels && K <= taps && nt <= threads) return;
+    channels = std::max(channels, C);
+    taps = std::max(taps, K);
+    threads = std::max(threads, nt);
+    tiles.clear();
+    for (int64_t t = 0; t < threads; ++t) tiles.emplace_back(channels, taps);
+    bufs.assign(3 * kTimeTile * channels, T(0));
+    zero_row.assign(channels, T(0));
+  }
+};
+
+template <typename T>
+StackScratch<T>& stack_scratch() {
+  static thread_local StackScratch<T> scratch;
+  return scratch;
+}
+
 template <typename T>
 void tcn_step_cpu_kernel(const TcnStepParams& p) {
   int64_t K_max = 1, multiply_adds = 0;
@@ -749,16 +776,15 @@ void tcn_step_cpu_kernel(const TcnStepParams& p) {
     K_max = std::max(K_max, L.kernel_size);
     multiply_adds += L.kernel_size * L.in_channels * L.out_channels;
   }
-  const std::vector<T> zero_row(p.max_channels, T(0));
   const int64_t tiles = (p.batch + kTimeTile - 1) / kTimeTile;
-  const int64_t buf_size = 3 * kTimeTile * p.max_channels;
   at::internal::lazy_init_num_threads();
   const int64_t threads = at::get_num_threads();
   if (tiles >= threads) {
     // Many rows: tiles of rows go to the threads, each through the whole stack alone.
+    const std::vector<T> zero_row(p.max_channels, T(0));
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
       StackTile<T> s(p.max_channels, K_max);
-      std::vector<T> bufs(buf_size);
+      std::vector<T> bufs(3 * kTimeTile * p.max_channels);
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t b0 = tile * kTimeTile, rows = std::min(kTimeTile, p.batch - b0);
         stack_tile_layers(p, b0, rows, s, bufs.data(), zero_row.data(), 0, 1);
@@ -770,15 +796,15 @@ void tcn_step_cpu_kernel(const TcnStepParams& p) {
   // Few rows: one parallel region per tile, whose team splits each layer's output channels (see
   // stack_tile_layers). A share always goes to the same thread for a given shape and thread count, and a sum
   // does not depend on which thread computes it.
-  std::vector<T> bufs(buf_size);
 #ifdef _OPENMP
   const bool team = threads > 1 && multiply_adds * int64_t(sizeof(T)) >= kStackTeamMinWeightBytes &&
                     !at::in_parallel_region();
 #else
   const bool team = false;
 #endif
-  std::vector<StackTile<T>> scratch;
-  for (int64_t t = 0; t < (team ? threads : 1); ++t) scratch.emplace_back(p.max_channels, K_max);
+  // Bound here, outside the parallel region: there every thread would name its own thread_local.
+  StackScratch<T>& scratch = stack_scratch<T>();
+  scratch.fit(p.max_channels, K_max, team ? threads : 1);
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const int64_t b0 = tile * kTimeTile, rows = std::min(kTimeTile, p.batch - b0);
     if (team) {
@@ -787,10 +813,11 @@ void tcn_step_cpu_kernel(const TcnStepParams& p) {
         // The team has at most omp_get_max_threads() == threads members (no num_threads clause, as in
         // at::parallel_for); every member passes the same barriers.
         const int64_t nt = std::min<int64_t>(omp_get_num_threads(), threads), tid = omp_get_thread_num();
-        if (tid < nt) stack_tile_layers(p, b0, rows, scratch[tid], bufs.data(), zero_row.data(), tid, nt);
+        if (tid < nt)
+          stack_tile_layers(p, b0, rows, scratch.tiles[tid], scratch.bufs.data(), scratch.zero_row.data(), tid, nt);
       }
     } else {
-      stack_tile_layers(p, b0, rows, scratch[0], bufs.data(), zero_row.data(), 0, 1);
+      stack_tile_layers(p, b0, rows, scratch.tiles[0], scratch.bufs.data(), scratch.zero_row.data(), 0, 1);
     }
     advance_positions<T>(p, b0, rows);
   }
