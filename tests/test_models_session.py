@@ -157,3 +157,67 @@ def test_empty_batch_and_errors():
         HierTCN(10, dropout=1.0)
     with pytest.raises(ValueError, match="state=None"):
         make("session_gru")(lane_batch([[[1, 2]]]), torch.zeros(1, 1, 1))
+
+
+def test_length_groups_are_the_cheapest_partition():
+    """length_groups against brute force over every partition of the distinct lengths into consecutive
+    groups (at most MAX_LENGTH_GROUPS), each run at its longest, plus the per-group overhead."""
+    import itertools
+
+    from hiertcn_fast.models import base
+    assert base.length_groups([]) == []
+    assert base.length_groups([3, 3, 3]) == [3]
+    generator = torch.Generator().manual_seed(5)
+    for trial in range(60):
+        count = int(torch.randint(1, 200, (1,), generator=generator))
+        longest = int(torch.randint(1, 21, (1,), generator=generator))
+        lengths = torch.randint(1, longest + 1, (count,), generator=generator).tolist()
+        widths = base.length_groups(lengths)
+
+        def cost(ends):
+            total, low = 0, 0
+            for end in ends:
+                total += sum(1 for length in lengths if low < length <= end) * end + base.GROUP_OVERHEAD_POSITIONS
+                low = end
+            return total
+
+        distinct = sorted(set(lengths))
+        best = min(cost([*cuts, distinct[-1]]) for k in range(base.MAX_LENGTH_GROUPS)
+                   for cuts in itertools.combinations(distinct[:-1], k))
+        assert widths == sorted(widths) and widths[-1] == max(lengths) and len(widths) <= base.MAX_LENGTH_GROUPS
+        assert set(widths) <= set(lengths)
+        assert cost(widths) == best
+    # Many distinct lengths: group ends at quantiles, still ending at the longest.
+    many = list(range(1, 500))
+    widths = base.length_groups(many)
+    assert widths[-1] == 499 and 1 < len(widths) <= base.MAX_LENGTH_GROUPS
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_sessions_run_in_length_groups_give_the_features_of_one_padded_run(name, monkeypatch):
+    """Running the sessions in groups of similar length (each trimmed to its longest), and padding the batch
+    wider, change neither the features (in batch_targets' order) nor any gradient."""
+    from hiertcn_fast.models import base
+    generator = torch.Generator().manual_seed(3)
+    sessions = random_sessions(generator, NUM_ITEMS, lanes=7, max_sessions=3, max_length=9)
+
+    def run(groups, width=None):
+        monkeypatch.setattr(base, "GROUP_OVERHEAD_POSITIONS", 0 if groups else 10 ** 9)
+        model = make(name).double()
+        batch = lane_batch(sessions, width=width)
+        features, _ = model(batch, None)
+        loss = torch.nn.functional.cross_entropy(model.scores(features), batch_targets(batch)["targets"])
+        loss.backward()
+        return features.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    lengths = [len(s) for lane in sessions for s in lane]
+    monkeypatch.setattr(base, "GROUP_OVERHEAD_POSITIONS", 0)
+    assert len(base.length_groups(lengths)) > 1  # the grouped path is taken
+    grouped, grouped_grads = run(True)
+    single, single_grads = run(False)
+    wide, wide_grads = run(True, width=13)
+    for features, grads in ((single, single_grads), (wide, wide_grads)):
+        torch.testing.assert_close(grouped, features)
+        assert grads.keys() == grouped_grads.keys()
+        for key in grads:
+            torch.testing.assert_close(grouped_grads[key], grads[key])

@@ -53,10 +53,12 @@ class HierGRU(NextItemModel):
         sessions, contexts, new_state = self.run_high_level(batch, state)
         if sessions.rows.numel() == 0:
             return sessions.embedded.new_zeros(0, self.output.in_features), new_state
-        inputs = self.dropout(sessions.inputs())
-        context = sessions.per_row(contexts)[:, None].expand(-1, sessions.width, -1)
-        outputs, _ = self.session_gru(torch.cat([inputs, context], dim=-1))
-        return sessions.events(outputs), new_state
+
+        def network(inputs, context):
+            context = context[:, None].expand(-1, inputs.shape[1], -1)
+            return self.session_gru(torch.cat([self.dropout(inputs), context], dim=-1))[0]
+
+        return sessions.low_level(network, sessions.per_row(contexts)), new_state
 
 
 class HRNN(NextItemModel):
@@ -86,20 +88,23 @@ class HRNN(NextItemModel):
         sessions = SessionInputs(self, batch)
         state = self._check_state(state, sessions.lanes, sessions.embedded)
         lanes = torch.arange(sessions.lanes, device=state.device)
-        per_step = []
+        # Each step's sessions run to that step's longest, not the batch's (the session GRU is causal).
+        step_widths = sessions.lengths.amax(1).tolist() if sessions.lengths.numel() else []
+        events = []
         for step in range(sessions.steps):
-            lengths = sessions.lengths[step]
+            lengths, width = sessions.lengths[step], step_widths[step]
             h0 = torch.tanh(self.session_init(state[-1]))
             # One step past the last input so that the final state has read the session's last item.
-            outputs, _ = self.session_gru(self.dropout(sessions.embedded_steps[step]), h0[None])
-            per_step.append(outputs[:, :sessions.width])
+            outputs, _ = self.session_gru(self.dropout(sessions.embedded_steps[step][:, :width + 1]), h0[None])
+            events.append(outputs[:, :width][sessions.mask[step, :, :width]])
             last = outputs[lanes, lengths]                                  # (lanes, session_hidden)
             # The user GRU's step, rows without a session unchanged, ended users zeroed: session_update
             # with a length-1 "session" whose mean is the session representation.
             state = session_update(last[:, None], (lengths > 0).to(torch.int64), state, batch.keep[step],
                                    self.user_gru.all_weights, backend=self.backend)
-        outputs = torch.stack(per_step)                                     # (steps, lanes, width, hidden)
-        return outputs[sessions.mask], state
+        if not events:
+            return sessions.embedded.new_zeros(0, self.output.in_features), state
+        return torch.cat(events), state
 
 
 class SessionGRU(NextItemModel):
@@ -119,5 +124,4 @@ class SessionGRU(NextItemModel):
         sessions = SessionInputs(self, batch)
         if sessions.rows.numel() == 0:
             return sessions.embedded.new_zeros(0, self.output.in_features), None
-        outputs, _ = self.session_gru(self.dropout(sessions.inputs()))
-        return sessions.events(outputs), None
+        return sessions.low_level(lambda inputs: self.session_gru(self.dropout(inputs))[0]), None

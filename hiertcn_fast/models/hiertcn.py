@@ -89,8 +89,9 @@ class HierTCN(NextItemModel):
         sessions, contexts, new_state = self.run_high_level(batch, state)
         if sessions.rows.numel() == 0:
             return sessions.embedded.new_zeros(0, self.output.in_features), new_state
-        outputs = self.tcn(self.dropout(sessions.inputs()), sessions.per_row(contexts))
-        return sessions.events(outputs), new_state
+        features = sessions.low_level(lambda inputs, context: self.tcn(self.dropout(inputs), context),
+                                      sessions.per_row(contexts))
+        return features, new_state
 
     def run_high_level(self, batch, state):
         """Embed ``batch`` and run the high-level GRU over its steps: (SessionInputs, contexts (steps,
