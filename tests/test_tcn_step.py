@@ -386,3 +386,23 @@ def test_a_stepped_state_is_freed_without_the_cycle_collector():
         assert first() is None and history() is None
     finally:
         gc.enable()
+
+
+def test_inference_context_table_repacks_a_changed_context_weight():
+    """Without autograd, context_table multiplies by a packing of the context weight cached per weight tensor: it
+    must equal the autograd path's result, and follow in-place changes and new storage of the weight."""
+    from hiertcn_fast.ops.conv import context_table
+    context, weight = rand(3, 7), rand(5, 7, 4).requires_grad_()
+
+    def expected():
+        return torch.einsum("bc,ocj->bjo", context, weight.detach()).flip(1).cumsum(1)
+
+    assert_close(context_table(context, weight), expected())  # autograd path (weight requires grad)
+    assert context_table(context, weight).requires_grad
+    with torch.no_grad():
+        assert_close(context_table(context, weight), expected())
+        weight.mul_(-3)
+        assert_close(context_table(context, weight), expected())
+    weight.data = weight.data * 0.5 + 1
+    with torch.no_grad():
+        assert_close(context_table(context, weight), expected())

@@ -54,8 +54,29 @@ def context_table(context: torch.Tensor, context_weight: torch.Tensor) -> torch.
     context: (batch, ctx); context_weight: (out, ctx, k). Row m is sum_{j >= k-1-m} context_weight[:, :, j] @
     context: the context term of a step with m + 1 taps at or after the start of the sequence.
     """
-    per_tap = torch.einsum("bc,ocj->bjo", context, context_weight)
+    if torch.is_grad_enabled() and (context.requires_grad or context_weight.requires_grad):
+        per_tap = torch.einsum("bc,ocj->bjo", context, context_weight)
+    else:  # inference (a step, a served user): one product with the weight packed once, not per call
+        out_channels, _, k = context_weight.shape
+        per_tap = (context @ _context_weight_matrix(context_weight)).view(context.shape[0], k, out_channels)
     return per_tap.flip(1).cumsum(1)
+
+
+# context_weight (out, ctx, k) packed as the (ctx, k * out) matrix of context_table, per weight tensor: (its
+# version and data pointer when packed, the matrix). Weak on the weight, which the matrix does not refer to.
+_context_weight_matrices = WeakIdKeyDictionary()
+
+
+def _context_weight_matrix(context_weight: torch.Tensor) -> torch.Tensor:
+    """The packed context weight, repacked when the weight was modified in place or given new storage."""
+    version = (context_weight._version, context_weight.data_ptr())
+    entry = _context_weight_matrices.get(context_weight)
+    if entry is not None and entry[0] == version:
+        return entry[1]
+    out_channels, ctx_channels, k = context_weight.shape
+    matrix = context_weight.detach().permute(1, 2, 0).reshape(ctx_channels, k * out_channels).contiguous()
+    _context_weight_matrices[context_weight] = (version, matrix)
+    return matrix
 
 
 def context_rows(time: int, dilation: int, kernel_size: int, device) -> torch.Tensor:
@@ -300,8 +321,9 @@ class CausalConvState:
         """context_table(context, context_weight), recomputed only when either is another tensor or was modified
         in place: a session's context term costs its FLOPs once, not at every step."""
         if not _cache_is_fresh(self._table, (context, context_weight), None):
-            self._table = _cache_entry((context, context_weight), None,
-                                       context_table(context.detach(), context_weight.detach()).contiguous())
+            with torch.no_grad():  # the weight itself, not a detached alias, keys its packing's cache
+                table = context_table(context, context_weight).contiguous()
+            self._table = _cache_entry((context, context_weight), None, table)
         return self._table[-1]
 
 
