@@ -148,16 +148,20 @@ class SessionInputs:
             return self.events(network(self.inputs(), *row_values))
         flat = self.embedded[:, :, :self.width].reshape(self.steps * self.lanes, self.width, -1)
         starts = torch.cumsum(lengths, 0) - lengths                # each active session's first event
-        events, order, shorter = [], [], 0
-        for width in widths:
-            members = torch.nonzero((lengths > shorter) & (lengths <= width))[:, 0]
-            shorter = width
-            inputs = flat[:, :width].index_select(0, self.rows.index_select(0, members))
-            outputs = network(inputs, *(value.index_select(0, members) for value in row_values))
+        # The sessions in group order, gathered once and split: the backward then scatters into the batch's
+        # gradient once, not once per group.
+        group = torch.bucketize(lengths, torch.tensor(widths, device=lengths.device))
+        members = torch.argsort(group, stable=True)
+        counts = torch.bincount(group, minlength=len(widths)).tolist()
+        gathered = flat.index_select(0, self.rows.index_select(0, members)).split(counts)
+        values = [value.index_select(0, members).split(counts) for value in row_values]
+        events, order = [], []
+        for g, (width, chunk, rows) in enumerate(zip(widths, gathered, members.split(counts))):
+            outputs = network(chunk[:, :width], *(value[g] for value in values))
             position = torch.arange(width, device=lengths.device)
-            mask = position < lengths.index_select(0, members)[:, None]
+            mask = position < lengths.index_select(0, rows)[:, None]
             events.append(outputs[mask])
-            order.append((starts.index_select(0, members)[:, None] + position)[mask])
+            order.append((starts.index_select(0, rows)[:, None] + position)[mask])
         order = torch.cat(order)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
