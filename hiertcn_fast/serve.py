@@ -69,6 +69,7 @@ class StreamingRecommender:
         layers, hidden = model.state_shape
         self.state = torch.zeros(layers, 0, hidden, device=self.device, dtype=self.dtype)
         self.conv = model.tcn.init_state(0)
+        self._scratches: dict = {}
         self.session_sum = torch.zeros(0, model.item_embedding.embedding_dim, device=self.device, dtype=self.dtype)
         self.session_count = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.features = torch.zeros(0, model.output.in_features, device=self.device, dtype=self.dtype)
@@ -117,14 +118,36 @@ class StreamingRecommender:
     # ---- the model's steps, for a set of rows ---------------------------------------------------------
 
     def _conv_step(self, rows: torch.Tensor, inputs: torch.Tensor) -> None:
-        """Step the TCN of ``rows`` (distinct) with inputs (rows, embedding_dim); store the outputs."""
-        sub = TCNState(CausalConvState(layer.history[rows], layer.position[rows], layer.kernel_size, layer.dilation)
-                       for layer in self.conv.layers)
-        context = self.model.context_of(self.state[:, rows])
+        """Step the TCN of ``rows`` (distinct) with inputs (rows, embedding_dim); store the outputs.
+
+        The rows' conv state and context are copied into a scratch state kept per row count and stepped there,
+        then copied back: the same state and context tensors from call to call let TCN.step run its prepared
+        step (csrc/python/tcn_step_plan.cpp) instead of the op's argument handling."""
+        sub, context = self._scratch(rows.shape[0])
+        for layer, scratch in zip(self.conv.layers, sub.layers):
+            torch.index_select(layer.history, 0, rows, out=scratch.history)
+            torch.index_select(layer.position, 0, rows, out=scratch.position)
+        context.copy_(self.model.context_of(self.state[:, rows]))
         self.features[rows] = self.model.tcn.step(inputs, sub, context)
         for layer, stepped in zip(self.conv.layers, sub.layers):
             layer.history[rows] = stepped.history
             layer.position[rows] = stepped.position
+
+    # Row counts whose scratch state is kept (observe() steps one row; observe_many's rounds their users).
+    _SCRATCH_SIZES = 8
+
+    def _scratch(self, count: int):
+        """(TCNState of ``count`` rows, context buffer (count, context_dim)), made on first use for that count."""
+        scratch = self._scratches.pop(count, None)
+        if scratch is None:
+            sub = TCNState(CausalConvState(layer.history.new_empty(count, *layer.history.shape[1:]),
+                                           layer.position.new_empty(count), layer.kernel_size, layer.dilation)
+                           for layer in self.conv.layers)
+            scratch = (sub, self.state.new_empty(count, self.model.context_dim))
+            if len(self._scratches) >= self._SCRATCH_SIZES:
+                del self._scratches[next(iter(self._scratches))]  # the least recently used count
+        self._scratches[count] = scratch
+        return scratch
 
     def _open_sessions(self, rows: torch.Tensor) -> None:
         """Start a session in ``rows``: empty conv history, then the start token (a zero embedding)."""

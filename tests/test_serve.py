@@ -70,6 +70,10 @@ def test_streaming_equals_forward():
                 continue
             torch.testing.assert_close(got[1:], expected[event, 1:].float(), rtol=1e-5, atol=1e-5)
             assert got[0] == -torch.inf
+    # One-user steps went through the kept scratch state, and (from its third step on) TCN.step's shortcut.
+    from hiertcn_fast._extension import has_tcn_step_plan
+    if has_tcn_step_plan():
+        assert recommender._scratches[1][0]._fast is not None
 
 
 def test_batched_observe_and_recommend_match_single():
@@ -88,6 +92,26 @@ def test_batched_observe_and_recommend_match_single():
         assert single.recommend(user, k=5) == ids[row].tolist()
         assert torch.all(scores[row, :-1] >= scores[row, 1:])
         assert 0 not in ids[row].tolist()
+
+
+def test_rounds_of_many_sizes_match_single_events():
+    """observe_many's rounds of 1 to 10 users (more row counts than scratch states are kept) give the state
+    that single observe() calls give."""
+    model = small_hiertcn()
+    single = StreamingRecommender(model, session_gap=GAP)
+    batched = StreamingRecommender(model, session_gap=GAP)
+    generator = torch.Generator().manual_seed(2)
+    t = 1000.0
+    for size in [*range(1, 11), 3, 1, 10]:
+        users = [f"u{i}" for i in range(size)]
+        items = torch.randint(1, NUM_ITEMS + 1, (size,), generator=generator).tolist()
+        for user, item in zip(users, items):
+            single.observe(user, item, t)
+        batched.observe_many(users, items, [t] * size)
+        t += 60.0
+    assert len(batched._scratches) <= StreamingRecommender._SCRATCH_SIZES
+    users = [f"u{i}" for i in range(10)]
+    torch.testing.assert_close(batched.scores_many(users), single.scores_many(users))
 
 
 def test_gap_closes_session_and_truncation_matches_training():

@@ -406,3 +406,27 @@ def test_inference_context_table_repacks_a_changed_context_weight():
     weight.data = weight.data * 0.5 + 1
     with torch.no_grad():
         assert_close(context_table(context, weight), expected())
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_a_negative_position_is_a_clear_error_not_a_stray_write(prepared):
+    """A position indexes the circular history: a negative one (a corrupted or hand-written state) must be
+    refused before anything is read or written, on the op and on the prepared step alike."""
+    from hiertcn_fast.nn import TCN
+    tcn = TCN(4, [4, 4], 3).double().eval()
+    state = tcn.init_state(2)
+    x = rand(2, 4)
+    with torch.no_grad():
+        for _ in range(3 if prepared else 1):
+            tcn.step(x, state)
+        assert (state.layers[0]._prepared[2] is not None) == prepared
+        state.layers[1].position[1] = -7
+        histories = [layer.history.clone() for layer in state.layers]
+        with pytest.raises(RuntimeError, match=r"position must be >= 0.*layer 1, row 1 has -7"):
+            tcn.step(x, state)
+        for layer, before in zip(state.layers, histories):
+            assert torch.equal(layer.history, before)
+    single = CausalConvState.zeros(2, 4, 3, 2, dtype=torch.float64)
+    single.position[0] = -1
+    with pytest.raises(RuntimeError, match=r"position must be >= 0.*row 0 has -1"):
+        causal_conv1d_step(x, rand(4, 4, 3), single, backend="cpu")

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -964,6 +965,15 @@ void causal_conv1d_backward_out_cpu(const at::Tensor& grad_out, const at::Tensor
   });
 }
 
+// A row's position indexes its circular history: a negative one (a state corrupted or written by hand) would
+// read and write outside it.
+void check_positions(const void* position, int64_t batch, int64_t layer) {
+  const int64_t* steps = static_cast<const int64_t*>(position);
+  for (int64_t b = 0; b < batch; ++b)
+    TORCH_CHECK(steps[b] >= 0, "the step state's position must be >= 0 (steps taken since the row's reset); ",
+                layer >= 0 ? "layer " + std::to_string(layer) + ", " : std::string(), "row ", b, " has ", steps[b]);
+}
+
 void causal_conv1d_step_out_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& context_table,
                                 const std::optional<at::Tensor>& residual, int64_t dilation, int64_t groups,
@@ -971,6 +981,7 @@ void causal_conv1d_step_out_cpu(const at::Tensor& x, const at::Tensor& packed_we
   const ConvShape s = check_conv_args(x, packed_weight, bias, context_table, dilation, groups, activation, true);
   const CausalConvStepParams p =
       make_causal_conv_step_params(s, x, packed_weight, bias, context_table, residual, history, position, out);
+  check_positions(p.position, p.batch, -1);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_step_out_cpu",
                              [&] { causal_conv_step_cpu_kernel<scalar_t>(p); });
 }
@@ -987,6 +998,7 @@ void tcn_step_out_cpu(const at::Tensor& x, at::TensorList packed_weights, const 
 }  // namespace
 
 void tcn_step_cpu(const TcnStepParams& p, at::ScalarType dtype) {
+  for (int64_t l = 0; l < p.layers; ++l) check_positions(p.layer[l].position, p.batch, l);
   AT_DISPATCH_FLOATING_TYPES(dtype, "tcn_step_cpu", [&] { tcn_step_cpu_kernel<scalar_t>(p); });
 }
 

@@ -178,7 +178,7 @@ class TCN(nn.Module):
         # context, compared by identity) and the op prepared a step for that call, run it directly: the op
         # would check exactly what it checked then. The prepared step itself refuses to run on parameters
         # modified in place.
-        fast = state._fast
+        fast = getattr(state, "_fast", None)  # None on a state made before the shortcut existed (unpickled)
         if fast is not None and not torch.compiler.is_compiling():
             key = self._step_objects(state, context)
             if (len(key) == len(fast[0]) and all(map(operator.is_, key, fast[0]))
