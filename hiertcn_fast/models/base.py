@@ -148,16 +148,15 @@ class SessionInputs:
             return self.events(network(self.inputs(), *row_values))
         flat = self.embedded[:, :, :self.width].reshape(self.steps * self.lanes, self.width, -1)
         starts = torch.cumsum(lengths, 0) - lengths                # each active session's first event
-        # The sessions in group order, gathered once and split: the backward then scatters into the batch's
-        # gradient once, not once per group.
+        # Each group's sessions gathered at the group's width: the network keeps only those for its backward
+        # (one gather split into groups would keep every group's padding alive through the views).
         group = torch.bucketize(lengths, torch.tensor(widths, device=lengths.device))
         members = torch.argsort(group, stable=True)
         counts = torch.bincount(group, minlength=len(widths)).tolist()
-        gathered = flat.index_select(0, self.rows.index_select(0, members)).split(counts)
-        values = [value.index_select(0, members).split(counts) for value in row_values]
         events, order = [], []
-        for g, (width, chunk, rows) in enumerate(zip(widths, gathered, members.split(counts))):
-            outputs = network(chunk[:, :width], *(value[g] for value in values))
+        for width, rows in zip(widths, members.split(counts)):
+            inputs = flat[:, :width].index_select(0, self.rows.index_select(0, rows))
+            outputs = network(inputs, *(value.index_select(0, rows) for value in row_values))
             position = torch.arange(width, device=lengths.device)
             mask = position < lengths.index_select(0, rows)[:, None]
             events.append(outputs[mask])
