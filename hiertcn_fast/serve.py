@@ -123,11 +123,17 @@ class StreamingRecommender:
         The rows' conv state and context are copied into a scratch state kept per row count and stepped there,
         then copied back: the same state and context tensors from call to call let TCN.step run its prepared
         step (csrc/python/tcn_step_plan.cpp) instead of the op's argument handling."""
-        sub, context = self._scratch(rows.shape[0])
+        sub, context, filled = self._scratch(rows.shape[0])
         for layer, scratch in zip(self.conv.layers, sub.layers):
             torch.index_select(layer.history, 0, rows, out=scratch.history)
             torch.index_select(layer.position, 0, rows, out=scratch.position)
-        context.copy_(self.model.context_of(self.state[:, rows]))
+        # The context changes only when a session closes: left as it is (and so its cached context term with
+        # it) while the same users step again and no state was written since.
+        users, version = rows.tolist(), self.state._version
+        held = filled[0]
+        if held is None or held[0] is not self.state or held[1] != version or held[2] != users:
+            context.copy_(self.model.context_of(self.state[:, rows]))
+            filled[0] = (self.state, version, users)
         self.features[rows] = self.model.tcn.step(inputs, sub, context)
         for layer, stepped in zip(self.conv.layers, sub.layers):
             layer.history[rows] = stepped.history
@@ -137,13 +143,14 @@ class StreamingRecommender:
     _SCRATCH_SIZES = 8
 
     def _scratch(self, count: int):
-        """(TCNState of ``count`` rows, context buffer (count, context_dim)), made on first use for that count."""
+        """(TCNState of ``count`` rows, context buffer (count, context_dim), [what the buffer holds: (the state
+        tensor, its version, the rows) or None]), made on first use for that count."""
         scratch = self._scratches.pop(count, None)
         if scratch is None:
             sub = TCNState(CausalConvState(layer.history.new_empty(count, *layer.history.shape[1:]),
                                            layer.position.new_empty(count), layer.kernel_size, layer.dilation)
                            for layer in self.conv.layers)
-            scratch = (sub, self.state.new_empty(count, self.model.context_dim))
+            scratch = (sub, self.state.new_empty(count, self.model.context_dim), [None])
             if len(self._scratches) >= self._SCRATCH_SIZES:
                 del self._scratches[next(iter(self._scratches))]  # the least recently used count
         self._scratches[count] = scratch
@@ -193,17 +200,20 @@ class StreamingRecommender:
 
     def _observe_round(self, users, items: torch.Tensor, timestamps: torch.Tensor) -> None:
         rows = self._slots(users, create=True)
-        earlier = timestamps < self.last_time[rows]
-        if bool((earlier & (self.session_count[rows] > 0)).any()):
+        count, last = self.session_count[rows], self.last_time[rows]
+        opened = count > 0
+        if bool((opened & (timestamps < last)).any()):
             raise ValueError("timestamps must not decrease within a user's stream")
-        gap = (self.session_count[rows] > 0) & (timestamps - self.last_time[rows] >= self.session_gap)
+        gap = opened & (timestamps - last >= self.session_gap)
         if bool(gap.any()):
             self._close_sessions(rows[gap])
+            count = count.masked_fill(gap, 0)  # their new sessions are empty
         self.last_time[rows] = timestamps
-        counted = self.session_count[rows] < self.max_session_length
-        rows, items = rows[counted], items[counted]
-        if rows.numel() == 0:
-            return
+        counted = count < self.max_session_length
+        if not bool(counted.all()):
+            rows, items = rows[counted], items[counted]
+            if rows.numel() == 0:
+                return
         embedded = self.model.embed(items)
         self.session_sum[rows] += embedded
         self.session_count[rows] += 1

@@ -1,0 +1,88 @@
+"""Streaming inference against recomputing, in the same run: one event of one user, then that user's scores.
+
+streaming: StreamingRecommender.observe(user, item, t) then scores(user): the conv step state within the
+session and a GRU update when a session closes (every tenth event here, as sessions of 10 events 2 hours
+apart). recompute (the baseline): what a server without per-user state does for the same answer: the same
+model's forward over the user's whole history so far (one lane), then the scores of its newest event. Both
+run the default backend (the fused kernels). Paper-sized HierTCN (width
+128, 2 x 128 GRU, TCN 2 x 128, k 5) over the ml-100k catalogue size (1,682 items), float32.
+
+    python -m pytest benchmarks/bench_serve.py
+"""
+
+import os
+import sys
+
+import torch
+
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+
+import harness  # noqa: E402
+
+from hiertcn_fast.data import SessionBatch  # noqa: E402
+from hiertcn_fast.models import HierTCN  # noqa: E402
+from hiertcn_fast.serve import StreamingRecommender  # noqa: E402
+
+NUM_ITEMS = 1682
+SESSION_EVENTS = 10
+GAP = 1800.0
+
+
+def history_batch(sessions, device) -> SessionBatch:
+    """One lane holding ``sessions`` (lists of item ids), as the training batcher lays a user out."""
+    steps, longest = len(sessions), max(len(s) for s in sessions)
+    items = torch.zeros(steps, 1, longest + 1, dtype=torch.int64)
+    lengths = torch.zeros(steps, 1, dtype=torch.int64)
+    for j, session in enumerate(sessions):
+        items[j, 0, 1:1 + len(session)] = torch.tensor(session)
+        lengths[j, 0] = len(session)
+    valid = torch.ones(steps, 1, dtype=torch.bool)
+    keep = torch.ones(steps, 1, dtype=torch.bool)
+    keep[-1] = False
+    step_widths = lengths.max(1).values + 1
+    return SessionBatch(items.to(device), lengths.to(device), step_widths.to(device), valid.to(device),
+                        keep.to(device), torch.zeros(steps, 1, dtype=torch.int64, device=device),
+                        torch.arange(steps, device=device)[:, None], torch.zeros(1, dtype=torch.bool, device=device),
+                        0, 0)
+
+
+def _case(device, events):
+    def make():
+        torch.manual_seed(0)
+        model = HierTCN(NUM_ITEMS).to(device).eval()
+        generator = torch.Generator().manual_seed(1)
+        items = torch.randint(1, NUM_ITEMS + 1, (events,), generator=generator).tolist()
+        sessions = [items[i:i + SESSION_EVENTS] for i in range(0, events, SESSION_EVENTS)]
+        recommender = StreamingRecommender(model, session_gap=GAP)
+        clock = {"t": 0.0, "n": 0}
+
+        def advance():
+            # The next event: 60 s after the last, or a new session 2 hours later every SESSION_EVENTS events.
+            clock["n"] += 1
+            clock["t"] += 7200.0 if clock["n"] % SESSION_EVENTS == 0 else 60.0
+            return clock["t"]
+
+        for item in items:  # the user's history so far
+            recommender.observe("user", item, advance())
+        batch = history_batch(sessions, device)
+
+        def streaming():
+            recommender.observe("user", items[clock["n"] % events], advance())
+            return recommender.scores("user")
+
+        def recompute():
+            with torch.no_grad():
+                features, _ = model(batch, None)
+                return model.scores(features[-1:])
+
+        return {"streaming": streaming, "recompute": recompute}
+
+    return harness.Case("serve", f"hiertcn one event, history of {events} events", make, fast="streaming",
+                        baseline="recompute", variants=("streaming", "recompute"))
+
+
+def cases(device, quick):
+    return [_case(device, events) for events in ((30, 300) if quick else (30, 300, 1000))]
+
+
+test_bench = harness.bench_test(cases)
