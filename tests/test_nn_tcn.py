@@ -187,7 +187,13 @@ def test_tcn_step_shortcut_runs_only_for_the_objects_it_was_made_for(monkeypatch
     # Another backend asked for: by the environment, then by the first conv.
     monkeypatch.setenv("HIERTCN_BACKEND", "reference")
     step(False)
+    # A parameter replaced while the reference backend runs: the prepared step left from before is for the old
+    # one, and must not be taken up.
+    both(lambda m: setattr(m.blocks[2].conv, "weight", torch.nn.Parameter(m.blocks[2].conv.weight.detach() + 1)))
+    step(False)
+    step(False)
     monkeypatch.delenv("HIERTCN_BACKEND")
+    step(False)
     step(False)
     step(True)
     tcn.blocks[0].conv.backend = "reference"

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ..backends import requested_backend
-from ..ops.conv import CausalConvState, causal_conv1d, causal_conv1d_step, prepared_tcn_step, tcn_step
+from ..ops.conv import (CausalConvState, causal_conv1d, causal_conv1d_step, prepared_entry, prepared_tcn_step,
+                        tcn_step)
 
 
 class CausalConv1d(nn.Module):
@@ -197,14 +198,19 @@ class TCN(nn.Module):
         projections = [block._modules.get("projection") for block in blocks]
         projections = [None if p is None else p._parameters for p in projections]
         first = convs[0]._context_args(context)
-        out = tcn_step(x_t, [p["weight"] for p in params], [p.get("bias") for p in params], state.layers,
-                       proj_weights=[None if p is None else p["weight"] for p in projections],
-                       proj_biases=[None if p is None else p.get("bias") for p in projections],
-                       activation="relu", backend=convs[0].backend, **first)
-        entry = state.layers[0]._prepared
-        if entry and entry[2] is not None and not torch.compiler.is_compiling():
-            # The op ran (or just made) a prepared step for exactly these objects.
-            state._fast = (self._step_objects(state, context), requested_backend(convs[0].backend), entry)
+        weights, biases = [p["weight"] for p in params], [p.get("bias") for p in params]
+        proj_weights = [None if p is None else p["weight"] for p in projections]
+        proj_biases = [None if p is None else p.get("bias") for p in projections]
+        backend = convs[0].backend
+        out = tcn_step(x_t, weights, biases, state.layers, proj_weights=proj_weights, proj_biases=proj_biases,
+                       activation="relu", backend=backend, **first)
+        if not torch.compiler.is_compiling():
+            # Shortcut the next call only through a prepared step made for exactly this call's objects (the op
+            # may have run another backend and left an older one in place).
+            entry = prepared_entry(weights, biases, state.layers, proj_weights, proj_biases, context,
+                                   first["context_weight"], "relu", backend)
+            if entry is not None:
+                state._fast = (self._step_objects(state, context), requested_backend(backend), entry)
         return out
 
     def _step_objects(self, state, context):

@@ -597,6 +597,16 @@ def _prepared_step(x, weights, biases, states, proj_weights, proj_biases, contex
     return prepared_tcn_step(entry, x, states, context, context_weight)
 
 
+def prepared_entry(weights, biases, states, proj_weights, proj_biases, context, context_weight, activation, backend):
+    """states[0]'s prepared step if it was made for exactly these argument objects, activation and requested
+    backend (what tcn_step checks before running one), else None."""
+    entry = states[0]._prepared if states and type(states[0]) is CausalConvState else ()
+    if not entry or entry[2] is None or entry[1] != (activation, requested_backend(backend), len(states)):
+        return None
+    key = _prepared_key(weights, biases, states, proj_weights, proj_biases, context, context_weight)
+    return entry if len(entry[0]) == len(key) and all(map(operator.is_, entry[0], key)) else None
+
+
 def prepared_tcn_step(entry, x, states, context, context_weight):
     """Runs the prepared step of ``entry`` (a states[0]._prepared whose plan is set) on x: its output, or None
     where the plan refused (a weight changed in place), which also drops the plan. For callers that checked
