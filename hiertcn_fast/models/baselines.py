@@ -89,7 +89,7 @@ class HRNN(NextItemModel):
         state = self._check_state(state, sessions.lanes, sessions.embedded)
         lanes = torch.arange(sessions.lanes, device=state.device)
         # Each step's sessions run to that step's longest, not the batch's (the session GRU is causal).
-        step_widths = sessions.lengths.amax(1).tolist() if sessions.lengths.numel() else []
+        step_widths = sessions.lengths.amax(1).tolist() if sessions.lengths.numel() else [0] * sessions.steps
         events = []
         for step in range(sessions.steps):
             lengths, width = sessions.lengths[step], step_widths[step]
