@@ -25,6 +25,7 @@ Users live in rows ("slots") of these tensors, which grow by doubling; ``state_d
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -40,6 +41,16 @@ STATE_FORMAT = "hiertcn_fast.streaming_state/1"
 
 def _as_rows(values, dtype, device) -> torch.Tensor:
     return torch.as_tensor(values, dtype=dtype).reshape(-1).to(device)
+
+
+@dataclasses.dataclass
+class _Scratch:
+    """Where StreamingRecommender steps a set of rows: their conv state and TCN context, copied in."""
+
+    conv: TCNState
+    context: torch.Tensor
+    # What context holds: (the state tensor, its version, the rows) it was copied from, or None.
+    context_source: tuple | None = None
 
 
 class StreamingRecommender:
@@ -123,34 +134,33 @@ class StreamingRecommender:
         The rows' conv state and context are copied into a scratch state kept per row count and stepped there,
         then copied back: the same state and context tensors from call to call let TCN.step run its prepared
         step (csrc/python/tcn_step_plan.cpp) instead of the op's argument handling."""
-        sub, context, filled = self._scratch(rows.shape[0])
-        for layer, scratch in zip(self.conv.layers, sub.layers):
-            torch.index_select(layer.history, 0, rows, out=scratch.history)
-            torch.index_select(layer.position, 0, rows, out=scratch.position)
+        scratch = self._scratch(rows.shape[0])
+        for layer, held in zip(self.conv.layers, scratch.conv.layers):
+            torch.index_select(layer.history, 0, rows, out=held.history)
+            torch.index_select(layer.position, 0, rows, out=held.position)
         # The context changes only when a session closes: left as it is (and so its cached context term with
         # it) while the same users step again and no state was written since.
-        users, version = rows.tolist(), self.state._version
-        held = filled[0]
-        if held is None or held[0] is not self.state or held[1] != version or held[2] != users:
-            context.copy_(self.model.context_of(self.state[:, rows]))
-            filled[0] = (self.state, version, users)
-        self.features[rows] = self.model.tcn.step(inputs, sub, context)
-        for layer, stepped in zip(self.conv.layers, sub.layers):
+        source = (self.state, self.state._version, rows.tolist())
+        held = scratch.context_source
+        if held is None or held[0] is not source[0] or held[1:] != source[1:]:
+            scratch.context.copy_(self.model.context_of(self.state[:, rows]))
+            scratch.context_source = source
+        self.features[rows] = self.model.tcn.step(inputs, scratch.conv, scratch.context)
+        for layer, stepped in zip(self.conv.layers, scratch.conv.layers):
             layer.history[rows] = stepped.history
             layer.position[rows] = stepped.position
 
     # Row counts whose scratch state is kept (observe() steps one row; observe_many's rounds their users).
     _SCRATCH_SIZES = 8
 
-    def _scratch(self, count: int):
-        """(TCNState of ``count`` rows, context buffer (count, context_dim), [what the buffer holds: (the state
-        tensor, its version, the rows) or None]), made on first use for that count."""
+    def _scratch(self, count: int) -> "_Scratch":
+        """The scratch state for ``count`` rows, made on first use for that count."""
         scratch = self._scratches.pop(count, None)
         if scratch is None:
-            sub = TCNState(CausalConvState(layer.history.new_empty(count, *layer.history.shape[1:]),
-                                           layer.position.new_empty(count), layer.kernel_size, layer.dilation)
-                           for layer in self.conv.layers)
-            scratch = (sub, self.state.new_empty(count, self.model.context_dim), [None])
+            conv = TCNState(CausalConvState(layer.history.new_empty(count, *layer.history.shape[1:]),
+                                            layer.position.new_empty(count), layer.kernel_size, layer.dilation)
+                            for layer in self.conv.layers)
+            scratch = _Scratch(conv, self.state.new_empty(count, self.model.context_dim))
             if len(self._scratches) >= self._SCRATCH_SIZES:
                 del self._scratches[next(iter(self._scratches))]  # the least recently used count
         self._scratches[count] = scratch

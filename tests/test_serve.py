@@ -73,7 +73,7 @@ def test_streaming_equals_forward():
     # One-user steps went through the kept scratch state, and (from its third step on) TCN.step's shortcut.
     from hiertcn_fast._extension import has_tcn_step_plan
     if has_tcn_step_plan():
-        assert recommender._scratches[1][0]._fast is not None
+        assert recommender._scratches[1].conv._fast is not None
 
 
 def test_batched_observe_and_recommend_match_single():

@@ -441,14 +441,21 @@ void run_session_mean_backward(const GruKernels& k, const at::Tensor& lengths, c
   k.session_mean_backward(p, grad_items.scalar_type());
 }
 
-// keep must be contiguous (the callers hold a contiguous copy while the kernel runs).
-SessionKeepParams session_keep_params(const SessionUpdateShapes& s, const at::Tensor& lengths, const at::Tensor& keep) {
+// The keep step's arguments (hiertcn/gru_kernels.h SessionKeepParams says what states, h, out and grad_h are
+// in each direction). keep must be contiguous (the callers hold a contiguous copy while the kernel runs).
+SessionKeepParams session_keep_params(const SessionUpdateShapes& s, const at::Tensor& lengths, const at::Tensor& keep,
+                                      const at::Tensor& states, const at::Tensor* h, const at::Tensor& out,
+                                      const at::Tensor* grad_h) {
   SessionKeepParams p{};
   p.layers = s.layers;
   p.batch = s.batch;
   p.hidden = s.hidden;
   p.lengths = lengths.data_ptr<int64_t>();
   p.keep = keep.data_ptr();
+  p.states = states.data_ptr();
+  p.h = h ? h->data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.grad_h = grad_h ? grad_h->data_ptr() : nullptr;
   return p;
 }
 
@@ -490,11 +497,7 @@ void session_update_forward_out(const at::Tensor& items, const at::Tensor& lengt
                        w.b_ih, w.b_hh, gi.select(0, l), gh.select(0, l), states.select(0, l), before_input_product);
     }
     const at::Tensor keep_values = keep.contiguous();
-    SessionKeepParams p = session_keep_params(s, lengths, keep_values);
-    p.states = states.data_ptr();
-    p.h = h.data_ptr();
-    p.out = out.data_ptr();
-    launch_session_keep_cpu(p, h.scalar_type());
+    launch_session_keep_cpu(session_keep_params(s, lengths, keep_values, states, &h, out, nullptr), h.scalar_type());
     return;
   }
 
@@ -548,11 +551,8 @@ void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& i
   const at::Tensor grad_states = at::empty_like(states);
   if (items.is_cpu()) {
     const at::Tensor keep_values = keep.contiguous();
-    SessionKeepParams keep_params = session_keep_params(s, lengths, keep_values);
-    keep_params.states = grad_out.data_ptr();
-    keep_params.out = grad_states.data_ptr();
-    keep_params.grad_h = grad_h.data_ptr();
-    launch_session_keep_backward_cpu(keep_params, h.scalar_type());
+    launch_session_keep_backward_cpu(
+        session_keep_params(s, lengths, keep_values, grad_out, nullptr, grad_states, &grad_h), h.scalar_type());
   } else {
     const at::Tensor active = per_row(lengths.gt(0));
     const at::Tensor grad_kept = grad_out * per_row(keep);

@@ -63,19 +63,19 @@ def context_table(context: torch.Tensor, context_weight: torch.Tensor) -> torch.
 
 
 # context_weight (out, ctx, k) packed as the (ctx, k * out) matrix of context_table, per weight tensor: (its
-# version and data pointer when packed, the matrix). Weak on the weight, which the matrix does not refer to.
+# _stamp when packed, the matrix). Weak on the weight, which the matrix does not refer to.
 _context_weight_matrices = WeakIdKeyDictionary()
 
 
 def _context_weight_matrix(context_weight: torch.Tensor) -> torch.Tensor:
     """The packed context weight, repacked when the weight was modified in place or given new storage."""
-    version = (context_weight._version, context_weight.data_ptr())
+    stamp = _stamp(context_weight)
     entry = _context_weight_matrices.get(context_weight)
-    if entry is not None and entry[0] == version:
+    if entry is not None and entry[0] == stamp:
         return entry[1]
     out_channels, ctx_channels, k = context_weight.shape
     matrix = context_weight.detach().permute(1, 2, 0).reshape(ctx_channels, k * out_channels).contiguous()
-    _context_weight_matrices[context_weight] = (version, matrix)
+    _context_weight_matrices[context_weight] = (stamp, matrix)
     return matrix
 
 
@@ -327,15 +327,20 @@ class CausalConvState:
         return self._table[-1]
 
 
+def _stamp(t: torch.Tensor) -> tuple:
+    """What a cache derived from t compares to see t unchanged: the version catches in-place changes, the data
+    pointer new storage under the same tensor (``w.data = ...``, .to())."""
+    return t._version, t.data_ptr()
+
+
 def _cache_entry(sources, extra, value):
-    # The entry holds its source tensors, so their memory cannot be reused by other tensors while cached. The
-    # version catches in-place changes; the data pointer, new storage under the same tensor (``w.data = ...``).
-    return (*((t, (t._version, t.data_ptr())) for t in sources), extra, value)
+    # The entry holds its source tensors, so their memory cannot be reused by other tensors while cached.
+    return (*((t, _stamp(t)) for t in sources), extra, value)
 
 
 def _cache_is_fresh(entry, sources, extra):
     return bool(entry) and entry[-2] == extra and all(
-        cached is t and version == (t._version, t.data_ptr()) for (cached, version), t in zip(entry[:-2], sources))
+        cached is t and stamp == _stamp(t) for (cached, stamp), t in zip(entry[:-2], sources))
 
 
 def causal_conv1d_step_reference(x, weight, state, bias=None, *, groups=1, context=None, context_weight=None,
@@ -428,14 +433,12 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
     """
     # A prepared CPU step for exactly these argument objects (the same TCN stepping the same state) skips the
     # checks below: they passed when it was prepared, and it checks x and the weights' versions itself.
-    entry = states[0]._prepared if states and type(states[0]) is CausalConvState else ()
-    if entry and entry[2] is not None:
-        key = _prepared_key(weights, biases, states, proj_weights, proj_biases, context, context_weight)
-        if (len(entry[0]) == len(key) and all(map(operator.is_, entry[0], key))
-                and entry[1] == (activation, requested_backend(backend), len(states))):
-            out = prepared_tcn_step(entry, x, states, context, context_weight)
-            if out is not None:
-                return out
+    entry = prepared_entry(weights, biases, states, proj_weights, proj_biases, context, context_weight, activation,
+                           backend)
+    if entry is not None:
+        out = prepared_tcn_step(entry, x, states, context, context_weight)
+        if out is not None:
+            return out
     check_tensor(x, "x", 2)
     layers = len(weights)
     original_proj = (proj_weights, proj_biases)
@@ -531,8 +534,7 @@ def _blocked(packed: torch.Tensor, block: int) -> torch.Tensor:
 def _packed_stack(weights, proj_weights, device_type):
     sources = (*weights, *proj_weights)
     threads = torch.get_num_threads() if device_type == "cpu" else 0
-    # The version catches in-place changes; the data pointer, new storage (``weight.data = ...``, .to()).
-    versions = (threads, *[None if t is None else (t._version, t.data_ptr()) for t in sources])
+    versions = (threads, *[None if t is None else _stamp(t) for t in sources])
     entry = _packed_stacks.get(weights[0])
     if entry is not None and entry[1] == versions and all(
             (ref is None and t is None) or (ref is not None and ref() is t) for ref, t in zip(entry[0], sources)):
@@ -582,8 +584,7 @@ def _prepared_step(x, weights, biases, states, proj_weights, proj_biases, contex
     them, and the next call prepares again)."""
     key = _prepared_key(weights, biases, states, *original_proj, context, context_weight)
     mode = (activation, requested_backend(backend), len(states))
-    entry = states[0]._prepared
-    if not entry or len(entry[0]) != len(key) or not all(map(operator.is_, entry[0], key)) or entry[1] != mode:
+    if not _entry_matches(states[0]._prepared, key, mode):
         states[0]._prepared = (key, mode, None)
         return None
     packed, biases, projections, proj_biases, table, dilations = _stack_plan(
@@ -601,10 +602,15 @@ def prepared_entry(weights, biases, states, proj_weights, proj_biases, context, 
     """states[0]'s prepared step if it was made for exactly these argument objects, activation and requested
     backend (what tcn_step checks before running one), else None."""
     entry = states[0]._prepared if states and type(states[0]) is CausalConvState else ()
-    if not entry or entry[2] is None or entry[1] != (activation, requested_backend(backend), len(states)):
+    if not entry or entry[2] is None:
         return None
     key = _prepared_key(weights, biases, states, proj_weights, proj_biases, context, context_weight)
-    return entry if len(entry[0]) == len(key) and all(map(operator.is_, entry[0], key)) else None
+    return entry if _entry_matches(entry, key, (activation, requested_backend(backend), len(states))) else None
+
+
+def _entry_matches(entry, key, mode) -> bool:
+    """Whether a states[0]._prepared entry was made for these argument objects (by identity) and this mode."""
+    return bool(entry) and entry[1] == mode and len(entry[0]) == len(key) and all(map(operator.is_, entry[0], key))
 
 
 def prepared_tcn_step(entry, x, states, context, context_weight):
