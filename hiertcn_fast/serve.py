@@ -25,12 +25,15 @@ Users live in rows ("slots") of these tensors, which grow by doubling; ``state_d
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
+import numbers
 
 import torch
 
 from .models import HierTCN
+from .models.base import NextItemModel
 from .nn import TCNState
 from .ops import CausalConvState
 
@@ -51,6 +54,20 @@ class _Scratch:
     context: torch.Tensor
     # What context holds: (the state tensor, its version, the rows) it was copied from, or None.
     context_source: tuple | None = None
+
+
+@dataclasses.dataclass
+class _RowView:
+    """One user's row: its conv state, running session sum and features as views of the recommender's tensors
+    (stepped in place, nothing copied in or out), and its own TCN context, kept while the user's GRU state is
+    unchanged. Single events of that user then take TCN.step's prepared step (csrc/python/tcn_step_plan.cpp)
+    with the context term already computed."""
+
+    conv: TCNState
+    session_sum: torch.Tensor
+    features: torch.Tensor
+    context: torch.Tensor
+    context_fresh: bool = False
 
 
 class StreamingRecommender:
@@ -81,6 +98,14 @@ class StreamingRecommender:
         self.state = torch.zeros(layers, 0, hidden, device=self.device, dtype=self.dtype)
         self.conv = model.tcn.init_state(0)
         self._scratches: dict = {}
+        # Single events of a user on the CPU: that user's row views (least recently used first) and NumPy views
+        # of the per-user counters, read and written as Python numbers (see _observe_one).
+        self._row_views: collections.OrderedDict = collections.OrderedDict()
+        self._counters = None
+        # An item's embedding is a row of the embedding table unless the model changed how it embeds.
+        embedding = model.item_embedding
+        self._embedding_rows = (type(model).embed is NextItemModel.embed and type(embedding) is torch.nn.Embedding
+                                and embedding.max_norm is None)
         self.session_sum = torch.zeros(0, model.item_embedding.embedding_dim, device=self.device, dtype=self.dtype)
         self.session_count = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.features = torch.zeros(0, model.output.in_features, device=self.device, dtype=self.dtype)
@@ -107,6 +132,20 @@ class StreamingRecommender:
         self.conv = TCNState(CausalConvState(padded(layer.history), padded(layer.position), layer.kernel_size,
                                              layer.dilation) for layer in self.conv.layers)
         self.capacity = capacity
+        self._storage_replaced()
+
+    def _storage_replaced(self) -> None:
+        """Forget everything that views the per-user tensors (after they were reallocated or overwritten)."""
+        self._row_views.clear()
+        self._counters = ((self.session_count.numpy(), self.last_time.numpy()) if self.device.type == "cpu"
+                          else None)
+
+    def _states_changed(self, rows: torch.Tensor) -> None:
+        """The GRU state of ``rows`` was written: their row views' contexts are stale."""
+        for row in rows.tolist():
+            view = self._row_views.get(row)
+            if view is not None:
+                view.context_fresh = False
 
     def _slots(self, users, create: bool) -> torch.Tensor:
         """Rows of ``users``; new users get fresh rows (their first session opened) when ``create``."""
@@ -178,14 +217,84 @@ class StreamingRecommender:
         """The high-level step for the open sessions of ``rows`` (each with >= 1 event), then a new session."""
         self.state[:, rows] = self.model.close_sessions(self.session_sum[rows], self.session_count[rows],
                                                         self.state[:, rows])
+        self._states_changed(rows)
         self._open_sessions(rows)
+
+    # ---- single events of one user on the CPU ---------------------------------------------------------------
+
+    # Users whose row views are kept: each holds a prepared step and its context term (a few KiB).
+    _ROW_VIEWS = 4096
+
+    def _row_view(self, row: int) -> _RowView:
+        view = self._row_views.get(row)
+        if view is None:
+            rows = slice(row, row + 1)
+            conv = TCNState(CausalConvState(layer.history[rows], layer.position[rows], layer.kernel_size,
+                                            layer.dilation) for layer in self.conv.layers)
+            view = _RowView(conv, self.session_sum[row], self.features[rows],
+                            self.state.new_empty(1, self.model.context_dim))
+            self._row_views[row] = view
+            if len(self._row_views) > self._ROW_VIEWS:
+                self._row_views.popitem(last=False)
+        else:
+            self._row_views.move_to_end(row)
+        if not view.context_fresh:
+            view.context.copy_(self.model.context_of(self.state[:, row:row + 1]))
+            view.context_fresh = True
+        return view
+
+    def _close_one(self, view: _RowView, row: int) -> None:
+        """_close_sessions for one row: the GRU step with its session mean, then its new session's start token."""
+        rows = slice(row, row + 1)
+        self.state[:, rows] = self.model.close_sessions(self.session_sum[rows], self.session_count[rows],
+                                                        self.state[:, rows])
+        view.context.copy_(self.model.context_of(self.state[:, rows]))
+        for layer in view.conv.layers:
+            layer.reset()
+        view.session_sum.zero_()
+        self._counters[0][row] = 0
+        view.features.copy_(self.model.tcn.step(view.session_sum.new_zeros(1, view.session_sum.shape[0]), view.conv,
+                                                view.context))
+
+    def _observe_one(self, user, item, timestamp) -> bool:
+        """observe() of a known user on the CPU, with Python numbers where observe_many uses tensors of one
+        element: False (nothing done) where that path must run (a new user, a tensor argument, other device)."""
+        row = self.user_slot.get(user)
+        if (row is None or self._counters is None or not isinstance(item, numbers.Integral)
+                or not isinstance(timestamp, numbers.Real) or isinstance(timestamp, bool)):
+            return False
+        if not 1 <= item <= self.model.num_items:
+            raise ValueError(f"items must be item ids in 1..{self.model.num_items}")
+        timestamp = float(timestamp)
+        if not math.isfinite(timestamp):
+            raise ValueError("timestamps must be finite numbers of seconds")
+        count, last_time = self._counters
+        view = self._row_view(row)
+        if count[row] > 0:
+            if timestamp < last_time[row]:
+                raise ValueError("timestamps must not decrease within a user's stream")
+            if timestamp - last_time[row] >= self.session_gap:
+                self._close_one(view, row)
+        last_time[row] = timestamp
+        if count[row] >= self.max_session_length:
+            return True
+        item = int(item)
+        if self._embedding_rows:
+            embedded = self.model.item_embedding.weight[item:item + 1]
+        else:
+            embedded = self.model.embed(torch.tensor([item], device=self.device))
+        view.session_sum += embedded[0]
+        count[row] += 1
+        view.features.copy_(self.model.tcn.step(embedded, view.conv, view.context))
+        return True
 
     # ---- events ----------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def observe(self, user, item: int, timestamp: float) -> None:
         """One event of ``user``: item id (1..num_items) at ``timestamp`` seconds (non-decreasing per user)."""
-        self.observe_many([user], [item], [timestamp])
+        if not self._observe_one(user, item, timestamp):
+            self.observe_many([user], [item], [timestamp])
 
     @torch.no_grad()
     def observe_many(self, users, items, timestamps) -> None:
@@ -199,6 +308,8 @@ class StreamingRecommender:
                              f"{items.shape[0]} and {timestamps.shape[0]}")
         if items.numel() and (int(items.min()) < 1 or int(items.max()) > self.model.num_items):
             raise ValueError(f"items must be item ids in 1..{self.model.num_items}")
+        if not bool(torch.isfinite(timestamps).all()):
+            raise ValueError("timestamps must be finite numbers of seconds")
         pending = list(range(len(users)))
         while pending:
             seen, this_round, later = set(), [], []
@@ -247,20 +358,34 @@ class StreamingRecommender:
         logits[:, 0] = -math.inf
         return logits
 
+    @torch.no_grad()
     def scores(self, user, now=None) -> torch.Tensor:
         """Logits (num_items + 1,) of ``user``'s next item; see :meth:`scores_many`."""
-        return self.scores_many([user], None if now is None else [now])[0]
+        row = self.user_slot.get(user)
+        if row is None or self._counters is None or not (now is None or isinstance(now, numbers.Real)):
+            return self.scores_many([user], None if now is None else [now])[0]
+        if now is not None:
+            count, last_time = self._counters
+            if count[row] > 0 and now - last_time[row] >= self.session_gap:
+                self._close_one(self._row_view(row), row)
+        logits = self.model.scores(self.features[row:row + 1]).float()
+        logits[:, 0] = -math.inf
+        return logits[0]
+
+    def _check_k(self, k) -> None:
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.model.num_items:
+            raise ValueError(f"k must be an integer in 1..{self.model.num_items}, got {k!r}")
 
     def recommend_many(self, users, k: int = 10, now=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``k`` items per user: (item ids (users, k) int64, scores (users, k)), best first."""
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.model.num_items:
-            raise ValueError(f"k must be an integer in 1..{self.model.num_items}, got {k!r}")
+        self._check_k(k)
         top = self.scores_many(users, now).topk(k, dim=1)
         return top.indices, top.values
 
     def recommend(self, user, k: int = 10, now=None) -> list[int]:
         """The top-``k`` item ids for ``user``'s next event, best first."""
-        return self.recommend_many([user], k, None if now is None else [now])[0][0].tolist()
+        self._check_k(k)
+        return self.scores(user, now).topk(k).indices.tolist()
 
     # ---- saving and restoring --------------------------------------------------------------------------
 
@@ -294,6 +419,7 @@ class StreamingRecommender:
         rows = torch.tensor([self.user_slot[u] for u in users], dtype=torch.int64, device=self.device)
         to = dict(device=self.device)
         self.state[:, rows] = saved["state"].to(**to, dtype=self.dtype)
+        self._states_changed(rows)
         for layer, history, position in zip(self.conv.layers, saved["conv_history"], saved["conv_position"]):
             layer.history[rows] = history.to(**to, dtype=self.dtype)
             layer.position[rows] = position.to(**to)

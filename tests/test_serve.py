@@ -70,10 +70,99 @@ def test_streaming_equals_forward():
                 continue
             torch.testing.assert_close(got[1:], expected[event, 1:].float(), rtol=1e-5, atol=1e-5)
             assert got[0] == -torch.inf
-    # One-user steps went through the kept scratch state, and (from its third step on) TCN.step's shortcut.
+    # A known user's single events stepped its row views in place, and (from the second step on) through
+    # TCN.step's shortcut.
     from hiertcn_fast._extension import has_tcn_step_plan
+    assert set(recommender._row_views) == {recommender.user_slot[u] for u in users if len(streams[u]) > 1}
     if has_tcn_step_plan():
-        assert recommender._scratches[1].conv._fast is not None
+        assert all(view.conv._fast is not None for view in recommender._row_views.values())
+
+
+def per_user_tensors(recommender, users):
+    saved = recommender.export_users(users)
+    return {key: value for key, value in saved.items() if isinstance(value, (torch.Tensor, list)) and key != "users"}
+
+
+def random_events(generator, users, count, gap_every=4):
+    """(user, item, timestamp) events in time order per user: random users (one more joins every tenth event),
+    a session gap now and then, and bursts past the session length cap."""
+    clock = {u: 1000.0 for u in users}
+    events = []
+    for n in range(count):
+        user = users[int(torch.randint(min(len(users), 1 + n // 10), (1,), generator=generator))]
+        if int(torch.randint(gap_every, (1,), generator=generator)) == 0:
+            clock[user] += GAP * 2
+        else:
+            clock[user] += float(torch.randint(0, 120, (1,), generator=generator))
+        events.append((user, int(torch.randint(1, NUM_ITEMS + 1, (1,), generator=generator)), clock[user]))
+    return events
+
+
+@pytest.mark.parametrize("row_views", [4096, 2])
+def test_single_event_path_equals_batched_path(monkeypatch, row_views):
+    """observe() / scores() of a known user (row views, Python counters) leave bitwise the state that
+    observe_many() / scores_many() leave, through session gaps, idle closes, truncation, growth, users
+    evicted from the row views, and the two paths mixed."""
+    monkeypatch.setattr(StreamingRecommender, "_ROW_VIEWS", row_views)
+    model = small_hiertcn(max_session_length=3)
+    users = ["a", "b", 3, "d", "e"]
+    events = random_events(torch.Generator().manual_seed(7), users, 160)
+    single = StreamingRecommender(model, session_gap=GAP, initial_capacity=1)
+    batched = StreamingRecommender(model, session_gap=GAP, initial_capacity=1)
+    mixed = StreamingRecommender(model, session_gap=GAP, initial_capacity=1)
+    for n, (user, item, t) in enumerate(events):
+        single.observe(user, item, t)
+        batched.observe_many([user], [item], [t])
+        if n % 3:
+            mixed.observe(user, item, t)
+        else:
+            mixed.observe_many([user], [item], [t])
+        expected = batched.scores_many([user])[0]
+        torch.testing.assert_close(single.scores(user), expected, rtol=0, atol=0)
+        torch.testing.assert_close(mixed.scores(user), expected, rtol=0, atol=0)
+        if n % 7 == 0:  # scores at a later time: an idle user's session closes first
+            now = t + (GAP if n % 2 else 1.0)
+            got = single.scores(user, now=now)
+            torch.testing.assert_close(got, batched.scores_many([user], now=[now])[0], rtol=0, atol=0)
+            torch.testing.assert_close(mixed.scores_many([user], now=[now])[0], got, rtol=0, atol=0)
+    assert len(single._row_views) == min(row_views, len(users))
+    expected = per_user_tensors(batched, users)
+    for recommender in (single, mixed):
+        for key, value in per_user_tensors(recommender, users).items():
+            torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_single_event_path_after_restore_and_custom_embedding():
+    """Row views see a restored user's state (their cached context is dropped), and a model that embeds its
+    own way is asked to embed."""
+    model = small_hiertcn()
+    events = random_events(torch.Generator().manual_seed(3), ["a", "b"], 40)
+    source, target = StreamingRecommender(model, session_gap=GAP), StreamingRecommender(model, session_gap=GAP)
+    for user, item, t in events[:20]:
+        source.observe(user, item, t)
+    for user, item, t in events[20:30]:
+        target.observe(user, item, t)  # row views with other users' states
+    target.load_state_dict(source.state_dict())
+    for user, item, t in events[20:]:
+        source.observe(user, item, t)
+        target.observe_many([user], [item], [t]) if item % 2 else target.observe(user, item, t)
+        torch.testing.assert_close(target.scores(user), source.scores(user), rtol=0, atol=0)
+    for key, value in per_user_tensors(target, ["a", "b"]).items():
+        torch.testing.assert_close(value, per_user_tensors(source, ["a", "b"])[key], rtol=0, atol=0, msg=key)
+
+    class Shifted(HierTCN):
+        def embed(self, items):
+            return super().embed(items) + 1.0
+
+    torch.manual_seed(5)
+    shifted = Shifted(NUM_ITEMS, embedding_dim=12, state_layers=2, state_hidden=7, tcn_channels=(9, 11),
+                      kernel_size=3, dilations=(1, 2), max_session_length=6).double().eval()
+    single, batched = StreamingRecommender(shifted), StreamingRecommender(shifted)
+    for user, item, t in events:
+        single.observe(user, item, t)
+        batched.observe_many([user], [item], [t])
+    assert not single._embedding_rows and single._row_views
+    torch.testing.assert_close(single.scores("a"), batched.scores_many(["a"])[0], rtol=0, atol=0)
 
 
 def test_batched_observe_and_recommend_match_single():
@@ -157,5 +246,18 @@ def test_errors():
     recommender.observe("u", 1, 10.0)
     with pytest.raises(ValueError, match="must not decrease"):
         recommender.observe("u", 2, 5.0)
+    before = per_user_tensors(recommender, ["u"])
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite"):
+            recommender.observe("u", 2, bad)  # a known user: the single-event path
+        with pytest.raises(ValueError, match="finite"):
+            recommender.observe_many(["u", "v"], [2, 3], [20.0, bad])
+    with pytest.raises(ValueError, match="item ids"):
+        recommender.observe("u", 0, 20.0)
+    with pytest.raises(ValueError, match="must not decrease"):
+        recommender.observe("u", 2, 5.0)
+    assert "v" not in recommender.user_slot
+    for key, value in per_user_tensors(recommender, ["u"]).items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)  # nothing was changed
     with pytest.raises(ValueError, match="k must be"):
         recommender.recommend("u", k=0)
