@@ -67,7 +67,7 @@ class ConvCase:
                         device=device, scale=(self.in_channels // self.groups * self.kernel_size) ** -0.5),
             dilation=self.dilation, groups=self.groups, activation=self.activation)
         if self.bias:
-            args["bias"] = rand(self.out_channels, dtype=dtype, device=device)
+            args["bias"] = rand(self.out_channels, dtype=dtype, device=device, noncontiguous=noncontiguous)
         if self.context_channels:
             args["context"] = rand(self.batch, self.context_channels, dtype=dtype, device=device)
             args["context_weight"] = rand(self.out_channels, self.context_channels, self.kernel_size, dtype=dtype,

@@ -26,7 +26,10 @@ TOLERANCE = {
 
 def rand(*shape, dtype=torch.float64, device="cpu", noncontiguous=False, scale=1.0):
     """Fresh random values, never all zero. With noncontiguous=True the tensor is a slice of a wider
-    one, so its rows are strided (the last dimension keeps unit stride unless it is the only one)."""
+    one, so it is not contiguous: its rows are strided, the last dimension keeping unit stride, or, for a
+    1-D tensor (a bias), its elements are every other one of a longer vector."""
+    if noncontiguous and len(shape) == 1 and shape[0] > 1:
+        return (torch.randn(shape[0] * 2 + 1, dtype=dtype, device=device) * scale)[1::2]
     if noncontiguous:
         wide = torch.randn(*shape[:-1], shape[-1] * 2 + 3, dtype=dtype, device=device) * scale
         return wide[..., 1:1 + shape[-1]]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import hiertcn_fast
-from hiertcn_fast.ops import (CausalConvState, causal_conv1d, causal_conv1d_reference, causal_conv1d_step,
+from hiertcn_fast.ops import (CausalConvState, causal_conv1d, causal_conv1d_reference, causal_conv1d_step, tcn_step,
                               context_table)
 from hiertcn_fast.ops.conv import pack_weight
 from conv_helpers import ConvCase, conv1d_peer, left_padded_conv1d, split_leaves
@@ -139,7 +139,7 @@ STEP_CASES = [
 @pytest.mark.parametrize("case", STEP_CASES, ids=str)
 def test_step_by_step_equals_forward(backend, device, case):
     dtype = COMPARE_DTYPE[backend]
-    args = case.inputs(dtype, device)
+    args = case.inputs(dtype, device, noncontiguous=case.batch == 2)  # strided rows and bias in some cases
     x, residual = args.pop("x"), args.pop("residual", None)
     dilation = args.pop("dilation")
     state = CausalConvState.zeros(case.batch, case.in_channels, case.kernel_size, dilation, dtype=dtype,
@@ -362,9 +362,87 @@ def test_bad_input_is_a_clear_error():
         causal_conv1d(x, weight, activation="sigmoid")
     with pytest.raises(TypeError, match="must have a floating dtype"):
         causal_conv1d(x.long(), weight)
+    # Another device: the meta device stands in for a GPU on machines without one.
+    with pytest.raises(ValueError, match="weight is on meta but x is on cpu"):
+        causal_conv1d(x, weight.to("meta"))
+    with pytest.raises(ValueError, match=r"context \(batch, ctx_channels\) must have batch 2"):
+        causal_conv1d(x, weight, context=rand(3, 3, dtype=torch.float32),
+                      context_weight=rand(6, 3, 3, dtype=torch.float32))
+    # A reach (k - 1) * dilation past 2**62 would overflow the kernels' int64 tap offsets.
+    with pytest.raises(ValueError, match=r"\(k - 1\) \* dilation must be below 2\*\*62"):
+        causal_conv1d(x, weight, dilation=2 ** 61)
+    causal_conv1d(x, weight, dilation=2 ** 61 - 1)  # just below: every tap but the newest falls before the start
     if CUDA:
         with pytest.raises(ValueError, match="weight is on cuda"):
             causal_conv1d(x, weight.cuda())
+
+
+@pytest.mark.parametrize("k,dilation", [(3, 2 ** 63 - 1), (5, 2 ** 62 + 1)])
+def test_compiled_op_refuses_a_reach_that_overflows(k, dilation):
+    """The op itself refuses such a dilation: (k - 1) * dilation wraps around int64 (to -2, or to 4, which a
+    history of 4 rows would have matched), and the kernels would address memory outside x and the history."""
+    x, weight = rand(2, 64, 64, dtype=torch.float32), rand(64, 64, k, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=r"\(k - 1\) \* dilation must be below 2\^62"):
+        torch.ops.hiertcn_fast.causal_conv1d_out(x, weight, None, None, None, dilation, 1, 0,
+                                                 out=torch.empty(2, 64, 64), pre=None)
+    packed = weight.permute(2, 1, 0).contiguous()
+    history = torch.zeros(2, 4, 64)
+    with pytest.raises(RuntimeError, match=r"\(k - 1\) \* dilation must be below 2\^62"):
+        torch.ops.hiertcn_fast.tcn_step_out(x[:, 0], [packed], [None], [None], [None], None, [dilation], 0,
+                                            histories=[history], positions=[torch.zeros(2, dtype=torch.int64)],
+                                            out=torch.empty(2, 64))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_dilations_past_int32(backend, device):
+    """Tap offsets past 2**31 (and up to the 2**62 bound) are computed in 64 bits: only the newest tap lands."""
+    dtype = COMPARE_DTYPE[backend]
+    x, weight = rand(2, 9, 4, dtype=dtype, device=device), rand(6, 4, 3, dtype=dtype, device=device)
+    for dilation in (2 ** 31 + 5, 2 ** 61 - 1):
+        out = causal_conv1d(x, weight, dilation=dilation, backend=backend)
+        assert_close(out, torch.einsum("btc,oc->bto", x.double(), weight[:, :, -1].double()), dtype)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_strided_biases(backend, device):
+    """A bias that is a strided view (every other element of a longer vector) gives the result of its contiguous
+    copy, in the forward, its gradient, the step and the stack step; the kernels read biases as plain rows."""
+    dtype = COMPARE_DTYPE[backend]
+    x = rand(2, 9, 4, dtype=dtype, device=device)
+    weight = rand(6, 4, 3, dtype=dtype, device=device)
+    bias = rand(6, dtype=dtype, device=device, noncontiguous=True)
+    assert not bias.is_contiguous()
+    leaf = bias.detach().requires_grad_()
+    out = causal_conv1d(x, weight, leaf, dilation=2, activation="tanh", backend=backend)
+    expected = causal_conv1d_reference(x, weight, bias.contiguous(), dilation=2, activation="tanh")
+    assert_close(out, expected, dtype)
+    out.sum().backward()
+    assert_close(leaf.grad, (1 - expected ** 2).sum((0, 1)), dtype)
+
+    state, copy_state = (CausalConvState.zeros(2, 4, 3, 2, dtype=dtype, device=device) for _ in range(2))
+    for t in range(4):
+        assert_close(causal_conv1d_step(x[:, t], weight, state, bias, backend=backend),
+                     causal_conv1d_step(x[:, t], weight, copy_state, bias.contiguous(), backend=backend), dtype)
+
+    square = rand(4, 4, 3, dtype=dtype, device=device)
+    proj_bias = rand(4, dtype=dtype, device=device, noncontiguous=True)
+    proj = rand(4, 4, dtype=dtype, device=device)
+    states, copy_states = ([CausalConvState.zeros(2, 4, 3, d, dtype=dtype, device=device) for d in (1, 2)]
+                           for _ in range(2))
+    for t in range(4):
+        got = tcn_step(x[:, t], [square, square], [bias[:4], None], states, proj_weights=[None, proj],
+                       proj_biases=[None, proj_bias], backend=backend)
+        want = tcn_step(x[:, t], [square, square], [bias[:4].contiguous(), None], copy_states,
+                        proj_weights=[None, proj], proj_biases=[None, proj_bias.contiguous()], backend=backend)
+        assert_close(got, want, dtype)
+    bias_values = bias.clone()
+    bias.mul_(2)  # the views changed in place: the next stack step follows
+    want = tcn_step(x[:, 4], [square, square], [bias[:4].contiguous(), None], copy_states,
+                    proj_weights=[None, proj], proj_biases=[None, proj_bias.contiguous()], backend=backend)
+    got = tcn_step(x[:, 4], [square, square], [bias[:4], None], states, proj_weights=[None, proj],
+                   proj_biases=[None, proj_bias], backend=backend)
+    assert_close(got, want, dtype)
+    assert not torch.equal(bias, bias_values)
 
 
 def test_step_bad_input_is_a_clear_error():
@@ -378,6 +456,9 @@ def test_step_bad_input_is_a_clear_error():
         causal_conv1d_step(rand(3, 4, dtype=torch.float32), weight, state)
     with pytest.raises(TypeError, match="state must be a CausalConvState"):
         causal_conv1d_step(rand(2, 4, dtype=torch.float32), weight, state.history)
+    with pytest.raises(TypeError, match="state.history has dtype torch.float64 but x has torch.float32"):
+        causal_conv1d_step(rand(2, 4, dtype=torch.float32), weight, CausalConvState.zeros(2, 4, 3, 1,
+                                                                                        dtype=torch.float64))
 
 
 def test_compiled_op_checks_arguments_itself():

@@ -138,6 +138,11 @@ def causal_conv1d_reference(x, weight, bias=None, *, dilation=1, groups=1, conte
     return _epilogue_reference(z, activation, res).to(x.dtype)
 
 
+# The kernels' bound on a layer's reach (k - 1) * dilation (csrc/include/hiertcn/causal_conv_host.h, kMaxReach):
+# offsets computed from a larger one would overflow int64.
+MAX_REACH = 2 ** 62
+
+
 def _check_int(value, name, minimum):
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -156,6 +161,8 @@ def _check_conv_common(x, x_name, weight, bias, dilation, groups, context, conte
     if kernel_size < 1:
         raise ValueError(f"weight must have k >= 1 taps (out_channels, in_channels / groups, k), "
                          f"got shape {tuple(weight.shape)}")
+    if (kernel_size - 1) * dilation >= MAX_REACH:
+        raise ValueError(f"(k - 1) * dilation must be below 2**62, got k = {kernel_size} and dilation = {dilation}")
     if in_channels % groups or out_channels % groups:
         raise ValueError(f"groups ({groups}) must divide in_channels ({in_channels}) and out_channels "
                          f"({out_channels})")
@@ -214,6 +221,8 @@ def causal_conv1d(x, weight, bias=None, *, dilation=1, groups=1, context=None, c
     table = None if context is None else context_table(context, context_weight).contiguous()
     if residual is not None:
         residual = unit_stride_rows(residual)
+    # The kernels read the bias as one contiguous row (a strided view is copied; its gradient flows back).
+    bias = None if bias is None else bias.contiguous()
     return _CausalConvFunction.apply(unit_stride_rows(x), weight, bias, table, residual, dilation, groups,
                                      ACTIVATIONS[activation], name)
 
@@ -408,6 +417,7 @@ def _step(name, x, weight, state, bias, groups, context, context_weight, activat
                                             context_weight=context_weight, activation=activation, residual=residual)
     table = None if context is None else state.cached_context_table(context, context_weight)
     out = new_output((x.shape[0], out_channels), x)
+    bias = None if bias is None else bias.contiguous()
     args = (unit_stride_rows(x), state.packed_weight(weight, groups), bias, table,
             None if residual is None else unit_stride_rows(residual), state.dilation, groups, ACTIVATIONS[activation])
     if name == "triton":
@@ -452,9 +462,16 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
         raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
     if (context is None) != (context_weight is None):
         raise ValueError("context and context_weight must be given together")
+    # The kernels read biases as contiguous rows: strided views are copied, and such a step is not prepared for
+    # reuse (the copies would not follow later changes of the views).
+    strided = any(isinstance(b, torch.Tensor) and not b.is_contiguous() for b in (*biases, *proj_biases))
+    if strided:
+        biases = [b.contiguous() if isinstance(b, torch.Tensor) else b for b in biases]
+        proj_biases = [b.contiguous() if isinstance(b, torch.Tensor) else b for b in proj_biases]
     name = resolve("tcn_step", backend, x.device, x.dtype, CAUSAL_CONV_DTYPES)
     if name in ("cpu", "cuda") and layers <= _MAX_STACK_LAYERS:
-        if name == "cpu" and _extension.has_tcn_step_plan() and not torch.compiler.is_compiling():
+        if (name == "cpu" and not strided and _extension.has_tcn_step_plan()
+                and not torch.compiler.is_compiling()):
             out = _prepared_step(x, weights, biases, states, proj_weights, proj_biases, context, context_weight,
                                  activation, backend, original_proj)
             if out is not None:

@@ -42,6 +42,15 @@ void set_shape_fields(Params& p, const ConvShape& s) {
 // Validates the arguments every causal_conv1d op shares and returns the problem's shape. The step op
 // takes its weight already packed (pack_conv_weight's layout, cached by the caller's state); the others
 // take nn.Conv1d's layout.
+// The reach of a layer, (k - 1) * dilation, is kept below 2^62 so that no tap offset or history length
+// computed from it overflows int64 (a wrapped offset would address memory before the input).
+constexpr int64_t kMaxReach = int64_t{1} << 62;
+
+inline void check_reach(int64_t kernel_size, int64_t dilation, const char* what) {
+  TORCH_CHECK(kernel_size <= 1 || dilation <= kMaxReach / (kernel_size - 1), what,
+              ": (k - 1) * dilation must be below 2^62, got k = ", kernel_size, " and dilation = ", dilation);
+}
+
 inline ConvShape check_conv_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                  const std::optional<at::Tensor>& context_table, int64_t dilation, int64_t groups,
                                  int64_t activation, bool step) {
@@ -64,6 +73,7 @@ inline ConvShape check_conv_args(const at::Tensor& x, const at::Tensor& weight, 
   s.dilation = dilation;
   s.activation = activation;
   TORCH_CHECK(s.kernel_size >= 1, weight_layout, " with k >= 1, got shape ", weight.sizes());
+  check_reach(s.kernel_size, dilation, "causal conv");
   TORCH_CHECK(s.in_channels % groups == 0 && s.out_channels % groups == 0, "groups (", groups,
               ") must divide in_channels (", s.in_channels, ") and out_channels (", s.out_channels, ")");
   TORCH_CHECK((step ? weight.size(1) : weight.size(1) * groups) == s.in_channels, weight_layout, " for ",
@@ -74,6 +84,7 @@ inline ConvShape check_conv_args(const at::Tensor& x, const at::Tensor& weight, 
   check_same_device_dtype(x, weight, "x", "weight");
   if (bias) {
     check_shape(*bias, {s.out_channels}, "bias");
+    TORCH_CHECK(bias->is_contiguous(), "bias must be contiguous, got strides ", bias->strides());
     check_same_device_dtype(x, *bias, "x", "bias");
   }
   if (context_table) {
@@ -288,6 +299,7 @@ inline TcnStepParams make_tcn_step_params(const at::Tensor& x, at::TensorList pa
     layer.kernel_size = w.size(tap_dim);
     layer.dilation = dilations[l];
     TORCH_CHECK(layer.dilation >= 1, "dilations[", l, "] must be >= 1, got ", layer.dilation);
+    check_reach(layer.kernel_size, layer.dilation, "a TCN stack layer");
     layer.packed_weight = w.data_ptr();
     const std::optional<at::Tensor> bias = biases[l];
     if (bias) {
