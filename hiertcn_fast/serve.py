@@ -260,7 +260,7 @@ class StreamingRecommender:
         """observe() of a known user on the CPU, with Python numbers where observe_many uses tensors of one
         element: False (nothing done) where that path must run (a new user, a tensor argument, other device)."""
         row = self.user_slot.get(user)
-        if (row is None or self._counters is None or not isinstance(item, numbers.Integral)
+        if (row is None or self._counters is None or not isinstance(item, numbers.Integral) or isinstance(item, bool)
                 or not isinstance(timestamp, numbers.Real) or isinstance(timestamp, bool)):
             return False
         if not 1 <= item <= self.model.num_items:
@@ -301,7 +301,10 @@ class StreamingRecommender:
         """Events of many users at once (sequences of equal length, in time order per user). Vectorised
         over rounds in which every user appears at most once."""
         users = list(users)
-        items = _as_rows(items, torch.int64, self.device)
+        given = torch.as_tensor(items)
+        if given.is_floating_point() or given.is_complex() or given.dtype == torch.bool:
+            raise TypeError(f"items must be integer item ids, got {given.dtype}")
+        items = _as_rows(given, torch.int64, self.device)
         timestamps = _as_rows(timestamps, torch.float64, self.device)
         if not len(users) == items.shape[0] == timestamps.shape[0]:
             raise ValueError(f"users, items and timestamps must have one entry per event, got {len(users)}, "
@@ -310,6 +313,7 @@ class StreamingRecommender:
             raise ValueError(f"items must be item ids in 1..{self.model.num_items}")
         if not bool(torch.isfinite(timestamps).all()):
             raise ValueError("timestamps must be finite numbers of seconds")
+        self._check_time_order(users, timestamps)  # every check before the first change: a refused call changes nothing
         pending = list(range(len(users)))
         while pending:
             seen, this_round, later = set(), [], []
@@ -319,12 +323,26 @@ class StreamingRecommender:
             self._observe_round([users[i] for i in this_round], items[this_round], timestamps[this_round])
             pending = later
 
+    def _check_time_order(self, users, timestamps: torch.Tensor) -> None:
+        """Each user's events in time order: within the call, and after the user's latest event so far (while a
+        session of the user is open)."""
+        first, latest = {}, {}
+        for user, t in zip(users, timestamps.tolist()):
+            if t < latest.get(user, t):
+                raise ValueError("timestamps must not decrease within a user's stream")
+            latest[user] = t
+            first.setdefault(user, t)
+        known = [user for user in first if user in self.user_slot]
+        if known:
+            rows = torch.tensor([self.user_slot[user] for user in known], dtype=torch.int64, device=self.device)
+            times = torch.tensor([first[user] for user in known], dtype=torch.float64, device=self.device)
+            if bool(((self.session_count[rows] > 0) & (times < self.last_time[rows])).any()):
+                raise ValueError("timestamps must not decrease within a user's stream")
+
     def _observe_round(self, users, items: torch.Tensor, timestamps: torch.Tensor) -> None:
         rows = self._slots(users, create=True)
         count, last = self.session_count[rows], self.last_time[rows]
         opened = count > 0
-        if bool((opened & (timestamps < last)).any()):
-            raise ValueError("timestamps must not decrease within a user's stream")
         gap = opened & (timestamps - last >= self.session_gap)
         if bool(gap.any()):
             self._close_sessions(rows[gap])
@@ -350,7 +368,11 @@ class StreamingRecommender:
         users = list(users)
         rows = self._slots(users, create=False)
         if now is not None:
-            now = torch.as_tensor(now, dtype=torch.float64, device=self.device).expand(rows.shape[0])
+            now = torch.as_tensor(now, dtype=torch.float64, device=self.device)
+            if now.dim() > 1 or now.numel() not in (1, rows.shape[0]):
+                raise ValueError(f"now must be one time for all users or one per user ({rows.shape[0]}), got shape "
+                                 f"{tuple(now.shape)}")
+            now = now.reshape(-1).expand(rows.shape[0])
             idle = (self.session_count[rows] > 0) & (now - self.last_time[rows] >= self.session_gap)
             if bool(idle.any()):
                 self._close_sessions(torch.unique(rows[idle]))
@@ -405,25 +427,75 @@ class StreamingRecommender:
 
     def load_state_dict(self, saved: dict) -> None:
         """Restore users saved by :meth:`state_dict` / :meth:`export_users` (replacing their current
-        state; other users are kept). The model must be the one they were made with."""
-        if saved.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a streaming state (format {saved.get('format')!r}, expected {STATE_FORMAT!r})")
-        if len(saved["conv_history"]) != len(self.conv.layers):
-            raise ValueError("the saved state has a different number of TCN layers than this model")
+        state; other users are kept). The model must be the one they were made with, and the session rules
+        (session_gap, max_session_length) the ones they were saved with. Everything is checked before anything
+        is changed: a refused state leaves the recommender as it was."""
+        values = self._checked_saved(saved)
         users = list(saved["users"])
-        new = [u for u in users if u not in self.user_slot]
-        for user in new:
-            self.user_slot[user] = len(self.user_slot)
+        for user in users:
+            if user not in self.user_slot:
+                self.user_slot[user] = len(self.user_slot)
         if len(self.user_slot) > self.capacity:
             self._grow(max(2 * self.capacity, len(self.user_slot)))
         rows = torch.tensor([self.user_slot[u] for u in users], dtype=torch.int64, device=self.device)
-        to = dict(device=self.device)
-        self.state[:, rows] = saved["state"].to(**to, dtype=self.dtype)
+        self.state[:, rows] = values["state"]
         self._states_changed(rows)
-        for layer, history, position in zip(self.conv.layers, saved["conv_history"], saved["conv_position"]):
-            layer.history[rows] = history.to(**to, dtype=self.dtype)
-            layer.position[rows] = position.to(**to)
-        self.session_sum[rows] = saved["session_sum"].to(**to, dtype=self.dtype)
-        self.session_count[rows] = saved["session_count"].to(**to)
-        self.features[rows] = saved["features"].to(**to, dtype=self.dtype)
-        self.last_time[rows] = saved["last_time"].to(**to)
+        for layer, history, position in zip(self.conv.layers, values["conv_history"], values["conv_position"]):
+            layer.history[rows] = history
+            layer.position[rows] = position
+        for name in ("session_sum", "session_count", "features", "last_time"):
+            getattr(self, name)[rows] = values[name]
+
+    def _checked_saved(self, saved) -> dict:
+        """The tensors of a saved state, checked against this recommender and converted to its device and dtypes."""
+        if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
+            format_ = saved.get("format") if isinstance(saved, dict) else type(saved).__name__
+            raise ValueError(f"not a streaming state (format {format_!r}, expected {STATE_FORMAT!r})")
+        missing = [key for key in ("users", "session_gap", "max_session_length", "state", "conv_history",
+                                   "conv_position", "session_sum", "session_count", "features", "last_time")
+                   if key not in saved]
+        if missing:
+            raise ValueError(f"the saved state lacks {', '.join(missing)}")
+        for key in ("session_gap", "max_session_length"):
+            if saved[key] != getattr(self, key):
+                raise ValueError(f"the state was saved with {key} = {saved[key]!r}, this recommender has "
+                                 f"{getattr(self, key)!r}: its sessions would be cut differently")
+        users = list(saved["users"])
+        if len(set(users)) != len(users):
+            raise ValueError("the saved state lists a user more than once")
+        n = len(users)
+        layers = self.conv.layers
+        if not (isinstance(saved["conv_history"], (list, tuple)) and isinstance(saved["conv_position"], (list, tuple))
+                and len(saved["conv_history"]) == len(saved["conv_position"]) == len(layers)):
+            raise ValueError(f"the saved state must have conv_history and conv_position lists of one entry per TCN "
+                             f"layer ({len(layers)})")
+        expected = {"state": (self.state.shape[0], n, self.state.shape[2]),
+                    "session_sum": (n, self.session_sum.shape[1]), "session_count": (n,),
+                    "features": (n, self.features.shape[1]), "last_time": (n,)}
+        expected.update({f"conv_history[{l}]": (n, *layer.history.shape[1:]) for l, layer in enumerate(layers)})
+        expected.update({f"conv_position[{l}]": (n,) for l in range(len(layers))})
+        given = {key: saved[key] for key in ("state", "session_sum", "session_count", "features", "last_time")}
+        given.update({f"conv_history[{l}]": t for l, t in enumerate(saved["conv_history"])})
+        given.update({f"conv_position[{l}]": t for l, t in enumerate(saved["conv_position"])})
+        counts = ("session_count", *(f"conv_position[{l}]" for l in range(len(layers))))
+        for key, t in given.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"saved {key} must be a tensor, got {type(t).__name__}")
+            if tuple(t.shape) != expected[key]:
+                raise ValueError(f"saved {key} must have shape {expected[key]} for {n} users, got {tuple(t.shape)}")
+            integral = not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+            if integral != (key in counts):
+                raise TypeError(f"saved {key} has dtype {t.dtype}: expected {'integers' if key in counts else 'floats'}")
+        if any(bool((given[key] < 0).any()) for key in counts):
+            raise ValueError("saved session counts and conv positions must be >= 0")
+        if bool((given["session_count"] > self.max_session_length).any()):
+            raise ValueError(f"saved session counts must be <= max_session_length ({self.max_session_length})")
+        if not bool(torch.isfinite(given["last_time"]).all()):
+            raise ValueError("saved last_time must hold finite times")
+        to = dict(device=self.device)
+        values = {key: given[key].to(**to, dtype=torch.int64 if key in counts
+                                     else torch.float64 if key == "last_time" else self.dtype)
+                  for key in given}
+        values["conv_history"] = [values.pop(f"conv_history[{l}]") for l in range(len(layers))]
+        values["conv_position"] = [values.pop(f"conv_position[{l}]") for l in range(len(layers))]
+        return values

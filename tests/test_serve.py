@@ -261,3 +261,60 @@ def test_errors():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)  # nothing was changed
     with pytest.raises(ValueError, match="k must be"):
         recommender.recommend("u", k=0)
+
+
+def snapshot(recommender):
+    users = list(recommender.user_slot)
+    return users, per_user_tensors(recommender, users)
+
+
+def assert_unchanged(recommender, before):
+    users, tensors = snapshot(recommender)
+    assert users == before[0]
+    for key, value in tensors.items():
+        torch.testing.assert_close(value, before[1][key], rtol=0, atol=0, msg=key)
+
+
+def test_refused_input_changes_nothing():
+    """Every refused call is refused before it changes anything: no user added, no state touched."""
+    model = small_hiertcn()
+    recommender = StreamingRecommender(model, session_gap=GAP)
+    for user, item, t in [("a", 3, 1000.0), ("b", 4, 1000.0), ("a", 5, 1060.0)]:
+        recommender.observe(user, item, t)
+    before = snapshot(recommender)
+    refused = [
+        # out of order in the second round of the call (the first round would have been applied)
+        (ValueError, "must not decrease", lambda r: r.observe_many(["a", "a"], [4, 5], [2000.0, 1500.0])),
+        # a new user first, then an old one before its latest event
+        (ValueError, "must not decrease", lambda r: r.observe_many(["new", "a"], [4, 5], [10.0, 0.0])),
+        (TypeError, "integer item ids", lambda r: r.observe_many(["a"], [2.9], [5000.0])),
+        (TypeError, "integer item ids", lambda r: r.observe("a", True, 5000.0)),
+        (ValueError, "finite", lambda r: r.observe_many(["new", "a"], [1, 2], [5000.0, float("nan")])),
+        (ValueError, "one entry per event", lambda r: r.observe_many(["new", "a"], [1], [5000.0, 5001.0])),
+        (ValueError, "now must be one time", lambda r: r.scores_many(["a", "b"], now=[1.0, 2.0, 3.0])),
+    ]
+    for error, message, call in refused:
+        with pytest.raises(error, match=message):
+            call(recommender)
+        assert_unchanged(recommender, before)
+
+    saved = recommender.export_users(["a"])
+    bad_states = {
+        "users listed twice": (dict(saved, users=["a", "a"]), "more than once"),
+        "rows for another number of users": (dict(saved, users=["p", "q", "r"]), r"shape \(2, 3, 7\) for 3 users"),
+        "a missing key": ({k: v for k, v in saved.items() if k != "session_sum"}, "lacks session_sum"),
+        "another state width": (dict(saved, state=torch.zeros(2, 1, 9)), r"state must have shape \(2, 1, 7\)"),
+        "other session rules": (dict(saved, max_session_length=3), "saved with max_session_length = 3"),
+        "a negative conv position": (dict(saved, conv_position=[p - 100 for p in saved["conv_position"]]), ">= 0"),
+        "a count past the session cap": (dict(saved, session_count=saved["session_count"] + 100),
+                                         "<= max_session_length"),
+        "float positions": (dict(saved, conv_position=[p.double() for p in saved["conv_position"]]), "integers"),
+        "one layer's history missing": (dict(saved, conv_history=saved["conv_history"][:1]), "one entry per TCN"),
+        "not a streaming state": (dict(saved, format="other"), "not a streaming state"),
+    }
+    for name, (state, message) in bad_states.items():
+        with pytest.raises((ValueError, TypeError), match=message):
+            recommender.load_state_dict(state)
+        assert_unchanged(recommender, before)
+    recommender.load_state_dict(saved)  # the state itself is fine
+    assert_unchanged(recommender, before)
