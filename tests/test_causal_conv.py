@@ -25,6 +25,9 @@ CASES = [
     # Big enough for the CPU backend's BLAS route (dense, >= 32 channels); the second with a tap past the start.
     ConvCase(3, 57, 36, 40, 5, 4, context_channels=5, activation="relu", residual=True),
     ConvCase(3, 40, 48, 32, 4, 16, activation="tanh"),
+    # Widths 7 and 8 (every k of 1..9 is run here).
+    ConvCase(2, 23, 5, 6, 7, 3, context_channels=2, activation="relu", residual=True),
+    ConvCase(1, 17, 8, 8, 8, 2, groups=8, activation="gelu"),
 ]
 
 
@@ -53,8 +56,13 @@ def test_matches_reference_and_conv1d_peer(backend, device, case):
     for name, grad in grads.items():
         assert_close(grad, ref_leaves[name].grad, dtype)
 
-    peer_args = {name: (value.double() if torch.is_tensor(value) else value) for name, value in args.items()}
-    assert_close(out, conv1d_peer(**peer_args), dtype)
+    # The independent peer (F.conv1d on a left-padded input): output and every gradient.
+    peer_args, peer_leaves = split_leaves(args, torch.float64)
+    peer = conv1d_peer(**peer_args)
+    assert_close(out, peer, dtype)
+    peer.backward(grad_out.double())
+    for name, grad in grads.items():
+        assert_close(grad, peer_leaves[name].grad, dtype)
 
 
 @pytest.mark.parametrize("case", [ConvCase(2, 29, 48, 40, 5, 3, context_channels=7, activation="gelu", residual=True),
@@ -183,8 +191,9 @@ def test_step_backends_agree_bitwise_on_state():
     states = {name: CausalConvState.zeros(case.batch, case.in_channels, case.kernel_size, dilation)
               for name in ("reference", "cpu")}
     for t in range(case.time):
-        for name, state in states.items():
-            causal_conv1d_step(x[:, t], state=state, residual=residual[:, t], **args, backend=name)
+        outs = {name: causal_conv1d_step(x[:, t], state=state, residual=residual[:, t], **args, backend=name)
+                for name, state in states.items()}
+        assert_close(outs["cpu"], outs["reference"], torch.float32)
     assert torch.equal(states["reference"].history, states["cpu"].history)
     assert torch.equal(states["reference"].position, states["cpu"].position)
 
@@ -284,10 +293,15 @@ def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
     compiled = torch.compile(lambda kw: causal_conv1d(**kw, backend=backend), fullgraph=True)
     out = compiled(call)
-    ref_args, _ = split_leaves(args, torch.float64)
-    assert_close(out, causal_conv1d_reference(**ref_args), torch.float32)
-    out.sum().backward()
-    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves.values())
+    ref_args, ref_leaves = split_leaves(args, torch.float64)
+    ref = causal_conv1d_reference(**ref_args)
+    assert_close(out, ref, torch.float32)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    ref.backward(grad_out.double())
+    for name, leaf in leaves.items():  # the compiled graph's backward: every gradient, not just its presence
+        assert leaf.grad is not None, name
+        torch.testing.assert_close(leaf.grad.double(), ref_leaves[name].grad, rtol=1e-4, atol=1e-4, msg=name)
 
 
 # ---- half types on the GPU -----------------------------------------------------------------------

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hiertcn_fast.ops import CausalConvState, causal_conv1d_step, causal_conv1d_step_reference, tcn_step
+from hiertcn_fast.ops import (CausalConvState, causal_conv1d_reference, causal_conv1d_step,
+                              causal_conv1d_step_reference, tcn_step)
 from hiertcn_fast.ops.conv import pack_weight
 from helpers import BACKEND_DEVICES, COMPARE_DTYPE, TOLERANCE, assert_close, rand
 
@@ -78,9 +79,9 @@ def layer_by_layer(x, params, states):
     return h
 
 
-def _run_both(case, backend, device, reset_at=None):
+def _run_both(case, backend, device, reset_at=None, params=None):
     dtype = COMPARE_DTYPE[backend]
-    params = case.params(torch.float64, device)
+    params = case.params(torch.float64, device) if params is None else params
     xs = rand(case.batch, case.steps, case.channels[0], device=device)
     states, expected_states = case.states(dtype, device), case.states(torch.float64, device)
     cast = {k: ([None if t is None else t.to(dtype) for t in v] if isinstance(v, list) else
@@ -110,6 +111,23 @@ def test_tcn_step_equals_layer_by_layer_reference(backend, device, case):
     # The first layer's history holds the inputs themselves, bitwise.
     assert torch.equal(states[0].history, expected_states[0].history.to(states[0].history.dtype))
     assert states[0].position.tolist() == [case.steps] * (case.batch - 1) + [case.steps - case.steps // 2]
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_tcn_step_equals_the_forward_over_the_sequence(backend, device, case):
+    """An independent definition: each layer's full-sequence convolution (causal_conv1d_reference, no step code)
+    over the whole sequence of the layer below, with its residual; the steps give its outputs at every time."""
+    params = case.params(torch.float64, device)
+    outs, _, states, _, xs = _run_both(case, backend, device, params=params)
+    h = xs
+    for l, state in enumerate(states):
+        proj = params["proj_weights"][l]
+        residual = h if proj is None else F.linear(h, proj, params["proj_biases"][l])
+        extra = dict(context=params["context"], context_weight=params["context_weight"]) if l == 0 else {}
+        h = causal_conv1d_reference(h, params["weights"][l], params["biases"][l], dilation=state.dilation,
+                                    activation=case.activation, residual=residual, **extra)
+    assert_close(outs, h, COMPARE_DTYPE[backend])
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3, 9, 20])
