@@ -49,20 +49,14 @@ def test_matches_reference_and_conv1d_peer(backend, device, case):
     out, grads, grad_out = run_forward_backward(args, backend)
     assert out.shape == (case.batch, case.time, case.out_channels) and out.dtype == dtype
 
-    ref_args, ref_leaves = split_leaves(args, torch.float64)
-    ref = causal_conv1d_reference(**ref_args)
-    assert_close(out, ref, dtype)
-    ref.backward(grad_out.double())
-    for name, grad in grads.items():
-        assert_close(grad, ref_leaves[name].grad, dtype)
-
-    # The independent peer (F.conv1d on a left-padded input): output and every gradient.
-    peer_args, peer_leaves = split_leaves(args, torch.float64)
-    peer = conv1d_peer(**peer_args)
-    assert_close(out, peer, dtype)
-    peer.backward(grad_out.double())
-    for name, grad in grads.items():
-        assert_close(grad, peer_leaves[name].grad, dtype)
+    # The reference, and the independent peer (F.conv1d on a left-padded input): output and every gradient.
+    for definition in (causal_conv1d_reference, conv1d_peer):
+        def_args, def_leaves = split_leaves(args, torch.float64)
+        expected = definition(**def_args)
+        assert_close(out, expected, dtype)
+        expected.backward(grad_out.double())
+        for name, grad in grads.items():
+            assert_close(grad, def_leaves[name].grad, dtype)
 
 
 @pytest.mark.parametrize("case", [ConvCase(2, 29, 48, 40, 5, 3, context_channels=7, activation="gelu", residual=True),
