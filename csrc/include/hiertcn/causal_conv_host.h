@@ -224,7 +224,8 @@ inline CausalConvStepParams make_causal_conv_step_params(const ConvShape& s, con
   check_same_device_dtype(x, history, "x", "history");
   check_shape(position, {s.batch}, "position");
   TORCH_CHECK(position.scalar_type() == at::kLong && position.is_contiguous(),
-              "position must be a contiguous int64 tensor, got ", position.scalar_type());
+              "position must be a contiguous int64 tensor, got a ", position.scalar_type(), " tensor with strides ",
+              position.strides());
   TORCH_CHECK(position.device() == x.device(), "position must be on the device of x (", x.device(), "), got ",
               position.device());
   check_output(out, x, {s.batch, s.out_channels}, "out");
