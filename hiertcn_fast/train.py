@@ -14,11 +14,12 @@ batches for the single-level history TCN, and for every batch:
 4. stores the new state, DETACHED (truncated backpropagation through time at batch boundaries).
 
 Checkpoints hold the model, the optimizer, the generator position and the state cache, the RNG
-states and the loss curve; resuming from one continues exactly as if uninterrupted (tested on the
-CPU, where a seed makes a run reproducible). Under torchrun (torch.distributed initialised) the
-lanes of every batch are sharded across ranks, each rank keeps the state cache of its lanes, and
-the loss is normalised by the events of the WHOLE batch, so the loss curve is that of one rank on
-the same data.
+states and the loss curve, and record what the model is and the run's schedule; resuming from one
+continues exactly as if uninterrupted (tested on the CPU, where a seed makes a run reproducible),
+refuses a checkpoint of another model or schedule, and restores all of it or nothing. Under
+torchrun (torch.distributed initialised) the lanes of every batch are sharded across ranks, each
+rank keeps the state cache of its lanes, and the loss is normalised by the events of the WHOLE
+batch, so the loss curve is that of one rank on the same data.
 
 Evaluation (:func:`evaluate`) runs a model over a split with its own state cache and scores every
 event against the full catalogue with :class:`~hiertcn_fast.evaluate.RankingMetrics`; the events
@@ -28,6 +29,7 @@ are the ones the rule baselines are scored on.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 import sys
@@ -39,17 +41,36 @@ import torch
 import torch.nn.functional as F
 
 from .data import LaneStateCache, SessionBatch, SessionBatcher, SessionCache
+from .data.cache import fsync_path
 from .evaluate import RankingMetrics, batch_targets
 from .models import NEURAL_MODELS, HistoryBatch, NextItemModel, UserHistoryBatcher
 from .backends import requested_backend
 from .ops import linear_cross_entropy
 
-__all__ = ["TrainConfig", "Trainer", "evaluate", "build_model", "sampled_softmax_loss", "train_item_counts",
-           "DataMemoryMeter", "user_lane_batches"]
+__all__ = ["TrainConfig", "Trainer", "evaluate", "build_model", "model_spec", "sampled_softmax_loss",
+           "train_item_counts", "DataMemoryMeter", "user_lane_batches"]
 
 LOSSES = ("full", "sampled")
 SAMPLERS = ("unigram", "uniform")
-CHECKPOINT_FORMAT = "hiertcn_fast.checkpoint/1"
+# /2: checkpoints record the model (model_spec), the rank, the world size and the device type; /1 did not.
+CHECKPOINT_FORMAT = "hiertcn_fast.checkpoint/2"
+# The TrainConfig fields a resumed run must share with the run that wrote its checkpoint: they fix the
+# batches (lanes, sessions_per_batch, seed), the learning-rate schedule (epochs: the milestones are
+# fractions of the run; learning_rate, lr_milestones, lr_gamma) and every update (grad_clip,
+# weight_decay, loss, num_sampled, sampler).
+RESUME_FIELDS = ("epochs", "lanes", "sessions_per_batch", "learning_rate", "lr_milestones", "lr_gamma", "grad_clip",
+                 "weight_decay", "loss", "num_sampled", "sampler", "seed")
+# The fields that may change on resume: where the run computes (device, within its type: the
+# sampler's random generator cannot move between the CPU and CUDA, so load_checkpoint refuses that on
+# its own; amp, bf16 autocast, which changes rounding, not the schedule), how batches are built
+# (num_producers, queue_slots: the queue hands out the same batches in the same order), what it prints
+# (log_every, progress_bar), where and how often it saves (checkpoint_path, checkpoint_every) and when
+# it stops (max_steps: a run is resumed to go further than it went).
+RESUME_FREE_FIELDS = ("device", "amp", "num_producers", "queue_slots", "log_every", "progress_bar", "checkpoint_path",
+                      "checkpoint_every", "max_steps")
+# Compared only when either run samples: a full-softmax run never reads them.
+SAMPLED_FIELDS = ("num_sampled", "sampler")
+_ABSENT = object()  # a field or layer one side of the comparison does not have
 
 
 @dataclasses.dataclass
@@ -125,6 +146,25 @@ def build_model(name: str, num_items: int, seed: int = 0, **sizes) -> NextItemMo
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return NEURAL_MODELS[name](num_items, **sizes)
+
+
+def model_spec(model: NextItemModel) -> dict[str, str]:
+    """What ``model`` is, as a checkpoint records it: its class, the session length it trains on, and
+    every layer's type and sizes (its ``extra_repr``: widths, kernel size, dilation, dropout), e.g.
+    ``{"class": "hiertcn_fast.models.hiertcn.HierTCN", "max_session_length": "20", ...,
+    "tcn.blocks.0.conv": "CausalConv1d(16, 16, kernel_size=3, dilation=1, ...)"}``.
+
+    Read off the module tree, not taken from :func:`build_model`'s arguments, so that it describes a
+    model however it was built, and a default spelled out (``dilations=(1, 2)``) equals the default.
+    Not part of it: the op backend, the dtype and the device, which change where and how precisely the
+    model computes, not what it computes.
+    """
+    spec = {"class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "max_session_length": repr(getattr(model, "max_session_length", None))}
+    for name, module in model.named_modules():
+        if name:
+            spec[name] = f"{type(module).__name__}({module.extra_repr()})"
+    return spec
 
 
 def train_item_counts(cache: SessionCache, split: str = "train") -> np.ndarray:
@@ -471,32 +511,113 @@ class Trainer:
     # ---- checkpoints ----
 
     def checkpoint(self) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "name": self.name, "config": dataclasses.asdict(self.config),
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "source": self.source.state_dict(), "step": self.step, "curve": list(self.curve),
+        """Everything a resume needs (tensors and plain containers only, so it loads with
+        ``torch.load(weights_only=True)``); the model and optimizer entries share the live tensors."""
+        return {"format": CHECKPOINT_FORMAT, "name": self.name, "model_spec": model_spec(self.model),
+                "config": dataclasses.asdict(self.config), "world_size": self.world_size, "rank": self.rank,
+                "device_type": self.device.type, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "source": self.source.state_dict(), "step": self.step,
+                "curve": list(self.curve),
                 "train_events": self.train_events, "train_seconds": self.train_seconds,
                 "rng": torch.get_rng_state(), "sampler": self.sampler.get_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
     def save_checkpoint(self, path) -> Path:
-        """Write :meth:`checkpoint` atomically (a temporary file renamed into place); per rank in a
-        distributed run (``path.rank<r>``)."""
+        """Write :meth:`checkpoint` durably; per rank in a distributed run (``path.rank<r>``).
+
+        The checkpoint goes to a temporary file beside ``path``, flushed and fsync'ed, renamed over
+        ``path``, and the directory is fsync'ed, so a crash or power loss leaves the old checkpoint or
+        the new one, never an empty or partial file; a failed write (a full disk, Ctrl-C) removes its
+        temporary file and leaves the old checkpoint in place.
+        """
         path = Path(path if self.world_size == 1 else f"{path}.rank{self.rank}")
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save(self.checkpoint(), temporary)
-        os.replace(temporary, path)
+        state = self.checkpoint()
+        try:
+            with open(temporary, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, path)
+            fsync_path(path.parent)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
         return path
 
-    def load_checkpoint(self, path_or_state) -> "Trainer":
-        """Restore everything :meth:`checkpoint` holds; :meth:`train` then continues where it stopped."""
+    def load_checkpoint(self, path_or_state, *, strict: bool = True) -> "Trainer":
+        """Restore everything :meth:`checkpoint` holds; :meth:`train` then continues where it stopped.
+
+        The checkpoint must come from the same model (:func:`model_spec`: class, session length, every
+        layer's sizes), the same schedule (the TrainConfig fields in ``RESUME_FIELDS``) and the same
+        rank of the same world size; otherwise ValueError lists every difference, saved vs now.
+        ``strict=False`` skips that comparison, to continue on purpose with, say, another learning
+        rate; what cannot be loaded (parameter shapes, the batches' identity, the sampler's generator
+        state from another device type) is still refused.
+
+        All or nothing: a checkpoint refused at any point leaves the model, the optimizer, the
+        generator position and state cache, the RNGs and the counters as they were. A file is read
+        with ``torch.load(weights_only=True)``, which runs no code from it.
+        """
         state = path_or_state
         if not isinstance(state, dict):
             path = Path(path_or_state if self.world_size == 1 else f"{path_or_state}.rank{self.rank}")
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"not a hiertcn_fast checkpoint (format {state.get('format')!r}, "
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a hiertcn_fast checkpoint of this version (format {found!r}, "
                              f"expected {CHECKPOINT_FORMAT!r})")
+        before = self._restorable_state()
+        missing = sorted(before.keys() - state.keys())
+        if missing:
+            raise ValueError(f"checkpoint lacks {missing}")
+        if state["device_type"] != self.device.type:
+            raise ValueError(f"checkpoint was written on {state['device_type']} and this trainer runs on "
+                             f"{self.device.type}: the sampler's random generator state does not carry over")
+        if strict:
+            differences = self._checkpoint_differences(state)
+            if differences:
+                raise ValueError("checkpoint was written by another model or schedule (saved vs now; "
+                                 "strict=False resumes anyway):\n  " + "\n  ".join(differences))
+        rng_seeded = self._rng_seeded
+        try:
+            self._restore(state)
+        except BaseException:
+            self._restore(before)
+            self._rng_seeded = rng_seeded
+            raise
+        return self
+
+    def _checkpoint_differences(self, state: dict) -> list[str]:
+        """'what: saved vs now' for every recorded fact of ``state`` that differs from this trainer's."""
+        differences = []
+
+        def compare(what, saved, now, show=repr):
+            if saved != now:
+                saved, now = ("absent" if value is _ABSENT else show(value) for value in (saved, now))
+                differences.append(f"{what}: {saved} vs {now}")
+
+        saved_spec, spec = state["model_spec"], model_spec(self.model)
+        for key in [*saved_spec, *(key for key in spec if key not in saved_spec)]:
+            compare(f"model {key}", saved_spec.get(key, _ABSENT), spec.get(key, _ABSENT), show=str)
+        saved_config, config = state["config"], dataclasses.asdict(self.config)
+        samples = "sampled" in (saved_config.get("loss"), config["loss"])
+        for name in RESUME_FIELDS:
+            if samples or name not in SAMPLED_FIELDS:
+                compare(f"config {name}", saved_config.get(name, _ABSENT), config[name])
+        compare("world_size", state["world_size"], self.world_size)
+        compare("rank", state["rank"], self.rank)
+        return differences
+
+    def _restorable_state(self) -> dict:
+        """A :meth:`checkpoint` that owns its tensors: what a refused checkpoint is rolled back to."""
+        state = self.checkpoint()
+        state["model"] = {key: value.clone() for key, value in state["model"].items()}
+        state["optimizer"] = copy.deepcopy(state["optimizer"])
+        return state
+
+    def _restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.source.load_state_dict(state["source"])
@@ -507,7 +628,6 @@ class Trainer:
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self._rng_seeded = True
-        return self
 
 
 # ---- evaluation -----------------------------------------------------------------------------------

@@ -1,6 +1,12 @@
 """The training loop: it learns, it resumes exactly, its losses and its evaluation events are right."""
 
+import copy
 import dataclasses
+import errno
+import os
+import pickle
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,8 +15,9 @@ import torch.nn.functional as F
 
 from hiertcn_fast.models import iter_split_events
 from hiertcn_fast.evaluate import RankingMetrics, batch_targets
-from hiertcn_fast.train import (DataMemoryMeter, TrainConfig, Trainer, build_model, evaluate, sampled_softmax_loss,
-                                train_item_counts, user_lane_batches)
+from hiertcn_fast.train import (CHECKPOINT_FORMAT, RESUME_FIELDS, RESUME_FREE_FIELDS, DataMemoryMeter, TrainConfig,
+                                Trainer, build_model, evaluate, sampled_softmax_loss, train_item_counts,
+                                user_lane_batches)
 from model_helpers import synthetic_cache, one_thread  # noqa: F401 (autouse fixture)
 
 TINY = {
@@ -55,11 +62,21 @@ def test_training_lowers_the_loss_and_evaluates_every_event(cache, name):
     assert quality["per_event"]["all"]["Recall@10"] > 0.1
 
 
-@pytest.mark.parametrize("name", ["hiertcn", "history_tcn"])
-def test_resume_equals_uninterrupted(cache, tmp_path, name):
+def assert_same_run(straight, resumed):
+    assert resumed.step == straight.step and resumed.curve == straight.curve
+    for (key, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), key
+    if straight.source.state_cache is not None:
+        assert torch.equal(straight.source.state_cache.state, resumed.source.state_cache.state)
+
+
+@pytest.mark.parametrize("name, extra", [("hiertcn", {}), ("history_tcn", {}),
+                                         ("hiertcn", dict(loss="sampled", num_sampled=32))],
+                         ids=["hiertcn", "history_tcn", "hiertcn-sampled"])
+def test_resume_equals_uninterrupted(cache, tmp_path, name, extra):
     """Stop mid-epoch, checkpoint, rebuild everything from the checkpoint: identical parameters,
-    loss curve and lane state to a run that never stopped."""
-    settings = config(epochs=2, checkpoint_path=str(tmp_path / "run.pt"))
+    loss curve and lane state to a run that never stopped (sampled: the sampler's generator too)."""
+    settings = config(epochs=2, checkpoint_path=str(tmp_path / "run.pt"), **extra)
     straight = Trainer(build_model(name, cache.num_items, seed=2, dropout=0.1, **TINY[name]), cache,
                        dataclasses.replace(settings, checkpoint_path=None), out=None).train()
 
@@ -69,11 +86,226 @@ def test_resume_equals_uninterrupted(cache, tmp_path, name):
     resumed = Trainer(build_model(name, cache.num_items, seed=99, dropout=0.1, **TINY[name]), cache, settings,
                       out=None)
     resumed.load_checkpoint(tmp_path / "run.pt").train()
-    assert resumed.step == straight.step and resumed.curve == straight.curve
-    for (key, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), key
-    if straight.source.state_cache is not None:
-        assert torch.equal(straight.source.state_cache.state, resumed.source.state_cache.state)
+    assert_same_run(straight, resumed)
+
+
+def test_resume_from_a_periodic_checkpoint_equals_uninterrupted(cache, tmp_path):
+    """A run that checkpoints every 3 steps dies in step 5; resuming from the step-3 checkpoint (taken
+    while the producer thread was building batches ahead) gives the run that never died."""
+    settings = config(epochs=2, checkpoint_path=str(tmp_path / "run.pt"), checkpoint_every=3)
+    straight = Trainer(build_model("hiertcn", cache.num_items, seed=2, dropout=0.1, **TINY["hiertcn"]), cache,
+                       dataclasses.replace(settings, checkpoint_path=None), out=None).train()
+
+    class Died(Exception):
+        pass
+
+    def die_in_step_5(module, args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise Died
+
+    calls = []
+    doomed = build_model("hiertcn", cache.num_items, seed=2, dropout=0.1, **TINY["hiertcn"])
+    doomed.register_forward_pre_hook(die_in_step_5)
+    with pytest.raises(Died):
+        Trainer(doomed, cache, settings, out=None).train()
+    assert torch.load(tmp_path / "run.pt", weights_only=True)["step"] == 3
+    resumed = Trainer(build_model("hiertcn", cache.num_items, seed=99, dropout=0.1, **TINY["hiertcn"]), cache,
+                      settings, out=None)
+    resumed.load_checkpoint(tmp_path / "run.pt")
+    assert resumed.step == 3
+    resumed.train()
+    assert_same_run(straight, resumed)
+
+
+def test_resume_may_change_where_and_how_the_run_goes(cache, tmp_path):
+    """The fields outside RESUME_FIELDS (device, queue, display, checkpointing, stop) may change on
+    resume and the run is still exactly the uninterrupted one; every TrainConfig field is on one list."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(RESUME_FIELDS) | set(RESUME_FREE_FIELDS) == fields
+    assert not set(RESUME_FIELDS) & set(RESUME_FREE_FIELDS)
+    settings = config(epochs=2)
+    straight = Trainer(build_model("hiertcn", cache.num_items, seed=2, **TINY["hiertcn"]), cache, settings,
+                       out=None).train()
+    Trainer(build_model("hiertcn", cache.num_items, seed=2, **TINY["hiertcn"]), cache,
+            dataclasses.replace(settings, max_steps=4, checkpoint_path=str(tmp_path / "a.pt")), out=None).train()
+    moved = dataclasses.replace(settings, device="cpu", amp=False, num_producers=0, queue_slots=2, log_every=3,
+                                progress_bar=False, checkpoint_path=str(tmp_path / "b.pt"), checkpoint_every=2)
+    resumed = Trainer(build_model("hiertcn", cache.num_items, seed=3, **TINY["hiertcn"]), cache, moved, out=None)
+    resumed.load_checkpoint(tmp_path / "a.pt").train()
+    assert_same_run(straight, resumed)
+
+
+def trainer_state(trainer) -> dict:
+    """A copy of everything a checkpoint restores, to compare trainers with."""
+    return {"model": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+            "optimizer": copy.deepcopy(trainer.optimizer.state_dict()), "source": trainer.source.state_dict(),
+            "step": trainer.step, "curve": list(trainer.curve), "train_events": trainer.train_events,
+            "train_seconds": trainer.train_seconds, "rng": torch.get_rng_state(),
+            "sampler": trainer.sampler.get_state(), "rng_seeded": trainer._rng_seeded}
+
+
+def assert_same(a, b, where="state"):
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.fixture(scope="module")
+def saved_run(cache, tmp_path_factory):
+    """A checkpoint of 5 steps of hiertcn (TINY, config(epochs=2)), as a file."""
+    path = tmp_path_factory.mktemp("saved_run") / "run.pt"
+    Trainer(build_model("hiertcn", cache.num_items, seed=2, **TINY["hiertcn"]), cache,
+            config(epochs=2, max_steps=5, checkpoint_path=str(path)), out=None).train()
+    return path
+
+
+def test_resume_refuses_another_model_or_schedule(cache, saved_run):
+    """Every difference is listed (saved vs now), and nothing is loaded; strict=False loads anyway."""
+    model = build_model("hiertcn", cache.num_items, seed=3, dilations=(4, 8), max_session_length=30,
+                        **TINY["hiertcn"])
+    trainer = Trainer(model, cache, config(epochs=50, learning_rate=0.5, loss="sampled", num_sampled=64, seed=8,
+                                           lr_milestones=(0.5,), grad_clip=1.0), out=None)
+    before = trainer_state(trainer)
+    with pytest.raises(ValueError, match="another model or schedule") as refused:
+        trainer.load_checkpoint(saved_run)
+    lines = str(refused.value).splitlines()[1:]
+    expected = ["model max_session_length: 20 vs 30",
+                "model tcn.blocks.0.conv: CausalConv1d(16, 16, kernel_size=3, dilation=1",
+                "model tcn.blocks.1.conv: CausalConv1d(16, 16, kernel_size=3, dilation=2",
+                "config epochs: 2 vs 50", "config learning_rate: 0.01 vs 0.5",
+                "config lr_milestones: (0.5, 0.75) vs (0.5,)", "config grad_clip: 5.0 vs 1.0",
+                "config loss: 'full' vs 'sampled'", "config num_sampled: 1024 vs 64", "config seed: 7 vs 8"]
+    assert len(lines) == len(expected), lines
+    for line, start in zip(lines, expected):
+        assert line.strip().startswith(start), line
+    assert "dilation=4" in lines[1] and "dilation=8" in lines[2]
+    assert_same(before, trainer_state(trainer))
+
+    other = Trainer(build_model("session_gru", cache.num_items, seed=3, **TINY["session_gru"]), cache,
+                    config(epochs=2), out=None)
+    with pytest.raises(ValueError, match=r"model class: hiertcn_fast.models.hiertcn.HierTCN vs "
+                                         r"hiertcn_fast.models.baselines.SessionGRU"):
+        other.load_checkpoint(saved_run)
+    state = torch.load(saved_run, weights_only=True)
+    same = Trainer(build_model("hiertcn", cache.num_items, seed=3, **TINY["hiertcn"]), cache, config(epochs=2),
+                   out=None)
+    with pytest.raises(ValueError, match=r"(?s)world_size: 2 vs 1.*rank: 1 vs 0"):
+        same.load_checkpoint({**state, "world_size": 2, "rank": 1})
+    with pytest.raises(ValueError, match="written on cuda and this trainer runs on cpu"):
+        same.load_checkpoint({**state, "device_type": "cuda"}, strict=False)
+    assert same.step == 0
+
+    # Same parameter shapes: loads when asked to.
+    relaxed = Trainer(build_model("hiertcn", cache.num_items, seed=3, dilations=(4, 8), **TINY["hiertcn"]), cache,
+                      config(epochs=50, learning_rate=0.5, loss="sampled"), out=None)
+    relaxed.load_checkpoint(saved_run, strict=False)
+    assert relaxed.step == 5 and all(torch.equal(v, state["model"][k]) for k, v in relaxed.model.state_dict().items())
+
+
+@pytest.mark.parametrize("how", ["parameter shapes", "batcher", "sampler state", "missing entry"])
+def test_a_refused_checkpoint_leaves_the_trainer_as_it_was(cache, saved_run, how):
+    """Refused before anything is written (a missing entry) or late, when the parameters, the
+    optimizer or the position would already have been written: model, optimizer, position, lane
+    state, counters and RNGs are all as before."""
+    sizes, settings = dict(TINY["hiertcn"]), config(epochs=2)
+    state = torch.load(saved_run, weights_only=True)
+    if how == "parameter shapes":
+        sizes["tcn_channels"] = (16, 8)  # the first block still fits; the second and the output do not
+    elif how == "batcher":
+        settings = config(epochs=2, lanes=4)
+    elif how == "sampler state":
+        state["sampler"] = torch.zeros(3, dtype=torch.uint8)
+    else:
+        del state["train_seconds"]
+    trainer = Trainer(build_model("hiertcn", cache.num_items, seed=3, **sizes), cache,
+                      dataclasses.replace(settings, max_steps=2), out=None).train()
+    before = trainer_state(trainer)
+    with pytest.raises((ValueError, RuntimeError)):
+        trainer.load_checkpoint(state, strict=False)
+    assert_same(before, trainer_state(trainer))
+
+
+_RAN_ON_LOAD = []
+
+
+def _record_load():
+    _RAN_ON_LOAD.append(True)
+
+
+class _RunsOnLoad:
+    """Unpickling it calls _record_load (what a malicious checkpoint would do with os.system)."""
+
+    def __reduce__(self):
+        return _record_load, ()
+
+
+def test_checkpoints_load_without_running_code(cache, tmp_path):
+    """A checkpoint file is read with weights_only=True: an object that would run code on unpickling
+    is refused, and the code does not run."""
+    torch.save({"format": CHECKPOINT_FORMAT, "payload": _RunsOnLoad()}, tmp_path / "evil.pt")
+    trainer = Trainer(build_model("session_gru", cache.num_items, **TINY["session_gru"]), cache, config(), out=None)
+    with pytest.raises(pickle.UnpicklingError):
+        trainer.load_checkpoint(tmp_path / "evil.pt")
+    assert _RAN_ON_LOAD == []
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk full", "ctrl-c"])
+def test_a_failed_save_keeps_the_old_checkpoint_and_leaves_no_temporary_file(cache, tmp_path, monkeypatch, error):
+    path = tmp_path / "run.pt"
+    trainer = Trainer(build_model("session_gru", cache.num_items, **TINY["session_gru"]), cache,
+                      config(epochs=2, max_steps=2), out=None).train()
+    trainer.save_checkpoint(path)
+    trainer.config.max_steps = 4
+    trainer.train()
+
+    def fail_halfway(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):
+            with open(f, "wb") as file:
+                file.write(b"partial")
+        else:
+            f.write(b"partial")
+        raise error
+
+    monkeypatch.setattr(torch, "save", fail_halfway)
+    with pytest.raises(type(error)):
+        trainer.save_checkpoint(path)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["run.pt"]
+    assert torch.load(path, weights_only=True)["step"] == 2
+
+
+def test_a_checkpoint_is_fsynced_before_its_rename_and_its_directory_after(cache, tmp_path, monkeypatch):
+    """Durable: the new file's data is on disk before it replaces the old one, and the rename is on
+    disk (the directory fsync'ed) before save_checkpoint returns."""
+    trainer = Trainer(build_model("session_gru", cache.num_items, **TINY["session_gru"]), cache,
+                      config(epochs=1, max_steps=1), out=None).train()
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(source, destination):
+        events.append(("replace", Path(destination)))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = trainer.save_checkpoint(tmp_path / "run.pt")
+    assert events == [("fsync", path.stat().st_ino), ("replace", path), ("fsync", tmp_path.stat().st_ino)]
 
 
 def zero_state_metrics(model, cache, split, users_per_batch):
