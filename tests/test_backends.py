@@ -1,5 +1,6 @@
 """Backend discovery and selection: keyword, context manager, environment variable, auto."""
 
+import importlib
 import subprocess
 import sys
 
@@ -7,8 +8,7 @@ import pytest
 import torch
 
 import hiertcn_fast
-from hiertcn_fast import backends as backend_module  # noqa: F401
-from hiertcn_fast.backends import ENV_VAR, requested_backend, resolve
+from hiertcn_fast.backends import ENV_VAR, requested_backend, resolve, triton_interpreted
 
 DTYPES = {name: {torch.float32} for name in ("cuda", "triton", "cpu", "reference")}
 
@@ -61,12 +61,70 @@ def test_refusals_are_remembered_and_raised_again():
             resolve("op_refusing_cpu", "cpu", torch.device("cpu"), torch.float32, no_cpu_kernel)
 
 
-def test_context_manager_routes_ops():
+def _record_gru_gates_backends(monkeypatch):
+    """The backend that runs each gru_gates call, recorded where the op hands the work over: its reference
+    function, or the kernel launcher with the backend's name."""
+    gru_module = importlib.import_module("hiertcn_fast.ops.gru")  # the package's `gru` is the op, not the module
+    ran = []
+    reference, kernel = gru_module.gru_gates_reference, gru_module._gru_gates_kernel
+
+    def recorded_reference(*args):
+        ran.append("reference")
+        return reference(*args)
+
+    def recorded_kernel(name, *args):
+        ran.append(name)
+        return kernel(name, *args)
+
+    monkeypatch.setattr(gru_module, "gru_gates_reference", recorded_reference)
+    monkeypatch.setattr(gru_module, "_gru_gates_kernel", recorded_kernel)
+    return ran
+
+
+def test_keyword_context_and_environment_route_ops(monkeypatch):
+    ran = _record_gru_gates_backends(monkeypatch)
+    monkeypatch.delenv(ENV_VAR, raising=False)
     gi, gh, h = torch.randn(2, 6), torch.randn(2, 6), torch.randn(2, 2)
+    expected = hiertcn_fast.ops.gru_gates_reference(gi, gh, h)
+
+    def call(backend=None):
+        torch.testing.assert_close(hiertcn_fast.ops.gru_gates(gi, gh, h, backend=backend), expected)
+        return ran.pop()
+
+    assert call() == "cpu"  # auto, on CPU tensors
+    with hiertcn_fast.use_backend("reference"):
+        assert call() == "reference"
+        assert call("cpu") == "cpu"
+        with hiertcn_fast.use_backend("auto"):
+            assert call() == "cpu"
+        assert call() == "reference"
+    assert call() == "cpu"
+    monkeypatch.setenv(ENV_VAR, "reference")
+    assert call() == "reference"
+    with hiertcn_fast.use_backend("cpu"):
+        assert call() == "cpu"
+    if triton_interpreted() and not torch.cuda.is_available():
+        monkeypatch.setenv(ENV_VAR, "triton")
+        assert call() == "triton"
+    assert ran == []
+
+
+def test_cuda_backend_refuses_cpu_tensors_on_any_machine(monkeypatch):
+    # Where CUDA runs, the refusal says the tensors are on the CPU; elsewhere, why the backend is missing and
+    # its fix. Either way it is an error, never the cpu kernels in its place.
+    ran = _record_gru_gates_backends(monkeypatch)
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    gi, gh, h = torch.randn(2, 6), torch.randn(2, 6), torch.randn(2, 2)
+    refusal = r"gru_gates: backend 'cuda' cannot run this call: (it needs CUDA tensors, got tensors on cpu|.*fix: )"
+    with pytest.raises(hiertcn_fast.BackendUnavailableError, match=refusal):
+        hiertcn_fast.ops.gru_gates(gi, gh, h, backend="cuda")
     with hiertcn_fast.use_backend("cuda"):
-        if not torch.cuda.is_available():
-            with pytest.raises(hiertcn_fast.BackendUnavailableError, match="fix|CUDA tensors"):
-                hiertcn_fast.ops.gru_gates(gi, gh, h)
+        with pytest.raises(hiertcn_fast.BackendUnavailableError, match=refusal):
+            hiertcn_fast.ops.gru_gates(gi, gh, h)
+    monkeypatch.setenv(ENV_VAR, "cuda")
+    with pytest.raises(hiertcn_fast.BackendUnavailableError, match=refusal):
+        hiertcn_fast.ops.gru_gates(gi, gh, h)
+    assert ran == []
 
 
 def test_info_command_runs():

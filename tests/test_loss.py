@@ -117,8 +117,39 @@ def test_bad_input_is_a_clear_error():
         linear_cross_entropy(features, weight, b, targets.int())
     with pytest.raises(ValueError, match="one class id per row"):
         linear_cross_entropy(features, weight, b, targets[:3])
-    with pytest.raises(RuntimeError, match=r"targets must lie in \[0, 5\)"):
-        linear_cross_entropy(features, weight, b, torch.tensor([0, 1, 5, 2]), backend="cpu")
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor, got list"):
+        linear_cross_entropy(features, weight, b.tolist(), targets)
+    with pytest.raises(ValueError, match="bias must be 1-D"):
+        linear_cross_entropy(features, weight, b[None], targets)
+
+
+# Rows a caller might mean to skip (-100 is F.cross_entropy's default ignore_index) and ids past the catalogue.
+BAD_TARGETS = {"ignore_index": ([0, -100, 4, 2], r"\[-100, 4\] \(there is no ignore_index"),
+               "negative": ([0, -1, 1, 2], r"\[-1, 2\]"), "past the end": ([0, 1, 5, 2], r"\[0, 5\]\Z"),
+               "huge": ([2 ** 40, 0, 1, 2], r"\[0, 1099511627776\]")}
+
+
+@pytest.mark.parametrize("targets,message", BAD_TARGETS.values(), ids=BAD_TARGETS.keys())
+@pytest.mark.parametrize("backend,dtype,autocast", [
+    ("cpu", torch.float32, False), ("reference", torch.float32, False), ("reference", torch.float64, False),
+    # auto on what the cpu kernel takes, and on what only the reference takes (half types, autocast).
+    (None, torch.float32, False), (None, torch.bfloat16, False), (None, torch.float32, True)])
+def test_targets_outside_the_classes_are_the_same_error_on_every_backend(targets, message, backend, dtype,
+                                                                         autocast):
+    # The reference composition, F.cross_entropy, would silently drop the rows marked -100 (its
+    # ignore_index) where the cpu kernel refuses them: the same call must not give a loss on one backend and
+    # an error on another.
+    features, weight, b, _ = _leaves(4, 3, 5, dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with pytest.raises(ValueError, match=r"targets must lie in \[0, 5\), got values in " + message):
+            linear_cross_entropy(features, weight, b, torch.tensor(targets), backend=backend)
+
+
+def test_row_op_checks_targets_itself():
+    logits, bias = rand(4, 5, dtype=torch.float32), rand(5, dtype=torch.float32)
+    for targets in ([0, -100, 4, 2], [0, 1, 5, 2]):
+        with pytest.raises(RuntimeError, match=r"targets must lie in \[0, 5\)"):
+            _row_op(logits, torch.tensor(targets), bias)
 
 
 def test_backends_it_lacks_are_an_error_never_a_silent_fallback():

@@ -108,10 +108,12 @@ def test_tcn_step_shortcut_runs_only_for_the_objects_it_was_made_for(monkeypatch
     import copy
 
     import hiertcn_fast.nn.conv as nn_conv
-    from hiertcn_fast import use_backend
-    from hiertcn_fast._extension import has_tcn_step_plan
-    if not has_tcn_step_plan():
-        pytest.skip("the extension has no prepared TCN step (built without its python bindings)")
+    from hiertcn_fast import _extension, use_backend
+    if not _extension.has_tcn_step_plan():
+        # The suite requires the built extension (test_backends), and every build of it has the prepared step
+        # (csrc/python/tcn_step_plan.cpp): without it the shortcut under test silently never runs.
+        pytest.fail("the compiled extension has no prepared TCN step (hiertcn_fast._C.TcnStepPlan), a build "
+                    f"regression: {_extension.load_error() or 'loaded, but without its python bindings'}")
     runs = []
     real = nn_conv.prepared_tcn_step
 

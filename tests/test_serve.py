@@ -72,10 +72,8 @@ def test_streaming_equals_forward():
             assert got[0] == -torch.inf
     # A known user's single events stepped its row views in place, and (from the second step on) through
     # TCN.step's shortcut.
-    from hiertcn_fast._extension import has_tcn_step_plan
     assert set(recommender._row_views) == {recommender.user_slot[u] for u in users if len(streams[u]) > 1}
-    if has_tcn_step_plan():
-        assert all(view.conv._fast is not None for view in recommender._row_views.values())
+    assert all(view.conv._fast is not None for view in recommender._row_views.values())
 
 
 def per_user_tensors(recommender, users):

@@ -441,8 +441,11 @@ def _check_session_update(items, lengths, h, keep, weights, proj_weight, proj_bi
     layers_count, batch, hidden = h.shape
     if items.shape[0] != batch:
         raise ValueError(f"item_embeddings has batch {items.shape[0]} but h (layers, batch, hidden) has {batch}")
-    if not isinstance(lengths, torch.Tensor) or lengths.dtype.is_floating_point or lengths.dtype.is_complex:
-        raise TypeError(f"lengths must be an integer tensor, got {getattr(lengths, 'dtype', type(lengths))}")
+    if (not isinstance(lengths, torch.Tensor) or lengths.dtype == torch.bool or lengths.dtype.is_floating_point
+            or lengths.dtype.is_complex):
+        # A bool is not a length: a mask of the rows with a session would silently count as lengths 0 and 1.
+        raise TypeError(f"lengths must be an integer tensor of session lengths, got "
+                        f"{getattr(lengths, 'dtype', type(lengths))}")
     check_shape(lengths, "lengths (batch,)", (batch,))
     if lengths.device != h.device:
         raise ValueError(f"lengths is on {lengths.device} but h is on {h.device}; move them to one device")
@@ -469,12 +472,14 @@ def _check_session_update(items, lengths, h, keep, weights, proj_weight, proj_bi
     layers = _layer_weights(weights, layers_count, input_size, hidden, h)
     if len({w[2] is None for w in layers}) > 1:
         raise ValueError("weights must have biases in every layer or in none")
-    return lengths.to(torch.int64), keep.to(h.dtype), layers
+    # The kernels read lengths as one int64 per row, unit stride.
+    return lengths.to(torch.int64).contiguous(), keep.to(h.dtype), layers
 
 
 def _well_formed_session_update(items, lengths, h, keep, weights, proj_weight, proj_bias):
-    """The layers of _check_session_update when its checks pass and lengths (int64) and keep (h's dtype) need
-    no conversion, in one cheap pass; else None (then _check_session_update converts or says what is wrong)."""
+    """The layers of _check_session_update when its checks pass and lengths (contiguous int64) and keep (h's
+    dtype) need no conversion, in one cheap pass; else None (then _check_session_update converts or says what
+    is wrong)."""
     if not (isinstance(h, torch.Tensor) and isinstance(items, torch.Tensor) and isinstance(lengths, torch.Tensor)
             and isinstance(keep, torch.Tensor) and h.dim() == 3 and items.dim() == 3 and h.dtype in FLOATING):
         return None
@@ -482,6 +487,7 @@ def _well_formed_session_update(items, lengths, h, keep, weights, proj_weight, p
     batch = h.shape[1]
     if not (items.dtype == dtype and items.device == device and items.shape[0] == batch
             and lengths.dtype == torch.int64 and lengths.device == device and lengths.shape == (batch,)
+            and lengths.is_contiguous()
             and keep.dtype == dtype and keep.device == device and keep.shape == (batch,)):
         return None
     input_size = items.shape[2]
@@ -512,10 +518,11 @@ def session_update(item_embeddings: torch.Tensor, lengths: torch.Tensor, h: torc
     """HierTCN's high-level step for a batch of lanes, in one op. Returns the new h (layers, batch, hidden).
 
     item_embeddings: (batch, time, dim), the current session of every lane, padded; lengths: (batch,)
-    integers in [0, time], the session lengths; h: (layers, batch, hidden), the GRU state; keep:
-    (batch,) bool or h's dtype, 0 where the lane's user has ended (its state restarts from zero);
-    weights: one (w_ih, w_hh[, b_ih, b_hh]) sequence per layer in nn.GRU's layout; proj_weight
-    (projected, dim) and proj_bias (projected,): an optional input projection.
+    integers in [0, time] (any integer dtype but bool, any strides), the session lengths; h: (layers,
+    batch, hidden), the GRU state; keep: (batch,) bool or h's dtype, 0 where the lane's user has ended
+    (its state restarts from zero); weights: one (w_ih, w_hh[, b_ih, b_hh]) sequence per layer in
+    nn.GRU's layout; proj_weight (projected, dim) and proj_bias (projected,): an optional input
+    projection.
 
         x    = mean(item_embeddings[b, :lengths[b]])          (0 for a row of length 0)
         x    = x proj_weight^T + proj_bias                    (when proj_weight is given)

@@ -76,25 +76,49 @@ def _why_not_fused(features, weight, bias, targets) -> str:
     return ""
 
 
+def _check_target_range(targets, classes):
+    """Every target must be a class id, on every backend: F.cross_entropy (the reference) would skip the rows
+    marked with its ignore_index -100 and the cpu kernel refuses them, so one backend would report a loss the
+    other does not. Tracing has no values to look at, so under torch.compile it is skipped (and there the
+    reference composition, the one that runs, skips rows marked -100)."""
+    if targets.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if targets.device.type != "cpu":
+        # Reading the values would make the host wait for the device once more per training step: the device
+        # checks them itself (a device-side assert, which ends the process's CUDA context, never a skipped row).
+        torch._assert_async(((targets >= 0) & (targets < classes)).all(), f"targets must lie in [0, {classes})")
+        return
+    low, high = torch.stack(torch.aminmax(targets)).tolist()
+    if low < 0 or high >= classes:
+        hint = " (there is no ignore_index: leave out the rows to skip)" if low < 0 else ""
+        raise ValueError(f"targets must lie in [0, {classes}), got values in [{low}, {high}]{hint}")
+
+
 def linear_cross_entropy(features: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor, *,
                          backend=None) -> torch.Tensor:
     """Summed full-softmax cross-entropy of ``features @ weight.T + bias`` against ``targets``.
 
     features (events, dim), weight (classes, dim) and bias (classes,) or None (nn.Linear's), targets
-    (events,) int64 class ids in [0, classes). Returns a scalar (float32 for half-type inputs), differentiable
-    in features, weight and bias; equals F.cross_entropy(F.linear(...), targets, reduction="sum").
+    (events,) int64 class ids in [0, classes): any other value, F.cross_entropy's ignore_index -100 included,
+    is a ValueError on every backend for CPU tensors, and a device-side assert for device tensors (checked
+    without waiting for the device). Returns a scalar
+    (float32 for half-type inputs), differentiable in features, weight and bias; equals
+    F.cross_entropy(F.linear(...), targets, reduction="sum").
     """
     check_tensor(features, "features", 2)
     check_tensor(weight, "weight", 2)
     if weight.shape[1] != features.shape[1]:
         raise ValueError(f"weight must be (classes, {features.shape[1]}), got shape {tuple(weight.shape)}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must be ({weight.shape[0]},), got shape {tuple(bias.shape)}")
+    if bias is not None:
+        check_tensor(bias, "bias", 1)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must be ({weight.shape[0]},), got shape {tuple(bias.shape)}")
     if not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64 or targets.dim() != 1:
         raise ValueError("targets must be a 1-D int64 tensor of class ids")
     if targets.shape[0] != features.shape[0]:
         raise ValueError(f"targets must hold one class id per row of features ({features.shape[0]}), got "
                          f"{targets.shape[0]}")
+    _check_target_range(targets, weight.shape[0])
     requested = requested_backend(backend)
     if requested in ("cuda", "triton"):
         raise BackendUnavailableError(f"linear_cross_entropy has no {requested} backend (it has cpu and reference; "
