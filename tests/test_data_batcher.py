@@ -272,6 +272,44 @@ def test_validation_errors(ml100k, tmp_path):
         LaneStateCache(1, 4, 2).reset_lanes(torch.ones(3, dtype=torch.bool))
 
 
+def test_malformed_state_dict_changes_nothing(ml100k):
+    def make():
+        return SessionBatcher(ml100k, "train", lanes=8, sessions_per_batch=5, state_shape=(2, 4),
+                              state_dtype=torch.float64)
+
+    saved = make()
+    run(saved, 3)  # a position and a state cache that differ from a fresh batcher's
+    good = saved.state_dict()
+    assert good["next_index"] == 3 and good["state"].abs().sum() > 0
+    batcher = make()
+    num_batches = batcher.num_batches(0)
+    malformed = {
+        "epoch not an integer": dict(good, epoch="x"),
+        "epoch a bool": dict(good, epoch=True),
+        "negative epoch": dict(good, epoch=-1),
+        "negative next_index": dict(good, next_index=-1),
+        "fractional next_index": dict(good, next_index=2.5),
+        "next_index past the epoch": dict(good, next_index=num_batches + 1),
+        "no next_index": {k: v for k, v in good.items() if k != "next_index"},
+        "no state": {k: v for k, v in good.items() if k != "state"},
+        "state of another shape": dict(good, state=torch.ones(2, 8, 5, dtype=torch.float64)),
+        "state of integers": dict(good, state=torch.ones(2, 8, 4, dtype=torch.int64)),
+        "state not a tensor": dict(good, state=good["state"].tolist()),
+        "no state for a state cache": dict(good, state=None),
+        "another batcher": dict(good, lanes=4),
+    }
+    for case, state_dict in malformed.items():
+        with pytest.raises(ValueError, match="state_dict"):
+            batcher.load_state_dict(state_dict)
+        assert (batcher.epoch, batcher.next_index) == (0, 0), case
+        assert (batcher.state_cache.state == 0).all(), case
+    with pytest.raises(TypeError, match="state_dict must be a dict"):
+        batcher.load_state_dict([("epoch", 0)])
+    batcher.load_state_dict(dict(good, next_index=num_batches))  # a finished epoch is a valid position
+    batcher.load_state_dict(good)
+    assert (batcher.epoch, batcher.next_index) == (0, 3) and torch.equal(batcher.state_cache.state, good["state"])
+
+
 def test_corrupted_cache_is_reported_by_the_batcher(tmp_path):
     cache = random_cache(tmp_path, 0)
     with open(cache.path / "session_split.bin", "r+b") as f:

@@ -1,6 +1,7 @@
 """Preprocessing against a plain-Python reference; sessionizing edge cases; cache integrity."""
 
 import dataclasses
+import importlib
 import json
 import os
 import time
@@ -11,6 +12,9 @@ import pytest
 
 from hiertcn_fast.data import (ArraySource, CacheCorruptError, DelimitedSource, PreprocessParams, SessionCache,
                                SyntheticSource, load_dataset, preprocess)
+
+# The package exports the function under the module's name, so the module comes from importlib.
+preprocess_module = importlib.import_module("hiertcn_fast.data.preprocess")
 
 
 class CountingSource(ArraySource):
@@ -220,6 +224,71 @@ def test_crash_mid_build_leaves_nothing_that_looks_valid(tmp_path, small_source)
     small_source.fail_after = None
     cache = preprocess(small_source, tmp_path, SMALL, chunk_size=500)
     assert cache.num_events == 4000
+
+
+def assert_only_the_cache_is_left(tmp_path, cache):
+    assert list(tmp_path.iterdir()) == [cache.path]  # no temp dir, no set-aside old cache
+    again = SessionCache.open(cache.path, verify="full")
+    assert again.num_events == cache.num_events and again.key == cache.key
+
+
+def test_a_failed_rebuild_keeps_the_existing_cache(tmp_path, small_source):
+    cache = preprocess(small_source, tmp_path, SMALL, chunk_size=500)
+    small_source.fail_after = 2
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        preprocess(small_source, tmp_path, SMALL, chunk_size=500, rebuild=True)
+    assert_only_the_cache_is_left(tmp_path, cache)
+    small_source.fail_after = None
+    rebuilt = preprocess(small_source, tmp_path, SMALL, chunk_size=500, rebuild=True)
+    assert small_source.iterations == 3 and rebuilt.path == cache.path
+    assert_only_the_cache_is_left(tmp_path, rebuilt)
+
+
+def test_a_rebuild_that_fails_to_publish_puts_the_existing_cache_back(tmp_path, small_source, monkeypatch):
+    cache = preprocess(small_source, tmp_path, SMALL)
+
+    def full_disk(temp, final_path, manifest):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(preprocess_module, "publish_temp_dir", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        preprocess(small_source, tmp_path, SMALL, rebuild=True)
+    assert_only_the_cache_is_left(tmp_path, cache)
+
+
+def open_files_under(directory):
+    """Paths under ``directory`` that this process has open."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the fd listing itself, closed meanwhile
+            continue
+        if target.startswith(str(directory)):
+            found.append(target)
+    return found
+
+
+@pytest.mark.parametrize("failing_pass", ["sessionize", "split"])
+def test_a_failed_build_closes_its_files(tmp_path, small_source, monkeypatch, failing_pass):
+    calls = []
+
+    def fail_on_third_call(real):
+        def wrapper(*args):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError(f"simulated failure in the {failing_pass} pass")
+            return real(*args)
+        return wrapper
+
+    name = {"sessionize": "_sessionize_bucket", "split": "crc32_of"}[failing_pass]
+    monkeypatch.setattr(preprocess_module, name, fail_on_third_call(getattr(preprocess_module, name)))
+    with pytest.raises(RuntimeError, match="simulated failure") as caught:
+        preprocess(small_source, tmp_path, SMALL)
+    # The traceback (alive in ``caught``) still holds the build's frames: the files must be closed
+    # by the build itself, not by their objects being collected.
+    assert caught.value.__traceback__ is not None
+    assert open_files_under(tmp_path) == [] and list(tmp_path.iterdir()) == []
 
 
 def test_leftover_temp_dir_is_never_a_cache(tmp_path, small_source):

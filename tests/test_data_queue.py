@@ -1,16 +1,19 @@
 """PinnedRingQueue: exactly-once ordered delivery, back-pressure, errors, shutdown, no leaks."""
 
+import gc
 import os
 import random
 import signal
 import threading
 import time
 import traceback
+import weakref
 
 import pytest
 import torch
 
 from hiertcn_fast.data import PinnedRingQueue, PreprocessParams, SessionBatcher, load_dataset, preprocess
+from hiertcn_fast.data import ring_queue
 
 SPEC = {"value": ((3, 5), torch.int64), "flag": ((7,), torch.bool), "weight": ((2,), torch.float32)}
 
@@ -54,6 +57,7 @@ def test_exactly_once_in_order_under_four_producers_and_random_delays(num_slots)
             received.append((seq, tensors))
         assert queue.get() is None and queue.get() is None  # the end is sticky
         stats = queue.stats.as_dict()
+    assert queue.alive_producers == 0
     assert [seq for seq, _ in received] == list(range(total))
     for seq, tensors in received:  # delivered tensors are the consumer's: never overwritten later
         assert (tensors["value"] == seq).all() and tensors["value"].shape == (3, 5)
@@ -94,9 +98,216 @@ def test_producer_exception_reaches_consumer_with_traceback():
                 seen.append(seq)
     assert seen == [0, 1, 2, 3, 4]
     frames = [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)]
-    assert "failing_produce" in frames and "_producer_loop" in frames
+    assert "failing_produce" in frames and "produce_batch" in frames
     assert any("producing batch 5" in note for note in caught.value.__notes__)
     assert queue.alive_producers == 0
+
+
+WATCHDOG_SECONDS = 30  # only ever reached by a consumer that hangs, which is the failure
+
+
+def consume_on_a_thread(queue):
+    """Iterate ``queue`` on another thread so that a consumer that hangs fails the test instead of
+    blocking it. Returns (sequence numbers received, the exception that ended the loop or None)."""
+    got, outcome = [], {}
+
+    def consume():
+        try:
+            for seq, _ in queue:
+                got.append(seq)
+        except BaseException as error:  # noqa: B902 - the test inspects whatever ended the loop
+            outcome["error"] = error
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    consumer.join(WATCHDOG_SECONDS)
+    assert not consumer.is_alive(), f"consumer still waiting after {got} (producers alive: {queue.alive_producers})"
+    return got, outcome.get("error")
+
+
+def test_earliest_failed_batch_wins_when_a_later_batch_fails_first():
+    later_failed = threading.Event()
+    later_thread = []
+
+    def produce(seq, slot):
+        if seq == 3:
+            later_failed.wait()
+            later_thread[0].join()  # batch 5's error is recorded: its thread has exited
+            raise ValueError("bad batch 3")
+        if seq == 5:
+            later_thread.append(threading.current_thread())
+            later_failed.set()
+            raise ValueError("bad batch 5")
+        if seq >= 8:
+            return False
+        slot["value"].fill_(seq)
+        return True
+
+    queue = PinnedRingQueue(SPEC, produce, num_producers=3, num_slots=8)
+    got, error = consume_on_a_thread(queue)
+    assert got == [0, 1, 2]
+    assert isinstance(error, ValueError) and str(error) == "bad batch 3"
+    assert any("producing batch 3" in note for note in error.__notes__)
+    assert queue.alive_producers == 0
+
+
+def test_an_error_while_waiting_for_a_slot_event_reaches_the_consumer():
+    # Stands in for a CUDA event whose synchronize() fails (any device: slots 0 and 1 are taken
+    # before the broken events go in, so batches 2 and 3 meet them).
+    class BrokenEvent:
+        def synchronize(self):
+            raise RuntimeError("event synchronize failed")
+
+    both_started = threading.Barrier(3)
+    events_replaced = threading.Event()
+
+    def produce(seq, slot):
+        if seq < 2:
+            both_started.wait()
+            events_replaced.wait()
+        slot["value"].fill_(seq)
+        return True
+
+    queue = PinnedRingQueue(SPEC, produce, num_producers=2, num_slots=2)
+    both_started.wait()
+    queue._ring.copy_done = [BrokenEvent(), BrokenEvent()]
+    events_replaced.set()
+    got, error = consume_on_a_thread(queue)
+    assert got == [0, 1]
+    assert isinstance(error, RuntimeError) and str(error) == "event synchronize failed"
+    assert any("producing batch 2" in note for note in error.__notes__)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_consumer_is_told_when_every_producer_is_gone_without_an_error(monkeypatch):
+    # The backstop for a producer that dies outside the error path (here: the error path fails).
+    def broken_record_error(ring, error, seq):
+        raise RuntimeError("recording the error failed")
+
+    monkeypatch.setattr(ring_queue._Ring, "record_error", broken_record_error)
+    queue = PinnedRingQueue(SPEC, failing_produce, num_producers=1, num_slots=2)
+    got, error = consume_on_a_thread(queue)
+    assert got == [0, 1, 2, 3, 4]
+    assert isinstance(error, RuntimeError) and "all producer threads exited before batch 5" in str(error)
+
+
+def endless_produce(seq, slot):
+    slot["value"].fill_(seq)
+    return True
+
+
+def slot_tensor_refs(queue):
+    """Weak references to every slot tensor, per slot."""
+    return [[weakref.ref(tensor) for tensor in slot.values()] for slot in queue._ring.slots]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("path", ["end", "early_break", "producer_error"])
+def test_close_releases_the_slots_while_the_queue_is_still_referenced(path, device):
+    produce = {"end": lambda seq, slot: seq < 6, "early_break": endless_produce,
+               "producer_error": failing_produce}[path]
+    queue = PinnedRingQueue(SPEC, produce, num_producers=2, num_slots=3, device=device)
+    assert queue._ring.slots[0]["value"].is_pinned() == (device == "cuda")
+    refs = slot_tensor_refs(queue)
+    caught = None
+    if path == "producer_error":
+        with pytest.raises(ValueError, match="batch 5") as caught:
+            for _ in queue:
+                pass
+    else:
+        for seq, _ in queue:
+            if path == "early_break" and seq == 1:
+                break
+    queue.close()
+    gc.collect()
+    assert queue.alive_producers == 0
+    # The traceback of a producer's error holds its produce() frame, and so the slot it was filling.
+    held = {5 % 3} if caught is not None else set()
+    assert all(ref() is None for slot, slot_refs in enumerate(refs) if slot not in held for ref in slot_refs)
+    del caught
+    gc.collect()
+    assert all(ref() is None for slot_refs in refs for ref in slot_refs)
+
+
+def test_a_dropped_queue_is_collected_and_stops_its_threads():
+    queue = PinnedRingQueue(SPEC, endless_produce, num_producers=3, num_slots=2)
+    assert queue.get()[0] == 0
+    threads = list(queue._threads)
+    refs = slot_tensor_refs(queue)
+    queue_ref = weakref.ref(queue)
+    del queue  # never closed: the producers must not keep it alive
+    gc.collect()
+    assert queue_ref() is None
+    for thread in threads:
+        thread.join(WATCHDOG_SECONDS)
+    assert not any(thread.is_alive() for thread in threads)
+    gc.collect()
+    assert all(ref() is None for slot_refs in refs for ref in slot_refs)
+
+
+def test_leaving_a_for_loop_closes_the_queue():
+    queue = PinnedRingQueue(SPEC, endless_produce, num_producers=3, num_slots=2)
+    for seq, _ in queue:
+        if seq == 1:
+            break
+    assert queue.alive_producers == 0 and queue._ring.slots == []
+    with pytest.raises(RuntimeError, match="after close"):
+        queue.get()
+    iterator = iter(PinnedRingQueue(SPEC, lambda seq, slot: seq < 4, num_producers=2, num_slots=2))
+    assert [seq for seq, _ in iterator] == [0, 1, 2, 3]
+    assert iterator.gi_frame is None  # the generator finished; its queue was closed on the way out
+
+
+def test_leaving_with_normally_waits_for_a_slow_produce():
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(seq, slot):
+        entered.set()
+        release.wait()
+        return False
+
+    with PinnedRingQueue(SPEC, slow, num_producers=1) as queue:
+        entered.wait()
+        # Outlasts close()'s default deadline: a bounded join would leave the producer running.
+        threading.Timer(ring_queue.JOIN_SECONDS + 0.5, release.set).start()
+    assert release.is_set() and queue.alive_producers == 0
+
+
+def test_leaving_with_by_an_exception_warns_about_a_producer_still_running():
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck(seq, slot):
+        entered.set()
+        release.wait()
+        return False
+
+    try:
+        with pytest.warns(RuntimeWarning, match="1 producer thread.* still running"):
+            with pytest.raises(KeyError, match="consumer failed"):
+                with PinnedRingQueue(SPEC, stuck, num_producers=1) as queue:
+                    entered.wait()
+                    raise KeyError("consumer failed")
+        assert queue.alive_producers == 1
+    finally:
+        release.set()
+    assert queue.close(timeout=None) and queue.alive_producers == 0
+
+
+def test_a_producer_that_fails_to_start_stops_those_already_started(monkeypatch):
+    started = []
+    real_start = threading.Thread.start
+
+    def start(thread):
+        if thread.name.startswith("PinnedRingQueue-producer-"):
+            if len(started) == 2:
+                raise RuntimeError("can't start new thread")
+            started.append(thread)
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        PinnedRingQueue(SPEC, endless_produce, num_producers=4, num_slots=2)
+    assert len(started) == 2 and not any(thread.is_alive() for thread in started)
 
 
 def test_early_close_joins_every_thread_within_a_second():
@@ -226,7 +437,7 @@ def test_cuda_copies_from_pinned_slots_never_overwrite_batches_in_use():
     produce, violations = counting_producer(total, box, num_slots)
     with PinnedRingQueue(SPEC, produce, num_producers=4, num_slots=num_slots, device="cuda") as queue:
         box[0] = queue
-        assert all(t.is_pinned() for slot in queue._slots for t in slot.values())
+        assert all(t.is_pinned() for slot in queue._ring.slots for t in slot.values())
         kept = []
         for seq, tensors in queue:
             torch.cuda._sleep(200_000)  # keep the consumer stream busy so copies race ahead

@@ -401,13 +401,38 @@ class SessionBatcher:
         return {**self._identity(), "epoch": self.epoch, "next_index": self.next_index, "state": state}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the position and state cache saved by :meth:`state_dict`. Everything is checked
+        before anything changes: a malformed or foreign dict raises and leaves this batcher as it
+        was (a resume that fails must not leave a half-restored position)."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         identity = self._identity()
         mismatched = {k: (state_dict.get(k), v) for k, v in identity.items() if state_dict.get(k) != v}
         if mismatched:
             raise ValueError(f"state_dict: made by a different batcher or cache: {mismatched} (saved, here)")
-        if (state_dict["state"] is None) != (self.state_cache is None):
+        missing = [k for k in ("epoch", "next_index", "state") if k not in state_dict]
+        if missing:
+            raise ValueError(f"state_dict: missing {missing}")
+        position = {}
+        for name in ("epoch", "next_index"):
+            value = state_dict[name]
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"state_dict: {name} must be a non-negative integer, got {value!r}")
+            position[name] = int(value)
+        # next_index == num_batches is a finished epoch, which the next iteration moves past.
+        num_batches = self.num_batches(position["epoch"])
+        if position["next_index"] > num_batches:
+            raise ValueError(f"state_dict: next_index {position['next_index']} is past the end of epoch "
+                             f"{position['epoch']}, which has {num_batches} batches")
+        state = state_dict["state"]
+        if (state is None) != (self.state_cache is None):
             raise ValueError("state_dict: state cache presence differs from this batcher's")
         if self.state_cache is not None:
-            self.state_cache.store(state_dict["state"].to(self.state_cache.state.device))
-        self.epoch, self.next_index = int(state_dict["epoch"]), int(state_dict["next_index"])
+            expected = tuple(self.state_cache.state.shape)
+            if not (isinstance(state, torch.Tensor) and state.is_floating_point() and tuple(state.shape) == expected):
+                got = (f"{state.dtype} tensor of shape {tuple(state.shape)}" if isinstance(state, torch.Tensor)
+                       else type(state).__name__)
+                raise ValueError(f"state_dict: state must be a floating-point tensor of shape {expected}, got {got}")
+            self.state_cache.store(state.to(self.state_cache.state.device))
+        self.epoch, self.next_index = position["epoch"], position["next_index"]
 

@@ -23,6 +23,7 @@ The result does not depend on ``chunk_size``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -150,7 +151,10 @@ class _KeyIndex:
 
 
 class _Appender:
-    """Appends arrays of one dtype to a raw binary file and counts their length."""
+    """Appends arrays of one dtype to a raw binary file and counts their length.
+
+    :meth:`close` makes the file durable; as a context manager, leaving the block also closes the
+    handle on an error path, where the file is thrown away."""
 
     def __init__(self, path: Path, dtype):
         self.path = path
@@ -166,6 +170,12 @@ class _Appender:
     def close(self) -> None:
         self.file.flush()
         os.fsync(self.file.fileno())
+        self.file.close()
+
+    def __enter__(self) -> "_Appender":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
         self.file.close()
 
 
@@ -286,43 +296,69 @@ def _write_items_and_splits(temp, spill_dir, params, partition_user_offsets, use
         cuts = np.array([first + train_fraction * (last - first),
                          first + (train_fraction + valid_fraction) * (last - first)])
     present_item_index = _KeyIndex(present_items)
-    item_writer = _Appender(temp / "item.bin", np.int32)
-    split_writer = _Appender(temp / "session_split.bin", np.int8)
     counts = np.zeros((3, 3), dtype=np.int64)  # (split, [users, sessions, events])
     checksums = []
-    for p in range(params.num_partitions):
-        user_lo, user_hi = int(partition_user_offsets[p]), int(partition_user_offsets[p + 1])
-        session_lo, session_hi = int(user_session_offsets[user_lo]), int(user_session_offsets[user_hi])
-        session_offsets = _read_range(temp / "session_offsets.bin", np.int64, session_lo, session_hi + 1)
-        event_lo, event_hi = int(session_offsets[0]), int(session_offsets[-1])
-        item = (present_item_index.positions(_read_range(spill_dir / "item_raw.bin", np.int64, event_lo, event_hi))
-                + 1).astype(np.int32)
-        sessions_per_user = np.diff(user_session_offsets[user_lo:user_hi + 1])
-        if params.split == "cold":
-            labels = np.repeat(user_split[user_lo:user_hi], sessions_per_user)
-        else:
-            start_time = _read_range(spill_dir / "session_start.bin", np.float64, session_lo, session_hi)
-            labels = np.searchsorted(cuts, start_time, side="right").astype(np.int8)
-        item_writer.append(item)
-        split_writer.append(labels)
-        checksums.append({"item": crc32_of(item),
-                          "timestamp": crc32_of(_read_range(temp / "timestamp.bin", np.float64, event_lo, event_hi)),
-                          "session_offsets": crc32_of(session_offsets), "session_split": crc32_of(labels)})
-        # A user's sessions in a split are contiguous, so each (user, split) run starts once.
-        session_user = np.repeat(np.arange(user_lo, user_hi), sessions_per_user)
-        run_start = np.ones(labels.shape[0], dtype=bool)
-        run_start[1:] = (session_user[1:] != session_user[:-1]) | (labels[1:] != labels[:-1])
-        counts[:, 0] += np.bincount(labels[run_start], minlength=3)
-        counts[:, 1] += np.bincount(labels, minlength=3)
-        counts[:, 2] += np.bincount(labels, weights=np.diff(session_offsets), minlength=3).astype(np.int64)
-    item_writer.close()
-    split_writer.close()
+    with (_Appender(temp / "item.bin", np.int32) as item_writer,
+          _Appender(temp / "session_split.bin", np.int8) as split_writer):
+        for p in range(params.num_partitions):
+            user_lo, user_hi = int(partition_user_offsets[p]), int(partition_user_offsets[p + 1])
+            session_lo, session_hi = int(user_session_offsets[user_lo]), int(user_session_offsets[user_hi])
+            session_offsets = _read_range(temp / "session_offsets.bin", np.int64, session_lo, session_hi + 1)
+            event_lo, event_hi = int(session_offsets[0]), int(session_offsets[-1])
+            raw_item = _read_range(spill_dir / "item_raw.bin", np.int64, event_lo, event_hi)
+            item = (present_item_index.positions(raw_item) + 1).astype(np.int32)
+            sessions_per_user = np.diff(user_session_offsets[user_lo:user_hi + 1])
+            if params.split == "cold":
+                labels = np.repeat(user_split[user_lo:user_hi], sessions_per_user)
+            else:
+                start_time = _read_range(spill_dir / "session_start.bin", np.float64, session_lo, session_hi)
+                labels = np.searchsorted(cuts, start_time, side="right").astype(np.int8)
+            item_writer.append(item)
+            split_writer.append(labels)
+            timestamp = _read_range(temp / "timestamp.bin", np.float64, event_lo, event_hi)
+            checksums.append({"item": crc32_of(item), "timestamp": crc32_of(timestamp),
+                              "session_offsets": crc32_of(session_offsets), "session_split": crc32_of(labels)})
+            # A user's sessions in a split are contiguous, so each (user, split) run starts once.
+            session_user = np.repeat(np.arange(user_lo, user_hi), sessions_per_user)
+            run_start = np.ones(labels.shape[0], dtype=bool)
+            run_start[1:] = (session_user[1:] != session_user[:-1]) | (labels[1:] != labels[:-1])
+            counts[:, 0] += np.bincount(labels[run_start], minlength=3)
+            counts[:, 1] += np.bincount(labels, minlength=3)
+            counts[:, 2] += np.bincount(labels, weights=np.diff(session_offsets), minlength=3).astype(np.int64)
+        item_writer.close()
+        split_writer.close()
     split_counts = {name: {"users": int(counts[code, 0]), "sessions": int(counts[code, 1]),
                            "events": int(counts[code, 2])} for name, code in SPLIT_CODES.items()}
     return split_counts, checksums
 
 
-def _build(source, params, final_path, chunk_size, key):
+def _publish(temp: Path, final_path: Path, manifest: dict, replace: bool) -> None:
+    """Publish the finished build ``temp`` as ``final_path``. With ``replace``, an existing cache
+    there is only given up now that its successor is complete: it is renamed aside (into a temp
+    dir, which a crash leaves as nothing that looks valid and the next build removes), the new one
+    renamed in, and only then is the old one deleted. Should publishing fail, the old one is put
+    back."""
+    if not replace:
+        publish_temp_dir(temp, final_path, manifest)
+        return
+    aside = new_temp_dir(final_path)
+    replaced = aside / "replaced"
+    try:
+        try:
+            os.rename(final_path, replaced)
+        except FileNotFoundError:  # removed meanwhile (another rebuild): nothing to keep
+            pass
+        try:
+            publish_temp_dir(temp, final_path, manifest)
+        except BaseException:
+            if replaced.exists() and not final_path.exists():
+                os.rename(replaced, final_path)
+            raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _build(source, params, final_path, chunk_size, key, replace=False):
     started = time.perf_counter()
     read_stats = ReadStats()
     temp = new_temp_dir(final_path)
@@ -343,43 +379,45 @@ def _build(source, params, final_path, chunk_size, key):
         kept_item_index = _KeyIndex(kept_items)
         del item_keys, item_counts
 
-        writers = {name: _Appender(temp / f"{name}.bin", ARRAY_DTYPES[name])
-                   for name in ("timestamp", "session_offsets", "user_session_offsets", "user_raw_id")}
-        item_raw_writer = _Appender(spill_dir / "item_raw.bin", np.int64)
-        session_start_writer = _Appender(spill_dir / "session_start.bin", np.float64)
-        time_range = [np.inf, -np.inf]
-        writers["session_offsets"].append(np.zeros(1, np.int64))
-        writers["user_session_offsets"].append(np.zeros(1, np.int64))
-        partition_user_offsets = [0]
-        item_used = np.zeros(kept_items.shape[0], dtype=bool)
-        events_written = sessions_written = 0
-        max_session_length = 0
-        buckets_per_partition = _spill_buckets_per_partition(params.num_partitions)
-        for bucket in range(params.num_partitions * buckets_per_partition):
-            records = _read_bucket(runs, bucket)
-            part = _sessionize_bucket(records, kept_item_index, params, stats)
-            del records
-            writers["timestamp"].append(part["timestamp"])
-            item_raw_writer.append(part["item_raw"])
-            writers["session_offsets"].append(events_written + np.cumsum(part["session_lengths"]))
-            writers["user_session_offsets"].append(sessions_written + np.cumsum(part["sessions_per_user"]))
-            writers["user_raw_id"].append(part["user_raw_id"])
-            session_start = np.cumsum(part["session_lengths"]) - part["session_lengths"]
-            session_start_writer.append(part["timestamp"][session_start])
-            if part["timestamp"].shape[0]:
-                time_range = [min(time_range[0], part["timestamp"].min()), max(time_range[1], part["timestamp"].max())]
-                max_session_length = max(max_session_length, int(part["session_lengths"].max()))
-            item_used[kept_item_index.positions(part["item_raw"])] = True
-            events_written += part["timestamp"].shape[0]
-            sessions_written += part["session_lengths"].shape[0]
-            if bucket % buckets_per_partition == 0:
-                partition_user_offsets.append(partition_user_offsets[-1])
-            partition_user_offsets[-1] += part["user_raw_id"].shape[0]
-        present_items = kept_items[item_used]
-        for path, _ in runs:
-            path.unlink()
-        for writer in (*writers.values(), item_raw_writer, session_start_writer):
-            writer.close()
+        with contextlib.ExitStack() as open_files:
+            writers = {name: open_files.enter_context(_Appender(temp / f"{name}.bin", ARRAY_DTYPES[name]))
+                       for name in ("timestamp", "session_offsets", "user_session_offsets", "user_raw_id")}
+            item_raw_writer = open_files.enter_context(_Appender(spill_dir / "item_raw.bin", np.int64))
+            session_start_writer = open_files.enter_context(_Appender(spill_dir / "session_start.bin", np.float64))
+            time_range = [np.inf, -np.inf]
+            writers["session_offsets"].append(np.zeros(1, np.int64))
+            writers["user_session_offsets"].append(np.zeros(1, np.int64))
+            partition_user_offsets = [0]
+            item_used = np.zeros(kept_items.shape[0], dtype=bool)
+            events_written = sessions_written = 0
+            max_session_length = 0
+            buckets_per_partition = _spill_buckets_per_partition(params.num_partitions)
+            for bucket in range(params.num_partitions * buckets_per_partition):
+                records = _read_bucket(runs, bucket)
+                part = _sessionize_bucket(records, kept_item_index, params, stats)
+                del records
+                writers["timestamp"].append(part["timestamp"])
+                item_raw_writer.append(part["item_raw"])
+                writers["session_offsets"].append(events_written + np.cumsum(part["session_lengths"]))
+                writers["user_session_offsets"].append(sessions_written + np.cumsum(part["sessions_per_user"]))
+                writers["user_raw_id"].append(part["user_raw_id"])
+                session_start = np.cumsum(part["session_lengths"]) - part["session_lengths"]
+                session_start_writer.append(part["timestamp"][session_start])
+                if part["timestamp"].shape[0]:
+                    time_range = [min(time_range[0], part["timestamp"].min()),
+                                  max(time_range[1], part["timestamp"].max())]
+                    max_session_length = max(max_session_length, int(part["session_lengths"].max()))
+                item_used[kept_item_index.positions(part["item_raw"])] = True
+                events_written += part["timestamp"].shape[0]
+                sessions_written += part["session_lengths"].shape[0]
+                if bucket % buckets_per_partition == 0:
+                    partition_user_offsets.append(partition_user_offsets[-1])
+                partition_user_offsets[-1] += part["user_raw_id"].shape[0]
+            present_items = kept_items[item_used]
+            for path, _ in runs:
+                path.unlink()
+            for writer in (*writers.values(), item_raw_writer, session_start_writer):
+                writer.close()
         if events_written == 0:
             raise ValueError(f"no events left after preprocessing {source.name!r}: "
                              f"{json.dumps(stats | {'read': read_stats.to_json()})}")
@@ -415,7 +453,7 @@ def _build(source, params, final_path, chunk_size, key):
             "checksums": {"global": global_checksums, "partitions": partition_checksums},
             "created_unix": time.time(),
         }
-        publish_temp_dir(temp, final_path, manifest)
+        _publish(temp, final_path, manifest, replace)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
@@ -428,7 +466,8 @@ def preprocess(source: InteractionSource, cache_dir: str | os.PathLike, params: 
     The cache lives in ``cache_dir/<source name>-<key>`` where the key hashes the source's
     fingerprint and ``params``: an existing cache with the same key is opened without reading the
     source; different params build a new one. A corrupted existing cache raises
-    :class:`CacheCorruptError` unless ``rebuild=True``, which replaces it.
+    :class:`CacheCorruptError` unless ``rebuild=True``, which replaces it once the new one is
+    built: a rebuild that fails leaves the existing cache as it was.
     ``chunk_size`` (events read per chunk) bounds memory and never changes the result.
     The returned cache's ``stats`` count every event and record dropped, by reason.
     """
@@ -440,13 +479,11 @@ def preprocess(source: InteractionSource, cache_dir: str | os.PathLike, params: 
     chunk_size = _check_chunk_size(chunk_size)
     key = cache_key(source, params)
     final_path = Path(cache_dir) / f"{source.name}-{key}"
-    if final_path.exists():
-        if not rebuild:
-            try:
-                return SessionCache.open(final_path, verify=verify)
-            except CacheCorruptError as error:
-                raise CacheCorruptError(f"{error}; pass rebuild=True to replace the cache") from None
-        shutil.rmtree(final_path)
+    if final_path.exists() and not rebuild:
+        try:
+            return SessionCache.open(final_path, verify=verify)
+        except CacheCorruptError as error:
+            raise CacheCorruptError(f"{error}; pass rebuild=True to replace the cache") from None
     remove_stale_temp_dirs(final_path)
-    _build(source, params, final_path, chunk_size, key)
+    _build(source, params, final_path, chunk_size, key, replace=rebuild)
     return SessionCache.open(final_path, verify=verify)

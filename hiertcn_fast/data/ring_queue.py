@@ -15,17 +15,27 @@ the consumer's current stream waits on the copy's event before using the tensors
 are marked as used on that stream so the caching allocator does not recycle them early. Without
 CUDA, slots are pageable and the consumer receives a copy (``clone``) with the same semantics.
 
-Errors and shutdown. An exception in ``produce`` is re-raised in the consumer (the original
-exception object, traceback included, with a note naming the thread and batch) once the consumer
-reaches the failed batch (all earlier batches are delivered first). ``close()`` (also on leaving a ``with`` block, on early stop
-or KeyboardInterrupt) wakes and joins every producer; waits poll every 50 ms so this takes well
-under a second unless a ``produce`` call itself is slow.
+Errors. An exception anywhere in a producer's work on batch ``seq`` (waiting for its slot, the
+slot's CUDA event, ``produce`` itself) is re-raised in the consumer (the original exception object,
+traceback included, with a note naming the thread and batch) once the consumer reaches batch
+``seq``; all earlier batches are delivered first. When several batches fail, the consumer gets the
+error of the earliest one, whichever failed first in time. Should every producer thread be gone
+while the next batch is neither ready nor past the end, :meth:`PinnedRingQueue.get` raises
+instead of waiting for a batch that cannot come.
+
+Shutdown. ``close()`` wakes and joins every producer and releases the slots (the pinned memory).
+Waits poll every 50 ms, so this takes well under a second unless a ``produce`` call itself is slow.
+Leaving a ``with`` block or a ``for`` loop over the queue closes it, and a queue that is dropped
+without being closed stops its threads: they hold the ring they fill, never the queue itself, so
+the queue can be garbage collected, which tells them to exit.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import warnings
+import weakref
 from typing import Callable, Iterator
 
 import torch
@@ -73,6 +83,96 @@ def _check_spec(spec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     return checked
 
 
+class _Ring:
+    """The state shared by the consumer and the producer threads, and the producers' loop.
+
+    The threads run :meth:`run_producer` of this object and never see the
+    :class:`PinnedRingQueue`, so a queue nobody references can be collected (its finalizer calls
+    :meth:`abandon`). Every field below the slots is guarded by ``condition``.
+    """
+
+    def __init__(self, spec, produce, num_slots: int, device: torch.device, pin_memory: bool):
+        self.produce = produce
+        self.num_slots = num_slots
+        self.slots = [{name: torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
+                       for name, (shape, dtype) in spec.items()} for _ in range(num_slots)]
+        self.copy_stream = None
+        self.copy_done: list = [None] * num_slots
+        if device.type == "cuda":
+            self.copy_stream = torch.cuda.Stream(device)
+            self.copy_done = [torch.cuda.Event() for _ in range(num_slots)]
+        self.condition = threading.Condition(threading.Lock())
+        self.ready_seq = [-1] * num_slots  # which batch each slot holds, -1 when none
+        self.next_claim = 0
+        self.next_deliver = 0
+        self.end_seq: int | None = None
+        self.error: tuple[BaseException, str, int] | None = None
+        self.closed = False
+        self.stats = QueueStats(num_slots)
+
+    def stream_over(self, seq: int) -> bool:
+        # Batches before a failed one are still produced, so the consumer gets all of them first.
+        return (self.closed or (self.error is not None and seq > self.error[2])
+                or (self.end_seq is not None and seq >= self.end_seq))
+
+    def run_producer(self) -> None:
+        while True:
+            with self.condition:
+                seq = self.next_claim
+                if self.stream_over(seq):
+                    return
+                self.next_claim += 1
+            try:
+                if not self.produce_batch(seq):
+                    return
+            except BaseException as error:  # noqa: B902 - every failure must reach the consumer
+                self.record_error(error, seq)
+                return
+
+    def produce_batch(self, seq: int) -> bool:
+        """Wait for batch ``seq``'s slot, fill it and publish it. False when the stream is over."""
+        slot = seq % self.num_slots
+        with self.condition:
+            waited_from = time.perf_counter()
+            while not self.stream_over(seq) and seq >= self.next_deliver + self.num_slots:
+                self.condition.wait(POLL_SECONDS)
+            self.stats.producer_wait_seconds += time.perf_counter() - waited_from
+            if self.stream_over(seq):
+                return False
+            # Taken under the lock: close() drops the ring's lists, not what a producer holds.
+            slot_tensors, copy_done = self.slots[slot], self.copy_done[slot]
+        if copy_done is not None:
+            copy_done.synchronize()  # the previous batch's copy out of this slot
+        started = time.perf_counter()
+        produced = bool(self.produce(seq, slot_tensors))
+        with self.condition:
+            self.stats.produce_seconds += time.perf_counter() - started
+            if produced:
+                self.ready_seq[slot] = seq
+                self.stats.produced += 1
+            elif self.end_seq is None or seq < self.end_seq:
+                self.end_seq = seq
+            self.condition.notify_all()
+        return produced
+
+    def record_error(self, error: BaseException, seq: int) -> None:
+        """Keep the error of the earliest failed batch: the consumer stops there, and a later
+        batch's error must not hide it (nor make producers stop before it)."""
+        name = threading.current_thread().name
+        with self.condition:
+            if self.closed:
+                return  # no consumer will ask for it: it stopped, or already got an earlier error
+            if self.error is None or seq < self.error[2]:
+                self.error = (error, name, seq)
+                error.add_note(f"raised in {name} while producing batch {seq}")
+            self.condition.notify_all()
+
+    def abandon(self) -> None:
+        # Runs when the queue is garbage collected, possibly on a producer thread that holds the
+        # (non-reentrant) lock, so it only sets the flag; the threads see it on their next poll.
+        self.closed = True
+
+
 class PinnedRingQueue:
     """Bounded multi-producer, single-consumer queue of batches shaped by ``spec``.
 
@@ -85,8 +185,11 @@ class PinnedRingQueue:
         device: where the consumer wants the tensors.
         pin_memory: pin the slots (default: when CUDA is available).
 
-    Use as an iterator of ``(seq, tensors)`` or call :meth:`get`; always :meth:`close` it (or use
-    ``with``).
+    Use as an iterator of ``(seq, tensors)`` or call :meth:`get`. Iterating consumes the queue:
+    however the loop ends (the end of the stream, ``break``, an error, the iterator being
+    dropped), the queue is closed. With :meth:`get`, always :meth:`close` it (or use ``with``).
+    Leaving a ``with`` block normally waits for every producer to finish; leaving it by an
+    exception waits at most about a second and warns if a producer is still running.
     """
 
     def __init__(self, spec, produce: Callable[[int, dict], bool], num_producers: int = 2, num_slots: int = 4,
@@ -104,135 +207,122 @@ class PinnedRingQueue:
             pin_memory = torch.cuda.is_available()
         self.pin_memory = bool(pin_memory)
         self.num_slots = num_slots
-        self._produce = produce
-        self._slots = [{name: torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
-                        for name, (shape, dtype) in self.spec.items()} for _ in range(num_slots)]
-        self._ready_seq = [-1] * num_slots  # which batch each slot holds, -1 when none
-        self._copy_stream = None
-        self._copy_done: list = [None] * num_slots
-        if self.device.type == "cuda":
-            self._copy_stream = torch.cuda.Stream(self.device)
-            self._copy_done = [torch.cuda.Event() for _ in range(num_slots)]
-        self._condition = threading.Condition(threading.Lock())
-        self._next_claim = 0
-        self._next_deliver = 0
-        self._end_seq: int | None = None
-        self._error: tuple[BaseException, str, int] | None = None
-        self._closed = False
-        self.stats = QueueStats(num_slots)
-        self._threads = [threading.Thread(target=self._producer_loop, name=f"PinnedRingQueue-producer-{i}",
-                                          daemon=True) for i in range(num_producers)]
-        for thread in self._threads:
-            thread.start()
-
-    # ---- producers ---------------------------------------------------------------------------
-
-    def _stream_over(self, seq: int) -> bool:
-        # Batches before a failed one are still produced, so the consumer gets all of them first.
-        return (self._closed or (self._error is not None and seq > self._error[2])
-                or (self._end_seq is not None and seq >= self._end_seq))
-
-    def _producer_loop(self) -> None:
-        while True:
-            with self._condition:
-                seq = self._next_claim
-                if self._stream_over(seq):
-                    return
-                self._next_claim += 1
-                waited_from = time.perf_counter()
-                while not self._stream_over(seq) and seq >= self._next_deliver + self.num_slots:
-                    self._condition.wait(POLL_SECONDS)
-                self.stats.producer_wait_seconds += time.perf_counter() - waited_from
-                if self._stream_over(seq):
-                    return
-            slot = seq % self.num_slots
-            if self._copy_done[slot] is not None:
-                self._copy_done[slot].synchronize()  # the previous batch's copy out of this slot
-            started = time.perf_counter()
-            try:
-                produced = bool(self._produce(seq, self._slots[slot]))
-            except BaseException as error:  # noqa: B902 - every failure must reach the consumer
-                with self._condition:
-                    if self._error is None:
-                        error.add_note(f"raised in {threading.current_thread().name} while producing batch {seq}")
-                        self._error = (error, threading.current_thread().name, seq)
-                    self._condition.notify_all()
-                return
-            with self._condition:
-                self.stats.produce_seconds += time.perf_counter() - started
-                if produced:
-                    self._ready_seq[slot] = seq
-                    self.stats.produced += 1
-                elif self._end_seq is None or seq < self._end_seq:
-                    self._end_seq = seq
-                self._condition.notify_all()
+        self._ring = _Ring(self.spec, produce, num_slots, self.device, self.pin_memory)
+        self.stats = self._ring.stats
+        weakref.finalize(self, self._ring.abandon)
+        self._threads: list[threading.Thread] = []
+        try:
+            for i in range(num_producers):
+                thread = threading.Thread(target=self._ring.run_producer, name=f"PinnedRingQueue-producer-{i}",
+                                          daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        except BaseException:
+            self.close()  # the threads already running must not outlive a constructor that failed
+            raise
 
     # ---- consumer ----------------------------------------------------------------------------
 
     def get(self) -> tuple[int, dict[str, torch.Tensor]] | None:
         """The next batch as ``(seq, tensors on device)``, or None at the end of the stream.
-        Raises a producer's exception if the next batch will never come."""
-        with self._condition:
-            if self._closed and self._error is None:
-                raise RuntimeError("PinnedRingQueue.get() after close()")
-            seq = self._next_deliver
-            slot = seq % self.num_slots
+        Raises a producer's exception if the next batch will never come, and RuntimeError after
+        :meth:`close` or if every producer thread is gone before the next batch is ready."""
+        ring = self._ring
+        with ring.condition:
+            seq = ring.next_deliver
+            slot = seq % ring.num_slots
             waited_from = time.perf_counter()
-            while self._ready_seq[slot] != seq:
-                if self._end_seq is not None and seq >= self._end_seq:
+            while True:
+                if ring.end_seq is not None and seq >= ring.end_seq:
                     return None
-                if self._error is not None and seq >= self._error[2]:
-                    self._closed = True
-                    self._condition.notify_all()
-                    raise self._error[0]
-                if self._closed:
+                if ring.error is not None and seq >= ring.error[2]:
+                    ring.closed = True
+                    ring.condition.notify_all()
+                    raise ring.error[0]
+                if ring.closed:
                     raise RuntimeError("PinnedRingQueue.get() after close()")
-                self._condition.wait(POLL_SECONDS)
-            self.stats.consumer_wait_seconds += time.perf_counter() - waited_from
-            occupancy = sum(1 for s in self._ready_seq if s >= seq)
-            self.stats.occupancy_sum += occupancy
-            self.stats.occupancy_max = max(self.stats.occupancy_max, occupancy)
-        tensors = self._copy_out(slot)
-        with self._condition:
-            self._ready_seq[slot] = -1
-            self._next_deliver += 1
-            self.stats.delivered += 1
-            self._condition.notify_all()
+                if ring.ready_seq[slot] == seq:
+                    break
+                if self.alive_producers == 0:
+                    raise RuntimeError(f"PinnedRingQueue: all producer threads exited before batch {seq} was "
+                                       "ready, without an error or the end of the stream")
+                ring.condition.wait(POLL_SECONDS)
+            ring.stats.consumer_wait_seconds += time.perf_counter() - waited_from
+            occupancy = sum(1 for s in ring.ready_seq if s >= seq)
+            ring.stats.occupancy_sum += occupancy
+            ring.stats.occupancy_max = max(ring.stats.occupancy_max, occupancy)
+            host, copy_done = ring.slots[slot], ring.copy_done[slot]
+        tensors = self._copy_out(host, copy_done)
+        with ring.condition:
+            ring.ready_seq[slot] = -1
+            ring.next_deliver += 1
+            ring.stats.delivered += 1
+            ring.condition.notify_all()
         return seq, tensors
 
-    def _copy_out(self, slot: int) -> dict[str, torch.Tensor]:
-        host = self._slots[slot]
-        if self._copy_stream is None:
+    def _copy_out(self, host: dict[str, torch.Tensor], copy_done) -> dict[str, torch.Tensor]:
+        copy_stream = self._ring.copy_stream
+        if copy_stream is None:
             return {name: tensor.to(self.device, copy=True) for name, tensor in host.items()}
         consumer_stream = torch.cuda.current_stream(self.device)
-        with torch.cuda.stream(self._copy_stream):
+        with torch.cuda.stream(copy_stream):
             # Allocated on the side stream; record_stream below keeps the allocator from reusing
             # them until the consumer stream's work on them is done.
             tensors = {name: tensor.to(self.device, non_blocking=True) for name, tensor in host.items()}
-            self._copy_done[slot].record(self._copy_stream)
-        consumer_stream.wait_event(self._copy_done[slot])
+            copy_done.record(copy_stream)
+        consumer_stream.wait_event(copy_done)
         for tensor in tensors.values():
             tensor.record_stream(consumer_stream)
         return tensors
 
     def __iter__(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-        while True:
-            item = self.get()
-            if item is None:
-                return
-            yield item
+        try:
+            while True:
+                item = self.get()
+                if item is None:
+                    break
+                yield item
+        except BaseException:  # noqa: B902 - GeneratorExit (break, a dropped iterator) included
+            self._close_or_warn()
+            raise
+        self.close(timeout=None)
 
     # ---- shutdown ----------------------------------------------------------------------------
 
-    def close(self) -> bool:
-        """Stop and join every producer (within about a second). Returns True if all joined."""
-        with self._condition:
-            self._closed = True
-            self._condition.notify_all()
-        deadline = time.monotonic() + JOIN_SECONDS
+    def close(self, timeout: float | None = JOIN_SECONDS) -> bool:
+        """Stop every producer, join them (for at most ``timeout`` seconds in all; None: however
+        long a running ``produce`` call takes) and release the slots and any producer's error
+        (later calls to :meth:`get` raise RuntimeError, or return None past the end of the
+        stream). Returns True if all joined.
+
+        A producer still running past the deadline only finishes its ``produce`` call: it writes
+        into a slot that the queue no longer holds and publishes nothing. Called on a producer
+        thread (from ``produce``), it only tells the producers to stop and returns False.
+        """
+        ring = self._ring
+        if threading.current_thread() in self._threads:
+            ring.abandon()  # this thread may hold the lock, and cannot join itself
+            return False
+        with ring.condition:
+            ring.closed = True
+            ring.condition.notify_all()
+        deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        return not any(thread.is_alive() for thread in self._threads)
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        with ring.condition:
+            # A pinned block whose non_blocking copy is still in flight is kept by the caching
+            # host allocator until the copy is done, so dropping the slots here is safe. The error
+            # goes too: its traceback holds the failed produce() frame, and so a slot.
+            ring.slots, ring.copy_done, ring.error = [], [], None
+        return self.alive_producers == 0
+
+    def _close_or_warn(self) -> None:
+        """Close on an error path: wait a bounded time (an interrupted consumer must not hang on a
+        slow ``produce``), and say so if a producer is still running."""
+        if not self.close():
+            warnings.warn(f"PinnedRingQueue: {self.alive_producers} producer thread(s) still running "
+                          f"{JOIN_SECONDS} s after close(); they stop once their produce call returns",
+                          RuntimeWarning, stacklevel=3)
 
     @property
     def alive_producers(self) -> int:
@@ -241,5 +331,8 @@ class PinnedRingQueue:
     def __enter__(self) -> "PinnedRingQueue":
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        if exc_type is None:
+            self.close(timeout=None)  # a normal exit leaves no producer behind
+        else:
+            self._close_or_warn()
