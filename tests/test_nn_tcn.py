@@ -65,11 +65,14 @@ def test_tcn_step_equals_forward(backend, device):
         state = tcn.init_state(3)
         steps = torch.stack([tcn.step(x[:, t], state, context) for t in range(9)], 1)
     assert_close(steps, full, dtype)
-    # A new session in row 2 only: that row restarts from an empty history.
+    # A new session in row 2 only: that row restarts from an empty history, while rows 0 and 1 continue their
+    # sequences (their tenth step is that of a forward over ten steps).
     state.reset(torch.tensor([2], device=device))
     with torch.no_grad():
         again = tcn.step(x[:, 0], state, context)
+        longer = tcn(torch.cat([x, x[:, :1]], 1), context)
     assert_close(again[2], full[2, 0], dtype)
+    assert_close(again[:2], longer[:2, 9], dtype)
 
 
 def test_tcn_state_moves_and_continues():
