@@ -448,3 +448,27 @@ def test_a_negative_position_is_a_clear_error_not_a_stray_write(prepared):
     single.position[0] = -1
     with pytest.raises(RuntimeError, match=r"position must be >= 0.*row 0 has -1"):
         causal_conv1d_step(x, rand(4, 4, 3), single, backend="cpu")
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] in ("triton", "cuda")])
+def test_a_negative_position_on_a_device_kernel_is_a_nan_row(backend, device):
+    """The device kernels cannot raise without a sync per step: a row with a negative position gets a NaN
+    output and keeps its state (history and position), and the other rows step as usual."""
+    dtype = COMPARE_DTYPE[backend]
+    weight = rand(6, 4, 3, dtype=dtype, device=device)
+    x = rand(2, 4, dtype=dtype, device=device)
+    state, healthy = (CausalConvState.zeros(2, 4, 3, 2, dtype=dtype, device=device) for _ in range(2))
+    state.position[1] = -5
+    history = state.history.clone()
+    out = causal_conv1d_step(x, weight, state, backend=backend)
+    assert torch.isnan(out[1]).all()
+    assert state.position.tolist() == [1, -5] and torch.equal(state.history[1], history[1])
+    assert_close(out[0], causal_conv1d_step(x, weight, healthy, backend="reference")[0], dtype)
+    if backend == "cuda":  # the stack kernel: no layer of the row is touched
+        layers = [CausalConvState.zeros(2, 4, 3, d, dtype=dtype, device=device) for d in (1, 2)]
+        layers[1].position[1] = -1
+        before = [(layer.history.clone(), layer.position.clone()) for layer in layers]
+        out = tcn_step(x, [rand(4, 4, 3, dtype=dtype, device=device)] * 2, [None, None], layers, backend="cuda")
+        assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any()
+        for layer, (history, position) in zip(layers, before):
+            assert torch.equal(layer.history[1], history[1]) and layer.position[1] == position[1]

@@ -145,6 +145,14 @@ __global__ void weight_grad_reduce_cuda_kernel(CausalConvBackwardParams p) {
   static_cast<T*>(p.grad_weight)[((g * out_g + ol) * in_g + cl) * K + j] = T(sum);
 }
 
+// A row whose position is negative (a state written from outside, e.g. restored wrongly) would address its
+// history before the row's start. The CPU kernels raise; here raising would cost a device sync per step, so the
+// row's output is NaN (visible downstream) and none of its state is touched.
+template <typename T>
+__device__ void poison_row(T* out, int64_t channels) {
+  for (int64_t o = threadIdx.x; o < channels; o += blockDim.x) out[o] = T(NAN);
+}
+
 template <typename T>
 __global__ void causal_conv_step_cuda_kernel(CausalConvStepParams p) {
   using A = acc_t<T>;
@@ -154,6 +162,10 @@ __global__ void causal_conv_step_cuda_kernel(CausalConvStepParams p) {
   const int64_t history_length = (K - 1) * p.dilation;
   int64_t* position = static_cast<int64_t*>(p.position);
   const int64_t pos = position[b];
+  if (pos < 0) {  // the same for the whole block: see poison_row
+    poison_row<T>(static_cast<T*>(p.out) + b * C_out, C_out);
+    return;
+  }
   const T* x = static_cast<const T*>(p.x) + b * p.x_row_stride;
   T* history = static_cast<T*>(p.history) + b * history_length * C_in;
   const T* packed = static_cast<const T*>(p.packed_weight);
@@ -196,6 +208,13 @@ __global__ void tcn_step_cuda_kernel(TcnStepParams p) {
   A* out_buf = in_buf + p.max_channels;
   A* partial = out_buf + p.max_channels;  // blockDim.x entries
   const int64_t b = blockIdx.x;
+  const int64_t final_channels = p.layer[p.layers - 1].out_channels;
+  for (int64_t l = 0; l < p.layers; ++l) {
+    if (static_cast<const int64_t*>(p.layer[l].position)[b] < 0) {  // before any layer's state changes
+      poison_row<T>(static_cast<T*>(p.out) + b * final_channels, final_channels);
+      return;
+    }
+  }
   const T* x = static_cast<const T*>(p.x) + b * p.x_row_stride;
   const T* table = static_cast<const T*>(p.context_table);
   for (int64_t c = threadIdx.x; c < p.layer[0].in_channels; c += blockDim.x) in_buf[c] = A(x[c]);

@@ -285,7 +285,9 @@ class CausalConvState:
 
     history: (batch, (k - 1) * dilation, in_channels), a circular buffer: the input of step p of a row
     lives at slot p % ((k - 1) * dilation) until it falls out of the receptive field.
-    position: (batch,) int64, steps taken per row since its last reset. Both are updated in place.
+    position: (batch,) int64, steps taken per row since its last reset. Both are updated in place. A negative
+    position (a state written from outside) is refused by the CPU kernels; the device kernels (cuda, triton)
+    cannot refuse without a sync per step, so that row's output is NaN and its state is left unchanged.
     The state also caches the layer's weight in the kernels' packing and the context term's table, so that
     a step neither repacks the one nor recomputes the other.
     """

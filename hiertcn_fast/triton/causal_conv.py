@@ -238,13 +238,15 @@ def _step_kernel(x, packed, bias, table, residual, history, position, out,
     if HAS_BIAS:
         acc += tl.load(bias + o, mask=o_ok, other=0.0).to(tl.float32)
     if HAS_TABLE:
-        m = tl.minimum(pos // dilation, kernel_size - 1)
+        m = tl.maximum(tl.minimum(pos // dilation, kernel_size - 1), 0)
         acc += tl.load(table + (b * kernel_size + m) * out_channels + o, mask=o_ok, other=0.0).to(tl.float32)
     res = acc
     if HAS_RESIDUAL:
         res = tl.load(residual + b * res_row_stride + o, mask=o_ok, other=0.0).to(tl.float32)
-    tl.store(out + b * out_channels + o, _epilogue(acc, res, HAS_RESIDUAL, ACTIVATION).to(out.dtype.element_ty),
-             mask=o_ok)
+    # A negative position (a state written from outside) gives a NaN row and leaves the row's state alone
+    # (_step_update_kernel): checking on the host would cost a device sync per step.
+    result = tl.where(pos >= 0, _epilogue(acc, res, HAS_RESIDUAL, ACTIVATION), float("nan"))
+    tl.store(out + b * out_channels + o, result.to(out.dtype.element_ty), mask=o_ok)
 
 
 @triton.jit
@@ -252,14 +254,15 @@ def _step_update_kernel(x, history, position, in_channels, history_length, x_row
     # A separate launch: every program of _step_kernel for this row must have read the slot first.
     b = tl.program_id(0).to(tl.int64)
     pos = tl.load(position + b)
+    live = pos >= 0  # a negative position: the row's state is left as it is (see _step_kernel)
     if history_length > 0:
-        slot = pos % history_length
+        slot = tl.where(live, pos, 0) % history_length
         for c0 in range(0, in_channels, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
-            ok = c < in_channels
+            ok = (c < in_channels) & live
             tl.store(history + (b * history_length + slot) * in_channels + c,
                      tl.load(x + b * x_row_stride + c, mask=ok), mask=ok)
-    tl.store(position + b, pos + 1)
+    tl.store(position + b, pos + 1, mask=live)
 
 
 def _dot_precision(dtype):
