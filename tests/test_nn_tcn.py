@@ -211,3 +211,143 @@ def test_tcn_step_shortcut_runs_only_for_the_objects_it_was_made_for(monkeypatch
         with torch.no_grad():
             tcn.step(rand(3, 5), state, context)
     step(True)
+
+
+# ---- drop-in details: constructor, layout, autocast, copies, misuse --------------------------------
+
+def test_constructor_takes_nn_conv1d_arguments_in_nn_conv1d_order():
+    # nn.Conv1d(in, out, k, stride, padding, dilation, groups, bias): the same positions here.
+    torch_conv = torch.nn.Conv1d(4, 8, (3,), 1, 0, 2, 2, False).double()
+    conv = CausalConv1d(4, 8, (3,), 1, 0, 2, 2, False, dtype=torch.float64)
+    assert (conv.kernel_size, conv.dilation, conv.groups, conv.bias) == (3, 2, 2, None)
+    conv.load_state_dict(torch_conv.state_dict())
+    x = rand(2, 11, 4)
+    assert_close(conv(x), torch_conv(F.pad(x.transpose(1, 2), (4, 0))).transpose(1, 2).detach())
+    refused = {
+        (4, 8, 3, 2): (ValueError, "stride must be 1"),  # nn.Conv1d's fourth argument is the stride
+        (4, 8, 3, 1, 1): (ValueError, "padding must be 0"),
+        (4, 8, 0): (ValueError, "kernel_size must be >= 1"),
+        (4, 8, 3, 1, 0, 0): (ValueError, "dilation must be >= 1"),
+        (4, 8, 3, 1, 0, 1, 0): (ValueError, "groups must be >= 1"),
+        (4, 8, 3, 1, 0, 1, 3): (ValueError, r"groups \(3\) must divide"),
+        (4, 8, 3.0): (TypeError, "kernel_size must be an int"),
+        (4, 8, 3, 1, 0, 2 ** 62): (ValueError, r"must be below 2\*\*62"),
+    }
+    for args, (error, message) in refused.items():
+        with pytest.raises(error, match=message):
+            CausalConv1d(*args)
+    with pytest.raises(ValueError, match="padding_mode 'zeros'"):
+        CausalConv1d(4, 8, 3, padding_mode="reflect")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        CausalConv1d(4, 8, 3, activation="silu")
+    with pytest.raises(ValueError, match="channels must list at least one block"):
+        TCN(4, [])
+
+
+def test_channels_first_input_gets_a_layout_error():
+    conv, tcn = CausalConv1d(4, 8, 3), TCN(4, [5, 6], kernel_size=3)
+    x = torch.randn(2, 4, 11)  # nn.Conv1d's (batch, channels, time)
+    for module in (conv, tcn):
+        with pytest.raises(ValueError, match=r"channels-last.*x.transpose\(1, 2\)"):
+            module(x)
+    assert conv(x.transpose(1, 2)).shape == (2, 11, 8)
+
+
+def test_states_copy_and_pickle_without_their_caches():
+    """After a few steps a state holds caches (packed weights, a prepared step that cannot be pickled): copies
+    keep only the state, and every copy steps on exactly like the original."""
+    import copy
+    import io
+    import pickle
+    tcn = TCN(5, [8, 6], kernel_size=3, context_channels=4).double().eval()
+    x, context = rand(3, 9, 5), rand(3, 4)
+    state = tcn.init_state(3)
+    with torch.no_grad():
+        full = tcn(x, context)
+        for t in range(4):
+            tcn.step(x[:, t], state, context)
+    assert state._fast is not None and state.layers[0]._prepared[2] is not None
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    assert buffer.tell() < 20_000  # the weights (about 4,800 float64 values) are not in it
+    buffer.seek(0)
+    copies = [copy.deepcopy(state), pickle.loads(pickle.dumps(state)), torch.load(buffer, weights_only=False),
+              type(state)([copy.deepcopy(layer) for layer in state.layers])]
+    for copied in copies:
+        assert copied._fast is None and copied.layers[0]._prepared == ()
+        with torch.no_grad():
+            steps = [tcn.step(x[:, t], copied, context) for t in range(4, 9)]
+        assert_close(torch.stack(steps, 1), full[:, 4:])
+    with torch.no_grad():
+        assert_close(torch.stack([tcn.step(x[:, t], state, context) for t in range(4, 9)], 1), full[:, 4:])
+
+
+def test_a_state_of_another_dilation_or_device_is_refused():
+    tcn = TCN(4, [4, 4, 4], kernel_size=3)  # dilations 1, 2, 4
+    other = TCN(4, [4, 4, 4], kernel_size=3, dilations=[1, 1, 1]).init_state(2)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"state.layers\[1\] was made for dilation 1 but this layer "
+                                                          r"has dilation 2"):
+        tcn.step(torch.randn(2, 4), other)
+    conv = CausalConv1d(4, 4, 3, dilation=4)
+    with torch.no_grad(), pytest.raises(ValueError, match="made for dilation 1"):
+        conv.step(torch.randn(2, 4), CausalConv1d(4, 4, 3).init_state(2))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"states\[0\].history is on meta but x is on cpu"):
+        tcn.step(torch.randn(2, 4), tcn.init_state(2, device="meta"))
+
+
+def test_step_is_inference_only_and_says_so():
+    tcn = TCN(4, [6], kernel_size=3, context_channels=2)
+    block, state = tcn.blocks[0], tcn.init_state(2)
+    x_t, context = torch.randn(2, 4, requires_grad=True), torch.randn(2, 2)
+    for step in (lambda: tcn.step(x_t, state, context), lambda: block.step(x_t, state.layers[0], context),
+                 lambda: block.conv.step(x_t, state.layers[0], context)):
+        with pytest.raises(RuntimeError, match="step\\(\\) is for inference"):
+            step()
+    assert tcn.step(x_t.detach(), state, context).shape == (2, 6)  # parameters requiring grad are fine
+    assert block.step(x_t.detach(), tcn.init_state(2).layers[0], context).shape == (2, 6)
+    with torch.no_grad():
+        tcn.step(x_t, state, context)
+
+
+def test_weight_norm_steps_like_forward():
+    torch.manual_seed(3)
+    tcn = TCN(5, [6, 6], kernel_size=3).double().eval()
+    for block in tcn.blocks:
+        torch.nn.utils.parametrizations.weight_norm(block.conv, "weight")
+    x = rand(2, 7, 5)
+    state = tcn.init_state(2)
+    with torch.no_grad():
+        full = tcn(x)
+        steps = torch.stack([tcn.step(x[:, t], state) for t in range(7)], 1)
+    assert_close(steps, full)
+    assert state._fast is None  # no prepared step for a weight computed on access
+
+
+def test_autocast_runs_in_the_autocast_dtype_like_nn_conv1d():
+    """Under autocast the input may already be bfloat16 (an nn.Linear in the region): the module runs in the
+    autocast dtype as nn.Conv1d does, its gradients reach the float32 parameters, and step() runs in the
+    state's dtype."""
+    torch.manual_seed(4)
+    linear, conv = torch.nn.Linear(5, 5), CausalConv1d(5, 6, 3, dilation=2, context_channels=2)
+    torch_conv = torch.nn.Conv1d(5, 6, 3, dilation=2)
+    with torch.no_grad():
+        torch_conv.weight.copy_(conv.weight)
+        torch_conv.bias.copy_(conv.bias)
+        conv.context_weight.zero_()
+    x, context = torch.randn(2, 9, 5), torch.randn(2, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = linear(x)
+        assert h.dtype == torch.bfloat16
+        out = conv(h, context)
+        expected = torch_conv(F.pad(h.transpose(1, 2), (4, 0))).transpose(1, 2)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), rtol=3e-2, atol=3e-2)
+    out.float().sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.dtype == torch.float32
+    assert linear.weight.grad is not None
+    tcn = TCN(5, [6], kernel_size=3)
+    state = tcn.init_state(2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert tcn(linear(x)).dtype == torch.bfloat16
+        stepped = tcn.step(linear(x[:, 0]), state)
+    assert stepped.dtype == torch.float32

@@ -9,29 +9,80 @@ import operator
 import torch
 from torch import nn
 
+from torch.nn.utils import parametrize
+
 from ..backends import requested_backend
-from ..ops.conv import (CausalConvState, causal_conv1d, causal_conv1d_step, prepared_entry, prepared_tcn_step,
-                        tcn_step)
+from ..ops.conv import (ACTIVATIONS, MAX_REACH, CausalConvState, causal_conv1d, causal_conv1d_step, prepared_entry,
+                        prepared_tcn_step, tcn_step)
+
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _one_int(value, name, minimum):
+    """An int argument of nn.Conv1d's constructor, which also takes a 1-tuple; at least ``minimum``."""
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int (or a 1-tuple of one), got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _autocast_dtype(x):
+    """The dtype autocast runs convolutions in here, or None outside an autocast region."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _cast(tensors, dtype):
+    return [t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_CASTS else t for t in tensors]
+
+
+def _check_inference(*tensors):
+    """step() runs the inference kernels (no autograd): refuse inputs that expect gradients, which would otherwise
+    silently get none."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        raise RuntimeError("step() is for inference and records no gradients, but an input requires grad: run "
+                           "forward() over the sequence to train, or step under torch.no_grad() / detach()")
 
 
 class CausalConv1d(nn.Module):
     """Dilated causal convolution over time, channels-last.
 
-    Constructor as nn.Conv1d (no stride or padding: the padding is causal, (k - 1) * dilation zeros
-    before the start), so an nn.Conv1d state_dict loads unchanged; plus ``context_channels`` (a
-    time-constant input concatenated to every step, weight ``context_weight`` (out, ctx, k)) and a
-    fused ``activation`` (None, "relu", "gelu", "tanh").
+    Constructor as nn.Conv1d, positional arguments included, so an nn.Conv1d state_dict loads unchanged:
+    the padding is causal ((k - 1) * dilation zeros before the start), so stride must be 1, padding 0
+    (nn.Conv1d's defaults) and padding_mode "zeros"; plus ``context_channels`` (a time-constant input
+    concatenated to every step, weight ``context_weight`` (out, ctx, k)) and a fused ``activation``
+    (None, "relu", "gelu", "tanh"). kernel_size and dilation are kept as ints.
 
-    forward(x, context=None, residual=None): x (batch, time, in_channels), context (batch,
-    context_channels), residual (batch, time, out_channels) -> (batch, time, out_channels).
+    forward(x, context=None, residual=None): x (batch, time, in_channels), channels-last (nn.Conv1d's
+    input transposed), context (batch, context_channels), residual (batch, time, out_channels) ->
+    (batch, time, out_channels). Under torch.autocast it runs in the autocast dtype, as nn.Conv1d does.
+    step() is for inference (no autograd), in the state's dtype.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, dilation=1, groups=1, bias=True, *, context_channels=0,
-                 activation=None, backend=None, device=None, dtype=None):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
+                 padding_mode="zeros", *, context_channels=0, activation=None, backend=None, device=None,
+                 dtype=None):
         super().__init__()
+        in_channels, out_channels = _one_int(in_channels, "in_channels", 1), _one_int(out_channels, "out_channels", 1)
+        kernel_size, dilation = _one_int(kernel_size, "kernel_size", 1), _one_int(dilation, "dilation", 1)
+        groups, context_channels = _one_int(groups, "groups", 1), _one_int(context_channels, "context_channels", 0)
+        if _one_int(stride, "stride", 1) != 1:
+            raise ValueError(f"stride must be 1 (a causal convolution keeps every step), got {stride}")
+        if padding not in (0, (0,), [0]) or padding_mode != "zeros":
+            raise ValueError(f"the padding is causal, (k - 1) * dilation zeros before the start: padding must be 0 "
+                             f"and padding_mode 'zeros' (nn.Conv1d's defaults), got {padding!r} and {padding_mode!r}")
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups ({groups}) must divide in_channels ({in_channels}) and out_channels "
                              f"({out_channels})")
+        if (kernel_size - 1) * dilation >= MAX_REACH:
+            raise ValueError(f"(k - 1) * dilation must be below 2**62, got k = {kernel_size} and dilation = {dilation}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+        if backend is not None:
+            requested_backend(backend)  # a known backend name
         factory = dict(device=device, dtype=dtype)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.dilation, self.groups, self.context_channels = dilation, groups, context_channels
@@ -63,18 +114,43 @@ class CausalConv1d(nn.Module):
                              f"it is nonzero")
         return dict(context=context, context_weight=self.context_weight)
 
+    def _check_layout(self, x):
+        """A clear word for nn.Conv1d's channels-first layout, which the shape checks would blame on the weight."""
+        if (isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[-1] != self.in_channels
+                and x.shape[1] == self.in_channels):
+            raise ValueError(f"x must be (batch, time, in_channels = {self.in_channels}), channels-last; got shape "
+                             f"{tuple(x.shape)}, which looks like nn.Conv1d's (batch, channels, time): pass "
+                             f"x.transpose(1, 2)")
+
     def forward(self, x, context=None, residual=None):
-        return causal_conv1d(x, self.weight, self.bias, dilation=self.dilation, groups=self.groups,
-                             activation=self.activation, residual=residual, backend=self.backend,
-                             **self._context_args(context))
+        self._check_layout(x)
+        args = self._context_args(context)
+        weight, bias, context_weight = self.weight, self.bias, args["context_weight"]
+        dtype = _autocast_dtype(x)
+        if dtype is not None:
+            x, context, residual, weight, bias, context_weight = _cast(
+                (x, context, residual, weight, bias, context_weight), dtype)
+        return causal_conv1d(x, weight, bias, dilation=self.dilation, groups=self.groups, activation=self.activation,
+                             residual=residual, backend=self.backend, context=context, context_weight=context_weight)
 
     def init_state(self, batch, *, device=None, dtype=None) -> CausalConvState:
         """A fresh state for ``batch`` rows (on the parameters' device and dtype unless given)."""
         return CausalConvState.zeros(batch, self.in_channels, self.kernel_size, self.dilation,
-                                     dtype=dtype or self.weight.dtype, device=device or self.weight.device)
+                                     dtype=dtype if dtype is not None else self.weight.dtype,
+                                     device=device if device is not None else self.weight.device)
+
+    def _check_state(self, state, what="state"):
+        if isinstance(state, CausalConvState) and state.dilation != self.dilation:
+            raise ValueError(f"{what} was made for dilation {state.dilation} but this layer has dilation "
+                             f"{self.dilation}: make it with this layer's init_state()")
 
     def step(self, x_t, state, context=None, residual=None):
-        """x_t (batch, in_channels) -> (batch, out_channels); advances ``state`` by one step."""
+        """x_t (batch, in_channels) -> (batch, out_channels); advances ``state`` by one step. For inference:
+        no autograd; runs in the state's dtype (under autocast too)."""
+        _check_inference(x_t, context, residual)
+        self._check_state(state)
+        if isinstance(state, CausalConvState) and _autocast_dtype(x_t) is not None:
+            x_t, context, residual = _cast((x_t, context, residual), state.history.dtype)
         return causal_conv1d_step(x_t, self.weight, state, self.bias, groups=self.groups, activation=self.activation,
                                   residual=residual, backend=self.backend, **self._context_args(context))
 
@@ -96,8 +172,9 @@ class TemporalBlock(nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size=5, dilation=1, *, context_channels=0, backend=None,
                  device=None, dtype=None):
         super().__init__()
-        self.conv = CausalConv1d(in_channels, out_channels, kernel_size, dilation, context_channels=context_channels,
-                                 activation="relu", backend=backend, device=device, dtype=dtype)
+        self.conv = CausalConv1d(in_channels, out_channels, kernel_size, dilation=dilation,
+                                 context_channels=context_channels, activation="relu", backend=backend, device=device,
+                                 dtype=dtype)
         self.projection = (nn.Linear(in_channels, out_channels, device=device, dtype=dtype)
                            if in_channels != out_channels else None)
 
@@ -105,14 +182,19 @@ class TemporalBlock(nn.Module):
         return x if self.projection is None else self.projection(x)
 
     def forward(self, x, context=None):
+        self.conv._check_layout(x)
         return self.conv(x, context, residual=self._residual(x))
 
     def init_state(self, batch, **kwargs) -> CausalConvState:
         return self.conv.init_state(batch, **kwargs)
 
     def step(self, x_t, state, context=None):
-        """x_t (batch, in_channels) -> (batch, out_channels); advances ``state`` by one step."""
-        return self.conv.step(x_t, state, context, residual=self._residual(x_t))
+        """x_t (batch, in_channels) -> (batch, out_channels); advances ``state`` by one step (inference: no
+        autograd)."""
+        _check_inference(x_t, context)
+        with torch.no_grad():  # the projection's parameters require grad; the step records none
+            residual = self._residual(x_t)
+        return self.conv.step(x_t, state, context, residual=residual)
 
 
 class TCNState:
@@ -129,6 +211,13 @@ class TCNState:
         for layer in self.layers:
             layer.reset(rows)
 
+    # Copies (copy.deepcopy, pickle, torch.save) keep the layers' states, not the shortcut (see CausalConvState).
+    def __getstate__(self):
+        return {"layers": self.layers}
+
+    def __setstate__(self, state):
+        self.__init__(state["layers"])
+
     def to(self, device=None, dtype=None) -> "TCNState":
         return TCNState(layer.to(device, dtype) for layer in self.layers)
 
@@ -138,7 +227,8 @@ class TCN(nn.Module):
 
     ``channels`` lists each block's output channels; context (batch, context_channels), when the TCN
     has context_channels, enters the first block at every step (HierTCN's user state).
-    forward(x, context=None): x (batch, time, in_channels) -> (batch, time, channels[-1]).
+    forward(x, context=None): x (batch, time, in_channels) -> (batch, time, channels[-1]), under
+    torch.autocast in the autocast dtype. step() is for inference (no autograd), in the state's dtype.
     """
 
     def __init__(self, in_channels, channels, kernel_size=5, dilations=None, context_channels=0, *, backend=None,
@@ -146,6 +236,8 @@ class TCN(nn.Module):
         super().__init__()
         channels = list(channels)
         dilations = [2 ** i for i in range(len(channels))] if dilations is None else list(dilations)
+        if not channels:
+            raise ValueError("channels must list at least one block's output channels")
         if len(dilations) != len(channels):
             raise ValueError(f"dilations must have one entry per block ({len(channels)}), got {len(dilations)}")
         self.context_channels = context_channels
@@ -174,6 +266,10 @@ class TCN(nn.Module):
         ``state``. On the cpu and cuda backends the whole stack is one op (one CUDA launch): ops.tcn_step."""
         if not isinstance(state, TCNState):
             raise TypeError(f"state must be a TCNState (from TCN.init_state), got {type(state).__name__}")
+        if x_t.requires_grad or (context is not None and context.requires_grad):
+            _check_inference(x_t, context)
+        if state.layers and _autocast_dtype(x_t) is not None:  # the step runs in the state's dtype
+            x_t, context = _cast((x_t, context), state.layers[0].history.dtype)
         # A step runs once per event, and at batch 1 its Python costs as much as the kernel. When this TCN
         # steps this state with the same objects as last time (every module, parameter, state tensor and the
         # context, compared by identity) and the op prepared a step for that call, run it directly: the op
@@ -194,17 +290,26 @@ class TCN(nn.Module):
         # The parameters are read from the modules' dicts, not through nn.Module.__getattr__, which costs a
         # microsecond per lookup.
         convs = [block._modules["conv"] for block in blocks]
-        params = [conv._parameters for conv in convs]
+        for i, (conv, layer) in enumerate(zip(convs, state.layers)):
+            conv._check_state(layer, f"state.layers[{i}]")
         projections = [block._modules.get("projection") for block in blocks]
-        projections = [None if p is None else p._parameters for p in projections]
+        # A parametrized module (weight_norm, ...) computes its weight on access: no prepared step for it.
+        parametrized = any(parametrize.is_parametrized(m) for m in (*convs, *projections) if m is not None)
+        if parametrized:
+            weights, biases = [conv.weight for conv in convs], [conv.bias for conv in convs]
+            proj_weights = [None if p is None else p.weight for p in projections]
+            proj_biases = [None if p is None else p.bias for p in projections]
+        else:
+            params = [conv._parameters for conv in convs]
+            projections = [None if p is None else p._parameters for p in projections]
+            weights, biases = [p["weight"] for p in params], [p.get("bias") for p in params]
+            proj_weights = [None if p is None else p["weight"] for p in projections]
+            proj_biases = [None if p is None else p.get("bias") for p in projections]
         first = convs[0]._context_args(context)
-        weights, biases = [p["weight"] for p in params], [p.get("bias") for p in params]
-        proj_weights = [None if p is None else p["weight"] for p in projections]
-        proj_biases = [None if p is None else p.get("bias") for p in projections]
         backend = convs[0].backend
         out = tcn_step(x_t, weights, biases, state.layers, proj_weights=proj_weights, proj_biases=proj_biases,
                        activation="relu", backend=backend, **first)
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and not parametrized:
             # Shortcut the next call only through a prepared step made for exactly this call's objects (the op
             # may have run another backend and left an older one in place).
             entry = prepared_entry(weights, biases, state.layers, proj_weights, proj_biases, context,
@@ -224,7 +329,7 @@ class TCN(nn.Module):
             conv = modules["conv"]
             params = conv._parameters
             add(conv)
-            add(params["weight"])
+            add(params.get("weight"))  # None when parametrized: then no shortcut is armed
             add(params.get("bias"))
             add(params.get("context_weight"))
             projection = modules.get("projection")

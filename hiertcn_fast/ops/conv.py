@@ -302,6 +302,15 @@ class CausalConvState:
     # tcn_step's prepared CPU step: (argument objects, (activation, backend requested, layers), plan or None)
     _prepared: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
+    # Copies (copy.deepcopy, pickle, torch.save) keep the state itself, not its caches: those refer to the
+    # layer's weights (megabytes, and a prepared step that cannot be pickled) and are rebuilt on the next step.
+    def __getstate__(self):
+        return {"history": self.history, "position": self.position, "kernel_size": self.kernel_size,
+                "dilation": self.dilation}
+
+    def __setstate__(self, state):
+        self.__init__(state["history"], state["position"], state["kernel_size"], state["dilation"])
+
     @classmethod
     def zeros(cls, batch, in_channels, kernel_size, dilation=1, *, dtype=torch.float32, device="cpu"):
         history = torch.zeros(batch, (kernel_size - 1) * dilation, in_channels, dtype=dtype, device=device)
@@ -486,11 +495,12 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
     # Layer by layer (the triton and reference backends, and stacks deeper than the fused kernels take).
     layer_backend = name if name in ("triton", "reference") else backend
     h = x
-    for l in range(layers):
-        residual = h if proj_weights[l] is None else F.linear(h, proj_weights[l], proj_biases[l])
-        extra = dict(context=context, context_weight=context_weight) if l == 0 else {}
-        h = causal_conv1d_step(h, weights[l], states[l], biases[l], activation=activation, residual=residual,
-                               backend=layer_backend, **extra)
+    with torch.no_grad():  # inference, as the fused stack
+        for l in range(layers):
+            residual = h if proj_weights[l] is None else F.linear(h, proj_weights[l], proj_biases[l])
+            extra = dict(context=context, context_weight=context_weight) if l == 0 else {}
+            h = causal_conv1d_step(h, weights[l], states[l], biases[l], activation=activation, residual=residual,
+                                   backend=layer_backend, **extra)
     return h
 
 
@@ -513,6 +523,11 @@ def _check_stack(x, weights, states, proj_weights, proj_biases, context, context
         if proj_weight is not None:
             check_tensor(proj_weight, f"proj_weights[{l}]", 2)
             check_shape(proj_weight, f"proj_weights[{l}] (out_channels, in_channels)", weight.shape[:2])
+        # The dispatcher picks the op's kernel by device: a state on another device (meta included) would
+        # otherwise be stepped by the wrong kernel, or by none.
+        for name, t in ((f"states[{l}].history", state.history), (f"states[{l}].position", state.position)):
+            if t.device != x.device:
+                raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move the state with .to()")
     if context is not None:
         check_tensor(context, "context", 2)
         check_tensor(context_weight, "context_weight", 3)
