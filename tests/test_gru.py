@@ -395,7 +395,216 @@ def test_gru_module_rejects_bidirectional():
         GRU(3, 4, bidirectional=True)
 
 
+def peer_and_module(peer):
+    """A hiertcn_fast.nn twin of the torch.nn.GRU / GRUCell ``peer``, with its weights."""
+    if isinstance(peer, torch.nn.GRUCell):
+        module = GRUCell(peer.input_size, peer.hidden_size, bias=peer.bias)
+    else:
+        module = GRU(peer.input_size, peer.hidden_size, num_layers=peer.num_layers, bias=peer.bias,
+                     batch_first=peer.batch_first)
+    module.load_state_dict(peer.state_dict())
+    return module
+
+
+def outputs_and_grads(module, run, leaves):
+    """run(module) -> tensors (a PackedSequence counts as its data); with the gradients of a fixed
+    random projection of them w.r.t. ``leaves`` and the module's parameters."""
+    outputs = [t.data if isinstance(t, torch.nn.utils.rnn.PackedSequence) else t for t in run(module)]
+    generator = torch.Generator().manual_seed(0)
+    loss = sum((t.float() * torch.randn(t.shape, generator=generator)).sum() for t in outputs)
+    return outputs, torch.autograd.grad(loss, [*leaves, *module.parameters()])
+
+
+def assert_bf16_close(got, want):
+    torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=5e-2)
+
+
+AUTOCAST_CASES = {  # case: (input shape, hx shape or None)
+    "cell": ((3, 5), None), "cell-hx": ((3, 5), (3, 8)), "cell-unbatched": ((5,), (8,)), "gru": ((3, 6, 5), None),
+    "gru-hx": ((3, 6, 5), (2, 3, 8)), "gru-time-major": ((6, 3, 5), (2, 3, 8)), "gru-unbatched": ((6, 5), None),
+    "gru-step": ((3, 5), (2, 3, 8))}
+
+
+@pytest.mark.parametrize("case", list(AUTOCAST_CASES))
+def test_gru_modules_run_under_autocast_like_torch(case):
+    """A bf16 activation from an autocast region (nn.Linear's output) runs through GRU / GRUCell as
+    through torch's: bf16 out, close to torch's, gradients reach x and the float32 parameters."""
+    torch.manual_seed(0)
+    peer = torch.nn.GRUCell(5, 8) if case.startswith("cell") else \
+        torch.nn.GRU(5, 8, num_layers=2, batch_first=case != "gru-time-major")
+    module, projection = peer_and_module(peer), torch.nn.Linear(5, 5)
+    x_shape, hx_shape = AUTOCAST_CASES[case]
+    x = torch.randn(x_shape, requires_grad=True)
+    hx = None if hx_shape is None else torch.randn(hx_shape, dtype=torch.bfloat16)  # e.g. an earlier bf16 output
+
+    def run(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            activation = projection(x)
+            assert activation.dtype == torch.bfloat16
+            if case == "gru-step":
+                if m is module:
+                    return m.step(activation, hx)
+                output, h_n = m(activation[:, None], hx)
+                return output[:, 0], h_n
+            result = m(activation, hx)
+            return result if isinstance(result, tuple) else (result,)
+
+    got, got_grads = outputs_and_grads(module, run, [x])
+    want, want_grads = outputs_and_grads(peer, run, [x])
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == torch.bfloat16 and a.shape == b.shape
+        assert_bf16_close(a, b)
+    for a, b, leaf in zip(got_grads, want_grads, [x, *module.parameters()]):
+        assert a.dtype == leaf.dtype == torch.float32
+        assert_bf16_close(a, b)
+
+
+def test_gru_modules_run_float32_input_in_the_autocast_dtype():
+    """float32 input under autocast: the op runs in bf16 (torch's CUDA policy for its RNNs), close to
+    torch's GRU under the same autocast."""
+    torch.manual_seed(0)
+    for peer, x, hx in ((torch.nn.GRUCell(5, 8), torch.randn(3, 5), torch.randn(3, 8)),
+                        (torch.nn.GRU(5, 8, num_layers=2), torch.randn(6, 3, 5), torch.randn(2, 3, 8))):
+        module = peer_and_module(peer)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, want = module(x, hx), peer(x, hx)
+        for a, b in zip(*(result if isinstance(result, tuple) else (result,) for result in (got, want))):
+            assert a.dtype == torch.bfloat16
+            assert_bf16_close(a, b)
+
+
+def test_gru_modules_pass_their_own_tensors_outside_autocast(monkeypatch):
+    """Outside autocast the op gets the caller's tensors and the parameters themselves (the fast paths
+    key on them), and stays so after an autocast region."""
+    import hiertcn_fast.nn.gru as module_file
+    calls = []
+    for name in ("gru", "gru_cell"):
+        op = getattr(module_file, name)
+        monkeypatch.setattr(module_file, name,
+                            lambda *args, _op=op, **kwargs: calls.append(args) or _op(*args, **kwargs))
+    cell, sequence = GRUCell(5, 8), GRU(5, 8, num_layers=2, batch_first=True)
+    x, h, xs, h0 = torch.randn(3, 5), torch.randn(3, 8), torch.randn(3, 4, 5), torch.randn(2, 3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cell(x, h), sequence(xs, h0)
+    calls.clear()
+    cell(x, h), sequence(xs, h0)
+    (cx, ch, *cell_weights), (sx, sh, layers) = calls
+    assert cx is x and ch is h and sx is xs and sh is h0
+    assert all(a is b for a, b in zip(cell_weights, (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)))
+    assert all(a is b for mine, theirs in zip(layers, sequence.all_weights) for a, b in zip(mine, theirs))
+
+
+def pack_with_ties_reversed(padded, lengths, batch_first):
+    """A PackedSequence whose sorted_indices put equal lengths in reverse row order: as valid as the
+    one pack_padded_sequence makes (whose sort keeps them in order), and torch.nn.GRU honours it."""
+    order = sorted(range(len(lengths)), key=lambda row: (-int(lengths[row]), -row))
+    sorted_indices = torch.tensor(order)
+    rows = padded.index_select(0 if batch_first else 1, sorted_indices)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(rows, lengths[sorted_indices], batch_first=batch_first)
+    return torch.nn.utils.rnn.PackedSequence(packed.data, packed.batch_sizes, sorted_indices,
+                                             torch.empty_like(sorted_indices).scatter_(0, sorted_indices,
+                                                                                      torch.arange(len(order))))
+
+
+@pytest.mark.parametrize("num_layers,batch_first,packing,with_hx", [
+    (1, True, "unsorted", False), (3, False, "unsorted", True), (2, True, "sorted", True),
+    (2, False, "sorted", False), (2, True, "ties-reversed", True), (1, False, "ties-reversed", False)])
+def test_gru_module_takes_a_packed_sequence_like_torch(num_layers, batch_first, packing, with_hx):
+    """A PackedSequence in, a PackedSequence out (same batch_sizes and indices as torch's), and h_n holds
+    every sequence's state after its own last element, not at the padded end."""
+    torch.manual_seed(0)
+    peer = torch.nn.GRU(5, 8, num_layers=num_layers, batch_first=batch_first)
+    module = peer_and_module(peer)
+    lengths = torch.tensor([7, 5, 5, 2, 2, 1]) if packing == "sorted" else torch.tensor([2, 7, 1, 5, 2, 5])
+    padded = torch.randn(len(lengths), 7, 5, requires_grad=True)
+    hx = torch.randn(num_layers, len(lengths), 8, requires_grad=True) if with_hx else None
+    leaves = [padded] + ([hx] if with_hx else [])
+
+    def run(m):
+        rows = padded if batch_first else padded.transpose(0, 1)
+        packed = pack_with_ties_reversed(rows, lengths, batch_first) if packing == "ties-reversed" else \
+            torch.nn.utils.rnn.pack_padded_sequence(rows, lengths, batch_first=batch_first,
+                                                    enforce_sorted=packing == "sorted")
+        output, h_n = m(packed, hx)
+        assert isinstance(output, torch.nn.utils.rnn.PackedSequence)
+        run.packed_outputs.append(output)
+        return output, h_n
+
+    run.packed_outputs = []
+    got, got_grads = outputs_and_grads(module, run, leaves)
+    want, want_grads = outputs_and_grads(peer, run, leaves)
+    mine, theirs = run.packed_outputs
+    assert torch.equal(mine.batch_sizes, theirs.batch_sizes)
+    for a, b in ((mine.sorted_indices, theirs.sorted_indices), (mine.unsorted_indices, theirs.unsorted_indices)):
+        assert (a is None and b is None) or torch.equal(a, b)
+    for a, b in zip(got + list(got_grads), want + list(want_grads)):
+        assert_close(a, b, torch.float32)
+
+
+def test_gru_modules_compile_fullgraph_as_documented():
+    """GRUCell compiles as is; GRU, like torch.nn.GRU, with torch._dynamo.config.allow_rnn (its docstring
+    says so). Under autocast the compiled module runs in bf16 as the eager one does."""
+    torch.manual_seed(0)
+    cell, sequence = GRUCell(5, 7), GRU(5, 7, num_layers=2, batch_first=True)
+    x, xs = torch.randn(3, 5), torch.randn(3, 4, 5)
+    torch._dynamo.reset()
+    assert_close(torch.compile(cell, fullgraph=True)(x), cell(x), torch.float32)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        compiled = torch.compile(sequence, fullgraph=True)
+        for got, want in zip(compiled(xs), sequence(xs)):
+            assert_close(got, want, torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for got, want in zip(compiled(xs), sequence(xs)):
+                assert got.dtype == want.dtype == torch.bfloat16
+                assert_bf16_close(got, want)
+
+
+
 # ---- bad input -----------------------------------------------------------------------------------
+
+def test_gru_modules_name_input_and_hx_in_their_errors():
+    """Errors name the module's arguments (input, hx) and the shapes the caller passed, before any unsqueeze."""
+    gru_module, two_layers, cell = GRU(5, 7), GRU(5, 7, num_layers=2, batch_first=True), GRUCell(5, 7)
+    x, x_unbatched = torch.randn(4, 6, 5), torch.randn(6, 5)  # time 4, batch 6
+    input_size = r"input.size\(-1\) must be equal to input_size. Expected 5, got 3"
+    for call in (lambda: gru_module(torch.randn(4, 6, 3)), lambda: gru_module(torch.randn(6, 3)),
+                 lambda: two_layers.step(torch.randn(6, 3)), lambda: cell(torch.randn(4, 3)),
+                 lambda: cell(torch.randn(3))):
+        with pytest.raises(ValueError, match=input_size):
+            call()
+    batched = r"GRU: for batched input, hx \(num_layers, batch, hidden_size\) must have shape "
+    for call, message in (
+            (lambda: gru_module(x, torch.randn(1, 6, 8)),
+             batched + r"\(1, 6, 7\), got \(1, 6, 8\) \(input is of shape \(4, 6, 5\)\)"),
+            (lambda: gru_module(x, torch.randn(1, 4, 7)), batched + r"\(1, 6, 7\), got \(1, 4, 7\)"),
+            (lambda: gru_module(x, torch.randn(6, 7)), batched + r"\(1, 6, 7\), got \(6, 7\)"),
+            (lambda: two_layers(x, torch.randn(1, 4, 7)), batched + r"\(2, 4, 7\), got \(1, 4, 7\)"),
+            (lambda: two_layers.step(x[:, 0], torch.randn(2, 6, 7)), batched + r"\(2, 4, 7\), got \(2, 6, 7\)"),
+            (lambda: gru_module(x_unbatched, torch.randn(1, 6, 7)),
+             r"GRU: for unbatched 2-D input, hx \(num_layers, hidden_size\) must have shape \(1, 7\), "
+             r"got \(1, 6, 7\) \(input is of shape \(6, 5\)\)"),
+            (lambda: gru_module(torch.nn.utils.rnn.pack_sequence([x_unbatched, x_unbatched[:2]]), torch.randn(1, 3, 7)),
+             batched + r"\(1, 2, 7\), got \(1, 3, 7\) \(input is a PackedSequence of batch 2\)"),
+            (lambda: cell(torch.randn(5), torch.randn(1, 7)),
+             r"GRUCell: for unbatched 1-D input, hx \(hidden_size,\) must have shape \(7,\), got \(1, 7\) "
+             r"\(input is of shape \(5,\)\)"),
+            (lambda: cell(torch.randn(4, 5), torch.randn(7)),
+             r"GRUCell: for batched 2-D input, hx \(batch, hidden_size\) must have shape \(4, 7\), got \(7,\)"),
+            (lambda: cell(torch.randn(4, 5), torch.randn(3, 7)), r"hx .* must have shape \(4, 7\), got \(3, 7\)"),
+            (lambda: cell(torch.randn(4, 5), torch.randn(4, 8)), r"hx .* must have shape \(4, 7\), got \(4, 8\)")):
+        with pytest.raises(ValueError, match=message):
+            call()
+    with pytest.raises(TypeError, match=r"GRU: input dtype \(torch.float64\) does not match the parameters' dtype"):
+        gru_module(x.double())
+    with pytest.raises(TypeError, match="GRUCell: hx has dtype torch.float64 but input has torch.float32"):
+        cell(torch.randn(4, 5), torch.randn(4, 7, dtype=torch.float64))
+    with pytest.raises(ValueError, match="GRUCell: hx is on meta but input is on cpu"):
+        cell(torch.randn(4, 5), torch.randn(4, 7, device="meta"))
+    with pytest.raises(ValueError, match="GRU: input is on meta but the parameters are on cpu"):
+        gru_module(x.to("meta"))
+    with pytest.raises(TypeError, match="input must be a torch.Tensor, got list"):
+        gru_module([x])
+
 
 def test_bad_input_is_a_clear_error():
     x, h, w_ih, w_hh, b_ih, b_hh = cell_inputs(2, 3, 4, False, True, torch.float32, "cpu")

@@ -6,8 +6,51 @@ initialisation and state_dicts are exactly torch's; only forward runs on hiertcn
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ..ops import gru, gru_cell
+
+
+def _autocast_dtype(device_type):
+    """torch.autocast's lower-precision dtype inside an autocast region for ``device_type``, else None."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _autocast_cast(t, dtype):
+    """What torch.autocast does to an argument of a lower-precision op: floating tensors other than
+    float64 go to ``dtype`` (differentiably, so gradients reach float32 parameters); the rest stays."""
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
+def _check_tensor(t, name):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_input_size(input, input_size):
+    if input.shape[-1] != input_size:
+        raise ValueError(f"input.size(-1) must be equal to input_size. Expected {input_size}, got {input.shape[-1]}")
+
+
+def _check_dtypes_and_devices(module, x, h, weight):
+    """x, h (or None) and the weights as they go to the op: one dtype and one device, else an error that
+    names input and hx (the op only knows x, h and weights[i])."""
+    if x.dtype != weight.dtype:
+        raise TypeError(f"{type(module).__name__}: input dtype ({x.dtype}) does not match the parameters' "
+                        f"dtype ({weight.dtype}). Convert the input: input.to({weight.dtype}), or the module: "
+                        f"module.to({x.dtype})")
+    if h is not None and h.dtype != x.dtype:
+        raise TypeError(f"{type(module).__name__}: hx has dtype {h.dtype} but input has {x.dtype}")
+    device = x.device
+    if device != weight.device:
+        raise ValueError(f"{type(module).__name__}: input is on {device} but the parameters are on "
+                         f"{weight.device}")
+    if h is not None and h.device != device:
+        raise ValueError(f"{type(module).__name__}: hx is on {h.device} but input is on {device}")
 
 
 class GRUCell(torch.nn.GRUCell):
@@ -15,6 +58,10 @@ class GRUCell(torch.nn.GRUCell):
 
     input (batch, input_size) or (input_size,), hx (batch, hidden_size) or (hidden_size,) or None (zeros)
     -> (batch, hidden_size) or (hidden_size,). ``backend`` picks the op backend (None: the usual selection).
+
+    Under torch.autocast the input, hx and the weights run in the autocast dtype (the lower-precision
+    policy torch applies to its GRU cells on CUDA), so the output has that dtype; gradients reach the
+    float32 parameters. (On the CPU torch's own GRUCell returns hx's dtype, float32 for float32 hx.)
     """
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend=None):
@@ -22,16 +69,38 @@ class GRUCell(torch.nn.GRUCell):
         self.backend = backend
 
     def forward(self, input, hx=None):
+        _check_tensor(input, "input")
         if input.dim() not in (1, 2):
             raise ValueError(f"GRUCell: expected input to be 1-D or 2-D, got {input.dim()}-D")
+        _check_input_size(input, self.input_size)
         batched = input.dim() == 2
+        if hx is not None:
+            _check_tensor(hx, "hx")
+            expected = (input.shape[0], self.hidden_size) if batched else (self.hidden_size,)
+            if hx.shape != expected:
+                layout = "batched 2-D input, hx (batch, hidden_size)" if batched else \
+                    "unbatched 1-D input, hx (hidden_size,)"
+                raise ValueError(f"GRUCell: for {layout} must have shape {expected}, got {tuple(hx.shape)} "
+                                 f"(input is of shape {tuple(input.shape)})")
         x = input if batched else input.unsqueeze(0)
-        if hx is None:
-            h = x.new_zeros(x.shape[0], self.hidden_size)
+        h = hx if hx is None or batched else hx.unsqueeze(0)
+        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        autocast_dtype = _autocast_dtype(x.device.type)
+        if autocast_dtype is None:
+            _check_dtypes_and_devices(self, x, h, self.weight_ih)
+            out = self._cell(x, h, weights)
         else:
-            h = hx if batched else hx.unsqueeze(0)
-        out = gru_cell(x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, backend=self.backend)
+            x, h, *weights = (_autocast_cast(t, autocast_dtype) for t in (x, h, *weights))
+            _check_dtypes_and_devices(self, x, h, weights[0])
+            # The arguments are cast already; inside the op nothing may be cast again (torch's policy).
+            with torch.autocast(x.device.type, enabled=False):
+                out = self._cell(x, h, weights)
         return out if batched else out.squeeze(0)
+
+    def _cell(self, x, h, weights):
+        if h is None:
+            h = x.new_zeros(x.shape[0], self.hidden_size)
+        return gru_cell(x, h, *weights, backend=self.backend)
 
 
 class GRU(torch.nn.GRU):
@@ -40,7 +109,18 @@ class GRU(torch.nn.GRU):
     Same arguments as torch.nn.GRU (bidirectional=True is not supported). batch_first=True is the
     ops' native layout; with batch_first=False input and output are transposed around the op.
     forward(input (batch, time, input_size) if batch_first else (time, batch, input_size), or
-    unbatched (time, input_size); hx (num_layers, batch, hidden_size) or None) -> (output, h_n).
+    unbatched (time, input_size), or a PackedSequence; hx (num_layers, batch, hidden_size), or
+    (num_layers, hidden_size) for unbatched input, or None (zeros)) -> (output, h_n), as torch.nn.GRU:
+    for a PackedSequence, output is a PackedSequence and h_n holds each sequence's state after its own
+    last element.
+
+    Under torch.autocast the input, hx and the weights run in the autocast dtype (the lower-precision
+    policy torch applies to its GRUs on CUDA), so output and h_n have that dtype; gradients reach the
+    float32 parameters. (On the CPU torch's own GRU returns hx's dtype, or the input's without hx.)
+
+    torch.compile(fullgraph=True) of the module needs ``torch._dynamo.config.allow_rnn = True``, as for
+    torch.nn.GRU (Dynamo refuses every GRU subclass otherwise; the ops compile without it).
+    torch.jit.script is not supported (the ops are Python); torch.jit.trace is.
     """
 
     def __init__(self, *args, backend=None, **kwargs):
@@ -49,24 +129,74 @@ class GRU(torch.nn.GRU):
             raise ValueError("hiertcn_fast.nn.GRU does not support bidirectional=True; use torch.nn.GRU")
         self.backend = backend
 
-    def _layers(self, x, h0):
-        """x (batch, time, input), h0 (num_layers, batch, hidden) or None -> (output, h_n), dropout between layers."""
+    def _check_hx(self, hx, batch, input):
+        """hx against (num_layers, batch, hidden_size), or (num_layers, hidden_size) when batch is None."""
+        if hx is None:
+            return
+        _check_tensor(hx, "hx")
+        if batch is None:
+            layout, expected = "unbatched 2-D input, hx (num_layers, hidden_size)", (self.num_layers, self.hidden_size)
+        else:
+            layout, expected = "batched input, hx (num_layers, batch, hidden_size)", \
+                (self.num_layers, batch, self.hidden_size)
+        if hx.shape != expected:
+            given = f"a PackedSequence of batch {batch}" if isinstance(input, PackedSequence) else \
+                f"of shape {tuple(input.shape)}"
+            raise ValueError(f"GRU: for {layout} must have shape {expected}, got {tuple(hx.shape)} "
+                             f"(input is {given})")
+
+    def _layers(self, x, h0, last=None):
+        """x (batch, time, input), h0 (num_layers, batch, hidden) or None -> (output, h_n), dropout between
+        layers. last (batch,) int64 on x's device, or None: each row's last valid step; h_n then holds every
+        layer's state there rather than at the padded end (the recurrence is causal, so padding after a
+        row's last step changes nothing before it)."""
+        weights = self.all_weights
+        autocast_dtype = _autocast_dtype(x.device.type)
+        if autocast_dtype is None:
+            _check_dtypes_and_devices(self, x, h0, weights[0][0])
+            return self._run_layers(x, h0, weights, last)
+        x, h0 = _autocast_cast(x, autocast_dtype), _autocast_cast(h0, autocast_dtype)
+        weights = [[_autocast_cast(t, autocast_dtype) for t in layer] for layer in weights]
+        _check_dtypes_and_devices(self, x, h0, weights[0][0])
+        # The arguments are cast already; inside the op nothing may be cast again (torch's policy).
+        with torch.autocast(x.device.type, enabled=False):
+            return self._run_layers(x, h0, weights, last)
+
+    def _run_layers(self, x, h0, weights, last):
         if h0 is None:
             h0 = x.new_zeros(self.num_layers, x.shape[0], self.hidden_size)
-        if self.dropout == 0 or not self.training:
-            return gru(x, h0, self.all_weights, num_layers=self.num_layers, backend=self.backend)
+        dropout = self.dropout > 0 and self.training
+        if last is None and not dropout:
+            return gru(x, h0, weights, num_layers=self.num_layers, backend=self.backend)
+        rows = None if last is None else torch.arange(x.shape[0], device=x.device)
         last_states = []
-        for layer, weights in enumerate(self.all_weights):
-            if layer > 0:
+        for layer, layer_weights in enumerate(weights):
+            if layer > 0 and dropout:
                 x = F.dropout(x, self.dropout, training=True)
-            x, h_n = gru(x, h0[layer:layer + 1], [weights], num_layers=1, backend=self.backend)
-            last_states.append(h_n)
-        return x, torch.cat(last_states)
+            x, h_n = gru(x, h0[layer:layer + 1], [layer_weights], num_layers=1, backend=self.backend)
+            last_states.append(h_n[0] if last is None else x[rows, last])
+        return x, torch.stack(last_states)
+
+    def _forward_packed(self, input, hx):
+        _check_input_size(input.data, self.input_size)
+        self._check_hx(hx, int(input.batch_sizes[0]), input)
+        x, lengths = pad_packed_sequence(input, batch_first=True)  # rows in the caller's order, as hx
+        output, h_n = self._layers(x, hx, last=(lengths - 1).to(x.device))
+        # Repack in the input's own row order (a fresh sort could order equal lengths differently).
+        if input.sorted_indices is not None:
+            output, lengths = output.index_select(0, input.sorted_indices), lengths[input.sorted_indices.cpu()]
+        data = pack_padded_sequence(output, lengths, batch_first=True).data
+        return PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices), h_n
 
     def forward(self, input, hx=None):
+        if isinstance(input, PackedSequence):
+            return self._forward_packed(input, hx)
+        _check_tensor(input, "input")
         if input.dim() not in (2, 3):
             raise ValueError(f"GRU: expected input to be 2-D or 3-D, got {input.dim()}-D")
+        _check_input_size(input, self.input_size)
         batched = input.dim() == 3
+        self._check_hx(hx, input.shape[0 if self.batch_first else 1] if batched else None, input)
         x = input if batched else input.unsqueeze(0 if self.batch_first else 1)
         if not self.batch_first:
             x = x.transpose(0, 1)
@@ -82,7 +212,10 @@ class GRU(torch.nn.GRU):
     def step(self, input, hx=None):
         """One time step: input (batch, input_size), hx (num_layers, batch, hidden_size) or None (zeros)
         -> (output (batch, hidden_size), h_n (num_layers, batch, hidden_size))."""
+        _check_tensor(input, "input")
         if input.dim() != 2:
             raise ValueError(f"GRU.step: expected input (batch, input_size), got shape {tuple(input.shape)}")
+        _check_input_size(input, self.input_size)
+        self._check_hx(hx, input.shape[0], input)
         output, h_n = self._layers(input.unsqueeze(1), hx)
         return output[:, 0], h_n
