@@ -7,14 +7,23 @@
   every event of the test split against the full catalogue, and writes a report folder
   (report.md, PNG plots, results.json). Uses a GPU when present; under ``torchrun`` the lanes of
   every batch are sharded across the ranks (DistributedDataParallel) and rank 0 writes the report.
+
+  The report folder is created and checked writable before any work (a usage error if it cannot
+  be). results.json and report.md are rewritten as the rules and each model finish (the plots at
+  the end), so an interrupted or failed job keeps what it finished. A model that fails is reported
+  (traceback on stderr, a note in the report) and the job goes on with the others, then exits with
+  status 1. An earlier report in the folder is replaced, and the job says so first.
 """
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import tempfile
 import time
+import traceback
+from pathlib import Path
 
 # Sizes of each model from one width ``d`` (the paper's 128 by default): embeddings, GRU states and
 # TCN channels all d; HierTCN's high-level GRU has two layers (state 2d), as in the paper.
@@ -33,6 +42,63 @@ def _info(args) -> int:
 
     print(describe())
     return 0
+
+
+def _positive_int(text: str) -> int:
+    return _bounded_int(text, 1, "a positive integer")
+
+
+def _non_negative_int(text: str) -> int:
+    return _bounded_int(text, 0, "a non-negative integer")
+
+
+def _bounded_int(text: str, lowest: int, expected: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < lowest:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    return _checked_float(text, lambda value: math.isfinite(value) and value > 0, "a positive finite number")
+
+
+def _probability(text: str) -> float:
+    return _checked_float(text, lambda value: 0 <= value < 1, "a number in [0, 1)")
+
+
+def _checked_float(text: str, valid, expected: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan  # fails every check below
+    if not valid(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def _main_rank_by_environment() -> bool:
+    """Rank 0 of a torchrun job (or a plain run), known before torch.distributed starts."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _prepare_report_folder(out: str) -> tuple[str | None, list[str]]:
+    """Create the report folder and prove it writable. Returns (the problem, or None; the report
+    files of an earlier run already there)."""
+    from .report import REPORT_FILES
+
+    folder = Path(out)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        return (f"--out {out}: cannot create or write the report folder "
+                f"({type(error).__name__}: {error.strerror or error})"), []
+    return None, [name for name in REPORT_FILES if (folder / name).exists()]
 
 
 def _model_list(text: str) -> tuple:
@@ -73,9 +139,13 @@ def _train_and_report(args, device, started, main_rank) -> int:
 
     from .data import load_dataset, preprocess
     from .report import ModelResult, write_report
-    from .rule_report import ML100K_PARAMS, evaluate_rules, format_table
+    from .rule_report import ML100K_PARAMS, evaluate_rules, format_table, preprocessing_note
     from .train import TrainConfig, Trainer, build_model, evaluate
 
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if main_rank and getattr(args, "earlier_report", None):
+        print(f"--out {args.out}: replacing the earlier report there ({', '.join(args.earlier_report)}); "
+              "other files are kept", flush=True)
     params = dataclasses.replace(ML100K_PARAMS, split="warm" if args.split_by == "time" else "cold")
     cache = preprocess(load_dataset(args.dataset), args.cache_dir, params)
     models = args.models
@@ -85,51 +155,90 @@ def _train_and_report(args, device, started, main_rank) -> int:
     config = TrainConfig(epochs=args.epochs, lanes=args.lanes, sessions_per_batch=args.sessions_per_batch,
                          learning_rate=args.lr, seed=args.seed, device=str(device), num_producers=args.producers,
                          log_every=args.log_every, loss=args.loss, num_sampled=args.num_sampled)
-    for name in models:
-        model = build_model(name, cache.num_items, seed=args.seed, dropout=args.dropout, backend=args.backend,
-                            **MODEL_SIZES[name](args.dim))
-        trainer = Trainer(model, cache, config, name=name).train()
-        if not main_rank:
-            continue
-        eval_started = time.perf_counter()
-        quality = evaluate(model, cache, args.split, config)
-        eval_seconds = time.perf_counter() - eval_started
-        parameters = sum(p.numel() for p in model.parameters())
-        results[name] = ModelResult(
-            name, quality, training_curve=trainer.curve, events_per_second=trainer.events_per_second,
-            peak_memory_bytes=trainer.peak_memory_bytes,
-            extra={"train_seconds": trainer.train_seconds, "evaluate_seconds": eval_seconds,
-                   "train_events": trainer.train_events, "parameters": parameters,
-                   "events_per_second_means": "training events (targets) per second of the training loop",
-                   "peak_memory_means": trainer.memory_kind})
-        per_user = quality["per_user"]["all"]
-        print(f"[{name}] test Recall@10 {per_user['Recall@10']:.4f} MRR {per_user['MRR']:.4f} (per user); "
-              f"{trainer.train_seconds:.0f} s training, {parameters:,} parameters", flush=True)
+    split_counts = cache.manifest["counts"]["splits"]
+    failed: dict[str, str] = {}
+
+    def save(pending, final: bool) -> None:
+        """Write what is finished: results.json and report.md now, the plots with the final write."""
+        if not results:
+            return
+        wall = time.perf_counter() - started
+        notes = [f"data: {args.dataset}, {cache.num_events} events, {cache.num_users} users, {cache.num_items} "
+                 f"items ({cache.params['split']} split, by {args.split_by}; sessions: 30 min gap, truncated to "
+                 f"{cache.params['max_session_length']} events)",
+                 preprocessing_note(cache),
+                 f"evaluated: every event of the {args.split} split ({split_counts[args.split]['events']} events, "
+                 f"{split_counts[args.split]['users']} users); trained on train ({split_counts['train']['events']} "
+                 f"events); rules fitted on train",
+                 f"neural models: width {args.dim}, {args.epochs} epochs, {args.lanes} lanes x "
+                 f"{args.sessions_per_batch} sessions per batch, Adam lr {args.lr} divided by 5 at 50% and 75%, "
+                 f"dropout {args.dropout}, "
+                 f"{'full softmax' if args.loss == 'full' else f'sampled softmax ({args.num_sampled} items, log-q)'}, "
+                 f"seed {args.seed}, device {device}, backend {args.backend or 'auto'}, "
+                 f"{torch.get_num_threads()} CPU thread(s)",
+                 "peak memory: neural models on CPU = data memory (largest step's batch + saved activations); on "
+                 "GPU the device peak; rules = peak traced host memory",
+                 f"wall time of the whole job: {wall:.0f} s"]
+        notes += [f"FAILED: {name} ({error}); it has no row here, its traceback is in the job's output"
+                  for name, error in failed.items()]
+        if pending:
+            notes.append(f"INCOMPLETE: the job is still running (or was stopped); not finished: {', '.join(pending)}")
+        status = "incomplete" if pending else ("failed" if failed else "complete")
+        write_report(list(results.values()), args.out, title=f"HierTCN and baselines on {args.dataset}", notes=notes,
+                     metadata={"cache_key": cache.key, "params": cache.params, "split": args.split,
+                               "argv": sys.argv[1:], "wall_seconds": wall, "device": str(device),
+                               "world_size": int(os.environ.get("WORLD_SIZE", "1")), "status": status,
+                               "models_pending": list(pending), "models_failed": dict(failed)},
+                     plots=final)
+
+    if main_rank:
+        save(models, final=False)
+    for index, name in enumerate(models):
+        try:
+            model = build_model(name, cache.num_items, seed=args.seed, dropout=args.dropout, backend=args.backend,
+                                **MODEL_SIZES[name](args.dim))
+            trainer = Trainer(model, cache, config, name=name, out=sys.stdout).train()
+            if main_rank:
+                eval_started = time.perf_counter()
+                quality = evaluate(model, cache, args.split, config)
+                eval_seconds = time.perf_counter() - eval_started
+        except Exception as error:
+            # Ranks of a distributed job must fail together; a single process goes on with the next model.
+            if distributed:
+                raise
+            traceback.print_exc()
+            message = " ".join(str(error).split())  # one line: it goes into a markdown list
+            failed[name] = f"{type(error).__name__}: {message[:300]}{'...' if len(message) > 300 else ''}"
+            print(f"[{name}] FAILED ({failed[name]}); going on with the other models", file=sys.stderr, flush=True)
+        else:
+            if not main_rank:
+                continue
+            parameters = sum(p.numel() for p in model.parameters())
+            results[name] = ModelResult(
+                name, quality, training_curve=trainer.curve, events_per_second=trainer.events_per_second,
+                peak_memory_bytes=trainer.peak_memory_bytes,
+                extra={"train_seconds": trainer.train_seconds, "evaluate_seconds": eval_seconds,
+                       "train_events": trainer.train_events, "parameters": parameters,
+                       "events_per_second_means": "training events (targets) per second of the training loop",
+                       "peak_memory_means": trainer.memory_kind})
+            per_user = quality["per_user"]["all"]
+            print(f"[{name}] test Recall@10 {per_user['Recall@10']:.4f} MRR {per_user['MRR']:.4f} (per user); "
+                  f"{trainer.train_seconds:.0f} s training, {parameters:,} parameters", flush=True)
+        if main_rank:
+            save(models[index + 1:], final=False)
     if not main_rank:
         return 0
-    split_counts = cache.manifest["counts"]["splits"]
     wall = time.perf_counter() - started
-    notes = [f"data: {args.dataset}, {cache.num_events} events, {cache.num_users} users, {cache.num_items} items "
-             f"({cache.params['split']} split, by {args.split_by}; sessions: 30 min gap, truncated to "
-             f"{cache.params['max_session_length']} events)",
-             f"evaluated: every event of the {args.split} split ({split_counts[args.split]['events']} events, "
-             f"{split_counts[args.split]['users']} users); trained on train ({split_counts['train']['events']} "
-             f"events); rules fitted on train",
-             f"neural models: width {args.dim}, {args.epochs} epochs, {args.lanes} lanes x {args.sessions_per_batch} "
-             f"sessions per batch, Adam lr {args.lr} divided by 5 at 50% and 75%, dropout {args.dropout}, "
-             f"{'full softmax' if args.loss == 'full' else f'sampled softmax ({args.num_sampled} items, log-q)'}, "
-             f"seed {args.seed}, device {device}, backend {args.backend or 'auto'}, "
-             f"{torch.get_num_threads()} CPU thread(s)",
-             "peak memory: neural models on CPU = data memory (largest step's batch + saved activations); on GPU "
-             "the device peak; rules = peak traced host memory",
-             f"wall time of the whole job: {wall:.0f} s"]
-    write_report(list(results.values()), args.out, title=f"HierTCN and baselines on {args.dataset}", notes=notes,
-                 metadata={"cache_key": cache.key, "params": cache.params, "split": args.split,
-                           "argv": sys.argv[1:], "wall_seconds": wall, "device": str(device),
-                           "world_size": int(os.environ.get("WORLD_SIZE", "1"))})
+    if not results:
+        print(f"no model finished, so nothing was written to {args.out}", file=sys.stderr)
+        return 1
+    save((), final=True)
     print(format_table(results, "per_user"))
     print(format_table(results, "per_event"))
     print(f"report: {os.path.join(args.out, 'report.md')} ({wall:.0f} s)")
+    if failed:
+        print(f"FAILED: {', '.join(failed)} (see above); the report holds the other models", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -140,7 +249,12 @@ def main(argv=None) -> int:
         run=_info)
     train = commands.add_parser("train", help="train and evaluate HierTCN and the baselines on ml-100k; "
                                               "write a report folder")
-    train.add_argument("--out", default="reports/ml-100k", help="report folder (default: %(default)s)")
+    train.add_argument("--out", default="reports/ml-100k",
+                       help="report folder (default: %(default)s). Created and checked writable before any work. "
+                            "results.json and report.md are rewritten as each model finishes, the plots at the end; "
+                            "a model that fails is noted there, the others go on, and the job exits with status 1. "
+                            "An earlier report there (report.md, results.json, the plots) is replaced, and the job "
+                            "says so when it starts; other files in the folder are kept")
     train.add_argument("--dataset", default="ml-100k", help="built-in data set (default: %(default)s)")
     train.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "hiertcn_fast_cache"),
                        help="session cache folder (default: %(default)s)")
@@ -150,27 +264,35 @@ def main(argv=None) -> int:
     train.add_argument("--split", default="test", choices=("valid", "test"), help="evaluated split")
     train.add_argument("--split-by", default="user", choices=("user", "time"),
                        help="cold start: users 80/10/10 (default); warm start: sessions by time at 80%%/90%%")
-    train.add_argument("--epochs", type=int, default=15)
-    train.add_argument("--dim", type=int, default=64, help="embedding / hidden / channel width (paper: 128)")
-    train.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (paper: 1e-2)")
-    train.add_argument("--dropout", type=float, default=0.3,
-                       help="dropout on the low-level input and the output layer input (ml-100k is small)")
+    train.add_argument("--epochs", type=_positive_int, default=15)
+    train.add_argument("--dim", type=_positive_int, default=64,
+                       help="embedding / hidden / channel width (paper: 128)")
+    train.add_argument("--lr", type=_positive_float, default=1e-2, help="Adam learning rate (paper: 1e-2)")
+    train.add_argument("--dropout", type=_probability, default=0.3,
+                       help="dropout in [0, 1) on the low-level input and the output layer input (ml-100k is small)")
     train.add_argument("--loss", default="full", choices=("full", "sampled"),
                        help="full softmax over all items (default) or sampled softmax with log-q correction")
-    train.add_argument("--num-sampled", type=int, default=1024, help="items sampled per batch with --loss sampled")
-    train.add_argument("--lanes", type=int, default=32)
-    train.add_argument("--sessions-per-batch", type=int, default=10)
-    train.add_argument("--producers", type=int, default=1, help="batch producer threads of the ring queue")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--num-sampled", type=_positive_int, default=1024,
+                       help="items sampled per batch with --loss sampled")
+    train.add_argument("--lanes", type=_positive_int, default=32)
+    train.add_argument("--sessions-per-batch", type=_positive_int, default=10)
+    train.add_argument("--producers", type=_non_negative_int, default=1,
+                       help="batch producer threads of the ring queue (0: build batches in the training thread)")
+    train.add_argument("--seed", type=_non_negative_int, default=0)
     train.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    train.add_argument("--threads", type=int, default=1,
+    train.add_argument("--threads", type=_non_negative_int, default=1,
                        help="torch CPU threads (default 1: these small models run several times faster on one "
                             "thread than on two busy cores; 0: torch's default)")
     train.add_argument("--backend", default=None, choices=("cuda", "triton", "cpu", "reference"),
                        help="op backend of the neural models (default: the usual automatic selection)")
-    train.add_argument("--log-every", type=int, default=0, help="progress every N steps (0: once per epoch)")
+    train.add_argument("--log-every", type=_non_negative_int, default=0,
+                       help="progress every N steps (0: once per epoch)")
     train.set_defaults(run=_train)
     args = parser.parse_args(argv)
+    if args.command == "train" and _main_rank_by_environment():
+        problem, args.earlier_report = _prepare_report_folder(args.out)
+        if problem:
+            train.error(problem)
     return args.run(args)
 
 

@@ -255,11 +255,15 @@ class RankingMetrics:
             raise ValueError(f"targets: item id {int(targets[first_bad])} at event {first_bad} is not in the "
                              f"catalogue (ids 0..{num_columns - 1}, padding item {self.padding_item} excluded)")
         # A row sum is a fast vectorised reduction and is NaN if the row holds a NaN (or both infinities,
-        # hence the exact check on the suspect rows only).
+        # hence the exact check on the suspect rows only). The padding column is never ranked, so a NaN
+        # there is harmless: only the catalogue columns are checked.
         row_sums = scores.sum(1, dtype=torch.float32) if scores.element_size() < 4 else scores.sum(1)
         suspect = torch.nonzero(torch.isnan(row_sums))[:, 0]
         if suspect.numel():
-            rows = suspect[torch.isnan(scores[suspect]).any(1)]
+            nan_scores = torch.isnan(scores[suspect])
+            if self.padding_item is not None:
+                nan_scores[:, self.padding_item] = False
+            rows = suspect[nan_scores.any(1)]
             if rows.numel():
                 raise ValueError(f"scores: NaN in {rows.numel()} of {n} events (first at event {int(rows[0])}); "
                                  "ranks of NaN scores are undefined")

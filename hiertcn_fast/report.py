@@ -11,6 +11,13 @@
 - ``results.json``: everything above and every metric of every model. Non-finite numbers (an empty
   group's NaN) are written as null so the file is strict JSON.
 
+Models scored on different events (e.g. a neural model whose ``max_session_length`` is shorter than
+the cache's sessions, against rules that score every event) are reported, not refused: the main table
+then gains an ``events`` column and the notes list each model's events. The folder's report files
+(:data:`REPORT_FILES`) are exactly those of the last call: a plot the call does not draw is removed,
+and report.md and results.json are replaced atomically, so the folder can be rewritten as results
+come in (``plots=False`` for the quick intermediate writes).
+
 Plots are drawn with matplotlib's Agg canvas directly (no pyplot), so nothing global changes and
 no display is needed.
 """
@@ -25,12 +32,15 @@ import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
-__all__ = ["ModelResult", "write_report", "TABLE_METRICS"]
+__all__ = ["ModelResult", "write_report", "TABLE_METRICS", "REPORT_FILES", "evaluated_events",
+           "scored_on_same_events", "format_figure"]
 
 TABLE_METRICS = ("Recall@10", "MRR", "NDCG@10")
 GROUPS = ("all", "first_in_session", "rest")
 UNITS = ("per_user", "per_event")
 PLOT_DPI = 110
+PLOT_FILES = ("training_curves.png", "quality.png", "throughput.png")
+REPORT_FILES = ("report.md", "results.json", *PLOT_FILES)
 
 
 @dataclasses.dataclass
@@ -92,6 +102,31 @@ def _as_results(results) -> list[ModelResult]:
     return results
 
 
+def evaluated_events(quality: Mapping) -> str:
+    """What a model was scored on, from its quality dict's counts, e.g. "3227 events of 94 users
+    (287 first-of-session)", plus the events it did not score, if any."""
+    counts = quality.get("counts", {})
+    text = (f"{counts.get('events', 'n/a')} events of {counts.get('users', 'n/a')} users "
+            f"({counts.get('first_in_session_events', 'n/a')} first-of-session")
+    truncation = quality.get("session_truncation") or {}
+    if truncation.get("events_not_scored"):
+        text += (f"; {truncation['events_not_scored']} more events, after the first "
+                 f"{truncation['max_session_length']} of their session, not scored")
+    return text + ")"
+
+
+def scored_on_same_events(results: Sequence[ModelResult]) -> bool:
+    """Whether every model was scored on the same events (by their counts)."""
+    return len({evaluated_events(r.quality) for r in results}) == 1
+
+
+def format_figure(value, spec: str, missing: str) -> str:
+    """``value`` formatted with ``spec``, or ``missing`` for None / NaN / infinity."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return missing
+    return format(value, spec)
+
+
 def _finite_or_none(value):
     """JSON-safe copy: non-finite floats become None."""
     if isinstance(value, float):
@@ -104,13 +139,11 @@ def _finite_or_none(value):
 
 
 def _number(value, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    return f"{value:.{digits}f}"
+    return format_figure(value, f".{digits}f", "n/a")
 
 
 def _throughput(value) -> str:
-    return "n/a" if value is None else f"{value:,.0f}"
+    return format_figure(value, ",.0f", "n/a")
 
 
 def _memory(value) -> str:
@@ -119,17 +152,19 @@ def _memory(value) -> str:
 
 def _markdown(results: list[ModelResult], title: str, notes: Sequence[str], plots: list[str]) -> str:
     quality = results[0].quality
+    same_events = scored_on_same_events(results)
     lines = [f"# {title}", ""]
     lines += [f"- {note}" for note in notes]
     if notes:
         lines.append("")
     header = ["model", *[f"{m} (per user)" for m in TABLE_METRICS], *[f"{m} (per event)" for m in TABLE_METRICS],
-              "events/s", "peak memory"]
+              "events/s", "peak memory", *([] if same_events else ["events"])]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         row = [r.name, *[_number(r.quality["per_user"]["all"].get(m)) for m in TABLE_METRICS],
                *[_number(r.quality["per_event"]["all"].get(m)) for m in TABLE_METRICS],
-               _throughput(r.events_per_second), _memory(r.peak_memory_bytes)]
+               _throughput(r.events_per_second), _memory(r.peak_memory_bytes),
+               *([] if same_events else [str(r.quality.get("counts", {}).get("events", "n/a"))])]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## First event of a session vs the other events (per user)", ""]
     header = ["model", *[f"{m} (first)" for m in TABLE_METRICS], *[f"{m} (rest)" for m in TABLE_METRICS]]
@@ -140,14 +175,16 @@ def _markdown(results: list[ModelResult], title: str, notes: Sequence[str], plot
                *[_number(per_user["rest"].get(m)) for m in TABLE_METRICS]]
         lines.append("| " + " | ".join(row) + " |")
     counts = quality.get("counts", {})
+    evaluated = (evaluated_events(quality) if same_events else
+                 "NOT the same events for every model, so compare their figures with care: "
+                 + "; ".join(f"{r.name} {evaluated_events(r.quality)}" for r in results))
     lines += ["", "## How these numbers were made", "",
               f"- Catalogue: {quality.get('catalogue', 'full')}; "
               f"{counts.get('catalogue_items', 'n/a')} items, no sampled negatives.",
               f"- Tie policy: {quality['tie_policy']}.",
               f"- Per user: {quality['averaging']['per_user']}.",
               f"- Per event: {quality['averaging']['per_event']}.",
-              f"- Evaluated: {counts.get('events', 'n/a')} events of {counts.get('users', 'n/a')} users "
-              f"({counts.get('first_in_session_events', 'n/a')} first-of-session).",
+              f"- Evaluated: {evaluated}.",
               "- Targets tied with another item (fraction of events): "
               + ", ".join(f"{r.name} {_number(r.quality.get('ties', {}).get('fraction_events_with_tied_target'))}"
                           for r in results) + ".",
@@ -228,14 +265,24 @@ def _plot_throughput(results, path: Path) -> bool:
     return True
 
 
+def _write_text(path: Path, text: str) -> None:
+    """Replace ``path`` atomically: a reader (or a crash) never sees half a file."""
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(text)
+    os.replace(temp, path)
+
+
 def write_report(results, out_dir: str | os.PathLike, title: str = "HierTCN report",
-                 notes: Sequence[str] = (), metadata: Mapping | None = None) -> dict[str, Path]:
+                 notes: Sequence[str] = (), metadata: Mapping | None = None, plots: bool = True) -> dict[str, Path]:
     """Write the report folder and return the paths written, by name.
 
     results: a list of :class:`ModelResult`, or a dict model name -> dict with the fields of
     ModelResult (quality, training_curve, events_per_second, peak_memory_bytes, extra).
-    All models must share one tie policy. notes: lines placed under the title (data set, split,
-    machine...). metadata: JSON-able, copied into results.json.
+    All models must share one tie policy; models scored on different events are flagged (see the
+    module docstring). notes: lines placed under the title (data set, split, machine...). metadata:
+    JSON-able, copied into results.json. plots: False writes report.md and results.json only (a
+    quick update while a job runs). Report files of an earlier call that this one does not write
+    (a plot) are removed; other files in the folder are left alone.
     """
     results = _as_results(results)
     if isinstance(notes, str):
@@ -243,15 +290,19 @@ def write_report(results, out_dir: str | os.PathLike, title: str = "HierTCN repo
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    if _plot_training_curves(results, out / "training_curves.png"):
-        written["training_curves"] = out / "training_curves.png"
-    _plot_quality(results, out / "quality.png")
-    written["quality"] = out / "quality.png"
-    if _plot_throughput(results, out / "throughput.png"):
-        written["throughput"] = out / "throughput.png"
-    plots = [p.name for p in written.values()]
+    if plots:
+        if _plot_training_curves(results, out / "training_curves.png"):
+            written["training_curves"] = out / "training_curves.png"
+        _plot_quality(results, out / "quality.png")
+        written["quality"] = out / "quality.png"
+        if _plot_throughput(results, out / "throughput.png"):
+            written["throughput"] = out / "throughput.png"
+    plot_names = [p.name for p in written.values()]
+    for name in PLOT_FILES:
+        if name not in plot_names:
+            (out / name).unlink(missing_ok=True)
 
-    (out / "report.md").write_text(_markdown(results, title, list(notes), plots))
+    _write_text(out / "report.md", _markdown(results, title, list(notes), plot_names))
     written["report"] = out / "report.md"
     document = {
         "title": title,
@@ -263,8 +314,8 @@ def write_report(results, out_dir: str | os.PathLike, title: str = "HierTCN repo
         "models": {r.name: {"quality": r.quality, "training_curve": [list(p) for p in r.training_curve],
                             "events_per_second": r.events_per_second, "peak_memory_bytes": r.peak_memory_bytes,
                             "extra": r.extra} for r in results},
-        "files": plots + ["report.md"],
+        "files": plot_names + ["report.md"],
     }
-    (out / "results.json").write_text(json.dumps(_finite_or_none(document), indent=1, allow_nan=False))
+    _write_text(out / "results.json", json.dumps(_finite_or_none(document), indent=1, allow_nan=False))
     written["results"] = out / "results.json"
     return written

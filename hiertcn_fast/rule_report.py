@@ -20,13 +20,35 @@ from .data import PreprocessParams, SessionCache, load_dataset, preprocess
 from .evaluate import RankingMetrics
 from .models.events import iter_split_events
 from .models.rules import RULES
-from .report import ModelResult, write_report
+from .report import ModelResult, format_figure, scored_on_same_events, write_report
 
-__all__ = ["evaluate_rules", "ML100K_PARAMS", "main"]
+__all__ = ["evaluate_rules", "ML100K_PARAMS", "preprocessing_note", "format_table", "main"]
 
 # ml-100k users have >= 20 ratings and items are sparse, so the XING filters (items >= 50, users
 # 10..500) would drop most of it; sessions keep the paper's 30 min gap and 20-event truncation.
 ML100K_PARAMS = PreprocessParams(min_item_count=5, min_user_count=5, max_user_count=None, split="cold")
+
+
+def preprocessing_note(cache: SessionCache) -> str:
+    """What preprocessing removed from the log, from the cache's manifest, for a report's data notes.
+
+    The item and user filters count the WHOLE log before it is split (as the paper's code does), so
+    the evaluated split's events take part in deciding which items and users are kept.
+    """
+    stats, params = cache.manifest["stats"], cache.params
+    users = f"users with fewer than {params['min_user_count']}"
+    if params.get("max_user_count") is not None:
+        users += f" or more than {params['max_user_count']}"
+    users_dropped = stats["users_dropped_too_few_events"] + stats["users_dropped_too_many_events"]
+    user_events = stats["events_dropped_user_too_few_events"] + stats["events_dropped_user_too_many_events"]
+    truncation = ("no session truncation" if params.get("max_session_length") is None else
+                  f"truncating sessions to their first {params['max_session_length']} events dropped "
+                  f"{stats['events_dropped_session_truncation']:,} events")
+    return (f"preprocessing, as in the paper's code: of {stats['events_read']:,} events read, items with fewer than "
+            f"{params['min_item_count']} events ({stats['items_dropped_item_filter']:,} items, "
+            f"{stats['events_dropped_item_filter']:,} events) and {users} events ({users_dropped:,} users, "
+            f"{user_events:,} events) were dropped, counted over the whole log BEFORE the split (the evaluated "
+            f"split's events included); {truncation}")
 
 
 def evaluate_rules(cache: SessionCache, split: str = "test", rules=tuple(RULES), history: str = "user",
@@ -67,6 +89,7 @@ def evaluate_rules(cache: SessionCache, split: str = "test", rules=tuple(RULES),
         lines = [f"data: {cache.manifest['source_name']}, {cache.num_events} events, {cache.num_users} users, "
                  f"{cache.num_items} items after preprocessing ({cache.params['split']} split, "
                  f"sessions truncated to {cache.params['max_session_length']} events)",
+                 preprocessing_note(cache),
                  f"evaluated split: {split} ({split_counts[split]['events']} events, "
                  f"{split_counts[split]['users']} users); rules fitted on train "
                  f"({split_counts['train']['events']} events); history scope: {history}",
@@ -77,15 +100,22 @@ def evaluate_rules(cache: SessionCache, split: str = "test", rules=tuple(RULES),
 
 
 def format_table(results: dict[str, ModelResult], unit: str = "per_user") -> str:
-    """A plain-text table of the headline figures, for the terminal."""
+    """A plain-text table of the headline figures, for the terminal. A missing figure (None, or NaN
+    for an empty group) prints as "-"; an ``events`` column appears when the models were scored on
+    different events."""
+    same_events = scored_on_same_events(list(results.values()))
     header = f"{'model':<16}{'Recall@10':>10}{'MRR':>8}{'NDCG@10':>9}{'R@10 first':>11}{'R@10 rest':>10}{'events/s':>12}"
     lines = [f"[{unit.replace('_', ' ')}; {next(iter(results.values())).quality['tie_policy'].split(':')[0]} ties]",
-             header]
+             header + ("" if same_events else f"{'events':>9}")]
     for name, r in results.items():
         q = r.quality[unit]
-        lines.append(f"{name:<16}{q['all']['Recall@10']:>10.4f}{q['all']['MRR']:>8.4f}{q['all']['NDCG@10']:>9.4f}"
-                     f"{q['first_in_session']['Recall@10']:>11.4f}{q['rest']['Recall@10']:>10.4f}"
-                     f"{r.events_per_second:>12,.0f}")
+        cells = [(q["all"].get("Recall@10"), 10), (q["all"].get("MRR"), 8), (q["all"].get("NDCG@10"), 9),
+                 (q["first_in_session"].get("Recall@10"), 11), (q["rest"].get("Recall@10"), 10)]
+        line = f"{name:<16}" + "".join(f"{format_figure(value, '.4f', '-'):>{width}}" for value, width in cells)
+        line += f"{format_figure(r.events_per_second, ',.0f', '-'):>12}"
+        if not same_events:
+            line += f"{format_figure(r.quality.get('counts', {}).get('events'), 'd', '-'):>9}"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -678,6 +678,15 @@ def _split_users(cache: SessionCache, split: str) -> np.ndarray:
 EARLIER_SPLITS = {"train": (), "valid": ("train",), "test": ("train", "valid")}
 
 
+def _events_beyond(cache: SessionCache, split: str, max_length: int | None) -> int:
+    """Events of ``split`` after the first ``max_length`` of their session (None: no limit): the
+    events a model truncating its sessions to ``max_length`` never predicts."""
+    if max_length is None:
+        return 0
+    lengths = np.diff(np.asarray(cache.session_offsets))[np.asarray(cache.session_split) == cache.split_code(split)]
+    return int(np.maximum(lengths - max_length, 0).sum())
+
+
 @torch.no_grad()
 def evaluate(model: NextItemModel, cache: SessionCache, split: str = "test", config: TrainConfig | None = None,
              metrics: RankingMetrics | None = None) -> dict:
@@ -690,7 +699,19 @@ def evaluate(model: NextItemModel, cache: SessionCache, split: str = "test", con
     user's state is first built over those (one user per lane, :func:`user_lane_batches`) and the
     split is then evaluated from it; the single-level history TCN reads the earlier splits' events
     as the leading part of each user's history and predicts only the split's.
+
+    The model must be built for the cache's catalogue (``model.num_items == cache.num_items``, else
+    ValueError). A model reads at most ``model.max_session_length`` events of a session, so the events
+    after those are not scored (the rules score them): ``result["session_truncation"]`` holds that
+    ``max_session_length`` and ``events_not_scored``, how many, and
+    :func:`~hiertcn_fast.report.write_report` prints every model's event count when they differ.
+    Caches truncated to the model's length (the main job's) have none.
     """
+    if not isinstance(model, NextItemModel):
+        raise TypeError(f"model must be a NextItemModel, got {type(model).__name__}")
+    if model.num_items != cache.num_items:
+        raise ValueError(f"model: built for {model.num_items} items, but the cache has {cache.num_items} items; "
+                         f"evaluate a model built for this cache (build_model(name, cache.num_items))")
     config = config or TrainConfig()
     device = next(model.parameters()).device
     metrics = metrics or RankingMetrics()
@@ -727,4 +748,8 @@ def evaluate(model: NextItemModel, cache: SessionCache, split: str = "test", con
                 score(batch.to(device), state)
     finally:
         model.train(was_training)
-    return metrics.result()
+    result = metrics.result()
+    max_length = getattr(model, "max_session_length", None)
+    result["session_truncation"] = {"max_session_length": max_length,
+                                    "events_not_scored": _events_beyond(cache, split, max_length)}
+    return result

@@ -88,6 +88,23 @@ def test_padding_item_tie_is_not_counted():
     assert every_column.result()["per_event"]["all"]["MRR"] == 0.5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_nan_in_the_padding_column_is_ignored(dtype):
+    """Column 0 is never ranked (a model's output bias for it may be anything, NaN included), so a NaN
+    there must not stop the evaluation; a NaN in a catalogue column still does."""
+    scores = torch.tensor([[float("nan"), 1.0, 3.0, 2.0], [float("nan"), 4.0, 1.0, 2.0]], dtype=dtype)
+    metrics = RankingMetrics()
+    metrics.update(scores, torch.tensor([3, 1]), torch.tensor([0, 1]), torch.tensor([True, False]))
+    assert metrics.result()["per_event"]["all"]["MRR"] == pytest.approx((1 / 2 + 1) / 2)
+    scores[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="scores: NaN in 1 of 2 events \\(first at event 1\\)"):
+        RankingMetrics().update(scores, torch.tensor([3, 1]), torch.tensor([0, 1]), torch.tensor([True, False]))
+    # With no padding column, column 0 is an item and its NaN counts.
+    with pytest.raises(ValueError, match="scores: NaN in 2 of 2 events"):
+        RankingMetrics(padding_item=None).update(scores, torch.tensor([3, 1]), torch.tensor([0, 1]),
+                                                 torch.tensor([True, False]))
+
+
 def test_per_user_and_per_event_averages_differ():
     # User 1: three events, all rank 1. User 2: one event, rank 2.
     scores = torch.tensor([[0.0, 3.0, 2.0, 1.0]]).repeat(4, 1)

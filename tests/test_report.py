@@ -91,3 +91,62 @@ def test_bad_results_raise(tmp_path):
         ModelResult("a", _quality(0), events_per_second=-1.0)
     with pytest.raises(TypeError, match="notes must be"):
         write_report([ModelResult("a", _quality(0))], tmp_path, notes="one string")
+
+
+def _truncated(quality: dict, beyond: int, max_length: int = 5) -> dict:
+    """``quality`` as evaluate() gives it for a model that left ``beyond`` events unscored."""
+    quality = json.loads(json.dumps(quality))
+    quality["counts"]["events"] -= beyond
+    quality["session_truncation"] = {"max_session_length": max_length, "events_not_scored": beyond}
+    return quality
+
+
+def test_models_scored_on_different_events_show_each_count(tmp_path):
+    rules = ModelResult("most_popular", _quality(1))
+    short = ModelResult("hiertcn", _truncated(_quality(1), beyond=7))
+    markdown = write_report([rules, short], tmp_path)["report"].read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("| model |"))
+    assert header.endswith("| events |")
+    rows = {}  # the main table's row of each model
+    for line in markdown.splitlines():
+        if line.startswith("| "):
+            rows.setdefault(line.split("|")[1].strip(), line)
+    assert rows["most_popular"].endswith(" 40 |") and rows["hiertcn"].endswith(" 33 |")
+    evaluated = next(line for line in markdown.splitlines() if line.startswith("- Evaluated:"))
+    assert "NOT the same events" in evaluated
+    assert "most_popular 40 events of" in evaluated and "hiertcn 33 events of" in evaluated
+    assert "7 more events, after the first 5 of their session, not scored" in evaluated
+
+    # The same events for every model: one line, no extra column (the main job's usual report).
+    same = ModelResult("hiertcn", _quality(1))
+    markdown = write_report([rules, same], tmp_path)["report"].read_text()
+    assert "| events |" not in markdown and "NOT the same" not in markdown
+    assert "- Evaluated: 40 events of 6 users (" in markdown
+
+
+def test_format_table_prints_missing_figures_as_a_dash():
+    from hiertcn_fast.rule_report import format_table
+
+    quality = _quality(1, with_first=False)  # NaN in the empty first-of-session group
+    quality["per_user"]["all"]["MRR"] = None  # e.g. read back from results.json
+    table = format_table({"rule": ModelResult("rule", quality, events_per_second=None)})
+    row = table.splitlines()[2].split()
+    assert row[0] == "rule" and row[2] == "-" and row[4] == "-" and row[6] == "-", table
+    assert table.splitlines()[1].split()[-1] == "events/s"
+    table = format_table({"rule": ModelResult("rule", _quality(1)),
+                          "hiertcn": ModelResult("hiertcn", _truncated(_quality(0), beyond=7), events_per_second=1.0)})
+    assert table.splitlines()[1].split()[-1] == "events"
+    assert table.splitlines()[2].split()[-1] == "40" and table.splitlines()[3].split()[-1] == "33"
+
+
+def test_rewriting_a_folder_keeps_exactly_this_calls_report_files(tmp_path):
+    """The main job rewrites its folder as results come in: a quick write (no plots) removes the plots of an
+    earlier write, and no temporary file is left behind."""
+    (tmp_path / "notes.txt").write_text("mine")
+    write_report(_results(), tmp_path)
+    assert (tmp_path / "throughput.png").exists()
+    written = write_report(_results()[1:], tmp_path, plots=False)
+    assert set(written) == {"report", "results"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "report.md", "results.json"]
+    assert "## Plots" not in written["report"].read_text()
+    assert list(json.loads(written["results"].read_text())["models"]) == ["most_popular"]

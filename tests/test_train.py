@@ -465,3 +465,40 @@ def test_progress_bar_shows_loss_and_events_per_second(cache):
     Trainer(build_model("hiertcn", cache.num_items, seed=1, **TINY["hiertcn"]), cache, config(epochs=1),
             name="hiertcn", out=quiet).train()
     assert "\r" not in quiet.getvalue() and "events/s" in quiet.getvalue()
+
+
+def test_evaluate_refuses_a_model_of_another_catalogue(cache):
+    for num_items in (cache.num_items + 50, cache.num_items - 10):
+        model = build_model("session_gru", num_items, seed=1, **TINY["session_gru"])
+        with pytest.raises(ValueError, match=f"built for {num_items} items, but the cache has {cache.num_items} items"):
+            evaluate(model, cache, "test", config())
+
+
+@pytest.fixture(scope="module")
+def long_session_caches(tmp_path_factory):
+    """Cold and warm caches whose sessions are NOT truncated and often longer than 5 events."""
+    from hiertcn_fast.data import PreprocessParams, SyntheticSource, preprocess
+
+    root = tmp_path_factory.mktemp("long_sessions")
+    source = SyntheticSource(4000, num_items=100, num_topics=5, mean_events_per_user=40, mean_session_length=12,
+                             seed=2)
+    return {split: preprocess(source, root, PreprocessParams(min_item_count=1, min_user_count=2, max_user_count=None,
+                                                             max_session_length=None, split=split, num_partitions=2))
+            for split in ("cold", "warm")}
+
+
+@pytest.mark.parametrize("split", ["cold", "warm"])
+@pytest.mark.parametrize("name", ["hiertcn", "history_tcn"])
+def test_evaluate_counts_the_events_beyond_the_models_session_length(long_session_caches, split, name):
+    """A model reads the first max_session_length events of a session; the others are not scored, and
+    the result says how many (the rules score them all), so unequal comparisons show in the report."""
+    cache = long_session_caches[split]
+    rule_events = sum(len(e) for e in iter_split_events(cache, "test"))
+    model = build_model(name, cache.num_items, seed=1, max_session_length=5, **TINY[name])
+    quality = evaluate(model, cache, "test", config())
+    truncation = quality["session_truncation"]
+    assert truncation["max_session_length"] == 5 and truncation["events_not_scored"] > 0
+    assert quality["counts"]["events"] + truncation["events_not_scored"] == rule_events
+    whole = build_model(name, cache.num_items, seed=1, max_session_length=cache.max_session_length, **TINY[name])
+    quality = evaluate(whole, cache, "test", config())
+    assert quality["counts"]["events"] == rule_events and quality["session_truncation"]["events_not_scored"] == 0

@@ -1,0 +1,143 @@
+"""The main job's command line: bad arguments are usage errors before any work, the report folder is
+checked first, and results are written as each model finishes (a failed model costs only itself)."""
+
+import json
+
+import pytest
+
+from hiertcn_fast import cli
+from model_helpers import one_thread  # noqa: F401 (autouse fixture)
+
+
+@pytest.fixture
+def no_job(monkeypatch):
+    """Fail the test if the job itself starts: these errors must come before any work."""
+    monkeypatch.setattr(cli, "_train", lambda args: pytest.fail("the job started"))
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--epochs", "0", "positive integer"), ("--epochs", "-1", "positive integer"),
+    ("--epochs", "1.5", "positive integer"), ("--dim", "0", "positive integer"),
+    ("--lanes", "0", "positive integer"), ("--sessions-per-batch", "0", "positive integer"),
+    ("--num-sampled", "0", "positive integer"), ("--threads", "-2", "non-negative integer"),
+    ("--producers", "-1", "non-negative integer"), ("--log-every", "-1", "non-negative integer"),
+    ("--seed", "-3", "non-negative integer"), ("--lr", "0", "positive finite number"),
+    ("--lr", "nan", "positive finite number"), ("--dropout", "1.5", "number in [0, 1)"),
+    ("--dropout", "-0.1", "number in [0, 1)"),
+])
+def test_bad_numbers_are_usage_errors(no_job, tmp_path, capsys, flag, value, expected):
+    out = tmp_path / "report"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", flag, value, "--out", str(out)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument {flag}: expected a {expected}" in error and "usage:" in error, error
+    assert not out.exists()
+
+
+def test_good_numbers_pass(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(cli, "_train", lambda args: seen.update(vars(args)) or 0)
+    assert cli.main(["train", "--epochs", "1", "--dim", "8", "--dropout", "0", "--threads", "0", "--lr", "1e-3",
+                     "--out", str(tmp_path / "report")]) == 0
+    assert (seen["epochs"], seen["dim"], seen["dropout"], seen["threads"], seen["lr"]) == (1, 8, 0.0, 0, 1e-3)
+
+
+@pytest.mark.parametrize("where", ["under a file", "is a file"])
+def test_an_unusable_report_folder_is_refused_before_any_work(no_job, tmp_path, capsys, where):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    out = a_file / "report" if where == "under a file" else a_file
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--out", str(out)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"--out {out}: cannot create or write the report folder" in error, error
+    assert a_file.read_text() == "not a folder"
+
+
+def test_the_report_folder_is_created_and_left_without_a_probe_file(monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "_train", lambda args: 0)
+    out = tmp_path / "deep" / "report"
+    assert cli.main(["train", "--out", str(out)]) == 0
+    assert out.is_dir() and list(out.iterdir()) == []
+
+
+# ---- the job on ml-100k, shrunk to seconds ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    pytest.importorskip("recbole")
+    return str(tmp_path_factory.mktemp("cli_cache"))
+
+
+def _job(out, cache_dir, *extra):
+    return ["train", "--epochs", "1", "--dim", "8", "--models", "session_gru,hiertcn", "--out", str(out),
+            "--cache-dir", cache_dir, *extra]
+
+
+def _failing_evaluate(monkeypatch, error, on_call=1):
+    """evaluate() raises ``error`` on its ``on_call``-th call and runs normally on the others."""
+    import hiertcn_fast.train as train
+
+    real, calls = train.evaluate, []
+
+    def evaluate(model, *args, **kwargs):
+        calls.append(type(model).__name__)
+        if len(calls) == on_call:
+            raise error
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    return calls
+
+
+def test_a_failed_model_keeps_the_others_and_fails_the_job(monkeypatch, tmp_path, cache_dir, capsys):
+    calls = _failing_evaluate(monkeypatch, RuntimeError("scores went bad"))
+    out = tmp_path / "report"
+    assert cli.main(_job(out, cache_dir)) == 1
+    assert len(calls) == 2
+    captured = capsys.readouterr()
+    assert "[session_gru] FAILED (RuntimeError: scores went bad)" in captured.err
+    assert "Traceback" in captured.err and "scores went bad" in captured.err
+    document = json.loads((out / "results.json").read_text())
+    assert set(document["models"]) == {"most_popular", "repeat_previous", "transitions", "hiertcn"}
+    assert document["metadata"]["status"] == "failed"
+    assert document["metadata"]["models_failed"] == {"session_gru": "RuntimeError: scores went bad"}
+    report = (out / "report.md").read_text()
+    assert "| hiertcn |" in report and "| session_gru |" not in report
+    assert "- FAILED: session_gru (RuntimeError: scores went bad)" in report
+    assert (out / "quality.png").exists()
+
+
+def test_results_are_written_as_each_model_finishes(monkeypatch, tmp_path, cache_dir):
+    """A job stopped during its second model (here by Ctrl-C) leaves the first one's results."""
+    _failing_evaluate(monkeypatch, KeyboardInterrupt(), on_call=2)
+    out = tmp_path / "report"
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(_job(out, cache_dir, "--no-rules"))
+    document = json.loads((out / "results.json").read_text())
+    assert list(document["models"]) == ["session_gru"]
+    assert document["metadata"]["status"] == "incomplete"
+    assert document["metadata"]["models_pending"] == ["hiertcn"]
+    report = (out / "report.md").read_text()
+    assert "| session_gru |" in report and "INCOMPLETE" in report and "not finished: hiertcn" in report
+    assert not (out / "quality.png").exists()  # the plots come with the final write
+
+
+def test_an_earlier_report_is_replaced_and_the_job_says_so(tmp_path, cache_dir, capsys):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "report.md").write_text("an earlier run")
+    (out / "throughput.png").write_bytes(b"an earlier plot")
+    (out / "mine.txt").write_text("kept")
+    assert cli.main(_job(out, cache_dir, "--no-rules", "--models", "session_gru")) == 0
+    stdout = capsys.readouterr().out
+    assert f"--out {out}: replacing the earlier report there (report.md, throughput.png)" in stdout
+    assert stdout.index("replacing the earlier report") < stdout.index("[session_gru]")
+    assert "| session_gru |" in (out / "report.md").read_text()
+    assert (out / "throughput.png").read_bytes()[:4] == b"\x89PNG" and (out / "mine.txt").read_text() == "kept"
+    document = json.loads((out / "results.json").read_text())
+    assert document["metadata"]["status"] == "complete" and document["metadata"]["models_failed"] == {}
+    # The data notes say how preprocessing filtered and truncated the log (finding: filters see the whole log).
+    assert any("BEFORE the split" in note and "dropped 67,768 events" in note for note in document["notes"])
