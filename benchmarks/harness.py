@@ -60,6 +60,10 @@ class Case:
     baseline: str = "torch eager"
     dtype: torch.dtype = torch.float32
     variants: tuple = ("hiertcn_fast", "torch eager", "torch.compile")
+    # The variants compute the same thing: each one's first call is checked against the baseline's before
+    # anything is timed (a speed-up of different work would mean nothing). False only where the variants'
+    # results differ by design; the case says why.
+    same_result: bool = True
 
     @property
     def id(self):
@@ -86,12 +90,48 @@ def _variants(case: Case):
         _built["id"], _built["variants"] = None, None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        _built["variants"] = case.make()
-        _built["id"] = case.id
-        if set(_built["variants"]) != set(case.variants):
-            raise KeyError(f"{case.id}: make() returned variants {sorted(_built['variants'])}, "
-                           f"declared {sorted(case.variants)}")
+        variants = case.make()
+        if set(variants) != set(case.variants):
+            raise KeyError(f"{case.id}: make() returned variants {sorted(variants)}, declared {sorted(case.variants)}")
+        if case.same_result:
+            check_same_result(case, variants)
+        _built["variants"], _built["id"] = variants, case.id
     return _built["variants"]
+
+
+def _tensors(result) -> list:
+    if result is None:
+        return []
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, (tuple, list)):
+        return [t for part in result for t in _tensors(part)]
+    raise TypeError(f"cannot compare a variant's result of type {type(result).__name__}")
+
+
+# Agreement asked of a variant's first result with the baseline's, relative to the result's largest value: the
+# variants sum in other orders (and torch.compile fuses), so float32 agrees to a few ulps of the largest term.
+SAME_RESULT_TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 4e-2}
+
+
+def check_same_result(case: Case, variants: dict) -> None:
+    """Every variant's first result equals the baseline's (each tensor, within the dtype's tolerance)."""
+    expected = _tensors(variants[case.baseline]())
+    for name, fn in variants.items():
+        if name == case.baseline:
+            continue
+        got = _tensors(fn())
+        if len(got) != len(expected):
+            raise AssertionError(f"{case.id}: {name!r} returned {len(got)} tensors, {case.baseline!r} {len(expected)}")
+        for i, (a, b) in enumerate(zip(got, expected)):
+            if a.shape != b.shape:
+                raise AssertionError(f"{case.id}: {name!r} result {i} has shape {tuple(a.shape)}, "
+                                     f"{case.baseline!r} {tuple(b.shape)}")
+            scale = max(1.0, float(b.detach().abs().max())) if b.numel() else 1.0
+            tolerance = SAME_RESULT_TOLERANCE[case.dtype] * scale
+            torch.testing.assert_close(a.detach().double(), b.detach().double(), rtol=0, atol=tolerance,
+                                       msg=lambda m: f"{case.id}: {name!r} differs from {case.baseline!r} in result "
+                                                     f"{i}: {m}")
 
 
 def bench_test(cases_fn):

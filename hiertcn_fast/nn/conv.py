@@ -268,7 +268,9 @@ class TCN(nn.Module):
             raise TypeError(f"state must be a TCNState (from TCN.init_state), got {type(state).__name__}")
         if x_t.requires_grad or (context is not None and context.requires_grad):
             _check_inference(x_t, context)
-        if state.layers and _autocast_dtype(x_t) is not None:  # the step runs in the state's dtype
+        # Under autocast the input may come in the autocast dtype: the step runs in the state's dtype. (The dtype
+        # is compared first: this runs once per event, and the autocast query costs more.)
+        if state.layers and x_t.dtype != state.layers[0].history.dtype and _autocast_dtype(x_t) is not None:
             x_t, context = _cast((x_t, context), state.layers[0].history.dtype)
         # A step runs once per event, and at batch 1 its Python costs as much as the kernel. When this TCN
         # steps this state with the same objects as last time (every module, parameter, state tensor and the

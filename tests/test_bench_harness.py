@@ -1,0 +1,43 @@
+"""The benchmark harness refuses to time variants that compute different things."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+_spec = importlib.util.spec_from_file_location(
+    "bench_harness", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                                  "harness.py"))
+harness = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(harness)
+
+
+def _case(variants, **kwargs):
+    return harness.Case("op", "case", lambda: variants, variants=tuple(variants), **kwargs)
+
+
+def test_variants_that_agree_pass():
+    x = torch.randn(50, 40, dtype=torch.float32) * 100
+    y = x + 1e-3 * torch.randn_like(x)  # another summation order: a few ulps of the largest value
+    harness.check_same_result(_case({"hiertcn_fast": lambda: (x, None), "torch eager": lambda: (y, None)}),
+                              {"hiertcn_fast": lambda: (x, None), "torch eager": lambda: (y, None)})
+
+
+@pytest.mark.parametrize("wrong", ["value", "shape", "count"])
+def test_variants_that_disagree_are_refused(wrong):
+    x = torch.randn(6, 5)
+    other = {"value": lambda: (x + 0.1,), "shape": lambda: (x[:, :4],), "count": lambda: (x, x)}[wrong]
+    variants = {"hiertcn_fast": other, "torch eager": lambda: (x,)}
+    with pytest.raises(AssertionError, match="op\\[case\\]: 'hiertcn_fast'"):
+        harness.check_same_result(_case(variants), variants)
+
+
+def test_the_check_runs_when_a_case_is_built_unless_opted_out():
+    x = torch.randn(3)
+    variants = {"hiertcn_fast": lambda: x + 1, "torch eager": lambda: x}
+    harness._built.update(id=None, variants=None)
+    with pytest.raises(AssertionError):
+        harness._variants(_case(variants))
+    harness._built.update(id=None, variants=None)
+    assert harness._variants(_case(variants, same_result=False)) is variants
