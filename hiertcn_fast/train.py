@@ -71,6 +71,7 @@ RESUME_FREE_FIELDS = ("device", "amp", "num_producers", "queue_slots", "log_ever
 # Compared only when either run samples: a full-softmax run never reads them.
 SAMPLED_FIELDS = ("num_sampled", "sampler")
 _ABSENT = object()  # a field or layer one side of the comparison does not have
+_STDOUT = object()  # Trainer's default stream: sys.stdout when the trainer is made
 
 
 @dataclasses.dataclass
@@ -347,12 +348,12 @@ class Trainer:
     """
 
     def __init__(self, model: NextItemModel, cache: SessionCache, config: TrainConfig | None = None, name: str = "",
-                 out=sys.stdout):
+                 out=_STDOUT):
         if not isinstance(model, NextItemModel):
             raise TypeError(f"model must be a NextItemModel, got {type(model).__name__}")
         self.config = config = config or TrainConfig()
         self.name = name or type(model).__name__
-        self.out = out
+        self.out = sys.stdout if out is _STDOUT else out  # the stream of now, not of import time (None: silent)
         self.device = default_device(config.device)
         self.model = model.to(self.device)
         self.cache = cache

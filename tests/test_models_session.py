@@ -157,6 +157,11 @@ def test_empty_batch_and_errors():
         HierTCN(10, dropout=1.0)
     with pytest.raises(ValueError, match="state=None"):
         make("session_gru")(lane_batch([[[1, 2]]]), torch.zeros(1, 1, 1))
+    no_steps = lane_batch([[[1]]])
+    no_steps.items, no_steps.lengths = no_steps.items[:0], no_steps.lengths[:0]
+    for name in ("hiertcn", "hiergru"):
+        with pytest.raises(ValueError, match="at least one step"):
+            make(name)(no_steps, None)
 
 
 def test_length_groups_are_the_cheapest_partition():

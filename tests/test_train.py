@@ -502,3 +502,17 @@ def test_evaluate_counts_the_events_beyond_the_models_session_length(long_sessio
     whole = build_model(name, cache.num_items, seed=1, max_session_length=cache.max_session_length, **TINY[name])
     quality = evaluate(whole, cache, "test", config())
     assert quality["counts"]["events"] == rule_events and quality["session_truncation"]["events_not_scored"] == 0
+
+
+def test_a_trainer_prints_to_the_stdout_of_when_it_is_made(cache, monkeypatch):
+    """The default stream is sys.stdout when the trainer is made, not when the module was imported (a
+    replaced or captured stdout, as under pytest, would otherwise be written to after it was closed)."""
+    import io
+    import sys
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", stream)
+    trainer = Trainer(build_model("hiertcn", cache.num_items, seed=0, **TINY["hiertcn"]), cache,
+                      config(epochs=1, log_every=1))
+    assert trainer.out is stream
+    trainer.train()
+    assert "events/s" in stream.getvalue()

@@ -105,6 +105,8 @@ class SessionInputs:
     def __init__(self, model: NextItemModel, batch):
         self.lengths = batch.lengths                                        # (steps, lanes)
         self.steps, self.lanes = self.lengths.shape
+        if self.steps == 0:
+            raise ValueError(f"a batch needs at least one step, got lengths of shape {tuple(self.lengths.shape)}")
         self.width = int(self.lengths.max()) if self.lengths.numel() else 0
         self.embedded = model.embed(batch.items[..., :self.width + 1])
         # Per-step views through one unbind: its backward stacks the steps' gradients once, where indexing
