@@ -203,8 +203,9 @@ def _train_and_report(args, device, started, main_rank) -> int:
                 quality = evaluate(model, cache, args.split, config)
                 eval_seconds = time.perf_counter() - eval_started
         except Exception as error:
-            # Ranks of a distributed job must fail together; a single process goes on with the next model.
-            if distributed:
+            # Ranks of a distributed job must fail together; a single process goes on with the next model. A
+            # closed stdout (the job piped into `head`) is no model's failure: the job stops.
+            if distributed or isinstance(error, BrokenPipeError):
                 raise
             traceback.print_exc()
             message = " ".join(str(error).split())  # one line: it goes into a markdown list
@@ -293,7 +294,16 @@ def main(argv=None) -> int:
         problem, args.earlier_report = _prepare_report_folder(args.out)
         if problem:
             train.error(problem)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except BrokenPipeError:
+        # The reader of stdout went away (`... | head`): stop quietly, as command-line tools do, and keep Python
+        # from failing again when it flushes stdout at exit.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor
+            pass
+        return 1
 
 
 if __name__ == "__main__":

@@ -110,6 +110,15 @@ def test_a_failed_model_keeps_the_others_and_fails_the_job(monkeypatch, tmp_path
     assert (out / "quality.png").exists()
 
 
+def test_a_closed_stdout_stops_the_job_quietly(monkeypatch, tmp_path, cache_dir, capsys):
+    """Piped into `head`, the job's stdout closes: that is no model's failure, and the job stops."""
+    calls = _failing_evaluate(monkeypatch, BrokenPipeError(32, "Broken pipe"))
+    monkeypatch.setattr(cli.os, "dup2", lambda *args: None)  # leave the test process's stdout alone
+    assert cli.main(_job(tmp_path / "report", cache_dir, "--no-rules")) == 1
+    assert len(calls) == 1  # the second model never started
+    assert "FAILED" not in capsys.readouterr().err
+
+
 def test_results_are_written_as_each_model_finishes(monkeypatch, tmp_path, cache_dir):
     """A job stopped during its second model (here by Ctrl-C) leaves the first one's results."""
     _failing_evaluate(monkeypatch, KeyboardInterrupt(), on_call=2)
