@@ -376,7 +376,11 @@ class StreamingRecommender:
             idle = (self.session_count[rows] > 0) & (now - self.last_time[rows] >= self.session_gap)
             if bool(idle.any()):
                 self._close_sessions(torch.unique(rows[idle]))
-        logits = self.model.scores(self.features[rows]).float()
+        return self._logits(self.features[rows])
+
+    def _logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The model's scores of ``features`` (users, ...), float, with the padding id's column at -inf."""
+        logits = self.model.scores(features).float()
         logits[:, 0] = -math.inf
         return logits
 
@@ -390,9 +394,7 @@ class StreamingRecommender:
             count, last_time = self._counters
             if count[row] > 0 and now - last_time[row] >= self.session_gap:
                 self._close_one(self._row_view(row), row)
-        logits = self.model.scores(self.features[row:row + 1]).float()
-        logits[:, 0] = -math.inf
-        return logits[0]
+        return self._logits(self.features[row:row + 1])[0]
 
     def _check_k(self, k) -> None:
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.model.num_items:

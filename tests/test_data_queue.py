@@ -258,14 +258,20 @@ def test_leaving_a_for_loop_closes_the_queue():
     assert iterator.gi_frame is None  # the generator finished; its queue was closed on the way out
 
 
-def test_leaving_with_normally_waits_for_a_slow_produce():
+def blocking_produce():
+    """A produce() that signals ``entered`` and then waits for ``release`` (and ends the stream)."""
     entered, release = threading.Event(), threading.Event()
 
-    def slow(seq, slot):
+    def produce(seq, slot):
         entered.set()
         release.wait()
         return False
 
+    return entered, release, produce
+
+
+def test_leaving_with_normally_waits_for_a_slow_produce():
+    entered, release, slow = blocking_produce()
     with PinnedRingQueue(SPEC, slow, num_producers=1) as queue:
         entered.wait()
         # Outlasts close()'s default deadline: a bounded join would leave the producer running.
@@ -274,13 +280,7 @@ def test_leaving_with_normally_waits_for_a_slow_produce():
 
 
 def test_leaving_with_by_an_exception_warns_about_a_producer_still_running():
-    entered, release = threading.Event(), threading.Event()
-
-    def stuck(seq, slot):
-        entered.set()
-        release.wait()
-        return False
-
+    entered, release, stuck = blocking_produce()
     try:
         with pytest.warns(RuntimeWarning, match="1 producer thread.* still running"):
             with pytest.raises(KeyError, match="consumer failed"):

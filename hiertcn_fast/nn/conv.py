@@ -8,14 +8,12 @@ import operator
 
 import torch
 from torch import nn
-
 from torch.nn.utils import parametrize
 
 from ..backends import requested_backend
-from ..ops.conv import (ACTIVATIONS, MAX_REACH, CausalConvState, causal_conv1d, causal_conv1d_step, prepared_entry,
+from ..ops.conv import (ACTIVATIONS, CausalConvState, causal_conv1d, causal_conv1d_step, check_reach, prepared_entry,
                         prepared_tcn_step, tcn_step)
-
-_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+from ._autocast import autocast_cast, autocast_dtype
 
 
 def _one_int(value, name, minimum):
@@ -29,14 +27,8 @@ def _one_int(value, name, minimum):
     return value
 
 
-def _autocast_dtype(x):
-    """The dtype autocast runs convolutions in here, or None outside an autocast region."""
-    device_type = x.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-
-
 def _cast(tensors, dtype):
-    return [t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_CASTS else t for t in tensors]
+    return [autocast_cast(t, dtype) for t in tensors]
 
 
 def _check_inference(*tensors):
@@ -77,8 +69,7 @@ class CausalConv1d(nn.Module):
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups ({groups}) must divide in_channels ({in_channels}) and out_channels "
                              f"({out_channels})")
-        if (kernel_size - 1) * dilation >= MAX_REACH:
-            raise ValueError(f"(k - 1) * dilation must be below 2**62, got k = {kernel_size} and dilation = {dilation}")
+        check_reach(kernel_size, dilation)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
         if backend is not None:
@@ -126,7 +117,7 @@ class CausalConv1d(nn.Module):
         self._check_layout(x)
         args = self._context_args(context)
         weight, bias, context_weight = self.weight, self.bias, args["context_weight"]
-        dtype = _autocast_dtype(x)
+        dtype = autocast_dtype(x.device.type)
         if dtype is not None:
             x, context, residual, weight, bias, context_weight = _cast(
                 (x, context, residual, weight, bias, context_weight), dtype)
@@ -149,7 +140,7 @@ class CausalConv1d(nn.Module):
         no autograd; runs in the state's dtype (under autocast too)."""
         _check_inference(x_t, context, residual)
         self._check_state(state)
-        if isinstance(state, CausalConvState) and _autocast_dtype(x_t) is not None:
+        if isinstance(state, CausalConvState) and autocast_dtype(x_t.device.type) is not None:
             x_t, context, residual = _cast((x_t, context, residual), state.history.dtype)
         return causal_conv1d_step(x_t, self.weight, state, self.bias, groups=self.groups, activation=self.activation,
                                   residual=residual, backend=self.backend, **self._context_args(context))
@@ -270,8 +261,9 @@ class TCN(nn.Module):
             _check_inference(x_t, context)
         # Under autocast the input may come in the autocast dtype: the step runs in the state's dtype. (The dtype
         # is compared first: this runs once per event, and the autocast query costs more.)
-        if state.layers and x_t.dtype != state.layers[0].history.dtype and _autocast_dtype(x_t) is not None:
-            x_t, context = _cast((x_t, context), state.layers[0].history.dtype)
+        if state.layers and x_t.dtype != state.layers[0].history.dtype:
+            if autocast_dtype(x_t.device.type) is not None:
+                x_t, context = _cast((x_t, context), state.layers[0].history.dtype)
         # A step runs once per event, and at batch 1 its Python costs as much as the kernel. When this TCN
         # steps this state with the same objects as last time (every module, parameter, state tensor and the
         # context, compared by identity) and the op prepared a step for that call, run it directly: the op

@@ -9,21 +9,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ..ops import gru, gru_cell
-
-
-def _autocast_dtype(device_type):
-    """torch.autocast's lower-precision dtype inside an autocast region for ``device_type``, else None."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
-def _autocast_cast(t, dtype):
-    """What torch.autocast does to an argument of a lower-precision op: floating tensors other than
-    float64 go to ``dtype`` (differentiably, so gradients reach float32 parameters); the rest stays."""
-    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
-        return t
-    return t.to(dtype)
+from ._autocast import autocast_cast as _autocast_cast, autocast_dtype as _autocast_dtype
 
 
 def _check_tensor(t, name):

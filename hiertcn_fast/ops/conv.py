@@ -143,6 +143,12 @@ def causal_conv1d_reference(x, weight, bias=None, *, dilation=1, groups=1, conte
 MAX_REACH = 2 ** 62
 
 
+def check_reach(kernel_size: int, dilation: int) -> None:
+    """A layer's reach (k - 1) * dilation must stay below MAX_REACH."""
+    if (kernel_size - 1) * dilation >= MAX_REACH:
+        raise ValueError(f"(k - 1) * dilation must be below 2**62, got k = {kernel_size} and dilation = {dilation}")
+
+
 def _check_int(value, name, minimum):
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -161,8 +167,7 @@ def _check_conv_common(x, x_name, weight, bias, dilation, groups, context, conte
     if kernel_size < 1:
         raise ValueError(f"weight must have k >= 1 taps (out_channels, in_channels / groups, k), "
                          f"got shape {tuple(weight.shape)}")
-    if (kernel_size - 1) * dilation >= MAX_REACH:
-        raise ValueError(f"(k - 1) * dilation must be below 2**62, got k = {kernel_size} and dilation = {dilation}")
+    check_reach(kernel_size, dilation)
     if in_channels % groups or out_channels % groups:
         raise ValueError(f"groups ({groups}) must divide in_channels ({in_channels}) and out_channels "
                          f"({out_channels})")

@@ -1,0 +1,18 @@
+"""torch.autocast for the modules whose ops take one dtype: what autocast would do to their arguments."""
+
+import torch
+
+
+def autocast_dtype(device_type: str):
+    """torch.autocast's lower-precision dtype inside an autocast region for ``device_type``, else None."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def autocast_cast(t, dtype):
+    """What torch.autocast does to an argument of a lower-precision op: floating tensors other than
+    float64 go to ``dtype`` (differentiably, so gradients reach float32 parameters); the rest stays."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
