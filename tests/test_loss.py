@@ -73,6 +73,91 @@ def test_gradcheck():
                                     (features, weight, b))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_blocks_of_rows_give_the_peer_result(monkeypatch, dtype):
+    """Blocks of 7 rows over 50 events (the last block partial), and the default blocks over 2,100 events (1,024,
+    1,024, then 52 rows): loss and every gradient equal the peer's, and two runs are bitwise the same."""
+    import hiertcn_fast.ops.loss as loss_module
+
+    for events, classes, rows in ((50, 13, 7), (2100, 9, None)):
+        if rows is not None:
+            monkeypatch.setattr(loss_module, "_MIN_BLOCK_ROWS", rows)
+            monkeypatch.setattr(loss_module, "_MAX_BLOCK_ROWS", rows)
+        else:
+            monkeypatch.undo()
+            assert loss_module._block_rows(classes, 4) == 1024
+        features, weight, b, targets = _leaves(events, 6, classes, dtype)
+        runs = []
+        for _ in range(2):
+            ours = linear_cross_entropy(features, weight, b, targets, backend="cpu")
+            runs.append((ours, *torch.autograd.grad(ours * 1.7, [features, weight, b])))
+        expected = peer(features, weight, b, targets)
+        wanted = (expected, *torch.autograd.grad(expected * 1.7, [features, weight, b]))
+        for got, again, want in zip(*runs, wanted):
+            torch.testing.assert_close(got, want, **TOL[dtype])
+            assert torch.equal(got, again)
+
+
+def test_keeps_gradients_not_the_logits_for_the_backward():
+    """What the loss keeps for the backward is the gradients (features' and weight's sizes), never an (events,
+    classes) buffer: with 600 events and 500 classes the logits would be 30x the features."""
+    features, weight, b, targets = _leaves(600, 10, 500, torch.float32)
+    kept = []
+
+    def pack(t):
+        kept.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = linear_cross_entropy(features, weight, b, targets, backend="cpu")
+    assert sorted(kept) == sorted([(600, 10), (500, 10), (500,)])
+    grads = torch.autograd.grad(loss, [features, weight, b])
+    for got, want in zip(grads, torch.autograd.grad(peer(features, weight, b, targets), [features, weight, b])):
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, True), (False, False, True)])
+def test_only_the_gradients_asked_for(needs):
+    """A frozen output layer, or fixed features: the gradients asked for equal the peer's, and the ones not asked
+    for are neither computed nor kept."""
+    features, weight, b, targets = _leaves(40, 5, 23, torch.float64)
+    leaves = (features, weight, b)
+    for leaf, need in zip(leaves, needs):
+        leaf.requires_grad_(need)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        ours = linear_cross_entropy(*leaves, targets, backend="cpu")
+    assert len(kept) == sum(needs)
+    asked = [leaf for leaf in leaves if leaf.requires_grad]
+    for got, want in zip(torch.autograd.grad(ours, asked), torch.autograd.grad(peer(*leaves, targets), asked)):
+        torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
+def test_without_gradients_the_loss_alone():
+    """Under no_grad and inference_mode (evaluation) the loss is the peer's and has no graph."""
+    features, weight, b, targets = _leaves(70, 8, 31, torch.float64)
+    expected = peer(features, weight, b, targets)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            ours = linear_cross_entropy(features, weight, b, targets, backend="cpu")
+        assert ours.grad_fn is None and not ours.requires_grad
+        torch.testing.assert_close(ours, expected.detach(), **TOL[torch.float64])
+
+
+def test_backward_twice_and_double_backward():
+    """retain_graph: a second backward gives the same gradients again; a double backward is a clear error (the
+    cpu path is once differentiable), not a silently wrong second derivative."""
+    features, weight, b, targets = _leaves(9, 4, 6, torch.float64)
+    loss = linear_cross_entropy(features, weight, b, targets, backend="cpu")
+    first = torch.autograd.grad(loss, [features, weight, b], retain_graph=True)
+    second = torch.autograd.grad(loss * 2.0, [features, weight, b], retain_graph=True)
+    for one, two in zip(first, second):
+        assert torch.equal(one * 2.0, two)
+    (grad_features,) = torch.autograd.grad(loss, [features], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(grad_features.sum(), [weight])
+
+
 def _row_op(logits, targets, bias):
     loss = torch.empty(logits.shape[0], dtype=logits.dtype)
     torch.ops.hiertcn_fast.softmax_xent_out(logits, targets, bias, loss=loss)

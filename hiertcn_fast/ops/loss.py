@@ -4,10 +4,14 @@
 ``F.cross_entropy(F.linear(features, weight, bias), targets, reduction="sum")``: the training loss of every
 next-item model here, over the whole catalogue. PyTorch's way runs the product, a log-softmax pass, the
 negative log-likelihood, and in the backward a zero-filled one-hot gradient, a log-softmax backward pass
-and two products. The cpu backend runs the product, then one pass per row in cache (bias, max,
-log-sum-exp, loss, and the row turned into softmax - one_hot, its gradient), and in the backward only the
-two products and a column sum. It keeps one (events, items) buffer for the backward, as PyTorch's way keeps
-the log-softmax.
+and two products; it keeps its (events, items) log-softmax for the backward. The cpu backend goes through the
+events in blocks of a few hundred rows: the block's product, one pass per row in cache (bias, max,
+log-sum-exp, loss, and the row turned into softmax - one_hot, its gradient), and at once the block's share of
+the gradients (two products and a column sum), since the loss is a scalar at the end of the graph; the
+backward only scales them by the incoming gradient. Its memory is one block's logits (at most 1,024 rows) while
+it runs and the gradients (events x dim, and the weight's size) kept for the backward, not an (events, items)
+buffer, which at a web-scale catalogue would dwarf everything else a training step holds. Without a gradient
+to compute (no_grad, evaluation) it computes the loss alone. It is once differentiable.
 
 Backends: cpu (csrc/cpu/softmax_xent.cpp; float32 and float64 CPU tensors) and reference (the composition
 above). With auto, whatever the cpu kernel does not take (CUDA tensors, half types, torch.compile's tracing)
@@ -17,6 +21,7 @@ cannot run, is an error that says so.
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .. import _extension
 from ..backends import BackendUnavailableError, requested_backend
@@ -33,29 +38,62 @@ def linear_cross_entropy_reference(features, weight, bias, targets):
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+# Rows per block of the cpu path: a block's logits, (rows, classes), are the only catalogue-wide buffer, reused
+# block after block and never kept. Its size aims at 8 MiB; at least 256 rows, so that re-reading the weight
+# and its gradient for every block stays cheap next to the block's products, and at most 1024.
+_BLOCK_BYTES = 8 << 20
+_MIN_BLOCK_ROWS, _MAX_BLOCK_ROWS = 256, 1024
+
+
+def _block_rows(classes: int, element_size: int) -> int:
+    return min(_MAX_BLOCK_ROWS, max(_MIN_BLOCK_ROWS, _BLOCK_BYTES // max(1, classes * element_size)))
+
+
+def _blocked_loss_and_gradients(features, weight, bias, targets, need_features, need_weight, need_bias):
+    """The cpu path, one block of rows at a time: the block's logits (product), then the row kernel (bias,
+    log-sum-exp, loss, the rows turned into softmax - one_hot, their gradient), then that block's share of
+    the gradients for a unit loss gradient. Returns (loss, grad_features, grad_weight, grad_bias); a gradient
+    not asked for is None."""
+    events, classes = features.shape[0], weight.shape[0]
+    loss_rows = new_output((events,), features)
+    grad_features = torch.empty_like(features) if need_features else None
+    grad_weight = torch.zeros_like(weight) if need_weight else None
+    grad_bias = torch.zeros_like(bias) if need_bias else None
+    rows = _block_rows(classes, features.element_size())
+    block = features.new_empty((min(rows, events), classes))
+    weight_t = weight.t()
+    for start in range(0, events, rows):
+        stop = min(start + rows, events)
+        x, logits = features[start:stop], block[:stop - start]
+        torch.mm(x, weight_t, out=logits)
+        torch.ops.hiertcn_fast.softmax_xent_out(logits, targets[start:stop], bias, loss=loss_rows[start:stop])
+        if need_features:
+            torch.mm(logits, weight, out=grad_features[start:stop])
+        if need_weight:
+            grad_weight.addmm_(logits.t(), x)
+        if need_bias:
+            grad_bias.add_(logits.sum(0))
+    return loss_rows.sum(), grad_features, grad_weight, grad_bias
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, features, weight, bias, targets):
-        logits = new_output((features.shape[0], weight.shape[0]), features)
-        torch.mm(features, weight.t(), out=logits)
-        loss_rows = new_output((features.shape[0],), features)
-        torch.ops.hiertcn_fast.softmax_xent_out(logits, targets, bias, loss=loss_rows)
-        ctx.save_for_backward(features, weight, logits)  # logits now hold softmax - one_hot
-        ctx.has_bias = bias is not None
-        return loss_rows.sum()
+    """The loss is a scalar at the end of the graph, so its gradients are those for a unit loss gradient
+    times the incoming one: they are computed in the forward, block by block, and the backward only scales
+    them. What is kept for the backward is then the gradients (events x dim and the weight's size), never
+    the (events, classes) logits."""
 
     @staticmethod
+    def forward(ctx, features, weight, bias, targets):
+        need = ctx.needs_input_grad
+        loss, grad_features, grad_weight, grad_bias = _blocked_loss_and_gradients(
+            features, weight, bias, targets, need[0], need[1], bias is not None and need[2])
+        ctx.save_for_backward(grad_features, grad_weight, grad_bias)
+        return loss
+
+    @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
-        features, weight, grad_logits = ctx.saved_tensors
-        # dL/dlogits = grad_loss * (softmax - one_hot); grad_loss is a scalar, folded into the products.
-        grad_features = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_features = torch.mm(grad_logits, weight).mul_(grad_loss)
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.mm(grad_logits.t(), features).mul_(grad_loss)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_logits.sum(0).mul_(grad_loss)
-        return grad_features, grad_weight, grad_bias, None
+        return (*(None if g is None else g * grad_loss for g in ctx.saved_tensors), None)
 
 
 def _why_not_fused(features, weight, bias, targets) -> str:
@@ -128,8 +166,12 @@ def linear_cross_entropy(features: torch.Tensor, weight: torch.Tensor, bias, tar
         raise BackendUnavailableError(f"linear_cross_entropy: backend 'cpu' cannot run this call: {why}")
     if requested == "reference" or why:
         return linear_cross_entropy_reference(features, weight, bias, targets)
-    return _LinearCrossEntropy.apply(features.contiguous(), weight.contiguous(),
-                                     None if bias is None else bias.contiguous(), targets.contiguous())
+    features, weight, targets = features.contiguous(), weight.contiguous(), targets.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (features, weight, bias)):
+        return _LinearCrossEntropy.apply(features, weight, bias, targets)
+    # No gradient wanted (evaluation, no_grad): the loss alone, without the gradient products.
+    return _blocked_loss_and_gradients(features, weight, bias, targets, False, False, False)[0]
 
 
 @_extension.register_fake("softmax_xent_out")
