@@ -89,6 +89,29 @@ def test_context_equals_explicit_concatenation(backend, device):
     assert_close(out, expected, dtype)
 
 
+def test_training_keeps_the_context_weight_not_a_packed_copy_of_it():
+    """In training the kernels' backends keep the context and the context weight itself for the backward; an
+    einsum kept a packed, weight-sized copy per call (HierTCN calls the first block once per group of
+    sessions). Gradients still equal the reference's."""
+    x = rand(3, 8, 4, dtype=torch.float64).requires_grad_()
+    weight = rand(5, 4, 3, dtype=torch.float64).requires_grad_()
+    context = rand(3, 6, dtype=torch.float64).requires_grad_()
+    context_weight = rand(5, 6, 3, dtype=torch.float64).requires_grad_()
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = causal_conv1d(x, weight, dilation=2, context=context, context_weight=context_weight,
+                            activation="relu", backend="cpu")
+    storages = {t.untyped_storage().data_ptr() for t in kept}
+    assert context_weight.untyped_storage().data_ptr() in storages
+    assert not [t for t in kept if t.numel() == context_weight.numel()
+                and t.untyped_storage().data_ptr() != context_weight.untyped_storage().data_ptr()]
+    expected = causal_conv1d_reference(x, weight, dilation=2, context=context, context_weight=context_weight,
+                                       activation="relu")
+    leaves, grad = [x, weight, context, context_weight], torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(expected, leaves, grad)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("case", [ConvCase(2, 9, 4, 6, 3, 2, context_channels=3, activation="tanh", residual=True),
                                   ConvCase(1, 7, 4, 4, 4, 1, groups=4, activation="gelu", residual=True),

@@ -212,6 +212,40 @@ def test_session_update_rows_without_session_keep_their_state():
     assert torch.equal(session_update(items, lengths, h, torch.zeros_like(keep), weights), torch.zeros_like(h))
 
 
+def _storages_kept_for_backward(fn):
+    """The data pointers of every storage the autograd graph keeps while fn runs (the C++ nodes' too)."""
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = fn()
+    return out, {t.untyped_storage().data_ptr() for t in kept}
+
+
+@pytest.mark.parametrize("compiled_path", [False, True])
+def test_session_update_keeps_no_item_embeddings_for_the_backward(compiled_path):
+    """A mean's gradient does not depend on what was averaged: the cpu op keeps the sessions' shape, not the
+    (batch, time, dim) embeddings, of which HierTCN's steps are views of the whole padded batch. Both the C++
+    node and the autograd.Function torch.compile traces; the gradients still equal the composition's."""
+    from hiertcn_fast.ops.gru import _SessionUpdateFunction
+
+    items, lengths, h, keep, weights, proj = session_inputs(5, 4, 6, 7, 2, True, True, "mixed", "mixed",
+                                                            torch.float64, "cpu")
+    leaves = [t.requires_grad_() for t in (items, h, keep, *proj, *[t for layer in weights for t in layer])]
+    flat = [t for layer in weights for t in layer]
+
+    def ours():
+        if compiled_path:
+            return _SessionUpdateFunction.apply(items, lengths, h, keep.to(h.dtype), *proj, *flat)
+        return session_update(items, lengths, h, keep, weights, proj_weight=proj[0], proj_bias=proj[1], backend="cpu")
+
+    out, kept = _storages_kept_for_backward(ours)
+    assert h.untyped_storage().data_ptr() in kept  # the hooks see what the op keeps
+    assert items.untyped_storage().data_ptr() not in kept
+    expected = session_update_composition(items, lengths, h, keep, weights, *proj)
+    grad = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(expected, leaves, grad)):
+        assert_close(got, want, torch.float64)
+
+
 # ---- gradcheck, determinism, compile, opcheck -----------------------------------------------------
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

@@ -770,20 +770,28 @@ class SessionUpdateFunction : public torch::autograd::Function<SessionUpdateFunc
                             const OptTensor& proj_weight, const OptTensor& proj_bias) {
     const at::Tensor items_rows = unit_stride_rows(items), h_contiguous = h.contiguous();
     SessionSaved r = session_forward(items_rows, lengths, h_contiguous, keep, weights, proj_weight, proj_bias);
-    torch::autograd::variable_list saved{items_rows,    lengths, h_contiguous,   keep,
-                                         r.states,      r.gi,    r.gh,           r.session_mean,
+    // The backward needs the item embeddings' shape only (a mean's gradient does not depend on what was
+    // averaged): keeping them would hold the whole padded batch of sessions, of which each step's rows are a
+    // view, until the backward.
+    torch::autograd::variable_list saved{at::Tensor(), lengths, h_contiguous,   keep,
+                                         r.states,     r.gi,    r.gh,           r.session_mean,
                                          proj_weight.value_or(at::Tensor()), r.projected.value_or(at::Tensor())};
     saved.insert(saved.end(), weights.begin(), weights.end());
     ctx->save_for_backward(saved);
     ctx->saved_data["proj_bias"] = proj_bias.has_value();
+    ctx->saved_data["time"] = items.size(1);
     return r.out;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const torch::autograd::variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &items = saved[0], &lengths = saved[1], &h = saved[2], &keep = saved[3], &states = saved[4],
-                     &gi = saved[5], &gh = saved[6], &session_mean = saved[7];
+    const at::Tensor &lengths = saved[1], &h = saved[2], &keep = saved[3], &states = saved[4], &gi = saved[5],
+                     &gh = saved[6], &session_mean = saved[7];
+    // A stand-in with the item embeddings' shape, dtype and device (the backward op reads nothing else).
+    const int64_t dim = session_mean.size(1);
+    const at::Tensor items =
+        at::empty({dim}, h.options()).as_strided({h.size(1), ctx->saved_data["time"].toInt(), dim}, {0, 0, 1});
     const OptTensor proj_weight = saved[8].defined() ? OptTensor(saved[8]) : std::nullopt;
     const OptTensor projected = saved[9].defined() ? OptTensor(saved[9]) : std::nullopt;
     const std::vector<at::Tensor> weights(saved.begin() + 10, saved.end());

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _extension
@@ -62,6 +63,48 @@ def context_table(context: torch.Tensor, context_weight: torch.Tensor) -> torch.
     return per_tap.flip(1).cumsum(1)
 
 
+def _kernel_context_table(context: torch.Tensor, context_weight: torch.Tensor) -> torch.Tensor:
+    """context_table for the kernels' backends: in training, the product keeps only the context and the weight
+    for its backward (_ContextProduct); the reference keeps the plain definition above."""
+    if (torch.is_grad_enabled() and (context.requires_grad or context_weight.requires_grad)
+            and not torch.compiler.is_compiling()):
+        return _ContextProduct.apply(context, context_weight).flip(1).cumsum(1)
+    return context_table(context, context_weight)
+
+
+class _ContextProduct(torch.autograd.Function):
+    """einsum("bc,ocj->bjo", context, context_weight), keeping for the backward only the context and the weight
+    itself. einsum keeps its own packed copy of the weight per call, and a training step calls this once per
+    group of sessions: each call held another weight-sized buffer until the backward. Here the packed matrix
+    is made for the product and again in the backward (not cached: an in-place change through ``.data``
+    does not show in the weight's version)."""
+
+    @staticmethod
+    def forward(ctx, context, context_weight):
+        out_channels, _, k = context_weight.shape
+        ctx.save_for_backward(context, context_weight)
+        return (context @ _pack_context_weight(context_weight)).view(context.shape[0], k, out_channels)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_per_tap):
+        context, context_weight = ctx.saved_tensors
+        out_channels, ctx_channels, k = context_weight.shape
+        grad_rows = grad_per_tap.reshape(context.shape[0], k * out_channels)
+        grad_context = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_context = grad_rows @ _pack_context_weight(context_weight).t()
+        if ctx.needs_input_grad[1]:
+            grad_weight = (context.t() @ grad_rows).view(ctx_channels, k, out_channels).permute(2, 0, 1).contiguous()
+        return grad_context, grad_weight
+
+
+def _pack_context_weight(context_weight: torch.Tensor) -> torch.Tensor:
+    """context_weight (out, ctx, k) as the (ctx, k * out) matrix of context_table."""
+    out_channels, ctx_channels, k = context_weight.shape
+    return context_weight.detach().permute(1, 2, 0).reshape(ctx_channels, k * out_channels)
+
+
 # context_weight (out, ctx, k) packed as the (ctx, k * out) matrix of context_table, per weight tensor: (its
 # _stamp when packed, the matrix). Weak on the weight, which the matrix does not refer to.
 _context_weight_matrices = WeakIdKeyDictionary()
@@ -73,8 +116,7 @@ def _context_weight_matrix(context_weight: torch.Tensor) -> torch.Tensor:
     entry = _context_weight_matrices.get(context_weight)
     if entry is not None and entry[0] == stamp:
         return entry[1]
-    out_channels, ctx_channels, k = context_weight.shape
-    matrix = context_weight.detach().permute(1, 2, 0).reshape(ctx_channels, k * out_channels).contiguous()
+    matrix = _pack_context_weight(context_weight).contiguous()
     _context_weight_matrices[context_weight] = (stamp, matrix)
     return matrix
 
@@ -223,7 +265,7 @@ def causal_conv1d(x, weight, bias=None, *, dilation=1, groups=1, context=None, c
     if name == "reference":
         return causal_conv1d_reference(x, weight, bias, dilation=dilation, groups=groups, context=context,
                                        context_weight=context_weight, activation=activation, residual=residual)
-    table = None if context is None else context_table(context, context_weight).contiguous()
+    table = None if context is None else _kernel_context_table(context, context_weight).contiguous()
     if residual is not None:
         residual = unit_stride_rows(residual)
     # The kernels read the bias as one contiguous row (a strided view is copied; its gradient flows back).

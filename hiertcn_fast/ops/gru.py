@@ -408,14 +408,17 @@ class _SessionUpdateFunction(torch.autograd.Function):
         torch.ops.hiertcn_fast.session_update_forward_out(
             items, lengths, h, keep, list(weights), proj_weight, proj_bias, out=out, states=states,
             session_mean=session_mean, projected=projected, gi=gi, gh=gh)
-        ctx.save_for_backward(items, lengths, h, keep, proj_weight, session_mean, projected, states, gi, gh,
-                              *weights)
+        # The item embeddings' shape is all the backward needs of them (see the C++ node).
+        ctx.save_for_backward(lengths, h, keep, proj_weight, session_mean, projected, states, gi, gh, *weights)
         ctx.proj_bias = proj_bias is not None
+        ctx.items_shape = items.shape
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        items, lengths, h, keep, proj_weight, session_mean, projected, states, gi, gh, *weights = ctx.saved_tensors
+        lengths, h, keep, proj_weight, session_mean, projected, states, gi, gh, *weights = ctx.saved_tensors
+        batch, time, dim = ctx.items_shape
+        items = h.new_empty(dim).as_strided((batch, time, dim), (0, 0, 1))  # a stand-in with the shape
         grad_out = grad_out.contiguous()
         grad_items = new_output(items.shape, items) if ctx.needs_input_grad[0] else None
         grad_h = new_output(h.shape, h)
