@@ -198,6 +198,29 @@ def test_length_groups_are_the_cheapest_partition():
     assert widths[-1] == 499 and 1 < len(widths) <= base.MAX_LENGTH_GROUPS
 
 
+def test_group_gather_is_the_sessions_first_positions_and_its_gradient():
+    """SessionInputs._gather (every group in one gather, split into views) against slicing each session's
+    first positions out of the embeddings: values, and the gradient the embeddings get back."""
+    from hiertcn_fast.models.base import SessionInputs
+    generator = torch.Generator().manual_seed(5)
+    sessions = random_sessions(generator, NUM_ITEMS, lanes=5, max_sessions=3, max_length=8)
+    model = make("hiertcn").double()
+    inputs = SessionInputs(model, lane_batch(sessions))
+    steps, lanes, positions, dim = inputs.embedded.shape
+    row_groups = [torch.tensor([3, 0, 7]), torch.tensor([1]), torch.tensor([steps * lanes - 1, 2])]
+    widths = [positions - 1, 1, 2]
+    gathered = inputs._gather(row_groups, widths)
+    flat = inputs.embedded.reshape(steps * lanes, positions, dim)
+    expected = [torch.stack([flat[r, :w] for r in rows.tolist()]) for rows, w in zip(row_groups, widths)]
+    for got, want in zip(gathered, expected):
+        assert torch.equal(got, want)
+    weights = [torch.randn_like(g) for g in gathered]
+    got = torch.autograd.grad(sum((g * w).sum() for g, w in zip(gathered, weights)), inputs.embedded,
+                              retain_graph=True)[0]
+    want = torch.autograd.grad(sum((e * w).sum() for e, w in zip(expected, weights)), inputs.embedded)[0]
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_sessions_run_in_length_groups_give_the_features_of_one_padded_run(name, monkeypatch):
     """Running the sessions in groups of similar length (each trimmed to its longest), and padding the batch

@@ -118,8 +118,20 @@ class SessionInputs:
 
     def inputs(self) -> torch.Tensor:
         """(active rows, width, embedding_dim): start token then items, one row per active session."""
-        flat = self.embedded[:, :, :self.width].reshape(self.steps * self.lanes, self.width, -1)
-        return flat.index_select(0, self.rows)
+        return self._gather([self.rows], [self.width])[0]
+
+    def _gather(self, row_groups: list[torch.Tensor], widths: list[int]) -> list[torch.Tensor]:
+        """Per group, (len(rows), width, embedding_dim): positions 0..width-1 of the sessions ``rows`` (indices
+        into steps * lanes), all groups in one gather from the embeddings seen as a matrix and split into views.
+        Its backward is one zero-filled buffer of the embeddings' size, one scatter and one concatenation;
+        slicing and gathering per group zero-filled two buffers of that size per group."""
+        dim = self.embedded.shape[-1]
+        stride = self.embedded.shape[-2]                          # width + 1 positions per session
+        positions = [(rows[:, None] * stride + torch.arange(width, device=rows.device)).reshape(-1)
+                     for rows, width in zip(row_groups, widths)]
+        gathered = self.embedded.reshape(-1, dim).index_select(0, torch.cat(positions))
+        return [chunk.view(rows.numel(), width, dim)
+                for chunk, rows, width in zip(gathered.split([p.numel() for p in positions]), row_groups, widths)]
 
     def session_items(self, step: int) -> torch.Tensor:
         """(lanes, width, embedding_dim): the items of step ``step``'s sessions (padding beyond lengths)."""
@@ -148,16 +160,15 @@ class SessionInputs:
         widths = length_groups(lengths.tolist())
         if len(widths) <= 1:
             return self.events(network(self.inputs(), *row_values))
-        flat = self.embedded[:, :, :self.width].reshape(self.steps * self.lanes, self.width, -1)
         starts = torch.cumsum(lengths, 0) - lengths                # each active session's first event
-        # Each group's sessions gathered at the group's width: the network keeps only those for its backward
-        # (one gather split into groups would keep every group's padding alive through the views).
+        # Each group's sessions gathered at the group's width (no group keeps another's padding).
         group = torch.bucketize(lengths, torch.tensor(widths, device=lengths.device))
         members = torch.argsort(group, stable=True)
         counts = torch.bincount(group, minlength=len(widths)).tolist()
+        member_groups = members.split(counts)
+        group_inputs = self._gather([self.rows.index_select(0, rows) for rows in member_groups], widths)
         events, order = [], []
-        for width, rows in zip(widths, members.split(counts)):
-            inputs = flat[:, :width].index_select(0, self.rows.index_select(0, rows))
+        for width, rows, inputs in zip(widths, member_groups, group_inputs):
             outputs = network(inputs, *(value.index_select(0, rows) for value in row_values))
             position = torch.arange(width, device=lengths.device)
             mask = position < lengths.index_select(0, rows)[:, None]
