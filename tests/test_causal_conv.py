@@ -89,6 +89,28 @@ def test_context_equals_explicit_concatenation(backend, device):
     assert_close(out, expected, dtype)
 
 
+def test_op_under_autocast_computes_the_context_term_in_the_inputs_dtype():
+    """Under autocast the op called with float32 tensors computes in float32, its context term included (the
+    term's product used to come out in bfloat16, which the kernel refused), with and without gradients."""
+    x = rand(2, 7, 4, dtype=torch.float32).requires_grad_()
+    weight = rand(5, 4, 3, dtype=torch.float32).requires_grad_()
+    context = rand(2, 6, dtype=torch.float32).requires_grad_()
+    context_weight = rand(5, 6, 3, dtype=torch.float32).requires_grad_()
+    leaves = [x, weight, context, context_weight]
+    expected = causal_conv1d_reference(x, weight, dilation=2, context=context, context_weight=context_weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            inference = causal_conv1d(x, weight, dilation=2, context=context, context_weight=context_weight,
+                                      backend="cpu")
+        out = causal_conv1d(x, weight, dilation=2, context=context, context_weight=context_weight, backend="cpu")
+    for got in (inference, out):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(expected, leaves, grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_training_keeps_the_context_weight_not_a_packed_copy_of_it():
     """In training the kernels' backends keep the context and the context weight itself for the backward; an
     einsum kept a packed, weight-sized copy per call (HierTCN calls the first block once per group of

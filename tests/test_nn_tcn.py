@@ -351,3 +351,26 @@ def test_autocast_runs_in_the_autocast_dtype_like_nn_conv1d():
         assert tcn(linear(x)).dtype == torch.bfloat16
         stepped = tcn.step(linear(x[:, 0]), state)
     assert stepped.dtype == torch.float32
+
+
+def test_steps_with_a_context_under_autocast_are_the_steps_without():
+    """TCN.step and CausalConv1d.step with a context under autocast (float32 or bfloat16 inputs) run in the
+    state's dtype and give the float32 steps' outputs: the context term's table was computed in bfloat16, and
+    the step refused it."""
+    torch.manual_seed(6)
+    tcn = TCN(4, [8, 8], kernel_size=3, context_channels=6).eval()
+    conv = CausalConv1d(4, 5, 3, dilation=2, context_channels=6).eval()
+    x, context = torch.randn(3, 5, 4), torch.randn(3, 6)
+    for module in (tcn, conv):
+        plain_state, autocast_state = module.init_state(3), module.init_state(3)
+        with torch.no_grad():
+            plain = [module.step(x[:, t], plain_state, context) for t in range(5)]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                stepped = [module.step(x[:, t], autocast_state, context) for t in range(5)]
+        for got, want in zip(stepped, plain):
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, want)
+    state = tcn.init_state(3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tcn.step(x[:, 0].bfloat16(), state, context.bfloat16())
+    assert out.dtype == torch.float32

@@ -50,26 +50,37 @@ def _activate(v, activation):
 
 
 def context_table(context: torch.Tensor, context_weight: torch.Tensor) -> torch.Tensor:
-    """Per-tap suffix sums of the context term: (batch, k, out_channels).
+    """Per-tap suffix sums of the context term: (batch, k, out_channels), in the inputs' dtype (also under
+    autocast, which would give its products in the autocast dtype: the kernels take the table in x's).
 
     context: (batch, ctx); context_weight: (out, ctx, k). Row m is sum_{j >= k-1-m} context_weight[:, :, j] @
     context: the context term of a step with m + 1 taps at or after the start of the sequence.
     """
+    if torch.is_autocast_enabled(context.device.type):
+        with torch.autocast(context.device.type, enabled=False):
+            return _context_table(context, context_weight, False)
+    return _context_table(context, context_weight, False)
+
+
+def _kernel_context_table(context: torch.Tensor, context_weight: torch.Tensor) -> torch.Tensor:
+    """context_table for the kernels' backends: in training the product keeps only the context and the weight
+    for its backward (_ContextProduct); the reference keeps the plain definition."""
+    if torch.is_autocast_enabled(context.device.type):
+        with torch.autocast(context.device.type, enabled=False):
+            return _context_table(context, context_weight, True)
+    return _context_table(context, context_weight, True)
+
+
+def _context_table(context, context_weight, lean_training):
     if torch.is_grad_enabled() and (context.requires_grad or context_weight.requires_grad):
-        per_tap = torch.einsum("bc,ocj->bjo", context, context_weight)
+        if lean_training and not torch.compiler.is_compiling():
+            per_tap = _ContextProduct.apply(context, context_weight)
+        else:
+            per_tap = torch.einsum("bc,ocj->bjo", context, context_weight)
     else:  # inference (a step, a served user): one product with the weight packed once, not per call
         out_channels, _, k = context_weight.shape
         per_tap = (context @ _context_weight_matrix(context_weight)).view(context.shape[0], k, out_channels)
     return per_tap.flip(1).cumsum(1)
-
-
-def _kernel_context_table(context: torch.Tensor, context_weight: torch.Tensor) -> torch.Tensor:
-    """context_table for the kernels' backends: in training, the product keeps only the context and the weight
-    for its backward (_ContextProduct); the reference keeps the plain definition above."""
-    if (torch.is_grad_enabled() and (context.requires_grad or context_weight.requires_grad)
-            and not torch.compiler.is_compiling()):
-        return _ContextProduct.apply(context, context_weight).flip(1).cumsum(1)
-    return context_table(context, context_weight)
 
 
 class _ContextProduct(torch.autograd.Function):
