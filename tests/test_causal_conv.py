@@ -89,6 +89,22 @@ def test_context_equals_explicit_concatenation(backend, device):
     assert_close(out, expected, dtype)
 
 
+@pytest.mark.parametrize("context", [False, True])
+def test_a_graph_of_the_kernels_gradient_is_a_clear_error(context):
+    """The kernels' backward builds no graph: create_graph=True would give higher derivatives without the
+    conv's terms (silently, before). It is refused; the reference builds the graph."""
+    x = rand(2, 6, 3, dtype=torch.float64).requires_grad_()
+    weight = rand(4, 3, 2, dtype=torch.float64).requires_grad_()
+    extra = dict(context=rand(2, 5, dtype=torch.float64).requires_grad_(),
+                 context_weight=rand(4, 5, 2, dtype=torch.float64).requires_grad_()) if context else {}
+    out = causal_conv1d(x, weight, activation="tanh", backend="cpu", **extra)
+    with pytest.raises(RuntimeError, match="once differentiable.*backend='reference'"):
+        torch.autograd.grad(out.sum(), [x], create_graph=True)
+    reference = causal_conv1d(x, weight, activation="tanh", backend="reference", **extra)
+    (grad_x,) = torch.autograd.grad(reference.sum(), [x], create_graph=True)
+    assert grad_x.requires_grad
+
+
 def test_op_under_autocast_computes_the_context_term_in_the_inputs_dtype():
     """Under autocast the op called with float32 tensors computes in float32, its context term included (the
     term's product used to come out in bfloat16, which the kernel refused), with and without gradients."""

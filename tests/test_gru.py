@@ -246,6 +246,29 @@ def test_session_update_keeps_no_item_embeddings_for_the_backward(compiled_path)
         assert_close(got, want, torch.float64)
 
 
+@pytest.mark.parametrize("which", ["gru_cell", "gru", "gru_gates", "session_update"])
+def test_a_graph_of_the_kernels_gradient_is_a_clear_error(which):
+    """The cpu kernels' backward builds no graph: create_graph=True would give higher derivatives without
+    their terms (silently, before). It is refused; the reference builds the graph."""
+    x, h, *w = [t.requires_grad_() for t in cell_inputs(3, 4, 5, True, True, torch.float64, "cpu")]
+    xs, h0, layers = sequence_inputs(2, 3, 3, 4, 2, False, True, torch.float64, "cpu")
+    items, lengths, hs, keep, weights, _ = session_inputs(4, 3, 3, 4, 2, False, True, "mixed", "mixed",
+                                                          torch.float64, "cpu")
+    calls = {"gru_cell": (lambda b: gru_cell(x, h, *w, backend=b), x),
+             "gru": (lambda b: gru(xs.requires_grad_(), h0, layers, num_layers=2, backend=b)[0], xs),
+             "gru_gates": (lambda b: gru_gates(*gates, backend=b), None),
+             "session_update": (lambda b: session_update(items.requires_grad_(), lengths, hs, keep, weights,
+                                                         backend=b), items)}
+    gates = [torch.randn(3, 3 * 5, dtype=torch.float64, requires_grad=True) for _ in range(2)] + [
+        torch.randn(3, 5, dtype=torch.float64, requires_grad=True)]
+    run, leaf = calls[which]
+    leaf = gates[0] if leaf is None else leaf
+    with pytest.raises(RuntimeError, match="once differentiable.*backend='reference'"):
+        torch.autograd.grad(run("cpu").sum(), [leaf], create_graph=True)
+    (grad,) = torch.autograd.grad(run("reference").sum(), [leaf], create_graph=True)
+    assert grad.requires_grad
+
+
 # ---- gradcheck, determinism, compile, opcheck -----------------------------------------------------
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
@@ -493,18 +516,23 @@ def test_gru_modules_run_under_autocast_like_torch(case):
         assert_bf16_close(a, b)
 
 
-def test_gru_modules_run_float32_input_in_the_autocast_dtype():
-    """float32 input under autocast: the op runs in bf16 (torch's CUDA policy for its RNNs), close to
-    torch's GRU under the same autocast."""
+@pytest.mark.parametrize("x_dtype,hx_dtype", [(torch.float32, torch.float32), (torch.float32, None),
+                                               (torch.bfloat16, None), (torch.bfloat16, torch.float32),
+                                               (torch.float32, torch.bfloat16)])
+def test_gru_modules_under_cpu_autocast_run_in_the_dtype_torch_runs_them_in(x_dtype, hx_dtype):
+    """CPU autocast does not cast RNNs to its dtype: torch's GRU and GRUCell run in hx's dtype, or the input's
+    without hx. The drop-ins give torch's dtype for every combination, and close values."""
     torch.manual_seed(0)
     for peer, x, hx in ((torch.nn.GRUCell(5, 8), torch.randn(3, 5), torch.randn(3, 8)),
                         (torch.nn.GRU(5, 8, num_layers=2), torch.randn(6, 3, 5), torch.randn(2, 3, 8))):
         module = peer_and_module(peer)
+        x = x.to(x_dtype)
+        hx = None if hx_dtype is None else hx.to(hx_dtype)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got, want = module(x, hx), peer(x, hx)
         for a, b in zip(*(result if isinstance(result, tuple) else (result,) for result in (got, want))):
-            assert a.dtype == torch.bfloat16
-            assert_bf16_close(a, b)
+            assert a.dtype == b.dtype
+            assert_bf16_close(a.float(), b.float())
 
 
 def test_gru_modules_pass_their_own_tensors_outside_autocast(monkeypatch):
@@ -577,7 +605,7 @@ def test_gru_module_takes_a_packed_sequence_like_torch(num_layers, batch_first, 
 
 def test_gru_modules_compile_fullgraph_as_documented():
     """GRUCell compiles as is; GRU, like torch.nn.GRU, with torch._dynamo.config.allow_rnn (its docstring
-    says so). Under autocast the compiled module runs in bf16 as the eager one does."""
+    says so). Under autocast the compiled module runs in the dtype the eager one does."""
     torch.manual_seed(0)
     cell, sequence = GRUCell(5, 7), GRU(5, 7, num_layers=2, batch_first=True)
     x, xs = torch.randn(3, 5), torch.randn(3, 4, 5)
@@ -588,9 +616,10 @@ def test_gru_modules_compile_fullgraph_as_documented():
         for got, want in zip(compiled(xs), sequence(xs)):
             assert_close(got, want, torch.float32)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            for got, want in zip(compiled(xs), sequence(xs)):
-                assert got.dtype == want.dtype == torch.bfloat16
-                assert_bf16_close(got, want)
+            for inputs in (xs, xs.bfloat16()):  # CPU autocast runs the GRU in the input's dtype (no hx)
+                for got, want in zip(compiled(inputs), sequence(inputs)):
+                    assert got.dtype == want.dtype == inputs.dtype
+                    assert_bf16_close(got.float(), want.float())
 
 
 

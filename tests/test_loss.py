@@ -145,17 +145,36 @@ def test_without_gradients_the_loss_alone():
 
 
 def test_backward_twice_and_double_backward():
-    """retain_graph: a second backward gives the same gradients again; a double backward is a clear error (the
-    cpu path is once differentiable), not a silently wrong second derivative."""
+    """retain_graph: a second backward gives the same gradients again; a graph of the gradient
+    (create_graph=True) is a clear error (the cpu path is once differentiable), not a silently wrong second
+    derivative."""
     features, weight, b, targets = _leaves(9, 4, 6, torch.float64)
     loss = linear_cross_entropy(features, weight, b, targets, backend="cpu")
     first = torch.autograd.grad(loss, [features, weight, b], retain_graph=True)
     second = torch.autograd.grad(loss * 2.0, [features, weight, b], retain_graph=True)
     for one, two in zip(first, second):
         assert torch.equal(one * 2.0, two)
-    (grad_features,) = torch.autograd.grad(loss, [features], create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
-        torch.autograd.grad(grad_features.sum(), [weight])
+    # A graph of the gradient would have none of the loss's second-order terms: refused, not silently wrong.
+    with pytest.raises(RuntimeError, match="once differentiable.*backend='reference'"):
+        torch.autograd.grad(loss, [features], create_graph=True)
+    reference = linear_cross_entropy(features, weight, b, targets, backend="reference")
+    (grad_features,) = torch.autograd.grad(reference, [features], create_graph=True)
+    assert grad_features.requires_grad
+
+
+def test_forward_mode_derivatives_run_the_reference():
+    """Dual tensors (forward-mode AD): auto runs the reference, whose tangent is right; the cpu path has none
+    (a bias-only tangent came back None, a features tangent failed inside the product)."""
+    import torch.autograd.forward_ad as forward_ad
+
+    features, weight, b, targets = (t.detach() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                                    for t in _leaves(8, 3, 5, torch.float64))
+    directions = [torch.randn_like(t) for t in (features, weight, b)]
+    expected = torch.func.jvp(lambda f, w, bb: peer(f, w, bb, targets), (features, weight, b), tuple(directions))[1]
+    with forward_ad.dual_level():
+        duals = [forward_ad.make_dual(t, d) for t, d in zip((features, weight, b), directions)]
+        tangent = forward_ad.unpack_dual(linear_cross_entropy(*duals, targets)).tangent
+    torch.testing.assert_close(tangent, expected, **TOL[torch.float64])
 
 
 def _row_op(logits, targets, bias):

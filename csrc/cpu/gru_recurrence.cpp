@@ -606,6 +606,15 @@ void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& i
   if (grad_items.has_value() && grad_items->numel() > 0) run_session_mean_backward(k, lengths, s, grad_mean, *grad_items);
 }
 
+// Under create_graph=True the kernels' gradients would have no graph, so higher derivatives through them would
+// silently lack these terms: refused (the reference backend builds the graph).
+void refuse_graph_of_gradient(const char* op) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), op,
+              ": its backward is once differentiable (the gradients come from fused kernels), so create_graph=True "
+              "would give higher derivatives without these terms; use backend='reference' where you need a graph "
+              "of the gradient");
+}
+
 // ---- the cell as one op, differentiated in C++ ------------------------------------------------------
 //
 // gru_cell is the layer ops at time 1 behind one autograd node written in C++: at HierTCN's sizes a
@@ -670,6 +679,7 @@ class GruCellFunction : public torch::autograd::Function<GruCellFunction> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    refuse_graph_of_gradient("gru_cell");
     const torch::autograd::variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &h = saved[1], &w_ih = saved[2], &w_hh = saved[3], &gi = saved[4],
                      &gh = saved[5], &out = saved[6];
@@ -785,6 +795,7 @@ class SessionUpdateFunction : public torch::autograd::Function<SessionUpdateFunc
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    refuse_graph_of_gradient("session_update");
     const torch::autograd::variable_list saved = ctx->get_saved_variables();
     const at::Tensor &lengths = saved[1], &h = saved[2], &keep = saved[3], &states = saved[4], &gi = saved[5],
                      &gh = saved[6], &session_mean = saved[7];

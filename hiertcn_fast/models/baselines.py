@@ -97,7 +97,8 @@ class HRNN(NextItemModel):
             # One step past the last input so that the final state has read the session's last item.
             outputs, _ = self.session_gru(self.dropout(sessions.embedded_steps[step][:, :width + 1]), h0[None])
             events.append(outputs[:, :width][sessions.mask[step, :, :width]])
-            last = outputs[lanes, lengths]                                  # (lanes, session_hidden)
+            # (lanes, session_hidden), in the state's dtype: under autocast the session GRU may run in another.
+            last = outputs[lanes, lengths].to(state.dtype)
             # The user GRU's step, rows without a session unchanged, ended users zeroed: session_update
             # with a length-1 "session" whose mean is the session representation.
             state = session_update(last[:, None], (lengths > 0).to(torch.int64), state, batch.keep[step],

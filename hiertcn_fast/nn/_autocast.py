@@ -16,3 +16,15 @@ def autocast_cast(t, dtype):
     if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == torch.float64:
         return t
     return t.to(dtype)
+
+
+def rnn_autocast_dtype(x: torch.Tensor, hx):
+    """The dtype torch.autocast runs the GRU modules in, as it does torch.nn's, or None to leave them as they are.
+    CUDA's autocast runs RNNs in its lower-precision dtype. CPU's does not cast them to its dtype: torch's CPU
+    GRU and GRUCell run in hx's dtype, or the input's without hx (a float32 input stays float32)."""
+    if x.device.type == "cpu":
+        if not torch.is_autocast_enabled("cpu"):
+            return None
+        dtype = (x if hx is None else hx).dtype
+        return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else None
+    return autocast_dtype(x.device.type)

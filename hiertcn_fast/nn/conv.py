@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..backends import requested_backend
+from ..backends import BackendUnavailableError, requested_backend
 from ..ops.conv import (ACTIVATIONS, CausalConvState, causal_conv1d, causal_conv1d_step, check_reach, prepared_entry,
                         prepared_tcn_step, tcn_step)
 from ._autocast import autocast_cast, autocast_dtype
@@ -119,6 +119,11 @@ class CausalConv1d(nn.Module):
         weight, bias, context_weight = self.weight, self.bias, args["context_weight"]
         dtype = autocast_dtype(x.device.type)
         if dtype is not None:
+            if x.device.type == "cpu" and requested_backend(self.backend) == "cpu" and x.dtype != torch.float64:
+                raise BackendUnavailableError(
+                    f"{type(self).__name__}(backend='cpu') under torch.autocast runs in {dtype}, as nn.Conv1d does, "
+                    f"and the cpu backend has no {dtype} kernels: use backend=None (auto) for the autocast "
+                    f"region, or run this module outside it")
             x, context, residual, weight, bias, context_weight = _cast(
                 (x, context, residual, weight, bias, context_weight), dtype)
         return causal_conv1d(x, weight, bias, dilation=self.dilation, groups=self.groups, activation=self.activation,
@@ -184,7 +189,13 @@ class TemporalBlock(nn.Module):
         autograd)."""
         _check_inference(x_t, context)
         with torch.no_grad():  # the projection's parameters require grad; the step records none
-            residual = self._residual(x_t)
+            if isinstance(state, CausalConvState) and autocast_dtype(x_t.device.type) is not None:
+                # The step runs in the state's dtype under autocast: the projection too, not in autocast's.
+                x_t, context = _cast((x_t, context), state.history.dtype)
+                with torch.autocast(x_t.device.type, enabled=False):
+                    residual = self._residual(x_t)
+            else:
+                residual = self._residual(x_t)
         return self.conv.step(x_t, state, context, residual=residual)
 
 
@@ -261,7 +272,8 @@ class TCN(nn.Module):
             _check_inference(x_t, context)
         # Under autocast the input may come in the autocast dtype: the step runs in the state's dtype. (The dtype
         # is compared first: this runs once per event, and the autocast query costs more.)
-        if state.layers and x_t.dtype != state.layers[0].history.dtype:
+        if state.layers and (x_t.dtype != state.layers[0].history.dtype
+                             or (context is not None and context.dtype != state.layers[0].history.dtype)):
             if autocast_dtype(x_t.device.type) is not None:
                 x_t, context = _cast((x_t, context), state.layers[0].history.dtype)
         # A step runs once per event, and at batch 1 its Python costs as much as the kernel. When this TCN

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ..ops import gru, gru_cell
-from ._autocast import autocast_cast as _autocast_cast, autocast_dtype as _autocast_dtype
+from ._autocast import autocast_cast as _autocast_cast, rnn_autocast_dtype as _autocast_dtype
 
 
 def _check_tensor(t, name):
@@ -45,9 +45,9 @@ class GRUCell(torch.nn.GRUCell):
     input (batch, input_size) or (input_size,), hx (batch, hidden_size) or (hidden_size,) or None (zeros)
     -> (batch, hidden_size) or (hidden_size,). ``backend`` picks the op backend (None: the usual selection).
 
-    Under torch.autocast the input, hx and the weights run in the autocast dtype (the lower-precision
-    policy torch applies to its GRU cells on CUDA), so the output has that dtype; gradients reach the
-    float32 parameters. (On the CPU torch's own GRUCell returns hx's dtype, float32 for float32 hx.)
+    Under torch.autocast it runs as torch's GRUCell does: on CUDA the input, hx and the weights in the
+    autocast dtype, so the output has that dtype; on the CPU (whose autocast does not cast RNNs to its dtype)
+    in hx's dtype, or the input's without hx. Gradients reach the float32 parameters.
     """
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend=None):
@@ -71,7 +71,7 @@ class GRUCell(torch.nn.GRUCell):
         x = input if batched else input.unsqueeze(0)
         h = hx if hx is None or batched else hx.unsqueeze(0)
         weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
-        autocast_dtype = _autocast_dtype(x.device.type)
+        autocast_dtype = _autocast_dtype(x, h)
         if autocast_dtype is None:
             _check_dtypes_and_devices(self, x, h, self.weight_ih)
             out = self._cell(x, h, weights)
@@ -100,9 +100,9 @@ class GRU(torch.nn.GRU):
     for a PackedSequence, output is a PackedSequence and h_n holds each sequence's state after its own
     last element.
 
-    Under torch.autocast the input, hx and the weights run in the autocast dtype (the lower-precision
-    policy torch applies to its GRUs on CUDA), so output and h_n have that dtype; gradients reach the
-    float32 parameters. (On the CPU torch's own GRU returns hx's dtype, or the input's without hx.)
+    Under torch.autocast it runs as torch's GRU does: on CUDA the input, hx and the weights in the autocast
+    dtype, so output and h_n have that dtype; on the CPU (whose autocast does not cast RNNs to its dtype) in
+    hx's dtype, or the input's without hx. Gradients reach the float32 parameters.
 
     torch.compile(fullgraph=True) of the module needs ``torch._dynamo.config.allow_rnn = True``, as for
     torch.nn.GRU (Dynamo refuses every GRU subclass otherwise; the ops compile without it).
@@ -137,7 +137,7 @@ class GRU(torch.nn.GRU):
         layer's state there rather than at the padded end (the recurrence is causal, so padding after a
         row's last step changes nothing before it)."""
         weights = self.all_weights
-        autocast_dtype = _autocast_dtype(x.device.type)
+        autocast_dtype = _autocast_dtype(x, h0)
         if autocast_dtype is None:
             _check_dtypes_and_devices(self, x, h0, weights[0][0])
             return self._run_layers(x, h0, weights, last)

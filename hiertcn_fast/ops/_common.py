@@ -1,6 +1,7 @@
 """Helpers shared by every op module: output allocation and argument validation."""
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -23,6 +24,38 @@ def poison_outputs(enabled: bool = True):
         yield
     finally:
         _poison = previous
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def in_input_dtype(op):
+    """The op computes in its arguments' dtype, inside a torch.autocast region too, as a custom op outside
+    autocast's lists does: autocast is switched off for its body (its reference composition's products would
+    otherwise come out in the autocast dtype, next to arguments that are not). The nn modules cast their
+    arguments under autocast the way torch.nn's modules do."""
+
+    @functools.wraps(op)
+    def run(*args, **kwargs):
+        if torch.compiler.is_compiling() or not torch._C._is_any_autocast_enabled():
+            return op(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for device_type in _AUTOCAST_DEVICES:
+                if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+            return op(*args, **kwargs)
+
+    return run
+
+
+def refuse_graph_of_gradient(op: str) -> None:
+    """For the backward of an op whose gradients come from kernels (or were computed in its forward): under
+    create_graph=True the gradients would have no graph, so higher derivatives through them would silently
+    be wrong. Call it at the start of such a backward (where grad mode is create_graph's)."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(f"{op}: its backward is once differentiable (the gradients come from fused kernels), "
+                           f"so create_graph=True would give higher derivatives without these terms; use "
+                           f"backend='reference' where you need a graph of the gradient")
 
 
 def new_output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:

@@ -19,12 +19,12 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _extension
 from ..backends import requested_backend, resolve
-from ._common import FLOATING, check_like, check_shape, check_tensor, new_output, unit_stride_rows
+from ._common import (FLOATING, check_like, check_shape, check_tensor, in_input_dtype, new_output,
+                      refuse_graph_of_gradient, unit_stride_rows)
 
 # Activation codes shared with the kernels (hiertcn/causal_conv.h ActivationCode, triton/causal_conv.py).
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "tanh": 3}
@@ -62,16 +62,9 @@ def context_table(context: torch.Tensor, context_weight: torch.Tensor) -> torch.
     return _context_table(context, context_weight, False)
 
 
-def _kernel_context_table(context: torch.Tensor, context_weight: torch.Tensor) -> torch.Tensor:
-    """context_table for the kernels' backends: in training the product keeps only the context and the weight
-    for its backward (_ContextProduct); the reference keeps the plain definition."""
-    if torch.is_autocast_enabled(context.device.type):
-        with torch.autocast(context.device.type, enabled=False):
-            return _context_table(context, context_weight, True)
-    return _context_table(context, context_weight, True)
-
-
 def _context_table(context, context_weight, lean_training):
+    """context_table; lean_training (the kernels' backends): in training the product keeps only the context and
+    the weight for its backward (_ContextProduct); the reference keeps the plain definition."""
     if torch.is_grad_enabled() and (context.requires_grad or context_weight.requires_grad):
         if lean_training and not torch.compiler.is_compiling():
             per_tap = _ContextProduct.apply(context, context_weight)
@@ -97,8 +90,8 @@ class _ContextProduct(torch.autograd.Function):
         return (context @ _pack_context_weight(context_weight)).view(context.shape[0], k, out_channels)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_per_tap):
+        refuse_graph_of_gradient("causal_conv1d")
         context, context_weight = ctx.saved_tensors
         out_channels, ctx_channels, k = context_weight.shape
         grad_rows = grad_per_tap.reshape(context.shape[0], k * out_channels)
@@ -261,6 +254,7 @@ def _check_causal_conv(x, weight, bias, dilation, groups, context, context_weigh
         check_shape(residual, "residual (batch, time, out_channels)", (*x.shape[:2], out_channels))
 
 
+@in_input_dtype
 def causal_conv1d(x, weight, bias=None, *, dilation=1, groups=1, context=None, context_weight=None, activation=None,
                   residual=None, backend=None):
     """Dilated causal convolution over time with a fused epilogue.
@@ -276,7 +270,7 @@ def causal_conv1d(x, weight, bias=None, *, dilation=1, groups=1, context=None, c
     if name == "reference":
         return causal_conv1d_reference(x, weight, bias, dilation=dilation, groups=groups, context=context,
                                        context_weight=context_weight, activation=activation, residual=residual)
-    table = None if context is None else _kernel_context_table(context, context_weight).contiguous()
+    table = None if context is None else _context_table(context, context_weight, True).contiguous()
     if residual is not None:
         residual = unit_stride_rows(residual)
     # The kernels read the bias as one contiguous row (a strided view is copied; its gradient flows back).
@@ -321,6 +315,7 @@ class _CausalConvFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_graph_of_gradient("causal_conv1d")
         x, weight, pre, residual = ctx.saved_tensors
         dilation, groups, activation, name, has_bias, has_table = ctx.config
         grad_pre = new_output(grad_out.shape, x)
@@ -449,6 +444,7 @@ def causal_conv1d_step_reference(x, weight, state, bias=None, *, groups=1, conte
     return out
 
 
+@in_input_dtype
 def causal_conv1d_step(x, weight, state, bias=None, *, groups=1, context=None, context_weight=None, activation=None,
                        residual=None, backend=None):
     """One step of causal_conv1d for every row, updating ``state`` in place (inference: no autograd).
@@ -458,26 +454,37 @@ def causal_conv1d_step(x, weight, state, bias=None, *, groups=1, context=None, c
     residual: (batch, out_channels). Returns (batch, out_channels): what causal_conv1d would give at
     each row's current position. Reads k rows of history per row; writes one.
     """
-    check_tensor(x, "x", 2)
-    if not isinstance(state, CausalConvState):
-        raise TypeError(f"state must be a CausalConvState, got {type(state).__name__}")
-    out_channels, kernel_size = _check_conv_common(x, "x", weight, bias, state.dilation, groups, context,
-                                                   context_weight, activation)
-    if kernel_size != state.kernel_size:
-        raise ValueError(f"weight has k={kernel_size} taps but the state was made for k={state.kernel_size}")
-    check_like(state.history, "state.history", x, "x")
-    check_shape(state.history, "state.history (batch, (k - 1) * dilation, in_channels)",
-                (x.shape[0], (kernel_size - 1) * state.dilation, x.shape[1]))
-    if residual is not None:
-        check_tensor(residual, "residual", 2)
-        check_like(residual, "residual", x, "x")
-        check_shape(residual, "residual (batch, out_channels)", (x.shape[0], out_channels))
+    out_channels = _check_step(x, weight, state, bias, groups, context, context_weight, activation, residual)
     name = resolve("causal_conv1d_step", backend, x.device, x.dtype, CAUSAL_CONV_DTYPES)
     if torch.is_grad_enabled():  # the step is inference only; entering no_grad costs more than the check
         with torch.no_grad():
             return _step(name, x, weight, state, bias, groups, context, context_weight, activation, residual,
                          out_channels)
     return _step(name, x, weight, state, bias, groups, context, context_weight, activation, residual, out_channels)
+
+
+def _check_step(x, weight, state, bias, groups, context, context_weight, activation, residual, where=""):
+    """causal_conv1d_step's argument checks (``where`` names the layer of a stack); returns out_channels."""
+    check_tensor(x, "x", 2)
+    if not isinstance(state, CausalConvState):
+        raise TypeError(f"{where}state must be a CausalConvState, got {type(state).__name__}")
+    try:
+        out_channels, kernel_size = _check_conv_common(x, "x", weight, bias, state.dilation, groups, context,
+                                                       context_weight, activation)
+        if kernel_size != state.kernel_size:
+            raise ValueError(f"weight has k={kernel_size} taps but the state was made for k={state.kernel_size}")
+        check_like(state.history, "state.history", x, "x")
+        check_shape(state.history, "state.history (batch, (k - 1) * dilation, in_channels)",
+                    (x.shape[0], (kernel_size - 1) * state.dilation, x.shape[1]))
+        if residual is not None:
+            check_tensor(residual, "residual", 2)
+            check_like(residual, "residual", x, "x")
+            check_shape(residual, "residual (batch, out_channels)", (x.shape[0], out_channels))
+    except (TypeError, ValueError) as error:
+        if not where:
+            raise
+        raise type(error)(f"{where}{error}") from None
+    return out_channels
 
 
 def _step(name, x, weight, state, bias, groups, context, context_weight, activation, residual, out_channels):
@@ -496,6 +503,7 @@ def _step(name, x, weight, state, bias, groups, context, context_weight, activat
     return out
 
 
+@in_input_dtype
 def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None, context=None, context_weight=None,
              activation="relu", backend=None):
     """One event through a stack of residual causal-conv layers (the TCN's blocks), updating every layer's
@@ -550,7 +558,28 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
             with torch.no_grad():
                 return _run_stack_plan(plan, x, states, activation)
         return _run_stack_plan(plan, x, states, activation)
-    # Layer by layer (the triton and reference backends, and stacks deeper than the fused kernels take).
+    # Layer by layer (the triton and reference backends, and stacks deeper than the fused kernels take). Every
+    # layer is checked before the first one steps, so that a refused layer leaves no layer below it stepped:
+    # each layer's input and residual are stood in for by empty tensors of their shapes.
+    h_like = x
+    for l in range(layers):
+        residual_like = h_like
+        if proj_weights[l] is not None:
+            check_tensor(proj_weights[l], f"proj_weights[{l}]", 2)
+            check_like(proj_weights[l], f"proj_weights[{l}]", x, "x")
+            check_shape(proj_weights[l], f"proj_weights[{l}] (out_channels, in_channels)",
+                        (proj_weights[l].shape[0], h_like.shape[1]))
+            if proj_biases[l] is not None:
+                check_tensor(proj_biases[l], f"proj_biases[{l}]", 1)
+                check_like(proj_biases[l], f"proj_biases[{l}]", x, "x")
+                check_shape(proj_biases[l], f"proj_biases[{l}]", proj_weights[l].shape[:1])
+            residual_like = x.new_empty((x.shape[0], proj_weights[l].shape[0]))
+        elif proj_biases[l] is not None:
+            raise ValueError(f"proj_biases[{l}] is given without proj_weights[{l}]")
+        extra = (context, context_weight) if l == 0 else (None, None)
+        out_channels = _check_step(h_like, weights[l], states[l], biases[l], 1, *extra, activation, residual_like,
+                                   where=f"layer {l}: ")
+        h_like = x.new_empty((x.shape[0], out_channels))
     layer_backend = name if name in ("triton", "reference") else backend
     h = x
     with torch.no_grad():  # inference, as the fused stack

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from .. import _extension
 from ..backends import resolve
-from ._common import FLOATING, check_like, check_shape, check_tensor, new_output, unit_stride_rows
+from ._common import (FLOATING, check_like, check_shape, check_tensor, in_input_dtype, new_output,
+                      refuse_graph_of_gradient, unit_stride_rows)
 
 # The dtypes every op of the family supports, per backend.
 GRU_DTYPES = {
@@ -67,6 +68,7 @@ def _check_gru_gates(gi, gh, h):
     check_shape(gh, "gh (batch, 3 * hidden)", (batch, 3 * hidden))
 
 
+@in_input_dtype
 def gru_gates(gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, *, backend=None) -> torch.Tensor:
     """One GRU step's gate math, fused: h' = (1 - z) * n + z * h.
 
@@ -107,6 +109,7 @@ class _GruGatesFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_graph_of_gradient("gru_gates")
         gi, gh, h = ctx.saved_tensors
         grad_gi, grad_gh, grad_h = new_output(gi.shape, gi), new_output(gh.shape, gh), new_output(h.shape, h)
         _gru_gates_backward_kernel(ctx.backend, unit_stride_rows(grad_out), gi, gh, h, grad_gi, grad_gh, grad_h)
@@ -236,6 +239,7 @@ class _GruLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        refuse_graph_of_gradient("gru")
         x, h0, w_ih, w_hh, output, gi, gh = ctx.saved_tensors
         grad_output = (grad_output.unsqueeze(1) if ctx.single_step else grad_output).contiguous()
         grad_x = new_output(x.shape, x) if ctx.needs_input_grad[0] else None
@@ -277,6 +281,7 @@ def _well_formed_cell(x, h, w_ih, w_hh, b_ih, b_hh):
     return _well_formed_layer_weights((weights,), 1, x.shape[1], h.shape[1], h) is not None
 
 
+@in_input_dtype
 def gru_cell(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih=None, b_hh=None, *,
              backend=None) -> torch.Tensor:
     """One GRU step, what nn.GRUCell computes: x (batch, input), h (batch, hidden) -> h' (batch, hidden).
@@ -335,6 +340,7 @@ def _gru_layers(name, x, h0, layers):
     return layer_input, torch.stack(last_states)
 
 
+@in_input_dtype
 def gru(x: torch.Tensor, h0, weights, *, num_layers: int, backend=None):
     """A multi-layer GRU over a sequence, what nn.GRU(batch_first=True) computes.
 
@@ -370,6 +376,7 @@ class _SessionMeanTritonFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_mean):
+        refuse_graph_of_gradient("session_update")
         (lengths,) = ctx.saved_tensors
         grad_items = new_output(ctx.items_shape, grad_mean)
         torch.ops.hiertcn_fast.session_mean_backward_triton_out(unit_stride_rows(grad_mean), lengths, grad_items)
@@ -416,6 +423,7 @@ class _SessionUpdateFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_graph_of_gradient("session_update")
         lengths, h, keep, proj_weight, session_mean, projected, states, gi, gh, *weights = ctx.saved_tensors
         batch, time, dim = ctx.items_shape
         items = h.new_empty(dim).as_strided((batch, time, dim), (0, 0, 1))  # a stand-in with the shape
@@ -516,6 +524,7 @@ def session_update_reference(item_embeddings, lengths, h, keep, weights, *, proj
     return _session_update_composed(item_embeddings, lengths, h, keep, layers, proj_weight, proj_bias, "reference")
 
 
+@in_input_dtype
 def session_update(item_embeddings: torch.Tensor, lengths: torch.Tensor, h: torch.Tensor, keep: torch.Tensor,
                    weights, *, proj_weight=None, proj_bias=None, backend=None) -> torch.Tensor:
     """HierTCN's high-level step for a batch of lanes, in one op. Returns the new h (layers, batch, hidden).

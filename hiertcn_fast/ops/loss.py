@@ -11,7 +11,8 @@ the gradients (two products and a column sum), since the loss is a scalar at the
 backward only scales them by the incoming gradient. Its memory is one block's logits (at most 1,024 rows) while
 it runs and the gradients (events x dim, and the weight's size) kept for the backward, not an (events, items)
 buffer, which at a web-scale catalogue would dwarf everything else a training step holds. Without a gradient
-to compute (no_grad, evaluation) it computes the loss alone. It is once differentiable.
+to compute (no_grad, evaluation) it computes the loss alone. It is once differentiable: create_graph=True
+is a clear error (the reference has higher derivatives), and under forward-mode AD auto runs the reference.
 
 Backends: cpu (csrc/cpu/softmax_xent.cpp; float32 and float64 CPU tensors) and reference (the composition
 above). With auto, whatever the cpu kernel does not take (CUDA tensors, half types, torch.compile's tracing)
@@ -21,11 +22,11 @@ cannot run, is an error that says so.
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+import torch.autograd.forward_ad as forward_ad
 
 from .. import _extension
 from ..backends import BackendUnavailableError, requested_backend
-from ._common import check_tensor, new_output
+from ._common import check_tensor, new_output, refuse_graph_of_gradient
 
 _CPU_DTYPES = (torch.float32, torch.float64)
 
@@ -91,8 +92,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss):
+        refuse_graph_of_gradient("linear_cross_entropy")
         return (*(None if g is None else g * grad_loss for g in ctx.saved_tensors), None)
 
 
@@ -109,8 +110,10 @@ def _why_not_fused(features, weight, bias, targets) -> str:
         return "targets must be on the device of features"
     if torch.compiler.is_compiling():
         return "it does not run under torch.compile"
-    if torch.is_autocast_enabled("cpu"):
-        return "it does not run under CPU autocast"
+    if forward_ad._current_level >= 0:
+        return "it has no forward-mode derivative (dual tensors)"
+    if torch.is_autocast_enabled("cpu") and features.dtype != torch.float64:
+        return "it does not run under CPU autocast (which leaves only float64 alone)"
     return ""
 
 
