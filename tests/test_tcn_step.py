@@ -472,3 +472,63 @@ def test_a_negative_position_on_a_device_kernel_is_a_nan_row(backend, device):
         assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any()
         for layer, (history, position) in zip(layers, before):
             assert torch.equal(layer.history[1], history[1]) and layer.position[1] == position[1]
+
+
+def test_weights_changed_through_data_are_seen_after_forget_weight_caches():
+    """The step caches (packed weights, prepared steps, context tables) notice in-place changes by the version
+    counter, which ``.data`` bypasses: after ops.forget_weight_caches() such a change is seen, by TCN.step's
+    prepared path, by ops.tcn_step and by causal_conv1d_step, exactly as an in-place change under no_grad."""
+    import copy
+
+    from hiertcn_fast.nn import TCN
+    from hiertcn_fast.ops import causal_conv1d_step, forget_weight_caches, tcn_step
+
+    torch.manual_seed(7)
+    changed = TCN(4, [8, 8], 3, context_channels=3).eval()
+    expected = copy.deepcopy(changed)
+    x, context = torch.randn(2, 4), torch.randn(2, 3)
+    states = [changed.init_state(2), expected.init_state(2)]
+    with torch.no_grad():
+        for _ in range(3):  # the third step runs the prepared plan
+            for tcn, state in zip((changed, expected), states):
+                tcn.step(x, state, context)
+        changed.blocks[1].conv.weight.data.mul_(2)
+        changed.blocks[0].conv.context_weight.data.mul_(-1)
+        expected.blocks[1].conv.weight.mul_(2)
+        expected.blocks[0].conv.context_weight.mul_(-1)
+        forget_weight_caches()
+        for _ in range(2):
+            got, want = (tcn.step(x, state, context) for tcn, state in zip((changed, expected), states))
+            assert torch.equal(got, want)
+
+        weights = [block.conv.weight for block in changed.blocks]
+        biases = [block.conv.bias for block in changed.blocks]
+        projection = dict(proj_weights=[None if b.projection is None else b.projection.weight for b in changed.blocks],
+                          proj_biases=[None if b.projection is None else b.projection.bias for b in changed.blocks])
+        ops_states = [changed.init_state(2), changed.init_state(2)]
+        context_weight = changed.blocks[0].conv.context_weight
+        for _ in range(3):  # the same history in both states; the first through the prepared step
+            tcn_step(x, weights, biases, ops_states[0].layers, context=context, context_weight=context_weight,
+                     **projection)
+            tcn_step(x, [w.clone() for w in weights], biases, ops_states[1].layers, context=context,
+                     context_weight=context_weight.clone(), **projection)
+        weights[0].data.add_(1.0)
+        forget_weight_caches()
+        got = tcn_step(x, weights, biases, ops_states[0].layers, context=context, context_weight=context_weight,
+                       **projection)
+        want = tcn_step(x, [w.clone() for w in weights], biases, ops_states[1].layers, context=context,
+                        context_weight=context_weight.clone(), **projection)
+        assert torch.equal(got, want)
+
+        conv = changed.blocks[0].conv
+        layer_states = [conv.init_state(2), conv.init_state(2)]
+        weight, context_weight = conv.weight, conv.context_weight
+        causal_conv1d_step(x, weight, layer_states[0], context=context, context_weight=context_weight)
+        causal_conv1d_step(x, weight.clone(), layer_states[1], context=context, context_weight=context_weight.clone())
+        weight.data.mul_(3)
+        context_weight.data.mul_(3)
+        forget_weight_caches()
+        got = causal_conv1d_step(x, weight, layer_states[0], context=context, context_weight=context_weight)
+        want = causal_conv1d_step(x, weight.clone(), layer_states[1], context=context,
+                                  context_weight=context_weight.clone())
+        assert torch.equal(got, want)

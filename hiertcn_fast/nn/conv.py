@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 from ..backends import BackendUnavailableError, requested_backend
 from ..ops.conv import (ACTIVATIONS, CausalConvState, causal_conv1d, causal_conv1d_step, check_reach, prepared_entry,
-                        prepared_tcn_step, tcn_step)
+                        prepared_tcn_step, tcn_step, weight_cache_generation)
 from ._autocast import autocast_cast, autocast_dtype
 
 
@@ -285,7 +285,7 @@ class TCN(nn.Module):
         if fast is not None and not torch.compiler.is_compiling():
             key = self._step_objects(state, context)
             if (len(key) == len(fast[0]) and all(map(operator.is_, key, fast[0]))
-                    and fast[1] == requested_backend(key[1].backend)):
+                    and fast[1] == (requested_backend(key[1].backend), weight_cache_generation())):
                 out = prepared_tcn_step(fast[2], x_t, state.layers, context, key[4])
                 if out is not None:
                     return out
@@ -321,7 +321,8 @@ class TCN(nn.Module):
             entry = prepared_entry(weights, biases, state.layers, proj_weights, proj_biases, context,
                                    first["context_weight"], "relu", backend)
             if entry is not None:
-                state._fast = (self._step_objects(state, context), requested_backend(backend), entry)
+                state._fast = (self._step_objects(state, context), (requested_backend(backend),
+                                                                    weight_cache_generation()), entry)
         return out
 
     def _step_objects(self, state, context):

@@ -400,10 +400,27 @@ class CausalConvState:
         return self._table[-1]
 
 
+# Bumped by forget_weight_caches(): every cache of packed weights, context tables and prepared steps compares it.
+_generation = [0]
+
+
+def forget_weight_caches() -> None:
+    """Drop every packing of weights the ops keep from call to call: the stack step's packed weights and
+    prepared steps, the states' packed weights and context tables, the packed context weights. They notice a
+    weight changed in place or replaced (by its version counter and storage), but not a change made through
+    ``.data`` (``w.data.copy_(...)``), which bypasses the version counter: call this after such a change."""
+    _generation[0] += 1
+
+
+def weight_cache_generation() -> int:
+    """How many times forget_weight_caches() was called (what the caches compare)."""
+    return _generation[0]
+
+
 def _stamp(t: torch.Tensor) -> tuple:
     """What a cache derived from t compares to see t unchanged: the version catches in-place changes, the data
     pointer new storage under the same tensor (``w.data = ...``, .to())."""
-    return t._version, t.data_ptr()
+    return t._version, t.data_ptr(), _generation[0]
 
 
 def _cache_entry(sources, extra, value):
@@ -704,7 +721,7 @@ def _prepared_step(x, weights, biases, states, proj_weights, proj_biases, contex
     call, changed arguments, or weights modified in place since the plan was made (the op then repacks
     them, and the next call prepares again)."""
     key = _prepared_key(weights, biases, states, *original_proj, context, context_weight)
-    mode = (activation, requested_backend(backend), len(states))
+    mode = (activation, requested_backend(backend), len(states), _generation[0])
     if not _entry_matches(states[0]._prepared, key, mode):
         states[0]._prepared = (key, mode, None)
         return None
@@ -726,7 +743,8 @@ def prepared_entry(weights, biases, states, proj_weights, proj_biases, context, 
     if not entry or entry[2] is None:
         return None
     key = _prepared_key(weights, biases, states, proj_weights, proj_biases, context, context_weight)
-    return entry if _entry_matches(entry, key, (activation, requested_backend(backend), len(states))) else None
+    mode = (activation, requested_backend(backend), len(states), _generation[0])
+    return entry if _entry_matches(entry, key, mode) else None
 
 
 def _entry_matches(entry, key, mode) -> bool:
