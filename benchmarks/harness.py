@@ -197,15 +197,19 @@ def peak_bytes(fn, device: str) -> Optional[int]:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    # CPU: replay the allocator's records from the profiler, in time order (op granularity).
+    # CPU: replay the allocator's records from the profiler, one record per allocation and free, in time order.
+    # (Summing each op's own net bytes instead under-reads: a buffer an op allocates inside another op and that
+    # the outer one frees shows as a negative amount at the outer op's start, before the allocation.)
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start)
+    records = sorted(((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                      if e.name() == "[memory]" and e.device_type() == DeviceType.CPU), key=lambda r: r[0])
     current = peak = 0
-    for event in events:
-        current += event.self_cpu_memory_usage
+    for _, nbytes in records:
+        current += nbytes
         peak = max(peak, current)
     return peak
 

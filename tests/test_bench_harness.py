@@ -41,3 +41,31 @@ def test_the_check_runs_when_a_case_is_built_unless_opted_out():
         harness._variants(_case(variants))
     harness._built.update(id=None, variants=None)
     assert harness._variants(_case(variants, same_result=False)) is variants
+
+
+class _ScratchInside(torch.autograd.Function):
+    """Allocates a 4 MB scratch buffer inside its forward and frees it before returning."""
+
+    @staticmethod
+    def forward(ctx, x):
+        scratch = torch.empty(1_000_000).fill_(1.0)
+        return x + scratch[:1].sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def test_cpu_peak_bytes_counts_every_allocation_in_time_order():
+    """The peak of one call: a 4 MB buffer alone; two live together; and a buffer allocated inside another op
+    and freed when it returns (replaying per-op net bytes read that one as 0)."""
+    assert harness.peak_bytes(lambda: torch.empty(1_000_000).fill_(1.0), "cpu") == 4_000_000
+
+    def two_live():
+        a = torch.empty(1_000_000).fill_(1.0)
+        b = torch.empty(1_000_000).fill_(2.0)
+        return (a + b)[:1]
+
+    assert harness.peak_bytes(two_live, "cpu") >= 12_000_000  # a, b and their sum
+    x = torch.randn(3)
+    assert harness.peak_bytes(lambda: _ScratchInside.apply(x), "cpu") >= 4_000_000
