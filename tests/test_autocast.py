@@ -144,3 +144,27 @@ def test_conv_module_on_the_cpu_backend_under_autocast_says_why_it_cannot_run():
     conv = CausalConv1d(4, 5, 3, backend="cpu")
     with torch.autocast(**BF16), pytest.raises(BackendUnavailableError, match="autocast"):
         conv(torch.randn(2, 6, 4))
+
+
+def test_compiled_ops_under_autocast_compute_in_float32_too():
+    """torch.compile(fullgraph=True) of the reference compositions under autocast: the same float32 results as
+    eager (the autocast switch is traced into the graph)."""
+    from hiertcn_fast.ops import causal_conv1d
+
+    items, lengths, h, keep, weights = _session_args()
+    x, conv_weight = torch.randn(2, 7, 4), torch.randn(5, 4, 3)
+    context, context_weight = torch.randn(2, 6), torch.randn(5, 6, 3)
+
+    def step(items, h, x):
+        return (session_update(items, lengths, h, keep, weights, backend="reference"),
+                causal_conv1d(x, conv_weight, dilation=2, context=context, context_weight=context_weight,
+                              backend="reference"))
+
+    expected = step(items, h, x)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    with torch.autocast(**BF16):
+        got = compiled(items, h, x)
+    for a, b in zip(got, expected):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -37,12 +37,19 @@ def in_input_dtype(op):
 
     @functools.wraps(op)
     def run(*args, **kwargs):
-        if torch.compiler.is_compiling() or not torch._C._is_any_autocast_enabled():
+        if torch.compiler.is_compiling():  # (traced: the autocast state is a constant of the graph)
+            enabled = [device_type for device_type in _AUTOCAST_DEVICES if torch.is_autocast_enabled(device_type)]
+        elif not torch._C._is_any_autocast_enabled():
             return op(*args, **kwargs)
-        with contextlib.ExitStack() as stack:
-            for device_type in _AUTOCAST_DEVICES:
-                if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-                    stack.enter_context(torch.autocast(device_type, enabled=False))
+        else:
+            enabled = [device_type for device_type in _AUTOCAST_DEVICES
+                       if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)]
+        if not enabled:
+            return op(*args, **kwargs)
+        if len(enabled) == 1:
+            with torch.autocast(enabled[0], enabled=False):
+                return op(*args, **kwargs)
+        with torch.autocast(enabled[0], enabled=False), torch.autocast(enabled[1], enabled=False):
             return op(*args, **kwargs)
 
     return run

@@ -64,12 +64,13 @@ def context_table(context: torch.Tensor, context_weight: torch.Tensor) -> torch.
 
 def _context_table(context, context_weight, lean_training):
     """context_table; lean_training (the kernels' backends): in training the product keeps only the context and
-    the weight for its backward (_ContextProduct); the reference keeps the plain definition."""
-    if torch.is_grad_enabled() and (context.requires_grad or context_weight.requires_grad):
-        if lean_training and not torch.compiler.is_compiling():
-            per_tap = _ContextProduct.apply(context, context_weight)
-        else:
-            per_tap = torch.einsum("bc,ocj->bjo", context, context_weight)
+    the weight for its backward (_ContextProduct); the reference keeps the plain definition. Traced
+    (torch.compile), the plain definition: the packed-weight cache is not traceable."""
+    if torch.compiler.is_compiling():
+        per_tap = torch.einsum("bc,ocj->bjo", context, context_weight)
+    elif torch.is_grad_enabled() and (context.requires_grad or context_weight.requires_grad):
+        per_tap = (_ContextProduct.apply(context, context_weight) if lean_training
+                   else torch.einsum("bc,ocj->bjo", context, context_weight))
     else:  # inference (a step, a served user): one product with the weight packed once, not per call
         out_channels, _, k = context_weight.shape
         per_tap = (context @ _context_weight_matrix(context_weight)).view(context.shape[0], k, out_channels)
