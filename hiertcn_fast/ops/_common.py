@@ -27,6 +27,9 @@ def poison_outputs(enabled: bool = True):
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
+# One query for every device (private to torch; the public per-device queries where it is missing).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
+    lambda: any(torch.is_autocast_enabled(device_type) for device_type in _AUTOCAST_DEVICES))
 
 
 def in_input_dtype(op):
@@ -39,7 +42,7 @@ def in_input_dtype(op):
     def run(*args, **kwargs):
         if torch.compiler.is_compiling():  # (traced: the autocast state is a constant of the graph)
             enabled = [device_type for device_type in _AUTOCAST_DEVICES if torch.is_autocast_enabled(device_type)]
-        elif not torch._C._is_any_autocast_enabled():
+        elif not _any_autocast():
             return op(*args, **kwargs)
         else:
             enabled = [device_type for device_type in _AUTOCAST_DEVICES
