@@ -168,3 +168,15 @@ def test_compiled_ops_under_autocast_compute_in_float32_too():
     for a, b in zip(got, expected):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_is_switched_back_on_after_an_op_and_after_its_error():
+    items, lengths, h, keep, weights = _session_args()
+    with torch.autocast(**BF16):
+        session_update(items, lengths, h, keep, weights)
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        with pytest.raises(ValueError):
+            session_update(items, lengths, h[:, :2], keep, weights)
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3)).dtype == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")

@@ -20,11 +20,17 @@ def autocast_cast(t, dtype):
 
 def rnn_autocast_dtype(x: torch.Tensor, hx):
     """The dtype torch.autocast runs the GRU modules in, as it does torch.nn's, or None to leave them as they are.
-    CUDA's autocast runs RNNs in its lower-precision dtype. CPU's does not cast them to its dtype: torch's CPU
-    GRU and GRUCell run in hx's dtype, or the input's without hx (a float32 input stays float32)."""
+    CUDA's autocast runs RNNs in its lower-precision dtype. CPU's runs torch's GRU and GRUCell in hx's dtype (the
+    input's without hx) where that is the autocast dtype, else in float32 (float64 stays float64)."""
     if x.device.type == "cpu":
         if not torch.is_autocast_enabled("cpu"):
             return None
         dtype = (x if hx is None else hx).dtype
-        return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else None
+        if dtype == torch.get_autocast_dtype("cpu"):
+            return dtype
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return None
+        if x.dtype == torch.float32 and (hx is None or hx.dtype == torch.float32):
+            return None  # float32 throughout: nothing to cast
+        return torch.float32
     return autocast_dtype(x.device.type)

@@ -409,7 +409,8 @@ def forget_weight_caches() -> None:
     """Drop every packing of weights the ops keep from call to call: the stack step's packed weights and
     prepared steps, the states' packed weights and context tables, the packed context weights. They notice a
     weight changed in place or replaced (by its version counter and storage), but not a change made through
-    ``.data`` (``w.data.copy_(...)``), which bypasses the version counter: call this after such a change."""
+    ``.data``, which bypasses the version counter (``w.data.copy_(...)``; and ``w.data = ...``, whose new storage
+    can reuse the old one's address): call this after any use of ``.data`` on a weight."""
     _generation[0] += 1
 
 
@@ -420,7 +421,8 @@ def weight_cache_generation() -> int:
 
 def _stamp(t: torch.Tensor) -> tuple:
     """What a cache derived from t compares to see t unchanged: the version catches in-place changes, the data
-    pointer new storage under the same tensor (``w.data = ...``, .to())."""
+    pointer new storage under the same tensor (``w.data = ...``, .to()) unless it reuses the old address, the
+    generation a call of forget_weight_caches() (for what neither sees: changes through ``.data``)."""
     return t._version, t.data_ptr(), _generation[0]
 
 
