@@ -10,6 +10,7 @@ from hiertcn_fast.models import HRNN
 from hiertcn_fast.nn import TCN, CausalConv1d, TemporalBlock
 from hiertcn_fast.ops import gru, linear_cross_entropy, session_update, tcn_step
 from gru_helpers import layer_weights
+from helpers import BACKEND_DEVICES
 from model_helpers import lane_batch, random_sessions
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
@@ -180,3 +181,30 @@ def test_autocast_is_switched_back_on_after_an_op_and_after_its_error():
         assert torch.is_autocast_enabled("cpu")
         assert torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3)).dtype == torch.bfloat16
     assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_every_backend_computes_in_float32_under_its_devices_autocast(backend, device):
+    """The ops on each backend (cuda and triton on a GPU when there is one) inside autocast for their device:
+    float32 results equal to the same call outside it, the context term and the GRU step included."""
+    from hiertcn_fast.ops import causal_conv1d
+
+    items, lengths, h, keep, weights = (t.to(device) if isinstance(t, torch.Tensor) else t
+                                        for t in _session_args())
+    weights = [[t.to(device) for t in layer] for layer in weights]
+    generator = torch.Generator().manual_seed(2)
+    x, conv_weight = torch.randn(2, 7, 4, generator=generator), torch.randn(5, 4, 3, generator=generator)
+    context, context_weight = torch.randn(2, 6, generator=generator), torch.randn(5, 6, 3, generator=generator)
+    x, conv_weight, context, context_weight = (t.to(device) for t in (x, conv_weight, context, context_weight))
+
+    def run():
+        return (session_update(items, lengths, h, keep, weights, backend=backend),
+                causal_conv1d(x, conv_weight, dilation=2, context=context, context_weight=context_weight,
+                              activation="relu", backend=backend))
+
+    expected = run()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = run()
+    for a, b in zip(got, expected):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
