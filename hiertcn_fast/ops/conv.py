@@ -49,6 +49,7 @@ def _activate(v, activation):
     return {"relu": torch.relu, "gelu": F.gelu, "tanh": torch.tanh}[activation](v)
 
 
+@in_input_dtype
 def context_table(context: torch.Tensor, context_weight: torch.Tensor) -> torch.Tensor:
     """Per-tap suffix sums of the context term: (batch, k, out_channels), in the inputs' dtype (also under
     autocast, which would give its products in the autocast dtype: the kernels take the table in x's).
@@ -56,9 +57,6 @@ def context_table(context: torch.Tensor, context_weight: torch.Tensor) -> torch.
     context: (batch, ctx); context_weight: (out, ctx, k). Row m is sum_{j >= k-1-m} context_weight[:, :, j] @
     context: the context term of a step with m + 1 taps at or after the start of the sequence.
     """
-    if torch.is_autocast_enabled(context.device.type):
-        with torch.autocast(context.device.type, enabled=False):
-            return _context_table(context, context_weight, False)
     return _context_table(context, context_weight, False)
 
 
@@ -580,22 +578,19 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
         return _run_stack_plan(plan, x, states, activation)
     # Layer by layer (the triton and reference backends, and stacks deeper than the fused kernels take). Every
     # layer is checked before the first one steps, so that a refused layer leaves no layer below it stepped:
-    # each layer's input and residual are stood in for by empty tensors of their shapes.
+    # the stack's checks, then each layer's step checks with its input and residual stood in for by empty
+    # tensors of their shapes.
+    _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight)
     h_like = x
     for l in range(layers):
         residual_like = h_like
         if proj_weights[l] is not None:
-            check_tensor(proj_weights[l], f"proj_weights[{l}]", 2)
             check_like(proj_weights[l], f"proj_weights[{l}]", x, "x")
-            check_shape(proj_weights[l], f"proj_weights[{l}] (out_channels, in_channels)",
-                        (proj_weights[l].shape[0], h_like.shape[1]))
             if proj_biases[l] is not None:
                 check_tensor(proj_biases[l], f"proj_biases[{l}]", 1)
                 check_like(proj_biases[l], f"proj_biases[{l}]", x, "x")
                 check_shape(proj_biases[l], f"proj_biases[{l}]", proj_weights[l].shape[:1])
             residual_like = x.new_empty((x.shape[0], proj_weights[l].shape[0]))
-        elif proj_biases[l] is not None:
-            raise ValueError(f"proj_biases[{l}] is given without proj_weights[{l}]")
         extra = (context, context_weight) if l == 0 else (None, None)
         out_channels = _check_step(h_like, weights[l], states[l], biases[l], 1, *extra, activation, residual_like,
                                    where=f"layer {l}: ")
