@@ -89,11 +89,18 @@ TORCH_LIBRARY(hiertcn_fast, m) {
   // (k, in, out) or column-blocked (out / block, k, in, block) (CPU only), optional bias, optional residual
   // projection proj_weight (in, out) or (out / block, in, block) + proj_bias, dilation,
   // history and position (updated in place); context_table for the first layer only; out (batch, out).
-  // The full-softmax cross-entropy's row pass (cpu/softmax_xent.cpp): logits (rows, classes) get bias added,
-  // and become softmax - one_hot(targets) in place; loss[r] = logsumexp(row r) - logit[r][targets[r]].
-  m.def("softmax_xent_out(Tensor(a!) logits, Tensor targets, Tensor? bias, *, Tensor(b!) loss) -> ()");
   m.def(
       "tcn_step_out(Tensor x, Tensor[] packed_weights, Tensor?[] biases, Tensor?[] proj_weights, "
       "Tensor?[] proj_biases, Tensor? context_table, int[] dilations, int activation, *, Tensor(a!)[] histories, "
       "Tensor(b!)[] positions, Tensor(c!) out) -> ()");
+  // A context weight's cumulative packing (cpu only; context_table is one product with it): weight (out, ctx, k),
+  // out (ctx, k, out) with out[c][m][o] = sum over j >= k-1-m of weight[o][c][j]. And the weight's gradient from
+  // the packing's: taps (k, out, ctx) the packing's gradient by tap; out (out, ctx, k) in the weight's layout,
+  // out[o][c][j] = sum over m >= k-1-j of taps[m][o][c].
+  m.def("context_weight_pack_out(Tensor weight, *, Tensor(a!) out) -> ()");
+  m.def("context_weight_grad_out(Tensor taps, *, Tensor(a!) out) -> ()");
+
+  // The full-softmax cross-entropy's row pass (cpu/softmax_xent.cpp): logits (rows, classes) get bias added,
+  // and become softmax - one_hot(targets) in place; loss[r] = logsumexp(row r) - logit[r][targets[r]].
+  m.def("softmax_xent_out(Tensor(a!) logits, Tensor targets, Tensor? bias, *, Tensor(b!) loss) -> ()");
 }

@@ -7,6 +7,7 @@ import torch
 import hiertcn_fast
 from hiertcn_fast.ops import (CausalConvState, causal_conv1d, causal_conv1d_reference, causal_conv1d_step, tcn_step,
                               context_table)
+from hiertcn_fast.ops import conv as conv_ops
 from hiertcn_fast.ops.conv import pack_weight
 from conv_helpers import ConvCase, conv1d_peer, left_padded_conv1d, split_leaves
 from helpers import BACKEND_DEVICES, CUDA, COMPARE_DTYPE, assert_close, rand
@@ -148,6 +149,92 @@ def test_training_keeps_the_context_weight_not_a_packed_copy_of_it():
     leaves, grad = [x, weight, context, context_weight], torch.randn_like(out)
     for got, want in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(expected, leaves, grad)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(5, 6, 3), (128, 256, 5), (33, 17, 1), (16, 16, 16), (20, 40, 9)], ids=str)
+def test_context_weight_layouts_against_their_definitions(shape, dtype):
+    """The cumulative packing context_table multiplies by, and the context weight's gradient from the packing's
+    gradient, in C++ (float CPU tensors), against suffix sums and permutes in torch (what other devices run).
+    Shapes include ones that are no multiple of the kernels' tiles."""
+    out_channels, ctx_channels, k = shape
+    weight = rand(*shape, dtype=dtype)
+    packed = conv_ops._pack_cumulative_context_weight(weight)
+    expected = weight.flip(2).cumsum(2).permute(1, 2, 0).reshape(ctx_channels, k * out_channels)
+    torch.testing.assert_close(packed, expected)
+    context = rand(3, ctx_channels, dtype=dtype)
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-10  # sums of up to 256 * 16 terms, in another order
+    torch.testing.assert_close((context @ packed).view(3, k, out_channels),
+                               torch.einsum("bc,ocj->bjo", context, weight).flip(1).cumsum(1), rtol=tolerance,
+                               atol=tolerance)
+    taps = rand(k, out_channels, ctx_channels, dtype=dtype)
+    torch.testing.assert_close(conv_ops.context_weight_grad(taps), taps.flip(0).cumsum(0).permute(1, 2, 0))
+
+
+def test_context_weight_layout_ops_check_their_arguments():
+    ops = torch.ops.hiertcn_fast
+    weight = torch.randn(4, 3, 2)
+    with pytest.raises(RuntimeError, match=r"out must have shape \(3, 2, 4\)"):
+        ops.context_weight_pack_out(weight, out=torch.empty(4, 3, 2))
+    with pytest.raises(RuntimeError, match="contiguous, of one dtype"):
+        ops.context_weight_pack_out(weight.transpose(0, 1).contiguous().transpose(0, 1), out=torch.empty(3, 2, 4))
+    with pytest.raises(RuntimeError, match="contiguous, of one dtype"):
+        ops.context_weight_grad_out(torch.randn(2, 4, 3), out=torch.empty(4, 3, 2, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="must be \\(k, out_channels, ctx_channels\\)"):
+        ops.context_weight_grad_out(torch.randn(2, 4), out=torch.empty(4, 3, 2))
+    torch.library.opcheck(ops.context_weight_pack_out.default, (weight,), {"out": torch.empty(3, 2, 4)})
+    torch.library.opcheck(ops.context_weight_grad_out.default, (torch.randn(2, 4, 3),), {"out": torch.empty(4, 3, 2)})
+
+
+def test_context_table_gradient_sums_each_rows_steps():
+    """The context table's gradient: row m < k-1 sums the steps [m * dilation, (m + 1) * dilation), the last row
+    every later step; times shorter than the rows' reach included."""
+    for time in (1, 4, 5, 8, 21):
+        for dilation in (1, 2, 3):
+            for k in (1, 2, 5):
+                grad_pre = rand(2, time, 3)
+                rows = [grad_pre[:, m * dilation:(None if m == k - 1 else (m + 1) * dilation)].sum(1)
+                        for m in range(k)]
+                torch.testing.assert_close(conv_ops._context_table_grad(grad_pre, dilation, k), torch.stack(rows, 1))
+
+
+def test_a_parameters_context_packing_is_shared_by_live_graphs_only():
+    """Within a training step (every group's forward, then the backward) a parameter's cumulative packing is made
+    once; once the step's graphs are gone the next call packs again, so a change through ``.data`` (no version
+    bump) between steps is seen; a plain tensor is packed per call (gradcheck perturbs through ``.data``)."""
+    context_weight = torch.nn.Parameter(rand(5, 6, 3))
+    context = rand(4, 6)
+    x, weight = rand(4, 7, 2), rand(5, 2, 3)
+
+    def forward():
+        return causal_conv1d(x, weight, context=context, context_weight=context_weight, activation="relu",
+                             backend="cpu")
+
+    def packing_of(out):
+        found, stack, seen = [], [out.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if hasattr(node, "packing"):
+                found.append(node.packing)
+            stack.extend(fn for fn, _ in node.next_functions)
+        return found
+
+    first, second = forward(), forward()
+    assert len(packing_of(first)) == 1 and packing_of(first)[0] is packing_of(second)[0]
+    (first.sum() + second.sum()).backward()
+    del first, second
+    with torch.no_grad():
+        context_weight.data.mul_(-2.0)  # through .data: the version counter does not move
+    expected = causal_conv1d_reference(x, weight, context=context, context_weight=context_weight.detach(),
+                                       activation="relu")
+    torch.testing.assert_close(forward(), expected)
+    plain = rand(5, 6, 3).requires_grad_()
+    a = causal_conv1d(x, weight, context=context, context_weight=plain, backend="cpu")
+    b = causal_conv1d(x, weight, context=context, context_weight=plain, backend="cpu")
+    assert packing_of(a)[0] is not packing_of(b)[0]
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

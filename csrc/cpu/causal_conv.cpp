@@ -837,6 +837,124 @@ bool use_blas(const ConvShape& s) {
          s.batch * s.time * s.in_channels * s.out_channels * s.kernel_size >= kBlasMinMultiplyAdds;
 }
 
+// ---- weight layouts -----------------------------------------------------------------------------------------
+// ATen's permuting copies between a weight's (out, in, k) layout and the kernels' packings run at a few GB/s on
+// these shapes (a last axis of k = 5 read or written one element at a time); these loops move whole runs.
+
+// dst[m * stride_m + i * stride_i + o] = w[o][i][m] (Cumulative: sum over j >= k-1-m of w[o][i][j]) for w
+// (out, in, k) contiguous: the forward packing (k, in, out) and the context weight's cumulative one (in, k, out).
+// Tiles of 16 x 16 (out, in) pairs: each reads 16 runs of 16 * k inputs and writes 16 * k runs of 16 outputs.
+template <typename T, bool Cumulative>
+void pack_taps_kernel(const T* w, T* dst, int64_t out_channels, int64_t in_channels, int64_t k, int64_t stride_m,
+                      int64_t stride_i) {
+  constexpr int64_t kTile = 16;
+  const int64_t o_tiles = (out_channels + kTile - 1) / kTile, i_tiles = (in_channels + kTile - 1) / kTile;
+  at::parallel_for(0, o_tiles * i_tiles, 4, [&](int64_t first, int64_t last) {
+    std::vector<T> tile(k * kTile * kTile);  // [m][i][o]
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t o_begin = item / i_tiles * kTile, i_begin = item % i_tiles * kTile;
+      const int64_t o_count = std::min(kTile, out_channels - o_begin), i_count = std::min(kTile, in_channels - i_begin);
+      // Transpose each row's (in, k) run into the tile's [m][i] slots first (reads in order), then sum over m
+      // with the 16 output channels as the vectorised inner axis.
+      for (int64_t o = 0; o < o_count; ++o) {
+        const T* row = w + ((o_begin + o) * in_channels + i_begin) * k;
+        for (int64_t i = 0; i < i_count; ++i)
+          for (int64_t m = 0; m < k; ++m) tile[(m * kTile + i) * kTile + o] = row[i * k + (Cumulative ? k - 1 - m : m)];
+      }
+      if (Cumulative)
+        for (int64_t m = 1; m < k; ++m)
+          for (int64_t i = 0; i < i_count; ++i) {
+            T* cur = &tile[(m * kTile + i) * kTile];
+            const T* prev = cur - kTile * kTile;
+            for (int64_t o = 0; o < kTile; ++o) cur[o] += prev[o];
+          }
+      for (int64_t m = 0; m < k; ++m)
+        for (int64_t i = 0; i < i_count; ++i)
+          std::memcpy(dst + m * stride_m + (i_begin + i) * stride_i + o_begin, &tile[(m * kTile + i) * kTile],
+                      o_count * sizeof(T));
+    }
+  });
+}
+
+// dst (k, n) = src (n, k) transposed: the input gradient's packing (k, out, in) of a weight (out, in, k).
+template <typename T>
+void taps_first_kernel(const T* src, T* dst, int64_t n, int64_t k) {
+  constexpr int64_t kBlock = 256;
+  at::parallel_for(0, (n + kBlock - 1) / kBlock, 16, [&](int64_t first, int64_t last) {
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t begin = block * kBlock, count = std::min(kBlock, n - begin);
+      const T* in = src + begin * k;
+      for (int64_t j = 0; j < k; ++j) {
+        T* out = dst + j * n + begin;
+        for (int64_t i = 0; i < count; ++i) out[i] = in[i * k + j];
+      }
+    }
+  });
+}
+
+// dst (n, k) from src (k, n): dst[i][j] = src[j][i] (Cumulative: sum over m >= k-1-j of src[m][i]): a weight
+// gradient computed by tap, (k, out, in), back in the weight's layout.
+template <typename T, bool Cumulative>
+void taps_last_kernel(const T* src, T* dst, int64_t n, int64_t k) {
+  constexpr int64_t kBlock = 256;
+  at::parallel_for(0, (n + kBlock - 1) / kBlock, 16, [&](int64_t first, int64_t last) {
+    T sums[kBlock];
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t begin = block * kBlock, count = std::min(kBlock, n - begin);
+      std::fill(sums, sums + count, T(0));
+      T* out = dst + begin * k;
+      for (int64_t j = 0; j < k; ++j) {
+        const T* in = src + (Cumulative ? k - 1 - j : j) * n + begin;
+        for (int64_t i = 0; i < count; ++i) {
+          T v = in[i];
+          if (Cumulative) v = sums[i] += v;
+          out[i * k + j] = v;
+        }
+      }
+    }
+  });
+}
+
+bool fast_layout(const at::Tensor& t) {
+  return t.is_contiguous() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
+}
+
+// pack_conv_weight (causal_conv_host.h) for CPU tensors.
+at::Tensor pack_conv_weight_cpu(const at::Tensor& weight, int64_t groups) {
+  if (groups != 1 || !fast_layout(weight)) return pack_conv_weight(weight, groups);
+  const int64_t out = weight.size(0), in = weight.size(1), k = weight.size(2);
+  at::Tensor packed = at::empty({k, in, out}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "pack_conv_weight_cpu", [&] {
+    pack_taps_kernel<scalar_t, false>(weight.data_ptr<scalar_t>(), packed.data_ptr<scalar_t>(), out, in, k, in * out,
+                                      out);
+  });
+  return packed;
+}
+
+// pack_conv_weight_transposed (causal_conv_host.h) for CPU tensors.
+at::Tensor pack_conv_weight_transposed_cpu(const at::Tensor& weight) {
+  if (!fast_layout(weight)) return pack_conv_weight_transposed(weight);
+  const int64_t k = weight.size(2);
+  at::Tensor packed = at::empty({k, weight.size(0), weight.size(1)}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "pack_conv_weight_transposed_cpu", [&] {
+    taps_first_kernel<scalar_t>(weight.data_ptr<scalar_t>(), packed.data_ptr<scalar_t>(), weight.numel() / k, k);
+  });
+  return packed;
+}
+
+// grad_weight (out, in, k) = by_tap (k, out, in) in the weight's layout.
+void copy_taps_last(const at::Tensor& by_tap, at::Tensor& grad_weight) {
+  if (!fast_layout(by_tap) || !fast_layout(grad_weight) || by_tap.scalar_type() != grad_weight.scalar_type()) {
+    grad_weight.copy_(by_tap.permute({1, 2, 0}));
+    return;
+  }
+  const int64_t k = by_tap.size(0);
+  AT_DISPATCH_FLOATING_TYPES(by_tap.scalar_type(), "copy_taps_last", [&] {
+    taps_last_kernel<scalar_t, false>(by_tap.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>(), by_tap.numel() / k,
+                                      k);
+  });
+}
+
 // (batch, time, C) channels-last -> contiguous (time * batch, C).
 at::Tensor time_major(const at::Tensor& t) {
   return t.transpose(0, 1).contiguous().view({t.size(0) * t.size(1), t.size(2)});
@@ -916,11 +1034,11 @@ void blas_conv_backward(const ConvShape& s, const at::Tensor& grad_pre, const at
                         at::Tensor& grad_x, at::Tensor& grad_weight) {
   const int64_t B = s.batch, T = s.time, K = s.kernel_size;
   const at::Tensor gz_tm = time_major(grad_pre);
-  const at::Tensor gx_tm = time_major_conv(s, gz_tm, pack_conv_weight_transposed(weight), -1);
+  const at::Tensor gx_tm = time_major_conv(s, gz_tm, pack_conv_weight_transposed_cpu(weight), -1);
   grad_x.copy_(gx_tm.view({T, B, s.in_channels}).transpose(0, 1));
   at::Tensor grad_w = at::empty({K, s.out_channels, s.in_channels}, x.options());
   time_major_weight_grad(s, B, gz_tm, time_major(x), grad_w);
-  grad_weight.copy_(grad_w.permute({1, 2, 0}));
+  copy_taps_last(grad_w, grad_weight);
 }
 
 void causal_conv1d_out_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -928,7 +1046,7 @@ void causal_conv1d_out_cpu(const at::Tensor& x, const at::Tensor& weight, const 
                            int64_t dilation, int64_t groups, int64_t activation, at::Tensor& out,
                            const std::optional<at::Tensor>& pre) {
   const ConvShape s = check_conv_args(x, weight, bias, context_table, dilation, groups, activation, false);
-  const at::Tensor packed = pack_conv_weight(weight, groups);
+  const at::Tensor packed = pack_conv_weight_cpu(weight, groups);
   const CausalConvParams p = make_causal_conv_params(s, x, packed, bias, context_table, residual, out, pre);
   if (use_blas(s)) {
     at::Tensor z = time_major_conv(s, time_major(x), packed, 1);
@@ -956,7 +1074,7 @@ void causal_conv1d_backward_out_cpu(const at::Tensor& grad_out, const at::Tensor
   }
   const at::Tensor partials = new_grad_weight_partials(p, x);
   p.grad_weight_partials = partials.data_ptr();
-  const at::Tensor packed_transposed = pack_conv_weight_transposed(weight);
+  const at::Tensor packed_transposed = pack_conv_weight_transposed_cpu(weight);
   const CausalConvParams input_grad = make_input_grad_params(s, grad_pre, packed_transposed, grad_x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_backward_out_cpu", [&] {
     epilogue_backward_cpu_kernel<scalar_t>(p);
@@ -995,6 +1113,38 @@ void tcn_step_out_cpu(const at::Tensor& x, at::TensorList packed_weights, const 
   tcn_step_cpu(p, x.scalar_type());
 }
 
+void context_weight_pack_out_cpu(const at::Tensor& weight, at::Tensor& out) {
+  TORCH_CHECK(weight.dim() == 3, "context_weight_pack_out: weight must be (out_channels, ctx_channels, k), got ",
+              weight.dim(), " dimensions");
+  const int64_t out_channels = weight.size(0), ctx_channels = weight.size(1), k = weight.size(2);
+  TORCH_CHECK(out.sizes() == at::IntArrayRef({ctx_channels, k, out_channels}),
+              "context_weight_pack_out: out must have shape (", ctx_channels, ", ", k, ", ", out_channels, "), got ",
+              out.sizes());
+  TORCH_CHECK(fast_layout(weight) && fast_layout(out) && out.scalar_type() == weight.scalar_type(),
+              "context_weight_pack_out: weight and out must be contiguous, of one dtype, float32 or float64; got ",
+              weight.scalar_type(), " and ", out.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "context_weight_pack_out_cpu", [&] {
+    pack_taps_kernel<scalar_t, true>(weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), out_channels, ctx_channels,
+                                     k, out_channels, k * out_channels);
+  });
+}
+
+void context_weight_grad_out_cpu(const at::Tensor& taps, at::Tensor& out) {
+  TORCH_CHECK(taps.dim() == 3, "context_weight_grad_out: taps must be (k, out_channels, ctx_channels), got ",
+              taps.dim(), " dimensions");
+  const int64_t k = taps.size(0), out_channels = taps.size(1), ctx_channels = taps.size(2);
+  TORCH_CHECK(out.sizes() == at::IntArrayRef({out_channels, ctx_channels, k}),
+              "context_weight_grad_out: out must have shape (", out_channels, ", ", ctx_channels, ", ", k,
+              "), got ", out.sizes());
+  TORCH_CHECK(fast_layout(taps) && fast_layout(out) && out.scalar_type() == taps.scalar_type(),
+              "context_weight_grad_out: taps and out must be contiguous, of one dtype, float32 or float64; got ",
+              taps.scalar_type(), " and ", out.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(taps.scalar_type(), "context_weight_grad_out_cpu", [&] {
+    taps_last_kernel<scalar_t, true>(taps.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), out_channels * ctx_channels,
+                                     k);
+  });
+}
+
 }  // namespace
 
 void tcn_step_cpu(const TcnStepParams& p, at::ScalarType dtype) {
@@ -1007,6 +1157,8 @@ TORCH_LIBRARY_IMPL(hiertcn_fast, CPU, m) {
   m.impl("causal_conv1d_backward_out", &causal_conv1d_backward_out_cpu);
   m.impl("causal_conv1d_step_out", &causal_conv1d_step_out_cpu);
   m.impl("tcn_step_out", &tcn_step_out_cpu);
+  m.impl("context_weight_pack_out", &context_weight_pack_out_cpu);
+  m.impl("context_weight_grad_out", &context_weight_grad_out_cpu);
 }
 
 }  // namespace hiertcn

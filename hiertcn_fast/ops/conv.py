@@ -61,65 +61,122 @@ def context_table(context: torch.Tensor, context_weight: torch.Tensor) -> torch.
 
 
 def _context_table(context, context_weight, lean_training):
-    """context_table; lean_training (the kernels' backends): in training the product keeps only the context and
-    the weight for its backward (_ContextProduct); the reference keeps the plain definition. Traced
-    (torch.compile), the plain definition: the packed-weight cache is not traceable."""
-    if torch.compiler.is_compiling():
-        per_tap = torch.einsum("bc,ocj->bjo", context, context_weight)
-    elif torch.is_grad_enabled() and (context.requires_grad or context_weight.requires_grad):
-        per_tap = (_ContextProduct.apply(context, context_weight) if lean_training
-                   else torch.einsum("bc,ocj->bjo", context, context_weight))
-    else:  # inference (a step, a served user): one product with the weight packed once, not per call
-        out_channels, _, k = context_weight.shape
-        per_tap = (context @ _context_weight_matrix(context_weight)).view(context.shape[0], k, out_channels)
-    return per_tap.flip(1).cumsum(1)
+    """context_table; lean_training (the kernels' backends): in training one product with the cached cumulative
+    packing of the weight, keeping only the context and the weight for its backward (_ContextTable); the
+    reference keeps the plain definition (per-tap products, then suffix sums). Without gradients, one product
+    with the cached packing. Traced (torch.compile), the plain definition: the cache is not traceable."""
+    if torch.compiler.is_compiling() or (
+            not lean_training and torch.is_grad_enabled() and (context.requires_grad or context_weight.requires_grad)):
+        return torch.einsum("bc,ocj->bjo", context, context_weight).flip(1).cumsum(1)
+    if torch.is_grad_enabled() and (context.requires_grad or context_weight.requires_grad):
+        return _ContextTable.apply(context, context_weight)
+    out_channels, _, k = context_weight.shape
+    return (context @ _cumulative_context_matrix(context_weight)).view(context.shape[0], k, out_channels)
 
 
-class _ContextProduct(torch.autograd.Function):
-    """einsum("bc,ocj->bjo", context, context_weight), keeping for the backward only the context and the weight
-    itself. einsum keeps its own packed copy of the weight per call, and a training step calls this once per
-    group of sessions: each call held another weight-sized buffer until the backward. Here the packed matrix
-    is made for the product and again in the backward (not cached: an in-place change through ``.data``
-    does not show in the weight's version)."""
+class _ContextTable(torch.autograd.Function):
+    """context_table as one product, context @ the weight's cumulative packing, saving for the backward only the
+    context and the weight itself. A training step calls it once per group of sessions of one length: a
+    parameter's packing is made once per step and shared by the step's calls (graph_packing), not kept per call."""
 
     @staticmethod
     def forward(ctx, context, context_weight):
         out_channels, _, k = context_weight.shape
         ctx.save_for_backward(context, context_weight)
-        return (context @ _pack_context_weight(context_weight)).view(context.shape[0], k, out_channels)
+        ctx.packing = graph_packing(context_weight, "context", _pack_cumulative_context_weight)
+        return (context @ ctx.packing.value).view(context.shape[0], k, out_channels)
 
     @staticmethod
-    def backward(ctx, grad_per_tap):
+    def backward(ctx, grad_table):
         refuse_graph_of_gradient("causal_conv1d")
         context, context_weight = ctx.saved_tensors
         out_channels, ctx_channels, k = context_weight.shape
-        grad_rows = grad_per_tap.reshape(context.shape[0], k * out_channels)
+        grad_rows = grad_table.reshape(context.shape[0], k * out_channels)
         grad_context = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_context = grad_rows @ _pack_context_weight(context_weight).t()
+            grad_context = grad_rows @ ctx.packing.value.t()
         if ctx.needs_input_grad[1]:
-            grad_weight = (context.t() @ grad_rows).view(ctx_channels, k, out_channels).permute(2, 0, 1).contiguous()
+            taps = (grad_rows.t() @ context).view(k, out_channels, ctx_channels)
+            grad_weight = context_weight_grad(taps)
         return grad_context, grad_weight
 
 
-def _pack_context_weight(context_weight: torch.Tensor) -> torch.Tensor:
-    """context_weight (out, ctx, k) as the (ctx, k * out) matrix of context_table."""
+class GraphPacking:
+    """A weight-derived tensor (a packing) that the autograd nodes of the graphs using it hold (``value``)."""
+    __slots__ = ("stamp", "value", "__weakref__")
+
+    def __init__(self, stamp, value):
+        self.stamp, self.value = stamp, value
+
+
+# parameter -> {kind: weakref to the GraphPacking the live graphs share}. Weak on both sides: an entry lasts as
+# long as the parameter and some graph that used it.
+_graph_packings = WeakIdKeyDictionary()
+
+
+def graph_packing(weight: torch.Tensor, kind: str, pack) -> GraphPacking:
+    """pack(weight), shared by the calls whose autograd graphs are alive: the calls of one training step (every
+    group of sessions, and their backwards) pack a parameter once. Only for nn.Parameter, and only while such a
+    graph lives: once a step's graphs are freed, the next call packs again, so a change through ``.data``
+    between steps (which no version counter shows) is seen. Plain tensors (torch.autograd.gradcheck perturbs
+    its inputs through ``.data``) are packed per call."""
+    if not isinstance(weight, torch.nn.Parameter):
+        return GraphPacking(None, pack(weight))
+    stamp = _stamp(weight)
+    kinds = _graph_packings.get(weight)
+    if kinds is None:
+        kinds = _graph_packings[weight] = {}
+    ref = kinds.get(kind)
+    packing = None if ref is None else ref()
+    if packing is None or packing.stamp != stamp:
+        packing = GraphPacking(stamp, pack(weight))
+        kinds[kind] = weakref.ref(packing)
+    return packing
+
+
+def _has_cpu_helper(t: torch.Tensor) -> bool:
+    """Whether the C++ helpers of the context weight (float CPU tensors only) take t."""
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and _extension.loaded()
+
+
+def context_weight_grad(taps: torch.Tensor) -> torch.Tensor:
+    """The context weight's gradient (out, ctx, k) from taps (k, out, ctx), the gradient of its cumulative
+    packing by tap: grad[o, c, j] = sum over m >= k-1-j of taps[m, o, c]. In one pass in C++ for float CPU
+    tensors (ATen's permuting copy of this shape runs at a few GB/s); elsewhere suffix sums and a permuted copy."""
+    if _has_cpu_helper(taps):
+        k, out_channels, ctx_channels = taps.shape
+        grad = taps.new_empty((out_channels, ctx_channels, k))
+        torch.ops.hiertcn_fast.context_weight_grad_out(taps.contiguous(), out=grad)
+        return grad
+    return taps.flip(0).cumsum(0).permute(1, 2, 0).contiguous()
+
+
+def _pack_cumulative_context_weight(context_weight: torch.Tensor) -> torch.Tensor:
+    """context_weight (out, ctx, k) as the (ctx, k * out) matrix M with M[c, m * out + o] = sum over j >= k-1-m of
+    context_weight[o, c, j]: context @ M is the context table. In one pass in C++ for float CPU tensors (ATen's
+    suffix sums over a last axis of k and the permuting copy cost six times as much); half types sum in float32."""
     out_channels, ctx_channels, k = context_weight.shape
-    return context_weight.detach().permute(1, 2, 0).reshape(ctx_channels, k * out_channels)
+    weight = context_weight.detach()
+    if _has_cpu_helper(weight):
+        matrix = weight.new_empty((ctx_channels, k, out_channels))
+        torch.ops.hiertcn_fast.context_weight_pack_out(weight.contiguous(), out=matrix)
+        return matrix.view(ctx_channels, k * out_channels)
+    cumulative = weight.to(_compute_dtype(weight.dtype)).flip(2).cumsum(2).to(weight.dtype)
+    return cumulative.permute(1, 2, 0).reshape(ctx_channels, k * out_channels).contiguous()
 
 
-# context_weight (out, ctx, k) packed as the (ctx, k * out) matrix of context_table, per weight tensor: (its
-# _stamp when packed, the matrix). Weak on the weight, which the matrix does not refer to.
+# The cumulative packing of a context weight, per weight tensor: (its _stamp when packed, the matrix). Weak on
+# the weight, which the matrix does not refer to.
 _context_weight_matrices = WeakIdKeyDictionary()
 
 
-def _context_weight_matrix(context_weight: torch.Tensor) -> torch.Tensor:
-    """The packed context weight, repacked when the weight was modified in place or given new storage."""
+def _cumulative_context_matrix(context_weight: torch.Tensor) -> torch.Tensor:
+    """_pack_cumulative_context_weight, repacked when the weight was modified in place or given new storage."""
     stamp = _stamp(context_weight)
     entry = _context_weight_matrices.get(context_weight)
     if entry is not None and entry[0] == stamp:
         return entry[1]
-    matrix = _pack_context_weight(context_weight).contiguous()
+    matrix = _pack_cumulative_context_weight(context_weight)
     _context_weight_matrices[context_weight] = (stamp, matrix)
     return matrix
 
@@ -140,8 +197,13 @@ def pack_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _context_table_grad(grad_pre: torch.Tensor, dilation: int, kernel_size: int) -> torch.Tensor:
     """The gradient of context_table from dL/dz (batch, time, out): per-row sums over the steps that read
-    each row, in a fixed order (deterministic)."""
+    each row, in a fixed order (deterministic). Row m < k-1 is read by steps [m * dilation, (m + 1) * dilation),
+    the last row by every later step."""
     last = kernel_size - 1
+    time = grad_pre.shape[1]
+    if time >= last * dilation:  # every row but the last has its dilation steps: one reduction for them all
+        head = grad_pre[:, :last * dilation].unflatten(1, (last, dilation)).sum(2)
+        return torch.cat([head, grad_pre[:, last * dilation:].sum(1, keepdim=True)], 1)
     rows = [grad_pre[:, m * dilation:(None if m == last else (m + 1) * dilation)].sum(1) for m in range(kernel_size)]
     return torch.stack(rows, 1)
 
@@ -323,8 +385,9 @@ class _CausalConvFunction(torch.autograd.Function):
         grad_residual = None if residual is None else new_output(residual.shape, x)
         _backward_kernel(name, unit_stride_rows(grad_out), x, weight, pre, residual, dilation, groups, activation,
                          grad_pre, grad_x, grad_weight, grad_residual)
-        grad_bias = grad_pre.sum((0, 1)) if has_bias else None
         grad_table = _context_table_grad(grad_pre, dilation, weight.shape[2]) if has_table else None
+        # The table's rows partition the steps: summing its gradient is summing grad_pre, on a k-step tensor.
+        grad_bias = None if not has_bias else grad_pre.sum((0, 1)) if grad_table is None else grad_table.sum((0, 1))
         return grad_x, grad_weight, grad_bias, grad_table, grad_residual, None, None, None, None
 
 
@@ -782,6 +845,16 @@ def _causal_conv1d_out_fake(x, weight, bias, context_table, residual, dilation, 
 @_extension.register_fake("causal_conv1d_backward_out")
 def _causal_conv1d_backward_out_fake(grad_out, x, weight, pre, residual, dilation, groups, activation, *,
                                      grad_pre, grad_x, grad_weight, grad_residual):
+    return None
+
+
+@_extension.register_fake("context_weight_pack_out")
+def _context_weight_pack_out_fake(weight, *, out):
+    return None
+
+
+@_extension.register_fake("context_weight_grad_out")
+def _context_weight_grad_out_fake(taps, *, out):
     return None
 
 
