@@ -532,3 +532,50 @@ def test_weights_changed_through_data_are_seen_after_forget_weight_caches():
         want = causal_conv1d_step(x, weight.clone(), layer_states[1], context=context,
                                   context_weight=context_weight.clone())
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_steps_compile_fullgraph_and_follow_weight_changes(backend):
+    """torch.compile(fullgraph=True) of causal_conv1d_step, tcn_step and TCN.step, with a context: the outputs
+    and states of eager (to rounding), step after step, and a weight changed in place between steps is used (the
+    compiled graph packs it at every call instead of baking a packing in)."""
+    from hiertcn_fast.nn import TCN
+
+    torch.manual_seed(0)
+    tcn = TCN(4, [6, 5], 3, (1, 2), context_channels=3, backend=backend)
+    conv = tcn.blocks[0].conv
+    context = rand(2, 3, dtype=torch.float32)
+    weights = [block.conv.weight for block in tcn.blocks]
+    biases = [block.conv.bias for block in tcn.blocks]
+    proj_weights = [None if block.projection is None else block.projection.weight for block in tcn.blocks]
+    proj_biases = [None if block.projection is None else block.projection.bias for block in tcn.blocks]
+
+    def one_layer(x, state):
+        return causal_conv1d_step(x, conv.weight, state, conv.bias, context=context,
+                                  context_weight=conv.context_weight, activation="relu", backend=backend)
+
+    def stack(x, states):
+        return tcn_step(x, weights, biases, states, proj_weights=proj_weights, proj_biases=proj_biases,
+                        context=context, context_weight=conv.context_weight, activation="relu", backend=backend)
+
+    def module(x, state):
+        return tcn.step(x, state, context)
+
+    runs = [(one_layer, lambda: CausalConvState.zeros(2, 4, 3, 1)), (stack, lambda: tcn.init_state(2).layers),
+            (module, lambda: tcn.init_state(2))]
+    with torch.no_grad():
+        for fn, make_state in runs:
+            torch._dynamo.reset()
+            compiled = torch.compile(fn, fullgraph=True)
+            eager_state, compiled_state = make_state(), make_state()
+            for t in range(5):
+                if t == 3:
+                    conv.weight.mul_(-1.5)
+                x = rand(2, 4, dtype=torch.float32)
+                torch.testing.assert_close(compiled(x, compiled_state), fn(x, eager_state), msg=fn.__name__)
+            pairs = ([(eager_state, compiled_state)] if fn is one_layer else
+                     zip(eager_state.layers if fn is module else eager_state,
+                         compiled_state.layers if fn is module else compiled_state))
+            for a, b in pairs:  # a deeper layer's history holds outputs, which the compiled graph rounds its way
+                torch.testing.assert_close(b.history, a.history)
+                assert torch.equal(a.position, b.position)

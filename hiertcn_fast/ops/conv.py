@@ -447,14 +447,19 @@ class CausalConvState:
                                self.kernel_size, self.dilation)
 
     def packed_weight(self, weight: torch.Tensor, groups: int) -> torch.Tensor:
-        """pack_weight(weight, groups), recomputed only when weight is another tensor or was modified in place."""
+        """pack_weight(weight, groups), recomputed only when weight is another tensor or was modified in place.
+        Traced (torch.compile), packed in the graph at every call: the cache is not traceable."""
+        if torch.compiler.is_compiling():
+            return pack_weight(weight.detach(), groups)
         if not _cache_is_fresh(self._packed, (weight,), groups):
             self._packed = _cache_entry((weight,), groups, pack_weight(weight.detach(), groups))
         return self._packed[-1]
 
     def cached_context_table(self, context: torch.Tensor, context_weight: torch.Tensor) -> torch.Tensor:
         """context_table(context, context_weight), recomputed only when either is another tensor or was modified
-        in place: a session's context term costs its FLOPs once, not at every step."""
+        in place: a session's context term costs its FLOPs once, not at every step. Traced, computed at every call."""
+        if torch.compiler.is_compiling():
+            return context_table(context.detach(), context_weight.detach()).contiguous()
         if not _cache_is_fresh(self._table, (context, context_weight), None):
             with torch.no_grad():  # the weight itself, not a detached alias, keys its packing's cache
                 table = context_table(context, context_weight).contiguous()
@@ -730,7 +735,19 @@ def _blocked(packed: torch.Tensor, block: int) -> torch.Tensor:
     return split.movedim(-2, 0).contiguous()
 
 
+def _pack_stack(weights, proj_weights, device_type, threads):
+    packed, projections = [], []
+    for w, p in zip(weights, proj_weights):
+        # The CUDA kernel takes the plain packing; the CPU one column blocks (see tcn_step_cpu_kernel).
+        block = _stack_weight_block(w.shape[0], threads) if device_type == "cpu" else w.shape[0]
+        packed.append(_blocked(pack_weight(w.detach(), 1), block))
+        projections.append(None if p is None else _blocked(p.detach().t(), block))
+    return packed, projections
+
+
 def _packed_stack(weights, proj_weights, device_type):
+    if torch.compiler.is_compiling():  # packed in the graph at every call (the cache is not traceable), with
+        return _pack_stack(weights, proj_weights, device_type, 1)  # one thread's blocks (any block is valid)
     sources = (*weights, *proj_weights)
     threads = torch.get_num_threads() if device_type == "cpu" else 0
     versions = (threads, *[None if t is None else _stamp(t) for t in sources])
@@ -738,12 +755,7 @@ def _packed_stack(weights, proj_weights, device_type):
     if entry is not None and entry[1] == versions and all(
             (ref is None and t is None) or (ref is not None and ref() is t) for ref, t in zip(entry[0], sources)):
         return entry[2]
-    packed, projections = [], []
-    for w, p in zip(weights, proj_weights):
-        # The CUDA kernel takes the plain packing; the CPU one column blocks (see tcn_step_cpu_kernel).
-        block = _stack_weight_block(w.shape[0], threads) if device_type == "cpu" else w.shape[0]
-        packed.append(_blocked(pack_weight(w.detach(), 1), block))
-        projections.append(None if p is None else _blocked(p.detach().t(), block))
+    packed, projections = _pack_stack(weights, proj_weights, device_type, threads)
     entry = (tuple(None if t is None else weakref.ref(t) for t in sources), versions, (packed, projections))
     _packed_stacks[weights[0]] = entry
     return entry[2]
@@ -756,8 +768,10 @@ def _stack_plan(x, weights, biases, states, proj_weights, proj_biases, context, 
     when the weights, projections, context or states are other objects."""
     # Stored on states[0], which is therefore not in it (no reference cycle: a state is freed with its last use).
     checked = (*weights, *proj_weights, *proj_biases, context, context_weight, *states[1:])
-    previous = states[0]._stack_checked
-    if len(previous) != len(checked) or not all(a is b for a, b in zip(previous, checked)):
+    if torch.compiler.is_compiling():
+        _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight)
+    elif len(states[0]._stack_checked) != len(checked) or not all(
+            a is b for a, b in zip(states[0]._stack_checked, checked)):
         _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight)
         states[0]._stack_checked = checked
     packed, projections = _packed_stack(weights, proj_weights, x.device.type)
