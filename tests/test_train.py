@@ -62,6 +62,23 @@ def test_training_lowers_the_loss_and_evaluates_every_event(cache, name):
     assert quality["per_event"]["all"]["Recall@10"] > 0.1
 
 
+def test_the_optimizer_is_torchs_fused_adam_and_steps_like_the_plain_one(cache):
+    """The trainer's Adam is torch's fused one (one kernel for all parameters); one step of it moves the
+    parameters as the per-parameter Adam does, to rounding."""
+    model = build_model("hiertcn", cache.num_items, seed=1, **TINY["hiertcn"])
+    trainer = Trainer(model, cache, config(weight_decay=0.01), name="hiertcn", out=None)
+    assert trainer.optimizer.param_groups[0]["fused"] is True
+    twin = build_model("hiertcn", cache.num_items, seed=1, **TINY["hiertcn"])
+    plain = torch.optim.Adam(twin.parameters(), lr=trainer.config.learning_rate, weight_decay=0.01)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    trainer.optimizer.step()
+    plain.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q)
+
+
 def assert_same_run(straight, resumed):
     assert resumed.step == straight.step and resumed.curve == straight.curve
     for (key, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
