@@ -221,6 +221,38 @@ def test_group_gather_is_the_sessions_first_positions_and_its_gradient():
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("read", ["both", "items", "some steps' items", "rows"])
+def test_the_embeddings_two_reads_and_their_one_gradient(read):
+    """The low level's gathered inputs and the high level's session items come from one autograd node: values
+    equal to slicing the embeddings, and the embeddings' gradient equal to autograd's own through slices,
+    whichever of the reads get gradients."""
+    from hiertcn_fast.models.base import SessionInputs
+    generator = torch.Generator().manual_seed(6)
+    sessions = random_sessions(generator, NUM_ITEMS, lanes=4, max_sessions=3, max_length=7)
+    model = make("hiertcn").double()
+    inputs = SessionInputs(model, lane_batch(sessions))
+    steps, lanes, positions, dim = inputs.embedded.shape
+    row_groups, widths = [torch.tensor([5, 1]), torch.tensor([0, steps * lanes - 1])], [positions - 1, 2]
+    groups, items = inputs._gather_with_items(row_groups, widths)
+    flat = inputs.embedded.reshape(steps * lanes, positions, dim)
+    expected_groups = [torch.stack([flat[r, :w] for r in rows.tolist()]) for rows, w in zip(row_groups, widths)]
+    expected_items = [inputs.embedded[step, :, 1:] for step in range(steps)]
+    assert all(torch.equal(a, b) for a, b in zip(groups, expected_groups))
+    assert all(torch.equal(a, b) for a, b in zip(items, expected_items))
+    used_steps = {"both": range(steps), "items": range(steps), "some steps' items": [steps - 1], "rows": []}[read]
+
+    def loss(group_values, item_values):
+        total = sum((v * torch.linspace(-1, 1, v.numel(), dtype=v.dtype).view_as(v)).sum()
+                    for v in [item_values[s] for s in used_steps])
+        if read in ("both", "rows"):
+            total = total + sum((v * 0.5 + v.square()).sum() for v in group_values)
+        return total
+
+    got = torch.autograd.grad(loss(groups, items), inputs.embedded, retain_graph=True)[0]
+    want = torch.autograd.grad(loss(expected_groups, expected_items), inputs.embedded)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_sessions_run_in_length_groups_give_the_features_of_one_padded_run(name, monkeypatch):
     """Running the sessions in groups of similar length (each trimmed to its longest), and padding the batch

@@ -91,6 +91,40 @@ class NextItemModel(nn.Module):
         return state
 
 
+class _EmbeddingReads(torch.autograd.Function):
+    """The two reads of a lane batch's embeddings (steps, lanes, width + 1, dim): rows ``positions`` of them seen
+    as a (steps * lanes * (width + 1), dim) matrix (the low level's inputs), and each step's session items,
+    positions 1..width of its sessions (views: what the high level averages). Its backward fills one
+    embeddings-sized gradient: each step's items' gradient copied in, position 0 zeroed, the rows' gradient
+    added. Autograd's own backward of a gather, a slice and an unbind zero-fills a buffer of that size for the
+    gather and the slice, stacks the steps' gradients, and adds it all up."""
+
+    @staticmethod
+    def forward(ctx, embedded, positions):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(positions)
+        ctx.embedded_shape = embedded.shape
+        return embedded.reshape(-1, embedded.shape[-1]).index_select(0, positions), *embedded[:, :, 1:].unbind(0)
+
+    @staticmethod
+    def backward(ctx, grad_rows, *grad_items):
+        positions, = ctx.saved_tensors
+        given = [g for g in (grad_rows, *grad_items) if g is not None]
+        if not given:
+            return None, None
+        grad = given[0].new_empty(ctx.embedded_shape)
+        if any(g is None for g in grad_items):
+            grad.zero_()
+        else:
+            grad[:, :, :1].zero_()
+        for step, g in enumerate(grad_items):
+            if g is not None:
+                grad[step, :, 1:].copy_(g)
+        if grad_rows is not None:
+            grad.view(-1, grad.shape[-1]).index_add_(0, positions, grad_rows)
+        return grad, None
+
+
 class SessionInputs:
     """The embedded sessions of a lane batch, trimmed to its longest session, and the rows worth running.
 
@@ -112,9 +146,9 @@ class SessionInputs:
         # Per-step views through one unbind: its backward stacks the steps' gradients once, where indexing
         # embedded[step] at each step would zero-fill and add a whole-batch gradient per step.
         self.embedded_steps = self.embedded.unbind(0)
-        self._session_items = self.embedded[:, :, 1:].unbind(0)
         self.mask = session_event_mask(self.lengths, self.width)
         self.rows = torch.nonzero(self.lengths.reshape(-1) > 0)[:, 0]
+        self._reads = None  # see _read()
 
     def inputs(self) -> torch.Tensor:
         """(active rows, width, embedding_dim): start token then items, one row per active session."""
@@ -123,19 +157,45 @@ class SessionInputs:
     def _gather(self, row_groups: list[torch.Tensor], widths: list[int]) -> list[torch.Tensor]:
         """Per group, (len(rows), width, embedding_dim): positions 0..width-1 of the sessions ``rows`` (indices
         into steps * lanes), all groups in one gather from the embeddings seen as a matrix and split into views.
-        Its backward is one zero-filled buffer of the embeddings' size, one scatter and one concatenation;
-        slicing and gathering per group zero-filled two buffers of that size per group."""
+        Its backward is one scatter into one embeddings-sized buffer; slicing and gathering per group
+        zero-filled two buffers of that size per group."""
+        return self._gather_with_items(row_groups, widths)[0]
+
+    def _gather_with_items(self, row_groups, widths):
+        """_gather, and the session items per step (each (lanes, width, embedding_dim)): both reads of the
+        embeddings through one autograd node (_EmbeddingReads), whose backward fills one gradient buffer."""
         dim = self.embedded.shape[-1]
         stride = self.embedded.shape[-2]                          # width + 1 positions per session
         positions = [(rows[:, None] * stride + torch.arange(width, device=rows.device)).reshape(-1)
                      for rows, width in zip(row_groups, widths)]
-        gathered = self.embedded.reshape(-1, dim).index_select(0, torch.cat(positions))
-        return [chunk.view(rows.numel(), width, dim)
-                for chunk, rows, width in zip(gathered.split([p.numel() for p in positions]), row_groups, widths)]
+        gathered, *items = _EmbeddingReads.apply(self.embedded, torch.cat(positions))
+        groups = [chunk.view(rows.numel(), width, dim)
+                  for chunk, rows, width in zip(gathered.split([p.numel() for p in positions]), row_groups, widths)]
+        return groups, items
+
+    def _read(self):
+        """What the high level and the low level read of the embeddings, read once, on first need: (the active
+        sessions' lengths, the group widths, each group's members (indices into the active rows; None: one
+        group of every active row at the batch's width), each group's inputs, the session items per step)."""
+        if self._reads is None:
+            lengths = self.lengths.reshape(-1).index_select(0, self.rows)
+            widths = length_groups(lengths.tolist())
+            member_groups = None
+            if len(widths) <= 1:
+                row_groups, widths = [self.rows], [self.width]
+            else:
+                group = torch.bucketize(lengths, torch.tensor(widths, device=lengths.device))
+                members = torch.argsort(group, stable=True)
+                counts = torch.bincount(group, minlength=len(widths)).tolist()
+                member_groups = members.split(counts)
+                row_groups = [self.rows.index_select(0, rows) for rows in member_groups]
+            group_inputs, items = self._gather_with_items(row_groups, widths)
+            self._reads = (lengths, widths, member_groups, group_inputs, items)
+        return self._reads
 
     def session_items(self, step: int) -> torch.Tensor:
         """(lanes, width, embedding_dim): the items of step ``step``'s sessions (padding beyond lengths)."""
-        return self._session_items[step]
+        return self._read()[4][step]
 
     def per_row(self, values: torch.Tensor) -> torch.Tensor:
         """values (steps, lanes, ...) -> (active rows, ...)."""
@@ -156,17 +216,11 @@ class SessionInputs:
         43% of the padded positions are padding, and the long-history benchmark's two thirds. Returns (events,
         features) in batch_targets' order.
         """
-        lengths = self.lengths.reshape(-1).index_select(0, self.rows)
-        widths = length_groups(lengths.tolist())
-        if len(widths) <= 1:
-            return self.events(network(self.inputs(), *row_values))
-        starts = torch.cumsum(lengths, 0) - lengths                # each active session's first event
         # Each group's sessions gathered at the group's width (no group keeps another's padding).
-        group = torch.bucketize(lengths, torch.tensor(widths, device=lengths.device))
-        members = torch.argsort(group, stable=True)
-        counts = torch.bincount(group, minlength=len(widths)).tolist()
-        member_groups = members.split(counts)
-        group_inputs = self._gather([self.rows.index_select(0, rows) for rows in member_groups], widths)
+        lengths, widths, member_groups, group_inputs, _ = self._read()
+        if member_groups is None:
+            return self.events(network(group_inputs[0], *row_values))
+        starts = torch.cumsum(lengths, 0) - lengths                # each active session's first event
         events, order = [], []
         for width, rows, inputs in zip(widths, member_groups, group_inputs):
             outputs = network(inputs, *(value.index_select(0, rows) for value in row_values))
