@@ -253,6 +253,21 @@ def test_the_embeddings_two_reads_and_their_one_gradient(read):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
+def test_reads_made_without_gradients_are_made_again_with_them():
+    """SessionInputs reads the embeddings once per grad mode: items read under no_grad, then the low level run
+    with gradients, still give the embeddings their gradient."""
+    from hiertcn_fast.models.base import SessionInputs
+    generator = torch.Generator().manual_seed(7)
+    sessions = random_sessions(generator, NUM_ITEMS, lanes=4, max_sessions=2, max_length=5)
+    inputs = SessionInputs(make("hiertcn").double(), lane_batch(sessions))
+    with torch.no_grad():
+        inputs.session_items(0)  # reads the embeddings, the low level's rows included, without gradients
+    features = inputs.low_level(lambda x: x * 2.0)
+    assert features.requires_grad
+    (grad,) = torch.autograd.grad(features.sum(), inputs.embedded)
+    assert grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_sessions_run_in_length_groups_give_the_features_of_one_padded_run(name, monkeypatch):
     """Running the sessions in groups of similar length (each trimmed to its longest), and padding the batch

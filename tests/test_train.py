@@ -79,6 +79,25 @@ def test_the_optimizer_is_torchs_fused_adam_and_steps_like_the_plain_one(cache):
         torch.testing.assert_close(p, q)
 
 
+def test_resuming_keeps_the_fused_optimizer_and_evaluation_sees_its_steps(cache):
+    """A checkpoint's optimizer options (one written by the per-parameter Adam, say) do not turn the trainer's
+    fused Adam off; and evaluating between training runs gives what a fresh copy of the model gives: the fused
+    steps, which move no version counter, reach the ops' weight caches."""
+    import copy
+    model = build_model("hiertcn", cache.num_items, seed=1, **TINY["hiertcn"])
+    trainer = Trainer(model, cache, config(epochs=1), name="hiertcn", out=None).train()
+    state = trainer.checkpoint()
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"] = None
+    trainer._restore(state)
+    assert all(group["fused"] is True for group in trainer.optimizer.param_groups)
+    first = evaluate(model, cache, "test", config())  # fills the inference caches
+    trainer.config = config(epochs=2)
+    trainer.train()
+    assert evaluate(model, cache, "test", config()) == evaluate(copy.deepcopy(model), cache, "test", config())
+    assert first != evaluate(model, cache, "test", config())
+
+
 def assert_same_run(straight, resumed):
     assert resumed.step == straight.step and resumed.curve == straight.curve
     for (key, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):

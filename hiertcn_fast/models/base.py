@@ -177,7 +177,8 @@ class SessionInputs:
         """What the high level and the low level read of the embeddings, read once, on first need: (the active
         sessions' lengths, the group widths, each group's members (indices into the active rows; None: one
         group of every active row at the batch's width), each group's inputs, the session items per step)."""
-        if self._reads is None:
+        grad_mode = torch.is_grad_enabled()  # reads made without gradients would give the embeddings none
+        if self._reads is None or self._reads[0] != grad_mode:
             lengths = self.lengths.reshape(-1).index_select(0, self.rows)
             widths = length_groups(lengths.tolist())
             member_groups = None
@@ -190,8 +191,8 @@ class SessionInputs:
                 member_groups = members.split(counts)
                 row_groups = [self.rows.index_select(0, rows) for rows in member_groups]
             group_inputs, items = self._gather_with_items(row_groups, widths)
-            self._reads = (lengths, widths, member_groups, group_inputs, items)
-        return self._reads
+            self._reads = (grad_mode, lengths, widths, member_groups, group_inputs, items)
+        return self._reads[1:]
 
     def session_items(self, step: int) -> torch.Tensor:
         """(lanes, width, embedding_dim): the items of step ``step``'s sessions (padding beyond lengths)."""

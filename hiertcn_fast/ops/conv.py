@@ -76,15 +76,16 @@ def _context_table(context, context_weight, lean_training):
 
 class _ContextTable(torch.autograd.Function):
     """context_table as one product, context @ the weight's cumulative packing, saving for the backward only the
-    context and the weight itself. A training step calls it once per group of sessions of one length: a
-    parameter's packing is made once per step and shared by the step's calls (graph_packing), not kept per call."""
+    context and the weight itself: the backward packs the weight again (a few tens of microseconds at HierTCN's
+    sizes) rather than keep a weight-sized packing per call (a training step calls this once per group of
+    sessions) or share one between calls (which nothing reliably tells apart from a stale one: torch's fused
+    optimizers and ``.data`` change a weight without moving its version)."""
 
     @staticmethod
     def forward(ctx, context, context_weight):
         out_channels, _, k = context_weight.shape
         ctx.save_for_backward(context, context_weight)
-        ctx.packing = graph_packing(context_weight, "context", _pack_cumulative_context_weight)
-        return (context @ ctx.packing.value).view(context.shape[0], k, out_channels)
+        return (context @ _pack_cumulative_context_weight(context_weight)).view(context.shape[0], k, out_channels)
 
     @staticmethod
     def backward(ctx, grad_table):
@@ -94,44 +95,11 @@ class _ContextTable(torch.autograd.Function):
         grad_rows = grad_table.reshape(context.shape[0], k * out_channels)
         grad_context = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_context = grad_rows @ ctx.packing.value.t()
+            grad_context = grad_rows @ _pack_cumulative_context_weight(context_weight).t()
         if ctx.needs_input_grad[1]:
             taps = (grad_rows.t() @ context).view(k, out_channels, ctx_channels)
             grad_weight = context_weight_grad(taps)
         return grad_context, grad_weight
-
-
-class GraphPacking:
-    """A weight-derived tensor (a packing) that the autograd nodes of the graphs using it hold (``value``)."""
-    __slots__ = ("stamp", "value", "__weakref__")
-
-    def __init__(self, stamp, value):
-        self.stamp, self.value = stamp, value
-
-
-# parameter -> {kind: weakref to the GraphPacking the live graphs share}. Weak on both sides: an entry lasts as
-# long as the parameter and some graph that used it.
-_graph_packings = WeakIdKeyDictionary()
-
-
-def graph_packing(weight: torch.Tensor, kind: str, pack) -> GraphPacking:
-    """pack(weight), shared by the calls whose autograd graphs are alive: the calls of one training step (every
-    group of sessions, and their backwards) pack a parameter once. Only for nn.Parameter, and only while such a
-    graph lives: once a step's graphs are freed, the next call packs again, so a change through ``.data``
-    between steps (which no version counter shows) is seen. Plain tensors (torch.autograd.gradcheck perturbs
-    its inputs through ``.data``) are packed per call."""
-    if not isinstance(weight, torch.nn.Parameter):
-        return GraphPacking(None, pack(weight))
-    stamp = _stamp(weight)
-    kinds = _graph_packings.get(weight)
-    if kinds is None:
-        kinds = _graph_packings[weight] = {}
-    ref = kinds.get(kind)
-    packing = None if ref is None else ref()
-    if packing is None or packing.stamp != stamp:
-        packing = GraphPacking(stamp, pack(weight))
-        kinds[kind] = weakref.ref(packing)
-    return packing
 
 
 def _has_cpu_helper(t: torch.Tensor) -> bool:
@@ -476,7 +444,9 @@ def forget_weight_caches() -> None:
     prepared steps, the states' packed weights and context tables, the packed context weights. They notice a
     weight changed in place or replaced (by its version counter and storage), but not a change made through
     ``.data``, which bypasses the version counter (``w.data.copy_(...)``; and ``w.data = ...``, whose new storage
-    can reuse the old one's address): call this after any use of ``.data`` on a weight."""
+    can reuse the old one's address), nor a step of torch's fused optimizers (``fused=True``), which moves no
+    version counter: call this after any use of ``.data`` on a weight and after every such step (the Trainer
+    does)."""
     _generation[0] += 1
 
 
@@ -488,7 +458,8 @@ def weight_cache_generation() -> int:
 def _stamp(t: torch.Tensor) -> tuple:
     """What a cache derived from t compares to see t unchanged: the version catches in-place changes, the data
     pointer new storage under the same tensor (``w.data = ...``, .to()) unless it reuses the old address, the
-    generation a call of forget_weight_caches() (for what neither sees: changes through ``.data``)."""
+    generation a call of forget_weight_caches() (for what neither sees: changes through ``.data``, and the
+    steps of torch's fused optimizers, which move no version counter)."""
     return t._version, t.data_ptr(), _generation[0]
 
 
