@@ -45,7 +45,7 @@ from .data.cache import fsync_path
 from .evaluate import RankingMetrics, batch_targets
 from .models import NEURAL_MODELS, HistoryBatch, NextItemModel, UserHistoryBatcher
 from .backends import requested_backend
-from .ops import forget_weight_caches, linear_cross_entropy
+from .ops import linear_cross_entropy
 
 __all__ = ["TrainConfig", "Trainer", "evaluate", "build_model", "model_spec", "sampled_softmax_loss",
            "train_item_counts", "DataMemoryMeter", "user_lane_batches"]
@@ -365,7 +365,7 @@ class Trainer:
         self.amp = (self.device.type == "cuda") if config.amp is None else bool(config.amp)
         # torch's fused Adam: one kernel over all parameters (on HierTCN's ~1M, 0.7 ms a step against 2.9 ms for
         # the per-parameter loop, on two CPU cores); it takes floating-point CPU and CUDA parameters. Its step
-        # moves no version counter, so the ops' weight caches are told after each step (forget_weight_caches).
+        # moves no version counter: the ops' weight caches hear of it through an optimizer step hook (ops/conv.py).
         parameters = list(model.parameters())
         self.fused_optimizer = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in parameters)
         self.optimizer = torch.optim.Adam(parameters, lr=config.learning_rate, weight_decay=config.weight_decay,
@@ -423,8 +423,6 @@ class Trainer:
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
         self.optimizer.step()
-        if self.fused_optimizer:
-            forget_weight_caches()
         self.source.end(batch, new_state)
         if self.distributed:
             torch.distributed.all_reduce(loss_sum)

@@ -202,7 +202,7 @@ def test_training_packs_the_context_weight_per_call_and_sees_unversioned_changes
     """In training every call packs the context weight from its current values: a change that moves no version
     counter (through ``.data``, or a step of torch's fused Adam) is used by the next call even while an earlier
     call's graph is alive, and the backward packs again from the weight it saved. Without gradients the packing
-    is cached: a fused optimizer's step is seen after forget_weight_caches(), as the Trainer calls it."""
+    is cached, and a fused optimizer's step forgets it (hiertcn_fast's optimizer step hook)."""
     context_weight = torch.nn.Parameter(rand(5, 6, 3))
     context = rand(4, 6)
     x, weight = rand(4, 7, 2), rand(5, 2, 3)
@@ -230,7 +230,6 @@ def test_training_packs_the_context_weight_per_call_and_sees_unversioned_changes
         version = context_weight._version
         optimizer.step()
         assert context_weight._version == version  # why the caches cannot see this step by themselves
-        hiertcn_fast.ops.forget_weight_caches()
         torch.testing.assert_close(forward(), expected())
     del first
 

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _extension
@@ -444,9 +445,9 @@ def forget_weight_caches() -> None:
     prepared steps, the states' packed weights and context tables, the packed context weights. They notice a
     weight changed in place or replaced (by its version counter and storage), but not a change made through
     ``.data``, which bypasses the version counter (``w.data.copy_(...)``; and ``w.data = ...``, whose new storage
-    can reuse the old one's address), nor a step of torch's fused optimizers (``fused=True``), which moves no
-    version counter: call this after any use of ``.data`` on a weight and after every such step (the Trainer
-    does)."""
+    can reuse the old one's address): call this after any use of ``.data`` on a weight. Steps of torch's fused
+    optimizers (``fused=True``), which move no version counter either, call it themselves (a global optimizer
+    step hook, registered when hiertcn_fast is imported)."""
     _generation[0] += 1
 
 
@@ -455,11 +456,21 @@ def weight_cache_generation() -> int:
     return _generation[0]
 
 
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    """torch's fused optimizers update parameters in one kernel that moves no version counter: after their step
+    every cache keyed by versions is forgotten. The others' updates move the versions, which the caches see."""
+    if any(group.get("fused") for group in optimizer.param_groups):
+        forget_weight_caches()
+
+
+register_optimizer_step_post_hook(_after_optimizer_step)
+
+
 def _stamp(t: torch.Tensor) -> tuple:
     """What a cache derived from t compares to see t unchanged: the version catches in-place changes, the data
     pointer new storage under the same tensor (``w.data = ...``, .to()) unless it reuses the old address, the
     generation a call of forget_weight_caches() (for what neither sees: changes through ``.data``, and the
-    steps of torch's fused optimizers, which move no version counter)."""
+    steps of torch's fused optimizers, which move no version counter and call it through a step hook)."""
     return t._version, t.data_ptr(), _generation[0]
 
 
