@@ -841,76 +841,122 @@ bool use_blas(const ConvShape& s) {
 // ATen's permuting copies between a weight's (out, in, k) layout and the kernels' packings run at a few GB/s on
 // these shapes (a last axis of k = 5 read or written one element at a time); these loops move whole runs.
 
-// dst[m * stride_m + i * stride_i + o] = w[o][i][m] (Cumulative: sum over j >= k-1-m of w[o][i][j]) for w
+// dst[m * stride_m + i * stride_i + o] = w[o][i][m] (cumulative: sum over j >= k-1-m of w[o][i][j]) for w
 // (out, in, k) contiguous: the forward packing (k, in, out) and the context weight's cumulative one (in, k, out).
-// Tiles of 16 x 16 (out, in) pairs: each reads 16 runs of 16 * k inputs and writes 16 * k runs of 16 outputs.
-template <typename T, bool Cumulative>
-void pack_taps_kernel(const T* w, T* dst, int64_t out_channels, int64_t in_channels, int64_t k, int64_t stride_m,
-                      int64_t stride_i) {
-  constexpr int64_t kTile = 16;
-  const int64_t o_tiles = (out_channels + kTile - 1) / kTile, i_tiles = (in_channels + kTile - 1) / kTile;
-  at::parallel_for(0, o_tiles * i_tiles, 4, [&](int64_t first, int64_t last) {
-    std::vector<T> tile(k * kTile * kTile);  // [m][i][o]
-    for (int64_t item = first; item < last; ++item) {
-      const int64_t o_begin = item / i_tiles * kTile, i_begin = item % i_tiles * kTile;
-      const int64_t o_count = std::min(kTile, out_channels - o_begin), i_count = std::min(kTile, in_channels - i_begin);
-      // Transpose each row's (in, k) run into the tile's [m][i] slots first (reads in order), then sum over m
-      // with the 16 output channels as the vectorised inner axis.
-      for (int64_t o = 0; o < o_count; ++o) {
-        const T* row = w + ((o_begin + o) * in_channels + i_begin) * k;
-        for (int64_t i = 0; i < i_count; ++i)
-          for (int64_t m = 0; m < k; ++m) tile[(m * kTile + i) * kTile + o] = row[i * k + (Cumulative ? k - 1 - m : m)];
+// Items are (block of 16 output channels, input channel) pairs; a whole block's 16 values of a tap are read at
+// a stride (a gather where the CPU has one) and written as one 16-channel run.
+template <typename T>
+HIERTCN_ALWAYS_INLINE void pack_taps_items(const T* w, T* dst, int64_t out_channels, int64_t in_channels, int64_t k,
+                                           int64_t stride_m, int64_t stride_i, int64_t first, int64_t last,
+                                           bool cumulative) {
+  constexpr int64_t kBlock = 16;
+  const int64_t row = in_channels * k;
+  for (int64_t item = first; item < last; ++item) {
+    const int64_t o_begin = item / in_channels * kBlock, i = item % in_channels;
+    const int64_t count = std::min(kBlock, out_channels - o_begin);
+    const T* src = w + o_begin * row + i * k;
+    T* out = dst + i * stride_i + o_begin;
+    T sums[kBlock] = {};
+    if (count == kBlock) {
+      for (int64_t m = 0; m < k; ++m) {
+        const int64_t j = cumulative ? k - 1 - m : m;
+        T* run = out + m * stride_m;
+        if (cumulative) {
+          for (int64_t o = 0; o < kBlock; ++o) run[o] = sums[o] += src[o * row + j];
+        } else {
+          for (int64_t o = 0; o < kBlock; ++o) run[o] = src[o * row + j];
+        }
       }
-      if (Cumulative)
-        for (int64_t m = 1; m < k; ++m)
-          for (int64_t i = 0; i < i_count; ++i) {
-            T* cur = &tile[(m * kTile + i) * kTile];
-            const T* prev = cur - kTile * kTile;
-            for (int64_t o = 0; o < kTile; ++o) cur[o] += prev[o];
-          }
-      for (int64_t m = 0; m < k; ++m)
-        for (int64_t i = 0; i < i_count; ++i)
-          std::memcpy(dst + m * stride_m + (i_begin + i) * stride_i + o_begin, &tile[(m * kTile + i) * kTile],
-                      o_count * sizeof(T));
+    } else {
+      for (int64_t m = 0; m < k; ++m) {
+        const int64_t j = cumulative ? k - 1 - m : m;
+        for (int64_t o = 0; o < count; ++o) {
+          T v = src[o * row + j];
+          if (cumulative) v = sums[o] += v;
+          out[m * stride_m + o] = v;
+        }
+      }
+    }
+  }
+}
+
+HIERTCN_CPU_CLONES void pack_taps_items_f32(const float* w, float* dst, int64_t out_channels, int64_t in_channels,
+                                            int64_t k, int64_t stride_m, int64_t stride_i, int64_t first, int64_t last,
+                                            bool cumulative) {
+  pack_taps_items(w, dst, out_channels, in_channels, k, stride_m, stride_i, first, last, cumulative);
+}
+HIERTCN_CPU_CLONES void pack_taps_items_f64(const double* w, double* dst, int64_t out_channels, int64_t in_channels,
+                                            int64_t k, int64_t stride_m, int64_t stride_i, int64_t first, int64_t last,
+                                            bool cumulative) {
+  pack_taps_items(w, dst, out_channels, in_channels, k, stride_m, stride_i, first, last, cumulative);
+}
+
+template <typename T>
+void pack_taps_kernel(const T* w, T* dst, int64_t out_channels, int64_t in_channels, int64_t k, int64_t stride_m,
+                      int64_t stride_i, bool cumulative) {
+  const int64_t blocks = (out_channels + 15) / 16;
+  at::parallel_for(0, blocks * in_channels, 256, [&](int64_t first, int64_t last) {
+    if constexpr (std::is_same_v<T, float>) {
+      pack_taps_items_f32(w, dst, out_channels, in_channels, k, stride_m, stride_i, first, last, cumulative);
+    } else {
+      pack_taps_items_f64(w, dst, out_channels, in_channels, k, stride_m, stride_i, first, last, cumulative);
     }
   });
 }
 
-// dst (k, n) = src (n, k) transposed: the input gradient's packing (k, out, in) of a weight (out, in, k).
+// Blocks [first, last) of 256 of the (n, k) <-> (k, n) transposes below; taps_first: dst (k, n) = src (n, k)
+// transposed; else dst (n, k) from src (k, n), dst[i][j] = src[j][i] (cumulative: sum over m >= k-1-j of
+// src[m][i]). The reads (taps_first) or writes (else) at a stride of k are gathers or scatters where the CPU has
+// them.
 template <typename T>
-void taps_first_kernel(const T* src, T* dst, int64_t n, int64_t k) {
+HIERTCN_ALWAYS_INLINE void transpose_taps_blocks(const T* src, T* dst, int64_t n, int64_t k, int64_t first,
+                                                 int64_t last, bool taps_first, bool cumulative) {
   constexpr int64_t kBlock = 256;
-  at::parallel_for(0, (n + kBlock - 1) / kBlock, 16, [&](int64_t first, int64_t last) {
-    for (int64_t block = first; block < last; ++block) {
-      const int64_t begin = block * kBlock, count = std::min(kBlock, n - begin);
+  T sums[kBlock];
+  for (int64_t block = first; block < last; ++block) {
+    const int64_t begin = block * kBlock, count = std::min(kBlock, n - begin);
+    if (taps_first) {
       const T* in = src + begin * k;
       for (int64_t j = 0; j < k; ++j) {
         T* out = dst + j * n + begin;
         for (int64_t i = 0; i < count; ++i) out[i] = in[i * k + j];
       }
+      continue;
     }
-  });
+    T* out = dst + begin * k;
+    if (!cumulative) {
+      for (int64_t j = 0; j < k; ++j) {
+        const T* in = src + j * n + begin;
+        for (int64_t i = 0; i < count; ++i) out[i * k + j] = in[i];
+      }
+      continue;
+    }
+    std::fill(sums, sums + count, T(0));
+    for (int64_t j = 0; j < k; ++j) {
+      const T* in = src + (k - 1 - j) * n + begin;
+      for (int64_t i = 0; i < count; ++i) out[i * k + j] = sums[i] += in[i];
+    }
+  }
 }
 
-// dst (n, k) from src (k, n): dst[i][j] = src[j][i] (Cumulative: sum over m >= k-1-j of src[m][i]): a weight
-// gradient computed by tap, (k, out, in), back in the weight's layout.
-template <typename T, bool Cumulative>
-void taps_last_kernel(const T* src, T* dst, int64_t n, int64_t k) {
-  constexpr int64_t kBlock = 256;
-  at::parallel_for(0, (n + kBlock - 1) / kBlock, 16, [&](int64_t first, int64_t last) {
-    T sums[kBlock];
-    for (int64_t block = first; block < last; ++block) {
-      const int64_t begin = block * kBlock, count = std::min(kBlock, n - begin);
-      std::fill(sums, sums + count, T(0));
-      T* out = dst + begin * k;
-      for (int64_t j = 0; j < k; ++j) {
-        const T* in = src + (Cumulative ? k - 1 - j : j) * n + begin;
-        for (int64_t i = 0; i < count; ++i) {
-          T v = in[i];
-          if (Cumulative) v = sums[i] += v;
-          out[i * k + j] = v;
-        }
-      }
+HIERTCN_CPU_CLONES void transpose_taps_blocks_f32(const float* src, float* dst, int64_t n, int64_t k, int64_t first,
+                                                  int64_t last, bool taps_first, bool cumulative) {
+  transpose_taps_blocks(src, dst, n, k, first, last, taps_first, cumulative);
+}
+HIERTCN_CPU_CLONES void transpose_taps_blocks_f64(const double* src, double* dst, int64_t n, int64_t k, int64_t first,
+                                                  int64_t last, bool taps_first, bool cumulative) {
+  transpose_taps_blocks(src, dst, n, k, first, last, taps_first, cumulative);
+}
+
+// The input gradient's packing (k, out, in) of a weight (out, in, k) (taps_first), and a weight gradient
+// computed by tap, (k, out, in), back in the weight's layout (else), with suffix sums (cumulative).
+template <typename T>
+void transpose_taps(const T* src, T* dst, int64_t n, int64_t k, bool taps_first, bool cumulative) {
+  at::parallel_for(0, (n + 255) / 256, 16, [&](int64_t first, int64_t last) {
+    if constexpr (std::is_same_v<T, float>) {
+      transpose_taps_blocks_f32(src, dst, n, k, first, last, taps_first, cumulative);
+    } else {
+      transpose_taps_blocks_f64(src, dst, n, k, first, last, taps_first, cumulative);
     }
   });
 }
@@ -925,8 +971,8 @@ at::Tensor pack_conv_weight_cpu(const at::Tensor& weight, int64_t groups) {
   const int64_t out = weight.size(0), in = weight.size(1), k = weight.size(2);
   at::Tensor packed = at::empty({k, in, out}, weight.options());
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "pack_conv_weight_cpu", [&] {
-    pack_taps_kernel<scalar_t, false>(weight.data_ptr<scalar_t>(), packed.data_ptr<scalar_t>(), out, in, k, in * out,
-                                      out);
+    pack_taps_kernel<scalar_t>(weight.data_ptr<scalar_t>(), packed.data_ptr<scalar_t>(), out, in, k, in * out, out,
+                               false);
   });
   return packed;
 }
@@ -937,7 +983,8 @@ at::Tensor pack_conv_weight_transposed_cpu(const at::Tensor& weight) {
   const int64_t k = weight.size(2);
   at::Tensor packed = at::empty({k, weight.size(0), weight.size(1)}, weight.options());
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "pack_conv_weight_transposed_cpu", [&] {
-    taps_first_kernel<scalar_t>(weight.data_ptr<scalar_t>(), packed.data_ptr<scalar_t>(), weight.numel() / k, k);
+    transpose_taps<scalar_t>(weight.data_ptr<scalar_t>(), packed.data_ptr<scalar_t>(), weight.numel() / k, k, true,
+                             false);
   });
   return packed;
 }
@@ -950,8 +997,8 @@ void copy_taps_last(const at::Tensor& by_tap, at::Tensor& grad_weight) {
   }
   const int64_t k = by_tap.size(0);
   AT_DISPATCH_FLOATING_TYPES(by_tap.scalar_type(), "copy_taps_last", [&] {
-    taps_last_kernel<scalar_t, false>(by_tap.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>(), by_tap.numel() / k,
-                                      k);
+    transpose_taps<scalar_t>(by_tap.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>(), by_tap.numel() / k, k,
+                             false, false);
   });
 }
 
@@ -1124,8 +1171,8 @@ void context_weight_pack_out_cpu(const at::Tensor& weight, at::Tensor& out) {
               "context_weight_pack_out: weight and out must be contiguous, of one dtype, float32 or float64; got ",
               weight.scalar_type(), " and ", out.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "context_weight_pack_out_cpu", [&] {
-    pack_taps_kernel<scalar_t, true>(weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), out_channels, ctx_channels,
-                                     k, out_channels, k * out_channels);
+    pack_taps_kernel<scalar_t>(weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), out_channels, ctx_channels, k,
+                               out_channels, k * out_channels, true);
   });
 }
 
@@ -1140,8 +1187,8 @@ void context_weight_grad_out_cpu(const at::Tensor& taps, at::Tensor& out) {
               "context_weight_grad_out: taps and out must be contiguous, of one dtype, float32 or float64; got ",
               taps.scalar_type(), " and ", out.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(taps.scalar_type(), "context_weight_grad_out_cpu", [&] {
-    taps_last_kernel<scalar_t, true>(taps.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), out_channels * ctx_channels,
-                                     k);
+    transpose_taps<scalar_t>(taps.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), out_channels * ctx_channels, k,
+                             false, true);
   });
 }
 
