@@ -171,6 +171,24 @@ def test_context_weight_layouts_against_their_definitions(shape, dtype):
     torch.testing.assert_close(conv_ops.context_weight_grad(taps), taps.flip(0).cumsum(0).permute(1, 2, 0))
 
 
+def test_context_weight_layouts_without_the_cpu_helpers(monkeypatch):
+    """What CUDA and half-precision tensors run (torch ops instead of the C++ helpers): the same packing and
+    gradient layout, and the same conv results and gradients in training."""
+    weight, taps = rand(5, 6, 3), rand(3, 5, 6)
+    packed, grad = conv_ops._pack_cumulative_context_weight(weight), conv_ops.context_weight_grad(taps)
+    args = ConvCase(2, 9, 4, 5, 3, 2, context_channels=6, activation="relu", residual=True).inputs(torch.float64, "cpu")
+    call, leaves = split_leaves(args)
+    out = causal_conv1d(**call, backend="cpu")
+    grads = torch.autograd.grad(out.sum(), list(leaves.values()))
+    monkeypatch.setattr(conv_ops, "_has_cpu_helper", lambda t: False)
+    torch.testing.assert_close(conv_ops._pack_cumulative_context_weight(weight), packed, rtol=0, atol=1e-12)
+    torch.testing.assert_close(conv_ops.context_weight_grad(taps), grad, rtol=0, atol=1e-12)
+    out_fallback = causal_conv1d(**call, backend="cpu")
+    torch.testing.assert_close(out_fallback, out, rtol=0, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(out_fallback.sum(), list(leaves.values())), grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
 def test_context_weight_layout_ops_check_their_arguments():
     ops = torch.ops.hiertcn_fast
     weight = torch.randn(4, 3, 2)
