@@ -62,10 +62,11 @@ def context_table(context: torch.Tensor, context_weight: torch.Tensor) -> torch.
 
 
 def _context_table(context, context_weight, lean_training):
-    """context_table; lean_training (the kernels' backends): in training one product with the cached cumulative
-    packing of the weight, keeping only the context and the weight for its backward (_ContextTable); the
+    """context_table; lean_training (the kernels' backends): in training one product with the weight's cumulative
+    packing, made per call, keeping only the context and the weight for its backward (_ContextTable); the
     reference keeps the plain definition (per-tap products, then suffix sums). Without gradients, one product
-    with the cached packing. Traced (torch.compile), the plain definition: the cache is not traceable."""
+    with the packing cached per weight version. Traced (torch.compile), the plain definition: the cache is not
+    traceable."""
     if torch.compiler.is_compiling() or (
             not lean_training and torch.is_grad_enabled() and (context.requires_grad or context_weight.requires_grad)):
         return torch.einsum("bc,ocj->bjo", context, context_weight).flip(1).cumsum(1)
