@@ -190,6 +190,9 @@ class RankingMetrics:
         self.recall_ks = _check_cutoffs("recall_ks", recall_ks)
         self.mrr_cutoffs = _check_cutoffs("mrr_cutoffs", mrr_cutoffs, allow_none=True)
         self.ndcg_ks = _check_cutoffs("ndcg_ks", ndcg_ks)
+        if not (self.recall_ks or self.mrr_cutoffs or self.ndcg_ks):
+            raise ValueError("RankingMetrics needs at least one metric: recall_ks, mrr_cutoffs and ndcg_ks are all "
+                             "empty")
         self.ties = ties
         self.padding_item = None if padding_item is None else int(padding_item)
         self.metric_names = ([f"Recall@{k}" for k in self.recall_ks]
@@ -241,10 +244,10 @@ class RankingMetrics:
             if self.padding_item is not None and self.padding_item >= num_columns:
                 raise ValueError(f"scores: padding_item {self.padding_item} is not a column of scores "
                                  f"with {num_columns} columns")
-            self.num_columns = num_columns
         elif num_columns != self.num_columns:
             raise ValueError(f"scores: expected {self.num_columns} item columns as in earlier updates, got {num_columns}")
         if n == 0:
+            self.num_columns = num_columns
             return
         targets = targets.to(device=scores.device, dtype=torch.int64)
         bad_target = (targets < 0) | (targets >= num_columns)
@@ -267,6 +270,7 @@ class RankingMetrics:
             if rows.numel():
                 raise ValueError(f"scores: NaN in {rows.numel()} of {n} events (first at event {int(rows[0])}); "
                                  "ranks of NaN scores are undefined")
+        self.num_columns = num_columns  # only a chunk that passed every check fixes the catalogue's width
 
         higher, tied = target_ranks(scores, targets, self.padding_item)
         higher = higher.cpu().numpy().astype(np.float64)

@@ -10,7 +10,7 @@ in O(1) work per event:
   session's item embeddings, so closing a session (the session mean into the GRU) costs one
   GRU step, never a pass over the session;
 - ``features`` (users, channels): the TCN output at the latest position, what the next item is
-  predicted from; ``last_time``: the time of the user's latest event.
+  predicted from; ``last_time``: the time of the user's latest event (or the ``now`` that closed their session).
 
 An event more than ``session_gap`` seconds (default 30 min, the preprocessing's rule) after the
 user's previous one closes the open session first: GRU step with the session mean, conv state
@@ -30,6 +30,7 @@ import dataclasses
 import math
 import numbers
 
+import numpy as np
 import torch
 
 from .models import HierTCN
@@ -44,6 +45,25 @@ STATE_FORMAT = "hiertcn_fast.streaming_state/1"
 
 def _as_rows(values, dtype, device) -> torch.Tensor:
     return torch.as_tensor(values, dtype=dtype).reshape(-1).to(device)
+
+
+def _user_key(user):
+    """A user id as the key it is stored under: a tensor or NumPy scalar by its value (a 0-d tensor hashes by
+    identity, so it would be a new user at every call)."""
+    if isinstance(user, (torch.Tensor, np.ndarray)):
+        if user.size != 1 if isinstance(user, np.ndarray) else user.numel() != 1:
+            raise TypeError(f"a user id must be one value, got an array of shape {tuple(user.shape)}")
+        return user.item()
+    return user.item() if isinstance(user, np.generic) else user
+
+
+def _user_keys(users) -> list:
+    """A sequence of user ids (a list, a 1-d tensor or array) as keys (see _user_key)."""
+    if isinstance(users, (torch.Tensor, np.ndarray)):
+        if users.ndim != 1:
+            raise ValueError(f"users must be one-dimensional, got shape {tuple(users.shape)}")
+        return users.tolist()
+    return [_user_key(user) for user in users]
 
 
 @dataclasses.dataclass
@@ -89,7 +109,13 @@ class StreamingRecommender:
             raise ValueError(f"session_gap must be a positive number of seconds, got {session_gap!r}")
         self.model = model.eval()
         self.session_gap = float(session_gap)
-        self.max_session_length = int(max_session_length or model.max_session_length)
+        if max_session_length is None:
+            max_session_length = model.max_session_length
+        elif (not isinstance(max_session_length, numbers.Integral) or isinstance(max_session_length, bool)
+              or max_session_length < 1):
+            raise ValueError(f"max_session_length must be an integer >= 1 (or None: the model's), got "
+                             f"{max_session_length!r}")
+        self.max_session_length = int(max_session_length)
         weight = model.output.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.user_slot: dict = {}
@@ -269,12 +295,11 @@ class StreamingRecommender:
         if not math.isfinite(timestamp):
             raise ValueError("timestamps must be finite numbers of seconds")
         count, last_time = self._counters
+        if timestamp < last_time[row]:
+            raise ValueError("timestamps must not decrease within a user's stream")
         view = self._row_view(row)
-        if count[row] > 0:
-            if timestamp < last_time[row]:
-                raise ValueError("timestamps must not decrease within a user's stream")
-            if timestamp - last_time[row] >= self.session_gap:
-                self._close_one(view, row)
+        if count[row] > 0 and timestamp - last_time[row] >= self.session_gap:
+            self._close_one(view, row)
         last_time[row] = timestamp
         if count[row] >= self.max_session_length:
             return True
@@ -292,7 +317,9 @@ class StreamingRecommender:
 
     @torch.no_grad()
     def observe(self, user, item: int, timestamp: float) -> None:
-        """One event of ``user``: item id (1..num_items) at ``timestamp`` seconds (non-decreasing per user)."""
+        """One event of ``user``: item id (1..num_items) at ``timestamp`` seconds (non-decreasing per user, and
+        not before a ``now`` that closed the user's session)."""
+        user = _user_key(user)
         if not self._observe_one(user, item, timestamp):
             self.observe_many([user], [item], [timestamp])
 
@@ -300,8 +327,10 @@ class StreamingRecommender:
     def observe_many(self, users, items, timestamps) -> None:
         """Events of many users at once (sequences of equal length, in time order per user). Vectorised
         over rounds in which every user appears at most once."""
-        users = list(users)
+        users = _user_keys(users)
         given = torch.as_tensor(items)
+        if not users and given.numel() == 0 and len(timestamps) == 0:
+            return
         if given.is_floating_point() or given.is_complex() or given.dtype == torch.bool:
             raise TypeError(f"items must be integer item ids, got {given.dtype}")
         items = _as_rows(given, torch.int64, self.device)
@@ -324,8 +353,8 @@ class StreamingRecommender:
             pending = later
 
     def _check_time_order(self, users, timestamps: torch.Tensor) -> None:
-        """Each user's events in time order: within the call, and after the user's latest event so far (while a
-        session of the user is open)."""
+        """Each user's events in time order: within the call, and not before the user's latest event so far (or
+        the ``now`` that closed the user's last session)."""
         first, latest = {}, {}
         for user, t in zip(users, timestamps.tolist()):
             if t < latest.get(user, t):
@@ -336,7 +365,7 @@ class StreamingRecommender:
         if known:
             rows = torch.tensor([self.user_slot[user] for user in known], dtype=torch.int64, device=self.device)
             times = torch.tensor([first[user] for user in known], dtype=torch.float64, device=self.device)
-            if bool(((self.session_count[rows] > 0) & (times < self.last_time[rows])).any()):
+            if bool((times < self.last_time[rows]).any()):
                 raise ValueError("timestamps must not decrease within a user's stream")
 
     def _observe_round(self, users, items: torch.Tensor, timestamps: torch.Tensor) -> None:
@@ -365,17 +394,26 @@ class StreamingRecommender:
         """Logits (users, num_items + 1) of each user's next item (column 0, the padding id, is -inf).
         With ``now`` (seconds, one per user or one for all), users idle for >= session_gap get
         first-of-session predictions (their open session is closed, as the next event would)."""
-        users = list(users)
+        users = _user_keys(users)
         rows = self._slots(users, create=False)
         if now is not None:
             now = torch.as_tensor(now, dtype=torch.float64, device=self.device)
             if now.dim() > 1 or now.numel() not in (1, rows.shape[0]):
                 raise ValueError(f"now must be one time for all users or one per user ({rows.shape[0]}), got shape "
                                  f"{tuple(now.shape)}")
+            if not bool(torch.isfinite(now).all()):
+                raise ValueError("now must be a finite number of seconds")
+            if now.numel() > 1 and len(set(users)) < len(users):
+                times: dict = {}
+                for user, t in zip(users, now.tolist()):
+                    if times.setdefault(user, t) != t:
+                        raise ValueError(f"user {user!r} is listed more than once with different times now")
             now = now.reshape(-1).expand(rows.shape[0])
             idle = (self.session_count[rows] > 0) & (now - self.last_time[rows] >= self.session_gap)
             if bool(idle.any()):
                 self._close_sessions(torch.unique(rows[idle]))
+                # Their time is now that: a later event before it would contradict the closing.
+                self.last_time[rows[idle]] = now[idle]
         return self._logits(self.features[rows])
 
     def _logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -387,13 +425,17 @@ class StreamingRecommender:
     @torch.no_grad()
     def scores(self, user, now=None) -> torch.Tensor:
         """Logits (num_items + 1,) of ``user``'s next item; see :meth:`scores_many`."""
+        user = _user_key(user)
         row = self.user_slot.get(user)
         if row is None or self._counters is None or not (now is None or isinstance(now, numbers.Real)):
             return self.scores_many([user], None if now is None else [now])[0]
         if now is not None:
+            if not math.isfinite(now):
+                raise ValueError("now must be a finite number of seconds")
             count, last_time = self._counters
             if count[row] > 0 and now - last_time[row] >= self.session_gap:
                 self._close_one(self._row_view(row), row)
+                last_time[row] = now  # a later event before it would contradict the closing
         return self._logits(self.features[row:row + 1])[0]
 
     def _check_k(self, k) -> None:
@@ -415,7 +457,7 @@ class StreamingRecommender:
 
     def export_users(self, users=None) -> dict:
         """Every per-user tensor of ``users`` (default: all), on the CPU, with their ids."""
-        users = list(self.user_slot) if users is None else list(users)
+        users = list(self.user_slot) if users is None else _user_keys(users)
         rows = self._slots(users, create=False)
         return {"format": STATE_FORMAT, "users": users, "session_gap": self.session_gap,
                 "max_session_length": self.max_session_length, "state": self.state[:, rows].cpu(),

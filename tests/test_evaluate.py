@@ -275,3 +275,16 @@ def test_bad_inputs_raise_clear_errors():
         RankingMetrics(padding_item=9).update(**good)
     with pytest.raises(ValueError, match="other: metrics"):
         metrics.merge(RankingMetrics(ties="average"))
+
+
+def test_a_refused_first_update_fixes_nothing():
+    """The first chunk fixes the catalogue's width only once it passed every check; a metric set with no metric
+    at all is refused when made, not at its first update."""
+    metrics = RankingMetrics()
+    with pytest.raises(ValueError, match="not in the catalogue"):
+        metrics.update(torch.randn(2, 5), torch.tensor([1, 9]), torch.tensor([0, 0]), torch.tensor([True, False]))
+    assert metrics.num_columns is None
+    metrics.update(torch.randn(2, 7), torch.tensor([1, 6]), torch.tensor([0, 0]), torch.tensor([True, False]))
+    assert metrics.num_columns == 7 and metrics.result()["counts"]["events"] == 2
+    with pytest.raises(ValueError, match="at least one metric"):
+        RankingMetrics(recall_ks=(), mrr_cutoffs=(), ndcg_ks=())

@@ -1,5 +1,6 @@
 """StreamingRecommender: O(1) per-event updates that reproduce the full forward pass."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,6 +109,11 @@ def test_single_event_path_equals_batched_path(monkeypatch, row_views):
     single = StreamingRecommender(model, session_gap=GAP, initial_capacity=1)
     batched = StreamingRecommender(model, session_gap=GAP, initial_capacity=1)
     mixed = StreamingRecommender(model, session_gap=GAP, initial_capacity=1)
+    # A user's next event time: scores at a later time never pass it (an event before a closing time is refused).
+    next_time, upcoming = [float("inf")] * len(events), {}
+    for n in reversed(range(len(events))):
+        next_time[n] = upcoming.get(events[n][0], float("inf"))
+        upcoming[events[n][0]] = events[n][2]
     for n, (user, item, t) in enumerate(events):
         single.observe(user, item, t)
         batched.observe_many([user], [item], [t])
@@ -119,7 +125,7 @@ def test_single_event_path_equals_batched_path(monkeypatch, row_views):
         torch.testing.assert_close(single.scores(user), expected, rtol=0, atol=0)
         torch.testing.assert_close(mixed.scores(user), expected, rtol=0, atol=0)
         if n % 7 == 0:  # scores at a later time: an idle user's session closes first
-            now = t + (GAP if n % 2 else 1.0)
+            now = min(t + (GAP if n % 2 else 1.0), next_time[n])
             got = single.scores(user, now=now)
             torch.testing.assert_close(got, batched.scores_many([user], now=[now])[0], rtol=0, atol=0)
             torch.testing.assert_close(mixed.scores_many([user], now=[now])[0], got, rtol=0, atol=0)
@@ -316,3 +322,64 @@ def test_refused_input_changes_nothing():
         assert_unchanged(recommender, before)
     recommender.load_state_dict(saved)  # the state itself is fine
     assert_unchanged(recommender, before)
+
+
+def test_user_ids_given_as_tensors_or_numpy_values_are_the_same_users():
+    """A 0-d tensor hashes by identity: ids given as a tensor, a NumPy array or NumPy scalars are stored by value,
+    so two calls with the same ids reach the same users (and a user's times are checked across them)."""
+    recommender = StreamingRecommender(small_hiertcn(), session_gap=GAP)
+    ids = torch.tensor([1, 2])
+    recommender.observe_many(ids, [3, 4], [0.0, 0.0])
+    recommender.observe_many(np.array([1, 2]), [5, 6], [10.0, 10.0])
+    recommender.observe(np.int64(1), 7, 20.0)
+    recommender.observe(torch.tensor(2), 8, 20.0)
+    assert sorted(recommender.user_slot) == [1, 2]
+    assert recommender.recommend(1, k=3) == recommender.recommend_many(ids, k=3)[0][0].tolist()
+    with pytest.raises(ValueError, match="must not decrease"):
+        recommender.observe_many(torch.tensor([7, 7]), [3, 4], [100.0, 50.0])
+    with pytest.raises(ValueError, match="one-dimensional"):
+        recommender.scores_many(torch.tensor([[1, 2]]))
+
+
+def test_an_event_before_the_time_that_closed_its_session_is_refused():
+    """scores(now=...) closes an idle user's session as an event at ``now`` would; a later event before ``now``
+    would contradict that (the log it belongs to keeps one session), so it is refused, on both paths, and the
+    refused call changes nothing."""
+    for batched in (False, True):
+        recommender = StreamingRecommender(small_hiertcn(), session_gap=GAP)
+        for t in (0.0, 60.0):
+            recommender.observe("u", 3, t)
+        before = per_user_tensors(recommender, ["u"])
+        if batched:
+            recommender.scores_many(["u"], now=[60.0 + GAP])
+        else:
+            recommender.scores("u", now=60.0 + GAP)
+        after_close = per_user_tensors(recommender, ["u"])
+        assert not torch.equal(after_close["state"], before["state"])  # the session was closed
+        with pytest.raises(ValueError, match="must not decrease"):
+            if batched:
+                recommender.observe_many(["u"], [4], [120.0])
+            else:
+                recommender.observe("u", 4, 120.0)
+        for key, value in per_user_tensors(recommender, ["u"]).items():
+            want = after_close[key]
+            assert all(map(torch.equal, value, want)) if isinstance(value, list) else torch.equal(value, want), key
+        recommender.observe("u", 4, 60.0 + GAP)  # at the closing time itself: the next session's first event
+
+
+def test_now_and_constructor_arguments_are_checked():
+    recommender = StreamingRecommender(small_hiertcn(), session_gap=GAP)
+    recommender.observe_many([], [], [])  # no events: nothing to do
+    assert not recommender.user_slot
+    recommender.observe_many(["a", "b"], [1, 2], [0.0, 0.0])
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite"):
+            recommender.scores("a", now=bad)
+        with pytest.raises(ValueError, match="finite"):
+            recommender.scores_many(["a", "b"], now=[0.0, bad])
+    with pytest.raises(ValueError, match="more than once with different times"):
+        recommender.scores_many(["a", "a"], now=[10.0, 10.0 + GAP])
+    assert recommender.scores_many(["a", "a"], now=[10.0, 10.0]).shape[0] == 2
+    for bad in (-1, 0, 2.7, True):
+        with pytest.raises(ValueError, match="max_session_length"):
+            StreamingRecommender(small_hiertcn(), max_session_length=bad)
