@@ -19,8 +19,9 @@ reset, and the new session's start token stepped with the new state. Events past
 data (they do not start a session either). Recommendations therefore equal a full forward pass
 of the model over the same history (tests/test_serve.py).
 
-Users live in rows ("slots") of these tensors, which grow by doubling; ``state_dict`` /
-``load_state_dict`` save and restore every user (or a chosen subset with :meth:`export_users`).
+Users live in rows ("slots") of these tensors, which grow by doubling; :meth:`forget_users` frees the rows
+of users who left; ``state_dict`` / ``load_state_dict`` save and restore every user (or a chosen subset with
+:meth:`export_users`).
 """
 
 from __future__ import annotations
@@ -452,6 +453,47 @@ class StreamingRecommender:
         """The top-``k`` item ids for ``user``'s next event, best first."""
         self._check_k(k)
         return self.scores(user, now).topk(k).indices.tolist()
+
+    # ---- forgetting users ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forget_users(self, users) -> None:
+        """Drop everything held for ``users`` (known users; listing one twice is allowed): their rows are freed
+        for new users, so memory follows the users served rather than every user ever seen. The last users'
+        rows move into the freed ones (the others' recommendations do not change). An unknown user is refused
+        before anything changes."""
+        keys = list(dict.fromkeys(_user_keys(users)))
+        unknown = [user for user in keys if user not in self.user_slot]
+        if unknown:
+            raise KeyError(f"unknown user {unknown[0]!r}: only users with events can be forgotten")
+        owner = {row: user for user, row in self.user_slot.items()}
+        for user in keys:
+            row = self.user_slot.pop(user)
+            last = len(self.user_slot)  # the last occupied row, which moves into the freed one
+            if row != last:
+                moved = owner.pop(last)
+                self.user_slot[moved] = row
+                owner[row] = moved
+                self._copy_row(last, row)
+            else:
+                owner.pop(row)
+            self._clear_row(last)
+            self._row_views.pop(row, None)
+            self._row_views.pop(last, None)
+
+    def _per_user_tensors(self) -> list:
+        """Every per-user tensor, users along dim 0 (the GRU state seen as (users, layers, hidden))."""
+        return [self.state.transpose(0, 1), self.session_sum, self.session_count, self.features, self.last_time,
+                *[t for layer in self.conv.layers for t in (layer.history, layer.position)]]
+
+    def _copy_row(self, source: int, target: int) -> None:
+        for t in self._per_user_tensors():
+            t[target] = t[source]
+
+    def _clear_row(self, row: int) -> None:
+        """A freed row back to what a new user's row holds before its first event (zeros)."""
+        for t in self._per_user_tensors():
+            t[row] = 0
 
     # ---- saving and restoring --------------------------------------------------------------------------
 

@@ -383,3 +383,41 @@ def test_now_and_constructor_arguments_are_checked():
     for bad in (-1, 0, 2.7, True):
         with pytest.raises(ValueError, match="max_session_length"):
             StreamingRecommender(small_hiertcn(), max_session_length=bad)
+
+
+@pytest.mark.parametrize("single_events", [False, True])
+def test_forgotten_users_free_their_rows_and_change_no_one_else(single_events):
+    """forget_users drops users' rows (the last users' rows move into the gaps): the other users' scores stay
+    bitwise those of a recommender that never saw the forgotten ones, before and after more events, and a new
+    user starts from nothing in a freed row. An unknown user is refused and nothing changes."""
+    events = random_events(torch.Generator().manual_seed(11), ["a", "b", "c", "d"], 80)
+    full = StreamingRecommender(small_hiertcn(), session_gap=GAP, initial_capacity=1)
+    without = StreamingRecommender(small_hiertcn(), session_gap=GAP, initial_capacity=1)
+    without.model = full.model
+
+    def feed(recommender, chunk, skip=()):
+        for user, item, t in chunk:
+            if user in skip:
+                continue
+            if single_events:
+                recommender.observe(user, item, t)
+            else:
+                recommender.observe_many([user], [item], [t])
+
+    feed(full, events[:50])
+    feed(without, events[:50], skip=("a", "c"))
+    with pytest.raises(KeyError, match="unknown user"):
+        full.forget_users(["a", "zzz"])
+    assert sorted(full.user_slot, key=str) == ["a", "b", "c", "d"]
+    full.forget_users(["a", "c", "a"])
+    assert sorted(full.user_slot) == ["b", "d"] and sorted(full.user_slot.values()) == [0, 1]
+    for chunk in (events[50:], [("e", 5, 1e6), ("b", 6, 2e6)]):
+        feed(full, chunk, skip=("a", "c"))
+        feed(without, chunk, skip=("a", "c"))
+        for user in without.user_slot:
+            torch.testing.assert_close(full.scores(user), without.scores(user), rtol=0, atol=0)
+            expected = per_user_tensors(without, [user])
+            for key, value in per_user_tensors(full, [user]).items():
+                want = expected[key]
+                assert (all(map(torch.equal, value, want)) if isinstance(value, list)
+                        else torch.equal(value, want)), (user, key)
