@@ -52,7 +52,8 @@ def _user_key(user):
     """A user id as the key it is stored under: a tensor or NumPy scalar by its value (a 0-d tensor hashes by
     identity, so it would be a new user at every call)."""
     if isinstance(user, (torch.Tensor, np.ndarray)):
-        if user.size != 1 if isinstance(user, np.ndarray) else user.numel() != 1:
+        values = user.size if isinstance(user, np.ndarray) else user.numel()
+        if values != 1:
             raise TypeError(f"a user id must be one value, got an array of shape {tuple(user.shape)}")
         return user.item()
     return user.item() if isinstance(user, np.generic) else user

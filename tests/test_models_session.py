@@ -199,7 +199,7 @@ def test_length_groups_are_the_cheapest_partition():
 
 
 def test_group_gather_is_the_sessions_first_positions_and_its_gradient():
-    """SessionInputs._gather (every group in one gather, split into views) against slicing each session's
+    """SessionInputs._gather_with_items's groups (every group in one gather, split into views) against slicing each session's
     first positions out of the embeddings: values, and the gradient the embeddings get back."""
     from hiertcn_fast.models.base import SessionInputs
     generator = torch.Generator().manual_seed(5)
@@ -209,7 +209,7 @@ def test_group_gather_is_the_sessions_first_positions_and_its_gradient():
     steps, lanes, positions, dim = inputs.embedded.shape
     row_groups = [torch.tensor([3, 0, 7]), torch.tensor([1]), torch.tensor([steps * lanes - 1, 2])]
     widths = [positions - 1, 1, 2]
-    gathered = inputs._gather(row_groups, widths)
+    gathered = inputs._gather_with_items(row_groups, widths)[0]
     flat = inputs.embedded.reshape(steps * lanes, positions, dim)
     expected = [torch.stack([flat[r, :w] for r in rows.tolist()]) for rows, w in zip(row_groups, widths)]
     for got, want in zip(gathered, expected):

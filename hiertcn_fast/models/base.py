@@ -130,8 +130,8 @@ class SessionInputs:
 
     embedded: (steps, lanes, width + 1, embedding_dim): position 0 the start token, then the items
     (``embedded_steps``: its per-step views);
-    ``inputs()`` are positions 0..width-1 (what the low level reads), ``session_items()`` positions
-    1..width (what the session aggregate reads). mask: bool (steps, lanes, width), the prediction
+    the low level reads positions 0..width-1 (``low_level``), ``session_items()`` positions 1..width (what
+    the session aggregate reads). mask: bool (steps, lanes, width), the prediction
     events. rows: int64 (active rows,) indices into steps * lanes of the sessions with >= 1 event,
     so the low level never runs on empty lanes (the last batches of an epoch have many).
     """
@@ -150,20 +150,11 @@ class SessionInputs:
         self.rows = torch.nonzero(self.lengths.reshape(-1) > 0)[:, 0]
         self._reads = None  # see _read()
 
-    def inputs(self) -> torch.Tensor:
-        """(active rows, width, embedding_dim): start token then items, one row per active session."""
-        return self._gather([self.rows], [self.width])[0]
-
-    def _gather(self, row_groups: list[torch.Tensor], widths: list[int]) -> list[torch.Tensor]:
+    def _gather_with_items(self, row_groups: list[torch.Tensor], widths: list[int]):
         """Per group, (len(rows), width, embedding_dim): positions 0..width-1 of the sessions ``rows`` (indices
-        into steps * lanes), all groups in one gather from the embeddings seen as a matrix and split into views.
-        Its backward is one scatter into one embeddings-sized buffer; slicing and gathering per group
-        zero-filled two buffers of that size per group."""
-        return self._gather_with_items(row_groups, widths)[0]
-
-    def _gather_with_items(self, row_groups, widths):
-        """_gather, and the session items per step (each (lanes, width, embedding_dim)): both reads of the
-        embeddings through one autograd node (_EmbeddingReads), whose backward fills one gradient buffer."""
+        into steps * lanes), all groups in one gather from the embeddings seen as a matrix and split into views;
+        and the session items per step (each (lanes, width, embedding_dim)). Both reads go through one autograd
+        node (_EmbeddingReads), whose backward fills one embeddings-sized gradient buffer."""
         dim = self.embedded.shape[-1]
         stride = self.embedded.shape[-2]                          # width + 1 positions per session
         positions = [(rows[:, None] * stride + torch.arange(width, device=rows.device)).reshape(-1)

@@ -67,10 +67,10 @@ def _context_table(context, context_weight, lean_training):
     reference keeps the plain definition (per-tap products, then suffix sums). Without gradients, one product
     with the packing cached per weight version. Traced (torch.compile), the plain definition: the cache is not
     traceable."""
-    if torch.compiler.is_compiling() or (
-            not lean_training and torch.is_grad_enabled() and (context.requires_grad or context_weight.requires_grad)):
+    training = torch.is_grad_enabled() and (context.requires_grad or context_weight.requires_grad)
+    if torch.compiler.is_compiling() or (training and not lean_training):
         return torch.einsum("bc,ocj->bjo", context, context_weight).flip(1).cumsum(1)
-    if torch.is_grad_enabled() and (context.requires_grad or context_weight.requires_grad):
+    if training:
         return _ContextTable.apply(context, context_weight)
     out_channels, _, k = context_weight.shape
     return (context @ _cumulative_context_matrix(context_weight)).view(context.shape[0], k, out_channels)
@@ -751,12 +751,12 @@ def _stack_plan(x, weights, biases, states, proj_weights, proj_biases, context, 
     when the weights, projections, context or states are other objects."""
     # Stored on states[0], which is therefore not in it (no reference cycle: a state is freed with its last use).
     checked = (*weights, *proj_weights, *proj_biases, context, context_weight, *states[1:])
-    if torch.compiler.is_compiling():
-        _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight)
-    elif len(states[0]._stack_checked) != len(checked) or not all(
+    compiling = torch.compiler.is_compiling()  # traced: checked at every call, nothing stored on the state
+    if compiling or len(states[0]._stack_checked) != len(checked) or not all(
             a is b for a, b in zip(states[0]._stack_checked, checked)):
         _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight)
-        states[0]._stack_checked = checked
+        if not compiling:
+            states[0]._stack_checked = checked
     packed, projections = _packed_stack(weights, proj_weights, x.device.type)
     table = None if context is None else states[0].cached_context_table(context, context_weight)
     return packed, list(biases), projections, list(proj_biases), table, [state.dilation for state in states]
@@ -770,6 +770,12 @@ def _prepared_key(weights, biases, states, proj_weights, proj_biases, context, c
             *[state.position for state in states])
 
 
+def _prepared_mode(activation, backend, states) -> tuple:
+    """What a prepared step is valid for besides its argument objects: the activation, the backend asked for,
+    the stack's depth, and the weight-cache generation (forget_weight_caches drops it)."""
+    return activation, requested_backend(backend), len(states), _generation[0]
+
+
 def _prepared_step(x, weights, biases, states, proj_weights, proj_biases, context, context_weight, activation,
                    backend, original_proj):
     """The CPU step through a prepared plan (csrc/python/tcn_step_plan.cpp). The second call with the same
@@ -779,7 +785,7 @@ def _prepared_step(x, weights, biases, states, proj_weights, proj_biases, contex
     call, changed arguments, or weights modified in place since the plan was made (the op then repacks
     them, and the next call prepares again)."""
     key = _prepared_key(weights, biases, states, *original_proj, context, context_weight)
-    mode = (activation, requested_backend(backend), len(states), _generation[0])
+    mode = _prepared_mode(activation, backend, states)
     if not _entry_matches(states[0]._prepared, key, mode):
         states[0]._prepared = (key, mode, None)
         return None
@@ -801,8 +807,7 @@ def prepared_entry(weights, biases, states, proj_weights, proj_biases, context, 
     if not entry or entry[2] is None:
         return None
     key = _prepared_key(weights, biases, states, proj_weights, proj_biases, context, context_weight)
-    mode = (activation, requested_backend(backend), len(states), _generation[0])
-    return entry if _entry_matches(entry, key, mode) else None
+    return entry if _entry_matches(entry, key, _prepared_mode(activation, backend, states)) else None
 
 
 def _entry_matches(entry, key, mode) -> bool:
