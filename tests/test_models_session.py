@@ -296,3 +296,45 @@ def test_sessions_run_in_length_groups_give_the_features_of_one_padded_run(name,
         assert grads.keys() == grouped_grads.keys()
         for key in grads:
             torch.testing.assert_close(grouped_grads[key], grads[key])
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_low_level_events_equal_a_boolean_mask_over_one_padded_run(grouped, monkeypatch):
+    """SessionInputs.low_level's features (grouped by length, or one padded run) against an independent
+    composition: the network over every session padded to the batch's width, then the events picked by a
+    boolean mask in steps * lanes order; values, and the gradient the embeddings get back."""
+    from hiertcn_fast.models import base
+    generator = torch.Generator().manual_seed(8)
+    sessions = random_sessions(generator, NUM_ITEMS, lanes=6, max_sessions=3, max_length=9)
+    monkeypatch.setattr(base, "GROUP_OVERHEAD_POSITIONS", 0 if grouped else 10 ** 9)
+    inputs = base.SessionInputs(make("hiertcn").double(), lane_batch(sessions))
+    lengths = inputs.lengths.reshape(-1)
+    assert (len(base.length_groups(lengths[lengths > 0].tolist())) > 1) == grouped
+
+    def network(x):  # causal: position t reads position t only; distinct per position, so a misplaced row shows
+        return x * torch.arange(1, x.shape[1] + 1, dtype=x.dtype)[:, None] + x.square()
+
+    features = inputs.low_level(network)
+    steps, lanes, positions, dim = inputs.embedded.shape
+    padded = network(inputs.embedded.reshape(steps * lanes, positions, dim)[:, :inputs.width])
+    expected = padded[inputs.mask.reshape(steps * lanes, inputs.width)]
+    assert features.shape == expected.shape and torch.equal(features, expected)
+    weights = torch.randn(features.shape, generator=generator, dtype=features.dtype)
+    got = torch.autograd.grad((features * weights).sum(), inputs.embedded, retain_graph=True)[0]
+    want = torch.autograd.grad((expected * weights).sum(), inputs.embedded)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_gather_events_gradcheck():
+    """_GatherEvents (the low level's groups' events into the batch's order) passes gradcheck in float64, with
+    several groups and with one group in its own order."""
+    from hiertcn_fast.models.base import _GatherEvents
+    generator = torch.Generator().manual_seed(9)
+    a = torch.randn(3, 4, 2, dtype=torch.float64, generator=generator, requires_grad=True)
+    b = torch.randn(2, 2, 2, dtype=torch.float64, generator=generator, requires_grad=True)
+    sources = [torch.tensor([0, 1, 4, 9, 10]), torch.tensor([0, 2, 3])]
+    destinations = [torch.tensor([6, 0, 2, 7, 3]), torch.tensor([5, 1, 4])]
+    out = _GatherEvents.apply(8, sources, destinations, a, b)
+    assert torch.equal(out[6], a.reshape(-1, 2)[0]) and torch.equal(out[4], b.reshape(-1, 2)[3])
+    assert torch.autograd.gradcheck(lambda x, y: _GatherEvents.apply(8, sources, destinations, x, y), (a, b))
+    assert torch.autograd.gradcheck(lambda x: _GatherEvents.apply(5, sources[:1], [None], x), (a,))

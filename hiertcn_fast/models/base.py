@@ -125,6 +125,39 @@ class _EmbeddingReads(torch.autograd.Function):
         return grad, None
 
 
+class _GatherEvents(torch.autograd.Function):
+    """The events of the low level's groups in the batch's order: row ``sources[g][i]`` of group g's outputs
+    (rows, width, features), seen as (rows * width, features), becomes row ``destinations[g][i]`` of the
+    (total, features) result (destinations None: one group, in its own order). Every event comes from exactly
+    one position, so the backward copies the gradient's rows back (the padding's gradient zero) where
+    autograd's backward of a boolean-mask read, a cat and a permuting index_select accumulates through a
+    sorting index_put and adds the groups' buffers."""
+
+    @staticmethod
+    def forward(ctx, total, sources, destinations, *outputs):
+        ctx.set_materialize_grads(False)
+        ctx.index = (sources, destinations)
+        ctx.shapes = [o.shape for o in outputs]
+        features = outputs[0].shape[-1]
+        if destinations[0] is None:
+            return outputs[0].reshape(-1, features).index_select(0, sources[0])
+        out = outputs[0].new_empty(total, features)
+        for output, source, destination in zip(outputs, sources, destinations):
+            out.index_copy_(0, destination, output.reshape(-1, features).index_select(0, source))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return (None,) * (3 + len(ctx.shapes))
+        grads = []
+        for shape, source, destination in zip(ctx.shapes, *ctx.index):
+            g = grad.new_zeros(shape.numel() // shape[-1], shape[-1])
+            g.index_copy_(0, source, grad if destination is None else grad.index_select(0, destination))
+            grads.append(g.view(shape))
+        return None, None, None, *grads
+
+
 class SessionInputs:
     """The embedded sessions of a lane batch, trimmed to its longest session, and the rows worth running.
 
@@ -195,7 +228,8 @@ class SessionInputs:
 
     def events(self, outputs: torch.Tensor) -> torch.Tensor:
         """outputs (active rows, width, features) -> (events, features) in batch_targets' order."""
-        return outputs[self.per_row(self.mask)]
+        sources = torch.nonzero(self.per_row(self.mask).reshape(-1))[:, 0]
+        return _GatherEvents.apply(sources.numel(), [sources], [None], outputs)
 
     def low_level(self, network, *row_values: torch.Tensor) -> torch.Tensor:
         """The within-session network over every active session, in groups of similar length.
@@ -213,17 +247,16 @@ class SessionInputs:
         if member_groups is None:
             return self.events(network(group_inputs[0], *row_values))
         starts = torch.cumsum(lengths, 0) - lengths                # each active session's first event
-        events, order = [], []
+        outputs, sources, destinations = [], [], []
         for width, rows, inputs in zip(widths, member_groups, group_inputs):
-            outputs = network(inputs, *(value.index_select(0, rows) for value in row_values))
+            outputs.append(network(inputs, *(value.index_select(0, rows) for value in row_values)))
             position = torch.arange(width, device=lengths.device)
-            mask = position < lengths.index_select(0, rows)[:, None]
-            events.append(outputs[mask])
-            order.append((starts.index_select(0, rows)[:, None] + position)[mask])
-        order = torch.cat(order)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        return torch.cat(events).index_select(0, inverse)
+            # The group's events: where in its (rows * width) outputs they are, and where in the batch's order.
+            mask = (position < lengths.index_select(0, rows)[:, None]).reshape(-1)
+            sources.append(torch.nonzero(mask)[:, 0])
+            destinations.append((starts.index_select(0, rows)[:, None] + position).reshape(-1).index_select(
+                0, sources[-1]))
+        return _GatherEvents.apply(int(lengths.sum()), sources, destinations, *outputs)
 
 
 # What a group costs beyond its positions (its calls, gathers and the scatter back), in positions, and at most
