@@ -663,6 +663,8 @@ def test_gru_modules_name_input_and_hx_in_their_errors():
             call()
     with pytest.raises(TypeError, match=r"GRU: input dtype \(torch.float64\) does not match the parameters' dtype"):
         gru_module(x.double())
+    with pytest.raises(ValueError, match="does not match"):  # torch.nn.GRU raises a ValueError: caught alike
+        gru_module(x.double())
     with pytest.raises(TypeError, match="GRUCell: hx has dtype torch.float64 but input has torch.float32"):
         cell(torch.randn(4, 5), torch.randn(4, 7, dtype=torch.float64))
     with pytest.raises(ValueError, match="GRUCell: hx is on meta but input is on cpu"):
@@ -721,3 +723,19 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(RuntimeError, match=r"lengths must lie in \[0, time = 3\]"):
         session_update(items, lengths + 5, hs, keep, su_weights, backend="cpu")
 
+
+
+def test_gru_modules_refuse_an_empty_time_axis_and_unknown_backends_clearly():
+    """An empty time axis is named as such, in the caller's layout (batch_first=False included); an unknown
+    backend name is refused by the constructor, as CausalConv1d's is, not at the first forward."""
+    from hiertcn_fast.nn import GRU, GRUCell
+    for batch_first, shape in ((True, (3, 0, 5)), (False, (0, 3, 5))):
+        module = GRU(5, 7, batch_first=batch_first)
+        with pytest.raises(ValueError, match=rf"empty time axis \(dimension {1 if batch_first else 0} of shape "
+                                             rf"\({shape[0]}, {shape[1]}, 5\)"):
+            module(torch.randn(*shape))
+    with pytest.raises(ValueError, match="empty time axis"):
+        GRU(5, 7)(torch.randn(0, 5))
+    for make in (lambda: GRU(5, 7, backend="bogus"), lambda: GRUCell(5, 7, backend="bogus")):
+        with pytest.raises(ValueError, match="bogus"):
+            make()

@@ -374,3 +374,72 @@ def test_steps_with_a_context_under_autocast_are_the_steps_without():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = tcn.step(x[:, 0].bfloat16(), state, context.bfloat16())
     assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("built_in_inference_mode", [False, True])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_tcn_under_inference_mode_equals_no_grad_and_sees_changes(backend, built_in_inference_mode):
+    """Serving computes a user's context and steps the TCN under torch.inference_mode: forward and step (with a
+    context, the state made there too, the model possibly built there) give no_grad's results. Inference tensors
+    have no version counter, so nothing derived from one is cached: a context or weight changed in place inside
+    inference_mode reaches the next step."""
+    torch.manual_seed(11)
+    make = lambda: TCN(4, [6, 5], kernel_size=3, dilations=[1, 2], context_channels=3, backend=backend,
+                       dtype=torch.float64)
+    expected_tcn = make()
+    if built_in_inference_mode:
+        with torch.inference_mode():
+            tcn = make()
+            tcn.load_state_dict(expected_tcn.state_dict())
+    else:
+        tcn = make()
+        tcn.load_state_dict(expected_tcn.state_dict())
+    x, context = rand(2, 7, 4), rand(2, 3)
+    with torch.no_grad():
+        expected_forward = expected_tcn(x, context)
+        expected_state = expected_tcn.init_state(2)
+        expected_steps = [expected_tcn.step(x[:, t], expected_state, context) for t in range(4)]
+    with torch.inference_mode():
+        inference_context = context * 1.0  # an inference tensor
+        assert_close(tcn(x, inference_context), expected_forward)
+        state = tcn.init_state(2)
+        for t in range(4):
+            assert_close(tcn.step(x[:, t], state, inference_context), expected_steps[t])
+        # Changed in place inside inference_mode: no version counter moves, so only an uncached derivation sees it.
+        inference_context.mul_(-1.5)
+        weight = tcn.blocks[0].conv.context_weight
+        changed_in_place = weight.is_inference()
+        if changed_in_place:
+            weight.mul_(0.5)
+        with torch.no_grad():
+            if changed_in_place:
+                expected_tcn.blocks[0].conv.context_weight.mul_(0.5)
+            expected_after = [expected_tcn.step(x[:, t], expected_state, context * -1.5) for t in range(4, 7)]
+        for t, expected in zip(range(4, 7), expected_after):
+            assert_close(tcn.step(x[:, t], state, inference_context), expected)
+        assert changed_in_place == built_in_inference_mode
+
+
+def test_step_input_errors_name_the_step_arguments():
+    """The steps' bad input in the steps' words, on the first step too (before a prepared step exists): x_t of
+    the wrong width, batch or dtype, and a context of the wrong width (forward too), rather than messages about
+    packed weights, histories or the context weight."""
+    tcn = TCN(4, [6, 5], kernel_size=3, context_channels=2)
+    block = TemporalBlock(4, 6, 3)
+    conv = CausalConv1d(4, 6, 3, context_channels=2)
+    with torch.no_grad():
+        for step, state, context in ((tcn.step, tcn.init_state(3), torch.randn(3, 2)),
+                                     (block.step, block.init_state(3), None),
+                                     (conv.step, conv.init_state(3), torch.randn(3, 2))):
+            call = (lambda x: step(x, state, context)) if context is not None else (lambda x: step(x, state))
+            with pytest.raises(ValueError, match=r"x_t must be \(batch, in_channels\) = \(3, 4\) .* got shape \(3, 5\)"):
+                call(torch.randn(3, 5))
+            with pytest.raises(ValueError, match=r"a state of 3 rows, got shape \(2, 4\)"):
+                call(torch.randn(2, 4))
+            with pytest.raises(TypeError, match="x_t has dtype torch.float64 but the state holds torch.float32"):
+                call(torch.randn(3, 4, dtype=torch.float64))
+            assert call(torch.randn(3, 4)).shape[0] == 3  # the state is still usable
+        with pytest.raises(ValueError, match=r"context must be \(batch, context_channels = 2\), got shape \(3, 3\)"):
+            tcn.step(torch.randn(3, 4), tcn.init_state(3), torch.randn(3, 3))
+    with pytest.raises(ValueError, match=r"context must be \(batch, context_channels = 2\), got shape \(2, 3\)"):
+        conv(torch.randn(2, 7, 4), torch.randn(2, 3))

@@ -297,7 +297,7 @@ def test_column_blocked_projection_must_match_its_weights_blocks():
     args = _blocked_args(plain, [4, 8, 5])
     assert args[1][0].dim() == 4 and args[3][0].dim() == 3
     bad_projections = [plain[3][0], *args[3][1:]]  # layer 0's weights blocked, its projection left plain
-    with pytest.raises(RuntimeError, match="column-blocked like packed_weights"):
+    with pytest.raises(RuntimeError, match="column-blocked like the packed weights"):
         torch.ops.hiertcn_fast.tcn_step_out(args[0], args[1], args[2], bad_projections, *args[4:], **kwargs)
     torch.ops.hiertcn_fast.tcn_step_out(*args, **kwargs)  # the matching blocks run
 

@@ -103,7 +103,25 @@ class CausalConv1d(nn.Module):
         if (context is None) != (self.context_weight is None):
             raise ValueError(f"this layer has context_channels={self.context_channels}: pass context exactly when "
                              f"it is nonzero")
+        if context is not None and isinstance(context, torch.Tensor) and (
+                context.dim() != 2 or context.shape[1] != self.context_channels):
+            raise ValueError(f"context must be (batch, context_channels = {self.context_channels}), got shape "
+                             f"{tuple(context.shape)}")
         return dict(context=context, context_weight=self.context_weight)
+
+    def _check_step_input(self, x_t, state, what="x_t"):
+        """x_t must be (the state's batch, in_channels) in the state's dtype (autocast aside): said in the step's
+        words, where the op would name its packed weights or the state's history."""
+        if not isinstance(x_t, torch.Tensor) or not isinstance(state, CausalConvState):
+            return  # the op says what is wrong
+        batch = state.history.shape[0]
+        if x_t.dim() != 2 or x_t.shape != (batch, self.in_channels):
+            raise ValueError(f"{what} must be (batch, in_channels) = ({batch}, {self.in_channels}) for this layer and "
+                             f"a state of {batch} rows, got shape {tuple(x_t.shape)}")
+        if x_t.dtype != state.history.dtype and autocast_dtype(x_t.device.type) is None:
+            raise TypeError(f"{what} has dtype {x_t.dtype} but the state holds {state.history.dtype}: the step runs "
+                            f"in the state's dtype (make the state with init_state(batch, dtype=...), or convert "
+                            f"{what})")
 
     def _check_layout(self, x):
         """A clear word for nn.Conv1d's channels-first layout, which the shape checks would blame on the weight."""
@@ -145,6 +163,7 @@ class CausalConv1d(nn.Module):
         no autograd; runs in the state's dtype (under autocast too)."""
         _check_inference(x_t, context, residual)
         self._check_state(state)
+        self._check_step_input(x_t, state)
         if isinstance(state, CausalConvState) and autocast_dtype(x_t.device.type) is not None:
             x_t, context, residual = _cast((x_t, context, residual), state.history.dtype)
         return causal_conv1d_step(x_t, self.weight, state, self.bias, groups=self.groups, activation=self.activation,
@@ -188,6 +207,8 @@ class TemporalBlock(nn.Module):
         """x_t (batch, in_channels) -> (batch, out_channels); advances ``state`` by one step (inference: no
         autograd)."""
         _check_inference(x_t, context)
+        self.conv._check_state(state)
+        self.conv._check_step_input(x_t, state)
         with torch.no_grad():  # the projection's parameters require grad; the step records none
             if isinstance(state, CausalConvState) and autocast_dtype(x_t.device.type) is not None:
                 # The step runs in the state's dtype under autocast: the projection too, not in autocast's.
@@ -298,6 +319,8 @@ class TCN(nn.Module):
         convs = [block._modules["conv"] for block in blocks]
         for i, (conv, layer) in enumerate(zip(convs, state.layers)):
             conv._check_state(layer, f"state.layers[{i}]")
+        if convs:
+            convs[0]._check_step_input(x_t, state.layers[0])
         projections = [block._modules.get("projection") for block in blocks]
         # A parametrized module (weight_norm, ...) computes its weight on access: no prepared step for it.
         parametrized = any(parametrize.is_parametrized(m) for m in (*convs, *projections) if m is not None)

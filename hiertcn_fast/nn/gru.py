@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from ..backends import requested_backend
 from ..ops import gru, gru_cell
 from ._autocast import autocast_cast as _autocast_cast, rnn_autocast_dtype as _autocast_dtype
 
@@ -22,15 +23,20 @@ def _check_input_size(input, input_size):
         raise ValueError(f"input.size(-1) must be equal to input_size. Expected {input_size}, got {input.shape[-1]}")
 
 
+class DtypeMismatchError(TypeError, ValueError):
+    """An input's dtype differs from the parameters' (or hx's from the input's). A TypeError, as this package's
+    dtype errors are, and a ValueError, as torch.nn.GRU's is, so code written for either catches it."""
+
+
 def _check_dtypes_and_devices(module, x, h, weight):
     """x, h (or None) and the weights as they go to the op: one dtype and one device, else an error that
     names input and hx (the op only knows x, h and weights[i])."""
     if x.dtype != weight.dtype:
-        raise TypeError(f"{type(module).__name__}: input dtype ({x.dtype}) does not match the parameters' "
+        raise DtypeMismatchError(f"{type(module).__name__}: input dtype ({x.dtype}) does not match the parameters' "
                         f"dtype ({weight.dtype}). Convert the input: input.to({weight.dtype}), or the module: "
                         f"module.to({x.dtype})")
     if h is not None and h.dtype != x.dtype:
-        raise TypeError(f"{type(module).__name__}: hx has dtype {h.dtype} but input has {x.dtype}")
+        raise DtypeMismatchError(f"{type(module).__name__}: hx has dtype {h.dtype} but input has {x.dtype}")
     device = x.device
     if device != weight.device:
         raise ValueError(f"{type(module).__name__}: input is on {device} but the parameters are on "
@@ -52,6 +58,8 @@ class GRUCell(torch.nn.GRUCell):
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend=None):
         super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
+        if backend is not None:
+            requested_backend(backend)  # a known backend name, said now rather than at the first forward
         self.backend = backend
 
     def forward(self, input, hx=None):
@@ -113,6 +121,8 @@ class GRU(torch.nn.GRU):
         super().__init__(*args, **kwargs)
         if self.bidirectional:
             raise ValueError("hiertcn_fast.nn.GRU does not support bidirectional=True; use torch.nn.GRU")
+        if backend is not None:
+            requested_backend(backend)  # a known backend name, said now rather than at the first forward
         self.backend = backend
 
     def _check_hx(self, hx, batch, input):
@@ -182,6 +192,11 @@ class GRU(torch.nn.GRU):
             raise ValueError(f"GRU: expected input to be 2-D or 3-D, got {input.dim()}-D")
         _check_input_size(input, self.input_size)
         batched = input.dim() == 3
+        time_axis = (1 if self.batch_first else 0) if batched else 0
+        if input.shape[time_axis] == 0:
+            raise ValueError(f"GRU: input has an empty time axis (dimension {time_axis} of shape "
+                             f"{tuple(input.shape)}, batch_first={self.batch_first}): a sequence needs at least one "
+                             f"step")
         self._check_hx(hx, input.shape[0 if self.batch_first else 1] if batched else None, input)
         x = input if batched else input.unsqueeze(0 if self.batch_first else 1)
         if not self.batch_first:

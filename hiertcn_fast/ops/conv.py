@@ -471,7 +471,11 @@ def _stamp(t: torch.Tensor) -> tuple:
     """What a cache derived from t compares to see t unchanged: the version catches in-place changes, the data
     pointer new storage under the same tensor (``w.data = ...``, .to()) unless it reuses the old address, the
     generation a call of forget_weight_caches() (for what neither sees: changes through ``.data``, and the
-    steps of torch's fused optimizers, which move no version counter and call it through a step hook)."""
+    steps of torch's fused optimizers, which move no version counter and call it through a step hook).
+    An inference tensor (made under torch.inference_mode) has no version counter and may change in place
+    unseen: its stamp equals no other, so whatever is derived from it is derived again at every use."""
+    if t.is_inference():
+        return object()
     return t._version, t.data_ptr(), _generation[0]
 
 
@@ -786,12 +790,14 @@ def _prepared_step(x, weights, biases, states, proj_weights, proj_biases, contex
     them, and the next call prepares again)."""
     key = _prepared_key(weights, biases, states, *original_proj, context, context_weight)
     mode = _prepared_mode(activation, backend, states)
+    sources = [t for t in (*weights, *proj_weights) if t is not None]
+    if any(t.is_inference() for t in sources):
+        return None  # a plan checks its weights' version counters, which inference tensors do not have
     if not _entry_matches(states[0]._prepared, key, mode):
         states[0]._prepared = (key, mode, None)
         return None
     packed, biases, projections, proj_biases, table, dilations = _stack_plan(
         x, weights, biases, states, proj_weights, proj_biases, context, context_weight)
-    sources = [t for t in (*weights, *proj_weights) if t is not None]
     plan = _extension.module().TcnStepPlan(
         unit_stride_rows(x), packed, biases, projections, proj_biases, table, dilations, ACTIVATIONS[activation],
         [state.history for state in states], [state.position for state in states], sources)

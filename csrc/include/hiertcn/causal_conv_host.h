@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <string>
 
 #include "hiertcn/causal_conv.h"
 #include "hiertcn/checks.h"
@@ -283,6 +284,10 @@ inline TcnStepParams make_tcn_step_params(const at::Tensor& x, at::TensorList pa
   int64_t channels = x.size(1);
   p.max_channels = channels;
   for (int64_t l = 0; l < layers; ++l) {
+    // "name[l]" with this layer's index, for the messages.
+    const auto named = [l](const char* name, const char* more = "") {
+      return std::string(name) + "[" + std::to_string(l) + "]" + more;
+    };
     const at::Tensor& w = packed_weights[l];
     // (k, in, out), or column-blocked (out / block, k, in, block).
     const bool blocked = w.dim() == 4;
@@ -292,7 +297,7 @@ inline TcnStepParams make_tcn_step_params(const at::Tensor& x, at::TensorList pa
                 "packed_weights[", l, "] must be a contiguous (k >= 1, ", channels, ", out_channels) tensor or a "
                 "column-blocked (out_channels / block, k >= 1, ", channels, ", block >= 1) one, got shape ",
                 w.sizes());
-    check_same_device_dtype(x, w, "x", "packed_weights[l]");
+    check_same_device_dtype(x, w, "x", named("packed_weights").c_str());
     TcnStepLayer& layer = p.layer[l];
     layer.in_channels = channels;
     layer.weight_block = w.size(tap_dim + 2);
@@ -304,9 +309,9 @@ inline TcnStepParams make_tcn_step_params(const at::Tensor& x, at::TensorList pa
     layer.packed_weight = w.data_ptr();
     const std::optional<at::Tensor> bias = biases[l];
     if (bias) {
-      check_shape(*bias, {layer.out_channels}, "biases[l]");
+      check_shape(*bias, {layer.out_channels}, named("biases").c_str());
       TORCH_CHECK(bias->is_contiguous(), "biases[", l, "] must be contiguous");
-      check_same_device_dtype(x, *bias, "x", "biases[l]");
+      check_same_device_dtype(x, *bias, "x", named("biases").c_str());
       layer.bias = bias->data_ptr();
     }
     const std::optional<at::Tensor> proj = proj_weights[l];
@@ -318,26 +323,27 @@ inline TcnStepParams make_tcn_step_params(const at::Tensor& x, at::TensorList pa
     if (proj) {
       if (blocked)
         check_shape(*proj, {w.size(0), channels, layer.weight_block},
-                    "proj_weights[l] (column-blocked like packed_weights[l]: out_channels / block, in_channels, block)");
+                    named("proj_weights", " (column-blocked like the packed weights: out_channels / block, in_channels, "
+                                          "block)").c_str());
       else
-        check_shape(*proj, {channels, layer.out_channels}, "proj_weights[l] (in_channels, out_channels)");
+        check_shape(*proj, {channels, layer.out_channels}, named("proj_weights", " (in_channels, out_channels)").c_str());
       TORCH_CHECK(proj->is_contiguous(), "proj_weights[", l, "] must be contiguous");
-      check_same_device_dtype(x, *proj, "x", "proj_weights[l]");
+      check_same_device_dtype(x, *proj, "x", named("proj_weights").c_str());
       layer.proj_weight = proj->data_ptr();
     }
     if (proj_bias) {
-      check_shape(*proj_bias, {layer.out_channels}, "proj_biases[l]");
+      check_shape(*proj_bias, {layer.out_channels}, named("proj_biases").c_str());
       TORCH_CHECK(proj_bias->is_contiguous(), "proj_biases[", l, "] must be contiguous");
-      check_same_device_dtype(x, *proj_bias, "x", "proj_biases[l]");
+      check_same_device_dtype(x, *proj_bias, "x", named("proj_biases").c_str());
       layer.proj_bias = proj_bias->data_ptr();
     }
     const at::Tensor& history = histories[l];
-    check_shape(history, {p.batch, (layer.kernel_size - 1) * layer.dilation, channels}, "histories[l]");
+    check_shape(history, {p.batch, (layer.kernel_size - 1) * layer.dilation, channels}, named("histories").c_str());
     TORCH_CHECK(history.is_contiguous(), "histories[", l, "] must be contiguous");
-    check_same_device_dtype(x, history, "x", "histories[l]");
+    check_same_device_dtype(x, history, "x", named("histories").c_str());
     layer.history = history.data_ptr();
     const at::Tensor& position = positions[l];
-    check_shape(position, {p.batch}, "positions[l]");
+    check_shape(position, {p.batch}, named("positions").c_str());
     TORCH_CHECK(position.scalar_type() == at::kLong && position.is_contiguous() && position.device() == x.device(),
                 "positions[", l, "] must be a contiguous int64 tensor on the device of x");
     layer.position = position.data_ptr();
