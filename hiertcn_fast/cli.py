@@ -12,7 +12,13 @@
   be). results.json and report.md are rewritten as the rules and each model finish (the plots at
   the end), so an interrupted or failed job keeps what it finished. A model that fails is reported
   (traceback on stderr, a note in the report) and the job goes on with the others, then exits with
-  status 1. An earlier report in the folder is replaced, and the job says so first.
+  status 1. An earlier report in the folder is replaced: the job says so first and removes it, so
+  no earlier report outlives the job.
+
+  Bad arguments are usage errors (exit status 2) before any work and before the report folder is
+  made: numbers out of range, an empty ``--out``, an unknown ``--dataset`` or ``--device``, a
+  ``--cache-dir`` that cannot be created or written, ``--device cuda`` with no GPU visible, and a
+  ``--backend`` (or HIERTCN_BACKEND) that cannot run here or on the job's device.
 """
 
 import argparse
@@ -52,14 +58,40 @@ def _non_negative_int(text: str) -> int:
     return _bounded_int(text, 0, "a non-negative integer")
 
 
-def _bounded_int(text: str, lowest: int, expected: str) -> int:
+SEED_LIMIT = 2**63 - 1  # torch's and numpy's generators take 64-bit seeds; the job adds the rank to it
+
+
+def _seed(text: str) -> int:
+    return _bounded_int(text, 0, "a non-negative integer below 2**63", highest=SEED_LIMIT)
+
+
+def _bounded_int(text: str, lowest: int, expected: str, highest: int | None = None) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-    if value < lowest:
+    if value < lowest or (highest is not None and value > highest):
         raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
     return value
+
+
+def _device(text: str):
+    """A torch.device of type cpu or cuda (whether it is usable here is checked after parsing)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.index is not None and device.index < 0):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return device
+
+
+def _folder(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a folder path, got {text!r}")
+    return text
 
 
 def _positive_float(text: str) -> float:
@@ -85,27 +117,73 @@ def _main_rank_by_environment() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _writable_folder(path: str, option: str, what: str) -> str | None:
+    """Create the folder and prove it writable; the problem, or None."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        return f"{option} {path}: cannot create or write the {what} ({type(error).__name__}: {error.strerror or error})"
+    return None
+
+
 def _prepare_report_folder(out: str) -> tuple[str | None, list[str]]:
     """Create the report folder and prove it writable. Returns (the problem, or None; the report
     files of an earlier run already there)."""
     from .report import REPORT_FILES
 
-    folder = Path(out)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
-            pass
-    except OSError as error:
-        return (f"--out {out}: cannot create or write the report folder "
-                f"({type(error).__name__}: {error.strerror or error})"), []
-    return None, [name for name in REPORT_FILES if (folder / name).exists()]
+    problem = _writable_folder(out, "--out", "report folder")
+    if problem:
+        return problem, []
+    return None, [name for name in REPORT_FILES if (Path(out) / name).exists()]
+
+
+def _device_problem(args) -> str | None:
+    """Why the job's device or op backend cannot run here (None when they can): checked once, up front,
+    rather than failing every model with the same traceback."""
+    import torch
+
+    from .backends import ENV_VAR, backends, requested_backend, triton_interpreted
+
+    device = args.device
+    if device is not None and device.type == "cuda":
+        if not torch.cuda.is_available():
+            return (f"--device {device}: no CUDA device is visible here (torch.cuda.is_available() is False); "
+                    "use --device cpu, or run on a machine with an NVIDIA GPU and driver")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            return f"--device {device}: only {count} CUDA device(s) visible (cuda:0 to cuda:{count - 1})"
+    if args.backend is not None:
+        backend, source = args.backend, f"--backend {args.backend}"
+    else:
+        try:
+            backend = requested_backend()
+        except ValueError as error:
+            return str(error)
+        source = f"{ENV_VAR}={backend}"
+    if backend == "auto":
+        return None
+    status = {s.name: s for s in backends()}[backend]
+    if not status.available:
+        return f"{source}: not available here: {status.detail}" + (f"; fix: {status.fix}" if status.fix else "")
+    device_type = device.type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    shown = f"--device {device}" if device is not None else f"the default device {device_type}"
+    if backend == "cpu" and device_type != "cpu":
+        return f"{source}: it runs on CPU tensors, not on {shown}"
+    if backend == "cuda" and device_type != "cuda":
+        return f"{source}: it runs on CUDA tensors, not on {shown}"
+    if backend == "triton" and device_type != "cuda" and not triton_interpreted():
+        return f"{source}: it runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), not on {shown}"
+    return None
 
 
 def _model_list(text: str) -> tuple:
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    """The names in order, each once: a repeated name would train the same model again and overwrite it."""
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     unknown = [n for n in names if n not in MODEL_SIZES]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown models {unknown}; choose from {','.join(MODEL_SIZES)}")
+        raise argparse.ArgumentTypeError(f"unknown models {unknown} in {text!r}; choose from {','.join(MODEL_SIZES)}")
     return names
 
 
@@ -138,7 +216,7 @@ def _train_and_report(args, device, started, main_rank) -> int:
     import torch
 
     from .data import load_dataset, preprocess
-    from .report import ModelResult, write_report
+    from .report import REPORT_FILES, ModelResult, write_report
     from .rule_report import ML100K_PARAMS, evaluate_rules, format_table, preprocessing_note
     from .train import TrainConfig, Trainer, build_model, evaluate
 
@@ -146,6 +224,11 @@ def _train_and_report(args, device, started, main_rank) -> int:
     if main_rank and getattr(args, "earlier_report", None):
         print(f"--out {args.out}: replacing the earlier report there ({', '.join(args.earlier_report)}); "
               "other files are kept", flush=True)
+        # Removed now, not when the first result is written: a job that finishes nothing (every model fails, or
+        # it is stopped first; with --no-rules there is nothing before the first model) must not leave the earlier
+        # report, whose status reads "complete", looking like its own.
+        for name in REPORT_FILES:
+            (Path(args.out) / name).unlink(missing_ok=True)
     params = dataclasses.replace(ML100K_PARAMS, split="warm" if args.split_by == "time" else "cold")
     cache = preprocess(load_dataset(args.dataset), args.cache_dir, params)
     models = args.models
@@ -244,23 +327,28 @@ def _train_and_report(args, device, started, main_rank) -> int:
 
 
 def main(argv=None) -> int:
+    from .data.readers import BUILTIN_DATASETS
+
     parser = argparse.ArgumentParser(prog="hiertcn-fast", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="which backends are usable here, and how to fix the others").set_defaults(
         run=_info)
     train = commands.add_parser("train", help="train and evaluate HierTCN and the baselines on ml-100k; "
                                               "write a report folder")
-    train.add_argument("--out", default="reports/ml-100k",
+    train.add_argument("--out", type=_folder, default="reports/ml-100k",
                        help="report folder (default: %(default)s). Created and checked writable before any work. "
                             "results.json and report.md are rewritten as each model finishes, the plots at the end; "
                             "a model that fails is noted there, the others go on, and the job exits with status 1. "
-                            "An earlier report there (report.md, results.json, the plots) is replaced, and the job "
-                            "says so when it starts; other files in the folder are kept")
-    train.add_argument("--dataset", default="ml-100k", help="built-in data set (default: %(default)s)")
-    train.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "hiertcn_fast_cache"),
-                       help="session cache folder (default: %(default)s)")
+                            "An earlier report there (report.md, results.json, the plots) is replaced: the job "
+                            "says so when it starts and removes it then; other files in the folder are kept")
+    train.add_argument("--dataset", default="ml-100k", choices=BUILTIN_DATASETS,
+                       help="built-in data set (default: %(default)s)")
+    train.add_argument("--cache-dir", type=_folder, default=os.path.join(tempfile.gettempdir(), "hiertcn_fast_cache"),
+                       help="session cache folder (default: %(default)s); created and checked writable before any "
+                            "work")
     train.add_argument("--models", type=_model_list, default=DEFAULT_MODELS,
-                       help=f"comma-separated neural models (default: {','.join(DEFAULT_MODELS)})")
+                       help=f"comma-separated neural models, trained in that order; duplicates are dropped "
+                            f"(default: {','.join(DEFAULT_MODELS)})")
     train.add_argument("--no-rules", dest="rules", action="store_false", help="skip the rule baselines")
     train.add_argument("--split", default="test", choices=("valid", "test"), help="evaluated split")
     train.add_argument("--split-by", default="user", choices=("user", "time"),
@@ -279,21 +367,29 @@ def main(argv=None) -> int:
     train.add_argument("--sessions-per-batch", type=_positive_int, default=10)
     train.add_argument("--producers", type=_non_negative_int, default=1,
                        help="batch producer threads of the ring queue (0: build batches in the training thread)")
-    train.add_argument("--seed", type=_non_negative_int, default=0)
-    train.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    train.add_argument("--seed", type=_seed, default=0, help="random seed, below 2**63 (default: %(default)s)")
+    train.add_argument("--device", type=_device, default=None,
+                       help="cpu, cuda or cuda:N (default: cuda when present); cuda with no GPU visible is a usage "
+                            "error")
     train.add_argument("--threads", type=_non_negative_int, default=1,
                        help="torch CPU threads (default 1: these small models run several times faster on one "
                             "thread than on two busy cores; 0: torch's default)")
     train.add_argument("--backend", default=None, choices=("cuda", "triton", "cpu", "reference"),
-                       help="op backend of the neural models (default: the usual automatic selection)")
+                       help="op backend of the neural models (default: the usual automatic selection, or "
+                            "HIERTCN_BACKEND); one that cannot run here or on the job's device is a usage error")
     train.add_argument("--log-every", type=_non_negative_int, default=0,
                        help="progress every N steps (0: once per epoch)")
     train.set_defaults(run=_train)
     args = parser.parse_args(argv)
-    if args.command == "train" and _main_rank_by_environment():
-        problem, args.earlier_report = _prepare_report_folder(args.out)
+    if args.command == "train":
+        # Every check that can fail comes before the report folder is made, so a usage error leaves nothing behind.
+        problem = _device_problem(args) or _writable_folder(args.cache_dir, "--cache-dir", "cache folder")
         if problem:
             train.error(problem)
+        if _main_rank_by_environment():
+            problem, args.earlier_report = _prepare_report_folder(args.out)
+            if problem:
+                train.error(problem)
     try:
         return args.run(args)
     except BrokenPipeError:
