@@ -141,7 +141,7 @@ class SessionBatcher:
             longest session, i.e. no truncation, so every event of the split is delivered once).
         shuffle: permute users each epoch (partition order, then users within a partition, which
             keeps reads local); the permutation is a function of (seed, epoch).
-        seed: see ``shuffle``.
+        seed: see ``shuffle``; a non-negative integer.
         state_shape: (layers, hidden) of the high-level state cache, or None for no cache.
         device, state_dtype: where and how the state cache lives.
 
@@ -149,6 +149,8 @@ class SessionBatcher:
     Every event of the split is delivered exactly once per epoch, in time order within its user,
     except events beyond ``max_session_length`` (counted in ``truncated_events``).
     Construction verifies the cache's checksums (once per opened cache).
+    A pickled batcher holds its cache's path, its settings, position and state cache, not the data
+    or anything derived from it: unpickling memory-maps the cache again and rebuilds the rest.
     """
 
     def __init__(self, cache: SessionCache, split: str = "train", lanes: int = 32, sessions_per_batch: int = 10,
@@ -169,6 +171,8 @@ class SessionBatcher:
         self.lanes = lanes
         self.sessions_per_batch = sessions_per_batch
         self.max_session_length = max_session_length
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.epoch = 0
@@ -184,6 +188,16 @@ class SessionBatcher:
         # The split labels of every partition are read right here: check them all first (once per
         # opened cache), so corruption is reported as such and never read as data.
         cache.verify()
+        self._derive()
+
+    # Built from the cache by _derive(): never pickled, rebuilt on unpickling (a pickled batcher
+    # must not carry copies of the cache; _plan is rebuilt on first use).
+    _DERIVED = ("split_users", "user_first_session", "user_session_count", "_user_partition", "_item",
+                "_session_offsets", "_spec", "num_sessions", "num_events", "truncated_events", "_plan")
+
+    def _derive(self) -> None:
+        """The per-user index of the split and the plain views of the cache's arrays."""
+        cache, split, max_session_length = self.cache, self.split, self.max_session_length
         # Each user's sessions in the split are contiguous (cold: all of them; warm: a time range).
         in_split = np.flatnonzero(np.asarray(cache.session_split) == self.split_code)
         session_user = np.searchsorted(cache.user_session_offsets, in_split, side="right") - 1
@@ -264,13 +278,14 @@ class SessionBatcher:
         return _EpochPlan(epoch, session, user, keep, num_batches)
 
     def __getstate__(self) -> dict:  # e.g. DataLoader workers under the spawn start method
-        state = dict(self.__dict__)
-        del state["_plan_lock"]
-        return state
+        # The cache pickles by path; everything derived from its data is rebuilt by __setstate__.
+        return {k: v for k, v in self.__dict__.items() if k != "_plan_lock" and k not in self._DERIVED}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._plan_lock = threading.Lock()
+        self._plan = None
+        self._derive()
 
     def num_batches(self, epoch: int | None = None) -> int:
         return self._plan_for(self.epoch if epoch is None else epoch).num_batches
@@ -378,10 +393,11 @@ class SessionBatcher:
 
     def begin_state(self, batch: SessionBatch) -> torch.Tensor:
         """The state (layers, lanes, hidden) to start ``batch`` from: the cached state with lanes
-        that start a new user zeroed (in place)."""
+        that start a new user zeroed (in the cache too). A new tensor, not the cache's buffer, so
+        :meth:`end_state` may overwrite the cache before the loss's ``backward()``."""
         if self.state_cache is None:
             raise RuntimeError("this SessionBatcher has no state cache; pass state_shape=(layers, hidden)")
-        return self.state_cache.reset_lanes(batch.continues)
+        return self.state_cache.reset_lanes(batch.continues).clone()
 
     def end_state(self, batch: SessionBatch, new_state: torch.Tensor) -> None:
         """Store the state after ``batch`` (detached) and record ``batch`` as consumed."""

@@ -19,8 +19,15 @@ Integrity: the manifest carries a SHA-256 of its own content and a CRC-32 per ar
 (user-, item- and partition-level arrays) and per partition (event- and session-level arrays).
 Opening checks the manifest, every file's exact size (truncation), the small arrays' CRCs and the
 offsets' end points, which keeps it far below a second at any scale; the per-partition CRCs are
-checked the first time a partition is used (:meth:`SessionCache.verify_partitions`, called by the
-batcher) or at open with ``verify="full"``. Any mismatch raises :class:`CacheCorruptError`.
+checked the first time event- or session-level data is read (any of ``item``, ``timestamp``,
+``session_offsets``, ``session_split``: these attributes verify every partition once per opened
+cache before they return the array, so no reader can see unverified data; every reader scans the
+split labels of all partitions anyway), or at open with ``verify="full"``, or explicitly with
+:meth:`SessionCache.verify_partitions`. Any mismatch raises :class:`CacheCorruptError`.
+
+Pickling a :class:`SessionCache` stores its path (and what it has verified), not its arrays:
+unpickling reopens the directory, memory-mapped again, and refuses a cache whose manifest changed
+meanwhile.
 
 Writes are atomic: a cache is built in a temporary sibling directory, every file and the
 directory are fsync'ed, the manifest is written last, and the directory is renamed into place.
@@ -163,18 +170,36 @@ def publish_temp_dir(temp: Path, final_path: Path, manifest: dict) -> bool:
     return True
 
 
+def _verified_array(name: str) -> property:
+    """A partition-checked array attribute: the first read verifies every partition's CRCs."""
+
+    def get(self: "SessionCache") -> np.ndarray:
+        if len(self._verified_partitions) < self.num_partitions:
+            self.verify()
+        return self._arrays[name]
+
+    return property(get, doc=f"``{name}.bin`` (memmap); reading it first verifies every partition's checksums.")
+
+
 class SessionCache:
     """A read-only view of a cache directory. Open with :meth:`open`.
 
     Attributes (numpy memmaps, see the module docstring for shapes): ``item``, ``timestamp``,
-    ``session_offsets``, ``session_split``, ``user_session_offsets``, ``user_raw_id``,
-    ``item_raw_id``, ``partition_user_offsets``; and ``manifest``, ``params``, ``stats``,
-    ``num_events``, ``num_sessions``, ``num_users``, ``num_items`` (dense ids are 1..num_items),
-    ``num_partitions``, ``max_session_length``.
+    ``session_offsets``, ``session_split`` (the first read of any of these verifies every
+    partition's checksums), ``user_session_offsets``, ``user_raw_id``, ``item_raw_id``,
+    ``partition_user_offsets``; and ``manifest``, ``params``, ``stats``, ``num_events``,
+    ``num_sessions``, ``num_users``, ``num_items`` (dense ids are 1..num_items),
+    ``num_partitions``, ``max_session_length``. Pickles by path (see the module docstring).
     """
 
-    def __init__(self, path: Path, manifest: dict, arrays: dict[str, np.ndarray]):
+    item = _verified_array("item")
+    timestamp = _verified_array("timestamp")
+    session_offsets = _verified_array("session_offsets")
+    session_split = _verified_array("session_split")
+
+    def __init__(self, path: Path, manifest: dict, arrays: dict[str, np.ndarray], verify: str = "lazy"):
         self.path = path
+        self._verify_mode = verify
         self.manifest = manifest
         self.params = manifest["params"]
         self.stats = manifest["stats"]
@@ -185,9 +210,28 @@ class SessionCache:
         self.num_items = counts["items"]
         self.num_partitions = counts["partitions"]
         self.max_session_length = counts["max_session_length"]
-        for name, array in arrays.items():
-            setattr(self, name, array)
+        self._arrays = dict(arrays)
+        for name in GLOBAL_ARRAYS:
+            setattr(self, name, arrays[name])
         self._verified_partitions: set[int] = set()
+
+    def __getstate__(self) -> dict:
+        # By path: the arrays are the files (a pickled copy must not carry the whole cache).
+        return {"path": os.path.abspath(self.path), "verify": self._verify_mode,
+                "manifest_sha256": self.manifest["manifest_sha256"],
+                "verified_partitions": sorted(self._verified_partitions)}
+
+    def __setstate__(self, state: dict) -> None:
+        # "full" need not re-read everything: what the pickled cache verified stays verified below.
+        opened = SessionCache.open(state["path"], verify="none" if state["verify"] == "none" else "lazy")
+        if opened.manifest["manifest_sha256"] != state["manifest_sha256"]:
+            raise CacheCorruptError(f"{state['path']}: the cache changed on disk since this SessionCache was "
+                                    "pickled (rebuilt or replaced); open it again")
+        self.__dict__.update(opened.__dict__)
+        self._verify_mode = state["verify"]
+        # Same manifest, same file sizes: what the pickled cache verified stays verified, as it would
+        # in the process that pickled it.
+        self._verified_partitions = set(state["verified_partitions"])
 
     @property
     def key(self) -> str:
@@ -201,13 +245,14 @@ class SessionCache:
     def open(cls, path: str | os.PathLike, verify: str = "lazy") -> "SessionCache":
         """Open a cache directory.
 
-        verify: ``"lazy"`` (manifest, sizes, small arrays now; each partition on first use),
-        ``"full"`` (everything now) or ``"none"`` (sizes and manifest only; partitions are still
-        checked by :meth:`verify_partitions` when the batcher asks).
+        path: the cache directory (``~`` is expanded).
+        verify: ``"lazy"`` (manifest, sizes, small arrays now; the partitions on the first read of
+        event- or session-level data), ``"full"`` (everything now) or ``"none"`` (sizes and
+        manifest only; the partitions are still checked on the first read of their data).
         """
         if verify not in ("lazy", "full", "none"):
             raise ValueError(f"verify must be 'lazy', 'full' or 'none', got {verify!r}")
-        path = Path(path)
+        path = Path(path).expanduser()
         if path.name.startswith(TEMP_PREFIX):
             raise CacheCorruptError(f"{path}: an unfinished cache build (temporary directory), not a cache")
         manifest_path = path / MANIFEST_NAME
@@ -238,7 +283,7 @@ class SessionCache:
                 raise CacheCorruptError(f"{file_path}: expected {expected} bytes, found "
                                         f"{'no file' if actual is None else actual} (truncated or replaced)")
             arrays[name] = open_array(file_path, dtype, length)
-        cache = cls(path, manifest, arrays)
+        cache = cls(path, manifest, arrays, verify)
         if verify != "none":
             for name in GLOBAL_ARRAYS:
                 if crc32_of(arrays[name]) != manifest["checksums"]["global"][name]:
@@ -252,7 +297,7 @@ class SessionCache:
         ends = (("session_offsets", self.num_events), ("user_session_offsets", self.num_sessions),
                 ("partition_user_offsets", self.num_users))
         for name, end in ends:
-            offsets = getattr(self, name)
+            offsets = self._arrays[name]
             if int(offsets[0]) != 0 or int(offsets[-1]) != end:
                 raise CacheCorruptError(f"{self.path / (name + '.bin')}: offsets do not span 0..{end} (corrupted)")
 
@@ -264,9 +309,9 @@ class SessionCache:
             if p in self._verified_partitions:
                 continue
             ranges = partition_slices(self.partition_user_offsets, self.user_session_offsets,
-                                      self.session_offsets, p)
+                                      self._arrays["session_offsets"], p)
             for name in PARTITIONED_ARRAYS:
-                if crc32_of(getattr(self, name)[ranges[name]]) != expected[p][name]:
+                if crc32_of(self._arrays[name][ranges[name]]) != expected[p][name]:
                     raise CacheCorruptError(f"{self.path / (name + '.bin')}: checksum mismatch in partition "
                                             f"{p} (corrupted)")
             self._verified_partitions.add(p)

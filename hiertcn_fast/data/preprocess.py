@@ -27,6 +27,8 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
+import numbers
 import os
 import shutil
 import time
@@ -50,8 +52,10 @@ class PreprocessParams:
     """Every choice that changes the cache's content (and therefore its key).
 
     Defaults are the paper's XING settings. ``max_user_count`` and ``max_session_length`` may be
-    None (no limit). ``session_gap`` is in seconds; a gap equal to it starts a new session.
-    ``split_fractions`` are (train, validation, test) and must sum to 1.
+    None (no limit). ``session_gap`` is in seconds (any finite positive real number, NumPy scalars
+    included); a gap equal to it starts a new session. ``split_fractions`` are (train, validation,
+    test), finite, non-negative and summing to 1. NumPy scalars are stored as the equal Python
+    numbers, so they give the same cache key.
     """
 
     min_item_count: int = 50
@@ -69,6 +73,7 @@ class PreprocessParams:
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+            object.__setattr__(self, name, int(value))  # np.int64 is not JSON-serialisable (cache key)
         for name in ("max_user_count", "max_session_length", "num_partitions"):
             value = getattr(self, name)
             if value is None and name != "num_partitions":
@@ -76,16 +81,22 @@ class PreprocessParams:
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer{' or None' if name != 'num_partitions' else ''}, "
                                  f"got {value!r}")
+            object.__setattr__(self, name, int(value))
         if self.max_user_count is not None and self.max_user_count < self.min_user_count:
             raise ValueError(f"max_user_count ({self.max_user_count}) must be >= min_user_count "
                              f"({self.min_user_count})")
-        if not (isinstance(self.session_gap, (int, float)) and self.session_gap > 0):
-            raise ValueError(f"session_gap must be a positive number of seconds, got {self.session_gap!r}")
+        gap = self.session_gap
+        if not (isinstance(gap, numbers.Real) and not isinstance(gap, (bool, np.bool_))
+                and math.isfinite(gap) and gap > 0):
+            raise ValueError(f"session_gap must be a finite positive number of seconds, got {gap!r}")
+        # Plain int/float: the same key as the equal Python number, and JSON-serialisable.
+        object.__setattr__(self, "session_gap", int(gap) if isinstance(gap, numbers.Integral) else float(gap))
         if self.split not in SPLIT_MODES:
             raise ValueError(f"split must be one of {SPLIT_MODES}, got {self.split!r}")
         fractions = tuple(float(f) for f in self.split_fractions)
-        if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-9:
-            raise ValueError(f"split_fractions must be three non-negative numbers summing to 1, "
+        if (len(fractions) != 3 or not all(math.isfinite(f) and f >= 0 for f in fractions)
+                or abs(sum(fractions) - 1.0) > 1e-9):
+            raise ValueError(f"split_fractions must be three finite non-negative numbers summing to 1, "
                              f"got {self.split_fractions!r}")
         object.__setattr__(self, "split_fractions", fractions)
 
@@ -463,9 +474,9 @@ def preprocess(source: InteractionSource, cache_dir: str | os.PathLike, params: 
                chunk_size: int = DEFAULT_CHUNK_SIZE, rebuild: bool = False, verify: str = "lazy") -> SessionCache:
     """Preprocess ``source`` into a cache under ``cache_dir`` (once) and open it.
 
-    The cache lives in ``cache_dir/<source name>-<key>`` where the key hashes the source's
-    fingerprint and ``params``: an existing cache with the same key is opened without reading the
-    source; different params build a new one. A corrupted existing cache raises
+    The cache lives in ``cache_dir/<source name>-<key>`` (``~`` in ``cache_dir`` is expanded) where
+    the key hashes the source's fingerprint and ``params``: an existing cache with the same key is
+    opened without reading the source; different params build a new one. A corrupted existing cache raises
     :class:`CacheCorruptError` unless ``rebuild=True``, which replaces it once the new one is
     built: a rebuild that fails leaves the existing cache as it was.
     ``chunk_size`` (events read per chunk) bounds memory and never changes the result.
@@ -478,7 +489,7 @@ def preprocess(source: InteractionSource, cache_dir: str | os.PathLike, params: 
         raise TypeError(f"params must be a PreprocessParams, got {type(params).__name__}")
     chunk_size = _check_chunk_size(chunk_size)
     key = cache_key(source, params)
-    final_path = Path(cache_dir) / f"{source.name}-{key}"
+    final_path = Path(cache_dir).expanduser() / f"{source.name}-{key}"
     if final_path.exists() and not rebuild:
         try:
             return SessionCache.open(final_path, verify=verify)

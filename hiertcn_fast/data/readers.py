@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import io
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
@@ -120,12 +121,43 @@ def _check_chunk_size(chunk_size: int) -> int:
     return int(chunk_size)
 
 
+INT64_LIMIT = 2.0 ** 63
+
+
+def _integer_ids(values, role: str) -> np.ndarray:
+    """``values`` as contiguous int64, refusing anything that is not an integer id: integer
+    dtypes pass (unsigned ones up to the int64 maximum), floating ones only if every value is
+    finite and whole (a cast would truncate 1.7 to 1 and make NaN a garbage id)."""
+    array = np.asarray(values)
+    kind = array.dtype.kind
+    if kind not in "iuf":
+        raise ValueError(f"{role}: ids must be integers (an integer dtype, or floats holding whole numbers), "
+                         f"got dtype {array.dtype}")
+    flat = array.reshape(-1)
+    if kind == "u":
+        bad = flat > np.iinfo(np.int64).max
+    elif kind == "f":
+        bad = ~np.isfinite(flat) | (flat != np.trunc(flat)) | (flat < -INT64_LIMIT) | (flat >= INT64_LIMIT)
+    else:
+        bad = None
+    if bad is not None and bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{role}: ids must be whole numbers in the int64 range; index {first} is "
+                         f"{flat[first].item()!r}")
+    return np.ascontiguousarray(array, dtype=np.int64)
+
+
 class ArraySource(InteractionSource):
-    """An in-memory log of equal-length arrays (user, item: integers; timestamp: seconds)."""
+    """An in-memory log of equal-length arrays (user, item: integers; timestamp: seconds).
+
+    ``user`` and ``item`` may have any integer dtype, or a floating one whose values are all finite
+    whole numbers; a value such as 1.5, NaN or inf raises ValueError naming the argument and its
+    index, and a non-numeric dtype (strings, bools, objects) one naming the argument and the dtype.
+    """
 
     def __init__(self, user, item, timestamp, name: str = "arrays"):
-        self.user = np.ascontiguousarray(user, dtype=np.int64)
-        self.item = np.ascontiguousarray(item, dtype=np.int64)
+        self.user = _integer_ids(user, "user")
+        self.item = _integer_ids(item, "item")
         self.timestamp = np.ascontiguousarray(timestamp, dtype=np.float64)
         if not (self.user.ndim == self.item.ndim == self.timestamp.ndim == 1
                 and self.user.shape == self.item.shape == self.timestamp.shape):
@@ -165,12 +197,22 @@ def _file_fingerprint(path: Path) -> dict:
             "sha256_ends": digest.hexdigest()}
 
 
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+
+
+def _undecodable(text: str) -> bool:
+    """Whether ``text`` (decoded with ``errors="surrogateescape"``) held bytes that are not UTF-8."""
+    return not text.isascii() and _UNDECODABLE.search(text) is not None
+
+
 class DelimitedSource(InteractionSource):
     """A CSV/TSV file of interactions with a column mapping.
 
     Args:
-        path: the file.
-        user, item, timestamp: column names (when ``header=True``) or 0-based column indices.
+        path: the file (``~`` is expanded). It is read as UTF-8; a byte order mark at its start is
+            ignored, and a line that is not valid UTF-8 is a malformed record.
+        user, item, timestamp: column names (when ``header=True``) or 0-based (non-negative) column
+            indices.
         event_type: optional column of integer event types.
         delimiter: field separator; default tab for ``.tsv``/``.inter`` files, comma otherwise.
         header: whether the first line names the columns.
@@ -194,7 +236,7 @@ class DelimitedSource(InteractionSource):
         on_malformed: str = "fail",
         name: str | None = None,
     ):
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
         if not self.path.is_file():
             raise FileNotFoundError(f"path: no such file {str(self.path)!r}")
         if on_malformed not in ON_MALFORMED_POLICIES:
@@ -207,8 +249,12 @@ class DelimitedSource(InteractionSource):
         if event_type is not None:
             self.columns["event_type"] = event_type
         for role, column in self.columns.items():
-            if not isinstance(column, (str, int)) or (not header and not isinstance(column, int)):
+            if (not isinstance(column, (str, int)) or isinstance(column, bool)
+                    or (not header and not isinstance(column, int))):
                 raise TypeError(f"{role}: expected a column {'name or ' if header else ''}index, got {column!r}")
+            if isinstance(column, int) and column < 0:
+                raise ValueError(f"{role}: a column index must be non-negative (0 is the first column), "
+                                 f"got {column}")
         self.delimiter = delimiter
         self.header = header
         self.drop_event_types = frozenset(int(t) for t in drop_event_types)
@@ -253,13 +299,19 @@ class DelimitedSource(InteractionSource):
     def iter_chunks(self, chunk_size: int = DEFAULT_CHUNK_SIZE, stats: ReadStats | None = None):
         chunk_size = _check_chunk_size(chunk_size)
         stats = stats if stats is not None else ReadStats()
-        with open(self.path, "r", encoding="utf-8", newline="") as f:
+        # utf-8-sig: a byte order mark at the start is not part of the first cell. surrogateescape:
+        # an undecodable byte becomes a lone surrogate, so its line is reported (or skipped) as
+        # malformed with its file and line instead of ending the read with a bare UnicodeDecodeError.
+        with open(self.path, "r", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
             first_line_number = 1
             header_cells = None
             if self.header:
                 header = f.readline()
                 if not header:
                     raise ValueError(f"{self.path}: empty file (expected a header line)")
+                if _undecodable(header):
+                    raise MalformedRecordError(f"{self.path}:1: header line is not valid UTF-8: "
+                                               f"{header[:200]!r}")
                 header_cells = header.rstrip("\r\n").split(self.delimiter)
                 first_line_number = 2
             columns = self._resolve_columns(header_cells)
@@ -308,8 +360,11 @@ class DelimitedSource(InteractionSource):
             empty = np.empty(0, np.int64)
             return empty, empty, np.empty(0, np.float64), (empty if "event_type" in columns else None)
         dtype = np.dtype([(role, np.float64 if role == "timestamp" else np.int64) for role in roles])
+        text = "".join(lines)
+        if _undecodable(text):
+            return None
         try:
-            table = np.loadtxt(io.StringIO("".join(lines)), delimiter=self.delimiter, dtype=dtype,
+            table = np.loadtxt(io.StringIO(text), delimiter=self.delimiter, dtype=dtype,
                                usecols=[columns[role] for role in roles], comments=None, ndmin=1)
         except (ValueError, OverflowError, IndexError):
             return None
@@ -331,6 +386,9 @@ class DelimitedSource(InteractionSource):
                 continue
             stats.records += 1
             where = f"{self.path}:{line_number}"
+            if _undecodable(text):
+                stats.note_malformed(where, "not valid UTF-8", text, self.on_malformed)
+                continue
             row = text.rstrip("\r\n").split(self.delimiter)
             if len(row) < needed:
                 stats.note_malformed(where, f"expected at least {needed} fields, found {len(row)}", text,

@@ -183,7 +183,8 @@ class PinnedRingQueue:
         num_producers: producer threads.
         num_slots: ring size (batches in flight).
         device: where the consumer wants the tensors.
-        pin_memory: pin the slots (default: when CUDA is available).
+        pin_memory: pin the slots (default: when CUDA is available; True without CUDA is a
+            ValueError, since pinning needs the CUDA driver).
 
     Use as an iterator of ``(seq, tensors)`` or call :meth:`get`. Iterating consumes the queue:
     however the loop ends (the end of the stream, ``break``, an error, the iterator being
@@ -205,6 +206,9 @@ class PinnedRingQueue:
             raise ValueError(f"device {self.device} requested but CUDA is not available")
         if pin_memory is None:
             pin_memory = torch.cuda.is_available()
+        elif pin_memory and not torch.cuda.is_available():
+            raise ValueError("pin_memory=True needs CUDA, which is not available; pass pin_memory=False "
+                             "(or None: pin when CUDA is available)")
         self.pin_memory = bool(pin_memory)
         self.num_slots = num_slots
         self._ring = _Ring(self.spec, produce, num_slots, self.device, self.pin_memory)

@@ -1,0 +1,254 @@
+"""Defects of the data path found by an audit; each test fails on the code before its fix."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from hiertcn_fast.data import (ArraySource, CacheCorruptError, DelimitedSource, MalformedRecordError, PinnedRingQueue,
+                               PreprocessParams, ReadStats, SessionBatcher, SessionCache, SyntheticSource, cache_key,
+                               preprocess)
+from hiertcn_fast.models import UserHistoryBatcher
+from hiertcn_fast.train import _split_users, user_lane_batches
+from test_data_preprocess import flip_byte
+
+LOOSE = dict(min_item_count=1, min_user_count=1, max_user_count=None)
+
+
+def small_cache(tmp_path, split="cold", num_partitions=2, events=3000, seed=1, rebuild=False):
+    params = PreprocessParams(min_item_count=1, min_user_count=2, num_partitions=num_partitions, split=split)
+    return preprocess(SyntheticSource(events, num_items=100, seed=seed), tmp_path, params, rebuild=rebuild)
+
+
+# ---- 1. ArraySource ids --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("role,user,item,index", [
+    ("user", [1.0, 1.5, 2.0], [5, 6, 7], 1),
+    ("item", [1, 2, 3], [5.0, 6.0, 7.9], 2),
+    ("user", [1.0, np.nan, 2.0], [5, 6, 7], 1),
+    ("item", [1, 2, 3], [5.0, np.inf, 7.0], 1),
+    ("item", [1, 2, 3], [-np.inf, 6.0, 7.0], 0),
+    ("user", [1.0, 2.0, 2.0 ** 63], [5, 6, 7], 2),
+])
+def test_array_source_refuses_ids_that_are_not_whole_numbers(role, user, item, index):
+    with pytest.raises(ValueError, match=rf"{role}: .*index {index}"):
+        ArraySource(user, item, [0.0, 1.0, 2.0])
+
+
+def test_array_source_refuses_non_numeric_ids_and_accepts_whole_floats():
+    with pytest.raises(ValueError, match="user: .*dtype"):
+        ArraySource(["1", "2"], [5, 6], [0.0, 1.0])
+    with pytest.raises(ValueError, match="item: .*dtype"):
+        ArraySource([1, 2], [True, False], [0.0, 1.0])
+    with pytest.raises(ValueError, match="user: .*index 0"):
+        ArraySource(np.array([2 ** 64 - 1, 1], dtype=np.uint64), [5, 6], [0.0, 1.0])
+    source = ArraySource(np.array([1.0, -2.0]), np.array([5, 6], dtype=np.uint8), [0.0, 1.0])
+    assert source.user.dtype == np.int64 and source.user.tolist() == [1, -2]
+    assert source.item.dtype == np.int64 and source.item.tolist() == [5, 6]
+    empty = ArraySource([], [], [])
+    assert empty.user.dtype == np.int64 and empty.user.shape == (0,)
+
+
+# ---- 2. every reader of the cache checks the partitions' checksums -------------------------------
+
+@pytest.mark.parametrize("verify", ["lazy", "none"])
+def test_corrupted_events_are_reported_on_every_read_path(tmp_path, verify):
+    cache = small_cache(tmp_path, split="warm")
+    users = _split_users(cache, "test")
+    assert users.shape[0] > 0
+    flip_byte(cache.path / "item.bin", 40)
+    with pytest.raises(CacheCorruptError, match="item.bin: checksum mismatch in partition 0"):
+        UserHistoryBatcher(SessionCache.open(cache.path, verify=verify), "train", users_per_batch=8)
+    opened = SessionCache.open(cache.path, verify=verify)
+    with pytest.raises(CacheCorruptError, match="item.bin: checksum mismatch"):
+        list(user_lane_batches(opened, ("train",), users, 8, 20))
+    with pytest.raises(CacheCorruptError, match="item.bin: checksum mismatch"):
+        SessionCache.open(cache.path, verify=verify).item
+    with pytest.raises(CacheCorruptError, match="item.bin: checksum mismatch"):
+        SessionBatcher(SessionCache.open(cache.path, verify=verify), "train", lanes=4)
+
+
+def test_intact_cache_is_verified_once_on_first_read(tmp_path):
+    cache = small_cache(tmp_path)
+    opened = SessionCache.open(cache.path)
+    assert not opened._verified_partitions  # opening stays cheap
+    assert int(opened.session_offsets[-1]) == opened.num_events
+    assert opened._verified_partitions == set(range(opened.num_partitions))
+    np.testing.assert_array_equal(opened.item, cache.item)
+
+
+# ---- 3. begin_state -> model -> end_state -> backward --------------------------------------------
+
+def test_end_state_before_backward_works(tmp_path):
+    cache = small_cache(tmp_path, seed=2)
+    torch.manual_seed(0)
+    train = SessionBatcher(cache, "train", lanes=4, sessions_per_batch=3, state_shape=(1, 8))
+    embedding = torch.nn.Embedding(cache.num_items + 1, 8)
+    cell = torch.nn.GRUCell(8, 8)
+    for step, batch in enumerate(train):
+        state = train.begin_state(batch)
+        h = state[0]
+        loss = 0
+        for j in range(batch.items.shape[0]):
+            h = cell(embedding(batch.items[j, :, 1]), h) * batch.keep[j].float()[:, None]
+            loss = loss + h.square().mean()
+        train.end_state(batch, h[None])
+        loss.backward()  # raised "modified by an inplace operation" when begin_state returned the cache itself
+        assert torch.equal(train.state_cache.state, h[None].detach())
+        assert not train.state_cache.state.requires_grad
+        if step == 2:
+            break
+    assert cell.weight_hh.grad is not None and torch.isfinite(cell.weight_hh.grad).all()
+
+
+# ---- 4. encodings ---------------------------------------------------------------------------------
+
+def latin1_log(tmp_path):
+    path = tmp_path / "log.csv"
+    with open(path, "wb") as f:
+        f.write(b"user_id,item_id,timestamp,comment\n1,2,3,ok\n")
+        for i in range(5):
+            f.write(b"1,2,%d,fine\n" % (4 + i))
+        f.write(b"4,5,6,caf\xe9\n")
+        f.write(b"7,8,9,ok\n")
+    return path
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1000])
+def test_non_utf8_record_is_malformed(tmp_path, chunk_size):
+    path = latin1_log(tmp_path)
+    with pytest.raises(MalformedRecordError, match=rf"{path}:8: not valid UTF-8"):
+        list(DelimitedSource(path).iter_chunks(chunk_size))
+    stats = ReadStats()
+    chunks = list(DelimitedSource(path, on_malformed="skip").iter_chunks(chunk_size, stats))
+    assert np.concatenate([c.user for c in chunks]).tolist() == [1] * 6 + [7]
+    assert dict(stats.malformed) == {"not valid UTF-8": 1} and stats.records == 8 and stats.events == 7
+    assert f"{path}:8" in stats.examples[0]
+
+
+def test_non_utf8_header_names_the_file(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_bytes(b"user_id,item_id,timestamp,caf\xe9\n1,2,3,x\n")
+    with pytest.raises(MalformedRecordError, match=rf"{path}:1: .*not valid UTF-8"):
+        list(DelimitedSource(path, on_malformed="skip").iter_chunks())
+
+
+@pytest.mark.parametrize("header", [True, False])
+def test_utf8_byte_order_mark_is_ignored(tmp_path, header):
+    path = tmp_path / "log.csv"
+    path.write_text(("\ufeffuser_id,item_id,timestamp\n" if header else "\ufeff") + "1,2,3\n4,5,6\n",
+                    encoding="utf-8")
+    columns = {} if header else dict(user=0, item=1, timestamp=2)
+    (chunk,) = DelimitedSource(path, header=header, **columns).iter_chunks()
+    assert chunk.user.tolist() == [1, 4] and chunk.item.tolist() == [2, 5] and chunk.timestamp.tolist() == [3, 6]
+
+
+# ---- 5. pickling by path --------------------------------------------------------------------------
+
+def test_pickled_batcher_is_small_and_memory_maps(tmp_path):
+    cache = small_cache(tmp_path, events=60_000, num_partitions=3)
+    batcher = SessionBatcher(cache, "train", lanes=8, sessions_per_batch=3, shuffle=True, seed=4,
+                             state_shape=(1, 2))
+    first = batcher.batch(1)
+    blob = pickle.dumps(batcher)
+    assert len(blob) < 10_000, len(blob)
+    copy = pickle.loads(blob)
+    assert isinstance(copy.cache.item, np.memmap) and np.shares_memory(copy._item, copy.cache.item)
+    assert copy.num_batches() == batcher.num_batches()
+    for name, value in copy.batch(1).tensors().items():
+        assert torch.equal(value, first.tensors()[name]), name
+    assert copy.cache.key == cache.key and copy.num_events == batcher.num_events
+    np.testing.assert_array_equal(copy.split_users, batcher.split_users)
+    assert copy.cache._verified_partitions == set(range(cache.num_partitions))
+    copy.load_state_dict(batcher.state_dict())
+
+
+def test_unpickled_cache_reopens_and_refuses_a_changed_cache(tmp_path):
+    cache = small_cache(tmp_path)
+    blob = pickle.dumps(cache)
+    assert len(blob) < 10_000
+    copy = pickle.loads(blob)
+    assert isinstance(copy.timestamp, np.memmap) and copy.key == cache.key
+    np.testing.assert_array_equal(copy.timestamp, cache.timestamp)
+    flip_byte(cache.path / "item.bin", 40)
+    with pytest.raises(CacheCorruptError, match="item.bin: checksum mismatch"):
+        pickle.loads(blob).item  # nothing was verified before pickling: the copy checks on first read
+    small_cache(tmp_path, rebuild=True)  # same key, a new manifest
+    with pytest.raises(CacheCorruptError, match="changed on disk since this SessionCache was pickled"):
+        pickle.loads(blob)
+
+
+# ---- 6. "~" in paths ------------------------------------------------------------------------------
+
+def test_tilde_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    cache = preprocess(ArraySource([1, 1, 2], [5, 6, 7], [0.0, 1.0, 2.0]), "~/cache",
+                       PreprocessParams(**LOOSE, num_partitions=2))
+    assert cache.path.parent == tmp_path / "cache"
+    assert not (tmp_path / "cwd" / "~").exists()
+    assert SessionCache.open(f"~/cache/{cache.path.name}").num_events == 3
+    (tmp_path / "log.csv").write_text("user_id,item_id,timestamp\n1,2,3\n")
+    assert DelimitedSource("~/log.csv").path == tmp_path / "log.csv"
+
+
+# ---- 7. PreprocessParams --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fractions", [(float("nan"), 0.5, 0.5), (float("nan"),) * 3, (0.8, 0.1, float("nan"))])
+def test_split_fractions_must_be_finite(fractions):
+    with pytest.raises(ValueError, match="split_fractions"):
+        PreprocessParams(split_fractions=fractions)
+
+
+def test_session_gap_takes_any_finite_positive_real():
+    gap = PreprocessParams(session_gap=np.float32(1800)).session_gap
+    assert gap == 1800.0 and type(gap) is float
+    assert PreprocessParams(session_gap=np.int64(60)).session_gap == 60
+    source = ArraySource([1], [2], [0.0])
+    assert cache_key(source, PreprocessParams(session_gap=np.float32(1800))) == cache_key(source, PreprocessParams())
+    assert cache_key(source, PreprocessParams(min_item_count=np.int64(50))) == cache_key(source, PreprocessParams())
+    for bad in (float("nan"), float("inf"), 0, -1.0, True, "1800"):
+        with pytest.raises(ValueError, match="session_gap"):
+            PreprocessParams(session_gap=bad)
+
+
+# ---- 8. negative column indices -------------------------------------------------------------------
+
+@pytest.mark.parametrize("columns", [(0, 1, -1), (-3, -2, -1), (0, 1, 2, -1)])
+def test_negative_column_indices_are_refused(tmp_path, columns):
+    path = tmp_path / "log.csv"
+    path.write_text("1,10,100,1\n2,20,200,1\n")
+    role = {0: "user", 1: "item", 2: "timestamp", 3: "event_type"}[min(k for k, c in enumerate(columns) if c < 0)]
+    with pytest.raises(ValueError, match=rf"{role}: .*non-negative.*-\d"):
+        DelimitedSource(path, *columns[:3], event_type=columns[3] if len(columns) > 3 else None, header=False)
+
+
+def test_boolean_column_is_refused(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text("1,10,100\n")
+    with pytest.raises(TypeError, match="user"):
+        DelimitedSource(path, user=True, item=1, timestamp=2, header=False)
+
+
+# ---- 9. the batcher's seed ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "0", True, None])
+def test_batcher_seed_must_be_a_non_negative_integer(tmp_path, seed):
+    cache = preprocess(ArraySource([1, 2, 3], [5, 6, 7], [0.0, 1.0, 2.0]), tmp_path,
+                       PreprocessParams(**LOOSE, num_partitions=2))
+    with pytest.raises(ValueError, match="seed"):
+        SessionBatcher(cache, "train", lanes=2, sessions_per_batch=2, shuffle=True, seed=seed)
+    assert SessionBatcher(cache, "train", lanes=2, shuffle=True, seed=np.int64(3)).seed == 3
+
+
+# ---- 10. pin_memory without CUDA ------------------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="pinning works with CUDA")
+def test_pin_memory_without_cuda_is_refused_up_front():
+    with pytest.raises(ValueError, match="pin_memory"):
+        PinnedRingQueue({"x": ((2,), torch.int64)}, lambda seq, slot: False, pin_memory=True)
+    with PinnedRingQueue({"x": ((2,), torch.int64)}, lambda seq, slot: False) as queue:
+        assert not queue.pin_memory and queue.get() is None
