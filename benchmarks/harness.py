@@ -78,6 +78,20 @@ def full_matrix() -> bool:
     return os.environ.get("HIERTCN_BENCH_FULL", "0") == "1"
 
 
+COMPILED = "torch.compile"
+
+
+def with_compiled() -> bool:
+    """HIERTCN_BENCH_COMPILE=0 drops the torch.compile variants (each compiles cold, seconds per case: a short
+    first pass on a lent GPU runs without them)."""
+    return os.environ.get("HIERTCN_BENCH_COMPILE", "1") != "0"
+
+
+def run_variants(case: "Case") -> tuple:
+    """The variants of ``case`` this run times."""
+    return tuple(v for v in case.variants if v != COMPILED or with_compiled())
+
+
 # ---- collection ------------------------------------------------------------------------------------
 
 _results: List[dict] = []
@@ -93,6 +107,8 @@ def _variants(case: Case):
         variants = case.make()
         if set(variants) != set(case.variants):
             raise KeyError(f"{case.id}: make() returned variants {sorted(variants)}, declared {sorted(case.variants)}")
+        if len(run_variants(case)) != len(variants):
+            variants = {name: fn for name, fn in variants.items() if name in run_variants(case)}
         if case.same_result:
             check_same_result(case, variants)
         _built["variants"], _built["id"] = variants, case.id
@@ -141,7 +157,7 @@ def bench_test(cases_fn):
     for case in cases_fn(device, not full_matrix()):
         if not {case.fast, case.baseline} <= set(case.variants):
             raise ValueError(f"{case.id}: variants {case.variants} must include {case.fast!r} and {case.baseline!r}")
-        for variant in case.variants:
+        for variant in run_variants(case):
             params.append(pytest.param(case, variant, id=f"{case.name}-{variant}"))
 
     @pytest.mark.parametrize("case,variant", params)

@@ -69,3 +69,26 @@ def test_cpu_peak_bytes_counts_every_allocation_in_time_order():
     assert harness.peak_bytes(two_live, "cpu") >= 12_000_000  # a, b and their sum
     x = torch.randn(3)
     assert harness.peak_bytes(lambda: _ScratchInside.apply(x), "cpu") >= 4_000_000
+
+
+def test_compiled_variants_are_dropped_on_request(monkeypatch):
+    """HIERTCN_BENCH_COMPILE=0 (a short first pass on a lent GPU) times no torch.compile variant and never calls
+    it, not even for the same-result check; by default every declared variant runs."""
+    x = torch.randn(3)
+    calls = []
+
+    def compiled():
+        calls.append("compiled")
+        return x
+
+    case = harness.Case("op", "knob", lambda: {"hiertcn_fast": lambda: x, "torch eager": lambda: x,
+                                               "torch.compile": compiled})
+    assert harness.run_variants(case) == ("hiertcn_fast", "torch eager", "torch.compile")
+    monkeypatch.setenv("HIERTCN_BENCH_COMPILE", "0")
+    assert harness.run_variants(case) == ("hiertcn_fast", "torch eager")
+    harness._built.update(id=None, variants=None)
+    assert set(harness._variants(case)) == {"hiertcn_fast", "torch eager"} and calls == []
+    monkeypatch.delenv("HIERTCN_BENCH_COMPILE")
+    harness._built.update(id=None, variants=None)
+    assert set(harness._variants(case)) == {"hiertcn_fast", "torch eager", "torch.compile"} and calls == ["compiled"]
+    harness._built.update(id=None, variants=None)

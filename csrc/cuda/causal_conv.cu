@@ -272,7 +272,8 @@ __global__ void tcn_step_cuda_kernel(TcnStepParams p) {
         if (bias) z += A(bias[o]);
         if (table && l == 0) z += A(table[(b * K + context_tap_index(pos, L.dilation, K)) * C_out + o]);
         const A residual = proj ? res + (proj_bias ? A(proj_bias[o]) : A(0)) : in_buf[o];
-        out_buf[o] = epilogue_forward<A>(z, true, residual, p.activation);
+        // Rounded to T as every path stores a layer's output (the next layer and the history read it so).
+        out_buf[o] = A(T(epilogue_forward<A>(z, true, residual, p.activation)));
       }
     }
     __syncthreads();  // every read of in_buf and of the history is done
@@ -290,12 +291,19 @@ __global__ void tcn_step_cuda_kernel(TcnStepParams p) {
   for (int64_t c = threadIdx.x; c < p.layer[p.layers - 1].out_channels; c += blockDim.x) out[c] = T(in_buf[c]);
 }
 
-unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
+// A grid's x extent (at most 2^31 - 1 blocks): a clear error beyond it rather than a narrowed count.
+unsigned grid_x(int64_t blocks, const char* what) {
+  TORCH_CHECK(blocks <= int64_t{0x7fffffff}, what, " needs ", blocks, " CUDA blocks, more than a grid holds (2^31 - 1)");
+  return static_cast<unsigned>(blocks);
+}
+
+unsigned blocks_for(int64_t n) { return grid_x((n + kThreads - 1) / kThreads, "causal_conv1d"); }
 
 template <typename T>
 void launch_causal_conv(const CausalConvParams& p, cudaStream_t stream) {
   if (p.batch * p.time == 0 || p.out_channels == 0) return;
-  const dim3 grid(static_cast<unsigned>(p.batch * ((p.time + kTimeTile - 1) / kTimeTile)), blocks_for(p.out_channels));
+  const dim3 grid(grid_x(p.batch * ((p.time + kTimeTile - 1) / kTimeTile), "causal_conv1d (batch * time tiles)"),
+                  blocks_for(p.out_channels));
   causal_conv_cuda_kernel<T><<<grid, kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -357,7 +365,7 @@ void causal_conv1d_step_out_cuda(const at::Tensor& x, const at::Tensor& packed_w
   if (s.batch == 0) return;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "causal_conv1d_step_out_cuda", [&] {
-    causal_conv_step_cuda_kernel<scalar_t><<<static_cast<unsigned>(s.batch), kThreads, 0, stream>>>(p);
+    causal_conv_step_cuda_kernel<scalar_t><<<grid_x(s.batch, "causal_conv1d_step"), kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -380,9 +388,18 @@ void tcn_step_out_cuda(const at::Tensor& x, at::TensorList packed_weights, const
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tcn_step_out_cuda", [&] {
     using A = acc_t<scalar_t>;
     const size_t smem = (2 * p.max_channels + kStackThreads) * sizeof(A);
-    TORCH_CHECK(smem <= 48 * 1024, "tcn_step on CUDA supports up to ", (48 * 1024 / sizeof(A) - kStackThreads) / 2,
-                " channels per layer, got ", p.max_channels);
-    tcn_step_cuda_kernel<scalar_t><<<static_cast<unsigned>(p.batch), kStackThreads, smem, stream>>>(p);
+    if (smem > 48 * 1024) {
+      // Beyond the default 48 KiB of dynamic shared memory a kernel must opt in, up to the device's limit
+      // (227 KiB on Hopper).
+      int limit = 0;
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.get_device()));
+      TORCH_CHECK(smem <= static_cast<size_t>(limit), "tcn_step on CUDA supports up to ",
+                  (static_cast<size_t>(limit) / sizeof(A) - kStackThreads) / 2, " channels per layer on this device, "
+                  "got ", p.max_channels);
+      C10_CUDA_CHECK(cudaFuncSetAttribute(tcn_step_cuda_kernel<scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+    }
+    tcn_step_cuda_kernel<scalar_t><<<grid_x(p.batch, "tcn_step"), kStackThreads, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

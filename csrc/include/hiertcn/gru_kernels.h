@@ -62,7 +62,12 @@ void launch_session_keep_cpu(const SessionKeepParams& p, at::ScalarType dtype);
 void launch_session_keep_backward_cpu(const SessionKeepParams& p, at::ScalarType dtype);
 
 // Blocks of `threads` threads covering n elements, one element per thread.
-inline int64_t blocks_for(int64_t n, int64_t threads) { return (n + threads - 1) / threads; }
+inline unsigned blocks_for(int64_t n, int64_t threads) {
+  const int64_t blocks = (n + threads - 1) / threads;
+  TORCH_CHECK(blocks <= int64_t{0x7fffffff}, "a GRU kernel over ", n, " elements needs ", blocks,
+              " CUDA blocks, more than a grid holds (2^31 - 1)");
+  return static_cast<unsigned>(blocks);
+}
 
 // The kernels for tensors on `device`.
 const GruKernels& gru_kernels_for(const at::Device& device);
