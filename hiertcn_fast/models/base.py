@@ -113,13 +113,12 @@ class _EmbeddingReads(torch.autograd.Function):
         if not given:
             return None, None
         grad = given[0].new_empty(ctx.embedded_shape)
-        if any(g is None for g in grad_items):
-            grad.zero_()
-        else:
-            grad[:, :, :1].zero_()
-        for step, g in enumerate(grad_items):
+        grad[:, :, :1].zero_()
+        for step, g in enumerate(grad_items):  # (the last step's items often get none: its state leaves the batch)
             if g is not None:
                 grad[step, :, 1:].copy_(g)
+            else:
+                grad[step, :, 1:].zero_()
         if grad_rows is not None:
             grad.view(-1, grad.shape[-1]).index_add_(0, positions, grad_rows)
         return grad, None
