@@ -574,6 +574,26 @@ def test_dilations_past_int32(backend, device):
         assert_close(out, torch.einsum("btc,oc->bto", x.double(), weight[:, :, -1].double()), dtype)
 
 
+@pytest.mark.parametrize("kernel_size,dilation", [(5, 2 ** 30), (4, 1431655766)])
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_dilations_whose_reach_wraps_int32(backend, device, kernel_size, dilation):
+    """Dilations below 2**31 whose reach (k - 1) * dilation is not (4 * 2**30 wraps to 0, 3 * 1431655766 to 2):
+    the forward and both gradients see only the newest tap, as if the lags were computed in 64 bits (the step's
+    history would hold (k - 1) * dilation rows: not testable at these reaches)."""
+    dtype = COMPARE_DTYPE[backend]
+    x = rand(2, 9, 4, dtype=dtype, device=device).requires_grad_()
+    weight = rand(6, 4, kernel_size, dtype=dtype, device=device).requires_grad_()
+    out = causal_conv1d(x, weight, dilation=dilation, backend=backend)
+    newest = weight[:, :, -1].detach().double()
+    assert_close(out, torch.einsum("btc,oc->bto", x.detach().double(), newest), dtype)
+    grad = rand(2, 9, 6, dtype=dtype, device=device)
+    grad_x, grad_weight = torch.autograd.grad(out, (x, weight), grad)
+    assert_close(grad_x, grad.double() @ newest, dtype)
+    expected_weight = torch.zeros(6, 4, kernel_size, dtype=torch.float64, device=device)
+    expected_weight[:, :, -1] = torch.einsum("bto,btc->oc", grad.double(), x.detach().double())
+    assert_close(grad_weight, expected_weight, dtype)
+
+
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_strided_biases(backend, device):
     """A bias that is a strided view (every other element of a longer vector) gives the result of its contiguous

@@ -78,6 +78,12 @@ def refuse_graph_of_gradient(op: str) -> None:
                            f"backend='reference' where you need a graph of the gradient")
 
 
+def on_device_of(t: torch.Tensor):
+    """The tensor's CUDA device made current for the block (Triton launches on the current device, not on its
+    arguments' device); nothing for other devices."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def new_output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     """A fresh contiguous output on ``like``'s device (NaN-filled under poison_outputs)."""
     out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)

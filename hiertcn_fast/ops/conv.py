@@ -24,7 +24,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _extension
 from ..backends import requested_backend, resolve
-from ._common import (FLOATING, check_like, check_shape, check_tensor, in_input_dtype, new_output,
+from ._common import (FLOATING, check_like, check_shape, check_tensor, in_input_dtype, new_output, on_device_of,
                       refuse_graph_of_gradient, unit_stride_rows)
 
 # Activation codes shared with the kernels (hiertcn/causal_conv.h ActivationCode, triton/causal_conv.py).
@@ -560,10 +560,28 @@ def _check_step(x, weight, state, bias, groups, context, context_weight, activat
     return out_channels
 
 
+def _check_triton_state(x, state):
+    """The Triton step kernels index the history as contiguous and the positions as a contiguous int64 vector on
+    x's device, as the C++ ops check (a strided history would be misread, a CPU position fail in the launch)."""
+    position = state.position
+    if not state.history.is_contiguous():
+        raise ValueError("state.history must be contiguous for the triton backend (a view, e.g. a slice of a wider "
+                         "history, is not): pass a contiguous copy or use backend='reference'")
+    if (not isinstance(position, torch.Tensor) or position.dtype != torch.int64 or position.shape != (x.shape[0],)
+            or position.device != x.device or not position.is_contiguous()):
+        shown = (f"{position.dtype} {tuple(position.shape)} on {position.device}, "
+                 f"{'contiguous' if position.is_contiguous() else 'strided'}"
+                 if isinstance(position, torch.Tensor) else type(position).__name__)
+        raise ValueError(f"state.position must be a contiguous int64 ({x.shape[0]},) tensor on x's device "
+                         f"({x.device}), got {shown}")
+
+
 def _step(name, x, weight, state, bias, groups, context, context_weight, activation, residual, out_channels):
     if name == "reference":
         return causal_conv1d_step_reference(x, weight, state, bias, groups=groups, context=context,
                                             context_weight=context_weight, activation=activation, residual=residual)
+    if name == "triton":
+        _check_triton_state(x, state)
     table = None if context is None else state.cached_context_table(context, context_weight)
     out = new_output((x.shape[0], out_channels), x)
     bias = None if bias is None else bias.contiguous()
@@ -884,7 +902,9 @@ def _causal_conv1d_triton_out(x: torch.Tensor, packed_weight: torch.Tensor, bias
                               groups: int, activation: int, out: torch.Tensor, pre: Optional[torch.Tensor]) -> None:
     from ..triton import causal_conv as kernels
 
-    kernels.causal_conv_forward(x, packed_weight, bias, context_table, residual, dilation, groups, activation, out, pre)
+    with on_device_of(x):
+        kernels.causal_conv_forward(x, packed_weight, bias, context_table, residual, dilation, groups, activation, out,
+                                    pre)
 
 
 @torch.library.triton_op("hiertcn_fast::causal_conv1d_backward_triton_out",
@@ -895,8 +915,9 @@ def _causal_conv1d_backward_triton_out(grad_out: torch.Tensor, x: torch.Tensor, 
                                        grad_weight: torch.Tensor, grad_residual: Optional[torch.Tensor]) -> None:
     from ..triton import causal_conv as kernels
 
-    kernels.causal_conv_backward(grad_out, x, weight, pre, residual, dilation, groups, activation, grad_pre, grad_x,
-                                 grad_weight, grad_residual)
+    with on_device_of(grad_out):
+        kernels.causal_conv_backward(grad_out, x, weight, pre, residual, dilation, groups, activation, grad_pre, grad_x,
+                                     grad_weight, grad_residual)
 
 
 @torch.library.triton_op("hiertcn_fast::causal_conv1d_step_triton_out", mutates_args={"history", "position", "out"})
@@ -906,5 +927,6 @@ def _causal_conv1d_step_triton_out(x: torch.Tensor, packed_weight: torch.Tensor,
                                    position: torch.Tensor, out: torch.Tensor) -> None:
     from ..triton import causal_conv as kernels
 
-    kernels.causal_conv_step(x, packed_weight, bias, context_table, residual, dilation, groups, activation, history,
-                             position, out)
+    with on_device_of(x):
+        kernels.causal_conv_step(x, packed_weight, bias, context_table, residual, dilation, groups, activation, history,
+                                 position, out)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .. import _extension
 from ..backends import resolve
-from ._common import (FLOATING, check_like, check_shape, check_tensor, in_input_dtype, new_output,
+from ._common import (FLOATING, check_like, check_shape, check_tensor, in_input_dtype, new_output, on_device_of,
                       refuse_graph_of_gradient, unit_stride_rows)
 
 # The dtypes every op of the family supports, per backend.
@@ -610,7 +610,8 @@ def _session_update_backward_out_fake(grad_out, item_embeddings, lengths, h, kee
 def _gru_gates_triton_out(gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, out: torch.Tensor) -> None:
     from ..triton import gru_gates as kernels
 
-    kernels.gru_gates_forward(gi, gh, h, out)
+    with on_device_of(gi):
+        kernels.gru_gates_forward(gi, gh, h, out)
 
 
 @torch.library.triton_op("hiertcn_fast::gru_gates_backward_triton_out",
@@ -619,18 +620,21 @@ def _gru_gates_backward_triton_out(grad_out: torch.Tensor, gi: torch.Tensor, gh:
                                    grad_gi: torch.Tensor, grad_gh: torch.Tensor, grad_h: torch.Tensor) -> None:
     from ..triton import gru_gates as kernels
 
-    kernels.gru_gates_backward(grad_out, gi, gh, h, grad_gi, grad_gh, grad_h)
+    with on_device_of(grad_out):
+        kernels.gru_gates_backward(grad_out, gi, gh, h, grad_gi, grad_gh, grad_h)
 
 
 @torch.library.triton_op("hiertcn_fast::session_mean_triton_out", mutates_args={"mean"})
 def _session_mean_triton_out(items: torch.Tensor, lengths: torch.Tensor, mean: torch.Tensor) -> None:
     from ..triton import gru_session as kernels
 
-    kernels.session_mean_forward(items, lengths, mean)
+    with on_device_of(items):
+        kernels.session_mean_forward(items, lengths, mean)
 
 
 @torch.library.triton_op("hiertcn_fast::session_mean_backward_triton_out", mutates_args={"grad_items"})
 def _session_mean_backward_triton_out(grad_mean: torch.Tensor, lengths: torch.Tensor, grad_items: torch.Tensor) -> None:
     from ..triton import gru_session as kernels
 
-    kernels.session_mean_backward(grad_mean, lengths, grad_items)
+    with on_device_of(grad_mean):
+        kernels.session_mean_backward(grad_mean, lengths, grad_items)

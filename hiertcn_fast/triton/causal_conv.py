@@ -65,14 +65,16 @@ def _conv_kernel(inp, packed, bias, table, residual, out, pre,
     tiles = tl.cdiv(time, BLOCK_T)
     pid = tl.program_id(0)
     b = (pid // tiles).to(tl.int64)
-    t = (pid % tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # int64 offsets: a tap's lag ((k - 1 - j) * dilation) and a step's offset (t * stride) pass 2^31 at large
+    # dilations and long sequences, where int32 arithmetic would wrap.
+    t = ((pid % tiles) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     t_ok = t < time
     o_ok = o < out_channels
     row_base = inp + b * in_batch_stride
     acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
     for j in range(0, kernel_size):
-        s = t - direction * (kernel_size - 1 - j) * dilation
+        s = t - direction * ((kernel_size - 1 - j).to(tl.int64) * dilation)
         s_ok = t_ok & (s >= 0) & (s < time)
         w_tap = packed + j * in_channels * out_per_group
         if DENSE:
@@ -151,7 +153,7 @@ def _weight_grad_dense_kernel(x, grad_pre, grad_weight, batch, time, in_channels
     o = tl.program_id(2) * BLOCK_O + tl.arange(0, BLOCK_O)
     c_ok = c < in_channels
     o_ok = o < out_channels
-    lag = (kernel_size - 1 - j) * dilation
+    lag = (kernel_size - 1 - j).to(tl.int64) * dilation  # int64: (k - 1) * dilation may pass 2^31
     acc = tl.zeros((BLOCK_C, BLOCK_O), dtype=tl.float32)
     rows = batch * time
     for r0 in range(0, rows, BLOCK_R):
@@ -169,15 +171,17 @@ def _weight_grad_dense_kernel(x, grad_pre, grad_weight, batch, time, in_channels
 def _weight_grad_grouped_kernel(x, grad_pre, grad_weight, batch, time, in_channels, out_channels, in_per_group,
                                 out_per_group, kernel_size, dilation, x_batch_stride, x_time_stride,
                                 BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
-    # Elements e of the packed layout (ci, ol) for tap j = program_id(0).
-    j = tl.program_id(0)
-    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    # Elements e of the packed layout (ci, ol) for tap j, both from grid axis 0 (tap-major): CUDA caps axis 1 at
+    # 65535 blocks, which in_channels * out_per_group / BLOCK_E passes for wide grouped layers.
+    blocks = tl.cdiv(in_channels * out_per_group, BLOCK_E)
+    j = tl.program_id(0) // blocks
+    e = (tl.program_id(0) % blocks) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = e < in_channels * out_per_group
     ci = e // out_per_group
     ol = e % out_per_group
     g = ci // in_per_group
     o = g * out_per_group + ol
-    lag = (kernel_size - 1 - j) * dilation
+    lag = (kernel_size - 1 - j).to(tl.int64) * dilation  # int64: (k - 1) * dilation may pass 2^31
     acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
     rows = batch * time
     for r0 in range(0, rows, BLOCK_R):
@@ -216,21 +220,20 @@ def _step_tap(src, w_tap, valid, o, o_ok, in_channels, in_per_group, out_per_gro
 
 @triton.jit
 def _step_kernel(x, packed, bias, table, residual, history, position, out,
-                 in_channels, out_channels, in_per_group, out_per_group, kernel_size, dilation, x_row_stride,
-                 res_row_stride,
+                 in_channels, out_channels, in_per_group, out_per_group, kernel_size, dilation, history_length,
+                 x_row_stride, res_row_stride,
                  DENSE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                  ACTIVATION: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     o_ok = o < out_channels
     pos = tl.load(position + b)
-    history_length = (kernel_size - 1) * dilation
     tap_size = in_channels * out_per_group
     # The current step's tap reads x; the earlier ones read the circular history.
     acc = _step_tap(x + b * x_row_stride, packed + (kernel_size - 1) * tap_size, pos >= 0, o, o_ok, in_channels,
                     in_per_group, out_per_group, DENSE, BLOCK_O, BLOCK_C)
     for j in range(0, kernel_size - 1):
-        lag = (kernel_size - 1 - j) * dilation
+        lag = (kernel_size - 1 - j).to(tl.int64) * dilation
         valid = lag <= pos
         slot = tl.where(valid, pos - lag, 0) % history_length
         acc += _step_tap(history + (b * history_length + slot) * in_channels, packed + j * tap_size, valid, o, o_ok,
@@ -317,7 +320,7 @@ def causal_conv_backward(grad_out, x, weight, pre, residual, dilation, groups, a
             BLOCK_R=BLOCK_ROWS)
     else:
         out_per_group = out_channels // groups
-        grid = (kernel_size, triton.cdiv(in_channels * out_per_group, BLOCK_ELEMENTS))
+        grid = (kernel_size * triton.cdiv(in_channels * out_per_group, BLOCK_ELEMENTS),)
         torch.library.wrap_triton(_weight_grad_grouped_kernel)[grid](
             x, grad_pre, grad_weight, batch, time, in_channels, out_channels, in_per_group, out_per_group,
             kernel_size, dilation, x.stride(0), x.stride(1), BLOCK_E=BLOCK_ELEMENTS, BLOCK_R=BLOCK_ROWS)
@@ -335,7 +338,7 @@ def causal_conv_step(x, packed_weight, bias, table, residual, dilation, groups, 
     torch.library.wrap_triton(_step_kernel)[grid](
         x, packed_weight, bias if bias is not None else out, table if table is not None else out, res,
         history, position, out, in_channels, out_channels, in_channels // groups, out_per_group,
-        kernel_size, dilation, x.stride(0), res.stride(0),
+        kernel_size, dilation, (kernel_size - 1) * dilation, x.stride(0), res.stride(0),
         DENSE=groups == 1, HAS_BIAS=bias is not None, HAS_TABLE=table is not None, HAS_RESIDUAL=residual is not None,
         ACTIVATION=activation, BLOCK_O=BLOCK_OUT, BLOCK_C=BLOCK_IN)
     torch.library.wrap_triton(_step_update_kernel)[(batch,)](

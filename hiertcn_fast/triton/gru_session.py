@@ -31,9 +31,11 @@ def _session_mean_fwd_kernel(items, lengths, mean, time, dim, items_batch, items
 
 @triton.jit
 def _session_mean_bwd_kernel(grad_mean, lengths, grad_items, time, dim, grad_mean_row, BLOCK: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1)
-    d = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+    # Rows (b, t) on grid axis 0: CUDA caps axes 1 and 2 at 65535 blocks, which a long padded session passes.
+    row = tl.program_id(0).to(tl.int64)
+    b = row // time
+    t = row % time
+    d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = d < dim
     length = _session_length(lengths, b, time)
     scale = 1.0 / tl.maximum(length, 1).to(tl.float32)
@@ -56,5 +58,5 @@ def session_mean_backward(grad_mean: torch.Tensor, lengths: torch.Tensor, grad_i
     batch, time, dim = grad_items.shape
     if batch * time * dim == 0:
         return
-    torch.library.wrap_triton(_session_mean_bwd_kernel)[(batch, time, triton.cdiv(dim, BLOCK_DIM))](
+    torch.library.wrap_triton(_session_mean_bwd_kernel)[(batch * time, triton.cdiv(dim, BLOCK_DIM))](
         grad_mean, lengths, grad_items, time, dim, grad_mean.stride(0), BLOCK=BLOCK_DIM)
