@@ -31,6 +31,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
+import numbers
 import os
 import sys
 import time
@@ -127,8 +129,13 @@ class TrainConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if not self.learning_rate > 0 or not 0 < self.lr_gamma <= 1 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("learning_rate must be > 0, lr_gamma in (0, 1], grad_clip and weight_decay >= 0")
+        finite = all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                     for v in (self.learning_rate, self.lr_gamma, self.grad_clip, self.weight_decay))
+        if (not finite or not self.learning_rate > 0 or not 0 < self.lr_gamma <= 1 or self.grad_clip < 0
+                or self.weight_decay < 0):
+            raise ValueError(f"learning_rate must be finite and > 0, lr_gamma in (0, 1], grad_clip and weight_decay "
+                             f"finite and >= 0; got learning_rate={self.learning_rate!r}, lr_gamma={self.lr_gamma!r}, "
+                             f"grad_clip={self.grad_clip!r}, weight_decay={self.weight_decay!r}")
         self.lr_milestones = tuple(float(m) for m in self.lr_milestones)
         if any(not 0 < m < 1 for m in self.lr_milestones):
             raise ValueError(f"lr_milestones must be fractions of the run in (0, 1), got {self.lr_milestones}")
@@ -187,13 +194,16 @@ def sampled_softmax_loss(features: torch.Tensor, targets: torch.Tensor, output: 
     features (events, d); targets (events,) item ids; output: the model's Linear(d -> items);
     sampled (num_sampled,) item ids drawn (with replacement) from the proposal q, shared by the
     batch; log_q (items,) = log(num_sampled * q(item)), the expected-count correction. Each event's
-    logits are its target's and the sampled items', every one minus its log_q; a sampled item that
-    equals the event's target (an accidental hit) is masked out. Unbiased for the full softmax's
-    gradient as num_sampled grows (Bengio & Senecal 2008; Yi et al. 2019).
+    logits are its target's, as it is, and the sampled items' minus their log_q (importance weights
+    1 / (num_sampled * q) in the partition sum); a sampled item that equals the event's target (an
+    accidental hit) is masked out. The partition sum then estimates the full one, the target's term
+    exactly, so the gradient approaches the full softmax's as num_sampled grows (Bengio & Senecal
+    2008). (Correcting the target's logit as well, with hits removed, weighs the target by
+    1 / (num_sampled * q(target)): its gradient would tend to -1, not to p(target) - 1.)
     """
     weight, bias = output.weight, output.bias
-    positive = (features * weight[targets]).sum(-1) + bias[targets] - log_q[targets]
-    negative = features @ weight[sampled].T + bias[sampled] - log_q[sampled]
+    positive = (features * weight[targets]).sum(-1) + (0.0 if bias is None else bias[targets])
+    negative = features @ weight[sampled].T + (0.0 if bias is None else bias[sampled]) - log_q[sampled]
     negative = negative.masked_fill(sampled[None, :] == targets[:, None], float("-inf"))
     logits = torch.cat([positive[:, None], negative], dim=1)
     return F.cross_entropy(logits.float(), torch.zeros_like(targets), reduction="sum")
@@ -203,11 +213,16 @@ class _LossStep(torch.nn.Module):
     """The model plus its loss, as one module, so that DistributedDataParallel sees every parameter
     used in its forward. forward(batch, state, targets, scale, sampled) -> (scaled loss, loss sum, new state)."""
 
-    def __init__(self, model: NextItemModel, amp: bool, device_type: str, log_q: torch.Tensor | None):
+    def __init__(self, model: NextItemModel, amp: bool, device_type: str, log_q: torch.Tensor | None,
+                 every_parameter: bool = False):
         super().__init__()
         self.model = model
         self.amp, self.device_type = amp, device_type
         self.log_q = log_q
+        # Under DistributedDataParallel every parameter must get a gradient at every step. The state the batch
+        # leaves behind reaches the loss only through the next batch (detached there): with one session step
+        # per batch the high-level GRU would get none, and DDP's reducer would fail at the next step.
+        self.every_parameter = every_parameter
 
     def forward(self, batch, state, targets, scale: float, sampled):
         features, new_state = self.model(batch, state)
@@ -224,6 +239,8 @@ class _LossStep(torch.nn.Module):
             else:
                 loss_sum = sampled_softmax_loss(self.model.dropout(features), targets, self.model.output, sampled,
                                                 self.log_q)
+        if self.every_parameter and isinstance(new_state, torch.Tensor) and new_state.requires_grad:
+            loss_sum = loss_sum + new_state.sum() * 0.0
         if features.shape[0] == 0:
             # No event in this rank's lanes: a zero loss that still reaches every parameter, so that the
             # backward pass (and DDP's gradient all-reduce, which every rank must join) runs as usual.
@@ -292,7 +309,12 @@ class _Source:
 
     @property
     def epoch(self) -> int:
-        return self.batcher.epoch
+        """The epoch the next batch comes from: a position just past an epoch's last batch (a run stopped or
+        checkpointed there) is the next epoch's start, as the generator will treat it."""
+        batcher = self.batcher
+        if batcher.next_index > 0 and batcher.next_index >= self.num_batches(batcher.epoch):
+            return batcher.epoch + 1
+        return batcher.epoch
 
     def num_batches(self, epoch: int) -> int:
         return self.batcher.num_batches(epoch)
@@ -378,9 +400,15 @@ class Trainer:
             weights[0] = 0.0
             self.proposal = torch.from_numpy(weights / weights.sum()).to(self.device, torch.float32)
             log_q = torch.log(config.num_sampled * self.proposal.clamp(min=1e-30))
+            # Draws by inverse CDF (torch.multinomial stops at 2^24 categories; catalogues go far beyond): a
+            # uniform u in [0, total) lands on the item whose cumulative interval holds it, so an item without
+            # mass (the padding id 0) is never drawn; float64 sums keep small items' intervals exact enough.
+            self.proposal_cdf = torch.from_numpy(np.cumsum(weights)).to(self.device)
+            self.proposal_last = int(np.flatnonzero(weights)[-1]) if weights.any() else 0
         self.sampler = torch.Generator(device=self.device)
         self.sampler.manual_seed(config.seed)
-        step_module = _LossStep(model, self.amp, self.device.type, log_q)
+        self._step_committed = True  # see _train_step
+        step_module = _LossStep(model, self.amp, self.device.type, log_q, every_parameter=self.distributed)
         if self.distributed:
             step_module = torch.nn.parallel.DistributedDataParallel(step_module)
         self.loss_step = step_module
@@ -396,14 +424,43 @@ class Trainer:
     def learning_rate(self, epoch: int, index: int) -> float:
         """The step schedule at batch ``index`` of ``epoch``: a pure function of the position, so a
         resumed run follows it exactly."""
-        progress = (epoch + index / max(self.source.num_batches(epoch), 1)) / self.config.epochs
+        batches = max(self.source.num_batches(epoch), 1)
+        # One division of exact integers: a milestone at an exact fraction of the run (0.4 of 15 steps) falls on
+        # its step, where (epoch + index / batches) / epochs could round just below it.
+        progress = (epoch * batches + index) / (batches * self.config.epochs)
         passed = sum(progress >= m for m in self.config.lr_milestones)
         return self.config.learning_rate * self.config.lr_gamma ** passed
 
     # ---- one step ----
 
     def _train_step(self, batch, total_events: int) -> float:
+        """One step on ``batch``. A step that raises before the optimizer's (an interrupt, a transient error)
+        gives its batch back: the generator's position and the random generators return to where the step
+        found them, so a checkpoint taken then, or another train() call, runs this batch again as an
+        uninterrupted run does. (The lanes' reset at the start of a batch does the same when run again.)"""
+        rng = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+               None if self.sampler is None else self.sampler.get_state())
+        try:
+            return self._run_step(batch, total_events)
+        except BaseException:
+            if not self._step_committed:
+                self.source.batcher.epoch, self.source.batcher.next_index = batch.epoch, batch.index
+                torch.set_rng_state(rng[0])
+                if rng[1] is not None:
+                    torch.cuda.set_rng_state(rng[1], self.device)
+                if rng[2] is not None:
+                    self.sampler.set_state(rng[2])
+            raise
+
+    def _draw_sampled(self) -> torch.Tensor:
+        """num_sampled item ids from the proposal, with replacement, by inverse CDF on the sampler generator."""
+        cdf = self.proposal_cdf
+        u = torch.rand(self.config.num_sampled, generator=self.sampler, device=cdf.device, dtype=torch.float64)
+        return torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_(max=self.proposal_last)
+
+    def _run_step(self, batch, total_events: int) -> float:
         config = self.config
+        self._step_committed = False
         state = self.source.begin(batch)
         targets = self.source.targets(batch)["targets"]
         lr = self.learning_rate(batch.epoch, batch.index)
@@ -411,7 +468,7 @@ class Trainer:
             group["lr"] = lr
         sampled = None
         if self.proposal is not None:
-            sampled = torch.multinomial(self.proposal, config.num_sampled, replacement=True, generator=self.sampler)
+            sampled = self._draw_sampled()
         # DDP averages gradients over ranks: scale each rank's sum so the average is the mean over the
         # events of the whole batch.
         scale = self.world_size / max(total_events, 1)
@@ -423,6 +480,7 @@ class Trainer:
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
         self.optimizer.step()
+        self._step_committed = True  # the parameters moved: the batch is spent
         self.source.end(batch, new_state)
         if self.distributed:
             torch.distributed.all_reduce(loss_sum)
@@ -566,14 +624,21 @@ class Trainer:
         generator position and state cache, the RNGs and the counters as they were. A file is read
         with ``torch.load(weights_only=True)``, which runs no code from it.
         """
-        state = path_or_state
-        if not isinstance(state, dict):
-            path = Path(path_or_state if self.world_size == 1 else f"{path_or_state}.rank{self.rank}")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            found = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"not a hiertcn_fast checkpoint of this version (format {found!r}, "
-                             f"expected {CHECKPOINT_FORMAT!r})")
+        state, problem = path_or_state, None
+        try:
+            if not isinstance(state, dict):
+                path = Path(path_or_state if self.world_size == 1 else f"{path_or_state}.rank{self.rank}")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+                found = state.get("format") if isinstance(state, dict) else type(state).__name__
+                raise ValueError(f"not a hiertcn_fast checkpoint of this version (format {found!r}, "
+                                 f"expected {CHECKPOINT_FORMAT!r})")
+        except Exception as error:  # in a distributed run, said to the other ranks before it is raised
+            problem = error
+        if self.distributed:
+            self._agree_on_checkpoint(state if problem is None else None, problem)
+        if problem is not None:
+            raise problem
         before = self._restorable_state()
         missing = sorted(before.keys() - state.keys())
         if missing:
@@ -594,6 +659,24 @@ class Trainer:
             self._rng_seeded = rng_seeded
             raise
         return self
+
+    def _agree_on_checkpoint(self, state, problem) -> None:
+        """Every rank resumes from the same step or none does. Ranks save their checkpoints one by one, so a job
+        stopped between two saves leaves files of different steps; each rank would resume from its own, with
+        other parameters and batches, and the run would diverge or hang. A collective call: each rank says what
+        it read (or that it could not), and all raise the same ValueError when they disagree."""
+        mine = (None, repr(problem)) if problem is not None else (state.get("step"), None)
+        everyone = [None] * self.world_size
+        torch.distributed.all_gather_object(everyone, mine)
+        failed = [f"rank {r}: {error}" for r, (_, error) in enumerate(everyone) if error is not None]
+        if failed and problem is None:
+            raise ValueError("another rank could not read its checkpoint, so no rank resumes:\n  "
+                             + "\n  ".join(failed))
+        steps = [step for step, _ in everyone]
+        if not failed and len(set(steps)) > 1:
+            shown = ", ".join(f"rank {r}: {step}" for r, step in enumerate(steps))
+            raise ValueError(f"the ranks' checkpoints hold different steps ({shown}), as a job stopped between two "
+                             "ranks' saves leaves them: resume from a checkpoint every rank wrote at the same step")
 
     def _checkpoint_differences(self, state: dict) -> list[str]:
         """'what: saved vs now' for every recorded fact of ``state`` that differs from this trainer's."""

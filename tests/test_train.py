@@ -552,3 +552,112 @@ def test_a_trainer_prints_to_the_stdout_of_when_it_is_made(cache, monkeypatch):
     assert trainer.out is stream
     trainer.train()
     assert "events/s" in stream.getvalue()
+
+
+def test_sampled_softmax_gradient_approaches_the_full_softmax():
+    """Averaged over draws, the sampled softmax's gradient on the logits approaches the full softmax's
+    (p - onehot) as num_sampled grows: the negatives carry the log-q correction, the target does not (with
+    it, the target's gradient tended to -1). The loss takes a bias-less output layer too."""
+    items = 12
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(items + 1, generator=generator, dtype=torch.float64) * 1.5
+    logits[3] += 3.0  # a popular target: p(target) about 0.6
+    target = torch.tensor([3])
+    output = torch.nn.Linear(items + 1, items + 1, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        output.weight.copy_(torch.eye(items + 1, dtype=torch.float64))  # features are the logits
+    proposal = torch.rand(items + 1, generator=generator, dtype=torch.float64) + 0.2
+    proposal[0] = 0.0
+    proposal /= proposal.sum()
+    num_sampled, draws = 2000, 200
+    log_q = torch.log(num_sampled * proposal.clamp(min=1e-30))
+    mean = torch.zeros(items + 1, dtype=torch.float64)
+    for _ in range(draws):
+        features = logits[None].clone().requires_grad_()
+        sampled = torch.multinomial(proposal, num_sampled, replacement=True, generator=generator)
+        sampled_softmax_loss(features, target, output, sampled, log_q).backward()
+        mean += features.grad[0] / draws
+    full = torch.softmax(logits[1:], 0) - F.one_hot(target - 1, items).double()[0]
+    assert float(full[2]) < -0.3
+    torch.testing.assert_close(mean[1:], full, rtol=0, atol=0.02)
+
+
+def test_the_sampler_draws_from_catalogues_beyond_torch_multinomial(cache, monkeypatch):
+    """The sampled loss's proposal is drawn by inverse CDF: no limit at 2^24 categories (torch.multinomial's),
+    never the padding id 0 or another item without mass, and the proposal's frequencies."""
+    import hiertcn_fast.train as train_module
+
+    trainer = Trainer(build_model("session_gru", cache.num_items, **TINY["session_gru"]), cache,
+                      config(loss="sampled", num_sampled=20000), out=None)
+    counts = train_item_counts(cache)
+    draws = torch.cat([trainer._draw_sampled() for _ in range(10)])
+    assert int(draws.min()) >= 1 and counts[draws.numpy()].min() > 0
+    expected = counts ** 0.75 / (counts ** 0.75).sum()
+    observed = np.bincount(draws.numpy(), minlength=len(counts)) / len(draws)
+    assert np.abs(observed - expected).max() < 0.01
+    big = np.zeros(2 ** 24 + 2)
+    big[[5, 2 ** 24 + 1]] = [1.0, 3.0]  # two items with mass, the last beyond 2^24
+    monkeypatch.setattr(train_module, "train_item_counts", lambda cache, split="train": big)
+    wide = Trainer(build_model("session_gru", cache.num_items, **TINY["session_gru"]), cache,
+                   config(loss="sampled", num_sampled=4000), out=None)
+    values = set(wide._draw_sampled().tolist())
+    assert values == {5, 2 ** 24 + 1}
+
+
+def test_a_step_that_raises_gives_its_batch_back(cache):
+    """A step interrupted before the optimizer's (Ctrl-C, a transient error) leaves the generator and the random
+    generators where the step found them: training on afterwards gives the uninterrupted run's curve and
+    parameters (it skipped the batch before), with dropout and the sampled loss drawing random numbers."""
+    sizes = dict(TINY["hiertcn"], dropout=0.2)
+    run = dict(epochs=2, loss="sampled", num_sampled=32)
+    plain = Trainer(build_model("hiertcn", cache.num_items, seed=2, **sizes), cache, config(**run), out=None).train()
+    model = build_model("hiertcn", cache.num_items, seed=2, **sizes)
+    calls = []
+
+    def interrupt_once(module, args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+
+    handle = model.register_forward_pre_hook(interrupt_once)
+    trainer = Trainer(model, cache, config(**run), out=None)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert trainer.step == 3
+    handle.remove()
+    trainer.train()
+    assert [s for s, _ in trainer.curve] == [s for s, _ in plain.curve]
+    torch.testing.assert_close(torch.tensor([l for _, l in trainer.curve]), torch.tensor([l for _, l in plain.curve]),
+                               rtol=0, atol=0)
+    for p, q in zip(trainer.model.parameters(), plain.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_learning_rate_milestones_at_exact_fractions_fall_on_their_step(cache, monkeypatch):
+    """0.4 and 0.8 of a 3-epoch run of 5 batches are steps 6 and 12 exactly: the progress is one division of
+    integers ((2 + 2 / 5) / 3 rounds to 0.7999999999999999, which put the second division a step late)."""
+    trainer = Trainer(build_model("session_gru", cache.num_items, **TINY["session_gru"]), cache,
+                      config(epochs=3, lr_milestones=(0.4, 0.8)), out=None)
+    monkeypatch.setattr(trainer.source, "num_batches", lambda epoch: 5)
+    assert trainer.learning_rate(1, 0) == pytest.approx(1e-2)
+    assert trainer.learning_rate(1, 1) == pytest.approx(2e-3)   # step 6 of 15: 0.4
+    assert trainer.learning_rate(2, 1) == pytest.approx(2e-3)
+    assert trainer.learning_rate(2, 2) == pytest.approx(4e-4)   # step 12 of 15: 0.8
+
+
+def test_a_run_stopped_at_an_epochs_end_resumes_in_the_next_epoch(cache):
+    """Stopped (max_steps) just after an epoch's last batch, the trainer's epoch is the next one: the resumed
+    run's progress and logs name it, as the uninterrupted run's do."""
+    trainer = Trainer(build_model("session_gru", cache.num_items, **TINY["session_gru"]), cache, config(epochs=2),
+                      out=None)
+    trainer.config.max_steps = trainer.source.num_batches(0)
+    trainer.train()
+    assert trainer.step == trainer.source.num_batches(0) and trainer.source.epoch == 1
+
+
+@pytest.mark.parametrize("field,value", [("learning_rate", float("inf")), ("learning_rate", float("nan")),
+                                         ("grad_clip", float("nan")), ("weight_decay", float("nan")),
+                                         ("lr_gamma", float("nan"))])
+def test_config_numbers_must_be_finite(field, value):
+    with pytest.raises(ValueError, match=f"{field}={value!r}"):
+        TrainConfig(**{field: value})
