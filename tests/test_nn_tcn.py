@@ -443,3 +443,24 @@ def test_step_input_errors_name_the_step_arguments():
             tcn.step(torch.randn(3, 4), tcn.init_state(3), torch.randn(3, 3))
     with pytest.raises(ValueError, match=r"context must be \(batch, context_channels = 2\), got shape \(2, 3\)"):
         conv(torch.randn(2, 7, 4), torch.randn(2, 3))
+
+
+def test_an_inference_context_table_is_computed_once_per_session(monkeypatch):
+    """Under inference_mode the session's context (an inference tensor, no version counter) still costs its table
+    once, not at every step; a new context, or the same one changed in place, makes a new table."""
+    import hiertcn_fast.ops.conv as conv_ops
+
+    tcn = TCN(4, [6, 6], kernel_size=3, context_channels=5).eval()
+    calls = []
+    original = conv_ops.context_table
+    monkeypatch.setattr(conv_ops, "context_table", lambda *args: calls.append(1) or original(*args))
+    with torch.inference_mode():
+        context = torch.randn(2, 5) * 1.0
+        state = tcn.init_state(2)
+        for _ in range(6):
+            tcn.step(torch.randn(2, 4), state, context)
+        assert len(calls) == 1
+        context.mul_(2.0)
+        tcn.step(torch.randn(2, 4), state, context)
+        tcn.step(torch.randn(2, 4), state, torch.randn(2, 5) * 1.0)
+        assert len(calls) == 3
