@@ -434,23 +434,39 @@ class Trainer:
     # ---- one step ----
 
     def _train_step(self, batch, total_events: int) -> float:
-        """One step on ``batch``. A step that raises before the optimizer's (an interrupt, a transient error)
-        gives its batch back: the generator's position and the random generators return to where the step
-        found them, so a checkpoint taken then, or another train() call, runs this batch again as an
-        uninterrupted run does. (The lanes' reset at the start of a batch does the same when run again.)"""
+        """One step on ``batch``, counted (step, curve, events). A step that raises before the optimizer's (an
+        interrupt, a transient error) gives its batch back: the generator's position, the lanes' state and the
+        random generators return to where the step found them, so a checkpoint taken then, or another train()
+        call, runs this batch again as an uninterrupted run does. One that raises after it (in the all-reduce of
+        the loss, or reading it) is counted with a NaN loss: its parameters moved."""
         rng = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                None if self.sampler is None else self.sampler.get_state())
+        cache = self.source.state_cache
+        lanes = None if cache is None else cache.state.clone()
         try:
-            return self._run_step(batch, total_events)
+            loss = self._run_step(batch, total_events)
         except BaseException:
             if not self._step_committed:
                 self.source.batcher.epoch, self.source.batcher.next_index = batch.epoch, batch.index
+                if lanes is not None:
+                    cache.state.copy_(lanes)
                 torch.set_rng_state(rng[0])
                 if rng[1] is not None:
                     torch.cuda.set_rng_state(rng[1], self.device)
                 if rng[2] is not None:
                     self.sampler.set_state(rng[2])
+            else:
+                # The parameters moved and the lanes' state is stored: the step happened, only its loss (the
+                # all-reduce, the read of the value) is lost. Counted, so a checkpoint's step matches its parameters.
+                self._count_step(float("nan"), total_events)
             raise
+        self._count_step(loss, total_events)
+        return loss
+
+    def _count_step(self, loss: float, total_events: int) -> None:
+        self.step += 1
+        self.curve.append((self.step, loss))
+        self.train_events += total_events
 
     def _draw_sampled(self) -> torch.Tensor:
         """num_sampled item ids from the proposal, with replacement, by inverse CDF on the sampler generator."""
@@ -479,9 +495,9 @@ class Trainer:
         loss.backward()
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.source.end(batch, new_state)  # before the optimizer's step: undone with the rest if that raises
         self.optimizer.step()
         self._step_committed = True  # the parameters moved: the batch is spent
-        self.source.end(batch, new_state)
         if self.distributed:
             torch.distributed.all_reduce(loss_sum)
         return float(loss_sum) / max(total_events, 1)
@@ -506,10 +522,7 @@ class Trainer:
             started = time.perf_counter()
             try:
                 for batch, total_events in self.source.batches():
-                    loss = self._train_step(batch, total_events)
-                    self.step += 1
-                    self.curve.append((self.step, loss))
-                    self.train_events += total_events
+                    loss = self._train_step(batch, total_events)  # counts the step
                     epoch_loss += loss * total_events
                     epoch_events += total_events
                     if bar is not None:
@@ -624,7 +637,7 @@ class Trainer:
         generator position and state cache, the RNGs and the counters as they were. A file is read
         with ``torch.load(weights_only=True)``, which runs no code from it.
         """
-        state, problem = path_or_state, None
+        state, problem, before = path_or_state, None, None
         try:
             if not isinstance(state, dict):
                 path = Path(path_or_state if self.world_size == 1 else f"{path_or_state}.rank{self.rank}")
@@ -633,31 +646,42 @@ class Trainer:
                 found = state.get("format") if isinstance(state, dict) else type(state).__name__
                 raise ValueError(f"not a hiertcn_fast checkpoint of this version (format {found!r}, "
                                  f"expected {CHECKPOINT_FORMAT!r})")
+            before = self._restorable_state()
+            missing = sorted(before.keys() - state.keys())
+            if missing:
+                raise ValueError(f"checkpoint lacks {missing}")
+            if state["device_type"] != self.device.type:
+                raise ValueError(f"checkpoint was written on {state['device_type']} and this trainer runs on "
+                                 f"{self.device.type}: the sampler's random generator state does not carry over")
+            if strict:
+                differences = self._checkpoint_differences(state)
+                if differences:
+                    raise ValueError("checkpoint was written by another model or schedule (saved vs now; "
+                                     "strict=False resumes anyway):\n  " + "\n  ".join(differences))
         except Exception as error:  # in a distributed run, said to the other ranks before it is raised
             problem = error
         if self.distributed:
             self._agree_on_checkpoint(state if problem is None else None, problem)
         if problem is not None:
             raise problem
-        before = self._restorable_state()
-        missing = sorted(before.keys() - state.keys())
-        if missing:
-            raise ValueError(f"checkpoint lacks {missing}")
-        if state["device_type"] != self.device.type:
-            raise ValueError(f"checkpoint was written on {state['device_type']} and this trainer runs on "
-                             f"{self.device.type}: the sampler's random generator state does not carry over")
-        if strict:
-            differences = self._checkpoint_differences(state)
-            if differences:
-                raise ValueError("checkpoint was written by another model or schedule (saved vs now; "
-                                 "strict=False resumes anyway):\n  " + "\n  ".join(differences))
         rng_seeded = self._rng_seeded
+        failure = None
         try:
             self._restore(state)
-        except BaseException:
+        except BaseException as error:
+            failure = error
+        if self.distributed:
+            # All restored or none: a rank whose restore failed tells the others, which go back too.
+            everyone = [None] * self.world_size
+            torch.distributed.all_gather_object(everyone, None if failure is None else repr(failure))
+            failed = [f"rank {r}: {error}" for r, error in enumerate(everyone) if error is not None]
+            if failed and failure is None:
+                failure = ValueError("another rank could not restore its checkpoint, so no rank resumes:\n  "
+                                     + "\n  ".join(failed))
+        if failure is not None:
             self._restore(before)
             self._rng_seeded = rng_seeded
-            raise
+            raise failure
         return self
 
     def _agree_on_checkpoint(self, state, problem) -> None:

@@ -73,9 +73,10 @@ def test_two_ranks_match_one_rank(tmp_path, sessions_per_batch):
         torch.testing.assert_close(results[0]["state"][key], value, **tolerance, msg=lambda m: f"{key}: {m}")
 
 
-def _mixed_checkpoint_worker(rank, world_size, init_file, cache_path, result_dir):
-    """Each rank saves at step 2 and step 4; rank 1's file is then put back to its step-2 copy (what a job
-    stopped between the two ranks' saves leaves), and every rank tries to resume."""
+def _mixed_checkpoint_worker(rank, world_size, init_file, cache_path, result_dir, how="steps"):
+    """Each rank saves at step 2 and step 4; then rank 1's file is put back to its step-2 copy (how="steps": what
+    a job stopped between the two ranks' saves leaves) or loses an entry (how="lacks": a file only rank 1 refuses),
+    and every rank tries to resume."""
     import shutil
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
@@ -95,8 +96,12 @@ def _mixed_checkpoint_worker(rank, world_size, init_file, cache_path, result_dir
         first.config.max_steps = 4
         first.train()
         dist.barrier()
-        if rank == 1:
+        if rank == 1 and how == "steps":
             shutil.copy(mine + ".step2", mine)
+        if rank == 1 and how == "lacks":
+            state = torch.load(mine, weights_only=True)
+            del state["train_seconds"]
+            torch.save(state, mine)
         dist.barrier()
         try:
             trainer(None).load_checkpoint(path)
@@ -110,10 +115,17 @@ def _mixed_checkpoint_worker(rank, world_size, init_file, cache_path, result_dir
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_ranks_refuse_checkpoints_of_different_steps(tmp_path):
+@pytest.mark.parametrize("how", ["steps", "lacks"])
+def test_ranks_refuse_checkpoints_together(tmp_path, how):
+    """Every rank resumes from the same step or none does: checkpoints of different steps, or one that only one
+    rank refuses, are refused on every rank (before, the others resumed and hung at their first all-reduce)."""
     cache = synthetic_cache(tmp_path / "cache", num_events=3000)
-    mp.spawn(_mixed_checkpoint_worker, args=(2, str(tmp_path / "init"), str(cache.path), str(tmp_path)), nprocs=2,
-             join=True)
-    for rank in range(2):
-        outcome = (tmp_path / f"outcome{rank}.txt").read_text()
-        assert "the ranks' checkpoints hold different steps (rank 0: 4, rank 1: 2)" in outcome, outcome
+    mp.spawn(_mixed_checkpoint_worker, args=(2, str(tmp_path / "init"), str(cache.path), str(tmp_path), how),
+             nprocs=2, join=True)
+    outcomes = [(tmp_path / f"outcome{rank}.txt").read_text() for rank in range(2)]
+    if how == "steps":
+        for outcome in outcomes:
+            assert "the ranks' checkpoints hold different steps (rank 0: 4, rank 1: 2)" in outcome, outcome
+    else:
+        assert "another rank could not read its checkpoint" in outcomes[0] and "train_seconds" in outcomes[0]
+        assert "checkpoint lacks ['train_seconds']" in outcomes[1], outcomes[1]

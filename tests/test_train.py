@@ -661,3 +661,46 @@ def test_a_run_stopped_at_an_epochs_end_resumes_in_the_next_epoch(cache):
 def test_config_numbers_must_be_finite(field, value):
     with pytest.raises(ValueError, match=f"{field}={value!r}"):
         TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize("where", ["storing the lanes' state", "after the optimizer's step"])
+def test_a_step_that_raises_late_leaves_a_consistent_trainer(cache, monkeypatch, where):
+    """Raising while the lanes' state is stored (before the optimizer's step) gives the batch back with the lanes'
+    state as it was; raising after the optimizer's step (the all-reduce of the loss) counts the step, with a NaN
+    loss, so the step count matches the parameters. Either way training on ends where the uninterrupted run
+    does, with its parameters."""
+    plain = Trainer(build_model("hiertcn", cache.num_items, seed=2, **TINY["hiertcn"]), cache, config(epochs=2),
+                    out=None).train()
+    trainer = Trainer(build_model("hiertcn", cache.num_items, seed=2, **TINY["hiertcn"]), cache, config(epochs=2),
+                      out=None)
+    calls = []
+    if where == "storing the lanes' state":
+        original = trainer.source.end
+
+        def end(batch, new_state):
+            calls.append(1)
+            if len(calls) == 4:
+                original(batch, torch.full_like(new_state, 7.0))  # half done: a wrong state stored, then a failure
+                raise KeyboardInterrupt
+            original(batch, new_state)
+        monkeypatch.setattr(trainer.source, "end", end)
+    else:
+        trainer.distributed = True  # the step then all-reduces its loss, after the optimizer's step
+
+        def all_reduce(tensor):
+            calls.append(1)
+            if len(calls) == 4:
+                raise KeyboardInterrupt
+        monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    optimizer_steps = int(next(iter(trainer.optimizer.state.values()))["step"])
+    assert trainer.step == optimizer_steps == (3 if where == "storing the lanes' state" else 4)
+    if where == "storing the lanes' state":
+        monkeypatch.undo()
+    else:
+        assert np.isnan(trainer.curve[-1][1])
+    trainer.train()
+    assert trainer.step == plain.step
+    for p, q in zip(trainer.model.parameters(), plain.model.parameters()):
+        assert torch.equal(p, q)
