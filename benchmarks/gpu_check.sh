@@ -61,7 +61,8 @@ step triton_tests 50 $PY -m pytest tests -q -k "triton or cuda" -m "not gpu" -p 
   --ignore=tests/test_build.py --durations=10
 step benchmarks 90 env HIERTCN_BENCH_COMPILE=0 $PY -m pytest benchmarks -q -p no:cacheprovider \
   --ignore=benchmarks/bench_e2e.py --durations=10
-step bench_compiled 45 $PY -m pytest benchmarks/bench_causal_conv.py -q -p no:cacheprovider -k "hiertcn"
+step bench_compiled 45 $PY -m pytest benchmarks/bench_causal_conv.py -q -p no:cacheprovider \
+  -k "hiertcn and not long and not step"
 step bench_e2e 30 $PY benchmarks/bench_e2e.py --quick --rounds 1 --threads 0 --out "$WORK/bench_e2e.json"
 step data_bench 20 $PY benchmarks/bench_data.py --quick
 exit $status

@@ -89,9 +89,10 @@ def _device(text: str):
 
 
 def _folder(text: str) -> str:
+    """A folder path, ``~`` expanded (a shell leaves ``--out=~/x`` as it is)."""
     if not text.strip():
         raise argparse.ArgumentTypeError(f"expected a folder path, got {text!r}")
-    return text
+    return os.path.expanduser(text)
 
 
 def _positive_float(text: str) -> float:

@@ -215,3 +215,16 @@ def test_duplicate_models_train_once_and_the_largest_seed_runs(monkeypatch, tmp_
     assert len(calls) == 1
     document = json.loads((out / "results.json").read_text())
     assert list(document["models"]) == ["session_gru"] and document["metadata"]["status"] == "complete"
+
+
+def test_tilde_in_out_and_cache_dir_is_the_home_folder(monkeypatch, tmp_path):
+    """--out=~/x and --cache-dir=~/y (which a shell leaves as they are) name folders in the home folder, where the
+    job writes: checked and created there, and no literal "~" folder in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+    monkeypatch.setattr(cli, "_train", lambda args: seen.update(vars(args)) or 0)
+    assert cli.main(["train", "--out=~/report", "--cache-dir=~/cache", "--device", "cpu"]) == 0
+    assert seen["out"] == str(tmp_path / "home" / "report") and seen["cache_dir"] == str(tmp_path / "home" / "cache")
+    assert (tmp_path / "home" / "cache").is_dir() and (tmp_path / "home" / "report").is_dir()
+    assert not (tmp_path / "~").exists()

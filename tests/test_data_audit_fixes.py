@@ -252,3 +252,18 @@ def test_pin_memory_without_cuda_is_refused_up_front():
         PinnedRingQueue({"x": ((2,), torch.int64)}, lambda seq, slot: False, pin_memory=True)
     with PinnedRingQueue({"x": ((2,), torch.int64)}, lambda seq, slot: False) as queue:
         assert not queue.pin_memory and queue.get() is None
+
+
+def test_a_cache_opened_by_a_relative_path_unpickles_from_another_directory(tmp_path, monkeypatch):
+    """The cache keeps the absolute path it was opened at: a pickled copy reopens it after a change of directory;
+    a cache moved or removed since is said to be so, not to be corrupt."""
+    cache = small_cache(tmp_path / "caches")
+    monkeypatch.chdir(cache.path.parent)
+    relative = SessionCache.open(cache.path.name)
+    assert relative.path.is_absolute()
+    blob = pickle.dumps(relative)
+    monkeypatch.chdir(tmp_path)
+    np.testing.assert_array_equal(pickle.loads(blob).item, cache.item)
+    cache.path.rename(tmp_path / "moved")
+    with pytest.raises(CacheCorruptError, match="no longer there"):
+        pickle.loads(blob)

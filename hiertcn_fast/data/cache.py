@@ -223,6 +223,9 @@ class SessionCache:
 
     def __setstate__(self, state: dict) -> None:
         # "full" need not re-read everything: what the pickled cache verified stays verified below.
+        if not (Path(state["path"]) / MANIFEST_NAME).is_file():
+            raise CacheCorruptError(f"{state['path']}: the cache this SessionCache was pickled from is no longer "
+                                    "there (moved or removed since); open it where it is now")
         opened = SessionCache.open(state["path"], verify="none" if state["verify"] == "none" else "lazy")
         if opened.manifest["manifest_sha256"] != state["manifest_sha256"]:
             raise CacheCorruptError(f"{state['path']}: the cache changed on disk since this SessionCache was "
@@ -252,7 +255,7 @@ class SessionCache:
         """
         if verify not in ("lazy", "full", "none"):
             raise ValueError(f"verify must be 'lazy', 'full' or 'none', got {verify!r}")
-        path = Path(path).expanduser()
+        path = Path(path).expanduser().absolute()  # absolute: a pickled cache reopens it from any directory
         if path.name.startswith(TEMP_PREFIX):
             raise CacheCorruptError(f"{path}: an unfinished cache build (temporary directory), not a cache")
         manifest_path = path / MANIFEST_NAME
