@@ -3,7 +3,8 @@
 Four backends implement every op:
   cuda       the C++/CUDA kernels in csrc/cuda (CUDA tensors)
   triton     the Triton kernels in hiertcn_fast/triton (CUDA tensors; CPU tensors under
-             TRITON_INTERPRET=1, for testing)
+             TRITON_INTERPRET=1, for testing, without the dtypes the interpreter computes wrongly:
+             bfloat16 for causal_conv1d, whose kernels use tl.dot)
   cpu        the C++ kernels in csrc/cpu (CPU tensors)
   reference  plain PyTorch, any device and floating dtype: the definition the others are tested against
 
@@ -29,6 +30,10 @@ ENV_VAR = "HIERTCN_BACKEND"
 _REINSTALL = "pip install --no-build-isolation --no-deps --force-reinstall . (from the source tree)"
 
 _selected = contextvars.ContextVar("hiertcn_backend", default=None)
+
+# An optional key of an op's dtypes table (see resolve): the dtypes the triton backend supports on CUDA but not
+# in the Triton interpreter on CPU tensors, where the op's kernels would compute them wrongly.
+INTERPRETER_UNSUPPORTED = "triton interpreter unsupported"
 
 
 class BackendUnavailableError(RuntimeError):
@@ -132,6 +137,12 @@ def _can_run(name, device: torch.device, dtype, dtypes) -> str:
     if dtype not in dtypes[name]:
         supported = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes[name]))
         return f"it does not support {dtype} (supported: {supported})"
+    if name == "triton" and device.type == "cpu" and dtype in dtypes.get(INTERPRETER_UNSUPPORTED, ()):
+        # The interpreter computes bfloat16 tl.dot wrongly (triton-lang/triton#11584): the result would be
+        # garbage with no error, so such a call is refused rather than run.
+        return (f"the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) computes {dtype} tl.dot wrongly "
+                f"(triton-lang/triton#11584), which this op's kernels use; run it on a CUDA device, in another "
+                f"dtype, or on backend 'cpu' or 'reference'")
     return ""
 
 
@@ -141,7 +152,9 @@ _resolved = {}
 def resolve(op: str, backend, device: torch.device, dtype: torch.dtype, dtypes) -> str:
     """The backend that runs ``op`` on tensors of ``device``/``dtype``.
 
-    ``dtypes`` maps each backend name to the dtypes that op supports on it (constant per op).
+    ``dtypes`` maps each backend name to the dtypes that op supports on it (constant per op); under the key
+    INTERPRETER_UNSUPPORTED, optionally, those of the triton backend's that the Triton interpreter computes
+    wrongly (refused for CPU tensors).
     Answers are memoised: what is installed does not change while the process runs, and this sits
     on every op call (a TCN step calls it once per layer per event).
     """

@@ -340,7 +340,8 @@ SessionUpdateShapes check_session_update(const at::Tensor& items, const at::Tens
                                          const at::Tensor& keep, at::TensorList weights, const OptTensor& proj_weight,
                                          const OptTensor& proj_bias) {
   TORCH_CHECK(items.dim() == 3, "item_embeddings must be (batch, time, dim), got ", items.dim(), "-D");
-  TORCH_CHECK(items.size(2) <= 1 || items.stride(2) == 1, "item_embeddings must have unit stride along dim");
+  TORCH_CHECK(has_unit_stride(items, 2), "item_embeddings must have unit stride along dim, got strides ",
+              items.strides());
   TORCH_CHECK(h.dim() == 3, "h must be (layers, batch, hidden), got ", h.dim(), "-D");
   SessionUpdateShapes s;
   s.layers = h.size(0);
@@ -662,7 +663,7 @@ at::Tensor cell_forward(const at::Tensor& x, const at::Tensor& h, const at::Tens
 }
 
 // The layer op's kernels index h by rows with unit stride.
-at::Tensor unit_stride_rows(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
+at::Tensor unit_stride_rows(const at::Tensor& t) { return has_unit_stride(t, -1) ? t : t.contiguous(); }
 
 class GruCellFunction : public torch::autograd::Function<GruCellFunction> {
  public:

@@ -62,8 +62,7 @@ class TcnStepPlan {
                 params_.batch, ", ", in_channels_, "), got shape ", x.sizes());
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == dtype_, "x must be a CPU ", dtype_, " tensor, got ",
                 x.scalar_type(), " on ", x.device());
-    TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "x must have unit stride along channels, got strides ",
-                x.strides());
+    TORCH_CHECK(has_unit_stride(x, 1), "x must have unit stride along channels, got strides ", x.strides());
     TORCH_CHECK(context_table.has_value() == has_table_, has_table_ ? "this step needs its context table"
                                                                     : "this step was prepared without context");
     TcnStepParams p = params_;

@@ -23,7 +23,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _extension
-from ..backends import requested_backend, resolve
+from ..backends import INTERPRETER_UNSUPPORTED, requested_backend, resolve
 from ._common import (FLOATING, check_like, check_shape, check_tensor, in_input_dtype, new_output, on_device_of,
                       refuse_graph_of_gradient, unit_stride_rows)
 
@@ -36,6 +36,10 @@ CAUSAL_CONV_DTYPES = {
     "cpu": {torch.float32, torch.float64},
     "reference": set(FLOATING),
 }
+# causal_conv1d's Triton kernels (forward and backward) run dense taps as tl.dot, which the Triton interpreter
+# computes wrongly in bfloat16 (triton-lang/triton#11584): there the triton backend refuses bfloat16 CPU tensors
+# (auto never picks triton for CPU tensors). The step kernels multiply without tl.dot and keep every dtype.
+CAUSAL_CONV1D_DTYPES = {**CAUSAL_CONV_DTYPES, INTERPRETER_UNSUPPORTED: {torch.bfloat16}}
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -297,7 +301,7 @@ def causal_conv1d(x, weight, bias=None, *, dilation=1, groups=1, context=None, c
     residual. Differentiable in every tensor argument; backward is deterministic.
     """
     _check_causal_conv(x, weight, bias, dilation, groups, context, context_weight, activation, residual)
-    name = resolve("causal_conv1d", backend, x.device, x.dtype, CAUSAL_CONV_DTYPES)
+    name = resolve("causal_conv1d", backend, x.device, x.dtype, CAUSAL_CONV1D_DTYPES)
     if name == "reference":
         return causal_conv1d_reference(x, weight, bias, dilation=dilation, groups=groups, context=context,
                                        context_weight=context_weight, activation=activation, residual=residual)
@@ -371,8 +375,9 @@ class CausalConvState:
     history: (batch, (k - 1) * dilation, in_channels), a circular buffer: the input of step p of a row
     lives at slot p % ((k - 1) * dilation) until it falls out of the receptive field.
     position: (batch,) int64, steps taken per row since its last reset. Both are updated in place. A negative
-    position (a state written from outside) is refused by the CPU kernels; the device kernels (cuda, triton)
-    cannot refuse without a sync per step, so that row's output is NaN and its state is left unchanged.
+    position (a state written from outside) is refused by the CPU kernels and, on CPU tensors, by the
+    reference; the device kernels (cuda, triton) cannot refuse without a sync per step, so that row's output is
+    NaN and its state is left unchanged.
     The state also caches the layer's weight in the kernels' packing and the context term's table, so that
     a step neither repacks the one nor recomputes the other.
     """
@@ -504,7 +509,9 @@ def _cache_is_fresh(entry, sources, extra):
 
 def causal_conv1d_step_reference(x, weight, state, bias=None, *, groups=1, context=None, context_weight=None,
                                  activation=None, residual=None):
-    """Plain-PyTorch causal_conv1d_step (updates ``state`` in place). Shapes as causal_conv1d_step."""
+    """Plain-PyTorch causal_conv1d_step (updates ``state`` in place). Shapes as causal_conv1d_step; a negative
+    position is an error on CPU tensors, as on the cpu backend."""
+    _check_positions_not_negative(state.position)
     compute = _compute_dtype(x.dtype)
     kernel_size, dilation = state.kernel_size, state.dilation
     history_length = (kernel_size - 1) * dilation
@@ -562,6 +569,7 @@ def _check_step(x, weight, state, bias, groups, context, context_weight, activat
         check_like(state.history, "state.history", x, "x")
         check_shape(state.history, "state.history (batch, (k - 1) * dilation, in_channels)",
                     (x.shape[0], (kernel_size - 1) * state.dilation, x.shape[1]))
+        _check_position(x, state.position, contiguous=False)
         if residual is not None:
             check_tensor(residual, "residual", 2)
             check_like(residual, "residual", x, "x")
@@ -573,20 +581,42 @@ def _check_step(x, weight, state, bias, groups, context, context_weight, activat
     return out_channels
 
 
-def _check_triton_state(x, state):
-    """The Triton step kernels index the history as contiguous and the positions as a contiguous int64 vector on
-    x's device, as the C++ ops check (a strided history would be misread, a CPU position fail in the launch)."""
-    position = state.position
-    if not state.history.is_contiguous():
-        raise ValueError("state.history must be contiguous for the triton backend (a view, e.g. a slice of a wider "
-                         "history, is not): pass a contiguous copy or use backend='reference'")
+def _check_position(x, position, contiguous):
+    """state.position must be an int64 (batch,) tensor on x's device on every backend (contiguous too where the
+    kernels read it as a plain vector: contiguous=True): the reference indexes the history with it, where a
+    float one is an IndexError, another batch a shape mismatch, and an int32 one would be accepted where the
+    kernels refuse it."""
     if (not isinstance(position, torch.Tensor) or position.dtype != torch.int64 or position.shape != (x.shape[0],)
-            or position.device != x.device or not position.is_contiguous()):
+            or position.device != x.device or (contiguous and not position.is_contiguous())):
         shown = (f"{position.dtype} {tuple(position.shape)} on {position.device}, "
                  f"{'contiguous' if position.is_contiguous() else 'strided'}"
                  if isinstance(position, torch.Tensor) else type(position).__name__)
-        raise ValueError(f"state.position must be a contiguous int64 ({x.shape[0]},) tensor on x's device "
-                         f"({x.device}), got {shown}")
+        raise ValueError(f"state.position must be {'a contiguous' if contiguous else 'an'} int64 ({x.shape[0]},) "
+                         f"tensor on x's device ({x.device}), got {shown}")
+
+
+def _check_positions_not_negative(position, layer=None):
+    """A position indexes the circular history: the reference refuses a negative one (a state corrupted or
+    written by hand) on CPU tensors, in the cpu kernel's words, where it would otherwise step the row silently
+    (its taps read as zeros, its input written at a wrapped slot). Device tensors are not read: that would make
+    the host wait for the device at every step (the device kernels give the row NaN instead); nor traced ones
+    (torch.compile has no values to look at)."""
+    if position.device.type != "cpu" or position.numel() == 0 or torch.compiler.is_compiling():
+        return
+    low, row = (t.item() for t in position.min(0))
+    if low < 0:
+        where = "" if layer is None else f"layer {layer}, "
+        raise ValueError(f"the step state's position must be >= 0 (steps taken since the row's reset); {where}row "
+                         f"{row} has {low}")
+
+
+def _check_triton_state(x, state):
+    """The Triton step kernels index the history as contiguous and the positions as a contiguous int64 vector on
+    x's device, as the C++ ops check (a strided history would be misread, a CPU position fail in the launch)."""
+    if not state.history.is_contiguous():
+        raise ValueError("state.history must be contiguous for the triton backend (a view, e.g. a slice of a wider "
+                         "history, is not): pass a contiguous copy or use backend='reference'")
+    _check_position(x, state.position, contiguous=True)
 
 
 def _step(name, x, weight, state, bias, groups, context, context_weight, activation, residual, out_channels):
@@ -680,6 +710,8 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
         extra = (context, context_weight) if l == 0 else (None, None)
         out_channels = _check_step(h_like, weights[l], states[l], biases[l], 1, *extra, activation, residual_like,
                                    where=f"layer {l}: ")
+        if name == "reference":  # each layer's step would refuse it, but only after the layers below it stepped
+            _check_positions_not_negative(states[l].position, l)
         h_like = x.new_empty((x.shape[0], out_channels))
     layer_backend = name if name in ("triton", "reference") else backend
     h = x

@@ -518,9 +518,23 @@ def _well_formed_session_update(items, lengths, h, keep, weights, proj_weight, p
     return layers
 
 
+def _check_lengths_in_range(lengths, time):
+    """On CPU tensors every length must lie in [0, time], as the cpu kernel checks: the reference composition
+    would count a longer session as the whole padded row and a negative one as no session, and the Triton
+    kernels would read past the row, each silently and each differently. lengths: int64 (what the checks
+    return). Device tensors are not read (that would make the host wait for the device; their kernels clamp),
+    nor traced ones (torch.compile has no values to look at)."""
+    if lengths.device.type != "cpu" or lengths.numel() == 0 or torch.compiler.is_compiling():
+        return
+    low, high = torch.stack(torch.aminmax(lengths)).tolist()
+    if low < 0 or high > time:
+        raise ValueError(f"lengths must lie in [0, time = {time}], got values in [{low}, {high}]")
+
+
 def session_update_reference(item_embeddings, lengths, h, keep, weights, *, proj_weight=None, proj_bias=None):
     """Plain-PyTorch session_update."""
     lengths, keep, layers = _check_session_update(item_embeddings, lengths, h, keep, weights, proj_weight, proj_bias)
+    _check_lengths_in_range(lengths, item_embeddings.shape[1])
     return _session_update_composed(item_embeddings, lengths, h, keep, layers, proj_weight, proj_bias, "reference")
 
 
@@ -542,7 +556,8 @@ def session_update(item_embeddings: torch.Tensor, lengths: torch.Tensor, h: torc
         out  = keep * (h' where lengths > 0, else h)
 
     Differentiable in item_embeddings, h, the weights, the projection and a floating keep. Lengths
-    outside [0, time] are an error on CPU tensors; CUDA kernels clamp them (checking would synchronise).
+    outside [0, time] are an error on CPU tensors on every backend (a ValueError; the cpu kernel's own check
+    raises a RuntimeError with the same message); CUDA kernels clamp them (checking would synchronise).
     """
     layers = _well_formed_session_update(item_embeddings, lengths, h, keep, weights, proj_weight, proj_bias)
     if layers is None:
@@ -550,6 +565,9 @@ def session_update(item_embeddings: torch.Tensor, lengths: torch.Tensor, h: torc
                                                       proj_bias)
     name = resolve("session_update", backend, h.device, h.dtype, GRU_DTYPES)
     if name in ("reference", "triton"):
+        # The checks above (and the fast path, which skips them) leave the values of lengths alone; the cpu
+        # kernel checks them itself.
+        _check_lengths_in_range(lengths, item_embeddings.shape[1])
         return _session_update_composed(item_embeddings, lengths, h, keep, layers, proj_weight, proj_bias, name)
     flat = [t for layer in layers for t in layer if t is not None]
     if not torch.compiler.is_compiling():

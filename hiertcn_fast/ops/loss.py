@@ -26,7 +26,7 @@ import torch.autograd.forward_ad as forward_ad
 
 from .. import _extension
 from ..backends import BackendUnavailableError, requested_backend
-from ._common import check_tensor, new_output, refuse_graph_of_gradient
+from ._common import check_like, check_tensor, new_output, refuse_graph_of_gradient
 
 _CPU_DTYPES = (torch.float32, torch.float64)
 
@@ -117,6 +117,24 @@ def _why_not_fused(features, weight, bias, targets) -> str:
     return ""
 
 
+def _check_parameters_like_features(features, weight, bias):
+    """weight and bias must be on features' device and (outside autocast) in its dtype, whichever backend runs,
+    checked before one is chosen: otherwise auto sends the call to the reference composition (the cpu kernel
+    refuses it), whose product fails with a message naming no argument (another dtype) or, for a meta-device
+    weight next to CPU features, returns a finite loss computed from uninitialised memory. Under autocast on
+    features' device the product casts its operands itself, so there mixed dtypes are what autocast makes
+    (e.g. bfloat16 features and a float32 output layer) and are left to it."""
+    autocast = features.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(features.device.type)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.device != features.device:
+            raise ValueError(f"{name} is on {t.device} but features is on {features.device}; move them to one "
+                             f"device")
+        if not autocast:
+            check_like(t, name, features, "features")
+
+
 def _check_target_range(targets, classes):
     """Every target must be a class id, on every backend: F.cross_entropy (the reference) would skip the rows
     marked with its ignore_index -100 and the cpu kernel refuses them, so one backend would report a loss the
@@ -154,6 +172,7 @@ def linear_cross_entropy(features: torch.Tensor, weight: torch.Tensor, bias, tar
         check_tensor(bias, "bias", 1)
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias must be ({weight.shape[0]},), got shape {tuple(bias.shape)}")
+    _check_parameters_like_features(features, weight, bias)
     if not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64 or targets.dim() != 1:
         raise ValueError("targets must be a 1-D int64 tensor of class ids")
     if targets.shape[0] != features.shape[0]:

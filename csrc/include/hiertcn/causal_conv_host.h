@@ -16,10 +16,10 @@
 
 namespace hiertcn {
 
-// Channels-last activations: unit stride along channels, any batch and time strides.
+// Channels-last activations: unit stride along channels (empty tensors aside), any batch and time strides.
 inline void check_channels_last(const at::Tensor& t, at::IntArrayRef expected, const char* name) {
   check_shape(t, expected, name);
-  TORCH_CHECK(t.size(2) <= 1 || t.stride(2) == 1, name, " must have unit stride along channels, got strides ",
+  TORCH_CHECK(has_unit_stride(t, 2), name, " must have unit stride along channels, got strides ",
               t.strides());
 }
 
@@ -80,8 +80,7 @@ inline ConvShape check_conv_args(const at::Tensor& x, const at::Tensor& weight, 
   TORCH_CHECK((step ? weight.size(1) : weight.size(1) * groups) == s.in_channels, weight_layout, " for ",
               s.in_channels, " input channels and groups = ", groups, ", got shape ", weight.sizes());
   TORCH_CHECK(!step || weight.is_contiguous(), "packed_weight must be contiguous");
-  TORCH_CHECK(x.size(-1) <= 1 || x.stride(-1) == 1, "x must have unit stride along channels, got strides ",
-              x.strides());
+  TORCH_CHECK(has_unit_stride(x, -1), "x must have unit stride along channels, got strides ", x.strides());
   check_same_device_dtype(x, weight, "x", "weight");
   if (bias) {
     check_shape(*bias, {s.out_channels}, "bias");
@@ -273,7 +272,7 @@ inline TcnStepParams make_tcn_step_params(const at::Tensor& x, at::TensorList pa
               "packed_weights, biases, proj_weights, proj_biases, dilations, histories and positions need one entry "
               "per layer (", layers, ")");
   TORCH_CHECK(x.dim() == 2, "x must be (batch, in_channels), got shape ", x.sizes());
-  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "x must have unit stride along channels, got strides ", x.strides());
+  TORCH_CHECK(has_unit_stride(x, 1), "x must have unit stride along channels, got strides ", x.strides());
   TORCH_CHECK(activation >= kActNone && activation <= kActTanh, "activation code must be 0..3, got ", activation);
   TcnStepParams p{};
   p.batch = x.size(0);
