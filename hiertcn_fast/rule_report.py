@@ -121,8 +121,11 @@ def format_table(results: dict[str, ModelResult], unit: str = "per_user") -> str
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hiertcn_fast.rule_report", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="reports/rules-ml-100k", help="report folder (default: %(default)s)")
-    parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "hiertcn_fast_cache"),
+    # ~ expanded: a shell leaves --out=~/x as it is.
+    parser.add_argument("--out", type=os.path.expanduser, default="reports/rules-ml-100k",
+                        help="report folder (default: %(default)s)")
+    parser.add_argument("--cache-dir", type=os.path.expanduser,
+                        default=os.path.join(tempfile.gettempdir(), "hiertcn_fast_cache"),
                         help="session cache folder (default: %(default)s)")
     parser.add_argument("--split", default="test", choices=("valid", "test"))
     parser.add_argument("--history", default="user", choices=("user", "split", "session"))

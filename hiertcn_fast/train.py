@@ -658,7 +658,7 @@ class Trainer:
                 if differences:
                     raise ValueError("checkpoint was written by another model or schedule (saved vs now; "
                                      "strict=False resumes anyway):\n  " + "\n  ".join(differences))
-        except Exception as error:  # in a distributed run, said to the other ranks before it is raised
+        except BaseException as error:  # in a distributed run, said to the other ranks before it is raised
             problem = error
         if self.distributed:
             self._agree_on_checkpoint(state if problem is None else None, problem)

@@ -228,3 +228,17 @@ def test_tilde_in_out_and_cache_dir_is_the_home_folder(monkeypatch, tmp_path):
     assert seen["out"] == str(tmp_path / "home" / "report") and seen["cache_dir"] == str(tmp_path / "home" / "cache")
     assert (tmp_path / "home" / "cache").is_dir() and (tmp_path / "home" / "report").is_dir()
     assert not (tmp_path / "~").exists()
+
+
+def test_the_rule_report_expands_tilde_too(monkeypatch, tmp_path):
+    from hiertcn_fast import rule_report
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    seen = {}
+    monkeypatch.setattr(rule_report, "load_dataset", lambda name: None)
+    monkeypatch.setattr(rule_report, "preprocess", lambda source, cache_dir, params: seen.update(cache=cache_dir))
+    monkeypatch.setattr(rule_report, "evaluate_rules", lambda cache, split, history, out_dir: seen.update(out=out_dir)
+                        or {})
+    monkeypatch.setattr(rule_report, "format_table", lambda results, unit: "")
+    rule_report.main(["--out=~/rules", "--cache-dir=~/cache"])
+    assert seen == {"out": str(tmp_path / "rules"), "cache": str(tmp_path / "cache")}

@@ -464,3 +464,25 @@ def test_an_inference_context_table_is_computed_once_per_session(monkeypatch):
         tcn.step(torch.randn(2, 4), state, context)
         tcn.step(torch.randn(2, 4), state, torch.randn(2, 5) * 1.0)
         assert len(calls) == 3
+
+
+def test_an_inference_context_table_follows_a_new_weight_at_a_reused_address():
+    """The inference-mode table cache keys the weight by identity too: a new weight that lands at a freed one's
+    address with the same version (its stamp equal) still gets its own table."""
+    from hiertcn_fast.ops import CausalConvState
+    from hiertcn_fast.ops.conv import context_table
+
+    import numpy as np
+
+    state = CausalConvState.zeros(2, 4, 3, 1)
+    memory = np.random.default_rng(3).standard_normal((6, 5, 3)).astype(np.float32)
+    with torch.inference_mode():
+        context = torch.randn(2, 5) * 1.0
+    for i in range(1, 4):
+        # A new tensor object over the same memory, at version 0, with other values: what a freed weight's
+        # successor at its address looks like (NumPy writes move no version counter).
+        memory *= -2.0
+        weight = torch.from_numpy(memory)
+        with torch.no_grad():
+            expected = context_table(context, weight.clone())
+        assert torch.equal(state.cached_context_table(context, weight), expected), i

@@ -271,8 +271,8 @@ __global__ void tcn_step_cuda_kernel(TcnStepParams p) {
         A z = conv;
         if (bias) z += A(bias[o]);
         if (table && l == 0) z += A(table[(b * K + context_tap_index(pos, L.dilation, K)) * C_out + o]);
-        // The projection rounded to T, its bias added and rounded again, as the CPU stack stores it.
-        const A residual = proj ? A(T(A(T(res)) + (proj_bias ? A(proj_bias[o]) : A(0)))) : in_buf[o];
+        // The projection with its bias rounded to T once, as F.linear (and cuBLAS's addmm) gives it.
+        const A residual = proj ? A(T(res + (proj_bias ? A(proj_bias[o]) : A(0)))) : in_buf[o];
         // Rounded to T as every path stores a layer's output (the next layer and the history read it so).
         out_buf[o] = A(T(epilogue_forward<A>(z, true, residual, p.activation)));
       }

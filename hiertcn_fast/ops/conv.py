@@ -436,17 +436,20 @@ class CausalConvState:
         if torch.compiler.is_compiling():
             return context_table(context.detach(), context_weight.detach()).contiguous()
         if context.is_inference():
-            # An inference tensor has no version counter: the cached table is kept with a copy of the context it
-            # was made from and reused while the context (the same tensor) still equals it, which a comparison of
-            # (batch, context_channels) values tells for a fraction of the table's cost. (An inference weight's
-            # stamp equals nothing: its table is made again at every step.)
+            # An inference tensor has no version counter: on the CPU the cached table is kept with a copy of the
+            # context it was made from (and the weight itself, with its stamp) and reused while the context (the
+            # same tensor) still equals it, which a comparison of (batch, context_channels) values tells for a
+            # fraction of the table's cost. On a device that comparison would make the host wait for it at every
+            # step: there the table is made again, asynchronously. (An inference weight's stamp equals nothing:
+            # its table is made again at every step.)
             entry = self._table
-            if (entry and entry[-2] == "inference" and entry[0] is context and entry[2] == _stamp(context_weight)
-                    and torch.equal(entry[1], context)):
+            if (entry and entry[-2] == "inference" and entry[0] is context and entry[2] is context_weight
+                    and entry[3] == _stamp(context_weight) and torch.equal(entry[1], context)):
                 return entry[-1]
             with torch.no_grad():
                 table = context_table(context, context_weight).contiguous()
-            self._table = (context, context.clone(), _stamp(context_weight), "inference", table)
+            if context.device.type == "cpu":
+                self._table = (context, context.clone(), context_weight, _stamp(context_weight), "inference", table)
             return table
         if not _cache_is_fresh(self._table, (context, context_weight), None):
             with torch.no_grad():  # the weight itself, not a detached alias, keys its packing's cache
