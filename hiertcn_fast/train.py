@@ -408,6 +408,7 @@ class Trainer:
         self.sampler = torch.Generator(device=self.device)
         self.sampler.manual_seed(config.seed)
         self._step_committed = True  # see _train_step
+        self._pending_rollback = None  # an interrupted step's restore not yet applied in full (_apply_rollback)
         step_module = _LossStep(model, self.amp, self.device.type, log_q, every_parameter=self.distributed)
         if self.distributed:
             step_module = torch.nn.parallel.DistributedDataParallel(step_module)
@@ -447,14 +448,10 @@ class Trainer:
             loss = self._run_step(batch, total_events)
         except BaseException:
             if not self._step_committed:
-                self.source.batcher.epoch, self.source.batcher.next_index = batch.epoch, batch.index
-                if lanes is not None:
-                    cache.state.copy_(lanes)
-                torch.set_rng_state(rng[0])
-                if rng[1] is not None:
-                    torch.cuda.set_rng_state(rng[1], self.device)
-                if rng[2] is not None:
-                    self.sampler.set_state(rng[2])
+                # Kept until applied in full: a second interrupt during the restore leaves it pending, and train()
+                # and checkpoint() apply it first.
+                self._pending_rollback = (batch.epoch, batch.index, lanes, rng)
+                self._apply_rollback()
             else:
                 # The parameters moved and the lanes' state is stored: the step happened, only its loss (the
                 # all-reduce, the read of the value) is lost. Counted, so a checkpoint's step matches its parameters.
@@ -462,6 +459,22 @@ class Trainer:
             raise
         self._count_step(loss, total_events)
         return loss
+
+    def _apply_rollback(self) -> None:
+        """Give back an interrupted step's batch (see _train_step): the generator's position, the lanes' state
+        and the random generators as the step found them. Idempotent; a no-op when nothing is pending."""
+        if self._pending_rollback is None:
+            return
+        epoch, index, lanes, rng = self._pending_rollback
+        self.source.batcher.epoch, self.source.batcher.next_index = epoch, index
+        if lanes is not None:
+            self.source.state_cache.state.copy_(lanes)
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state(rng[1], self.device)
+        if rng[2] is not None:
+            self.sampler.set_state(rng[2])
+        self._pending_rollback = None
 
     def _count_step(self, loss: float, total_events: int) -> None:
         self.step += 1
@@ -506,6 +519,7 @@ class Trainer:
 
     def train(self) -> "Trainer":
         config = self.config
+        self._apply_rollback()
         if not self._rng_seeded and self.step == 0:
             torch.manual_seed(config.seed + self.rank)  # dropout; a resumed run restores the RNG instead
             self._rng_seeded = True
@@ -590,6 +604,7 @@ class Trainer:
     def checkpoint(self) -> dict:
         """Everything a resume needs (tensors and plain containers only, so it loads with
         ``torch.load(weights_only=True)``); the model and optimizer entries share the live tensors."""
+        self._apply_rollback()
         return {"format": CHECKPOINT_FORMAT, "name": self.name, "model_spec": model_spec(self.model),
                 "config": dataclasses.asdict(self.config), "world_size": self.world_size, "rank": self.rank,
                 "device_type": self.device.type, "model": self.model.state_dict(),

@@ -704,3 +704,32 @@ def test_a_step_that_raises_late_leaves_a_consistent_trainer(cache, monkeypatch,
     assert trainer.step == plain.step
     for p, q in zip(trainer.model.parameters(), plain.model.parameters()):
         assert torch.equal(p, q)
+
+
+def test_an_interrupt_during_a_steps_rollback_is_finished_later(cache, monkeypatch):
+    """A second interrupt while an interrupted step gives its batch back leaves the rest of that restore pending:
+    the next train() (or checkpoint) applies it first, so training on still ends as the uninterrupted run."""
+    sizes = dict(TINY["hiertcn"], dropout=0.2)
+    plain = Trainer(build_model("hiertcn", cache.num_items, seed=2, **sizes), cache, config(epochs=2),
+                    out=None).train()
+    model = build_model("hiertcn", cache.num_items, seed=2, **sizes)
+    calls, restores = [], []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1) or (
+        (_ for _ in ()).throw(KeyboardInterrupt) if len(calls) == 4 else None))
+    trainer = Trainer(model, cache, config(epochs=2), out=None)
+    original = torch.set_rng_state
+
+    def set_rng_state(state):
+        restores.append(1)
+        if len(restores) == 1:
+            raise KeyboardInterrupt  # the second interrupt, inside the rollback
+        original(state)
+    monkeypatch.setattr(torch, "set_rng_state", set_rng_state)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert trainer._pending_rollback is not None
+    handle.remove()
+    trainer.train()
+    assert trainer._pending_rollback is None and trainer.step == plain.step
+    for p, q in zip(trainer.model.parameters(), plain.model.parameters()):
+        assert torch.equal(p, q)

@@ -164,6 +164,10 @@ class CausalConv1d(nn.Module):
         _check_inference(x_t, context, residual)
         self._check_state(state)
         self._check_step_input(x_t, state)
+        return self._checked_step(x_t, state, context, residual)
+
+    def _checked_step(self, x_t, state, context, residual):
+        """step() after its module-level checks (TemporalBlock.step makes them before its projection)."""
         if isinstance(state, CausalConvState) and autocast_dtype(x_t.device.type) is not None:
             x_t, context, residual = _cast((x_t, context, residual), state.history.dtype)
         return causal_conv1d_step(x_t, self.weight, state, self.bias, groups=self.groups, activation=self.activation,
@@ -217,7 +221,7 @@ class TemporalBlock(nn.Module):
                     residual = self._residual(x_t)
             else:
                 residual = self._residual(x_t)
-        return self.conv.step(x_t, state, context, residual=residual)
+        return self.conv._checked_step(x_t, state, context, residual)
 
 
 class TCNState:
