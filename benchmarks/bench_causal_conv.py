@@ -7,6 +7,11 @@ torch.compile of the same function is the third variant. For the step (a TCN sta
 blocks, one event per row), the PyTorch way recomputes the stack's newest output from the window of
 the last receptive-field inputs.
 
+Those are the baselines the issue names. Two more PyTorch ways are timed beside them, so that the speed-up over
+the better PyTorch code is on record too: the context added through its per-tap table instead of concatenated
+("torch eager, context table"), and the stack stepped in plain PyTorch with a ring buffer per layer ("torch eager,
+streaming step"): the same O(k) work per event as TCN.step, without fused kernels.
+
 FLOPs are the nominal ones of the concatenated convolution (2 per multiply-add; forward + backward
 counted as 3x forward), so the fast variant's TFLOP/s is an effective rate: it skips the context's
 per-step work. Bytes: activations and weights read once, outputs written once.
@@ -28,6 +33,21 @@ def torch_way(x, weight, bias, dilation, groups, context, context_weight, residu
     k = weight.shape[2]
     y = F.conv1d(F.pad(x.transpose(1, 2), ((k - 1) * dilation, 0)), weight, bias, dilation=dilation, groups=groups)
     y = torch.relu(y.transpose(1, 2))
+    return y if residual is None else torch.relu(y + residual)
+
+
+def torch_way_context_table(x, weight, bias, dilation, groups, context, context_weight, residual):
+    """The same block in plain PyTorch without concatenating the context: F.conv1d over x alone, plus the
+    context's term, which is constant over time except where a tap falls before the start. Per tap j the
+    context's product (batch, out); step t sees the taps j >= k - 1 - min(t // dilation, k - 1), so its term is a
+    suffix sum over taps, read per step. (The better way a PyTorch user can write; an extra baseline.)"""
+    k = weight.shape[2]
+    y = F.conv1d(F.pad(x.transpose(1, 2), ((k - 1) * dilation, 0)), weight, bias, dilation=dilation, groups=groups)
+    y = y.transpose(1, 2)
+    per_tap = torch.einsum("bc,ocj->bjo", context, context_weight)             # (batch, k, out)
+    suffix = per_tap.flip(1).cumsum(1)                                        # suffix[:, m]: the last m + 1 taps
+    live = torch.clamp(torch.arange(x.shape[1], device=x.device) // dilation, max=k - 1)
+    y = torch.relu(y + suffix[:, live])
     return y if residual is None else torch.relu(y + residual)
 
 
@@ -73,10 +93,50 @@ def _conv_case(device, dtype, label, batch, time, channels, k, dilation, *, grou
                 return fn
             return lambda: torch.autograd.grad(fn(), leaves, grad_out)
 
-        return {"hiertcn_fast": run(fast), "torch eager": run(eager), "torch.compile": run(compiled)}
+        made = {"hiertcn_fast": run(fast), "torch eager": run(eager), "torch.compile": run(compiled)}
+        if context_channels:
+            made[CONTEXT_TABLE] = run(lambda: torch_way_context_table(x, weight, bias, dilation, groups, context,
+                                                                      context_weight, res))
+        return made
 
+    variants = ("hiertcn_fast", "torch eager", "torch.compile") + ((CONTEXT_TABLE,) if context_channels else ())
     return harness.Case("causal_conv1d", name, make, flops=2 * macs * passes,
-                        bytes=(activations + weights) * element * passes, dtype=dtype)
+                        bytes=(activations + weights) * element * passes, dtype=dtype, variants=variants)
+
+
+# Extra baselines, beside the issue's "torch eager" (which for the conv concatenates the context, and for the
+# step recomputes the window): what a PyTorch user can also write, so the speed-up over it is on record too.
+CONTEXT_TABLE = "torch eager, context table"
+STREAMING_STEP = "torch eager, streaming step"
+
+
+class _TorchStreamingStep:
+    """A TCN stack of residual blocks stepped in plain PyTorch: per layer a circular history of its last
+    (k - 1) * dilation inputs, the k taps gathered and multiplied in one F.linear, relu, residual, relu; then the
+    input written into the history. The same O(k) work per event as TCN.step, without fused kernels."""
+
+    def __init__(self, layers, batch, channels, device, dtype):
+        self.layers = []
+        for weight, bias, dilation in layers:
+            k = weight.shape[2]
+            length = (k - 1) * dilation
+            flat = weight.permute(0, 2, 1).reshape(weight.shape[0], -1)  # (out, k * in), taps oldest first
+            history = torch.zeros(batch, max(length, 1), channels, device=device, dtype=dtype)
+            self.layers.append((flat, bias, dilation, k, length, history))
+        self.position = 0
+
+    def __call__(self, x_t):
+        pos = self.position
+        h = x_t
+        for flat, bias, dilation, k, length, history in self.layers:
+            taps = [history[:, (pos - (k - 1 - j) * dilation) % length] if (k - 1 - j) * dilation <= pos
+                    else torch.zeros_like(h) for j in range(k - 1)] + [h]
+            out = torch.relu(torch.relu(F.linear(torch.cat(taps, dim=1), flat, bias)) + h)
+            if length:
+                history[:, pos % length] = h
+            h = out
+        self.position = pos + 1
+        return h
 
 
 def _step_case(device, dtype, batch, channels, k, dilations):
@@ -108,12 +168,21 @@ def _step_case(device, dtype, batch, channels, k, dilations):
             with torch.no_grad():
                 return tcn.step(x_t, state)
 
+        streaming = _TorchStreamingStep(layers, batch, channels, device, dtype)
+        with torch.no_grad():
+            for t in range(window - 1):
+                streaming(inputs[:, t])
+
+        def streaming_step():
+            with torch.no_grad():
+                return streaming(x_t)
+
         return {"hiertcn_fast": step, "torch eager": lambda: recompute(inputs),
-                "torch.compile": lambda: compiled_fn(inputs)}
+                "torch.compile": lambda: compiled_fn(inputs), STREAMING_STEP: streaming_step}
 
     return harness.Case("tcn_step", name, make, flops=2 * macs,
                         bytes=(batch * channels * (k + 1) + channels * channels * k) * len(dilations) * element,
-                        dtype=dtype)
+                        dtype=dtype, variants=("hiertcn_fast", "torch eager", "torch.compile", STREAMING_STEP))
 
 
 def cases(device, quick):

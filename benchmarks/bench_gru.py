@@ -21,9 +21,13 @@ def _element(dtype):
 
 
 def _run(fn, leaves, backward):
-    """fn() for a forward-only variant; forward then gradients w.r.t. every leaf otherwise."""
+    """fn() under no_grad for a forward-only variant (with grad mode on, a composition of torch ops would record
+    an autograd graph that inference never needs); forward then gradients w.r.t. every leaf otherwise."""
     if not backward:
-        return lambda: fn()
+        def forward():
+            with torch.no_grad():
+                return fn()
+        return forward
 
     def forward_backward():
         out = fn()
