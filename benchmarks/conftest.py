@@ -18,9 +18,7 @@ def bench_timer(request):
         if device == "cuda":
             timing = harness.time_gpu(fn)
         else:
-            benchmark = request.getfixturevalue("benchmark")
-            benchmark.group = case.id
-            timing = harness.time_cpu(benchmark, fn)
+            timing = harness.time_cpu_case(case, variant)
         timing["peak_bytes"] = harness.peak_bytes(fn, device)
         harness.record(case, variant, timing, device)
 

@@ -6,7 +6,8 @@ A bench module (benchmarks/bench_<op>.py) defines
     test_bench = harness.bench_test(cases)
 
 and pytest runs it (``python -m pytest benchmarks/bench_<op>.py``; benchmarks/conftest.py wires the
-timers). On the CPU each variant is timed by pytest-benchmark; on a GPU by triton.testing.do_bench
+timers). On the CPU a case's variants are timed together, interleaved in rounds (time_cpu_case: a change in
+the machine's load then reaches every variant alike); on a GPU each by triton.testing.do_bench
 (median of many runs after warm-up, L2 flushed between runs), falling back to CUDA events. After the
 run the harness prints, per case, each variant's median time, its speed-up over the baseline, the
 achieved GB/s and TFLOP/s from the case's byte/FLOP model (with % of the device's peak on a GPU),
@@ -189,19 +190,47 @@ def time_gpu(fn) -> dict:
             "timer": "triton.testing.do_bench" if times_ms else "cuda events"}
 
 
-def time_cpu(benchmark, fn) -> dict:
-    fn()  # warm-up outside the timed rounds (first-call dispatch, compile)
-    start = time.perf_counter()
-    fn()
-    once = time.perf_counter() - start
-    # Calls under a millisecond are timed in runs of several back-to-back calls (about 2 ms a run), so that
-    # the timer's own bookkeeping between rounds is not part of what is measured; the times are per call.
-    iterations = max(1, min(1000, int(2e-3 / max(once, 1e-7))))
-    rounds = max(3, min(50, int(1.0 / max(once * iterations, 1e-6))))
-    benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=1)
-    stats = benchmark.stats.stats
-    return {"median_s": stats.median, "min_s": stats.min, "rounds": rounds, "iterations": iterations,
-            "timer": "pytest-benchmark"}
+_interleaved = {"id": None, "timings": None}
+
+
+def time_cpu_case(case: Case, variant: str) -> dict:
+    """The CPU timing of one variant of ``case``: on the first request, every variant the run times is timed
+    together (time_interleaved) and the timings kept for the case's other variants."""
+    if _interleaved["id"] != case.id:
+        _interleaved["id"], _interleaved["timings"] = None, None
+        _interleaved["timings"] = time_interleaved(_variants(case))
+        _interleaved["id"] = case.id
+    return dict(_interleaved["timings"][variant])
+
+
+def time_interleaved(variants: Dict[str, Callable[[], object]], budget_s: float = 1.0) -> Dict[str, dict]:
+    """Per variant: median and minimum seconds per call over rounds in which every variant runs in turn (the
+    first one rotating from round to round), each a run of back-to-back calls of about 2 ms, so that the timer's
+    bookkeeping is not what is measured. About ``budget_s`` per variant in all, 5 to 50 rounds. On a shared
+    machine the load changes from second to second: timed one after the other, one variant could get a quiet
+    second and another a busy one (a 1.6x swing was seen); interleaved, both see the same load."""
+    names = list(variants)
+    once = {}
+    for name in names:
+        variants[name]()  # warm-up outside the rounds (first-call dispatch, compile)
+        start = time.perf_counter()
+        variants[name]()
+        once[name] = max(time.perf_counter() - start, 1e-7)
+    iterations = {name: max(1, min(1000, int(2e-3 / once[name]))) for name in names}
+    per_round = sum(once[name] * iterations[name] for name in names)
+    rounds = max(5, min(50, int(budget_s * len(names) / per_round)))
+    samples = {name: [] for name in names}
+    for r in range(rounds):
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            fn, count = variants[name], iterations[name]
+            start = time.perf_counter()
+            for _ in range(count):
+                fn()
+            samples[name].append((time.perf_counter() - start) / count)
+    return {name: {"median_s": statistics.median(samples[name]), "min_s": min(samples[name]), "rounds": rounds,
+                   "iterations": iterations[name], "timer": "interleaved rounds (harness.time_interleaved)"}
+            for name in names}
 
 
 def peak_bytes(fn, device: str) -> Optional[int]:

@@ -92,3 +92,35 @@ def test_compiled_variants_are_dropped_on_request(monkeypatch):
     harness._built.update(id=None, variants=None)
     assert set(harness._variants(case)) == {"hiertcn_fast", "torch eager", "torch.compile"} and calls == ["compiled"]
     harness._built.update(id=None, variants=None)
+
+
+def test_variants_are_timed_interleaved_in_rounds():
+    """time_interleaved runs every variant in every round, the first one rotating, each a run of the same number
+    of calls per round; a case's variants are timed once, together, and each reads its own timing."""
+    order, counts = [], {"a": 0, "b": 0, "c": 0}
+
+    def variant(name):
+        def run():
+            counts[name] += 1
+            if not order or order[-1] != name:
+                order.append(name)
+        return run
+
+    timings = harness.time_interleaved({name: variant(name) for name in counts}, budget_s=0.01)
+    assert set(timings) == set(counts)
+    rounds = timings["a"]["rounds"]
+    assert 5 <= rounds <= 50 and all(t["rounds"] == rounds for t in timings.values())
+    for name, timing in timings.items():
+        assert counts[name] == 2 + rounds * timing["iterations"]  # two calls before the rounds, then the rounds'
+        assert 0 < timing["min_s"] <= timing["median_s"]
+    rounds_order = order[3:]  # after the warm-up, each round's runs in turn: abc, bca, cab, ...
+    assert rounds_order[:6] == ["a", "b", "c", "b", "c", "a"]
+    case = harness.Case("op", "interleaved", lambda: {"hiertcn_fast": variant("a"), "torch eager": variant("b")},
+                        variants=("hiertcn_fast", "torch eager"))
+    harness._built.update(id=None, variants=None)
+    harness._interleaved.update(id=None, timings=None)
+    first = harness.time_cpu_case(case, "torch eager")
+    calls = dict(counts)
+    assert harness.time_cpu_case(case, "hiertcn_fast")["rounds"] == first["rounds"] and counts == calls
+    harness._built.update(id=None, variants=None)
+    harness._interleaved.update(id=None, timings=None)
