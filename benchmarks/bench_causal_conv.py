@@ -91,7 +91,11 @@ def _conv_case(device, dtype, label, batch, time, channels, k, dilation, *, grou
         def run(fn):
             if not backward:
                 return fn
-            return lambda: torch.autograd.grad(fn(), leaves, grad_out)
+
+            def forward_backward():  # the output too, so that the same-result check compares it as well
+                out = fn()
+                return (out.detach(), *torch.autograd.grad(out, leaves, grad_out))
+            return forward_backward
 
         made = {"hiertcn_fast": run(fast), "torch eager": run(eager), "torch.compile": run(compiled)}
         if context_channels:
