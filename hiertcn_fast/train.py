@@ -441,7 +441,7 @@ class Trainer:
         call, runs this batch again as an uninterrupted run does. One that raises after it (in the all-reduce of
         the loss, or reading it) is counted with a NaN loss: its parameters moved."""
         rng = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-               None if self.sampler is None else self.sampler.get_state())
+               self.sampler.get_state())
         cache = self.source.state_cache
         lanes = None if cache is None else cache.state.clone()
         try:
@@ -472,8 +472,7 @@ class Trainer:
         torch.set_rng_state(rng[0])
         if rng[1] is not None:
             torch.cuda.set_rng_state(rng[1], self.device)
-        if rng[2] is not None:
-            self.sampler.set_state(rng[2])
+        self.sampler.set_state(rng[2])
         self._pending_rollback = None
 
     def _count_step(self, loss: float, total_events: int) -> None:
@@ -687,9 +686,7 @@ class Trainer:
             failure = error
         if self.distributed:
             # All restored or none: a rank whose restore failed tells the others, which go back too.
-            everyone = [None] * self.world_size
-            torch.distributed.all_gather_object(everyone, None if failure is None else repr(failure))
-            failed = [f"rank {r}: {error}" for r, error in enumerate(everyone) if error is not None]
+            _, failed = self._ranks_say(None, failure)
             if failed and failure is None:
                 failure = ValueError("another rank could not restore its checkpoint, so no rank resumes:\n  "
                                      + "\n  ".join(failed))
@@ -704,18 +701,20 @@ class Trainer:
         stopped between two saves leaves files of different steps; each rank would resume from its own, with
         other parameters and batches, and the run would diverge or hang. A collective call: each rank says what
         it read (or that it could not), and all raise the same ValueError when they disagree."""
-        mine = (None, repr(problem)) if problem is not None else (state.get("step"), None)
-        everyone = [None] * self.world_size
-        torch.distributed.all_gather_object(everyone, mine)
-        failed = [f"rank {r}: {error}" for r, (_, error) in enumerate(everyone) if error is not None]
+        steps, failed = self._ranks_say(None if problem is not None else state.get("step"), problem)
         if failed and problem is None:
             raise ValueError("another rank could not read its checkpoint, so no rank resumes:\n  "
                              + "\n  ".join(failed))
-        steps = [step for step, _ in everyone]
         if not failed and len(set(steps)) > 1:
             shown = ", ".join(f"rank {r}: {step}" for r, step in enumerate(steps))
             raise ValueError(f"the ranks' checkpoints hold different steps ({shown}), as a job stopped between two "
                              "ranks' saves leaves them: resume from a checkpoint every rank wrote at the same step")
+
+    def _ranks_say(self, value, error):
+        """A collective call: every rank's ``value``, and "rank r: error" for each rank that passed an error."""
+        everyone = [None] * self.world_size
+        torch.distributed.all_gather_object(everyone, (value, None if error is None else repr(error)))
+        return [v for v, _ in everyone], [f"rank {r}: {e}" for r, (_, e) in enumerate(everyone) if e is not None]
 
     def _checkpoint_differences(self, state: dict) -> list[str]:
         """'what: saved vs now' for every recorded fact of ``state`` that differs from this trainer's."""

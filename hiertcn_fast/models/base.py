@@ -21,6 +21,7 @@ rows of the output layer it needs.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 
 import torch
@@ -175,9 +176,6 @@ class SessionInputs:
             raise ValueError(f"a batch needs at least one step, got lengths of shape {tuple(self.lengths.shape)}")
         self.width = int(self.lengths.max()) if self.lengths.numel() else 0
         self.embedded = model.embed(batch.items[..., :self.width + 1])
-        # Per-step views through one unbind: its backward stacks the steps' gradients once, where indexing
-        # embedded[step] at each step would zero-fill and add a whole-batch gradient per step.
-        self.embedded_steps = self.embedded.unbind(0)
         self.mask = session_event_mask(self.lengths, self.width)
         self.rows = torch.nonzero(self.lengths.reshape(-1) > 0)[:, 0]
         self._reads = None  # see _read()
@@ -216,6 +214,13 @@ class SessionInputs:
             group_inputs, items = self._gather_with_items(row_groups, widths)
             self._reads = (grad_mode, lengths, widths, member_groups, group_inputs, items)
         return self._reads[1:]
+
+    @functools.cached_property
+    def embedded_steps(self) -> tuple:
+        """Per-step views of ``embedded`` through one unbind (made on first use: only HRNN reads them): its backward
+        stacks the steps' gradients once, where indexing embedded[step] at each step would zero-fill and add a
+        whole-batch gradient per step."""
+        return self.embedded.unbind(0)
 
     def session_items(self, step: int) -> torch.Tensor:
         """(lanes, width, embedding_dim): the items of step ``step``'s sessions (padding beyond lengths)."""

@@ -109,19 +109,19 @@ class CausalConv1d(nn.Module):
                              f"{tuple(context.shape)}")
         return dict(context=context, context_weight=self.context_weight)
 
-    def _check_step_input(self, x_t, state, what="x_t"):
+    def _check_step_input(self, x_t, state):
         """x_t must be (the state's batch, in_channels) in the state's dtype (autocast aside): said in the step's
         words, where the op would name its packed weights or the state's history."""
         if not isinstance(x_t, torch.Tensor) or not isinstance(state, CausalConvState):
             return  # the op says what is wrong
         batch = state.history.shape[0]
         if x_t.dim() != 2 or x_t.shape != (batch, self.in_channels):
-            raise ValueError(f"{what} must be (batch, in_channels) = ({batch}, {self.in_channels}) for this layer and "
+            raise ValueError(f"x_t must be (batch, in_channels) = ({batch}, {self.in_channels}) for this layer and "
                              f"a state of {batch} rows, got shape {tuple(x_t.shape)}")
         if x_t.dtype != state.history.dtype and autocast_dtype(x_t.device.type) is None:
-            raise TypeError(f"{what} has dtype {x_t.dtype} but the state holds {state.history.dtype}: the step runs "
+            raise TypeError(f"x_t has dtype {x_t.dtype} but the state holds {state.history.dtype}: the step runs "
                             f"in the state's dtype (make the state with init_state(batch, dtype=...), or convert "
-                            f"{what})")
+                            f"x_t)")
 
     def _check_layout(self, x):
         """A clear word for nn.Conv1d's channels-first layout, which the shape checks would blame on the weight."""

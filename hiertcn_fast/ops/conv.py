@@ -614,12 +614,14 @@ def _check_positions_not_negative(position, layer=None):
 
 
 def _check_triton_state(x, state):
-    """The Triton step kernels index the history as contiguous and the positions as a contiguous int64 vector on
-    x's device, as the C++ ops check (a strided history would be misread, a CPU position fail in the launch)."""
+    """The Triton step kernels index the history as contiguous and the positions as a contiguous vector, as the C++
+    ops check (a strided history or position would be misread). The rest of the position (int64, (batch,), x's
+    device) _check_step has checked."""
     if not state.history.is_contiguous():
         raise ValueError("state.history must be contiguous for the triton backend (a view, e.g. a slice of a wider "
                          "history, is not): pass a contiguous copy or use backend='reference'")
-    _check_position(x, state.position, contiguous=True)
+    if not state.position.is_contiguous():
+        _check_position(x, state.position, contiguous=True)
 
 
 def _step(name, x, weight, state, bias, groups, context, context_weight, activation, residual, out_channels):

@@ -126,12 +126,7 @@ def _check_parameters_like_features(features, weight, bias):
     (e.g. bfloat16 features and a float32 output layer) and are left to it."""
     autocast = features.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(features.device.type)
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if t.device != features.device:
-            raise ValueError(f"{name} is on {t.device} but features is on {features.device}; move them to one "
-                             f"device")
-        if not autocast:
+        if t is not None and not (autocast and t.device == features.device):
             check_like(t, name, features, "features")
 
 
