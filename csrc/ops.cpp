@@ -88,10 +88,11 @@ TORCH_LIBRARY(hiertcn_fast, m) {
   // One step of a whole TCN stack (hiertcn/causal_conv.h, TcnStepParams): per layer a dense packed weight
   // (k, in, out) or column-blocked (out / block, k, in, block) (CPU only), optional bias, optional residual
   // projection proj_weight (in, out) or (out / block, in, block) + proj_bias, dilation,
-  // history and position (updated in place); context_table for the first layer only; out (batch, out).
+  // history and position (updated in place); context_table for the first layer only, and context_residual
+  // (batch, out) added to the first layer's residual (its projection of the context); out (batch, out).
   m.def(
       "tcn_step_out(Tensor x, Tensor[] packed_weights, Tensor?[] biases, Tensor?[] proj_weights, "
-      "Tensor?[] proj_biases, Tensor? context_table, int[] dilations, int activation, *, Tensor(a!)[] histories, "
+      "Tensor?[] proj_biases, Tensor? context_table, Tensor? context_residual, int[] dilations, int activation, *, Tensor(a!)[] histories, "
       "Tensor(b!)[] positions, Tensor(c!) out) -> ()");
   // A context weight's cumulative packing (cpu only; context_table is one product with it): weight (out, ctx, k),
   // out (ctx, k, out) with out[c][m][o] = sum over j >= k-1-m of weight[o][c][j]. And the weight's gradient from

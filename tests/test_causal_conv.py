@@ -559,7 +559,7 @@ def test_compiled_op_refuses_a_reach_that_overflows(k, dilation):
     packed = weight.permute(2, 1, 0).contiguous()
     history = torch.zeros(2, 4, 64)
     with pytest.raises(RuntimeError, match=r"\(k - 1\) \* dilation must be below 2\^62"):
-        torch.ops.hiertcn_fast.tcn_step_out(x[:, 0], [packed], [None], [None], [None], None, [dilation], 0,
+        torch.ops.hiertcn_fast.tcn_step_out(x[:, 0], [packed], [None], [None], [None], None, None, [dilation], 0,
                                             histories=[history], positions=[torch.zeros(2, dtype=torch.int64)],
                                             out=torch.empty(2, 64))
 

@@ -35,8 +35,35 @@ def test_temporal_block_semantics(in_channels, out_channels):
     conv = block.conv
     concatenated = torch.cat([x, context[:, None].expand(-1, 11, -1)], 2)
     z = left_padded_conv1d(concatenated, torch.cat([conv.weight, conv.context_weight], 1), conv.bias, 2)
-    residual = x if block.projection is None else block.projection(x)
+    # The block's input is concat(x, context) at every step: its residual is a linear projection of it (the
+    # official HierTCN's first block, 384 -> 128), here even where in_channels == out_channels.
+    assert block.projection is not None and block.context_projection.bias is None
+    projection = torch.cat([block.projection.weight, block.context_projection.weight], 1)
+    residual = torch.nn.functional.linear(concatenated, projection, block.projection.bias)
     assert_close(block(x, context), torch.relu(torch.relu(z) + residual).detach())
+    # Stepping gives the forward's outputs.
+    state = block.init_state(2)
+    with torch.no_grad():
+        steps = torch.stack([block.step(x[:, t], state, context) for t in range(11)], 1)
+    assert_close(steps, block(x, context).detach())
+
+
+def test_temporal_block_residual_projection_is_initialised_as_one_linear_over_the_concatenation():
+    torch.manual_seed(0)
+    block = TemporalBlock(16, 16, context_channels=48)
+    bound = 1 / (16 + 48) ** 0.5  # nn.Linear(64, 16)'s: kaiming_uniform(a=sqrt(5)) and its bias bound
+    weights = torch.cat([block.projection.weight, block.context_projection.weight], 1)
+    assert weights.shape == (16, 64)
+    assert weights.abs().max() <= bound and weights.abs().max() > 0.9 * bound
+    assert block.projection.bias.abs().max() <= bound and block.projection.bias.abs().max() > 0.5 * bound
+    block.reset_parameters()
+    assert not torch.equal(torch.cat([block.projection.weight, block.context_projection.weight], 1), weights)
+    assert torch.cat([block.projection.weight, block.context_projection.weight], 1).abs().max() <= bound
+    # Without context the residual is the input itself where the widths agree, as before.
+    assert TemporalBlock(16, 16).projection is None and TemporalBlock(16, 16).context_projection is None
+    assert set(TemporalBlock(16, 16, context_channels=4).state_dict()) == {
+        "conv.weight", "conv.bias", "conv.context_weight", "projection.weight", "projection.bias",
+        "context_projection.weight"}
 
 
 def test_tcn_shapes_and_receptive_field():

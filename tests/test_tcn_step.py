@@ -24,11 +24,15 @@ class StackCase:
     bias: bool = True
     activation: str = "relu"
     steps: int = 9
+    # Layer 0's residual also projects the context (context_proj_weight), as HierTCN's first block does.
+    context_proj: bool = False
+    first_proj: bool = False  # layer 0 projects its input even where the width does not change
 
     def __str__(self):
         return (f"b{self.batch}-c{'x'.join(map(str, self.channels))}-k{''.join(map(str, self.kernels))}-"
                 f"d{'.'.join(map(str, self.dilations))}-ctx{self.context_channels}-{self.activation}"
-                f"{'' if self.bias else '-nobias'}")
+                f"{'' if self.bias else '-nobias'}{'-cproj' if self.context_proj else ''}"
+                f"{'-proj0' if self.first_proj else ''}")
 
     def params(self, dtype, device):
         """Per-layer weights, biases, projections (only where the width changes) and the context inputs."""
@@ -38,17 +42,21 @@ class StackCase:
         weights = [rand(c[l + 1], c[l], self.kernels[l], dtype=dtype, device=device,
                         scale=(c[l] * self.kernels[l]) ** -0.5) for l in layers]
         biases = [rand(c[l + 1], dtype=dtype, device=device) if self.bias else None for l in layers]
-        proj_weights = [rand(c[l + 1], c[l], dtype=dtype, device=device, scale=c[l] ** -0.5) if c[l] != c[l + 1] else None
+        projected = [c[l] != c[l + 1] or (l == 0 and self.first_proj) for l in layers]
+        proj_weights = [rand(c[l + 1], c[l], dtype=dtype, device=device, scale=c[l] ** -0.5) if projected[l] else None
                         for l in layers]
-        proj_biases = [rand(c[l + 1], dtype=dtype, device=device) if c[l] != c[l + 1] and self.bias else None
+        proj_biases = [rand(c[l + 1], dtype=dtype, device=device) if projected[l] and self.bias else None
                        for l in layers]
-        context = context_weight = None
+        context = context_weight = context_proj_weight = None
         if self.context_channels:
             context = rand(self.batch, self.context_channels, dtype=dtype, device=device)
             context_weight = rand(c[1], self.context_channels, self.kernels[0], dtype=dtype, device=device,
                                   scale=(self.context_channels * self.kernels[0]) ** -0.5)
+            if self.context_proj:
+                context_proj_weight = rand(c[1], self.context_channels, dtype=dtype, device=device,
+                                           scale=self.context_channels ** -0.5)
         return dict(weights=weights, biases=biases, proj_weights=proj_weights, proj_biases=proj_biases,
-                    context=context, context_weight=context_weight)
+                    context=context, context_weight=context_weight, context_proj_weight=context_proj_weight)
 
     def states(self, dtype, device):
         return [CausalConvState.zeros(self.batch, self.channels[l], k, d, dtype=dtype, device=device)
@@ -64,6 +72,13 @@ CASES = [
     StackCase(9, (40, 40, 40), (3, 3), (1, 2), context_channels=3, activation="gelu"),
     # HierTCN-like widths at a small batch (the single-row and padded-block paths of the dense kernel).
     StackCase(2, (128, 128, 128, 128), (5, 5, 5), (1, 2, 2), context_channels=6, steps=12),
+    # The context projected on layer 0's residual: with a width change, and on top of the identity residual.
+    StackCase(3, (6, 8, 8, 5), (3, 2, 4), (1, 3, 2), context_channels=4, context_proj=True),
+    StackCase(9, (40, 40, 40), (3, 3), (1, 2), context_channels=3, activation="gelu", context_proj=True),
+    # HierTCN's stack: 128 channels, k = 5, dilations 1 and 2, a 256-wide user state on the first block's conv
+    # and residual projection.
+    StackCase(2, (128, 128, 128), (5, 5), (1, 2), context_channels=256, context_proj=True, first_proj=True,
+              steps=12),
 ]
 
 
@@ -73,6 +88,8 @@ def layer_by_layer(x, params, states):
     for l, state in enumerate(states):
         proj = params["proj_weights"][l]
         residual = h if proj is None else F.linear(h, proj, params["proj_biases"][l])
+        if l == 0 and params.get("context_proj_weight") is not None:
+            residual = residual + F.linear(params["context"], params["context_proj_weight"])
         extra = dict(context=params["context"], context_weight=params["context_weight"]) if l == 0 else {}
         h = causal_conv1d_step_reference(h, params["weights"][l], state, params["biases"][l], residual=residual,
                                          activation=params["activation"], **extra)
@@ -96,7 +113,8 @@ def _run_both(case, backend, device, reset_at=None, params=None):
             outs.append(tcn_step(xs[:, t].to(dtype), cast["weights"], cast["biases"], states,
                                  proj_weights=cast["proj_weights"], proj_biases=cast["proj_biases"],
                                  context=cast["context"], context_weight=cast["context_weight"],
-                                 activation=case.activation, backend=backend))
+                                 context_proj_weight=cast["context_proj_weight"], activation=case.activation,
+                                 backend=backend))
         expected.append(layer_by_layer(xs[:, t], dict(params, activation=case.activation), expected_states))
     return torch.stack(outs, 1), torch.stack(expected, 1), states, expected_states, xs
 
@@ -124,6 +142,8 @@ def test_tcn_step_equals_the_forward_over_the_sequence(backend, device, case):
     for l, state in enumerate(states):
         proj = params["proj_weights"][l]
         residual = h if proj is None else F.linear(h, proj, params["proj_biases"][l])
+        if l == 0 and params["context_proj_weight"] is not None:
+            residual = residual + F.linear(params["context"], params["context_proj_weight"])[:, None]
         extra = dict(context=params["context"], context_weight=params["context_weight"]) if l == 0 else {}
         h = causal_conv1d_reference(h, params["weights"][l], params["biases"][l], dilation=state.dilation,
                                     activation=case.activation, residual=residual, **extra)
@@ -171,15 +191,16 @@ def test_stacks_deeper_than_the_fused_op_step_layer_by_layer():
         assert_close(out, layer_by_layer(x, dict(params, activation="relu"), expected_states))
 
 
-@pytest.mark.parametrize("changed", ["weights", "proj_weights", "context", "context_weight"])
+@pytest.mark.parametrize("changed", ["weights", "proj_weights", "context", "context_weight", "context_proj_weight"])
 def test_a_change_in_place_is_seen_by_the_next_step(changed):
-    """The packed weights, projections and context table are cached between steps; an in-place change (an
-    optimiser step, a new session's user state) must reach the next step."""
-    case = CASES[0]
+    """The packed weights, projections, context table and the context's residual term are cached between steps;
+    an in-place change (an optimiser step, a new session's user state) must reach the next step."""
+    case = CASES[4]
     params = case.params(torch.float64, "cpu")
     states, expected_states = case.states(torch.float64, "cpu"), case.states(torch.float64, "cpu")
     call = dict(proj_weights=params["proj_weights"], proj_biases=params["proj_biases"], context=params["context"],
-                context_weight=params["context_weight"], backend="cpu")
+                context_weight=params["context_weight"], context_proj_weight=params["context_proj_weight"],
+                backend="cpu")
     for t in range(3):
         x = rand(case.batch, case.channels[0])
         if t == 2:
@@ -197,11 +218,11 @@ def test_prepared_step_runs_only_for_the_arguments_it_was_prepared_for(monkeypat
     runs = []
     real_run = conv.prepared_tcn_step
     monkeypatch.setattr(conv, "prepared_tcn_step", lambda *a: runs.append(1) or real_run(*a))
-    case = CASES[0]
+    case = CASES[4]
     params = case.params(torch.float64, "cpu")
     states, expected_states = case.states(torch.float64, "cpu"), case.states(torch.float64, "cpu")
     call = dict(proj_weights=params["proj_weights"], proj_biases=params["proj_biases"], context=params["context"],
-                context_weight=params["context_weight"])
+                context_weight=params["context_weight"], context_proj_weight=params["context_proj_weight"])
 
     def step(expect_plan):
         before = len(runs)
@@ -217,6 +238,10 @@ def test_prepared_step_runs_only_for_the_arguments_it_was_prepared_for(monkeypat
     step(True)
     # A weight replaced by another tensor: the op runs (and a new plan is prepared on the next call).
     params["weights"] = [params["weights"][0].clone().mul_(-1), *params["weights"][1:]]
+    step(False)
+    step(True)
+    # The context's residual projection replaced by another tensor: the op runs, then a new plan.
+    params["context_proj_weight"] = call["context_proj_weight"] = params["context_proj_weight"].clone().mul_(-1)
     step(False)
     step(True)
     # New storage under the same weight tensor (its version may not move).
@@ -246,10 +271,12 @@ def _op_call(case, dtype=torch.float64, device="cpu"):
     states = case.states(dtype, device)
     from hiertcn_fast.ops.conv import context_table
     table = context_table(params["context"], params["context_weight"]).contiguous()
+    term = (None if params["context_proj_weight"] is None
+            else F.linear(params["context"], params["context_proj_weight"]).contiguous())
     args = (rand(case.batch, case.channels[0], dtype=dtype, device=device),
             [pack_weight(w, 1) for w in params["weights"]], params["biases"],
             [None if p is None else p.t().contiguous() for p in params["proj_weights"]], params["proj_biases"],
-            table, list(case.dilations), 1)
+            table, term, list(case.dilations), 1)
     kwargs = dict(histories=[s.history for s in states], positions=[s.position for s in states],
                   out=torch.empty(case.batch, case.channels[-1], dtype=dtype, device=device))
     return args, kwargs
@@ -269,7 +296,7 @@ def test_column_blocked_packing_equals_the_plain_one_bitwise(threads, batch):
     """The CPU op takes each layer's weights (and projection) as column blocks; block widths that are multiples
     of the 16-float vector (the ones tcn_step picks) give bitwise the plain packing's outputs and states: each
     output channel sums the same terms in the same order. (A block with a scalar tail may round differently.)"""
-    case = StackCase(batch, (32, 64, 64, 48), (3, 2, 4), (1, 3, 2), context_channels=4)
+    case = StackCase(batch, (32, 64, 64, 48), (3, 2, 4), (1, 3, 2), context_channels=4, context_proj=True)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -302,8 +329,9 @@ def test_column_blocked_projection_must_match_its_weights_blocks():
     torch.ops.hiertcn_fast.tcn_step_out(*args, **kwargs)  # the matching blocks run
 
 
-def test_opcheck_tcn_step_op():
-    args, kwargs = _op_call(CASES[0])
+@pytest.mark.parametrize("case", [CASES[0], CASES[4]], ids=str)
+def test_opcheck_tcn_step_op(case):
+    args, kwargs = _op_call(case)
     torch.library.opcheck(torch.ops.hiertcn_fast.tcn_step_out.default, args, kwargs)
 
 
@@ -328,6 +356,13 @@ def test_bad_input_is_a_clear_error():
         tcn_step(x, [w[0].double(), *w[1:]], b, states, proj_weights=params["proj_weights"], backend="cpu")
     with pytest.raises(ValueError, match="context and context_weight must be given together"):
         tcn_step(x, w, b, states, context=params["context"])
+    with pytest.raises(ValueError, match="context_proj_weight .* is given without context"):
+        tcn_step(x, w, b, states, proj_weights=params["proj_weights"], context_proj_weight=rand(8, 4, dtype=torch.float32))
+    for backend in ("cpu", "reference"):
+        with pytest.raises(ValueError, match=r"context_proj_weight \(out_channels, ctx_channels\) must have shape "
+                                             r"\(8, 4\)"):
+            tcn_step(x, w, b, states, proj_weights=params["proj_weights"], context=params["context"],
+                     context_weight=params["context_weight"], context_proj_weight=rand(8, 5, dtype=torch.float32), backend=backend)
     # Nothing was stepped by the failed calls.
     assert all(int(s.position.sum()) == 0 for s in states)
 
@@ -336,7 +371,7 @@ def test_compiled_op_checks_arguments_itself():
     args, kwargs = _op_call(CASES[0], torch.float32)
     ops = torch.ops.hiertcn_fast
     with pytest.raises(RuntimeError, match="one entry per layer"):
-        ops.tcn_step_out(*args[:6], args[6][:2], *args[7:], **kwargs)
+        ops.tcn_step_out(*args[:7], args[7][:2], *args[8:], **kwargs)
     bad = dict(kwargs, histories=[kwargs["histories"][0][:, :1], *kwargs["histories"][1:]])
     with pytest.raises(RuntimeError, match="histories"):
         ops.tcn_step_out(*args, **bad)
@@ -346,7 +381,7 @@ def test_compiled_op_checks_arguments_itself():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", [CASES[0], CASES[3], StackCase(2, (300, 300, 20), (3, 2), (1, 5), steps=7),
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[6], StackCase(2, (300, 300, 20), (3, 2), (1, 5), steps=7),
                                   StackCase(5, (20, 20), (4,), (2,), context_channels=3, steps=8)], ids=str)
 def test_cuda_stack_step_in_one_launch(case, dtype):
     params = case.params(torch.float64, "cuda")
@@ -357,7 +392,8 @@ def test_cuda_stack_step_in_one_launch(case, dtype):
     for t in range(case.steps):
         out = tcn_step(xs[:, t].to(dtype), cast["weights"], cast["biases"], states, proj_weights=cast["proj_weights"],
                        proj_biases=cast["proj_biases"], context=cast["context"],
-                       context_weight=cast["context_weight"], activation=case.activation, backend="cuda")
+                       context_weight=cast["context_weight"], context_proj_weight=cast["context_proj_weight"],
+                       activation=case.activation, backend="cuda")
         expected = layer_by_layer(xs[:, t], dict(params, activation=case.activation), expected_states)
         torch.testing.assert_close(out.double(), expected, **TOLERANCE[dtype])
     for state, expected_state in zip(states, expected_states):

@@ -661,6 +661,7 @@ void stack_layer_outputs(const TcnStepParams& p, int64_t l, int64_t b0, int64_t 
   const T* table = l == 0 ? static_cast<const T*>(p.context_table) : nullptr;
   const T* bias = static_cast<const T*>(L.bias);
   const T* proj_bias = static_cast<const T*>(L.proj_bias);
+  const T* context_residual = l == 0 ? static_cast<const T*>(p.context_residual) : nullptr;
   const bool last = l == p.layers - 1;
   const int64_t width = o_end - o_begin;
   for (int64_t r = 0; r < kTimeTile; ++r) std::fill_n(s.acc.data() + r * C_out + o_begin, width, T(0));
@@ -679,6 +680,12 @@ void stack_layer_outputs(const TcnStepParams& p, int64_t l, int64_t b0, int64_t 
       T* row = s.res.data() + r * C_out + o_begin;
       if (proj_bias)
         for (int64_t o = 0; o < width; ++o) row[o] += proj_bias[o_begin + o];
+      res_row = row;
+    }
+    if (context_residual) {  // the context's term of the residual, after the projection and its bias
+      T* row = s.res.data() + r * C_out + o_begin;
+      const T* term = context_residual + b * C_out + o_begin;
+      for (int64_t o = 0; o < width; ++o) row[o] = res_row[o] + term[o];
       res_row = row;
     }
     T* out_row = last ? static_cast<T*>(p.out) + b * C_out : out_buf + r * p.max_channels;
@@ -1153,10 +1160,11 @@ void causal_conv1d_step_out_cpu(const at::Tensor& x, const at::Tensor& packed_we
 
 void tcn_step_out_cpu(const at::Tensor& x, at::TensorList packed_weights, const OptionalTensorList& biases,
                       const OptionalTensorList& proj_weights, const OptionalTensorList& proj_biases,
-                      const std::optional<at::Tensor>& context_table, at::IntArrayRef dilations, int64_t activation,
+                      const std::optional<at::Tensor>& context_table,
+                      const std::optional<at::Tensor>& context_residual, at::IntArrayRef dilations, int64_t activation,
                       at::TensorList histories, at::TensorList positions, at::Tensor& out) {
   const TcnStepParams p = make_tcn_step_params(x, packed_weights, biases, proj_weights, proj_biases, context_table,
-                                               dilations, activation, histories, positions, out);
+                                               context_residual, dilations, activation, histories, positions, out);
   tcn_step_cpu(p, x.scalar_type());
 }
 

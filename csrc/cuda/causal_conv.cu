@@ -217,6 +217,7 @@ __global__ void tcn_step_cuda_kernel(TcnStepParams p) {
   }
   const T* x = static_cast<const T*>(p.x) + b * p.x_row_stride;
   const T* table = static_cast<const T*>(p.context_table);
+  const T* context_residual = static_cast<const T*>(p.context_residual);
   for (int64_t c = threadIdx.x; c < p.layer[0].in_channels; c += blockDim.x) in_buf[c] = A(x[c]);
   __syncthreads();
   for (int64_t l = 0; l < p.layers; ++l) {
@@ -272,7 +273,10 @@ __global__ void tcn_step_cuda_kernel(TcnStepParams p) {
         if (bias) z += A(bias[o]);
         if (table && l == 0) z += A(table[(b * K + context_tap_index(pos, L.dilation, K)) * C_out + o]);
         // The projection with its bias rounded to T once, as F.linear (and cuBLAS's addmm) gives it.
-        const A residual = proj ? A(T(res + (proj_bias ? A(proj_bias[o]) : A(0)))) : in_buf[o];
+        A residual = proj ? A(T(res + (proj_bias ? A(proj_bias[o]) : A(0)))) : in_buf[o];
+        // The context's term of layer 0's residual (its projection of the context), added to T as F.linear's
+        // sum of the two parts is.
+        if (context_residual && l == 0) residual = A(T(residual + A(context_residual[b * C_out + o])));
         // Rounded to T as every path stores a layer's output (the next layer and the history read it so).
         out_buf[o] = A(T(epilogue_forward<A>(z, true, residual, p.activation)));
       }
@@ -376,10 +380,11 @@ constexpr int kStackThreads = 512;
 
 void tcn_step_out_cuda(const at::Tensor& x, at::TensorList packed_weights, const OptionalTensorList& biases,
                        const OptionalTensorList& proj_weights, const OptionalTensorList& proj_biases,
-                       const std::optional<at::Tensor>& context_table, at::IntArrayRef dilations, int64_t activation,
-                       at::TensorList histories, at::TensorList positions, at::Tensor& out) {
+                       const std::optional<at::Tensor>& context_table,
+                       const std::optional<at::Tensor>& context_residual, at::IntArrayRef dilations,
+                       int64_t activation, at::TensorList histories, at::TensorList positions, at::Tensor& out) {
   const TcnStepParams p = make_tcn_step_params(x, packed_weights, biases, proj_weights, proj_biases, context_table,
-                                               dilations, activation, histories, positions, out);
+                                               context_residual, dilations, activation, histories, positions, out);
   for (int64_t l = 0; l < p.layers; ++l)
     TORCH_CHECK(p.layer[l].weight_block == p.layer[l].out_channels, "tcn_step on CUDA takes the (k, in, out) weight "
                 "packing; packed_weights[", l, "] is column-blocked in blocks of ", p.layer[l].weight_block);

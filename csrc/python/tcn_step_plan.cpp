@@ -19,7 +19,8 @@ class TcnStepPlan {
   // modified in place or given new storage, and the caller repacks.
   TcnStepPlan(const at::Tensor& x, std::vector<at::Tensor> packed_weights, std::vector<std::optional<at::Tensor>> biases,
               std::vector<std::optional<at::Tensor>> proj_weights, std::vector<std::optional<at::Tensor>> proj_biases,
-              const std::optional<at::Tensor>& context_table, std::vector<int64_t> dilations, int64_t activation,
+              const std::optional<at::Tensor>& context_table, const std::optional<at::Tensor>& context_residual,
+              std::vector<int64_t> dilations, int64_t activation,
               std::vector<at::Tensor> histories, std::vector<at::Tensor> positions, std::vector<at::Tensor> sources)
       : packed_(std::move(packed_weights)), histories_(std::move(histories)), positions_(std::move(positions)),
         sources_(std::move(sources)) {
@@ -34,12 +35,13 @@ class TcnStepPlan {
     const int64_t out_channels = packed_.back().dim() == 4 ? packed_.back().size(0) * packed_.back().size(3)
                                                            : packed_.back().size(2);
     const at::Tensor out = at::empty({x.size(0), out_channels}, x.options());
-    params_ = make_tcn_step_params(x, packed_, bias_list, proj_list, proj_bias_list, context_table, dilations,
-                                   activation, histories_, positions_, out);
+    params_ = make_tcn_step_params(x, packed_, bias_list, proj_list, proj_bias_list, context_table, context_residual,
+                                   dilations, activation, histories_, positions_, out);
     dtype_ = x.scalar_type();
     in_channels_ = x.size(1);
     out_channels_ = out_channels;
     has_table_ = context_table.has_value();
+    has_residual_ = context_residual.has_value();
     for (const at::Tensor& t : sources_) {
       versions_.push_back(t._version());
       pointers_.push_back(t.data_ptr());
@@ -52,7 +54,8 @@ class TcnStepPlan {
 
   // One event: x (batch, in_channels) -> (batch, out_channels), advancing the histories and positions; None
   // (nothing stepped) when a source tensor changed since the plan was made.
-  std::optional<at::Tensor> step(const at::Tensor& x, const std::optional<at::Tensor>& context_table) {
+  std::optional<at::Tensor> step(const at::Tensor& x, const std::optional<at::Tensor>& context_table,
+                                 const std::optional<at::Tensor>& context_residual) {
     for (size_t i = 0; i < sources_.size(); ++i)
       if (sources_[i]._version() != versions_[i] || sources_[i].data_ptr() != pointers_[i]) return std::nullopt;
     for (size_t i = 0; i < watched_.size(); ++i)
@@ -74,6 +77,17 @@ class TcnStepPlan {
                   "context_table must be a contiguous (", p.batch, ", ", p.layer[0].kernel_size, ", ",
                   p.layer[0].out_channels, ") CPU ", dtype_, " tensor, got shape ", table.sizes());
       p.context_table = table.data_ptr();
+    }
+    TORCH_CHECK(context_residual.has_value() == has_residual_,
+                has_residual_ ? "this step needs its context residual" : "this step was prepared without a context "
+                                                                           "residual");
+    if (context_residual) {
+      const at::Tensor& term = *context_residual;
+      TORCH_CHECK(term.dim() == 2 && term.size(0) == p.batch && term.size(1) == p.layer[0].out_channels &&
+                      term.is_contiguous() && term.device().is_cpu() && term.scalar_type() == dtype_,
+                  "context_residual must be a contiguous (", p.batch, ", ", p.layer[0].out_channels, ") CPU ", dtype_,
+                  " tensor, got shape ", term.sizes());
+      p.context_residual = term.data_ptr();
     }
     at::Tensor out = at::empty({p.batch, out_channels_}, x.options());
     p.x = x.data_ptr();
@@ -101,7 +115,7 @@ class TcnStepPlan {
   TcnStepParams params_{};
   at::ScalarType dtype_;
   int64_t in_channels_ = 0, out_channels_ = 0;
-  bool has_table_ = false;
+  bool has_table_ = false, has_residual_ = false;
 };
 
 }  // namespace
@@ -111,9 +125,10 @@ void bind_tcn_step_plan(pybind11::module_& m) {
   py::class_<TcnStepPlan>(m, "TcnStepPlan", "A prepared CPU step of a TCN stack (hiertcn_fast.ops.tcn_step).")
       .def(py::init<const at::Tensor&, std::vector<at::Tensor>, std::vector<std::optional<at::Tensor>>,
                     std::vector<std::optional<at::Tensor>>, std::vector<std::optional<at::Tensor>>,
-                    const std::optional<at::Tensor>&, std::vector<int64_t>, int64_t, std::vector<at::Tensor>,
-                    std::vector<at::Tensor>, std::vector<at::Tensor>>())
-      .def("step", &TcnStepPlan::step, py::arg("x"), py::arg("context_table") = py::none());
+                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, std::vector<int64_t>, int64_t,
+                    std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>())
+      .def("step", &TcnStepPlan::step, py::arg("x"), py::arg("context_table") = py::none(),
+           py::arg("context_residual") = py::none());
 }
 
 }  // namespace hiertcn

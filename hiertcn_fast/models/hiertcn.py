@@ -9,11 +9,10 @@ For step j of a lane batch (session j of every lane), with s_j the high-level st
     logits  = output(y_j) over all items, at every position
     h_{j+1} = keep_j * GRU(mean(emb(x_1..x_n)), h_j)     (session_update; zero after a user's last session)
 
-One departure from the official code: there the first block's input is concat(emb(x_t), s_j) (384 wide), so
-its residual path is a linear projection 384 -> 128 of both. Here the residual path of the first block is the
-embedding alone (128 -> 128: the identity), and s_j enters through the conv only (its context term, exact: as
-if concatenated). The state therefore reaches the block's output only through the conv's ReLU. (Adding W_s s_j
-to the residual would be a per-row term after the inner ReLU; the fused stack step has no input for it yet.)
+As in the official code, the first block's input is concat(emb(x_t), s_j) (384 wide), never made: s_j enters
+its conv as the time-constant context, and its residual path, a linear projection 384 -> 128 of the
+concatenation, is the embedding's projection plus the state's (TemporalBlock's context_projection), a per-session
+term added after the inner ReLU.
 
 The high-level recursion reads only item embeddings, never the TCN, so the S states of a batch are
 computed first (S small session_update calls) and the TCN then runs ONCE over all S x lanes

@@ -182,8 +182,15 @@ class CausalConv1d(nn.Module):
 
 
 class TemporalBlock(nn.Module):
-    """HierTCN's residual block: out = relu(relu(conv(x) + bias + context term) + residual), the
-    residual being x, or a linear projection of x when the channel counts differ.
+    """HierTCN's residual block: out = relu(relu(conv(x) + bias + context term) + residual).
+
+    The residual is the block's input: x, or a linear projection of x when the channel counts differ. With
+    context (context_channels > 0) the block's input is concat(x, context) at every step, as in the official
+    HierTCN, whose first block maps 384 inputs (item embedding and user state) to 128 channels: the residual
+    is then always a linear projection of that concatenation, held as ``projection`` (nn.Linear over x, with
+    the bias) and ``context_projection`` (nn.Linear over the context, no bias), so that neither the
+    concatenation nor its per-step product is ever made. Both are initialised as the one nn.Linear of
+    in_channels + context_channels inputs would be.
 
     forward(x, context=None): x (batch, time, in_channels) -> (batch, time, out_channels).
     """
@@ -194,15 +201,48 @@ class TemporalBlock(nn.Module):
         self.conv = CausalConv1d(in_channels, out_channels, kernel_size, dilation=dilation,
                                  context_channels=context_channels, activation="relu", backend=backend, device=device,
                                  dtype=dtype)
-        self.projection = (nn.Linear(in_channels, out_channels, device=device, dtype=dtype)
-                           if in_channels != out_channels else None)
+        factory = dict(device=device, dtype=dtype)
+        self.projection = (nn.Linear(in_channels, out_channels, **factory)
+                           if in_channels != out_channels or context_channels else None)
+        self.context_projection = (nn.Linear(context_channels, out_channels, bias=False, **factory)
+                                   if context_channels else None)
+        if self.context_projection is not None:
+            self._reset_concat_projection()
 
-    def _residual(self, x):
-        return x if self.projection is None else self.projection(x)
+    def _reset_concat_projection(self):
+        """nn.Linear's initialisation for in_channels + context_channels inputs, split between the parts."""
+        weight = torch.empty(self.projection.out_features,
+                             self.projection.in_features + self.context_projection.in_features,
+                             device=self.projection.weight.device, dtype=self.projection.weight.dtype)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(weight.shape[1])
+        with torch.no_grad():
+            self.projection.weight.copy_(weight[:, :self.projection.in_features])
+            self.context_projection.weight.copy_(weight[:, self.projection.in_features:])
+            nn.init.uniform_(self.projection.bias, -bound, bound)
+
+    def reset_parameters(self):
+        self.conv.reset_parameters()
+        if self.context_projection is not None:
+            self._reset_concat_projection()
+        elif self.projection is not None:
+            self.projection.reset_parameters()
+
+    def _residual(self, x, context=None):
+        """x's residual (x: (batch, time, in) or one step's (batch, in)), with the context's term when this block
+        has context."""
+        if self.projection is None:
+            return x
+        residual = self.projection(x)
+        if self.context_projection is not None and context is not None:
+            term = self.context_projection(context)
+            residual = residual + (term.unsqueeze(1) if x.dim() == 3 else term)
+        return residual
 
     def forward(self, x, context=None):
         self.conv._check_layout(x)
-        return self.conv(x, context, residual=self._residual(x))
+        self.conv._context_args(context)  # the context's checks, before the projection reads it
+        return self.conv(x, context, residual=self._residual(x, context))
 
     def init_state(self, batch, **kwargs) -> CausalConvState:
         return self.conv.init_state(batch, **kwargs)
@@ -213,14 +253,15 @@ class TemporalBlock(nn.Module):
         _check_inference(x_t, context)
         self.conv._check_state(state)
         self.conv._check_step_input(x_t, state)
+        self.conv._context_args(context)
         with torch.no_grad():  # the projection's parameters require grad; the step records none
             if isinstance(state, CausalConvState) and autocast_dtype(x_t.device.type) is not None:
                 # The step runs in the state's dtype under autocast: the projection too, not in autocast's.
                 x_t, context = _cast((x_t, context), state.history.dtype)
                 with torch.autocast(x_t.device.type, enabled=False):
-                    residual = self._residual(x_t)
+                    residual = self._residual(x_t, context)
             else:
-                residual = self._residual(x_t)
+                residual = self._residual(x_t, context)
         return self.conv._checked_step(x_t, state, context, residual)
 
 
@@ -310,8 +351,8 @@ class TCN(nn.Module):
         if fast is not None and not torch.compiler.is_compiling():
             key = self._step_objects(state, context)
             if (len(key) == len(fast[0]) and all(map(operator.is_, key, fast[0]))
-                    and fast[1] == (requested_backend(key[1].backend), weight_cache_generation())):
-                out = prepared_tcn_step(fast[2], x_t, state.layers, context, key[4])
+                    and fast[1] == (requested_backend(key[2].backend), weight_cache_generation())):
+                out = prepared_tcn_step(fast[2], x_t, state.layers, context, key[5], key[1])
                 if out is not None:
                     return out
             state._fast = None
@@ -326,39 +367,49 @@ class TCN(nn.Module):
         if convs:
             convs[0]._check_step_input(x_t, state.layers[0])
         projections = [block._modules.get("projection") for block in blocks]
+        context_projection = next(iter(blocks))._modules.get("context_projection")
         # A parametrized module (weight_norm, ...) computes its weight on access: no prepared step for it.
-        parametrized = any(parametrize.is_parametrized(m) for m in (*convs, *projections) if m is not None)
+        parametrized = any(parametrize.is_parametrized(m) for m in (*convs, *projections, context_projection)
+                           if m is not None)
         if parametrized:
             weights, biases = [conv.weight for conv in convs], [conv.bias for conv in convs]
             proj_weights = [None if p is None else p.weight for p in projections]
             proj_biases = [None if p is None else p.bias for p in projections]
+            context_proj_weight = None if context_projection is None else context_projection.weight
         else:
             params = [conv._parameters for conv in convs]
             projections = [None if p is None else p._parameters for p in projections]
             weights, biases = [p["weight"] for p in params], [p.get("bias") for p in params]
             proj_weights = [None if p is None else p["weight"] for p in projections]
             proj_biases = [None if p is None else p.get("bias") for p in projections]
+            context_proj_weight = None if context_projection is None else context_projection._parameters["weight"]
         first = convs[0]._context_args(context)
         backend = convs[0].backend
+        if context is None:
+            context_proj_weight = None  # the first conv has refused the missing context
         out = tcn_step(x_t, weights, biases, state.layers, proj_weights=proj_weights, proj_biases=proj_biases,
-                       activation="relu", backend=backend, **first)
+                       context_proj_weight=context_proj_weight, activation="relu", backend=backend, **first)
         if not torch.compiler.is_compiling() and not parametrized:
             # Shortcut the next call only through a prepared step made for exactly this call's objects (the op
             # may have run another backend and left an older one in place).
             entry = prepared_entry(weights, biases, state.layers, proj_weights, proj_biases, context,
-                                   first["context_weight"], "relu", backend)
+                                   first["context_weight"], context_proj_weight, "relu", backend)
             if entry is not None:
                 state._fast = (self._step_objects(state, context), (requested_backend(backend),
                                                                     weight_cache_generation()), entry)
         return out
 
     def _step_objects(self, state, context):
-        """Everything a step's op call is made of, flat: the context, then per block its conv, the conv's
-        weight, bias and context weight and the projection with its parameters, then per layer the state with
-        its tensors and prepared step. Index 1 is the first conv, index 4 its context weight."""
-        objects = [context]
+        """Everything a step's op call is made of, flat: the context and the first block's context projection
+        weight, then per block its conv, the conv's weight, bias and context weight and the projection with its
+        parameters, then per layer the state with its tensors and prepared step. Index 1 is the context
+        projection's weight, index 2 the first conv, index 5 its context weight."""
+        blocks = self._modules["blocks"]._modules.values()
+        context_projection = next(iter(blocks))._modules.get("context_projection")
+        objects = [context, None if context_projection is None or context is None
+                   else context_projection._parameters.get("weight")]
         add = objects.append
-        for block in self._modules["blocks"]._modules.values():
+        for block in blocks:
             modules = block._modules
             conv = modules["conv"]
             params = conv._parameters

@@ -388,6 +388,7 @@ class CausalConvState:
     dilation: int
     _packed: tuple = dataclasses.field(default=(), repr=False, compare=False)
     _table: tuple = dataclasses.field(default=(), repr=False, compare=False)
+    _residual_term: tuple = dataclasses.field(default=(), repr=False, compare=False)
     _stack_checked: tuple = dataclasses.field(default=(), repr=False, compare=False)  # what tcn_step checked last
     # tcn_step's prepared CPU step: (argument objects, (activation, backend requested, layers), plan or None)
     _prepared: tuple = dataclasses.field(default=(), repr=False, compare=False)
@@ -433,29 +434,40 @@ class CausalConvState:
     def cached_context_table(self, context: torch.Tensor, context_weight: torch.Tensor) -> torch.Tensor:
         """context_table(context, context_weight), recomputed only when either is another tensor or was modified
         in place: a session's context term costs its FLOPs once, not at every step. Traced, computed at every call."""
+        return self._cached_product("_table", context_table, context, context_weight)
+
+    def cached_context_residual(self, context: torch.Tensor, context_proj_weight: torch.Tensor) -> torch.Tensor:
+        """F.linear(context, context_proj_weight) (batch, out_channels): the context's term of a residual that
+        projects concat(x, context), cached as the context table is."""
+        return self._cached_product("_residual_term", F.linear, context, context_proj_weight)
+
+    def _cached_product(self, slot, make, context, weight):
+        """make(context, weight), contiguous, kept in attribute ``slot`` and made again only when either is another
+        tensor or changed. Traced, made at every call."""
         if torch.compiler.is_compiling():
-            return context_table(context.detach(), context_weight.detach()).contiguous()
+            return make(context.detach(), weight.detach()).contiguous()
         if context.is_inference():
-            # An inference tensor has no version counter: on the CPU the cached table is kept with a copy of the
+            # An inference tensor has no version counter: on the CPU the cached product is kept with a copy of the
             # context it was made from (and the weight itself, with its stamp) and reused while the context (the
             # same tensor) still equals it, which a comparison of (batch, context_channels) values tells for a
-            # fraction of the table's cost. On a device that comparison would make the host wait for it at every
-            # step: there the table is made again, asynchronously. (An inference weight's stamp equals nothing:
-            # its table is made again at every step.)
-            entry = self._table
-            if (entry and entry[-2] == "inference" and entry[0] is context and entry[2] is context_weight
-                    and entry[3] == _stamp(context_weight) and torch.equal(entry[1], context)):
+            # fraction of the product's cost. On a device that comparison would make the host wait for it at
+            # every step: there the product is made again, asynchronously. (An inference weight's stamp equals
+            # nothing: its product is made again at every step.)
+            entry = getattr(self, slot)
+            if (entry and entry[-2] == "inference" and entry[0] is context and entry[2] is weight
+                    and entry[3] == _stamp(weight) and torch.equal(entry[1], context)):
                 return entry[-1]
             with torch.no_grad():
-                table = context_table(context, context_weight).contiguous()
+                product = make(context, weight).contiguous()
             if context.device.type == "cpu":
-                self._table = (context, context.clone(), context_weight, _stamp(context_weight), "inference", table)
-            return table
-        if not _cache_is_fresh(self._table, (context, context_weight), None):
+                setattr(self, slot, (context, context.clone(), weight, _stamp(weight), "inference", product))
+            return product
+        entry = getattr(self, slot)
+        if not _cache_is_fresh(entry, (context, weight), None):
             with torch.no_grad():  # the weight itself, not a detached alias, keys its packing's cache
-                table = context_table(context, context_weight).contiguous()
-            self._table = _cache_entry((context, context_weight), None, table)
-        return self._table[-1]
+                entry = _cache_entry((context, weight), None, make(context, weight).contiguous())
+            setattr(self, slot, entry)
+        return entry[-1]
 
 
 # Bumped by forget_weight_caches(): every cache of packed weights, context tables and prepared steps compares it.
@@ -644,7 +656,7 @@ def _step(name, x, weight, state, bias, groups, context, context_weight, activat
 
 @in_input_dtype
 def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None, context=None, context_weight=None,
-             activation="relu", backend=None):
+             context_proj_weight=None, activation="relu", backend=None):
     """One event through a stack of residual causal-conv layers (the TCN's blocks), updating every layer's
     state in place (inference: no autograd).
 
@@ -652,17 +664,19 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
     causal_conv1d_step of weights[l] (dense: (C_{l+1}, C_l, k_l)) over states[l] (a CausalConvState, which
     fixes k_l and the dilation) plus biases[l] (or None), plus for l = 0 the context term of context
     (batch, ctx) and context_weight (C_1, ctx, k_0); the residual r_l is h_l, or the nn.Linear
-    proj_weights[l] (C_{l+1}, C_l) with proj_biases[l] applied to h_l (required where C_{l+1} != C_l).
+    proj_weights[l] (C_{l+1}, C_l) with proj_biases[l] applied to h_l (required where C_{l+1} != C_l); with
+    context_proj_weight (C_1, ctx) (with context only), r_0 also adds F.linear(context, context_proj_weight):
+    layer 0's residual is then a projection of concat(h_0, context) (HierTCN's first block).
     x: h_0 (batch, C_0); returns h_L. The cpu and cuda backends run the whole stack as one op (on CUDA
     one kernel launch); triton and reference step layer by layer. Each layer equals causal_conv1d_step
     with that residual.
     """
     # A prepared CPU step for exactly these argument objects (the same TCN stepping the same state) skips the
     # checks below: they passed when it was prepared, and it checks x and the weights' versions itself.
-    entry = prepared_entry(weights, biases, states, proj_weights, proj_biases, context, context_weight, activation,
-                           backend)
+    entry = prepared_entry(weights, biases, states, proj_weights, proj_biases, context, context_weight,
+                           context_proj_weight, activation, backend)
     if entry is not None:
-        out = prepared_tcn_step(entry, x, states, context, context_weight)
+        out = prepared_tcn_step(entry, x, states, context, context_weight, context_proj_weight)
         if out is not None:
             return out
     check_tensor(x, "x", 2)
@@ -678,6 +692,8 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
         raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
     if (context is None) != (context_weight is None):
         raise ValueError("context and context_weight must be given together")
+    if context_proj_weight is not None and context is None:
+        raise ValueError("context_proj_weight (the residual's projection of the context) is given without context")
     # The kernels read biases as contiguous rows: strided views are copied, and such a step is not prepared for
     # reuse (the copies would not follow later changes of the views).
     strided = any(isinstance(b, torch.Tensor) and not b.is_contiguous() for b in (*biases, *proj_biases))
@@ -689,10 +705,11 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
         if (name == "cpu" and not strided and _extension.has_tcn_step_plan()
                 and not torch.compiler.is_compiling()):
             out = _prepared_step(x, weights, biases, states, proj_weights, proj_biases, context, context_weight,
-                                 activation, backend, original_proj)
+                                 context_proj_weight, activation, backend, original_proj)
             if out is not None:
                 return out
-        plan = _stack_plan(x, weights, biases, states, proj_weights, proj_biases, context, context_weight)
+        plan = _stack_plan(x, weights, biases, states, proj_weights, proj_biases, context, context_weight,
+                           context_proj_weight)
         if torch.is_grad_enabled():
             with torch.no_grad():
                 return _run_stack_plan(plan, x, states, activation)
@@ -701,7 +718,7 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
     # layer is checked before the first one steps, so that a refused layer leaves no layer below it stepped:
     # the stack's checks, then each layer's step checks with its input and residual stood in for by empty
     # tensors of their shapes.
-    _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight)
+    _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight, context_proj_weight)
     h_like = x
     for l in range(layers):
         residual_like = h_like
@@ -723,6 +740,8 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
     with torch.no_grad():  # inference, as the fused stack
         for l in range(layers):
             residual = h if proj_weights[l] is None else F.linear(h, proj_weights[l], proj_biases[l])
+            if l == 0 and context_proj_weight is not None:
+                residual = residual + F.linear(context, context_proj_weight)
             extra = dict(context=context, context_weight=context_weight) if l == 0 else {}
             h = causal_conv1d_step(h, weights[l], states[l], biases[l], activation=activation, residual=residual,
                                    backend=layer_backend, **extra)
@@ -733,7 +752,7 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
 _MAX_STACK_LAYERS = 32
 
 
-def _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight):
+def _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight, context_proj_weight=None):
     """What the fused op cannot tell the user as clearly: the rest (shapes against the states, devices,
     dtypes) the compiled op checks."""
     for l, (weight, state, proj_weight) in enumerate(zip(weights, states, proj_weights)):
@@ -761,6 +780,11 @@ def _check_stack(x, weights, states, proj_weights, proj_biases, context, context
         check_shape(context, "context (batch, ctx_channels)", (x.shape[0], context.shape[1]))
         check_shape(context_weight, "context_weight (out_channels, ctx_channels, k)",
                     (weights[0].shape[0], context.shape[1], weights[0].shape[2]))
+    if context_proj_weight is not None:
+        check_tensor(context_proj_weight, "context_proj_weight", 2)
+        check_like(context_proj_weight, "context_proj_weight", x, "x")
+        check_shape(context_proj_weight, "context_proj_weight (out_channels, ctx_channels)",
+                    (weights[0].shape[0], context.shape[1]))
 
 
 # The packed weights and projections of the stacks stepped so far, per first weight: a step of a stack whose
@@ -816,28 +840,30 @@ def _packed_stack(weights, proj_weights, device_type):
     return entry[2]
 
 
-def _stack_plan(x, weights, biases, states, proj_weights, proj_biases, context, context_weight):
+def _stack_plan(x, weights, biases, states, proj_weights, proj_biases, context, context_weight, context_proj_weight):
     """The fused op's arguments: packed weights and projections (cached per stack of weights, repacked when
     one is another tensor or was modified in place, e.g. by an optimiser step), the context table (cached on
-    the first layer's state, recomputed when the context changes), and the stack's checks, run again only
+    the first layer's state, recomputed when the context changes), the context's residual term (likewise),
+    and the stack's checks, run again only
     when the weights, projections, context or states are other objects."""
     # Stored on states[0], which is therefore not in it (no reference cycle: a state is freed with its last use).
-    checked = (*weights, *proj_weights, *proj_biases, context, context_weight, *states[1:])
+    checked = (*weights, *proj_weights, *proj_biases, context, context_weight, context_proj_weight, *states[1:])
     compiling = torch.compiler.is_compiling()  # traced: checked at every call, nothing stored on the state
     if compiling or len(states[0]._stack_checked) != len(checked) or not all(
             a is b for a, b in zip(states[0]._stack_checked, checked)):
-        _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight)
+        _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight, context_proj_weight)
         if not compiling:
             states[0]._stack_checked = checked
     packed, projections = _packed_stack(weights, proj_weights, x.device.type)
     table = None if context is None else states[0].cached_context_table(context, context_weight)
-    return packed, list(biases), projections, list(proj_biases), table, [state.dilation for state in states]
+    term = None if context_proj_weight is None else states[0].cached_context_residual(context, context_proj_weight)
+    return packed, list(biases), projections, list(proj_biases), table, term, [state.dilation for state in states]
 
 
-def _prepared_key(weights, biases, states, proj_weights, proj_biases, context, context_weight):
+def _prepared_key(weights, biases, states, proj_weights, proj_biases, context, context_weight, context_proj_weight):
     """The argument objects a prepared step is valid for (compared by identity). It is kept on states[0], which
     is therefore left out: no reference cycle, so a state is freed with its last use."""
-    return (context, context_weight, proj_weights is None, proj_biases is None, *weights, *biases,
+    return (context, context_weight, context_proj_weight, proj_weights is None, proj_biases is None, *weights, *biases,
             *(proj_weights or ()), *(proj_biases or ()), *states[1:], *[state.history for state in states],
             *[state.position for state in states])
 
@@ -848,15 +874,15 @@ def _prepared_mode(activation, backend, states) -> tuple:
     return activation, requested_backend(backend), len(states), _generation[0]
 
 
-def _prepared_step(x, weights, biases, states, proj_weights, proj_biases, context, context_weight, activation,
-                   backend, original_proj):
+def _prepared_step(x, weights, biases, states, proj_weights, proj_biases, context, context_weight,
+                   context_proj_weight, activation, backend, original_proj):
     """The CPU step through a prepared plan (csrc/python/tcn_step_plan.cpp). The second call with the same
     argument objects (weights, biases, projections, context and its weight, states and their tensors),
     activation and requested backend prepares one, checked and packed once; later such calls run it first
     thing in tcn_step, without the checks or the dispatcher. None where the op must run instead: a first
     call, changed arguments, or weights modified in place since the plan was made (the op then repacks
     them, and the next call prepares again)."""
-    key = _prepared_key(weights, biases, states, *original_proj, context, context_weight)
+    key = _prepared_key(weights, biases, states, *original_proj, context, context_weight, context_proj_weight)
     mode = _prepared_mode(activation, backend, states)
     sources = [t for t in (*weights, *proj_weights) if t is not None]
     if any(t.is_inference() for t in sources):
@@ -864,23 +890,25 @@ def _prepared_step(x, weights, biases, states, proj_weights, proj_biases, contex
     if not _entry_matches(states[0]._prepared, key, mode):
         states[0]._prepared = (key, mode, None)
         return None
-    packed, biases, projections, proj_biases, table, dilations = _stack_plan(
-        x, weights, biases, states, proj_weights, proj_biases, context, context_weight)
+    packed, biases, projections, proj_biases, table, term, dilations = _stack_plan(
+        x, weights, biases, states, proj_weights, proj_biases, context, context_weight, context_proj_weight)
     plan = _extension.module().TcnStepPlan(
-        unit_stride_rows(x), packed, biases, projections, proj_biases, table, dilations, ACTIVATIONS[activation],
-        [state.history for state in states], [state.position for state in states], sources)
+        unit_stride_rows(x), packed, biases, projections, proj_biases, table, term, dilations,
+        ACTIVATIONS[activation], [state.history for state in states], [state.position for state in states], sources)
     entry = (key, mode, plan)
     states[0]._prepared = entry
-    return prepared_tcn_step(entry, x, states, context, context_weight)
+    return prepared_tcn_step(entry, x, states, context, context_weight, context_proj_weight)
 
 
-def prepared_entry(weights, biases, states, proj_weights, proj_biases, context, context_weight, activation, backend):
+def prepared_entry(weights, biases, states, proj_weights, proj_biases, context, context_weight, context_proj_weight,
+                   activation, backend):
     """states[0]'s prepared step if it was made for exactly these argument objects, activation and requested
     backend (what tcn_step checks before running one), else None."""
     entry = states[0]._prepared if states and type(states[0]) is CausalConvState else ()
     if not entry or entry[2] is None:
         return None
-    key = _prepared_key(weights, biases, states, proj_weights, proj_biases, context, context_weight)
+    key = _prepared_key(weights, biases, states, proj_weights, proj_biases, context, context_weight,
+                        context_proj_weight)
     return entry if _entry_matches(entry, key, _prepared_mode(activation, backend, states)) else None
 
 
@@ -889,22 +917,23 @@ def _entry_matches(entry, key, mode) -> bool:
     return bool(entry) and entry[1] == mode and len(entry[0]) == len(key) and all(map(operator.is_, entry[0], key))
 
 
-def prepared_tcn_step(entry, x, states, context, context_weight):
+def prepared_tcn_step(entry, x, states, context, context_weight, context_proj_weight=None):
     """Runs the prepared step of ``entry`` (a states[0]._prepared whose plan is set) on x: its output, or None
     where the plan refused (a weight changed in place), which also drops the plan. For callers that checked
     that the entry belongs to exactly these arguments (tcn_step, TCN.step)."""
     table = None if context is None else states[0].cached_context_table(context, context_weight)
-    out = entry[2].step(x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous(), table)
+    term = None if context_proj_weight is None else states[0].cached_context_residual(context, context_proj_weight)
+    out = entry[2].step(x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous(), table, term)
     if out is None:  # a weight changed in place: the op repacks, and the next call prepares again
         states[0]._prepared = (entry[0], entry[1], None)
     return out
 
 
 def _run_stack_plan(plan, x, states, activation):
-    packed, biases, projections, proj_biases, table, dilations = plan
+    packed, biases, projections, proj_biases, table, term, dilations = plan
     out = new_output((x.shape[0], packed[-1].shape[0] * packed[-1].shape[-1] if packed[-1].dim() == 4
                       else packed[-1].shape[2]), x)
-    torch.ops.hiertcn_fast.tcn_step_out(unit_stride_rows(x), packed, biases, projections, proj_biases, table,
+    torch.ops.hiertcn_fast.tcn_step_out(unit_stride_rows(x), packed, biases, projections, proj_biases, table, term,
                                         dilations, ACTIVATIONS[activation],
                                         histories=[state.history for state in states],
                                         positions=[state.position for state in states], out=out)
@@ -941,8 +970,8 @@ def _causal_conv1d_step_out_fake(x, packed_weight, bias, context_table, residual
 
 
 @_extension.register_fake("tcn_step_out")
-def _tcn_step_out_fake(x, packed_weights, biases, proj_weights, proj_biases, context_table, dilations, activation, *,
-                       histories, positions, out):
+def _tcn_step_out_fake(x, packed_weights, biases, proj_weights, proj_biases, context_table, context_residual, dilations,
+                       activation, *, histories, positions, out):
     return None
 
 

@@ -141,6 +141,9 @@ struct TcnStepParams {
   int64_t max_channels;  // the widest layer input or output
   const void* x;              // (batch, layer[0].in_channels)
   const void* context_table;  // (batch, layer[0].kernel_size, layer[0].out_channels) or nullptr
+  // (batch, layer[0].out_channels) or nullptr: the context's term of layer 0's residual (HierTCN's first block
+  // projects concat(x, context) on its residual path), added to the residual after its projection and bias.
+  const void* context_residual;
   void* out;                  // (batch, layer[layers - 1].out_channels), contiguous
   TcnStepLayer layer[kMaxStackLayers];
 };

@@ -259,7 +259,8 @@ void tcn_step_cpu(const TcnStepParams& p, at::ScalarType dtype);
 inline TcnStepParams make_tcn_step_params(const at::Tensor& x, at::TensorList packed_weights,
                                           const OptionalTensorList& biases, const OptionalTensorList& proj_weights,
                                           const OptionalTensorList& proj_biases,
-                                          const std::optional<at::Tensor>& context_table, at::IntArrayRef dilations,
+                                          const std::optional<at::Tensor>& context_table,
+                                          const std::optional<at::Tensor>& context_residual, at::IntArrayRef dilations,
                                           int64_t activation, at::TensorList histories, at::TensorList positions,
                                           const at::Tensor& out) {
   const int64_t layers = static_cast<int64_t>(packed_weights.size());
@@ -354,6 +355,12 @@ inline TcnStepParams make_tcn_step_params(const at::Tensor& x, at::TensorList pa
     TORCH_CHECK(context_table->is_contiguous(), "context_table must be contiguous");
     check_same_device_dtype(x, *context_table, "x", "context_table");
     p.context_table = context_table->data_ptr();
+  }
+  if (context_residual) {
+    check_shape(*context_residual, {p.batch, p.layer[0].out_channels}, "context_residual");
+    TORCH_CHECK(context_residual->is_contiguous(), "context_residual must be contiguous");
+    check_same_device_dtype(x, *context_residual, "x", "context_residual");
+    p.context_residual = context_residual->data_ptr();
   }
   check_output(out, x, {p.batch, channels}, "out");
   p.out = out.data_ptr();
