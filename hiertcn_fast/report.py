@@ -3,7 +3,8 @@
 ``write_report(results, out_dir)`` writes
 
 - ``report.md``: per model Recall@10, MRR and NDCG@10 (per user, the paper's unit, and per event),
-  events/s and peak memory; the first-of-session / other-events breakdown; the tie policy and the
+  events/s and peak memory; which model leads each of them, and by how much HierTCN leads or trails; the
+  first-of-session / other-events breakdown; the tie policy and the
   averaging units stated under the tables;
 - ``training_curves.png`` (loss against step, when any model has a curve), ``quality.png`` (metric
   bars per model, per user and per event), ``throughput.png`` (events/s and peak memory bars, when
@@ -150,6 +151,48 @@ def _memory(value) -> str:
     return "n/a" if value is None else f"{value / 2**20:,.1f} MiB"
 
 
+def _leaders(results: list[ModelResult], focus: str = "hiertcn") -> list[str]:
+    """Which model leads each table metric, and where ``focus`` (when reported) stands: its lead over the
+    runner-up, or how far it is behind the leader, in absolute and relative terms. For Recall@10 per event, one
+    standard error of a model's figure (a mean of 0/1 hits over the events), to judge the gaps by."""
+    if len(results) < 2:
+        return []
+    lines = ["", "## Who leads", ""]
+    for unit in UNITS:
+        for metric in TABLE_METRICS:
+            scored = sorted(((value, r.name) for r in results
+                             if (value := _finite_or_none(r.quality[unit]["all"].get(metric))) is not None),
+                            key=lambda pair: -pair[0])
+            if not scored:
+                continue
+            label = f"{metric} ({unit.replace('_', ' ')})"
+            best = scored[0][0]
+            leaders = [name for value, name in scored if value == best]
+            text = f"- {label}: {' and '.join(leaders)} {_number(best)}"
+            place = next((i for i, (_, name) in enumerate(scored) if name == focus), None)
+            if place is not None and len(scored) > 1:
+                value = scored[place][0]
+                if value == best and len(leaders) == 1:
+                    runner_value, runner = scored[1]
+                    text += f", ahead of {runner} ({_number(runner_value)}) by {_number(value - runner_value)}"
+                elif value != best:
+                    gap = best - value
+                    relative = f" ({100 * gap / best:.1f}%)" if best else ""
+                    text += (f"; {focus} is {place + 1} of {len(scored)} with {_number(value)}, {_number(gap)}"
+                             f"{relative} behind")
+            lines.append(text)
+    events = results[0].quality.get("counts", {}).get("events")
+    recall = _finite_or_none(results[0].quality["per_event"]["all"].get("Recall@10"))
+    if scored_on_same_events(results) and isinstance(events, int) and events > 0 and recall is not None:
+        hits = [v for r in results if (v := _finite_or_none(r.quality["per_event"]["all"].get("Recall@10")))
+                is not None]
+        errors = [math.sqrt(p * (1 - p) / events) for p in hits]
+        lines.append(f"- One standard error of a Recall@10 per event over these {events} events: "
+                     f"{_number(min(errors))} to {_number(max(errors))} (sqrt(p (1 - p) / events)); gaps of that "
+                     f"size are within the noise of one evaluation.")
+    return lines
+
+
 def _markdown(results: list[ModelResult], title: str, notes: Sequence[str], plots: list[str]) -> str:
     quality = results[0].quality
     same_events = scored_on_same_events(results)
@@ -166,6 +209,7 @@ def _markdown(results: list[ModelResult], title: str, notes: Sequence[str], plot
                _throughput(r.events_per_second), _memory(r.peak_memory_bytes),
                *([] if same_events else [str(r.quality.get("counts", {}).get("events", "n/a"))])]
         lines.append("| " + " | ".join(row) + " |")
+    lines += _leaders(results)
     lines += ["", "## First event of a session vs the other events (per user)", ""]
     header = ["model", *[f"{m} (first)" for m in TABLE_METRICS], *[f"{m} (rest)" for m in TABLE_METRICS]]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

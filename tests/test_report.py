@@ -150,3 +150,28 @@ def test_rewriting_a_folder_keeps_exactly_this_calls_report_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "report.md", "results.json"]
     assert "## Plots" not in written["report"].read_text()
     assert list(json.loads(written["results"].read_text())["models"]) == ["most_popular"]
+
+
+def _with_figures(name, seed, figures):
+    """A model whose per-user and per-event Recall@10 / MRR / NDCG@10 over all events are ``figures``."""
+    quality = _quality(seed)
+    for unit in ("per_user", "per_event"):
+        quality[unit]["all"].update(zip(("Recall@10", "MRR", "NDCG@10"), figures))
+    return ModelResult(name, quality)
+
+
+def test_report_says_which_model_leads_and_how_far_hiertcn_is_from_it(tmp_path):
+    results = [_with_figures("hiertcn", 0, (0.25, 0.12, 0.13)), _with_figures("session_gru", 0, (0.26, 0.11, 0.13)),
+               _with_figures("hrnn", 0, (0.24, 0.10, 0.12))]
+    markdown = write_report(results, tmp_path, plots=False)["report"].read_text()
+    section = markdown.split("## Who leads")[1].split("##")[0]
+    assert ("- Recall@10 (per user): session_gru 0.2600; hiertcn is 2 of 3 with 0.2500, 0.0100 (3.8%) behind"
+            in section)
+    assert "- MRR (per event): hiertcn 0.1200, ahead of session_gru (0.1100) by 0.0100" in section
+    assert "- NDCG@10 (per user): hiertcn and session_gru 0.1300\n" in section  # a shared lead
+    events = results[0].quality["counts"]["events"]
+    low, high = sorted(math.sqrt(p * (1 - p) / events) for p in (0.24, 0.26))
+    assert f"over these {events} events: {low:.4f} to {high:.4f}" in section
+    # One model: nothing to compare.
+    alone = write_report(results[:1], tmp_path / "alone", plots=False)["report"].read_text()
+    assert "## Who leads" not in alone
