@@ -677,13 +677,13 @@ def test_gru_modules_name_input_and_hx_in_their_errors():
 
 def test_bad_input_is_a_clear_error():
     x, h, w_ih, w_hh, b_ih, b_hh = cell_inputs(2, 3, 4, False, True, torch.float32, "cpu")
-    with pytest.raises(ValueError, match=r"w_hh\) must have shape \(12, 4\)"):
+    with pytest.raises(ValueError, match=r"^w_hh must have shape \(12, 4\)"):
         gru_cell(x, h, w_ih, w_hh[:, :3], b_ih, b_hh)
-    with pytest.raises(ValueError, match=r"must have 3 \* hidden = 12 rows \(gates r, z, n"):
+    with pytest.raises(ValueError, match=r"^w_ih must have 3 \* hidden = 12 rows \(gates r, z, n"):
         gru_cell(x, h, w_ih[:8], w_hh, b_ih, b_hh)
-    with pytest.raises(ValueError, match=r"w_ih\) must have shape \(12, 5\), got \(12, 3\)"):
+    with pytest.raises(ValueError, match=r"^w_ih must have shape \(12, 5\), got \(12, 3\)"):
         gru_cell(torch.randn(2, 5), h, w_ih, w_hh, b_ih, b_hh)
-    with pytest.raises(TypeError, match=r"cell weights\[0\] \(w_ih\) has dtype torch.float64 but h has torch.float32"):
+    with pytest.raises(TypeError, match=r"^w_ih has dtype torch.float64 but h has torch.float32"):
         gru_cell(x, h, w_ih.double(), w_hh, b_ih, b_hh)
     with pytest.raises(TypeError, match="x has dtype torch.float64 but h has torch.float32"):
         gru_cell(x.double(), h, w_ih, w_hh, b_ih, b_hh)

@@ -142,14 +142,15 @@ def _layer_weights(weights, num_layers, input_size, hidden, ref, name="weights")
         for label, t, ndim in (("w_ih", w_ih, 2), ("w_hh", w_hh, 2), ("b_ih", b_ih, 1), ("b_hh", b_hh, 1)):
             if t is None:
                 continue
-            arg = f"{name}[{layer}] ({label})"
+            arg = label if name is None else f"{name}[{layer}] ({label})"
             check_tensor(t, arg, ndim)
             check_like(t, arg, ref, "h")
             if t.shape[0] != 3 * hidden:
                 raise ValueError(f"{arg} must have 3 * hidden = {3 * hidden} rows (gates r, z, n of hidden "
                                  f"size {hidden}), got shape {tuple(t.shape)}")
-        check_shape(w_ih, f"{name}[{layer}] (w_ih)", (3 * hidden, in_features))
-        check_shape(w_hh, f"{name}[{layer}] (w_hh)", (3 * hidden, hidden))
+        where = "" if name is None else f"{name}[{layer}] "
+        check_shape(w_ih, f"{where}(w_ih)" if where else "w_ih", (3 * hidden, in_features))
+        check_shape(w_hh, f"{where}(w_hh)" if where else "w_hh", (3 * hidden, hidden))
         layers.append((w_ih, w_hh, b_ih, b_hh))
     return layers
 
@@ -296,7 +297,7 @@ def gru_cell(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.T
         if (b_ih is None) != (b_hh is None):
             raise ValueError("b_ih and b_hh must be given together or not at all")
         _layer_weights([(w_ih, w_hh) + ((b_ih, b_hh) if b_ih is not None else ())], 1, x.shape[1], h.shape[1], h,
-                       name="cell weights")
+                       name=None)  # the cell's arguments are named w_ih, w_hh, b_ih, b_hh
     name = resolve("gru_cell", backend, h.device, h.dtype, GRU_DTYPES)
     if name == "reference":
         return gru_cell_reference(x, h, w_ih, w_hh, b_ih, b_hh)
