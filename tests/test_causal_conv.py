@@ -675,3 +675,39 @@ def test_explicit_backend_never_falls_back():
         causal_conv1d(x, weight, backend="cpu")
     # auto picks a backend that supports the dtype: the reference, for float16 on the CPU.
     assert_close(causal_conv1d(x, weight), causal_conv1d_reference(x.double(), weight.double()), torch.float16)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] != "reference"])
+@pytest.mark.parametrize("activation", [None, "relu", "tanh", "gelu"])
+def test_a_residual_of_its_own_is_not_kept_where_the_output_gives_the_derivative(backend, device, activation):
+    """out = act(act(z) + residual): for relu, tanh and none the outer derivative comes from out, so a residual
+    that is not x itself (a projection's output) is not kept for the backward; the gradients still equal the
+    reference's. gelu keeps it (its derivative needs its input)."""
+    dtype = COMPARE_DTYPE[backend]
+    x, weight, bias = rand(3, 11, 6, dtype=dtype, device=device), rand(5, 6, 3, dtype=dtype, device=device), \
+        rand(5, dtype=dtype, device=device)
+    residual = rand(3, 11, 5, dtype=dtype, device=device)
+    leaves = [t.requires_grad_() for t in (x, weight, bias, residual)]
+    kept = set()
+
+    def pack(t):
+        kept.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = causal_conv1d(x, weight, bias, dilation=2, activation=activation, residual=residual, backend=backend)
+    assert (residual.untyped_storage().data_ptr() in kept) == (activation == "gelu")
+    grad_out = rand(*out.shape, dtype=dtype, device=device)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    expected_out = causal_conv1d_reference(*(t.double() for t in (x, weight, bias)), dilation=2, activation=activation,
+                                           residual=residual.double())
+    expected = torch.autograd.grad(expected_out, leaves, grad_out.double())
+    assert_close(out, expected_out, dtype)
+    for grad, want in zip(grads, expected):
+        assert_close(grad, want, dtype)
+    # An in-place change of the output before the backward is refused, as after torch.relu.
+    if activation in ("relu", "tanh"):
+        out = causal_conv1d(x, weight, bias, activation=activation, residual=residual, backend=backend)
+        out.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()

@@ -335,6 +335,20 @@ def _backward_kernel(name, grad_out, x, weight, pre, residual, dilation, groups,
                                                           grad_weight=grad_weight, grad_residual=grad_residual)
 
 
+# Activations whose derivative their output gives: relu'(s) = [out > 0], tanh'(s) = 1 - out^2 (none: 1).
+_OUTER_GRAD_FROM_OUTPUT = (ACTIVATIONS[None], ACTIVATIONS["relu"], ACTIVATIONS["tanh"])
+
+
+def _outer_grad(grad_out, out, activation):
+    """dL/d(act(z) + residual) from dL/dout and out = act(act(z) + residual), for _OUTER_GRAD_FROM_OUTPUT."""
+    if activation == ACTIVATIONS["relu"]:
+        return grad_out * (out > 0)
+    if activation == ACTIVATIONS["tanh"]:
+        wide = torch.promote_types(out.dtype, torch.float32)  # half types: the factor in float32, as the kernels
+        return (grad_out.to(wide) * (1 - out.to(wide).square())).to(grad_out.dtype)
+    return grad_out
+
+
 class _CausalConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, table, residual, dilation, groups, activation, name):
@@ -344,21 +358,34 @@ class _CausalConvFunction(torch.autograd.Function):
         # z is kept only when the backward needs it (an activation, and some input wants a gradient).
         pre = new_output(out_shape, x) if activation != 0 and any(ctx.needs_input_grad[:5]) else None
         _forward_kernel(name, x, weight, bias, table, residual, dilation, groups, activation, out, pre)
-        ctx.save_for_backward(x, weight, pre, residual)
-        ctx.config = (dilation, groups, activation, name, bias is not None, table is not None)
+        # A residual of its own (a projection, not x itself, which is kept anyway) is not kept for the backward
+        # when the outer activation's derivative comes from the output (relu, tanh, none): the output is,
+        # which in a stack of blocks the next block keeps anyway as its input. (So, as after torch.relu, an
+        # in-place change of the output before the backward is an error.)
+        from_out = residual is not None and residual is not x and activation in _OUTER_GRAD_FROM_OUTPUT
+        kept = (out if activation != 0 else None) if from_out else residual
+        ctx.save_for_backward(x, weight, pre, kept)
+        ctx.config = (dilation, groups, activation, name, bias is not None, table is not None, from_out)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         refuse_graph_of_gradient("causal_conv1d")
-        x, weight, pre, residual = ctx.saved_tensors
-        dilation, groups, activation, name, has_bias, has_table = ctx.config
+        x, weight, pre, kept = ctx.saved_tensors
+        dilation, groups, activation, name, has_bias, has_table, from_out = ctx.config
         grad_pre = new_output(grad_out.shape, x)
         grad_x = new_output(x.shape, x)
         grad_weight = new_output(weight.shape, weight)
-        grad_residual = None if residual is None else new_output(residual.shape, x)
-        _backward_kernel(name, unit_stride_rows(grad_out), x, weight, pre, residual, dilation, groups, activation,
-                         grad_pre, grad_x, grad_weight, grad_residual)
+        if from_out:
+            # dL/d(act(z) + residual) is the residual's gradient; the kernels take it from there as a block
+            # without a residual (the inner activation's derivative from z).
+            grad_residual = _outer_grad(unit_stride_rows(grad_out), kept, activation)
+            _backward_kernel(name, unit_stride_rows(grad_residual), x, weight, pre, None, dilation, groups,
+                             activation, grad_pre, grad_x, grad_weight, None)
+        else:
+            grad_residual = None if kept is None else new_output(kept.shape, x)
+            _backward_kernel(name, unit_stride_rows(grad_out), x, weight, pre, kept, dilation, groups, activation,
+                             grad_pre, grad_x, grad_weight, grad_residual)
         grad_table = _context_table_grad(grad_pre, dilation, weight.shape[2]) if has_table else None
         # The table's rows partition the steps: summing its gradient is summing grad_pre, on a k-step tensor.
         grad_bias = None if not has_bias else grad_pre.sum((0, 1)) if grad_table is None else grad_table.sum((0, 1))
