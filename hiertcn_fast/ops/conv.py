@@ -341,11 +341,10 @@ _OUTER_GRAD_FROM_OUTPUT = (ACTIVATIONS[None], ACTIVATIONS["relu"], ACTIVATIONS["
 
 def _outer_grad(grad_out, out, activation):
     """dL/d(act(z) + residual) from dL/dout and out = act(act(z) + residual), for _OUTER_GRAD_FROM_OUTPUT."""
-    if activation == ACTIVATIONS["relu"]:
-        return grad_out * (out > 0)
+    if activation == ACTIVATIONS["relu"]:  # one pass each: ATen's own relu and tanh backward kernels
+        return torch.ops.aten.threshold_backward(grad_out, out, 0)
     if activation == ACTIVATIONS["tanh"]:
-        wide = torch.promote_types(out.dtype, torch.float32)  # half types: the factor in float32, as the kernels
-        return (grad_out.to(wide) * (1 - out.to(wide).square())).to(grad_out.dtype)
+        return torch.ops.aten.tanh_backward(grad_out, out)
     return grad_out
 
 
