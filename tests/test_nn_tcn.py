@@ -1,6 +1,8 @@
 """hiertcn_fast.nn causal convolution modules: nn.Conv1d compatibility, the TemporalBlock semantics,
 and TCN stepping equal to its forward."""
 
+import collections
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -513,3 +515,30 @@ def test_an_inference_context_table_follows_a_new_weight_at_a_reused_address():
         with torch.no_grad():
             expected = context_table(context, weight.clone())
         assert torch.equal(state.cached_context_table(context, weight), expected), i
+
+
+def test_a_state_dict_from_before_the_context_residual_loads_as_the_same_function():
+    """Version-1 state dicts (the first block's residual was x alone, or x's projection, without the context) load
+    with a zero context projection and, where the widths agree, an identity projection: the same outputs."""
+    torch.manual_seed(0)
+    for in_channels, out_channels in ((8, 8), (6, 8)):
+        block = TemporalBlock(in_channels, out_channels, kernel_size=3, context_channels=5, dtype=torch.float64)
+        current = block.state_dict()
+        old = collections.OrderedDict(
+            (key, value) for key, value in current.items() if key != "context_projection.weight"
+            and (in_channels != out_channels or not key.startswith("projection.")))
+        old._metadata = {"": {"version": 1}, "conv": {"version": 1}}
+        if in_channels != out_channels:
+            old["projection.weight"] = torch.randn(out_channels, in_channels, dtype=torch.float64)
+        loaded = TemporalBlock(in_channels, out_channels, kernel_size=3, context_channels=5, dtype=torch.float64)
+        loaded.load_state_dict(old)
+        x, context = rand(2, 7, in_channels), rand(2, 5)
+        residual = x if in_channels == out_channels else torch.nn.functional.linear(
+            x, old["projection.weight"], old["projection.bias"])
+        expected = loaded.conv(x, context, residual=residual)
+        assert torch.equal(loaded(x, context), expected)
+        # A current (version 2) state dict missing the keys is an error, as for any module.
+        old._metadata = current._metadata
+        with pytest.raises(RuntimeError, match="context_projection.weight"):
+            TemporalBlock(in_channels, out_channels, kernel_size=3, context_channels=5,
+                          dtype=torch.float64).load_state_dict(old)

@@ -209,6 +209,25 @@ class TemporalBlock(nn.Module):
         if self.context_projection is not None:
             self._reset_concat_projection()
 
+    # State dicts of version 1 (before the residual projected the context; also those without version metadata,
+    # as torch's own modules read them) load as the same function: the missing context projection is zero, and a
+    # missing projection of equal widths (the identity residual then) is the identity.
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if self.context_projection is not None and (local_metadata or {}).get("version", 1) < 2:
+            conv_key = prefix + "conv.weight"
+            if conv_key in state_dict and prefix + "context_projection.weight" not in state_dict:
+                weight = self.context_projection.weight
+                state_dict[prefix + "context_projection.weight"] = torch.zeros_like(weight)
+                if prefix + "projection.weight" not in state_dict and weight.shape[0] == self.projection.in_features:
+                    state_dict[prefix + "projection.weight"] = torch.eye(weight.shape[0], dtype=weight.dtype,
+                                                                         device=weight.device)
+                    state_dict[prefix + "projection.bias"] = torch.zeros_like(self.projection.bias)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def _reset_concat_projection(self):
         """nn.Linear's initialisation for in_channels + context_channels inputs, split between the parts."""
         weight = torch.empty(self.projection.out_features,
