@@ -3,8 +3,8 @@
 ``write_report(results, out_dir)`` writes
 
 - ``report.md``: per model Recall@10, MRR and NDCG@10 (per user, the paper's unit, and per event),
-  events/s and peak memory; which model leads each of them, and by how much HierTCN leads or trails; the
-  first-of-session / other-events breakdown; the tie policy and the
+  events/s and peak memory; which model leads each of those quality metrics, and by how much HierTCN leads or
+  trails; the first-of-session / other-events breakdown; the tie policy and the
   averaging units stated under the tables;
 - ``training_curves.png`` (loss against step, when any model has a curve), ``quality.png`` (metric
   bars per model, per user and per event), ``throughput.png`` (events/s and peak memory bars, when
@@ -158,6 +158,9 @@ def _leaders(results: list[ModelResult], focus: str = "hiertcn") -> list[str]:
     if len(results) < 2:
         return []
     lines = ["", "## Who leads", ""]
+    if not scored_on_same_events(results):
+        lines += ["Not every model was scored on the same events (see below): these comparisons mix event sets.",
+                  ""]
     for unit in UNITS:
         for metric in TABLE_METRICS:
             scored = sorted(((value, r.name) for r in results
@@ -169,9 +172,10 @@ def _leaders(results: list[ModelResult], focus: str = "hiertcn") -> list[str]:
             best = scored[0][0]
             leaders = [name for value, name in scored if value == best]
             text = f"- {label}: {' and '.join(leaders)} {_number(best)}"
-            place = next((i for i, (_, name) in enumerate(scored) if name == focus), None)
-            if place is not None and len(scored) > 1:
-                value = scored[place][0]
+            mine = next((value for value, name in scored if name == focus), None)
+            if mine is not None and len(scored) > 1:
+                value = mine
+                place = sum(1 for other, _ in scored if other > value)  # ties share a place
                 if value == best and len(leaders) == 1:
                     runner_value, runner = scored[1]
                     text += f", ahead of {runner} ({_number(runner_value)}) by {_number(value - runner_value)}"

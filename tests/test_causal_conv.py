@@ -711,3 +711,20 @@ def test_a_residual_of_its_own_is_not_kept_where_the_output_gives_the_derivative
         out.mul_(2)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             out.sum().backward()
+
+
+def test_half_precision_tanh_keeps_its_residual_for_an_exact_derivative_near_saturation():
+    """tanh's derivative from a float16 output rounds to 0 near saturation (out == 1.0): in half types the residual
+    is kept and the derivative comes from z and the residual in float32, as the reference's does."""
+    backend = "triton"  # the interpreter on this machine; the same Python path as cuda
+    x, weight = torch.zeros(1, 4, 2, dtype=torch.float16), torch.zeros(3, 2, 1, dtype=torch.float16)
+    residual = torch.tensor([3.8, 4.2, 5.0], dtype=torch.float16).expand(1, 4, 3).clone().requires_grad_()
+    kept = set()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.add(t.untyped_storage().data_ptr()) or t,
+                                                  lambda t: t):
+        out = causal_conv1d(x, weight, activation="tanh", residual=residual, backend=backend)
+    assert residual.untyped_storage().data_ptr() in kept
+    grad, = torch.autograd.grad(out.float().sum(), [residual])
+    exact = 1 - torch.tanh(torch.tensor([3.8, 4.2, 5.0], dtype=torch.float16).float()) ** 2
+    torch.testing.assert_close(grad[0, 0].float(), exact, rtol=2e-3, atol=1e-6)
+    assert (grad > 0).all()

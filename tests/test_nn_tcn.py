@@ -542,3 +542,43 @@ def test_a_state_dict_from_before_the_context_residual_loads_as_the_same_functio
         with pytest.raises(RuntimeError, match="context_projection.weight"):
             TemporalBlock(in_channels, out_channels, kernel_size=3, context_channels=5,
                           dtype=torch.float64).load_state_dict(old)
+
+
+def test_step_under_cpu_autocast_follows_a_context_changed_in_place():
+    """The stack step runs in the state's dtype under autocast too: the context's residual term, made again when
+    the context (a serving buffer, rewritten in place at a session's close) or its projection changes, must be
+    made in that dtype, not autocast's, on the prepared shortcut as well."""
+    torch.manual_seed(0)
+    tcn = TCN(8, [8, 8], kernel_size=3, context_channels=4, backend="cpu").eval()
+    state, expected_state = tcn.init_state(2), tcn.init_state(2)
+    context = torch.randn(2, 4)
+    with torch.no_grad():
+        for t in range(8):
+            x = torch.randn(2, 8)
+            if t == 3:
+                context.mul_(2)
+            if t == 5:
+                tcn.blocks[0].context_projection.weight.mul_(0.5)
+            expected = tcn.step(x, expected_state, context.clone())
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = tcn.step(x, state, context)
+            assert out.dtype == torch.float32
+            assert_close(out, expected)
+        assert state.layers[0]._residual_term[-1].dtype == torch.float32
+
+
+def test_a_version_1_state_dict_of_a_weight_normed_block_is_upgraded():
+    """A parametrized conv saves conv.parametrizations.weight.original0/1, not conv.weight: still this block's."""
+    def block():
+        made = TemporalBlock(8, 8, 3, context_channels=4)
+        torch.nn.utils.parametrizations.weight_norm(made.conv)
+        return made
+
+    current = block().state_dict()
+    old = collections.OrderedDict((k, v) for k, v in current.items()
+                                  if not k.startswith(("context_projection.", "projection.")))
+    old._metadata = {k: dict(v) for k, v in current._metadata.items()}
+    old._metadata[""]["version"] = 1
+    loaded = block()
+    loaded.load_state_dict(old)
+    assert torch.equal(loaded.projection.weight, torch.eye(8)) and not loaded.context_projection.weight.any()

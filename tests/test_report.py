@@ -175,3 +175,17 @@ def test_report_says_which_model_leads_and_how_far_hiertcn_is_from_it(tmp_path):
     # One model: nothing to compare.
     alone = write_report(results[:1], tmp_path / "alone", plots=False)["report"].read_text()
     assert "## Who leads" not in alone
+
+
+def test_who_leads_ranks_ties_alike_and_flags_different_event_sets(tmp_path):
+    figures = {"session_gru": (0.30, 0.1, 0.1), "hrnn": (0.25, 0.1, 0.1), "hiertcn": (0.25, 0.1, 0.1)}
+    for order in (["session_gru", "hrnn", "hiertcn"], ["session_gru", "hiertcn", "hrnn"]):
+        results = [_with_figures(name, 0, figures[name]) for name in order]
+        section = write_report(results, tmp_path / "-".join(order), plots=False)["report"].read_text().split(
+            "## Who leads")[1]
+        assert "hiertcn is 2 of 3 with 0.2500" in section
+        assert "mix event sets" not in section
+    results = [_with_figures("session_gru", 0, figures["session_gru"]), _with_figures("hiertcn", 1, figures["hiertcn"])]
+    results[1].quality["counts"]["events"] += 1
+    section = write_report(results, tmp_path / "mixed", plots=False)["report"].read_text().split("## Who leads")[1]
+    assert "Not every model was scored on the same events" in section

@@ -75,7 +75,8 @@ class TcnStepPlan {
                       table.size(2) == p.layer[0].out_channels && table.is_contiguous() && table.device().is_cpu() &&
                       table.scalar_type() == dtype_,
                   "context_table must be a contiguous (", p.batch, ", ", p.layer[0].kernel_size, ", ",
-                  p.layer[0].out_channels, ") CPU ", dtype_, " tensor, got shape ", table.sizes());
+                  p.layer[0].out_channels, ") CPU ", dtype_, " tensor, got shape ", table.sizes(), ", dtype ",
+                  table.scalar_type(), " on ", table.device(), table.is_contiguous() ? "" : ", not contiguous");
       p.context_table = table.data_ptr();
     }
     TORCH_CHECK(context_residual.has_value() == has_residual_,
@@ -86,7 +87,8 @@ class TcnStepPlan {
       TORCH_CHECK(term.dim() == 2 && term.size(0) == p.batch && term.size(1) == p.layer[0].out_channels &&
                       term.is_contiguous() && term.device().is_cpu() && term.scalar_type() == dtype_,
                   "context_residual must be a contiguous (", p.batch, ", ", p.layer[0].out_channels, ") CPU ", dtype_,
-                  " tensor, got shape ", term.sizes());
+                  " tensor, got shape ", term.sizes(), ", dtype ", term.scalar_type(), " on ", term.device(),
+                  term.is_contiguous() ? "" : ", not contiguous");
       p.context_residual = term.data_ptr();
     }
     at::Tensor out = at::empty({p.batch, out_channels_}, x.options());

@@ -217,8 +217,10 @@ class TemporalBlock(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         if self.context_projection is not None and (local_metadata or {}).get("version", 1) < 2:
-            conv_key = prefix + "conv.weight"
-            if conv_key in state_dict and prefix + "context_projection.weight" not in state_dict:
+            # Any key of the conv's (conv.weight, or a parametrized conv's conv.parametrizations....) marks this
+            # block's entries.
+            ours = any(key.startswith(prefix + "conv.") for key in state_dict)
+            if ours and prefix + "context_projection.weight" not in state_dict:
                 weight = self.context_projection.weight
                 state_dict[prefix + "context_projection.weight"] = torch.zeros_like(weight)
                 if prefix + "projection.weight" not in state_dict and weight.shape[0] == self.projection.in_features:

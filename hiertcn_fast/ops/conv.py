@@ -335,12 +335,17 @@ def _backward_kernel(name, grad_out, x, weight, pre, residual, dilation, groups,
                                                           grad_weight=grad_weight, grad_residual=grad_residual)
 
 
-# Activations whose derivative their output gives: relu'(s) = [out > 0], tanh'(s) = 1 - out^2 (none: 1).
-_OUTER_GRAD_FROM_OUTPUT = (ACTIVATIONS[None], ACTIVATIONS["relu"], ACTIVATIONS["tanh"])
+def _outer_grad_from_output(activation, dtype) -> bool:
+    """Whether the output gives the outer activation's derivative exactly enough: relu'(s) = [out > 0] and none's 1
+    in every dtype; tanh'(s) = 1 - out^2 in float32 and float64 only (a half-type out rounds to 1 near
+    saturation, where the derivative is small but not 0)."""
+    if activation in (ACTIVATIONS[None], ACTIVATIONS["relu"]):
+        return True
+    return activation == ACTIVATIONS["tanh"] and dtype in (torch.float32, torch.float64)
 
 
 def _outer_grad(grad_out, out, activation):
-    """dL/d(act(z) + residual) from dL/dout and out = act(act(z) + residual), for _OUTER_GRAD_FROM_OUTPUT."""
+    """dL/d(act(z) + residual) from dL/dout and out = act(act(z) + residual), where _outer_grad_from_output."""
     if activation == ACTIVATIONS["relu"]:  # one pass each: ATen's own relu and tanh backward kernels
         return torch.ops.aten.threshold_backward(grad_out, out, 0)
     if activation == ACTIVATIONS["tanh"]:
@@ -358,10 +363,10 @@ class _CausalConvFunction(torch.autograd.Function):
         pre = new_output(out_shape, x) if activation != 0 and any(ctx.needs_input_grad[:5]) else None
         _forward_kernel(name, x, weight, bias, table, residual, dilation, groups, activation, out, pre)
         # A residual of its own (a projection, not x itself, which is kept anyway) is not kept for the backward
-        # when the outer activation's derivative comes from the output (relu, tanh, none): the output is,
-        # which in a stack of blocks the next block keeps anyway as its input. (So, as after torch.relu, an
-        # in-place change of the output before the backward is an error.)
-        from_out = residual is not None and residual is not x and activation in _OUTER_GRAD_FROM_OUTPUT
+        # when the outer activation's derivative comes from the output (relu and none; tanh in full precision):
+        # the output is, which in a stack of blocks the next block keeps anyway as its input. (So, as after
+        # torch.relu, an in-place change of the output before the backward is an error.)
+        from_out = residual is not None and residual is not x and _outer_grad_from_output(activation, x.dtype)
         kept = (out if activation != 0 else None) if from_out else residual
         ctx.save_for_backward(x, weight, pre, kept)
         ctx.config = (dilation, groups, activation, name, bias is not None, table is not None, from_out)
@@ -465,7 +470,7 @@ class CausalConvState:
     def cached_context_residual(self, context: torch.Tensor, context_proj_weight: torch.Tensor) -> torch.Tensor:
         """F.linear(context, context_proj_weight) (batch, out_channels): the context's term of a residual that
         projects concat(x, context), cached as the context table is."""
-        return self._cached_product("_residual_term", F.linear, context, context_proj_weight)
+        return self._cached_product("_residual_term", _context_residual, context, context_proj_weight)
 
     def _cached_product(self, slot, make, context, weight):
         """make(context, weight), contiguous, kept in attribute ``slot`` and made again only when either is another
@@ -494,6 +499,12 @@ class CausalConvState:
                 entry = _cache_entry((context, weight), None, make(context, weight).contiguous())
             setattr(self, slot, entry)
         return entry[-1]
+
+
+@in_input_dtype
+def _context_residual(context, context_proj_weight):
+    """F.linear(context, context_proj_weight) in the inputs' dtype (also under autocast: the step's state dtype)."""
+    return F.linear(context, context_proj_weight)
 
 
 # Bumped by forget_weight_caches(): every cache of packed weights, context tables and prepared steps compares it.
