@@ -582,3 +582,22 @@ def test_a_version_1_state_dict_of_a_weight_normed_block_is_upgraded():
     loaded = block()
     loaded.load_state_dict(old)
     assert torch.equal(loaded.projection.weight, torch.eye(8)) and not loaded.context_projection.weight.any()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_tcn_compiles_with_fullgraph_and_keeps_its_gradients(backend):
+    """torch.compile(fullgraph=True) of a whole TCN: the second block's residual is its input itself, which the op
+    takes as a flag (an autograd.Function given one tensor twice is refused by dynamo: 'duplicate tensor input')."""
+    torch.manual_seed(0)
+    tcn = TCN(6, [8, 8], kernel_size=3, context_channels=3, backend=backend)
+    x, context = torch.randn(2, 7, 6, requires_grad=True), torch.randn(2, 3, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(tcn, fullgraph=True)
+    leaves = [x, context, *tcn.parameters()]
+    out = compiled(x, context)
+    grads = torch.autograd.grad(out.square().sum(), leaves)
+    expected = tcn(x, context)
+    expected_grads = torch.autograd.grad(expected.square().sum(), leaves)
+    assert_close(out, expected, torch.float32)
+    for grad, want in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-5)

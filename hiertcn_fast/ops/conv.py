@@ -306,11 +306,15 @@ def causal_conv1d(x, weight, bias=None, *, dilation=1, groups=1, context=None, c
         return causal_conv1d_reference(x, weight, bias, dilation=dilation, groups=groups, context=context,
                                        context_weight=context_weight, activation=activation, residual=residual)
     table = None if context is None else _context_table(context, context_weight, True).contiguous()
+    # The TCN block's identity residual is x itself: passed as a flag, not as a second argument (torch.compile
+    # refuses an autograd.Function given one tensor twice), and its gradient joins x's.
+    residual_is_x = residual is x
+    x = unit_stride_rows(x)
     if residual is not None:
-        residual = unit_stride_rows(residual)
+        residual = None if residual_is_x else unit_stride_rows(residual)
     # The kernels read the bias as one contiguous row (a strided view is copied; its gradient flows back).
     bias = None if bias is None else bias.contiguous()
-    return _CausalConvFunction.apply(unit_stride_rows(x), weight, bias, table, residual, dilation, groups,
+    return _CausalConvFunction.apply(x, weight, bias, table, residual, residual_is_x, dilation, groups,
                                      ACTIVATIONS[activation], name)
 
 
@@ -355,7 +359,9 @@ def _outer_grad(grad_out, out, activation):
 
 class _CausalConvFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, table, residual, dilation, groups, activation, name):
+    def forward(ctx, x, weight, bias, table, residual, residual_is_x, dilation, groups, activation, name):
+        if residual_is_x:
+            residual = x
         batch, time, _ = x.shape
         out_shape = (batch, time, weight.shape[0])
         out = new_output(out_shape, x)
@@ -369,14 +375,15 @@ class _CausalConvFunction(torch.autograd.Function):
         from_out = residual is not None and residual is not x and _outer_grad_from_output(activation, x.dtype)
         kept = (out if activation != 0 else None) if from_out else residual
         ctx.save_for_backward(x, weight, pre, kept)
-        ctx.config = (dilation, groups, activation, name, bias is not None, table is not None, from_out)
+        ctx.config = (dilation, groups, activation, name, bias is not None, table is not None, from_out,
+                      residual_is_x)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         refuse_graph_of_gradient("causal_conv1d")
         x, weight, pre, kept = ctx.saved_tensors
-        dilation, groups, activation, name, has_bias, has_table, from_out = ctx.config
+        dilation, groups, activation, name, has_bias, has_table, from_out, residual_is_x = ctx.config
         grad_pre = new_output(grad_out.shape, x)
         grad_x = new_output(x.shape, x)
         grad_weight = new_output(weight.shape, weight)
@@ -393,7 +400,10 @@ class _CausalConvFunction(torch.autograd.Function):
         grad_table = _context_table_grad(grad_pre, dilation, weight.shape[2]) if has_table else None
         # The table's rows partition the steps: summing its gradient is summing grad_pre, on a k-step tensor.
         grad_bias = None if not has_bias else grad_pre.sum((0, 1)) if grad_table is None else grad_table.sum((0, 1))
-        return grad_x, grad_weight, grad_bias, grad_table, grad_residual, None, None, None, None
+        if residual_is_x:
+            grad_x += grad_residual
+            grad_residual = None
+        return grad_x, grad_weight, grad_bias, grad_table, grad_residual, None, None, None, None, None
 
 
 # ---- incremental update --------------------------------------------------------------------------
