@@ -10,7 +10,10 @@ target and ``tied`` = other catalogue items scoring exactly the same:
 
 - ``ties="optimistic"`` (default, the HierTCN paper's convention): ``rank = 1 + higher``;
 - ``ties="pessimistic"``: ``rank = 1 + higher + tied``;
-- ``ties="average"``: ``rank = 1 + higher + tied / 2`` (the expected rank under random tie breaking).
+- ``ties="average"``: ``rank = 1 + higher + tied / 2`` (the expected rank under random tie breaking). The
+  metrics are then those of that expected rank, not the expected metrics under random tie breaking: a target
+  tied with three other items at the top has rank 2.5, so Recall@1 0 and MRR 0.4, where breaking the tie at
+  random would give 0.25 and about 0.52 on average.
 
 The optimistic policy rewards a model that scores many items the same (a constant model gets
 rank 1 everywhere), so the result also counts the events whose target was tied with another item.
@@ -24,6 +27,7 @@ event of each session (predicted from long-term state alone) and for the other e
 
 from __future__ import annotations
 
+import collections.abc
 import math
 
 import numpy as np
@@ -54,6 +58,8 @@ MIN_PENDING_ROWS = 1 << 16
 
 
 def _check_cutoffs(name: str, values, allow_none: bool = False) -> tuple:
+    if isinstance(values, (str, bytes)) or not isinstance(values, collections.abc.Iterable):
+        raise TypeError(f"{name} must be a sequence of cutoffs, e.g. (5, 10), got {values!r}")
     values = tuple(values)
     for value in values:
         if value is None and allow_none:
@@ -82,6 +88,9 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, padding_item: int 
     Works in blocks of rows so the temporary masks stay small.
     """
     n, num_columns = scores.shape
+    if padding_item is not None and not 0 <= padding_item < num_columns:
+        raise ValueError(f"padding_item must be a column of the scores (0..{num_columns - 1}) or None, got "
+                         f"{padding_item!r}")
     higher = torch.empty(n, dtype=torch.int64, device=scores.device)
     tied = torch.empty(n, dtype=torch.int64, device=scores.device)
     rows = max(1, ROW_BLOCK_ELEMENTS // max(num_columns, 1))

@@ -12,15 +12,20 @@ in O(1) work per event:
 - ``features`` (users, channels): the TCN output at the latest position, what the next item is
   predicted from; ``last_time``: the time of the user's latest event (or the ``now`` that closed their session).
 
-An event more than ``session_gap`` seconds (default 30 min, the preprocessing's rule) after the
+An event at least ``session_gap`` seconds (default 30 min, the preprocessing's rule) after the
 user's previous one closes the open session first: GRU step with the session mean, conv state
 reset, and the new session's start token stepped with the new state. Events past
 ``max_session_length`` in a session are ignored, as the preprocessing drops them from training
-data (they do not start a session either). Recommendations therefore equal a full forward pass
-of the model over the same history (tests/test_serve.py).
+data (they do not start a session either). Recommendations for a user with at least one event therefore
+equal a full forward pass of the model over the same history (tests/test_serve.py); a user without one is
+unknown (KeyError), not predicted from the start token.
 
-Users live in rows ("slots") of these tensors, which grow by doubling; :meth:`forget_users` frees the rows
-of users who left; ``state_dict`` / ``load_state_dict`` save and restore every user (or a chosen subset with
+The model must stay in eval mode and on the device and dtype it had when the recommender was made: every call
+checks, and refuses otherwise before anything changes (in training mode its dropout would make the stored
+states and the scores random).
+
+Users live in rows ("slots") of these tensors, which grow by doubling and never shrink; :meth:`forget_users`
+frees the rows of users who left for new users; ``state_dict`` / ``load_state_dict`` save and restore every user (or a chosen subset with
 :meth:`export_users`).
 """
 
@@ -48,6 +53,13 @@ def _as_rows(values, dtype, device) -> torch.Tensor:
     return torch.as_tensor(values, dtype=dtype).reshape(-1).to(device)
 
 
+def _refuse_strings(values, name: str) -> None:
+    """A clear word for text where numbers belong (torch.as_tensor would say "too many dimensions 'str'")."""
+    if isinstance(values, (str, bytes)) or (isinstance(values, (list, tuple)) and any(
+            isinstance(value, (str, bytes)) for value in values)):
+        raise TypeError(f"{name} must be numbers, one per event, got text")
+
+
 def _user_key(user):
     """A user id as the key it is stored under: a tensor or NumPy scalar by its value (a 0-d tensor hashes by
     identity, so it would be a new user at every call)."""
@@ -61,6 +73,9 @@ def _user_key(user):
 
 def _user_keys(users) -> list:
     """A sequence of user ids (a list, a 1-d tensor or array) as keys (see _user_key)."""
+    if isinstance(users, (str, bytes)):
+        raise TypeError(f"users must be a sequence of user ids (a list, tuple, 1-d tensor or array), got the "
+                        f"{type(users).__name__} {users!r}: pass [{users!r}] for one user")
     if isinstance(users, (torch.Tensor, np.ndarray)):
         if users.ndim != 1:
             raise ValueError(f"users must be one-dimensional, got shape {tuple(users.shape)}")
@@ -107,8 +122,12 @@ class StreamingRecommender:
         if not isinstance(model, HierTCN):
             raise TypeError(f"StreamingRecommender needs a HierTCN (conv step state + GRU state), "
                             f"got {type(model).__name__}")
-        if not session_gap > 0:
-            raise ValueError(f"session_gap must be a positive number of seconds, got {session_gap!r}")
+        if (not isinstance(session_gap, numbers.Real) or isinstance(session_gap, bool)
+                or not 0 < session_gap < math.inf):
+            raise ValueError(f"session_gap must be a positive, finite number of seconds, got {session_gap!r}")
+        if (not isinstance(initial_capacity, numbers.Integral) or isinstance(initial_capacity, bool)
+                or initial_capacity < 0):
+            raise ValueError(f"initial_capacity must be an integer >= 0, got {initial_capacity!r}")
         self.model = model.eval()
         self.session_gap = float(session_gap)
         if max_session_length is None:
@@ -138,7 +157,20 @@ class StreamingRecommender:
         self.session_count = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.features = torch.zeros(0, model.output.in_features, device=self.device, dtype=self.dtype)
         self.last_time = torch.zeros(0, dtype=torch.float64, device=self.device)
-        self._grow(initial_capacity)
+        self._grow(int(initial_capacity))
+
+    def _check_model(self) -> None:
+        """The model as it was when the recommender was made: in eval mode (dropout off), on the device and in
+        the dtype of the stored states."""
+        if self.model.training:
+            raise RuntimeError("the model is in training mode, whose dropout would make the stored states and the "
+                               "scores random: call model.eval() before serving (the recommender put it in eval "
+                               "mode when it was made)")
+        weight = self.model._modules["output"]._parameters["weight"]
+        if weight.dtype != self.dtype or weight.device != self.device:
+            raise RuntimeError(f"the model's parameters are now {weight.dtype} on {weight.device}, but this "
+                               f"recommender's states are {self.dtype} on {self.device}: move the model back, or "
+                               f"make a new StreamingRecommender")
 
     # ---- storage ---------------------------------------------------------------------------------
 
@@ -322,6 +354,7 @@ class StreamingRecommender:
         """One event of ``user``: item id (1..num_items) at ``timestamp`` seconds (non-decreasing per user, and
         not before a ``now`` that closed the user's session)."""
         user = _user_key(user)
+        self._check_model()
         if not self._observe_one(user, item, timestamp):
             self.observe_many([user], [item], [timestamp])
 
@@ -330,7 +363,12 @@ class StreamingRecommender:
         """Events of many users at once (sequences of equal length, in time order per user). Vectorised
         over rounds in which every user appears at most once."""
         users = _user_keys(users)
+        self._check_model()
+        _refuse_strings(items, "items")
+        _refuse_strings(timestamps, "timestamps")
         given = torch.as_tensor(items)
+        if given.dim() > 1:
+            raise ValueError(f"items must be one item id per event (one-dimensional), got shape {tuple(given.shape)}")
         if not users and given.numel() == 0 and len(timestamps) == 0:
             return
         if given.is_floating_point() or given.is_complex() or given.dtype == torch.bool:
@@ -397,6 +435,7 @@ class StreamingRecommender:
         With ``now`` (seconds, one per user or one for all), users idle for >= session_gap get
         first-of-session predictions (their open session is closed, as the next event would)."""
         users = _user_keys(users)
+        self._check_model()
         rows = self._slots(users, create=False)
         if now is not None:
             now = torch.as_tensor(now, dtype=torch.float64, device=self.device)
@@ -428,6 +467,7 @@ class StreamingRecommender:
     def scores(self, user, now=None) -> torch.Tensor:
         """Logits (num_items + 1,) of ``user``'s next item; see :meth:`scores_many`."""
         user = _user_key(user)
+        self._check_model()
         row = self.user_slot.get(user)
         if row is None or self._counters is None or not (now is None or isinstance(now, numbers.Real)):
             return self.scores_many([user], None if now is None else [now])[0]
@@ -441,27 +481,27 @@ class StreamingRecommender:
         return self._logits(self.features[row:row + 1])[0]
 
     def _check_k(self, k) -> None:
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.model.num_items:
+        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 1 <= k <= self.model.num_items:
             raise ValueError(f"k must be an integer in 1..{self.model.num_items}, got {k!r}")
 
     def recommend_many(self, users, k: int = 10, now=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``k`` items per user: (item ids (users, k) int64, scores (users, k)), best first."""
         self._check_k(k)
-        top = self.scores_many(users, now).topk(k, dim=1)
+        top = self.scores_many(users, now).topk(int(k), dim=1)
         return top.indices, top.values
 
     def recommend(self, user, k: int = 10, now=None) -> list[int]:
         """The top-``k`` item ids for ``user``'s next event, best first."""
         self._check_k(k)
-        return self.scores(user, now).topk(k).indices.tolist()
+        return self.scores(user, now).topk(int(k)).indices.tolist()
 
     # ---- forgetting users ---------------------------------------------------------------------------
 
     @torch.no_grad()
     def forget_users(self, users) -> None:
         """Drop everything held for ``users`` (known users; listing one twice is allowed): their rows are freed
-        for new users, so memory follows the users served rather than every user ever seen. The last users'
-        rows move into the freed ones (the others' recommendations do not change). An unknown user is refused
+        for new users, so the rows in use follow the users served rather than every user ever seen (the
+        tensors keep their capacity: they never shrink). The last users' rows move into the freed ones (the others' recommendations do not change). An unknown user is refused
         before anything changes."""
         keys = list(dict.fromkeys(_user_keys(users)))
         unknown = [user for user in keys if user not in self.user_slot]

@@ -288,3 +288,18 @@ def test_a_refused_first_update_fixes_nothing():
     assert metrics.num_columns == 7 and metrics.result()["counts"]["events"] == 2
     with pytest.raises(ValueError, match="at least one metric"):
         RankingMetrics(recall_ks=(), mrr_cutoffs=(), ndcg_ks=())
+
+
+def test_cutoffs_and_padding_column_are_checked_with_clear_messages():
+    from hiertcn_fast.evaluate import RankingMetrics, target_ranks
+    for name in ("recall_ks", "mrr_cutoffs", "ndcg_ks"):
+        for bad in (5, None, "10"):
+            with pytest.raises(TypeError, match=f"{name} must be a sequence of cutoffs"):
+                RankingMetrics(**{name: bad})
+    assert RankingMetrics(recall_ks={5, 10}).recall_ks in ((5, 10), (10, 5))
+    scores, targets = torch.randn(3, 4), torch.tensor([1, 2, 3])
+    for bad in (4, 7, -1):
+        with pytest.raises(ValueError, match=r"padding_item must be a column of the scores \(0..3\) or None"):
+            target_ranks(scores, targets, padding_item=bad)
+    higher, _ = target_ranks(scores, targets, padding_item=None)
+    assert higher.tolist() == [(scores[i] > scores[i, targets[i]]).sum().item() for i in range(3)]

@@ -296,6 +296,12 @@ def test_refused_input_changes_nothing():
         (ValueError, "finite", lambda r: r.observe_many(["new", "a"], [1, 2], [5000.0, float("nan")])),
         (ValueError, "one entry per event", lambda r: r.observe_many(["new", "a"], [1], [5000.0, 5001.0])),
         (ValueError, "now must be one time", lambda r: r.scores_many(["a", "b"], now=[1.0, 2.0, 3.0])),
+        # a string where a sequence of users belongs: not its characters as users ("ab" is not "a" and "b")
+        (TypeError, "sequence of user ids", lambda r: r.observe_many("ab", [1, 2], [5000.0, 5000.0])),
+        (TypeError, "sequence of user ids", lambda r: r.forget_users("ab")),
+        (TypeError, "items must be numbers", lambda r: r.observe_many(["a"], ["3"], [5000.0])),
+        (TypeError, "timestamps must be numbers", lambda r: r.observe_many(["a"], [3], ["5000"])),
+        (ValueError, "one-dimensional", lambda r: r.observe_many(["a", "b"], [[1], [2]], [5000.0, 5000.0])),
     ]
     for error, message, call in refused:
         with pytest.raises(error, match=message):
@@ -383,6 +389,41 @@ def test_now_and_constructor_arguments_are_checked():
     for bad in (-1, 0, 2.7, True):
         with pytest.raises(ValueError, match="max_session_length"):
             StreamingRecommender(small_hiertcn(), max_session_length=bad)
+    for bad in ("30", 0, -5.0, float("inf"), True):
+        with pytest.raises(ValueError, match="session_gap must be a positive, finite number"):
+            StreamingRecommender(small_hiertcn(), session_gap=bad)
+    for bad in (2.5, -1, "8"):
+        with pytest.raises(ValueError, match="initial_capacity must be an integer"):
+            StreamingRecommender(small_hiertcn(), initial_capacity=bad)
+    # k as a NumPy integer is an integer
+    assert recommender.recommend("a", k=np.int64(3)) == recommender.recommend("a", k=3)
+    assert torch.equal(recommender.recommend_many(["a"], k=np.int64(2))[0], recommender.recommend_many(["a"], k=2)[0])
+
+
+def test_a_model_changed_after_the_recommender_was_made_is_refused_before_anything_changes():
+    """In training mode the model's dropout would make the stored states and the scores random; moved to another
+    dtype, its step would refuse the stored states half way through an event. Both are refused up front."""
+    model = small_hiertcn(dropout=0.5)
+    recommender = StreamingRecommender(model, session_gap=GAP)
+    recommender.observe_many(["a", "b"], [1, 2], [0.0, 0.0])
+    before = snapshot(recommender)
+    model.train()
+    calls = [lambda: recommender.observe("a", 3, 60.0), lambda: recommender.observe_many(["a"], [3], [60.0]),
+             lambda: recommender.scores("a"), lambda: recommender.scores_many(["a"]),
+             lambda: recommender.recommend("a", 2), lambda: recommender.recommend_many(["a"], 2)]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="training mode"):
+            call()
+        assert_unchanged(recommender, before)
+    model.eval()
+    model.float()
+    for call in calls:
+        with pytest.raises(RuntimeError, match="now torch.float32 on cpu, but this recommender's states are "
+                                               "torch.float64"):
+            call()
+        assert_unchanged(recommender, before)
+    model.double()
+    recommender.observe("a", 3, 60.0)  # as made again: served
 
 
 @pytest.mark.parametrize("single_events", [False, True])
