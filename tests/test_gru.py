@@ -720,7 +720,7 @@ def test_bad_input_is_a_clear_error():
         session_update(items, lengths, hs, keep[:3], su_weights)
     with pytest.raises(ValueError, match=r"weights\[0\] \(w_ih\) must have shape \(12, 5\)"):
         session_update(items, lengths, hs, keep, su_weights, proj_weight=torch.randn(5, 3))
-    with pytest.raises(RuntimeError, match=r"lengths must lie in \[0, time = 3\]"):
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, time = 3\]"):
         session_update(items, lengths + 5, hs, keep, su_weights, backend="cpu")
 
 

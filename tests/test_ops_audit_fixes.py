@@ -111,10 +111,9 @@ def test_session_lengths_out_of_range_are_an_error_on_every_backend(backend, dev
         pytest.skip("lengths are checked on CPU tensors (CUDA kernels clamp them)")
     items, h, keep, weights = _session_args(torch.float32)
     lengths = torch.tensor(lengths, dtype=dtype_of_lengths)
-    # The cpu kernel's own check is a TORCH_CHECK (RuntimeError); the Python check a ValueError.
-    error = RuntimeError if backend == "cpu" else ValueError
+    # The cpu kernel's own check (TORCH_CHECK_VALUE) and the Python one raise the same ValueError.
     low, high = min(lengths.tolist()), max(lengths.tolist())
-    with pytest.raises(error, match=rf"lengths must lie in \[0, time = 5\], got values in \[{low}, {high}\]"):
+    with pytest.raises(ValueError, match=rf"lengths must lie in \[0, time = 5\], got values in \[{low}, {high}\]"):
         session_update(items, lengths, h, keep, weights, backend=backend)
 
 
@@ -200,8 +199,7 @@ def test_reference_step_refuses_a_negative_position_as_the_cpu_backend_does():
         state = CausalConvState.zeros(3, 8, 3, 2, dtype=torch.float64)
         state.position[1] = -3
         history = state.history.clone()
-        error = RuntimeError if backend == "cpu" else ValueError
-        with pytest.raises(error, match=r"the step state's position must be >= 0 \(steps taken since the row's "
+        with pytest.raises(ValueError, match=r"the step state's position must be >= 0 \(steps taken since the row's "
                                         r"reset\); row 1 has -3"):
             causal_conv1d_step(x, weight, state, backend=backend)
         assert state.position.tolist() == [0, -3, 0] and torch.equal(state.history, history)

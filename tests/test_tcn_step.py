@@ -476,13 +476,13 @@ def test_a_negative_position_is_a_clear_error_not_a_stray_write(prepared):
         assert (state.layers[0]._prepared[2] is not None) == prepared
         state.layers[1].position[1] = -7
         histories = [layer.history.clone() for layer in state.layers]
-        with pytest.raises(RuntimeError, match=r"position must be >= 0.*layer 1, row 1 has -7"):
+        with pytest.raises(ValueError, match=r"position must be >= 0.*layer 1, row 1 has -7"):
             tcn.step(x, state)
         for layer, before in zip(state.layers, histories):
             assert torch.equal(layer.history, before)
     single = CausalConvState.zeros(2, 4, 3, 2, dtype=torch.float64)
     single.position[0] = -1
-    with pytest.raises(RuntimeError, match=r"position must be >= 0.*row 0 has -1"):
+    with pytest.raises(ValueError, match=r"position must be >= 0.*row 0 has -1"):
         causal_conv1d_step(x, rand(4, 4, 3), single, backend="cpu")
 
 

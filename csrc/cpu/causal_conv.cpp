@@ -1142,8 +1142,9 @@ void causal_conv1d_backward_out_cpu(const at::Tensor& grad_out, const at::Tensor
 void check_positions(const void* position, int64_t batch, int64_t layer) {
   const int64_t* steps = static_cast<const int64_t*>(position);
   for (int64_t b = 0; b < batch; ++b)
-    TORCH_CHECK(steps[b] >= 0, "the step state's position must be >= 0 (steps taken since the row's reset); ",
-                layer >= 0 ? "layer " + std::to_string(layer) + ", " : std::string(), "row ", b, " has ", steps[b]);
+    TORCH_CHECK_VALUE(steps[b] >= 0, "the step state's position must be >= 0 (steps taken since the row's reset); ",
+                      layer >= 0 ? "layer " + std::to_string(layer) + ", " : std::string(), "row ", b, " has ",
+                      steps[b]);
 }
 
 void causal_conv1d_step_out_cpu(const at::Tensor& x, const at::Tensor& packed_weight,

@@ -362,8 +362,8 @@ SessionUpdateShapes check_session_update(const at::Tensor& items, const at::Tens
   if (lengths.is_cpu() && s.batch > 0) {
     const int64_t* values = lengths.data_ptr<int64_t>();
     const auto [lo, hi] = std::minmax_element(values, values + s.batch);
-    TORCH_CHECK(*lo >= 0 && *hi <= s.time, "lengths must lie in [0, time = ", s.time, "], got values in [", *lo,
-                ", ", *hi, "]");
+    TORCH_CHECK_VALUE(*lo >= 0 && *hi <= s.time, "lengths must lie in [0, time = ", s.time, "], got values in [",
+                      *lo, ", ", *hi, "]");
   }
   TORCH_CHECK(weights.size() == static_cast<size_t>(2 * s.layers) ||
                   weights.size() == static_cast<size_t>(4 * s.layers),
