@@ -728,3 +728,23 @@ def test_half_precision_tanh_keeps_its_residual_for_an_exact_derivative_near_sat
     exact = 1 - torch.tanh(torch.tensor([3.8, 4.2, 5.0], dtype=torch.float16).float()) ** 2
     torch.testing.assert_close(grad[0, 0].float(), exact, rtol=2e-3, atol=1e-6)
     assert (grad > 0).all()
+
+
+@pytest.mark.parametrize("groups", [1, 6], ids=["dense", "depthwise"])
+def test_triton_weight_gradient_split_into_row_chunks(groups):
+    """The triton weight gradient sums its batch x time rows in chunks of about 512 (partials added in chunk order):
+    with 3 x 401 rows, three chunks; equal to the reference, and bitwise the same run after run."""
+    backend, device = BACKEND_DEVICES[2].values
+    from hiertcn_fast.triton.causal_conv import _weight_grad_chunks
+    assert _weight_grad_chunks(3 * 401) == (3, 401) and _weight_grad_chunks(100) == (1, 100)
+    x = rand(3, 401, 6, dtype=torch.float32, device=device)
+    weight = rand(6, 6 // groups, 3, dtype=torch.float32, device=device, scale=0.5).requires_grad_()
+    grad_out = rand(3, 401, 6, dtype=torch.float32, device=device)
+    grads = []
+    for _ in range(2):
+        out = causal_conv1d(x, weight, dilation=5, groups=groups, activation="relu", backend=backend)
+        grads.append(torch.autograd.grad(out, weight, grad_out)[0])
+    assert torch.equal(grads[0], grads[1])
+    weight64 = weight.detach().double().requires_grad_()
+    expected = causal_conv1d_reference(x.double(), weight64, dilation=5, groups=groups, activation="relu")
+    assert_close(grads[0], torch.autograd.grad(expected, weight64, grad_out.double())[0], torch.float32)

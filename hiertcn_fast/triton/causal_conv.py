@@ -144,38 +144,71 @@ def _source_rows(r0, rows, time, lag, BLOCK_R: tl.constexpr):
     return row, b, s, (row < rows) & (s >= 0)
 
 
+# The weight gradient sums over every (batch, time) row: its rows are split into chunks of about this many,
+# summed by separate programs into float32 partial gradients, then added in chunk order (_sum_chunks_kernel).
+# The chunks follow from the shape alone (at most MAX_WEIGHT_GRAD_CHUNKS), so the result does not depend on the
+# launch: deterministic run to run.
+WEIGHT_GRAD_ROWS_PER_CHUNK = 512
+MAX_WEIGHT_GRAD_CHUNKS = 64
+
+
+def _weight_grad_chunks(rows: int) -> tuple[int, int]:
+    """(chunks, rows per chunk) of the weight gradient's row split."""
+    chunks = min(MAX_WEIGHT_GRAD_CHUNKS, max(1, triton.cdiv(rows, WEIGHT_GRAD_ROWS_PER_CHUNK)))
+    return chunks, triton.cdiv(rows, chunks)
+
+
 @triton.jit
 def _weight_grad_dense_kernel(x, grad_pre, grad_weight, batch, time, in_channels, out_channels, kernel_size,
-                              dilation, x_batch_stride, x_time_stride, DOT_PRECISION: tl.constexpr,
-                              BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr):
-    j = tl.program_id(0)
+                              dilation, x_batch_stride, x_time_stride, chunks, chunk_rows,
+                              DOT_PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
+                              BLOCK_R: tl.constexpr):
+    # Axis 0: tap j and row chunk; grad_weight: (chunks, out, in, k) partials (one chunk: the gradient itself).
+    chunk = tl.program_id(0) % chunks
+    j = tl.program_id(0) // chunks
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     o = tl.program_id(2) * BLOCK_O + tl.arange(0, BLOCK_O)
     c_ok = c < in_channels
     o_ok = o < out_channels
     lag = (kernel_size - 1 - j).to(tl.int64) * dilation  # int64: (k - 1) * dilation may pass 2^31
     acc = tl.zeros((BLOCK_C, BLOCK_O), dtype=tl.float32)
-    rows = batch * time
-    for r0 in range(0, rows, BLOCK_R):
-        row, b, s, s_ok = _source_rows(r0, rows, time, lag, BLOCK_R)
+    first = chunk.to(tl.int64) * chunk_rows
+    end = tl.minimum(first + chunk_rows, batch.to(tl.int64) * time)
+    for r0 in range(first, end, BLOCK_R):
+        row, b, s, s_ok = _source_rows(r0, end, time, lag, BLOCK_R)
         xt = tl.load(x + b[None, :] * x_batch_stride + s[None, :] * x_time_stride + c[:, None],
                      mask=c_ok[:, None] & s_ok[None, :], other=0.0)
-        gz = tl.load(grad_pre + row[:, None] * out_channels + o[None, :], mask=(row < rows)[:, None] & o_ok[None, :],
+        gz = tl.load(grad_pre + row[:, None] * out_channels + o[None, :], mask=(row < end)[:, None] & o_ok[None, :],
                      other=0.0)
         acc += tl.dot(xt, gz, input_precision=DOT_PRECISION)
-    tl.store(grad_weight + (o[None, :] * in_channels + c[:, None]) * kernel_size + j,
+    size = out_channels.to(tl.int64) * in_channels * kernel_size
+    tl.store(grad_weight + chunk * size + (o[None, :] * in_channels + c[:, None]) * kernel_size + j,
              acc.to(grad_weight.dtype.element_ty), mask=c_ok[:, None] & o_ok[None, :])
 
 
 @triton.jit
+def _sum_chunks_kernel(partials, out, chunks, size, BLOCK: tl.constexpr):
+    """out[e] = the sum over chunks of partials[chunk, e], in chunk order, in float32."""
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = e < size
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for chunk in range(0, chunks):
+        acc += tl.load(partials + chunk * size + e, mask=ok, other=0.0)
+    tl.store(out + e, acc.to(out.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _weight_grad_grouped_kernel(x, grad_pre, grad_weight, batch, time, in_channels, out_channels, in_per_group,
-                                out_per_group, kernel_size, dilation, x_batch_stride, x_time_stride,
-                                BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
-    # Elements e of the packed layout (ci, ol) for tap j, both from grid axis 0 (tap-major): CUDA caps axis 1 at
-    # 65535 blocks, which in_channels * out_per_group / BLOCK_E passes for wide grouped layers.
+                                out_per_group, kernel_size, dilation, x_batch_stride, x_time_stride, chunks,
+                                chunk_rows, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
+    # Elements e of the packed layout (ci, ol) for tap j, and the row chunk, all from grid axis 0 (CUDA caps axis 1
+    # at 65535 blocks, which in_channels * out_per_group / BLOCK_E passes for wide grouped layers). grad_weight:
+    # (chunks, out, in / groups, k) partials (one chunk: the gradient itself).
     blocks = tl.cdiv(in_channels * out_per_group, BLOCK_E)
-    j = tl.program_id(0) // blocks
-    e = (tl.program_id(0) % blocks) * BLOCK_E + tl.arange(0, BLOCK_E)
+    chunk = tl.program_id(0) % chunks
+    tap_block = tl.program_id(0) // chunks
+    j = tap_block // blocks
+    e = (tap_block % blocks) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = e < in_channels * out_per_group
     ci = e // out_per_group
     ol = e % out_per_group
@@ -183,14 +216,16 @@ def _weight_grad_grouped_kernel(x, grad_pre, grad_weight, batch, time, in_channe
     o = g * out_per_group + ol
     lag = (kernel_size - 1 - j).to(tl.int64) * dilation  # int64: (k - 1) * dilation may pass 2^31
     acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
-    rows = batch * time
-    for r0 in range(0, rows, BLOCK_R):
-        row, b, s, s_ok = _source_rows(r0, rows, time, lag, BLOCK_R)
+    first = chunk.to(tl.int64) * chunk_rows
+    end = tl.minimum(first + chunk_rows, batch.to(tl.int64) * time)
+    for r0 in range(first, end, BLOCK_R):
+        row, b, s, s_ok = _source_rows(r0, end, time, lag, BLOCK_R)
         mask = s_ok[:, None] & e_ok[None, :]
         xv = tl.load(x + b[:, None] * x_batch_stride + s[:, None] * x_time_stride + ci[None, :], mask=mask, other=0.0)
         gz = tl.load(grad_pre + row[:, None] * out_channels + o[None, :], mask=mask, other=0.0)
         acc += tl.sum(xv.to(tl.float32) * gz.to(tl.float32), axis=0)
-    tl.store(grad_weight + (o * in_per_group + ci % in_per_group) * kernel_size + j,
+    size = out_channels.to(tl.int64) * in_per_group * kernel_size
+    tl.store(grad_weight + chunk * size + (o * in_per_group + ci % in_per_group) * kernel_size + j,
              acc.to(grad_weight.dtype.element_ty), mask=e_ok)
 
 
@@ -312,18 +347,26 @@ def causal_conv_backward(grad_out, x, weight, pre, residual, dilation, groups, a
             HAS_PRE=pre is not None, HAS_RESIDUAL=residual is not None, ACTIVATION=activation, BLOCK=BLOCK_ELEMENTS)
     # The input gradient: an anti-causal conv of grad_pre with the transposed packing (k, out, in/groups).
     _launch_conv(grad_pre, weight.permute(2, 0, 1).contiguous(), groups, kernel_size, dilation, -1, grad_x)
+    chunks, chunk_rows = _weight_grad_chunks(batch * time)
+    # Several chunks: float32 partial gradients, added in chunk order below; one: the gradient written directly.
+    target = grad_weight if chunks == 1 else grad_weight.new_empty((chunks, *grad_weight.shape), dtype=torch.float32)
     if groups == 1:
-        grid = (kernel_size, triton.cdiv(in_channels, BLOCK_IN), triton.cdiv(out_channels, BLOCK_OUT))
+        grid = (kernel_size * chunks, triton.cdiv(in_channels, BLOCK_IN), triton.cdiv(out_channels, BLOCK_OUT))
         torch.library.wrap_triton(_weight_grad_dense_kernel)[grid](
-            x, grad_pre, grad_weight, batch, time, in_channels, out_channels, kernel_size, dilation, x.stride(0),
-            x.stride(1), DOT_PRECISION=_dot_precision(x.dtype), BLOCK_C=BLOCK_IN, BLOCK_O=BLOCK_OUT,
-            BLOCK_R=BLOCK_ROWS)
+            x, grad_pre, target, batch, time, in_channels, out_channels, kernel_size, dilation, x.stride(0),
+            x.stride(1), chunks, chunk_rows, DOT_PRECISION=_dot_precision(x.dtype), BLOCK_C=BLOCK_IN,
+            BLOCK_O=BLOCK_OUT, BLOCK_R=BLOCK_ROWS)
     else:
         out_per_group = out_channels // groups
-        grid = (kernel_size * triton.cdiv(in_channels * out_per_group, BLOCK_ELEMENTS),)
+        grid = (kernel_size * triton.cdiv(in_channels * out_per_group, BLOCK_ELEMENTS) * chunks,)
         torch.library.wrap_triton(_weight_grad_grouped_kernel)[grid](
-            x, grad_pre, grad_weight, batch, time, in_channels, out_channels, in_per_group, out_per_group,
-            kernel_size, dilation, x.stride(0), x.stride(1), BLOCK_E=BLOCK_ELEMENTS, BLOCK_R=BLOCK_ROWS)
+            x, grad_pre, target, batch, time, in_channels, out_channels, in_per_group, out_per_group,
+            kernel_size, dilation, x.stride(0), x.stride(1), chunks, chunk_rows, BLOCK_E=BLOCK_ELEMENTS,
+            BLOCK_R=BLOCK_ROWS)
+    if chunks > 1:
+        size = grad_weight.numel()
+        torch.library.wrap_triton(_sum_chunks_kernel)[(triton.cdiv(size, BLOCK_ELEMENTS),)](
+            target, grad_weight, chunks, size, BLOCK=BLOCK_ELEMENTS)
 
 
 def causal_conv_step(x, packed_weight, bias, table, residual, dilation, groups, activation, history, position,
