@@ -159,11 +159,13 @@ def _weight_grad_chunks(rows: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _weight_grad_dense_kernel(x, grad_pre, grad_weight, batch, time, in_channels, out_channels, kernel_size,
-                              dilation, x_batch_stride, x_time_stride, chunks, chunk_rows,
+def _weight_grad_dense_kernel(x, grad_pre, grad_weight, rows, time, in_channels, out_channels, kernel_size,
+                              dilation, x_batch_stride, x_time_stride, chunks, chunk_rows, size,
                               DOT_PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
                               BLOCK_R: tl.constexpr):
-    # Axis 0: tap j and row chunk; grad_weight: (chunks, out, in, k) partials (one chunk: the gradient itself).
+    # Axis 0: tap j and row chunk; grad_weight: (chunks, out, in, k) partials (one chunk: the gradient itself), size
+    # elements each. rows = batch * time and size come from the host: no .to() of an argument here, since an int
+    # argument equal to 1 is compiled as a constexpr, which has none.
     chunk = tl.program_id(0) % chunks
     j = tl.program_id(0) // chunks
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -173,7 +175,7 @@ def _weight_grad_dense_kernel(x, grad_pre, grad_weight, batch, time, in_channels
     lag = (kernel_size - 1 - j).to(tl.int64) * dilation  # int64: (k - 1) * dilation may pass 2^31
     acc = tl.zeros((BLOCK_C, BLOCK_O), dtype=tl.float32)
     first = chunk.to(tl.int64) * chunk_rows
-    end = tl.minimum(first + chunk_rows, batch.to(tl.int64) * time)
+    end = tl.minimum(first + chunk_rows, rows)
     for r0 in range(first, end, BLOCK_R):
         row, b, s, s_ok = _source_rows(r0, end, time, lag, BLOCK_R)
         xt = tl.load(x + b[None, :] * x_batch_stride + s[None, :] * x_time_stride + c[:, None],
@@ -181,8 +183,7 @@ def _weight_grad_dense_kernel(x, grad_pre, grad_weight, batch, time, in_channels
         gz = tl.load(grad_pre + row[:, None] * out_channels + o[None, :], mask=(row < end)[:, None] & o_ok[None, :],
                      other=0.0)
         acc += tl.dot(xt, gz, input_precision=DOT_PRECISION)
-    size = out_channels.to(tl.int64) * in_channels * kernel_size
-    tl.store(grad_weight + chunk * size + (o[None, :] * in_channels + c[:, None]) * kernel_size + j,
+    tl.store(grad_weight + chunk.to(tl.int64) * size + (o[None, :] * in_channels + c[:, None]) * kernel_size + j,
              acc.to(grad_weight.dtype.element_ty), mask=c_ok[:, None] & o_ok[None, :])
 
 
@@ -193,17 +194,17 @@ def _sum_chunks_kernel(partials, out, chunks, size, BLOCK: tl.constexpr):
     ok = e < size
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for chunk in range(0, chunks):
-        acc += tl.load(partials + chunk * size + e, mask=ok, other=0.0)
+        acc += tl.load(partials + chunk.to(tl.int64) * size + e, mask=ok, other=0.0)
     tl.store(out + e, acc.to(out.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _weight_grad_grouped_kernel(x, grad_pre, grad_weight, batch, time, in_channels, out_channels, in_per_group,
+def _weight_grad_grouped_kernel(x, grad_pre, grad_weight, rows, time, in_channels, out_channels, in_per_group,
                                 out_per_group, kernel_size, dilation, x_batch_stride, x_time_stride, chunks,
-                                chunk_rows, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
+                                chunk_rows, size, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
     # Elements e of the packed layout (ci, ol) for tap j, and the row chunk, all from grid axis 0 (CUDA caps axis 1
     # at 65535 blocks, which in_channels * out_per_group / BLOCK_E passes for wide grouped layers). grad_weight:
-    # (chunks, out, in / groups, k) partials (one chunk: the gradient itself).
+    # (chunks, out, in / groups, k) partials of size elements (one chunk: the gradient itself).
     blocks = tl.cdiv(in_channels * out_per_group, BLOCK_E)
     chunk = tl.program_id(0) % chunks
     tap_block = tl.program_id(0) // chunks
@@ -217,15 +218,14 @@ def _weight_grad_grouped_kernel(x, grad_pre, grad_weight, batch, time, in_channe
     lag = (kernel_size - 1 - j).to(tl.int64) * dilation  # int64: (k - 1) * dilation may pass 2^31
     acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
     first = chunk.to(tl.int64) * chunk_rows
-    end = tl.minimum(first + chunk_rows, batch.to(tl.int64) * time)
+    end = tl.minimum(first + chunk_rows, rows)
     for r0 in range(first, end, BLOCK_R):
         row, b, s, s_ok = _source_rows(r0, end, time, lag, BLOCK_R)
         mask = s_ok[:, None] & e_ok[None, :]
         xv = tl.load(x + b[:, None] * x_batch_stride + s[:, None] * x_time_stride + ci[None, :], mask=mask, other=0.0)
         gz = tl.load(grad_pre + row[:, None] * out_channels + o[None, :], mask=mask, other=0.0)
         acc += tl.sum(xv.to(tl.float32) * gz.to(tl.float32), axis=0)
-    size = out_channels.to(tl.int64) * in_per_group * kernel_size
-    tl.store(grad_weight + chunk * size + (o * in_per_group + ci % in_per_group) * kernel_size + j,
+    tl.store(grad_weight + chunk.to(tl.int64) * size + (o * in_per_group + ci % in_per_group) * kernel_size + j,
              acc.to(grad_weight.dtype.element_ty), mask=e_ok)
 
 
@@ -353,15 +353,15 @@ def causal_conv_backward(grad_out, x, weight, pre, residual, dilation, groups, a
     if groups == 1:
         grid = (kernel_size * chunks, triton.cdiv(in_channels, BLOCK_IN), triton.cdiv(out_channels, BLOCK_OUT))
         torch.library.wrap_triton(_weight_grad_dense_kernel)[grid](
-            x, grad_pre, target, batch, time, in_channels, out_channels, kernel_size, dilation, x.stride(0),
-            x.stride(1), chunks, chunk_rows, DOT_PRECISION=_dot_precision(x.dtype), BLOCK_C=BLOCK_IN,
+            x, grad_pre, target, batch * time, time, in_channels, out_channels, kernel_size, dilation, x.stride(0),
+            x.stride(1), chunks, chunk_rows, grad_weight.numel(), DOT_PRECISION=_dot_precision(x.dtype), BLOCK_C=BLOCK_IN,
             BLOCK_O=BLOCK_OUT, BLOCK_R=BLOCK_ROWS)
     else:
         out_per_group = out_channels // groups
         grid = (kernel_size * triton.cdiv(in_channels * out_per_group, BLOCK_ELEMENTS) * chunks,)
         torch.library.wrap_triton(_weight_grad_grouped_kernel)[grid](
-            x, grad_pre, target, batch, time, in_channels, out_channels, in_per_group, out_per_group,
-            kernel_size, dilation, x.stride(0), x.stride(1), chunks, chunk_rows, BLOCK_E=BLOCK_ELEMENTS,
+            x, grad_pre, target, batch * time, time, in_channels, out_channels, in_per_group, out_per_group,
+            kernel_size, dilation, x.stride(0), x.stride(1), chunks, chunk_rows, grad_weight.numel(), BLOCK_E=BLOCK_ELEMENTS,
             BLOCK_R=BLOCK_ROWS)
     if chunks > 1:
         size = grad_weight.numel()
