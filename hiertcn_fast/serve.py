@@ -25,8 +25,8 @@ checks, and refuses otherwise before anything changes (in training mode its drop
 states and the scores random).
 
 Users live in rows ("slots") of these tensors, which grow by doubling and never shrink; :meth:`forget_users`
-frees the rows of users who left for new users; ``state_dict`` / ``load_state_dict`` save and restore every user (or a chosen subset with
-:meth:`export_users`).
+frees the rows of users who left for new users; ``state_dict`` / ``load_state_dict`` save and restore every
+user (or a chosen subset with :meth:`export_users`).
 """
 
 from __future__ import annotations
@@ -501,8 +501,8 @@ class StreamingRecommender:
     def forget_users(self, users) -> None:
         """Drop everything held for ``users`` (known users; listing one twice is allowed): their rows are freed
         for new users, so the rows in use follow the users served rather than every user ever seen (the
-        tensors keep their capacity: they never shrink). The last users' rows move into the freed ones (the others' recommendations do not change). An unknown user is refused
-        before anything changes."""
+        tensors keep their capacity: they never shrink). The last users' rows move into the freed ones (the
+        others' recommendations do not change). An unknown user is refused before anything changes."""
         keys = list(dict.fromkeys(_user_keys(users)))
         unknown = [user for user in keys if user not in self.user_slot]
         if unknown:

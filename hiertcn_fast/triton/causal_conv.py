@@ -193,8 +193,10 @@ def _sum_chunks_kernel(partials, out, chunks, size, BLOCK: tl.constexpr):
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = e < size
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for chunk in range(0, chunks):
-        acc += tl.load(partials + chunk.to(tl.int64) * size + e, mask=ok, other=0.0)
+    offset = e  # int64, stepped by size: no product of the loop counter (int32 when compiled) and size
+    for _ in range(0, chunks):
+        acc += tl.load(partials + offset, mask=ok, other=0.0)
+        offset += size
     tl.store(out + e, acc.to(out.dtype.element_ty), mask=ok)
 
 
@@ -354,15 +356,15 @@ def causal_conv_backward(grad_out, x, weight, pre, residual, dilation, groups, a
         grid = (kernel_size * chunks, triton.cdiv(in_channels, BLOCK_IN), triton.cdiv(out_channels, BLOCK_OUT))
         torch.library.wrap_triton(_weight_grad_dense_kernel)[grid](
             x, grad_pre, target, batch * time, time, in_channels, out_channels, kernel_size, dilation, x.stride(0),
-            x.stride(1), chunks, chunk_rows, grad_weight.numel(), DOT_PRECISION=_dot_precision(x.dtype), BLOCK_C=BLOCK_IN,
-            BLOCK_O=BLOCK_OUT, BLOCK_R=BLOCK_ROWS)
+            x.stride(1), chunks, chunk_rows, grad_weight.numel(), DOT_PRECISION=_dot_precision(x.dtype),
+            BLOCK_C=BLOCK_IN, BLOCK_O=BLOCK_OUT, BLOCK_R=BLOCK_ROWS)
     else:
         out_per_group = out_channels // groups
         grid = (kernel_size * triton.cdiv(in_channels * out_per_group, BLOCK_ELEMENTS) * chunks,)
         torch.library.wrap_triton(_weight_grad_grouped_kernel)[grid](
             x, grad_pre, target, batch * time, time, in_channels, out_channels, in_per_group, out_per_group,
-            kernel_size, dilation, x.stride(0), x.stride(1), chunks, chunk_rows, grad_weight.numel(), BLOCK_E=BLOCK_ELEMENTS,
-            BLOCK_R=BLOCK_ROWS)
+            kernel_size, dilation, x.stride(0), x.stride(1), chunks, chunk_rows, grad_weight.numel(),
+            BLOCK_E=BLOCK_ELEMENTS, BLOCK_R=BLOCK_ROWS)
     if chunks > 1:
         size = grad_weight.numel()
         torch.library.wrap_triton(_sum_chunks_kernel)[(triton.cdiv(size, BLOCK_ELEMENTS),)](
