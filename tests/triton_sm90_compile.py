@@ -5,7 +5,8 @@ it cannot see what only compilation rejects. One example: an int argument equal 
 constexpr, which has no ``.to()``. So this script runs the real launchers (hiertcn_fast.triton.*) on CPU tensors
 with torch.library.wrap_triton replaced by a recorder, takes each launch's arguments as Triton's JIT would
 specialise them (pointer dtypes, ints equal to 1 as constexprs, constexpr parameters by value), and compiles
-each distinct one down to a cubin with triton.compile. Nothing runs.
+each distinct one down to a cubin with triton.compile, checking that it fits an sm_90 block's shared memory.
+Nothing runs.
 
 Run in a process WITHOUT TRITON_INTERPRET (tests/test_triton_compile.py does): ``python tests/triton_sm90_compile.py``.
 Exit status 0 when every kernel compiled; otherwise the failures are printed.
@@ -23,6 +24,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)  # an H200
+SHARED_MEMORY_LIMIT = 227 * 1024  # per block on sm_90 (with the opt-in Triton's launcher makes)
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
                 torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
 
@@ -115,7 +117,10 @@ def main() -> int:
             continue
         compiled.add(key)
         try:
-            triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=TARGET)
+            binary = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=TARGET)
+            if binary.metadata.shared > SHARED_MEMORY_LIMIT:
+                failures.append(f"{kernel.fn.__name__} {signature} {constexprs}: needs {binary.metadata.shared} "
+                                f"bytes of shared memory, more than an sm_90 block has ({SHARED_MEMORY_LIMIT})")
         except Exception as error:  # every failure is reported, then the exit status says so
             failures.append(f"{kernel.fn.__name__} {signature} {constexprs}:\n    {type(error).__name__}: "
                             f"{str(error)[:2000]}")
