@@ -748,3 +748,35 @@ def test_triton_weight_gradient_split_into_row_chunks(groups):
     weight64 = weight.detach().double().requires_grad_()
     expected = causal_conv1d_reference(x.double(), weight64, dilation=5, groups=groups, activation="relu")
     assert_close(grads[0], torch.autograd.grad(expected, weight64, grad_out.double())[0], torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] != "reference"])
+@pytest.mark.parametrize("residual_kind", ["none", "own", "x"])
+def test_relu_keeps_only_the_sign_of_z_where_the_kernels_read_nothing_else(backend, device, residual_kind):
+    """With relu, and no residual or one of its own (whose derivative comes from the output), the backward reads z
+    only for relu'(z): one bool per element is kept instead of z. With x itself as the residual the kernels read
+    z's value (relu(z) + x), so z is kept. The gradients equal the reference's either way."""
+    dtype = COMPARE_DTYPE[backend]
+    x = rand(3, 9, 5, dtype=dtype, device=device).requires_grad_()
+    weight = rand(5, 5, 3, dtype=dtype, device=device).requires_grad_()
+    residual = {"none": None, "x": x, "own": rand(3, 9, 5, dtype=dtype, device=device).requires_grad_()}[residual_kind]
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append((t.dtype, tuple(t.shape))) or t,
+                                                  lambda t: t):
+        out = causal_conv1d(x, weight, dilation=2, activation="relu", residual=residual, backend=backend)
+    same_shape = [kept_dtype for kept_dtype, shape in kept if shape == tuple(out.shape)]
+    if residual_kind == "x":
+        assert torch.bool not in same_shape
+    else:
+        assert torch.bool in same_shape
+        # z itself is not kept: besides x (here as wide as the output), only the output (with a residual of its
+        # own) is a float tensor of that shape
+        assert same_shape.count(dtype) == (1 if residual_kind == "none" else 2)
+    leaves = [x, weight] + ([residual] if residual_kind == "own" else [])
+    grad_out = rand(*out.shape, dtype=dtype, device=device)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    wide = {id(t): t.detach().double().requires_grad_() for t in leaves}
+    expected = causal_conv1d_reference(wide[id(x)], wide[id(weight)], dilation=2, activation="relu",
+                                       residual=None if residual is None else wide[id(residual)])
+    for grad, want in zip(grads, torch.autograd.grad(expected, list(wide.values()), grad_out.double())):
+        assert_close(grad, want, dtype)

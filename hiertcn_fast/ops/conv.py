@@ -374,6 +374,10 @@ class _CausalConvFunction(torch.autograd.Function):
         # torch.relu, an in-place change of the output before the backward is an error.)
         from_out = residual is not None and residual is not x and _outer_grad_from_output(activation, x.dtype)
         kept = (out if activation != 0 else None) if from_out else residual
+        # Where the kernels then read z only for relu's derivative (no residual reaches them), its sign is all
+        # the backward needs: a bool per element is kept, not z.
+        if pre is not None and activation == ACTIVATIONS["relu"] and (residual is None or from_out):
+            pre = pre > 0
         ctx.save_for_backward(x, weight, pre, kept)
         ctx.config = (dilation, groups, activation, name, bias is not None, table is not None, from_out,
                       residual_is_x)
@@ -384,6 +388,8 @@ class _CausalConvFunction(torch.autograd.Function):
         refuse_graph_of_gradient("causal_conv1d")
         x, weight, pre, kept = ctx.saved_tensors
         dilation, groups, activation, name, has_bias, has_table, from_out, residual_is_x = ctx.config
+        if pre is not None and pre.dtype == torch.bool:
+            pre = pre.to(x.dtype)  # relu'(1) = 1 and relu'(0) = 0: the kernels' derivative of z, from its sign
         grad_pre = new_output(grad_out.shape, x)
         grad_x = new_output(x.shape, x)
         grad_weight = new_output(weight.shape, weight)
