@@ -705,8 +705,8 @@ def test_a_residual_of_its_own_is_not_kept_where_the_output_gives_the_derivative
     assert_close(out, expected_out, dtype)
     for grad, want in zip(grads, expected):
         assert_close(grad, want, dtype)
-    # An in-place change of the output before the backward is refused, as after torch.relu.
-    if activation in ("relu", "tanh"):
+    # With tanh the output is kept: an in-place change of it before the backward is refused, as after torch.tanh.
+    if activation == "tanh":
         out = causal_conv1d(x, weight, bias, activation=activation, residual=residual, backend=backend)
         out.mul_(2)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -752,10 +752,11 @@ def test_triton_weight_gradient_split_into_row_chunks(groups):
 
 @pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] != "reference"])
 @pytest.mark.parametrize("residual_kind", ["none", "own", "x"])
-def test_relu_keeps_only_the_sign_of_z_where_the_kernels_read_nothing_else(backend, device, residual_kind):
-    """With relu, and no residual or one of its own (whose derivative comes from the output), the backward reads z
-    only for relu'(z): one bool per element is kept instead of z. With x itself as the residual the kernels read
-    z's value (relu(z) + x), so z is kept. The gradients equal the reference's either way."""
+def test_relu_keeps_one_byte_of_sign_bits_instead_of_z_and_the_residual(backend, device, residual_kind):
+    """relu's backward needs only signs: of z (relu'(z)) and of relu(z) + residual (the output's). The forward
+    kernel writes both as bits of one byte per element, and that byte is all the backward keeps besides x and
+    the weight: not z, not the residual, not the output. The gradients equal the reference's in every case, and
+    the output may be changed in place before the backward, as nothing refers to it."""
     dtype = COMPARE_DTYPE[backend]
     x = rand(3, 9, 5, dtype=dtype, device=device).requires_grad_()
     weight = rand(5, 5, 3, dtype=dtype, device=device).requires_grad_()
@@ -765,18 +766,30 @@ def test_relu_keeps_only_the_sign_of_z_where_the_kernels_read_nothing_else(backe
                                                   lambda t: t):
         out = causal_conv1d(x, weight, dilation=2, activation="relu", residual=residual, backend=backend)
     same_shape = [kept_dtype for kept_dtype, shape in kept if shape == tuple(out.shape)]
-    if residual_kind == "x":
-        assert torch.bool not in same_shape
-    else:
-        assert torch.bool in same_shape
-        # z itself is not kept: besides x (here as wide as the output), only the output (with a residual of its
-        # own) is a float tensor of that shape
-        assert same_shape.count(dtype) == (1 if residual_kind == "none" else 2)
+    assert sorted(map(str, same_shape)) == sorted(map(str, [torch.uint8, dtype]))  # the bits, and x (as wide)
     leaves = [x, weight] + ([residual] if residual_kind == "own" else [])
     grad_out = rand(*out.shape, dtype=dtype, device=device)
+    out.mul_(1)  # an in-place change: allowed, nothing kept refers to the output
     grads = torch.autograd.grad(out, leaves, grad_out)
     wide = {id(t): t.detach().double().requires_grad_() for t in leaves}
     expected = causal_conv1d_reference(wide[id(x)], wide[id(weight)], dilation=2, activation="relu",
                                        residual=None if residual is None else wide[id(residual)])
+    assert_close(out.detach(), expected.detach(), dtype)
     for grad, want in zip(grads, torch.autograd.grad(expected, list(wide.values()), grad_out.double())):
         assert_close(grad, want, dtype)
+
+
+def test_compiled_ops_take_sign_bits_for_relu_only_and_then_no_residual():
+    x, weight = rand(2, 5, 4, dtype=torch.float32), rand(3, 4, 2, dtype=torch.float32)
+    out, bits = torch.empty(2, 5, 3), torch.empty(2, 5, 3, dtype=torch.uint8)
+    ops = torch.ops.hiertcn_fast
+    with pytest.raises(RuntimeError, match="pre as uint8 sign bits is for relu only"):
+        ops.causal_conv1d_out(x, weight, None, None, None, 1, 1, 2, out=out, pre=bits)
+    ops.causal_conv1d_out(x, weight, None, None, None, 1, 1, 1, out=out, pre=bits)  # relu: fine
+    assert set(bits.unique().tolist()) <= {0, 1, 3}  # bit 1 (out > 0) only where bit 0 (z > 0), without residual
+    grads = dict(grad_pre=torch.empty(2, 5, 3), grad_x=torch.empty(2, 5, 4), grad_weight=torch.empty(3, 4, 2))
+    with pytest.raises(RuntimeError, match="with pre as sign bits the residual is not read"):
+        ops.causal_conv1d_backward_out(torch.ones(2, 5, 3), x, weight, bits, torch.zeros(2, 5, 3), 1, 1, 1,
+                                       grad_residual=torch.empty(2, 5, 3), **grads)
+    ops.causal_conv1d_backward_out(torch.ones(2, 5, 3), x, weight, bits, None, 1, 1, 1, grad_residual=None, **grads)
+    assert torch.equal(grads["grad_pre"], (bits & 1).float())

@@ -26,7 +26,7 @@ from triton.compiler import ASTSource  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)  # an H200
 SHARED_MEMORY_LIMIT = 227 * 1024  # per block on sm_90 (with the opt-in Triton's launcher makes)
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-                torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
+                torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1"}
 
 launches = []
 
@@ -69,7 +69,7 @@ def record_launches():
     from hiertcn_fast.triton import causal_conv, gru_gates, gru_session
 
     torch.library.wrap_triton = recording_wrap_triton
-    relu = ACTIVATIONS["relu"]
+    relu, gelu = ACTIVATIONS["relu"], ACTIVATIONS["gelu"]
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         def t(*shape, like=dtype):
             return torch.randn(*shape).to(like)
@@ -81,11 +81,17 @@ def record_launches():
                                                      (3, 401, 6, 6, 3, 5, 6)):
             x, weight = t(batch, time, cin), t(cout, cin // groups, k)
             out, pre, residual = t(batch, time, cout), t(batch, time, cout), t(batch, time, cout)
+            bits = torch.zeros(batch, time, cout, dtype=torch.uint8)  # relu's sign bits
             table = context_table(t(batch, 3), t(cout, 3, k)).contiguous() if groups == 1 else None
-            causal_conv.causal_conv_forward(x, pack_weight(weight, groups), t(cout), table, residual, d, groups, relu,
-                                            out, pre)
+            for activation, kept in ((relu, bits), (gelu, pre)):
+                causal_conv.causal_conv_forward(x, pack_weight(weight, groups), t(cout), table, residual, d, groups,
+                                                activation, out, kept)
             causal_conv.causal_conv_forward(x, pack_weight(weight, groups), None, None, None, d, groups, 0, out, None)
-            causal_conv.causal_conv_backward(t(batch, time, cout), x, weight, pre, residual, d, groups, relu,
+            # relu from its bits (no residual read, its gradient written), gelu from z and the residual, none
+            causal_conv.causal_conv_backward(t(batch, time, cout), x, weight, bits, None, d, groups, relu,
+                                             t(batch, time, cout), t(batch, time, cin), t(cout, cin // groups, k),
+                                             t(batch, time, cout))
+            causal_conv.causal_conv_backward(t(batch, time, cout), x, weight, pre, residual, d, groups, gelu,
                                              t(batch, time, cout), t(batch, time, cin), t(cout, cin // groups, k),
                                              t(batch, time, cout))
             causal_conv.causal_conv_backward(t(batch, time, cout), x, weight, None, None, d, groups, 0,

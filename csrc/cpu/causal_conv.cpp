@@ -369,15 +369,62 @@ void activation_backward_row(const double* g_row, const double* pre_row, const d
 
 // One output row of the fused epilogue; z (C) holds the conv and becomes conv + bias + context term. Separate
 // simple loops, because the compiler vectorises each of them but not one loop with optional operands.
+// relu_sign_bits of a row, and relu's backward from them (with_residual: also the residual's gradient), branch-free
+// and compiled per instruction set like the activation rows above.
 template <typename T>
-void epilogue_row(T* z, const T* bias, const T* table_row, const T* res_row, T* pre_row, T* out_row, int64_t C,
-                  int64_t activation) {
+HIERTCN_ALWAYS_INLINE void relu_bits_row_loop(const T* z, const T* out_row, uint8_t* bits, int64_t C) {
+  for (int64_t o = 0; o < C; ++o)
+    bits[o] = static_cast<uint8_t>(static_cast<uint8_t>(z[o] > T(0)) | (static_cast<uint8_t>(out_row[o] > T(0)) << 1));
+}
+
+template <typename T>
+HIERTCN_ALWAYS_INLINE void relu_bits_backward_row_loop(const T* g_row, const uint8_t* bits, T* grad_pre_row,
+                                                       T* grad_res_row, int64_t C) {
+  if (grad_res_row) {
+    for (int64_t o = 0; o < C; ++o) {
+      const T outer = g_row[o] * static_cast<T>((bits[o] >> 1) & 1);
+      grad_res_row[o] = outer;
+      grad_pre_row[o] = outer * static_cast<T>(bits[o] & 1);
+    }
+  } else {
+    for (int64_t o = 0; o < C; ++o) grad_pre_row[o] = g_row[o] * static_cast<T>(bits[o] & 1);
+  }
+}
+
+HIERTCN_CPU_CLONES void relu_bits_row(const float* z, const float* out_row, uint8_t* bits, int64_t C) {
+  relu_bits_row_loop(z, out_row, bits, C);
+}
+HIERTCN_CPU_CLONES void relu_bits_row(const double* z, const double* out_row, uint8_t* bits, int64_t C) {
+  relu_bits_row_loop(z, out_row, bits, C);
+}
+HIERTCN_CPU_CLONES void relu_bits_backward_row(const float* g_row, const uint8_t* bits, float* grad_pre_row,
+                                               float* grad_res_row, int64_t C) {
+  relu_bits_backward_row_loop(g_row, bits, grad_pre_row, grad_res_row, C);
+}
+HIERTCN_CPU_CLONES void relu_bits_backward_row(const double* g_row, const uint8_t* bits, double* grad_pre_row,
+                                               double* grad_res_row, int64_t C) {
+  relu_bits_backward_row_loop(g_row, bits, grad_pre_row, grad_res_row, C);
+}
+
+// pre_row: z (T), or with pre_bits relu_sign_bits (uint8), or nullptr.
+template <typename T>
+void epilogue_row(T* z, const T* bias, const T* table_row, const T* res_row, void* pre_row, bool pre_bits,
+                  T* out_row, int64_t C, int64_t activation) {
   if (bias)
     for (int64_t o = 0; o < C; ++o) z[o] += bias[o];
   if (table_row)
     for (int64_t o = 0; o < C; ++o) z[o] += table_row[o];
-  if (pre_row) std::copy(z, z + C, pre_row);
+  if (pre_row && !pre_bits) std::copy(z, z + C, static_cast<T*>(pre_row));
   activation_row(z, res_row, out_row, C, activation);
+  if (pre_row && pre_bits) relu_bits_row(z, out_row, static_cast<uint8_t*>(pre_row), C);
+}
+
+// Element `index` of the forward's pre buffer: T z, or uint8 sign bits.
+template <typename T>
+void* pre_at(const CausalConvParams& p, int64_t index) {
+  if (!p.pre) return nullptr;
+  return p.pre_bits ? static_cast<void*>(static_cast<uint8_t*>(p.pre) + index)
+                    : static_cast<void*>(static_cast<T*>(p.pre) + index);
 }
 
 // The fused epilogue of rows t0 .. t0 + rows - 1 of batch row b, from the accumulated conv acc (rows, C_out).
@@ -385,14 +432,14 @@ template <typename T>
 void epilogue_tile(const CausalConvParams& p, int64_t b, int64_t t0, int64_t rows, T* acc) {
   const T* table = static_cast<const T*>(p.context_table);
   const T* residual = static_cast<const T*>(p.residual);
-  T* pre = static_cast<T*>(p.pre);
   const int64_t C_out = p.out_channels, K = p.kernel_size;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = t0 + r, row = b * p.time + t;
     epilogue_row<T>(acc + r * C_out, static_cast<const T*>(p.bias),
                     table ? table + (b * K + context_tap_index(t, p.dilation, K)) * C_out : nullptr,
                     residual ? residual + b * p.residual_batch_stride + t * p.residual_time_stride : nullptr,
-                    pre ? pre + row * C_out : nullptr, static_cast<T*>(p.out) + row * C_out, C_out, p.activation);
+                    pre_at<T>(p, row * C_out), p.pre_bits, static_cast<T*>(p.out) + row * C_out, C_out,
+                    p.activation);
   }
 }
 
@@ -407,12 +454,12 @@ void epilogue_time_major_cpu_kernel(const CausalConvParams& p, T* z) {
       const int64_t b = row / p.time, t = row % p.time;
       const T* table = static_cast<const T*>(p.context_table);
       const T* residual = static_cast<const T*>(p.residual);
-      T* pre = static_cast<T*>(p.pre);
       epilogue_row<T>(z + (t * p.batch + b) * C_out, static_cast<const T*>(p.bias),
                       table ? table + (b * p.kernel_size + context_tap_index(t, p.dilation, p.kernel_size)) * C_out
                             : nullptr,
                       residual ? residual + b * p.residual_batch_stride + t * p.residual_time_stride : nullptr,
-                      pre ? pre + row * C_out : nullptr, static_cast<T*>(p.out) + row * C_out, C_out, p.activation);
+                      pre_at<T>(p, row * C_out), p.pre_bits, static_cast<T*>(p.out) + row * C_out, C_out,
+                      p.activation);
     }
   });
 }
@@ -466,6 +513,18 @@ void epilogue_backward_cpu_kernel(const CausalConvBackwardParams& p) {
   T* grad_pre = static_cast<T*>(p.grad_pre);
   T* grad_residual = static_cast<T*>(p.grad_residual);
   const int64_t C = p.out_channels;
+  if (p.pre_bits) {  // relu from its sign bits: no z, no residual read
+    const uint8_t* bits = static_cast<const uint8_t*>(p.pre);
+    at::parallel_for(0, p.batch * p.time, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / p.time, t = row % p.time;
+        relu_bits_backward_row(g + b * p.grad_out_batch_stride + t * p.grad_out_time_stride, bits + row * C,
+                               grad_pre + row * C, grad_residual ? grad_residual + row * C : nullptr, C);
+      }
+    });
+    return;
+  }
   at::parallel_for(0, p.batch * p.time, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
                    [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -582,8 +641,8 @@ void causal_conv_step_cpu_kernel(const CausalConvStepParams& p) {
         const int64_t b = b0 + r;
         epilogue_row<T>(acc.data() + r * C_out, bias,
                         table ? table + (b * K + context_tap_index(position[b], p.dilation, K)) * C_out : nullptr,
-                        residual ? residual + b * p.residual_row_stride : nullptr, nullptr, out + b * C_out, C_out,
-                        p.activation);
+                        residual ? residual + b * p.residual_row_stride : nullptr, nullptr, false, out + b * C_out,
+                        C_out, p.activation);
       }
       for (int64_t b = b0; b < b0 + rows; ++b) {
         const T* x_row = x + b * p.x_row_stride;
@@ -692,7 +751,7 @@ void stack_layer_outputs(const TcnStepParams& p, int64_t l, int64_t b0, int64_t 
     epilogue_row<T>(s.acc.data() + r * C_out + o_begin, bias ? bias + o_begin : nullptr,
                     table ? table + (b * K + context_tap_index(position[b], L.dilation, K)) * C_out + o_begin
                           : nullptr,
-                    res_row, nullptr, out_row + o_begin, width, p.activation);
+                    res_row, nullptr, false, out_row + o_begin, width, p.activation);
   }
 }
 

@@ -70,7 +70,8 @@ __global__ void causal_conv_cuda_kernel(CausalConvParams p) {
   const T* table = static_cast<const T*>(p.context_table);
   const T* residual = static_cast<const T*>(p.residual);
   T* out = static_cast<T*>(p.out);
-  T* pre = static_cast<T*>(p.pre);
+  T* pre = p.pre_bits ? nullptr : static_cast<T*>(p.pre);
+  uint8_t* pre_bits = p.pre_bits ? static_cast<uint8_t*>(p.pre) : nullptr;
 #pragma unroll
   for (int r = 0; r < kTimeTile; ++r) {
     const int64_t t = t0 + r;
@@ -81,7 +82,9 @@ __global__ void causal_conv_cuda_kernel(CausalConvParams p) {
     const int64_t idx = (b * p.time + t) * C_out + o;
     if (pre) pre[idx] = T(z);
     const A res = residual ? A(residual[b * p.residual_batch_stride + t * p.residual_time_stride + o]) : A(0);
-    out[idx] = T(epilogue_forward<A>(z, residual != nullptr, res, p.activation));
+    const A y = epilogue_forward<A>(z, residual != nullptr, res, p.activation);
+    out[idx] = T(y);
+    if (pre_bits) pre_bits[idx] = relu_sign_bits<A>(z, y);
   }
 }
 
@@ -93,12 +96,20 @@ __global__ void epilogue_backward_cuda_kernel(CausalConvBackwardParams p) {
   if (idx >= p.batch * p.time * C) return;
   const int64_t row = idx / C, o = idx % C, b = row / p.time, t = row % p.time;
   const T* g = static_cast<const T*>(p.grad_out);
+  const A g_value = A(g[b * p.grad_out_batch_stride + t * p.grad_out_time_stride + o]);
+  A grad_res = A(0);
+  if (p.pre_bits) {  // relu from its sign bits: no z, no residual read
+    const A grad_z = relu_bits_backward<A>(g_value, static_cast<const uint8_t*>(p.pre)[idx],
+                                           p.grad_residual != nullptr, &grad_res);
+    static_cast<T*>(p.grad_pre)[idx] = T(grad_z);
+    if (p.grad_residual) static_cast<T*>(p.grad_residual)[idx] = T(grad_res);
+    return;
+  }
   const T* pre = static_cast<const T*>(p.pre);
   const T* residual = static_cast<const T*>(p.residual);
   const A res = residual ? A(residual[b * p.residual_batch_stride + t * p.residual_time_stride + o]) : A(0);
-  A grad_res = A(0);
-  const A grad_z = epilogue_backward<A>(A(g[b * p.grad_out_batch_stride + t * p.grad_out_time_stride + o]),
-                                        pre ? A(pre[idx]) : A(0), residual != nullptr, res, p.activation, &grad_res);
+  const A grad_z = epilogue_backward<A>(g_value, pre ? A(pre[idx]) : A(0), residual != nullptr, res, p.activation,
+                                        &grad_res);
   static_cast<T*>(p.grad_pre)[idx] = T(grad_z);
   if (p.grad_residual) static_cast<T*>(p.grad_residual)[idx] = T(grad_res);
 }

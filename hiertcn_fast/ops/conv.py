@@ -340,24 +340,30 @@ def _backward_kernel(name, grad_out, x, weight, pre, residual, dilation, groups,
 
 
 def _outer_grad_from_output(activation, dtype) -> bool:
-    """Whether the output gives the outer activation's derivative exactly enough: relu'(s) = [out > 0] and none's 1
-    in every dtype; tanh'(s) = 1 - out^2 in float32 and float64 only (a half-type out rounds to 1 near
-    saturation, where the derivative is small but not 0)."""
-    if activation in (ACTIVATIONS[None], ACTIVATIONS["relu"]):
-        return True
-    return activation == ACTIVATIONS["tanh"] and dtype in (torch.float32, torch.float64)
+    """Whether the output gives the outer activation's derivative exactly enough (for the activations whose kernels
+    keep no sign bits): none's 1 in every dtype; tanh'(s) = 1 - out^2 in float32 and float64 only (a half-type out
+    rounds to 1 near saturation, where the derivative is small but not 0)."""
+    return activation == ACTIVATIONS[None] or (activation == ACTIVATIONS["tanh"]
+                                               and dtype in (torch.float32, torch.float64))
 
 
 def _outer_grad(grad_out, out, activation):
     """dL/d(act(z) + residual) from dL/dout and out = act(act(z) + residual), where _outer_grad_from_output."""
-    if activation == ACTIVATIONS["relu"]:  # one pass each: ATen's own relu and tanh backward kernels
-        return torch.ops.aten.threshold_backward(grad_out, out, 0)
-    if activation == ACTIVATIONS["tanh"]:
+    if activation == ACTIVATIONS["tanh"]:  # one pass: ATen's own tanh backward
         return torch.ops.aten.tanh_backward(grad_out, out)
     return grad_out
 
 
 class _CausalConvFunction(torch.autograd.Function):
+    """What the backward keeps besides x and the weight:
+    - relu: its two derivatives as sign bits, one byte per element written by the forward kernel (bit 0 z > 0,
+      bit 1 out > 0, i.e. relu(z) + residual > 0): neither z nor the residual;
+    - tanh (in float32 and float64) and no activation, with a residual of its own (not x itself, which is kept
+      anyway): z and the output, whose outer derivative it gives, not the residual (the output is what the next
+      block of a stack keeps anyway as its input; so, as after torch.tanh, an in-place change of it before the
+      backward is an error);
+    - otherwise z and the residual."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, table, residual, residual_is_x, dilation, groups, activation, name):
         if residual_is_x:
@@ -365,35 +371,34 @@ class _CausalConvFunction(torch.autograd.Function):
         batch, time, _ = x.shape
         out_shape = (batch, time, weight.shape[0])
         out = new_output(out_shape, x)
-        # z is kept only when the backward needs it (an activation, and some input wants a gradient).
-        pre = new_output(out_shape, x) if activation != 0 and any(ctx.needs_input_grad[:5]) else None
+        relu = activation == ACTIVATIONS["relu"]
+        # z (or relu's sign bits) only when the backward needs it: an activation, and an input wanting a gradient.
+        pre = None
+        if activation != 0 and any(ctx.needs_input_grad[:5]):
+            pre = x.new_empty(out_shape, dtype=torch.uint8) if relu else new_output(out_shape, x)
         _forward_kernel(name, x, weight, bias, table, residual, dilation, groups, activation, out, pre)
-        # A residual of its own (a projection, not x itself, which is kept anyway) is not kept for the backward
-        # when the outer activation's derivative comes from the output (relu and none; tanh in full precision):
-        # the output is, which in a stack of blocks the next block keeps anyway as its input. (So, as after
-        # torch.relu, an in-place change of the output before the backward is an error.)
-        from_out = residual is not None and residual is not x and _outer_grad_from_output(activation, x.dtype)
-        kept = (out if activation != 0 else None) if from_out else residual
-        # Where the kernels then read z only for relu's derivative (no residual reaches them), its sign is all
-        # the backward needs: a bool per element is kept, not z.
-        if pre is not None and activation == ACTIVATIONS["relu"] and (residual is None or from_out):
-            pre = pre > 0
+        from_out = (residual is not None and residual is not x and not relu
+                    and _outer_grad_from_output(activation, x.dtype))
+        kept = None if relu else (out if activation != 0 else None) if from_out else residual
         ctx.save_for_backward(x, weight, pre, kept)
         ctx.config = (dilation, groups, activation, name, bias is not None, table is not None, from_out,
-                      residual_is_x)
+                      residual_is_x, residual is not None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         refuse_graph_of_gradient("causal_conv1d")
         x, weight, pre, kept = ctx.saved_tensors
-        dilation, groups, activation, name, has_bias, has_table, from_out, residual_is_x = ctx.config
-        if pre is not None and pre.dtype == torch.bool:
-            pre = pre.to(x.dtype)  # relu'(1) = 1 and relu'(0) = 0: the kernels' derivative of z, from its sign
+        dilation, groups, activation, name, has_bias, has_table, from_out, residual_is_x, has_residual = ctx.config
         grad_pre = new_output(grad_out.shape, x)
         grad_x = new_output(x.shape, x)
         grad_weight = new_output(weight.shape, weight)
-        if from_out:
+        if pre is not None and pre.dtype == torch.uint8:
+            # relu from the sign bits: the kernels read no residual, and write its gradient where there was one.
+            grad_residual = new_output(grad_out.shape, x) if has_residual else None
+            _backward_kernel(name, unit_stride_rows(grad_out), x, weight, pre, None, dilation, groups, activation,
+                             grad_pre, grad_x, grad_weight, grad_residual)
+        elif from_out:
             # dL/d(act(z) + residual) is the residual's gradient; the kernels take it from there as a block
             # without a residual (the inner activation's derivative from z).
             grad_residual = _outer_grad(unit_stride_rows(grad_out), kept, activation)

@@ -60,8 +60,9 @@ def _conv_kernel(inp, packed, bias, table, residual, out, pre,
                  time, in_channels, out_channels, in_per_group, out_per_group, kernel_size, dilation, direction,
                  in_batch_stride, in_time_stride, res_batch_stride, res_time_stride,
                  DENSE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                 WRITE_PRE: tl.constexpr, ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr):
+                 WRITE_PRE: tl.constexpr, PRE_BITS: tl.constexpr, ACTIVATION: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr):
+    # pre receives z, or with PRE_BITS (relu) uint8 sign bits: bit 0 z > 0, bit 1 out > 0 (hiertcn/causal_conv.h).
     tiles = tl.cdiv(time, BLOCK_T)
     pid = tl.program_id(0)
     b = (pid // tiles).to(tl.int64)
@@ -103,26 +104,39 @@ def _conv_kernel(inp, packed, bias, table, residual, out, pre,
         acc += tl.load(table + (b * kernel_size + m[:, None]) * out_channels + o[None, :], mask=mask,
                        other=0.0).to(tl.float32)
     dst = (b * time + t[:, None]) * out_channels + o[None, :]
-    if WRITE_PRE:
+    if WRITE_PRE and not PRE_BITS:
         tl.store(pre + dst, acc.to(pre.dtype.element_ty), mask=mask)
     res = acc
     if HAS_RESIDUAL:
         res = tl.load(residual + b * res_batch_stride + t[:, None] * res_time_stride + o[None, :], mask=mask,
                       other=0.0).to(tl.float32)
-    tl.store(out + dst, _epilogue(acc, res, HAS_RESIDUAL, ACTIVATION).to(out.dtype.element_ty), mask=mask)
+    y = _epilogue(acc, res, HAS_RESIDUAL, ACTIVATION)
+    tl.store(out + dst, y.to(out.dtype.element_ty), mask=mask)
+    if WRITE_PRE and PRE_BITS:
+        tl.store(pre + dst, (acc > 0).to(tl.uint8) | ((y > 0).to(tl.uint8) << 1), mask=mask)
 
 
 @triton.jit
 def _epilogue_backward_kernel(grad_out, pre, residual, grad_pre, grad_residual, time, channels,
                               g_batch_stride, g_time_stride, res_batch_stride, res_time_stride,
                               HAS_PRE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
-                              BLOCK: tl.constexpr):
+                              PRE_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    # PRE_BITS (relu): pre holds the forward's sign bits, and the residual is not read; HAS_RESIDUAL then says
+    # whether grad_residual is written.
     row = tl.program_id(0).to(tl.int64)
     b = row // time
     t = row % time
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = c < channels
     g = tl.load(grad_out + b * g_batch_stride + t * g_time_stride + c, mask=ok, other=0.0).to(tl.float32)
+    if PRE_BITS:
+        bits = tl.load(pre + row * channels + c, mask=ok, other=0)
+        if HAS_RESIDUAL:
+            g = tl.where((bits & 2) != 0, g, 0.0)
+            tl.store(grad_residual + row * channels + c, g.to(grad_residual.dtype.element_ty), mask=ok)
+        g = tl.where((bits & 1) != 0, g, 0.0)
+        tl.store(grad_pre + row * channels + c, g.to(grad_pre.dtype.element_ty), mask=ok)
+        return
     z = tl.zeros((BLOCK,), dtype=tl.float32)
     if HAS_PRE:
         z = tl.load(pre + row * channels + c, mask=ok, other=0.0).to(tl.float32)
@@ -325,7 +339,8 @@ def _launch_conv(inp, packed, groups, kernel_size, dilation, direction, out, *, 
         time, in_channels, out_channels, in_channels // groups, out_channels // groups, kernel_size, dilation,
         direction, inp.stride(0), inp.stride(1), res.stride(0), res.stride(1),
         DENSE=groups == 1, HAS_BIAS=bias is not None, HAS_TABLE=table is not None, HAS_RESIDUAL=residual is not None,
-        WRITE_PRE=pre is not None, ACTIVATION=activation, DOT_PRECISION=_dot_precision(inp.dtype),
+        WRITE_PRE=pre is not None, PRE_BITS=pre is not None and pre.dtype == torch.uint8, ACTIVATION=activation,
+        DOT_PRECISION=_dot_precision(inp.dtype),
         BLOCK_T=BLOCK_TIME, BLOCK_O=BLOCK_OUT, BLOCK_C=BLOCK_IN)
 
 
@@ -341,12 +356,14 @@ def causal_conv_backward(grad_out, x, weight, pre, residual, dilation, groups, a
     out_channels, in_per_group, kernel_size = weight.shape
     if batch * time * out_channels:
         res = residual if residual is not None else grad_out
+        bits = pre is not None and pre.dtype == torch.uint8  # relu's sign bits: the residual is not read
         grid = (batch * time, triton.cdiv(out_channels, BLOCK_ELEMENTS))
         torch.library.wrap_triton(_epilogue_backward_kernel)[grid](
             grad_out, pre if pre is not None else grad_out, res, grad_pre,
             grad_residual if grad_residual is not None else grad_pre, time, out_channels,
             grad_out.stride(0), grad_out.stride(1), res.stride(0), res.stride(1),
-            HAS_PRE=pre is not None, HAS_RESIDUAL=residual is not None, ACTIVATION=activation, BLOCK=BLOCK_ELEMENTS)
+            HAS_PRE=pre is not None, HAS_RESIDUAL=(grad_residual if bits else residual) is not None,
+            ACTIVATION=activation, PRE_BITS=bits, BLOCK=BLOCK_ELEMENTS)
     # The input gradient: an anti-causal conv of grad_pre with the transposed packing (k, out, in/groups).
     _launch_conv(grad_pre, weight.permute(2, 0, 1).contiguous(), groups, kernel_size, dilation, -1, grad_x)
     chunks, chunk_rows = _weight_grad_chunks(batch * time)

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #include "hiertcn/common.h"
 
@@ -49,9 +50,11 @@ struct CausalConvParams {
   const void* bias;
   const void* context_table;
   const void* residual;
-  // (batch, time, out_channels), contiguous. pre (optional) receives z, the pre-activation value.
+  // (batch, time, out_channels), contiguous. pre (optional) receives z, the pre-activation value; with
+  // pre_bits (relu only) it is uint8 and receives relu_sign_bits(z, out) instead.
   void* out;
   void* pre;
+  int64_t pre_bits;
 };
 
 struct CausalConvBackwardParams {
@@ -75,6 +78,9 @@ struct CausalConvBackwardParams {
   const void* grad_out;
   const void* x;
   const void* pre;       // z from the forward; nullptr when activation is none
+  // 1: pre holds relu_sign_bits (uint8), all relu's backward needs; the residual is then not read (nullptr),
+  // and grad_residual, when given, receives the residual's gradient.
+  int64_t pre_bits;
   const void* residual;  // nullptr when absent
   void* grad_pre;        // (batch, time, out_channels) contiguous: dL/dz
   void* grad_residual;   // (batch, time, out_channels) contiguous, or nullptr
@@ -201,6 +207,24 @@ template <typename A>
 HIERTCN_HD A epilogue_forward(A z, bool has_residual, A residual, int64_t activation) {
   const A a = activate(z, activation);
   return has_residual ? activate(a + residual, activation) : a;
+}
+
+// relu's two derivatives as bits of one byte: bit 0 z > 0 (the inner relu), bit 1 out > 0, which is
+// act(z) + residual > 0 (the outer one, with a residual). What the backward keeps of a relu block instead of z and
+// the residual.
+template <typename A>
+HIERTCN_HD uint8_t relu_sign_bits(A z, A out) {
+  return static_cast<uint8_t>((z > A(0) ? 1 : 0) | (out > A(0) ? 2 : 0));
+}
+
+// epilogue_backward for relu from relu_sign_bits: dL/dz, and dL/dresidual into *grad_residual (with_residual).
+template <typename A>
+HIERTCN_HD A relu_bits_backward(A g, uint8_t bits, bool with_residual, A* grad_residual) {
+  if (with_residual) {
+    g = (bits & 2) ? g : A(0);
+    *grad_residual = g;
+  }
+  return (bits & 1) ? g : A(0);
 }
 
 // Given g = dL/dout: dL/dz, and dL/dresidual into *grad_residual.

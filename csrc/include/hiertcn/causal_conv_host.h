@@ -114,14 +114,29 @@ inline at::Tensor pack_conv_weight_transposed(const at::Tensor& weight) {
   return weight.permute({2, 0, 1}).contiguous();
 }
 
+// pre is z in x's dtype, or (relu only) uint8 relu_sign_bits: returns whether it is the bits.
+inline bool check_pre(const std::optional<at::Tensor>& pre, const at::Tensor& x, const ConvShape& s) {
+  if (!pre) return false;
+  if (pre->scalar_type() != at::kByte || x.scalar_type() == at::kByte) {
+    check_output(*pre, x, {s.batch, s.time, s.out_channels}, "pre");
+    return false;
+  }
+  TORCH_CHECK(s.activation == kActRelu, "pre as uint8 sign bits is for relu only, got activation code ", s.activation);
+  check_shape(*pre, {s.batch, s.time, s.out_channels}, "pre");
+  TORCH_CHECK(pre->is_contiguous(), "pre must be contiguous");
+  TORCH_CHECK(pre->device() == x.device(), "pre must be on the device of x (", x.device(), "), got ", pre->device());
+  return true;
+}
+
 inline CausalConvParams make_causal_conv_params(const ConvShape& s, const at::Tensor& x, const at::Tensor& packed,
                                                 const std::optional<at::Tensor>& bias,
                                                 const std::optional<at::Tensor>& context_table,
                                                 const std::optional<at::Tensor>& residual, const at::Tensor& out,
                                                 const std::optional<at::Tensor>& pre) {
   check_output(out, x, {s.batch, s.time, s.out_channels}, "out");
-  if (pre) check_output(*pre, x, {s.batch, s.time, s.out_channels}, "pre");
+  const bool pre_bits = check_pre(pre, x, s);
   CausalConvParams p{};
+  p.pre_bits = pre_bits;
   set_shape_fields(p, s);
   p.time = s.time;
   p.direction = 1;
@@ -174,9 +189,14 @@ inline CausalConvBackwardParams make_causal_conv_backward_params(
   check_channels_last(grad_out, {s.batch, s.time, s.out_channels}, "grad_out");
   check_same_device_dtype(x, grad_out, "x", "grad_out");
   TORCH_CHECK(s.activation == kActNone || pre.has_value(), "pre (the forward's z) is required with an activation");
-  if (pre) check_output(*pre, x, {s.batch, s.time, s.out_channels}, "pre");
-  TORCH_CHECK(residual.has_value() == grad_residual.has_value(),
-              "grad_residual must be given exactly when residual is");
+  const bool pre_bits = check_pre(pre, x, s);
+  if (pre_bits) {
+    TORCH_CHECK(!residual.has_value(), "with pre as sign bits the residual is not read: pass None (and grad_residual "
+                "where the forward had a residual)");
+  } else {
+    TORCH_CHECK(residual.has_value() == grad_residual.has_value(),
+                "grad_residual must be given exactly when residual is");
+  }
   check_output(grad_pre, x, {s.batch, s.time, s.out_channels}, "grad_pre");
   check_output(grad_x, x, {s.batch, s.time, s.in_channels}, "grad_x");
   check_output(grad_weight, x, {s.out_channels, s.in_channels / s.groups, s.kernel_size}, "grad_weight");
@@ -191,6 +211,11 @@ inline CausalConvBackwardParams make_causal_conv_backward_params(
   p.grad_out = grad_out.data_ptr();
   p.x = x.data_ptr();
   p.pre = pre ? pre->data_ptr() : nullptr;
+  p.pre_bits = pre_bits;
+  if (pre_bits && grad_residual) {
+    check_output(*grad_residual, x, {s.batch, s.time, s.out_channels}, "grad_residual");
+    p.grad_residual = grad_residual->data_ptr();
+  }
   if (residual) {
     check_channels_last(*residual, {s.batch, s.time, s.out_channels}, "residual");
     check_same_device_dtype(x, *residual, "x", "residual");
