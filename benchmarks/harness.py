@@ -26,6 +26,7 @@ import platform
 import statistics
 import subprocess
 import time
+import zlib
 from typing import Callable, Dict, List, Optional
 
 import pytest
@@ -105,6 +106,9 @@ def _variants(case: Case):
         _built["id"], _built["variants"] = None, None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        # The same inputs in every run: a result (and the same-result check, where a relu at its boundary can
+        # tip one way in one variant's summation order and the other way in another's) reproduces.
+        torch.manual_seed(zlib.crc32(case.id.encode()))
         variants = case.make()
         if set(variants) != set(case.variants):
             raise KeyError(f"{case.id}: make() returned variants {sorted(variants)}, declared {sorted(case.variants)}")
