@@ -793,3 +793,23 @@ def test_compiled_ops_take_sign_bits_for_relu_only_and_then_no_residual():
                                        grad_residual=torch.empty(2, 5, 3), **grads)
     ops.causal_conv1d_backward_out(torch.ones(2, 5, 3), x, weight, bits, None, 1, 1, 1, grad_residual=None, **grads)
     assert torch.equal(grads["grad_pre"], (bits & 1).float())
+
+
+def test_triton_ops_take_sign_bits_for_relu_only_and_then_no_residual():
+    """The triton ops check what the C++ ones do (a uint8 pre is relu's sign bits; with them no residual is read)."""
+    backend, device = BACKEND_DEVICES[2].values
+    x, weight = rand(2, 5, 4, dtype=torch.float32, device=device), rand(3, 4, 2, dtype=torch.float32, device=device)
+    out, bits = x.new_empty(2, 5, 3), torch.empty(2, 5, 3, dtype=torch.uint8, device=device)
+    packed = pack_weight(weight, 1)
+    ops = torch.ops.hiertcn_fast
+    with pytest.raises(RuntimeError, match="pre as uint8 sign bits is for relu only"):
+        ops.causal_conv1d_triton_out(x, packed, None, None, None, 1, 1, 3, out, bits)
+    ops.causal_conv1d_triton_out(x, packed, None, None, None, 1, 1, 1, out, bits)
+    grads = [x.new_empty(2, 5, 3), x.new_empty(2, 5, 4), x.new_empty(3, 4, 2)]
+    with pytest.raises(RuntimeError, match="with pre as sign bits the residual is not read"):
+        ops.causal_conv1d_backward_triton_out(torch.ones_like(out), x, weight, bits, torch.zeros_like(out), 1, 1, 1,
+                                              *grads, x.new_empty(2, 5, 3))
+    with pytest.raises(RuntimeError, match="pre as uint8 sign bits is for relu only"):
+        ops.causal_conv1d_backward_triton_out(torch.ones_like(out), x, weight, bits, None, 1, 1, 3, *grads, None)
+    ops.causal_conv1d_backward_triton_out(torch.ones_like(out), x, weight, bits, None, 1, 1, 1, *grads, None)
+    assert torch.equal(grads[0], (bits & 1).float())

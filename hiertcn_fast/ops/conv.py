@@ -1033,12 +1033,25 @@ def _tcn_step_out_fake(x, packed_weights, biases, proj_weights, proj_biases, con
     return None
 
 
+def _check_sign_bits(pre, activation, residual):
+    """The triton ops' word for what the C++ ops check (causal_conv_host.h check_pre): pre as uint8 sign bits is
+    relu's, and with them the backward reads no residual."""
+    if pre is None or pre.dtype != torch.uint8:
+        return
+    if activation != ACTIVATIONS["relu"]:
+        raise RuntimeError(f"pre as uint8 sign bits is for relu only, got activation code {activation}")
+    if residual is not None:
+        raise RuntimeError("with pre as sign bits the residual is not read: pass None (and grad_residual where the "
+                           "forward had a residual)")
+
+
 @torch.library.triton_op("hiertcn_fast::causal_conv1d_triton_out", mutates_args={"out", "pre"})
 def _causal_conv1d_triton_out(x: torch.Tensor, packed_weight: torch.Tensor, bias: Optional[torch.Tensor],
                               context_table: Optional[torch.Tensor], residual: Optional[torch.Tensor], dilation: int,
                               groups: int, activation: int, out: torch.Tensor, pre: Optional[torch.Tensor]) -> None:
     from ..triton import causal_conv as kernels
 
+    _check_sign_bits(pre, activation, None)
     with on_device_of(x):
         kernels.causal_conv_forward(x, packed_weight, bias, context_table, residual, dilation, groups, activation, out,
                                     pre)
@@ -1052,6 +1065,7 @@ def _causal_conv1d_backward_triton_out(grad_out: torch.Tensor, x: torch.Tensor, 
                                        grad_weight: torch.Tensor, grad_residual: Optional[torch.Tensor]) -> None:
     from ..triton import causal_conv as kernels
 
+    _check_sign_bits(pre, activation, residual)
     with on_device_of(grad_out):
         kernels.causal_conv_backward(grad_out, x, weight, pre, residual, dilation, groups, activation, grad_pre, grad_x,
                                      grad_weight, grad_residual)

@@ -117,7 +117,7 @@ inline at::Tensor pack_conv_weight_transposed(const at::Tensor& weight) {
 // pre is z in x's dtype, or (relu only) uint8 relu_sign_bits: returns whether it is the bits.
 inline bool check_pre(const std::optional<at::Tensor>& pre, const at::Tensor& x, const ConvShape& s) {
   if (!pre) return false;
-  if (pre->scalar_type() != at::kByte || x.scalar_type() == at::kByte) {
+  if (pre->scalar_type() != at::kByte) {
     check_output(*pre, x, {s.batch, s.time, s.out_channels}, "pre");
     return false;
   }
