@@ -172,9 +172,8 @@ def _leaders(results: list[ModelResult], focus: str = "hiertcn") -> list[str]:
             best = scored[0][0]
             leaders = [name for value, name in scored if value == best]
             text = f"- {label}: {' and '.join(leaders)} {_number(best)}"
-            mine = next((value for value, name in scored if name == focus), None)
-            if mine is not None and len(scored) > 1:
-                value = mine
+            value = next((value for value, name in scored if name == focus), None)
+            if value is not None and len(scored) > 1:
                 place = sum(1 for other, _ in scored if other > value)  # ties share a place
                 if value == best and len(leaders) == 1:
                     runner_value, runner = scored[1]

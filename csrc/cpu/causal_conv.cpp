@@ -373,21 +373,17 @@ void activation_backward_row(const double* g_row, const double* pre_row, const d
 // and compiled per instruction set like the activation rows above.
 template <typename T>
 HIERTCN_ALWAYS_INLINE void relu_bits_row_loop(const T* z, const T* out_row, uint8_t* bits, int64_t C) {
-  for (int64_t o = 0; o < C; ++o)
-    bits[o] = static_cast<uint8_t>(static_cast<uint8_t>(z[o] > T(0)) | (static_cast<uint8_t>(out_row[o] > T(0)) << 1));
+  for (int64_t o = 0; o < C; ++o) bits[o] = relu_sign_bits<T>(z[o], out_row[o]);
 }
 
 template <typename T>
 HIERTCN_ALWAYS_INLINE void relu_bits_backward_row_loop(const T* g_row, const uint8_t* bits, T* grad_pre_row,
                                                        T* grad_res_row, int64_t C) {
   if (grad_res_row) {
-    for (int64_t o = 0; o < C; ++o) {
-      const T outer = g_row[o] * static_cast<T>((bits[o] >> 1) & 1);
-      grad_res_row[o] = outer;
-      grad_pre_row[o] = outer * static_cast<T>(bits[o] & 1);
-    }
+    for (int64_t o = 0; o < C; ++o) grad_pre_row[o] = relu_bits_backward<T>(g_row[o], bits[o], true, grad_res_row + o);
   } else {
-    for (int64_t o = 0; o < C; ++o) grad_pre_row[o] = g_row[o] * static_cast<T>(bits[o] & 1);
+    T unused;
+    for (int64_t o = 0; o < C; ++o) grad_pre_row[o] = relu_bits_backward<T>(g_row[o], bits[o], false, &unused);
   }
 }
 

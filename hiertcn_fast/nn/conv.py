@@ -406,8 +406,6 @@ class TCN(nn.Module):
             context_proj_weight = None if context_projection is None else context_projection._parameters["weight"]
         first = convs[0]._context_args(context)
         backend = convs[0].backend
-        if context is None:
-            context_proj_weight = None  # the first conv has refused the missing context
         out = tcn_step(x_t, weights, biases, state.layers, proj_weights=proj_weights, proj_biases=proj_biases,
                        context_proj_weight=context_proj_weight, activation="relu", backend=backend, **first)
         if not torch.compiler.is_compiling() and not parametrized:
@@ -427,8 +425,7 @@ class TCN(nn.Module):
         projection's weight, index 2 the first conv, index 5 its context weight."""
         blocks = self._modules["blocks"]._modules.values()
         context_projection = next(iter(blocks))._modules.get("context_projection")
-        objects = [context, None if context_projection is None or context is None
-                   else context_projection._parameters.get("weight")]
+        objects = [context, None if context_projection is None else context_projection._parameters.get("weight")]
         add = objects.append
         for block in blocks:
             modules = block._modules

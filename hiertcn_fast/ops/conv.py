@@ -377,8 +377,7 @@ class _CausalConvFunction(torch.autograd.Function):
         if activation != 0 and any(ctx.needs_input_grad[:5]):
             pre = x.new_empty(out_shape, dtype=torch.uint8) if relu else new_output(out_shape, x)
         _forward_kernel(name, x, weight, bias, table, residual, dilation, groups, activation, out, pre)
-        from_out = (residual is not None and residual is not x and not relu
-                    and _outer_grad_from_output(activation, x.dtype))
+        from_out = residual is not None and residual is not x and _outer_grad_from_output(activation, x.dtype)
         kept = None if relu else (out if activation != 0 else None) if from_out else residual
         ctx.save_for_backward(x, weight, pre, kept)
         ctx.config = (dilation, groups, activation, name, bias is not None, table is not None, from_out,
@@ -913,9 +912,16 @@ def _stack_plan(x, weights, biases, states, proj_weights, proj_biases, context, 
         if not compiling:
             states[0]._stack_checked = checked
     packed, projections = _packed_stack(weights, proj_weights, x.device.type)
-    table = None if context is None else states[0].cached_context_table(context, context_weight)
-    term = None if context_proj_weight is None else states[0].cached_context_residual(context, context_proj_weight)
+    table, term = _context_inputs(states[0], context, context_weight, context_proj_weight)
     return packed, list(biases), projections, list(proj_biases), table, term, [state.dilation for state in states]
+
+
+def _context_inputs(state, context, context_weight, context_proj_weight):
+    """The stack step's context table and the context's residual term (each None when absent), cached on the
+    first layer's state."""
+    table = None if context is None else state.cached_context_table(context, context_weight)
+    term = None if context_proj_weight is None else state.cached_context_residual(context, context_proj_weight)
+    return table, term
 
 
 def _prepared_key(weights, biases, states, proj_weights, proj_biases, context, context_weight, context_proj_weight):
@@ -979,8 +985,7 @@ def prepared_tcn_step(entry, x, states, context, context_weight, context_proj_we
     """Runs the prepared step of ``entry`` (a states[0]._prepared whose plan is set) on x: its output, or None
     where the plan refused (a weight changed in place), which also drops the plan. For callers that checked
     that the entry belongs to exactly these arguments (tcn_step, TCN.step)."""
-    table = None if context is None else states[0].cached_context_table(context, context_weight)
-    term = None if context_proj_weight is None else states[0].cached_context_residual(context, context_proj_weight)
+    table, term = _context_inputs(states[0], context, context_weight, context_proj_weight)
     out = entry[2].step(x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous(), table, term)
     if out is None:  # a weight changed in place: the op repacks, and the next call prepares again
         states[0]._prepared = (entry[0], entry[1], None)
