@@ -130,14 +130,9 @@ void run_pair(bool concurrently, const First& first, const Second& second) {
 // Every tensor is 2-D (batch, ...); gi, gh and out contiguous.
 void step_forward_cpu(bool concurrently, const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih,
                       const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, at::Tensor gi,
-                      at::Tensor gh, at::Tensor out, const std::function<void()>& before_input_product = {}) {
+                      at::Tensor gh, at::Tensor out) {
   run_pair(
-      concurrently,
-      [&] {
-        if (before_input_product) before_input_product();
-        at::cpu::mm_out(gi, x, w_ih.t());
-      },
-      [&] { at::cpu::mm_out(gh, h, w_hh.t()); });
+      concurrently, [&] { at::cpu::mm_out(gi, x, w_ih.t()); }, [&] { at::cpu::mm_out(gh, h, w_hh.t()); });
   const GruGatesParams gates = make_gru_gates_params(gi, gh, h, out);
   if (!b_ih.has_value()) {
     launch_gru_gates_cpu(gates, h.scalar_type());
@@ -475,27 +470,24 @@ void session_update_forward_out(const at::Tensor& items, const at::Tensor& lengt
   if (s.batch == 0) return;
   const GruKernels& k = gru_kernels_for(items.device());
   if (items.is_cpu()) {
-    // Layer 0's input products wait for the session mean (and projection), computed on their thread
-    // while the other thread runs the state product.
+    // The session mean first, split over the rows on every thread (a pass over up to batch x time x dim
+    // inputs: on one thread beside layer 0's state product it was the longer side of that pair), then the
+    // projection, then each layer's pair of products.
     const bool concurrently = run_pairs_concurrently(s.batch * 3 * s.hidden * std::max(s.input, s.hidden));
+    run_session_mean(k, items, lengths, s, session_mean);
+    if (projected.has_value()) {
+      at::Tensor projected_out = *projected;
+      if (proj_bias.has_value()) {
+        at::cpu::addmm_out(projected_out, *proj_bias, session_mean, proj_weight->t());
+      } else {
+        at::cpu::mm_out(projected_out, session_mean, proj_weight->t());
+      }
+    }
     const at::Tensor first_input = projected.has_value() ? *projected : session_mean;
     for (int64_t l = 0; l < s.layers; ++l) {
       const LayerWeights w = layer_weights(weights, s, l);
-      std::function<void()> before_input_product;
-      if (l == 0) {
-        before_input_product = [&] {
-          run_session_mean(k, items, lengths, s, session_mean);
-          if (!projected.has_value()) return;
-          at::Tensor projected_out = *projected;
-          if (proj_bias.has_value()) {
-            at::cpu::addmm_out(projected_out, *proj_bias, session_mean, proj_weight->t());
-          } else {
-            at::cpu::mm_out(projected_out, session_mean, proj_weight->t());
-          }
-        };
-      }
       step_forward_cpu(concurrently, l == 0 ? first_input : states.select(0, l - 1), h.select(0, l), w.w_ih, w.w_hh,
-                       w.b_ih, w.b_hh, gi.select(0, l), gh.select(0, l), states.select(0, l), before_input_product);
+                       w.b_ih, w.b_hh, gi.select(0, l), gh.select(0, l), states.select(0, l));
     }
     const at::Tensor keep_values = keep.contiguous();
     launch_session_keep_cpu(session_keep_params(s, lengths, keep_values, states, &h, out, nullptr), h.scalar_type());
