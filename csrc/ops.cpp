@@ -53,15 +53,16 @@ TORCH_LIBRARY(hiertcn_fast, m) {
   // (batch, time, dim) over lengths (batch,) int64, optional projection, one step of a multi-layer GRU
   // from h (layers, batch, hidden), rows of length 0 unchanged, then times keep (batch,). weights: per
   // layer w_ih, w_hh[, b_ih, b_hh]. Saved for the backward: states (the GRU's new states before
-  // masking), session_mean (batch, dim), projected (batch, projected), gi and gh (layers, batch, 3*hidden).
+  // masking), session_mean (batch, dim), projected (batch, projected), gates (layers, batch, 4*hidden): each
+  // row's r, z, n and hn = W_hn h + b_hn, all the gates' backward reads.
   m.def(
       "session_update_forward_out(Tensor item_embeddings, Tensor lengths, Tensor h, Tensor keep, Tensor[] weights, "
       "Tensor? proj_weight, Tensor? proj_bias, *, Tensor(a!) out, Tensor(b!) states, Tensor(c!) session_mean, "
-      "Tensor(d!)? projected, Tensor(e!) gi, Tensor(f!) gh) -> ()");
+      "Tensor(d!)? projected, Tensor(e!) gates) -> ()");
   m.def(
       "session_update_backward_out(Tensor grad_out, Tensor item_embeddings, Tensor lengths, Tensor h, Tensor keep, "
-      "Tensor[] weights, Tensor? proj_weight, Tensor session_mean, Tensor? projected, Tensor states, Tensor gi, "
-      "Tensor gh, *, Tensor(a!)? grad_item_embeddings, Tensor(b!) grad_h, Tensor(c!)[] grad_weights, "
+      "Tensor[] weights, Tensor? proj_weight, Tensor session_mean, Tensor? projected, Tensor states, Tensor gates, "
+      "*, Tensor(a!)? grad_item_embeddings, Tensor(b!) grad_h, Tensor(c!)[] grad_weights, "
       "Tensor(d!)? grad_proj_weight, Tensor(e!)? grad_proj_bias) -> ()");
   // session_update as one op (cpu/gru_recurrence.cpp): the out ops above behind one C++ autograd node;
   // lengths int64, keep in h's dtype.

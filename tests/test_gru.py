@@ -360,7 +360,7 @@ def test_opcheck_compiled_ops(device):
     items = items.contiguous()
     flat = [t for layer in weights for t in layer]
     saved = dict(out=torch.empty_like(h), states=torch.empty_like(h), session_mean=empty(4, 5),
-                 projected=empty(4, 6), gi=empty(2, 4, 18), gh=empty(2, 4, 18))
+                 projected=empty(4, 6), gates=empty(2, 4, 24))
     su_args = [items.detach().requires_grad_(), lengths, h.detach().requires_grad_(), keep, flat, pw, pb]
     torch.library.opcheck(ops.session_update.default, su_args)
     torch.library.opcheck(ops.session_update_forward_out.default, (items, lengths, h, keep, flat, pw, pb), saved)
@@ -370,7 +370,7 @@ def test_opcheck_compiled_ops(device):
                  grad_proj_bias=torch.empty_like(pb))
     torch.library.opcheck(ops.session_update_backward_out.default,
                           (torch.randn_like(h), items, lengths, h, keep, flat, pw, saved["session_mean"],
-                           saved["projected"], saved["states"], saved["gi"], saved["gh"]), grads)
+                           saved["projected"], saved["states"], saved["gates"]), grads)
 
 
 def test_triton_session_mean_ops():

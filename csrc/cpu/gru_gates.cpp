@@ -35,6 +35,34 @@ HIERTCN_CPU_CLONES void forward_row_bias(T* __restrict gi, T* __restrict gh, con
   for (int64_t j = 0; j < H; ++j) out[j] = gru_gate_forward_row<T, acc_t<T>>(gi, gh, h, j, H);
 }
 
+// forward_row that also writes the row's saved gates.
+template <typename T>
+HIERTCN_CPU_CLONES void forward_row_save(const T* __restrict gi, const T* __restrict gh, const T* __restrict h,
+                                         T* __restrict saved, T* __restrict out, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) out[j] = gru_gate_forward_save_row<T, acc_t<T>>(gi, gh, h, saved, j, H);
+}
+
+// forward_row_bias that leaves gi and gh as they are and writes the row's saved gates instead: the biases
+// join the pre-activations in T, rounded as forward_row_bias rounds them in place.
+template <typename T>
+HIERTCN_CPU_CLONES void forward_row_bias_save(const T* __restrict gi, const T* __restrict gh,
+                                              const T* __restrict b_ih, const T* __restrict b_hh,
+                                              const T* __restrict h, T* __restrict saved, T* __restrict out,
+                                              int64_t H) {
+  using A = acc_t<T>;
+  for (int64_t j = 0; j < H; ++j) {
+    const T gi_r = gi[j] + b_ih[j], gi_z = gi[H + j] + b_ih[H + j], gi_n = gi[2 * H + j] + b_ih[2 * H + j];
+    const T gh_r = gh[j] + b_hh[j], gh_z = gh[H + j] + b_hh[H + j], gh_n = gh[2 * H + j] + b_hh[2 * H + j];
+    out[j] = gru_gate_forward_save<T, A>(A(gi_r), A(gi_z), A(gi_n), A(gh_r), A(gh_z), gh_n, A(h[j]), saved, j, H);
+  }
+}
+
+template <typename T>
+HIERTCN_CPU_CLONES void backward_row_saved(const T* __restrict g, const T* __restrict saved, const T* __restrict h,
+                                           T* __restrict d_gi, T* __restrict d_gh, T* __restrict d_h, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) gru_gate_backward_saved_row<T, acc_t<T>>(g, saved, h, d_gi, d_gh, d_h, j, H);
+}
+
 template <typename T>
 HIERTCN_CPU_CLONES void backward_row(const T* __restrict g, const T* __restrict gi, const T* __restrict gh,
                                      const T* __restrict h, T* __restrict d_gi, T* __restrict d_gh,
@@ -48,10 +76,16 @@ void gru_gates_cpu_kernel(const GruGatesParams& p) {
   const T* gh = static_cast<const T*>(p.gh);
   const T* h = static_cast<const T*>(p.h);
   T* out = static_cast<T*>(p.out);
+  T* saved = static_cast<T*>(p.saved);
   at::parallel_for(0, p.batch, rows_per_task(p.hidden), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      forward_row<T>(gi + b * p.gi_row_stride, gh + b * p.gh_row_stride, h + b * p.h_row_stride,
+      if (saved) {
+        forward_row_save<T>(gi + b * p.gi_row_stride, gh + b * p.gh_row_stride, h + b * p.h_row_stride,
+                            saved + b * p.saved_row_stride, out + b * p.out_row_stride, p.hidden);
+      } else {
+        forward_row<T>(gi + b * p.gi_row_stride, gh + b * p.gh_row_stride, h + b * p.h_row_stride,
                        out + b * p.out_row_stride, p.hidden);
+      }
     }
   });
 }
@@ -65,10 +99,17 @@ void gru_gates_bias_cpu_kernel(const GruGatesBiasParams& bp) {
   const T* b_hh = static_cast<const T*>(bp.b_hh);
   const T* h = static_cast<const T*>(p.h);
   T* out = static_cast<T*>(p.out);
+  T* saved = static_cast<T*>(p.saved);
   at::parallel_for(0, p.batch, rows_per_task(p.hidden), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      forward_row_bias<T>(gi + b * p.gi_row_stride, gh + b * p.gh_row_stride, b_ih, b_hh, h + b * p.h_row_stride,
-                          out + b * p.out_row_stride, p.hidden);
+      if (saved) {
+        forward_row_bias_save<T>(gi + b * p.gi_row_stride, gh + b * p.gh_row_stride, b_ih, b_hh,
+                                 h + b * p.h_row_stride, saved + b * p.saved_row_stride, out + b * p.out_row_stride,
+                                 p.hidden);
+      } else {
+        forward_row_bias<T>(gi + b * p.gi_row_stride, gh + b * p.gh_row_stride, b_ih, b_hh, h + b * p.h_row_stride,
+                            out + b * p.out_row_stride, p.hidden);
+      }
     }
   });
 }
@@ -82,8 +123,15 @@ void gru_gates_backward_cpu_kernel(const GruGatesBackwardParams& p) {
   T* d_gi = static_cast<T*>(p.grad_gi);
   T* d_gh = static_cast<T*>(p.grad_gh);
   T* d_h = static_cast<T*>(p.grad_h);
+  const T* saved = static_cast<const T*>(p.saved);
   at::parallel_for(0, p.batch, rows_per_task(p.hidden), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
+      if (saved) {
+        backward_row_saved<T>(g + b * p.grad_out_row_stride, saved + b * p.saved_row_stride, h + b * p.h_row_stride,
+                              d_gi + b * p.grad_gi_row_stride, d_gh + b * p.grad_gh_row_stride,
+                              d_h + b * p.grad_h_row_stride, p.hidden);
+        continue;
+      }
       backward_row<T>(g + b * p.grad_out_row_stride, gi + b * p.gi_row_stride, gh + b * p.gh_row_stride,
                                 h + b * p.h_row_stride, d_gi + b * p.grad_gi_row_stride,
                                 d_gh + b * p.grad_gh_row_stride, d_h + b * p.grad_h_row_stride, p.hidden);

@@ -86,6 +86,12 @@ void step_gates_backward(const GruKernels& k, const at::Tensor& grad, const at::
   k.gates_backward(make_gru_gates_backward_params(grad, gi, gh, h, grad_gi, grad_gh, grad_h), h.scalar_type());
 }
 
+// The same from a forward's saved gates (r, z, n, hn rows of 4 * hidden) instead of gi and gh.
+void step_gates_backward_saved(const GruKernels& k, const at::Tensor& grad, const at::Tensor& saved,
+                               const at::Tensor& h, at::Tensor grad_gi, at::Tensor grad_gh, at::Tensor grad_h) {
+  k.gates_backward(make_gru_gates_backward_saved_params(grad, saved, h, grad_gi, grad_gh, grad_h), h.scalar_type());
+}
+
 // ---- CPU single steps ----------------------------------------------------------------------------
 //
 // The cell (a layer at time 1) and session_update take these paths on CPU tensors. At HierTCN's sizes
@@ -126,14 +132,16 @@ void run_pair(bool concurrently, const First& first, const Second& second) {
   });
 }
 
-// gi = x W_ih^T, gh = h W_hh^T, then h' = gates(gi + b_ih, gh + b_hh, h), biases added into gi and gh.
-// Every tensor is 2-D (batch, ...); gi, gh and out contiguous.
+// gi = x W_ih^T, gh = h W_hh^T, then h' = gates(gi + b_ih, gh + b_hh, h): without saved, biases added into gi
+// and gh (which the backward then reads); with saved (batch, 4 * hidden), gi and gh are scratch and the gates
+// the backward reads go to saved. Every tensor is 2-D (batch, ...); gi, gh and out contiguous.
 void step_forward_cpu(bool concurrently, const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih,
                       const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, at::Tensor gi,
-                      at::Tensor gh, at::Tensor out) {
+                      at::Tensor gh, at::Tensor out, const OptTensor& saved = std::nullopt) {
   run_pair(
       concurrently, [&] { at::cpu::mm_out(gi, x, w_ih.t()); }, [&] { at::cpu::mm_out(gh, h, w_hh.t()); });
-  const GruGatesParams gates = make_gru_gates_params(gi, gh, h, out);
+  const GruGatesParams gates =
+      saved.has_value() ? make_gru_gates_saving_params(gi, gh, h, out, *saved) : make_gru_gates_params(gi, gh, h, out);
   if (!b_ih.has_value()) {
     launch_gru_gates_cpu(gates, h.scalar_type());
     return;
@@ -389,13 +397,12 @@ SessionUpdateShapes check_session_update(const at::Tensor& items, const at::Tens
 // The tensors the forward saves for the backward (written by one, read by the other).
 void check_session_update_saved(const at::Tensor& items, const SessionUpdateShapes& s, const OptTensor& proj_weight,
                                 const at::Tensor& states, const at::Tensor& session_mean, const OptTensor& projected,
-                                const at::Tensor& gi, const at::Tensor& gh) {
+                                const at::Tensor& gates) {
   check_buffer(items, states, {s.layers, s.batch, s.hidden}, "states");
   check_buffer(items, session_mean, {s.batch, s.dim}, "session_mean");
   TORCH_CHECK(projected.has_value() == proj_weight.has_value(), "projected is needed exactly with proj_weight");
   if (projected.has_value()) check_buffer(items, *projected, {s.batch, s.input}, "projected");
-  check_buffer(items, gi, {s.layers, s.batch, 3 * s.hidden}, "gi");
-  check_buffer(items, gh, {s.layers, s.batch, 3 * s.hidden}, "gh");
+  check_buffer(items, gates, {s.layers, s.batch, 4 * s.hidden}, "gates");
 }
 
 struct LayerWeights {
@@ -461,14 +468,17 @@ at::Tensor per_row(const at::Tensor& t) { return t.view({1, t.size(0), 1}); }
 void session_update_forward_out(const at::Tensor& items, const at::Tensor& lengths, const at::Tensor& h,
                                 const at::Tensor& keep, at::TensorList weights, const OptTensor& proj_weight,
                                 const OptTensor& proj_bias, at::Tensor& out, at::Tensor& states,
-                                at::Tensor& session_mean, const OptTensor& projected, at::Tensor& gi,
-                                at::Tensor& gh) {
+                                at::Tensor& session_mean, const OptTensor& projected, at::Tensor& gates) {
   const SessionUpdateShapes s = check_session_update(items, lengths, h, keep, weights, proj_weight, proj_bias);
   const c10::DeviceGuard guard(items.device());
   check_buffer(items, out, h.sizes(), "out");
-  check_session_update_saved(items, s, proj_weight, states, session_mean, projected, gi, gh);
+  check_session_update_saved(items, s, proj_weight, states, session_mean, projected, gates);
   if (s.batch == 0) return;
   const GruKernels& k = gru_kernels_for(items.device());
+  // Each layer's products go to scratch gi and gh, shared by the layers; what the backward reads of the
+  // gates is their saved rows (r, z, n, hn: 4 * hidden per row, where gi and gh are 6).
+  const at::Tensor gi = at::empty({s.batch, 3 * s.hidden}, h.options());
+  const at::Tensor gh = at::empty_like(gi);
   if (items.is_cpu()) {
     // The session mean first, split over the rows on every thread (a pass over up to batch x time x dim
     // inputs: on one thread beside layer 0's state product it was the longer side of that pair), then the
@@ -487,7 +497,7 @@ void session_update_forward_out(const at::Tensor& items, const at::Tensor& lengt
     for (int64_t l = 0; l < s.layers; ++l) {
       const LayerWeights w = layer_weights(weights, s, l);
       step_forward_cpu(concurrently, l == 0 ? first_input : states.select(0, l - 1), h.select(0, l), w.w_ih, w.w_hh,
-                       w.b_ih, w.b_hh, gi.select(0, l), gh.select(0, l), states.select(0, l));
+                       w.b_ih, w.b_hh, gi, gh, states.select(0, l), gates.select(0, l));
     }
     const at::Tensor keep_values = keep.contiguous();
     launch_session_keep_cpu(session_keep_params(s, lengths, keep_values, states, &h, out, nullptr), h.scalar_type());
@@ -503,10 +513,11 @@ void session_update_forward_out(const at::Tensor& items, const at::Tensor& lengt
   }
   for (int64_t l = 0; l < s.layers; ++l) {
     const LayerWeights w = layer_weights(weights, s, l);
-    at::Tensor gi_l = gi.select(0, l), gh_l = gh.select(0, l);
-    affine_out(gi_l, layer_input, w.w_ih, w.b_ih);
-    affine_out(gh_l, h.select(0, l), w.w_hh, w.b_hh);
-    step_gates(k, gi_l, gh_l, h.select(0, l), states.select(0, l));
+    at::Tensor gi_out = gi, gh_out = gh;
+    affine_out(gi_out, layer_input, w.w_ih, w.b_ih);
+    affine_out(gh_out, h.select(0, l), w.w_hh, w.b_hh);
+    k.gates(make_gru_gates_saving_params(gi, gh, h.select(0, l), states.select(0, l), gates.select(0, l)),
+            h.scalar_type());
     layer_input = states.select(0, l);
   }
   // Rows without a session keep their state; then ended users' rows are zeroed.
@@ -516,14 +527,14 @@ void session_update_forward_out(const at::Tensor& items, const at::Tensor& lengt
 void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& items, const at::Tensor& lengths,
                                  const at::Tensor& h, const at::Tensor& keep, at::TensorList weights,
                                  const OptTensor& proj_weight, const at::Tensor& session_mean,
-                                 const OptTensor& projected, const at::Tensor& states, const at::Tensor& gi,
-                                 const at::Tensor& gh, const OptTensor& grad_items, at::Tensor& grad_h,
+                                 const OptTensor& projected, const at::Tensor& states, const at::Tensor& gates,
+                                 const OptTensor& grad_items, at::Tensor& grad_h,
                                  at::TensorList grad_weights, const OptTensor& grad_proj_weight,
                                  const OptTensor& grad_proj_bias) {
   const SessionUpdateShapes s = check_session_update(items, lengths, h, keep, weights, proj_weight, std::nullopt);
   const c10::DeviceGuard guard(items.device());
   check_buffer(items, grad_out, h.sizes(), "grad_out");
-  check_session_update_saved(items, s, proj_weight, states, session_mean, projected, gi, gh);
+  check_session_update_saved(items, s, proj_weight, states, session_mean, projected, gates);
   if (grad_items.has_value()) check_buffer(items, *grad_items, items.sizes(), "grad_item_embeddings");
   check_buffer(items, grad_h, h.sizes(), "grad_h");
   TORCH_CHECK(grad_weights.size() == weights.size(), "grad_weights must match weights one to one");
@@ -572,7 +583,7 @@ void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& i
     const at::Tensor h_l = h.select(0, l);
     const at::Tensor layer_input =
         l > 0 ? states.select(0, l - 1) : (projected.has_value() ? *projected : session_mean);
-    step_gates_backward(k, grad_layer_output, gi.select(0, l), gh.select(0, l), h_l, grad_gi, grad_gh, grad_h_direct);
+    step_gates_backward_saved(k, grad_layer_output, gates.select(0, l), h_l, grad_gi, grad_gh, grad_h_direct);
     at::Tensor grad_h_l = grad_h.select(0, l);
     add_into(grad_h_l, grad_h_l, grad_h_direct);
     step_weight_grads(concurrently, grad_gi, grad_gh, layer_input, h_l, w.w_hh, grad_h_l, grad_weights[l * per_layer],
@@ -715,20 +726,20 @@ at::Tensor gru_cell_forward_only(const at::Tensor& x, const at::Tensor& h, const
 void call_session_forward(const at::Tensor& items, const at::Tensor& lengths, const at::Tensor& h,
                           const at::Tensor& keep, at::TensorList weights, const OptTensor& proj_weight,
                           const OptTensor& proj_bias, at::Tensor& out, at::Tensor& states, at::Tensor& session_mean,
-                          const OptTensor& projected, at::Tensor& gi, at::Tensor& gh) {
+                          const OptTensor& projected, at::Tensor& gates) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("hiertcn_fast::session_update_forward_out", "")
           .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList,
                       const OptTensor&, const OptTensor&, at::Tensor&, at::Tensor&, at::Tensor&, const OptTensor&,
-                      at::Tensor&, at::Tensor&)>();
-  op.call(items, lengths, h, keep, weights, proj_weight, proj_bias, out, states, session_mean, projected, gi, gh);
+                      at::Tensor&)>();
+  op.call(items, lengths, h, keep, weights, proj_weight, proj_bias, out, states, session_mean, projected, gates);
 }
 
 void call_session_backward(const at::Tensor& grad_out, const at::Tensor& items, const at::Tensor& lengths,
                            const at::Tensor& h, const at::Tensor& keep, at::TensorList weights,
                            const OptTensor& proj_weight, const at::Tensor& session_mean, const OptTensor& projected,
-                           const at::Tensor& states, const at::Tensor& gi, const at::Tensor& gh,
+                           const at::Tensor& states, const at::Tensor& gates,
                            const OptTensor& grad_items, at::Tensor& grad_h, at::TensorList grad_weights,
                            const OptTensor& grad_proj_weight, const OptTensor& grad_proj_bias) {
   static const auto op =
@@ -736,15 +747,15 @@ void call_session_backward(const at::Tensor& grad_out, const at::Tensor& items, 
           .findSchemaOrThrow("hiertcn_fast::session_update_backward_out", "")
           .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                       at::TensorList, const OptTensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
-                      const at::Tensor&, const at::Tensor&, const OptTensor&, at::Tensor&, at::TensorList,
+                      const at::Tensor&, const OptTensor&, at::Tensor&, at::TensorList,
                       const OptTensor&, const OptTensor&)>();
-  op.call(grad_out, items, lengths, h, keep, weights, proj_weight, session_mean, projected, states, gi, gh,
+  op.call(grad_out, items, lengths, h, keep, weights, proj_weight, session_mean, projected, states, gates,
           grad_items, grad_h, grad_weights, grad_proj_weight, grad_proj_bias);
 }
 
 // The buffers the forward fills and the backward reads.
 struct SessionSaved {
-  at::Tensor out, states, session_mean, gi, gh;
+  at::Tensor out, states, session_mean, gates;
   OptTensor projected;
 };
 
@@ -759,10 +770,9 @@ SessionSaved session_forward(const at::Tensor& items, const at::Tensor& lengths,
   r.states = at::empty_like(r.out);
   r.session_mean = at::empty({batch, items.size(2)}, h.options());
   if (proj_weight.has_value()) r.projected = at::empty({batch, proj_weight->size(0)}, h.options());
-  r.gi = at::empty({layers, batch, 3 * hidden}, h.options());
-  r.gh = at::empty_like(r.gi);
+  r.gates = at::empty({layers, batch, 4 * hidden}, h.options());
   call_session_forward(items, lengths, h, keep, weights, proj_weight, proj_bias, r.out, r.states, r.session_mean,
-                       r.projected, r.gi, r.gh);
+                       r.projected, r.gates);
   return r;
 }
 
@@ -776,8 +786,7 @@ class SessionUpdateFunction : public torch::autograd::Function<SessionUpdateFunc
     // The backward needs the item embeddings' shape only (a mean's gradient does not depend on what was
     // averaged): keeping them would hold the whole padded batch of sessions, of which each step's rows are a
     // view, until the backward.
-    torch::autograd::variable_list saved{at::Tensor(), lengths, h_contiguous,   keep,
-                                         r.states,     r.gi,    r.gh,           r.session_mean,
+    torch::autograd::variable_list saved{at::Tensor(), lengths, h_contiguous, keep, r.states, r.gates, r.session_mean,
                                          proj_weight.value_or(at::Tensor()), r.projected.value_or(at::Tensor())};
     saved.insert(saved.end(), weights.begin(), weights.end());
     ctx->save_for_backward(saved);
@@ -790,15 +799,15 @@ class SessionUpdateFunction : public torch::autograd::Function<SessionUpdateFunc
                                                  torch::autograd::variable_list grads) {
     refuse_graph_of_gradient("session_update");
     const torch::autograd::variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &lengths = saved[1], &h = saved[2], &keep = saved[3], &states = saved[4], &gi = saved[5],
-                     &gh = saved[6], &session_mean = saved[7];
+    const at::Tensor &lengths = saved[1], &h = saved[2], &keep = saved[3], &states = saved[4], &gates = saved[5],
+                     &session_mean = saved[6];
     // A stand-in with the item embeddings' shape, dtype and device (the backward op reads nothing else).
     const int64_t dim = session_mean.size(1);
     const at::Tensor items =
         at::empty({dim}, h.options()).as_strided({h.size(1), ctx->saved_data["time"].toInt(), dim}, {0, 0, 1});
-    const OptTensor proj_weight = saved[8].defined() ? OptTensor(saved[8]) : std::nullopt;
-    const OptTensor projected = saved[9].defined() ? OptTensor(saved[9]) : std::nullopt;
-    const std::vector<at::Tensor> weights(saved.begin() + 10, saved.end());
+    const OptTensor proj_weight = saved[7].defined() ? OptTensor(saved[7]) : std::nullopt;
+    const OptTensor projected = saved[8].defined() ? OptTensor(saved[8]) : std::nullopt;
+    const std::vector<at::Tensor> weights(saved.begin() + 9, saved.end());
     const at::Tensor grad_out = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(h);
 
     OptTensor grad_items, grad_proj_weight, grad_proj_bias;
@@ -811,8 +820,8 @@ class SessionUpdateFunction : public torch::autograd::Function<SessionUpdateFunc
       grad_proj_weight = at::empty(proj_weight->sizes(), proj_weight->options());
       if (ctx->saved_data["proj_bias"].toBool()) grad_proj_bias = at::empty({proj_weight->size(0)}, h.options());
     }
-    call_session_backward(grad_out, items, lengths, h, keep, weights, proj_weight, session_mean, projected, states, gi,
-                          gh, grad_items, grad_h, grad_weights, grad_proj_weight, grad_proj_bias);
+    call_session_backward(grad_out, items, lengths, h, keep, weights, proj_weight, session_mean, projected, states,
+                          gates, grad_items, grad_h, grad_weights, grad_proj_weight, grad_proj_bias);
     at::Tensor grad_keep;
     if (ctx->needs_input_grad(3)) {
       const at::Tensor active = lengths.gt(0).view({1, -1, 1});

@@ -19,9 +19,15 @@ __global__ void gru_gates_cuda_kernel(GruGatesParams p) {
   if (idx >= p.batch * H) return;
   const int64_t b = idx / H, j = idx % H;
   T* out = static_cast<T*>(p.out) + b * p.out_row_stride;
-  out[j] = gru_gate_forward_row<T, acc_t<T>>(static_cast<const T*>(p.gi) + b * p.gi_row_stride,
-                                             static_cast<const T*>(p.gh) + b * p.gh_row_stride,
-                                             static_cast<const T*>(p.h) + b * p.h_row_stride, j, H);
+  const T* gi = static_cast<const T*>(p.gi) + b * p.gi_row_stride;
+  const T* gh = static_cast<const T*>(p.gh) + b * p.gh_row_stride;
+  const T* h = static_cast<const T*>(p.h) + b * p.h_row_stride;
+  if (p.saved != nullptr) {
+    out[j] = gru_gate_forward_save_row<T, acc_t<T>>(gi, gh, h, static_cast<T*>(p.saved) + b * p.saved_row_stride, j,
+                                                    H);
+  } else {
+    out[j] = gru_gate_forward_row<T, acc_t<T>>(gi, gh, h, j, H);
+  }
 }
 
 template <typename T>
@@ -30,6 +36,14 @@ __global__ void gru_gates_backward_cuda_kernel(GruGatesBackwardParams p) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= p.batch * H) return;
   const int64_t b = idx / H, j = idx % H;
+  if (p.saved != nullptr) {
+    gru_gate_backward_saved_row<T, acc_t<T>>(
+        static_cast<const T*>(p.grad_out) + b * p.grad_out_row_stride,
+        static_cast<const T*>(p.saved) + b * p.saved_row_stride, static_cast<const T*>(p.h) + b * p.h_row_stride,
+        static_cast<T*>(p.grad_gi) + b * p.grad_gi_row_stride, static_cast<T*>(p.grad_gh) + b * p.grad_gh_row_stride,
+        static_cast<T*>(p.grad_h) + b * p.grad_h_row_stride, j, H);
+    return;
+  }
   gru_gate_backward_row<T, acc_t<T>>(
       static_cast<const T*>(p.grad_out) + b * p.grad_out_row_stride, static_cast<const T*>(p.gi) + b * p.gi_row_stride,
       static_cast<const T*>(p.gh) + b * p.gh_row_stride, static_cast<const T*>(p.h) + b * p.h_row_stride,

@@ -412,12 +412,12 @@ class _SessionUpdateFunction(torch.autograd.Function):
         out, states = new_output(h.shape, h), new_output(h.shape, h)
         session_mean = new_output((batch, dim), h)
         projected = new_output((batch, proj_weight.shape[0]), h) if proj_weight is not None else None
-        gi, gh = new_output((layers, batch, 3 * hidden), h), new_output((layers, batch, 3 * hidden), h)
+        gates = new_output((layers, batch, 4 * hidden), h)  # per row r, z, n and W_hn h + b_hn
         torch.ops.hiertcn_fast.session_update_forward_out(
             items, lengths, h, keep, list(weights), proj_weight, proj_bias, out=out, states=states,
-            session_mean=session_mean, projected=projected, gi=gi, gh=gh)
+            session_mean=session_mean, projected=projected, gates=gates)
         # The item embeddings' shape is all the backward needs of them (see the C++ node).
-        ctx.save_for_backward(lengths, h, keep, proj_weight, session_mean, projected, states, gi, gh, *weights)
+        ctx.save_for_backward(lengths, h, keep, proj_weight, session_mean, projected, states, gates, *weights)
         ctx.proj_bias = proj_bias is not None
         ctx.items_shape = items.shape
         return out
@@ -425,7 +425,7 @@ class _SessionUpdateFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         refuse_graph_of_gradient("session_update")
-        lengths, h, keep, proj_weight, session_mean, projected, states, gi, gh, *weights = ctx.saved_tensors
+        lengths, h, keep, proj_weight, session_mean, projected, states, gates, *weights = ctx.saved_tensors
         batch, time, dim = ctx.items_shape
         items = h.new_empty(dim).as_strided((batch, time, dim), (0, 0, 1))  # a stand-in with the shape
         grad_out = grad_out.contiguous()
@@ -435,7 +435,7 @@ class _SessionUpdateFunction(torch.autograd.Function):
         grad_proj_weight = new_output(proj_weight.shape, proj_weight) if proj_weight is not None else None
         grad_proj_bias = new_output(proj_weight.shape[:1], proj_weight) if ctx.proj_bias else None
         torch.ops.hiertcn_fast.session_update_backward_out(
-            grad_out, items, lengths, h, keep, weights, proj_weight, session_mean, projected, states, gi, gh,
+            grad_out, items, lengths, h, keep, weights, proj_weight, session_mean, projected, states, gates,
             grad_item_embeddings=grad_items, grad_h=grad_h, grad_weights=grad_weights,
             grad_proj_weight=grad_proj_weight, grad_proj_bias=grad_proj_bias)
         grad_keep = None
@@ -614,13 +614,13 @@ def _session_update_fake(item_embeddings, lengths, h, keep, weights, proj_weight
 
 @_extension.register_fake("session_update_forward_out")
 def _session_update_forward_out_fake(item_embeddings, lengths, h, keep, weights, proj_weight, proj_bias, *, out,
-                                     states, session_mean, projected, gi, gh):
+                                     states, session_mean, projected, gates):
     return None
 
 
 @_extension.register_fake("session_update_backward_out")
 def _session_update_backward_out_fake(grad_out, item_embeddings, lengths, h, keep, weights, proj_weight,
-                                      session_mean, projected, states, gi, gh, *, grad_item_embeddings, grad_h,
+                                      session_mean, projected, states, gates, *, grad_item_embeddings, grad_h,
                                       grad_weights, grad_proj_weight, grad_proj_bias):
     return None
 

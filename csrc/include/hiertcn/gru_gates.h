@@ -6,8 +6,9 @@
 //   n  = tanh(gi_n + r * gh_n)
 //   h' = (1 - z) * n + z * h
 //
-// The backward recomputes r, z, n from gi, gh, h instead of saving them: three extra
-// transcendental evaluations per element are cheaper than writing and reading 3 * hidden floats.
+// The backward either recomputes r, z, n from gi, gh, h (the layer ops, which keep gi and gh), or reads
+// them from a saved row of 4 * hidden: r, z, n and hn = gh_n (W_hn h + b_hn) at j, H + j, 2H + j, 3H + j
+// (session_update, which keeps that row instead of gi and gh: 4 * hidden values per row, not 6).
 #pragma once
 
 #include <math.h>
@@ -28,6 +29,9 @@ struct GruGatesParams {
   const void* gh;
   const void* h;
   void* out;
+  // Optional: rows of 4 * hidden that receive r, z, n and hn for a backward from saved gates.
+  void* saved = nullptr;
+  int64_t saved_row_stride = 0;
 };
 
 struct GruGatesBackwardParams {
@@ -49,6 +53,10 @@ struct GruGatesBackwardParams {
   void* grad_gi;
   void* grad_gh;
   void* grad_h;
+  // When set, r, z, n and hn are read from these rows of 4 * hidden (a forward's saved gates) and gi, gh
+  // are not read.
+  const void* saved = nullptr;
+  int64_t saved_row_stride = 0;
 };
 
 // Precision-matched math: float stays in float (expf, not the double exp) on host and device.
@@ -107,29 +115,47 @@ HIERTCN_HD A sigmoid_acc(A x) {
   return A(1) / (A(1) + exp_acc(-x));
 }
 
+// One hidden unit's activations, from its pre-activations.
+template <typename A>
+struct GruGateActivations {
+  A r, z, n;
+};
+
+template <typename A>
+HIERTCN_HD GruGateActivations<A> gru_gate_activations(A gi_r, A gi_z, A gi_n, A gh_r, A gh_z, A gh_n) {
+  GruGateActivations<A> a;
+  a.r = sigmoid_acc(gi_r + gh_r);
+  a.z = sigmoid_acc(gi_z + gh_z);
+  a.n = tanh_acc(gi_n + a.r * gh_n);
+  return a;
+}
+
 // One hidden unit's forward: returns h'.
 template <typename A>
 HIERTCN_HD A gru_gate_forward(A gi_r, A gi_z, A gi_n, A gh_r, A gh_z, A gh_n, A h) {
-  const A r = sigmoid_acc(gi_r + gh_r);
-  const A z = sigmoid_acc(gi_z + gh_z);
-  const A n = tanh_acc(gi_n + r * gh_n);
-  return (A(1) - z) * n + z * h;
+  const GruGateActivations<A> a = gru_gate_activations(gi_r, gi_z, gi_n, gh_r, gh_z, gh_n);
+  return (A(1) - a.z) * a.n + a.z * h;
 }
 
-// One hidden unit's backward, given g = dL/dh'.
+// One hidden unit's backward from its activations and hn = gh_n, given g = dL/dh'.
 template <typename A>
-HIERTCN_HD void gru_gate_backward(A g, A gi_r, A gi_z, A gi_n, A gh_r, A gh_z, A gh_n, A h, A* d_gi_r,
-                                  A* d_gi_z, A* d_gi_n, A* d_gh_n, A* d_h) {
-  const A r = sigmoid_acc(gi_r + gh_r);
-  const A z = sigmoid_acc(gi_z + gh_z);
-  const A n = tanh_acc(gi_n + r * gh_n);
+HIERTCN_HD void gru_gate_backward_from(A g, A r, A z, A n, A hn, A h, A* d_gi_r, A* d_gi_z, A* d_gi_n, A* d_gh_n,
+                                       A* d_h) {
   const A d_pre_n = g * (A(1) - z) * (A(1) - n * n);
-  const A d_r = d_pre_n * gh_n;
+  const A d_r = d_pre_n * hn;
   *d_gi_r = d_r * r * (A(1) - r);
   *d_gi_z = g * (h - n) * z * (A(1) - z);
   *d_gi_n = d_pre_n;
   *d_gh_n = d_pre_n * r;
   *d_h = g * z;
+}
+
+// One hidden unit's backward, given g = dL/dh': the activations recomputed from the pre-activations.
+template <typename A>
+HIERTCN_HD void gru_gate_backward(A g, A gi_r, A gi_z, A gi_n, A gh_r, A gh_z, A gh_n, A h, A* d_gi_r,
+                                  A* d_gi_z, A* d_gi_n, A* d_gh_n, A* d_h) {
+  const GruGateActivations<A> a = gru_gate_activations(gi_r, gi_z, gi_n, gh_r, gh_z, gh_n);
+  gru_gate_backward_from(g, a.r, a.z, a.n, gh_n, h, d_gi_r, d_gi_z, d_gi_n, d_gh_n, d_h);
 }
 
 // Unit j of one row, read from and written to row pointers, shared by the CPU and CUDA kernels:
@@ -140,13 +166,29 @@ HIERTCN_HD T gru_gate_forward_row(const T* gi, const T* gh, const T* h, int64_t 
                                             A(gh[2 * H + j]), A(h[j])));
 }
 
-// The gradient of gh's r and z parts equals gi's: both enter the same sigmoid.
+// The forward from pre-activations already summed with their biases, that also writes the unit's saved
+// gates (r, z, n, hn at j, H + j, 2H + j, 3H + j of saved). h' comes from the unrounded activations, as in
+// gru_gate_forward_row.
 template <typename T, typename A>
-HIERTCN_HD void gru_gate_backward_row(const T* g, const T* gi, const T* gh, const T* h, T* d_gi, T* d_gh, T* d_h,
-                                      int64_t j, int64_t H) {
-  A d_r, d_z, d_n, d_hn, dh;
-  gru_gate_backward<A>(A(g[j]), A(gi[j]), A(gi[H + j]), A(gi[2 * H + j]), A(gh[j]), A(gh[H + j]), A(gh[2 * H + j]),
-                       A(h[j]), &d_r, &d_z, &d_n, &d_hn, &dh);
+HIERTCN_HD T gru_gate_forward_save(A gi_r, A gi_z, A gi_n, A gh_r, A gh_z, T gh_n, A h, T* saved, int64_t j,
+                                   int64_t H) {
+  const GruGateActivations<A> a = gru_gate_activations(gi_r, gi_z, gi_n, gh_r, gh_z, A(gh_n));
+  saved[j] = static_cast<T>(a.r);
+  saved[H + j] = static_cast<T>(a.z);
+  saved[2 * H + j] = static_cast<T>(a.n);
+  saved[3 * H + j] = gh_n;
+  return static_cast<T>((A(1) - a.z) * a.n + a.z * h);
+}
+
+template <typename T, typename A>
+HIERTCN_HD T gru_gate_forward_save_row(const T* gi, const T* gh, const T* h, T* saved, int64_t j, int64_t H) {
+  return gru_gate_forward_save<T, A>(A(gi[j]), A(gi[H + j]), A(gi[2 * H + j]), A(gh[j]), A(gh[H + j]),
+                                     gh[2 * H + j], A(h[j]), saved, j, H);
+}
+
+template <typename T, typename A>
+HIERTCN_HD void store_gate_grads(T* d_gi, T* d_gh, T* d_h, int64_t j, int64_t H, A d_r, A d_z, A d_n, A d_hn,
+                                 A dh) {
   d_gi[j] = static_cast<T>(d_r);
   d_gi[H + j] = static_cast<T>(d_z);
   d_gi[2 * H + j] = static_cast<T>(d_n);
@@ -154,6 +196,26 @@ HIERTCN_HD void gru_gate_backward_row(const T* g, const T* gi, const T* gh, cons
   d_gh[H + j] = static_cast<T>(d_z);
   d_gh[2 * H + j] = static_cast<T>(d_hn);
   d_h[j] = static_cast<T>(dh);
+}
+
+// The gradient of gh's r and z parts equals gi's: both enter the same sigmoid.
+template <typename T, typename A>
+HIERTCN_HD void gru_gate_backward_row(const T* g, const T* gi, const T* gh, const T* h, T* d_gi, T* d_gh, T* d_h,
+                                      int64_t j, int64_t H) {
+  A d_r, d_z, d_n, d_hn, dh;
+  gru_gate_backward<A>(A(g[j]), A(gi[j]), A(gi[H + j]), A(gi[2 * H + j]), A(gh[j]), A(gh[H + j]), A(gh[2 * H + j]),
+                       A(h[j]), &d_r, &d_z, &d_n, &d_hn, &dh);
+  store_gate_grads<T, A>(d_gi, d_gh, d_h, j, H, d_r, d_z, d_n, d_hn, dh);
+}
+
+// The same from a saved row (r, z, n, hn).
+template <typename T, typename A>
+HIERTCN_HD void gru_gate_backward_saved_row(const T* g, const T* saved, const T* h, T* d_gi, T* d_gh, T* d_h,
+                                            int64_t j, int64_t H) {
+  A d_r, d_z, d_n, d_hn, dh;
+  gru_gate_backward_from<A>(A(g[j]), A(saved[j]), A(saved[H + j]), A(saved[2 * H + j]), A(saved[3 * H + j]),
+                            A(h[j]), &d_r, &d_z, &d_n, &d_hn, &dh);
+  store_gate_grads<T, A>(d_gi, d_gh, d_h, j, H, d_r, d_z, d_n, d_hn, dh);
 }
 
 }  // namespace hiertcn

@@ -70,4 +70,60 @@ inline GruGatesBackwardParams make_gru_gates_backward_params(const at::Tensor& g
   return p;
 }
 
+// Checks saved, (batch, 4 * hidden) rows of h's device and dtype with unit stride, for saved gates.
+inline void check_saved_gates(const at::Tensor& saved, const at::Tensor& h) {
+  check_shape(saved, {h.size(0), 4 * h.size(1)}, "saved gates");
+  check_rows_unit_stride(saved, "saved gates");
+  check_same_device_dtype(h, saved, "h", "saved gates");
+}
+
+// The gates' params that also write the saved gates (r, z, n, hn) into saved.
+inline GruGatesParams make_gru_gates_saving_params(const at::Tensor& gi, const at::Tensor& gh, const at::Tensor& h,
+                                                   const at::Tensor& out, const at::Tensor& saved) {
+  GruGatesParams p = make_gru_gates_params(gi, gh, h, out);
+  check_saved_gates(saved, h);
+  p.saved = saved.data_ptr();
+  p.saved_row_stride = saved.stride(0);
+  return p;
+}
+
+// The backward's params from saved gates instead of gi and gh.
+inline GruGatesBackwardParams make_gru_gates_backward_saved_params(const at::Tensor& grad_out, const at::Tensor& saved,
+                                                                   const at::Tensor& h, const at::Tensor& grad_gi,
+                                                                   const at::Tensor& grad_gh,
+                                                                   const at::Tensor& grad_h) {
+  check_rows_unit_stride(h, "h");
+  check_saved_gates(saved, h);
+  const int64_t batch = h.size(0), hidden = h.size(1);
+  check_shape(grad_out, {batch, hidden}, "grad_out");
+  check_rows_unit_stride(grad_out, "grad_out");
+  check_same_device_dtype(h, grad_out, "h", "grad_out");
+  const auto check_gate_grad = [&](const at::Tensor& t, const char* name) {
+    check_shape(t, {batch, 3 * hidden}, name);
+    check_rows_unit_stride(t, name);
+    check_same_device_dtype(h, t, "h", name);
+  };
+  check_gate_grad(grad_gi, "grad_gi");
+  check_gate_grad(grad_gh, "grad_gh");
+  check_shape(grad_h, h.sizes(), "grad_h");
+  check_rows_unit_stride(grad_h, "grad_h");
+  check_same_device_dtype(h, grad_h, "h", "grad_h");
+  GruGatesBackwardParams p{};
+  p.batch = batch;
+  p.hidden = hidden;
+  p.grad_out_row_stride = grad_out.stride(0);
+  p.h_row_stride = h.stride(0);
+  p.grad_gi_row_stride = grad_gi.stride(0);
+  p.grad_gh_row_stride = grad_gh.stride(0);
+  p.grad_h_row_stride = grad_h.stride(0);
+  p.grad_out = grad_out.data_ptr();
+  p.h = h.data_ptr();
+  p.grad_gi = grad_gi.data_ptr();
+  p.grad_gh = grad_gh.data_ptr();
+  p.grad_h = grad_h.data_ptr();
+  p.saved = saved.data_ptr();
+  p.saved_row_stride = saved.stride(0);
+  return p;
+}
+
 }  // namespace hiertcn

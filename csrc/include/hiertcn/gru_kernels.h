@@ -33,7 +33,8 @@ void launch_session_mean_backward_cuda(const SessionMeanBackwardParams& p, at::S
 // CPU only, for the single-step fast paths of cpu/gru_recurrence.cpp: gi += b_ih and gh += b_hh row by
 // row, in place, then the gates. The biases join the products while the rows are in cache, instead of
 // addmm's broadcast copy of them into the output before the product; gi and gh leave as the
-// pre-activations that the backward reads.
+// pre-activations that the backward reads. With saved gates (gates.saved set) gi and gh are left as they
+// are: the biases join the pre-activations in registers, and the saved gates are what the backward reads.
 struct GruGatesBiasParams {
   // The gates' params; gi and gh, x W_ih^T and h W_hh^T on entry, leave with b_ih and b_hh added (the
   // tensors behind them are the caller's writable buffers).
