@@ -37,14 +37,14 @@ TORCH_LIBRARY(hiertcn_fast, m) {
       "Tensor(b!) grad_gh, Tensor(c!) grad_h) -> ()");
 
   // One GRU layer over a whole sequence (cpu/gru_recurrence.cpp): x (batch, time, input), h0 (batch,
-  // hidden), nn.GRU's weights; output (batch, time, hidden), and for the backward the pre-activations
-  // gi (batch, time, 3*hidden) and gh (time, batch, 3*hidden). grad_output holds dL/d output per step.
+  // hidden), nn.GRU's weights; output (batch, time, hidden), and for the backward each step's gates
+  // (time, batch, 4*hidden): r, z, n and hn = W_hn h + b_hn per row. grad_output holds dL/d output per step.
   m.def(
       "gru_layer_forward_out(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, *, "
-      "Tensor(a!) output, Tensor(b!) gi, Tensor(c!) gh) -> ()");
+      "Tensor(a!) output, Tensor(b!) gates) -> ()");
   m.def(
       "gru_layer_backward_out(Tensor grad_output, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor output, "
-      "Tensor gi, Tensor gh, *, Tensor(a!)? grad_x, Tensor(b!) grad_h0, Tensor(c!) grad_w_ih, Tensor(d!) grad_w_hh, "
+      "Tensor gates, *, Tensor(a!)? grad_x, Tensor(b!) grad_h0, Tensor(c!) grad_w_ih, Tensor(d!) grad_w_hh, "
       "Tensor(e!)? grad_b_ih, Tensor(f!)? grad_b_hh) -> ()");
   // The cell (cpu/gru_recurrence.cpp): the layer ops at time 1 behind one autograd node written in C++.
   m.def("gru_cell(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) -> Tensor");

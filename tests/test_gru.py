@@ -344,7 +344,7 @@ def test_opcheck_compiled_ops(device):
 
     x, h0, weights = sequence_inputs(3, 4, 5, 6, 1, False, True, dtype, device)
     (w_ih, w_hh, b_ih, b_hh), h0 = weights[0], h0[0]
-    saved = dict(output=empty(3, 4, 6), gi=empty(3, 4, 18), gh=empty(4, 3, 18))
+    saved = dict(output=empty(3, 4, 6), gates=empty(4, 3, 24))
     torch.library.opcheck(ops.gru_layer_forward_out.default, (x, h0, w_ih, w_hh, b_ih, b_hh), saved)
     ops.gru_layer_forward_out(x, h0, w_ih, w_hh, b_ih, b_hh, **saved)
     grads = dict(grad_x=torch.empty_like(x), grad_h0=torch.empty_like(h0), grad_w_ih=torch.empty_like(w_ih),

@@ -23,18 +23,6 @@ HIERTCN_CPU_CLONES void forward_row(const T* __restrict gi, const T* __restrict 
   for (int64_t j = 0; j < H; ++j) out[j] = gru_gate_forward_row<T, acc_t<T>>(gi, gh, h, j, H);
 }
 
-// forward_row after adding the biases to the row's pre-activations in place.
-template <typename T>
-HIERTCN_CPU_CLONES void forward_row_bias(T* __restrict gi, T* __restrict gh, const T* __restrict b_ih,
-                                         const T* __restrict b_hh, const T* __restrict h, T* __restrict out,
-                                         int64_t H) {
-  for (int64_t j = 0; j < 3 * H; ++j) {
-    gi[j] += b_ih[j];
-    gh[j] += b_hh[j];
-  }
-  for (int64_t j = 0; j < H; ++j) out[j] = gru_gate_forward_row<T, acc_t<T>>(gi, gh, h, j, H);
-}
-
 // forward_row that also writes the row's saved gates.
 template <typename T>
 HIERTCN_CPU_CLONES void forward_row_save(const T* __restrict gi, const T* __restrict gh, const T* __restrict h,
@@ -42,8 +30,8 @@ HIERTCN_CPU_CLONES void forward_row_save(const T* __restrict gi, const T* __rest
   for (int64_t j = 0; j < H; ++j) out[j] = gru_gate_forward_save_row<T, acc_t<T>>(gi, gh, h, saved, j, H);
 }
 
-// forward_row_bias that leaves gi and gh as they are and writes the row's saved gates instead: the biases
-// join the pre-activations in T, rounded as forward_row_bias rounds them in place.
+// forward_row_save with the biases added to the pre-activations on the way in (in T, as a product's output
+// with its bias would be rounded); gi and gh are left as they are.
 template <typename T>
 HIERTCN_CPU_CLONES void forward_row_bias_save(const T* __restrict gi, const T* __restrict gh,
                                               const T* __restrict b_ih, const T* __restrict b_hh,
@@ -93,23 +81,18 @@ void gru_gates_cpu_kernel(const GruGatesParams& p) {
 template <typename T>
 void gru_gates_bias_cpu_kernel(const GruGatesBiasParams& bp) {
   const GruGatesParams& p = bp.gates;
-  T* gi = static_cast<T*>(const_cast<void*>(p.gi));  // written in place: see GruGatesBiasParams
-  T* gh = static_cast<T*>(const_cast<void*>(p.gh));
+  const T* gi = static_cast<const T*>(p.gi);
+  const T* gh = static_cast<const T*>(p.gh);
   const T* b_ih = static_cast<const T*>(bp.b_ih);
   const T* b_hh = static_cast<const T*>(bp.b_hh);
   const T* h = static_cast<const T*>(p.h);
   T* out = static_cast<T*>(p.out);
   T* saved = static_cast<T*>(p.saved);
+  TORCH_CHECK(saved != nullptr, "gru_gates_bias_cpu: the saved gates are required");
   at::parallel_for(0, p.batch, rows_per_task(p.hidden), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      if (saved) {
-        forward_row_bias_save<T>(gi + b * p.gi_row_stride, gh + b * p.gh_row_stride, b_ih, b_hh,
-                                 h + b * p.h_row_stride, saved + b * p.saved_row_stride, out + b * p.out_row_stride,
-                                 p.hidden);
-      } else {
-        forward_row_bias<T>(gi + b * p.gi_row_stride, gh + b * p.gh_row_stride, b_ih, b_hh, h + b * p.h_row_stride,
-                            out + b * p.out_row_stride, p.hidden);
-      }
+      forward_row_bias_save<T>(gi + b * p.gi_row_stride, gh + b * p.gh_row_stride, b_ih, b_hh, h + b * p.h_row_stride,
+                               saved + b * p.saved_row_stride, out + b * p.out_row_stride, p.hidden);
     }
   });
 }

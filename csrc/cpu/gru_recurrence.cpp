@@ -6,12 +6,13 @@
 // hiertcn/gru_kernels.h for the tensors' device. The loop over time runs here, in C++: one op call
 // per layer and sequence, not one Python call per step.
 //
-// Layouts (all buffers are allocated by the caller, contiguous):
+// Layouts (the buffers the ops take are allocated by the caller, contiguous):
 //   layer:          x (batch, time, input), h0 (batch, hidden), output (batch, time, hidden),
-//                   gi (batch, time, 3 * hidden) = x W_ih^T + b_ih for all steps (one matrix product),
-//                   gh (time, batch, 3 * hidden) = h_{t-1} W_hh^T + b_hh, time-major so that each step
-//                   writes one contiguous block.
-//   session update: h, out, states (layers, batch, hidden); gi, gh (layers, batch, 3 * hidden).
+//                   gates (time, batch, 4 * hidden): each step's saved gates, r, z, n and hn = W_hn h + b_hn per
+//                   row, all the gates' backward reads. Scratch inside the forward: gi (batch, time,
+//                   3 * hidden) = x W_ih^T + b_ih for all steps (one matrix product) and gh (batch, 3 * hidden)
+//                   = h_{t-1} W_hh^T + b_hh for the step at hand.
+//   session update: h, out, states (layers, batch, hidden); gates (layers, batch, 4 * hidden).
 #include <ATen/CPUFunctions.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -76,17 +77,14 @@ void check_buffer(const at::Tensor& ref, const at::Tensor& t, at::IntArrayRef sh
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-// h' = gates(gi, gh, h) for one step; every argument is (batch, ...) with unit-stride rows.
-void step_gates(const GruKernels& k, const at::Tensor& gi, const at::Tensor& gh, const at::Tensor& h, at::Tensor out) {
-  k.gates(make_gru_gates_params(gi, gh, h, out), h.scalar_type());
+// h' = gates(gi, gh, h) for one step, the saved gates (r, z, n, hn rows of 4 * hidden) into saved; every
+// argument is (batch, ...) with unit-stride rows.
+void step_gates(const GruKernels& k, const at::Tensor& gi, const at::Tensor& gh, const at::Tensor& h, at::Tensor out,
+                const at::Tensor& saved) {
+  k.gates(make_gru_gates_saving_params(gi, gh, h, out, saved), h.scalar_type());
 }
 
-void step_gates_backward(const GruKernels& k, const at::Tensor& grad, const at::Tensor& gi, const at::Tensor& gh,
-                         const at::Tensor& h, at::Tensor grad_gi, at::Tensor grad_gh, at::Tensor grad_h) {
-  k.gates_backward(make_gru_gates_backward_params(grad, gi, gh, h, grad_gi, grad_gh, grad_h), h.scalar_type());
-}
-
-// The same from a forward's saved gates (r, z, n, hn rows of 4 * hidden) instead of gi and gh.
+// The gates' backward for one step from the forward's saved gates.
 void step_gates_backward_saved(const GruKernels& k, const at::Tensor& grad, const at::Tensor& saved,
                                const at::Tensor& h, at::Tensor grad_gi, at::Tensor grad_gh, at::Tensor grad_h) {
   k.gates_backward(make_gru_gates_backward_saved_params(grad, saved, h, grad_gi, grad_gh, grad_h), h.scalar_type());
@@ -132,16 +130,14 @@ void run_pair(bool concurrently, const First& first, const Second& second) {
   });
 }
 
-// gi = x W_ih^T, gh = h W_hh^T, then h' = gates(gi + b_ih, gh + b_hh, h): without saved, biases added into gi
-// and gh (which the backward then reads); with saved (batch, 4 * hidden), gi and gh are scratch and the gates
-// the backward reads go to saved. Every tensor is 2-D (batch, ...); gi, gh and out contiguous.
+// Scratch gi = x W_ih^T, gh = h W_hh^T, then h' = gates(gi + b_ih, gh + b_hh, h) and the saved gates (batch,
+// 4 * hidden) the backward reads. Every tensor is 2-D (batch, ...); gi, gh, out and saved contiguous.
 void step_forward_cpu(bool concurrently, const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih,
                       const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, at::Tensor gi,
-                      at::Tensor gh, at::Tensor out, const OptTensor& saved = std::nullopt) {
+                      at::Tensor gh, at::Tensor out, const at::Tensor& saved) {
   run_pair(
       concurrently, [&] { at::cpu::mm_out(gi, x, w_ih.t()); }, [&] { at::cpu::mm_out(gh, h, w_hh.t()); });
-  const GruGatesParams gates =
-      saved.has_value() ? make_gru_gates_saving_params(gi, gh, h, out, *saved) : make_gru_gates_params(gi, gh, h, out);
+  const GruGatesParams gates = make_gru_gates_saving_params(gi, gh, h, out, saved);
   if (!b_ih.has_value()) {
     launch_gru_gates_cpu(gates, h.scalar_type());
     return;
@@ -210,8 +206,7 @@ void step_weight_grads(bool concurrently, const at::Tensor& grad_gi, const at::T
 // ---- one layer over a sequence -----------------------------------------------------------------
 
 void gru_layer_forward_out(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                           const OptTensor& b_ih, const OptTensor& b_hh, at::Tensor& output, at::Tensor& gi,
-                           at::Tensor& gh) {
+                           const OptTensor& b_ih, const OptTensor& b_hh, at::Tensor& output, at::Tensor& gates) {
   TORCH_CHECK(x.dim() == 3, "x must be (batch, time, input), got ", x.dim(), "-D");
   const c10::DeviceGuard guard(x.device());
   check_rows_unit_stride(h0, "h0");
@@ -221,23 +216,24 @@ void gru_layer_forward_out(const at::Tensor& x, const at::Tensor& h0, const at::
   check_same_device_dtype(x, h0, "x", "h0");
   check_layer_weights(x, w_ih, w_hh, b_ih, b_hh, input, hidden);
   check_buffer(x, output, {batch, time, hidden}, "output");
-  check_buffer(x, gi, {batch, time, 3 * hidden}, "gi");
-  check_buffer(x, gh, {time, batch, 3 * hidden}, "gh");
+  check_buffer(x, gates, {time, batch, 4 * hidden}, "gates");
   if (batch == 0 || hidden == 0) return;
+  // The products go to scratch; the backward reads each step's saved gates (r, z, n, hn).
+  at::Tensor gh = at::empty({batch, 3 * hidden}, h0.options());
   if (x.is_cpu() && time == 1) {
     step_forward_cpu(run_pairs_concurrently(batch * 3 * hidden * std::max(input, hidden)), x.select(1, 0), h0, w_ih,
-                     w_hh, b_ih, b_hh, gi.select(1, 0), gh.select(0, 0), output.select(1, 0));
+                     w_hh, b_ih, b_hh, at::empty_like(gh), gh, output.select(1, 0), gates.select(0, 0));
     return;
   }
   const GruKernels& k = gru_kernels_for(x.device());
 
+  const at::Tensor gi = at::empty({batch, time, 3 * hidden}, h0.options());
   at::Tensor gi_rows = gi.view({batch * time, 3 * hidden});
   affine_out(gi_rows, x.reshape({batch * time, input}), w_ih, b_ih);
   for (int64_t t = 0; t < time; ++t) {
     const at::Tensor h_prev = t == 0 ? h0 : output.select(1, t - 1);
-    at::Tensor gh_t = gh.select(0, t);
-    affine_out(gh_t, h_prev, w_hh, b_hh);
-    step_gates(k, gi.select(1, t), gh_t, h_prev, output.select(1, t));
+    affine_out(gh, h_prev, w_hh, b_hh);
+    step_gates(k, gi.select(1, t), gh, h_prev, output.select(1, t), gates.select(0, t));
   }
 }
 
@@ -246,7 +242,7 @@ void gru_layer_forward_out(const at::Tensor& x, const at::Tensor& h0, const at::
 // dL/d gi in a batch-major one, so the weight gradients are one matrix product each over all steps.
 void gru_layer_backward_out(const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& h0,
                             const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output,
-                            const at::Tensor& gi, const at::Tensor& gh, const OptTensor& grad_x, at::Tensor& grad_h0,
+                            const at::Tensor& gates, const OptTensor& grad_x, at::Tensor& grad_h0,
                             at::Tensor& grad_w_ih, at::Tensor& grad_w_hh, const OptTensor& grad_b_ih,
                             const OptTensor& grad_b_hh) {
   TORCH_CHECK(x.dim() == 3, "x must be (batch, time, input), got ", x.dim(), "-D");
@@ -257,8 +253,7 @@ void gru_layer_backward_out(const at::Tensor& grad_output, const at::Tensor& x, 
   check_layer_weights(x, w_ih, w_hh, std::nullopt, std::nullopt, input, hidden);
   check_buffer(x, grad_output, {batch, time, hidden}, "grad_output");
   check_buffer(x, output, {batch, time, hidden}, "output");
-  check_buffer(x, gi, {batch, time, 3 * hidden}, "gi");
-  check_buffer(x, gh, {time, batch, 3 * hidden}, "gh");
+  check_buffer(x, gates, {time, batch, 4 * hidden}, "gates");
   check_buffer(x, grad_h0, {batch, hidden}, "grad_h0");
   check_buffer(x, grad_w_ih, {3 * hidden, input}, "grad_w_ih");
   check_buffer(x, grad_w_hh, {3 * hidden, hidden}, "grad_w_hh");
@@ -279,11 +274,11 @@ void gru_layer_backward_out(const at::Tensor& grad_output, const at::Tensor& x, 
   const GruKernels& k = gru_kernels_for(x.device());
   if (x.is_cpu() && time == 1) {
     // The cell: dL/dh0 receives the gates' direct part, then the W_hh product adds onto it.
-    const at::Tensor grad_gi_step = at::empty({batch, 3 * hidden}, gi.options());
+    const at::Tensor grad_gi_step = at::empty({batch, 3 * hidden}, gates.options());
     const at::Tensor grad_gh_step = at::empty_like(grad_gi_step);
     const at::Tensor x_step = x.select(1, 0);
-    step_gates_backward(k, grad_output.select(1, 0), gi.select(1, 0), gh.select(0, 0), h0, grad_gi_step,
-                        grad_gh_step, grad_h0);
+    step_gates_backward_saved(k, grad_output.select(1, 0), gates.select(0, 0), h0, grad_gi_step, grad_gh_step,
+                              grad_h0);
     step_weight_grads(
         run_pairs_concurrently(batch * 3 * hidden * std::max(input, hidden)), grad_gi_step, grad_gh_step, x_step,
         h0, w_hh, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, [&] {
@@ -295,8 +290,8 @@ void gru_layer_backward_out(const at::Tensor& grad_output, const at::Tensor& x, 
     return;
   }
 
-  at::Tensor grad_gi = at::empty_like(gi);
-  at::Tensor grad_gh = at::empty_like(gh);
+  at::Tensor grad_gi = at::empty({batch, time, 3 * hidden}, gates.options());
+  at::Tensor grad_gh = at::empty({time, batch, 3 * hidden}, gates.options());
   at::Tensor grad_h_direct = at::empty_like(grad_h0);  // dL/dh_{t-1} through the gates alone
   at::Tensor grad_h_carry = at::empty_like(grad_h0);   // dL/dh_{t-1} in full: gates plus W_hh path
   at::Tensor grad_step = at::empty_like(grad_h0);      // dL/dh_t: from the output plus from step t + 1
@@ -308,8 +303,8 @@ void gru_layer_backward_out(const at::Tensor& grad_output, const at::Tensor& x, 
     }
     const at::Tensor h_prev = t == 0 ? h0 : output.select(1, t - 1);
     at::Tensor grad_gh_t = grad_gh.select(0, t);
-    step_gates_backward(k, grad_h_t, gi.select(1, t), gh.select(0, t), h_prev, grad_gi.select(1, t), grad_gh_t,
-                        grad_h_direct);
+    step_gates_backward_saved(k, grad_h_t, gates.select(0, t), h_prev, grad_gi.select(1, t), grad_gh_t,
+                              grad_h_direct);
     at::Tensor& carry = t == 0 ? grad_h0 : grad_h_carry;
     at::addmm_out(carry, grad_h_direct, grad_gh_t, w_hh);
   }
@@ -516,8 +511,7 @@ void session_update_forward_out(const at::Tensor& items, const at::Tensor& lengt
     at::Tensor gi_out = gi, gh_out = gh;
     affine_out(gi_out, layer_input, w.w_ih, w.b_ih);
     affine_out(gh_out, h.select(0, l), w.w_hh, w.b_hh);
-    k.gates(make_gru_gates_saving_params(gi, gh, h.select(0, l), states.select(0, l), gates.select(0, l)),
-            h.scalar_type());
+    step_gates(k, gi, gh, h.select(0, l), states.select(0, l), gates.select(0, l));
     layer_input = states.select(0, l);
   }
   // Rows without a session keep their state; then ended users' rows are zeroed.
@@ -627,41 +621,38 @@ void refuse_graph_of_gradient(const char* op) {
 // dispatcher, so that either device's kernels (and fake tensors, for opcheck) serve.
 
 void call_layer_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                        const OptTensor& b_ih, const OptTensor& b_hh, at::Tensor& output, at::Tensor& gi,
-                        at::Tensor& gh) {
+                        const OptTensor& b_ih, const OptTensor& b_hh, at::Tensor& output, at::Tensor& gates) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("hiertcn_fast::gru_layer_forward_out", "")
                              .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const OptTensor&, const OptTensor&, at::Tensor&, at::Tensor&, at::Tensor&)>();
-  op.call(x, h0, w_ih, w_hh, b_ih, b_hh, output, gi, gh);
+                                         const OptTensor&, const OptTensor&, at::Tensor&, at::Tensor&)>();
+  op.call(x, h0, w_ih, w_hh, b_ih, b_hh, output, gates);
 }
 
 void call_layer_backward(const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& h0,
-                         const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& gi,
-                         const at::Tensor& gh, const OptTensor& grad_x, at::Tensor& grad_h0, at::Tensor& grad_w_ih,
+                         const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output,
+                         const at::Tensor& gates, const OptTensor& grad_x, at::Tensor& grad_h0, at::Tensor& grad_w_ih,
                          at::Tensor& grad_w_hh, const OptTensor& grad_b_ih, const OptTensor& grad_b_hh) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("hiertcn_fast::gru_layer_backward_out", "")
           .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                      const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, at::Tensor&,
-                      at::Tensor&, at::Tensor&, const OptTensor&, const OptTensor&)>();
-  op.call(grad_output, x, h0, w_ih, w_hh, output, gi, gh, grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih,
-          grad_b_hh);
+                      const at::Tensor&, const at::Tensor&, const OptTensor&, at::Tensor&, at::Tensor&, at::Tensor&,
+                      const OptTensor&, const OptTensor&)>();
+  op.call(grad_output, x, h0, w_ih, w_hh, output, gates, grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh);
 }
 
-// h' (batch, hidden) for x (batch, input), h (batch, hidden); the pre-activations into gi and gh
-// ((batch, 1, 3 * hidden) and (1, batch, 3 * hidden), the layer op's time-1 layouts).
+// h' (batch, hidden) for x (batch, input), h (batch, hidden); the saved gates into gates ((1, batch,
+// 4 * hidden), the layer op's time-1 layout).
 at::Tensor cell_forward(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                        const OptTensor& b_ih, const OptTensor& b_hh, at::Tensor& gi, at::Tensor& gh) {
+                        const OptTensor& b_ih, const OptTensor& b_hh, at::Tensor& gates) {
   TORCH_CHECK(x.dim() == 2 && h.dim() == 2, "gru_cell: x and h must be 2-D (batch, features), got ", x.dim(),
               "-D and ", h.dim(), "-D");
   const int64_t batch = h.size(0), hidden = h.size(1);
   at::Tensor out = at::empty({batch, hidden}, h.options());
-  gi = at::empty({batch, 1, 3 * hidden}, h.options());
-  gh = at::empty({1, batch, 3 * hidden}, h.options());
+  gates = at::empty({1, batch, 4 * hidden}, h.options());
   at::Tensor output = out.unsqueeze(1);
-  call_layer_forward(x.unsqueeze(1), h, w_ih, w_hh, b_ih, b_hh, output, gi, gh);
+  call_layer_forward(x.unsqueeze(1), h, w_ih, w_hh, b_ih, b_hh, output, gates);
   return out;
 }
 
@@ -673,10 +664,10 @@ class GruCellFunction : public torch::autograd::Function<GruCellFunction> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h,
                             const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
                             const OptTensor& b_hh) {
-    at::Tensor gi, gh;
+    at::Tensor gates;
     const at::Tensor h_rows = unit_stride_rows(h);
-    at::Tensor out = cell_forward(x, h_rows, w_ih, w_hh, b_ih, b_hh, gi, gh);
-    ctx->save_for_backward({x, h_rows, w_ih, w_hh, gi, gh, out});
+    at::Tensor out = cell_forward(x, h_rows, w_ih, w_hh, b_ih, b_hh, gates);
+    ctx->save_for_backward({x, h_rows, w_ih, w_hh, gates, out});
     ctx->saved_data["bias"] = b_ih.has_value();
     return out;
   }
@@ -685,8 +676,8 @@ class GruCellFunction : public torch::autograd::Function<GruCellFunction> {
                                                  torch::autograd::variable_list grads) {
     refuse_graph_of_gradient("gru_cell");
     const torch::autograd::variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &h = saved[1], &w_ih = saved[2], &w_hh = saved[3], &gi = saved[4],
-                     &gh = saved[5], &out = saved[6];
+    const at::Tensor &x = saved[0], &h = saved[1], &w_ih = saved[2], &w_hh = saved[3], &gates = saved[4],
+                     &out = saved[5];
     const bool bias = ctx->saved_data["bias"].toBool();
     const at::Tensor grad_out = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(out);
     OptTensor grad_x;
@@ -699,8 +690,8 @@ class GruCellFunction : public torch::autograd::Function<GruCellFunction> {
       grad_b_ih = at::empty({w_ih.size(0)}, w_ih.options());
       grad_b_hh = at::empty({w_hh.size(0)}, w_hh.options());
     }
-    call_layer_backward(grad_out.unsqueeze(1), x.unsqueeze(1), h, w_ih, w_hh, out.unsqueeze(1), gi, gh, grad_x,
-                        grad_h, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh);
+    call_layer_backward(grad_out.unsqueeze(1), x.unsqueeze(1), h, w_ih, w_hh, out.unsqueeze(1), gates, grad_x, grad_h,
+                        grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh);
     return {grad_x.has_value() ? grad_x->squeeze(1) : at::Tensor(), grad_h, grad_w_ih, grad_w_hh,
             grad_b_ih.value_or(at::Tensor()), grad_b_hh.value_or(at::Tensor())};
   }
@@ -714,8 +705,8 @@ at::Tensor gru_cell_autograd(const at::Tensor& x, const at::Tensor& h, const at:
 // Below autograd (inference mode, or no input needing a gradient there): the forward alone.
 at::Tensor gru_cell_forward_only(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih,
                                  const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh) {
-  at::Tensor gi, gh;
-  return cell_forward(x, unit_stride_rows(h), w_ih, w_hh, b_ih, b_hh, gi, gh);
+  at::Tensor gates;
+  return cell_forward(x, unit_stride_rows(h), w_ih, w_hh, b_ih, b_hh, gates);
 }
 
 // ---- session_update as one op, differentiated in C++ ------------------------------------------------

@@ -230,10 +230,9 @@ class _GruLayerFunction(torch.autograd.Function):
         batch, time, _ = x_seq.shape
         hidden = h0.shape[1]
         output = new_output((batch, time, hidden), h0)
-        gi = new_output((batch, time, 3 * hidden), h0)
-        gh = new_output((time, batch, 3 * hidden), h0)
-        torch.ops.hiertcn_fast.gru_layer_forward_out(x_seq, h0, w_ih, w_hh, b_ih, b_hh, output=output, gi=gi, gh=gh)
-        ctx.save_for_backward(x_seq, h0, w_ih, w_hh, output, gi, gh)
+        gates = new_output((time, batch, 4 * hidden), h0)  # per step and row r, z, n and W_hn h + b_hn
+        torch.ops.hiertcn_fast.gru_layer_forward_out(x_seq, h0, w_ih, w_hh, b_ih, b_hh, output=output, gates=gates)
+        ctx.save_for_backward(x_seq, h0, w_ih, w_hh, output, gates)
         ctx.bias = b_ih is not None
         ctx.single_step = single_step
         return output.view(batch, hidden) if single_step else output
@@ -241,7 +240,7 @@ class _GruLayerFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         refuse_graph_of_gradient("gru")
-        x, h0, w_ih, w_hh, output, gi, gh = ctx.saved_tensors
+        x, h0, w_ih, w_hh, output, gates = ctx.saved_tensors
         grad_output = (grad_output.unsqueeze(1) if ctx.single_step else grad_output).contiguous()
         grad_x = new_output(x.shape, x) if ctx.needs_input_grad[0] else None
         grad_b_ih = new_output(w_ih.shape[:1], w_ih) if ctx.bias else None
@@ -249,7 +248,7 @@ class _GruLayerFunction(torch.autograd.Function):
         grad_h0, grad_w_ih, grad_w_hh = new_output(h0.shape, h0), new_output(w_ih.shape, w_ih), new_output(
             w_hh.shape, w_hh)
         torch.ops.hiertcn_fast.gru_layer_backward_out(
-            grad_output, x, h0, w_ih, w_hh, output, gi, gh, grad_x=grad_x, grad_h0=grad_h0, grad_w_ih=grad_w_ih,
+            grad_output, x, h0, w_ih, w_hh, output, gates, grad_x=grad_x, grad_h0=grad_h0, grad_w_ih=grad_w_ih,
             grad_w_hh=grad_w_hh, grad_b_ih=grad_b_ih, grad_b_hh=grad_b_hh)
         if grad_x is not None and ctx.single_step:
             grad_x = grad_x.view(x.shape[0], x.shape[2])
@@ -592,12 +591,12 @@ def _gru_gates_backward_out_fake(grad_out, gi, gh, h, *, grad_gi, grad_gh, grad_
 
 
 @_extension.register_fake("gru_layer_forward_out")
-def _gru_layer_forward_out_fake(x, h0, w_ih, w_hh, b_ih, b_hh, *, output, gi, gh):
+def _gru_layer_forward_out_fake(x, h0, w_ih, w_hh, b_ih, b_hh, *, output, gates):
     return None
 
 
 @_extension.register_fake("gru_layer_backward_out")
-def _gru_layer_backward_out_fake(grad_output, x, h0, w_ih, w_hh, output, gi, gh, *, grad_x, grad_h0, grad_w_ih,
+def _gru_layer_backward_out_fake(grad_output, x, h0, w_ih, w_hh, output, gates, *, grad_x, grad_h0, grad_w_ih,
                                  grad_w_hh, grad_b_ih, grad_b_hh):
     return None
 

@@ -30,14 +30,11 @@ void launch_session_mean_cuda(const SessionMeanParams& p, at::ScalarType dtype);
 void launch_session_mean_backward_cuda(const SessionMeanBackwardParams& p, at::ScalarType dtype);
 #endif
 
-// CPU only, for the single-step fast paths of cpu/gru_recurrence.cpp: gi += b_ih and gh += b_hh row by
-// row, in place, then the gates. The biases join the products while the rows are in cache, instead of
-// addmm's broadcast copy of them into the output before the product; gi and gh leave as the
-// pre-activations that the backward reads. With saved gates (gates.saved set) gi and gh are left as they
-// are: the biases join the pre-activations in registers, and the saved gates are what the backward reads.
+// CPU only, for the single-step fast paths of cpu/gru_recurrence.cpp: the gates of gi + b_ih and gh + b_hh,
+// the biases added row by row on the way in (while the rows are in cache, instead of addmm's broadcast copy
+// of them into the output before the product), and the saved gates written for the backward.
 struct GruGatesBiasParams {
-  // The gates' params; gi and gh, x W_ih^T and h W_hh^T on entry, leave with b_ih and b_hh added (the
-  // tensors behind them are the caller's writable buffers).
+  // The gates' params: gi and gh hold x W_ih^T and h W_hh^T (left as they are); gates.saved is required.
   GruGatesParams gates;
   const void* b_ih;  // (3 * hidden,)
   const void* b_hh;
