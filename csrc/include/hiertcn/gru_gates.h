@@ -6,9 +6,10 @@
 //   n  = tanh(gi_n + r * gh_n)
 //   h' = (1 - z) * n + z * h
 //
-// The backward either recomputes r, z, n from gi, gh, h (the layer ops, which keep gi and gh), or reads
-// them from a saved row of 4 * hidden: r, z, n and hn = gh_n (W_hn h + b_hn) at j, H + j, 2H + j, 3H + j
-// (session_update, which keeps that row instead of gi and gh: 4 * hidden values per row, not 6).
+// The backward either recomputes r, z, n from gi, gh, h (the gru_gates op, whose autograd keeps gi and gh),
+// or reads them from a saved row of 4 * hidden: r, z, n and hn = gh_n (W_hn h + b_hn) at j, H + j, 2H + j,
+// 3H + j (the layer ops and session_update, which keep that row instead of gi and gh: 4 * hidden values per
+// row, not 6).
 #pragma once
 
 #include <math.h>
