@@ -38,7 +38,8 @@ TORCH_LIBRARY(hiertcn_fast, m) {
 
   // One GRU layer over a whole sequence (cpu/gru_recurrence.cpp): x (batch, time, input), h0 (batch,
   // hidden), nn.GRU's weights; output (batch, time, hidden), and for the backward each step's gates
-  // (time, batch, 4*hidden): r, z, n and hn = W_hn h + b_hn per row. grad_output holds dL/d output per step.
+  // (time, batch, 4*hidden): r, z, n and hn = W_hn h + b_hn per row (pre-activations in half types; see
+  // hiertcn/gru_gates.h). grad_output holds dL/d output per step.
   m.def(
       "gru_layer_forward_out(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, *, "
       "Tensor(a!) output, Tensor(b!) gates) -> ()");
@@ -54,7 +55,7 @@ TORCH_LIBRARY(hiertcn_fast, m) {
   // from h (layers, batch, hidden), rows of length 0 unchanged, then times keep (batch,). weights: per
   // layer w_ih, w_hh[, b_ih, b_hh]. Saved for the backward: states (the GRU's new states before
   // masking), session_mean (batch, dim), projected (batch, projected), gates (layers, batch, 4*hidden): each
-  // row's r, z, n and hn = W_hn h + b_hn, all the gates' backward reads.
+  // row's r, z, n and hn = W_hn h + b_hn (pre-activations in half types), all the gates' backward reads.
   m.def(
       "session_update_forward_out(Tensor item_embeddings, Tensor lengths, Tensor h, Tensor keep, Tensor[] weights, "
       "Tensor? proj_weight, Tensor? proj_bias, *, Tensor(a!) out, Tensor(b!) states, Tensor(c!) session_mean, "

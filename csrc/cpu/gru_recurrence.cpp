@@ -8,8 +8,8 @@
 //
 // Layouts (the buffers the ops take are allocated by the caller, contiguous):
 //   layer:          x (batch, time, input), h0 (batch, hidden), output (batch, time, hidden),
-//                   gates (time, batch, 4 * hidden): each step's saved gates, r, z, n and hn = W_hn h + b_hn per
-//                   row, all the gates' backward reads. Scratch inside the forward: gi (batch, time,
+//                   gates (time, batch, 4 * hidden): each step's saved gates (hiertcn/gru_gates.h: r, z, n and
+//                   hn = W_hn h + b_hn per row; pre-activations in half types), all the gates' backward reads. Scratch inside the forward: gi (batch, time,
 //                   3 * hidden) = x W_ih^T + b_ih for all steps (one matrix product) and gh (batch, 3 * hidden)
 //                   = h_{t-1} W_hh^T + b_hh for the step at hand.
 //   session update: h, out, states (layers, batch, hidden); gates (layers, batch, 4 * hidden).
@@ -77,7 +77,7 @@ void check_buffer(const at::Tensor& ref, const at::Tensor& t, at::IntArrayRef sh
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-// h' = gates(gi, gh, h) for one step, the saved gates (r, z, n, hn rows of 4 * hidden) into saved; every
+// h' = gates(gi, gh, h) for one step, the saved gates (rows of 4 * hidden) into saved; every
 // argument is (batch, ...) with unit-stride rows.
 void step_gates(const GruKernels& k, const at::Tensor& gi, const at::Tensor& gh, const at::Tensor& h, at::Tensor out,
                 const at::Tensor& saved) {
@@ -218,7 +218,7 @@ void gru_layer_forward_out(const at::Tensor& x, const at::Tensor& h0, const at::
   check_buffer(x, output, {batch, time, hidden}, "output");
   check_buffer(x, gates, {time, batch, 4 * hidden}, "gates");
   if (batch == 0 || hidden == 0) return;
-  // The products go to scratch; the backward reads each step's saved gates (r, z, n, hn).
+  // The products go to scratch; the backward reads each step's saved gates.
   at::Tensor gh = at::empty({batch, 3 * hidden}, h0.options());
   if (x.is_cpu() && time == 1) {
     step_forward_cpu(run_pairs_concurrently(batch * 3 * hidden * std::max(input, hidden)), x.select(1, 0), h0, w_ih,
@@ -471,7 +471,7 @@ void session_update_forward_out(const at::Tensor& items, const at::Tensor& lengt
   if (s.batch == 0) return;
   const GruKernels& k = gru_kernels_for(items.device());
   // Each layer's products go to scratch gi and gh, shared by the layers; what the backward reads of the
-  // gates is their saved rows (r, z, n, hn: 4 * hidden per row, where gi and gh are 6).
+  // gates is their saved rows (4 * hidden per row, where gi and gh are 6).
   const at::Tensor gi = at::empty({s.batch, 3 * s.hidden}, h.options());
   const at::Tensor gh = at::empty_like(gi);
   if (items.is_cpu()) {

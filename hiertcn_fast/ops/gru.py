@@ -230,7 +230,7 @@ class _GruLayerFunction(torch.autograd.Function):
         batch, time, _ = x_seq.shape
         hidden = h0.shape[1]
         output = new_output((batch, time, hidden), h0)
-        gates = new_output((time, batch, 4 * hidden), h0)  # per step and row r, z, n and W_hn h + b_hn
+        gates = new_output((time, batch, 4 * hidden), h0)  # per step and row: csrc/include/hiertcn/gru_gates.h
         torch.ops.hiertcn_fast.gru_layer_forward_out(x_seq, h0, w_ih, w_hh, b_ih, b_hh, output=output, gates=gates)
         ctx.save_for_backward(x_seq, h0, w_ih, w_hh, output, gates)
         ctx.bias = b_ih is not None
@@ -411,7 +411,7 @@ class _SessionUpdateFunction(torch.autograd.Function):
         out, states = new_output(h.shape, h), new_output(h.shape, h)
         session_mean = new_output((batch, dim), h)
         projected = new_output((batch, proj_weight.shape[0]), h) if proj_weight is not None else None
-        gates = new_output((layers, batch, 4 * hidden), h)  # per row r, z, n and W_hn h + b_hn
+        gates = new_output((layers, batch, 4 * hidden), h)  # per row: csrc/include/hiertcn/gru_gates.h
         torch.ops.hiertcn_fast.session_update_forward_out(
             items, lengths, h, keep, list(weights), proj_weight, proj_bias, out=out, states=states,
             session_mean=session_mean, projected=projected, gates=gates)

@@ -7,12 +7,18 @@
 //   h' = (1 - z) * n + z * h
 //
 // The backward either recomputes r, z, n from gi, gh, h (the gru_gates op, whose autograd keeps gi and gh),
-// or reads them from a saved row of 4 * hidden: r, z, n and hn = gh_n (W_hn h + b_hn) at j, H + j, 2H + j,
-// 3H + j (the layer ops and session_update, which keep that row instead of gi and gh: 4 * hidden values per
-// row, not 6).
+// or reads a saved row of 4 * hidden values per row instead of gi and gh's 6 (the layer ops and
+// session_update): at j, H + j, 2H + j, 3H + j
+// - where the storage type is the math type (float, double): r, z, n and hn = gh_n (W_hn h + b_hn), and the
+//   backward recomputes nothing;
+// - in half types: gi_r + gh_r, gi_z + gh_z, gi_n and hn, from which the backward recomputes r, z, n in
+//   float. Gates rounded to a half type would lose the gradients near saturation: a z within 2^-9 of 1
+//   rounds to 1 in bfloat16, and z (1 - z) to 0.
 #pragma once
 
 #include <math.h>
+
+#include <type_traits>
 
 #include "hiertcn/common.h"
 
@@ -30,7 +36,7 @@ struct GruGatesParams {
   const void* gh;
   const void* h;
   void* out;
-  // Optional: rows of 4 * hidden that receive r, z, n and hn for a backward from saved gates.
+  // Optional: rows of 4 * hidden that receive the saved gates (see the top of this file) for the backward.
   void* saved = nullptr;
   int64_t saved_row_stride = 0;
 };
@@ -54,8 +60,8 @@ struct GruGatesBackwardParams {
   void* grad_gi;
   void* grad_gh;
   void* grad_h;
-  // When set, r, z, n and hn are read from these rows of 4 * hidden (a forward's saved gates) and gi, gh
-  // are not read.
+  // When set, the gates are read from these rows of 4 * hidden (a forward's saved gates) and gi, gh are not
+  // read.
   const void* saved = nullptr;
   int64_t saved_row_stride = 0;
 };
@@ -167,16 +173,28 @@ HIERTCN_HD T gru_gate_forward_row(const T* gi, const T* gh, const T* h, int64_t 
                                             A(gh[2 * H + j]), A(h[j])));
 }
 
+// Whether a saved row holds the activations (T is the math type) or the pre-activations (half types).
+template <typename T, typename A>
+constexpr bool saves_activations() {
+  return std::is_same<T, A>::value;
+}
+
 // The forward from pre-activations already summed with their biases, that also writes the unit's saved
-// gates (r, z, n, hn at j, H + j, 2H + j, 3H + j of saved). h' comes from the unrounded activations, as in
-// gru_gate_forward_row.
+// gates at j, H + j, 2H + j, 3H + j of saved (see the top of this file for what they are). h' comes from the
+// unrounded activations, as in gru_gate_forward_row.
 template <typename T, typename A>
 HIERTCN_HD T gru_gate_forward_save(A gi_r, A gi_z, A gi_n, A gh_r, A gh_z, T gh_n, A h, T* saved, int64_t j,
                                    int64_t H) {
   const GruGateActivations<A> a = gru_gate_activations(gi_r, gi_z, gi_n, gh_r, gh_z, A(gh_n));
-  saved[j] = static_cast<T>(a.r);
-  saved[H + j] = static_cast<T>(a.z);
-  saved[2 * H + j] = static_cast<T>(a.n);
+  if constexpr (saves_activations<T, A>()) {
+    saved[j] = a.r;
+    saved[H + j] = a.z;
+    saved[2 * H + j] = a.n;
+  } else {
+    saved[j] = static_cast<T>(gi_r + gh_r);
+    saved[H + j] = static_cast<T>(gi_z + gh_z);
+    saved[2 * H + j] = static_cast<T>(gi_n);
+  }
   saved[3 * H + j] = gh_n;
   return static_cast<T>((A(1) - a.z) * a.n + a.z * h);
 }
@@ -209,13 +227,23 @@ HIERTCN_HD void gru_gate_backward_row(const T* g, const T* gi, const T* gh, cons
   store_gate_grads<T, A>(d_gi, d_gh, d_h, j, H, d_r, d_z, d_n, d_hn, dh);
 }
 
-// The same from a saved row (r, z, n, hn).
+// The same from a saved row.
 template <typename T, typename A>
 HIERTCN_HD void gru_gate_backward_saved_row(const T* g, const T* saved, const T* h, T* d_gi, T* d_gh, T* d_h,
                                             int64_t j, int64_t H) {
+  const A hn = A(saved[3 * H + j]);
+  GruGateActivations<A> a;
+  if constexpr (saves_activations<T, A>()) {
+    a.r = saved[j];
+    a.z = saved[H + j];
+    a.n = saved[2 * H + j];
+  } else {
+    a.r = sigmoid_acc(A(saved[j]));
+    a.z = sigmoid_acc(A(saved[H + j]));
+    a.n = tanh_acc(A(saved[2 * H + j]) + a.r * hn);
+  }
   A d_r, d_z, d_n, d_hn, dh;
-  gru_gate_backward_from<A>(A(g[j]), A(saved[j]), A(saved[H + j]), A(saved[2 * H + j]), A(saved[3 * H + j]),
-                            A(h[j]), &d_r, &d_z, &d_n, &d_hn, &dh);
+  gru_gate_backward_from<A>(A(g[j]), a.r, a.z, a.n, hn, A(h[j]), &d_r, &d_z, &d_n, &d_hn, &dh);
   store_gate_grads<T, A>(d_gi, d_gh, d_h, j, H, d_r, d_z, d_n, d_hn, dh);
 }
 

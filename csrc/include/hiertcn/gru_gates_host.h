@@ -77,7 +77,7 @@ inline void check_saved_gates(const at::Tensor& saved, const at::Tensor& h) {
   check_same_device_dtype(h, saved, "h", "saved gates");
 }
 
-// The gates' params that also write the saved gates (r, z, n, hn) into saved.
+// The gates' params that also write the saved gates (hiertcn/gru_gates.h) into saved.
 inline GruGatesParams make_gru_gates_saving_params(const at::Tensor& gi, const at::Tensor& gh, const at::Tensor& h,
                                                    const at::Tensor& out, const at::Tensor& saved) {
   GruGatesParams p = make_gru_gates_params(gi, gh, h, out);
