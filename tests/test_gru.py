@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import hiertcn_fast
 from hiertcn_fast.nn import GRU, GRUCell
 from hiertcn_fast.ops import gru, gru_cell, gru_gates, session_update, session_update_reference
-from gru_helpers import (assert_outputs_and_grads_match, layer_weights, session_update_composition, torch_gru,
+from gru_helpers import (assert_outputs_and_grads_match, leaves, layer_weights, session_update_composition, torch_gru,
                          torch_gru_cell)
 from helpers import BACKEND_DEVICES, COMPARE_DTYPE, CUDA, assert_close, rand
 
@@ -408,6 +408,47 @@ def test_half_types_on_gpu(backend, dtype):
     expected = session_update_composition(items.double(), lengths, h.double(), keep.double(),
                                           [[t.double() for t in w] for w in su_weights])
     torch.testing.assert_close(out.double(), expected, **tol)
+
+
+def _relative_error(actual, expected):
+    return ((actual.double() - expected).norm() / expected.norm().clamp(min=1e-30)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_type_gradients_on_gpu(dtype):
+    """The cuda backend's gradients in half types (its saved gates keep pre-activations there, from which the
+    backward recomputes the gates in float32) against autograd through torch's GRU in float64, per gradient as a
+    relative error of its norm. Pre-activations scaled to saturate part of the gates."""
+    x, h0, weights = sequence_inputs(17, 9, 24, 96, 2, False, True, dtype, "cuda")
+    weights = [[(t * 3).detach() for t in w] for w in weights]  # saturating gates
+    inputs = leaves([x, h0, *[t for w in weights for t in w]])
+    output, h_n = gru(inputs[0], inputs[1], [inputs[2:6], inputs[6:10]], num_layers=2, backend="cuda")
+    grad_output, grad_h_n = torch.randn_like(output), torch.randn_like(h_n)
+    grads = torch.autograd.grad((output, h_n), inputs, (grad_output, grad_h_n))
+    exact = leaves([t.double() for t in inputs])
+    expected_output, expected_h_n = torch_gru(exact[0], exact[1], [exact[2:6], exact[6:10]])
+    expected = torch.autograd.grad((expected_output, expected_h_n), exact, (grad_output.double(), grad_h_n.double()))
+    # Each half-type product rounds its output (2^-8 relative in bfloat16), step after step through time. The
+    # reference composition on the CPU in these types, at these shapes, errs by up to 2.1e-2 (bfloat16) and
+    # 2.7e-3 (float16); the bounds leave room for the cuda path's other roundings (its states are stored in the
+    # half type). A wrong saved layout or index gives errors of order 1.
+    bound = 8e-2 if dtype == torch.bfloat16 else 2e-2
+    errors = [_relative_error(g, e) for g, e in zip(grads, expected)]
+    assert max(errors) < bound, errors
+
+    items, lengths, h, keep, su_weights, _ = session_inputs(17, 5, 24, 96, 2, False, True, "mixed", "mixed", dtype,
+                                                            "cuda")
+    su_weights = [[(t * 3).detach() for t in w] for w in su_weights]
+    inputs = leaves([items, h, *[t for w in su_weights for t in w]])
+    out = session_update(inputs[0], lengths, inputs[1], keep, [inputs[2:6], inputs[6:10]], backend="cuda")
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    exact = leaves([t.double() for t in inputs])
+    expected_out = session_update_composition(exact[0], lengths, exact[1], keep.double(), [exact[2:6], exact[6:10]])
+    expected = torch.autograd.grad(expected_out, exact, grad_out.double())
+    errors = [_relative_error(g, e) for g, e in zip(grads, expected)]
+    assert max(errors) < bound, errors
 
 
 # ---- nn modules ----------------------------------------------------------------------------------
