@@ -472,8 +472,8 @@ void session_update_forward_out(const at::Tensor& items, const at::Tensor& lengt
   const GruKernels& k = gru_kernels_for(items.device());
   // Each layer's products go to scratch gi and gh, shared by the layers; what the backward reads of the
   // gates is their saved rows (4 * hidden per row, where gi and gh are 6).
-  const at::Tensor gi = at::empty({s.batch, 3 * s.hidden}, h.options());
-  const at::Tensor gh = at::empty_like(gi);
+  at::Tensor gi = at::empty({s.batch, 3 * s.hidden}, h.options());
+  at::Tensor gh = at::empty_like(gi);
   if (items.is_cpu()) {
     // The session mean first, split over the rows on every thread (a pass over up to batch x time x dim
     // inputs: on one thread beside layer 0's state product it was the longer side of that pair), then the
@@ -508,9 +508,8 @@ void session_update_forward_out(const at::Tensor& items, const at::Tensor& lengt
   }
   for (int64_t l = 0; l < s.layers; ++l) {
     const LayerWeights w = layer_weights(weights, s, l);
-    at::Tensor gi_out = gi, gh_out = gh;
-    affine_out(gi_out, layer_input, w.w_ih, w.b_ih);
-    affine_out(gh_out, h.select(0, l), w.w_hh, w.b_hh);
+    affine_out(gi, layer_input, w.w_ih, w.b_ih);
+    affine_out(gh, h.select(0, l), w.w_hh, w.b_hh);
     step_gates(k, gi, gh, h.select(0, l), states.select(0, l), gates.select(0, l));
     layer_input = states.select(0, l);
   }

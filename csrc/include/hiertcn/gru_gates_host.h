@@ -36,37 +36,47 @@ inline GruGatesParams make_gru_gates_params(const at::Tensor& gi, const at::Tens
   return p;
 }
 
+// The fields every gates backward shares, checked against h: dL/dh' (grad_out) and the gradients' rows.
+inline GruGatesBackwardParams gate_gradient_params(const at::Tensor& grad_out, const at::Tensor& h,
+                                                   const at::Tensor& grad_gi, const at::Tensor& grad_gh,
+                                                   const at::Tensor& grad_h) {
+  check_rows_unit_stride(h, "h");
+  const int64_t batch = h.size(0), hidden = h.size(1);
+  const auto check_rows = [&](const at::Tensor& t, int64_t width, const char* name) {
+    check_shape(t, {batch, width}, name);
+    check_rows_unit_stride(t, name);
+    check_same_device_dtype(h, t, "h", name);
+  };
+  check_rows(grad_out, hidden, "grad_out");
+  check_rows(grad_gi, 3 * hidden, "grad_gi");
+  check_rows(grad_gh, 3 * hidden, "grad_gh");
+  check_rows(grad_h, hidden, "grad_h");
+  GruGatesBackwardParams p{};
+  p.batch = batch;
+  p.hidden = hidden;
+  p.grad_out_row_stride = grad_out.stride(0);
+  p.h_row_stride = h.stride(0);
+  p.grad_gi_row_stride = grad_gi.stride(0);
+  p.grad_gh_row_stride = grad_gh.stride(0);
+  p.grad_h_row_stride = grad_h.stride(0);
+  p.grad_out = grad_out.data_ptr();
+  p.h = h.data_ptr();
+  p.grad_gi = grad_gi.data_ptr();
+  p.grad_gh = grad_gh.data_ptr();
+  p.grad_h = grad_h.data_ptr();
+  return p;
+}
+
 inline GruGatesBackwardParams make_gru_gates_backward_params(const at::Tensor& grad_out, const at::Tensor& gi,
                                                              const at::Tensor& gh, const at::Tensor& h,
                                                              const at::Tensor& grad_gi, const at::Tensor& grad_gh,
                                                              const at::Tensor& grad_h) {
   const GruGatesParams fwd = make_gru_gates_params(gi, gh, h, grad_out);
-  check_shape(grad_gi, gi.sizes(), "grad_gi");
-  check_shape(grad_gh, gh.sizes(), "grad_gh");
-  check_shape(grad_h, h.sizes(), "grad_h");
-  check_rows_unit_stride(grad_gi, "grad_gi");
-  check_rows_unit_stride(grad_gh, "grad_gh");
-  check_rows_unit_stride(grad_h, "grad_h");
-  check_same_device_dtype(h, grad_gi, "h", "grad_gi");
-  check_same_device_dtype(h, grad_gh, "h", "grad_gh");
-  check_same_device_dtype(h, grad_h, "h", "grad_h");
-  GruGatesBackwardParams p;
-  p.batch = fwd.batch;
-  p.hidden = fwd.hidden;
-  p.grad_out_row_stride = fwd.out_row_stride;
+  GruGatesBackwardParams p = gate_gradient_params(grad_out, h, grad_gi, grad_gh, grad_h);
   p.gi_row_stride = fwd.gi_row_stride;
   p.gh_row_stride = fwd.gh_row_stride;
-  p.h_row_stride = fwd.h_row_stride;
-  p.grad_gi_row_stride = grad_gi.stride(0);
-  p.grad_gh_row_stride = grad_gh.stride(0);
-  p.grad_h_row_stride = grad_h.stride(0);
-  p.grad_out = grad_out.data_ptr();
   p.gi = fwd.gi;
   p.gh = fwd.gh;
-  p.h = fwd.h;
-  p.grad_gi = grad_gi.data_ptr();
-  p.grad_gh = grad_gh.data_ptr();
-  p.grad_h = grad_h.data_ptr();
   return p;
 }
 
@@ -92,35 +102,8 @@ inline GruGatesBackwardParams make_gru_gates_backward_saved_params(const at::Ten
                                                                    const at::Tensor& h, const at::Tensor& grad_gi,
                                                                    const at::Tensor& grad_gh,
                                                                    const at::Tensor& grad_h) {
-  check_rows_unit_stride(h, "h");
+  GruGatesBackwardParams p = gate_gradient_params(grad_out, h, grad_gi, grad_gh, grad_h);
   check_saved_gates(saved, h);
-  const int64_t batch = h.size(0), hidden = h.size(1);
-  check_shape(grad_out, {batch, hidden}, "grad_out");
-  check_rows_unit_stride(grad_out, "grad_out");
-  check_same_device_dtype(h, grad_out, "h", "grad_out");
-  const auto check_gate_grad = [&](const at::Tensor& t, const char* name) {
-    check_shape(t, {batch, 3 * hidden}, name);
-    check_rows_unit_stride(t, name);
-    check_same_device_dtype(h, t, "h", name);
-  };
-  check_gate_grad(grad_gi, "grad_gi");
-  check_gate_grad(grad_gh, "grad_gh");
-  check_shape(grad_h, h.sizes(), "grad_h");
-  check_rows_unit_stride(grad_h, "grad_h");
-  check_same_device_dtype(h, grad_h, "h", "grad_h");
-  GruGatesBackwardParams p{};
-  p.batch = batch;
-  p.hidden = hidden;
-  p.grad_out_row_stride = grad_out.stride(0);
-  p.h_row_stride = h.stride(0);
-  p.grad_gi_row_stride = grad_gi.stride(0);
-  p.grad_gh_row_stride = grad_gh.stride(0);
-  p.grad_h_row_stride = grad_h.stride(0);
-  p.grad_out = grad_out.data_ptr();
-  p.h = h.data_ptr();
-  p.grad_gi = grad_gi.data_ptr();
-  p.grad_gh = grad_gh.data_ptr();
-  p.grad_h = grad_h.data_ptr();
   p.saved = saved.data_ptr();
   p.saved_row_stride = saved.stride(0);
   return p;
