@@ -677,7 +677,14 @@ class Trainer:
         if self.distributed:
             self._agree_on_checkpoint(state if problem is None else None, problem)
         if problem is not None:
-            raise problem
+            # An error held in a local of the frame that raises it is a reference cycle (error -> traceback ->
+            # frame -> error) that kept this trainer (its model, optimizer, and DDP with its process group) alive
+            # after the caller let go of it, until the cyclic collector ran: in a distributed run possibly after
+            # destroy_process_group, or during the interpreter's shutdown. The frame drops its reference here.
+            try:
+                raise problem
+            finally:
+                problem = None
         rng_seeded = self._rng_seeded
         failure = None
         try:
@@ -693,7 +700,10 @@ class Trainer:
         if failure is not None:
             self._restore(before)
             self._rng_seeded = rng_seeded
-            raise failure
+            try:  # without a reference cycle, as above
+                raise failure
+            finally:
+                failure = None
         return self
 
     def _agree_on_checkpoint(self, state, problem) -> None:

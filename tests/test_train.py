@@ -3,8 +3,10 @@
 import copy
 import dataclasses
 import errno
+import gc
 import os
 import pickle
+import weakref
 
 from pathlib import Path
 
@@ -270,6 +272,37 @@ def test_a_refused_checkpoint_leaves_the_trainer_as_it_was(cache, saved_run, how
     with pytest.raises((ValueError, RuntimeError)):
         trainer.load_checkpoint(state, strict=False)
     assert_same(before, trainer_state(trainer))
+
+
+@pytest.mark.parametrize("how", ["missing entry", "parameter shapes"])
+def test_a_refused_checkpoint_does_not_keep_the_trainer_alive(cache, saved_run, how):
+    """The error a refused checkpoint raises makes no reference cycle through the trainer, refused before anything
+    is written (a missing entry) or after the rollback (parameter shapes): without the cyclic collector, the
+    trainer (model, optimizer; in a distributed run DDP and its process group) is freed when the caller lets go of
+    it. The cycle (error -> traceback -> load_checkpoint's frame -> error) kept a refused rank's DDP alive until a
+    collection, which could come after destroy_process_group or in the interpreter's shutdown."""
+    state = torch.load(saved_run, weights_only=True)
+    sizes = dict(TINY["hiertcn"])
+    if how == "missing entry":
+        del state["train_seconds"]
+    else:
+        sizes["tcn_channels"] = (16, 8)
+    trainer = Trainer(build_model("hiertcn", cache.num_items, seed=3, **sizes), cache, config(epochs=2, max_steps=2),
+                      out=None).train()
+    alive = weakref.ref(trainer)
+    gc.collect()
+    gc.disable()
+    try:
+        refused = None
+        try:
+            trainer.load_checkpoint(state, strict=False)
+        except (ValueError, RuntimeError) as error:
+            refused = str(error)
+        assert refused and ("train_seconds" in refused if how == "missing entry" else "size mismatch" in refused)
+        del trainer
+        assert alive() is None, "the refused trainer is still referenced"
+    finally:
+        gc.enable()
 
 
 _RAN_ON_LOAD = []
