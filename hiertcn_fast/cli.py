@@ -206,11 +206,17 @@ def _train(args) -> int:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     main_rank = not distributed or torch.distributed.get_rank() == 0
     try:
-        return _train_and_report(args, device, started, main_rank)
-    finally:
+        status = _train_and_report(args, device, started, main_rank)
+    except BaseException:
+        # No barrier here: the other ranks may be inside a collective this rank will never join, and a barrier
+        # would hang this rank with them instead of letting it exit, which is what tells torchrun to stop the job.
         if distributed:
-            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+        raise
+    if distributed:  # every rank has finished communicating before any tears the group down
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return status
 
 
 def _train_and_report(args, device, started, main_rank) -> int:

@@ -138,3 +138,47 @@ def test_ranks_refuse_checkpoints_together(tmp_path, how):
     else:
         assert "another rank could not read its checkpoint" in outcomes[0] and "train_seconds" in outcomes[0]
         assert "checkpoint lacks ['train_seconds']" in outcomes[1], outcomes[1]
+
+
+def _failing_cli_worker(rank, world_size, port, out_dir, cache_dir, rank1_done):
+    """`python -m hiertcn_fast train` as torchrun starts it, whose training fails on both ranks: rank 1 at once,
+    rank 0 only after rank 1's job has ended (or 30 s later), as a rank still busy in a collective would."""
+    import hiertcn_fast.cli as cli
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+
+    def fail(args, device, started, main_rank):
+        if rank == 0:
+            ended = rank1_done.wait(30)
+            with open(os.path.join(out_dir, "rank0.txt"), "w") as f:
+                f.write("rank 1 ended first" if ended else "rank 1 was still in its job after 30 s")
+        raise RuntimeError(f"rank {rank} failed")
+
+    cli._train_and_report = fail
+    try:
+        cli.main(["train", "--out", os.path.join(out_dir, "report"), "--cache-dir", cache_dir, "--models", "hiertcn",
+                  "--no-rules"])
+    except RuntimeError as error:
+        if rank == 1:
+            rank1_done.set()
+        assert str(error) == f"rank {rank} failed", error
+        assert not dist.is_initialized(), "the process group outlived the failed job"
+        return
+    raise AssertionError("the failed job did not raise")
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_a_failing_rank_of_the_cli_exits_without_waiting_for_the_others(tmp_path):
+    """A rank whose job fails destroys its process group and raises at once: before, it went into a barrier and
+    waited there for the other ranks, which may be inside a collective it will never join, so the rank hung
+    instead of exiting, and torchrun, which stops a job when one of its ranks exits, never learnt of the failure."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rank1_done = mp.get_context("spawn").Event()
+    mp.spawn(_failing_cli_worker, args=(2, port, str(tmp_path), str(tmp_path / "cache"), rank1_done), nprocs=2,
+             join=True)
+    assert (tmp_path / "rank0.txt").read_text() == "rank 1 ended first"
