@@ -229,6 +229,33 @@ def test_resume_equals_uninterrupted(ml100k, queued):
         assert torch.equal(first.state_cache.state, uninterrupted[stop][3])
 
 
+@pytest.mark.parametrize("queued", [False, True])
+def test_a_batch_that_fails_to_build_is_not_skipped(ml100k, queued):
+    """Building a batch that raises (a read error, an interrupt) leaves it to be handed out next, by iteration,
+    by the queue and by a resume from the state_dict taken then: every batch exactly once. Direct iteration
+    counted the batch as handed out before building it, and lost it."""
+    batcher = SessionBatcher(ml100k, "train", lanes=8, sessions_per_batch=5)
+    build, failed = batcher._write, []
+
+    def flaky(epoch, index, out):
+        if index == 2 and not failed:
+            failed.append(index)
+            raise OSError("transient read error")
+        return build(epoch, index, out)
+
+    batcher._write = flaky
+    seen = []
+    with pytest.raises(OSError, match="transient read error"):
+        for batch in (batcher.iter_queued(num_producers=1, num_slots=2) if queued else batcher):
+            seen.append(batch.index)
+    assert failed and seen == [0, 1]
+    assert batcher.state_dict()["next_index"] == 2
+    resumed = SessionBatcher(ml100k, "train", lanes=8, sessions_per_batch=5)
+    resumed.load_state_dict(batcher.state_dict())
+    assert [batch.index for batch in batcher] == [batch.index for batch in resumed] == list(
+        range(2, batcher.num_batches(0)))
+
+
 def test_state_cache_resets_lanes_that_start_a_user_and_splits_are_separate(ml100k):
     train = SessionBatcher(ml100k, "train", lanes=8, sessions_per_batch=2, state_shape=(2, 3))
     valid = SessionBatcher(ml100k, "valid", lanes=8, sessions_per_batch=2, state_shape=(2, 3))

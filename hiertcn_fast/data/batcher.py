@@ -366,8 +366,9 @@ class SessionBatcher:
         epoch = self.epoch
         while self.epoch == epoch and self.next_index < self.num_batches(epoch):
             index = self.next_index
+            batch = self.batch(index, epoch)  # built before it counts: a batch that fails to build is not skipped
             self.next_index = index + 1  # handed out = consumed, for checkpoints taken in the loop
-            yield self.batch(index, epoch)
+            yield batch
         self._normalise_position()
 
     def iter_queued(self, num_producers: int = 2, num_slots: int = 4, device=None) -> Iterator[SessionBatch]:
