@@ -169,6 +169,77 @@ def test_cold_and_warm_splits(tmp_path):
     assert set(np.unique(warm.session_split).tolist()) == {0, 1, 2}
 
 
+@pytest.mark.parametrize("fractions", [(1.0, 0.0, 0.0), (0.8, 0.2, 0.0), (0.0, 1.0, 0.0), (0.5, 0.0, 0.5)])
+def test_a_warm_split_of_fraction_zero_is_empty(tmp_path, fractions):
+    """Sessions starting at the log's last time sat past a cut at the span's end: a split of fraction 0 got them."""
+    user = np.array([1, 1, 2, 2, 3])
+    item = np.array([5, 6, 5, 6, 5])
+    timestamp = np.array([0.0, 10_000.0, 5_000.0, 20_000.0, 20_000.0])  # users 2 and 3 start sessions at the end
+    params = PreprocessParams(min_item_count=1, min_user_count=1, max_user_count=None, split="warm",
+                              split_fractions=fractions)
+    cache = preprocess(ArraySource(user, item, timestamp), tmp_path, params)
+    counts = np.bincount(cache.session_split, minlength=3)
+    assert counts.sum() == cache.num_sessions == 5
+    for code, fraction in enumerate(fractions):
+        assert (counts[code] == 0) == (fraction == 0), (counts.tolist(), fractions)
+
+
+def test_equal_session_gaps_give_one_cache(tmp_path, small_source):
+    """1800, 1800.0 and NumPy's 1800 are the same parameters: one key, one cache, resumable across them."""
+    gaps = [1800, 1800.0, np.int64(1800), np.float32(1800.0)]
+    keys = {preprocess_module.cache_key(small_source, dataclasses.replace(SMALL, session_gap=gap)) for gap in gaps}
+    assert len(keys) == 1
+    paths = {preprocess(small_source, tmp_path, dataclasses.replace(SMALL, session_gap=gap)).path for gap in gaps}
+    assert len(paths) == 1 and small_source.iterations == 1
+
+
+class _HandMadeSource(preprocess_module.InteractionSource):
+    """A user's own InteractionSource, yielding whatever chunk it is given."""
+
+    name = "hand-made"
+
+    def __init__(self, chunk):
+        self.chunk = chunk
+
+    def fingerprint(self):
+        return {"reader": "hand-made", "id": id(self)}
+
+    def iter_chunks(self, chunk_size=1 << 20, stats=None):
+        yield self.chunk
+
+
+@pytest.mark.parametrize("how, message", [
+    ("nan timestamp", "chunk 0: timestamps must be finite; index 2 is nan"),
+    ("fractional item", "chunk 0: item: ids must be whole numbers in the int64 range; index 1 is 2.5"),
+    ("nan user", "chunk 0: user: ids must be whole numbers"),
+    ("text timestamp", "chunk 0: timestamp: seconds must be numbers"),
+    ("unequal lengths", "chunk 0: user, item and timestamp must be 1-D of equal length"),
+    ("not a chunk", "a chunk must be an InteractionChunk"),
+])
+def test_a_custom_sources_bad_chunk_is_refused_before_anything_is_written(tmp_path, how, message):
+    """InteractionChunk promises int64 ids and float64 seconds; a custom source's chunk that breaks it was used as
+    it came (a NaN time joined a session; float ids failed deep inside with an IndexError)."""
+    user, item, timestamp = np.array([1, 1, 2]), np.array([1, 2, 3]), np.array([0.0, 60.0, 120.0])
+    chunk = {"nan timestamp": (user, item, np.array([0.0, 60.0, np.nan])),
+             "fractional item": (user, np.array([1.0, 2.5, 3.0]), timestamp),
+             "nan user": (np.array([1.0, np.nan, 2.0]), item, timestamp),
+             "text timestamp": (user, item, np.array(["0", "60", "120"])),
+             "unequal lengths": (user, item[:2], timestamp),
+             "not a chunk": 42}[how]
+    if isinstance(chunk, tuple):
+        chunk = preprocess_module.InteractionChunk(*chunk)
+    params = PreprocessParams(min_item_count=1, min_user_count=1, max_user_count=None)
+    with pytest.raises(ValueError, match="hand-made.*" + message.replace("(", r"\(").replace(")", r"\)")):
+        preprocess(_HandMadeSource(chunk), tmp_path / "cache", params)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_a_bad_verify_is_refused_before_the_build(tmp_path, small_source):
+    with pytest.raises(ValueError, match="verify must be"):
+        preprocess(small_source, tmp_path, SMALL, verify="ful")
+    assert small_source.iterations == 0 and not any(tmp_path.iterdir())
+
+
 def test_params_validation():
     with pytest.raises(ValueError, match="split"):
         PreprocessParams(split="random")

@@ -50,7 +50,8 @@ import numpy as np
 __all__ = ["SessionCache", "CacheCorruptError", "CACHE_FORMAT", "CACHE_VERSION", "SPLITS"]
 
 CACHE_FORMAT = "hiertcn_fast.session_cache"
-CACHE_VERSION = 2  # bumped whenever the content for the same source and params changes
+CACHE_VERSION = 3  # bumped whenever the content for the same source and params changes
+VERIFY_MODES = ("lazy", "full", "none")
 MANIFEST_NAME = "manifest.json"
 TEMP_PREFIX = ".tmp-"
 SPLITS = {"train": 0, "valid": 1, "test": 2}
@@ -253,7 +254,7 @@ class SessionCache:
         event- or session-level data), ``"full"`` (everything now) or ``"none"`` (sizes and
         manifest only; the partitions are still checked on the first read of their data).
         """
-        if verify not in ("lazy", "full", "none"):
+        if verify not in VERIFY_MODES:
             raise ValueError(f"verify must be 'lazy', 'full' or 'none', got {verify!r}")
         path = Path(path).expanduser().absolute()  # absolute: a pickled cache reopens it from any directory
         if path.name.startswith(TEMP_PREFIX):

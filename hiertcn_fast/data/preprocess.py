@@ -36,10 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import (ARRAY_DTYPES, CACHE_FORMAT, CACHE_VERSION, GLOBAL_ARRAYS, SPLITS as SPLIT_CODES,
+from .cache import (ARRAY_DTYPES, CACHE_FORMAT, CACHE_VERSION, GLOBAL_ARRAYS, SPLITS as SPLIT_CODES, VERIFY_MODES,
                     CacheCorruptError, SessionCache, crc32_of, new_temp_dir, publish_temp_dir,
                     remove_stale_temp_dirs)
-from .readers import DEFAULT_CHUNK_SIZE, InteractionSource, ReadStats, _check_chunk_size
+from .readers import (DEFAULT_CHUNK_SIZE, InteractionChunk, InteractionSource, ReadStats, _check_chunk_size,
+                      _integer_ids)
 
 __all__ = ["PreprocessParams", "preprocess", "cache_key"]
 
@@ -89,8 +90,8 @@ class PreprocessParams:
         if not (isinstance(gap, numbers.Real) and not isinstance(gap, (bool, np.bool_))
                 and math.isfinite(gap) and gap > 0):
             raise ValueError(f"session_gap must be a finite positive number of seconds, got {gap!r}")
-        # Plain int/float: the same key as the equal Python number, and JSON-serialisable.
-        object.__setattr__(self, "session_gap", int(gap) if isinstance(gap, numbers.Integral) else float(gap))
+        # A plain float, JSON-serialisable: equal numbers (1800, 1800.0, np.float32(1800)) give the same cache key.
+        object.__setattr__(self, "session_gap", float(gap))
         if self.split not in SPLIT_MODES:
             raise ValueError(f"split must be one of {SPLIT_MODES}, got {self.split!r}")
         fractions = tuple(float(f) for f in self.split_fractions)
@@ -206,7 +207,8 @@ def _spill(source, params, chunk_size, spill_dir, read_stats):
     item_counts = np.empty(0, np.int64)
     total = 0
     runs = []
-    for chunk in source.iter_chunks(chunk_size, read_stats):
+    for number, chunk in enumerate(source.iter_chunks(chunk_size, read_stats)):
+        chunk = _checked_chunk(chunk, source, number)
         total += len(chunk)
         item_keys, item_counts = _merge_counts(item_keys, item_counts, chunk.item)
         records = np.empty(len(chunk), dtype=SPILL_DTYPE)
@@ -219,6 +221,34 @@ def _spill(source, params, chunk_size, spill_dir, read_stats):
         records[order].tofile(path)
         runs.append((path, bounds))
     return total, item_keys, item_counts, runs
+
+
+def _checked_chunk(chunk, source, number: int) -> InteractionChunk:
+    """A chunk of any source (the built-in readers or a user's InteractionSource) as InteractionChunk promises it:
+    three 1-D arrays of equal length, int64 ids (integers, or floats holding whole numbers) and finite float64
+    seconds; anything else raises ValueError naming the source and the chunk, before the cache is written."""
+    where = f"{type(source).__name__} {getattr(source, 'name', '?')!r}, chunk {number}"
+    try:
+        user, item, timestamp = chunk
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: a chunk must be an InteractionChunk (user, item, timestamp), got "
+                         f"{type(chunk).__name__}") from None
+    try:
+        user, item = _integer_ids(user, "user"), _integer_ids(item, "item")
+        timestamp = np.asarray(timestamp)
+        if timestamp.dtype.kind not in "iuf":
+            raise ValueError(f"timestamp: seconds must be numbers, got dtype {timestamp.dtype}")
+        timestamp = np.ascontiguousarray(timestamp, dtype=np.float64)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    if not (user.ndim == item.ndim == timestamp.ndim == 1 and user.shape == item.shape == timestamp.shape):
+        raise ValueError(f"{where}: user, item and timestamp must be 1-D of equal length, got shapes {user.shape}, "
+                         f"{item.shape}, {timestamp.shape}")
+    finite = np.isfinite(timestamp)
+    if not finite.all():
+        first = int(np.flatnonzero(~finite)[0])
+        raise ValueError(f"{where}: timestamps must be finite; index {first} is {timestamp[first].item()!r}")
+    return InteractionChunk(user, item, timestamp)
 
 
 def _read_range(path: Path, dtype, start: int, stop: int) -> np.ndarray:
@@ -304,6 +334,7 @@ def _write_items_and_splits(temp, spill_dir, params, partition_user_offsets, use
         del permutation
     else:
         first, last = time_range
+        last_split = max(code for code, fraction in enumerate(params.split_fractions) if fraction > 0)
         cuts = np.array([first + train_fraction * (last - first),
                          first + (train_fraction + valid_fraction) * (last - first)])
     present_item_index = _KeyIndex(present_items)
@@ -323,7 +354,9 @@ def _write_items_and_splits(temp, spill_dir, params, partition_user_offsets, use
                 labels = np.repeat(user_split[user_lo:user_hi], sessions_per_user)
             else:
                 start_time = _read_range(spill_dir / "session_start.bin", np.float64, session_lo, session_hi)
-                labels = np.searchsorted(cuts, start_time, side="right").astype(np.int8)
+                # A cut at the span's end would send the sessions starting at the last time past it: capped at
+                # the last split with a share, so that a split of fraction 0 stays empty.
+                labels = np.minimum(np.searchsorted(cuts, start_time, side="right"), last_split).astype(np.int8)
             item_writer.append(item)
             split_writer.append(labels)
             timestamp = _read_range(temp / "timestamp.bin", np.float64, event_lo, event_hi)
@@ -488,6 +521,8 @@ def preprocess(source: InteractionSource, cache_dir: str | os.PathLike, params: 
     if not isinstance(params, PreprocessParams):
         raise TypeError(f"params must be a PreprocessParams, got {type(params).__name__}")
     chunk_size = _check_chunk_size(chunk_size)
+    if verify not in VERIFY_MODES:  # before any work: SessionCache.open would refuse it only after the build
+        raise ValueError(f"verify must be 'lazy', 'full' or 'none', got {verify!r}")
     key = cache_key(source, params)
     final_path = Path(cache_dir).expanduser() / f"{source.name}-{key}"
     if final_path.exists() and not rebuild:
