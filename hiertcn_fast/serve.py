@@ -26,12 +26,17 @@ states and the scores random).
 
 Users live in rows ("slots") of these tensors, which grow by doubling and never shrink; :meth:`forget_users`
 frees the rows of users who left for new users; ``state_dict`` / ``load_state_dict`` save and restore every
-user (or a chosen subset with :meth:`export_users`).
+user (or a chosen subset with :meth:`export_users`); ``copy.deepcopy`` and pickle give an independent recommender
+that goes on exactly as the original.
+
+Every call may run inside ``torch.inference_mode()`` or outside it, in any mix: the stored tensors are made as
+normal tensors either way (an inference tensor could not be updated in place outside inference mode later).
 """
 
 from __future__ import annotations
 
 import collections
+import collections.abc
 import dataclasses
 import math
 import numbers
@@ -53,6 +58,23 @@ def _as_rows(values, dtype, device) -> torch.Tensor:
     return torch.as_tensor(values, dtype=dtype).reshape(-1).to(device)
 
 
+def _storage_mode():
+    """Where the recommender makes what it keeps between calls (its per-user tensors, scratch states, row views):
+    outside inference mode even when called inside it. An inference tensor has no version counter (which
+    _conv_step reads) and cannot be updated in place outside inference mode, so one made by a call under
+    torch.inference_mode() would break every later call outside it. (Grad mode is on in there: make tensors only,
+    compute nothing of the model.)"""
+    return torch.inference_mode(False)
+
+
+def _normal(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a normal tensor (a copy made outside inference mode if it is an inference tensor)."""
+    if not t.is_inference():
+        return t
+    with _storage_mode():
+        return t.clone()
+
+
 def _refuse_strings(values, name: str) -> None:
     """A clear word for text where numbers belong (torch.as_tensor would say "too many dimensions 'str'")."""
     if isinstance(values, (str, bytes)) or (isinstance(values, (list, tuple)) and any(
@@ -71,11 +93,17 @@ def _user_key(user):
     return user.item() if isinstance(user, np.generic) else user
 
 
-def _user_keys(users) -> list:
-    """A sequence of user ids (a list, a 1-d tensor or array) as keys (see _user_key)."""
+def _user_keys(users, ordered: bool = True) -> list:
+    """A sequence of user ids (a list, a 1-d tensor or array) as keys (see _user_key). Unless ``ordered`` is
+    False (the order does not matter to the caller), a set or a mapping is refused: entries are paired with
+    users by position, and a set's order is its hash order."""
     if isinstance(users, (str, bytes)):
         raise TypeError(f"users must be a sequence of user ids (a list, tuple, 1-d tensor or array), got the "
                         f"{type(users).__name__} {users!r}: pass [{users!r}] for one user")
+    if ordered and isinstance(users, (collections.abc.Set, collections.abc.Mapping)):
+        raise TypeError(f"users must be in order (a list, tuple, 1-d tensor or array), got a "
+                        f"{type(users).__name__}, whose order is arbitrary: users would be paired with other "
+                        f"arguments and results in hash order")
     if isinstance(users, (torch.Tensor, np.ndarray)):
         if users.ndim != 1:
             raise ValueError(f"users must be one-dimensional, got shape {tuple(users.shape)}")
@@ -142,8 +170,14 @@ class StreamingRecommender:
         self.user_slot: dict = {}
         self.capacity = 0
         layers, hidden = model.state_shape
-        self.state = torch.zeros(layers, 0, hidden, device=self.device, dtype=self.dtype)
-        self.conv = model.tcn.init_state(0)
+        with _storage_mode():
+            self.state = torch.zeros(layers, 0, hidden, device=self.device, dtype=self.dtype)
+            self.conv = model.tcn.init_state(0)
+            self.session_sum = torch.zeros(0, model.item_embedding.embedding_dim, device=self.device,
+                                           dtype=self.dtype)
+            self.session_count = torch.zeros(0, dtype=torch.int64, device=self.device)
+            self.features = torch.zeros(0, model.output.in_features, device=self.device, dtype=self.dtype)
+            self.last_time = torch.zeros(0, dtype=torch.float64, device=self.device)
         self._scratches: dict = {}
         # Single events of a user on the CPU: that user's row views (least recently used first) and NumPy views
         # of the per-user counters, read and written as Python numbers (see _observe_one).
@@ -153,11 +187,28 @@ class StreamingRecommender:
         embedding = model.item_embedding
         self._embedding_rows = (type(model).embed is NextItemModel.embed and type(embedding) is torch.nn.Embedding
                                 and embedding.max_norm is None)
-        self.session_sum = torch.zeros(0, model.item_embedding.embedding_dim, device=self.device, dtype=self.dtype)
-        self.session_count = torch.zeros(0, dtype=torch.int64, device=self.device)
-        self.features = torch.zeros(0, model.output.in_features, device=self.device, dtype=self.dtype)
-        self.last_time = torch.zeros(0, dtype=torch.float64, device=self.device)
         self._grow(int(initial_capacity))
+
+    # Copies (copy.deepcopy, pickle) keep the per-user tensors, not what is derived from them (rebuilt on use):
+    # a copied NumPy view of the counters is an array of its own (the single-event path's updates through it
+    # would miss the copy's tensors), a row view holds prepared steps, and a scratch state's context source
+    # names the state by identity and version (a copy's version counter starts again).
+    _DERIVED = ("_counters", "_row_views", "_scratches")
+
+    def __getstate__(self):
+        return {key: value for key, value in self.__dict__.items() if key not in self._DERIVED}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        # Copied or loaded inside inference mode, the tensors came back as inference tensors.
+        for name in ("state", "session_sum", "session_count", "features", "last_time"):
+            setattr(self, name, _normal(getattr(self, name)))
+        if any(t.is_inference() for layer in self.conv.layers for t in (layer.history, layer.position)):
+            self.conv = TCNState(CausalConvState(_normal(layer.history), _normal(layer.position), layer.kernel_size,
+                                                 layer.dilation) for layer in self.conv.layers)
+        self._scratches = {}
+        self._row_views = collections.OrderedDict()
+        self._storage_replaced()
 
     def _check_model(self) -> None:
         """The model as it was when the recommender was made: in eval mode (dropout off), on the device and in
@@ -184,13 +235,15 @@ class StreamingRecommender:
             shape[dim] = extra
             return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
-        self.state = padded(self.state, 1)
-        self.session_sum = padded(self.session_sum)
-        self.session_count = padded(self.session_count)
-        self.features = padded(self.features)
-        self.last_time = padded(self.last_time)
-        self.conv = TCNState(CausalConvState(padded(layer.history), padded(layer.position), layer.kernel_size,
-                                             layer.dilation) for layer in self.conv.layers)
+        with _storage_mode():
+            state = padded(self.state, 1)
+            session_sum, session_count = padded(self.session_sum), padded(self.session_count)
+            features, last_time = padded(self.features), padded(self.last_time)
+            conv = TCNState(CausalConvState(padded(layer.history), padded(layer.position), layer.kernel_size,
+                                            layer.dilation) for layer in self.conv.layers)
+        # Replaced together once all are made: a failure above (out of memory) leaves the storage as it was.
+        self.state, self.session_sum, self.session_count = state, session_sum, session_count
+        self.features, self.last_time, self.conv = features, last_time, conv
         self.capacity = capacity
         self._storage_replaced()
 
@@ -256,10 +309,11 @@ class StreamingRecommender:
         """The scratch state for ``count`` rows, made on first use for that count."""
         scratch = self._scratches.pop(count, None)
         if scratch is None:
-            conv = TCNState(CausalConvState(layer.history.new_empty(count, *layer.history.shape[1:]),
-                                            layer.position.new_empty(count), layer.kernel_size, layer.dilation)
-                            for layer in self.conv.layers)
-            scratch = _Scratch(conv, self.state.new_empty(count, self.model.context_dim))
+            with _storage_mode():
+                conv = TCNState(CausalConvState(layer.history.new_empty(count, *layer.history.shape[1:]),
+                                                layer.position.new_empty(count), layer.kernel_size, layer.dilation)
+                                for layer in self.conv.layers)
+                scratch = _Scratch(conv, self.state.new_empty(count, self.model.context_dim))
             if len(self._scratches) >= self._SCRATCH_SIZES:
                 del self._scratches[next(iter(self._scratches))]  # the least recently used count
         self._scratches[count] = scratch
@@ -289,10 +343,11 @@ class StreamingRecommender:
         view = self._row_views.get(row)
         if view is None:
             rows = slice(row, row + 1)
-            conv = TCNState(CausalConvState(layer.history[rows], layer.position[rows], layer.kernel_size,
-                                            layer.dilation) for layer in self.conv.layers)
-            view = _RowView(conv, self.session_sum[row], self.features[rows],
-                            self.state.new_empty(1, self.model.context_dim))
+            with _storage_mode():  # views made in inference mode could not be written outside it
+                conv = TCNState(CausalConvState(layer.history[rows], layer.position[rows], layer.kernel_size,
+                                                layer.dilation) for layer in self.conv.layers)
+                view = _RowView(conv, self.session_sum[row], self.features[rows],
+                                self.state.new_empty(1, self.model.context_dim))
             self._row_views[row] = view
             if len(self._row_views) > self._ROW_VIEWS:
                 self._row_views.popitem(last=False)
@@ -306,9 +361,14 @@ class StreamingRecommender:
     def _close_one(self, view: _RowView, row: int) -> None:
         """_close_sessions for one row: the GRU step with its session mean, then its new session's start token."""
         rows = slice(row, row + 1)
-        self.state[:, rows] = self.model.close_sessions(self.session_sum[rows], self.session_count[rows],
-                                                        self.state[:, rows])
-        view.context.copy_(self.model.context_of(self.state[:, rows]))
+        # The new state and its context are computed before anything is written: a failure there leaves the
+        # user as it was (not with its GRU advanced and its session still open).
+        state = self.model.close_sessions(self.session_sum[rows], self.session_count[rows], self.state[:, rows])
+        context = self.model.context_of(state)
+        view.context_fresh = False  # until the state is written too
+        view.context.copy_(context)
+        self.state[:, rows] = state
+        view.context_fresh = True
         for layer in view.conv.layers:
             layer.reset()
         view.session_sum.zero_()
@@ -369,12 +429,16 @@ class StreamingRecommender:
         given = torch.as_tensor(items)
         if given.dim() > 1:
             raise ValueError(f"items must be one item id per event (one-dimensional), got shape {tuple(given.shape)}")
-        if not users and given.numel() == 0 and len(timestamps) == 0:
+        times = torch.as_tensor(timestamps, dtype=torch.float64)
+        if times.dim() > 1:
+            raise ValueError(f"timestamps must be one time per event (one-dimensional), got shape "
+                             f"{tuple(times.shape)}")
+        if not users and given.numel() == 0 and times.numel() == 0:
             return
         if given.is_floating_point() or given.is_complex() or given.dtype == torch.bool:
             raise TypeError(f"items must be integer item ids, got {given.dtype}")
         items = _as_rows(given, torch.int64, self.device)
-        timestamps = _as_rows(timestamps, torch.float64, self.device)
+        timestamps = _as_rows(times, torch.float64, self.device)
         if not len(users) == items.shape[0] == timestamps.shape[0]:
             raise ValueError(f"users, items and timestamps must have one entry per event, got {len(users)}, "
                              f"{items.shape[0]} and {timestamps.shape[0]}")
@@ -383,14 +447,29 @@ class StreamingRecommender:
         if not bool(torch.isfinite(timestamps).all()):
             raise ValueError("timestamps must be finite numbers of seconds")
         self._check_time_order(users, timestamps)  # every check before the first change: a refused call changes nothing
+        known = len(self.user_slot)
         pending = list(range(len(users)))
-        while pending:
-            seen, this_round, later = set(), [], []
-            for i in pending:
-                (later if users[i] in seen else this_round).append(i)
-                seen.add(users[i])
-            self._observe_round([users[i] for i in this_round], items[this_round], timestamps[this_round])
-            pending = later
+        try:
+            while pending:
+                seen, this_round, later = set(), [], []
+                for i in pending:
+                    (later if users[i] in seen else this_round).append(i)
+                    seen.add(users[i])
+                self._observe_round([users[i] for i in this_round], items[this_round], timestamps[this_round])
+                pending = later
+        except BaseException:
+            self._unregister_from(known)
+            raise
+
+    def _unregister_from(self, first: int) -> None:
+        """Drop the users in rows >= ``first``: those a failed call added (new users get the next rows, and
+        nothing frees rows during a call), so none is left registered without its first event applied (it
+        would be scored from an unopened session instead of refused as unknown)."""
+        for user in [user for user, row in self.user_slot.items() if row >= first]:
+            row = self.user_slot.pop(user)
+            self._row_views.pop(row, None)
+            if row < self.capacity:  # a failed growth did not make it
+                self._clear_row(row)
 
     def _check_time_order(self, users, timestamps: torch.Tensor) -> None:
         """Each user's events in time order: within the call, and not before the user's latest event so far (or
@@ -503,7 +582,7 @@ class StreamingRecommender:
         for new users, so the rows in use follow the users served rather than every user ever seen (the
         tensors keep their capacity: they never shrink). The last users' rows move into the freed ones (the
         others' recommendations do not change). An unknown user is refused before anything changes."""
-        keys = list(dict.fromkeys(_user_keys(users)))
+        keys = list(dict.fromkeys(_user_keys(users, ordered=False)))
         unknown = [user for user in keys if user not in self.user_slot]
         if unknown:
             raise KeyError(f"unknown user {unknown[0]!r}: only users with events can be forgotten")
@@ -539,8 +618,9 @@ class StreamingRecommender:
     # ---- saving and restoring --------------------------------------------------------------------------
 
     def export_users(self, users=None) -> dict:
-        """Every per-user tensor of ``users`` (default: all), on the CPU, with their ids."""
-        users = list(self.user_slot) if users is None else _user_keys(users)
+        """Every per-user tensor of ``users`` (default: all), on the CPU, with their ids. A user listed more than
+        once is exported once, at its first place (as forget_users takes it), so that the state loads."""
+        users = list(self.user_slot) if users is None else list(dict.fromkeys(_user_keys(users)))
         rows = self._slots(users, create=False)
         return {"format": STATE_FORMAT, "users": users, "session_gap": self.session_gap,
                 "max_session_length": self.max_session_length, "state": self.state[:, rows].cpu(),
@@ -559,11 +639,16 @@ class StreamingRecommender:
         is changed: a refused state leaves the recommender as it was."""
         values = self._checked_saved(saved)
         users = list(saved["users"])
+        known = len(self.user_slot)
         for user in users:
             if user not in self.user_slot:
                 self.user_slot[user] = len(self.user_slot)
-        if len(self.user_slot) > self.capacity:
-            self._grow(max(2 * self.capacity, len(self.user_slot)))
+        try:
+            if len(self.user_slot) > self.capacity:
+                self._grow(max(2 * self.capacity, len(self.user_slot)))
+        except BaseException:
+            self._unregister_from(known)
+            raise
         rows = torch.tensor([self.user_slot[u] for u in users], dtype=torch.int64, device=self.device)
         self.state[:, rows] = values["state"]
         self._states_changed(rows)

@@ -462,3 +462,173 @@ def test_forgotten_users_free_their_rows_and_change_no_one_else(single_events):
                 want = expected[key]
                 assert (all(map(torch.equal, value, want)) if isinstance(value, list)
                         else torch.equal(value, want)), (user, key)
+
+
+def stored_tensors(recommender):
+    """Every tensor the recommender keeps between calls: per-user storage, scratch states and row views."""
+    tensors = [recommender.state, recommender.session_sum, recommender.session_count, recommender.features,
+               recommender.last_time, *[t for layer in recommender.conv.layers for t in (layer.history, layer.position)]]
+    for scratch in recommender._scratches.values():
+        tensors += [scratch.context, *[t for layer in scratch.conv.layers for t in (layer.history, layer.position)]]
+    for view in recommender._row_views.values():
+        tensors += [view.session_sum, view.features, view.context,
+                    *[t for layer in view.conv.layers for t in (layer.history, layer.position)]]
+    return tensors
+
+
+def test_serving_inside_inference_mode_and_then_outside_it_equals_serving_outside():
+    """A recommender made, grown and used inside torch.inference_mode() (as request handlers often are) keeps
+    normal tensors: it serves there and afterwards outside it, both paths, with exactly the results of one used
+    only outside it."""
+    model = small_hiertcn(max_session_length=3)
+    events = random_events(torch.Generator().manual_seed(13), ["a", "b", 3, "d", "e"], 120)
+    plain = StreamingRecommender(model, session_gap=GAP, initial_capacity=1)
+    with torch.inference_mode():
+        served = StreamingRecommender(model, session_gap=GAP, initial_capacity=1)  # grows inside
+    # Scores at a later time never pass the user's next event (an event before a closing time is refused).
+    next_time, upcoming = [float("inf")] * len(events), {}
+    for n in reversed(range(len(events))):
+        next_time[n] = upcoming.get(events[n][0], float("inf"))
+        upcoming[events[n][0]] = events[n][2]
+    for n, (user, item, t) in enumerate(events):
+        now = min(t + GAP, next_time[n])
+        inside = (n // 20) % 2 == 0  # alternate: 20 events inside inference mode, 20 outside
+        with torch.inference_mode(inside):
+            if n % 3:
+                served.observe(user, item, t)
+            else:
+                served.observe_many([user], [item], [t])
+            got = served.scores(user, now=now) if n % 5 == 0 else served.scores(user)
+        plain.observe(user, item, t)
+        expected = plain.scores(user, now=now) if n % 5 == 0 else plain.scores(user)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not any(t.is_inference() for t in stored_tensors(served))
+    users = list(plain.user_slot)
+    expected = per_user_tensors(plain, users)
+    for key, value in per_user_tensors(served, users).items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_new_user_whose_first_event_fails_is_not_registered(monkeypatch):
+    """A new user is registered only with its first event applied: a call that fails part way through leaves no
+    user without a session (that would be scored from nothing instead of refused as unknown)."""
+    recommender = StreamingRecommender(small_hiertcn(), session_gap=GAP, initial_capacity=1)
+    recommender.observe("a", 3, 100.0)
+    before = snapshot(recommender)
+
+    def failing(self, rows, inputs):
+        raise RuntimeError("injected failure")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StreamingRecommender, "_conv_step", failing)
+        for call in (lambda: recommender.observe("b", 5, 100.0), lambda: recommender.observe_many(["c"], [5], [1.0])):
+            with pytest.raises(RuntimeError, match="injected failure"):
+                call()
+            assert_unchanged(recommender, before)
+    with pytest.raises(KeyError, match="unknown user"):
+        recommender.recommend("b")
+    plain = StreamingRecommender(small_hiertcn(), session_gap=GAP)
+    plain.observe("a", 3, 100.0)
+    for r in (recommender, plain):
+        r.observe("b", 5, 100.0)
+        r.observe_many(["c", "a"], [5, 6], [1.0, 160.0])
+    for user in ("a", "b", "c"):
+        torch.testing.assert_close(recommender.scores(user), plain.scores(user), rtol=0, atol=0)
+
+
+def test_a_failed_session_close_changes_nothing(monkeypatch):
+    """A single event that closes a session and fails part way through leaves the user's GRU state (and all else)
+    as it was: after the row view was used inside inference mode, and with the TCN context failing to compute."""
+    model = small_hiertcn()
+    recommender, plain = StreamingRecommender(model, session_gap=GAP), StreamingRecommender(model, session_gap=GAP)
+    recommender.observe("a", 3, 100.0)
+    with torch.inference_mode():
+        recommender.observe("a", 4, 160.0)  # the row view of "a" is made in inference mode
+    before = snapshot(recommender)
+
+    def failing(state):
+        raise RuntimeError("injected failure")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(model, "context_of", failing)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            recommender.observe("a", 5, 1e5)  # a gap: the session closes
+        assert_unchanged(recommender, before)
+    for user, item, t in (("a", 3, 100.0), ("a", 4, 160.0)):
+        plain.observe(user, item, t)
+    for r in (recommender, plain):
+        r.observe("a", 5, 1e5)  # outside inference mode now
+        r.observe("a", 6, 1e5 + 1)
+    torch.testing.assert_close(recommender.scores("a"), plain.scores("a"), rtol=0, atol=0)
+    expected = per_user_tensors(plain, ["a"])
+    for key, value in per_user_tensors(recommender, ["a"]).items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_copies_stream_like_the_original_and_independently_of_it():
+    """copy.deepcopy and a pickle round trip give a recommender that goes on exactly as the original (single
+    events, batched events and closing by now), and events of the copy do not reach the original."""
+    import copy
+    import pickle
+
+    model = small_hiertcn()
+    events = random_events(torch.Generator().manual_seed(17), ["a", "b", "c"], 60)
+    original = StreamingRecommender(model, session_gap=GAP, initial_capacity=1)
+    for user, item, t in events[:30]:
+        original.observe(user, item, t)  # row views and counters in use
+    original.observe_many(["z"], [2], [1e5])
+    copies = [copy.deepcopy(original), pickle.loads(pickle.dumps(original))]
+    untouched = copy.deepcopy(original)
+    # The last two: a single event, then a batched one 1790 s later (the same session, by the counters).
+    for n, (user, item, t) in enumerate([*events[30:], ("z", 5, 1e5 + 100), ("z", 6, 1e5 + 1890)]):
+        for r in (original, *copies):
+            if n % 2 == 0:
+                r.observe(user, item, t)
+            else:
+                r.observe_many([user], [item], [t])
+        expected = original.scores(user, now=t + 1.0)
+        for r in copies:
+            torch.testing.assert_close(r.scores(user, now=t + 1.0), expected, rtol=0, atol=0)
+    users = ["a", "b", "c", "z"]
+    expected = per_user_tensors(original, users)
+    for r in copies:
+        for key, value in per_user_tensors(r, users).items():
+            torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+    # The copies' events changed neither the copy taken before them nor its source's state before them.
+    reference = StreamingRecommender(model, session_gap=GAP, initial_capacity=1)
+    for user, item, t in events[:30]:
+        reference.observe(user, item, t)
+    reference.observe_many(["z"], [2], [1e5])
+    for user in users:
+        torch.testing.assert_close(untouched.scores(user), reference.scores(user), rtol=0, atol=0)
+
+
+def test_export_lists_each_user_once():
+    """export_users takes a user listed twice once (first occurrence order), as forget_users does, so the state
+    it writes loads."""
+    model = small_hiertcn()
+    recommender = StreamingRecommender(model, session_gap=GAP)
+    recommender.observe_many(["a", "b"], [3, 4], [100.0, 100.0])
+    saved = recommender.export_users(["b", "a", "b"])
+    assert saved["users"] == ["b", "a"] and saved["state"].shape[1] == 2
+    restored = StreamingRecommender(model, session_gap=GAP)
+    restored.load_state_dict(saved)
+    torch.testing.assert_close(restored.scores_many(["a", "b"]), recommender.scores_many(["a", "b"]), rtol=0, atol=0)
+
+
+def test_unordered_users_and_timestamps_of_more_than_one_dimension_are_refused():
+    """Events are paired with users by position: a set or dict of users (whose order is arbitrary) and
+    timestamps of more than one dimension (which would be flattened) are refused, changing nothing."""
+    recommender = StreamingRecommender(small_hiertcn(), session_gap=GAP)
+    recommender.observe_many(["a", "b"], [3, 4], [100.0, 100.0])
+    before = snapshot(recommender)
+    for times in ([[200.0, 300.0]], [[200.0], [300.0]], torch.tensor([[200.0, 300.0]])):
+        with pytest.raises(ValueError, match="timestamps must be one time per event"):
+            recommender.observe_many(["a", "b"], [1, 2], times)
+        assert_unchanged(recommender, before)
+    for users in ({"a", "b"}, frozenset(["a", "b"]), {"a": 0, "b": 1}, {"a": 0, "b": 1}.keys()):
+        with pytest.raises(TypeError, match="users must be in order"):
+            recommender.observe_many(users, [1, 2], [200.0, 300.0])
+        assert_unchanged(recommender, before)
+    recommender.forget_users({"a"})  # order does not matter to forgetting
+    assert list(recommender.user_slot) == ["b"]
