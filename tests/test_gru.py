@@ -557,20 +557,29 @@ def test_gru_modules_run_under_autocast_like_torch(case):
         assert_bf16_close(a, b)
 
 
-@pytest.mark.parametrize("autocast_dtype,x_dtype,hx_dtype", [
-    (torch.bfloat16, torch.float32, torch.float32), (torch.bfloat16, torch.float32, None),
-    (torch.bfloat16, torch.bfloat16, None), (torch.bfloat16, torch.bfloat16, torch.float32),
-    (torch.bfloat16, torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16, None),
-    (torch.bfloat16, torch.float32, torch.float16), (torch.bfloat16, torch.bfloat16, torch.float16),
-    (torch.float16, torch.bfloat16, None), (torch.float16, torch.float32, torch.bfloat16),
-    (torch.float16, torch.float16, None)])
-def test_gru_modules_under_cpu_autocast_run_in_the_dtype_torch_runs_them_in(autocast_dtype, x_dtype, hx_dtype):
+@pytest.mark.parametrize("autocast_dtype,x_dtype,hx_dtype,parameter_dtype", [
+    *((*case, torch.float32) for case in [
+        (torch.bfloat16, torch.float32, torch.float32), (torch.bfloat16, torch.float32, None),
+        (torch.bfloat16, torch.bfloat16, None), (torch.bfloat16, torch.bfloat16, torch.float32),
+        (torch.bfloat16, torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16, None),
+        (torch.bfloat16, torch.float32, torch.float16), (torch.bfloat16, torch.bfloat16, torch.float16),
+        (torch.float16, torch.bfloat16, None), (torch.float16, torch.float32, torch.bfloat16),
+        (torch.float16, torch.float16, None)]),
+    # A module in a half type given float32: torch casts its weights to float32 (ours refused the mismatch).
+    (torch.bfloat16, torch.float32, None, torch.bfloat16), (torch.bfloat16, torch.float32, torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.float32, None, torch.float16), (torch.float16, torch.float32, torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.bfloat16, None, torch.float16)])
+def test_gru_modules_under_cpu_autocast_run_in_the_dtype_torch_runs_them_in(autocast_dtype, x_dtype, hx_dtype,
+                                                                             parameter_dtype):
     """CPU autocast runs torch's GRU and GRUCell in hx's dtype (the input's without hx) where that is the
-    autocast dtype, else in float32. The drop-ins give torch's dtype for every combination, and close values."""
+    autocast dtype, else in float32, whatever the parameters' dtype. The drop-ins give torch's dtype for every
+    combination, and close values."""
     torch.manual_seed(0)
     for peer, x, hx in ((torch.nn.GRUCell(5, 8), torch.randn(3, 5), torch.randn(3, 8)),
                         (torch.nn.GRU(5, 8, num_layers=2), torch.randn(6, 3, 5), torch.randn(2, 3, 8))):
-        module = peer_and_module(peer)
+        peer = peer.to(parameter_dtype)
+        module = peer_and_module(peer).to(parameter_dtype)  # (load_state_dict keeps the module's own dtype)
+        assert all(p.dtype == parameter_dtype for p in module.parameters())
         x = x.to(x_dtype)
         hx = None if hx_dtype is None else hx.to(hx_dtype)
         with torch.autocast("cpu", dtype=autocast_dtype):

@@ -18,10 +18,11 @@ def autocast_cast(t, dtype):
     return t.to(dtype)
 
 
-def rnn_autocast_dtype(x: torch.Tensor, hx):
+def rnn_autocast_dtype(x: torch.Tensor, hx, weight: torch.Tensor):
     """The dtype torch.autocast runs the GRU modules in, as it does torch.nn's, or None to leave them as they are.
     CUDA's autocast runs RNNs in its lower-precision dtype. CPU's runs torch's GRU and GRUCell in hx's dtype (the
-    input's without hx) where that is the autocast dtype, else in float32 (float64 stays float64)."""
+    input's without hx) where that is the autocast dtype, else in float32 (float64 stays float64): a module in a
+    half type given float32 then runs in float32, its weights cast."""
     if x.device.type == "cpu":
         if not torch.is_autocast_enabled("cpu"):
             return None
@@ -30,7 +31,7 @@ def rnn_autocast_dtype(x: torch.Tensor, hx):
             return dtype
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return None
-        if x.dtype == torch.float32 and (hx is None or hx.dtype == torch.float32):
+        if x.dtype == torch.float32 and (hx is None or hx.dtype == torch.float32) and weight.dtype == torch.float32:
             return None  # float32 throughout: nothing to cast
         return torch.float32
     return autocast_dtype(x.device.type)

@@ -79,7 +79,7 @@ class GRUCell(torch.nn.GRUCell):
         x = input if batched else input.unsqueeze(0)
         h = hx if hx is None or batched else hx.unsqueeze(0)
         weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
-        autocast_dtype = _autocast_dtype(x, h)
+        autocast_dtype = _autocast_dtype(x, h, self.weight_ih)
         if autocast_dtype is None:
             _check_dtypes_and_devices(self, x, h, self.weight_ih)
             out = self._cell(x, h, weights)
@@ -147,7 +147,7 @@ class GRU(torch.nn.GRU):
         layer's state there rather than at the padded end (the recurrence is causal, so padding after a
         row's last step changes nothing before it)."""
         weights = self.all_weights
-        autocast_dtype = _autocast_dtype(x, h0)
+        autocast_dtype = _autocast_dtype(x, h0, weights[0][0])
         if autocast_dtype is None:
             _check_dtypes_and_devices(self, x, h0, weights[0][0])
             return self._run_layers(x, h0, weights, last)
