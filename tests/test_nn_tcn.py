@@ -544,6 +544,22 @@ def test_a_state_dict_from_before_the_context_residual_loads_as_the_same_functio
                           dtype=torch.float64).load_state_dict(old)
 
 
+def test_a_partial_state_dict_without_metadata_leaves_the_projections_and_reports_them():
+    """A dict without version metadata reads as version 1, which is completed only when it is a whole block: a
+    partial one (strict=False) had the trained projections replaced by the identity and zero, unreported."""
+    torch.manual_seed(0)
+    block = TemporalBlock(4, 4, 3, context_channels=2)
+    before = {key: value.clone() for key, value in block.state_dict().items()}
+    result = block.load_state_dict({"conv.weight": torch.randn(4, 4, 3)}, strict=False)
+    assert set(result.missing_keys) == {"conv.bias", "conv.context_weight", "projection.weight", "projection.bias",
+                                        "context_projection.weight"}
+    for key in ("projection.weight", "projection.bias", "context_projection.weight"):
+        assert torch.equal(block.state_dict()[key], before[key]), key
+    # A whole version-1 block without metadata is still completed.
+    whole = {key: value for key, value in before.items() if not key.startswith(("projection.", "context_projection."))}
+    assert not TemporalBlock(4, 4, 3, context_channels=2).load_state_dict(whole).missing_keys
+
+
 def test_step_under_cpu_autocast_follows_a_context_changed_in_place():
     """The stack step runs in the state's dtype under autocast too: the context's residual term, made again when
     the context (a serving buffer, rewritten in place at a session's close) or its projection changes, must be

@@ -217,13 +217,15 @@ class TemporalBlock(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         if self.context_projection is not None and (local_metadata or {}).get("version", 1) < 2:
-            # Any key of the conv's (conv.weight, or a parametrized conv's conv.parametrizations....) marks this
-            # block's entries.
-            ours = any(key.startswith(prefix + "conv.") for key in state_dict)
-            if ours and prefix + "context_projection.weight" not in state_dict:
-                weight = self.context_projection.weight
+            # Only a whole version-1 block (every entry this block has but the projections version 2 added) is
+            # completed: a partial dict (strict=False) must not have trained projections replaced unreported.
+            weight = self.context_projection.weight
+            identity = weight.shape[0] == self.projection.in_features  # version 1 had no projection then
+            added = ("context_projection.", "projection.") if identity else ("context_projection.",)
+            whole = all(prefix + key in state_dict for key in self.state_dict() if not key.startswith(added))
+            if whole and prefix + "context_projection.weight" not in state_dict:
                 state_dict[prefix + "context_projection.weight"] = torch.zeros_like(weight)
-                if prefix + "projection.weight" not in state_dict and weight.shape[0] == self.projection.in_features:
+                if prefix + "projection.weight" not in state_dict and identity:
                     state_dict[prefix + "projection.weight"] = torch.eye(weight.shape[0], dtype=weight.dtype,
                                                                          device=weight.device)
                     state_dict[prefix + "projection.bias"] = torch.zeros_like(self.projection.bias)
