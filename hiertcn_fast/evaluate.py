@@ -79,11 +79,22 @@ def _as_tensor(name: str, value) -> torch.Tensor:
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
 
 
+def _check_targets(targets: torch.Tensor, num_columns: int, padding_item: int | None) -> None:
+    """Every target an item of the catalogue: a column of the scores other than ``padding_item``."""
+    bad_target = (targets < 0) | (targets >= num_columns)
+    if padding_item is not None:
+        bad_target |= targets == padding_item
+    if bool(bad_target.any()):
+        first_bad = int(torch.nonzero(bad_target)[0, 0])
+        raise ValueError(f"targets: item id {int(targets[first_bad])} at event {first_bad} is not in the "
+                         f"catalogue (ids 0..{num_columns - 1}, padding item {padding_item} excluded)")
+
+
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, padding_item: int | None = 0):
     """Counts of catalogue items scoring strictly higher than, and tied with, each target.
 
-    scores: (events, items) floating point; targets: (events,) integer on the scores' device.
-    Column ``padding_item`` (None: none) is not part of the catalogue. Returns
+    scores: (events, items) floating point; targets: (events,) integer item ids of the catalogue, on the scores'
+    device (ValueError otherwise). Column ``padding_item`` (None: none) is not part of the catalogue. Returns
     ``(higher, tied)``, both int64 (events,) on the scores' device; ``tied`` excludes the target.
     Works in blocks of rows so the temporary masks stay small.
     """
@@ -91,6 +102,10 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, padding_item: int 
     if padding_item is not None and not 0 <= padding_item < num_columns:
         raise ValueError(f"padding_item must be a column of the scores (0..{num_columns - 1}) or None, got "
                          f"{padding_item!r}")
+    if targets.shape != (n,) or targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be (events,) = ({n},) integer item ids, got shape {tuple(targets.shape)} "
+                         f"and dtype {targets.dtype}")
+    _check_targets(targets, num_columns, padding_item)
     higher = torch.empty(n, dtype=torch.int64, device=scores.device)
     tied = torch.empty(n, dtype=torch.int64, device=scores.device)
     rows = max(1, ROW_BLOCK_ELEMENTS // max(num_columns, 1))
@@ -259,13 +274,7 @@ class RankingMetrics:
             self.num_columns = num_columns
             return
         targets = targets.to(device=scores.device, dtype=torch.int64)
-        bad_target = (targets < 0) | (targets >= num_columns)
-        if self.padding_item is not None:
-            bad_target |= targets == self.padding_item
-        if bool(bad_target.any()):
-            first_bad = int(torch.nonzero(bad_target)[0, 0])
-            raise ValueError(f"targets: item id {int(targets[first_bad])} at event {first_bad} is not in the "
-                             f"catalogue (ids 0..{num_columns - 1}, padding item {self.padding_item} excluded)")
+        _check_targets(targets, num_columns, self.padding_item)
         # A row sum is a fast vectorised reduction and is NaN if the row holds a NaN (or both infinities,
         # hence the exact check on the suspect rows only). The padding column is never ranked, so a NaN
         # there is harmless: only the catalogue columns are checked.

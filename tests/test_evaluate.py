@@ -218,6 +218,14 @@ def test_target_ranks_counts():
     assert higher.tolist() == [0, 0] and tied.tolist() == [1, 2]
     higher, tied = target_ranks(scores, torch.tensor([2, 1]), padding_item=None)
     assert higher.tolist() == [1, 0] and tied.tolist() == [1, 2]
+    # A target outside the catalogue is refused, as RankingMetrics.update refuses it: the padding column gave a
+    # tie count of -1, an id past the columns an index error, a float target a gather error.
+    for targets, message in ((torch.tensor([0, 1]), "item id 0 at event 0 is not in the catalogue"),
+                             (torch.tensor([2, 4]), "item id 4 at event 1 is not in the catalogue"),
+                             (torch.tensor([2, -1]), "item id -1 at event 1"),
+                             (torch.tensor([2.0, 1.0]), "integer item ids"), (torch.tensor([2]), r"\(events,\)")):
+        with pytest.raises(ValueError, match=message):
+            target_ranks(scores, targets)
 
 
 def test_half_precision_scores(device):
