@@ -163,7 +163,8 @@ def _leaders(results: list[ModelResult], focus: str = "hiertcn") -> list[str]:
                   ""]
     for unit in UNITS:
         for metric in TABLE_METRICS:
-            scored = sorted(((value, r.name) for r in results
+            # Ranked as shown (4 digits): figures that print alike tie, rather than one leading "by 0.0000".
+            scored = sorted(((round(value, 4), r.name) for r in results
                              if (value := _finite_or_none(r.quality[unit]["all"].get(metric))) is not None),
                             key=lambda pair: -pair[0])
             if not scored:

@@ -185,6 +185,11 @@ def test_who_leads_ranks_ties_alike_and_flags_different_event_sets(tmp_path):
             "## Who leads")[1]
         assert "hiertcn is 2 of 3 with 0.2500" in section
         assert "mix event sets" not in section
+    # Figures that differ below the 4 digits shown tie (there was "ahead of hrnn (0.2500) by 0.0000").
+    close = [_with_figures("hiertcn", 0, (0.250049, 0.1, 0.1)), _with_figures("hrnn", 0, (0.250041, 0.1, 0.1))]
+    section = write_report(close, tmp_path / "close", plots=False)["report"].read_text().split(
+        "## Who leads")[1].split("##")[0]
+    assert "Recall@10 (per user): hiertcn and hrnn 0.2500\n" in section and "0.0000" not in section
     results = [_with_figures("session_gru", 0, figures["session_gru"]), _with_figures("hiertcn", 1, figures["hiertcn"])]
     results[1].quality["counts"]["events"] += 1
     section = write_report(results, tmp_path / "mixed", plots=False)["report"].read_text().split("## Who leads")[1]
