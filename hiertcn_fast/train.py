@@ -28,6 +28,7 @@ are the ones the rule baselines are scored on.
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import copy
 import dataclasses
@@ -136,11 +137,21 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be finite and > 0, lr_gamma in (0, 1], grad_clip and weight_decay "
                              f"finite and >= 0; got learning_rate={self.learning_rate!r}, lr_gamma={self.lr_gamma!r}, "
                              f"grad_clip={self.grad_clip!r}, weight_decay={self.weight_decay!r}")
-        self.lr_milestones = tuple(float(m) for m in self.lr_milestones)
+        milestones = self.lr_milestones
+        if (isinstance(milestones, (str, bytes)) or not isinstance(milestones, collections.abc.Iterable)
+                or not all(isinstance(m, numbers.Real) and not isinstance(m, bool) for m in milestones)):
+            raise ValueError(f"lr_milestones must be a sequence of fractions of the run, got {milestones!r}")
+        self.lr_milestones = tuple(float(m) for m in milestones)
         if any(not 0 < m < 1 for m in self.lr_milestones):
             raise ValueError(f"lr_milestones must be fractions of the run in (0, 1), got {self.lr_milestones}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 0):
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool)
+                                           or self.max_steps < 0):
             raise ValueError(f"max_steps must be a non-negative integer or None, got {self.max_steps!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        for name in ("amp", "progress_bar"):  # bool("false") would be True
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True, False or None (automatic), got {getattr(self, name)!r}")
 
 
 def default_device(device=None) -> torch.device:
@@ -321,13 +332,17 @@ class _Source:
 
     def batches(self):
         """The remaining batches of the current epoch: (local batch on device, events of the whole batch)."""
-        if self.queued:
-            stream = self.batcher.iter_queued(self.num_producers, self.queue_slots, device=self.device)
-        else:
-            stream = (b.to(self.device) for b in self.batcher)
+        stream = (self.batcher.iter_queued(self.num_producers, self.queue_slots, device=self.device) if self.queued
+                  else iter(self.batcher))
         for batch in stream:
-            total_events = int(batch.lengths.sum())
-            yield (self._local(batch) if self.sharded else batch), total_events
+            try:
+                batch = batch.to(self.device)  # (the queue's are there already: no copy)
+                total_events = int(batch.lengths.sum())
+                local = self._local(batch) if self.sharded else batch
+            except BaseException:  # the batcher counts it as handed out: give it back, not skip it
+                self.batcher.epoch, self.batcher.next_index = batch.epoch, batch.index
+                raise
+            yield local, total_events
 
     def _local(self, batch):
         rows = self.rows
@@ -407,7 +422,10 @@ class Trainer:
             self.proposal_last = int(np.flatnonzero(weights)[-1]) if weights.any() else 0
         self.sampler = torch.Generator(device=self.device)
         self.sampler.manual_seed(config.seed)
-        self._step_committed = True  # see _train_step
+        # Set by the optimizer's first step post-hook, the moment its parameters have moved (see _train_step); a
+        # list, not an attribute the hook sets on self: a hook holding the trainer would make a reference cycle.
+        stepped = self._optimizer_stepped = [False]
+        self.optimizer.register_step_post_hook(lambda optimizer, args, kwargs: stepped.__setitem__(0, True))
         self._pending_rollback = None  # an interrupted step's restore not yet applied in full (_apply_rollback)
         step_module = _LossStep(model, self.amp, self.device.type, log_q, every_parameter=self.distributed)
         if self.distributed:
@@ -434,20 +452,24 @@ class Trainer:
 
     # ---- one step ----
 
-    def _train_step(self, batch, total_events: int) -> float:
-        """One step on ``batch``, counted (step, curve, events). A step that raises before the optimizer's (an
-        interrupt, a transient error) gives its batch back: the generator's position, the lanes' state and the
-        random generators return to where the step found them, so a checkpoint taken then, or another train()
-        call, runs this batch again as an uninterrupted run does. One that raises after it (in the all-reduce of
-        the loss, or reading it) is counted with a NaN loss: its parameters moved."""
-        rng = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-               self.sampler.get_state())
-        cache = self.source.state_cache
-        lanes = None if cache is None else cache.state.clone()
+    def _train_step(self, batch, total_events: int, rng=None, lanes=None) -> float:
+        """One step on ``batch``, counted (step, curve, events). A step that raises before the optimizer's step
+        has moved the parameters (an interrupt, a transient error) gives its batch back: the generator's
+        position, the lanes' state and the random generators return to where the step found them, so a
+        checkpoint taken then, or another train() call, runs this batch again as an uninterrupted run does. One
+        that raises after it (in the optimizer's other hooks, the all-reduce of the loss, or reading it) is
+        counted with a NaN loss: its parameters moved. (rng and lanes are parameters, not locals, so that no
+        statement precedes the try: an interrupt there would escape the rollback.)"""
         try:
+            self._optimizer_stepped[0] = False
+            rng = (torch.get_rng_state(),
+                   torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                   self.sampler.get_state())
+            cache = self.source.state_cache
+            lanes = None if cache is None else cache.state.clone()
             loss = self._run_step(batch, total_events)
         except BaseException:
-            if not self._step_committed:
+            if not self._optimizer_stepped[0]:
                 # Kept until applied in full: a second interrupt during the restore leaves it pending, and train()
                 # and checkpoint() apply it first.
                 self._pending_rollback = (batch.epoch, batch.index, lanes, rng)
@@ -467,12 +489,13 @@ class Trainer:
             return
         epoch, index, lanes, rng = self._pending_rollback
         self.source.batcher.epoch, self.source.batcher.next_index = epoch, index
-        if lanes is not None:
+        if lanes is not None:  # (None: the step failed before its snapshot, which it had not changed yet)
             self.source.state_cache.state.copy_(lanes)
-        torch.set_rng_state(rng[0])
-        if rng[1] is not None:
-            torch.cuda.set_rng_state(rng[1], self.device)
-        self.sampler.set_state(rng[2])
+        if rng is not None:
+            torch.set_rng_state(rng[0])
+            if rng[1] is not None:
+                torch.cuda.set_rng_state(rng[1], self.device)
+            self.sampler.set_state(rng[2])
         self._pending_rollback = None
 
     def _count_step(self, loss: float, total_events: int) -> None:
@@ -488,7 +511,6 @@ class Trainer:
 
     def _run_step(self, batch, total_events: int) -> float:
         config = self.config
-        self._step_committed = False
         state = self.source.begin(batch)
         targets = self.source.targets(batch)["targets"]
         lr = self.learning_rate(batch.epoch, batch.index)
@@ -508,8 +530,7 @@ class Trainer:
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
         self.source.end(batch, new_state)  # before the optimizer's step: undone with the rest if that raises
-        self.optimizer.step()
-        self._step_committed = True  # the parameters moved: the batch is spent
+        self.optimizer.step()  # its first post-hook marks the batch spent (_optimizer_stepped)
         if self.distributed:
             torch.distributed.all_reduce(loss_sum)
         return float(loss_sum) / max(total_events, 1)
@@ -535,7 +556,15 @@ class Trainer:
             started = time.perf_counter()
             try:
                 for batch, total_events in self.source.batches():
-                    loss = self._train_step(batch, total_events)  # counts the step
+                    counted = self.step
+                    try:
+                        loss = self._train_step(batch, total_events)  # counts the step
+                    except BaseException:
+                        # Raised before _train_step's own rollback could run (an interrupt at its entry): the
+                        # batch was not used, so it goes back. (After that rollback this sets the same position.)
+                        if self.step == counted:
+                            self.source.batcher.epoch, self.source.batcher.next_index = batch.epoch, batch.index
+                        raise
                     epoch_loss += loss * total_events
                     epoch_events += total_events
                     if bar is not None:
@@ -553,9 +582,10 @@ class Trainer:
                     if finished():
                         break
             finally:
+                # An interrupted epoch's time counts too (events/s, checkpoints): its steps' events do.
+                self.train_seconds += time.perf_counter() - started
                 if bar is not None:
                     bar.close()
-            self.train_seconds += time.perf_counter() - started
             if epoch_events and not config.log_every:
                 self._log(epoch, epoch_loss / epoch_events, self.train_events, self.train_seconds)
         if config.checkpoint_path:
@@ -610,8 +640,26 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "source": self.source.state_dict(), "step": self.step,
                 "curve": list(self.curve),
                 "train_events": self.train_events, "train_seconds": self.train_seconds,
-                "rng": torch.get_rng_state(), "sampler": self.sampler.get_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+                **self._rng_states()}
+
+    def _rng_states(self) -> dict:
+        """The global RNGs for a checkpoint. Before the first train() they are not yet seeded (train() seeds them
+        with config.seed + rank): the checkpoint holds them as seeded, without seeding them here, so a run
+        resumed from it draws what the uninterrupted run draws."""
+        if self._rng_seeded or self.step > 0:
+            return {"rng": torch.get_rng_state(), "sampler": self.sampler.get_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        seed = self.config.seed + self.rank
+        cpu = torch.Generator()
+        cpu.manual_seed(seed)
+        cuda = None
+        if torch.cuda.is_available():  # torch.manual_seed seeds every device's generator alike
+            cuda = []
+            for device in range(torch.cuda.device_count()):
+                generator = torch.Generator(device=f"cuda:{device}")
+                generator.manual_seed(seed)
+                cuda.append(generator.get_state())
+        return {"rng": cpu.get_state(), "sampler": self.sampler.get_state(), "cuda_rng": cuda}
 
     def save_checkpoint(self, path) -> Path:
         """Write :meth:`checkpoint` durably; per rank in a distributed run (``path.rank<r>``).

@@ -6,6 +6,7 @@ import errno
 import gc
 import os
 import pickle
+import time
 import weakref
 
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hiertcn_fast.data import SessionBatch
 from hiertcn_fast.models import iter_split_events
 from hiertcn_fast.evaluate import RankingMetrics, batch_targets
 from hiertcn_fast.train import (CHECKPOINT_FORMAT, RESUME_FIELDS, RESUME_FREE_FIELDS, DataMemoryMeter, TrainConfig,
@@ -688,6 +690,50 @@ def test_a_run_stopped_at_an_epochs_end_resumes_in_the_next_epoch(cache):
     assert trainer.step == trainer.source.num_batches(0) and trainer.source.epoch == 1
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("amp", "false", "amp must be True, False or None"), ("max_steps", True, "max_steps"),
+    ("seed", -1, "seed must be a non-negative integer"), ("seed", 1.5, "seed must be a non-negative integer"),
+    ("lr_milestones", 0.5, "lr_milestones must be a sequence"), ("lr_milestones", "0.5", "lr_milestones must be a"),
+    ("progress_bar", "no", "progress_bar must be True, False or None")])
+def test_config_refuses_values_of_the_wrong_kind(field, value, message):
+    """bool("false") is True, True is an int, a float seed failed deep inside torch.manual_seed."""
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
+
+
+def test_an_interrupted_epoch_counts_its_time(cache):
+    """events/s and checkpoints count the time of an epoch cut short by an interrupt, as they count its events
+    (its time was dropped: events/s was overstated, a checkpoint held 0 s)."""
+    model = build_model("hiertcn", cache.num_items, seed=2, **TINY["hiertcn"])
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1) or (
+        (_ for _ in ()).throw(KeyboardInterrupt) if len(calls) == 5 else None))
+    trainer = Trainer(model, cache, config(epochs=1), out=None)
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    elapsed = time.perf_counter() - started
+    assert trainer.step == 4 and 0 < trainer.train_seconds <= elapsed
+    assert trainer.checkpoint()["train_seconds"] == trainer.train_seconds
+
+
+def test_a_checkpoint_from_before_the_first_train_resumes_exactly(cache, tmp_path):
+    """train() seeds the global RNG (dropout) at its first call; a checkpoint written before it held the unseeded
+    generator and marked it seeded, so the resumed run drew other dropout masks than the uninterrupted one."""
+    def model(seed):
+        return build_model("hiertcn", cache.num_items, seed=seed, dropout=0.2, **TINY["hiertcn"])
+
+    torch.manual_seed(123)  # whatever the global RNG holds when the checkpoint is written
+    straight = Trainer(model(2), cache, config(epochs=1), out=None)
+    straight.save_checkpoint(tmp_path / "start.pt")
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(123).get_state())  # written without seeding
+    straight.train()
+    resumed = Trainer(model(9), cache, config(epochs=1), out=None).load_checkpoint(tmp_path / "start.pt").train()
+    assert resumed.curve == straight.curve
+    for p, q in zip(resumed.model.parameters(), straight.model.parameters()):
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("field,value", [("learning_rate", float("inf")), ("learning_rate", float("nan")),
                                          ("grad_clip", float("nan")), ("weight_decay", float("nan")),
                                          ("lr_gamma", float("nan"))])
@@ -696,12 +742,16 @@ def test_config_numbers_must_be_finite(field, value):
         TrainConfig(**{field: value})
 
 
-@pytest.mark.parametrize("where", ["storing the lanes' state", "after the optimizer's step"])
+@pytest.mark.parametrize("where", ["storing the lanes' state", "after the optimizer's step", "an optimizer post-hook",
+                                   "the step's snapshot", "entering the step", "moving the batch"])
 def test_a_step_that_raises_late_leaves_a_consistent_trainer(cache, monkeypatch, where):
     """Raising while the lanes' state is stored (before the optimizer's step) gives the batch back with the lanes'
     state as it was; raising after the optimizer's step (the all-reduce of the loss) counts the step, with a NaN
     loss, so the step count matches the parameters. Either way training on ends where the uninterrupted run
-    does, with its parameters."""
+    does, with its parameters. So too for an interrupt in a post-hook of the optimizer's step (the parameters
+    moved; it was rolled back, and the batch applied twice), while the step takes its snapshot of the random
+    generators, at the step's entry, or while the batch is moved to the device (each before the step's rollback
+    covered it: the batch was skipped)."""
     plain = Trainer(build_model("hiertcn", cache.num_items, seed=2, **TINY["hiertcn"]), cache, config(epochs=2),
                     out=None).train()
     trainer = Trainer(build_model("hiertcn", cache.num_items, seed=2, **TINY["hiertcn"]), cache, config(epochs=2),
@@ -717,7 +767,7 @@ def test_a_step_that_raises_late_leaves_a_consistent_trainer(cache, monkeypatch,
                 raise KeyboardInterrupt
             original(batch, new_state)
         monkeypatch.setattr(trainer.source, "end", end)
-    else:
+    elif where == "after the optimizer's step":
         trainer.distributed = True  # the step then all-reduces its loss, after the optimizer's step
 
         def all_reduce(tensor):
@@ -725,14 +775,32 @@ def test_a_step_that_raises_late_leaves_a_consistent_trainer(cache, monkeypatch,
             if len(calls) == 4:
                 raise KeyboardInterrupt
         monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    else:
+        def fourth_call_raises(original):
+            def call(*args, **kwargs):
+                calls.append(1)
+                if len(calls) == 4:
+                    raise KeyboardInterrupt
+                return original(*args, **kwargs)
+            return call
+
+        if where == "an optimizer post-hook":
+            trainer.optimizer.register_step_post_hook(fourth_call_raises(lambda *args: None))
+        elif where == "the step's snapshot":
+            monkeypatch.setattr(torch, "get_rng_state", fourth_call_raises(torch.get_rng_state))
+        elif where == "entering the step":
+            monkeypatch.setattr(trainer, "_train_step", fourth_call_raises(trainer._train_step))
+        else:
+            monkeypatch.setattr(SessionBatch, "to", fourth_call_raises(SessionBatch.to))
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     optimizer_steps = int(next(iter(trainer.optimizer.state.values()))["step"])
-    assert trainer.step == optimizer_steps == (3 if where == "storing the lanes' state" else 4)
-    if where == "storing the lanes' state":
-        monkeypatch.undo()
-    else:
+    moved = where in ("after the optimizer's step", "an optimizer post-hook")
+    assert trainer.step == optimizer_steps == (4 if moved else 3)
+    if moved:
         assert np.isnan(trainer.curve[-1][1])
+    if where != "after the optimizer's step":  # (there the patched all-reduce stands in for the process group)
+        monkeypatch.undo()
     trainer.train()
     assert trainer.step == plain.step
     for p, q in zip(trainer.model.parameters(), plain.model.parameters()):
