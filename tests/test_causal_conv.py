@@ -543,6 +543,11 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match=r"\(k - 1\) \* dilation must be below 2\*\*62"):
         causal_conv1d(x, weight, dilation=2 ** 61)
     causal_conv1d(x, weight, dilation=2 ** 61 - 1)  # just below: every tap but the newest falls before the start
+    # With k = 1 the reach is 0 at any dilation, but the ops' int64 arguments must hold it (the cpu backend failed
+    # in the dispatcher with "Expected a value of type 'int' ... but instead found type 'int'").
+    for backend in ("cpu", "reference"):
+        with pytest.raises(ValueError, match=r"dilation and \(k - 1\) \* dilation must be below 2\*\*62"):
+            causal_conv1d(x, weight[:, :, :1], dilation=2 ** 63, backend=backend)
     if CUDA:
         with pytest.raises(ValueError, match="weight is on cuda"):
             causal_conv1d(x, weight.cuda())

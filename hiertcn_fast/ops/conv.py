@@ -225,9 +225,11 @@ MAX_REACH = 2 ** 62
 
 
 def check_reach(kernel_size: int, dilation: int) -> None:
-    """A layer's reach (k - 1) * dilation must stay below MAX_REACH."""
-    if (kernel_size - 1) * dilation >= MAX_REACH:
-        raise ValueError(f"(k - 1) * dilation must be below 2**62, got k = {kernel_size} and dilation = {dilation}")
+    """A layer's reach (k - 1) * dilation must stay below MAX_REACH, and the dilation itself too (with k = 1 the
+    reach is 0 whatever the dilation, which the ops' int64 arguments must still hold)."""
+    if (kernel_size - 1) * dilation >= MAX_REACH or dilation >= MAX_REACH:
+        raise ValueError(f"dilation and (k - 1) * dilation must be below 2**62, got k = {kernel_size} and "
+                         f"dilation = {dilation}")
 
 
 def _check_int(value, name, minimum):
@@ -298,7 +300,9 @@ def causal_conv1d(x, weight, bias=None, *, dilation=1, groups=1, context=None, c
     context: (batch, ctx_channels) with context_weight (out_channels, ctx_channels, k): the time-constant
     input concatenated to every step; residual: (batch, time, out_channels); activation: None, "relu",
     "gelu" or "tanh". Returns (batch, time, out_channels) = act(z), or act(act(z) + residual) with a
-    residual. Differentiable in every tensor argument; backward is deterministic.
+    residual. Differentiable in every tensor argument; backward is deterministic: the same inputs give the same
+    bits run after run at a fixed thread count (the cpu backend's dense layers of 32 channels or more take their
+    products through BLAS, whose summation order, in the weight gradient, follows the thread count).
     """
     _check_causal_conv(x, weight, bias, dilation, groups, context, context_weight, activation, residual)
     name = resolve("causal_conv1d", backend, x.device, x.dtype, CAUSAL_CONV1D_DTYPES)

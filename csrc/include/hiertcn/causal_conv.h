@@ -73,7 +73,8 @@ struct CausalConvBackwardParams {
   int64_t residual_batch_stride;
   int64_t residual_time_stride;
   // Row chunks of the weight-gradient reduction (weight_grad_chunks): fixed by the shape alone,
-  // so the summation order, and hence the result, never depends on the thread count.
+  // so the summation order, and hence the result, never depends on the thread count. (Not so on the
+  // CPU's BLAS path of dense layers, whose products split their sums by the thread count.)
   int64_t weight_grad_chunks;
   const void* grad_out;
   const void* x;
