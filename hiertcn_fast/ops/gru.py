@@ -24,6 +24,10 @@ arithmetic. Under torch.compile they go through the Python autograd.Functions in
 free per call). On CPU tensors a single step also runs its two independent matrix products at once,
 one per thread, and adds the biases inside the gates kernel (see gru_recurrence.cpp).
 
+Every backward is deterministic: the same inputs give the same bits run after run at a fixed thread count. The
+weight gradients' matrix products (BLAS) split their sums by the thread count, so one and two threads may
+differ in the last bits.
+
 Not done yet on the GPU, for want of a GPU to measure on: fusing the recurrent matrix product with
 the gates (one kernel per step at small batch) and a persistent kernel for the whole recurrence.
 The cuda backend runs two launches per step (cuBLAS, then the gates) from the C++ loop.
