@@ -98,14 +98,19 @@ def measure_all(cache, runs, dim, rounds, device, lanes) -> dict:
         for trainer in trainers.values():
             trainer.train_seconds = 0.0
     rates = {label: [] for label in trainers}
+    # The device peak is the process's (torch.cuda.max_memory_allocated), reset at each train(): read after each
+    # model's own epoch, not once at the end (which gave every model the last one's).
+    device_peaks = {label: None for label in trainers}
     for _ in range(rounds):
         for label, trainer in trainers.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             rates[label].append(timed_epoch(trainer, device))
+            if device.type == "cuda":
+                device_peaks[label] = max(device_peaks[label] or 0, trainer.peak_memory_bytes)
     return {label: {"events_per_second": statistics.median(rates[label]), "events_per_second_rounds": rates[label],
                     "data_memory_bytes": trainer.memory.peak_bytes,
-                    "device_peak_bytes": trainer.peak_memory_bytes if device.type == "cuda" else None,
+                    "device_peak_bytes": device_peaks[label],
                     "parameters": sum(p.numel() for p in trainer.model.parameters())}
             for label, trainer in trainers.items()}
 

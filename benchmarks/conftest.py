@@ -25,12 +25,37 @@ def bench_timer(request):
     return run
 
 
+_run = {"files": set(), "deselected": False}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    _run["files"] |= {os.path.basename(str(item.fspath)) for item in items}
+
+
+def pytest_deselected(items):
+    _run["deselected"] = True
+
+
+def _whole_suite() -> bool:
+    """Every benchmark file of the harness ran, nothing deselected: the run behind the all-<device>.json file
+    (a partial run must not overwrite it)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    harness_files = set()
+    for name in os.listdir(here):
+        if name.startswith("bench_") and name.endswith(".py"):
+            with open(os.path.join(here, name)) as f:
+                if "harness.bench_test(" in f.read():
+                    harness_files.add(name)
+    return not _run["deselected"] and harness_files <= _run["files"]
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter):
     rows = harness.summary_rows()
     if not rows:
         return
-    label = "-".join(sorted({r["op"] for r in rows})) if len({r["op"] for r in rows}) <= 2 else "all"
+    ops = sorted({r["op"] for r in rows})
+    label = "all" if _whole_suite() else "-".join(ops)
     path = harness.write_results(label, " ".join(sys.argv))
     terminalreporter.write_sep("=", f"hiertcn_fast benchmarks on {harness.bench_device()} (speedup = baseline time / "
                                     f"variant time, same run)")

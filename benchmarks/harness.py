@@ -181,7 +181,9 @@ def time_gpu(fn) -> dict:
         from triton.testing import do_bench
 
         times_ms = do_bench(fn, warmup=25, rep=100, return_mode="all")
+        timer = "triton.testing.do_bench"
     except ImportError:
+        timer = "cuda events"
         times_ms = []
         for _ in range(50):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -191,7 +193,7 @@ def time_gpu(fn) -> dict:
             end.synchronize()
             times_ms.append(start.elapsed_time(end))
     return {"median_s": statistics.median(times_ms) / 1e3, "min_s": min(times_ms) / 1e3, "rounds": len(times_ms),
-            "timer": "triton.testing.do_bench" if times_ms else "cuda events"}
+            "timer": timer}
 
 
 _interleaved = {"id": None, "timings": None}
@@ -326,14 +328,20 @@ def machine() -> dict:
     return info
 
 
-def format_table(rows: List[dict]) -> str:
-    header = f"{'op':<16} {'case':<52} {'variant':<14} {'median':>10} {'speedup':>8} {'GB/s':>8} " \
-             f"{'TFLOP/s':>8} {'%peak':>6} {'peak MiB':>9}"
+def format_table(rows: List[dict], runs: Optional[List[str]] = None) -> str:
+    """One line per row; case names in full (cut, "fwd+bwd" read as "fwd"). ``runs``: a label per row naming the
+    run it came from (summarize.py, which merges files), shown in a first column."""
+    width = max([52, *(len(r["case"]) for r in rows)])
+    run_width = max([3, *(len(run) for run in runs)]) if runs else 0
+    header = (f"{'run':<{run_width}} " if runs else "") + \
+        f"{'op':<16} {'case':<{width}} {'variant':<14} {'median':>10} {'speedup':>8} {'GB/s':>8} " \
+        f"{'TFLOP/s':>8} {'%peak':>6} {'peak MiB':>9}"
     lines = [header, "-" * len(header)]
-    for r in rows:
+    for i, r in enumerate(rows):
         pct = r.get("%HBM") if r.get("%HBM") is not None else r.get("%FLOP peak")
         lines.append(
-            f"{r['op']:<16} {r['case'][:52]:<52} {r['variant']:<14} {_fmt_time(r['median_s']):>10} "
+            (f"{runs[i]:<{run_width}} " if runs else "") +
+            f"{r['op']:<16} {r['case']:<{width}} {r['variant']:<14} {_fmt_time(r['median_s']):>10} "
             f"{_fmt(r['speedup'], 'x'):>8} {_fmt(r.get('GB/s')):>8} {_fmt(r.get('TFLOP/s'), '', 3):>8} "
             f"{_fmt(pct):>6} {_fmt(r['peak_bytes'] / 2**20 if r.get('peak_bytes') is not None else None):>9}")
     return "\n".join(lines)

@@ -1,14 +1,16 @@
 """The benchmark harness refuses to time variants that compute different things."""
 
 import importlib.util
+import json
 import os
+import sys
 
 import pytest
 import torch
 
-_spec = importlib.util.spec_from_file_location(
-    "bench_harness", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                                  "harness.py"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+_spec = importlib.util.spec_from_file_location("bench_harness", os.path.join(BENCH, "harness.py"))
 harness = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(harness)
 
@@ -124,3 +126,97 @@ def test_variants_are_timed_interleaved_in_rounds():
     assert harness.time_cpu_case(case, "hiertcn_fast")["rounds"] == first["rounds"] and counts == calls
     harness._built.update(id=None, variants=None)
     harness._interleaved.update(id=None, timings=None)
+
+
+def test_the_table_shows_case_names_in_full():
+    """Names were cut to 52 characters: "... ctx=256 fwd+bwd" read as the forward case "... ctx=256 fwd"."""
+    rows = [{"op": "causal_conv1d", "case": "hiertcn block1 b=1024 t=21 c=128 k=5 d=1 ctx=256 " + kind,
+             "variant": "hiertcn_fast", "median_s": 1e-3, "speedup": 2.0, "peak_bytes": None} for kind in
+            ("fwd", "fwd+bwd")]
+    table = harness.format_table(rows)
+    assert rows[1]["case"] + " " in table and table.count(rows[0]["case"] + " ") == 1
+
+
+def test_summarize_says_which_run_each_row_comes_from(tmp_path, capsys, monkeypatch):
+    """Rows merged from several files (other commits, other loads) are labelled with their file's number."""
+    monkeypatch.syspath_prepend(BENCH)
+    import summarize
+
+    row = {"op": "gru_cell", "case": "b=32 h=128 fwd", "variant": "hiertcn_fast", "median_s": 1e-4, "speedup": 1.5,
+           "peak_bytes": None}
+    for name, speedup in (("a.json", 1.5), ("b.json", 1.7)):
+        (tmp_path / name).write_text(json.dumps({"date": name, "machine": {}, "results": [{**row, "speedup": speedup}]}))
+    summarize.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    out = capsys.readouterr().out
+    assert "[1] " in out and "[2] " in out
+    lines = [line for line in out.splitlines() if "gru_cell" in line]
+    assert lines[0].startswith("[1]") and "1.50x" in lines[0] and lines[1].startswith("[2]") and "1.70x" in lines[1]
+
+
+def test_the_gpu_timer_names_the_timer_it_used(monkeypatch):
+    """Without triton the timing comes from CUDA events, and says so (it said triton.testing.do_bench)."""
+    class Event:
+        def __init__(self, **kwargs):
+            pass
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 1.0
+
+    monkeypatch.setitem(sys.modules, "triton.testing", None)  # the import fails
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    timing = harness.time_gpu(lambda: None)
+    assert timing["timer"] == "cuda events" and timing["rounds"] == 50
+
+
+def test_bench_e2e_reports_each_models_own_device_peak(monkeypatch):
+    """The device peak is the process's, reset at each train(): read once at the end, every model got the peak
+    of the one that trained last."""
+    import types
+
+    monkeypatch.syspath_prepend(BENCH)
+    import bench_e2e
+
+    true_peak = {"hiertcn": 100, "hiertcn (reference)": 500, "hrnn": 300, "history_tcn": 900}
+    device = {"peak": 0}
+
+    class Trainer:
+        def __init__(self, label):
+            self.label, self.memory, self.model = label, types.SimpleNamespace(peak_bytes=1), torch.nn.Linear(1, 1)
+
+        @property
+        def peak_memory_bytes(self):
+            return device["peak"]
+
+    def epoch(trainer, _):
+        device["peak"] = true_peak[trainer.label]  # what train() leaves: this model's own peak
+        return 1000.0
+
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *args: device.update(peak=0))
+    monkeypatch.setattr(bench_e2e, "make_trainer", lambda cache, name, backend, *args: Trainer(
+        next(label for label, n, b in bench_e2e.RUNS if (n, b) == (name, backend))))
+    monkeypatch.setattr(bench_e2e, "timed_epoch", epoch)
+    runs = [run for run in bench_e2e.RUNS if run[0] in true_peak]
+    results = bench_e2e.measure_all(None, runs, 32, 2, types.SimpleNamespace(type="cuda"), 32)
+    assert {label: result["device_peak_bytes"] for label, result in results.items()} == true_peak
+
+
+def test_a_partial_benchmark_run_does_not_write_the_whole_suites_file(tmp_path):
+    """all-<device>.json holds the whole suite's run (RESULTS.md's tables); a run of a few cases of three ops
+    wrote it too, over the whole suite's figures."""
+    import subprocess
+
+    env = {**os.environ, "HIERTCN_BENCH_OUT": str(tmp_path), "HIERTCN_BENCH_COMPILE": "0",
+           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    cases = ["b=32 h=128 fwd", "b=8 t=500 h=128 l=2 fwd", "b=256 t=20 h=128 l=2 fwd"]  # the cell, gru, session_update
+    nodes = [f"{os.path.join(BENCH, 'bench_gru.py')}::test_bench[{case}-hiertcn_fast]" for case in cases]
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *nodes], env=env, check=True,
+                   cwd=ROOT, capture_output=True, timeout=600)
+    written = sorted(path.name for path in tmp_path.glob("*.json"))
+    assert written == ["gru-gru_cell-session_update-cpu.json"], written
