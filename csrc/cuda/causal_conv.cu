@@ -318,8 +318,13 @@ unsigned blocks_for(int64_t n) { return grid_x((n + kThreads - 1) / kThreads, "c
 template <typename T>
 void launch_causal_conv(const CausalConvParams& p, cudaStream_t stream) {
   if (p.batch * p.time == 0 || p.out_channels == 0) return;
+  // The channel blocks go on the grid's y axis, at most 65535 blocks (8,388,480 channels; the input gradient
+  // runs this launch with the input channels in that role): a clear error beyond it, not a failed launch.
+  const int64_t channel_blocks = (p.out_channels + kThreads - 1) / kThreads;
+  TORCH_CHECK(channel_blocks <= 65535, "causal_conv1d on CUDA takes at most ", int64_t{65535} * kThreads,
+              " channels on each side of the conv, got ", p.out_channels);
   const dim3 grid(grid_x(p.batch * ((p.time + kTimeTile - 1) / kTimeTile), "causal_conv1d (batch * time tiles)"),
-                  blocks_for(p.out_channels));
+                  static_cast<unsigned>(channel_blocks));
   causal_conv_cuda_kernel<T><<<grid, kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
