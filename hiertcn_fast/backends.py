@@ -187,8 +187,14 @@ def _resolve_uncached(op, name, device, dtype, dtypes) -> str:
 
 def describe() -> str:
     """A human-readable report of the backends, for `python -m hiertcn_fast info`."""
+    value = os.environ.get(ENV_VAR)
+    try:
+        _check_name(value or "auto", f"the {ENV_VAR} environment variable")
+        selection = f"{ENV_VAR}={value}" if value else f"{ENV_VAR} {'unset' if value is None else 'empty'}: auto"
+    except ValueError as error:  # every op call would raise this: said here, where the backends are checked
+        selection = f"{ENV_VAR}={value!r} is INVALID, every op call will raise ValueError: {error}"
     lines = [f"torch {torch.__version__} (CUDA {torch.version.cuda}), "
              f"CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
-             f"backend selection: {ENV_VAR}={os.environ.get(ENV_VAR, '(unset: auto)')}", ""]
+             f"backend selection: {selection}", ""]
     lines += [str(status) for status in backends()]
     return "\n".join(lines)

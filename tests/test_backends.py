@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import hiertcn_fast
-from hiertcn_fast.backends import ENV_VAR, requested_backend, resolve, triton_interpreted
+from hiertcn_fast.backends import ENV_VAR, describe, requested_backend, resolve, triton_interpreted
 
 DTYPES = {name: {torch.float32} for name in ("cuda", "triton", "cpu", "reference")}
 
@@ -131,6 +131,19 @@ def test_info_command_runs():
     out = subprocess.run([sys.executable, "-m", "hiertcn_fast", "info"], capture_output=True, text=True, check=True)
     for name in ("cuda", "triton", "cpu", "reference"):
         assert name in out.stdout
+
+
+@pytest.mark.parametrize("value,said", [(None, "HIERTCN_BACKEND unset: auto"), ("", "HIERTCN_BACKEND empty: auto"),
+                                        ("cpu", "HIERTCN_BACKEND=cpu"),
+                                        ("bogus", "HIERTCN_BACKEND='bogus' is INVALID, every op call will raise")])
+def test_info_says_what_the_environment_selects(monkeypatch, value, said):
+    """An invalid HIERTCN_BACKEND, which makes every op call raise, was shown as if it were a choice."""
+    if value is None:
+        monkeypatch.delenv("HIERTCN_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("HIERTCN_BACKEND", value)
+    line = next(line for line in describe().splitlines() if "backend selection" in line)
+    assert said in line, line
 
 
 def test_out_of_date_extension_is_reported_not_fatal(monkeypatch):

@@ -789,3 +789,27 @@ def test_gru_modules_refuse_an_empty_time_axis_and_unknown_backends_clearly():
     for make in (lambda: GRU(5, 7, backend="bogus"), lambda: GRUCell(5, 7, backend="bogus")):
         with pytest.raises(ValueError, match="bogus"):
             make()
+
+
+def test_reference_ops_run_on_fake_tensors():
+    """The value checks of session_update's lengths, the loss's targets and a step state's positions read values,
+    which fake tensors (FakeTensorMode: opcheck, export, shape propagation) do not have: skipped there, as under
+    torch.compile (they raised DataDependentOutputException)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from hiertcn_fast.ops import CausalConvState, causal_conv1d_step, linear_cross_entropy
+
+    with FakeTensorMode():
+        calls = {
+            "session_update": lambda backend: session_update(
+                torch.randn(3, 4, 6), torch.tensor([0, 2, 4]), torch.randn(1, 3, 4), torch.ones(3),
+                [[torch.randn(12, 6), torch.randn(12, 4)]], backend=backend),
+            "linear_cross_entropy": lambda backend: linear_cross_entropy(
+                torch.randn(5, 4), torch.randn(7, 4), None, torch.randint(0, 7, (5,)), backend=backend),
+            "causal_conv1d_step": lambda backend: causal_conv1d_step(
+                torch.randn(2, 4), torch.randn(4, 4, 3), CausalConvState.zeros(2, 4, 3), backend=backend),
+        }
+        for name, call in calls.items():
+            for backend in ("reference", "cpu"):
+                out = call(backend)
+                assert type(out).__name__ == "FakeTensor", (name, backend)

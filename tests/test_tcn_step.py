@@ -615,3 +615,55 @@ def test_steps_compile_fullgraph_and_follow_weight_changes(backend):
             for a, b in pairs:  # a deeper layer's history holds outputs, which the compiled graph rounds its way
                 torch.testing.assert_close(b.history, a.history)
                 assert torch.equal(a.position, b.position)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] == "triton"])
+def test_a_layer_the_triton_stack_refuses_leaves_the_layers_below_it_unstepped(backend, device):
+    """Layer by layer, every layer is checked before the first steps: a strided history or position of layer 1,
+    which the Triton kernels would misread, was refused only after layer 0 had stepped."""
+    torch.manual_seed(0)
+    weights = [rand(4, 4, 3, device=device, dtype=torch.float32) for _ in range(2)]
+    for strided in ("history", "position"):
+        first = CausalConvState.zeros(2, 4, 3, 1, device=device)
+        wide_history = torch.zeros(2, 4, 8, device=device)
+        wide_position = torch.zeros(4, dtype=torch.int64, device=device)
+        second = CausalConvState(wide_history[:, :, :4] if strided == "history" else wide_history[:, :, :4].clone(),
+                                 wide_position[::2] if strided == "position" else wide_position[:2].clone(), 3, 2)
+        with pytest.raises(ValueError, match=f"{strided}.*contiguous"):
+            tcn_step(rand(2, 4, device=device, dtype=torch.float32), weights, [None, None], [first, second],
+                     backend=backend)
+        assert first.position.tolist() == [0, 0] and not first.history.any(), strided
+
+
+def test_steps_run_on_fake_tensors():
+    """Under FakeTensorMode (opcheck, export, shape propagation) a step goes through the op's fake kernel: the
+    prepared step, a C++ object called outside the dispatcher, read the fake tensors' memory from the second
+    step on and crashed the process (a segmentation fault), on tcn_step and on TCN.step, also after real steps.
+    In a child process, so that a crash is a failure here, not the end of the test run."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import torch
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from hiertcn_fast.nn import TCN
+        from hiertcn_fast.ops import CausalConvState, tcn_step
+        tcn = TCN(4, (4, 4), kernel_size=3).eval()
+        real = tcn.init_state(2)
+        for _ in range(3):
+            tcn.step(torch.randn(2, 4), real)  # prepared on real tensors first
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            weights, biases = [torch.randn(4, 4, 3)], [torch.randn(4)]
+            states = [CausalConvState.zeros(2, 4, 3)]
+            fake_state = tcn.init_state(2)
+            for _ in range(3):
+                out = tcn_step(torch.randn(2, 4), weights, biases, states)
+                assert type(out).__name__ == "FakeTensor" and out.shape == (2, 4)
+                for state in (fake_state, real):
+                    out = tcn.step(torch.randn(2, 4), state)
+                    assert type(out).__name__ == "FakeTensor" and out.shape == (2, 4)
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.returncode, done.stderr[-2000:])

@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 from ..backends import BackendUnavailableError, requested_backend
 from ..ops.conv import (ACTIVATIONS, CausalConvState, causal_conv1d, causal_conv1d_step, check_reach, prepared_entry,
                         prepared_tcn_step, tcn_step, weight_cache_generation)
+from ..ops._common import symbolic
 from ._autocast import autocast_cast, autocast_dtype
 
 
@@ -371,7 +372,7 @@ class TCN(nn.Module):
         # would check exactly what it checked then. The prepared step itself refuses to run on parameters
         # modified in place.
         fast = getattr(state, "_fast", None)  # None on a state made before the shortcut existed (unpickled)
-        if fast is not None and not torch.compiler.is_compiling():
+        if fast is not None and not symbolic(x_t):  # (the prepared step reads x_t's memory directly)
             key = self._step_objects(state, context)
             if (len(key) == len(fast[0]) and all(map(operator.is_, key, fast[0]))
                     and fast[1] == (requested_backend(key[2].backend), weight_cache_generation())):

@@ -26,6 +26,25 @@ def poison_outputs(enabled: bool = True):
         _poison = previous
 
 
+def symbolic(*tensors) -> bool:
+    """Whether these values are only being traced (torch.compile) or are fake (FakeTensorMode, opcheck, export):
+    then no Python code may read their values or data pointers, and no C++ helper called outside the dispatcher
+    (a prepared step, which reads its inputs' memory directly) may see them."""
+    if torch.compiler.is_compiling():
+        return True
+    # A plain tensor (the common case, once per step) is never fake: only subclasses need the full test.
+    return any(type(t) not in _PLAIN and isinstance(t, torch.Tensor) and _is_fake(t) for t in tensors)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter, type(None))
+
+
+def _is_fake(t) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 # One query for every device (private to torch; the public per-device queries where it is missing).
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (

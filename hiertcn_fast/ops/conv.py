@@ -25,7 +25,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .. import _extension
 from ..backends import INTERPRETER_UNSUPPORTED, requested_backend, resolve
 from ._common import (FLOATING, check_like, check_shape, check_tensor, in_input_dtype, new_output, on_device_of,
-                      refuse_graph_of_gradient, unit_stride_rows)
+                      refuse_graph_of_gradient, symbolic, unit_stride_rows)
 
 # Activation codes shared with the kernels (hiertcn/causal_conv.h ActivationCode, triton/causal_conv.py).
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "tanh": 3}
@@ -568,7 +568,7 @@ def _stamp(t: torch.Tensor) -> tuple:
     steps of torch's fused optimizers, which move no version counter and call it through a step hook).
     An inference tensor (made under torch.inference_mode) has no version counter and may change in place
     unseen: its stamp equals no other, so whatever is derived from it is derived again at every use."""
-    if t.is_inference():
+    if t.is_inference() or symbolic(t):  # (a fake tensor has no memory to point at)
         return object()
     return t._version, t.data_ptr(), _generation[0]
 
@@ -675,9 +675,9 @@ def _check_positions_not_negative(position, layer=None):
     """A position indexes the circular history: the reference refuses a negative one (a state corrupted or
     written by hand) on CPU tensors, in the cpu kernel's words, where it would otherwise step the row silently
     (its taps read as zeros, its input written at a wrapped slot). Device tensors are not read: that would make
-    the host wait for the device at every step (the device kernels give the row NaN instead); nor traced ones
-    (torch.compile has no values to look at)."""
-    if position.device.type != "cpu" or position.numel() == 0 or torch.compiler.is_compiling():
+    the host wait for the device at every step (the device kernels give the row NaN instead); nor traced or fake
+    ones (torch.compile, FakeTensorMode: no values to look at)."""
+    if position.device.type != "cpu" or position.numel() == 0 or symbolic(position):
         return
     low, row = (t.item() for t in position.min(0))
     if low < 0:
@@ -736,7 +736,7 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
     # checks below: they passed when it was prepared, and it checks x and the weights' versions itself.
     entry = prepared_entry(weights, biases, states, proj_weights, proj_biases, context, context_weight,
                            context_proj_weight, activation, backend)
-    if entry is not None:
+    if entry is not None and not symbolic(x):  # (it reads x's memory directly: not a fake x's)
         out = prepared_tcn_step(entry, x, states, context, context_weight, context_proj_weight)
         if out is not None:
             return out
@@ -764,7 +764,7 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
     name = resolve("tcn_step", backend, x.device, x.dtype, CAUSAL_CONV_DTYPES)
     if name in ("cpu", "cuda") and layers <= _MAX_STACK_LAYERS:
         if (name == "cpu" and not strided and _extension.has_tcn_step_plan()
-                and not torch.compiler.is_compiling()):
+                and not symbolic(x, *(state.history for state in states))):
             out = _prepared_step(x, weights, biases, states, proj_weights, proj_biases, context, context_weight,
                                  context_proj_weight, activation, backend, original_proj)
             if out is not None:
@@ -795,6 +795,8 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
                                    where=f"layer {l}: ")
         if name == "reference":  # each layer's step would refuse it, but only after the layers below it stepped
             _check_positions_not_negative(states[l].position, l)
+        if name == "triton":  # the same: a strided history or position of layer l, after layer 0 stepped
+            _check_triton_state(h_like, states[l])
         h_like = x.new_empty((x.shape[0], out_channels))
     layer_backend = name if name in ("triton", "reference") else backend
     h = x

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from .. import _extension
 from ..backends import resolve
 from ._common import (FLOATING, check_like, check_shape, check_tensor, in_input_dtype, new_output, on_device_of,
-                      refuse_graph_of_gradient, unit_stride_rows)
+                      refuse_graph_of_gradient, symbolic, unit_stride_rows)
 
 # The dtypes every op of the family supports, per backend.
 GRU_DTYPES = {
@@ -527,8 +527,8 @@ def _check_lengths_in_range(lengths, time):
     would count a longer session as the whole padded row and a negative one as no session, and the Triton
     kernels would read past the row, each silently and each differently. lengths: int64 (what the checks
     return). Device tensors are not read (that would make the host wait for the device; their kernels clamp),
-    nor traced ones (torch.compile has no values to look at)."""
-    if lengths.device.type != "cpu" or lengths.numel() == 0 or torch.compiler.is_compiling():
+    nor traced or fake ones (torch.compile, FakeTensorMode: no values to look at)."""
+    if lengths.device.type != "cpu" or lengths.numel() == 0 or symbolic(lengths):
         return
     low, high = torch.stack(torch.aminmax(lengths)).tolist()
     if low < 0 or high > time:

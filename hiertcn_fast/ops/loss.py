@@ -26,7 +26,7 @@ import torch.autograd.forward_ad as forward_ad
 
 from .. import _extension
 from ..backends import BackendUnavailableError, requested_backend
-from ._common import check_like, check_tensor, new_output, refuse_graph_of_gradient
+from ._common import check_like, check_tensor, new_output, refuse_graph_of_gradient, symbolic
 
 _CPU_DTYPES = (torch.float32, torch.float64)
 
@@ -135,7 +135,7 @@ def _check_target_range(targets, classes):
     marked with its ignore_index -100 and the cpu kernel refuses them, so one backend would report a loss the
     other does not. Tracing has no values to look at, so under torch.compile it is skipped (and there the
     reference composition, the one that runs, skips rows marked -100)."""
-    if targets.numel() == 0 or torch.compiler.is_compiling():
+    if targets.numel() == 0 or symbolic(targets):  # (fake tensors, FakeTensorMode, have no values either)
         return
     if targets.device.type != "cpu":
         # Reading the values would make the host wait for the device once more per training step: the device
