@@ -25,7 +25,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .. import _extension
 from ..backends import INTERPRETER_UNSUPPORTED, requested_backend, resolve
 from ._common import (FLOATING, check_like, check_shape, check_tensor, in_input_dtype, new_output, on_device_of,
-                      refuse_graph_of_gradient, symbolic, unit_stride_rows)
+                      refuse_graph_of_gradient, fake, symbolic, unit_stride_rows)
 
 # Activation codes shared with the kernels (hiertcn/causal_conv.h ActivationCode, triton/causal_conv.py).
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "tanh": 3}
@@ -568,7 +568,7 @@ def _stamp(t: torch.Tensor) -> tuple:
     steps of torch's fused optimizers, which move no version counter and call it through a step hook).
     An inference tensor (made under torch.inference_mode) has no version counter and may change in place
     unseen: its stamp equals no other, so whatever is derived from it is derived again at every use."""
-    if t.is_inference() or symbolic(t):  # (a fake tensor has no memory to point at)
+    if t.is_inference() or fake(t):  # (a fake tensor has no memory to point at)
         return object()
     return t._version, t.data_ptr(), _generation[0]
 
