@@ -813,3 +813,12 @@ def test_reference_ops_run_on_fake_tensors():
             for backend in ("reference", "cpu"):
                 out = call(backend)
                 assert type(out).__name__ == "FakeTensor", (name, backend)
+
+
+def test_num_layers_must_be_an_int():
+    """A float num_layers failed inside torch (new_zeros) with an unhelpful TypeError."""
+    x, h0 = torch.randn(2, 3, 4), torch.randn(1, 2, 5)
+    weights = [[torch.randn(15, 4), torch.randn(15, 5)]]
+    for value, error in ((1.0, TypeError), (True, TypeError), (0, ValueError)):
+        with pytest.raises(error, match="num_layers must be"):
+            gru(x, h0, weights, num_layers=value)

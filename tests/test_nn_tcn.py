@@ -255,6 +255,7 @@ def test_constructor_takes_nn_conv1d_arguments_in_nn_conv1d_order():
     refused = {
         (4, 8, 3, 2): (ValueError, "stride must be 1"),  # nn.Conv1d's fourth argument is the stride
         (4, 8, 3, 1, 1): (ValueError, "padding must be 0"),
+        (4, 8, 3, 1, "same"): (ValueError, "padding must be 0"),
         (4, 8, 0): (ValueError, "kernel_size must be >= 1"),
         (4, 8, 3, 1, 0, 0): (ValueError, "dilation must be >= 1"),
         (4, 8, 3, 1, 0, 1, 0): (ValueError, "groups must be >= 1"),
@@ -265,6 +266,10 @@ def test_constructor_takes_nn_conv1d_arguments_in_nn_conv1d_order():
     for args, (error, message) in refused.items():
         with pytest.raises(error, match=message):
             CausalConv1d(*args)
+    # nn.Conv1d's padding="valid" is no padding, as 0 is (it was refused).
+    valid = CausalConv1d(4, 8, (3,), 1, "valid", 2, 2, False, dtype=torch.float64)
+    valid.load_state_dict(torch_conv.state_dict())
+    assert torch.equal(valid(x), conv(x))
     with pytest.raises(ValueError, match="padding_mode 'zeros'"):
         CausalConv1d(4, 8, 3, padding_mode="reflect")
     with pytest.raises(ValueError, match="activation must be one of"):

@@ -64,9 +64,11 @@ class CausalConv1d(nn.Module):
         groups, context_channels = _one_int(groups, "groups", 1), _one_int(context_channels, "context_channels", 0)
         if _one_int(stride, "stride", 1) != 1:
             raise ValueError(f"stride must be 1 (a causal convolution keeps every step), got {stride}")
-        if padding not in (0, (0,), [0]) or padding_mode != "zeros":
+        # "valid" is nn.Conv1d's name for no padding, as 0 is.
+        if padding not in (0, (0,), [0], "valid") or padding_mode != "zeros":
             raise ValueError(f"the padding is causal, (k - 1) * dilation zeros before the start: padding must be 0 "
-                             f"and padding_mode 'zeros' (nn.Conv1d's defaults), got {padding!r} and {padding_mode!r}")
+                             f"(or 'valid') and padding_mode 'zeros' (nn.Conv1d's defaults), got {padding!r} and "
+                             f"{padding_mode!r}")
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups ({groups}) must divide in_channels ({in_channels}) and out_channels "
                              f"({out_channels})")
