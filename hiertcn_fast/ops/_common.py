@@ -35,7 +35,7 @@ def symbolic(*tensors) -> bool:
     # A plain tensor (the common case, once per step) is never fake: only subclasses need the full test. (A loop,
     # not any() over a generator, which cost a step of the TCN 2 us.)
     for t in tensors:
-        if type(t) not in _PLAIN and isinstance(t, torch.Tensor) and _is_fake(t):
+        if isinstance(t, torch.Tensor) and fake(t):
             return True
     return False
 
