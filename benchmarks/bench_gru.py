@@ -1,6 +1,7 @@
 """The GRU family against torch.nn: gru_cell vs nn.GRUCell, gru vs nn.GRU (cuDNN on a GPU, PyTorch's
-own kernels on the CPU), session_update vs its composition from torch ops; torch.compile where it
-applies. HierTCN's shapes: batch 32..256 lanes, hidden 128, 2 layers, sessions of up to 20 items.
+own kernels on the CPU), session_update vs its composition from torch ops, session_update_steps (a lane
+batch's 10 session steps in one op) vs that composition step by step and vs session_update step by step;
+torch.compile where it applies. HierTCN's shapes: batch 32..256 lanes, hidden 128, 2 layers, sessions of up to 20 items.
 
     python -m pytest benchmarks/bench_gru.py            (quick matrix; HIERTCN_BENCH_FULL=1 for all)
 """
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import harness
-from hiertcn_fast.ops import gru, gru_cell, session_update
+from hiertcn_fast.ops import gru, gru_cell, session_update, session_update_steps
 
 
 def _dtype(device):
@@ -167,8 +168,56 @@ def _session_cases(device, quick):
     return cases
 
 
+# ---- session_update_steps --------------------------------------------------------------------------
+
+STEP_BY_STEP = "session_update x steps"
+
+
+def _steps_maker(steps, batch, time, hidden, layers, dtype, device, backward):
+    def make():
+        module = torch.nn.GRU(hidden, hidden, num_layers=layers, device=device, dtype=dtype)
+        # As HierTCN holds them: positions 1..time of the padded batch (steps, batch, time + 1, dim).
+        padded = torch.randn(steps, batch, time + 1, hidden, device=device, dtype=dtype, requires_grad=backward)
+        h = torch.randn(layers, batch, hidden, device=device, dtype=dtype, requires_grad=backward)
+        lengths = torch.randint(0, time + 1, (steps, batch), device=device)
+        keep = torch.rand(steps, batch, device=device) > 0.1
+        weights = module.all_weights
+        leaves = [padded, h, *module.parameters()]
+
+        def step_by_step(update):
+            items, states = padded[:, :, 1:], [h]
+            for step in range(steps):
+                states.append(update(items[step], lengths[step], states[-1], keep[step].to(dtype), weights))
+            return torch.stack(states)
+
+        return {"hiertcn_fast": _run(lambda: session_update_steps(padded[:, :, 1:], lengths, h, keep, weights),
+                                     leaves, backward),
+                STEP_BY_STEP: _run(lambda: step_by_step(session_update), leaves, backward),
+                "torch eager": _run(lambda: step_by_step(session_update_composition), leaves, backward)}
+
+    return make
+
+
+def _steps_cases(device, quick):
+    dtype = _dtype(device)
+    steps, hidden, layers, time = 10, 128, 2, 20
+    cases = []
+    for batch in ((32, 256) if quick else (32, 256, 1024)):
+        flops = steps * 2 * batch * layers * (2 * hidden) * 3 * hidden
+        for backward in (False, True):
+            cases.append(harness.Case(
+                "session_update_steps",
+                f"s={steps} b={batch} t={time} h={hidden} l={layers} {'fwd+bwd' if backward else 'fwd'}",
+                _steps_maker(steps, batch, time, hidden, layers, dtype, device, backward),
+                flops=flops * (3 if backward else 1),
+                bytes=steps * batch * time * hidden * _element(dtype) * (2 if backward else 1), dtype=dtype,
+                variants=("hiertcn_fast", STEP_BY_STEP, "torch eager")))
+    return cases
+
+
 def cases(device, quick):
-    return _cell_cases(device, quick) + _sequence_cases(device, quick) + _session_cases(device, quick)
+    return (_cell_cases(device, quick) + _sequence_cases(device, quick) + _session_cases(device, quick)
+            + _steps_cases(device, quick))
 
 
 test_bench = harness.bench_test(cases)

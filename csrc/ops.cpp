@@ -65,6 +65,21 @@ TORCH_LIBRARY(hiertcn_fast, m) {
       "Tensor[] weights, Tensor? proj_weight, Tensor session_mean, Tensor? projected, Tensor states, Tensor gates, "
       "*, Tensor(a!)? grad_item_embeddings, Tensor(b!) grad_h, Tensor(c!)[] grad_weights, "
       "Tensor(d!)? grad_proj_weight, Tensor(e!)? grad_proj_bias) -> ()");
+  // All of a lane batch's session steps in one op (cpu/gru_recurrence.cpp): out (steps + 1, layers, batch, hidden)
+  // with out[0] = h and out[s + 1] = session_update(item_embeddings[s], lengths[s], out[s], keep[s]), for
+  // item_embeddings (steps, batch, time, dim), lengths and keep (steps, batch). Saved for the backward: cells
+  // (layers, steps, batch, hidden), each step's GRU output before the masks; session_mean (steps, batch, dim);
+  // projected (steps, batch, projected); gates (layers, steps, batch, 4*hidden). grad_out is the gradient of
+  // every state in out; grad_keep (steps, batch), when given, receives keep's.
+  m.def(
+      "session_update_steps_forward_out(Tensor item_embeddings, Tensor lengths, Tensor h, Tensor keep, "
+      "Tensor[] weights, Tensor? proj_weight, Tensor? proj_bias, *, Tensor(a!) out, Tensor(b!) cells, "
+      "Tensor(c!) session_mean, Tensor(d!)? projected, Tensor(e!) gates) -> ()");
+  m.def(
+      "session_update_steps_backward_out(Tensor grad_out, Tensor item_embeddings, Tensor lengths, Tensor keep, "
+      "Tensor[] weights, Tensor? proj_weight, Tensor session_mean, Tensor? projected, Tensor out, Tensor cells, "
+      "Tensor gates, *, Tensor(a!)? grad_item_embeddings, Tensor(b!) grad_h, Tensor(c!)[] grad_weights, "
+      "Tensor(d!)? grad_proj_weight, Tensor(e!)? grad_proj_bias, Tensor(f!)? grad_keep) -> ()");
   // session_update as one op (cpu/gru_recurrence.cpp): the out ops above behind one C++ autograd node;
   // lengths int64, keep in h's dtype.
   m.def(

@@ -261,7 +261,7 @@ def test_reads_made_without_gradients_are_made_again_with_them():
     sessions = random_sessions(generator, NUM_ITEMS, lanes=4, max_sessions=2, max_length=5)
     inputs = SessionInputs(make("hiertcn").double(), lane_batch(sessions))
     with torch.no_grad():
-        inputs.session_items(0)  # reads the embeddings, the low level's rows included, without gradients
+        inputs.session_items()  # reads the embeddings, the low level's rows included, without gradients
     features = inputs.low_level(lambda x: x * 2.0)
     assert features.requires_grad
     (grad,) = torch.autograd.grad(features.sum(), inputs.embedded)

@@ -517,6 +517,26 @@ void session_update_forward_out(const at::Tensor& items, const at::Tensor& lengt
   at::mul_out(out, at::where(per_row(lengths.gt(0)), states, h), per_row(keep));
 }
 
+// The weight and projection gradients' buffers, as both session backwards take them.
+void check_weight_grads(const at::Tensor& items, const SessionUpdateShapes& s, at::TensorList weights,
+                        const OptTensor& proj_weight, at::TensorList grad_weights, const OptTensor& grad_proj_weight,
+                        const OptTensor& grad_proj_bias) {
+  TORCH_CHECK(grad_weights.size() == weights.size(), "grad_weights must match weights one to one");
+  for (size_t i = 0; i < weights.size(); ++i) check_buffer(items, grad_weights[i], weights[i].sizes(), "grad_weights");
+  TORCH_CHECK(grad_proj_weight.has_value() == proj_weight.has_value(), "grad_proj_weight goes with proj_weight");
+  if (grad_proj_weight.has_value()) check_buffer(items, *grad_proj_weight, proj_weight->sizes(), "grad_proj_weight");
+  if (grad_proj_bias.has_value()) check_buffer(items, *grad_proj_bias, {s.input}, "grad_proj_bias");
+}
+
+// An empty batch's gradients.
+void zero_grads(at::Tensor& grad_h, at::TensorList grad_weights, const OptTensor& grad_proj_weight,
+                const OptTensor& grad_proj_bias) {
+  grad_h.zero_();
+  for (const at::Tensor& g : grad_weights) at::Tensor(g).zero_();
+  for (const OptTensor* t : {&grad_proj_weight, &grad_proj_bias})
+    if (t->has_value()) (*t)->zero_();
+}
+
 void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& items, const at::Tensor& lengths,
                                  const at::Tensor& h, const at::Tensor& keep, at::TensorList weights,
                                  const OptTensor& proj_weight, const at::Tensor& session_mean,
@@ -530,16 +550,9 @@ void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& i
   check_session_update_saved(items, s, proj_weight, states, session_mean, projected, gates);
   if (grad_items.has_value()) check_buffer(items, *grad_items, items.sizes(), "grad_item_embeddings");
   check_buffer(items, grad_h, h.sizes(), "grad_h");
-  TORCH_CHECK(grad_weights.size() == weights.size(), "grad_weights must match weights one to one");
-  for (size_t i = 0; i < weights.size(); ++i) check_buffer(items, grad_weights[i], weights[i].sizes(), "grad_weights");
-  TORCH_CHECK(grad_proj_weight.has_value() == proj_weight.has_value(), "grad_proj_weight goes with proj_weight");
-  if (grad_proj_weight.has_value()) check_buffer(items, *grad_proj_weight, proj_weight->sizes(), "grad_proj_weight");
-  if (grad_proj_bias.has_value()) check_buffer(items, *grad_proj_bias, {s.input}, "grad_proj_bias");
+  check_weight_grads(items, s, weights, proj_weight, grad_weights, grad_proj_weight, grad_proj_bias);
   if (s.batch == 0) {
-    grad_h.zero_();
-    for (const at::Tensor& g : grad_weights) at::Tensor(g).zero_();
-    for (const OptTensor* t : {&grad_proj_weight, &grad_proj_bias})
-      if (t->has_value()) (*t)->zero_();
+    zero_grads(grad_h, grad_weights, grad_proj_weight, grad_proj_bias);
     return;
   }
   const GruKernels& k = gru_kernels_for(items.device());
@@ -601,6 +614,241 @@ void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& i
     mm_into(grad_mean, grad_input, *proj_weight);
   }
   if (grad_items.has_value() && grad_items->numel() > 0) run_session_mean_backward(k, lengths, s, grad_mean, *grad_items);
+}
+
+// ---- all of a lane batch's session steps in one op -----------------------------------------------
+//
+// session_update_steps: out[0] = h, out[s + 1] = session_update(items[s], lengths[s], out[s], keep[s]) for the
+// steps s of a lane batch. The high level reads only item embeddings, so every step's input is known before the
+// first step runs, and the steps go layer by layer as a sequence GRU does: one session-mean pass over all steps'
+// rows, one input product per layer over steps x batch rows, and per step only the state product, the gates and
+// the masks. The backward takes each layer back through the steps, then its weight gradients and its input's
+// gradient as one product each over all steps. The results equal session_update's step by step up to rounding
+// (the products are summed in another order).
+// Layouts (contiguous): out (steps + 1, layers, batch, hidden); cells (layers, steps, batch, hidden): each step's
+// GRU output before the masks (the next layer's input); session_mean (steps, batch, dim); projected (steps,
+// batch, input); gates (layers, steps, batch, 4 * hidden).
+
+struct StepsShapes {
+  int64_t steps;
+  SessionUpdateShapes s;  // one step's
+};
+
+StepsShapes check_session_update_steps(const at::Tensor& items, const at::Tensor& lengths, const at::Tensor& h,
+                                       const at::Tensor& keep, at::TensorList weights, const OptTensor& proj_weight,
+                                       const OptTensor& proj_bias) {
+  TORCH_CHECK(items.dim() == 4, "item_embeddings must be (steps, batch, time, dim), got ", items.dim(), "-D");
+  const int64_t steps = items.size(0);
+  TORCH_CHECK(steps >= 1, "item_embeddings must hold at least one step");
+  TORCH_CHECK(lengths.dim() == 2 && lengths.size(0) == steps && keep.dim() == 2 && keep.size(0) == steps,
+              "lengths and keep must be (steps = ", steps, ", batch), got ", lengths.sizes(), " and ", keep.sizes());
+  TORCH_CHECK(keep.is_contiguous(), "keep must be contiguous");
+  // Step 0 checks the shapes, dtypes, devices and weights, and its own lengths' range.
+  StepsShapes r{steps, check_session_update(items.select(0, 0), lengths.select(0, 0), h, keep.select(0, 0), weights,
+                                            proj_weight, proj_bias)};
+  TORCH_CHECK(lengths.is_contiguous(), "lengths must be contiguous");
+  TORCH_CHECK(items.size(1) == r.s.batch && keep.size(1) == r.s.batch, "item_embeddings, lengths and keep must "
+              "have h's batch ", r.s.batch);
+  if (lengths.is_cpu() && lengths.numel() > 0) {
+    const int64_t* values = lengths.data_ptr<int64_t>();
+    const auto [lo, hi] = std::minmax_element(values, values + lengths.numel());
+    TORCH_CHECK_VALUE(*lo >= 0 && *hi <= r.s.time, "lengths must lie in [0, time = ", r.s.time,
+                      "], got values in [", *lo, ", ", *hi, "]");
+  }
+  return r;
+}
+
+void check_session_update_steps_saved(const at::Tensor& items, const StepsShapes& ss, const OptTensor& proj_weight,
+                                      const at::Tensor& out, const at::Tensor& cells, const at::Tensor& session_mean,
+                                      const OptTensor& projected, const at::Tensor& gates) {
+  const SessionUpdateShapes& s = ss.s;
+  check_buffer(items, out, {ss.steps + 1, s.layers, s.batch, s.hidden}, "out");
+  check_buffer(items, cells, {s.layers, ss.steps, s.batch, s.hidden}, "cells");
+  check_buffer(items, session_mean, {ss.steps, s.batch, s.dim}, "session_mean");
+  TORCH_CHECK(projected.has_value() == proj_weight.has_value(), "projected is needed exactly with proj_weight");
+  if (projected.has_value()) check_buffer(items, *projected, {ss.steps, s.batch, s.input}, "projected");
+  check_buffer(items, gates, {s.layers, ss.steps, s.batch, 4 * s.hidden}, "gates");
+}
+
+// out = bias + a w^T (or a w^T), through at::cpu:: for CPU tensors.
+void affine_into(at::Tensor out, const at::Tensor& a, const at::Tensor& weight, const OptTensor& bias) {
+  if (!out.is_cpu()) {
+    affine_out(out, a, weight, bias);
+  } else if (bias.has_value()) {
+    at::cpu::addmm_out(out, *bias, a, weight.t());
+  } else {
+    at::cpu::mm_out(out, a, weight.t());
+  }
+}
+
+// One layer's masks at one step: next = keep * (lengths > 0 ? cell : prev), every tensor (batch, hidden).
+void steps_keep_forward(const StepsShapes& ss, const at::Tensor& lengths, const at::Tensor& keep, int64_t step,
+                        const at::Tensor& cell, const at::Tensor& prev, at::Tensor next) {
+  const SessionUpdateShapes& s = ss.s;
+  if (cell.is_cpu()) {
+    SessionUpdateShapes one = s;
+    one.layers = 1;
+    const at::Tensor keep_step = keep.select(0, step), lengths_step = lengths.select(0, step);
+    launch_session_keep_cpu(session_keep_params(one, lengths_step, keep_step, cell, &prev, next, nullptr),
+                            cell.scalar_type());
+    return;
+  }
+  at::mul_out(next, at::where(lengths.select(0, step).gt(0).unsqueeze(1), cell, prev),
+              keep.select(0, step).unsqueeze(1));
+}
+
+// Its backward: from grad_next = dL/d next, grad_cell = keep * grad_next on rows with a session (else 0) and
+// grad_prev = keep * grad_next on rows without (else 0).
+void steps_keep_backward(const StepsShapes& ss, const at::Tensor& lengths, const at::Tensor& keep, int64_t step,
+                         const at::Tensor& grad_next, at::Tensor grad_cell, at::Tensor grad_prev) {
+  const SessionUpdateShapes& s = ss.s;
+  if (grad_next.is_cpu()) {
+    SessionUpdateShapes one = s;
+    one.layers = 1;
+    const at::Tensor keep_step = keep.select(0, step), lengths_step = lengths.select(0, step);
+    launch_session_keep_backward_cpu(
+        session_keep_params(one, lengths_step, keep_step, grad_next, nullptr, grad_cell, &grad_prev),
+        grad_next.scalar_type());
+    return;
+  }
+  const at::Tensor active = lengths.select(0, step).gt(0).unsqueeze(1);
+  const at::Tensor kept = grad_next * keep.select(0, step).unsqueeze(1);
+  const at::Tensor zero = at::zeros({}, grad_next.options());
+  at::where_out(grad_cell, active, kept, zero);
+  at::where_out(grad_prev, active, zero, kept);
+}
+
+// The session mean of every step's rows: one pass over steps x batch rows where the steps' rows lie at one
+// stride (HierTCN's padded batch), else one per step.
+void steps_session_mean(const GruKernels& k, const at::Tensor& items, const at::Tensor& lengths, const StepsShapes& ss,
+                        const at::Tensor& session_mean) {
+  SessionUpdateShapes all = ss.s;
+  if (ss.steps == 1 || items.stride(0) == ss.s.batch * items.stride(1)) {
+    all.batch = ss.steps * ss.s.batch;
+    run_session_mean(k, items.as_strided({all.batch, all.time, all.dim}, {items.stride(1), items.stride(2), 1}),
+                     lengths, all, session_mean);
+    return;
+  }
+  for (int64_t step = 0; step < ss.steps; ++step)
+    run_session_mean(k, items.select(0, step), lengths.select(0, step), all, session_mean.select(0, step));
+}
+
+void session_update_steps_forward_out(const at::Tensor& items, const at::Tensor& lengths, const at::Tensor& h,
+                                      const at::Tensor& keep, at::TensorList weights, const OptTensor& proj_weight,
+                                      const OptTensor& proj_bias, at::Tensor& out, at::Tensor& cells,
+                                      at::Tensor& session_mean, const OptTensor& projected, at::Tensor& gates) {
+  const StepsShapes ss = check_session_update_steps(items, lengths, h, keep, weights, proj_weight, proj_bias);
+  const SessionUpdateShapes& s = ss.s;
+  const c10::DeviceGuard guard(items.device());
+  check_session_update_steps_saved(items, ss, proj_weight, out, cells, session_mean, projected, gates);
+  out.select(0, 0).copy_(h);
+  if (s.batch == 0) return;
+  const GruKernels& k = gru_kernels_for(items.device());
+  const int64_t rows = ss.steps * s.batch;
+  steps_session_mean(k, items, lengths, ss, session_mean);
+  at::Tensor layer_input = session_mean.view({rows, s.dim});
+  if (projected.has_value()) {
+    at::Tensor projected_rows = projected->view({rows, s.input});
+    affine_into(projected_rows, layer_input, *proj_weight, proj_bias);
+    layer_input = projected_rows;
+  }
+  at::Tensor gi = at::empty({rows, 3 * s.hidden}, h.options());  // scratch: every step's input product
+  at::Tensor gh = at::empty({s.batch, 3 * s.hidden}, h.options());
+  for (int64_t l = 0; l < s.layers; ++l) {
+    const LayerWeights w = layer_weights(weights, s, l);
+    affine_into(gi, layer_input, w.w_ih, w.b_ih);
+    for (int64_t step = 0; step < ss.steps; ++step) {
+      const at::Tensor prev = out.select(0, step).select(0, l), cell = cells.select(0, l).select(0, step);
+      affine_into(gh, prev, w.w_hh, w.b_hh);
+      step_gates(k, gi.narrow(0, step * s.batch, s.batch), gh, prev, cell, gates.select(0, l).select(0, step));
+      steps_keep_forward(ss, lengths, keep, step, cell, prev, out.select(0, step + 1).select(0, l));
+    }
+    layer_input = cells.select(0, l).view({rows, s.hidden});
+  }
+}
+
+void session_update_steps_backward_out(const at::Tensor& grad_out, const at::Tensor& items, const at::Tensor& lengths,
+                                       const at::Tensor& keep, at::TensorList weights, const OptTensor& proj_weight,
+                                       const at::Tensor& session_mean, const OptTensor& projected,
+                                       const at::Tensor& out, const at::Tensor& cells, const at::Tensor& gates,
+                                       const OptTensor& grad_items, at::Tensor& grad_h, at::TensorList grad_weights,
+                                       const OptTensor& grad_proj_weight, const OptTensor& grad_proj_bias,
+                                       const OptTensor& grad_keep) {
+  TORCH_CHECK(out.dim() == 4, "out must be (steps + 1, layers, batch, hidden), got ", out.dim(), "-D");
+  const at::Tensor h = out.select(0, 0);
+  const StepsShapes ss = check_session_update_steps(items, lengths, h, keep, weights, proj_weight, std::nullopt);
+  const SessionUpdateShapes& s = ss.s;
+  const c10::DeviceGuard guard(items.device());
+  check_session_update_steps_saved(items, ss, proj_weight, out, cells, session_mean, projected, gates);
+  check_buffer(items, grad_out, out.sizes(), "grad_out");
+  if (grad_items.has_value()) check_buffer(items, *grad_items, items.sizes(), "grad_item_embeddings");
+  check_buffer(items, grad_h, h.sizes(), "grad_h");
+  check_weight_grads(items, s, weights, proj_weight, grad_weights, grad_proj_weight, grad_proj_bias);
+  if (grad_keep.has_value()) check_buffer(items, *grad_keep, {ss.steps, s.batch}, "grad_keep");
+  if (grad_keep.has_value()) (*grad_keep).zero_();
+  if (s.batch == 0) {
+    zero_grads(grad_h, grad_weights, grad_proj_weight, grad_proj_bias);
+    return;
+  }
+  const GruKernels& k = gru_kernels_for(items.device());
+  const int64_t rows = ss.steps * s.batch;
+  const at::TensorOptions options = grad_out.options();
+  const at::Tensor grad_gi = at::empty({rows, 3 * s.hidden}, options);
+  const at::Tensor grad_gh = at::empty({rows, 3 * s.hidden}, options);
+  const at::Tensor grad_cell = at::empty({s.batch, s.hidden}, options);    // dL/d the step's GRU output
+  const at::Tensor grad_passed = at::empty_like(grad_cell);               // dL/d prev through the masks
+  const at::Tensor grad_direct = at::empty_like(grad_cell);               // dL/d prev through the gates alone
+  const at::Tensor grad_input = at::empty({rows, s.input}, options);     // dL/d layer 0's input
+  // dL/d layer l's cells from layer l + 1's input product (none above the top layer).
+  const at::Tensor grad_from_above = s.layers > 1 ? at::empty({rows, s.hidden}, options) : at::Tensor();
+  const at::Tensor prev_states = at::empty({ss.steps, s.batch, s.hidden}, out.options());
+  const int64_t per_layer = s.bias ? 4 : 2;
+  for (int64_t l = s.layers - 1; l >= 0; --l) {
+    const LayerWeights w = layer_weights(weights, s, l);
+    at::Tensor carry = grad_h.select(0, l);  // dL/d out[step + 1][l] in full, then dL/d h[l]
+    carry.copy_(grad_out.select(0, ss.steps).select(0, l));
+    for (int64_t step = ss.steps - 1; step >= 0; --step) {
+      const at::Tensor prev = out.select(0, step).select(0, l), cell = cells.select(0, l).select(0, step);
+      if (grad_keep.has_value()) {
+        const at::Tensor kept = at::where(lengths.select(0, step).gt(0).unsqueeze(1), cell, prev);
+        at::Tensor grad_keep_step = grad_keep->select(0, step);
+        grad_keep_step.add_((carry * kept).sum(1));
+      }
+      steps_keep_backward(ss, lengths, keep, step, carry, grad_cell, grad_passed);
+      if (l < s.layers - 1) add_into(grad_cell, grad_cell, grad_from_above.narrow(0, step * s.batch, s.batch));
+      at::Tensor grad_gh_step = grad_gh.narrow(0, step * s.batch, s.batch);
+      step_gates_backward_saved(k, grad_cell, gates.select(0, l).select(0, step), prev,
+                                grad_gi.narrow(0, step * s.batch, s.batch), grad_gh_step, grad_direct);
+      add_into(carry, grad_passed, grad_direct);
+      add_into(carry, carry, grad_out.select(0, step).select(0, l));
+      addmm_into(carry, carry, grad_gh_step, w.w_hh);
+    }
+    // The weight gradients and the input's, each one product over all steps.
+    const at::Tensor layer_input = l > 0 ? cells.select(0, l - 1).view({rows, s.hidden})
+                                         : (projected.has_value() ? *projected : session_mean).view({rows, s.input});
+    mm_into(grad_weights[l * per_layer], grad_gi.t(), layer_input);
+    at::Tensor prev_states_l = prev_states;
+    prev_states_l.copy_(out.narrow(0, 0, ss.steps).select(1, l));
+    mm_into(grad_weights[l * per_layer + 1], grad_gh.t(), prev_states.view({rows, s.hidden}));
+    if (s.bias) {
+      sum_rows_into(grad_weights[l * per_layer + 2], grad_gi);
+      sum_rows_into(grad_weights[l * per_layer + 3], grad_gh);
+    }
+    mm_into(l > 0 ? grad_from_above : grad_input, grad_gi, w.w_ih);
+  }
+
+  at::Tensor grad_mean = grad_input;
+  if (proj_weight.has_value()) {
+    mm_into(*grad_proj_weight, grad_input.t(), session_mean.view({rows, s.dim}));
+    if (grad_proj_bias.has_value()) sum_rows_into(*grad_proj_bias, grad_input);
+    grad_mean = at::empty({rows, s.dim}, options);
+    mm_into(grad_mean, grad_input, *proj_weight);
+  }
+  if (grad_items.has_value() && grad_items->numel() > 0) {
+    SessionUpdateShapes all = s;
+    all.batch = rows;
+    run_session_mean_backward(k, lengths, all, grad_mean, *grad_items);
+  }
 }
 
 // Under create_graph=True the kernels' gradients would have no graph, so higher derivatives through them would
@@ -854,6 +1102,8 @@ TORCH_LIBRARY_IMPL(hiertcn_fast, CPU, m) {
   m.impl("gru_layer_backward_out", &gru_layer_backward_out);
   m.impl("session_update_forward_out", &session_update_forward_out);
   m.impl("session_update_backward_out", &session_update_backward_out);
+  m.impl("session_update_steps_forward_out", &session_update_steps_forward_out);
+  m.impl("session_update_steps_backward_out", &session_update_steps_backward_out);
 }
 
 #ifdef HIERTCN_WITH_CUDA
@@ -864,6 +1114,8 @@ TORCH_LIBRARY_IMPL(hiertcn_fast, CUDA, m) {
   m.impl("gru_layer_backward_out", &gru_layer_backward_out);
   m.impl("session_update_forward_out", &session_update_forward_out);
   m.impl("session_update_backward_out", &session_update_backward_out);
+  m.impl("session_update_steps_forward_out", &session_update_steps_forward_out);
+  m.impl("session_update_steps_backward_out", &session_update_steps_backward_out);
 }
 #endif
 

@@ -94,32 +94,30 @@ class NextItemModel(nn.Module):
 
 class _EmbeddingReads(torch.autograd.Function):
     """The two reads of a lane batch's embeddings (steps, lanes, width + 1, dim): rows ``positions`` of them seen
-    as a (steps * lanes * (width + 1), dim) matrix (the low level's inputs), and each step's session items,
-    positions 1..width of its sessions (views: what the high level averages). Its backward fills one
-    embeddings-sized gradient: each step's items' gradient copied in, position 0 zeroed, the rows' gradient
-    added. Autograd's own backward of a gather, a slice and an unbind zero-fills a buffer of that size for the
-    gather and the slice, stacks the steps' gradients, and adds it all up."""
+    as a (steps * lanes * (width + 1), dim) matrix (the low level's inputs), and the session items, positions
+    1..width of every step's sessions (a view: what the high level averages). Its backward fills one
+    embeddings-sized gradient: the items' gradient copied in, position 0 zeroed, the rows' gradient added.
+    Autograd's own backward of a gather and a slice zero-fills a buffer of that size for each and adds them."""
 
     @staticmethod
     def forward(ctx, embedded, positions):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(positions)
         ctx.embedded_shape = embedded.shape
-        return embedded.reshape(-1, embedded.shape[-1]).index_select(0, positions), *embedded[:, :, 1:].unbind(0)
+        return embedded.reshape(-1, embedded.shape[-1]).index_select(0, positions), embedded[:, :, 1:]
 
     @staticmethod
-    def backward(ctx, grad_rows, *grad_items):
+    def backward(ctx, grad_rows, grad_items):
         positions, = ctx.saved_tensors
-        given = [g for g in (grad_rows, *grad_items) if g is not None]
+        given = [g for g in (grad_rows, grad_items) if g is not None]
         if not given:
             return None, None
         grad = given[0].new_empty(ctx.embedded_shape)
         grad[:, :, :1].zero_()
-        for step, g in enumerate(grad_items):  # (the last step's items often get none: its state leaves the batch)
-            if g is not None:
-                grad[step, :, 1:].copy_(g)
-            else:
-                grad[step, :, 1:].zero_()
+        if grad_items is not None:
+            grad[:, :, 1:].copy_(grad_items)
+        else:
+            grad[:, :, 1:].zero_()
         if grad_rows is not None:
             grad.view(-1, grad.shape[-1]).index_add_(0, positions, grad_rows)
         return grad, None
@@ -183,13 +181,13 @@ class SessionInputs:
     def _gather_with_items(self, row_groups: list[torch.Tensor], widths: list[int]):
         """Per group, (len(rows), width, embedding_dim): positions 0..width-1 of the sessions ``rows`` (indices
         into steps * lanes), all groups in one gather from the embeddings seen as a matrix and split into views;
-        and the session items per step (each (lanes, width, embedding_dim)). Both reads go through one autograd
-        node (_EmbeddingReads), whose backward fills one embeddings-sized gradient buffer."""
+        and the session items (steps, lanes, width, embedding_dim). Both reads go through one autograd node
+        (_EmbeddingReads), whose backward fills one embeddings-sized gradient buffer."""
         dim = self.embedded.shape[-1]
         stride = self.embedded.shape[-2]                          # width + 1 positions per session
         positions = [(rows[:, None] * stride + torch.arange(width, device=rows.device)).reshape(-1)
                      for rows, width in zip(row_groups, widths)]
-        gathered, *items = _EmbeddingReads.apply(self.embedded, torch.cat(positions))
+        gathered, items = _EmbeddingReads.apply(self.embedded, torch.cat(positions))
         groups = [chunk.view(rows.numel(), width, dim)
                   for chunk, rows, width in zip(gathered.split([p.numel() for p in positions]), row_groups, widths)]
         return groups, items
@@ -197,7 +195,8 @@ class SessionInputs:
     def _read(self):
         """What the high level and the low level read of the embeddings, read once, on first need: (the active
         sessions' lengths, the group widths, each group's members (indices into the active rows; None: one
-        group of every active row at the batch's width), each group's inputs, the session items per step)."""
+        group of every active row at the batch's width), each group's inputs, the session items (steps, lanes,
+        width, embedding_dim))."""
         grad_mode = torch.is_grad_enabled()  # reads made without gradients would give the embeddings none
         if self._reads is None or self._reads[0] != grad_mode:
             lengths = self.lengths.reshape(-1).index_select(0, self.rows)
@@ -222,9 +221,9 @@ class SessionInputs:
         whole-batch gradient per step."""
         return self.embedded.unbind(0)
 
-    def session_items(self, step: int) -> torch.Tensor:
-        """(lanes, width, embedding_dim): the items of step ``step``'s sessions (padding beyond lengths)."""
-        return self._read()[4][step]
+    def session_items(self) -> torch.Tensor:
+        """(steps, lanes, width, embedding_dim): the items of every step's sessions (padding beyond lengths)."""
+        return self._read()[4]
 
     def per_row(self, values: torch.Tensor) -> torch.Tensor:
         """values (steps, lanes, ...) -> (active rows, ...)."""
@@ -306,9 +305,10 @@ def length_groups(lengths: list[int]) -> list[int]:
     return widths[::-1]
 
 
-def flat_context(states: list[torch.Tensor]) -> torch.Tensor:
-    """Per-step high-level states, each (layers, lanes, hidden) -> (steps, lanes, layers * hidden):
-    the concatenation of the layer states that a session's low level sees at every event."""
-    stacked = torch.stack(states)                                           # (steps, layers, lanes, hidden)
+def flat_context(states) -> torch.Tensor:
+    """Per-step high-level states, each (layers, lanes, hidden), as a list or stacked (steps, layers, lanes,
+    hidden) -> (steps, lanes, layers * hidden): the concatenation of the layer states that a session's low level
+    sees at every event."""
+    stacked = states if isinstance(states, torch.Tensor) else torch.stack(states)
     steps, layers, lanes, hidden = stacked.shape
     return stacked.permute(0, 2, 1, 3).reshape(steps, lanes, layers * hidden)

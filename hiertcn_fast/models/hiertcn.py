@@ -15,8 +15,8 @@ concatenation, is the embedding's projection plus the state's (TemporalBlock's c
 term added after the inner ReLU.
 
 The high-level recursion reads only item embeddings, never the TCN, so the S states of a batch are
-computed first (S small session_update calls) and the TCN then runs ONCE over all S x lanes
-sessions: that is why HierTCN is faster than hierarchical RNNs, whose session networks have to
+computed first (one session_update_steps call: the GRU layer by layer over the S steps) and the TCN then runs
+ONCE over all S x lanes sessions: that is why HierTCN is faster than hierarchical RNNs, whose session networks have to
 wait for each other.
 """
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..nn import GRU, TCN
-from ..ops import session_update
+from ..ops import session_update, session_update_steps
 from .base import NextItemModel, SessionInputs, check_positive, flat_context
 
 __all__ = ["HierTCN", "high_level_states"]
@@ -33,18 +33,15 @@ __all__ = ["HierTCN", "high_level_states"]
 
 def high_level_states(sessions: SessionInputs, state: torch.Tensor, keep: torch.Tensor, gru: GRU,
                       backend=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the high-level GRU over the steps of a batch.
+    """Run the high-level GRU over the steps of a batch, all steps in one op (session_update_steps).
 
     state (layers, lanes, hidden): before step 0; keep (steps, lanes) bool. Returns
     (contexts (steps, lanes, layers * hidden): the state each step's sessions see, final state
     (layers, lanes, hidden): after the last step).
     """
-    before = []
-    for step in range(sessions.steps):
-        before.append(state)
-        state = session_update(sessions.session_items(step), sessions.lengths[step], state, keep[step],
-                               gru.all_weights, backend=backend)
-    return flat_context(before), state
+    states = session_update_steps(sessions.session_items(), sessions.lengths, state, keep, gru.all_weights,
+                                  backend=backend)
+    return flat_context(states[:-1]), states[-1]
 
 
 class HierTCN(NextItemModel):

@@ -5,6 +5,8 @@
 - ``gru``: nn.GRU(batch_first=True), multi-layer, returning (output, h_n).
 - ``session_update``: HierTCN's high-level step: masked session mean, optional projection, one step
   of a multi-layer GRU, rows without a session unchanged, ended users zeroed.
+- ``session_update_steps``: session_update over all the steps of a lane batch in one op (the steps'
+  inputs are known up front, so the products over all steps are one each).
 
 Each op has a public function (validation and backend dispatch), a plain-PyTorch reference, an
 autograd.Function around the compiled kernels, and the torch.library registrations (fake kernels for
@@ -409,6 +411,14 @@ def _session_update_composed(items, lengths, h, keep, layers, proj_weight, proj_
     return torch.where(active, torch.stack(states), h) * keep[None, :, None]
 
 
+def _weight_grad_buffers(weights, proj_weight, proj_bias: bool):
+    """The session ops' weight gradients' buffers: (per weight, the projection weight's or None, its bias's or
+    None)."""
+    return ([new_output(w.shape, w) for w in weights],
+            new_output(proj_weight.shape, proj_weight) if proj_weight is not None else None,
+            new_output(proj_weight.shape[:1], proj_weight) if proj_bias else None)
+
+
 class _SessionUpdateFunction(torch.autograd.Function):
     """session_update on the compiled kernels (cpu, cuda): one op call forward, one backward."""
 
@@ -438,9 +448,7 @@ class _SessionUpdateFunction(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_items = new_output(items.shape, items) if ctx.needs_input_grad[0] else None
         grad_h = new_output(h.shape, h)
-        grad_weights = [new_output(w.shape, w) for w in weights]
-        grad_proj_weight = new_output(proj_weight.shape, proj_weight) if proj_weight is not None else None
-        grad_proj_bias = new_output(proj_weight.shape[:1], proj_weight) if ctx.proj_bias else None
+        grad_weights, grad_proj_weight, grad_proj_bias = _weight_grad_buffers(weights, proj_weight, ctx.proj_bias)
         torch.ops.hiertcn_fast.session_update_backward_out(
             grad_out, items, lengths, h, keep, weights, proj_weight, session_mean, projected, states, gates,
             grad_item_embeddings=grad_items, grad_h=grad_h, grad_weights=grad_weights,
@@ -586,6 +594,112 @@ def session_update(item_embeddings: torch.Tensor, lengths: torch.Tensor, h: torc
                                         proj_bias, *flat)
 
 
+# ---- all of a batch's session steps in one op ------------------------------------------------------
+
+def _check_session_update_steps(items, lengths, h, keep, weights, proj_weight, proj_bias):
+    """Validate session_update_steps's arguments; returns (lengths as contiguous int64 (steps, batch), keep in
+    h's dtype, contiguous, layers). One step's checks are session_update's."""
+    check_tensor(h, "h", 3)
+    check_tensor(items, "item_embeddings", 4)
+    steps, batch = items.shape[0], h.shape[1]
+    for value, name in ((lengths, "lengths"), (keep, "keep")):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+        check_shape(value, f"{name} (steps, batch)", (steps, batch))
+    if steps == 0:  # session_update's checks on a step of the same shape, with nothing in it
+        step_items, step_lengths, step_keep = items.new_empty(items.shape[1:]), lengths.new_zeros(batch), keep.new_ones(batch)
+    else:
+        step_items, step_lengths, step_keep = items[0], lengths[0], keep[0]
+    _, _, layers = _check_session_update(step_items, step_lengths, h, step_keep, weights, proj_weight, proj_bias)
+    return lengths.to(torch.int64).contiguous(), keep.to(h.dtype).contiguous(), layers
+
+
+def _session_update_steps_composed(items, lengths, h, keep, layers, proj_weight, proj_bias, backend):
+    """session_update_steps as session_update's composition (reference or triton), one step after another."""
+    states = [h]
+    for step in range(items.shape[0]):
+        states.append(_session_update_composed(items[step], lengths[step], states[-1], keep[step], layers,
+                                               proj_weight, proj_bias, backend))
+    return torch.stack(states)
+
+
+class _SessionUpdateStepsFunction(torch.autograd.Function):
+    """session_update_steps on the compiled kernels (cpu, cuda): one op call forward, one backward."""
+
+    @staticmethod
+    def forward(ctx, items, lengths, h, keep, proj_weight, proj_bias, *weights):
+        steps, batch, _, dim = items.shape
+        layers, hidden = h.shape[0], h.shape[2]
+        out = new_output((steps + 1, layers, batch, hidden), h)
+        cells = new_output((layers, steps, batch, hidden), h)
+        session_mean = new_output((steps, batch, dim), h)
+        projected = new_output((steps, batch, proj_weight.shape[0]), h) if proj_weight is not None else None
+        gates = new_output((layers, steps, batch, 4 * hidden), h)  # per row: csrc/include/hiertcn/gru_gates.h
+        torch.ops.hiertcn_fast.session_update_steps_forward_out(
+            items, lengths, h, keep, list(weights), proj_weight, proj_bias, out=out, cells=cells,
+            session_mean=session_mean, projected=projected, gates=gates)
+        # As session_update's: the item embeddings' shape is all the backward needs of them.
+        ctx.save_for_backward(lengths, keep, proj_weight, session_mean, projected, out, cells, gates, *weights)
+        ctx.proj_bias = proj_bias is not None
+        ctx.items_shape = items.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        refuse_graph_of_gradient("session_update_steps")
+        lengths, keep, proj_weight, session_mean, projected, out, cells, gates, *weights = ctx.saved_tensors
+        items = out.new_empty(ctx.items_shape[-1]).as_strided(ctx.items_shape, (0, 0, 0, 1))  # a stand-in
+        grad_items = new_output(items.shape, items) if ctx.needs_input_grad[0] else None
+        grad_h = new_output(out.shape[1:], out)
+        grad_weights, grad_proj_weight, grad_proj_bias = _weight_grad_buffers(weights, proj_weight, ctx.proj_bias)
+        grad_keep = new_output(keep.shape, keep) if ctx.needs_input_grad[3] else None
+        torch.ops.hiertcn_fast.session_update_steps_backward_out(
+            grad_out.contiguous(), items, lengths, keep, weights, proj_weight, session_mean, projected, out, cells,
+            gates, grad_item_embeddings=grad_items, grad_h=grad_h, grad_weights=grad_weights,
+            grad_proj_weight=grad_proj_weight, grad_proj_bias=grad_proj_bias, grad_keep=grad_keep)
+        return grad_items, None, grad_h, grad_keep, grad_proj_weight, grad_proj_bias, *grad_weights
+
+
+def session_update_steps_reference(item_embeddings, lengths, h, keep, weights, *, proj_weight=None, proj_bias=None):
+    """Plain-PyTorch session_update_steps: session_update_reference step after step."""
+    lengths, keep, layers = _check_session_update_steps(item_embeddings, lengths, h, keep, weights, proj_weight,
+                                                        proj_bias)
+    _check_lengths_in_range(lengths, item_embeddings.shape[2])
+    return _session_update_steps_composed(item_embeddings, lengths, h, keep, layers, proj_weight, proj_bias,
+                                          "reference")
+
+
+@in_input_dtype
+def session_update_steps(item_embeddings: torch.Tensor, lengths: torch.Tensor, h: torch.Tensor, keep: torch.Tensor,
+                         weights, *, proj_weight=None, proj_bias=None, backend=None) -> torch.Tensor:
+    """session_update over the steps of a lane batch, in one op: the states before and after every step,
+    (steps + 1, layers, batch, hidden).
+
+    item_embeddings: (steps, batch, time, dim); lengths, keep: (steps, batch); h, weights, proj_weight and
+    proj_bias as session_update's. out[0] = h and
+
+        out[s + 1] = session_update(item_embeddings[s], lengths[s], out[s], keep[s], weights, ...)
+
+    The high level reads only item embeddings, so every step's input is known up front: the cpu and cuda
+    backends run the steps layer by layer, with one session-mean pass and one input product per layer over all
+    steps, and in the backward each weight's gradient as one product over all steps; only the state products
+    and the gates go step by step. The results equal session_update's step by step up to rounding (the sums
+    run in another order). The reference and triton backends run session_update's composition step by step.
+    Differentiable in item_embeddings, h, the weights, the projection and a floating keep; lengths outside
+    [0, time] are an error on CPU tensors, as for session_update.
+    """
+    lengths, keep, layers = _check_session_update_steps(item_embeddings, lengths, h, keep, weights, proj_weight,
+                                                        proj_bias)
+    name = resolve("session_update_steps", backend, h.device, h.dtype, GRU_DTYPES)
+    if name in ("reference", "triton") or item_embeddings.shape[0] == 0:
+        _check_lengths_in_range(lengths, item_embeddings.shape[2])
+        return _session_update_steps_composed(item_embeddings, lengths, h, keep, layers, proj_weight, proj_bias,
+                                              name)
+    flat = [t for layer in layers for t in layer if t is not None]
+    return _SessionUpdateStepsFunction.apply(unit_stride_rows(item_embeddings), lengths, h.contiguous(), keep,
+                                             proj_weight, proj_bias, *flat)
+
+
 # ---- registrations -------------------------------------------------------------------------------
 
 @_extension.register_fake("gru_gates_out")
@@ -629,6 +743,19 @@ def _session_update_forward_out_fake(item_embeddings, lengths, h, keep, weights,
 def _session_update_backward_out_fake(grad_out, item_embeddings, lengths, h, keep, weights, proj_weight,
                                       session_mean, projected, states, gates, *, grad_item_embeddings, grad_h,
                                       grad_weights, grad_proj_weight, grad_proj_bias):
+    return None
+
+
+@_extension.register_fake("session_update_steps_forward_out")
+def _session_update_steps_forward_out_fake(item_embeddings, lengths, h, keep, weights, proj_weight, proj_bias, *, out,
+                                           cells, session_mean, projected, gates):
+    return None
+
+
+@_extension.register_fake("session_update_steps_backward_out")
+def _session_update_steps_backward_out_fake(grad_out, item_embeddings, lengths, keep, weights, proj_weight,
+                                            session_mean, projected, out, cells, gates, *, grad_item_embeddings,
+                                            grad_h, grad_weights, grad_proj_weight, grad_proj_bias, grad_keep):
     return None
 
 
