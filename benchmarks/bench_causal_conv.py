@@ -51,6 +51,24 @@ def torch_way_context_table(x, weight, bias, dilation, groups, context, context_
     return y if residual is None else torch.relu(y + residual)
 
 
+# The conv cases' inputs lie on dyadic grids: activations multiples of 2**-4, weights of 2**-8, so every product
+# is a multiple of 2**-12 and every sum of them is exact in float32 (far fewer than 2**24 grid steps), whatever
+# order a variant sums in. The bias adds an odd multiple of 2**-13 and the residual one of 2**-14, so neither
+# the pre-activation z nor relu(z) + residual is ever 0. Every variant then sees the same ReLU signs. With
+# unrounded random inputs, a z within rounding of 0 (at b=256 about one in a million) took one sign in one
+# variant and the other in another, and the same-result check failed on a correct kernel: 376 gradient elements
+# of the PyTorch context-table variant, from one flipped ReLU, on an AMD EPYC machine.
+ACTIVATION_GRID, WEIGHT_GRID, BIAS_ODD, RESIDUAL_ODD = 2.0 ** -4, 2.0 ** -8, 2.0 ** -13, 2.0 ** -14
+
+
+def on_grid(shape, scale, grid, odd, device):
+    """Normal values times ``scale``, rounded to multiples of ``grid``, plus or minus ``odd`` when given."""
+    values = torch.round(torch.randn(*shape, device=device) * (scale / grid)) * grid
+    if odd:
+        values = values + odd * (torch.randint(0, 2, shape, device=device) * 2 - 1)
+    return values
+
+
 def _conv_case(device, dtype, label, batch, time, channels, k, dilation, *, groups=1, context_channels=0,
                residual=True, backward=False):
     in_per_group = channels // groups
@@ -63,16 +81,16 @@ def _conv_case(device, dtype, label, batch, time, channels, k, dilation, *, grou
             if context_channels else "") + (" fwd+bwd" if backward else " fwd"))
 
     def make():
-        def tensor(*shape, scale=1.0):
-            return (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(dtype).requires_grad_(backward)
+        def tensor(*shape, scale=1.0, grid=ACTIVATION_GRID, odd=0.0):
+            return on_grid(shape, scale, grid, odd, device).to(dtype).requires_grad_(backward)
 
         x = tensor(batch, time, channels)
-        weight = tensor(channels, in_per_group, k, scale=(in_per_group * k) ** -0.5)
-        bias = tensor(channels)
+        weight = tensor(channels, in_per_group, k, scale=(in_per_group * k) ** -0.5, grid=WEIGHT_GRID)
+        bias = tensor(channels, grid=WEIGHT_GRID, odd=BIAS_ODD)
         context = tensor(batch, context_channels) if context_channels else None
-        context_weight = tensor(channels, context_channels, k, scale=(context_channels * k) ** -0.5) \
-            if context_channels else None
-        res = tensor(batch, time, channels) if residual else None
+        context_weight = tensor(channels, context_channels, k, scale=(context_channels * k) ** -0.5,
+                                grid=WEIGHT_GRID) if context_channels else None
+        res = tensor(batch, time, channels, odd=RESIDUAL_ODD) if residual else None
         leaves = [t for t in (x, weight, bias, context, context_weight, res) if t is not None]
         grad_out = torch.randn(batch, time, channels, device=device, dtype=dtype)
 
