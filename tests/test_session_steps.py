@@ -4,7 +4,8 @@ session_update's composition from torch ops and nn.GRUCell, applied step after s
 import pytest
 import torch
 
-from hiertcn_fast.ops import session_update, session_update_steps, session_update_steps_reference
+from hiertcn_fast.ops import (session_update, session_update_reference, session_update_steps,
+                              session_update_steps_reference)
 from gru_helpers import assert_outputs_and_grads_match, layer_weights, session_update_composition
 from helpers import BACKEND_DEVICES, COMPARE_DTYPE, CUDA, assert_close, rand
 
@@ -12,7 +13,7 @@ from helpers import BACKEND_DEVICES, COMPARE_DTYPE, CUDA, assert_close, rand
 CASES = [
     (3, 5, 6, 4, 7, 2, True, True, "float", "padded"),
     (1, 1, 1, 3, 1, 1, False, False, "bool", "contiguous"),
-    (7, 4, 3, 8, 5, 3, True, False, "bool", "strided"),
+    (7, 4, 3, 8, 5, 3, True, False, "float", "strided"),
     (5, 33, 20, 16, 128, 2, False, True, "float", "padded"),
     (2, 3, 4, 5, 6, 1, False, True, "zero", "strided"),
 ]
@@ -177,6 +178,108 @@ def test_bad_input_is_a_clear_error(backend):
         call(h=h[..., :5])
     with pytest.raises(ValueError):
         call(weights=weights[:1])  # a layer missing
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_lengths_of_every_step_are_checked(backend):
+    items, lengths, h, keep, weights, _ = steps_inputs(4, 3, 5, 6, 7, 1, False, True, "bool", "padded",
+                                                       torch.float64, "cpu")
+    for bad in (6, -1):
+        wrong = lengths.clone()
+        wrong[2, 1] = bad  # step 0 is fine
+        with pytest.raises(ValueError, match="lengths must lie in"):
+            session_update_steps(items, wrong, h, keep, weights, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("empty", ["batch", "time"])
+def test_an_empty_batch_or_empty_sessions(backend, empty):
+    items, lengths, h, keep, weights, _ = steps_inputs(3, 4, 5, 6, 7, 2, False, True, "float", "padded",
+                                                       torch.float64, "cpu")
+    if empty == "batch":
+        items, lengths, h, keep = items[:, :0], lengths[:, :0], h[:, :0], keep[:, :0]
+    else:
+        items, lengths = items[:, :, :0], torch.zeros_like(lengths)
+    leaves = [t.detach().requires_grad_() for t in (items, h, keep)]
+    out = session_update_steps(*leaves[:1], lengths, leaves[1], leaves[2], weights, backend=backend)
+    expected = composed_steps(items, lengths, h, keep, weights)
+    assert out.shape == expected.shape
+    assert_close(out, expected)
+    peer = [t.detach().requires_grad_() for t in (items, h, keep)]
+    wanted = torch.autograd.grad(composed_steps(peer[0], lengths, peer[1], peer[2], weights).sum(), peer,
+                                 allow_unused=True)
+    for grad, want, leaf in zip(torch.autograd.grad(out.sum(), leaves), wanted, leaves):
+        assert grad.shape == leaf.shape
+        assert_close(grad, torch.zeros_like(grad) if want is None else want)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_other_layouts_and_dtypes_of_lengths_and_keep(backend):
+    """int32 lengths and lengths, keep given as transposed views (a (batch, steps) table read per step): the
+    values count, not the memory order; keep's gradient included."""
+    items, lengths, h, keep, weights, proj = steps_inputs(5, 4, 3, 6, 7, 3, True, True, "float", "padded",
+                                                          torch.float64, "cpu")
+    lengths_t = lengths.t().contiguous().t().to(torch.int32)
+    keep_t = keep.t().contiguous().t()
+    assert not lengths_t.is_contiguous() and not keep_t.is_contiguous()
+    flat = [t for layer in weights for t in layer]
+    assert_outputs_and_grads_match(
+        lambda i, hh, k, *w: session_update_steps(i, lengths_t, hh, k, [w[:4], w[4:8], w[8:]], proj_weight=proj[0],
+                                                  proj_bias=proj[1], backend=backend),
+        lambda i, hh, k, *w: composed_steps(i, lengths, hh, k, [w[:4], w[4:8], w[8:]], *proj),
+        [items, h, keep_t, *flat], torch.float64)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_projection_without_bias(backend):
+    items, lengths, h, keep, weights, (proj_weight, _) = steps_inputs(3, 4, 3, 5, 6, 2, True, True, "float",
+                                                                      "padded", torch.float64, "cpu")
+    flat = [t for layer in weights for t in layer]
+    assert_outputs_and_grads_match(
+        lambda i, hh, k, pw, *w: session_update_steps(i, lengths, hh, k, [w[:4], w[4:]], proj_weight=pw,
+                                                      backend=backend),
+        lambda i, hh, k, pw, *w: composed_steps(i, lengths, hh, k, [w[:4], w[4:]], pw, None),
+        [items, h, keep, proj_weight, *flat], torch.float64)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_without_gradients(mode):
+    items, lengths, h, keep, weights, proj = steps_inputs(4, 5, 3, 6, 7, 2, True, True, "bool", "padded",
+                                                          torch.float64, "cpu")
+    expected = composed_steps(items, lengths, h, keep, weights, *proj)
+    with getattr(torch, mode)():
+        out = session_update_steps(items.requires_grad_(), lengths, h, keep, weights, proj_weight=proj[0],
+                                   proj_bias=proj[1], backend="cpu")
+    assert not out.requires_grad
+    assert_close(out, expected)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_the_states_are_the_callers_to_edit(backend):
+    """out[0] is a copy of h, and editing the returned states in place (zeroing a lane's final state, say) before
+    the backward works as for session_update: the op keeps its own copy for the backward."""
+    items, lengths, h, keep, weights, _ = steps_inputs(3, 4, 3, 5, 6, 2, False, True, "float", "padded",
+                                                       torch.float64, "cpu")
+    leaves = [t.detach().requires_grad_() for t in (items, h, keep)]
+    out = session_update_steps(leaves[0], lengths, leaves[1], leaves[2], weights, backend=backend)
+    assert out.untyped_storage().data_ptr() != h.untyped_storage().data_ptr()
+    out[-1, :, 1] = 0
+    got = torch.autograd.grad(out.square().sum(), leaves)
+    peer = [t.detach().requires_grad_() for t in (items, h, keep)]
+    expected = composed_steps(peer[0], lengths, peer[1], peer[2], weights) * 1.0
+    expected[-1, :, 1] = 0
+    for a, b in zip(got, torch.autograd.grad(expected.square().sum(), peer)):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_no_layers_is_a_clear_error(backend):
+    items, lengths, h, keep, _, _ = steps_inputs(2, 3, 3, 4, 5, 1, False, True, "bool", "padded", torch.float64,
+                                                 "cpu")
+    with pytest.raises(ValueError, match="at least one layer"):
+        session_update_steps(items, lengths, h[:0], keep, [], backend=backend)
+    with pytest.raises(ValueError, match="at least one layer"):
+        session_update(items[0], lengths[0], h[:0], keep[0], [], backend=backend)
 
 
 def test_torch_compile_fullgraph_cpu():

@@ -466,6 +466,8 @@ def _check_session_update(items, lengths, h, keep, weights, proj_weight, proj_bi
     check_tensor(items, "item_embeddings", 3)
     check_like(items, "item_embeddings", h, "h")
     layers_count, batch, hidden = h.shape
+    if layers_count < 1:
+        raise ValueError(f"h (layers, batch, hidden) must hold at least one layer, got shape {tuple(h.shape)}")
     if items.shape[0] != batch:
         raise ValueError(f"item_embeddings has batch {items.shape[0]} but h (layers, batch, hidden) has {batch}")
     if (not isinstance(lengths, torch.Tensor) or lengths.dtype == torch.bool or lengths.dtype.is_floating_point
@@ -508,7 +510,8 @@ def _well_formed_session_update(items, lengths, h, keep, weights, proj_weight, p
     dtype) need no conversion, in one cheap pass; else None (then _check_session_update converts or says what
     is wrong)."""
     if not (isinstance(h, torch.Tensor) and isinstance(items, torch.Tensor) and isinstance(lengths, torch.Tensor)
-            and isinstance(keep, torch.Tensor) and h.dim() == 3 and items.dim() == 3 and h.dtype in FLOATING):
+            and isinstance(keep, torch.Tensor) and h.dim() == 3 and items.dim() == 3 and h.dtype in FLOATING
+            and h.shape[0] >= 1):
         return None
     dtype, device = h.dtype, h.device
     batch = h.shape[1]
@@ -638,11 +641,13 @@ class _SessionUpdateStepsFunction(torch.autograd.Function):
         torch.ops.hiertcn_fast.session_update_steps_forward_out(
             items, lengths, h, keep, list(weights), proj_weight, proj_bias, out=out, cells=cells,
             session_mean=session_mean, projected=projected, gates=gates)
-        # As session_update's: the item embeddings' shape is all the backward needs of them.
+        # As session_update's: the item embeddings' shape is all the backward needs of them. The states are kept
+        # and a copy returned (a few hundred KB at HierTCN's sizes): the caller may edit what it gets in place
+        # (zero a lane's final state, say) before the backward, as it may session_update's result.
         ctx.save_for_backward(lengths, keep, proj_weight, session_mean, projected, out, cells, gates, *weights)
         ctx.proj_bias = proj_bias is not None
         ctx.items_shape = items.shape
-        return out
+        return out.clone()
 
     @staticmethod
     def backward(ctx, grad_out):
