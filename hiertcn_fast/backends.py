@@ -31,6 +31,19 @@ _REINSTALL = "pip install --no-build-isolation --no-deps --force-reinstall . (fr
 
 _selected = contextvars.ContextVar("hiertcn_backend", default=None)
 
+
+def _torch_release() -> tuple:
+    return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+
+# torch.compile reads the use_backend selection while it traces an op. torch 2.14's dynamo traces ContextVar.get
+# (and guards on the value: a compiled function recompiles in another use_backend block); torch 2.11's cannot, and
+# a fullgraph compile of an op without backend= failed there. On releases before 2.14 a trace reads this
+# module-level copy of the innermost selection instead, which dynamo guards as a global. It is right for one
+# thread; threads selecting different backends at once would each trace with the latest selection.
+_TRACE_READS_CONTEXTVAR = _torch_release() >= (2, 14)
+_selected_for_tracing = None
+
 # An optional key of an op's dtypes table (see resolve): the dtypes the triton backend supports on CUDA but not
 # in the Triton interpreter on CPU tensors, where the op's kernels would compute them wrongly.
 INTERPRETER_UNSUPPORTED = "triton interpreter unsupported"
@@ -107,10 +120,13 @@ def _check_name(name, source):
 @contextlib.contextmanager
 def use_backend(name: str):
     """Run the ops called inside the block on backend ``name`` (or "auto")."""
+    global _selected_for_tracing
     token = _selected.set(_check_name(name, "use_backend(name)"))
+    previous, _selected_for_tracing = _selected_for_tracing, name
     try:
         yield
     finally:
+        _selected_for_tracing = previous
         _selected.reset(token)
 
 
@@ -118,8 +134,10 @@ def requested_backend(backend=None):
     """The backend asked for, by precedence: argument, use_backend block, environment, "auto"."""
     if backend is not None:
         return _check_name(backend, "backend")
-    if _selected.get() is not None:
-        return _selected.get()
+    selected = (_selected_for_tracing if not _TRACE_READS_CONTEXTVAR and torch.compiler.is_compiling()
+                else _selected.get())
+    if selected is not None:
+        return selected
     return _check_name(os.environ.get(ENV_VAR, "auto") or "auto", f"the {ENV_VAR} environment variable")
 
 

@@ -157,3 +157,34 @@ def test_out_of_date_extension_is_reported_not_fatal(monkeypatch):
     assert "out of date" in _extension.load_error() and "op_this_build_lacks" in _extension.load_error()
     status = {s.name: s for s in hiertcn_fast.backends()}["cpu"]
     assert not status.available and "out of date" in status.detail
+
+
+@pytest.mark.parametrize("reads_contextvar", [True, False], ids=["contextvar", "module copy"])
+def test_a_compiled_op_follows_the_use_backend_block(monkeypatch, reads_contextvar):
+    """torch.compile traces the use_backend selection and recompiles in another block: through the ContextVar
+    (torch >= 2.14's dynamo traces it) and through the module-level copy read on older releases (2.11's dynamo
+    cannot trace a ContextVar), which this forces here."""
+    module = sys.modules["hiertcn_fast.backends"]
+    if reads_contextvar and not module._TRACE_READS_CONTEXTVAR:
+        pytest.skip(f"torch {torch.__version__}'s dynamo cannot trace a ContextVar (the module copy serves)")
+    monkeypatch.setattr(module, "_TRACE_READS_CONTEXTVAR", reads_contextvar)
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    ran = []  # per call: whether the graph that ran calls the cpu kernel
+
+    def capture(graph_module, example_inputs):
+        calls_kernel = "hiertcn_fast.gru_gates_out" in graph_module.code
+
+        def run(*args):
+            ran.append(calls_kernel)
+            return graph_module.forward(*args)
+        return run
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda gi, gh, h: hiertcn_fast.ops.gru_gates(gi, gh, h), backend=capture,
+                             fullgraph=True)
+    gi, gh, h = torch.randn(2, 6), torch.randn(2, 6), torch.randn(2, 2)
+    expected = hiertcn_fast.ops.gru_gates_reference(gi, gh, h)
+    for block, kernel in (("reference", False), ("cpu", True), ("reference", False), ("auto", True)):
+        with hiertcn_fast.use_backend(block):
+            torch.testing.assert_close(compiled(gi, gh, h), expected)
+        assert ran.pop() == kernel, block

@@ -718,7 +718,7 @@ def test_a_residual_of_its_own_is_not_kept_where_the_output_gives_the_derivative
             out.sum().backward()
 
 
-def test_half_precision_tanh_keeps_its_residual_for_an_exact_derivative_near_saturation():
+def test_triton_half_precision_tanh_keeps_its_residual_for_an_exact_derivative_near_saturation():
     """tanh's derivative from a float16 output rounds to 0 near saturation (out == 1.0): in half types the residual
     is kept and the derivative comes from z and the residual in float32, as the reference's does."""
     backend = "triton"  # the interpreter on this machine; the same Python path as cuda

@@ -812,7 +812,7 @@ void session_update_steps_backward_out(const at::Tensor& grad_out, const at::Ten
       if (grad_keep.has_value()) {
         const at::Tensor kept = at::where(lengths.select(0, step).gt(0).unsqueeze(1), cell, prev);
         at::Tensor grad_keep_step = grad_keep->select(0, step);
-        grad_keep_step.add_((carry * kept).sum(1));
+        grad_keep_step.add_((carry * kept).sum(at::IntArrayRef{1}));
       }
       steps_keep_backward(ss, lengths, keep, step, carry, grad_cell, grad_passed);
       if (l < s.layers - 1) add_into(grad_cell, grad_cell, grad_from_above.narrow(0, step * s.batch, s.batch));
@@ -1063,7 +1063,7 @@ class SessionUpdateFunction : public torch::autograd::Function<SessionUpdateFunc
     at::Tensor grad_keep;
     if (ctx->needs_input_grad(3)) {
       const at::Tensor active = lengths.gt(0).view({1, -1, 1});
-      grad_keep = (grad_out * at::where(active, states, h)).sum({0, 2});
+      grad_keep = (grad_out * at::where(active, states, h)).sum(at::IntArrayRef{0, 2});
     }
     torch::autograd::variable_list result{grad_items.value_or(at::Tensor()), at::Tensor(), grad_h, grad_keep};
     result.insert(result.end(), grad_weights.begin(), grad_weights.end());

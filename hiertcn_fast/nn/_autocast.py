@@ -5,7 +5,10 @@ import torch
 
 def autocast_dtype(device_type: str):
     """torch.autocast's lower-precision dtype inside an autocast region for ``device_type``, else None."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    # cpu and cuda always have autocast; asking torch.amp.is_autocast_available for them would stop torch.compile
+    # (fullgraph) on torch 2.11, whose dynamo cannot trace it.
+    if ((device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type))
+            and torch.is_autocast_enabled(device_type)):
         return torch.get_autocast_dtype(device_type)
     return None
 

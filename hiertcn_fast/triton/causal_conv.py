@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launcher
+
 # One fixed configuration (no autotuning: the kernels also run in the interpreter, in tests).
 BLOCK_TIME = 32
 BLOCK_OUT = 64
@@ -333,7 +335,7 @@ def _launch_conv(inp, packed, groups, kernel_size, dilation, direction, out, *, 
         return
     grid = (batch * triton.cdiv(time, BLOCK_TIME), triton.cdiv(out_channels, BLOCK_OUT))
     res = residual if residual is not None else out
-    torch.library.wrap_triton(_conv_kernel)[grid](
+    launcher(_conv_kernel)[grid](
         inp, packed, bias if bias is not None else out, table if table is not None else out, res, out,
         pre if pre is not None else out,
         time, in_channels, out_channels, in_channels // groups, out_channels // groups, kernel_size, dilation,
@@ -358,7 +360,7 @@ def causal_conv_backward(grad_out, x, weight, pre, residual, dilation, groups, a
         res = residual if residual is not None else grad_out
         bits = pre is not None and pre.dtype == torch.uint8  # relu's sign bits: the residual is not read
         grid = (batch * time, triton.cdiv(out_channels, BLOCK_ELEMENTS))
-        torch.library.wrap_triton(_epilogue_backward_kernel)[grid](
+        launcher(_epilogue_backward_kernel)[grid](
             grad_out, pre if pre is not None else grad_out, res, grad_pre,
             grad_residual if grad_residual is not None else grad_pre, time, out_channels,
             grad_out.stride(0), grad_out.stride(1), res.stride(0), res.stride(1),
@@ -371,20 +373,20 @@ def causal_conv_backward(grad_out, x, weight, pre, residual, dilation, groups, a
     target = grad_weight if chunks == 1 else grad_weight.new_empty((chunks, *grad_weight.shape), dtype=torch.float32)
     if groups == 1:
         grid = (kernel_size * chunks, triton.cdiv(in_channels, BLOCK_IN), triton.cdiv(out_channels, BLOCK_OUT))
-        torch.library.wrap_triton(_weight_grad_dense_kernel)[grid](
+        launcher(_weight_grad_dense_kernel)[grid](
             x, grad_pre, target, batch * time, time, in_channels, out_channels, kernel_size, dilation, x.stride(0),
             x.stride(1), chunks, chunk_rows, grad_weight.numel(), DOT_PRECISION=_dot_precision(x.dtype),
             BLOCK_C=BLOCK_IN, BLOCK_O=BLOCK_OUT, BLOCK_R=BLOCK_ROWS)
     else:
         out_per_group = out_channels // groups
         grid = (kernel_size * triton.cdiv(in_channels * out_per_group, BLOCK_ELEMENTS) * chunks,)
-        torch.library.wrap_triton(_weight_grad_grouped_kernel)[grid](
+        launcher(_weight_grad_grouped_kernel)[grid](
             x, grad_pre, target, batch * time, time, in_channels, out_channels, in_per_group, out_per_group,
             kernel_size, dilation, x.stride(0), x.stride(1), chunks, chunk_rows, grad_weight.numel(),
             BLOCK_E=BLOCK_ELEMENTS, BLOCK_R=BLOCK_ROWS)
     if chunks > 1:
         size = grad_weight.numel()
-        torch.library.wrap_triton(_sum_chunks_kernel)[(triton.cdiv(size, BLOCK_ELEMENTS),)](
+        launcher(_sum_chunks_kernel)[(triton.cdiv(size, BLOCK_ELEMENTS),)](
             target, grad_weight, chunks, size, BLOCK=BLOCK_ELEMENTS)
 
 
@@ -397,11 +399,11 @@ def causal_conv_step(x, packed_weight, bias, table, residual, dilation, groups, 
         return
     res = residual if residual is not None else out
     grid = (batch, triton.cdiv(out_channels, BLOCK_OUT))
-    torch.library.wrap_triton(_step_kernel)[grid](
+    launcher(_step_kernel)[grid](
         x, packed_weight, bias if bias is not None else out, table if table is not None else out, res,
         history, position, out, in_channels, out_channels, in_channels // groups, out_per_group,
         kernel_size, dilation, (kernel_size - 1) * dilation, x.stride(0), res.stride(0),
         DENSE=groups == 1, HAS_BIAS=bias is not None, HAS_TABLE=table is not None, HAS_RESIDUAL=residual is not None,
         ACTIVATION=activation, BLOCK_O=BLOCK_OUT, BLOCK_C=BLOCK_IN)
-    torch.library.wrap_triton(_step_update_kernel)[(batch,)](
+    launcher(_step_update_kernel)[(batch,)](
         x, history, position, in_channels, (kernel_size - 1) * dilation, x.stride(0), BLOCK_C=BLOCK_ELEMENTS)

@@ -4,6 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launcher
+
 BLOCK_HIDDEN = 256
 
 
@@ -75,7 +77,7 @@ def gru_gates_forward(gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, out: 
     batch, hidden = h.shape
     if batch * hidden == 0:
         return
-    torch.library.wrap_triton(_gru_gates_fwd_kernel)[_grid(batch, hidden)](
+    launcher(_gru_gates_fwd_kernel)[_grid(batch, hidden)](
         gi, gh, h, out, hidden, gi.stride(0), gh.stride(0), h.stride(0), out.stride(0), BLOCK=BLOCK_HIDDEN)
 
 
@@ -83,6 +85,6 @@ def gru_gates_backward(grad_out, gi, gh, h, d_gi, d_gh, d_h) -> None:
     batch, hidden = h.shape
     if batch * hidden == 0:
         return
-    torch.library.wrap_triton(_gru_gates_bwd_kernel)[_grid(batch, hidden)](
+    launcher(_gru_gates_bwd_kernel)[_grid(batch, hidden)](
         grad_out, gi, gh, h, d_gi, d_gh, d_h, hidden, grad_out.stride(0), gi.stride(0), gh.stride(0), h.stride(0),
         BLOCK=BLOCK_HIDDEN)

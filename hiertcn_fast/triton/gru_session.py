@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launcher
+
 BLOCK_DIM = 128
 
 
@@ -49,7 +51,7 @@ def session_mean_forward(items: torch.Tensor, lengths: torch.Tensor, mean: torch
     batch, time, dim = items.shape
     if batch * dim == 0:
         return
-    torch.library.wrap_triton(_session_mean_fwd_kernel)[(batch, triton.cdiv(dim, BLOCK_DIM))](
+    launcher(_session_mean_fwd_kernel)[(batch, triton.cdiv(dim, BLOCK_DIM))](
         items, lengths, mean, time, dim, items.stride(0), items.stride(1), mean.stride(0), BLOCK=BLOCK_DIM)
 
 
@@ -58,5 +60,5 @@ def session_mean_backward(grad_mean: torch.Tensor, lengths: torch.Tensor, grad_i
     batch, time, dim = grad_items.shape
     if batch * time * dim == 0:
         return
-    torch.library.wrap_triton(_session_mean_bwd_kernel)[(batch * time, triton.cdiv(dim, BLOCK_DIM))](
+    launcher(_session_mean_bwd_kernel)[(batch * time, triton.cdiv(dim, BLOCK_DIM))](
         grad_mean, lengths, grad_items, time, dim, grad_mean.stride(0), BLOCK=BLOCK_DIM)
