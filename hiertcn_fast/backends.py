@@ -32,7 +32,8 @@ _REINSTALL = "pip install --no-build-isolation --no-deps --force-reinstall . (fr
 _selected = contextvars.ContextVar("hiertcn_backend", default=None)
 
 
-def _torch_release() -> tuple:
+def torch_release() -> tuple:
+    """(major, minor) of the torch running."""
     return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 
 
@@ -41,7 +42,7 @@ def _torch_release() -> tuple:
 # a fullgraph compile of an op without backend= failed there. On releases before 2.14 a trace reads this
 # module-level copy of the innermost selection instead, which dynamo guards as a global. It is right for one
 # thread; threads selecting different backends at once would each trace with the latest selection.
-_TRACE_READS_CONTEXTVAR = _torch_release() >= (2, 14)
+_TRACE_READS_CONTEXTVAR = torch_release() >= (2, 14)
 _selected_for_tracing = None
 
 # An optional key of an op's dtypes table (see resolve): the dtypes the triton backend supports on CUDA but not

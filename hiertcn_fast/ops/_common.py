@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from ..backends import torch_release
+
 _poison = os.environ.get("HIERTCN_POISON_OUTPUTS", "0") == "1"
 
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -113,12 +115,15 @@ def on_device_of(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+# Before torch 2.14, not while torch.compile traces: torch 2.11's compiled backward returned zeros for gradient
+# buffers filled here and then written by an out op (2.14's is right; without the fill both are).
+_POISON_WHILE_TRACING = torch_release() >= (2, 14)
+
+
 def new_output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     """A fresh contiguous output on ``like``'s device (NaN-filled under poison_outputs)."""
     out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
-    # Not while torch.compile traces: torch 2.11's compiled backward returned zeros for gradient buffers filled
-    # here and then written by an out op (torch 2.14's is right; without the fill both are).
-    if _poison and out.is_floating_point() and not torch.compiler.is_compiling():
+    if _poison and out.is_floating_point() and (_POISON_WHILE_TRACING or not torch.compiler.is_compiling()):
         out.fill_(float("nan"))
     return out
 
