@@ -69,8 +69,9 @@ TORCH_LIBRARY(hiertcn_fast, m) {
   // with out[0] = h and out[s + 1] = session_update(item_embeddings[s], lengths[s], out[s], keep[s]), for
   // item_embeddings (steps, batch, time, dim), lengths and keep (steps, batch). Saved for the backward: cells
   // (layers, steps, batch, hidden), each step's GRU output before the masks; session_mean (steps, batch, dim);
-  // projected (steps, batch, projected); gates (layers, steps, batch, 4*hidden). grad_out is the gradient of
-  // every state in out; grad_keep (steps, batch), when given, receives keep's.
+  // projected (steps, batch, projected); gates (layers, steps, batch, 4*hidden), or (layers, 1, batch, 4*hidden) for
+  // a forward only (scratch). grad_out is the gradient of every state in out; grad_keep (steps, batch), when
+  // given, receives keep's.
   m.def(
       "session_update_steps_forward_out(Tensor item_embeddings, Tensor lengths, Tensor h, Tensor keep, "
       "Tensor[] weights, Tensor? proj_weight, Tensor? proj_bias, *, Tensor(a!) out, Tensor(b!) cells, "

@@ -252,6 +252,10 @@ def test_without_gradients(mode):
                                    proj_bias=proj[1], backend="cpu")
     assert not out.requires_grad
     assert_close(out, expected)
+    # The forward alone keeps one step's gates as scratch, not every step's, and computes the same bits.
+    with_graph = session_update_steps(items, lengths, h, keep, weights, proj_weight=proj[0], proj_bias=proj[1],
+                                      backend="cpu")
+    assert with_graph.requires_grad and torch.equal(out, with_graph.detach())
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

@@ -658,16 +658,17 @@ StepsShapes check_session_update_steps(const at::Tensor& items, const at::Tensor
   return r;
 }
 
+// gates may hold one step (forward only: scratch that each step overwrites) where the backward needs all of them.
 void check_session_update_steps_saved(const at::Tensor& items, const StepsShapes& ss, const OptTensor& proj_weight,
                                       const at::Tensor& out, const at::Tensor& cells, const at::Tensor& session_mean,
-                                      const OptTensor& projected, const at::Tensor& gates) {
+                                      const OptTensor& projected, const at::Tensor& gates, bool gates_of_one_step) {
   const SessionUpdateShapes& s = ss.s;
   check_buffer(items, out, {ss.steps + 1, s.layers, s.batch, s.hidden}, "out");
   check_buffer(items, cells, {s.layers, ss.steps, s.batch, s.hidden}, "cells");
   check_buffer(items, session_mean, {ss.steps, s.batch, s.dim}, "session_mean");
   TORCH_CHECK(projected.has_value() == proj_weight.has_value(), "projected is needed exactly with proj_weight");
   if (projected.has_value()) check_buffer(items, *projected, {ss.steps, s.batch, s.input}, "projected");
-  check_buffer(items, gates, {s.layers, ss.steps, s.batch, 4 * s.hidden}, "gates");
+  check_buffer(items, gates, {s.layers, gates_of_one_step ? 1 : ss.steps, s.batch, 4 * s.hidden}, "gates");
 }
 
 // out = bias + a w^T (or a w^T), through at::cpu:: for CPU tensors.
@@ -740,7 +741,10 @@ void session_update_steps_forward_out(const at::Tensor& items, const at::Tensor&
   const StepsShapes ss = check_session_update_steps(items, lengths, h, keep, weights, proj_weight, proj_bias);
   const SessionUpdateShapes& s = ss.s;
   const c10::DeviceGuard guard(items.device());
-  check_session_update_steps_saved(items, ss, proj_weight, out, cells, session_mean, projected, gates);
+  // gates (layers, 1, batch, 4 * hidden): a forward only, whose gates nothing reads after their step.
+  const bool gates_of_one_step = gates.dim() == 4 && gates.size(1) == 1 && ss.steps > 1;
+  check_session_update_steps_saved(items, ss, proj_weight, out, cells, session_mean, projected, gates,
+                                   gates_of_one_step);
   out.select(0, 0).copy_(h);
   if (s.batch == 0) return;
   const GruKernels& k = gru_kernels_for(items.device());
@@ -760,7 +764,8 @@ void session_update_steps_forward_out(const at::Tensor& items, const at::Tensor&
     for (int64_t step = 0; step < ss.steps; ++step) {
       const at::Tensor prev = out.select(0, step).select(0, l), cell = cells.select(0, l).select(0, step);
       affine_into(gh, prev, w.w_hh, w.b_hh);
-      step_gates(k, gi.narrow(0, step * s.batch, s.batch), gh, prev, cell, gates.select(0, l).select(0, step));
+      step_gates(k, gi.narrow(0, step * s.batch, s.batch), gh, prev, cell,
+                 gates.select(0, l).select(0, gates_of_one_step ? 0 : step));
       steps_keep_forward(ss, lengths, keep, step, cell, prev, out.select(0, step + 1).select(0, l));
     }
     layer_input = cells.select(0, l).view({rows, s.hidden});
@@ -779,7 +784,7 @@ void session_update_steps_backward_out(const at::Tensor& grad_out, const at::Ten
   const StepsShapes ss = check_session_update_steps(items, lengths, h, keep, weights, proj_weight, std::nullopt);
   const SessionUpdateShapes& s = ss.s;
   const c10::DeviceGuard guard(items.device());
-  check_session_update_steps_saved(items, ss, proj_weight, out, cells, session_mean, projected, gates);
+  check_session_update_steps_saved(items, ss, proj_weight, out, cells, session_mean, projected, gates, false);
   check_buffer(items, grad_out, out.sizes(), "grad_out");
   if (grad_items.has_value()) check_buffer(items, *grad_items, items.sizes(), "grad_item_embeddings");
   check_buffer(items, grad_h, h.sizes(), "grad_h");

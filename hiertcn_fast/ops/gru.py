@@ -626,21 +626,30 @@ def _session_update_steps_composed(items, lengths, h, keep, layers, proj_weight,
     return torch.stack(states)
 
 
+def _session_update_steps_forward(items, lengths, h, keep, proj_weight, proj_bias, weights, keep_gates):
+    """The compiled forward: (out, cells, session_mean, projected, gates). Without keep_gates (a forward only) the
+    gates are one step's scratch, not every step's."""
+    steps, batch, _, dim = items.shape
+    layers, hidden = h.shape[0], h.shape[2]
+    out = new_output((steps + 1, layers, batch, hidden), h)
+    cells = new_output((layers, steps, batch, hidden), h)
+    session_mean = new_output((steps, batch, dim), h)
+    projected = new_output((steps, batch, proj_weight.shape[0]), h) if proj_weight is not None else None
+    # per row: csrc/include/hiertcn/gru_gates.h
+    gates = new_output((layers, steps if keep_gates else 1, batch, 4 * hidden), h)
+    torch.ops.hiertcn_fast.session_update_steps_forward_out(
+        items, lengths, h, keep, weights, proj_weight, proj_bias, out=out, cells=cells, session_mean=session_mean,
+        projected=projected, gates=gates)
+    return out, cells, session_mean, projected, gates
+
+
 class _SessionUpdateStepsFunction(torch.autograd.Function):
     """session_update_steps on the compiled kernels (cpu, cuda): one op call forward, one backward."""
 
     @staticmethod
     def forward(ctx, items, lengths, h, keep, proj_weight, proj_bias, *weights):
-        steps, batch, _, dim = items.shape
-        layers, hidden = h.shape[0], h.shape[2]
-        out = new_output((steps + 1, layers, batch, hidden), h)
-        cells = new_output((layers, steps, batch, hidden), h)
-        session_mean = new_output((steps, batch, dim), h)
-        projected = new_output((steps, batch, proj_weight.shape[0]), h) if proj_weight is not None else None
-        gates = new_output((layers, steps, batch, 4 * hidden), h)  # per row: csrc/include/hiertcn/gru_gates.h
-        torch.ops.hiertcn_fast.session_update_steps_forward_out(
-            items, lengths, h, keep, list(weights), proj_weight, proj_bias, out=out, cells=cells,
-            session_mean=session_mean, projected=projected, gates=gates)
+        out, cells, session_mean, projected, gates = _session_update_steps_forward(
+            items, lengths, h, keep, proj_weight, proj_bias, list(weights), keep_gates=True)
         # As session_update's: the item embeddings' shape is all the backward needs of them. The states are kept
         # and a copy returned (a few hundred KB at HierTCN's sizes): the caller may edit what it gets in place
         # (zero a lane's final state, say) before the backward, as it may session_update's result.
@@ -689,7 +698,9 @@ def session_update_steps(item_embeddings: torch.Tensor, lengths: torch.Tensor, h
     backends run the steps layer by layer, with one session-mean pass and one input product per layer over all
     steps, and in the backward each weight's gradient as one product over all steps; only the state products
     and the gates go step by step. The results equal session_update's step by step up to rounding (the sums
-    run in another order). The reference and triton backends run session_update's composition step by step.
+    run in another order). Without gradients to compute (no_grad, inference_mode, no input that requires one) the
+    cpu and cuda forward keeps one step's gates as scratch instead of every step's. The reference and triton
+    backends run session_update's composition step by step.
     Differentiable in item_embeddings, h, the weights, the projection and a floating keep; lengths outside
     [0, time] are an error on CPU tensors, as for session_update.
     """
@@ -701,8 +712,12 @@ def session_update_steps(item_embeddings: torch.Tensor, lengths: torch.Tensor, h
         return _session_update_steps_composed(item_embeddings, lengths, h, keep, layers, proj_weight, proj_bias,
                                               name)
     flat = [t for layer in layers for t in layer if t is not None]
-    return _SessionUpdateStepsFunction.apply(unit_stride_rows(item_embeddings), lengths, h.contiguous(), keep,
-                                             proj_weight, proj_bias, *flat)
+    items = unit_stride_rows(item_embeddings)
+    if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(
+            t.requires_grad for t in (items, h, keep, proj_weight, proj_bias, *flat) if t is not None)):
+        return _session_update_steps_forward(items, lengths, h.contiguous(), keep, proj_weight, proj_bias, flat,
+                                             keep_gates=False)[0]
+    return _SessionUpdateStepsFunction.apply(items, lengths, h.contiguous(), keep, proj_weight, proj_bias, *flat)
 
 
 # ---- registrations -------------------------------------------------------------------------------
