@@ -610,7 +610,8 @@ def _check_session_update_steps(items, lengths, h, keep, weights, proj_weight, p
             raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
         check_shape(value, f"{name} (steps, batch)", (steps, batch))
     if steps == 0:  # session_update's checks on a step of the same shape, with nothing in it
-        step_items, step_lengths, step_keep = items.new_empty(items.shape[1:]), lengths.new_zeros(batch), keep.new_ones(batch)
+        step_items = items.new_empty(items.shape[1:])
+        step_lengths, step_keep = lengths.new_zeros(batch), keep.new_ones(batch)
     else:
         step_items, step_lengths, step_keep = items[0], lengths[0], keep[0]
     _, _, layers = _check_session_update(step_items, step_lengths, h, step_keep, weights, proj_weight, proj_bias)
