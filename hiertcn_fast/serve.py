@@ -446,8 +446,15 @@ class StreamingRecommender:
             raise ValueError(f"items must be item ids in 1..{self.model.num_items}")
         if not bool(torch.isfinite(timestamps).all()):
             raise ValueError("timestamps must be finite numbers of seconds")
-        self._check_time_order(users, timestamps)  # every check before the first change: a refused call changes nothing
+        # Every check before the first change: a refused call changes nothing.
+        known_rows, known_times = self._check_time_order(users, timestamps)
         known = len(self.user_slot)
+        # A call that fails part way through (out of memory, an interrupt) changes nothing: it puts back the rows it
+        # may have changed by then, as they are now, rather than leave some rounds or half a round applied.
+        touched = self._rows_at_risk(users, known_rows, known_times)
+        if touched is not None:
+            with _storage_mode():
+                saved = [t.index_select(0, touched) for t in self._per_user_tensors()]
         pending = list(range(len(users)))
         try:
             while pending:
@@ -458,8 +465,32 @@ class StreamingRecommender:
                 self._observe_round([users[i] for i in this_round], items[this_round], timestamps[this_round])
                 pending = later
         except BaseException:
+            if touched is not None:
+                self._restore_rows(touched, saved)
             self._unregister_from(known)
             raise
+
+    def _rows_at_risk(self, users, rows: torch.Tensor | None, times: torch.Tensor | None) -> torch.Tensor | None:
+        """The rows of known users (``rows``, with the time of their first event in the call, ``times``) that
+        observe_many could leave changed if it failed part way through; None for none. New users' rows are dropped
+        instead. With more than one round (a user twice), every known user's row, as a later round could fail
+        after earlier ones were applied; in one round, only the rows whose open session it closes, whose GRU step
+        is written before their new session's start token is stepped. Everything else a round writes comes after
+        its conv step (where its work is), so a failure before leaves those rows as they were. Saving only these
+        keeps the usual call (each user once, few sessions closing) at its cost."""
+        if rows is None:
+            return None
+        if len(set(users)) < len(users):
+            return rows
+        rows = rows[(self.session_count[rows] > 0) & (times - self.last_time[rows] >= self.session_gap)]
+        return rows if rows.numel() else None
+
+    def _restore_rows(self, rows: torch.Tensor, saved: list) -> None:
+        """Write back ``saved`` (the per-user tensors' ``rows``, taken by index_select) into the current storage
+        (grown since, perhaps: rows keep their place when it grows)."""
+        for t, values in zip(self._per_user_tensors(), saved):
+            t.index_copy_(0, rows, values)
+        self._states_changed(rows)
 
     def _unregister_from(self, first: int) -> None:
         """Drop the users in rows >= ``first``: those a failed call added (new users get the next rows, and
@@ -471,9 +502,10 @@ class StreamingRecommender:
             if row < self.capacity:  # a failed growth did not make it
                 self._clear_row(row)
 
-    def _check_time_order(self, users, timestamps: torch.Tensor) -> None:
+    def _check_time_order(self, users, timestamps: torch.Tensor) -> tuple:
         """Each user's events in time order: within the call, and not before the user's latest event so far (or
-        the ``now`` that closed the user's last session)."""
+        the ``now`` that closed the user's last session). Returns the rows of the known users in the call and
+        the time of their first event in it (tensors), or (None, None) when it has no known user."""
         first, latest = {}, {}
         for user, t in zip(users, timestamps.tolist()):
             if t < latest.get(user, t):
@@ -486,6 +518,8 @@ class StreamingRecommender:
             times = torch.tensor([first[user] for user in known], dtype=torch.float64, device=self.device)
             if bool((times < self.last_time[rows]).any()):
                 raise ValueError("timestamps must not decrease within a user's stream")
+            return rows, times
+        return None, None
 
     def _observe_round(self, users, items: torch.Tensor, timestamps: torch.Tensor) -> None:
         rows = self._slots(users, create=True)
@@ -495,16 +529,17 @@ class StreamingRecommender:
         if bool(gap.any()):
             self._close_sessions(rows[gap])
             count = count.masked_fill(gap, 0)  # their new sessions are empty
-        self.last_time[rows] = timestamps
         counted = count < self.max_session_length
+        stepped = rows
         if not bool(counted.all()):
-            rows, items = rows[counted], items[counted]
-            if rows.numel() == 0:
-                return
-        embedded = self.model.embed(items)
-        self.session_sum[rows] += embedded
-        self.session_count[rows] += 1
-        self._conv_step(rows, embedded)
+            stepped, items = rows[counted], items[counted]
+        if stepped.numel():
+            # The conv step before the session's sum and count are written (see _rows_at_risk).
+            embedded = self.model.embed(items)
+            self._conv_step(stepped, embedded)
+            self.session_sum[stepped] += embedded
+            self.session_count[stepped] += 1
+        self.last_time[rows] = timestamps
 
     # ---- recommendations -------------------------------------------------------------------------------
 

@@ -536,6 +536,51 @@ def test_a_new_user_whose_first_event_fails_is_not_registered(monkeypatch):
         torch.testing.assert_close(recommender.scores(user), plain.scores(user), rtol=0, atol=0)
 
 
+# Round 1: a (a gap: GRU step, start token, event), b, new user c (start token, event); round 2: a, c.
+# Round 3: a again after a gap. Conv steps: 1 c's start token (c is registered first), 2 a's start token
+# (after its GRU step), 3 round 1's events, 4 round 2's events, 5 a's start token, 6 round 3's event.
+THREE_ROUNDS = (["a", "b", "c", "a", "c", "a"], [5, 6, 7, 8, 9, 10], [1e5, 200.0, 50.0, 1e5 + 5, 60.0, 3e5])
+ONE_ROUND = THREE_ROUNDS[0][:3], THREE_ROUNDS[1][:3], THREE_ROUNDS[2][:3]
+
+
+@pytest.mark.parametrize("call, fail_at",
+                         [(THREE_ROUNDS, n) for n in range(1, 7)] + [(ONE_ROUND, n) for n in (1, 2, 3)])
+def test_a_batched_call_that_fails_part_way_through_changes_nothing(monkeypatch, call, fail_at):
+    """observe_many that fails in any of its conv steps (its first round, a later round, or between a session's
+    GRU step and its new session's start token) leaves every user as it was, new and known alike: no round and no
+    half of a round stays applied (in one round, b's row is not among those saved, so this checks that nothing is
+    written to it before the step). The recommender then goes on exactly as one that never saw the call."""
+    model = small_hiertcn()
+    recommender, plain = StreamingRecommender(model, session_gap=GAP), StreamingRecommender(model, session_gap=GAP)
+    for r in (recommender, plain):
+        r.observe_many(["a", "b"], [3, 4], [100.0, 100.0])
+    before = snapshot(recommender)
+    real, calls = StreamingRecommender._conv_step, []
+
+    def failing_at(self, rows, inputs):
+        calls.append(rows.shape[0])
+        if len(calls) == fail_at:
+            raise RuntimeError("injected failure")
+        return real(self, rows, inputs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StreamingRecommender, "_conv_step", failing_at)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            recommender.observe_many(*call)
+    assert calls == [1, 1, 3, 2, 1, 1][:fail_at]  # the rows of each conv step, as listed above
+    assert_unchanged(recommender, before)
+    with pytest.raises(KeyError, match="unknown user"):
+        recommender.recommend("c")
+    for r in (recommender, plain):
+        r.observe_many(*call)
+        r.observe("b", 11, 2e5)
+    for user in ("a", "b", "c"):
+        torch.testing.assert_close(recommender.scores(user), plain.scores(user), rtol=0, atol=0)
+    expected = per_user_tensors(plain, ["a", "b", "c"])
+    for key, value in per_user_tensors(recommender, ["a", "b", "c"]).items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+
+
 def test_a_failed_session_close_changes_nothing(monkeypatch):
     """A single event that closes a session and fails part way through leaves the user's GRU state (and all else)
     as it was: after the row view was used inside inference mode, and with the TCN context failing to compute."""
