@@ -392,19 +392,29 @@ class StreamingRecommender:
         if timestamp < last_time[row]:
             raise ValueError("timestamps must not decrease within a user's stream")
         view = self._row_view(row)
-        if count[row] > 0 and timestamp - last_time[row] >= self.session_gap:
-            self._close_one(view, row)
-        last_time[row] = timestamp
-        if count[row] >= self.max_session_length:
-            return True
-        item = int(item)
-        if self._embedding_rows:
-            embedded = self.model.item_embedding.weight[item:item + 1]
-        else:
-            embedded = self.model.embed(torch.tensor([item], device=self.device))
-        view.session_sum += embedded[0]
-        count[row] += 1
-        view.features.copy_(self.model.tcn.step(embedded, view.conv, view.context))
+        closing = count[row] > 0 and timestamp - last_time[row] >= self.session_gap
+        if closing:  # the row as it is, put back if the event fails after the GRU step was written (as observe_many)
+            rows = torch.tensor([row], device=self.device)
+            with _storage_mode():
+                saved = [t.index_select(0, rows) for t in self._per_user_tensors()]
+        try:
+            if closing:
+                self._close_one(view, row)
+            if count[row] < self.max_session_length:
+                item = int(item)
+                if self._embedding_rows:
+                    embedded = self.model.item_embedding.weight[item:item + 1]
+                else:
+                    embedded = self.model.embed(torch.tensor([item], device=self.device))
+                # The conv step before the session's sum and count are written: a failure in it changes nothing.
+                view.features.copy_(self.model.tcn.step(embedded, view.conv, view.context))
+                view.session_sum += embedded[0]
+                count[row] += 1
+            last_time[row] = timestamp
+        except BaseException:
+            if closing:
+                self._restore_rows(rows, saved)
+            raise
         return True
 
     # ---- events ----------------------------------------------------------------------------------------

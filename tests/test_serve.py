@@ -610,6 +610,41 @@ def test_a_failed_session_close_changes_nothing(monkeypatch):
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.parametrize("event, fail_at", [((5, 1e5), 1), ((5, 1e5), 2), ((5, 200.0), 1)])
+def test_a_single_event_whose_conv_step_fails_changes_nothing(monkeypatch, event, fail_at):
+    """observe() of a known user whose TCN step fails changes nothing: the start token's step after a session
+    closed (its GRU step already written; fail_at 1 of a closing event), the event's own step after that (2), and
+    the event's step inside a session (the session's sum, count and time are written after it)."""
+    model = small_hiertcn()
+    recommender, plain = StreamingRecommender(model, session_gap=GAP), StreamingRecommender(model, session_gap=GAP)
+    for r in (recommender, plain):
+        r.observe("a", 3, 100.0)
+        r.observe("a", 4, 160.0)
+    recommender.scores("a")  # its row view is made and used
+    before = snapshot(recommender)
+    real, calls = model.tcn.step, []
+
+    def failing_at(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(model.tcn, "step", failing_at)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            recommender.observe("a", *event)
+    assert len(calls) == fail_at
+    assert_unchanged(recommender, before)
+    for r in (recommender, plain):
+        r.observe("a", *event)
+        r.observe("a", 6, event[1] + 1)
+    torch.testing.assert_close(recommender.scores("a"), plain.scores("a"), rtol=0, atol=0)
+    expected = per_user_tensors(plain, ["a"])
+    for key, value in per_user_tensors(recommender, ["a"]).items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+
+
 def test_copies_stream_like_the_original_and_independently_of_it():
     """copy.deepcopy and a pickle round trip give a recommender that goes on exactly as the original (single
     events, batched events and closing by now), and events of the copy do not reach the original."""
