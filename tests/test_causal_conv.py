@@ -659,6 +659,12 @@ def test_step_bad_input_is_a_clear_error():
     with pytest.raises(TypeError, match="state.history has dtype torch.float64 but x has torch.float32"):
         causal_conv1d_step(rand(2, 4, dtype=torch.float32), weight, CausalConvState.zeros(2, 4, 3, 1,
                                                                                         dtype=torch.float64))
+    # An expanded history (rows sharing memory) is refused on every backend, before anything is written.
+    for backend in ("reference", "cpu"):
+        shared = CausalConvState(torch.zeros(1, 4, 4).expand(2, 4, 4), torch.zeros(2, dtype=torch.int64), 3, 2)
+        with pytest.raises((ValueError, RuntimeError), match="history must .*(contiguous|memory of its own)"):
+            causal_conv1d_step(rand(2, 4, dtype=torch.float32), weight, shared, backend=backend)
+        assert shared.position.tolist() == [0, 0] and not shared.history.any(), backend
 
 
 def test_compiled_op_checks_arguments_itself():

@@ -587,6 +587,7 @@ def causal_conv1d_step_reference(x, weight, state, bias=None, *, groups=1, conte
                                  activation=None, residual=None):
     """Plain-PyTorch causal_conv1d_step (updates ``state`` in place). Shapes as causal_conv1d_step; a negative
     position is an error on CPU tensors, as on the cpu backend."""
+    _check_history_not_shared(state.history)
     _check_positions_not_negative(state.position)
     compute = _compute_dtype(x.dtype)
     kernel_size, dilation = state.kernel_size, state.dilation
@@ -669,6 +670,20 @@ def _check_position(x, position, contiguous):
                  if isinstance(position, torch.Tensor) else type(position).__name__)
         raise ValueError(f"state.position must be {'a contiguous' if contiguous else 'an'} int64 ({x.shape[0]},) "
                          f"tensor on x's device ({x.device}), got {shown}")
+
+
+def _check_history_not_shared(history):
+    """The step writes each row's input into its own slot of the history: an expanded history (a stride of 0 over
+    rows or slots, e.g. one row's history expanded to a batch) would have rows overwrite each other's. The cpu,
+    cuda and triton backends need a contiguous history and so refuse it; the reference, which takes strided views,
+    says so in its own words (index_put would only warn, and write every row's input to the shared slot)."""
+    if symbolic(history):
+        return
+    shared = [dim for dim, (size, stride) in enumerate(zip(history.shape, history.stride())) if size > 1 and not stride]
+    if shared:
+        raise ValueError(f"state.history must give every row and slot memory of its own (it is written in place), got "
+                         f"an expanded tensor (stride 0 in dim {shared[0]}, shape {tuple(history.shape)}): pass "
+                         f"history.clone(), or make the state with CausalConvState.zeros")
 
 
 def _check_positions_not_negative(position, layer=None):
