@@ -18,7 +18,10 @@ run raises BackendUnavailableError naming the fix; it never falls back silently.
 import contextlib
 import contextvars
 import dataclasses
+import functools
+import importlib.metadata
 import importlib.util
+import itertools
 import os
 
 import torch
@@ -72,6 +75,35 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _release(version: str) -> tuple:
+    """The leading numbers of a version string: '3.6.0' -> (3, 6, 0), '2.4.0rc1' -> (2, 4, 0)."""
+    numbers = []
+    for part in version.split("+")[0].split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        numbers.append(int(digits))
+    return tuple(numbers)
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_numpy_clash() -> str:
+    """Why the Triton interpreter here cannot run this package's kernels ('' when it can): before triton 3.7 it
+    turns a one-element array into an int with int(array), which NumPy 2.4 and later refuse, so every kernel with a
+    loop over a loaded bound fails inside the interpreter ('only 0-dimensional arrays can be converted to Python
+    scalars')."""
+    import numpy
+
+    try:
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+    if _release(triton_version) < (3, 7) and _release(numpy.__version__) >= (2, 4):
+        return (f"the Triton interpreter of triton {triton_version} cannot run with NumPy {numpy.__version__} "
+                f"(NumPy 2.4 refuses the int(array) it calls)")
+    return ""
+
+
 def _status(name: str) -> BackendStatus:
     if name == "reference":
         return BackendStatus(name, True, "plain PyTorch on any device")
@@ -100,6 +132,9 @@ def _status(name: str) -> BackendStatus:
         if torch.cuda.is_available():
             return BackendStatus(name, True, f"Triton kernels on {torch.cuda.get_device_name()}")
         if triton_interpreted():
+            clash = interpreter_numpy_clash()
+            if clash:
+                return BackendStatus(name, False, clash, "pip install 'numpy<2.4', or triton >= 3.7")
             return BackendStatus(name, True, "Triton kernels interpreted on CPU tensors (TRITON_INTERPRET=1; slow)")
         return BackendStatus(name, False, "no CUDA device is visible",
                              "use a GPU, or set TRITON_INTERPRET=1 before importing triton to interpret "

@@ -188,3 +188,34 @@ def test_a_compiled_op_follows_the_use_backend_block(monkeypatch, reads_contextv
         with hiertcn_fast.use_backend(block):
             torch.testing.assert_close(compiled(gi, gh, h), expected)
         assert ran.pop() == kernel, block
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, clash", [
+    ("3.6.0", "2.4.0", True), ("3.6.0", "2.5.5", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False),
+    ("3.8.0", "2.4.6", False), ("3.6.0", "2.4.0rc1", True), ("3.10.0", "3.0.0", False)])
+def test_the_interpreter_of_triton_before_3_7_with_numpy_2_4_is_refused_with_the_fix(
+        monkeypatch, triton_version, numpy_version, clash):
+    """Triton 3.6's interpreter fails inside itself on NumPy >= 2.4 ('only 0-dimensional arrays can be converted to
+    Python scalars'): the triton backend then says so, with the fix, instead of running into that error."""
+    import importlib.metadata
+
+    import numpy
+
+    backends_module = importlib.import_module("hiertcn_fast.backends")  # the package's `backends` is a function
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: triton_version if name == "triton" else real_version(name))
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    backends_module.interpreter_numpy_clash.cache_clear()
+    try:
+        reason = backends_module.interpreter_numpy_clash()
+        status = backends_module._status("triton")
+    finally:
+        backends_module.interpreter_numpy_clash.cache_clear()
+    assert bool(reason) == clash
+    assert status.available == (not clash) or importlib.util.find_spec("triton") is None
+    if clash:
+        assert f"triton {triton_version}" in reason and f"NumPy {numpy_version}" in reason
+        assert "numpy<2.4" in status.fix
