@@ -95,7 +95,8 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, padding_item: int 
 
     scores: (events, items) floating point; targets: (events,) integer item ids of the catalogue, on the scores'
     device (ValueError otherwise). Column ``padding_item`` (None: none) is not part of the catalogue. Returns
-    ``(higher, tied)``, both int64 (events,) on the scores' device; ``tied`` excludes the target.
+    ``(higher, tied)``, both int64 (events,) on the scores' device; ``tied`` excludes the target. A target
+    scoring NaN has no rank: ValueError.
     Works in blocks of rows so the temporary masks stay small.
     """
     n, num_columns = scores.shape
@@ -106,12 +107,16 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, padding_item: int 
         raise ValueError(f"targets must be (events,) = ({n},) integer item ids, got shape {tuple(targets.shape)} "
                          f"and dtype {targets.dtype}")
     _check_targets(targets, num_columns, padding_item)
+    targets = targets.to(torch.int64)  # gather's index (int8 or int16 ids would fail inside it)
     higher = torch.empty(n, dtype=torch.int64, device=scores.device)
     tied = torch.empty(n, dtype=torch.int64, device=scores.device)
     rows = max(1, ROW_BLOCK_ELEMENTS // max(num_columns, 1))
     for start in range(0, n, rows):
         block = scores[start:start + rows]
         target_score = block.gather(1, targets[start:start + rows, None])
+        if bool(torch.isnan(target_score).any()):  # (it would count as tied with -1 items)
+            first = start + int(torch.nonzero(torch.isnan(target_score[:, 0]))[0, 0])
+            raise ValueError(f"scores: the target of event {first} scores NaN; its rank is undefined")
         # int32 counts are enough for any catalogue and reduce about twice as fast as int64.
         block_higher = (block > target_score).sum(1, dtype=torch.int32)
         block_tied = (block == target_score).sum(1, dtype=torch.int32) - 1

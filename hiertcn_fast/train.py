@@ -576,8 +576,10 @@ class Trainer:
                         self._log(epoch, loss, self.train_events, self.train_seconds + time.perf_counter() - started)
                     if config.checkpoint_path and config.checkpoint_every and self.step % config.checkpoint_every == 0:
                         self.train_seconds += time.perf_counter() - started
-                        self.save_checkpoint(config.checkpoint_path)
-                        started = time.perf_counter()
+                        try:  # the save's time is not training time; nor is it when the save fails
+                            self.save_checkpoint(config.checkpoint_path)
+                        finally:
+                            started = time.perf_counter()
                     # Stop only after a batch is consumed: the generator has already counted it as handed out.
                     if finished():
                         break
@@ -703,7 +705,11 @@ class Trainer:
         try:
             if not isinstance(state, dict):
                 path = Path(path_or_state if self.world_size == 1 else f"{path_or_state}.rank{self.rank}")
-                state = torch.load(path, map_location="cpu", weights_only=True)
+                try:
+                    state = torch.load(path, map_location="cpu", weights_only=True)
+                except (RuntimeError, EOFError, KeyError, ValueError) as error:  # a damaged or foreign file
+                    raise ValueError(f"{path}: not a readable hiertcn_fast checkpoint ({type(error).__name__}: "
+                                     f"{error})") from error
             if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
                 found = state.get("format") if isinstance(state, dict) else type(state).__name__
                 raise ValueError(f"not a hiertcn_fast checkpoint of this version (format {found!r}, "
@@ -712,6 +718,9 @@ class Trainer:
             missing = sorted(before.keys() - state.keys())
             if missing:
                 raise ValueError(f"checkpoint lacks {missing}")
+            problems = self._entry_problems(state)
+            if problems:
+                raise ValueError("checkpoint cannot be loaded:\n  " + "\n  ".join(problems))
             if state["device_type"] != self.device.type:
                 raise ValueError(f"checkpoint was written on {state['device_type']} and this trainer runs on "
                                  f"{self.device.type}: the sampler's random generator state does not carry over")
@@ -720,6 +729,9 @@ class Trainer:
                 if differences:
                     raise ValueError("checkpoint was written by another model or schedule (saved vs now; "
                                      "strict=False resumes anyway):\n  " + "\n  ".join(differences))
+            problems = self._fit_problems(state)
+            if problems:
+                raise ValueError("checkpoint cannot be loaded:\n  " + "\n  ".join(problems))
         except BaseException as error:  # in a distributed run, said to the other ranks before it is raised
             problem = error
         if self.distributed:
@@ -795,16 +807,99 @@ class Trainer:
         compare("rank", state["rank"], self.rank)
         return differences
 
+    def _entry_problems(self, state: dict) -> list[str]:
+        """What in ``state`` (which has every entry) is of the wrong kind to load, checked before anything is
+        changed (and with :meth:`_fit_problems` after the strict comparison: the optimizer's state above all,
+        as torch's Optimizer.load_state_dict checks only the sizes of the parameter groups, and fused Adam then
+        reads and writes a moment of another shape past its end, a crash, or fails at every later step on a
+        missing one)."""
+        problems = []
+        for key in ("model_spec", "config", "model", "optimizer", "source"):
+            if not isinstance(state[key], dict):
+                problems.append(f"{key}: expected a dict, got {type(state[key]).__name__}")
+        for key in ("step", "train_events"):
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                problems.append(f"{key}: expected an integer >= 0, got {value!r}")
+        seconds = state["train_seconds"]
+        if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not 0 <= seconds < math.inf:
+            problems.append(f"train_seconds: expected a finite number >= 0, got {seconds!r}")
+        if not isinstance(state["curve"], (list, tuple)) or not all(
+                isinstance(point, (list, tuple)) and len(point) == 2 for point in state["curve"]):
+            problems.append("curve: expected a list of (step, loss) pairs")
+        if not isinstance(state["rng"], torch.Tensor) or state["rng"].dtype != torch.uint8:
+            problems.append("rng: expected torch's RNG state (a uint8 tensor)")
+        if isinstance(state["source"], dict) and self.source.state_cache is not None and not isinstance(
+                state["source"].get("lane_state"), torch.Tensor):
+            problems.append("source: expected the lanes' state (a tensor) under 'lane_state'")
+        return problems
+
+    def _fit_problems(self, state: dict) -> list[str]:
+        """Whether the parameters and the optimizer's state fit this trainer's model (after _entry_problems):
+        the parameters' names and shapes, then (only if those fit: a moment follows its parameter) the moments."""
+        problems = []
+        if isinstance(state["model"], dict):
+            current = self.model.state_dict()
+            missing = [key for key in current if key not in state["model"]]
+            unexpected = [key for key in state["model"] if key not in current]
+            if missing or unexpected:
+                problems.append(f"model: another model's parameters (missing {missing[:4]}, unexpected "
+                                f"{unexpected[:4]}{', ...' if len(missing) > 4 or len(unexpected) > 4 else ''})")
+            problems += [f"model: size mismatch for {key}: saved {tuple(value.shape)} vs now "
+                         f"{tuple(current[key].shape)}" for key, value in state["model"].items()
+                         if key in current and isinstance(value, torch.Tensor) and value.shape != current[key].shape]
+        if isinstance(state["optimizer"], dict) and not problems:
+            problems += self._optimizer_state_problems(state["optimizer"])
+        return problems
+
+    def _optimizer_state_problems(self, saved: dict) -> list[str]:
+        """Adam's state per parameter, as this trainer's parameters need it: the moments (and max_exp_avg_sq with
+        amsgrad) as tensors of the parameter's shape, and the step count."""
+        groups, state = saved.get("param_groups"), saved.get("state")
+        if not isinstance(groups, list) or not isinstance(state, dict) or not all(
+                isinstance(group, dict) and isinstance(group.get("params"), list) for group in groups):
+            return ["optimizer: expected an optimizer state_dict (a dict of 'state' and 'param_groups')"]
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        amsgrad = {index: bool(group.get("amsgrad")) for group in groups for index in group["params"]}
+        problems = []
+        for index, entry in state.items():
+            if index not in amsgrad or not isinstance(index, int) or not 0 <= index < len(params):
+                problems.append(f"optimizer: state for parameter {index!r}, which no parameter group lists")
+                continue
+            expected = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if amsgrad[index] else set())
+            if not isinstance(entry, dict) or set(entry) != expected:
+                found = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+                problems.append(f"optimizer: parameter {index}'s state holds {found}, expected {sorted(expected)}")
+                continue
+            shape = tuple(params[index].shape)
+            for key in sorted(expected - {"step"}):
+                value = entry[key]
+                if not isinstance(value, torch.Tensor) or not value.is_floating_point() or tuple(value.shape) != shape:
+                    found = (f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor)
+                             else type(value).__name__)
+                    problems.append(f"optimizer: parameter {index}'s {key} is {found}, expected a floating tensor "
+                                    f"of the parameter's shape {shape}")
+            step = entry["step"]
+            if not (isinstance(step, torch.Tensor) and step.numel() == 1 and bool(step.isfinite().all())
+                    and float(step) >= 0) and not (isinstance(step, numbers.Real) and 0 <= step < math.inf):
+                problems.append(f"optimizer: parameter {index}'s step must be one finite count >= 0")
+        return problems
+
     def _restorable_state(self) -> dict:
-        """A :meth:`checkpoint` that owns its tensors: what a refused checkpoint is rolled back to."""
+        """A :meth:`checkpoint` that owns its tensors: what a refused checkpoint is rolled back to. The global
+        RNGs as they are (checkpoint() gives an unseeded trainer's as seeded: the rollback must not seed them)."""
         state = self.checkpoint()
         state["model"] = {key: value.clone() for key, value in state["model"].items()}
         state["optimizer"] = copy.deepcopy(state["optimizer"])
+        state["rng"] = torch.get_rng_state()
+        state["cuda_rng"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         return state
 
     def _restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # A copy: Optimizer.load_state_dict keeps the given tensors (a shallow copy), which training would then
+        # change in place: the caller's dict, or the live state of the trainer whose checkpoint() it is.
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         for group in self.optimizer.param_groups:  # a checkpoint's options would replace this trainer's choice
             group["fused"], group["foreach"] = self.fused_optimizer or None, None
         self.source.load_state_dict(state["source"])

@@ -226,6 +226,14 @@ def test_target_ranks_counts():
                              (torch.tensor([2.0, 1.0]), "integer item ids"), (torch.tensor([2]), r"\(events,\)")):
         with pytest.raises(ValueError, match=message):
             target_ranks(scores, targets)
+    # Any integer dtype of ids (uint8 and int16 ids failed inside gather); a NaN-scored target has no rank (it was
+    # counted as tied with -1 items).
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        higher, tied = target_ranks(scores, torch.tensor([2, 1], dtype=dtype))
+        assert higher.tolist() == [0, 0] and tied.tolist() == [1, 2], dtype
+    nan_target = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, float("nan"), 2.0]])
+    with pytest.raises(ValueError, match="the target of event 1 scores NaN"):
+        target_ranks(nan_target, torch.tensor([1, 2]))
 
 
 def test_half_precision_scores(device):

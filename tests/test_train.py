@@ -307,6 +307,138 @@ def test_a_refused_checkpoint_does_not_keep_the_trainer_alive(cache, saved_run, 
         gc.enable()
 
 
+def _optimizer_moment_of_another_shape(state):
+    state["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)
+
+
+def _optimizer_moment_missing(state):
+    del state["optimizer"]["state"][0]["exp_avg_sq"]
+
+
+def _optimizer_state_of_no_parameter(state):
+    state["optimizer"]["state"][10_000] = dict(state["optimizer"]["state"][0])
+
+
+def _negative_step(state):
+    state["step"] = -3
+
+
+def _nan_train_seconds(state):
+    state["train_seconds"] = float("nan")
+
+
+def _no_lane_state(state):
+    state["source"]["lane_state"] = None
+
+
+def _config_not_a_dict(state):
+    state["config"] = [1, 2]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_optimizer_moment_of_another_shape, r"parameter 0's exp_avg is torch.float32 \(3,\), expected a floating "
+                                         r"tensor of the parameter's shape"),
+    (_optimizer_moment_missing, r"parameter 0's state holds \['exp_avg', 'step'\], expected \['exp_avg', "
+                                r"'exp_avg_sq', 'step'\]"),
+    (_optimizer_state_of_no_parameter, "state for parameter 10000, which no parameter group lists"),
+    (_negative_step, "step: expected an integer >= 0, got -3"),
+    (_nan_train_seconds, "train_seconds: expected a finite number >= 0, got nan"),
+    (_no_lane_state, "expected the lanes' state"),
+    (_config_not_a_dict, "config: expected a dict, got list"),
+])
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_checkpoint_whose_entries_do_not_fit_is_refused_before_anything_changes(cache, saved_run, damage,
+                                                                                   message, strict):
+    """torch's Optimizer.load_state_dict checks only the sizes of the parameter groups: an Adam moment of another
+    shape loaded, and fused Adam then wrote past its end (a segmentation fault); a missing one failed every later
+    step with a bare KeyError. These, and counters or entries of the wrong kind, are refused with the reason, the
+    trainer as it was, and training goes on."""
+    state = torch.load(saved_run, weights_only=True)
+    damage(state)
+    trainer = Trainer(build_model("hiertcn", cache.num_items, seed=3, **TINY["hiertcn"]), cache,
+                      config(epochs=2, max_steps=2), out=None).train()
+    before = trainer_state(trainer)
+    with pytest.raises(ValueError, match=message):
+        trainer.load_checkpoint(state, strict=strict)
+    assert_same(before, trainer_state(trainer))
+    trainer.config.max_steps = 3
+    trainer.train()
+    assert trainer.step == 3
+
+
+def test_a_loaded_checkpoint_shares_no_optimizer_state_with_its_source(cache, saved_run):
+    """Optimizer.load_state_dict keeps the tensors it is given: two trainers loading one dict (a sweep from one
+    torch.load) trained the same Adam moments and step counts in place, and the second resumed from the first's.
+    Each now resumes as from the file, and the dict is left as it was."""
+    state = torch.load(saved_run, weights_only=True)
+    kept = copy.deepcopy(state["optimizer"])
+    runs = []
+    for _ in range(2):
+        trainer = Trainer(build_model("hiertcn", cache.num_items, seed=3, **TINY["hiertcn"]), cache, config(epochs=2),
+                          out=None)
+        trainer.load_checkpoint(state)
+        trainer.config.max_steps = 8
+        runs.append(trainer_state(trainer.train()))
+        del runs[-1]["train_seconds"]  # (measured time)
+    assert_same(kept, state["optimizer"], "the loaded dict's optimizer state")
+    assert_same(runs[0], runs[1], "the second trainer")
+    live = Trainer(build_model("hiertcn", cache.num_items, seed=3, **TINY["hiertcn"]), cache, config(epochs=2),
+                   out=None).load_checkpoint(saved_run)
+    twin = Trainer(build_model("hiertcn", cache.num_items, seed=4, **TINY["hiertcn"]), cache, config(epochs=2),
+                   out=None).load_checkpoint(live.checkpoint())
+    twin.config.max_steps = 8
+    twin.train()
+    assert_same(runs[0]["optimizer"], trainer_state(twin)["optimizer"], "the twin")
+    assert_same(kept, live.optimizer.state_dict(), "the live trainer's optimizer state")
+
+
+def test_a_refused_checkpoint_leaves_an_untrained_trainers_global_rng_as_it_was(cache, saved_run):
+    """The rollback of a trainer that has not trained put back its RNG as seeded (what its checkpoint holds),
+    replacing the caller's global RNG state."""
+    trainer = Trainer(build_model("hiertcn", cache.num_items, seed=3, **TINY["hiertcn"]), cache, config(epochs=2),
+                      out=None)
+    state = torch.load(saved_run, weights_only=True)
+    state["sampler"] = torch.zeros(3, dtype=torch.uint8)  # refused late, after the parameters were written
+    torch.manual_seed(12345)
+    torch.rand(3)
+    rng = torch.get_rng_state()
+    with pytest.raises(RuntimeError):
+        trainer.load_checkpoint(state)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert not trainer._rng_seeded
+
+
+@pytest.mark.parametrize("bytes_, what", [(b"", "empty"), (b"PK\x03\x04 truncated", "truncated"),
+                                          (b"hello, not a checkpoint\n", "text")])
+def test_an_unreadable_checkpoint_file_is_named_in_the_error(cache, tmp_path, bytes_, what):
+    path = tmp_path / f"{what}.pt"
+    path.write_bytes(bytes_)
+    trainer = Trainer(build_model("session_gru", cache.num_items, **TINY["session_gru"]), cache, config(), out=None)
+    with pytest.raises((ValueError, pickle.UnpicklingError), match=f"{what}.pt|invalid load key"):
+        trainer.load_checkpoint(path)
+    assert trainer.step == 0
+
+
+def test_a_failed_periodic_save_counts_no_time_twice(cache, tmp_path, monkeypatch):
+    """A periodic save that fails (a full disk) after taking a second: train_seconds stays within train()'s wall
+    time. It added the epoch's time before the save and again when the epoch stopped, plus the failed save's."""
+    trainer = Trainer(build_model("session_gru", cache.num_items, **TINY["session_gru"]), cache,
+                      config(epochs=2, max_steps=6, checkpoint_every=3, checkpoint_path=str(tmp_path / "run.pt")),
+                      out=None)
+
+    def slow_failure(*args, **kwargs):
+        time.sleep(1.0)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trainer, "save_checkpoint", slow_failure)
+    started = time.perf_counter()
+    with pytest.raises(OSError, match="No space left"):
+        trainer.train()
+    wall = time.perf_counter() - started
+    assert trainer.step == 3
+    assert 0 < trainer.train_seconds < wall - 0.9, (trainer.train_seconds, wall)
+
+
 _RAN_ON_LOAD = []
 
 
