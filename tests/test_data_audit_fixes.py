@@ -267,3 +267,94 @@ def test_a_cache_opened_by_a_relative_path_unpickles_from_another_directory(tmp_
     cache.path.rename(tmp_path / "moved")
     with pytest.raises(CacheCorruptError, match="no longer there"):
         pickle.loads(blob)
+
+
+# ---- Second audit (session 13) ---------------------------------------------------------------------------
+
+def test_fill_refuses_out_tensors_that_do_not_match_the_batch_spec_before_writing(tmp_path):
+    """fill() took the width from out['items'] and checked nothing else: too narrow an items tensor dropped events
+    that lengths still counted; a missing field was a bare KeyError after the others had been written."""
+    batcher = SessionBatcher(small_cache(tmp_path), "train", lanes=4, sessions_per_batch=3)
+    spec = batcher.batch_spec()
+
+    def slots(fill_value=7):
+        return {name: torch.full(shape, fill_value, dtype=dtype) for name, (shape, dtype) in spec.items()}
+
+    narrow = slots()
+    narrow["items"] = torch.zeros(spec["items"][0][:2] + (3,), dtype=torch.int64)
+    missing = slots()
+    del missing["continues"]
+    other_dtype = slots()
+    other_dtype["lengths"] = other_dtype["lengths"].int()
+    for out, message in ((narrow, r"out\['items'\] must be a CPU torch.int64 tensor of shape \(3, 4, "),
+                         (missing, r"out\['continues'\] .* got missing"),
+                         (other_dtype, r"out\['lengths'\] .* got a torch.int32 tensor")):
+        before = {name: t.clone() for name, t in out.items()}
+        with pytest.raises(ValueError, match=message):
+            batcher.fill(0, out)
+        assert all(torch.equal(t, before[name]) for name, t in out.items()), "written before refused"
+    out = slots()
+    assert batcher.fill(0, out)
+    expected = batcher.batch(0)
+    assert torch.equal(out["lengths"], expected.lengths)
+    width = expected.items.shape[2]
+    assert torch.equal(out["items"][..., :width], expected.items)
+
+
+def test_a_produce_that_returns_none_is_an_error_not_the_end_of_the_stream():
+    """bool(None) ended the stream: batch 0 was filled and dropped, and the consumer saw an empty stream."""
+    def forgetful(seq, slot):
+        slot["value"].fill_(seq)  # no return
+
+    with PinnedRingQueue({"value": ((2,), torch.int64)}, forgetful, num_producers=1, num_slots=2) as queue:
+        with pytest.raises(TypeError, match=r"must return True .* or False .*got None for batch 0"):
+            next(iter(queue))
+    numpy_true = PinnedRingQueue({"value": ((2,), torch.int64)}, lambda seq, slot: np.bool_(seq < 3),
+                                 num_producers=1, num_slots=2)
+    assert [seq for seq, _ in numpy_true] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("shape", [(2.9,), "34", (True, 2), (2, -1), 5])
+def test_a_queue_spec_shape_must_be_a_tuple_of_non_negative_ints(shape):
+    """int() read 2.9 as 2, the string '34' as (3, 4) and True as 1."""
+    with pytest.raises(TypeError, match="must be \\(shape: a tuple of non-negative ints"):
+        PinnedRingQueue({"x": (shape, torch.int64)}, lambda seq, slot: False)
+    queue = PinnedRingQueue({"x": ([2, np.int64(3)], torch.int64)}, lambda seq, slot: False, num_producers=1)
+    assert queue.spec["x"] == ((2, 3), torch.int64)
+    queue.close()
+
+
+def test_a_cpu_consumers_queue_is_not_pinned_where_cuda_is_available(monkeypatch):
+    """pin_memory=None pinned whenever CUDA was available, whatever the device: a CPU run on a GPU machine paid for
+    pinned memory it only clones and made a CUDA context. (CUDA is simulated here: pinning would need its driver.)"""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    queue = PinnedRingQueue({"x": ((4,), torch.int64)}, lambda seq, slot: False, num_producers=1, device="cpu")
+    assert not queue.pin_memory and not queue._ring.slots[0]["x"].is_pinned()
+    queue.close()
+
+
+def test_event_type_filters_without_an_event_type_column_are_refused(tmp_path):
+    """drop_event_types / known_event_types without event_type= were ignored: every record was kept."""
+    path = tmp_path / "log.csv"
+    path.write_text("user_id,item_id,timestamp,type\n1,10,100,1\n1,11,200,4\n2,12,300,9\n")
+    for kwargs in (dict(drop_event_types=(4,)), dict(known_event_types=(1, 4)),
+                   dict(drop_event_types=(4,), known_event_types=(1, 4))):
+        with pytest.raises(ValueError, match="name its column with event_type="):
+            DelimitedSource(path, **kwargs)
+    stats = ReadStats()
+    source = DelimitedSource(path, event_type="type", drop_event_types=(4,), known_event_types=(1, 4, 9))
+    assert sum(len(chunk[0]) for chunk in source.iter_chunks(stats=stats)) == 2
+    assert dict(stats.dropped_event_type) == {4: 1}
+
+
+def test_the_lane_state_must_be_a_floating_point_pair_of_sizes(tmp_path):
+    """state_dtype=int64 was accepted, and then the batcher's own state_dict could not be loaded; state_shape=128
+    was a TypeError about len()."""
+    cache = small_cache(tmp_path)
+    with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
+        SessionBatcher(cache, "train", lanes=4, sessions_per_batch=3, state_shape=(2, 8), state_dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"state_shape must be \(layers, hidden\), got 128"):
+        SessionBatcher(cache, "train", lanes=4, sessions_per_batch=3, state_shape=128)
+    batcher = SessionBatcher(cache, "train", lanes=4, sessions_per_batch=3, state_shape=(2, 8),
+                             state_dtype=torch.float64)
+    batcher.load_state_dict(batcher.state_dict())

@@ -99,13 +99,18 @@ class LaneStateCache:
         for name, value in (("layers", layers), ("lanes", lanes), ("hidden", hidden)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch.dtype (a GRU state), got {dtype!r}")
         self.state = torch.zeros(layers, lanes, hidden, device=device, dtype=dtype)
 
     def reset_lanes(self, continues: torch.Tensor) -> torch.Tensor:
         """Zero the lanes where ``continues`` (lanes,) is False; returns the state."""
         if continues.shape != (self.state.shape[1],):
             raise ValueError(f"continues: expected shape ({self.state.shape[1]},), got {tuple(continues.shape)}")
-        mask = continues.to(device=self.state.device, dtype=self.state.dtype, non_blocking=True)
+        # Asynchronous only from the host: a device-to-host copy made non_blocking may not have arrived when
+        # the CPU's mul_ reads it.
+        mask = continues.to(device=self.state.device, dtype=self.state.dtype,
+                            non_blocking=continues.device.type == "cpu")
         self.state.mul_(mask.view(1, -1, 1))
         return self.state
 
@@ -181,7 +186,7 @@ class SessionBatcher:
         self._plan_lock = threading.Lock()
         self.state_cache = None
         if state_shape is not None:
-            if len(state_shape) != 2:
+            if not isinstance(state_shape, (tuple, list, torch.Size)) or len(state_shape) != 2:
                 raise ValueError(f"state_shape must be (layers, hidden), got {state_shape!r}")
             self.state_cache = LaneStateCache(state_shape[0], lanes, state_shape[1], device, state_dtype)
 
@@ -345,10 +350,18 @@ class SessionBatcher:
     def fill(self, index: int, out: dict[str, torch.Tensor], epoch: int | None = None) -> bool:
         """Write batch ``index`` into preallocated CPU tensors shaped by :meth:`batch_spec`.
         Returns False (writing nothing) when the epoch has no batch ``index``."""
+        for name, (shape, dtype) in self._spec.items():  # all checked before any is written
+            tensor = out.get(name) if isinstance(out, dict) else None
+            if (not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu" or tensor.dtype != dtype
+                    or tuple(tensor.shape) != shape):
+                found = (f"a {tensor.dtype} tensor of shape {tuple(tensor.shape)} on {tensor.device}"
+                         if isinstance(tensor, torch.Tensor) else "missing" if tensor is None else type(tensor).__name__)
+                raise ValueError(f"out[{name!r}] must be a CPU {dtype} tensor of shape {shape} (batch_spec()), "
+                                 f"got {found}")
         epoch = self.epoch if epoch is None else epoch
         if index >= self._plan_for(epoch).num_batches:
             return False
-        self._write(epoch, index, {name: tensor.numpy() for name, tensor in out.items()})
+        self._write(epoch, index, {name: out[name].numpy() for name in self._spec})
         return True
 
     # ---- iteration, state and resume ---------------------------------------------------------

@@ -261,6 +261,9 @@ class DelimitedSource(InteractionSource):
         self.known_event_types = None if known_event_types is None else frozenset(int(t) for t in known_event_types)
         if self.known_event_types is not None and not self.drop_event_types <= self.known_event_types:
             raise ValueError("drop_event_types must be a subset of known_event_types")
+        if event_type is None and (self.drop_event_types or self.known_event_types is not None):
+            raise ValueError("drop_event_types and known_event_types filter by the event type: name its column "
+                             "with event_type= (without it every record would be kept, unfiltered)")
         self.on_malformed = on_malformed
         self.name = name or self.path.stem
 

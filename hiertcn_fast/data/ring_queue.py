@@ -38,6 +38,7 @@ import warnings
 import weakref
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 __all__ = ["PinnedRingQueue", "QueueStats"]
@@ -74,12 +75,14 @@ def _check_spec(spec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     for name, entry in spec.items():
         try:
             shape, dtype = entry
-            shape = tuple(int(n) for n in shape)
         except (TypeError, ValueError):
             raise TypeError(f"spec[{name!r}] must be (shape, dtype), got {entry!r}") from None
-        if not isinstance(dtype, torch.dtype) or any(n < 0 for n in shape):
-            raise TypeError(f"spec[{name!r}] must be (shape of non-negative ints, torch.dtype), got {entry!r}")
-        checked[name] = (shape, dtype)
+        # A shape is a sequence of integers: int() would truncate 2.9, read "34" as (3, 4) and True as 1.
+        if (not isinstance(shape, (tuple, list, torch.Size)) or not isinstance(dtype, torch.dtype)
+                or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 0 for n in shape)):
+            raise TypeError(f"spec[{name!r}] must be (shape: a tuple of non-negative ints, torch.dtype), got "
+                            f"{entry!r}")
+        checked[name] = (tuple(int(n) for n in shape), dtype)
     return checked
 
 
@@ -144,7 +147,11 @@ class _Ring:
         if copy_done is not None:
             copy_done.synchronize()  # the previous batch's copy out of this slot
         started = time.perf_counter()
-        produced = bool(self.produce(seq, slot_tensors))
+        produced = self.produce(seq, slot_tensors)
+        if not isinstance(produced, (bool, np.bool_)):  # None (a forgotten return) would end the stream unseen
+            raise TypeError(f"produce(seq, slot) must return True (batch written) or False (no batch seq), got "
+                            f"{produced!r} for batch {seq}")
+        produced = bool(produced)
         with self.condition:
             self.stats.produce_seconds += time.perf_counter() - started
             if produced:
@@ -183,8 +190,8 @@ class PinnedRingQueue:
         num_producers: producer threads.
         num_slots: ring size (batches in flight).
         device: where the consumer wants the tensors.
-        pin_memory: pin the slots (default: when CUDA is available; True without CUDA is a
-            ValueError, since pinning needs the CUDA driver).
+        pin_memory: pin the slots (default: when ``device`` is a CUDA device; True without CUDA
+            is a ValueError, since pinning needs the CUDA driver).
 
     Use as an iterator of ``(seq, tensors)`` or call :meth:`get`. Iterating consumes the queue:
     however the loop ends (the end of the stream, ``break``, an error, the iterator being
@@ -204,8 +211,8 @@ class PinnedRingQueue:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device} requested but CUDA is not available")
-        if pin_memory is None:
-            pin_memory = torch.cuda.is_available()
+        if pin_memory is None:  # only a CUDA consumer copies from the slots; a CPU one would only pay for pinning
+            pin_memory = self.device.type == "cuda"
         elif pin_memory and not torch.cuda.is_available():
             raise ValueError("pin_memory=True needs CUDA, which is not available; pass pin_memory=False "
                              "(or None: pin when CUDA is available)")
