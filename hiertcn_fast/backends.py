@@ -11,7 +11,7 @@ Four backends implement every op:
 Selection, first match wins: the op's ``backend=`` keyword, the innermost ``use_backend(...)``
 block, the HIERTCN_BACKEND environment variable, then ``auto``. ``auto`` picks, for CUDA tensors,
 cuda if built, else triton, else reference; for CPU tensors, cpu if built, else reference (and
-reference for dtypes the preferred backend lacks). A backend that was asked for by name and cannot
+reference for dtypes the preferred backend lacks, and inside torch.func transforms). A backend that was asked for by name and cannot
 run raises BackendUnavailableError naming the fix; it never falls back silently.
 """
 
@@ -213,11 +213,12 @@ def resolve(op: str, backend, device: torch.device, dtype: torch.dtype, dtypes) 
     on every op call (a TCN step calls it once per layer per event).
     """
     name = requested_backend(backend)
-    key = (op, name, device.type, dtype, triton_interpreted())
+    transformed = functorch_transforms_active()
+    key = (op, name, device.type, dtype, triton_interpreted(), transformed)
     answer = _resolved.get(key)
     if answer is None:
         try:
-            answer = _resolve_uncached(op, name, device, dtype, dtypes)
+            answer = _resolve_uncached(op, name, device, dtype, dtypes, transformed)
         except (BackendUnavailableError, TypeError) as exc:
             answer = exc
         _resolved[key] = answer
@@ -226,12 +227,29 @@ def resolve(op: str, backend, device: torch.device, dtype: torch.dtype, dtypes) 
     return answer
 
 
-def _resolve_uncached(op, name, device, dtype, dtypes) -> str:
+def functorch_transforms_active() -> bool:
+    """True inside a torch.func transform (grad, vjp, jacrev, vmap, ...)."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None and not torch.compiler.is_compiling() else False
+
+
+_TRANSFORMS = ("torch.func transforms (grad, vjp, jacrev, vmap, ...) cannot differentiate through the compiled "
+               "kernels' autograd functions (torch's own check refuses them); backend 'reference' runs there")
+
+
+def _resolve_uncached(op, name, device, dtype, dtypes, transformed=False) -> str:
     if name != "auto":
         why = _can_run(name, device, dtype, dtypes)
+        if not why and transformed and name != "reference":
+            why = _TRANSFORMS
         if why:
             raise BackendUnavailableError(f"{op}: backend {name!r} cannot run this call: {why}")
         return name
+    if transformed:  # auto: the plain-PyTorch definition, which the transforms see through
+        why = _can_run("reference", device, dtype, dtypes)
+        if why:
+            raise TypeError(f"{op}: no backend supports {dtype} on {device} under torch.func transforms: {why}")
+        return "reference"
     order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
     for candidate in order:
         if not _can_run(candidate, device, dtype, dtypes):

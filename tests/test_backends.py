@@ -219,3 +219,64 @@ def test_the_interpreter_of_triton_before_3_7_with_numpy_2_4_is_refused_with_the
     if clash:
         assert f"triton {triton_version}" in reason and f"NumPy {numpy_version}" in reason
         assert "numpy<2.4" in status.fix
+
+
+def test_torch_func_transforms_run_the_reference_under_auto_and_refuse_a_named_compiled_backend():
+    """torch.func.grad (per-sample gradients, MAML) through the modules: the compiled kernels' autograd functions
+    cannot be transformed (torch refuses them), so auto picks the reference inside a transform, and the same
+    module outside a transform still runs the compiled kernels. A compiled backend asked for by name is refused."""
+    from hiertcn_fast.nn import GRU, TCN, CausalConv1d, GRUCell
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    padded = torch.nn.functional.pad(x.transpose(1, 2), (4, 0))  # nn.Conv1d's input for the causal conv
+    def first(out):
+        return out[0]
+
+    def same(out):
+        return out
+
+    # (ours, its torch.nn peer, our input, the peer's, what of our output, what of the peer's)
+    cases = [(GRU(4, 6, num_layers=2, batch_first=True), torch.nn.GRU(4, 6, num_layers=2, batch_first=True), x, x,
+              first, first),
+             (GRUCell(4, 6), torch.nn.GRUCell(4, 6), x[:, 0], x[:, 0], same, same),
+             (CausalConv1d(4, 6, 3, dilation=2), torch.nn.Conv1d(4, 6, 3, dilation=2), x, padded, same,
+              lambda out: out.transpose(1, 2))]
+    for module, peer, given, peer_given, our_output, peer_output in cases:
+        module, peer = module.double(), peer.double()
+        peer.load_state_dict(module.state_dict())
+        weights = torch.randn_like(our_output(module(given)))
+
+        def ours(parameters):
+            return (our_output(torch.func.functional_call(module, parameters, (given,))) * weights).sum()
+
+        def theirs(parameters):
+            return (peer_output(torch.func.functional_call(peer, parameters, (peer_given,))) * weights).sum()
+
+        got = torch.func.grad(ours)(dict(module.named_parameters()))
+        want = torch.func.grad(theirs)(dict(peer.named_parameters()))
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], msg=f"{type(module).__name__} {name}")
+    # A TCN with the context (HierTCN's low level): against ordinary autograd of the reference.
+    context = torch.randn(3, 6, dtype=torch.float64)
+    tcn = TCN(4, [6, 6], 3, context_channels=6).double()
+    got = torch.func.grad(lambda p: torch.func.functional_call(tcn, p, (x, context)).square().sum())(
+        dict(tcn.named_parameters()))
+    with hiertcn_fast.use_backend("reference"):
+        want = torch.autograd.grad(tcn(x, context).square().sum(), list(tcn.parameters()))
+    for (name, value), expected in zip(got.items(), want):
+        torch.testing.assert_close(value, expected, msg=f"TCN {name}")
+    named = GRUCell(4, 6, backend="cpu").double()
+    with pytest.raises(hiertcn_fast.BackendUnavailableError, match="backend 'cpu' cannot run this call: torch.func"):
+        torch.func.grad(lambda p: torch.func.functional_call(named, p, (x[:, 0],)).sum())(
+            dict(named.named_parameters()))
+    # What auto resolves to inside a transform and, again, outside it.
+    inside = []
+
+    def records(t):
+        inside.append(resolve("an_op", None, t.device, t.dtype, DTYPES))
+        return t.sum()
+
+    torch.func.grad(records)(torch.ones(2))
+    assert inside == ["reference"]
+    assert resolve("an_op", None, torch.device("cpu"), torch.float32, DTYPES) == "cpu"
