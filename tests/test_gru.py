@@ -715,6 +715,9 @@ def test_gru_modules_name_input_and_hx_in_their_errors():
         gru_module(x.double())
     with pytest.raises(ValueError, match="does not match"):  # torch.nn.GRU raises a ValueError: caught alike
         gru_module(x.double())
+    with pytest.raises(TypeError, match=r"\(torch.int64\) does not match .* The input must be floating point: "
+                                        r"input.to\(torch.float32\)"):  # not module.to(torch.int64)
+        gru_module(x.long())
     with pytest.raises(TypeError, match="GRUCell: hx has dtype torch.float64 but input has torch.float32"):
         cell(torch.randn(4, 5), torch.randn(4, 7, dtype=torch.float64))
     with pytest.raises(ValueError, match="GRUCell: hx is on meta but input is on cpu"):

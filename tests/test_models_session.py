@@ -338,3 +338,22 @@ def test_gather_events_gradcheck():
     assert torch.equal(out[6], a.reshape(-1, 2)[0]) and torch.equal(out[4], b.reshape(-1, 2)[3])
     assert torch.autograd.gradcheck(lambda x, y: _GatherEvents.apply(8, sources, destinations, x, y), (a, b))
     assert torch.autograd.gradcheck(lambda x: _GatherEvents.apply(5, sources[:1], [None], x), (a,))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_lengths_and_item_ids_that_do_not_fit_the_batch_are_clear_errors(name):
+    """A negative length was taken as an empty session by HRNN and SessionGRU (HierTCN refused it only inside
+    its GRU op); a length past the items' width and an id past the catalogue were the embedding's 'index out of
+    range in self', naming neither."""
+    model = make(name).eval()
+    for change, message in ((lambda b: b.lengths.__setitem__((0, 1), -2), r"lengths must lie in \[0, 3\].*\[-2, 3\]"),
+                            (lambda b: b.lengths.__setitem__((0, 0), 6), r"lengths must lie in \[0, 3\].*\[2, 6\]"),
+                            (lambda b: b.items.__setitem__((0, 0, 3), NUM_ITEMS + 9),
+                             rf"item ids in 1..{NUM_ITEMS} .*got ids in \[0, {NUM_ITEMS + 9}\]"),
+                            (lambda b: b.items.__setitem__((0, 1, 1), -1), r"got ids in \[-1, ")):
+        batch = lane_batch([[[1, 2, 3]], [[4, 5]]])
+        change(batch)
+        with pytest.raises(ValueError, match=message):
+            model(batch)
+    features, _ = model(lane_batch([[[1, 2, 3]], [[4, 5]]]))
+    assert features.shape[0] == 5

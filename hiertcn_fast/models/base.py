@@ -79,6 +79,11 @@ class NextItemModel(nn.Module):
         """items (...) int64 -> (..., embedding_dim); the start/padding id 0 embeds to zeros."""
         if items.dtype != torch.int64:
             raise TypeError(f"items must be int64 item ids, got {items.dtype}")
+        if items.numel():  # (the embedding's own error would not say which ids are wrong; on CUDA, an assert)
+            low, high = torch.stack(torch.aminmax(items)).tolist()
+            if low < 0 or high > self.num_items:
+                raise ValueError(f"items must be item ids in 1..{self.num_items} (0: the start/padding id), got "
+                                 f"ids in [{low}, {high}]")
         return self.item_embedding(items)
 
     def _check_state(self, state, lanes: int, like: torch.Tensor) -> torch.Tensor:
@@ -172,7 +177,10 @@ class SessionInputs:
         self.steps, self.lanes = self.lengths.shape
         if self.steps == 0:
             raise ValueError(f"a batch needs at least one step, got lengths of shape {tuple(self.lengths.shape)}")
-        self.width = int(self.lengths.max()) if self.lengths.numel() else 0
+        low, self.width = torch.stack(torch.aminmax(self.lengths)).tolist() if self.lengths.numel() else (0, 0)
+        if low < 0 or self.width > batch.items.shape[-1] - 1:
+            raise ValueError(f"batch.lengths must lie in [0, {batch.items.shape[-1] - 1}] (the events a session's row "
+                             f"of items holds after its start token), got lengths in [{low}, {self.width}]")
         self.embedded = model.embed(batch.items[..., :self.width + 1])
         self.mask = session_event_mask(self.lengths, self.width)
         self.rows = torch.nonzero(self.lengths.reshape(-1) > 0)[:, 0]

@@ -32,9 +32,10 @@ def _check_dtypes_and_devices(module, x, h, weight):
     """x, h (or None) and the weights as they go to the op: one dtype and one device, else an error that
     names input and hx (the op only knows x, h and weights[i])."""
     if x.dtype != weight.dtype:
+        fix = (f"Convert the input: input.to({weight.dtype}), or the module: module.to({x.dtype})"
+               if x.dtype.is_floating_point else f"The input must be floating point: input.to({weight.dtype})")
         raise DtypeMismatchError(f"{type(module).__name__}: input dtype ({x.dtype}) does not match the parameters' "
-                        f"dtype ({weight.dtype}). Convert the input: input.to({weight.dtype}), or the module: "
-                        f"module.to({x.dtype})")
+                                 f"dtype ({weight.dtype}). {fix}")
     if h is not None and h.dtype != x.dtype:
         raise DtypeMismatchError(f"{type(module).__name__}: hx has dtype {h.dtype} but input has {x.dtype}")
     device = x.device
