@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import collections.abc
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -393,11 +394,8 @@ class StreamingRecommender:
             raise ValueError("timestamps must not decrease within a user's stream")
         view = self._row_view(row)
         closing = count[row] > 0 and timestamp - last_time[row] >= self.session_gap
-        if closing:  # the row as it is, put back if the event fails after the GRU step was written (as observe_many)
-            rows = torch.tensor([row], device=self.device)
-            with _storage_mode():
-                saved = [t.index_select(0, rows) for t in self._per_user_tensors()]
-        try:
+        # A closing event's row is put back if it fails after the GRU step was written (as observe_many's).
+        with self._all_or_nothing(torch.tensor([row], device=self.device)) if closing else contextlib.nullcontext():
             if closing:
                 self._close_one(view, row)
             if count[row] < self.max_session_length:
@@ -411,10 +409,6 @@ class StreamingRecommender:
                 view.session_sum += embedded[0]
                 count[row] += 1
             last_time[row] = timestamp
-        except BaseException:
-            if closing:
-                self._restore_rows(rows, saved)
-            raise
         return True
 
     # ---- events ----------------------------------------------------------------------------------------
@@ -494,6 +488,19 @@ class StreamingRecommender:
             return rows
         rows = rows[(self.session_count[rows] > 0) & (times - self.last_time[rows] >= self.session_gap)]
         return rows if rows.numel() else None
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self, rows: torch.Tensor):
+        """Runs the block with ``rows`` saved as they are now, and puts them back if it fails (out of memory, an
+        interrupt): for the steps that close sessions, whose GRU step is written before the new session's start
+        token is stepped (a row left between the two would score every later event of its session wrongly)."""
+        with _storage_mode():
+            saved = [t.index_select(0, rows) for t in self._per_user_tensors()]
+        try:
+            yield
+        except BaseException:
+            self._restore_rows(rows, saved)
+            raise
 
     def _restore_rows(self, rows: torch.Tensor, saved: list) -> None:
         """Write back ``saved`` (the per-user tensors' ``rows``, taken by index_select) into the current storage
@@ -576,9 +583,11 @@ class StreamingRecommender:
             now = now.reshape(-1).expand(rows.shape[0])
             idle = (self.session_count[rows] > 0) & (now - self.last_time[rows] >= self.session_gap)
             if bool(idle.any()):
-                self._close_sessions(torch.unique(rows[idle]))
-                # Their time is now that: a later event before it would contradict the closing.
-                self.last_time[rows[idle]] = now[idle]
+                closing = torch.unique(rows[idle])
+                with self._all_or_nothing(closing):
+                    self._close_sessions(closing)
+                    # Their time is now that: a later event before it would contradict the closing.
+                    self.last_time[rows[idle]] = now[idle]
         return self._logits(self.features[rows])
 
     def _logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -600,8 +609,9 @@ class StreamingRecommender:
                 raise ValueError("now must be a finite number of seconds")
             count, last_time = self._counters
             if count[row] > 0 and now - last_time[row] >= self.session_gap:
-                self._close_one(self._row_view(row), row)
-                last_time[row] = now  # a later event before it would contradict the closing
+                with self._all_or_nothing(torch.tensor([row], device=self.device)):
+                    self._close_one(self._row_view(row), row)
+                    last_time[row] = now  # a later event before it would contradict the closing
         return self._logits(self.features[row:row + 1])[0]
 
     def _check_k(self, k) -> None:
@@ -749,6 +759,9 @@ class StreamingRecommender:
             raise ValueError(f"saved session counts must be <= max_session_length ({self.max_session_length})")
         if not bool(torch.isfinite(given["last_time"]).all()):
             raise ValueError("saved last_time must hold finite times")
+        for key, t in given.items():  # a NaN state would make every later score of its user NaN
+            if key not in counts and key != "last_time" and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"saved {key} holds NaN or infinite values")
         to = dict(device=self.device)
         values = {key: given[key].to(**to, dtype=torch.int64 if key in counts
                                      else torch.float64 if key == "last_time" else self.dtype)

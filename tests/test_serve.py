@@ -321,6 +321,10 @@ def test_refused_input_changes_nothing():
         "float positions": (dict(saved, conv_position=[p.double() for p in saved["conv_position"]]), "integers"),
         "one layer's history missing": (dict(saved, conv_history=saved["conv_history"][:1]), "one entry per TCN"),
         "not a streaming state": (dict(saved, format="other"), "not a streaming state"),
+        "a NaN state": (dict(saved, state=saved["state"] * float("nan")), "saved state holds NaN"),
+        "infinite features": (dict(saved, features=saved["features"] + float("inf")), "saved features holds NaN"),
+        "a NaN conv history": (dict(saved, conv_history=[saved["conv_history"][0] * float("nan"),
+                                                         *saved["conv_history"][1:]]), r"conv_history\[0\] holds"),
     }
     for name, (state, message) in bad_states.items():
         with pytest.raises((ValueError, TypeError), match=message):
@@ -642,6 +646,43 @@ def test_a_single_event_whose_conv_step_fails_changes_nothing(monkeypatch, event
     torch.testing.assert_close(recommender.scores("a"), plain.scores("a"), rtol=0, atol=0)
     expected = per_user_tensors(plain, ["a"])
     for key, value in per_user_tensors(recommender, ["a"]).items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("call", ["scores", "scores_many", "recommend", "recommend_many"])
+def test_a_look_up_whose_session_close_fails_changes_nothing(monkeypatch, call):
+    """A look-up with ``now`` past the gap closes the open session: GRU step, then the new session's start token.
+    A failure at the start token left the user half closed (new state, count 0, no start token), and every later
+    event of that session scored wrongly. Now the user is as before, and goes on as one that never failed."""
+    model = small_hiertcn()
+    recommender, plain = StreamingRecommender(model, session_gap=GAP), StreamingRecommender(model, session_gap=GAP)
+    for r in (recommender, plain):
+        r.observe_many(["a", "b"], [3, 4], [100.0, 100.0])
+        r.observe("a", 5, 160.0)
+    recommender.scores("a")  # its row view is made and used
+    before = snapshot(recommender)
+    real = model.tcn.step
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    look_up = {"scores": lambda r: r.scores("a", now=1e5), "scores_many": lambda r: r.scores_many(["a", "b"], 1e5),
+               "recommend": lambda r: r.recommend("a", 3, now=1e5),
+               "recommend_many": lambda r: r.recommend_many(["b", "a"], 3, now=[1e5, 2e5])}[call]
+    with monkeypatch.context() as patch:
+        patch.setattr(model.tcn, "step", failing)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            look_up(recommender)
+    assert model.tcn.step == real
+    assert_unchanged(recommender, before)
+    for r in (recommender, plain):
+        look_up(r)
+        r.observe("a", 6, 3e5)
+        r.observe("a", 7, 3e5 + 1)
+    for user in ("a", "b"):
+        torch.testing.assert_close(recommender.scores(user), plain.scores(user), rtol=0, atol=0)
+    expected = per_user_tensors(plain, ["a", "b"])
+    for key, value in per_user_tensors(recommender, ["a", "b"]).items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
 
 
