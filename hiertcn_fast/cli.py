@@ -137,6 +137,11 @@ def _prepare_report_folder(out: str) -> tuple[str | None, list[str]]:
     problem = _writable_folder(out, "--out", "report folder")
     if problem:
         return problem, []
+    # An earlier report's files are replaced: anything else under one of their names (a folder) cannot be.
+    blocking = [name for name in REPORT_FILES if (Path(out) / name).exists() and not (Path(out) / name).is_file()]
+    if blocking:
+        return (f"--out {out}: {', '.join(blocking)} there {'is' if len(blocking) == 1 else 'are'} not a file, and "
+                f"the report writes a file of that name; move it or choose another --out"), []
     return None, [name for name in REPORT_FILES if (Path(out) / name).exists()]
 
 
@@ -193,7 +198,7 @@ def _train(args) -> int:
 
     from .train import default_device
 
-    started = time.perf_counter()
+    started = getattr(args, "started", None) or time.perf_counter()
     device = default_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -225,6 +230,7 @@ def _train_and_report(args, device, started, main_rank) -> int:
     from .data import load_dataset, preprocess
     from .report import REPORT_FILES, ModelResult, write_report
     from .rule_report import ML100K_PARAMS, evaluate_rules, format_table, preprocessing_note
+    from .backends import requested_backend
     from .train import TrainConfig, Trainer, build_model, evaluate
 
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -247,6 +253,9 @@ def _train_and_report(args, device, started, main_rank) -> int:
                          log_every=args.log_every, loss=args.loss, num_sampled=args.num_sampled)
     split_counts = cache.manifest["counts"]["splits"]
     failed: dict[str, str] = {}
+    backend = requested_backend(args.backend)  # --backend, else HIERTCN_BACKEND, else auto
+    if backend == "auto":
+        backend = f"auto ({'cuda, triton or reference' if device.type == 'cuda' else 'cpu or reference'} per op)"
 
     def save(pending, final: bool) -> None:
         """Write what is finished: results.json and report.md now, the plots with the final write."""
@@ -264,19 +273,24 @@ def _train_and_report(args, device, started, main_rank) -> int:
                  f"{args.sessions_per_batch} sessions per batch, Adam lr {args.lr} divided by 5 at 50% and 75%, "
                  f"dropout {args.dropout}, "
                  f"{'full softmax' if args.loss == 'full' else f'sampled softmax ({args.num_sampled} items, log-q)'}, "
-                 f"seed {args.seed}, device {device}, backend {args.backend or 'auto'}, "
+                 f"seed {args.seed}, device {device}, backend {backend}, "
                  f"{torch.get_num_threads()} CPU thread(s)",
                  "peak memory: neural models on CPU = data memory (largest step's batch + saved activations); on "
                  "GPU the device peak; rules = peak traced host memory",
-                 f"wall time of the whole job: {wall:.0f} s"]
+                 f"wall time from the command's start to this report (its plots excluded): {wall:.0f} s"
+                 f"{'' if final else ' (the job was still running)'}"]
         notes += [f"FAILED: {name} ({error}); it has no row here, its traceback is in the job's output"
                   for name, error in failed.items()]
-        if pending:
-            notes.append(f"INCOMPLETE: the job is still running (or was stopped); not finished: {', '.join(pending)}")
-        status = "incomplete" if pending else ("failed" if failed else "complete")
+        # Only the final write, with the plots, is complete: the one after the last model has nothing pending but
+        # the plots, and a job stopped while they are drawn must not leave a report that says "complete".
+        unfinished = [*pending, *([] if final else ["the plots"])]
+        if unfinished:
+            notes.append(f"INCOMPLETE: the job is still running (or was stopped); not finished: "
+                         f"{', '.join(unfinished)}")
+        status = "incomplete" if unfinished else ("failed" if failed else "complete")
         write_report(list(results.values()), args.out, title=f"HierTCN and baselines on {args.dataset}", notes=notes,
                      metadata={"cache_key": cache.key, "params": cache.params, "split": args.split,
-                               "argv": sys.argv[1:], "wall_seconds": wall, "device": str(device),
+                               "argv": args.argv, "wall_seconds": wall, "device": str(device), "backend": backend,
                                "world_size": int(os.environ.get("WORLD_SIZE", "1")), "status": status,
                                "models_pending": list(pending), "models_failed": dict(failed)},
                      plots=final)
@@ -334,6 +348,7 @@ def _train_and_report(args, device, started, main_rank) -> int:
 
 
 def main(argv=None) -> int:
+    started = time.perf_counter()  # the job's wall time counts from here: parsing, checks and imports included
     from .data.readers import BUILTIN_DATASETS
 
     parser = argparse.ArgumentParser(prog="hiertcn-fast", description=__doc__.split("\n")[0])
@@ -388,6 +403,8 @@ def main(argv=None) -> int:
                        help="progress every N steps (0: once per epoch)")
     train.set_defaults(run=_train)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what this job was asked, as given
+    args.started = started
     if args.command == "train":
         # Every check that can fail comes before the report folder is made, so a usage error leaves nothing behind.
         problem = _device_problem(args) or _writable_folder(args.cache_dir, "--cache-dir", "cache folder")

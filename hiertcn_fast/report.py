@@ -267,15 +267,37 @@ def _plot_training_curves(results, path: Path) -> bool:
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path)
+    _save_figure(figure, path)
     return True
+
+
+def _save_figure(figure, path: Path) -> None:
+    """Replace ``path`` atomically, as _write_text does: a stopped job leaves the old plot or the new one, never a
+    truncated file."""
+    temp = path.with_name(f".{path.name}.tmp")
+    try:
+        figure.savefig(temp, format=path.suffix.lstrip(".") or "png")
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _bars_or_na(axes, positions, values, **kwargs) -> None:
+    """Bars of ``values``; a missing value (None or not finite: 'n/a' in report.md) is written 'n/a' at its
+    place, not drawn as a bar of height 0."""
+    missing = [v is None or not math.isfinite(v) for v in values]
+    axes.bar(positions, [0.0 if gone else v for v, gone in zip(values, missing)], **kwargs)
+    for position, gone in zip(positions, missing):
+        if gone:
+            axes.text(position, 0, "n/a", ha="center", va="bottom", fontsize="x-small", rotation=90)
 
 
 def _grouped_bars(axes, labels, series: dict[str, list[float]], title: str) -> None:
     width = 0.8 / max(len(series), 1)
     for i, (name, values) in enumerate(series.items()):
         positions = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
-        axes.bar(positions, [0.0 if v is None or not math.isfinite(v) else v for v in values], width, label=name)
+        _bars_or_na(axes, positions, values, width=width, label=name)
     axes.set_xticks(range(len(labels)))
     axes.set_xticklabels(labels, rotation=20)
     axes.set_title(title)
@@ -291,7 +313,7 @@ def _plot_quality(results, path: Path) -> None:
         _grouped_bars(axes, metrics, series, f"Full-catalogue quality ({unit.replace('_', ' ')})")
     axes.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(path)
+    _save_figure(figure, path)
 
 
 def _plot_throughput(results, path: Path) -> bool:
@@ -300,24 +322,29 @@ def _plot_throughput(results, path: Path) -> bool:
     figure = _figure(10, 4)
     names = [r.name for r in results]
     for k, (title, values) in enumerate((
-            ("events/s", [r.events_per_second for r in results]),
-            ("peak memory (MiB)", [None if r.peak_memory_bytes is None else r.peak_memory_bytes / 2**20
-                                   for r in results]))):
+            ("events/s (training; rules: scoring)", [r.events_per_second for r in results]),
+            ("peak memory (MiB; see report.md)", [None if r.peak_memory_bytes is None else r.peak_memory_bytes / 2**20
+                                                  for r in results]))):
         axes = figure.add_subplot(1, 2, k + 1)
-        axes.bar(names, [0.0 if v is None else v for v in values], color=f"C{k}")
+        _bars_or_na(axes, range(len(names)), values, color=f"C{k}")
+        axes.set_xticks(range(len(names)))
+        axes.set_xticklabels(names, rotation=20)
         axes.set_title(title)
-        axes.tick_params(axis="x", rotation=20)
         axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path)
+    _save_figure(figure, path)
     return True
 
 
 def _write_text(path: Path, text: str) -> None:
     """Replace ``path`` atomically: a reader (or a crash) never sees half a file."""
     temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text)
-    os.replace(temp, path)
+    try:
+        temp.write_text(text)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def write_report(results, out_dir: str | os.PathLike, title: str = "HierTCN report",
@@ -350,8 +377,8 @@ def write_report(results, out_dir: str | os.PathLike, title: str = "HierTCN repo
         if name not in plot_names:
             (out / name).unlink(missing_ok=True)
 
-    _write_text(out / "report.md", _markdown(results, title, list(notes), plot_names))
-    written["report"] = out / "report.md"
+    # results.json first: a job stopped between the two leaves report.md of the earlier write, which says what
+    # was unfinished then, rather than a report.md newer than the JSON that marks the job unfinished.
     document = {
         "title": title,
         "created_unix": time.time(),
@@ -366,4 +393,6 @@ def write_report(results, out_dir: str | os.PathLike, title: str = "HierTCN repo
     }
     _write_text(out / "results.json", json.dumps(_finite_or_none(document), indent=1, allow_nan=False))
     written["results"] = out / "results.json"
+    _write_text(out / "report.md", _markdown(results, title, list(notes), plot_names))
+    written["report"] = out / "report.md"
     return written

@@ -120,16 +120,22 @@ def format_table(results: dict[str, ModelResult], unit: str = "per_user") -> str
 
 
 def main(argv=None) -> int:
+    from .cli import _folder, _prepare_report_folder, _writable_folder
+
     parser = argparse.ArgumentParser(prog="python -m hiertcn_fast.rule_report", description=__doc__.split("\n")[0])
-    # ~ expanded: a shell leaves --out=~/x as it is.
-    parser.add_argument("--out", type=os.path.expanduser, default="reports/rules-ml-100k",
-                        help="report folder (default: %(default)s)")
-    parser.add_argument("--cache-dir", type=os.path.expanduser,
+    # ~ expanded (a shell leaves --out=~/x as it is); an empty path is refused, not read as the working directory.
+    parser.add_argument("--out", type=_folder, default="reports/rules-ml-100k",
+                        help="report folder (default: %(default)s); created and checked writable before any work")
+    parser.add_argument("--cache-dir", type=_folder,
                         default=os.path.join(tempfile.gettempdir(), "hiertcn_fast_cache"),
                         help="session cache folder (default: %(default)s)")
     parser.add_argument("--split", default="test", choices=("valid", "test"))
     parser.add_argument("--history", default="user", choices=("user", "split", "session"))
     args = parser.parse_args(argv)
+    problem = (_writable_folder(args.cache_dir, "--cache-dir", "cache folder")
+               or _prepare_report_folder(args.out)[0])
+    if problem:
+        parser.error(problem)
     cache = preprocess(load_dataset("ml-100k"), args.cache_dir, ML100K_PARAMS)
     results = evaluate_rules(cache, args.split, history=args.history, out_dir=args.out)
     print(format_table(results, "per_user"))

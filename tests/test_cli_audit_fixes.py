@@ -242,3 +242,130 @@ def test_the_rule_report_expands_tilde_too(monkeypatch, tmp_path):
     monkeypatch.setattr(rule_report, "format_table", lambda results, unit: "")
     rule_report.main(["--out=~/rules", "--cache-dir=~/cache"])
     assert seen == {"out": str(tmp_path / "rules"), "cache": str(tmp_path / "cache")}
+
+
+# ---- Second audit (session 13) ---------------------------------------------------------------------------
+
+def test_the_report_names_the_backend_the_job_ran_and_the_command_it_was_given(monkeypatch, tmp_path, cache_dir):
+    """The note said 'backend auto' when HIERTCN_BACKEND chose another, and metadata had no backend; the argv
+    recorded was the calling program's, not the one main() was given."""
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    monkeypatch.setattr(cli.sys, "argv", ["some-program", "--some-flag"])
+    out = tmp_path / "report"
+    argv = _job(out, cache_dir)
+    assert cli.main(argv) == 0
+    document = json.loads((out / "results.json").read_text())
+    assert document["metadata"]["backend"] == "reference"
+    assert document["metadata"]["argv"] == argv
+    assert any("backend reference," in note for note in document["notes"])
+    monkeypatch.delenv(backends.ENV_VAR)
+    assert cli.main(argv) == 0
+    assert json.loads((out / "results.json").read_text())["metadata"]["backend"].startswith("auto (cpu or reference")
+
+
+def test_a_job_stopped_while_its_plots_are_drawn_is_not_complete(monkeypatch, tmp_path, cache_dir):
+    """The write after the last model had nothing pending, so it said 'complete' before the plots were drawn; and
+    a plot was written in place, so a stop left a truncated file. Now that write lists the plots as unfinished,
+    and a plot is replaced whole or not at all."""
+    from hiertcn_fast import report
+
+    out = tmp_path / "report"
+    real_save = report._save_figure
+
+    def stopped_while_drawing(figure, path):
+        if path.name == "quality.png":
+            figure.savefig(path.with_name(f".{path.name}.tmp"), format="png")  # half way: the temporary only
+            raise KeyboardInterrupt
+        real_save(figure, path)
+
+    monkeypatch.setattr(report, "_save_figure", lambda figure, path: stopped_while_drawing(figure, path))
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(_job(out, cache_dir))
+    document = json.loads((out / "results.json").read_text())
+    assert document["metadata"]["status"] == "incomplete" and document["metadata"]["models_pending"] == []
+    assert "not finished: the plots" in (out / "report.md").read_text()
+    monkeypatch.undo()
+    # The real _save_figure, stopped inside savefig: the old plot stays, whole, and no temporary is left.
+    from matplotlib.figure import Figure
+
+    plot = tmp_path / "plots" / "quality.png"
+    plot.parent.mkdir()
+    real_save(report._figure(2, 2), plot)
+    earlier_plot = plot.read_bytes()
+    assert earlier_plot.startswith(b"\x89PNG")
+    real_savefig = Figure.savefig
+
+    def interrupted(self, fname, *args, **kwargs):
+        real_savefig(self, fname, *args, **kwargs)
+        with open(fname, "r+b") as written:  # a truncated file, then the stop
+            written.truncate(10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        report._save_figure(report._figure(3, 3), plot)
+    assert plot.read_bytes() == earlier_plot
+    assert [p.name for p in plot.parent.iterdir()] == ["quality.png"]
+
+
+def test_results_json_is_written_before_report_md(monkeypatch, tmp_path):
+    """A stop between the two files must leave the older report.md (which says what was unfinished then), not a
+    report.md newer than the JSON."""
+    from hiertcn_fast import report
+
+    order = []
+    real = report._write_text
+    monkeypatch.setattr(report, "_write_text", lambda path, text: order.append(path.name) or real(path, text))
+    quality = _a_quality()
+    report.write_report({"m": {"quality": quality}}, tmp_path, plots=False)
+    assert order == ["results.json", "report.md"]
+
+
+def _a_quality():
+    from hiertcn_fast.evaluate import RankingMetrics
+
+    metrics = RankingMetrics()
+    metrics.update(torch.tensor([[0.0, 3.0, 1.0], [0.0, 1.0, 2.0]]), torch.tensor([1, 1]), torch.tensor([0, 0]),
+                   torch.tensor([True, False]))
+    return metrics.result()
+
+
+def test_missing_figures_are_marked_n_a_in_the_plots_not_drawn_as_zero(tmp_path):
+    from hiertcn_fast import report
+
+    axes = report._figure(3, 3).add_subplot()
+    report._bars_or_na(axes, [0, 1, 2], [5.0, None, float("nan")])
+    assert [bar.get_height() for bar in axes.patches] == [5.0, 0.0, 0.0]
+    assert [(text.get_text(), text.get_position()[0]) for text in axes.texts] == [("n/a", 1), ("n/a", 2)]
+
+
+@pytest.mark.parametrize("command", ["train", "rule_report"])
+def test_a_folder_named_like_a_report_file_is_a_usage_error(no_job, monkeypatch, tmp_path, capsys, command):
+    """A folder quality.png/ in --out passed the checks, was announced as the earlier report, and then failed
+    to be removed with a traceback after the work."""
+    from hiertcn_fast import rule_report
+
+    monkeypatch.setattr(rule_report, "preprocess", lambda *args: pytest.fail("the job started"))
+    out = tmp_path / "report"
+    (out / "quality.png").mkdir(parents=True)
+    argv = ["--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", *argv]) if command == "train" else rule_report.main(argv)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "quality.png there is not a file" in error, error
+
+
+@pytest.mark.parametrize("out", ["", "   ", "under a file"])
+def test_the_rule_report_refuses_an_unusable_out_before_any_work(monkeypatch, tmp_path, capsys, out):
+    """--out '' wrote the report into the working directory; --out under a file failed after all the work."""
+    from hiertcn_fast import rule_report
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(rule_report, "preprocess", lambda *args: pytest.fail("the job started"))
+    if out == "under a file":
+        (tmp_path / "a_file").write_text("not a folder")
+        out = str(tmp_path / "a_file" / "report")
+    with pytest.raises(SystemExit) as exit_info:
+        rule_report.main(["--out", out, "--cache-dir", str(tmp_path / "cache")])
+    assert exit_info.value.code == 2, capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) in (["a_file", "cache"], ["cache"], [])
