@@ -299,7 +299,7 @@ def _grouped_bars(axes, labels, series: dict[str, list[float]], title: str) -> N
         positions = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
         _bars_or_na(axes, positions, values, width=width, label=name)
     axes.set_xticks(range(len(labels)))
-    axes.set_xticklabels(labels, rotation=20)
+    axes.set_xticklabels(labels, rotation=30, ha="right")
     axes.set_title(title)
     axes.grid(axis="y", alpha=0.3)
 
@@ -328,7 +328,7 @@ def _plot_throughput(results, path: Path) -> bool:
         axes = figure.add_subplot(1, 2, k + 1)
         _bars_or_na(axes, range(len(names)), values, color=f"C{k}")
         axes.set_xticks(range(len(names)))
-        axes.set_xticklabels(names, rotation=20)
+        axes.set_xticklabels(names, rotation=30, ha="right")
         axes.set_title(title)
         axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()
