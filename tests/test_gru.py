@@ -825,3 +825,47 @@ def test_num_layers_must_be_an_int():
     for value, error in ((1.0, TypeError), (True, TypeError), (0, ValueError)):
         with pytest.raises(error, match="num_layers must be"):
             gru(x, h0, weights, num_layers=value)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("what", ["cell", "sequence of 1", "sequence of 4", "module GRUCell", "module GRU"])
+def test_the_result_may_be_edited_in_place_before_the_backward(backend, device, what):
+    """h = cell(x, h); h[done] = 0, then backward: fine after torch.nn, an error on the cpu backend, whose
+    backward kept the very tensor it returned. The gradients equal torch.nn's with the same edit."""
+    torch.manual_seed(3)
+    dtype = COMPARE_DTYPE[backend]
+    time = 4 if what in ("sequence of 4", "module GRU") else 1
+    peer = (torch.nn.GRUCell(5, 6) if "cell" in what.lower() else torch.nn.GRU(5, 6, batch_first=True)).to(device,
+                                                                                                            dtype)
+    x = torch.randn(3, 5, device=device, dtype=dtype) if "cell" in what.lower() else \
+        torch.randn(3, time, 5, device=device, dtype=dtype)
+    weights = list(peer.parameters())
+    if what == "cell":
+        def ours(x):
+            return gru_cell(x, torch.zeros(3, 6, device=device, dtype=dtype), *weights, backend=backend)
+    elif what.startswith("sequence"):
+        def ours(x):
+            return gru(x, None, [weights], num_layers=1, backend=backend)[0]
+    else:
+        module = (GRUCell(5, 6, backend=backend) if what == "module GRUCell" else
+                  GRU(5, 6, batch_first=True, backend=backend)).to(device, dtype)
+        module.load_state_dict(peer.state_dict())
+        weights = list(module.parameters())
+
+        def ours(x):
+            out = module(x)
+            return out if what == "module GRUCell" else out[0]
+
+    def theirs(x):
+        out = peer(x)
+        return out if isinstance(peer, torch.nn.GRUCell) else out[0]
+
+    grads = []
+    for run, parameters in ((ours, weights), (theirs, list(peer.parameters()))):
+        leaf = x.clone().requires_grad_()
+        out = run(leaf)
+        out[0] = 0  # the edit, in place
+        out.mul_(2)
+        grads.append(torch.autograd.grad(out.square().sum(), [leaf, *parameters]))
+    for got, expected in zip(*grads):
+        assert_close(got, expected, dtype)

@@ -352,8 +352,21 @@ def test_bad_input_is_a_clear_error():
         tcn_step(x, w, b, states, backend="cpu")
     with pytest.raises(ValueError, match="activation must be one of"):
         tcn_step(x, w, b, states, activation="swish")
-    with pytest.raises(RuntimeError, match="must have the dtype of x"):
+    with pytest.raises(TypeError, match=r"weights\[0\] has dtype torch.float64 but x has torch.float32"):
         tcn_step(x, [w[0].double(), *w[1:]], b, states, proj_weights=params["proj_weights"], backend="cpu")
+    # A weight, bias or projection on another device was stepped by another kernel, or by none: on meta the fake
+    # kernel wrote nothing and the output came back uninitialised, the states unstepped. Refused, on every path.
+    positions = [state.position.clone() for state in states]
+    for backend in ("cpu", "reference", None):
+        for changed in ("weights", "biases", "proj_weights", "proj_biases"):
+            given = {"weights": list(w), "biases": list(b), "proj_weights": list(params["proj_weights"]),
+                     "proj_biases": list(params["proj_biases"])}
+            layer = next(l for l, t in enumerate(given[changed]) if t is not None)
+            given[changed][layer] = given[changed][layer].to("meta")
+            with pytest.raises(ValueError, match=rf"{changed}\[{layer}\] is on meta but x is on cpu"):
+                tcn_step(x, given["weights"], given["biases"], states, proj_weights=given["proj_weights"],
+                         proj_biases=given["proj_biases"], backend=backend)
+            assert all(torch.equal(s.position, p) for s, p in zip(states, positions)), (backend, changed)
     with pytest.raises(ValueError, match="context and context_weight must be given together"):
         tcn_step(x, w, b, states, context=params["context"])
     with pytest.raises(ValueError, match="context_proj_weight .* is given without context"):

@@ -919,7 +919,9 @@ class GruCellFunction : public torch::autograd::Function<GruCellFunction> {
     at::Tensor gates;
     const at::Tensor h_rows = unit_stride_rows(h);
     at::Tensor out = cell_forward(x, h_rows, w_ih, w_hh, b_ih, b_hh, gates);
-    ctx->save_for_backward({x, h_rows, w_ih, w_hh, gates, out});
+    // The output is not kept: the backward of one step reads h and the gates only, and a kept output would make
+    // an in-place edit of the result (h[done] = 0, as after nn.GRUCell) an error at the backward.
+    ctx->save_for_backward({x, h_rows, w_ih, w_hh, gates});
     ctx->saved_data["bias"] = b_ih.has_value();
     return out;
   }
@@ -928,10 +930,12 @@ class GruCellFunction : public torch::autograd::Function<GruCellFunction> {
                                                  torch::autograd::variable_list grads) {
     refuse_graph_of_gradient("gru_cell");
     const torch::autograd::variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &h = saved[1], &w_ih = saved[2], &w_hh = saved[3], &gates = saved[4],
-                     &out = saved[5];
+    const at::Tensor &x = saved[0], &h = saved[1], &w_ih = saved[2], &w_hh = saved[3], &gates = saved[4];
     const bool bias = ctx->saved_data["bias"].toBool();
-    const at::Tensor grad_out = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(out);
+    const at::Tensor grad_out = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(h);
+    // The layer op's output argument: of one step it reads none (only the steps before the last), so an unfilled
+    // buffer of its shape stands in.
+    const at::Tensor out = at::empty({h.size(0), 1, h.size(1)}, h.options());
     OptTensor grad_x;
     if (ctx->needs_input_grad(0)) grad_x = at::empty({x.size(0), 1, x.size(1)}, x.options());
     at::Tensor grad_h = at::empty_like(h, at::MemoryFormat::Contiguous);
@@ -942,7 +946,7 @@ class GruCellFunction : public torch::autograd::Function<GruCellFunction> {
       grad_b_ih = at::empty({w_ih.size(0)}, w_ih.options());
       grad_b_hh = at::empty({w_hh.size(0)}, w_hh.options());
     }
-    call_layer_backward(grad_out.unsqueeze(1), x.unsqueeze(1), h, w_ih, w_hh, out.unsqueeze(1), gates, grad_x, grad_h,
+    call_layer_backward(grad_out.unsqueeze(1), x.unsqueeze(1), h, w_ih, w_hh, out, gates, grad_x, grad_h,
                         grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh);
     return {grad_x.has_value() ? grad_x->squeeze(1) : at::Tensor(), grad_h, grad_w_ih, grad_w_hh,
             grad_b_ih.value_or(at::Tensor()), grad_b_hh.value_or(at::Tensor())};

@@ -794,7 +794,8 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
     # layer is checked before the first one steps, so that a refused layer leaves no layer below it stepped:
     # the stack's checks, then each layer's step checks with its input and residual stood in for by empty
     # tensors of their shapes.
-    _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight, context_proj_weight)
+    _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight, context_proj_weight,
+                 biases)
     h_like = x
     for l in range(layers):
         residual_like = h_like
@@ -830,13 +831,22 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
 _MAX_STACK_LAYERS = 32
 
 
-def _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight, context_proj_weight=None):
-    """What the fused op cannot tell the user as clearly: the rest (shapes against the states, devices,
-    dtypes) the compiled op checks."""
+def _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight, context_proj_weight=None,
+                 biases=None):
+    """What the fused op cannot tell the user as clearly: the rest (shapes against the states, dtypes) the compiled
+    op checks. Devices are checked here: the dispatcher picks the op's kernel by its arguments' devices, so a
+    weight or bias on another device (meta included) would be stepped by another kernel, or by none (a fake
+    kernel writes nothing, and the output came back uninitialised)."""
+    biases = [None] * len(weights) if biases is None else biases
     for l, (weight, state, proj_weight) in enumerate(zip(weights, states, proj_weights)):
         if not isinstance(state, CausalConvState):
             raise TypeError(f"states[{l}] must be a CausalConvState, got {type(state).__name__}")
         check_tensor(weight, f"weights[{l}]", 3)
+        check_like(weight, f"weights[{l}]", x, "x")
+        for name, t in ((f"biases[{l}]", biases[l]), (f"proj_weights[{l}]", proj_weight),
+                        (f"proj_biases[{l}]", proj_biases[l])):
+            if isinstance(t, torch.Tensor):
+                check_like(t, name, x, "x")
         if weight.shape[2] != state.kernel_size:
             raise ValueError(f"weights[{l}] has k={weight.shape[2]} taps but states[{l}] was made for "
                              f"k={state.kernel_size}")
@@ -925,11 +935,13 @@ def _stack_plan(x, weights, biases, states, proj_weights, proj_biases, context, 
     and the stack's checks, run again only
     when the weights, projections, context or states are other objects."""
     # Stored on states[0], which is therefore not in it (no reference cycle: a state is freed with its last use).
-    checked = (*weights, *proj_weights, *proj_biases, context, context_weight, context_proj_weight, *states[1:])
+    checked = (*weights, *biases, *proj_weights, *proj_biases, context, context_weight, context_proj_weight,
+               *states[1:])
     compiling = torch.compiler.is_compiling()  # traced: checked at every call, nothing stored on the state
     if compiling or len(states[0]._stack_checked) != len(checked) or not all(
             a is b for a, b in zip(states[0]._stack_checked, checked)):
-        _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight, context_proj_weight)
+        _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight, context_proj_weight,
+                     biases)
         if not compiling:
             states[0]._stack_checked = checked
     packed, projections = _packed_stack(weights, proj_weights, x.device.type)

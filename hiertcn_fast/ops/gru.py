@@ -230,6 +230,10 @@ class _GruLayerFunction(torch.autograd.Function):
 
     With single_step=True, x is (batch, input) and the result (batch, hidden): the cell, without the
     two view nodes that adding and dropping the time dimension outside would put in the graph.
+
+    What the caller gets is never what the backward keeps, so that it may edit the result in place (h[done] = 0,
+    as after torch.nn): one step keeps no output (its backward reads h0 and the gates only); a sequence keeps the
+    states it ran through and returns a copy of them (the backward reads the states before each step).
     """
 
     @staticmethod
@@ -240,15 +244,19 @@ class _GruLayerFunction(torch.autograd.Function):
         output = new_output((batch, time, hidden), h0)
         gates = new_output((time, batch, 4 * hidden), h0)  # per step and row: csrc/include/hiertcn/gru_gates.h
         torch.ops.hiertcn_fast.gru_layer_forward_out(x_seq, h0, w_ih, w_hh, b_ih, b_hh, output=output, gates=gates)
-        ctx.save_for_backward(x_seq, h0, w_ih, w_hh, output, gates)
+        ctx.save_for_backward(x_seq, h0, w_ih, w_hh, None if time == 1 else output, gates)
         ctx.bias = b_ih is not None
         ctx.single_step = single_step
-        return output.view(batch, hidden) if single_step else output
+        if single_step:
+            return output.view(batch, hidden)
+        return output if time == 1 else output.clone()
 
     @staticmethod
     def backward(ctx, grad_output):
         refuse_graph_of_gradient("gru")
         x, h0, w_ih, w_hh, output, gates = ctx.saved_tensors
+        if output is None:  # one step: the op reads no output (only those of the steps before the last)
+            output = new_output((x.shape[0], 1, h0.shape[1]), h0)
         grad_output = (grad_output.unsqueeze(1) if ctx.single_step else grad_output).contiguous()
         grad_x = new_output(x.shape, x) if ctx.needs_input_grad[0] else None
         grad_b_ih = new_output(w_ih.shape[:1], w_ih) if ctx.bias else None
