@@ -280,3 +280,15 @@ def test_torch_func_transforms_run_the_reference_under_auto_and_refuse_a_named_c
     torch.func.grad(records)(torch.ones(2))
     assert inside == ["reference"]
     assert resolve("an_op", None, torch.device("cpu"), torch.float32, DTYPES) == "cpu"
+
+
+def test_triton_grids_past_cudas_limits_are_a_clear_error():
+    """A grid of batch * time blocks on axis 0 passes 2**31 - 1 at billions of rows: the driver's 'invalid
+    argument' would not say why. (Axes 1 and 2: 65535.)"""
+    from hiertcn_fast.triton import checked_grid
+
+    assert checked_grid((2 ** 31 - 1, 65535, 65535), "k") == (2 ** 31 - 1, 65535, 65535)
+    for grid, axis in (((2 ** 31, 1), 0), ((1, 65536), 1), ((1, 1, 65536), 2)):
+        with pytest.raises(ValueError, match=rf"k: the launch needs {grid[axis]} blocks on grid axis {axis}"):
+            checked_grid(grid, "k")
+    assert checked_grid((object(), 1), "k")[1] == 1  # a traced size is left to the launch

@@ -211,10 +211,15 @@ __global__ void causal_conv_step_cuda_kernel(CausalConvStepParams p) {
 // channels is split into `splits` contiguous slices, one thread each, whose partial sums are added in slice
 // order (deterministic). A layer writes its history slot and position after a barrier, when every read of
 // its history is done.
+// Enough threads that a batch-1 step splits each output channel's sum several ways. The kernel declares it as
+// its launch bound, so that the compiler keeps it launchable at this size (at most 128 registers a thread on
+// sm_90): without the bound a debug build or a change that used more registers would fail only at launch.
+constexpr int kStackThreads = 512;
+
 template <typename T>
-__global__ void tcn_step_cuda_kernel(TcnStepParams p) {
+__global__ void __launch_bounds__(kStackThreads) tcn_step_cuda_kernel(TcnStepParams p) {
   using A = acc_t<T>;
-  extern __shared__ unsigned char tcn_smem[];
+  extern __shared__ __align__(16) unsigned char tcn_smem[];  // read as the accumulation type, double included
   A* in_buf = reinterpret_cast<A*>(tcn_smem);
   A* out_buf = in_buf + p.max_channels;
   A* partial = out_buf + p.max_channels;  // blockDim.x entries
@@ -390,9 +395,6 @@ void causal_conv1d_step_out_cuda(const at::Tensor& x, const at::Tensor& packed_w
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
-
-// Enough threads that a batch-1 step splits each output channel's sum several ways.
-constexpr int kStackThreads = 512;
 
 void tcn_step_out_cuda(const at::Tensor& x, at::TensorList packed_weights, const OptionalTensorList& biases,
                        const OptionalTensorList& proj_weights, const OptionalTensorList& proj_biases,

@@ -14,3 +14,17 @@ def launcher(kernel):
     if triton_interpreted():
         return kernel
     return torch.library.wrap_triton(kernel)
+
+
+# CUDA's grid limits: 2**31 - 1 blocks on axis 0, 65535 on axes 1 and 2.
+GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)
+
+
+def checked_grid(grid: tuple, kernel: str) -> tuple:
+    """``grid``, or a ValueError naming the kernel and the axis where it passes CUDA's limits (a launch past them
+    fails with the driver's 'invalid argument'). Sizes that are not plain ints (traced) are left to the launch."""
+    for axis, (size, limit) in enumerate(zip(grid, GRID_LIMITS)):
+        if isinstance(size, int) and size > limit:
+            raise ValueError(f"{kernel}: the launch needs {size} blocks on grid axis {axis}, past CUDA's limit of "
+                             f"{limit}; split the call into smaller batches")
+    return grid

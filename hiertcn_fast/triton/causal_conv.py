@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launcher
+from . import checked_grid, launcher
 
 # One fixed configuration (no autotuning: the kernels also run in the interpreter, in tests).
 BLOCK_TIME = 32
@@ -333,7 +333,8 @@ def _launch_conv(inp, packed, groups, kernel_size, dilation, direction, out, *, 
     out_channels = out.shape[2]
     if batch * time * out_channels == 0:
         return
-    grid = (batch * triton.cdiv(time, BLOCK_TIME), triton.cdiv(out_channels, BLOCK_OUT))
+    grid = checked_grid((batch * triton.cdiv(time, BLOCK_TIME), triton.cdiv(out_channels, BLOCK_OUT)),
+                        "causal_conv1d (triton)")
     res = residual if residual is not None else out
     launcher(_conv_kernel)[grid](
         inp, packed, bias if bias is not None else out, table if table is not None else out, res, out,
@@ -359,7 +360,8 @@ def causal_conv_backward(grad_out, x, weight, pre, residual, dilation, groups, a
     if batch * time * out_channels:
         res = residual if residual is not None else grad_out
         bits = pre is not None and pre.dtype == torch.uint8  # relu's sign bits: the residual is not read
-        grid = (batch * time, triton.cdiv(out_channels, BLOCK_ELEMENTS))
+        grid = checked_grid((batch * time, triton.cdiv(out_channels, BLOCK_ELEMENTS)),
+                            "causal_conv1d backward (triton)")
         launcher(_epilogue_backward_kernel)[grid](
             grad_out, pre if pre is not None else grad_out, res, grad_pre,
             grad_residual if grad_residual is not None else grad_pre, time, out_channels,

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launcher
+from . import checked_grid, launcher
 
 BLOCK_DIM = 128
 
@@ -60,5 +60,6 @@ def session_mean_backward(grad_mean: torch.Tensor, lengths: torch.Tensor, grad_i
     batch, time, dim = grad_items.shape
     if batch * time * dim == 0:
         return
-    launcher(_session_mean_bwd_kernel)[(batch * time, triton.cdiv(dim, BLOCK_DIM))](
+    grid = checked_grid((batch * time, triton.cdiv(dim, BLOCK_DIM)), "session mean backward (triton)")
+    launcher(_session_mean_bwd_kernel)[grid](
         grad_mean, lengths, grad_items, time, dim, grad_mean.stride(0), BLOCK=BLOCK_DIM)
