@@ -86,9 +86,11 @@ def evaluate_rules(cache: SessionCache, split: str = "test", rules=tuple(RULES),
                    "peak_memory_means": "peak host memory traced by tracemalloc while fitting and scoring"})
     if out_dir is not None:
         split_counts = cache.manifest["counts"]["splits"]
+        cap = cache.params["max_session_length"]
+        truncation = "no session truncation" if cap is None else f"sessions truncated to {cap} events"
         lines = [f"data: {cache.manifest['source_name']}, {cache.num_events} events, {cache.num_users} users, "
                  f"{cache.num_items} items after preprocessing ({cache.params['split']} split, "
-                 f"sessions truncated to {cache.params['max_session_length']} events)",
+                 f"{truncation})",
                  preprocessing_note(cache),
                  f"evaluated split: {split} ({split_counts[split]['events']} events, "
                  f"{split_counts[split]['users']} users); rules fitted on train "

@@ -358,3 +358,82 @@ def test_the_lane_state_must_be_a_floating_point_pair_of_sizes(tmp_path):
     batcher = SessionBatcher(cache, "train", lanes=4, sessions_per_batch=3, state_shape=(2, 8),
                              state_dtype=torch.float64)
     batcher.load_state_dict(batcher.state_dict())
+
+
+@pytest.mark.parametrize("size_mib", [1.5, 3.0])
+def test_an_edit_past_the_first_mib_changes_the_cache_key(tmp_path, size_mib):
+    """The fingerprint hashed the first MiB and, only above 2 MiB, the last: in a 1-2 MiB file an edit after the
+    first MiB that keeps the size and the mtime (cp -p, rsync -a, tar) kept the key, and the stale cache was
+    reused."""
+    import os
+
+    from hiertcn_fast.data.preprocess import cache_key
+
+    path = tmp_path / "log.csv"
+    rows = ["user_id,item_id,timestamp"]
+    size = len(rows[0])
+    while size < size_mib * (1 << 20):
+        k = len(rows)
+        rows.append(f"{10000 + k % 997},{20000 + k % 503},{1600000000 + k}")
+        size += len(rows[-1]) + 1
+    path.write_text("\n".join(rows) + "\n")
+    before = cache_key(DelimitedSource(path), PreprocessParams())
+    st = path.stat()
+    with open(path, "r+b") as f:  # one item id near the end, the size kept
+        f.seek(st.st_size - 5000)
+        offset = st.st_size - 5000 + f.read(100).index(b",2") + 1
+        f.seek(offset)
+        f.write(b"9")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert cache_key(DelimitedSource(path), PreprocessParams()) != before
+
+
+def test_a_source_name_must_be_a_plain_folder_name_and_a_custom_source_must_say_its_fingerprint(tmp_path):
+    """A name '.tmp-log' built the whole cache and then refused to open it as an unfinished build, for ever; 'a/../..'
+    wrote outside cache_dir; a source without fingerprint() raised NotImplementedError('')."""
+    from hiertcn_fast.data import InteractionSource
+
+    source = ArraySource([1, 1, 2, 2], [5, 6, 5, 6], [0.0, 1.0, 2.0, 3.0])
+    for name in (".tmp-log", "a/../../escaped", "", ".hidden"):
+        source.name = name
+        with pytest.raises(ValueError, match="source.name must be a plain folder name"):
+            preprocess(source, tmp_path / "cache", PreprocessParams(**LOOSE))
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    assert not (tmp_path / "escaped").exists()
+
+    class NoFingerprint(InteractionSource):
+        name = "custom"
+
+        def iter_chunks(self, chunk_size=1, stats=None):
+            return iter(())
+
+    with pytest.raises(NotImplementedError, match="NoFingerprint must implement fingerprint()"):
+        preprocess(NoFingerprint(), tmp_path / "cache", PreprocessParams(**LOOSE))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_session_length=0), "max_session_length must be None"),
+    (dict(max_session_length=True), "max_session_length must be None"),
+    (dict(max_session_length=2.5), "max_session_length must be None"),
+    (dict(seed=-1, shuffle=True), "seed must be a non-negative integer"),
+    (dict(seed=1.5), "seed must be a non-negative integer"),
+    (dict(context_splits=("train",)), "context_splits must be a sequence of splits other than"),
+    (dict(context_splits="valid"), "context_splits must be a sequence"),
+])
+def test_the_history_batcher_checks_its_arguments(tmp_path, kwargs, message):
+    """max_session_length=True truncated every session to one event, 0 meant no limit, seed=1.5 became 1: now each
+    is refused, as SessionBatcher refuses them."""
+    with pytest.raises(ValueError, match=message):
+        UserHistoryBatcher(small_cache(tmp_path), "train", **kwargs)
+
+
+def test_the_rule_report_says_no_truncation_when_sessions_are_not_truncated(tmp_path):
+    import json
+
+    from hiertcn_fast.rule_report import evaluate_rules
+
+    params = PreprocessParams(min_item_count=1, min_user_count=2, max_session_length=None)
+    cache = preprocess(SyntheticSource(2000, num_items=50, seed=3), tmp_path / "cache", params)
+    evaluate_rules(cache, "test", out_dir=tmp_path / "report")
+    notes = json.loads((tmp_path / "report" / "results.json").read_text())["notes"]
+    assert "no session truncation" in notes[0] and "None" not in notes[0]

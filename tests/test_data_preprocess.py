@@ -374,8 +374,18 @@ def test_leftover_temp_dir_is_never_a_cache(tmp_path, small_source):
     dead.mkdir()
     alive = tmp_path / f".tmp-{cache.path.name}-{os.getpid()}-0badf00d"
     alive.mkdir()
+    # The same, named with the host (as builds are now); another machine's build is never removed here (its pid
+    # means nothing on this machine: on a disk shared by the nodes of a job, a live build was removed).
+    from hiertcn_fast.data.cache import _host
+
+    dead_here = tmp_path / f".tmp-{cache.path.name}-{_host()}-999999999-0badf00d"
+    other_host = tmp_path / f".tmp-{cache.path.name}-another_node-999999999-0badf00d"
+    alive_here = tmp_path / f".tmp-{cache.path.name}-{_host()}-{os.getpid()}-0badf00d"
+    for folder in (dead_here, other_host, alive_here):
+        folder.mkdir()
     preprocess(small_source, tmp_path, SMALL, rebuild=True)
     assert not dead.exists() and alive.exists()
+    assert not dead_here.exists() and other_host.exists() and alive_here.exists()
     (cache.path / "manifest.json").unlink()
     with pytest.raises(CacheCorruptError, match="no manifest.json"):
         SessionCache.open(cache.path)

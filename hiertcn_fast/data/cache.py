@@ -39,7 +39,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import uuid
 import zlib
 from pathlib import Path
@@ -117,15 +119,24 @@ def open_array(path: Path, dtype, length: int, mode: str = "r") -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode=mode, shape=(length,))
 
 
+def _host() -> str:
+    """This machine's name as it goes into a temporary folder's name (no '-', which separates the fields)."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "unknown"
+
+
 def new_temp_dir(final_path: Path) -> Path:
+    """A new build folder beside ``final_path``: ``.tmp-<name>-<host>-<pid>-<random>``. The host is in the name
+    because a pid means something on one machine only: a cache folder on a disk shared by several machines (the
+    ranks of a multi-node job) must not have one machine's build removed by another as 'left by a dead process'."""
     final_path.parent.mkdir(parents=True, exist_ok=True)
-    temp = final_path.parent / f"{TEMP_PREFIX}{final_path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    temp = final_path.parent / f"{TEMP_PREFIX}{final_path.name}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     temp.mkdir()
     return temp
 
 
 def remove_stale_temp_dirs(final_path: Path) -> list[Path]:
-    """Remove unfinished builds of ``final_path`` left by processes that no longer exist."""
+    """Remove unfinished builds of ``final_path`` left by processes of this machine that no longer exist (those of
+    other machines are theirs to remove; a folder named before the host was part of the name counts as local)."""
     removed = []
     prefix = f"{TEMP_PREFIX}{final_path.name}-"
     if not final_path.parent.is_dir():
@@ -133,8 +144,9 @@ def remove_stale_temp_dirs(final_path: Path) -> list[Path]:
     for candidate in final_path.parent.iterdir():
         if not candidate.name.startswith(prefix):
             continue
-        pid_text = candidate.name[len(prefix):].split("-")[0]
-        if not pid_text.isdigit():
+        fields = candidate.name[len(prefix):].rsplit("-", 2)
+        host, pid_text = (fields[0], fields[1]) if len(fields) == 3 else (_host(), fields[0])
+        if host != _host() or not pid_text.isdigit():
             continue
         try:
             os.kill(int(pid_text), 0)

@@ -523,8 +523,15 @@ def preprocess(source: InteractionSource, cache_dir: str | os.PathLike, params: 
     chunk_size = _check_chunk_size(chunk_size)
     if verify not in VERIFY_MODES:  # before any work: SessionCache.open would refuse it only after the build
         raise ValueError(f"verify must be 'lazy', 'full' or 'none', got {verify!r}")
+    name = source.name
+    # The cache's folder is named after the source: a name that is not one plain folder name would put it
+    # elsewhere ('a/../..') or make it look like an unfinished build ('.tmp-...'), refused only after the work.
+    if (not isinstance(name, str) or not name or name.startswith(".") or "/" in name or os.sep in name
+            or (os.altsep and os.altsep in name)):
+        raise ValueError(f"source.name must be a plain folder name (no path separator, not starting with '.'), "
+                         f"got {name!r}")
     key = cache_key(source, params)
-    final_path = Path(cache_dir).expanduser() / f"{source.name}-{key}"
+    final_path = Path(cache_dir).expanduser() / f"{name}-{key}"
     if final_path.exists() and not rebuild:
         try:
             return SessionCache.open(final_path, verify=verify)

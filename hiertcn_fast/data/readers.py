@@ -112,7 +112,8 @@ class InteractionSource:
 
     def fingerprint(self) -> dict:
         """JSON-able description that changes whenever the data this source yields may change."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement fingerprint(): a JSON-able dict that "
+                                  f"changes whenever its data may change (the session cache's key is made from it)")
 
 
 def _check_chunk_size(chunk_size: int) -> int:
@@ -190,8 +191,8 @@ def _file_fingerprint(path: Path) -> dict:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         digest.update(f.read(1 << 20))
-        if st.st_size > 2 << 20:
-            f.seek(st.st_size - (1 << 20))
+        if st.st_size > 1 << 20:  # the last MiB, or what follows the first (a 1-2 MiB file is hashed whole)
+            f.seek(max(1 << 20, st.st_size - (1 << 20)))
             digest.update(f.read(1 << 20))
     return {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
             "sha256_ends": digest.hexdigest()}

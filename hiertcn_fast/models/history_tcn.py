@@ -92,6 +92,15 @@ class UserHistoryBatcher:
         if not isinstance(cache, SessionCache):
             raise TypeError(f"cache must be a SessionCache, got {type(cache).__name__}")
         check_positive(users_per_batch=users_per_batch)
+        if max_session_length is not None and (not isinstance(max_session_length, (int, np.integer))
+                                               or isinstance(max_session_length, bool) or max_session_length < 1):
+            raise ValueError(f"max_session_length must be None (the cache's) or a positive integer, got "
+                             f"{max_session_length!r}")
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if isinstance(context_splits, str) or split in tuple(context_splits):
+            raise ValueError(f"context_splits must be a sequence of splits other than the batched one ({split!r}), "
+                             f"got {context_splits!r}")
         self.cache, self.split = cache, split
         self.users_per_batch, self.shuffle, self.seed = users_per_batch, bool(shuffle), int(seed)
         self.by_length = bool(by_length)
