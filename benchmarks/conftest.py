@@ -30,6 +30,9 @@ _run = {"files": set(), "deselected": False}
 
 def pytest_collection_modifyitems(session, config, items):
     _run["files"] |= {os.path.basename(str(item.fspath)) for item in items}
+    # Tests named by node id (file::test) are a selection that pytest does not report as deselected.
+    if any("::" in str(arg) for arg in config.args):
+        _run["deselected"] = True
 
 
 def pytest_deselected(items):
@@ -49,15 +52,21 @@ def _whole_suite() -> bool:
     return not _run["deselected"] and harness_files <= _run["files"]
 
 
+def results_label(rows, exitstatus) -> str:
+    """"all" (the file behind RESULTS.md's tables) only for a whole run that finished with every case passed: an
+    interrupted run (Ctrl-C) or one with failures reaches the summary too, with part of the rows. Otherwise the
+    ops that ran."""
+    return "all" if _whole_suite() and exitstatus == 0 else "-".join(sorted({r["op"] for r in rows}))
+
+
 @pytest.hookimpl(trylast=True)
-def pytest_terminal_summary(terminalreporter):
+def pytest_terminal_summary(terminalreporter, exitstatus):
     rows = harness.summary_rows()
     if not rows:
         return
-    ops = sorted({r["op"] for r in rows})
-    label = "all" if _whole_suite() else "-".join(ops)
-    path = harness.write_results(label, " ".join(sys.argv))
+    path = harness.write_results(results_label(rows, exitstatus), " ".join(sys.argv))
     terminalreporter.write_sep("=", f"hiertcn_fast benchmarks on {harness.bench_device()} (speedup = baseline time / "
                                     f"variant time, same run)")
+    terminalreporter.write_line(harness.load_line())
     terminalreporter.write_line(harness.format_table(rows))
     terminalreporter.write_line(f"results: {path}")

@@ -322,9 +322,40 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The machine's load when the benchmarks were imported (before any case ran), and at the end (machine()): on a
+# shared CPU more busy threads than cores make a variant's OpenMP waits stall unequally, and a ratio can swing by
+# orders of magnitude (a GRU gates case read 249x at 2 threads under a load of 3, 2.1x at 1 thread).
+_LOAD_AT_START = os.getloadavg() if hasattr(os, "getloadavg") else None
+
+
+def threads_and_load() -> dict:
+    """torch's thread counts, the thread environment variables, and the 1-minute load average at the start of the
+    run and now."""
+    return {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "thread_env": {name: os.environ[name] for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+                           if name in os.environ},
+            "load_at_start": None if _LOAD_AT_START is None else round(_LOAD_AT_START[0], 2),
+            "load_at_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+
+
+def load_line() -> str:
+    """One line for the table's header: threads and load, with a warning when they oversubscribe the cores."""
+    info, cores = threads_and_load(), os.cpu_count() or 1
+    line = (f"{info['threads']} torch thread(s) on {cores} core(s); 1-minute load {info['load_at_start']} at the "
+            f"start, {info['load_at_end']} at the end")
+    # The load at the end counts this run's own threads; the one at the start, what else was running (and, for a
+    # minute, earlier runs).
+    start = info["load_at_start"]
+    if bench_device() == "cpu" and start is not None and start + info["threads"] > cores + 0.5:
+        line += (" -- WARNING: the machine was busy when the run started (load + threads > cores): CPU ratios from "
+                 "this run may not be reliable; rerun on an idle machine or with OMP_NUM_THREADS=1")
+    return line
+
+
 def machine() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": cpu_model(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+            **threads_and_load()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     try:
@@ -345,16 +376,19 @@ def format_table(rows: List[dict], runs: Optional[List[str]] = None) -> str:
     """One line per row; case names in full (cut, "fwd+bwd" read as "fwd"). ``runs``: a label per row naming the
     run it came from (summarize.py, which merges files), shown in a first column."""
     width = max([52, *(len(r["case"]) for r in rows)])
+    op_width = max([16, *(len(r["op"]) for r in rows)])  # (wider names would shift every later column)
+    variant_width = max([14, *(len(r["variant"]) for r in rows)])
     run_width = max([3, *(len(run) for run in runs)]) if runs else 0
     header = (f"{'run':<{run_width}} " if runs else "") + \
-        f"{'op':<16} {'case':<{width}} {'variant':<14} {'median':>10} {'speedup':>8} {'GB/s':>8} " \
-        f"{'TFLOP/s':>8} {'%peak':>6} {'peak MiB':>9}"
+        f"{'op':<{op_width}} {'case':<{width}} {'variant':<{variant_width}} {'median':>10} {'speedup':>8} " \
+        f"{'GB/s':>8} {'TFLOP/s':>8} {'%peak':>6} {'peak MiB':>9}"
     lines = [header, "-" * len(header)]
     for i, r in enumerate(rows):
         pct = r.get("%HBM") if r.get("%HBM") is not None else r.get("%FLOP peak")
         lines.append(
             (f"{runs[i]:<{run_width}} " if runs else "") +
-            f"{r['op']:<16} {r['case']:<{width}} {r['variant']:<14} {_fmt_time(r['median_s']):>10} "
+            f"{r['op']:<{op_width}} {r['case']:<{width}} {r['variant']:<{variant_width}} "
+            f"{_fmt_time(r['median_s']):>10} "
             f"{_fmt(r['speedup'], 'x'):>8} {_fmt(r.get('GB/s')):>8} {_fmt(r.get('TFLOP/s'), '', 3):>8} "
             f"{_fmt(pct):>6} {_fmt(r['peak_bytes'] / 2**20 if r.get('peak_bytes') is not None else None):>9}")
     return "\n".join(lines)

@@ -19,7 +19,8 @@ continues exactly as if uninterrupted (tested on the CPU, where a seed makes a r
 refuses a checkpoint of another model or schedule, and restores all of it or nothing. Under
 torchrun (torch.distributed initialised) the lanes of every batch are sharded across ranks, each
 rank keeps the state cache of its lanes, and the loss is normalised by the events of the WHOLE
-batch, so the loss curve is that of one rank on the same data.
+batch, so the loss curve is that of one rank on the same data (to rounding without dropout; with dropout each
+rank draws its own masks, seeded with seed + rank, so the curve is one rank's in distribution, not draw for draw).
 
 Evaluation (:func:`evaluate`) runs a model over a split with its own state cache and scores every
 event against the full catalogue with :class:`~hiertcn_fast.evaluate.RankingMetrics`; the events
@@ -217,7 +218,9 @@ def sampled_softmax_loss(features: torch.Tensor, targets: torch.Tensor, output: 
     negative = features @ weight[sampled].T + (0.0 if bias is None else bias[sampled]) - log_q[sampled]
     negative = negative.masked_fill(sampled[None, :] == targets[:, None], float("-inf"))
     logits = torch.cat([positive[:, None], negative], dim=1)
-    return F.cross_entropy(logits.float(), torch.zeros_like(targets), reduction="sum")
+    # At least float32 (bf16 logits under autocast are upcast), float64 kept: .float() turned it into float32.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, torch.zeros_like(targets), reduction="sum")
 
 
 class _LossStep(torch.nn.Module):

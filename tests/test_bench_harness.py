@@ -220,3 +220,50 @@ def test_a_partial_benchmark_run_does_not_write_the_whole_suites_file(tmp_path):
                    cwd=ROOT, capture_output=True, timeout=600)
     written = sorted(path.name for path in tmp_path.glob("*.json"))
     assert written == ["gru-gru_cell-session_update-cpu.json"], written
+
+
+def test_node_ids_from_every_benchmark_file_do_not_write_the_whole_suites_file(tmp_path):
+    """One case of each harness file, named by node id: no test was 'deselected', every file ran, and the few rows
+    were written as all-cpu.json."""
+    import subprocess
+
+    env = {**os.environ, "HIERTCN_BENCH_OUT": str(tmp_path), "HIERTCN_BENCH_COMPILE": "0",
+           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    nodes = [f"{os.path.join(BENCH, name)}::test_bench[{case}]" for name, case in (
+        ("bench_gru_gates.py", "b=32 h=128 fwd-hiertcn_fast"), ("bench_gru.py", "b=32 h=128 fwd-hiertcn_fast"),
+        ("bench_causal_conv.py", "tcn step b=1 c=128 k=5 layers=3 window=21-hiertcn_fast"),
+        ("bench_loss.py", "events=2000 dim=128 classes=1683 fwd-hiertcn_fast"),
+        ("bench_serve.py", "hiertcn one event, history of 30 events-streaming"))]
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *nodes], env=env, check=True,
+                   cwd=ROOT, capture_output=True, timeout=600)
+    written = sorted(path.name for path in tmp_path.glob("*.json"))
+    assert len(written) == 1 and not written[0].startswith("all"), written
+
+
+def test_a_whole_run_that_failed_or_was_stopped_is_not_the_whole_suites_file(monkeypatch):
+    """Ctrl-C or a failed case still reaches the summary, with part of the rows: labelled by its ops, not 'all'."""
+    monkeypatch.syspath_prepend(BENCH)  # conftest imports harness by name
+    spec = importlib.util.spec_from_file_location("bench_conftest", os.path.join(BENCH, "conftest.py"))
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    monkeypatch.setattr(conftest, "_whole_suite", lambda: True)
+    rows = [{"op": "gru_cell"}, {"op": "causal_conv1d"}]
+    assert conftest.results_label(rows, 0) == "all"
+    for status in (1, 2):  # tests failed; interrupted
+        assert conftest.results_label(rows, status) == "causal_conv1d-gru_cell"
+    monkeypatch.setattr(conftest, "_whole_suite", lambda: False)
+    assert conftest.results_label(rows, 0) == "causal_conv1d-gru_cell"
+
+
+def test_the_table_columns_stay_aligned_with_long_op_and_variant_names():
+    rows = [{"op": op, "case": "c", "variant": variant, "median_s": 1e-3, "speedup": 2.0, "peak_bytes": None}
+            for op, variant in (("gru_cell", "hiertcn_fast"), ("linear_cross_entropy", "torch eager, streaming step"))]
+    header, _, *lines = harness.format_table(rows).splitlines()
+    end = header.index("speedup") + len("speedup")
+    assert all(line[end - 5:end] == "2.00x" for line in lines), lines
+
+
+def test_the_results_record_threads_and_load():
+    info = harness.machine()
+    assert info["threads"] == torch.get_num_threads() and "load_at_start" in info and "load_at_end" in info
+    assert f"{torch.get_num_threads()} torch thread(s)" in harness.load_line()

@@ -577,6 +577,14 @@ def test_context_splits_must_precede_the_split(tmp_path):
         UserHistoryBatcher(warm, "train", context_splits=("test",))
 
 
+class _Linear(torch.nn.Module):
+    """An output layer holding given tensors as its weight and bias (for gradcheck through them)."""
+
+    def __init__(self, weight, bias):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+
 def test_full_softmax_equals_sampled_softmax_over_every_item():
     """With every item sampled once and no correction, the sampled softmax IS the full softmax over items."""
     torch.manual_seed(0)
@@ -586,8 +594,14 @@ def test_full_softmax_equals_sampled_softmax_over_every_item():
     sampled = torch.arange(1, 13)
     log_q = torch.zeros(13, dtype=torch.float64)
     got = sampled_softmax_loss(features, targets, output, sampled, log_q)
-    expected = F.cross_entropy(output(features)[:, 1:].float(), targets - 1, reduction="sum")
-    torch.testing.assert_close(got, expected.to(got.dtype))
+    expected = F.cross_entropy(output(features)[:, 1:], targets - 1, reduction="sum")
+    assert got.dtype == torch.float64  # (it was computed in float32)
+    torch.testing.assert_close(got, expected)
+    # float64 gradients, checked numerically: features and the output layer, a sample of half the items.
+    inputs = [t.detach().clone().requires_grad_() for t in (features, output.weight, output.bias)]
+    log_q = torch.rand(13, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert torch.autograd.gradcheck(
+        lambda f, w, b: sampled_softmax_loss(f, targets, _Linear(w, b), sampled[::2], log_q), inputs)
 
 
 def test_sampled_softmax_training_lowers_the_loss(cache):
