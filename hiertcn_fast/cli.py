@@ -271,6 +271,7 @@ def _train_and_report(args, device, started, main_rank) -> int:
                  f"events); rules fitted on train",
                  f"neural models: width {args.dim}, {args.epochs} epochs, {args.lanes} lanes x "
                  f"{args.sessions_per_batch} sessions per batch, Adam lr {args.lr} divided by 5 at 50% and 75%, "
+                 f"gradients clipped at norm {config.grad_clip:g} (not in the paper), "
                  f"dropout {args.dropout}, "
                  f"{'full softmax' if args.loss == 'full' else f'sampled softmax ({args.num_sampled} items, log-q)'}, "
                  f"seed {args.seed}, device {device}, backend {backend}, "

@@ -44,7 +44,8 @@ def preprocessing_note(cache: SessionCache) -> str:
     truncation = ("no session truncation" if params.get("max_session_length") is None else
                   f"truncating sessions to their first {params['max_session_length']} events dropped "
                   f"{stats['events_dropped_session_truncation']:,} events")
-    return (f"preprocessing, as in the paper's code: of {stats['events_read']:,} events read, items with fewer than "
+    return (f"preprocessing, the paper's procedure (filters counted before the split) with this data set's "
+            f"thresholds: of {stats['events_read']:,} events read, items with fewer than "
             f"{params['min_item_count']} events ({stats['items_dropped_item_filter']:,} items, "
             f"{stats['events_dropped_item_filter']:,} events) and {users} events ({users_dropped:,} users, "
             f"{user_events:,} events) were dropped, counted over the whole log BEFORE the split (the evaluated "

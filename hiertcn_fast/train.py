@@ -85,7 +85,7 @@ class TrainConfig:
     epochs: passes over the training split. lanes (B) and sessions_per_batch (S): the lane
     generator's batch (32 x 10); the history model takes ``lanes`` users per batch.
     learning_rate (paper 1e-2), lr_milestones (fractions of the run), lr_gamma (0.2: "divided by 5
-    twice"), grad_clip (max global norm; 0 disables), weight_decay (Adam's L2).
+    twice"), grad_clip (max global norm, 5.0: not in the paper, a guard; 0 disables), weight_decay (Adam's L2).
     loss: "full" (softmax over all items) or "sampled" (num_sampled items per batch from a
     ``sampler`` proposal, "unigram" = train counts ** 0.75 or "uniform", with log-q correction).
     amp: bf16 autocast of the output layer and loss; None = on for CUDA devices.
@@ -245,10 +245,14 @@ class _LossStep(torch.nn.Module):
                 # model.scores's logits and their cross-entropy, fused on the CPU (ops.linear_cross_entropy):
                 # a model on backend='reference' keeps PyTorch's; any other picks automatically (the loss has
                 # no GPU kernel, so a model on cuda or triton gets the reference composition there).
+                # The classes are the items, columns 1..num_items: id 0 (the start and padding token) is never a
+                # target and never ranked in the evaluation, so it is no class of the training softmax either (it
+                # was, and took a share of every event's probability mass).
                 output = self.model.output
                 loss_backend = ("reference" if requested_backend(getattr(self.model, "backend", None)) == "reference"
                                 else "auto")
-                loss_sum = linear_cross_entropy(self.model.dropout(features), output.weight, output.bias, targets,
+                loss_sum = linear_cross_entropy(self.model.dropout(features), output.weight[1:],
+                                                None if output.bias is None else output.bias[1:], targets - 1,
                                                 backend=loss_backend)
             else:
                 loss_sum = sampled_softmax_loss(self.model.dropout(features), targets, self.model.output, sampled,

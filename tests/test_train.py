@@ -980,3 +980,29 @@ def test_an_interrupt_during_a_steps_rollback_is_finished_later(cache, monkeypat
     assert trainer._pending_rollback is None and trainer.step == plain.step
     for p, q in zip(trainer.model.parameters(), plain.model.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_the_training_softmax_is_over_the_items_only(cache, backend):
+    """Column 0 of the output layer is the start/padding id: never a target, never ranked by the evaluation. The
+    training softmax counted it as a class (with its bias raised, the loss grew and the column got a gradient)."""
+    from hiertcn_fast.evaluate import batch_targets
+    from hiertcn_fast.train import _LossStep
+
+    model = build_model("session_gru", cache.num_items, seed=1, backend=backend, **TINY["session_gru"])
+    with torch.no_grad():
+        model.output.bias[0] = 5.0
+    batch = next(iter(SessionBatcherFor(cache)))
+    targets = batch_targets(batch)["targets"]
+    loss, loss_sum, _ = _LossStep(model, False, "cpu", None)(batch, None, targets, 1.0, None)
+    features, _ = model(batch, None)
+    logits = model.scores(features)
+    torch.testing.assert_close(loss_sum, F.cross_entropy(logits[:, 1:], targets - 1, reduction="sum"))
+    loss.backward()
+    assert model.output.bias.grad[0] == 0 and not model.output.weight.grad[0].any()
+
+
+def SessionBatcherFor(cache):
+    from hiertcn_fast.data import SessionBatcher
+
+    return SessionBatcher(cache, "train", lanes=8, sessions_per_batch=4)

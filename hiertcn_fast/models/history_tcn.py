@@ -1,4 +1,5 @@
-"""The single-level baseline: a TCN over each user's WHOLE history (NextItNet-style), and the
+"""The single-level baseline: a TCN over each user's WHOLE history (NextItNet-like: HierTCN's residual blocks
+without the context, not NextItNet's two-conv blocks with layer norm), and the
 batches it needs.
 
 A :class:`HistoryBatch` holds whole users: row u is [0, x_1, ..., x_n] (start token, then every
@@ -204,7 +205,8 @@ class UserHistoryBatcher:
 
 
 class HistoryTCN(NextItemModel):
-    """NextItNet-style: a TCN over each user's whole history, no state and no sessions.
+    """NextItNet-like: a TCN over each user's whole history, no state and no sessions. Its blocks are HierTCN's
+    (one causal conv and a residual each, no context), not NextItNet's (two convs with layer norm, kernel 3).
 
     Defaults: 128-d embeddings, four 128-channel blocks with dilations 1, 2, 4, 8 (receptive field
     61 events), kernel 5. forward(batch: HistoryBatch, state=None) -> (features (events,
