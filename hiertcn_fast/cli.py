@@ -219,8 +219,10 @@ def _train(args) -> int:
             torch.distributed.destroy_process_group()
         raise
     if distributed:  # every rank has finished communicating before any tears the group down
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        try:
+            torch.distributed.barrier()
+        finally:  # also when the barrier fails (another rank gone, Ctrl-C)
+            torch.distributed.destroy_process_group()
     return status
 
 
@@ -421,7 +423,11 @@ def main(argv=None) -> int:
         # The reader of stdout went away (`... | head`): stop quietly, as command-line tools do, and keep Python
         # from failing again when it flushes stdout at exit.
         try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, sys.stdout.fileno())
+            finally:
+                os.close(devnull)  # (stdout has its own descriptor of it now)
         except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor
             pass
         return 1

@@ -68,17 +68,26 @@ def evaluate_rules(cache: SessionCache, split: str = "test", rules=tuple(RULES),
         raise ValueError(f"rules: unknown names {unknown}; known: {sorted(RULES)}")
     results = {}
     for name in rules:
-        tracemalloc.start()
-        fit_started = time.perf_counter()
-        rule = RULES[name]().fit(cache, "train", history=history)
-        fit_seconds = time.perf_counter() - fit_started
-        metrics = RankingMetrics()
-        started = time.perf_counter()
-        for events in iter_split_events(cache, split, history=history, chunk_size=chunk_size):
-            metrics.update(rule.score(events), events.target, events.user, events.first_in_session)
-        seconds = time.perf_counter() - started
-        _, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
+        # Traced only for the rule, and stopped on every way out (an error left the whole process traced);
+        # a caller's own tracing is left running (its peak is reset for the rule).
+        started_tracing = not tracemalloc.is_tracing()
+        if started_tracing:
+            tracemalloc.start()
+        else:
+            tracemalloc.reset_peak()
+        try:
+            fit_started = time.perf_counter()
+            rule = RULES[name]().fit(cache, "train", history=history)
+            fit_seconds = time.perf_counter() - fit_started
+            metrics = RankingMetrics()
+            started = time.perf_counter()
+            for events in iter_split_events(cache, split, history=history, chunk_size=chunk_size):
+                metrics.update(rule.score(events), events.target, events.user, events.first_in_session)
+            seconds = time.perf_counter() - started
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            if started_tracing:
+                tracemalloc.stop()
         quality = metrics.result()
         results[name] = ModelResult(
             name, quality, events_per_second=quality["counts"]["events"] / seconds, peak_memory_bytes=peak,

@@ -33,6 +33,7 @@ import collections.abc
 import contextlib
 import copy
 import dataclasses
+import glob
 import math
 import numbers
 import os
@@ -45,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import LaneStateCache, SessionBatch, SessionBatcher, SessionCache
-from .data.cache import fsync_path
+from .data.cache import fsync_path, host_label
 from .evaluate import RankingMetrics, batch_targets
 from .models import NEURAL_MODELS, HistoryBatch, NextItemModel, UserHistoryBatcher
 from .backends import requested_backend
@@ -223,6 +224,25 @@ def sampled_softmax_loss(features: torch.Tensor, targets: torch.Tensor, output: 
     return F.cross_entropy(logits, torch.zeros_like(targets), reduction="sum")
 
 
+def _remove_dead_saves(path: Path) -> None:
+    """Remove the temporary files of saves of ``path`` that a killed process left (SIGKILL, the OOM killer, power
+    loss: each a full-sized checkpoint, under its own name, that no later save replaced): those of this host whose
+    process is gone. Another host's are its own (a pid means nothing here); a name without the host (before it was
+    part of it) counts as this host's."""
+    prefix = f".{path.name}.tmp-"
+    for candidate in path.parent.glob(f"{glob.escape(prefix)}*"):
+        fields = candidate.name[len(prefix):].rsplit("-", 1)
+        host, pid = (fields[0], fields[1]) if len(fields) == 2 else (host_label(), fields[0])
+        if host != host_label() or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            candidate.unlink(missing_ok=True)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
 class _LossStep(torch.nn.Module):
     """The model plus its loss, as one module, so that DistributedDataParallel sees every parameter
     used in its forward. forward(batch, state, targets, scale, sampled) -> (scaled loss, loss sum, new state)."""
@@ -341,15 +361,18 @@ class _Source:
         """The remaining batches of the current epoch: (local batch on device, events of the whole batch)."""
         stream = (self.batcher.iter_queued(self.num_producers, self.queue_slots, device=self.device) if self.queued
                   else iter(self.batcher))
-        for batch in stream:
-            try:
-                batch = batch.to(self.device)  # (the queue's are there already: no copy)
-                total_events = int(batch.lengths.sum())
-                local = self._local(batch) if self.sharded else batch
-            except BaseException:  # the batcher counts it as handed out: give it back, not skip it
-                self.batcher.epoch, self.batcher.next_index = batch.epoch, batch.index
-                raise
-            yield local, total_events
+        # Closed on every way out: an error raised here keeps this frame (and the stream in it) alive as long as
+        # the error is held, and with it the queue's producer threads and slots.
+        with contextlib.closing(stream):
+            for batch in stream:
+                try:
+                    batch = batch.to(self.device)  # (the queue's are there already: no copy)
+                    total_events = int(batch.lengths.sum())
+                    local = self._local(batch) if self.sharded else batch
+                except BaseException:  # the batcher counts it as handed out: give it back, not skip it
+                    self.batcher.epoch, self.batcher.next_index = batch.epoch, batch.index
+                    raise
+                yield local, total_events
 
     def _local(self, batch):
         rows = self.rows
@@ -680,7 +703,8 @@ class Trainer:
         """
         path = Path(path if self.world_size == 1 else f"{path}.rank{self.rank}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        _remove_dead_saves(path)
+        temporary = path.with_name(f".{path.name}.tmp-{host_label()}-{os.getpid()}")
         state = self.checkpoint()
         try:
             with open(temporary, "wb") as f:

@@ -4,6 +4,7 @@ bad --device/--dataset/--cache-dir/--seed/--out values and an unusable device or
 
 import importlib
 import json
+import os
 
 import pytest
 import torch
@@ -369,3 +370,57 @@ def test_the_rule_report_refuses_an_unusable_out_before_any_work(monkeypatch, tm
         rule_report.main(["--out", out, "--cache-dir", str(tmp_path / "cache")])
     assert exit_info.value.code == 2, capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) in (["a_file", "cache"], ["cache"], [])
+
+
+def test_an_interrupted_rule_evaluation_stops_tracing_and_a_callers_tracing_goes_on(monkeypatch, tmp_path):
+    """evaluate_rules traces memory per rule: an error left the whole process traced (every later allocation),
+    and a successful call stopped a caller's own tracing."""
+    import tracemalloc
+
+    from hiertcn_fast import rule_report
+    from hiertcn_fast.data import PreprocessParams, SyntheticSource, preprocess
+
+    cache = preprocess(SyntheticSource(2000, num_items=50, seed=3), tmp_path / "cache",
+                       PreprocessParams(min_item_count=1, min_user_count=2))
+
+    class Failing:
+        def fit(self, *args, **kwargs):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(rule_report.RULES, "failing", Failing)
+    assert not tracemalloc.is_tracing()
+    with pytest.raises(KeyboardInterrupt):
+        rule_report.evaluate_rules(cache, "test", rules=("most_popular", "failing"))
+    assert not tracemalloc.is_tracing()
+    tracemalloc.start()
+    try:
+        results = rule_report.evaluate_rules(cache, "test", rules=("most_popular",))
+        assert tracemalloc.is_tracing() and results["most_popular"].peak_memory_bytes > 0
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_closed_stdout_leaves_no_descriptor_open(monkeypatch, tmp_path, capsys):
+    """Each main() that ended in BrokenPipeError opened /dev/null for stdout and never closed the descriptor."""
+    opened = []
+    real_open = os.open
+
+    def recording_open(path, *args, **kwargs):
+        fd = real_open(path, *args, **kwargs)
+        if path == os.devnull:
+            opened.append(fd)
+        return fd
+
+    monkeypatch.setattr(cli.os, "open", recording_open)
+    monkeypatch.setattr(cli.os, "dup2", lambda *args: None)  # leave the test process's stdout alone
+
+    def broken_pipe(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_train", broken_pipe)
+    for _ in range(3):
+        assert cli.main(["train", "--out", str(tmp_path / "report"), "--device", "cpu"]) == 1
+    assert len(opened) == 3
+    for fd in opened:
+        with pytest.raises(OSError):
+            os.fstat(fd)

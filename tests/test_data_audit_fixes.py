@@ -437,3 +437,31 @@ def test_the_rule_report_says_no_truncation_when_sessions_are_not_truncated(tmp_
     evaluate_rules(cache, "test", out_dir=tmp_path / "report")
     notes = json.loads((tmp_path / "report" / "results.json").read_text())["notes"]
     assert "no session truncation" in notes[0] and "None" not in notes[0]
+
+
+def test_a_refused_cache_is_not_kept_mapped_by_its_error(tmp_path):
+    """A cache refused as corrupt was memory-mapped before the checks, and the error's traceback kept every map and
+    its file descriptor for as long as the error was held (preprocess's 'pass rebuild=True' error too, through its
+    context)."""
+    import shutil
+
+    cache = small_cache(tmp_path / "good")
+    bad = tmp_path / "bad" / cache.path.name
+    shutil.copytree(cache.path, bad)
+    flip_byte(bad / "item_raw_id.bin", 8)
+
+    def maps_of_bad():
+        with open("/proc/self/maps") as maps:
+            return sum(str(bad) in line for line in maps)
+
+    errors = []
+    for _ in range(5):
+        with pytest.raises(CacheCorruptError) as refused:
+            SessionCache.open(bad)
+        errors.append(refused.value)
+    with pytest.raises(CacheCorruptError, match="pass rebuild=True") as refused:
+        preprocess(SyntheticSource(3000, num_items=100, seed=1), tmp_path / "bad",
+                   PreprocessParams(min_item_count=1, min_user_count=2, num_partitions=2, split="cold"))
+    errors.append(refused.value)
+    assert refused.value.__context__ is None
+    assert maps_of_bad() == 0, "the refused cache is still mapped while its errors are held"

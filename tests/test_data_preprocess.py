@@ -376,11 +376,11 @@ def test_leftover_temp_dir_is_never_a_cache(tmp_path, small_source):
     alive.mkdir()
     # The same, named with the host (as builds are now); another machine's build is never removed here (its pid
     # means nothing on this machine: on a disk shared by the nodes of a job, a live build was removed).
-    from hiertcn_fast.data.cache import _host
+    from hiertcn_fast.data.cache import host_label
 
-    dead_here = tmp_path / f".tmp-{cache.path.name}-{_host()}-999999999-0badf00d"
+    dead_here = tmp_path / f".tmp-{cache.path.name}-{host_label()}-999999999-0badf00d"
     other_host = tmp_path / f".tmp-{cache.path.name}-another_node-999999999-0badf00d"
-    alive_here = tmp_path / f".tmp-{cache.path.name}-{_host()}-{os.getpid()}-0badf00d"
+    alive_here = tmp_path / f".tmp-{cache.path.name}-{host_label()}-{os.getpid()}-0badf00d"
     for folder in (dead_here, other_host, alive_here):
         folder.mkdir()
     preprocess(small_source, tmp_path, SMALL, rebuild=True)

@@ -1006,3 +1006,48 @@ def SessionBatcherFor(cache):
     from hiertcn_fast.data import SessionBatcher
 
     return SessionBatcher(cache, "train", lanes=8, sessions_per_batch=4)
+
+
+@pytest.mark.parametrize("what", ["train", "evaluate"])
+def test_a_failed_batch_hand_over_stops_the_producers_while_the_error_is_held(cache, monkeypatch, what):
+    """An error (Ctrl-C) between the queue and the step, while the batch moves to the device: the queue's stream was
+    held by the failed frame, which the held error keeps, and its producer threads ran on."""
+    import threading
+
+    real_to, calls = SessionBatch.to, []
+
+    def to(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("while moving the batch")
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(SessionBatch, "to", to)
+    model = build_model("hiertcn", cache.num_items, seed=1, **TINY["hiertcn"])
+    settings = config(epochs=1, num_producers=2)
+    with pytest.raises(KeyboardInterrupt) as held:  # held: the error stays referenced after the block
+        Trainer(model, cache, settings, out=None).train() if what == "train" else evaluate(model, cache, "test",
+                                                                                            settings)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any("producer" in t.name for t in threading.enumerate()):
+        time.sleep(0.05)
+    assert held.value is not None and not [t.name for t in threading.enumerate() if "producer" in t.name]
+
+
+def test_a_killed_processs_checkpoint_temporary_file_is_removed_by_the_next_save(cache, tmp_path):
+    """A save killed before its rename (SIGKILL, the OOM killer) left a full-sized .<name>.tmp-<pid> that no later
+    save removed. Now a save removes those of dead processes of this host; another host's and a live process's
+    stay."""
+    from hiertcn_fast.data.cache import host_label
+
+    path = tmp_path / "run.pt"
+    dead_old_style = tmp_path / ".run.pt.tmp-999999999"
+    dead_here = tmp_path / f".run.pt.tmp-{host_label()}-999999998"
+    other_host = tmp_path / ".run.pt.tmp-another_node-999999998"
+    alive = tmp_path / f".run.pt.tmp-{host_label()}-{os.getppid()}"
+    for leftover in (dead_old_style, dead_here, other_host, alive):
+        leftover.write_bytes(b"partial")
+    trainer = Trainer(build_model("session_gru", cache.num_items, **TINY["session_gru"]), cache,
+                      config(epochs=1, max_steps=1), out=None).train()
+    trainer.save_checkpoint(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, other_host.name, alive.name])

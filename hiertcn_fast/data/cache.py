@@ -119,7 +119,7 @@ def open_array(path: Path, dtype, length: int, mode: str = "r") -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode=mode, shape=(length,))
 
 
-def _host() -> str:
+def host_label() -> str:
     """This machine's name as it goes into a temporary folder's name (no '-', which separates the fields)."""
     return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "unknown"
 
@@ -129,7 +129,7 @@ def new_temp_dir(final_path: Path) -> Path:
     because a pid means something on one machine only: a cache folder on a disk shared by several machines (the
     ranks of a multi-node job) must not have one machine's build removed by another as 'left by a dead process'."""
     final_path.parent.mkdir(parents=True, exist_ok=True)
-    temp = final_path.parent / f"{TEMP_PREFIX}{final_path.name}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    temp = final_path.parent / f"{TEMP_PREFIX}{final_path.name}-{host_label()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     temp.mkdir()
     return temp
 
@@ -145,8 +145,8 @@ def remove_stale_temp_dirs(final_path: Path) -> list[Path]:
         if not candidate.name.startswith(prefix):
             continue
         fields = candidate.name[len(prefix):].rsplit("-", 2)
-        host, pid_text = (fields[0], fields[1]) if len(fields) == 3 else (_host(), fields[0])
-        if host != _host() or not pid_text.isdigit():
+        host, pid_text = (fields[0], fields[1]) if len(fields) == 3 else (host_label(), fields[0])
+        if host != host_label() or not pid_text.isdigit():
             continue
         try:
             os.kill(int(pid_text), 0)
@@ -290,23 +290,30 @@ class SessionCache:
         if missing:
             raise CacheCorruptError(f"{manifest_path}: manifest lacks {missing}")
         arrays = {}
-        for name, dtype in ARRAY_DTYPES.items():
-            file_path = path / f"{name}.bin"
-            length = manifest["files"][name]["length"]
-            expected = length * np.dtype(dtype).itemsize
-            actual = file_path.stat().st_size if file_path.is_file() else None
-            if actual != expected:
-                raise CacheCorruptError(f"{file_path}: expected {expected} bytes, found "
-                                        f"{'no file' if actual is None else actual} (truncated or replaced)")
-            arrays[name] = open_array(file_path, dtype, length)
-        cache = cls(path, manifest, arrays, verify)
-        if verify != "none":
-            for name in GLOBAL_ARRAYS:
-                if crc32_of(arrays[name]) != manifest["checksums"]["global"][name]:
-                    raise CacheCorruptError(f"{path / (name + '.bin')}: checksum mismatch (corrupted)")
-        cache._check_structure()
-        if verify == "full":
-            cache.verify()
+        try:
+            for name, dtype in ARRAY_DTYPES.items():
+                file_path = path / f"{name}.bin"
+                length = manifest["files"][name]["length"]
+                expected = length * np.dtype(dtype).itemsize
+                actual = file_path.stat().st_size if file_path.is_file() else None
+                if actual != expected:
+                    raise CacheCorruptError(f"{file_path}: expected {expected} bytes, found "
+                                            f"{'no file' if actual is None else actual} (truncated or replaced)")
+                arrays[name] = open_array(file_path, dtype, length)
+            cache = cls(path, manifest, arrays, verify)
+            if verify != "none":
+                for name in GLOBAL_ARRAYS:
+                    if crc32_of(arrays[name]) != manifest["checksums"]["global"][name]:
+                        raise CacheCorruptError(f"{path / (name + '.bin')}: checksum mismatch (corrupted)")
+            cache._check_structure()
+            if verify == "full":
+                cache.verify()
+        except CacheCorruptError as error:
+            # The error's traceback kept this frame and those below it, and with them every map of the refused
+            # cache and its file descriptor, for as long as the error was held. Its message names the file and
+            # the fault: it goes on without the frames below, and without the maps.
+            arrays = cache = None
+            raise error.with_traceback(None)
         return cache
 
     def _check_structure(self) -> None:

@@ -536,7 +536,10 @@ def preprocess(source: InteractionSource, cache_dir: str | os.PathLike, params: 
         try:
             return SessionCache.open(final_path, verify=verify)
         except CacheCorruptError as error:
-            raise CacheCorruptError(f"{error}; pass rebuild=True to replace the cache") from None
+            refused = str(error)
+        # Raised outside the handler: the first error (and the refused cache's maps it holds) is not kept as the
+        # new one's context.
+        raise CacheCorruptError(f"{refused}; pass rebuild=True to replace the cache")
     remove_stale_temp_dirs(final_path)
     _build(source, params, final_path, chunk_size, key, replace=rebuild)
     return SessionCache.open(final_path, verify=verify)
