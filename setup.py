@@ -60,10 +60,21 @@ def find_cuda_home():
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         return None
-    # nvcc may be a wrapper script outside the toolkit; ask it where the real compiler lives.
-    real = os.path.realpath(nvcc)
-    home = os.path.dirname(os.path.dirname(real))
-    return home if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")) else None
+    # nvcc may be a link or a wrapper script outside the toolkit: the link is followed, and a wrapper is asked
+    # where the real compiler lives (its dry run prints "#$ TOP=<toolkit>/bin/..").
+    home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+        return home
+    try:
+        dry_run = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True,
+                                 timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (dry_run.stdout + dry_run.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            home = os.path.normpath(line[len("#$ TOP="):].strip())  # (<toolkit>/bin/..)
+            return home if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")) else None
+    return None
 
 
 def missing_cuda_library_headers(cuda_home):
@@ -118,7 +129,9 @@ def extension_modules():
     if cuda_mode != "0":
         reason = None
         if cuda_home is None:
-            reason = "nvcc not found (set CUDA_HOME to the CUDA toolkit)"
+            given = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+            reason = (f"nvcc not found in CUDA_HOME={given} (expected {given}/bin/nvcc)" if given else
+                      "nvcc not found (set CUDA_HOME to the CUDA toolkit)")
         elif torch.version.cuda is None:
             reason = f"torch {torch.__version__} is a CPU-only build"
         else:
@@ -146,7 +159,9 @@ def extension_modules():
     link_flags = ["-fopenmp"]
     macros = []
     if with_cuda:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("HIERTCN_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
+        # HIERTCN_CUDA_ARCHS, else torch's own TORCH_CUDA_ARCH_LIST (a user's choice was overwritten), else ours.
+        archs = os.environ.get("HIERTCN_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         note(f"building CUDA kernels with {cuda_home} for {os.environ['TORCH_CUDA_ARCH_LIST']}")
         macros.append(("HIERTCN_WITH_CUDA", "1"))
         extra_includes = missing_cuda_library_headers(cuda_home)

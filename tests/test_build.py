@@ -26,6 +26,7 @@ def test_required_cuda_without_nvcc_is_a_clear_message():
     result = run_setup(HIERTCN_CUDA="1", CUDA_HOME="/no/such/cuda")
     assert result.returncode != 0
     assert "HIERTCN_CUDA=1 but the CUDA kernels cannot be built: nvcc not found" in result.stderr
+    assert "CUDA_HOME=/no/such/cuda" in result.stderr  # the value that was wrong, named
     assert "Traceback" not in result.stderr
 
 
@@ -75,3 +76,62 @@ def test_the_built_extension_runs_its_cpu_kernels_in_parallel():
     with open("/proc/self/maps") as maps:
         runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
     assert len(runtimes) == 1, runtimes
+
+
+def test_the_sdist_holds_everything_the_build_reads(tmp_path):
+    """Without MANIFEST.in the sdist held only the listed extension sources: no csrc/SOURCES (which setup.py reads
+    first), no header, no CMakeLists.txt, and pip install of it failed at once."""
+    import shutil
+    import tarfile
+
+    # From a copy of the tree's files: setuptools also packs what a stale *.egg-info/SOURCES.txt lists.
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    tree = tmp_path / "tree"
+    for name in files:
+        if os.path.isfile(os.path.join(ROOT, name)):
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(os.path.join(ROOT, name), tree / name)
+    result = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path / "dist")],
+                            cwd=tree, env=dict(os.environ, HIERTCN_CUDA="0"), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    (archive,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(archive) as sdist:
+        names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    tracked = subprocess.run(["git", "ls-files", "csrc", "CMakeLists.txt"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert tracked and not sorted(set(tracked) - names)
+
+
+CUDA_TOOLKIT = "/usr/local/cuda/bin/nvcc"
+
+
+@pytest.mark.skipif(not os.path.exists(CUDA_TOOLKIT), reason="needs the CUDA toolkit at /usr/local/cuda")
+def test_torchs_arch_list_is_used_when_ours_is_not_set():
+    """A user's TORCH_CUDA_ARCH_LIST was replaced by the default (CI's sm_90-only build compiled two)."""
+    env = dict(os.environ, HIERTCN_CUDA="1", TORCH_CUDA_ARCH_LIST="9.0", CUDA_HOME="/usr/local/cuda")
+    env.pop("HIERTCN_CUDA_ARCHS", None)
+    result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert "building CUDA kernels with /usr/local/cuda for 9.0\n" in result.stdout + result.stderr, result.stderr
+
+
+@pytest.mark.skipif(not os.path.exists(CUDA_TOOLKIT), reason="needs the CUDA toolkit at /usr/local/cuda")
+def test_an_nvcc_wrapper_script_on_the_path_leads_to_its_toolkit(tmp_path, monkeypatch):
+    """nvcc found on PATH as a wrapper script outside the toolkit (as /usr/local/bin/nvcc is on some machines) was
+    not followed to the toolkit: the CUDA kernels were dropped, or HIERTCN_CUDA=1 failed."""
+    wrapper = tmp_path / "bin" / "nvcc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f"#!/bin/sh\nexec {CUDA_TOOLKIT} \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}:/usr/bin:/bin")
+    monkeypatch.setattr(sys, "argv", ["setup.py", "--name"])
+    source = open(os.path.join(ROOT, "setup.py")).read().split("def missing_cuda_library_headers")[0]
+    namespace = {"__file__": os.path.join(ROOT, "setup.py"), "__name__": "setup_functions"}
+    exec(compile(source, "setup.py", "exec"), namespace)
+    real_exists = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda path: False if path == CUDA_TOOLKIT else real_exists(path))
+    assert os.path.realpath(namespace["find_cuda_home"]()) == os.path.realpath("/usr/local/cuda")
