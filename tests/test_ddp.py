@@ -1,5 +1,6 @@
 """DistributedDataParallel: 2 ranks on the CPU (gloo), lanes sharded, give the loss curve of 1 rank."""
 
+import gc
 import os
 
 import pytest
@@ -13,6 +14,27 @@ from model_helpers import synthetic_cache, one_thread  # noqa: F401 (autouse fix
 
 SIZES = dict(embedding_dim=12, state_hidden=8, tcn_channels=(12, 12), kernel_size=3)
 CONFIG = dict(epochs=2, lanes=8, sessions_per_batch=4, learning_rate=1e-2, seed=3, num_producers=0)
+
+
+SPAWN_TIMEOUT = 300  # seconds: a rank that hangs fails its test (with what it was doing) instead of the whole run
+
+
+def _spawn(fn, args, nprocs=2):
+    """mp.spawn with a deadline: the ranks are joined until SPAWN_TIMEOUT, then terminated, and the test fails
+    saying so (a hung rank otherwise held CI until its own time limit)."""
+    import time
+
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + SPAWN_TIMEOUT
+    while not context.join(timeout=max(1.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            alive = [rank for rank, process in enumerate(context.processes) if process.is_alive()]
+            for process in context.processes:
+                if process.is_alive():
+                    process.terminate()
+            for process in context.processes:
+                process.join(10)
+            pytest.fail(f"ranks {alive} still running after {SPAWN_TIMEOUT} s: a hang (terminated)")
 
 
 def _run(cache_path, overrides=None):
@@ -60,8 +82,7 @@ def test_two_ranks_match_one_rank(tmp_path, sessions_per_batch):
     cache = synthetic_cache(tmp_path / "cache", num_events=3000)
     single = _run(cache.path, overrides)
     assert not single["ddp"] and single["world_size"] == 1
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(cache.path), str(tmp_path), overrides), nprocs=2,
-             join=True)
+    _spawn(_worker, (2, str(tmp_path / "init"), str(cache.path), str(tmp_path), overrides))
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     # Each rank really ran distributed: DDP around the model, two ranks, and half of every batch's
     # lanes, the two halves disjoint and together the single rank's batch, lane for lane.
@@ -91,42 +112,50 @@ def _mixed_checkpoint_worker(rank, world_size, init_file, cache_path, result_dir
     """Each rank saves at step 2 and step 4; then rank 1's file is put back to its step-2 copy (how="steps": what
     a job stopped between the two ranks' saves leaves) or loses an entry (how="lacks": a file only rank 1 refuses),
     and every rank tries to resume."""
-    import shutil
-
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        torch.set_num_threads(1)
-        cache = SessionCache.open(cache_path)
-        path = os.path.join(result_dir, "run.pt")
-        mine = f"{path}.rank{rank}"
-
-        def trainer(max_steps):
-            model = build_model("hiertcn", cache.num_items, seed=5, **SIZES)
-            return Trainer(model, cache, TrainConfig(**{**CONFIG, "max_steps": max_steps, "checkpoint_path": path}),
-                           out=None)
-
-        first = trainer(2).train()
-        shutil.copy(mine, mine + ".step2")
-        first.config.max_steps = 4
-        first.train()
-        dist.barrier()
-        if rank == 1 and how == "steps":
-            shutil.copy(mine + ".step2", mine)
-        if rank == 1 and how == "lacks":
-            state = torch.load(mine, weights_only=True)
-            del state["train_seconds"]
-            torch.save(state, mine)
-        dist.barrier()
-        try:
-            trainer(None).load_checkpoint(path)
-            outcome = "loaded"
-        except ValueError as error:
-            outcome = str(error)
-        with open(os.path.join(result_dir, f"outcome{rank}.txt"), "w") as f:
-            f.write(outcome)
+        _mixed_checkpoint_run(rank, cache_path, result_dir, how)
+        # The trainers (DDP over this group) are freed when that returns, before the group is torn down: freed
+        # after it, at this function's return, one rank hung once in their destructors (torch 2.11, a loaded VM).
+        gc.collect()
         _all_done()
     finally:
         dist.destroy_process_group()
+
+
+def _mixed_checkpoint_run(rank, cache_path, result_dir, how):
+    """The work of _mixed_checkpoint_worker."""
+    import shutil
+
+    torch.set_num_threads(1)
+    cache = SessionCache.open(cache_path)
+    path = os.path.join(result_dir, "run.pt")
+    mine = f"{path}.rank{rank}"
+
+    def trainer(max_steps):
+        model = build_model("hiertcn", cache.num_items, seed=5, **SIZES)
+        return Trainer(model, cache, TrainConfig(**{**CONFIG, "max_steps": max_steps, "checkpoint_path": path}),
+                       out=None)
+
+    first = trainer(2).train()
+    shutil.copy(mine, mine + ".step2")
+    first.config.max_steps = 4
+    first.train()
+    dist.barrier()
+    if rank == 1 and how == "steps":
+        shutil.copy(mine + ".step2", mine)
+    if rank == 1 and how == "lacks":
+        state = torch.load(mine, weights_only=True)
+        del state["train_seconds"]
+        torch.save(state, mine)
+    dist.barrier()
+    try:
+        trainer(None).load_checkpoint(path)
+        outcome = "loaded"
+    except ValueError as error:
+        outcome = str(error)
+    with open(os.path.join(result_dir, f"outcome{rank}.txt"), "w") as f:
+        f.write(outcome)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -135,8 +164,7 @@ def test_ranks_refuse_checkpoints_together(tmp_path, how):
     """Every rank resumes from the same step or none does: checkpoints of different steps, or one that only one
     rank refuses, are refused on every rank (before, the others resumed and hung at their first all-reduce)."""
     cache = synthetic_cache(tmp_path / "cache", num_events=3000)
-    mp.spawn(_mixed_checkpoint_worker, args=(2, str(tmp_path / "init"), str(cache.path), str(tmp_path), how),
-             nprocs=2, join=True)
+    _spawn(_mixed_checkpoint_worker, (2, str(tmp_path / "init"), str(cache.path), str(tmp_path), how))
     outcomes = [(tmp_path / f"outcome{rank}.txt").read_text() for rank in range(2)]
     if how == "steps":
         for outcome in outcomes:
@@ -185,6 +213,5 @@ def test_a_failing_rank_of_the_cli_exits_without_waiting_for_the_others(tmp_path
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     rank1_done = mp.get_context("spawn").Event()
-    mp.spawn(_failing_cli_worker, args=(2, port, str(tmp_path), str(tmp_path / "cache"), rank1_done), nprocs=2,
-             join=True)
+    _spawn(_failing_cli_worker, (2, port, str(tmp_path), str(tmp_path / "cache"), rank1_done))
     assert (tmp_path / "rank0.txt").read_text() == "rank 1 ended first"
