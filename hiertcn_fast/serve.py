@@ -22,7 +22,8 @@ unknown (KeyError), not predicted from the start token.
 
 The model must stay in eval mode and on the device and dtype it had when the recommender was made: every call
 checks, and refuses otherwise before anything changes (in training mode its dropout would make the stored
-states and the scores random).
+states and the scores random). A call that fails part way through (out of memory, an interrupt) changes nothing
+either: what it may have changed by then is put back (``_all_or_nothing``, ``_rows_at_risk``).
 
 Users live in rows ("slots") of these tensors, which grow by doubling and never shrink; :meth:`forget_users`
 frees the rows of users who left for new users; ``state_dict`` / ``load_state_dict`` save and restore every
