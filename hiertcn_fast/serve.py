@@ -457,21 +457,17 @@ class StreamingRecommender:
         # A call that fails part way through (out of memory, an interrupt) changes nothing: it puts back the rows it
         # may have changed by then, as they are now, rather than leave some rounds or half a round applied.
         touched = self._rows_at_risk(users, known_rows, known_times)
-        if touched is not None:
-            with _storage_mode():
-                saved = [t.index_select(0, touched) for t in self._per_user_tensors()]
         pending = list(range(len(users)))
         try:
-            while pending:
-                seen, this_round, later = set(), [], []
-                for i in pending:
-                    (later if users[i] in seen else this_round).append(i)
-                    seen.add(users[i])
-                self._observe_round([users[i] for i in this_round], items[this_round], timestamps[this_round])
-                pending = later
+            with self._all_or_nothing(touched) if touched is not None else contextlib.nullcontext():
+                while pending:
+                    seen, this_round, later = set(), [], []
+                    for i in pending:
+                        (later if users[i] in seen else this_round).append(i)
+                        seen.add(users[i])
+                    self._observe_round([users[i] for i in this_round], items[this_round], timestamps[this_round])
+                    pending = later
         except BaseException:
-            if touched is not None:
-                self._restore_rows(touched, saved)
             self._unregister_from(known)
             raise
 

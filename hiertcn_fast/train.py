@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import LaneStateCache, SessionBatch, SessionBatcher, SessionCache
-from .data.cache import fsync_path, host_label
+from .data.cache import fsync_path, host_label, left_by_dead_process
 from .evaluate import RankingMetrics, batch_targets
 from .models import NEURAL_MODELS, HistoryBatch, NextItemModel, UserHistoryBatcher
 from .backends import requested_backend
@@ -233,14 +233,8 @@ def _remove_dead_saves(path: Path) -> None:
     for candidate in path.parent.glob(f"{glob.escape(prefix)}*"):
         fields = candidate.name[len(prefix):].rsplit("-", 1)
         host, pid = (fields[0], fields[1]) if len(fields) == 2 else (host_label(), fields[0])
-        if host != host_label() or not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if left_by_dead_process(host, pid):
             candidate.unlink(missing_ok=True)
-        except PermissionError:  # alive, someone else's
-            pass
 
 
 class _LossStep(torch.nn.Module):

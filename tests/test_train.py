@@ -992,7 +992,7 @@ def test_the_training_softmax_is_over_the_items_only(cache, backend):
     model = build_model("session_gru", cache.num_items, seed=1, backend=backend, **TINY["session_gru"])
     with torch.no_grad():
         model.output.bias[0] = 5.0
-    batch = next(iter(SessionBatcherFor(cache)))
+    batch = next(iter(_lane_batcher(cache)))
     targets = batch_targets(batch)["targets"]
     loss, loss_sum, _ = _LossStep(model, False, "cpu", None)(batch, None, targets, 1.0, None)
     features, _ = model(batch, None)
@@ -1002,7 +1002,7 @@ def test_the_training_softmax_is_over_the_items_only(cache, backend):
     assert model.output.bias.grad[0] == 0 and not model.output.weight.grad[0].any()
 
 
-def SessionBatcherFor(cache):
+def _lane_batcher(cache):
     from hiertcn_fast.data import SessionBatcher
 
     return SessionBatcher(cache, "train", lanes=8, sessions_per_batch=4)

@@ -134,6 +134,20 @@ def new_temp_dir(final_path: Path) -> Path:
     return temp
 
 
+def left_by_dead_process(host: str, pid_text: str) -> bool:
+    """Whether a temporary file or folder named with ``host`` and ``pid_text`` was left by a process of this machine
+    that no longer exists (another machine's are never judged here: a pid means something on one machine only)."""
+    if host != host_label() or not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        pass
+    return False
+
+
 def remove_stale_temp_dirs(final_path: Path) -> list[Path]:
     """Remove unfinished builds of ``final_path`` left by processes of this machine that no longer exist (those of
     other machines are theirs to remove; a folder named before the host was part of the name counts as local)."""
@@ -146,15 +160,9 @@ def remove_stale_temp_dirs(final_path: Path) -> list[Path]:
             continue
         fields = candidate.name[len(prefix):].rsplit("-", 2)
         host, pid_text = (fields[0], fields[1]) if len(fields) == 3 else (host_label(), fields[0])
-        if host != host_label() or not pid_text.isdigit():
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-        except ProcessLookupError:
+        if left_by_dead_process(host, pid_text):
             shutil.rmtree(candidate, ignore_errors=True)
             removed.append(candidate)
-        except PermissionError:  # alive, someone else's
-            pass
     return removed
 
 
