@@ -16,6 +16,13 @@ if not CUDA:
 
 from hiertcn_fast.ops._common import poison_outputs  # noqa: E402  (after TRITON_INTERPRET)
 
+if os.environ.get("HIERTCN_EMULATE_CUDA") == "1":
+    # The cpu backend's compiled ops with CUDA kernels run those kernels in the CPU emulator
+    # (tests/cuda_emu): `make test-emulated` runs the op suites so.
+    from cuda_emu import proxy as _emulation  # noqa: E402
+
+    _emulation.install()
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped cleanly without one)")
