@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.14.1
 INSTALL_STAMP := build/.installed
 
-.PHONY: install train test bench cmake-test gpu-check clean
+.PHONY: install train test test-emulated bench cmake-test gpu-check clean
 
 install: $(INSTALL_STAMP)
 
@@ -21,6 +21,16 @@ train: install
 
 test: install
 	$(PYTHON) -m pytest tests -q
+
+# The op and model suites with the cpu backend's ops running csrc/cuda's kernels in the CPU emulator
+# (tests/cuda_emu). Left out: torch.compile and opcheck tests (they check the registration, not the kernels) and,
+# in the op suites, the other backends' cases.
+EMULATED_OP_SUITES := tests/test_causal_conv.py tests/test_tcn_step.py tests/test_nn_tcn.py tests/test_gru.py \
+	tests/test_gru_gates.py tests/test_session_steps.py
+EMULATED_MODEL_SUITES := tests/test_serve.py tests/test_models_session.py tests/test_models_history.py tests/test_train.py
+test-emulated: install
+	HIERTCN_EMULATE_CUDA=1 $(PYTHON) -m pytest $(EMULATED_OP_SUITES) -q -k "cpu and not compile and not opcheck"
+	HIERTCN_EMULATE_CUDA=1 $(PYTHON) -m pytest $(EMULATED_MODEL_SUITES) -q -k "not compile and not opcheck"
 
 bench: install
 	$(PYTHON) -m pytest benchmarks -q

@@ -1,9 +1,13 @@
 """Helpers for the op tests: backend/device pairs, fresh random inputs, dtype tolerances."""
 
+import os
+
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
+# The cpu backend's ops with CUDA kernels run those kernels in the CPU emulator (tests/cuda_emu/proxy.py).
+EMULATING_CUDA = os.environ.get("HIERTCN_EMULATE_CUDA") == "1"
 
 # (backend, device) pairs that run here; GPU ones carry the gpu marker and skip without CUDA.
 BACKEND_DEVICES = [

@@ -6,6 +6,7 @@ import torch
 
 from hiertcn_fast.models import HierTCN, SessionGRU
 from hiertcn_fast.serve import StreamingRecommender
+from helpers import EMULATING_CUDA
 from model_helpers import lane_batch, one_thread  # noqa: F401 (autouse fixture)
 
 NUM_ITEMS = 23
@@ -74,7 +75,8 @@ def test_streaming_equals_forward():
     # A known user's single events stepped its row views in place, and (from the second step on) through
     # TCN.step's shortcut.
     assert set(recommender._row_views) == {recommender.user_slot[u] for u in users if len(streams[u]) > 1}
-    assert all(view.conv._fast is not None for view in recommender._row_views.values())
+    if not EMULATING_CUDA:  # the emulated CUDA kernels run every step through the op (tests/cuda_emu/proxy.py)
+        assert all(view.conv._fast is not None for view in recommender._row_views.values())
 
 
 def per_user_tensors(recommender, users):

@@ -4,8 +4,8 @@
 // rewrites build.py makes (the launch syntax, the CUDA includes, the dispatch key), compile as C++
 // and run on CPU tensors, so that their indexing, tiling, shared memory and barriers are tested on
 // every machine:
-//   - every CUDA thread of a block is a fiber (ucontext) with its own stack; __syncthreads() switches
-//     back to the block's scheduler, which resumes the next fiber; a barrier completes when every
+//   - every CUDA thread of a block is a fiber with its own stack; __syncthreads() switches back to the
+//     block's scheduler, which resumes the next fiber; a barrier completes when every
 //     live thread of the block has reached it, the exited ones counting as arrived;
 //   - the threads between two barriers run one after another in the order set_order() names
 //     (ascending, or descending thread and block indices): a kernel that reads what another thread
@@ -64,8 +64,10 @@ constexpr int kOptInSharedLimit = 227 * 1024;  // sm_90's cudaDevAttrMaxSharedMe
 constexpr size_t kStackBytes = 256 * 1024;
 
 struct Fiber {
-  ucontext_t context;
+  ucontext_t context;  // its first entry
+  void* resume[5];     // where it waits at a barrier (__builtin_setjmp's buffer)
   std::unique_ptr<char[]> stack;
+  bool started = false;
   bool done = false;
   int64_t barriers = 0;
   const char* file = "";
@@ -76,7 +78,7 @@ struct State {
   std::recursive_mutex mutex;  // one launch at a time (the kernels' static shared arrays are global)
   bool reverse = false;
   std::vector<Fiber> fibers;
-  ucontext_t scheduler;
+  void* scheduler[5];  // the block's scheduler, waiting for the running fiber (__builtin_setjmp's buffer)
   int current = -1;
   std::function<void()> body;
   std::vector<unsigned char> dynamic_shared;  // 16-byte aligned start below
@@ -99,21 +101,41 @@ inline void fail(const std::string& message) {
   if (s.error.empty()) s.error = message;
 }
 
+// Switching between fibers: a fiber's first entry through setcontext, every later switch (to a barrier and
+// back) through GCC's __builtin_setjmp / __builtin_longjmp, which save and restore only the registers the
+// switch needs: swapcontext's signal mask system calls made the emulator several times slower. A jump is
+// made from a function of its own (GCC's rule for __builtin_longjmp).
+[[gnu::noinline]] inline void jump_to(void** buffer) { __builtin_longjmp(buffer, 1); }
+
 inline void fiber_main() {
   State& s = state();
   s.body();
   s.fibers[s.current].done = true;
-  swapcontext(&s.fibers[s.current].context, &s.scheduler);
+  jump_to(s.scheduler);
 }
 
-inline void syncthreads(const char* file, int line) {
+[[gnu::noinline]] inline void syncthreads(const char* file, int line) {
   State& s = state();
   Fiber& f = s.fibers[s.current];
   f.file = file;
   f.line = line;
   ++f.barriers;
   ++s.barriers;
-  swapcontext(&f.context, &s.scheduler);
+  if (__builtin_setjmp(f.resume) == 0) jump_to(s.scheduler);
+}
+
+// Runs fiber i until it reaches a barrier or ends.
+[[gnu::noinline]] inline void resume(int64_t i) {
+  State& s = state();
+  Fiber& f = s.fibers[i];
+  s.current = static_cast<int>(i);
+  if (__builtin_setjmp(s.scheduler) == 0) {
+    if (!f.started) {
+      f.started = true;
+      setcontext(&f.context);
+    }
+    jump_to(f.resume);
+  }
 }
 
 inline void* dynamic_shared() {
@@ -139,6 +161,7 @@ inline void run_block(int64_t n) {
     f.context.uc_stack.ss_size = kStackBytes;
     f.context.uc_link = nullptr;
     makecontext(&f.context, fiber_main, 0);
+    f.started = false;
     f.done = false;
     f.barriers = 0;
     f.file = "";
@@ -150,8 +173,7 @@ inline void run_block(int64_t n) {
       const int64_t i = s.reverse ? n - 1 - k : k;
       if (s.fibers[i].done) continue;
       threadIdx = unflatten(i, blockDim);
-      s.current = static_cast<int>(i);
-      swapcontext(&s.scheduler, &s.fibers[i].context);
+      resume(i);
     }
     const Fiber* first = nullptr;
     for (int64_t i = 0; i < n; ++i) {
