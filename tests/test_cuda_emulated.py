@@ -152,6 +152,9 @@ def test_the_emulator_catches_what_a_gpu_would_not_forgive(emu):
             emu.emu_self_test(which, out)
     emu.emu_self_test("shared_opt_in", out)
     assert bool(out[:64].isnan().all()), "dynamic shared memory is not poisoned before a block runs"
+    out.zero_()
+    emu.emu_self_test("static_shared_poison", out)
+    assert bool(out[:64].isnan().all()), "static shared memory is not poisoned before a block runs"
     assert emu.emu_take_pending_error() == ""
 
 

@@ -9,7 +9,7 @@ rewrites and no others, so that what runs is the kernels' own code:
     the real extension loaded in the same process;
   - cuda_emu.h replaces the CUDA headers; `kernel<<<grid, block, shared, stream>>>(args)` becomes
     `::cuda_emu::launch(kernel, grid, block, shared, stream)(args)`; an `extern __shared__` array
-    becomes the block's emulated dynamic shared memory;
+    becomes the block's emulated dynamic shared memory, a static one a static array poisoned per block;
   - the CUDA registrations become the CPU ones of hiertcn_fast_emu (so CPU tensors run the CUDA
     kernels), and the CPU registrations of the CPU sources are compiled but not registered;
   - in the GRU drivers, `t.is_cpu()` is false and `t.is_cuda()` true, for every tensor.
@@ -35,6 +35,7 @@ SCHEMAS = ["ops.cpp"]
 
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[\w:, ]*>)?)\s*<<<(.*?)>>>\s*\(")
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([\w ]+?)\s+(\w+)\s*\[\s*\]\s*;")
+_STATIC_SHARED = re.compile(r"__shared__\s+([\w:<>]+)\s+(\w+)((?:\[[^\]]+\])+)\s*;")
 _CUDA_INCLUDE = re.compile(r"^#include <(?:ATen|c10)/cuda/[^>]+>\n", re.M)
 _CPU_REGISTRATION = re.compile(r"TORCH_LIBRARY_IMPL\(" + LIBRARY + r",\s*CPU,\s*m\)")
 _CUDA_REGISTRATION = re.compile(r"TORCH_LIBRARY_IMPL\(" + LIBRARY + r",\s*CUDA,\s*m\)")
@@ -74,9 +75,14 @@ def rewrite(path: str, text: str) -> str:
 
 
 def cuda_syntax(text: str, path: str) -> str:
-    """Kernel launches and extern __shared__ arrays in the emulator's C++."""
+    """Kernel launches and __shared__ arrays in the emulator's C++: an extern one is the launch's dynamic shared
+    memory, a static one a static array filled with 0xFF bytes at the start of every block."""
     text = _sub(_LAUNCH, r"::cuda_emu::launch(\1, \2)(", text, path, "a kernel launch")
-    return _EXTERN_SHARED.sub(r"\1* \2 = static_cast<\1*>(::cuda_emu::dynamic_shared());", text)
+    text = _EXTERN_SHARED.sub(r"\1* \2 = static_cast<\1*>(::cuda_emu::dynamic_shared());", text)
+    text = _STATIC_SHARED.sub(r"static \1 \2\3; ::cuda_emu::poison_static_shared(\2, sizeof(\2));", text)
+    if any("__shared__" in line.split("//")[0] for line in text.splitlines()):
+        raise RewriteError(f"{path}: a __shared__ declaration the emulator does not know; update tests/cuda_emu/build.py")
+    return text
 
 
 def _write_if_changed(path: Path, text: str) -> None:

@@ -48,6 +48,11 @@ __global__ void dynamic_shared_kernel(float* out) {
   out[threadIdx.x] = values[threadIdx.x];  // never written: the emulator's poison (NaN)
 }
 
+__global__ void static_shared_kernel(float* out) {
+  __shared__ float cells[64];
+  out[threadIdx.x] = cells[threadIdx.x];  // never written: the emulator's poison (NaN)
+}
+
 __global__ void barrier_kernel(float* out) {
   __shared__ float cells[64];
   cells[threadIdx.x] = static_cast<float>(threadIdx.x);
@@ -55,8 +60,8 @@ __global__ void barrier_kernel(float* out) {
   out[blockIdx.x * blockDim.x + threadIdx.x] = cells[blockDim.x - 1 - threadIdx.x];
 }
 
-// Runs one of the kernels above ("racy", "divergent", "shared_poison", "shared_too_big", "shared_opt_in",
-// "empty_grid", "too_many_threads", "barrier") writing into out (float32, contiguous, at least 128 elements),
+// Runs one of the kernels above ("racy", "divergent", "shared_poison", "static_shared_poison", "shared_too_big",
+// "shared_opt_in", "empty_grid", "too_many_threads", "barrier") writing into out (float32, contiguous, at least 128 elements),
 // with its launch check; raises what the check raises.
 void self_test(const std::string& which, at::Tensor out) {
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() >= 128, "out: 128 floats");
@@ -67,6 +72,9 @@ void self_test(const std::string& which, at::Tensor out) {
     divergent_barrier_kernel<<<1, 64>>>(data);
   } else if (which == "shared_poison") {
     ::cuda_emu::launch(dynamic_shared_kernel, 1, 64, 64 * sizeof(float))(data);
+  } else if (which == "static_shared_poison") {
+    barrier_kernel<<<1, 64>>>(data);  // leaves its own (other) static array written
+    static_shared_kernel<<<1, 64>>>(data);
   } else if (which == "shared_too_big") {
     dynamic_shared_kernel<<<1, 64, 49 * 1024>>>(data);
   } else if (which == "shared_opt_in") {

@@ -13,12 +13,13 @@
 //   - all threads of a block that reach a barrier in the same round must be at the same
 //     __syncthreads() (file and line), else the launch fails (a divergent barrier hangs or is
 //     undefined on a GPU);
-//   - a block's dynamic shared memory starts filled with 0xFF bytes (NaN in float and double);
+//   - a block's shared memory, dynamic and static, starts filled with 0xFF bytes (NaN in float and double);
 //   - a launch checks what the CUDA runtime refuses: an empty grid, more than 1024 threads a block,
 //     grid limits, more than 48 KiB of dynamic shared memory without cudaFuncSetAttribute's opt-in,
 //     more than the opt-in limit. The error is raised by the launch check that follows the launch
 //     (C10_CUDA_KERNEL_LAUNCH_CHECK), or, if none does, by the next launch and by pending_error().
-// Blocks run one at a time, so a kernel's `static` (__shared__) arrays are its block's shared memory.
+// Blocks run one at a time, so a kernel's static arrays (its __shared__ ones, rewritten by build.py) are its
+// block's shared memory.
 // Not emulated: warps (no kernel here uses warp intrinsics), atomics, streams (everything is
 // synchronous), device math intrinsics (the headers take their host paths without __CUDA_ARCH__).
 #pragma once
@@ -135,6 +136,17 @@ inline void fiber_main() {
       setcontext(&f.context);
     }
     jump_to(f.resume);
+  }
+}
+
+// A kernel's static __shared__ array (build.py rewrites each declaration into a static array and a call of this):
+// filled with 0xFF bytes when the first thread of a block reaches its declaration, as dynamic shared memory is.
+inline void poison_static_shared(void* array, size_t bytes) {
+  static std::map<void*, int64_t> poisoned;  // array -> the block (serial number) it was last filled for
+  int64_t& block = poisoned[array];
+  if (block != state().blocks) {
+    block = state().blocks;
+    std::memset(array, 0xFF, bytes);
   }
 }
 
@@ -311,5 +323,4 @@ struct CUDAGuard {
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
-#define __shared__ static
 #define __syncthreads() ::cuda_emu::syncthreads(__FILE__, __LINE__)
