@@ -57,9 +57,11 @@ step build 150 env HIERTCN_CUDA=1 HIERTCN_CUDA_ARCHS="${HIERTCN_CUDA_ARCHS:-9.0}
   $PY -m pip install --no-build-isolation --no-deps --no-index -e .
 step info 15 $PY -m hiertcn_fast info
 step gpu_tests 100 $PY -m pytest tests -q -m gpu -p no:cacheprovider --durations=15
-# (test_triton_compile compiles for sm_90 without a GPU, as CI does: no use of the device's time.)
+# (test_triton_compile compiles for sm_90 without a GPU, as CI does, and test_cuda_emulated runs the CUDA kernels
+# on the CPU: no use of the device's time.)
 step triton_tests 50 $PY -m pytest tests -q -k "triton or cuda" -m "not gpu" -p no:cacheprovider \
-  --ignore=tests/test_build.py --ignore=tests/test_triton_compile.py --durations=10
+  --ignore=tests/test_build.py --ignore=tests/test_triton_compile.py --ignore=tests/test_cuda_emulated.py \
+  --durations=10
 step benchmarks 90 env HIERTCN_BENCH_COMPILE=0 $PY -m pytest benchmarks -q -p no:cacheprovider \
   --ignore=benchmarks/bench_e2e.py --durations=10
 step bench_compiled 45 $PY -m pytest benchmarks/bench_causal_conv.py -q -p no:cacheprovider \
