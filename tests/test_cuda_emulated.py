@@ -456,6 +456,19 @@ def test_tcn_step_poisons_only_the_row_with_a_negative_position(emu):
     assert [int(p[2]) for p in positions] == [1, -5, 1]
 
 
+def test_tcn_step_refuses_the_cpu_column_blocked_packing(emu):
+    from hiertcn_fast.ops.conv import _blocked
+
+    layers, batch, dtype, _ = STACKS["split"]
+    inp = stack_inputs(layers, batch, dtype, seed=5)
+    inp["packed"][1] = _blocked(inp["packed"][1], 4)  # (out / 4, k, in, 4): the CPU kernel's layout
+    histories, positions = new_stack_state(layers, batch, dtype, guard=False)
+    with pytest.raises(RuntimeError, match=r"takes the \(k, in, out\) weight packing; packed_weights\[1\] is "
+                                           "column-blocked in blocks of 4"):
+        stack_step(emu, torch.randn(batch, layers[0][0]), inp, histories, positions, guard=False)
+    assert all(int(p.sum()) == 0 for p in positions), "a refused step moved a position"
+
+
 # --- the GRU kernels and their drivers' CUDA branches ------------------------------------------------------
 
 def gru_weights(layers, input_size, hidden, dtype, g, bias=True):
