@@ -609,3 +609,83 @@ def test_the_proxy_routes_the_cpu_backend_through_the_emulated_kernels(emu, monk
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(w.grad, w2.grad, rtol=1e-12, atol=1e-12)
+
+
+# --- cases added by mutation testing (a mutant of the kernels survived the tests above without them) ------
+
+def test_causal_conv_tap_whose_window_ends_at_step_zero(emu):
+    """A tap whose offset is exactly kTimeTile - 1 = 15 reads only step 0 in the first tile (s_last == 0)."""
+    case, options = (1, 20, 4, 4, 2, 15, 1), CONV_OPTIONS[1]
+    inp = conv_inputs(case, options, torch.float64)
+    out, _ = conv_forward(cpu(), inp, guard=False)
+    got = both_orders(emu, lambda: dict(out=conv_forward(emu, inp, guard=True)[0]))
+    close(got["out"], out, torch.float64, "out")
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize("name", ["split", "wide"])
+def test_tcn_step_half_types_equal_the_cpu_kernel_in_float32(emu, name, dtype):
+    layers, batch, _, steps = STACKS[name]
+    steps = min(steps, 4)
+    inp = stack_inputs(layers, batch, dtype, seed=len(name))
+    wide = {k: ([None if t is None else t.float() for t in v] if isinstance(v, list) and k != "dilations" else
+                (v.float() if isinstance(v, torch.Tensor) else v)) for k, v in inp.items()}
+    xs = torch.randn(steps, batch, layers[0][0], dtype=torch.float64).to(dtype)
+    cpu_state = new_stack_state(layers, batch, torch.float32, guard=False)
+    emu_state = new_stack_state(layers, batch, dtype, guard=False)
+    for t in range(steps):
+        expected = stack_step(cpu(), xs[t].float(), wide, *cpu_state, guard=False)
+
+        def run():
+            histories = [guarded_copy(h) for h in emu_state[0]]
+            positions = [guarded_copy(p) for p in emu_state[1]]
+            out = stack_step(emu, xs[t], inp, histories, positions, guard=True)
+            return dict(out=out, **{f"h{l}": h for l, h in enumerate(histories)},
+                        **{f"p{l}": p for l, p in enumerate(positions)})
+
+        got = both_orders(emu, run)
+        for l in range(len(layers)):
+            emu_state[0][l].copy_(got[f"h{l}"])
+            emu_state[1][l].copy_(got[f"p{l}"])
+        close(got["out"], expected, dtype, f"step {t} out", scale=float(expected.abs().max()) * 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_gru_gates_ops_with_strided_rows_equal_the_cpu_kernels(emu, dtype):
+    batch, hidden = 5, 7
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    gi, gh, h, grad = r(batch, 3 * hidden), r(batch, 3 * hidden), r(batch, hidden), r(batch, hidden)
+
+    def call(lib, guard):
+        wrap = (lambda t, k: guarded_input(t, pad_columns=k)) if guard else (lambda t, k: t)
+        make = guarded_output if guard else (lambda s, dt: torch.full(s, float("nan"), dtype=dt))
+        out = make((batch, hidden), dtype)
+        lib.gru_gates_out(wrap(gi, 2), wrap(gh, 5), wrap(h, 3), out=out)
+        grads = dict(grad_gi=make((batch, 3 * hidden), dtype), grad_gh=make((batch, 3 * hidden), dtype),
+                     grad_h=make((batch, hidden), dtype))
+        lib.gru_gates_backward_out(wrap(grad, 1), wrap(gi, 2), wrap(gh, 5), wrap(h, 3), **grads)
+        result = dict(out=out, **grads)
+        if guard:
+            for name, t in result.items():
+                assert_written_within(t, name)
+        return result
+
+    expected = call(cpu(), guard=False)
+    got = both_orders(emu, lambda: call(emu, guard=True))
+    for name, value in expected.items():
+        close(got[name], value, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_session_mean_has_the_cpu_kernels_bits(emu, dtype):
+    """The kernel sums in the CPU kernel's order and scales alike: the same bits, not only close."""
+    layers, batch, time, dim, hidden = 1, 5, 6, 7, 3
+    g = torch.Generator().manual_seed(5)
+    items = torch.randn(batch, time, dim, generator=g, dtype=torch.float64).to(dtype) * 3
+    lengths, keep = torch.tensor([0, 1, 6, 3, 5]), torch.ones(batch, dtype=dtype)
+    h, grad_out = torch.randn(layers, batch, hidden, dtype=dtype), torch.randn(layers, batch, hidden, dtype=dtype)
+    weights = gru_weights(layers, dim, hidden, dtype, g)
+    expected = session_update(cpu(), items, lengths, h, keep, weights, None, grad_out, guard=False)
+    got = both_orders(emu, lambda: session_update(emu, items, lengths, h, keep, weights, None, grad_out, guard=True))
+    assert same_bits(got["session_mean"], expected["session_mean"])

@@ -71,6 +71,9 @@ def rewrite(path: str, text: str) -> str:
         text = _sub(_CUDA_REGISTRATION, f"TORCH_LIBRARY_IMPL({LIBRARY}, CPU, m)", text, path, "a CUDA registration")
         text = _sub(r"\b(\w+)\.is_cpu\(\)", r"::cuda_emu::on_cpu(\1)", text, path, "an is_cpu() branch")
         text = _sub(r"\b(\w+)\.is_cuda\(\)", r"::cuda_emu::on_cuda(\1)", text, path, "an is_cuda() branch")
+        # What only the CPU branches may call fails loudly if the CUDA path reaches it.
+        text = _sub(r"\bat::cpu::", "::cuda_emu::host_only::", text, path, "an at::cpu:: call")
+        text = _sub(r"\b(launch_\w+_cpu)\(", r'::cuda_emu::forbid("\1"), \1(', text, path, "a CPU launcher call")
     return f'#include "cuda_emu.h"  // emulator copy of csrc/{path}\n#line 1 "csrc/{path}"\n' + text
 
 

@@ -13,7 +13,10 @@
 //   - all threads of a block that reach a barrier in the same round must be at the same
 //     __syncthreads() (file and line), else the launch fails (a divergent barrier hangs or is
 //     undefined on a GPU);
-//   - a block's shared memory, dynamic and static, starts filled with 0xFF bytes (NaN in float and double);
+//   - a block's shared memory, dynamic and static, starts filled with 0xFF bytes (NaN in float and double),
+//     and 64 KiB of 0xFF bytes after the dynamic part must stay so (a write past it fails the launch);
+//   - the GRU drivers' CUDA branches may not call what only their CPU branches may (at::cpu::, the CPU
+//     launchers): build.py makes such a call raise;
 //   - a launch checks what the CUDA runtime refuses: an empty grid, more than 1024 threads a block,
 //     grid limits, more than 48 KiB of dynamic shared memory without cudaFuncSetAttribute's opt-in,
 //     more than the opt-in limit. The error is raised by the launch check that follows the launch
@@ -63,6 +66,7 @@ namespace cuda_emu {
 constexpr size_t kDefaultDynamicShared = 48 * 1024;
 constexpr int kOptInSharedLimit = 227 * 1024;  // sm_90's cudaDevAttrMaxSharedMemoryPerBlockOptin
 constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kSharedCanary = 64 * 1024;  // 0xFF bytes after a launch's dynamic shared memory, checked per block
 
 struct Fiber {
   ucontext_t context;  // its first entry
@@ -240,7 +244,7 @@ struct Launch {
     }
     std::tuple<std::decay_t<Args>...> copied(std::forward<Args>(args)...);  // by value, as CUDA passes them
     s.body = [this, &copied] { std::apply(kernel, copied); };
-    s.dynamic_shared.assign(shared + 16, 0);
+    s.dynamic_shared.assign(shared + 16 + kSharedCanary, 0);
     s.dynamic_bytes = shared;
     gridDim = grid;
     blockDim = block;
@@ -248,6 +252,12 @@ struct Launch {
       blockIdx = unflatten(s.reverse ? blocks - 1 - k : k, grid);
       ++s.blocks;
       run_block(threads);
+      const auto* end = static_cast<const unsigned char*>(dynamic_shared()) + shared;
+      const auto* buffer_end = s.dynamic_shared.data() + s.dynamic_shared.size();
+      if (std::any_of(end, buffer_end, [](unsigned char c) { return c != 0xFF; })) {
+        fail("a write past the " + std::to_string(shared) + " bytes of dynamic shared memory of the launch");
+        break;
+      }
     }
     s.block_failed = false;
     s.body = nullptr;
@@ -266,6 +276,19 @@ inline void check_launch() {
   std::swap(error, s.error);
   TORCH_CHECK(error.empty(), "CUDA emulator: ", error);
 }
+
+// A CPU-only call (at::cpu::, a CPU launcher) reached on the drivers' CUDA path: on a GPU it would get device pointers.
+[[noreturn]] inline void forbid(const char* what) {
+  TORCH_CHECK(false, "CUDA emulator: the CUDA path of the GRU drivers called the CPU-only ", what);
+}
+namespace host_only {
+inline at::Tensor& mm_out(at::Tensor& out, const at::Tensor&, const at::Tensor&) { forbid("at::cpu::mm_out"); }
+inline at::Tensor& addmm_out(at::Tensor& out, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  forbid("at::cpu::addmm_out");
+}
+inline at::Tensor& add_out(at::Tensor& out, const at::Tensor&, const at::Tensor&) { forbid("at::cpu::add_out"); }
+inline at::Tensor& sum_out(at::Tensor& out, const at::Tensor&, at::OptionalIntArrayRef) { forbid("at::cpu::sum_out"); }
+}  // namespace host_only
 
 // The GRU drivers (csrc/cpu/gru_recurrence.cpp) branch on the device: built for the emulator, every tensor
 // takes the CUDA branches.
