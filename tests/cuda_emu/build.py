@@ -12,7 +12,8 @@ rewrites and no others, so that what runs is the kernels' own code:
     becomes the block's emulated dynamic shared memory, a static one a static array poisoned per block;
   - the CUDA registrations become the CPU ones of hiertcn_fast_emu (so CPU tensors run the CUDA
     kernels), and the CPU registrations of the CPU sources are compiled but not registered;
-  - in the GRU drivers, `t.is_cpu()` is false and `t.is_cuda()` true, for every tensor.
+  - in the GRU drivers, `t.is_cpu()` is false and `t.is_cuda()` true, for every tensor, and what only their CPU
+    branches may call (at::cpu::, the CPU launchers, the concurrent product pairs) raises if reached.
 A rewrite that finds nothing to rewrite fails the build, so that a change to the sources cannot turn the
 emulation into a silent copy of the CPU path.
 """
@@ -73,7 +74,8 @@ def rewrite(path: str, text: str) -> str:
         text = _sub(r"\b(\w+)\.is_cuda\(\)", r"::cuda_emu::on_cuda(\1)", text, path, "an is_cuda() branch")
         # What only the CPU branches may call fails loudly if the CUDA path reaches it.
         text = _sub(r"\bat::cpu::", "::cuda_emu::host_only::", text, path, "an at::cpu:: call")
-        text = _sub(r"\b(launch_\w+_cpu)\(", r'::cuda_emu::forbid("\1"), \1(', text, path, "a CPU launcher call")
+        text = _sub(r"(?<!bool )\b(launch_\w+_cpu|run_pairs_concurrently)\(", r'(::cuda_emu::forbid("\1"), \1)(', text,
+                    path, "a CPU launcher call")
     return f'#include "cuda_emu.h"  // emulator copy of csrc/{path}\n#line 1 "csrc/{path}"\n' + text
 
 
