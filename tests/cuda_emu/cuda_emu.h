@@ -87,7 +87,6 @@ struct State {
   int current = -1;
   std::function<void()> body;
   std::vector<unsigned char> dynamic_shared;  // 16-byte aligned start below
-  size_t dynamic_bytes = 0;
   std::map<const void*, int> opt_in;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
   std::string error;                  // the first launch error not yet raised
   bool block_failed = false;
@@ -245,7 +244,6 @@ struct Launch {
     std::tuple<std::decay_t<Args>...> copied(std::forward<Args>(args)...);  // by value, as CUDA passes them
     s.body = [this, &copied] { std::apply(kernel, copied); };
     s.dynamic_shared.assign(shared + 16 + kSharedCanary, 0);
-    s.dynamic_bytes = shared;
     gridDim = grid;
     blockDim = block;
     for (int64_t k = 0; k < blocks && !s.block_failed; ++k) {
