@@ -147,9 +147,12 @@ def test_the_emulator_catches_what_a_gpu_would_not_forgive(emu):
     emu.emu_self_test("barrier", out)
     assert torch.equal(out[:128], torch.arange(63, -1, -1, dtype=torch.float32).repeat(2))
     for which, message in [("divergent", "divergent __syncthreads"), ("empty_grid", "empty grid"),
-                           ("too_many_threads", "block of"), ("shared_too_big", "must opt in")]:
+                           ("too_many_threads", "block of"), ("shared_too_big", "must opt in"),
+                           ("static_and_dynamic_too_big", "static and 20480 of dynamic")]:
         with pytest.raises(RuntimeError, match=message):
             emu.emu_self_test(which, out)
+    emu.emu_self_test("static_and_dynamic_opt_in", out)
+    assert bool((out[:64] == 3.0).all())
     emu.emu_self_test("shared_opt_in", out)
     assert bool(out[:64].isnan().all()), "dynamic shared memory is not poisoned before a block runs"
     out.zero_()
@@ -611,6 +614,30 @@ def test_the_proxy_routes_the_cpu_backend_through_the_emulated_kernels(emu, monk
     torch.testing.assert_close(w.grad, w2.grad, rtol=1e-12, atol=1e-12)
 
 
+def test_the_proxy_runs_the_ops_that_return_their_results_in_both_orders_too(emu, monkeypatch):
+    """gru_cell and session_update, which the ops call through their overload (op.default), run twice."""
+    from cuda_emu import proxy
+
+    from hiertcn_fast.ops import gru_cell
+
+    torch.manual_seed(5)
+    x, h = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)
+    w_ih, w_hh = torch.randn(21, 5, dtype=torch.float64), torch.randn(21, 7, dtype=torch.float64)
+    b_ih, b_hh = torch.randn(21, dtype=torch.float64), torch.randn(21, dtype=torch.float64)
+    args = (x, h, w_ih, w_hh, b_ih, b_hh)
+    before = emu.emu_counters()[0]
+    direct = emu.gru_cell.default(*args)
+    once = emu.emu_counters()[0] - before
+    assert once >= 1
+    monkeypatch.setattr(torch.ops, "hiertcn_fast", proxy.EmulatedOps(torch.ops.hiertcn_fast, emu))
+    before = emu.emu_counters()[0]
+    got = gru_cell(*args, backend="cpu")
+    assert emu.emu_counters()[0] - before == 2 * once, "gru_cell.default did not run in both orders"
+    assert same_bits(got, direct)
+    monkeypatch.undo()
+    torch.testing.assert_close(got, gru_cell(*args, backend="cpu"), rtol=1e-12, atol=1e-12)
+
+
 # --- cases added by mutation testing (a mutant of the kernels survived the tests above without them) ------
 
 def test_causal_conv_tap_whose_window_ends_at_step_zero(emu):
@@ -648,6 +675,67 @@ def test_tcn_step_half_types_equal_the_cpu_kernel_in_float32(emu, name, dtype):
             emu_state[0][l].copy_(got[f"h{l}"])
             emu_state[1][l].copy_(got[f"p{l}"])
         close(got["out"], expected, dtype, f"step {t} out", scale=float(expected.abs().max()) * 4)
+
+
+def rounded_stack_step(x, inp, histories, positions, dtype):
+    """The stack step (relu) in float64, rounded to dtype wherever the CUDA kernel stores in its type T: every
+    layer's output (the next layer's input), the projection with its bias, the residual with the context's term,
+    and the histories. Updates histories (dtype) and positions in place; returns the output in dtype."""
+    r = lambda t: t.to(dtype).double()  # noqa: E731
+    v = x.double()
+    batch = x.shape[0]
+    for l, dilation in enumerate(inp["dilations"]):
+        packed = inp["packed"][l].double()
+        k, c_in, c_out = packed.shape
+        history_length = (k - 1) * dilation
+        out = torch.empty(batch, c_out, dtype=torch.float64)
+        for b in range(batch):
+            pos = int(positions[l][b])
+            z = inp["biases"][l].double().clone()
+            for j in range(k):
+                lag = (k - 1 - j) * dilation
+                if lag <= pos:
+                    source = v[b] if lag == 0 else histories[l][b, (pos - lag) % history_length].double()
+                    z += source @ packed[j]
+            if l == 0:
+                z += inp["table"][b, min(pos // dilation, k - 1)].double()
+            projection = inp["projections"][l]
+            residual = v[b] if projection is None else r(v[b] @ projection.double() + inp["proj_biases"][l].double())
+            if l == 0:
+                residual = r(residual + inp["term"][b].double())
+            out[b] = r(torch.relu(torch.relu(z) + residual))
+            if history_length:
+                histories[l][b, pos % history_length] = v[b].to(dtype)
+            positions[l][b] = pos + 1
+        v = out
+    return v.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+def test_tcn_step_half_types_round_every_layer_output_to_their_type(emu, dtype):
+    """The stack kernel rounds each layer's output to T before the next layer reads it, as the per-layer ops (and
+    the histories) store it: against a float64 step with the same rounding points, the same bits but where the
+    float32 sums fall on the other side of a rounding boundary (rare; none with these inputs). Without the
+    rounding, about a fifth of the outputs differ."""
+    layers, batch, _, steps = STACKS["split"]
+    inp = stack_inputs(layers, batch, dtype, seed=11)
+    xs = torch.randn(steps, batch, layers[0][0], dtype=torch.float64).to(dtype)
+    ref_state = new_stack_state(layers, batch, dtype, guard=False)
+    emu_state = new_stack_state(layers, batch, dtype, guard=False)
+    outs, expected = [], []
+    for t in range(steps):
+        expected.append(rounded_stack_step(xs[t], inp, *ref_state, dtype))
+        outs.append(stack_step(emu, xs[t], inp, *emu_state, guard=False))
+        for l in range(len(layers)):
+            assert torch.equal(emu_state[1][l], ref_state[1][l])
+    got, want = torch.stack(outs).float(), torch.stack(expected).float()
+    ulp = torch.finfo(dtype).eps * want.abs().clamp_min(torch.finfo(dtype).tiny)
+    assert bool(((got - want).abs() <= ulp).all()), "an output more than one unit in the last place away"
+    differing = int((got != want).sum())
+    assert differing <= max(1, want.numel() // 100), f"{differing} of {want.numel()} outputs differ in their last bit"
+    for l in range(len(layers)):
+        history_differing = int((emu_state[0][l] != ref_state[0][l]).sum())
+        assert history_differing <= max(1, emu_state[0][l].numel() // 100), f"layer {l}'s history"
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)

@@ -25,9 +25,21 @@ def test_forward_and_gradients_match_reference(backend, device, batch, hidden, n
     assert_matches_reference(lambda a, b, c: gru_gates(a, b, c, backend=backend), inputs, dtype)
 
 
+def strided_leaf(t):
+    """t's values with t's strides (a fresh copy of a non-contiguous t's wider buffer, viewed alike), keeping their
+    gradient (.grad)."""
+    if t.is_contiguous():
+        return t.detach().clone().requires_grad_()
+    base = t._base.detach().clone().requires_grad_()
+    view = base.as_strided(t.size(), t.stride(), t.storage_offset())
+    view.retain_grad()
+    return view
+
+
 def assert_matches_reference(gates, inputs, dtype):
     """gates(gi, gh, h) gives the float64 reference's output and its gradients for gi, gh and h."""
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    leaves = [strided_leaf(t) for t in inputs]
+    assert [t.stride() for t in leaves] == [t.stride() for t in inputs]
     ref_leaves = [t.detach().double().clone().requires_grad_() for t in inputs]
     out = gates(*leaves)
     ref = gru_gates_reference(*ref_leaves)

@@ -53,6 +53,16 @@ __global__ void static_shared_kernel(float* out) {
   out[threadIdx.x] = cells[threadIdx.x];  // never written: the emulator's poison (NaN)
 }
 
+// 32 KiB of static shared memory, and the launch's dynamic shared memory: together over 48 KiB with 20 KiB.
+__global__ void static_and_dynamic_shared_kernel(float* out) {
+  __shared__ float cells[8192];
+  extern __shared__ __align__(16) unsigned char smem[];
+  cells[threadIdx.x] = 1.0f;
+  reinterpret_cast<float*>(smem)[threadIdx.x] = 2.0f;
+  __syncthreads();
+  out[threadIdx.x] = cells[threadIdx.x] + reinterpret_cast<const float*>(smem)[threadIdx.x];
+}
+
 __global__ void barrier_kernel(float* out) {
   __shared__ float cells[64];
   cells[threadIdx.x] = static_cast<float>(threadIdx.x);
@@ -61,8 +71,9 @@ __global__ void barrier_kernel(float* out) {
 }
 
 // Runs one of the kernels above ("racy", "divergent", "shared_poison", "static_shared_poison", "shared_too_big",
-// "shared_opt_in", "empty_grid", "too_many_threads", "barrier") writing into out (float32, contiguous, at least 128 elements),
-// with its launch check; raises what the check raises.
+// "shared_opt_in", "static_and_dynamic_too_big", "static_and_dynamic_opt_in", "empty_grid", "too_many_threads",
+// "barrier") writing into out (float32, contiguous, at least 128 elements), with its launch check; raises what the
+// check raises.
 void self_test(const std::string& which, at::Tensor out) {
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() >= 128, "out: 128 floats");
   float* data = out.data_ptr<float>();
@@ -82,6 +93,13 @@ void self_test(const std::string& which, at::Tensor out) {
     dynamic_shared_kernel<<<1, 64, 64 * 1024>>>(data);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     C10_CUDA_CHECK(cudaFuncSetAttribute(dynamic_shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 48 * 1024));
+  } else if (which == "static_and_dynamic_too_big") {
+    static_and_dynamic_shared_kernel<<<1, 64, 20 * 1024>>>(data);
+  } else if (which == "static_and_dynamic_opt_in") {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(static_and_dynamic_shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        20 * 1024));
+    static_and_dynamic_shared_kernel<<<1, 64, 20 * 1024>>>(data);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else if (which == "empty_grid") {
     barrier_kernel<<<0, 64>>>(data);
   } else if (which == "too_many_threads") {

@@ -18,9 +18,10 @@
 //   - the GRU drivers' CUDA branches may not call what only their CPU branches may (at::cpu::, the CPU
 //     launchers): build.py makes such a call raise;
 //   - a launch checks what the CUDA runtime refuses: an empty grid, more than 1024 threads a block,
-//     grid limits, more than 48 KiB of dynamic shared memory without cudaFuncSetAttribute's opt-in,
-//     more than the opt-in limit. The error is raised by the launch check that follows the launch
-//     (C10_CUDA_KERNEL_LAUNCH_CHECK), or, if none does, by the next launch and by pending_error().
+//     grid limits, more than 48 KiB of shared memory (dynamic and static together) without
+//     cudaFuncSetAttribute's opt-in, more than the opt-in limit. The error is raised by the launch check
+//     that follows the launch (C10_CUDA_KERNEL_LAUNCH_CHECK), or, if none does, by the next launch and
+//     by pending_error().
 // Blocks run one at a time, so a kernel's static arrays (its __shared__ ones, rewritten by build.py) are its
 // block's shared memory.
 // Not emulated: warps (no kernel here uses warp intrinsics), atomics, streams (everything is
@@ -88,6 +89,9 @@ struct State {
   std::function<void()> body;
   std::vector<unsigned char> dynamic_shared;  // 16-byte aligned start below
   std::map<const void*, int> opt_in;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
+  size_t launch_dynamic = 0;          // the running launch's dynamic shared memory, bytes
+  int launch_opt_in = -1;             // its kernel's opt-in (MaxDynamicSharedMemorySize), -1 if none
+  std::map<void*, size_t> launch_static;  // the static __shared__ arrays its threads have reached, and their bytes
   std::string error;                  // the first launch error not yet raised
   bool block_failed = false;
   int64_t launches = 0;
@@ -144,7 +148,25 @@ inline void fiber_main() {
 
 // A kernel's static __shared__ array (build.py rewrites each declaration into a static array and a call of this):
 // filled with 0xFF bytes when the first thread of a block reaches its declaration, as dynamic shared memory is.
+// Its bytes count toward the launch's shared memory, as on a GPU: static and dynamic together at most 48 KiB,
+// or the opt-in limit for a kernel that opted in, and static alone at most 48 KiB. (An array counts once a thread
+// reaches its declaration; on a GPU every static array of the kernel counts.)
 inline void poison_static_shared(void* array, size_t bytes) {
+  State& s = state();
+  if (s.launch_static.emplace(array, bytes).second) {
+    size_t total = 0;
+    for (const auto& entry : s.launch_static) total += entry.second;
+    if (total > kDefaultDynamicShared)
+      fail("kernel launch with " + std::to_string(total) + " bytes of static shared memory, more than 48 KiB");
+    else if (s.launch_opt_in < 0 && total + s.launch_dynamic > kDefaultDynamicShared)
+      fail("kernel launch with " + std::to_string(total) + " bytes of static and " + std::to_string(s.launch_dynamic) +
+           " of dynamic shared memory, more than 48 KiB together (beyond it a kernel must opt in with "
+           "cudaFuncSetAttribute)");
+    else if (s.launch_opt_in >= 0 && total + s.launch_opt_in > kOptInSharedLimit)
+      fail("kernel launch with " + std::to_string(total) + " bytes of static shared memory and an opt-in of " +
+           std::to_string(s.launch_opt_in) + " dynamic, more than the " + std::to_string(kOptInSharedLimit) +
+           " a block may have");
+  }
   static std::map<void*, int64_t> poisoned;  // array -> the block (serial number) it was last filled for
   int64_t& block = poisoned[array];
   if (block != state().blocks) {
@@ -244,6 +266,9 @@ struct Launch {
     std::tuple<std::decay_t<Args>...> copied(std::forward<Args>(args)...);  // by value, as CUDA passes them
     s.body = [this, &copied] { std::apply(kernel, copied); };
     s.dynamic_shared.assign(shared + 16 + kSharedCanary, 0);
+    s.launch_dynamic = shared;
+    s.launch_opt_in = opt_in == s.opt_in.end() ? -1 : opt_in->second;
+    s.launch_static.clear();
     gridDim = grid;
     blockDim = block;
     for (int64_t k = 0; k < blocks && !s.block_failed; ++k) {

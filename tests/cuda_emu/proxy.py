@@ -32,14 +32,29 @@ class _Checked:
     - an op that writes into its arguments (the *_out ops) runs twice, its threads and blocks in ascending and
       then in descending order, from the same inputs; every argument must come out bitwise the same both
       times (a race between the threads of a barrier interval, or between blocks, shows as a difference);
-    - a launch error that no launch check raised fails the call."""
+    - an op that returns its results (gru_cell, session_update) runs in both orders too, and its results must
+      be bitwise the same (their backward, a C++ autograd node, runs in ascending order only: the backward
+      kernels are run in both orders by tests/test_cuda_emulated.py);
+    - a launch error that no launch check raised fails the call.
+    Its overloads (op.default) are checked alike."""
 
     def __init__(self, op, emulated):
         self._op, self._emulated = op, emulated
+        self._name = op.__name__.split(".")[0].split("::")[-1]
 
     def __call__(self, *args, **kwargs):
-        if not self._op.__name__.endswith("_out"):
-            return self._checked_call(args, kwargs)
+        if not self._name.endswith("_out"):
+            first = self._checked_call(args, kwargs)
+            self._emulated.emu_set_reverse(True)
+            try:
+                second = self._checked_call(args, kwargs)
+            finally:
+                self._emulated.emu_set_reverse(False)
+            firsts, seconds = _tensors(first), _tensors(second)
+            if len(firsts) != len(seconds) or not all(_same_bits(a, b) for a, b in zip(firsts, seconds)):
+                raise AssertionError(f"CUDA emulator: {self._name}'s results differ between ascending and descending "
+                                     "thread and block order: a race")
+            return second
         # The ascending run on copies (strides kept), the descending one on the caller's tensors: one call of
         # the op on those, as without the emulator (autograd counts their in-place writes).
         copies = {}
@@ -51,7 +66,7 @@ class _Checked:
             self._emulated.emu_set_reverse(False)
         for i, (t, c) in enumerate(copies.values()):
             if not _same_bits(t, c):
-                raise AssertionError(f"CUDA emulator: {self._op.__name__}'s tensor argument {i} {tuple(t.shape)} "
+                raise AssertionError(f"CUDA emulator: {self._name}'s tensor argument {i} {tuple(t.shape)} "
                                      "differs between ascending and descending thread and block order: a race")
 
     def _checked_call(self, args, kwargs):
@@ -62,7 +77,21 @@ class _Checked:
         return result
 
     def __getattr__(self, name):
-        return getattr(self._op, name)
+        attr = getattr(self._op, name)
+        if isinstance(attr, torch._ops.OpOverload):
+            return _Checked(attr, self._emulated)
+        return attr
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+_PAGE = 4096
 
 
 def _copied(value, copies):
@@ -72,10 +101,16 @@ def _copied(value, copies):
         if id(value) not in copies:
             if value.numel() > 1 and 0 in value.stride():
                 return value
-            # The whole storage, at the same offset: the same alignment, so that BLAS sums in the same order.
-            storage = value.untyped_storage().clone()
+            # The whole storage, at the same offset and the same address modulo a page: BLAS sums in an order that
+            # depends on the alignment of its operands.
+            storage = value.untyped_storage()
+            source = torch.empty(0, dtype=torch.uint8, device=value.device).set_(storage)
+            room = torch.empty(storage.nbytes() + _PAGE, dtype=torch.uint8, device=value.device)
+            shift = (storage.data_ptr() - room.data_ptr()) % _PAGE
+            room[shift:shift + storage.nbytes()].copy_(source)
             copy = torch.empty(0, dtype=value.dtype, device=value.device).set_(
-                storage, value.storage_offset(), value.size(), value.stride())
+                room.untyped_storage(), shift // value.element_size() + value.storage_offset(), value.size(),
+                value.stride())
             copies[id(value)] = (value, copy)
         return copies[id(value)][1]
     if isinstance(value, (list, tuple)):

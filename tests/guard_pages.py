@@ -1,0 +1,232 @@
+"""Runs the compiled ops with every input against an inaccessible page (tests/test_guard_pages.py runs it).
+
+A kernel that reads past the end (or before the start) of an input, even a value it then never uses, touches
+the page and the process dies of SIGSEGV: the NaN margins of the other tests catch only reads whose values
+reach a result. Every input tensor (and the state histories the steps read and write) lives in its own mapping
+whose neighbouring pages are PROT_NONE, once ending exactly where the page after it starts ("end") and once
+starting exactly where the page before it ends ("start").
+
+    python tests/guard_pages.py {cpu|emulated|probe} {end|start}
+
+prints each case's name before running it and "done" at the end: a crash names its case on the line before.
+"emulated" runs csrc/cuda's kernels in the CPU emulator (tests/cuda_emu) instead of the CPU kernels; "probe"
+reads the byte just past a guarded tensor (end) or just before it (start), and must die.
+"""
+
+import ctypes
+import mmap
+import os
+import sys
+
+import torch
+
+PROT_NONE, PROT_READ, PROT_WRITE = 0, 1, 2
+MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
+PAGE = mmap.PAGESIZE
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_keep = []  # the mappings' ctypes arrays: never unmapped (the process is short-lived)
+
+
+def guarded(values, side):
+    """A copy of values (any strides are made contiguous) in a mapping of its own, against a PROT_NONE page at
+    its end (side "end") or its start ("start")."""
+    values = values.detach().contiguous()
+    nbytes = values.numel() * values.element_size()
+    data_pages = max(1, -(-nbytes // PAGE))
+    total = (data_pages + 2) * PAGE
+    address = _libc.mmap(None, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+    if address in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap failed")
+    for page in (0, data_pages + 1):
+        if _libc.mprotect(address + page * PAGE, PAGE, PROT_NONE) != 0:
+            raise OSError(ctypes.get_errno(), "mprotect failed")
+    buffer = (ctypes.c_char * total).from_address(address)
+    _keep.append(buffer)
+    offset = PAGE + (data_pages * PAGE - nbytes if side == "end" else 0)
+    out = torch.frombuffer(buffer, dtype=values.dtype, count=values.numel(), offset=offset).view(values.shape)
+    out.copy_(values)
+    return out
+
+
+def cases(side):
+    from hiertcn_fast import nn as fnn
+    from hiertcn_fast import ops
+
+    g = lambda t: guarded(t, side)  # noqa: E731
+
+    def conv(name, batch, time, c_in, c_out, k, dilation, groups, context=0, activation=None, residual=False,
+             dtype=torch.float32):
+        def run():
+            torch.manual_seed(0)
+            x = g(torch.randn(batch, time, c_in, dtype=dtype)).requires_grad_()
+            w = g(torch.randn(c_out, c_in // groups, k, dtype=dtype)).requires_grad_()
+            b = g(torch.randn(c_out, dtype=dtype)).requires_grad_()
+            kwargs = dict(dilation=dilation, groups=groups, activation=activation, backend="cpu")
+            if context:
+                kwargs["context"] = g(torch.randn(batch, context, dtype=dtype)).requires_grad_()
+                kwargs["context_weight"] = g(torch.randn(c_out, context, k, dtype=dtype)).requires_grad_()
+            if residual:
+                kwargs["residual"] = g(torch.randn(batch, time, c_out, dtype=dtype)).requires_grad_()
+            y = ops.causal_conv1d(x, w, b, **kwargs)
+            y.backward(g(torch.randn(y.shape, dtype=dtype)))
+            assert bool(torch.isfinite(y).all()) and bool(torch.isfinite(x.grad).all())
+        return name, run
+
+    def tcn_steps(name, batch, c_in, channels, k, context=0, dtype=torch.float32):
+        def run():
+            torch.manual_seed(1)
+            tcn = fnn.TCN(c_in, channels, kernel_size=k, context_channels=context, backend="cpu", dtype=dtype).eval()
+            state = tcn.init_state(batch)
+            for layer in state.layers:
+                layer.history = g(torch.randn(layer.history.shape, dtype=dtype))
+                layer.position = g(layer.position)
+            ctx = g(torch.randn(batch, context, dtype=dtype)) if context else None
+            with torch.no_grad():
+                for t in range(2 * k + 3):
+                    out = tcn.step(g(torch.randn(batch, c_in, dtype=dtype)), state, ctx)
+                    assert bool(torch.isfinite(out).all())
+                    if t == k:
+                        state.reset(torch.arange(batch) % 2 == 0)
+        return name, run
+
+    def one_layer_steps(name, batch, c_in, c_out, k, dilation, groups, dtype=torch.float32):
+        def run():
+            torch.manual_seed(2)
+            w = g(torch.randn(c_out, c_in // groups, k, dtype=dtype))
+            b = g(torch.randn(c_out, dtype=dtype))
+            state = fnn.CausalConv1d(c_in, c_out, k, dilation=dilation, groups=groups, dtype=dtype).init_state(batch)
+            state.history = g(torch.randn(state.history.shape, dtype=dtype))
+            state.position = g(state.position)
+            for _ in range(2 * k * dilation + 1):
+                y = ops.causal_conv1d_step(g(torch.randn(batch, c_in, dtype=dtype)), w, state, b, groups=groups,
+                                           activation="tanh", backend="cpu")
+                assert bool(torch.isfinite(y).all())
+        return name, run
+
+    def gru_cell(name, batch, input_size, hidden, bias=True, dtype=torch.float32):
+        def run():
+            torch.manual_seed(3)
+            args = [g(torch.randn(batch, input_size, dtype=dtype)), g(torch.randn(batch, hidden, dtype=dtype)),
+                    g(torch.randn(3 * hidden, input_size, dtype=dtype)), g(torch.randn(3 * hidden, hidden, dtype=dtype))]
+            if bias:
+                args += [g(torch.randn(3 * hidden, dtype=dtype)), g(torch.randn(3 * hidden, dtype=dtype))]
+            args = [a.requires_grad_() for a in args]
+            h = ops.gru_cell(*args, backend="cpu")
+            h.backward(g(torch.randn(h.shape, dtype=dtype)))
+            assert bool(torch.isfinite(h).all()) and all(bool(torch.isfinite(a.grad).all()) for a in args)
+        return name, run
+
+    def stack_weights(input_size, hidden, layers, dtype):
+        """Guarded (w_ih, w_hh, b_ih, b_hh) per layer, requiring gradients."""
+        weights = []
+        for layer in range(layers):
+            width = input_size if layer == 0 else hidden
+            shapes = [(3 * hidden, width), (3 * hidden, hidden), (3 * hidden,), (3 * hidden,)]
+            weights.append([g(torch.randn(shape, dtype=dtype)).requires_grad_() for shape in shapes])
+        return weights
+
+    def gru(name, batch, time, input_size, hidden, layers, dtype=torch.float32):
+        def run():
+            torch.manual_seed(4)
+            x = g(torch.randn(batch, time, input_size, dtype=dtype)).requires_grad_()
+            h0 = g(torch.randn(layers, batch, hidden, dtype=dtype)).requires_grad_()
+            weights = stack_weights(input_size, hidden, layers, dtype)
+            out, h_n = ops.gru(x, h0, weights, num_layers=layers, backend="cpu")
+            (out * g(torch.randn(out.shape, dtype=dtype))).sum().add(h_n.sum()).backward()
+            assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(x.grad).all())
+        return name, run
+
+    def session_update(name, batch, time, dim, hidden, layers, proj=False, dtype=torch.float32):
+        def run():
+            torch.manual_seed(5)
+            width = hidden if proj else dim
+            items = g(torch.randn(batch, time, dim, dtype=dtype)).requires_grad_()
+            lengths = g(torch.arange(batch) % (time + 1))
+            h = g(torch.randn(layers, batch, hidden, dtype=dtype)).requires_grad_()
+            keep = g((torch.arange(batch) % 3 != 1).to(dtype))
+            weights = stack_weights(width, hidden, layers, dtype)
+            kwargs = {}
+            if proj:
+                kwargs = dict(proj_weight=g(torch.randn(hidden, dim, dtype=dtype)).requires_grad_(),
+                              proj_bias=g(torch.randn(hidden, dtype=dtype)).requires_grad_())
+            out = ops.session_update(items, lengths, h, keep, weights, backend="cpu", **kwargs)
+            out.backward(g(torch.randn(out.shape, dtype=dtype)))
+            assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(items.grad).all())
+        return name, run
+
+    def gru_gates(name, batch, hidden, dtype=torch.float32):
+        def run():
+            torch.manual_seed(6)
+            args = [g(torch.randn(batch, 3 * hidden, dtype=dtype)).requires_grad_(),
+                    g(torch.randn(batch, 3 * hidden, dtype=dtype)).requires_grad_(),
+                    g(torch.randn(batch, hidden, dtype=dtype)).requires_grad_()]
+            h = ops.gru_gates(*args, backend="cpu")
+            h.backward(g(torch.randn(h.shape, dtype=dtype)))
+            assert bool(torch.isfinite(h).all()) and all(bool(torch.isfinite(a.grad).all()) for a in args)
+        return name, run
+
+    def cross_entropy(name, events, dim, classes, bias=True, dtype=torch.float32):
+        def run():
+            torch.manual_seed(7)
+            features = g(torch.randn(events, dim, dtype=dtype)).requires_grad_()
+            weight = g(torch.randn(classes, dim, dtype=dtype)).requires_grad_()
+            b = g(torch.randn(classes, dtype=dtype)).requires_grad_() if bias else None
+            targets = g(torch.arange(events) * 7 % classes)
+            loss = ops.linear_cross_entropy(features, weight, b, targets, backend="cpu")
+            loss.backward()
+            assert bool(torch.isfinite(loss)) and bool(torch.isfinite(weight.grad).all())
+        return name, run
+
+    return [
+        # output channels past a multiple of the CUDA kernels' 128 threads; depthwise and grouped
+        conv("conv depthwise 130", 2, 19, 130, 130, 3, 4, 130),
+        conv("conv grouped", 2, 17, 12, 18, 4, 3, 6, activation="gelu"),
+        conv("conv dense context residual", 3, 21, 16, 16, 5, 2, 1, context=24, activation="relu", residual=True),
+        conv("conv dense 130 to 131", 2, 23, 130, 131, 2, 1, 1, activation="tanh"),
+        conv("conv time 1", 2, 1, 8, 8, 5, 3, 1, context=4),
+        conv("conv float64 long dilation", 1, 37, 5, 7, 3, 16, 1, residual=False, dtype=torch.float64),
+        tcn_steps("tcn step", 3, 16, [16, 16, 16], 3, context=8),
+        tcn_steps("tcn step wide", 2, 130, [130, 131], 2),
+        one_layer_steps("one-layer step dense", 3, 6, 5, 3, 2, 1),
+        one_layer_steps("one-layer step depthwise", 2, 130, 130, 2, 3, 130),
+        gru_cell("gru_cell", 3, 5, 7),
+        gru_cell("gru_cell no bias", 2, 130, 129, bias=False),
+        gru("gru 2 layers", 3, 7, 5, 9, 2),
+        gru("gru hidden 130", 2, 3, 4, 130, 1),
+        session_update("session_update", 5, 4, 6, 7, 2),
+        session_update("session_update projected", 4, 3, 10, 6, 1, proj=True),
+        gru_gates("gru_gates", 3, 130),
+        cross_entropy("linear_cross_entropy", 5, 9, 1001),
+        cross_entropy("linear_cross_entropy no bias", 3, 130, 77, bias=False),
+    ]
+
+
+def main(mode, side):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    if mode == "probe":
+        t = guarded(torch.arange(10, dtype=torch.float32), side)
+        assert torch.equal(t, torch.arange(10, dtype=torch.float32))
+        print("probing", flush=True)
+        ctypes.string_at(t.data_ptr() + t.numel() * t.element_size() if side == "end" else t.data_ptr() - 1, 1)
+        print("done", flush=True)  # not reached: the read above dies of SIGSEGV
+        return
+    if mode == "emulated":
+        from cuda_emu import proxy
+        proxy.install()
+    elif mode != "cpu":
+        raise SystemExit(f"mode: cpu or emulated, not {mode!r}")
+    if side not in ("end", "start"):
+        raise SystemExit(f"side: end or start, not {side!r}")
+    torch.set_num_threads(2)
+    for name, run in cases(side):
+        print(name, flush=True)
+        run()
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

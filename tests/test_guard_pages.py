@@ -1,0 +1,37 @@
+"""Every compiled kernel (CPU, and CUDA's in the emulator) with its inputs against inaccessible pages: a read
+past the end or before the start of an input kills the process (tests/guard_pages.py), even when the value read
+is never used, which the NaN margins of the other tests cannot see."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the guard pages use Linux's mmap flags")
+
+
+def run(mode, side):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+    env.pop("HIERTCN_EMULATE_CUDA", None)
+    return subprocess.run([sys.executable, os.path.join(HERE, "guard_pages.py"), mode, side], env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("side", ["end", "start"])
+def test_a_read_past_a_guarded_tensor_kills_the_process(side):
+    result = run("probe", side)
+    assert result.returncode == -11, (result.returncode, result.stdout, result.stderr[-2000:])
+    assert result.stdout.splitlines() == ["probing"]
+
+
+@pytest.mark.parametrize("side", ["end", "start"])
+@pytest.mark.parametrize("mode", ["cpu", "emulated"])
+def test_no_kernel_reads_outside_its_inputs(mode, side):
+    result = run(mode, side)
+    lines = result.stdout.splitlines()
+    case = lines[-1] if lines else "(before the first case)"
+    assert result.returncode == 0, f"{mode} kernels, inputs guarded at their {side}: case {case!r} died " \
+                                   f"(status {result.returncode}):\n{result.stderr[-3000:]}"
+    assert lines[-1] == "done" and len(lines) > 10
