@@ -6,10 +6,11 @@ reach a result. Every input tensor (and the state histories the steps read and w
 whose neighbouring pages are PROT_NONE, once ending exactly where the page after it starts ("end") and once
 starting exactly where the page before it ends ("start").
 
-    python tests/guard_pages.py {cpu|emulated|probe} {end|start}
+    python tests/guard_pages.py {cpu|emulated|triton|probe} {end|start}
 
 prints each case's name before running it and "done" at the end: a crash names its case on the line before.
-"emulated" runs csrc/cuda's kernels in the CPU emulator (tests/cuda_emu) instead of the CPU kernels; "probe"
+"emulated" runs csrc/cuda's kernels in the CPU emulator (tests/cuda_emu) instead of the CPU kernels, "triton" the
+Triton kernels in Triton's interpreter (which reads and writes the tensors' memory where their masks allow); "probe"
 reads the byte just past a guarded tensor (end) or just before it (start), and must die.
 """
 
@@ -18,7 +19,10 @@ import mmap
 import os
 import sys
 
-import torch
+if len(sys.argv) > 1 and sys.argv[1] == "triton":
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: its kernels interpreted on CPU tensors
+
+import torch  # noqa: E402
 
 PROT_NONE, PROT_READ, PROT_WRITE = 0, 1, 2
 MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
@@ -52,7 +56,7 @@ def guarded(values, side):
     return out
 
 
-def cases(side):
+def cases(side, backend):
     from hiertcn_fast import nn as fnn
     from hiertcn_fast import ops
 
@@ -65,7 +69,7 @@ def cases(side):
             x = g(torch.randn(batch, time, c_in, dtype=dtype)).requires_grad_()
             w = g(torch.randn(c_out, c_in // groups, k, dtype=dtype)).requires_grad_()
             b = g(torch.randn(c_out, dtype=dtype)).requires_grad_()
-            kwargs = dict(dilation=dilation, groups=groups, activation=activation, backend="cpu")
+            kwargs = dict(dilation=dilation, groups=groups, activation=activation, backend=backend)
             if context:
                 kwargs["context"] = g(torch.randn(batch, context, dtype=dtype)).requires_grad_()
                 kwargs["context_weight"] = g(torch.randn(c_out, context, k, dtype=dtype)).requires_grad_()
@@ -79,7 +83,7 @@ def cases(side):
     def tcn_steps(name, batch, c_in, channels, k, context=0, dtype=torch.float32):
         def run():
             torch.manual_seed(1)
-            tcn = fnn.TCN(c_in, channels, kernel_size=k, context_channels=context, backend="cpu", dtype=dtype).eval()
+            tcn = fnn.TCN(c_in, channels, kernel_size=k, context_channels=context, backend=backend, dtype=dtype).eval()
             state = tcn.init_state(batch)
             for layer in state.layers:
                 layer.history = g(torch.randn(layer.history.shape, dtype=dtype))
@@ -103,7 +107,7 @@ def cases(side):
             state.position = g(state.position)
             for _ in range(2 * k * dilation + 1):
                 y = ops.causal_conv1d_step(g(torch.randn(batch, c_in, dtype=dtype)), w, state, b, groups=groups,
-                                           activation="tanh", backend="cpu")
+                                           activation="tanh", backend=backend)
                 assert bool(torch.isfinite(y).all())
         return name, run
 
@@ -115,7 +119,7 @@ def cases(side):
             if bias:
                 args += [g(torch.randn(3 * hidden, dtype=dtype)), g(torch.randn(3 * hidden, dtype=dtype))]
             args = [a.requires_grad_() for a in args]
-            h = ops.gru_cell(*args, backend="cpu")
+            h = ops.gru_cell(*args, backend=backend)
             h.backward(g(torch.randn(h.shape, dtype=dtype)))
             assert bool(torch.isfinite(h).all()) and all(bool(torch.isfinite(a.grad).all()) for a in args)
         return name, run
@@ -135,7 +139,7 @@ def cases(side):
             x = g(torch.randn(batch, time, input_size, dtype=dtype)).requires_grad_()
             h0 = g(torch.randn(layers, batch, hidden, dtype=dtype)).requires_grad_()
             weights = stack_weights(input_size, hidden, layers, dtype)
-            out, h_n = ops.gru(x, h0, weights, num_layers=layers, backend="cpu")
+            out, h_n = ops.gru(x, h0, weights, num_layers=layers, backend=backend)
             (out * g(torch.randn(out.shape, dtype=dtype))).sum().add(h_n.sum()).backward()
             assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(x.grad).all())
         return name, run
@@ -153,7 +157,7 @@ def cases(side):
             if proj:
                 kwargs = dict(proj_weight=g(torch.randn(hidden, dim, dtype=dtype)).requires_grad_(),
                               proj_bias=g(torch.randn(hidden, dtype=dtype)).requires_grad_())
-            out = ops.session_update(items, lengths, h, keep, weights, backend="cpu", **kwargs)
+            out = ops.session_update(items, lengths, h, keep, weights, backend=backend, **kwargs)
             out.backward(g(torch.randn(out.shape, dtype=dtype)))
             assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(items.grad).all())
         return name, run
@@ -164,7 +168,7 @@ def cases(side):
             args = [g(torch.randn(batch, 3 * hidden, dtype=dtype)).requires_grad_(),
                     g(torch.randn(batch, 3 * hidden, dtype=dtype)).requires_grad_(),
                     g(torch.randn(batch, hidden, dtype=dtype)).requires_grad_()]
-            h = ops.gru_gates(*args, backend="cpu")
+            h = ops.gru_gates(*args, backend=backend)
             h.backward(g(torch.randn(h.shape, dtype=dtype)))
             assert bool(torch.isfinite(h).all()) and all(bool(torch.isfinite(a.grad).all()) for a in args)
         return name, run
@@ -176,7 +180,7 @@ def cases(side):
             weight = g(torch.randn(classes, dim, dtype=dtype)).requires_grad_()
             b = g(torch.randn(classes, dtype=dtype)).requires_grad_() if bias else None
             targets = g(torch.arange(events) * 7 % classes)
-            loss = ops.linear_cross_entropy(features, weight, b, targets, backend="cpu")
+            loss = ops.linear_cross_entropy(features, weight, b, targets, backend=backend)
             loss.backward()
             assert bool(torch.isfinite(loss)) and bool(torch.isfinite(weight.grad).all())
         return name, run
@@ -188,7 +192,7 @@ def cases(side):
         conv("conv dense context residual", 3, 21, 16, 16, 5, 2, 1, context=24, activation="relu", residual=True),
         conv("conv dense 130 to 131", 2, 23, 130, 131, 2, 1, 1, activation="tanh"),
         conv("conv time 1", 2, 1, 8, 8, 5, 3, 1, context=4),
-        conv("conv float64 long dilation", 1, 37, 5, 7, 3, 16, 1, residual=False, dtype=torch.float64),
+        conv("conv long dilation", 1, 37, 5, 7, 3, 16, 1, dtype=torch.float64 if backend == "cpu" else torch.float32),
         tcn_steps("tcn step", 3, 16, [16, 16, 16], 3, context=8),
         tcn_steps("tcn step wide", 2, 130, [130, 131], 2),
         one_layer_steps("one-layer step dense", 3, 6, 5, 3, 2, 1),
@@ -200,9 +204,10 @@ def cases(side):
         session_update("session_update", 5, 4, 6, 7, 2),
         session_update("session_update projected", 4, 3, 10, 6, 1, proj=True),
         gru_gates("gru_gates", 3, 130),
+    ] + ([] if backend == "triton" else [  # (no Triton kernel)
         cross_entropy("linear_cross_entropy", 5, 9, 1001),
         cross_entropy("linear_cross_entropy no bias", 3, 130, 77, bias=False),
-    ]
+    ])
 
 
 def main(mode, side):
@@ -217,12 +222,12 @@ def main(mode, side):
     if mode == "emulated":
         from cuda_emu import proxy
         proxy.install()
-    elif mode != "cpu":
-        raise SystemExit(f"mode: cpu or emulated, not {mode!r}")
+    elif mode not in ("cpu", "triton"):
+        raise SystemExit(f"mode: cpu, emulated or triton, not {mode!r}")
     if side not in ("end", "start"):
         raise SystemExit(f"side: end or start, not {side!r}")
     torch.set_num_threads(2)
-    for name, run in cases(side):
+    for name, run in cases(side, "triton" if mode == "triton" else "cpu"):
         print(name, flush=True)
         run()
     print("done", flush=True)

@@ -1,6 +1,6 @@
-"""Every compiled kernel (CPU, and CUDA's in the emulator) with its inputs against inaccessible pages: a read
-past the end or before the start of an input kills the process (tests/guard_pages.py), even when the value read
-is never used, which the NaN margins of the other tests cannot see."""
+"""Every kernel (CPU, CUDA's in the emulator, Triton's in its interpreter) with its inputs against inaccessible
+pages: a read past the end or before the start of an input kills the process (tests/guard_pages.py), even when the
+value read is never used, which the NaN margins of the other tests cannot see."""
 
 import os
 import subprocess
@@ -27,7 +27,7 @@ def test_a_read_past_a_guarded_tensor_kills_the_process(side):
 
 
 @pytest.mark.parametrize("side", ["end", "start"])
-@pytest.mark.parametrize("mode", ["cpu", "emulated"])
+@pytest.mark.parametrize("mode", ["cpu", "emulated", "triton"])
 def test_no_kernel_reads_outside_its_inputs(mode, side):
     result = run(mode, side)
     lines = result.stdout.splitlines()
