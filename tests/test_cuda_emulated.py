@@ -9,6 +9,7 @@ the same arguments, with what a GPU would do differently made visible:
   output in one whose margins hold a sentinel that must survive (no write past its end), its own elements
   NaN until written (every element must be written);
 - a launch the CUDA runtime would refuse, or a barrier some threads skip, is an error.
+The CPU kernels' calls take the same guarded buffers, so that their reads and writes out of bounds fail too.
 The float16 and bfloat16 kernels, which the CPU kernels do not have, are compared with the CPU kernels in
 float32 on the same (rounded) inputs.
 
@@ -262,8 +263,8 @@ def test_causal_conv_forward_and_backward_equal_the_cpu_kernels(emu, case, optio
     if options[4] == "bits" and options[3] != 1:
         pytest.skip("sign bits are for relu only")
     inp = conv_inputs(case, options, dtype)
-    out, pre = conv_forward(cpu(), inp, guard=False)
-    expected = conv_backward(cpu(), inp, pre, guard=False)
+    out, pre = conv_forward(cpu(), inp, guard=True)
+    expected = conv_backward(cpu(), inp, pre, guard=True)
 
     def run():
         e_out, e_pre = conv_forward(emu, inp, guard=True)
@@ -290,8 +291,8 @@ def test_causal_conv_half_types_equal_the_cpu_kernels_in_float32(emu, case, dtyp
     options = CONV_OPTIONS[1]  # gelu, residual, pre as z
     inp = conv_inputs(case, options, dtype)
     wide = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
-    out, pre = conv_forward(cpu(), wide, guard=False)
-    grads = conv_backward(cpu(), wide, pre, guard=False)
+    out, pre = conv_forward(cpu(), wide, guard=True)
+    grads = conv_backward(cpu(), wide, pre, guard=True)
 
     def run():
         e_out, e_pre = conv_forward(emu, inp, guard=True)
@@ -418,7 +419,7 @@ def test_tcn_step_equals_the_cpu_kernel(emu, name):
     cpu_state = new_stack_state(layers, batch, dtype, guard=False)
     emu_state = new_stack_state(layers, batch, dtype, guard=False)
     for t in range(steps):
-        expected = stack_step(cpu(), xs[t], inp, *cpu_state, guard=False)
+        expected = stack_step(cpu(), xs[t], inp, *cpu_state, guard=True)
 
         def run():
             histories = [guarded_copy(h) for h in emu_state[0]]
@@ -523,7 +524,7 @@ def test_gru_layer_equals_the_cpu_kernels(emu, case, dtype):
     weights = gru_weights(1, input_size, hidden, dtype, g, bias)
     wide = torch.float32 if dtype in HALF_TYPES else dtype
     expected = gru_layer(cpu(), x.to(wide), h0.to(wide), [w.to(wide) for w in weights], grad_output.to(wide),
-                         guard=False)
+                         guard=True)
     got = both_orders(emu, lambda: gru_layer(emu, x, h0, weights, grad_output, guard=True))
     for name, value in expected.items():
         # Half types: the state is carried in float32 but every step's output, gates and gradients are stored
@@ -584,7 +585,7 @@ def test_session_update_equals_the_cpu_kernels(emu, dtype, projection):
                     proj=None if proj is None else tuple(t.to(dtype).to(dt) for t in proj),
                     grad_out=grad_out.to(dtype).to(dt))
 
-    expected = session_update(cpu(), **cast(wide), guard=False)
+    expected = session_update(cpu(), **cast(wide), guard=True)
     got = both_orders(emu, lambda: session_update(emu, **cast(dtype), guard=True))
     for name, value in expected.items():
         scale = None if dtype not in HALF_TYPES else float(value.abs().max()) * 4
@@ -644,7 +645,7 @@ def test_causal_conv_tap_whose_window_ends_at_step_zero(emu):
     """A tap whose offset is exactly kTimeTile - 1 = 15 reads only step 0 in the first tile (s_last == 0)."""
     case, options = (1, 20, 4, 4, 2, 15, 1), CONV_OPTIONS[1]
     inp = conv_inputs(case, options, torch.float64)
-    out, _ = conv_forward(cpu(), inp, guard=False)
+    out, _ = conv_forward(cpu(), inp, guard=True)
     got = both_orders(emu, lambda: dict(out=conv_forward(emu, inp, guard=True)[0]))
     close(got["out"], out, torch.float64, "out")
 
@@ -661,7 +662,7 @@ def test_tcn_step_half_types_equal_the_cpu_kernel_in_float32(emu, name, dtype):
     cpu_state = new_stack_state(layers, batch, torch.float32, guard=False)
     emu_state = new_stack_state(layers, batch, dtype, guard=False)
     for t in range(steps):
-        expected = stack_step(cpu(), xs[t].float(), wide, *cpu_state, guard=False)
+        expected = stack_step(cpu(), xs[t].float(), wide, *cpu_state, guard=True)
 
         def run():
             histories = [guarded_copy(h) for h in emu_state[0]]
@@ -759,7 +760,7 @@ def test_gru_gates_ops_with_strided_rows_equal_the_cpu_kernels(emu, dtype):
                 assert_written_within(t, name)
         return result
 
-    expected = call(cpu(), guard=False)
+    expected = call(cpu(), guard=True)
     got = both_orders(emu, lambda: call(emu, guard=True))
     for name, value in expected.items():
         close(got[name], value, dtype, name)
@@ -774,6 +775,6 @@ def test_session_mean_has_the_cpu_kernels_bits(emu, dtype):
     lengths, keep = torch.tensor([0, 1, 6, 3, 5]), torch.ones(batch, dtype=dtype)
     h, grad_out = torch.randn(layers, batch, hidden, dtype=dtype), torch.randn(layers, batch, hidden, dtype=dtype)
     weights = gru_weights(layers, dim, hidden, dtype, g)
-    expected = session_update(cpu(), items, lengths, h, keep, weights, None, grad_out, guard=False)
+    expected = session_update(cpu(), items, lengths, h, keep, weights, None, grad_out, guard=True)
     got = both_orders(emu, lambda: session_update(emu, items, lengths, h, keep, weights, None, grad_out, guard=True))
     assert same_bits(got["session_mean"], expected["session_mean"])
