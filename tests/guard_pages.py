@@ -4,11 +4,14 @@ A kernel that reads past the end (or before the start) of an input, even a value
 the page and the process dies of SIGSEGV: the NaN margins of the other tests catch only reads whose values
 reach a result. Every input tensor (and the state histories the steps read and write) lives in its own mapping
 whose neighbouring pages are PROT_NONE, once ending exactly where the page after it starts ("end") and once
-starting exactly where the page before it ends ("start").
+starting exactly where the page before it ends ("start"). The kernels' entry points (the *_out ops) also get every
+tensor argument so placed, for the call: the buffers an op makes for itself (packed weights, saved
+pre-activations, the pre-activation gradient, outputs) are guarded too, against reads and writes.
 
     python tests/guard_pages.py {cpu|emulated|triton|probe} {end|start}
 
-prints each case's name before running it and "done" at the end: a crash names its case on the line before.
+prints each case's name before running it, then the *_out ops it guarded, and "done" at the end: a crash names
+its case on the line before.
 "emulated" runs csrc/cuda's kernels in the CPU emulator (tests/cuda_emu) instead of the CPU kernels, "triton" the
 Triton kernels in Triton's interpreter (which reads and writes the tensors' memory where their masks allow); "probe"
 reads the byte just past a guarded tensor (end) or just before it (start), and must die.
@@ -54,6 +57,59 @@ def guarded(values, side):
     out = torch.frombuffer(buffer, dtype=values.dtype, count=values.numel(), offset=offset).view(values.shape)
     out.copy_(values)
     return out
+
+
+class GuardedOps:
+    """torch.ops.hiertcn_fast with every tensor argument of its *_out ops moved, for the call, into a guarded
+    mapping of its own: the kernels' entry points take the buffers an op makes for itself too (packed weights,
+    saved pre-activations and gates, the pre-activation gradient, partial sums, outputs), which the cases cannot
+    reach, so a read or a write past any of them dies as well. The arguments the op writes are copied back."""
+
+    seen = set()  # the names of the ops called through it
+
+    def __init__(self, real, side):
+        self._real, self._side = real, side
+
+    def __getattr__(self, name):
+        op = getattr(self._real, name)
+        return _GuardedOp(op, self._side, name) if name.endswith("_out") else op
+
+
+class _GuardedOp:
+    def __init__(self, op, side, name):
+        self._op, self._side, self._name = op, side, name
+        overload = op if isinstance(op, torch._ops.OpOverload) else op.default
+        arguments = overload._schema.arguments
+        self._names = [a.name for a in arguments]
+        self._written = {a.name for a in arguments if a.alias_info is not None and a.alias_info.is_write}
+
+    def __call__(self, *args, **kwargs):
+        bound = dict(zip(self._names, args), **kwargs)
+        moved, written = {}, []  # id -> guarded copy (one per tensor, so arguments that alias still do)
+
+        def move(name, value):
+            if isinstance(value, torch.Tensor):
+                if value.numel() == 0:
+                    return value
+                if id(value) not in moved:
+                    moved[id(value)] = guarded(value, self._side)
+                    if name in self._written:
+                        written.append((value, moved[id(value)]))
+                return moved[id(value)]
+            if isinstance(value, (list, tuple)):
+                return type(value)(move(name, v) for v in value)
+            return value
+
+        GuardedOps.seen.add(self._name)
+        result = self._op(**{name: move(name, value) for name, value in bound.items()})
+        assert result is None, "an *_out op returned a value"
+        with torch.no_grad():
+            for original, copy in written:
+                original.copy_(copy)
+
+    def __getattr__(self, name):
+        attr = getattr(self._op, name)
+        return _GuardedOp(attr, self._side, self._name) if isinstance(attr, torch._ops.OpOverload) else attr
 
 
 def cases(side, backend):
@@ -226,10 +282,12 @@ def main(mode, side):
         raise SystemExit(f"mode: cpu, emulated or triton, not {mode!r}")
     if side not in ("end", "start"):
         raise SystemExit(f"side: end or start, not {side!r}")
+    torch.ops.hiertcn_fast = GuardedOps(torch.ops.hiertcn_fast, side)
     torch.set_num_threads(2)
     for name, run in cases(side, "triton" if mode == "triton" else "cpu"):
         print(name, flush=True)
         run()
+    print("guarded:", " ".join(sorted(GuardedOps.seen)), flush=True)
     print("done", flush=True)
 
 
