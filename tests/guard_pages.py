@@ -38,10 +38,18 @@ _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _keep = []  # the mappings' ctypes arrays: never unmapped (the process is short-lived)
 
 
-def guarded(values, side):
-    """A copy of values (any strides are made contiguous) in a mapping of its own, against a PROT_NONE page at
-    its end (side "end") or its start ("start")."""
-    values = values.detach().contiguous()
+def guarded(values, side, keep_strides=False):
+    """A copy of values in a mapping of its own, against a PROT_NONE page at its end (side "end") or its start
+    ("start"). Its strides are made contiguous, or with keep_strides kept (for strides that neither overlap nor
+    go backwards): the first and the last element it spans then lie against the pages."""
+    values = values.detach()
+    if keep_strides and not values.is_contiguous() and all(st > 0 for st in values.stride()):
+        span = 1 + sum((n - 1) * st for n, st in zip(values.shape, values.stride()))
+        room = guarded(torch.zeros(span, dtype=values.dtype), side)
+        out = room.as_strided(values.shape, values.stride())
+        out.copy_(values)
+        return out
+    values = values.contiguous()
     nbytes = values.numel() * values.element_size()
     data_pages = max(1, -(-nbytes // PAGE))
     total = (data_pages + 2) * PAGE
@@ -92,7 +100,7 @@ class _GuardedOp:
                 if value.numel() == 0:
                     return value
                 if id(value) not in moved:
-                    moved[id(value)] = guarded(value, self._side)
+                    moved[id(value)] = guarded(value, self._side, keep_strides=True)
                     if name in self._written:
                         written.append((value, moved[id(value)]))
                 return moved[id(value)]
@@ -218,13 +226,16 @@ def cases(side, backend):
             assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(items.grad).all())
         return name, run
 
-    def gru_gates(name, batch, hidden, dtype=torch.float32):
+    def gru_gates(name, batch, hidden, strided=False, dtype=torch.float32):
         def run():
             torch.manual_seed(6)
             args = [g(torch.randn(batch, 3 * hidden, dtype=dtype)).requires_grad_(),
                     g(torch.randn(batch, 3 * hidden, dtype=dtype)).requires_grad_(),
                     g(torch.randn(batch, hidden, dtype=dtype)).requires_grad_()]
-            h = ops.gru_gates(*args, backend=backend)
+            inputs = args
+            if strided:  # rows of wider tensors: the kernels index gi, gh and h by their row strides
+                inputs = [torch.cat([a, torch.zeros(batch, 5, dtype=dtype)], 1)[:, :a.shape[1]] for a in args]
+            h = ops.gru_gates(*inputs, backend=backend)
             h.backward(g(torch.randn(h.shape, dtype=dtype)))
             assert bool(torch.isfinite(h).all()) and all(bool(torch.isfinite(a.grad).all()) for a in args)
         return name, run
@@ -260,6 +271,7 @@ def cases(side, backend):
         session_update("session_update", 5, 4, 6, 7, 2),
         session_update("session_update projected", 4, 3, 10, 6, 1, proj=True),
         gru_gates("gru_gates", 3, 130),
+        gru_gates("gru_gates strided rows", 3, 130, strided=True),
     ] + ([] if backend == "triton" else [  # (no Triton kernel)
         cross_entropy("linear_cross_entropy", 5, 9, 1001),
         cross_entropy("linear_cross_entropy no bias", 3, 130, 77, bias=False),
