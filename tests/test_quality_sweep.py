@@ -23,10 +23,18 @@ def _run(model, seed, recall, mrr, lr=1e-2, dropout=0.3, split="test"):
             "per_user": dict(figures), "per_event": {k: v / 2 for k, v in figures.items()}}
 
 
-def test_selection_takes_the_best_recall_and_breaks_ties_by_mrr():
+def test_selection_takes_the_best_mean_recall_over_seeds_and_breaks_ties_by_mrr():
     runs = [_run("a", 0, 0.20, 0.09, lr=3e-3), _run("a", 0, 0.25, 0.08, lr=1e-2), _run("a", 0, 0.25, 0.10, lr=3e-2),
             _run("a", 0, 0.24, 0.20, lr=1e-1)]
     assert sweep.select(runs)["lr"] == 3e-2
+    # Over two seeds the setting with the best single run (lr 3e-2, 0.30) loses on the mean to a steadier one.
+    runs = [_run("a", 0, 0.30, 0.1, lr=3e-2), _run("a", 1, 0.18, 0.1, lr=3e-2),
+            _run("a", 0, 0.25, 0.1, lr=1e-2), _run("a", 1, 0.25, 0.1, lr=1e-2),
+            _run("a", 0, 0.26, 0.1, lr=1e-2, dropout=0.5), _run("a", 1, 0.22, 0.1, lr=1e-2, dropout=0.5)]
+    chosen = sweep.select(runs)
+    assert (chosen["lr"], chosen["dropout"], chosen["seeds"]) == (1e-2, 0.3, [0, 1])
+    assert chosen["per_user"]["Recall@10"] == pytest.approx(0.25)
+    assert chosen["default"]["Recall@10"] == pytest.approx(0.25)  # the main job's setting, shown beside it
 
 
 def test_table_means_sample_deviations_and_wins():
@@ -62,7 +70,7 @@ def test_the_default_run_is_the_main_jobs_run_and_selection_sees_only_validation
     monkeypatch.setattr(sweep, "evaluate", lambda model, cache, split, config: splits.append(split)
                         or evaluate(model, cache, split, config))
     assert sweep.main(["--out", str(tmp_path / "q"), "--models", "hiertcn", "--lrs", "0.01,0.03", "--dropouts", "0.3",
-                       "--seeds", "0", "--epochs", "1", "--cache-dir", cache_dir]) == 0
+                       "--seeds", "0", "--selection-seeds", "0", "--epochs", "1", "--cache-dir", cache_dir]) == 0
     record = json.loads((tmp_path / "q" / "quality.json").read_text())
     assert splits[:2] == ["valid", "valid"] and set(splits[2:]) == {"test"}
     assert [r["split"] for r in record["selection_runs"]] == ["valid", "valid"]
