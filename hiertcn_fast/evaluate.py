@@ -106,6 +106,9 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, padding_item: int 
     if targets.shape != (n,) or targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise ValueError(f"targets must be (events,) = ({n},) integer item ids, got shape {tuple(targets.shape)} "
                          f"and dtype {targets.dtype}")
+    if targets.device != scores.device:
+        raise ValueError(f"targets must be on the scores' device ({scores.device}), got {targets.device}; "
+                         f"move them with .to(scores.device)")
     _check_targets(targets, num_columns, padding_item)
     targets = targets.to(torch.int64)  # gather's index (int8 or int16 ids would fail inside it)
     higher = torch.empty(n, dtype=torch.int64, device=scores.device)

@@ -234,6 +234,10 @@ def test_target_ranks_counts():
     nan_target = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, float("nan"), 2.0]])
     with pytest.raises(ValueError, match="the target of event 1 scores NaN"):
         target_ranks(nan_target, torch.tensor([1, 2]))
+    # Targets on another device than the scores: a ValueError that says so (it was gather's RuntimeError). The meta
+    # device stands in for a GPU here.
+    with pytest.raises(ValueError, match=r"targets must be on the scores' device \(cpu\), got meta"):
+        target_ranks(scores, torch.tensor([2, 1], device="meta"))
 
 
 def test_half_precision_scores(device):
