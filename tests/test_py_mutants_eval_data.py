@@ -11,19 +11,13 @@ import torch
 from hiertcn_fast.data import ArraySource, LaneStateCache, PreprocessParams, SessionBatcher, preprocess
 from hiertcn_fast.evaluate import RankingMetrics
 from hiertcn_fast.models import RepeatPrevious, iter_split_events
+from test_models_rules import LOG, PARAMS
 
 # Raw items 10, 20, 30, 40 become dense ids 1, 2, 3, 4 (as in test_models_rules.py). Sessions split at gaps
 # >= 50 s; warm split: sessions starting after 90% of the time span (0..9710) are the test split.
 # Training counts: item 2 three times, items 1 and 3 twice, item 4 never, so popularity is 2, 1, 3, 4 and item 4,
 # the least popular item, is repeated in user 3's last test session.
-REPEAT_LOG = [  # (user, raw item, time)
-    (1, 10, 0), (1, 20, 10), (1, 30, 20),                        # train
-    (2, 10, 100), (2, 20, 110), (2, 20, 200), (2, 30, 210),      # train: two sessions
-    (2, 30, 9700), (2, 10, 9710),                                # test
-    (3, 10, 9500), (3, 20, 9510), (3, 40, 9600), (3, 40, 9610),  # test: two sessions, the second repeats 40
-]
-PARAMS = PreprocessParams(min_item_count=1, min_user_count=1, max_user_count=None, session_gap=50.0,
-                          max_session_length=None, split="warm", num_partitions=1)
+REPEAT_LOG = LOG + [(3, 40, 9610)]  # test_models_rules' log, and user 3's second test session repeats 40
 
 
 @pytest.fixture(scope="module")
