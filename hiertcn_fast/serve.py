@@ -688,27 +688,33 @@ class StreamingRecommender:
         """Restore users saved by :meth:`state_dict` / :meth:`export_users` (replacing their current
         state; other users are kept). The model must be the one they were made with, and the session rules
         (session_gap, max_session_length) the ones they were saved with. Everything is checked before anything
-        is changed: a refused state leaves the recommender as it was."""
+        is changed: a refused state leaves the recommender as it was. A load that fails part way through (out of
+        memory, an interrupt) changes nothing either: the known users' rows are put back and the new users dropped,
+        so no user is left half loaded (its GRU state written, its session not)."""
         values = self._checked_saved(saved)
         users = list(saved["users"])
         known = len(self.user_slot)
+        replaced = [self.user_slot[user] for user in users if user in self.user_slot]
         for user in users:
             if user not in self.user_slot:
                 self.user_slot[user] = len(self.user_slot)
         try:
             if len(self.user_slot) > self.capacity:
                 self._grow(max(2 * self.capacity, len(self.user_slot)))
+            rows = torch.tensor([self.user_slot[u] for u in users], dtype=torch.int64, device=self.device)
+            at_risk = torch.tensor(replaced, dtype=torch.int64, device=self.device)
+            with self._all_or_nothing(at_risk) if replaced else contextlib.nullcontext():
+                self.state[:, rows] = values["state"]
+                self._states_changed(rows)
+                for layer, history, position in zip(self.conv.layers, values["conv_history"],
+                                                    values["conv_position"]):
+                    layer.history[rows] = history
+                    layer.position[rows] = position
+                for name in ("session_sum", "session_count", "features", "last_time"):
+                    getattr(self, name)[rows] = values[name]
         except BaseException:
             self._unregister_from(known)
             raise
-        rows = torch.tensor([self.user_slot[u] for u in users], dtype=torch.int64, device=self.device)
-        self.state[:, rows] = values["state"]
-        self._states_changed(rows)
-        for layer, history, position in zip(self.conv.layers, values["conv_history"], values["conv_position"]):
-            layer.history[rows] = history
-            layer.position[rows] = position
-        for name in ("session_sum", "session_count", "features", "last_time"):
-            getattr(self, name)[rows] = values[name]
 
     def _checked_saved(self, saved) -> dict:
         """The tensors of a saved state, checked against this recommender and converted to its device and dtypes."""
