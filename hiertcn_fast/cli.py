@@ -278,6 +278,9 @@ def _train_and_report(args, device, started, main_rank) -> int:
                  f"{'full softmax' if args.loss == 'full' else f'sampled softmax ({args.num_sampled} items, log-q)'}, "
                  f"seed {args.seed}, device {device}, backend {backend}, "
                  f"{torch.get_num_threads()} CPU thread(s)",
+                 "every neural model trained once, at this one setting and seed: how the ranking moves over seeds "
+                 "and with each model's own setting chosen on the validation split is what "
+                 "benchmarks/quality_sweep.py measures",
                  "peak memory: neural models on CPU = data memory (largest step's batch + saved activations); on "
                  "GPU the device peak; rules = peak traced host memory",
                  f"wall time from the command's start to this report (its plots excluded): {wall:.0f} s"

@@ -150,3 +150,5 @@ def test_an_earlier_report_is_replaced_and_the_job_says_so(tmp_path, cache_dir, 
     assert document["metadata"]["status"] == "complete" and document["metadata"]["models_failed"] == {}
     # The data notes say how preprocessing filtered and truncated the log (finding: filters see the whole log).
     assert any("BEFORE the split" in note and "dropped 67,768 events" in note for note in document["notes"])
+    # The report says its models were trained once, at one setting and seed, and where the spread is measured.
+    assert any("at this one setting and seed" in note and "quality_sweep.py" in note for note in document["notes"])
