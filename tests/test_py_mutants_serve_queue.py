@@ -265,7 +265,9 @@ def consume_bounded(queue, on_item=None):
     if consumer.is_alive():
         queue._ring.abandon()  # let the producers go; the consumer's get() raises on its next poll
         consumer.join(BOUND)
+        assert queue.close(BOUND), "producers still running"
         pytest.fail(f"consumer still waiting after {[seq for seq, _ in got]}")
+    assert queue.close(BOUND), "producers still running after the stream ended"
     return got, outcome.get("error")
 
 
