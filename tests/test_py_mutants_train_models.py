@@ -381,3 +381,17 @@ def test_warm_test_evaluation_starts_from_the_train_and_valid_sessions(tmp_path)
     for unit in ("per_user", "per_event"):
         for metric in ("Recall@10", "MRR"):
             assert result[unit]["all"][metric] == pytest.approx(expected[unit]["all"][metric], rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["hiertcn", "session_gru"])
+def test_the_start_token_stays_zero_through_training(cache, name):
+    """Kills: the item embedding built without ``padding_idx=0`` (models/base.py). Row 0 is zeroed at
+    construction either way, but without it the start token of every session learns like an item, where the paper
+    has a zero start token. After a few Adam steps row 0 must still be exactly zero, while the item rows move."""
+    sizes = TINY if name == "hiertcn" else dict(embedding_dim=8, hidden=8)
+    model = build_model(name, cache.num_items, seed=1, **sizes)
+    before = model.item_embedding.weight.detach().clone()
+    Trainer(model, cache, _config(max_steps=3), out=None).train()
+    after = model.item_embedding.weight.detach()
+    assert not after[0].any() and not before[0].any()
+    assert not torch.equal(after[1:], before[1:])
