@@ -2,16 +2,14 @@
 survive (a mutation-testing audit). Every expected value is hand-computed or recomputed with plain numpy/Python,
 never taken from the code under test."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 
 from hiertcn_fast.data import ArraySource, LaneStateCache, PreprocessParams, SessionBatcher, preprocess
 from hiertcn_fast.evaluate import RankingMetrics
-from hiertcn_fast.models import RepeatPrevious, iter_split_events
-from test_models_rules import LOG, PARAMS
+from hiertcn_fast.models import RepeatPrevious
+from test_models_rules import LOG, PARAMS, _one_chunk
 
 # Raw items 10, 20, 30, 40 become dense ids 1, 2, 3, 4 (as in test_models_rules.py). Sessions split at gaps
 # >= 50 s; warm split: sessions starting after 90% of the time span (0..9710) are the test split.
@@ -26,16 +24,6 @@ def repeat_cache(tmp_path_factory):
     return preprocess(ArraySource(user, item, timestamp, name="repeat"), tmp_path_factory.mktemp("repeat"), PARAMS)
 
 
-def _test_events_by_raw_user(cache):
-    chunks = list(iter_split_events(cache, "test", history="user", chunk_size=1000))
-    assert len(chunks) == 1
-    events = chunks[0]
-    order = np.argsort(np.asarray(cache.user_raw_id)[events.user], kind="stable")
-    return dataclasses.replace(events, **{field: getattr(events, field)[order]
-                              for field in ("user", "target", "first_in_session", "session", "event",
-                                            "history_start")})
-
-
 def test_repeat_previous_puts_an_unpopular_previous_item_first(repeat_cache):
     """Kills R6 (rules.py: RepeatPrevious adds 0.5 instead of 1.0) and any signal that does not dominate the
     popularity key: the previous item must rank first even when it is the least popular item of the catalogue.
@@ -45,7 +33,7 @@ def test_repeat_previous_puts_an_unpopular_previous_item_first(repeat_cache):
     Orders: prev 3 -> 3,2,1,4; prev 0 -> 2,1,3,4; prev 1 -> 1,2,3,4; prev 2 -> 2,1,3,4; prev 4 -> 4,2,1,3.
     Target ranks: 1, 3, 2, 2, 4, 1. (With +0.5, item 4 scores 0.7 < 0.8 of item 2: the last rank becomes 2.)
     """
-    events = _test_events_by_raw_user(repeat_cache)
+    events = _one_chunk(repeat_cache)
     assert events.target.tolist() == [3, 1, 1, 2, 4, 4]  # the hand computation's events
     rule = RepeatPrevious().fit(repeat_cache)
     scores = rule.score(events)

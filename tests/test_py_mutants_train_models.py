@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from hiertcn_fast.evaluate import RankingMetrics, batch_targets
 from hiertcn_fast.models import HRNN, HierGRU, HierTCN, SessionGRU, iter_split_events
 from hiertcn_fast.train import TrainConfig, Trainer, build_model, evaluate
+from conv_helpers import left_padded_conv1d
+from gru_helpers import torch_gru_cell
 from model_helpers import lane_batch, synthetic_cache, one_thread  # noqa: F401 (autouse fixture)
 
 NUM_ITEMS = 23
@@ -37,22 +39,12 @@ def _batch(keep_throughout=False):
 
 # ---- plain-torch recomputations ------------------------------------------------------------------
 
-def _gru_cell(x, h, w_ih, w_hh, b_ih, b_hh):
-    """One GRU step, PyTorch's convention (gates r, z, n): x (in,), h (hidden,) -> (hidden,)."""
-    gi, gh = w_ih @ x + b_ih, w_hh @ h + b_hh
-    hidden = h.shape[0]
-    r = torch.sigmoid(gi[:hidden] + gh[:hidden])
-    z = torch.sigmoid(gi[hidden:2 * hidden] + gh[hidden:2 * hidden])
-    n = torch.tanh(gi[2 * hidden:] + r * gh[2 * hidden:])
-    return (1 - z) * n + z * h
-
-
 def _gru_layers_step(gru, x, hs):
     """One step of a stacked GRU module: x (in,), hs [layer states] -> new layer states."""
     new = []
     for layer, h in enumerate(hs):
         w = [getattr(gru, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-        x = _gru_cell(x, h, *w)
+        x = torch_gru_cell(x[None], h[None], *w)[0]  # torch's own GRU cell, one row
         new.append(x)
     return new
 
@@ -64,13 +56,6 @@ def _gru_sequence(gru, xs, hs):
         hs = _gru_layers_step(gru, x, hs)
         outputs.append(hs[-1])
     return torch.stack(outputs), hs
-
-
-def _causal_conv(x, weight, bias, dilation):
-    """x (time, in), weight (out, in, k) -> (time, out), left zero padding (k - 1) * dilation."""
-    k = weight.shape[-1]
-    padded = F.pad(x.T[None], ((k - 1) * dilation, 0))
-    return F.conv1d(padded, weight, bias, dilation=dilation)[0].T
 
 
 def _tcn(tcn, x, context):
@@ -85,7 +70,7 @@ def _tcn(tcn, x, context):
         else:
             wide, weight = x, conv.weight
             residual = x if block.projection is None else block.projection(x)
-        x = torch.relu(torch.relu(_causal_conv(wide, weight, conv.bias, conv.dilation)) + residual)
+        x = torch.relu(torch.relu(left_padded_conv1d(wide[None], weight, conv.bias, conv.dilation)[0]) + residual)
     return x
 
 
