@@ -148,6 +148,17 @@ def _integer_ids(values, role: str) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.int64)
 
 
+def _event_types(values, role: str) -> frozenset:
+    """A collection of event types as a set of ints, refusing anything that is not a whole number (int(4.7) would
+    silently filter type 4)."""
+    types = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{role} must hold integer event types, got {value!r}")
+        types.append(int(value))
+    return frozenset(types)
+
+
 class ArraySource(InteractionSource):
     """An in-memory log of equal-length arrays (user, item: integers; timestamp: seconds).
 
@@ -159,6 +170,9 @@ class ArraySource(InteractionSource):
     def __init__(self, user, item, timestamp, name: str = "arrays"):
         self.user = _integer_ids(user, "user")
         self.item = _integer_ids(item, "item")
+        timestamp = np.asarray(timestamp)
+        if timestamp.dtype.kind not in "iuf":  # a cast would read "10" or True as a time
+            raise ValueError(f"timestamp must be numeric (an integer or floating dtype), got dtype {timestamp.dtype}")
         self.timestamp = np.ascontiguousarray(timestamp, dtype=np.float64)
         if not (self.user.ndim == self.item.ndim == self.timestamp.ndim == 1
                 and self.user.shape == self.item.shape == self.timestamp.shape):
@@ -258,8 +272,9 @@ class DelimitedSource(InteractionSource):
                                  f"got {column}")
         self.delimiter = delimiter
         self.header = header
-        self.drop_event_types = frozenset(int(t) for t in drop_event_types)
-        self.known_event_types = None if known_event_types is None else frozenset(int(t) for t in known_event_types)
+        self.drop_event_types = _event_types(drop_event_types, "drop_event_types")
+        self.known_event_types = None if known_event_types is None else _event_types(known_event_types,
+                                                                                     "known_event_types")
         if self.known_event_types is not None and not self.drop_event_types <= self.known_event_types:
             raise ValueError("drop_event_types must be a subset of known_event_types")
         if event_type is None and (self.drop_event_types or self.known_event_types is not None):

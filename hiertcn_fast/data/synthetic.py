@@ -45,7 +45,7 @@ class SyntheticSource(InteractionSource):
                  start_time: float = 1.5e9):
         for arg, value, low in (("num_events", num_events, 1), ("num_items", num_items, 1),
                                 ("num_topics", num_topics, 1), ("interests_per_user", interests_per_user, 1),
-                                ("users_per_block", users_per_block, 1)):
+                                ("users_per_block", users_per_block, 1), ("seed", seed, 0)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{arg} must be an integer >= {low}, got {value!r}")
         if num_topics > num_items:
