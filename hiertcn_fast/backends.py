@@ -70,9 +70,15 @@ class BackendStatus:
         return text + (f"\n{'':<15}fix: {self.fix}" if self.fix else "")
 
 
+# The words Triton reads as true in TRITON_INTERPRET (triton.knobs' boolean variables; any case): any other value,
+# "false" and "off" included, leaves its kernels compiled.
+_TRITON_TRUE = ("1", "true", "yes", "on", "y")
+
+
 def triton_interpreted() -> bool:
-    """True when Triton kernels run in the interpreter (TRITON_INTERPRET=1), on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton kernels run in the interpreter (TRITON_INTERPRET=1), on CPU tensors: read as Triton
+    reads it."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRITON_TRUE
 
 
 def _release(version: str) -> tuple:

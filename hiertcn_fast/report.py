@@ -79,8 +79,10 @@ class ModelResult:
         self.training_curve = curve
         for field in ("events_per_second", "peak_memory_bytes"):
             value = getattr(self, field)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-                raise ValueError(f"{field} of {self.name!r} must be a non-negative number or None, got {value!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 <= value < math.inf):  # (NaN fails both comparisons)
+                raise ValueError(f"{field} of {self.name!r} must be a finite non-negative number or None, got "
+                                 f"{value!r}")
 
 
 def _as_results(results) -> list[ModelResult]:

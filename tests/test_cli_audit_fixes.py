@@ -38,6 +38,11 @@ def _usage_error(capsys, argv):
     ("--device", "meta", "argument --device: expected cpu, cuda or cuda:N, got 'meta'"),
     ("--device", "cuda:-1", "argument --device: expected cpu, cuda or cuda:N, got 'cuda:-1'"),
     ("--dataset", "foo", "argument --dataset: invalid choice: 'foo'"),
+    # From the mutation audit of cli.py (tests/test_py_mutants_history_cli.py): C5, an infinite --lr accepted, and
+    # C15, --models "," accepted as no model at all.
+    ("--lr", "inf", "argument --lr: expected a positive finite number, got 'inf'"),
+    ("--models", ",", "argument --models: unknown models [] in ','"),
+    ("--models", " , ", "argument --models: unknown models [] in ' , '"),
 ])
 def test_a_bad_device_or_dataset_is_a_usage_error(no_job, tmp_path, capsys, flag, value, expected):
     out = tmp_path / "report"

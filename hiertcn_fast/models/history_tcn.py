@@ -79,7 +79,8 @@ class UserHistoryBatcher:
 
     ``by_length`` (default) groups users of similar history length into a batch, which cuts the
     padding several-fold (ml-100k: mean 33 events, longest 254); with ``shuffle`` the order of the
-    batches (and of equal-length users) is a permutation that is a function of (seed, epoch).
+    batches (and of equal-length users) is a permutation that is a function of (seed, epoch), and a short batch
+    (users % users_per_batch of them, the longest users) stays last.
     ``max_session_length`` truncates sessions as the lane batcher does (None: none).
     ``context_splits``: splits whose sessions of the same users come first as read-only history (a
     warm split's evaluation: train and valid before test); their events are not predicted.
@@ -156,7 +157,10 @@ class UserHistoryBatcher:
         order = order[np.argsort(self._lengths[order], kind="stable")]
         batches = [order[i:i + self.users_per_batch] for i in range(0, count, self.users_per_batch)]
         if rng is not None:
-            batches = [batches[k] for k in rng.permutation(len(batches))]
+            # batch(index) slices this order every users_per_batch users: a short batch (the remainder) stays last,
+            # or every slice after it would straddle two length groups.
+            full = [k for k in rng.permutation(len(batches)) if batches[k].shape[0] == self.users_per_batch]
+            batches = [batches[k] for k in full] + batches[len(full):]
         return np.concatenate(batches) if batches else order
 
     def batch(self, index: int, epoch: int | None = None) -> HistoryBatch:
