@@ -6,8 +6,10 @@ a float64 logsumexp, torch.nn.init under the same seed), never taken from the co
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from conv_helpers import left_padded_conv1d
 from helpers import assert_close, rand
@@ -39,6 +41,20 @@ def test_integer_arguments_are_ints_or_1_tuples_of_one():
             CausalConv1d(*args)
     conv = CausalConv1d((4,), [8], (3,), 1, 0, (2,))
     assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.dilation) == (4, 8, 3, 2)
+
+
+def test_numpy_integers_are_taken_as_nn_conv1d_takes_them():
+    """nn.Conv1d takes NumPy integers for its int arguments; the drop-in refused them (found by the audit). They are
+    taken as Python ints, and the module then loads nn.Conv1d's state_dict and computes its outputs."""
+    sizes = [np.int64(4), np.int32(6), np.int64(3)]
+    peer = nn.Conv1d(*sizes, dilation=np.int64(2))
+    conv = CausalConv1d(*sizes, dilation=np.int64(2))
+    assert [type(v) for v in (conv.in_channels, conv.out_channels, conv.kernel_size, conv.dilation)] == [int] * 4
+    conv.load_state_dict(peer.state_dict())
+    x = torch.randn(2, 9, 4)
+    torch.testing.assert_close(conv(x), left_padded_conv1d(x, peer.weight, peer.bias, 2))
+    with pytest.raises(TypeError, match="must be an int"):
+        CausalConv1d(4, 6, np.float64(3.0))
 
 
 def test_context_weight_is_initialised_as_more_input_channels():

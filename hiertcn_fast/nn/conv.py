@@ -4,6 +4,7 @@ Every module runs a whole sequence with forward() and one event at a time with s
 from init_state(); stepping through a sequence gives forward()'s outputs."""
 
 import math
+import numbers
 import operator
 
 import torch
@@ -18,11 +19,13 @@ from ._autocast import autocast_cast, autocast_dtype
 
 
 def _one_int(value, name, minimum):
-    """An int argument of nn.Conv1d's constructor, which also takes a 1-tuple; at least ``minimum``."""
+    """An int argument of nn.Conv1d's constructor, which also takes a 1-tuple; at least ``minimum``. Integers of other
+    types (NumPy's) are taken as nn.Conv1d takes them, as a Python int."""
     if isinstance(value, (tuple, list)) and len(value) == 1:
         value = value[0]
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int (or a 1-tuple of one), got {value!r}")
+    value = int(value)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
