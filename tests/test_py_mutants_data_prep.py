@@ -293,7 +293,8 @@ def test_synthetic_blocks_hold_different_users():
 
 # ---- bad input the audit saw accepted (fixed with these tests) -------------------------------------------------------
 
-@pytest.mark.parametrize("timestamp", [np.array(["5", "6"]), np.array([True, False]), np.array([5, None], dtype=object)])
+@pytest.mark.parametrize("timestamp", [np.array(["5", "6"]), np.array([True, False]),
+                                       np.array([5, None], dtype=object)])
 def test_array_source_refuses_timestamps_that_are_not_numbers(timestamp):
     """ArraySource cast its timestamps to float64, so the strings "5" and "6" became times 5.0 and 6.0 and True
     became 1.0; the ids were refused for the same dtypes. Now the timestamps are too, naming the dtype."""

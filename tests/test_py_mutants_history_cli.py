@@ -602,16 +602,22 @@ def test_a_callers_earlier_peak_is_not_a_rules_peak(tiny):
 # UserHistoryBatcher._order shuffled the batches of similar-length users, the short last batch (users % users_per_batch
 # of them) included, then batch(index) slices the concatenation every users_per_batch users: after a short batch in the
 # middle, every later slice straddled two length groups (e.g. users of 24 and of 318 events in one batch), undoing
-# the by_length grouping whose point is to cut the padding. The short batch now stays last.
+# the by_length grouping whose point is to cut the padding. The short batch now stays last, and holds the shortest
+# users, so that the largest batch (the memory peak, which bench_e2e compares with HierTCN's) is a whole batch.
 
+@pytest.mark.parametrize("shuffle", [True, False])
 @pytest.mark.parametrize("users_per_batch", [4, 7, 9])
-def test_shuffled_length_batches_stay_runs_of_similar_length(cold, users_per_batch):
-    """With shuffle, each batch must still be a run of the length-sorted users (no two
-    batches' length ranges overlap) and only the last batch may be short."""
-    batcher = UserHistoryBatcher(cold, "train", users_per_batch=users_per_batch, shuffle=True, seed=5)
-    assert batcher.users.shape[0] % users_per_batch  # a short batch exists
+def test_length_batches_stay_runs_of_similar_length(cold, users_per_batch, shuffle):
+    """Shuffled or not, each batch must be a run of the length-sorted users (no two batches' length ranges
+    overlap), only the last batch may be short, and it holds the shortest users: the longest users come in a whole
+    batch of users_per_batch."""
+    batcher = UserHistoryBatcher(cold, "train", users_per_batch=users_per_batch, shuffle=shuffle, seed=5)
+    count = batcher.users.shape[0]
+    assert count % users_per_batch  # a short batch exists
     lengths = dict(zip(batcher.users.tolist(), batcher._lengths.tolist()))
+    shortest = sorted(lengths.values())[:count % users_per_batch]
     for order in _epoch_orders(batcher, range(3)):
         assert [len(batch) for batch in order[:-1]] == [users_per_batch] * (len(order) - 1)
+        assert sorted(lengths[u] for u in order[-1]) == shortest
         ranges = sorted((min(lengths[u] for u in batch), max(lengths[u] for u in batch)) for batch in order)
         assert all(high <= low for (_, high), (low, _) in zip(ranges, ranges[1:])), ranges

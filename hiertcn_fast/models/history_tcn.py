@@ -79,8 +79,9 @@ class UserHistoryBatcher:
 
     ``by_length`` (default) groups users of similar history length into a batch, which cuts the
     padding several-fold (ml-100k: mean 33 events, longest 254); with ``shuffle`` the order of the
-    batches (and of equal-length users) is a permutation that is a function of (seed, epoch), and a short batch
-    (users % users_per_batch of them, the longest users) stays last.
+    batches (and of equal-length users) is a permutation that is a function of (seed, epoch). A short batch
+    (users % users_per_batch of them) holds the shortest users and comes last, so the longest users fill a whole
+    batch: the memory a batch needs peaks at users_per_batch users of the longest histories.
     ``max_session_length`` truncates sessions as the lane batcher does (None: none).
     ``context_splits``: splits whose sessions of the same users come first as read-only history (a
     warm split's evaluation: train and valid before test); their events are not predicted.
@@ -155,12 +156,16 @@ class UserHistoryBatcher:
         if not self.by_length:
             return order
         order = order[np.argsort(self._lengths[order], kind="stable")]
-        batches = [order[i:i + self.users_per_batch] for i in range(0, count, self.users_per_batch)]
+        # The remainder (count % users_per_batch users) is the SHORTEST users' batch, so the longest users fill a
+        # whole batch: the largest batch, what the memory peak is, holds users_per_batch users whatever the count.
+        # It comes last: batch(index) slices this order every users_per_batch users, and a short batch anywhere
+        # else would make every later slice straddle two length groups.
+        short = count % self.users_per_batch
+        batches = [order[i:i + self.users_per_batch] for i in range(short, count, self.users_per_batch)]
         if rng is not None:
-            # batch(index) slices this order every users_per_batch users: a short batch (the remainder) stays last,
-            # or every slice after it would straddle two length groups.
-            full = [k for k in rng.permutation(len(batches)) if batches[k].shape[0] == self.users_per_batch]
-            batches = [batches[k] for k in full] + batches[len(full):]
+            batches = [batches[k] for k in rng.permutation(len(batches))]
+        if short:
+            batches.append(order[:short])
         return np.concatenate(batches) if batches else order
 
     def batch(self, index: int, epoch: int | None = None) -> HistoryBatch:
