@@ -68,7 +68,7 @@ def _check_cutoffs(name: str, values, allow_none: bool = False) -> tuple:
             raise ValueError(f"{name} must hold positive integers{' or None' if allow_none else ''}, got {values!r}")
     if len(set(values)) != len(values):
         raise ValueError(f"{name} must not repeat a value, got {values!r}")
-    return values
+    return tuple(None if value is None else int(value) for value in values)
 
 
 def _as_tensor(name: str, value) -> torch.Tensor:

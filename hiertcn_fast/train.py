@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._ints import is_int
 from .data import LaneStateCache, SessionBatch, SessionBatcher, SessionCache
 from .data.cache import fsync_path, host_label, left_by_dead_process
 from .evaluate import RankingMetrics, batch_targets
@@ -122,12 +123,14 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("epochs", "lanes", "sessions_per_batch", "num_sampled", "queue_slots"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            setattr(self, name, int(value))
         for name in ("num_producers", "log_every", "checkpoint_every"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+            setattr(self, name, int(value))
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.sampler not in SAMPLERS:
@@ -146,11 +149,13 @@ class TrainConfig:
         self.lr_milestones = tuple(float(m) for m in milestones)
         if any(not 0 < m < 1 for m in self.lr_milestones):
             raise ValueError(f"lr_milestones must be fractions of the run in (0, 1), got {self.lr_milestones}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool)
-                                           or self.max_steps < 0):
-            raise ValueError(f"max_steps must be a non-negative integer or None, got {self.max_steps!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+        if self.max_steps is not None:
+            if not is_int(self.max_steps) or self.max_steps < 0:
+                raise ValueError(f"max_steps must be a non-negative integer or None, got {self.max_steps!r}")
+            self.max_steps = int(self.max_steps)
+        if not is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        self.seed = int(self.seed)
         for name in ("amp", "progress_bar"):  # bool("false") would be True
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True, False or None (automatic), got {getattr(self, name)!r}")

@@ -42,6 +42,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .._ints import is_int
 from .cache import SessionCache
 
 __all__ = ["SessionBatch", "SessionBatcher", "LaneStateCache", "BATCH_FIELDS"]
@@ -97,11 +98,11 @@ class LaneStateCache:
 
     def __init__(self, layers: int, lanes: int, hidden: int, device="cpu", dtype=torch.float32):
         for name, value in (("layers", layers), ("lanes", lanes), ("hidden", hidden)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point torch.dtype (a GRU state), got {dtype!r}")
-        self.state = torch.zeros(layers, lanes, hidden, device=device, dtype=dtype)
+        self.state = torch.zeros(int(layers), int(lanes), int(hidden), device=device, dtype=dtype)
 
     def reset_lanes(self, continues: torch.Tensor) -> torch.Tensor:
         """Zero the lanes where ``continues`` (lanes,) is False; returns the state."""
@@ -164,19 +165,19 @@ class SessionBatcher:
         if not isinstance(cache, SessionCache):
             raise TypeError(f"cache must be a SessionCache, got {type(cache).__name__}")
         for name, value in (("lanes", lanes), ("sessions_per_batch", sessions_per_batch)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if max_session_length is None:
             max_session_length = max(cache.max_session_length, 1)
-        if not isinstance(max_session_length, int) or isinstance(max_session_length, bool) or max_session_length < 1:
+        if not is_int(max_session_length) or max_session_length < 1:
             raise ValueError(f"max_session_length must be a positive integer or None, got {max_session_length!r}")
         self.cache = cache
         self.split = split
         self.split_code = cache.split_code(split)
-        self.lanes = lanes
-        self.sessions_per_batch = sessions_per_batch
-        self.max_session_length = max_session_length
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        self.lanes = int(lanes)
+        self.sessions_per_batch = int(sessions_per_batch)
+        self.max_session_length = int(max_session_length)
+        if not is_int(seed) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.shuffle = bool(shuffle)
         self.seed = int(seed)

@@ -25,6 +25,8 @@ from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from .._ints import is_int
+
 __all__ = [
     "InteractionChunk",
     "ReadStats",
@@ -264,12 +266,13 @@ class DelimitedSource(InteractionSource):
         if event_type is not None:
             self.columns["event_type"] = event_type
         for role, column in self.columns.items():
-            if (not isinstance(column, (str, int)) or isinstance(column, bool)
-                    or (not header and not isinstance(column, int))):
+            if not (isinstance(column, str) and header) and not is_int(column):
                 raise TypeError(f"{role}: expected a column {'name or ' if header else ''}index, got {column!r}")
-            if isinstance(column, int) and column < 0:
-                raise ValueError(f"{role}: a column index must be non-negative (0 is the first column), "
-                                 f"got {column}")
+            if is_int(column):
+                if column < 0:
+                    raise ValueError(f"{role}: a column index must be non-negative (0 is the first column), "
+                                     f"got {column}")
+                self.columns[role] = int(column)  # (kept as Python's int: the fingerprint is JSON)
         self.delimiter = delimiter
         self.header = header
         self.drop_event_types = _event_types(drop_event_types, "drop_event_types")

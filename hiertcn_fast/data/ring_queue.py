@@ -41,6 +41,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from .._ints import is_int
+
 __all__ = ["PinnedRingQueue", "QueueStats"]
 
 POLL_SECONDS = 0.05
@@ -206,7 +208,7 @@ class PinnedRingQueue:
         if not callable(produce):
             raise TypeError(f"produce must be callable, got {type(produce).__name__}")
         for name, value in (("num_producers", num_producers), ("num_slots", num_slots)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -217,6 +219,7 @@ class PinnedRingQueue:
             raise ValueError("pin_memory=True needs CUDA, which is not available; pass pin_memory=False "
                              "(or None: pin when CUDA is available)")
         self.pin_memory = bool(pin_memory)
+        num_producers, num_slots = int(num_producers), int(num_slots)
         self.num_slots = num_slots
         self._ring = _Ring(self.spec, produce, num_slots, self.device, self.pin_memory)
         self.stats = self._ring.stats

@@ -27,14 +27,18 @@ import math
 import torch
 from torch import nn
 
+from .._ints import is_int
+
 __all__ = ["NextItemModel", "SessionInputs", "flat_context", "length_groups", "session_event_mask", "check_positive"]
 
 
-def check_positive(**values) -> None:
-    """Raise ValueError unless every keyword is a positive int."""
+def check_positive(**values) -> tuple:
+    """Raise ValueError unless every keyword is a positive integer (a Python or NumPy one, not a bool); returns
+    the values as plain ints, in the keywords' order."""
     for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return tuple(int(value) for value in values.values())
 
 
 def session_event_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
@@ -53,7 +57,8 @@ class NextItemModel(nn.Module):
 
     def __init__(self, num_items: int, embedding_dim: int, feature_dim: int, dropout: float = 0.0):
         super().__init__()
-        check_positive(num_items=num_items, embedding_dim=embedding_dim, feature_dim=feature_dim)
+        num_items, embedding_dim, feature_dim = check_positive(num_items=num_items, embedding_dim=embedding_dim,
+                                                               feature_dim=feature_dim)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.num_items = num_items

@@ -34,8 +34,10 @@ class HierGRU(NextItemModel):
     def __init__(self, num_items: int, embedding_dim: int = 128, state_layers: int = 2, state_hidden: int = 128,
                  session_hidden: int = 128, session_layers: int = 1, max_session_length: int = 20,
                  dropout: float = 0.0, backend=None):
-        check_positive(state_layers=state_layers, state_hidden=state_hidden, session_hidden=session_hidden,
-                       session_layers=session_layers, max_session_length=max_session_length)
+        (embedding_dim, state_layers, state_hidden, session_hidden, session_layers,
+         max_session_length) = check_positive(embedding_dim=embedding_dim, state_layers=state_layers,
+                                              state_hidden=state_hidden, session_hidden=session_hidden,
+                                              session_layers=session_layers, max_session_length=max_session_length)
         super().__init__(num_items, embedding_dim, session_hidden, dropout)
         self.max_session_length = max_session_length
         self.backend = backend
@@ -71,8 +73,9 @@ class HRNN(NextItemModel):
 
     def __init__(self, num_items: int, embedding_dim: int = 128, user_layers: int = 1, user_hidden: int = 128,
                  session_hidden: int = 128, max_session_length: int = 20, dropout: float = 0.0, backend=None):
-        check_positive(user_layers=user_layers, user_hidden=user_hidden, session_hidden=session_hidden,
-                       max_session_length=max_session_length)
+        embedding_dim, user_layers, user_hidden, session_hidden, max_session_length = check_positive(
+            embedding_dim=embedding_dim, user_layers=user_layers, user_hidden=user_hidden,
+            session_hidden=session_hidden, max_session_length=max_session_length)
         super().__init__(num_items, embedding_dim, session_hidden, dropout)
         self.max_session_length = max_session_length
         self.backend = backend
@@ -114,7 +117,8 @@ class SessionGRU(NextItemModel):
 
     def __init__(self, num_items: int, embedding_dim: int = 128, hidden: int = 128, layers: int = 1,
                  max_session_length: int = 20, dropout: float = 0.0, backend=None):
-        check_positive(hidden=hidden, layers=layers, max_session_length=max_session_length)
+        embedding_dim, hidden, layers, max_session_length = check_positive(
+            embedding_dim=embedding_dim, hidden=hidden, layers=layers, max_session_length=max_session_length)
         super().__init__(num_items, embedding_dim, hidden, dropout)
         self.max_session_length = max_session_length
         self.session_gru = GRU(embedding_dim, hidden, num_layers=layers, batch_first=True, backend=backend)

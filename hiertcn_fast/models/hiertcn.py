@@ -69,9 +69,9 @@ class HierTCN(NextItemModel):
         tcn_channels = list(tcn_channels)
         if not tcn_channels:
             raise ValueError("tcn_channels must list at least one block")
-        check_positive(state_layers=state_layers, state_hidden=state_hidden, kernel_size=kernel_size,
-                       max_session_length=max_session_length, **{f"tcn_channels[{i}]": c
-                                                                 for i, c in enumerate(tcn_channels)})
+        embedding_dim, state_layers, state_hidden, kernel_size, max_session_length, *tcn_channels = check_positive(
+            embedding_dim=embedding_dim, state_layers=state_layers, state_hidden=state_hidden, kernel_size=kernel_size,
+            max_session_length=max_session_length, **{f"tcn_channels[{i}]": c for i, c in enumerate(tcn_channels)})
         super().__init__(num_items, embedding_dim, tcn_channels[-1], dropout)
         self.max_session_length = max_session_length
         self.backend = backend

@@ -18,6 +18,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from .._ints import is_int
 from ..data import SessionCache
 from ..nn import TCN
 from .base import NextItemModel, check_positive
@@ -94,12 +95,11 @@ class UserHistoryBatcher:
                  by_length: bool = True, context_splits=()):
         if not isinstance(cache, SessionCache):
             raise TypeError(f"cache must be a SessionCache, got {type(cache).__name__}")
-        check_positive(users_per_batch=users_per_batch)
-        if max_session_length is not None and (not isinstance(max_session_length, (int, np.integer))
-                                               or isinstance(max_session_length, bool) or max_session_length < 1):
+        (users_per_batch,) = check_positive(users_per_batch=users_per_batch)
+        if max_session_length is not None and (not is_int(max_session_length) or max_session_length < 1):
             raise ValueError(f"max_session_length must be None (the cache's) or a positive integer, got "
                              f"{max_session_length!r}")
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        if not is_int(seed) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         if isinstance(context_splits, str) or split in tuple(context_splits):
             raise ValueError(f"context_splits must be a sequence of splits other than the batched one ({split!r}), "
@@ -107,7 +107,7 @@ class UserHistoryBatcher:
         self.cache, self.split = cache, split
         self.users_per_batch, self.shuffle, self.seed = users_per_batch, bool(shuffle), int(seed)
         self.by_length = bool(by_length)
-        self.max_session_length = max_session_length or max(cache.max_session_length, 1)
+        self.max_session_length = int(max_session_length or max(cache.max_session_length, 1))
         self.epoch, self.next_index = 0, 0
         self.context_splits = tuple(context_splits)
         session_split = np.asarray(cache.session_split)
@@ -229,7 +229,8 @@ class HistoryTCN(NextItemModel):
         channels = list(channels)
         if not channels:
             raise ValueError("channels must list at least one block")
-        check_positive(kernel_size=kernel_size, max_session_length=max_session_length)
+        embedding_dim, kernel_size, max_session_length = check_positive(
+            embedding_dim=embedding_dim, kernel_size=kernel_size, max_session_length=max_session_length)
         super().__init__(num_items, embedding_dim, channels[-1], dropout)
         self.max_session_length = max_session_length
         self.tcn = TCN(embedding_dim, channels, kernel_size, dilations, backend=backend)

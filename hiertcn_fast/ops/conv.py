@@ -23,6 +23,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _extension
+from .._ints import is_int
 from ..backends import INTERPRETER_UNSUPPORTED, requested_backend, resolve
 from ._common import (FLOATING, check_like, check_shape, check_tensor, in_input_dtype, new_output, on_device_of,
                       refuse_graph_of_gradient, fake, symbolic, unit_stride_rows)
@@ -233,7 +234,7 @@ def check_reach(kernel_size: int, dilation: int) -> None:
 
 
 def _check_int(value, name, minimum):
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
@@ -305,6 +306,7 @@ def causal_conv1d(x, weight, bias=None, *, dilation=1, groups=1, context=None, c
     products through BLAS, whose summation order, in the weight gradient, follows the thread count).
     """
     _check_causal_conv(x, weight, bias, dilation, groups, context, context_weight, activation, residual)
+    dilation, groups = int(dilation), int(groups)  # (a NumPy integer passes the checks; the ops take Python's)
     name = resolve("causal_conv1d", backend, x.device, x.dtype, CAUSAL_CONV1D_DTYPES)
     if name == "reference":
         return causal_conv1d_reference(x, weight, bias, dilation=dilation, groups=groups, context=context,
@@ -456,6 +458,12 @@ class CausalConvState:
 
     def __setstate__(self, state):
         self.__init__(state["history"], state["position"], state["kernel_size"], state["dilation"])
+
+    def __post_init__(self):
+        # An integer of any kind is kept as Python's, which the ops take (anything else is refused at the step).
+        for name in ("kernel_size", "dilation"):
+            if is_int(getattr(self, name)):
+                setattr(self, name, int(getattr(self, name)))
 
     @classmethod
     def zeros(cls, batch, in_channels, kernel_size, dilation=1, *, dtype=torch.float32, device="cpu"):
@@ -625,6 +633,7 @@ def causal_conv1d_step(x, weight, state, bias=None, *, groups=1, context=None, c
     each row's current position. Reads k rows of history per row; writes one.
     """
     out_channels = _check_step(x, weight, state, bias, groups, context, context_weight, activation, residual)
+    groups = int(groups)
     name = resolve("causal_conv1d_step", backend, x.device, x.dtype, CAUSAL_CONV_DTYPES)
     if torch.is_grad_enabled():  # the step is inference only; entering no_grad costs more than the check
         with torch.no_grad():
