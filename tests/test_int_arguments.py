@@ -16,6 +16,7 @@ from model_helpers import lane_batch, synthetic_cache
 from hiertcn_fast.data import DelimitedSource, LaneStateCache, PinnedRingQueue, SessionBatcher
 from hiertcn_fast.evaluate import RankingMetrics
 from hiertcn_fast.models import HRNN, HierGRU, HierTCN, HistoryTCN, SessionGRU, UserHistoryBatcher
+from hiertcn_fast.nn import GRU, GRUCell
 from hiertcn_fast.models.base import check_positive
 from hiertcn_fast.ops import CausalConvState, causal_conv1d, causal_conv1d_reference, causal_conv1d_step
 from hiertcn_fast.train import TrainConfig
@@ -163,3 +164,20 @@ def test_ranking_metrics_keep_numpy_cutoffs_as_plain_ints():
     assert metrics.metric_names == ["Recall@1", "Recall@3", "MRR", "MRR@3", "NDCG@2"]
     with pytest.raises(ValueError, match="recall_ks must hold positive integers"):
         RankingMetrics(recall_ks=(np.bool_(True),))
+
+
+def test_the_gru_drop_ins_take_numpy_sizes_as_the_rest_of_the_package():
+    """torch.nn.GRU refuses NumPy sizes (a TypeError); the drop-in takes them, as every other layer here does,
+    and is then the same module as one built from Python ints."""
+    with pytest.raises(TypeError):
+        torch.nn.GRU(np.int64(4), 6)
+    torch.manual_seed(0)
+    gru = GRU(np.int64(4), np.int32(6), np.int64(2), batch_first=True, dropout=0.0)
+    torch.manual_seed(0)
+    plain = torch.nn.GRU(4, 6, 2, batch_first=True)
+    assert _all_plain_ints(gru.input_size, gru.hidden_size, gru.num_layers)
+    assert gru.batch_first is True and gru.bias is True
+    x = rand(3, 5, 4, dtype=torch.float32)
+    assert_close(gru(x)[0], plain(x)[0])
+    cell = GRUCell(np.int64(4), np.int64(6))
+    assert _all_plain_ints(cell.input_size, cell.hidden_size)

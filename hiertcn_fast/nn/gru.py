@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from .._ints import is_int
 from ..backends import requested_backend
 from ..ops import gru, gru_cell
 from ._autocast import autocast_cast as _autocast_cast, rnn_autocast_dtype as _autocast_dtype
@@ -58,6 +59,8 @@ class GRUCell(torch.nn.GRUCell):
     """
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend=None):
+        # (torch.nn.GRUCell would keep a NumPy size as it came; the package keeps Python ints)
+        input_size, hidden_size = (int(v) if is_int(v) else v for v in (input_size, hidden_size))
         super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
         if backend is not None:
             requested_backend(backend)  # a known backend name, said now rather than at the first forward
@@ -119,6 +122,9 @@ class GRU(torch.nn.GRU):
     """
 
     def __init__(self, *args, backend=None, **kwargs):
+        # Sizes may be NumPy integers, as everywhere in the package (torch.nn.GRU itself takes only Python's).
+        args = tuple(int(a) if is_int(a) else a for a in args)
+        kwargs = {k: int(v) if is_int(v) else v for k, v in kwargs.items()}
         super().__init__(*args, **kwargs)
         if self.bidirectional:
             raise ValueError("hiertcn_fast.nn.GRU does not support bidirectional=True; use torch.nn.GRU")
