@@ -341,6 +341,32 @@ def test_step_rows_reset_independently(backend, device):
     assert state.position.tolist() == [13, 6, 13]
 
 
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("rows", ["mask", "index"])
+def test_a_reset_row_holds_nothing_of_its_old_sequence(backend, rows):
+    """After reset(rows), those rows' state is a fresh state's, bit for bit: the history slots the new sequence has
+    not yet written are zero, not the old sequence's inputs (a state saved or served after a reset must not carry
+    a previous session's items), and stepping on gives the states of a row that started from zeros. The other
+    rows are untouched."""
+    batch, channels, k, dilation = 3, 4, 3, 3
+    weight = rand(5, channels, k, dtype=torch.float32)
+    old, new = rand(batch, 9, channels, dtype=torch.float32), rand(batch, 2, channels, dtype=torch.float32)
+    state = CausalConvState.zeros(batch, channels, k, dilation)
+    for t in range(9):
+        causal_conv1d_step(old[:, t], weight, state, backend=backend)
+    before = state.history.clone()
+    assert before[1].abs().min() > 0  # every slot of row 1 holds an old input
+    state.reset(torch.tensor([False, True, False]) if rows == "mask" else torch.tensor([1]))
+    assert torch.equal(state.history[1], torch.zeros_like(state.history[1]))
+    assert torch.equal(state.history[[0, 2]], before[[0, 2]]) and state.position.tolist() == [9, 0, 9]
+    fresh = CausalConvState.zeros(1, channels, k, dilation)
+    for t in range(2):
+        causal_conv1d_step(new[:, t], weight, state, backend=backend)
+        causal_conv1d_step(new[1:2, t], weight, fresh, backend=backend)
+    assert torch.equal(state.history[1:2], fresh.history) and state.position[1] == fresh.position[0] == 2
+
+
 def test_step_backends_agree_bitwise_on_state():
     case = STEP_CASES[0]
     args = case.inputs(torch.float32, "cpu")
