@@ -33,6 +33,7 @@ import math
 import numpy as np
 import torch
 
+from ._ints import is_int
 from .data import SessionBatch
 
 __all__ = ["RankingMetrics", "TIE_POLICIES", "DEFAULT_RECALL_KS", "DEFAULT_MRR_CUTOFFS", "DEFAULT_NDCG_KS",
@@ -64,7 +65,7 @@ def _check_cutoffs(name: str, values, allow_none: bool = False) -> tuple:
     for value in values:
         if value is None and allow_none:
             continue
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name} must hold positive integers{' or None' if allow_none else ''}, got {values!r}")
     if len(set(values)) != len(values):
         raise ValueError(f"{name} must not repeat a value, got {values!r}")
@@ -216,8 +217,7 @@ class RankingMetrics:
                  ties: str = "optimistic", padding_item: int | None = 0):
         if ties not in TIE_POLICIES:
             raise ValueError(f"ties must be one of {tuple(TIE_POLICIES)}, got {ties!r}")
-        if padding_item is not None and (not isinstance(padding_item, (int, np.integer))
-                                         or isinstance(padding_item, bool) or padding_item < 0):
+        if padding_item is not None and (not is_int(padding_item) or padding_item < 0):
             raise ValueError(f"padding_item must be a non-negative integer or None, got {padding_item!r}")
         self.recall_ks = _check_cutoffs("recall_ks", recall_ks)
         self.mrr_cutoffs = _check_cutoffs("mrr_cutoffs", mrr_cutoffs, allow_none=True)

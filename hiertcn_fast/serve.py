@@ -46,6 +46,7 @@ import numbers
 import numpy as np
 import torch
 
+from ._ints import is_int
 from .models import HierTCN
 from .models.base import NextItemModel
 from .nn import TCNState
@@ -155,15 +156,13 @@ class StreamingRecommender:
         if (not isinstance(session_gap, numbers.Real) or isinstance(session_gap, bool)
                 or not 0 < session_gap < math.inf):
             raise ValueError(f"session_gap must be a positive, finite number of seconds, got {session_gap!r}")
-        if (not isinstance(initial_capacity, numbers.Integral) or isinstance(initial_capacity, bool)
-                or initial_capacity < 0):
+        if not is_int(initial_capacity) or initial_capacity < 0:
             raise ValueError(f"initial_capacity must be an integer >= 0, got {initial_capacity!r}")
         self.model = model.eval()
         self.session_gap = float(session_gap)
         if max_session_length is None:
             max_session_length = model.max_session_length
-        elif (not isinstance(max_session_length, numbers.Integral) or isinstance(max_session_length, bool)
-              or max_session_length < 1):
+        elif not is_int(max_session_length) or max_session_length < 1:
             raise ValueError(f"max_session_length must be an integer >= 1 (or None: the model's), got "
                              f"{max_session_length!r}")
         self.max_session_length = int(max_session_length)
@@ -382,7 +381,7 @@ class StreamingRecommender:
         """observe() of a known user on the CPU, with Python numbers where observe_many uses tensors of one
         element: False (nothing done) where that path must run (a new user, a tensor argument, other device)."""
         row = self.user_slot.get(user)
-        if (row is None or self._counters is None or not isinstance(item, numbers.Integral) or isinstance(item, bool)
+        if (row is None or self._counters is None or not is_int(item)
                 or not isinstance(timestamp, numbers.Real) or isinstance(timestamp, bool)):
             return False
         if not 1 <= item <= self.model.num_items:
@@ -612,7 +611,7 @@ class StreamingRecommender:
         return self._logits(self.features[row:row + 1])[0]
 
     def _check_k(self, k) -> None:
-        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 1 <= k <= self.model.num_items:
+        if not is_int(k) or not 1 <= k <= self.model.num_items:
             raise ValueError(f"k must be an integer in 1..{self.model.num_items}, got {k!r}")
 
     def recommend_many(self, users, k: int = 10, now=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -849,7 +849,7 @@ class Trainer:
                 problems.append(f"{key}: expected a dict, got {type(state[key]).__name__}")
         for key in ("step", "train_events"):
             value = state[key]
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            if not is_int(value) or value < 0:
                 problems.append(f"{key}: expected an integer >= 0, got {value!r}")
         seconds = state["train_seconds"]
         if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not 0 <= seconds < math.inf:

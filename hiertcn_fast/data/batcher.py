@@ -447,7 +447,7 @@ class SessionBatcher:
         position = {}
         for name in ("epoch", "next_index"):
             value = state_dict[name]
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"state_dict: {name} must be a non-negative integer, got {value!r}")
             position[name] = int(value)
         # next_index == num_batches is a finished epoch, which the next iteration moves past.

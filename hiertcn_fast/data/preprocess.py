@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._ints import is_int
 from .cache import (ARRAY_DTYPES, CACHE_FORMAT, CACHE_VERSION, GLOBAL_ARRAYS, SPLITS as SPLIT_CODES, VERIFY_MODES,
                     CacheCorruptError, SessionCache, crc32_of, new_temp_dir, publish_temp_dir,
                     remove_stale_temp_dirs)
@@ -72,14 +73,14 @@ class PreprocessParams:
     def __post_init__(self):
         for name in ("min_item_count", "min_user_count", "seed"):
             value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
             object.__setattr__(self, name, int(value))  # np.int64 is not JSON-serialisable (cache key)
         for name in ("max_user_count", "max_session_length", "num_partitions"):
             value = getattr(self, name)
             if value is None and name != "num_partitions":
                 continue
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer{' or None' if name != 'num_partitions' else ''}, "
                                  f"got {value!r}")
             object.__setattr__(self, name, int(value))

@@ -119,7 +119,7 @@ class InteractionSource:
 
 
 def _check_chunk_size(chunk_size: int) -> int:
-    if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
+    if not is_int(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     return int(chunk_size)
 
@@ -155,7 +155,7 @@ def _event_types(values, role: str) -> frozenset:
     silently filter type 4)."""
     types = []
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if not is_int(value):
             raise ValueError(f"{role} must hold integer event types, got {value!r}")
         types.append(int(value))
     return frozenset(types)

@@ -81,7 +81,7 @@ def _check_spec(spec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
             raise TypeError(f"spec[{name!r}] must be (shape, dtype), got {entry!r}") from None
         # A shape is a sequence of integers: int() would truncate 2.9, read "34" as (3, 4) and True as 1.
         if (not isinstance(shape, (tuple, list, torch.Size)) or not isinstance(dtype, torch.dtype)
-                or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 0 for n in shape)):
+                or not all(is_int(n) and n >= 0 for n in shape)):
             raise TypeError(f"spec[{name!r}] must be (shape: a tuple of non-negative ints, torch.dtype), got "
                             f"{entry!r}")
         checked[name] = (tuple(int(n) for n in shape), dtype)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._ints import is_int
 from .readers import DEFAULT_CHUNK_SIZE, InteractionChunk, InteractionSource, ReadStats, _check_chunk_size
 
 __all__ = ["SyntheticSource"]
@@ -46,7 +47,7 @@ class SyntheticSource(InteractionSource):
         for arg, value, low in (("num_events", num_events, 1), ("num_items", num_items, 1),
                                 ("num_topics", num_topics, 1), ("interests_per_user", interests_per_user, 1),
                                 ("users_per_block", users_per_block, 1), ("seed", seed, 0)):
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            if not is_int(value) or value < low:
                 raise ValueError(f"{arg} must be an integer >= {low}, got {value!r}")
         if num_topics > num_items:
             raise ValueError(f"num_topics ({num_topics}) must not exceed num_items ({num_items})")

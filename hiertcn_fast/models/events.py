@@ -13,6 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .._ints import is_int
 from ..data import SessionCache
 
 __all__ = ["EvalEvents", "iter_split_events", "HISTORY_SCOPES"]
@@ -70,7 +71,7 @@ def iter_split_events(cache: SessionCache, split: str = "test", history: str = "
         raise TypeError(f"cache must be a SessionCache, got {type(cache).__name__}")
     if history not in HISTORY_SCOPES:
         raise ValueError(f"history must be one of {tuple(HISTORY_SCOPES)}, got {history!r}")
-    if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
+    if not is_int(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     code = cache.split_code(split)
     session_offsets = np.asarray(cache.session_offsets)

@@ -4,13 +4,13 @@ Every module runs a whole sequence with forward() and one event at a time with s
 from init_state(); stepping through a sequence gives forward()'s outputs."""
 
 import math
-import numbers
 import operator
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .._ints import is_int
 from ..backends import BackendUnavailableError, requested_backend
 from ..ops.conv import (ACTIVATIONS, CausalConvState, causal_conv1d, causal_conv1d_step, check_reach, prepared_entry,
                         prepared_tcn_step, tcn_step, weight_cache_generation)
@@ -23,7 +23,7 @@ def _one_int(value, name, minimum):
     types (NumPy's) are taken as nn.Conv1d takes them, as a Python int."""
     if isinstance(value, (tuple, list)) and len(value) == 1:
         value = value[0]
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int (or a 1-tuple of one), got {value!r}")
     value = int(value)
     if value < minimum:

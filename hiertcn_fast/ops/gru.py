@@ -35,12 +35,11 @@ the gates (one kernel per step at small batch) and a persistent kernel for the w
 The cuda backend runs two launches per step (cuBLAS, then the gates) from the C++ loop.
 """
 
-import numbers
-
 import torch
 import torch.nn.functional as F
 
 from .. import _extension
+from .._ints import is_int
 from ..backends import resolve
 from ._common import (FLOATING, check_like, check_shape, check_tensor, in_input_dtype, new_output, on_device_of,
                       refuse_graph_of_gradient, symbolic, unit_stride_rows)
@@ -329,7 +328,7 @@ def _check_gru(x, h0, weights, num_layers):
     check_tensor(x, "x", 3)
     if x.shape[1] < 1:
         raise ValueError(f"x must hold at least one time step, got shape {tuple(x.shape)}")
-    if not isinstance(num_layers, numbers.Integral) or isinstance(num_layers, bool):
+    if not is_int(num_layers):
         raise TypeError(f"num_layers must be an int, got {type(num_layers).__name__} {num_layers!r}")
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
