@@ -584,6 +584,66 @@ def test_weights_changed_through_data_are_seen_after_forget_weight_caches():
         assert torch.equal(got, want)
 
 
+def _rebind_at_the_same_address(weight, values):
+    """weight.data = new storage holding ``values`` at the address of weight's current storage, with the version
+    counter unmoved: what a module's .half() then .float() does when the allocator hands the freed block back.
+    (Two tensors made by torch.from_numpy from one array: two storages over the same memory.)"""
+    array = weight.detach().numpy()
+    array[...] = values.numpy()  # (through NumPy: no version counter moves)
+    address, version, storage = weight.data_ptr(), weight._version, weight.untyped_storage()
+    weight.data = torch.from_numpy(array)
+    assert weight.data_ptr() == address and weight._version == version and weight.untyped_storage() is not storage
+
+
+def test_new_storage_at_the_old_address_is_seen_by_every_weight_cache():
+    """A weight given new storage (w.data = ..., which a module's .half(), .double() or .to() round trip does)
+    whose memory lands at the old address, with the version counter unmoved: the packed weights, prepared steps
+    and context packings compare the storage itself, so the next step uses the new values, exactly as a fresh
+    copy of the module does -- on TCN.step's prepared path, causal_conv1d_step and context_table."""
+    import copy
+
+    import numpy as np
+
+    from hiertcn_fast.nn import TCN
+    from hiertcn_fast.ops.conv import context_table
+
+    torch.manual_seed(11)
+    changed = TCN(4, [8, 8], 3, context_channels=3).eval()
+    for block in changed.blocks:  # storages of their own, which NumPy can write
+        for name, p in block.conv.named_parameters():
+            p.data = torch.from_numpy(np.array(p.detach().numpy()))
+    x, context = torch.randn(2, 4), torch.randn(2, 3)
+    state = changed.init_state(2)
+    conv = changed.blocks[0].conv
+    layer_state = conv.init_state(2)
+    with torch.no_grad():
+        for _ in range(3):  # the third step runs the prepared plan; each cache is filled
+            changed.step(x, state, context)
+            causal_conv1d_step(x, conv.weight, layer_state, context=context, context_weight=conv.context_weight)
+        context_table(context, conv.context_weight)
+        assert state.layers[0]._prepared[2] is not None
+        expected = copy.deepcopy(changed)
+        expected_state, expected_layer_state = copy.deepcopy(state), copy.deepcopy(layer_state)
+        for module in (changed, expected):
+            weight, context_weight = module.blocks[1].conv.weight, module.blocks[0].conv.context_weight
+            if module is changed:
+                _rebind_at_the_same_address(weight, weight * -2 + 0.25)
+                _rebind_at_the_same_address(context_weight, context_weight * 3)
+            else:
+                weight.mul_(-2).add_(0.25)
+                context_weight.mul_(3)
+        _rebind_at_the_same_address(conv.weight, conv.weight * 0.5 - 1)
+        expected.blocks[0].conv.weight.mul_(0.5).sub_(1)
+        ref_conv = expected.blocks[0].conv
+        for _ in range(2):
+            assert torch.equal(changed.step(x, state, context), expected.step(x, expected_state, context))
+            assert torch.equal(
+                causal_conv1d_step(x, conv.weight, layer_state, context=context, context_weight=conv.context_weight),
+                causal_conv1d_step(x, ref_conv.weight, expected_layer_state, context=context,
+                                   context_weight=ref_conv.context_weight))
+        assert torch.equal(context_table(context, conv.context_weight), context_table(context, ref_conv.context_weight))
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_steps_compile_fullgraph_and_follow_weight_changes(backend):
     """torch.compile(fullgraph=True) of causal_conv1d_step, tcn_step and TCN.step, with a context: the outputs

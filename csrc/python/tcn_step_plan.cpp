@@ -16,7 +16,7 @@ class TcnStepPlan {
  public:
   // The arguments of one valid tcn_step_out call (x and context_table as examples of the later ones), and
   // the tensors the packed weights were made from (sources): a step refuses to run once one of those was
-  // modified in place or given new storage, and the caller repacks.
+  // modified in place or given new storage (held here, so compared by identity), and the caller repacks.
   TcnStepPlan(const at::Tensor& x, std::vector<at::Tensor> packed_weights, std::vector<std::optional<at::Tensor>> biases,
               std::vector<std::optional<at::Tensor>> proj_weights, std::vector<std::optional<at::Tensor>> proj_biases,
               const std::optional<at::Tensor>& context_table, const std::optional<at::Tensor>& context_residual,
@@ -45,6 +45,7 @@ class TcnStepPlan {
     for (const at::Tensor& t : sources_) {
       versions_.push_back(t._version());
       pointers_.push_back(t.data_ptr());
+      storages_.push_back(t.storage());
     }
     for (const auto& group : {std::cref(packed_), std::cref(histories_), std::cref(positions_)})
       for (const at::Tensor& t : group.get()) watch(t);
@@ -57,9 +58,12 @@ class TcnStepPlan {
   std::optional<at::Tensor> step(const at::Tensor& x, const std::optional<at::Tensor>& context_table,
                                  const std::optional<at::Tensor>& context_residual) {
     for (size_t i = 0; i < sources_.size(); ++i)
-      if (sources_[i]._version() != versions_[i] || sources_[i].data_ptr() != pointers_[i]) return std::nullopt;
+      if (sources_[i]._version() != versions_[i] || sources_[i].data_ptr() != pointers_[i] ||
+          !same_storage(sources_[i], storages_[i]))
+        return std::nullopt;
     for (size_t i = 0; i < watched_.size(); ++i)
-      if (watched_[i].data_ptr() != watched_pointers_[i] || watched_[i].numel() != watched_numel_[i])
+      if (watched_[i].data_ptr() != watched_pointers_[i] || watched_[i].numel() != watched_numel_[i] ||
+          !same_storage(watched_[i], watched_storages_[i]))
         return std::nullopt;
     TORCH_CHECK(x.dim() == 2 && x.size(0) == params_.batch && x.size(1) == in_channels_, "x must be (",
                 params_.batch, ", ", in_channels_, "), got shape ", x.sizes());
@@ -104,16 +108,26 @@ class TcnStepPlan {
     watched_.push_back(t);
     watched_pointers_.push_back(t.data_ptr());
     watched_numel_.push_back(t.numel());
+    watched_storages_.push_back(t.storage());
+  }
+
+  // Whether t still has the storage it had when the plan was made. The plan holds that storage, so it is never
+  // freed meanwhile and new storage cannot reuse its address: w.data = ... (a module's .half() then .float()
+  // does it) is seen even when the data pointer comes back the same.
+  static bool same_storage(const at::Tensor& t, const c10::Storage& held) {
+    return t.storage().unsafeGetStorageImpl() == held.unsafeGetStorageImpl();
   }
 
   std::vector<at::Tensor> packed_, histories_, positions_, sources_;
   std::vector<std::optional<at::Tensor>> held_;
   std::vector<int64_t> versions_;
   std::vector<void*> pointers_;
+  std::vector<c10::Storage> storages_;
   // Every tensor the params point into: a step refuses to run if one was given other storage (set_, resize_).
   std::vector<at::Tensor> watched_;
   std::vector<void*> watched_pointers_;
   std::vector<int64_t> watched_numel_;
+  std::vector<c10::Storage> watched_storages_;
   TcnStepParams params_{};
   at::ScalarType dtype_;
   int64_t in_channels_ = 0, out_channels_ = 0;

@@ -546,11 +546,15 @@ _generation = [0]
 def forget_weight_caches() -> None:
     """Drop every packing of weights the ops keep from call to call: the stack step's packed weights and
     prepared steps, the states' packed weights and context tables, the packed context weights. They notice a
-    weight changed in place or replaced (by its version counter and storage), but not a change made through
-    ``.data``, which bypasses the version counter (``w.data.copy_(...)``; and ``w.data = ...``, whose new storage
-    can reuse the old one's address): call this after any use of ``.data`` on a weight. Steps of torch's fused
-    optimizers (``fused=True``), which move no version counter either, call it themselves (a global optimizer
-    step hook, registered when hiertcn_fast is imported)."""
+    weight changed in place or given new storage (by its version counter and its storage object, which they
+    hold: ``w.data = ...`` and a module's ``.half()``, ``.double()`` or ``.to()`` round trip are seen), but not a
+    change made in place through ``.data``, which bypasses the version counter (``w.data.copy_(...)``): call
+    this after such a change. Steps of torch's fused optimizers (``fused=True``), which move no version
+    counter either, call it themselves (a global optimizer step hook, registered when hiertcn_fast is
+    imported). The module-level caches are emptied at once (the storage they hold with them); a state's
+    caches at its next step."""
+    _packed_stacks.clear()
+    _context_weight_matrices.clear()
     _generation[0] += 1
 
 
@@ -570,15 +574,18 @@ register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 def _stamp(t: torch.Tensor) -> tuple:
-    """What a cache derived from t compares to see t unchanged: the version catches in-place changes, the data
-    pointer new storage under the same tensor (``w.data = ...``, .to()) unless it reuses the old address, the
-    generation a call of forget_weight_caches() (for what neither sees: changes through ``.data``, and the
-    steps of torch's fused optimizers, which move no version counter and call it through a step hook).
-    An inference tensor (made under torch.inference_mode) has no version counter and may change in place
-    unseen: its stamp equals no other, so whatever is derived from it is derived again at every use."""
+    """What a cache derived from t compares to see t unchanged: the version catches in-place changes, the
+    storage object new storage under the same tensor (``w.data = ...``, which a module's ``.half()``, ``.to()``
+    do), the data pointer a view moved within it (``set_``), the generation a call of forget_weight_caches()
+    (for what none of them sees: in-place changes through ``.data``, and the steps of torch's fused optimizers,
+    which move no version counter and call it through a step hook). The stamp holds the storage (torch keeps one
+    Python object per storage, compared by identity), so that storage cannot be freed and its address reused by
+    the new one while a cache still compares it. An inference tensor (made under torch.inference_mode) has no
+    version counter and may change in place unseen: its stamp equals no other, so whatever is derived from it
+    is derived again at every use."""
     if t.is_inference() or fake(t):  # (a fake tensor has no memory to point at)
         return object()
-    return t._version, t.data_ptr(), _generation[0]
+    return t._version, t.data_ptr(), _generation[0], t.untyped_storage()
 
 
 def _cache_entry(sources, extra, value):
