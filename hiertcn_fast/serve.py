@@ -78,11 +78,16 @@ def _normal(t: torch.Tensor) -> torch.Tensor:
         return t.clone()
 
 
-def _refuse_strings(values, name: str) -> None:
-    """A clear word for text where numbers belong (torch.as_tensor would say "too many dimensions 'str'")."""
-    if isinstance(values, (str, bytes)) or (isinstance(values, (list, tuple)) and any(
-            isinstance(value, (str, bytes)) for value in values)):
-        raise TypeError(f"{name} must be numbers, one per event, got text")
+def _refuse_non_numbers(values, name: str, what: str = "numbers, one per event", what_not_bool=None) -> None:
+    """A clear word for text or truth values where numbers belong (torch.as_tensor would say "too many dimensions
+    'str'", and would take True for 1 without a word)."""
+    listed = isinstance(values, (list, tuple))
+    if isinstance(values, (str, bytes)) or (listed and any(isinstance(value, (str, bytes)) for value in values)):
+        raise TypeError(f"{name} must be {what}, got text")
+    if (isinstance(values, (bool, np.bool_)) or (isinstance(values, torch.Tensor) and values.dtype == torch.bool)
+            or (isinstance(values, np.ndarray) and values.dtype == np.bool_)
+            or (listed and any(isinstance(value, (bool, np.bool_)) for value in values))):
+        raise TypeError(f"{name} must be {what_not_bool or what}, got a bool")
 
 
 def _user_key(user):
@@ -428,8 +433,8 @@ class StreamingRecommender:
         over rounds in which every user appears at most once."""
         users = _user_keys(users)
         self._check_model()
-        _refuse_strings(items, "items")
-        _refuse_strings(timestamps, "timestamps")
+        _refuse_non_numbers(items, "items", what_not_bool="integer item ids")
+        _refuse_non_numbers(timestamps, "timestamps")
         given = torch.as_tensor(items)
         if given.dim() > 1:
             raise ValueError(f"items must be one item id per event (one-dimensional), got shape {tuple(given.shape)}")
@@ -565,6 +570,7 @@ class StreamingRecommender:
         self._check_model()
         rows = self._slots(users, create=False)
         if now is not None:
+            _refuse_non_numbers(now, "now", "seconds, one time for all users or one per user")
             now = torch.as_tensor(now, dtype=torch.float64, device=self.device)
             if now.dim() > 1 or now.numel() not in (1, rows.shape[0]):
                 raise ValueError(f"now must be one time for all users or one per user ({rows.shape[0]}), got shape "
@@ -598,7 +604,8 @@ class StreamingRecommender:
         user = _user_key(user)
         self._check_model()
         row = self.user_slot.get(user)
-        if row is None or self._counters is None or not (now is None or isinstance(now, numbers.Real)):
+        if (row is None or self._counters is None
+                or not (now is None or (isinstance(now, numbers.Real) and not isinstance(now, bool)))):
             return self.scores_many([user], None if now is None else [now])[0]
         if now is not None:
             if not math.isfinite(now):

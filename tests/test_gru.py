@@ -777,6 +777,28 @@ def test_bad_input_is_a_clear_error():
         session_update(items, lengths + 5, hs, keep, su_weights, backend="cpu")
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_missing_weight_or_half_a_bias_pair_is_refused_on_every_backend(backend):
+    """A weight given as None is a TypeError naming it (not an AttributeError from inside the checks), and a
+    layer with b_ih but not b_hh (or the reverse) is refused alike on every backend, where the reference backend
+    used to compute with the one bias given."""
+    x, h, w_ih, w_hh, b_ih, b_hh = cell_inputs(2, 3, 4, False, True, torch.float32, "cpu")
+    for args, name in (((None, w_hh), "w_ih"), ((w_ih, None), "w_hh")):
+        with pytest.raises(TypeError, match=rf"^{name} must be a torch.Tensor, got NoneType"):
+            gru_cell(x, h, *args, backend=backend)
+    xs, h0, weights = sequence_inputs(2, 3, 3, 4, 2, False, True, torch.float32, "cpu")
+    second = list(weights[1])
+    with pytest.raises(TypeError, match=r"^weights\[1\] \(w_hh\) must be a torch.Tensor, got NoneType"):
+        gru(xs, h0, [weights[0], [second[0], None, *second[2:]]], num_layers=2, backend=backend)
+    for half in ([*second[:3], None], [*second[:2], None, second[3]]):
+        with pytest.raises(ValueError, match=r"^weights\[1\]: b_ih and b_hh must be given together"):
+            gru(xs, h0, [weights[0], half], num_layers=2, backend=backend)
+    items, lengths, hs, keep, su_weights, _ = session_inputs(4, 3, 3, 4, 1, False, True, "mixed", "mixed",
+                                                             torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"^weights\[0\]: b_ih and b_hh must be given together"):
+        session_update(items, lengths, hs, keep, [[*su_weights[0][:3], None]], backend=backend)
+
+
 
 def test_gru_modules_refuse_an_empty_time_axis_and_unknown_backends_clearly():
     """An empty time axis is named as such, in the caller's layout (batch_first=False included); an unknown

@@ -304,6 +304,18 @@ def test_refused_input_changes_nothing():
         (TypeError, "items must be numbers", lambda r: r.observe_many(["a"], ["3"], [5000.0])),
         (TypeError, "timestamps must be numbers", lambda r: r.observe_many(["a"], [3], ["5000"])),
         (ValueError, "one-dimensional", lambda r: r.observe_many(["a", "b"], [[1], [2]], [5000.0, 5000.0])),
+        # truth values where numbers belong: torch.as_tensor would take True for 1 without a word
+        (TypeError, "timestamps must be numbers.*got a bool", lambda r: r.observe("a", 3, True)),
+        (TypeError, "timestamps must be numbers.*got a bool", lambda r: r.observe("new", 3, True)),
+        (TypeError, "timestamps must be numbers.*got a bool",
+         lambda r: r.observe_many(["a", "b"], [3, 4], [5000.0, True])),
+        (TypeError, "timestamps must be numbers.*got a bool", lambda r: r.observe_many(["a"], [3], np.array([True]))),
+        (TypeError, "items must be integer item ids, got a bool",
+         lambda r: r.observe_many(["a", "b"], [True, 2], [5000.0, 5000.0])),
+        (TypeError, "now must be seconds.*got a bool", lambda r: r.scores("a", now=True)),
+        (TypeError, "now must be seconds.*got a bool", lambda r: r.scores_many(["a", "b"], now=[5000.0, True])),
+        (TypeError, "now must be seconds.*got a bool", lambda r: r.scores_many(["a"], now=torch.tensor([True]))),
+        (TypeError, "now must be seconds.*got text", lambda r: r.scores("a", now="5000")),
     ]
     for error, message, call in refused:
         with pytest.raises(error, match=message):

@@ -146,8 +146,11 @@ def _layer_weights(weights, num_layers, input_size, hidden, ref, name="weights")
                              f"got {len(tensors)} tensors")
         w_ih, w_hh, b_ih, b_hh = (tuple(tensors) + (None, None))[:4]
         in_features = input_size if layer == 0 else hidden
+        if (b_ih is None) != (b_hh is None):
+            raise ValueError(f"{'' if name is None else f'{name}[{layer}]: '}b_ih and b_hh must be given together or "
+                             "not at all")
         for label, t, ndim in (("w_ih", w_ih, 2), ("w_hh", w_hh, 2), ("b_ih", b_ih, 1), ("b_hh", b_hh, 1)):
-            if t is None:
+            if t is None and label.startswith("b_"):  # (a missing weight is refused by check_tensor)
                 continue
             arg = label if name is None else f"{name}[{layer}] ({label})"
             check_tensor(t, arg, ndim)
