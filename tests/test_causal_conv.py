@@ -667,6 +667,44 @@ def test_strided_biases(backend, device):
     assert not torch.equal(bias, bias_values)
 
 
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_relu_keeps_a_nan_as_torch_relu_does(backend, device, residual):
+    """A NaN reaches every output that reads it with activation="relu" too, as torch.relu(nan) = nan and the
+    reference give: in the forward, the step and the stack step (a relu written v > 0 ? v : 0 makes it 0 and hides
+    a diverged model behind finite outputs), and the backward gives relu's gradient there, 0, as torch's does."""
+    dtype = COMPARE_DTYPE[backend]
+    x = rand(2, 6, 3, dtype=dtype, device=device)
+    x[0, 2, 1] = float("nan")
+    weight = rand(4, 3, 2, dtype=dtype, device=device)
+    res = rand(2, 6, 4, dtype=dtype, device=device) if residual else None
+    expected = causal_conv1d_reference(x, weight, activation="relu", residual=res)
+    nan = torch.zeros(2, 6, dtype=torch.bool, device=device)
+    nan[0, 2:4] = True  # the NaN's step and the next (k = 2, dilation 1), in row 0 only
+    assert torch.equal(torch.isnan(expected).all(-1), nan) and torch.equal(torch.isnan(expected).any(-1), nan)
+    leaf = x.detach().requires_grad_()
+    out = causal_conv1d(leaf, weight, activation="relu", residual=res, backend=backend)
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))
+    assert_close(torch.nan_to_num(out), torch.nan_to_num(expected), dtype)
+    grad = rand(2, 6, 4, dtype=dtype, device=device)
+    (grad_x,) = torch.autograd.grad(out, leaf, grad)
+    peer = x.detach().requires_grad_()
+    (expected_grad,) = torch.autograd.grad(causal_conv1d_reference(peer, weight, activation="relu", residual=res),
+                                           peer, grad)
+    assert torch.equal(torch.isnan(grad_x), torch.isnan(expected_grad))
+    assert_close(torch.nan_to_num(grad_x), torch.nan_to_num(expected_grad), dtype)
+
+    state = CausalConvState.zeros(2, 3, 2, 1, dtype=dtype, device=device)
+    steps = torch.stack([causal_conv1d_step(x[:, t], weight, state, activation="relu",
+                                            residual=None if res is None else res[:, t], backend=backend)
+                         for t in range(6)], 1)
+    assert torch.equal(torch.isnan(steps), torch.isnan(expected))
+    square = rand(3, 3, 2, dtype=dtype, device=device)
+    states = [CausalConvState.zeros(2, 3, 2, 1, dtype=dtype, device=device)]
+    stacked = torch.stack([tcn_step(x[:, t], [square], [None], states, backend=backend) for t in range(6)], 1)
+    assert torch.equal(torch.isnan(stacked).any(-1), nan)
+
+
 def test_step_bad_input_is_a_clear_error():
     weight = rand(6, 4, 3, dtype=torch.float32)
     state = CausalConvState.zeros(2, 4, 3, 2)

@@ -644,6 +644,33 @@ def test_new_storage_at_the_old_address_is_seen_by_every_weight_cache():
         assert torch.equal(context_table(context, conv.context_weight), context_table(context, ref_conv.context_weight))
 
 
+def test_weights_set_from_a_vector_are_seen_and_its_in_place_changes_after_forget_weight_caches():
+    """nn.utils.vector_to_parameters makes each weight a view of the vector, through ``.data``: a new vector's
+    values are new storage, seen by the step caches unaided; an in-place change of the same vector changes the
+    weights without moving their version counters (the vector has its own), which no cache can see: after
+    ops.forget_weight_caches() the step uses the new values, as a state without caches does."""
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    from hiertcn_fast.nn import CausalConv1d
+    from hiertcn_fast.ops import forget_weight_caches
+
+    torch.manual_seed(0)
+    conv = CausalConv1d(8, 8, 3, bias=False)
+    state, x = conv.init_state(1), torch.randn(1, 8)
+    with torch.no_grad():
+        conv.step(x, state)  # packs the weight into the state's cache
+        vector_to_parameters(parameters_to_vector(conv.parameters()) * -2, conv.parameters())
+        uncached = state.to()  # the same history and positions, without caches
+        assert torch.equal(conv.step(x, state), conv.step(x, uncached))
+        flat = parameters_to_vector(conv.parameters())
+        vector_to_parameters(flat, conv.parameters())
+        conv.step(x, state)
+        flat.mul_(3)
+        forget_weight_caches()
+        uncached = state.to()  # the same history and positions, without caches
+        assert torch.equal(conv.step(x, state), conv.step(x, uncached))
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_steps_compile_fullgraph_and_follow_weight_changes(backend):
     """torch.compile(fullgraph=True) of causal_conv1d_step, tcn_step and TCN.step, with a context: the outputs

@@ -363,7 +363,8 @@ def _outer_grad(grad_out, out, activation):
 class _CausalConvFunction(torch.autograd.Function):
     """What the backward keeps besides x and the weight:
     - relu: its two derivatives as sign bits, one byte per element written by the forward kernel (bit 0 z > 0,
-      bit 1 out > 0, i.e. relu(z) + residual > 0): neither z nor the residual;
+      bit 1 out > 0, i.e. relu(z) + residual > 0; a NaN counts as > 0 there, as in torch.relu's backward): neither
+      z nor the residual;
     - tanh (in float32 and float64) and no activation, with a residual of its own (not x itself, which is kept
       anyway): z and the output, whose outer derivative it gives, not the residual (the output is what the next
       block of a stack keeps anyway as its input; so, as after torch.tanh, an in-place change of it before the
@@ -548,8 +549,9 @@ def forget_weight_caches() -> None:
     prepared steps, the states' packed weights and context tables, the packed context weights. They notice a
     weight changed in place or given new storage (by its version counter and its storage object, which they
     hold: ``w.data = ...`` and a module's ``.half()``, ``.double()`` or ``.to()`` round trip are seen), but not a
-    change made in place through ``.data``, which bypasses the version counter (``w.data.copy_(...)``): call
-    this after such a change. Steps of torch's fused optimizers (``fused=True``), which move no version
+    change made in place through ``.data`` (``w.data.copy_(...)``) or through another tensor sharing the weight's
+    memory (the vector after ``nn.utils.vector_to_parameters``), which bypasses the weight's version counter:
+    call this after such a change. Steps of torch's fused optimizers (``fused=True``), which move no version
     counter either, call it themselves (a global optimizer step hook, registered when hiertcn_fast is
     imported). The module-level caches are emptied at once (the storage they hold with them); a state's
     caches at its next step."""

@@ -27,7 +27,7 @@ ACT_NONE, ACT_RELU, ACT_GELU, ACT_TANH = 0, 1, 2, 3
 @triton.jit
 def _activate(v, ACTIVATION: tl.constexpr):
     if ACTIVATION == 1:
-        v = tl.maximum(v, 0.0)
+        v = tl.where(v < 0.0, 0.0, v)  # NaN stays NaN, as torch.relu's (tl.maximum leaves NaN unspecified)
     elif ACTIVATION == 2:
         v = 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
     elif ACTIVATION == 3:
@@ -38,7 +38,7 @@ def _activate(v, ACTIVATION: tl.constexpr):
 @triton.jit
 def _activation_grad(v, ACTIVATION: tl.constexpr):
     if ACTIVATION == 1:
-        d = tl.where(v > 0.0, 1.0, 0.0)
+        d = tl.where(v <= 0.0, 0.0, 1.0)  # torch.relu's: 1 at NaN as well
     elif ACTIVATION == 2:
         d = 0.5 * (1.0 + tl.erf(v * 0.7071067811865476)) + v * tl.exp(-0.5 * v * v) * 0.3989422804014327
     elif ACTIVATION == 3:
@@ -64,7 +64,8 @@ def _conv_kernel(inp, packed, bias, table, residual, out, pre,
                  DENSE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                  WRITE_PRE: tl.constexpr, PRE_BITS: tl.constexpr, ACTIVATION: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr):
-    # pre receives z, or with PRE_BITS (relu) uint8 sign bits: bit 0 z > 0, bit 1 out > 0 (hiertcn/causal_conv.h).
+    # pre receives z, or with PRE_BITS (relu) uint8 sign bits: bit 0 not z <= 0, bit 1 not out <= 0
+    # (hiertcn/causal_conv.h).
     tiles = tl.cdiv(time, BLOCK_T)
     pid = tl.program_id(0)
     b = (pid // tiles).to(tl.int64)
@@ -115,7 +116,7 @@ def _conv_kernel(inp, packed, bias, table, residual, out, pre,
     y = _epilogue(acc, res, HAS_RESIDUAL, ACTIVATION)
     tl.store(out + dst, y.to(out.dtype.element_ty), mask=mask)
     if WRITE_PRE and PRE_BITS:
-        tl.store(pre + dst, (acc > 0).to(tl.uint8) | ((y > 0).to(tl.uint8) << 1), mask=mask)
+        tl.store(pre + dst, tl.where(acc <= 0, 0, 1).to(tl.uint8) | tl.where(y <= 0, 0, 2).to(tl.uint8), mask=mask)
 
 
 @triton.jit

@@ -175,7 +175,7 @@ template <typename A>
 HIERTCN_HD A activate(A v, int64_t activation) {
   switch (activation) {
     case kActRelu:
-      return v > A(0) ? v : A(0);
+      return v < A(0) ? A(0) : v;  // NaN stays NaN, as torch.relu's (v > 0 ? v : 0 would make it 0)
     case kActGelu:
       return A(0.5) * v * (A(1) + erf(v * A(0.70710678118654752440)));
     case kActTanh:
@@ -190,7 +190,9 @@ template <typename A>
 HIERTCN_HD A activation_grad(A v, int64_t activation) {
   switch (activation) {
     case kActRelu:
-      return A(v > A(0));  // a conversion, not a branch: vectorises, no mispredictions on random signs
+      // torch.relu's: 1 unless v <= 0, so 1 at NaN as well. A conversion, not a branch: vectorises, no
+      // mispredictions on random signs.
+      return A(!(v <= A(0)));
     case kActGelu:
       return A(0.5) * (A(1) + erf(v * A(0.70710678118654752440))) +
              v * exp(A(-0.5) * v * v) * A(0.39894228040143267794);
@@ -210,12 +212,12 @@ HIERTCN_HD A epilogue_forward(A z, bool has_residual, A residual, int64_t activa
   return has_residual ? activate(a + residual, activation) : a;
 }
 
-// relu's two derivatives as bits of one byte: bit 0 z > 0 (the inner relu), bit 1 out > 0, which is
-// act(z) + residual > 0 (the outer one, with a residual). What the backward keeps of a relu block instead of z and
-// the residual.
+// relu's two derivatives as bits of one byte: bit 0 not z <= 0 (the inner relu), bit 1 not out <= 0, which is
+// act(z) + residual > 0 (the outer one, with a residual); "not <= 0" rather than "> 0" so that a NaN passes the
+// gradient, as torch.relu's backward does. What the backward keeps of a relu block instead of z and the residual.
 template <typename A>
 HIERTCN_HD uint8_t relu_sign_bits(A z, A out) {
-  return static_cast<uint8_t>((z > A(0) ? 1 : 0) | (out > A(0) ? 2 : 0));
+  return static_cast<uint8_t>((z <= A(0) ? 0 : 1) | (out <= A(0) ? 0 : 2));
 }
 
 // epilogue_backward for relu from relu_sign_bits: dL/dz, and dL/dresidual into *grad_residual (with_residual).
