@@ -444,3 +444,16 @@ def test_ml100k_cache_opens_fast(tmp_path):
     started = time.perf_counter()
     SessionCache.open(cache.path)
     assert time.perf_counter() - started < 0.2
+
+
+def test_a_warm_split_of_a_time_span_past_float64_still_cuts_by_time(tmp_path):
+    """A warm split cuts sessions by start time at 80% and 90% of the time span. Timestamps may be any finite
+    float64; when last - first overflows (here 2e308) the cuts were first + fraction * inf = inf, so every session,
+    the latest included, went to train and test stayed empty. The cuts are then 0.6e308 and 0.8e308."""
+    timestamps = np.array([-1e308, -5e307, 0.0, 5e307, 1e308])
+    source = ArraySource(np.arange(5), np.ones(5, dtype=np.int64), timestamps, name="huge")
+    params = PreprocessParams(min_item_count=0, min_user_count=0, max_user_count=None, split="warm", num_partitions=1)
+    cache = preprocess(source, tmp_path, params)
+    starts = np.asarray(cache.timestamp)[np.asarray(cache.session_offsets)[:-1]]
+    split_of_start = dict(zip(starts.tolist(), np.asarray(cache.session_split).tolist()))
+    assert split_of_start == {-1e308: 0, -5e307: 0, 0.0: 0, 5e307: 0, 1e308: 2}

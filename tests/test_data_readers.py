@@ -181,3 +181,46 @@ def test_synthetic_has_planted_structure():
     assert np.mean(topics_per_user) <= 3.0
     with pytest.raises(ValueError, match="num_events"):
         SyntheticSource(0)
+
+
+def _read_all(path, chunk_size, on_malformed):
+    stats = ReadStats()
+    events = []
+    for chunk in DelimitedSource(path, on_malformed=on_malformed).iter_chunks(chunk_size, stats):
+        events += list(zip(chunk.user.tolist(), chunk.item.tolist(), chunk.timestamp.tolist()))
+    return events, stats
+
+
+@pytest.mark.parametrize("cell", ["1\u2500", "\u01fe1", "1\u30e0", "\u0661\u0662x"])
+def test_a_non_ascii_character_in_an_id_is_a_malformed_record_not_another_id(tmp_path, cell):
+    """An id cell with a character that is not a digit ("1" and a box-drawing sign) is a malformed record, reported
+    with its file and line, whatever the chunk: numpy's parser, behind the fast path, read "1\u2500" as the id
+    9434 (1 * 10 + 0x2500 - ord("0")) and merged the event into another user, even with on_malformed="fail"."""
+    path = tmp_path / "log.csv"
+    path.write_text(f"user_id,item_id,timestamp\n{cell},5,100\n2,6,200\n", encoding="utf-8")
+    for chunk_size in (1, 2, 4):
+        with pytest.raises(MalformedRecordError, match=r"log\.csv:2:"):
+            _read_all(path, chunk_size, "fail")
+        events, stats = _read_all(path, chunk_size, "skip")
+        assert events == [(2, 6, 200.0)] and stats.malformed_total == 1
+
+
+@pytest.mark.parametrize("control", ["\x1c", "\x1d", "\x1e", "\x1f", "\x00", "\x7f"])
+def test_a_record_is_read_the_same_whatever_the_chunk_size(tmp_path, control):
+    """Whether a record is accepted does not depend on its neighbours in the chunk (chunk_size never changes the
+    result): "1" followed by a control character was id 1 to the fast path but malformed to the line-by-line
+    parser, which reads a whole chunk once any of its lines is malformed. Both now give int()'s answer."""
+    path = tmp_path / "log.csv"
+    path.write_text(f"user_id,item_id,timestamp\n1{control},5,100\nx,6,200\n3,7,300\n", encoding="utf-8")
+    results = [_read_all(path, chunk_size, "skip") for chunk_size in (1, 2, 3)]
+    for events, stats in results:
+        assert events == results[0][0] and stats.malformed_total == results[0][1].malformed_total
+    first = [] if _int_or_none(f"1{control}") is None else [(1, 5, 100.0)]
+    assert results[0][0] == first + [(3, 7, 300.0)]
+
+
+def _int_or_none(text):
+    try:
+        return int(text)
+    except ValueError:
+        return None

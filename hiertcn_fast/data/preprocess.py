@@ -336,8 +336,12 @@ def _write_items_and_splits(temp, spill_dir, params, partition_user_offsets, use
     else:
         first, last = time_range
         last_split = max(code for code, fraction in enumerate(params.split_fractions) if fraction > 0)
-        cuts = np.array([first + train_fraction * (last - first),
-                         first + (train_fraction + valid_fraction) * (last - first)])
+        # first + f * (last - first), unless the span overflows float64 (timestamps near +-1.8e308): then the
+        # weighted mean, which does not (the usual form is kept where it works: the cuts of every earlier cache).
+        first, last = float(first), float(last)  # (Python floats: an overflow is inf without a warning)
+        span = last - first
+        cuts = np.array([first + f * span if math.isfinite(span) else (1 - f) * first + f * last
+                         for f in (train_fraction, train_fraction + valid_fraction)])
     present_item_index = _KeyIndex(present_items)
     counts = np.zeros((3, 3), dtype=np.int64)  # (split, [users, sessions, events])
     checksums = []

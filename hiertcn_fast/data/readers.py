@@ -215,6 +215,10 @@ def _file_fingerprint(path: Path) -> dict:
 
 
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
+# What the fast parser (np.loadtxt) may see: printable ASCII, tab and line ends. Its number parsing takes other
+# characters beside digits (numpy 2.4 reads "1\u2500" as 9434, and "1\x1f" as 1, which int() refuses): a block with
+# any of them is parsed line by line, by int() and float() alone, so a record reads the same whatever its chunk.
+_NOT_PLAIN_ASCII = re.compile("[^\t\n\r\x20-\x7e]")
 
 
 def _undecodable(text: str) -> bool:
@@ -383,7 +387,7 @@ class DelimitedSource(InteractionSource):
             return empty, empty, np.empty(0, np.float64), (empty if "event_type" in columns else None)
         dtype = np.dtype([(role, np.float64 if role == "timestamp" else np.int64) for role in roles])
         text = "".join(lines)
-        if _undecodable(text):
+        if _NOT_PLAIN_ASCII.search(text) is not None:  # (undecodable bytes included)
             return None
         try:
             table = np.loadtxt(io.StringIO(text), delimiter=self.delimiter, dtype=dtype,
