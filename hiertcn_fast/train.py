@@ -153,9 +153,19 @@ class TrainConfig:
             if not is_int(self.max_steps) or self.max_steps < 0:
                 raise ValueError(f"max_steps must be a non-negative integer or None, got {self.max_steps!r}")
             self.max_steps = int(self.max_steps)
-        if not is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not is_int(self.seed) or not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"seed must be a non-negative integer below 2**63 (torch's generators take 64-bit seeds, "
+                             f"and each rank adds its rank), got {self.seed!r}")
         self.seed = int(self.seed)
+        if self.device is not None:
+            try:  # (a torch.device or an index is taken too, as torch.device takes them)
+                torch.device(self.device)
+            except (RuntimeError, TypeError, ValueError) as error:
+                raise ValueError(f"device must name a torch device (\"cpu\", \"cuda\", \"cuda:1\", ...) or be None, "
+                                 f"got {self.device!r}: {error}") from None
+        if self.checkpoint_path is not None and not isinstance(self.checkpoint_path, (str, os.PathLike)):
+            raise ValueError(f"checkpoint_path must be a path (str or os.PathLike) or None, got "
+                             f"{self.checkpoint_path!r}")
         for name in ("amp", "progress_bar"):  # bool("false") would be True
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True, False or None (automatic), got {getattr(self, name)!r}")

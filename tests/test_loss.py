@@ -2,6 +2,8 @@
 independent peer: loss and every gradient, shapes with vector tails, extreme logits, empty batches,
 gradcheck, the compiled row op (opcheck, thread-count independence) and bad input."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -267,3 +269,18 @@ def test_backends_it_lacks_are_an_error_never_a_silent_fallback():
     # auto takes the reference composition where the kernel cannot run (half types here), with its result.
     half = [t.detach().bfloat16() for t in (features, weight, b)]
     torch.testing.assert_close(linear_cross_entropy(*half, targets), linear_cross_entropy_reference(*half, targets))
+
+
+@pytest.mark.parametrize("dtype, shift", [(torch.float64, 1e17), (torch.float32, 1e8), (torch.float32, 2.0 ** 24),
+                                          (torch.float32, 1e5)])
+def test_the_loss_of_logits_with_a_large_common_shift_is_the_reference_loss(dtype, shift):
+    """The softmax is shift invariant: 7 equal logits cost log(7) per row whatever their value, which the reference
+    (F.cross_entropy) gives. The cpu kernel computed (max + log(sum)) - z[target], where a large max rounds log(sum)
+    away: 0 in float64 at 1e17 and in float32 at 1e8, 6.0 at 2**24. It now takes torch's order,
+    log(sum) - (z[target] - max). (The gradient, from the softmax, was right.)"""
+    features, weight = torch.zeros(3, 2, dtype=dtype), torch.zeros(7, 2, dtype=dtype)
+    bias = torch.full((7,), shift, dtype=dtype)
+    targets = torch.tensor([0, 3, 6])
+    reference = linear_cross_entropy(features, weight, bias, targets, backend="reference")
+    assert reference.item() == pytest.approx(3 * math.log(7), rel=1e-6)
+    torch.testing.assert_close(linear_cross_entropy(features, weight, bias, targets, backend="cpu"), reference)

@@ -840,7 +840,11 @@ def test_a_run_stopped_at_an_epochs_end_resumes_in_the_next_epoch(cache):
     ("amp", "false", "amp must be True, False or None"), ("max_steps", True, "max_steps"),
     ("seed", -1, "seed must be a non-negative integer"), ("seed", 1.5, "seed must be a non-negative integer"),
     ("lr_milestones", 0.5, "lr_milestones must be a sequence"), ("lr_milestones", "0.5", "lr_milestones must be a"),
-    ("progress_bar", "no", "progress_bar must be True, False or None")])
+    ("progress_bar", "no", "progress_bar must be True, False or None"),
+    # torch's generators take 64-bit seeds: 2**64 failed in Trainer with "Overflow when unpacking long long"
+    ("seed", 2 ** 64, "seed must be a non-negative integer below 2\\*\\*63"), ("seed", 2 ** 63, "below 2"),
+    ("device", "nonsense", "device must name a torch device"), ("device", 1.5, "device must name a torch device"),
+    ("checkpoint_path", 5, "checkpoint_path must be a path")])
 def test_config_refuses_values_of_the_wrong_kind(field, value, message):
     """bool("false") is True, True is an int, a float seed failed deep inside torch.manual_seed."""
     with pytest.raises(ValueError, match=message):

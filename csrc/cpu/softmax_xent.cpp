@@ -1,6 +1,6 @@
 // CPU kernel of the fused full-softmax cross-entropy (hiertcn_fast.ops.linear_cross_entropy): one pass per
 // row, in cache, over logits a matrix product has just written. Per row: add the bias, take the max, turn
-// the row into e^(z - max) while summing it, then loss = log-sum-exp - z[target] and the row into
+// the row into e^(z - max) while summing it, then loss = log(sum) - (z[target] - max) and the row into
 // softmax - one_hot(target), the gradient of the loss with respect to the logits, which the backward
 // multiplies out with two matrix products. Parallel over rows; every row's sums run in a fixed order, so
 // the result does not depend on the thread count.
@@ -77,7 +77,9 @@ void softmax_xent_rows(T* logits, const int64_t* targets, const T* bias, T* loss
       const T target_logit = z[t];
       const T m = row_max(z, classes);
       const T sum = exp_shift_sum(z, m, classes);
-      loss[r] = (m + std::log(sum)) - target_logit;
+      // log(sum) - (z[t] - max), torch's order: (max + log(sum)) - z[t] would round log(sum) away at a large max
+      // (every logit shifted by 1e8 in float32 gave a loss of 0, not log(classes)).
+      loss[r] = std::log(sum) - (target_logit - m);
       scale_row(z, T(1) / sum, classes);
       z[t] -= T(1);
     }
