@@ -31,6 +31,8 @@ import time
 import traceback
 from pathlib import Path
 
+from ._ints import SEED_LIMIT
+
 # Sizes of each model from one width ``d`` (the paper's 128 by default): embeddings, GRU states and
 # TCN channels all d; HierTCN's high-level GRU has two layers (state 2d), as in the paper.
 MODEL_SIZES = {
@@ -58,7 +60,6 @@ def _non_negative_int(text: str) -> int:
     return _bounded_int(text, 0, "a non-negative integer")
 
 
-SEED_LIMIT = 2**63 - 1  # torch's and numpy's generators take 64-bit seeds; the job adds the rank to it
 
 
 def _seed(text: str) -> int:

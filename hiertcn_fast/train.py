@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._ints import is_int
+from ._ints import SEED_LIMIT, is_int
 from .data import LaneStateCache, SessionBatch, SessionBatcher, SessionCache
 from .data.cache import fsync_path, host_label, left_by_dead_process
 from .evaluate import RankingMetrics, batch_targets
@@ -153,7 +153,7 @@ class TrainConfig:
             if not is_int(self.max_steps) or self.max_steps < 0:
                 raise ValueError(f"max_steps must be a non-negative integer or None, got {self.max_steps!r}")
             self.max_steps = int(self.max_steps)
-        if not is_int(self.seed) or not 0 <= self.seed < 2 ** 63:
+        if not is_int(self.seed) or not 0 <= self.seed <= SEED_LIMIT:
             raise ValueError(f"seed must be a non-negative integer below 2**63 (torch's generators take 64-bit seeds, "
                              f"and each rank adds its rank), got {self.seed!r}")
         self.seed = int(self.seed)
