@@ -3,6 +3,7 @@ and TCN stepping equal to its forward."""
 
 import collections
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -622,3 +623,88 @@ def test_tcn_compiles_with_fullgraph_and_keeps_its_gradients(backend):
     assert_close(out, expected, torch.float32)
     for grad, want in zip(grads, expected_grads):
         torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-5)
+
+
+# Found by fuzzing the modules against torch.nn (session 22): each failed before the fix, with an AttributeError or
+# a RuntimeError from inside nn.Linear that named no argument.
+# The conv modules read x.device (x_t.requires_grad) before any check that x is a tensor, so a non-tensor input (a
+# list, a NumPy array) failed with an AttributeError from inside, not the TypeError naming the argument that the GRU
+# modules and nn.Conv1d give.
+
+@pytest.mark.parametrize("x", [[[[1.0, 2.0, 3.0]]], np.ones((1, 2, 3), dtype=np.float32)], ids=["list", "ndarray"])
+def test_causal_conv1d_forward_refuses_a_non_tensor_input_with_a_type_error(x):
+    conv = CausalConv1d(3, 4, 2)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got (list|ndarray)"):
+        conv(x)
+
+
+def test_temporal_block_and_tcn_forward_refuse_a_non_tensor_input_with_a_type_error():
+    for module in (TemporalBlock(3, 3, 2), TCN(3, [3], 2)):
+        with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+            module([[[1.0, 2.0, 3.0]]])
+
+
+def test_causal_conv1d_step_refuses_a_non_tensor_input_with_a_type_error():
+    conv = CausalConv1d(3, 4, 2)
+    state = conv.init_state(1)
+    with pytest.raises(TypeError, match="x_t must be a torch.Tensor, got list"):
+        conv.step([[1.0, 2.0, 3.0]], state)
+    assert state.position.tolist() == [0]
+
+
+def test_temporal_block_step_refuses_a_non_tensor_input_with_a_type_error():
+    block = TemporalBlock(3, 3, 2)
+    with pytest.raises(TypeError, match="x_t must be a torch.Tensor, got list"):
+        block.step([[1.0, 2.0, 3.0]], block.init_state(1))
+
+
+def test_tcn_step_refuses_a_non_tensor_input_or_context_with_a_type_error():
+    tcn = TCN(3, [3], 2, context_channels=2)
+    state = tcn.init_state(1)
+    with pytest.raises(TypeError, match="x_t must be a torch.Tensor, got list"):
+        tcn.step([[1.0, 2.0, 3.0]], state, torch.randn(1, 2))
+    with pytest.raises(TypeError, match="context must be a torch.Tensor, got list"):
+        tcn.step(torch.randn(1, 3), state, [[1.0, 2.0]])
+    assert [layer.position.tolist() for layer in state.layers] == [[0]]
+
+
+# TemporalBlock (and TCN, through its first block) applied its residual projection to x and the context before any
+# check of their batch and dtype (only the context's rank and width were checked), so a context of another batch or
+# dtype, or a projected x of another dtype or width, failed inside nn.Linear or the broadcast add, naming neither.
+
+def _context_block_and_tcn():
+    torch.manual_seed(0)
+    return TemporalBlock(3, 5, 3, 2, context_channels=2), TCN(3, [5, 5], 3, context_channels=2)
+
+
+def test_temporal_block_and_tcn_forward_name_a_context_of_another_batch():
+    x = torch.randn(2, 6, 3)
+    for module in _context_block_and_tcn():
+        with pytest.raises(ValueError, match="context .batch, context_channels. must have x(_t)?'s batch 2"):
+            module(x, torch.randn(3, 2))
+
+
+def test_temporal_block_and_tcn_forward_name_a_context_of_another_dtype():
+    x = torch.randn(2, 6, 3)
+    for module in _context_block_and_tcn():
+        with pytest.raises(TypeError, match="context has dtype torch.float64 but x(_t)? has torch.float32"):
+            module(x, torch.randn(2, 2, dtype=torch.float64))
+
+
+def test_temporal_block_step_names_a_context_of_another_batch_or_dtype():
+    block, _ = _context_block_and_tcn()
+    state = block.init_state(2)
+    with pytest.raises(ValueError, match="context .batch, context_channels. must have x(_t)?'s batch 2"):
+        block.step(torch.randn(2, 3), state, torch.randn(3, 2))
+    with pytest.raises(TypeError, match="context has dtype torch.float64 but x(_t)? has torch.float32"):
+        block.step(torch.randn(2, 3), state, torch.randn(2, 2, dtype=torch.float64))
+    assert state.position.tolist() == [0, 0]
+
+
+def test_projecting_temporal_block_names_an_x_of_another_dtype_or_width():
+    torch.manual_seed(0)
+    block = TemporalBlock(3, 5, 3, 2)  # 3 -> 5 channels: the residual is a projection
+    with pytest.raises(TypeError, match="x has dtype torch.float64 but this block's parameters have torch.float32"):
+        block(torch.randn(2, 6, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x must have in_channels = 3 in its last dimension"):
+        block(torch.randn(2, 6, 7))

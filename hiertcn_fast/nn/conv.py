@@ -35,6 +35,14 @@ def _cast(tensors, dtype):
     return [autocast_cast(t, dtype) for t in tensors]
 
 
+def _check_tensors(**named):
+    """Each named argument is a tensor (or None): the modules read x.device, x.requires_grad before the op's checks,
+    which would say so, run."""
+    for name, value in named.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
 def _check_inference(*tensors):
     """step() runs the inference kernels (no autograd): refuse inputs that expect gradients, which would otherwise
     silently get none."""
@@ -138,6 +146,7 @@ class CausalConv1d(nn.Module):
                              f"x.transpose(1, 2)")
 
     def forward(self, x, context=None, residual=None):
+        _check_tensors(x=x, context=context, residual=residual)
         self._check_layout(x)
         args = self._context_args(context)
         weight, bias, context_weight = self.weight, self.bias, args["context_weight"]
@@ -167,6 +176,7 @@ class CausalConv1d(nn.Module):
     def step(self, x_t, state, context=None, residual=None):
         """x_t (batch, in_channels) -> (batch, out_channels); advances ``state`` by one step. For inference:
         no autograd; runs in the state's dtype (under autocast too)."""
+        _check_tensors(x_t=x_t, context=context, residual=residual)
         _check_inference(x_t, context, residual)
         self._check_state(state)
         self._check_step_input(x_t, state)
@@ -268,9 +278,32 @@ class TemporalBlock(nn.Module):
             residual = residual + (term.unsqueeze(1) if x.dim() == 3 else term)
         return residual
 
+    def _check_projected(self, x, context, name):
+        """What the conv's op would check of x and the context, before the projections read them (nn.Linear would
+        fail naming neither): the context's rank, width, batch, device and dtype, and a projected x's width and
+        dtype. (Under autocast the dtypes may differ: both are cast.)"""
+        self.conv._context_args(context)
+        if self.projection is not None and x.dim() >= 1 and x.shape[-1] != self.projection.in_features:
+            raise ValueError(f"{name} must have in_channels = {self.projection.in_features} in its last dimension, "
+                             f"got shape {tuple(x.shape)}")
+        plain = autocast_dtype(x.device.type) is None
+        if self.projection is not None and plain and x.dtype != self.projection.weight.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but this block's parameters have "
+                            f"{self.projection.weight.dtype}; use one dtype")
+        if context is not None and x.dim() >= 1:
+            if context.shape[0] != x.shape[0]:
+                raise ValueError(f"context (batch, context_channels) must have {name}'s batch {x.shape[0]}, got shape "
+                                 f"{tuple(context.shape)}")
+            if context.device != x.device:
+                raise ValueError(f"context is on {context.device} but {name} is on {x.device}; move them to one "
+                                 f"device")
+            if plain and context.dtype != x.dtype:
+                raise TypeError(f"context has dtype {context.dtype} but {name} has {x.dtype}; use one dtype")
+
     def forward(self, x, context=None):
+        _check_tensors(x=x, context=context)
         self.conv._check_layout(x)
-        self.conv._context_args(context)  # the context's checks, before the projection reads it
+        self._check_projected(x, context, "x")  # before the projection reads them
         return self.conv(x, context, residual=self._residual(x, context))
 
     def init_state(self, batch, **kwargs) -> CausalConvState:
@@ -279,10 +312,11 @@ class TemporalBlock(nn.Module):
     def step(self, x_t, state, context=None):
         """x_t (batch, in_channels) -> (batch, out_channels); advances ``state`` by one step (inference: no
         autograd)."""
+        _check_tensors(x_t=x_t, context=context)
         _check_inference(x_t, context)
         self.conv._check_state(state)
         self.conv._check_step_input(x_t, state)
-        self.conv._context_args(context)
+        self._check_projected(x_t, context, "x_t")
         with torch.no_grad():  # the projection's parameters require grad; the step records none
             if isinstance(state, CausalConvState) and autocast_dtype(x_t.device.type) is not None:
                 # The step runs in the state's dtype under autocast: the projection too, not in autocast's.
@@ -350,6 +384,7 @@ class TCN(nn.Module):
         return 1 + sum(block.conv.receptive_field - 1 for block in self.blocks)
 
     def forward(self, x, context=None):
+        _check_tensors(x=x, context=context)
         for i, block in enumerate(self.blocks):
             x = block(x, context if i == 0 else None)
         return x
@@ -363,6 +398,8 @@ class TCN(nn.Module):
         ``state``. On the cpu and cuda backends the whole stack is one op (one CUDA launch): ops.tcn_step."""
         if not isinstance(state, TCNState):
             raise TypeError(f"state must be a TCNState (from TCN.init_state), got {type(state).__name__}")
+        if not isinstance(x_t, torch.Tensor) or not (context is None or isinstance(context, torch.Tensor)):
+            _check_tensors(x_t=x_t, context=context)
         if x_t.requires_grad or (context is not None and context.requires_grad):
             _check_inference(x_t, context)
         # Under autocast the input may come in the autocast dtype: the step runs in the state's dtype. (The dtype
