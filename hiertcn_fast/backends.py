@@ -23,6 +23,7 @@ import importlib.metadata
 import importlib.util
 import itertools
 import os
+import sys
 
 import torch
 
@@ -79,6 +80,24 @@ def triton_interpreted() -> bool:
     """True when Triton kernels run in the interpreter (TRITON_INTERPRET=1), on CPU tensors: read as Triton
     reads it."""
     return os.environ.get("TRITON_INTERPRET", "").lower() in _TRITON_TRUE
+
+
+def interpreter_set_too_late() -> str:
+    """Why TRITON_INTERPRET=1 cannot take effect in this process ('' when it can): Triton decides at its import
+    whether its own @jit helpers (tl.cdiv, ...) run in the interpreter, and importing hiertcn_fast imports Triton
+    (torch.library.triton_op looks for the kernels), so with the variable set after that every kernel fails inside
+    the interpreter ("Cannot call @triton.jit'd outside of the scope of a kernel")."""
+    if "triton" not in sys.modules:
+        return ""
+    try:
+        from triton.language import cdiv
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+    except ImportError:  # another Triton layout: nothing to tell by
+        return ""
+    if isinstance(cdiv, JITFunction) and not isinstance(cdiv, InterpretedFunction):
+        return "TRITON_INTERPRET=1 was set after Triton was imported (importing hiertcn_fast imports it)"
+    return ""
 
 
 def _release(version: str) -> tuple:
@@ -141,9 +160,13 @@ def _status(name: str) -> BackendStatus:
             clash = interpreter_numpy_clash()
             if clash:
                 return BackendStatus(name, False, clash, "pip install 'numpy<2.4', or triton >= 3.7")
+            late = interpreter_set_too_late()
+            if late:
+                return BackendStatus(name, False, late, "set TRITON_INTERPRET=1 before importing hiertcn_fast, e.g. "
+                                     "in the environment the process starts with")
             return BackendStatus(name, True, "Triton kernels interpreted on CPU tensors (TRITON_INTERPRET=1; slow)")
         return BackendStatus(name, False, "no CUDA device is visible",
-                             "use a GPU, or set TRITON_INTERPRET=1 before importing triton to interpret "
+                             "use a GPU, or set TRITON_INTERPRET=1 before importing hiertcn_fast to interpret "
                              "the kernels on CPU tensors (for testing)")
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 

@@ -1,8 +1,8 @@
 """Test-wide setup: device selection, NaN-poisoned outputs, the `gpu` marker, and Triton on the CPU.
 
 Without a CUDA device the Triton kernels run in the interpreter on CPU tensors, so the triton backend
-is tested in the same `pytest` command as everything else. TRITON_INTERPRET must be set before the
-first @triton.jit kernel is defined, which hiertcn_fast does lazily: setting it here is early enough.
+is tested in the same `pytest` command as everything else. TRITON_INTERPRET must be set before triton is
+imported, which importing hiertcn_fast does (torch.library.triton_op): here, before the first import of it.
 """
 
 import os

@@ -1,6 +1,7 @@
 """Backend discovery and selection: keyword, context manager, environment variable, auto."""
 
 import importlib
+import os
 import subprocess
 import sys
 
@@ -292,3 +293,38 @@ def test_triton_grids_past_cudas_limits_are_a_clear_error():
         with pytest.raises(ValueError, match=rf"k: the launch needs {grid[axis]} blocks on grid axis {axis}"):
             checked_grid(grid, "k")
     assert checked_grid((object(), 1), "k")[1] == 1  # a traced size is left to the launch
+
+
+_INTERPRETER_SET_LATE = r"""
+import os, torch
+import hiertcn_fast
+from hiertcn_fast.ops import causal_conv1d
+os.environ["TRITON_INTERPRET"] = "1"  # after importing hiertcn_fast, which imports triton
+x, w = torch.randn(2, 5, 3), torch.randn(4, 3, 2)
+status = {s.name: s for s in hiertcn_fast.backends()}["triton"]
+assert not status.available and "TRITON_INTERPRET=1 was set after Triton was imported" in status.detail, status
+assert "before importing hiertcn_fast" in status.fix, status
+try:
+    causal_conv1d(x, w, backend="triton")
+except hiertcn_fast.BackendUnavailableError as error:
+    assert "TRITON_INTERPRET=1 was set after Triton was imported" in str(error), str(error)
+else:
+    raise AssertionError("the triton backend ran with Triton's helpers built for compiled kernels")
+torch.testing.assert_close(causal_conv1d(x, w), causal_conv1d(x, w, backend="reference"))  # auto is unaffected
+print("REFUSED")
+"""
+
+
+def test_triton_interpret_set_after_importing_the_package_is_a_clear_refusal():
+    """Triton decides at its import whether its own @jit helpers run in the interpreter, and importing hiertcn_fast
+    imports it (torch.library.triton_op). TRITON_INTERPRET=1 set after that made the backend say it was available,
+    and every kernel then failed inside the interpreter ("Cannot call @triton.jit'd outside of the scope of a
+    kernel"); the backend is now unavailable, and says why and what to do."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(hiertcn_fast.__file__)),
+                                         env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", _INTERPRETER_SET_LATE], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "REFUSED" in done.stdout, done.stderr[-3000:]

@@ -1,5 +1,6 @@
-"""Triton kernels and their launchers. Imported lazily by hiertcn_fast.ops, so that importing
-hiertcn_fast never imports triton, and TRITON_INTERPRET can still be set before first use."""
+"""Triton kernels and their launchers, imported by hiertcn_fast.ops at the first Triton op. (Importing hiertcn_fast
+imports triton itself all the same: torch.library.triton_op looks for the kernels of the ops it registers. So
+TRITON_INTERPRET must be set before hiertcn_fast is imported; the triton backend says so where it was set later.)"""
 
 import torch
 
