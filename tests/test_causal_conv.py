@@ -888,3 +888,41 @@ def test_triton_ops_take_sign_bits_for_relu_only_and_then_no_residual():
         ops.causal_conv1d_backward_triton_out(torch.ones_like(out), x, weight, bits, None, 1, 1, 3, *grads, None)
     ops.causal_conv1d_backward_triton_out(torch.ones_like(out), x, weight, bits, None, 1, 1, 1, *grads, None)
     assert torch.equal(grads[0], (bits & 1).float())
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_one_tap_with_a_context_takes_any_dilation_the_op_accepts(backend, device):
+    """With k = 1 the dilation changes nothing, so a huge one (the op accepts any below 2**62) gives the gradients of
+    dilation 1. The context table's gradient once viewed an empty slice as (0, dilation) rows, whose stride
+    (dilation * out_channels) overflowed int64 ('Stride calculation overflowed')."""
+    dtype = COMPARE_DTYPE[backend]
+    inputs = [rand(*shape, dtype=dtype, device=device) for shape in ((2, 3, 2), (4, 2, 1), (2, 2), (4, 2, 1))]
+    results = []
+    for dilation in (1, 2 ** 62 - 1, 2 ** 61):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        out = causal_conv1d(leaves[0], leaves[1], dilation=dilation, context=leaves[2], context_weight=leaves[3],
+                            backend=backend)
+        results.append((out, *torch.autograd.grad(out, leaves, torch.ones_like(out))))
+    for other in results[1:]:
+        for got, expected in zip(other, results[0]):
+            assert torch.equal(got, expected)
+    definition = split_leaves(dict(x=inputs[0], weight=inputs[1], context=inputs[2], context_weight=inputs[3]),
+                              torch.float64)[0]
+    assert_close(results[0][0], conv1d_peer(**definition), dtype)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_tanh_is_accurate_relative_to_small_preactivations(backend, device):
+    """tanh(v) near 0 is v to float32 rounding; 2 / (1 + e^-2v) - 1 (how the Triton kernels had it) cancels there to
+    an absolute error of a float ulp of 1: tanh(1e-5) came out 1.0013580e-5, tanh(1e-30) 0."""
+    v = torch.tensor([1e-3, -1e-4, 1e-5, -1e-7, 1e-30, 0.3, -0.39, 0.41, -0.6, 2.0, -9.0, 30.0], device=device)
+    dtype = COMPARE_DTYPE[backend]
+    x = v.to(dtype).view(1, -1, 1).requires_grad_()
+    weight = torch.ones(1, 1, 1, dtype=dtype, device=device)
+    out = causal_conv1d(x, weight, activation="tanh", backend=backend)
+    (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    exact = torch.tanh(v.double()).view(1, -1, 1)
+    torch.testing.assert_close(out.double(), exact, rtol=4 * torch.finfo(dtype).eps, atol=0.0)
+    # 1 - y^2 is computed from the rounded y: near |y| = 1 it keeps an absolute error of a few ulps of 1.
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(grad.double(), 1 - exact * exact, rtol=4 * eps, atol=4 * eps)

@@ -157,3 +157,18 @@ def test_explicit_backend_never_falls_back():
             gru_gates(gi.float(), gh.float(), h.float(), backend="cuda")
     # auto picks a backend that supports the dtype: the reference, for float16 on the CPU.
     assert_close(gru_gates(gi, gh, h), gru_gates_reference(gi.double(), gh.double(), h.double()), torch.float16)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_the_new_gate_is_accurate_relative_to_small_preactivations(backend, device):
+    """n = tanh(gi_n + r * gh_n) near 0 is its argument to float32 rounding. 1 - 2 / (e^2x + 1), which the cpu and
+    triton kernels had in float32, cancels there to an absolute error of a float ulp of 1: with z ~ 0 and h = 0 (so
+    h' = n) tanh(1e-5) came out 1.0013580e-5, tanh(1e-30) 0."""
+    v = torch.tensor([1e-3, -1e-4, 1e-5, -1e-7, 1e-30, 0.3, -0.39, 0.41, -0.6, 2.0, -9.0, 30.0], device=device)
+    hidden = v.numel()
+    gi = torch.cat([torch.zeros(hidden), torch.full((hidden,), -30.0), torch.zeros(hidden)]).to(device)[None]
+    gi[0, 2 * hidden:] = v
+    gh, h = torch.zeros_like(gi), torch.zeros(1, hidden, device=device)
+    out = gru_gates(gi, gh, h, backend=backend)  # float32: the precision whose host math is our own
+    expected = gru_gates_reference(gi.double(), gh.double(), h.double())
+    torch.testing.assert_close(out.double(), expected, rtol=4 * torch.finfo(torch.float32).eps, atol=0.0)

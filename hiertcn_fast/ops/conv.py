@@ -175,6 +175,8 @@ def _context_table_grad(grad_pre: torch.Tensor, dilation: int, kernel_size: int)
     each row, in a fixed order (deterministic). Row m < k-1 is read by steps [m * dilation, (m + 1) * dilation),
     the last row by every later step."""
     last = kernel_size - 1
+    if last == 0:  # one row, read by every step (and no (0, dilation) view, whose strides overflow at a huge dilation)
+        return grad_pre.sum(1, keepdim=True)
     time = grad_pre.shape[1]
     if time >= last * dilation:  # every row but the last has its dilation steps: one reduction for them all
         head = grad_pre[:, :last * dilation].unflatten(1, (last, dilation)).sum(2)

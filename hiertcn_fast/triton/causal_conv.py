@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from . import checked_grid, launcher
+from ._math import tanh
 
 # One fixed configuration (no autotuning: the kernels also run in the interpreter, in tests).
 BLOCK_TIME = 32
@@ -31,7 +32,7 @@ def _activate(v, ACTIVATION: tl.constexpr):
     elif ACTIVATION == 2:
         v = 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
     elif ACTIVATION == 3:
-        v = 2.0 / (1.0 + tl.exp(-2.0 * v)) - 1.0
+        v = tanh(v)
     return v
 
 
@@ -42,7 +43,7 @@ def _activation_grad(v, ACTIVATION: tl.constexpr):
     elif ACTIVATION == 2:
         d = 0.5 * (1.0 + tl.erf(v * 0.7071067811865476)) + v * tl.exp(-0.5 * v * v) * 0.3989422804014327
     elif ACTIVATION == 3:
-        y = 2.0 / (1.0 + tl.exp(-2.0 * v)) - 1.0
+        y = tanh(v)
         d = 1.0 - y * y
     else:
         d = tl.full(v.shape, 1.0, tl.float32)

@@ -5,6 +5,7 @@ import triton
 import triton.language as tl
 
 from . import launcher
+from ._math import tanh
 
 BLOCK_HIDDEN = 256
 
@@ -12,12 +13,6 @@ BLOCK_HIDDEN = 256
 @triton.jit
 def _sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _tanh(x):
-    # tanh(x) = 2 sigmoid(2x) - 1, stable at both tails and available in every Triton version.
-    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
 
 
 @triton.jit
@@ -32,7 +27,7 @@ def _gates(gi, gh, h, b, j, mask, hidden, gi_row, gh_row, h_row):
     hv = tl.load(h + b * h_row + j, mask=mask).to(tl.float32)
     r = _sigmoid(gi_r + gh_r)
     z = _sigmoid(gi_z + gh_z)
-    n = _tanh(gi_n + r * gh_n)
+    n = tanh(gi_n + r * gh_n)
     return r, z, n, gh_n, hv
 
 
