@@ -768,3 +768,35 @@ def test_steps_run_on_fake_tensors():
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.returncode, done.stderr[-2000:])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_the_step_ops_refuse_inputs_that_require_grad_and_change_nothing(backend):
+    """The steps record no gradients: an input requiring grad silently got none (an output with requires_grad=False),
+    where the modules' step() refuses it. Weights may require grad (a module's parameters do), and under no_grad the
+    same inputs step."""
+    torch.manual_seed(0)
+    weight = torch.randn(4, 3, 2, requires_grad=True)
+    context, context_weight = torch.randn(2, 5), torch.randn(4, 5, 2)
+    x, residual = torch.randn(2, 3), torch.randn(2, 4)
+    state = CausalConvState.zeros(2, 3, 2, 1)
+    for name in ("x", "context", "residual"):
+        args = dict(x=x, context=context, residual=residual)
+        args[name] = args[name].clone().requires_grad_()
+        with pytest.raises(RuntimeError, match=f"causal_conv1d_step is for inference .* but {name} requires grad"):
+            causal_conv1d_step(args["x"], weight, state, context=args["context"], context_weight=context_weight,
+                               residual=args["residual"], backend=backend)
+        assert state.position.tolist() == [0, 0] and not state.history.any()
+    with torch.no_grad():
+        causal_conv1d_step(x.requires_grad_(), weight, state, context=context, context_weight=context_weight,
+                           residual=residual, backend=backend)
+    assert state.position.tolist() == [1, 1]
+
+    states = [CausalConvState.zeros(2, 3, 2, 1)]
+    for name in ("x", "context"):
+        args = dict(x=torch.randn(2, 3), context=context)
+        args[name] = args[name].clone().requires_grad_()
+        with pytest.raises(RuntimeError, match=f"tcn_step is for inference .* but {name} requires grad"):
+            tcn_step(args["x"], [torch.randn(3, 3, 2, requires_grad=True)], [None], states, context=args["context"],
+                     context_weight=torch.randn(3, 5, 2), backend=backend)
+        assert states[0].position.tolist() == [0, 0]

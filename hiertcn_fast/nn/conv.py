@@ -14,7 +14,7 @@ from .._ints import is_int
 from ..backends import BackendUnavailableError, requested_backend
 from ..ops.conv import (ACTIVATIONS, CausalConvState, causal_conv1d, causal_conv1d_step, check_reach, prepared_entry,
                         prepared_tcn_step, tcn_step, weight_cache_generation)
-from ..ops._common import symbolic
+from ..ops._common import refuse_inputs_requiring_grad, symbolic
 from ._autocast import autocast_cast, autocast_dtype
 
 
@@ -43,12 +43,10 @@ def _check_tensors(**named):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
 
 
-def _check_inference(*tensors):
+def _check_inference(**inputs):
     """step() runs the inference kernels (no autograd): refuse inputs that expect gradients, which would otherwise
     silently get none."""
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
-        raise RuntimeError("step() is for inference and records no gradients, but an input requires grad: run "
-                           "forward() over the sequence to train, or step under torch.no_grad() / detach()")
+    refuse_inputs_requiring_grad("step()", "forward() over the sequence", **inputs)
 
 
 class CausalConv1d(nn.Module):
@@ -177,7 +175,7 @@ class CausalConv1d(nn.Module):
         """x_t (batch, in_channels) -> (batch, out_channels); advances ``state`` by one step. For inference:
         no autograd; runs in the state's dtype (under autocast too)."""
         _check_tensors(x_t=x_t, context=context, residual=residual)
-        _check_inference(x_t, context, residual)
+        _check_inference(x_t=x_t, context=context, residual=residual)
         self._check_state(state)
         self._check_step_input(x_t, state)
         return self._checked_step(x_t, state, context, residual)
@@ -313,7 +311,7 @@ class TemporalBlock(nn.Module):
         """x_t (batch, in_channels) -> (batch, out_channels); advances ``state`` by one step (inference: no
         autograd)."""
         _check_tensors(x_t=x_t, context=context)
-        _check_inference(x_t, context)
+        _check_inference(x_t=x_t, context=context)
         self.conv._check_state(state)
         self.conv._check_step_input(x_t, state)
         self._check_projected(x_t, context, "x_t")
@@ -401,7 +399,7 @@ class TCN(nn.Module):
         if not isinstance(x_t, torch.Tensor) or not (context is None or isinstance(context, torch.Tensor)):
             _check_tensors(x_t=x_t, context=context)
         if x_t.requires_grad or (context is not None and context.requires_grad):
-            _check_inference(x_t, context)
+            _check_inference(x_t=x_t, context=context)
         # Under autocast the input may come in the autocast dtype: the step runs in the state's dtype. (The dtype
         # is compared first: this runs once per event, and the autocast query costs more.)
         if state.layers and (x_t.dtype != state.layers[0].history.dtype

@@ -99,6 +99,17 @@ def in_input_dtype(op):
     return run
 
 
+def refuse_inputs_requiring_grad(step: str, train_with: str, **inputs) -> None:
+    """For the inference steps (no autograd): an input that requires grad would silently get no gradient, so it is
+    refused while grad mode is on. Weights may require grad (a module's parameters do): nothing is expected of
+    them."""
+    if torch.is_grad_enabled():
+        for name, t in inputs.items():
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                raise RuntimeError(f"{step} is for inference and records no gradients, but {name} requires grad: run "
+                                   f"{train_with} to train, or step under torch.no_grad() (or detach {name})")
+
+
 def refuse_graph_of_gradient(op: str) -> None:
     """For the backward of an op whose gradients come from kernels (or were computed in its forward): under
     create_graph=True the gradients would have no graph, so higher derivatives through them would silently

@@ -26,7 +26,7 @@ from .. import _extension
 from .._ints import is_int
 from ..backends import INTERPRETER_UNSUPPORTED, requested_backend, resolve
 from ._common import (FLOATING, check_like, check_shape, check_tensor, in_input_dtype, new_output, on_device_of,
-                      refuse_graph_of_gradient, fake, symbolic, unit_stride_rows)
+                      refuse_graph_of_gradient, refuse_inputs_requiring_grad, fake, symbolic, unit_stride_rows)
 
 # Activation codes shared with the kernels (hiertcn/causal_conv.h ActivationCode, triton/causal_conv.py).
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "tanh": 3}
@@ -647,6 +647,8 @@ def causal_conv1d_step(x, weight, state, bias=None, *, groups=1, context=None, c
     groups = int(groups)
     name = resolve("causal_conv1d_step", backend, x.device, x.dtype, CAUSAL_CONV_DTYPES)
     if torch.is_grad_enabled():  # the step is inference only; entering no_grad costs more than the check
+        refuse_inputs_requiring_grad("causal_conv1d_step", "causal_conv1d over the sequence", x=x, context=context,
+                                     residual=residual)
         with torch.no_grad():
             return _step(name, x, weight, state, bias, groups, context, context_weight, activation, residual,
                          out_channels)
@@ -769,6 +771,8 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
     """
     # A prepared CPU step for exactly these argument objects (the same TCN stepping the same state) skips the
     # checks below: they passed when it was prepared, and it checks x and the weights' versions itself.
+    refuse_inputs_requiring_grad("tcn_step", "the stack's forward (causal_conv1d per layer) over the sequence", x=x,
+                                 context=context)
     entry = prepared_entry(weights, biases, states, proj_weights, proj_biases, context, context_weight,
                            context_proj_weight, activation, backend)
     if entry is not None and not symbolic(x):  # (it reads x's memory directly: not a fake x's)
