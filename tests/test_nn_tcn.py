@@ -273,6 +273,12 @@ def test_constructor_takes_nn_conv1d_arguments_in_nn_conv1d_order():
     assert torch.equal(valid(x), conv(x))
     with pytest.raises(ValueError, match="padding_mode 'zeros'"):
         CausalConv1d(4, 8, 3, padding_mode="reflect")
+    # device and dtype by position too, as nn.Conv1d takes them (they were keyword-only: a TypeError).
+    torch_conv = torch.nn.Conv1d(4, 8, 3, 1, 0, 2, 1, True, "zeros", "cpu", torch.float64)
+    conv = CausalConv1d(4, 8, 3, 1, 0, 2, 1, True, "zeros", "cpu", torch.float64)
+    assert conv.weight.dtype == conv.bias.dtype == torch.float64 and conv.weight.device.type == "cpu"
+    conv.load_state_dict(torch_conv.state_dict())
+    assert_close(conv(x), torch_conv(F.pad(x.transpose(1, 2), (4, 0))).transpose(1, 2).detach())
     with pytest.raises(ValueError, match="activation must be one of"):
         CausalConv1d(4, 8, 3, activation="silu")
     with pytest.raises(ValueError, match="channels must list at least one block"):

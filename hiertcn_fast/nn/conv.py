@@ -65,8 +65,8 @@ class CausalConv1d(nn.Module):
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
-                 padding_mode="zeros", *, context_channels=0, activation=None, backend=None, device=None,
-                 dtype=None):
+                 padding_mode="zeros", device=None, dtype=None, *, context_channels=0, activation=None,
+                 backend=None):
         super().__init__()
         in_channels, out_channels = _one_int(in_channels, "in_channels", 1), _one_int(out_channels, "out_channels", 1)
         kernel_size, dilation = _one_int(kernel_size, "kernel_size", 1), _one_int(dilation, "dilation", 1)
