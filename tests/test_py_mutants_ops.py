@@ -204,13 +204,16 @@ def test_the_residual_alone_gets_its_gradient_through_an_activation(backend, act
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_a_step_is_inference_even_with_weights_that_require_gradients(backend):
     """Kills V21 (conv.py causal_conv1d_step stepping under grad mode): the step is inference only, so with
-    parameters and an input requiring gradients (a model's own, outside no_grad) neither its output nor the
-    state it writes joins a graph; the output is still the convolution's value at the step."""
+    parameters requiring gradients (a model's own, outside no_grad) neither its output nor the state it writes
+    joins a graph; the output is still the convolution's value at the step. (An input requiring gradients is
+    refused: it would silently get none.)"""
     device = _device(backend)
     weight = torch.randn(3, 2, 2, device=device, requires_grad=True)
     bias = torch.randn(3, device=device, requires_grad=True)
     state = CausalConvState.zeros(2, 2, 2, device=device)
-    xs = [torch.randn(2, 2, device=device, requires_grad=True) for _ in range(2)]
+    xs = [torch.randn(2, 2, device=device) for _ in range(2)]
+    with pytest.raises(RuntimeError, match="causal_conv1d_step is for inference .* but x requires grad"):
+        causal_conv1d_step(xs[0].clone().requires_grad_(), weight, state, bias, backend=backend)
     outs = [causal_conv1d_step(x, weight, state, bias, backend=backend) for x in xs]
     assert not any(out.requires_grad for out in outs)
     assert not state.history.requires_grad and state.history.grad_fn is None
