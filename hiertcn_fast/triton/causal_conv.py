@@ -67,7 +67,7 @@ def _conv_kernel(inp, packed, bias, table, residual, out, pre,
                  DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr):
     # pre receives z, or with PRE_BITS (relu) uint8 sign bits: bit 0 not z <= 0, bit 1 not out <= 0
     # (hiertcn/causal_conv.h).
-    tiles = tl.cdiv(time, BLOCK_T)
+    tiles = (time - 1) // BLOCK_T + 1  # time >= 1 here; tl.cdiv's time + BLOCK_T - 1 would wrap past 2^31 - 1
     pid = tl.program_id(0)
     b = (pid // tiles).to(tl.int64)
     # int64 offsets: a tap's lag ((k - 1 - j) * dilation) and a step's offset (t * stride) pass 2^31 at large
@@ -81,15 +81,16 @@ def _conv_kernel(inp, packed, bias, table, residual, out, pre,
     for j in range(0, kernel_size):
         s = t - direction * ((kernel_size - 1 - j).to(tl.int64) * dilation)
         s_ok = t_ok & (s >= 0) & (s < time)
-        w_tap = packed + j * in_channels * out_per_group
+        # int64 weight offsets: a dense layer's packed weight may pass 2^31 elements (the same below).
+        w_tap = packed + tl.cast(j, tl.int64) * in_channels * out_per_group
         if DENSE:
             for c0 in range(0, in_channels, BLOCK_C):
                 c = c0 + tl.arange(0, BLOCK_C)
                 c_ok = c < in_channels
                 xs = tl.load(row_base + s[:, None] * in_time_stride + c[None, :], mask=s_ok[:, None] & c_ok[None, :],
                              other=0.0)
-                w = tl.load(w_tap + c[:, None] * out_per_group + o[None, :], mask=c_ok[:, None] & o_ok[None, :],
-                            other=0.0)
+                w = tl.load(w_tap + c[:, None].to(tl.int64) * out_per_group + o[None, :],
+                            mask=c_ok[:, None] & o_ok[None, :], other=0.0)
                 acc += tl.dot(xs, w, input_precision=DOT_PRECISION)
         else:
             g = o // out_per_group
@@ -98,7 +99,7 @@ def _conv_kernel(inp, packed, bias, table, residual, out, pre,
                 ci = g * in_per_group + cl
                 xs = tl.load(row_base + s[:, None] * in_time_stride + ci[None, :], mask=s_ok[:, None] & o_ok[None, :],
                              other=0.0)
-                w = tl.load(w_tap + ci * out_per_group + ol, mask=o_ok, other=0.0)
+                w = tl.load(w_tap + ci.to(tl.int64) * out_per_group + ol, mask=o_ok, other=0.0)
                 acc += xs.to(tl.float32) * w.to(tl.float32)[None, :]
     mask = t_ok[:, None] & o_ok[None, :]
     if HAS_BIAS:
@@ -181,13 +182,15 @@ def _weight_grad_dense_kernel(x, grad_pre, grad_weight, rows, time, in_channels,
                               dilation, x_batch_stride, x_time_stride, chunks, chunk_rows, size,
                               DOT_PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
                               BLOCK_R: tl.constexpr):
-    # Axis 0: tap j and row chunk; grad_weight: (chunks, out, in, k) partials (one chunk: the gradient itself), size
-    # elements each. rows = batch * time and size come from the host: no .to() of an argument here, since an int
-    # argument equal to 1 is compiled as a constexpr, which has none.
-    chunk = tl.program_id(0) % chunks
-    j = tl.program_id(0) // chunks
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    o = tl.program_id(2) * BLOCK_O + tl.arange(0, BLOCK_O)
+    # Axis 0: tap j, row chunk and input-channel block (CUDA caps axis 1 at 65535 blocks, which cdiv(in_channels,
+    # BLOCK_C) passes first); axis 1: output-channel block. grad_weight: (chunks, out, in, k) partials (one chunk:
+    # the gradient itself), size elements each. rows = batch * time and size come from the host: no .to() of an
+    # argument here, since an int argument equal to 1 is compiled as a constexpr, which has none (tl.cast takes one).
+    c_blocks = tl.cdiv(in_channels, BLOCK_C)
+    c = (tl.program_id(0) % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    chunk = (tl.program_id(0) // c_blocks) % chunks
+    j = tl.program_id(0) // c_blocks // chunks
+    o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     c_ok = c < in_channels
     o_ok = o < out_channels
     lag = (kernel_size - 1 - j).to(tl.int64) * dilation  # int64: (k - 1) * dilation may pass 2^31
@@ -201,8 +204,8 @@ def _weight_grad_dense_kernel(x, grad_pre, grad_weight, rows, time, in_channels,
         gz = tl.load(grad_pre + row[:, None] * out_channels + o[None, :], mask=(row < end)[:, None] & o_ok[None, :],
                      other=0.0)
         acc += tl.dot(xt, gz, input_precision=DOT_PRECISION)
-    tl.store(grad_weight + chunk.to(tl.int64) * size + (o[None, :] * in_channels + c[:, None]) * kernel_size + j,
-             acc.to(grad_weight.dtype.element_ty), mask=c_ok[:, None] & o_ok[None, :])
+    tl.store(grad_weight + chunk.to(tl.int64) * size + (o[None, :].to(tl.int64) * in_channels + c[:, None]) * kernel_size
+             + j, acc.to(grad_weight.dtype.element_ty), mask=c_ok[:, None] & o_ok[None, :])
 
 
 @triton.jit
@@ -225,12 +228,13 @@ def _weight_grad_grouped_kernel(x, grad_pre, grad_weight, rows, time, in_channel
     # Elements e of the packed layout (ci, ol) for tap j, and the row chunk, all from grid axis 0 (CUDA caps axis 1
     # at 65535 blocks, which in_channels * out_per_group / BLOCK_E passes for wide grouped layers). grad_weight:
     # (chunks, out, in / groups, k) partials of size elements (one chunk: the gradient itself).
-    blocks = tl.cdiv(in_channels * out_per_group, BLOCK_E)
+    per_tap = tl.cast(in_channels, tl.int64) * out_per_group  # int64: a tap's elements may pass 2^31
+    blocks = (per_tap - 1) // BLOCK_E + 1
     chunk = tl.program_id(0) % chunks
     tap_block = tl.program_id(0) // chunks
     j = tap_block // blocks
     e = (tap_block % blocks) * BLOCK_E + tl.arange(0, BLOCK_E)
-    e_ok = e < in_channels * out_per_group
+    e_ok = e < per_tap
     ci = e // out_per_group
     ol = e % out_per_group
     g = ci // in_per_group
@@ -259,8 +263,8 @@ def _step_tap(src, w_tap, valid, o, o_ok, in_channels, in_per_group, out_per_gro
             c = c0 + tl.arange(0, BLOCK_C)
             c_ok = (c < in_channels) & valid
             xs = tl.load(src + c, mask=c_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_tap + c[:, None] * out_per_group + o[None, :], mask=c_ok[:, None] & o_ok[None, :],
-                        other=0.0).to(tl.float32)
+            w = tl.load(w_tap + c[:, None].to(tl.int64) * out_per_group + o[None, :],
+                        mask=c_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(xs[:, None] * w, axis=0)
     else:
         g = o // out_per_group
@@ -268,7 +272,7 @@ def _step_tap(src, w_tap, valid, o, o_ok, in_channels, in_per_group, out_per_gro
         for cl in range(0, in_per_group):
             ci = g * in_per_group + cl
             xs = tl.load(src + ci, mask=o_ok & valid, other=0.0).to(tl.float32)
-            w = tl.load(w_tap + ci * out_per_group + ol, mask=o_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_tap + ci.to(tl.int64) * out_per_group + ol, mask=o_ok, other=0.0).to(tl.float32)
             acc += xs * w
     return acc
 
@@ -283,7 +287,7 @@ def _step_kernel(x, packed, bias, table, residual, history, position, out,
     o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     o_ok = o < out_channels
     pos = tl.load(position + b)
-    tap_size = in_channels * out_per_group
+    tap_size = tl.cast(in_channels, tl.int64) * out_per_group  # int64: the packed weight may pass 2^31 elements
     # The current step's tap reads x; the earlier ones read the circular history.
     acc = _step_tap(x + b * x_row_stride, packed + (kernel_size - 1) * tap_size, pos >= 0, o, o_ok, in_channels,
                     in_per_group, out_per_group, DENSE, BLOCK_O, BLOCK_C)
@@ -376,14 +380,16 @@ def causal_conv_backward(grad_out, x, weight, pre, residual, dilation, groups, a
     # Several chunks: float32 partial gradients, added in chunk order below; one: the gradient written directly.
     target = grad_weight if chunks == 1 else grad_weight.new_empty((chunks, *grad_weight.shape), dtype=torch.float32)
     if groups == 1:
-        grid = (kernel_size * chunks, triton.cdiv(in_channels, BLOCK_IN), triton.cdiv(out_channels, BLOCK_OUT))
+        grid = checked_grid((kernel_size * chunks * triton.cdiv(in_channels, BLOCK_IN),
+                             triton.cdiv(out_channels, BLOCK_OUT)), "causal_conv1d weight gradient (triton)")
         launcher(_weight_grad_dense_kernel)[grid](
             x, grad_pre, target, batch * time, time, in_channels, out_channels, kernel_size, dilation, x.stride(0),
             x.stride(1), chunks, chunk_rows, grad_weight.numel(), DOT_PRECISION=_dot_precision(x.dtype),
             BLOCK_C=BLOCK_IN, BLOCK_O=BLOCK_OUT, BLOCK_R=BLOCK_ROWS)
     else:
         out_per_group = out_channels // groups
-        grid = (kernel_size * triton.cdiv(in_channels * out_per_group, BLOCK_ELEMENTS) * chunks,)
+        grid = checked_grid((kernel_size * triton.cdiv(in_channels * out_per_group, BLOCK_ELEMENTS) * chunks,),
+                            "causal_conv1d weight gradient (triton)")
         launcher(_weight_grad_grouped_kernel)[grid](
             x, grad_pre, target, batch * time, time, in_channels, out_channels, in_per_group, out_per_group,
             kernel_size, dilation, x.stride(0), x.stride(1), chunks, chunk_rows, grad_weight.numel(),
@@ -402,7 +408,7 @@ def causal_conv_step(x, packed_weight, bias, table, residual, dilation, groups, 
     if batch == 0:
         return
     res = residual if residual is not None else out
-    grid = (batch, triton.cdiv(out_channels, BLOCK_OUT))
+    grid = checked_grid((batch, triton.cdiv(out_channels, BLOCK_OUT)), "causal_conv1d_step (triton)")
     launcher(_step_kernel)[grid](
         x, packed_weight, bias if bias is not None else out, table if table is not None else out, res,
         history, position, out, in_channels, out_channels, in_channels // groups, out_per_group,

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launcher
+from . import checked_grid, launcher
 from ._math import tanh
 
 BLOCK_HIDDEN = 256
@@ -65,7 +65,7 @@ def _gru_gates_bwd_kernel(grad_out, gi, gh, h, d_gi, d_gh, d_h, hidden, g_row, g
 
 
 def _grid(batch, hidden):
-    return (batch, triton.cdiv(hidden, BLOCK_HIDDEN))
+    return checked_grid((batch, triton.cdiv(hidden, BLOCK_HIDDEN)), "gru_gates (triton)")
 
 
 def gru_gates_forward(gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, out: torch.Tensor) -> None:

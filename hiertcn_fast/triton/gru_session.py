@@ -51,7 +51,8 @@ def session_mean_forward(items: torch.Tensor, lengths: torch.Tensor, mean: torch
     batch, time, dim = items.shape
     if batch * dim == 0:
         return
-    launcher(_session_mean_fwd_kernel)[(batch, triton.cdiv(dim, BLOCK_DIM))](
+    grid = checked_grid((batch, triton.cdiv(dim, BLOCK_DIM)), "session mean (triton)")
+    launcher(_session_mean_fwd_kernel)[grid](
         items, lengths, mean, time, dim, items.stride(0), items.stride(1), mean.stride(0), BLOCK=BLOCK_DIM)
 
 
