@@ -37,6 +37,7 @@ import glob
 import math
 import numbers
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -747,7 +748,11 @@ class Trainer:
                 path = Path(path_or_state if self.world_size == 1 else f"{path_or_state}.rank{self.rank}")
                 try:
                     state = torch.load(path, map_location="cpu", weights_only=True)
-                except (RuntimeError, EOFError, KeyError, ValueError) as error:  # a damaged or foreign file
+                except (FileNotFoundError, IsADirectoryError, PermissionError):
+                    raise  # the path, not the file's contents
+                # A damaged or foreign file: torch's zip reader raises OSError for many a truncated one, and its
+                # weights-only unpickler UnpicklingError (advising weights_only=False) for other damage.
+                except (RuntimeError, EOFError, KeyError, ValueError, OSError, pickle.UnpicklingError) as error:
                     raise ValueError(f"{path}: not a readable hiertcn_fast checkpoint ({type(error).__name__}: "
                                      f"{error})") from error
             if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
