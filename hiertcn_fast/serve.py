@@ -23,7 +23,8 @@ unknown (KeyError), not predicted from the start token.
 The model must stay in eval mode and on the device and dtype it had when the recommender was made: every call
 checks, and refuses otherwise before anything changes (in training mode its dropout would make the stored
 states and the scores random). A call that fails part way through (out of memory, an interrupt) changes nothing
-either: what it may have changed by then is put back (``_all_or_nothing``, ``_rows_at_risk``).
+either: what it may have changed by then is put back (``_all_or_nothing``; for a known user's single event on
+the CPU, the row's copy its view keeps, ``_RowView.keep``).
 
 Users live in rows ("slots") of these tensors, which grow by doubling and never shrink; :meth:`forget_users`
 frees the rows of users who left for new users; ``state_dict`` / ``load_state_dict`` save and restore every
@@ -141,6 +142,22 @@ class _RowView:
     features: torch.Tensor
     context: torch.Tensor
     context_fresh: bool = False
+    # What an event's update writes in place (the conv state, the session sum, the features), and a copy of it
+    # taken before each event, put back should the update fail part way (an interrupt after the conv step).
+    written: list = dataclasses.field(default_factory=list)
+    backup: list = dataclasses.field(default_factory=list)
+
+    def keep(self) -> None:
+        if not self.written:
+            self.written = [t for layer in self.conv.layers for t in (layer.history, layer.position)]
+            self.written += [self.session_sum, self.features]
+            with _storage_mode():
+                self.backup = [t.clone() for t in self.written]
+        else:
+            torch._foreach_copy_(self.backup, self.written)  # one call: a few microseconds per event
+
+    def put_back(self) -> None:
+        torch._foreach_copy_(self.written, self.backup)
 
 
 class StreamingRecommender:
@@ -399,22 +416,36 @@ class StreamingRecommender:
             raise ValueError("timestamps must not decrease within a user's stream")
         view = self._row_view(row)
         closing = count[row] > 0 and timestamp - last_time[row] >= self.session_gap
-        # A closing event's row is put back if it fails after the GRU step was written (as observe_many's).
-        with self._all_or_nothing(torch.tensor([row], device=self.device)) if closing else contextlib.nullcontext():
-            if closing:
+        if closing:
+            # The row is put back if the event fails after the GRU step was written (as observe_many's).
+            with self._all_or_nothing(torch.tensor([row], device=self.device)):
                 self._close_one(view, row)
-            if count[row] < self.max_session_length:
-                item = int(item)
-                if self._embedding_rows:
-                    embedded = self.model.item_embedding.weight[item:item + 1]
-                else:
-                    embedded = self.model.embed(torch.tensor([item], device=self.device))
-                # The conv step before the session's sum and count are written: a failure in it changes nothing.
-                view.features.copy_(self.model.tcn.step(embedded, view.conv, view.context))
-                view.session_sum += embedded[0]
-                count[row] += 1
-            last_time[row] = timestamp
+                self._step_one(view, row, item, timestamp)
+            return True
+        # The conv step changes the row in place, and its sum, count and features follow: an interrupt between
+        # them would leave the conv state an event ahead. So what the event writes is kept first, and put back.
+        view.keep()
+        kept = count[row], last_time[row]
+        try:
+            self._step_one(view, row, item, timestamp)
+        except BaseException:
+            view.put_back()
+            count[row], last_time[row] = kept
+            raise
         return True
+
+    def _step_one(self, view: _RowView, row: int, item, timestamp: float) -> None:
+        count, last_time = self._counters
+        if count[row] < self.max_session_length:
+            item = int(item)
+            if self._embedding_rows:
+                embedded = self.model.item_embedding.weight[item:item + 1]
+            else:
+                embedded = self.model.embed(torch.tensor([item], device=self.device))
+            view.features.copy_(self.model.tcn.step(embedded, view.conv, view.context))
+            view.session_sum += embedded[0]
+            count[row] += 1
+        last_time[row] = timestamp
 
     # ---- events ----------------------------------------------------------------------------------------
 
@@ -456,11 +487,13 @@ class StreamingRecommender:
         if not bool(torch.isfinite(timestamps).all()):
             raise ValueError("timestamps must be finite numbers of seconds")
         # Every check before the first change: a refused call changes nothing.
-        known_rows, known_times = self._check_time_order(users, timestamps)
+        known_rows, _ = self._check_time_order(users, timestamps)
         known = len(self.user_slot)
-        # A call that fails part way through (out of memory, an interrupt) changes nothing: it puts back the rows it
-        # may have changed by then, as they are now, rather than leave some rounds or half a round applied.
-        touched = self._rows_at_risk(users, known_rows, known_times)
+        # A call that fails part way through (out of memory, an interrupt) changes nothing: it puts back the known
+        # users' rows as they are now, rather than leave some rounds or half a round applied (a round writes the conv
+        # state and features, then the session sums and counts, and for closing sessions first the GRU state: an
+        # interrupt can land between any two), and drops the new users it registered.
+        touched = known_rows
         pending = list(range(len(users)))
         try:
             with self._all_or_nothing(touched) if touched is not None else contextlib.nullcontext():
@@ -475,33 +508,21 @@ class StreamingRecommender:
             self._unregister_from(known)
             raise
 
-    def _rows_at_risk(self, users, rows: torch.Tensor | None, times: torch.Tensor | None) -> torch.Tensor | None:
-        """The rows of known users (``rows``, with the time of their first event in the call, ``times``) that
-        observe_many could leave changed if it failed part way through; None for none. New users' rows are dropped
-        instead. With more than one round (a user twice), every known user's row, as a later round could fail
-        after earlier ones were applied; in one round, only the rows whose open session it closes, whose GRU step
-        is written before their new session's start token is stepped. Everything else a round writes comes after
-        its conv step (where its work is), so a failure before leaves those rows as they were. Saving only these
-        keeps the usual call (each user once, few sessions closing) at its cost."""
-        if rows is None:
-            return None
-        if len(set(users)) < len(users):
-            return rows
-        rows = rows[(self.session_count[rows] > 0) & (times - self.last_time[rows] >= self.session_gap)]
-        return rows if rows.numel() else None
-
     @contextlib.contextmanager
     def _all_or_nothing(self, rows: torch.Tensor):
         """Runs the block with ``rows`` saved as they are now, and puts them back if it fails (out of memory, an
         interrupt): for the steps that close sessions, whose GRU step is written before the new session's start
         token is stepped (a row left between the two would score every later event of its session wrongly)."""
-        with _storage_mode():
-            saved = [t.index_select(0, rows) for t in self._per_user_tensors()]
+        saved = self._save_rows(rows)
         try:
             yield
         except BaseException:
             self._restore_rows(rows, saved)
             raise
+
+    def _save_rows(self, rows: torch.Tensor) -> list:
+        with _storage_mode():
+            return [t.index_select(0, rows) for t in self._per_user_tensors()]
 
     def _restore_rows(self, rows: torch.Tensor, saved: list) -> None:
         """Write back ``saved`` (the per-user tensors' ``rows``, taken by index_select) into the current storage
@@ -552,7 +573,6 @@ class StreamingRecommender:
         if not bool(counted.all()):
             stepped, items = rows[counted], items[counted]
         if stepped.numel():
-            # The conv step before the session's sum and count are written (see _rows_at_risk).
             embedded = self.model.embed(items)
             self._conv_step(stepped, embedded)
             self.session_sum[stepped] += embedded
@@ -644,20 +664,34 @@ class StreamingRecommender:
         unknown = [user for user in keys if user not in self.user_slot]
         if unknown:
             raise KeyError(f"unknown user {unknown[0]!r}: only users with events can be forgotten")
-        owner = {row: user for user, row in self.user_slot.items()}
+        # The plan first (the new users' rows, and the rows' moves), then the rows under a guard that puts them back,
+        # and the users' rows last, in one assignment: an interrupt anywhere leaves every user with its own state.
+        slots, owner, steps = dict(self.user_slot), {row: user for user, row in self.user_slot.items()}, []
         for user in keys:
-            row = self.user_slot.pop(user)
-            last = len(self.user_slot)  # the last occupied row, which moves into the freed one
+            row = slots.pop(user)
+            last = len(slots)  # the last occupied row, which moves into the freed one
             if row != last:
                 moved = owner.pop(last)
-                self.user_slot[moved] = row
+                slots[moved] = row
                 owner[row] = moved
-                self._copy_row(last, row)
             else:
                 owner.pop(row)
-            self._clear_row(last)
-            self._row_views.pop(row, None)
-            self._row_views.pop(last, None)
+            steps.append((row, last))
+        touched = sorted({row for step in steps for row in step})
+        rows, previous = torch.tensor(touched, dtype=torch.int64, device=self.device), self.user_slot
+        saved = self._save_rows(rows)
+        try:  # (not _all_or_nothing's with: its exit, after the users' rows are replaced, could still put rows back)
+            for row in touched:
+                self._row_views.pop(row, None)  # (views cache a row's user's context)
+            for row, last in steps:
+                if row != last:
+                    self._copy_row(last, row)
+                self._clear_row(last)
+            self.user_slot = slots
+        except BaseException:
+            self.user_slot = previous
+            self._restore_rows(rows, saved)
+            raise
 
     def _per_user_tensors(self) -> list:
         """Every per-user tensor, users along dim 0 (the GRU state seen as (users, layers, hidden))."""
@@ -701,10 +735,10 @@ class StreamingRecommender:
         users = list(saved["users"])
         known = len(self.user_slot)
         replaced = [self.user_slot[user] for user in users if user in self.user_slot]
-        for user in users:
-            if user not in self.user_slot:
-                self.user_slot[user] = len(self.user_slot)
         try:
+            for user in users:  # (inside the try: an interrupt between two leaves none registered)
+                if user not in self.user_slot:
+                    self.user_slot[user] = len(self.user_slot)
             if len(self.user_slot) > self.capacity:
                 self._grow(max(2 * self.capacity, len(self.user_slot)))
             rows = torch.tensor([self.user_slot[u] for u in users], dtype=torch.int64, device=self.device)

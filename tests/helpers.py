@@ -1,6 +1,9 @@
 """Helpers for the op tests: backend/device pairs, fresh random inputs, dtype tolerances."""
 
+import contextlib
+import inspect
 import os
+import sys
 
 import pytest
 import torch
@@ -44,3 +47,34 @@ def assert_close(actual, expected, dtype=None):
     tol = TOLERANCE[dtype or actual.dtype]
     assert not torch.isnan(actual).any(), "output holds NaN: an element was left unwritten"
     torch.testing.assert_close(actual.to(expected.dtype), expected, **tol)
+
+
+@contextlib.contextmanager
+def interrupt_at(function, snippet, hit=1):
+    """Raise KeyboardInterrupt in ``function`` just before the ``hit``-th execution of its line containing
+    ``snippet``, as a Ctrl-C landing there would (CPython delivers one between bytecodes: on a function's entry, a
+    loop's next iteration, after a call returns). Yields a list that holds True once it fired."""
+    function = inspect.unwrap(function)
+    code = function.__code__
+    lines, first = inspect.getsourcelines(function)
+    targets = {first + i for i, line in enumerate(lines) if snippet in line}
+    assert targets, f"{snippet!r} not in {function.__qualname__}"
+    count, fired = [0], []
+
+    def local(frame, event, arg):
+        if event == "line" and frame.f_lineno in targets:
+            count[0] += 1
+            if count[0] == hit:
+                sys.settrace(None)
+                fired.append(True)
+                raise KeyboardInterrupt(f"simulated Ctrl-C at {function.__qualname__}: {snippet}")
+        return local
+
+    def global_(frame, event, arg):
+        return local if frame.f_code is code else None
+
+    sys.settrace(global_)
+    try:
+        yield fired
+    finally:
+        sys.settrace(None)

@@ -457,3 +457,29 @@ def test_a_warm_split_of_a_time_span_past_float64_still_cuts_by_time(tmp_path):
     starts = np.asarray(cache.timestamp)[np.asarray(cache.session_offsets)[:-1]]
     split_of_start = dict(zip(starts.tolist(), np.asarray(cache.session_split).tolist()))
     assert split_of_start == {-1e308: 0, -5e307: 0, 0.0: 0, 5e307: 0, 1e308: 2}
+
+
+def test_rebuild_interrupted_right_after_the_old_cache_is_moved_aside_keeps_the_old_cache(tmp_path, monkeypatch):
+    """preprocess(rebuild=True) promises "a rebuild that fails leaves the existing cache as it was". _publish's
+    rename of the old cache aside sat outside the try whose handler puts it back, while the enclosing finally
+    deleted the folder it was moved into: a Ctrl-C delivered as that rename returned deleted the old cache (and
+    _build the new build), leaving nothing. The old cache must be put back, and open with the same content."""
+    source = SyntheticSource(3000, num_items=50, mean_events_per_user=20, seed=1)
+    params = PreprocessParams(min_item_count=1, min_user_count=2, num_partitions=2)
+    cache = preprocess(source, tmp_path, params)
+    path, items = cache.path, np.asarray(cache.item).copy()
+    del cache
+    real, calls = os.rename, []
+
+    def rename_then_interrupt(src, dst):
+        real(src, dst)
+        calls.append((src, dst))
+        if len(calls) == 1:
+            raise KeyboardInterrupt("simulated Ctrl-C as the old cache was moved aside")
+
+    monkeypatch.setattr(os, "rename", rename_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess(source, tmp_path, params, rebuild=True)
+    monkeypatch.undo()
+    assert path.exists(), f"the existing cache was deleted; left in {tmp_path}: {sorted(p.name for p in tmp_path.iterdir())}"
+    assert np.array_equal(np.asarray(SessionCache.open(path, verify="full").item), items)

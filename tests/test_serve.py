@@ -1,12 +1,15 @@
 """StreamingRecommender: O(1) per-event updates that reproduce the full forward pass."""
 
+import inspect
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 from hiertcn_fast.models import HierTCN, SessionGRU
 from hiertcn_fast.serve import StreamingRecommender
-from helpers import EMULATING_CUDA
+from helpers import EMULATING_CUDA, interrupt_at
 from model_helpers import lane_batch, one_thread  # noqa: F401 (autouse fixture)
 
 NUM_ITEMS = 23
@@ -767,3 +770,185 @@ def test_unordered_users_and_timestamps_of_more_than_one_dimension_are_refused()
         assert_unchanged(recommender, before)
     recommender.forget_users({"a"})  # order does not matter to forgetting
     assert list(recommender.user_slot) == ["b"]
+
+
+# ---- interrupted calls change nothing --------------------------------------------------------------------
+
+def flat(recommender):
+    users, tensors = snapshot(recommender)
+    out = {}
+    for key, value in tensors.items():
+        for i, t in enumerate(value if isinstance(value, list) else [value]):
+            out[f"{key}[{i}]"] = t.clone()
+    return users, out
+
+
+def assert_same(now, before):
+    assert now[0] == before[0], f"users {now[0]} != {before[0]}"
+    changed = [key for key in before[1] if not torch.equal(now[1][key], before[1][key])]
+    assert not changed, f"interrupted call left these per-user tensors changed: {changed}"
+
+
+def test_load_state_dict_interrupted_while_registering_new_users_registers_none():
+    """load_state_dict promises that a load failing part way (an interrupt) changes nothing and leaves no user
+    half loaded. It registered the saved users in a loop before the try whose handler drops them: an interrupt
+    between two iterations left the first new user registered with an empty row, served (scores from zero features)
+    instead of refused. After the failed load the user must be unknown (KeyError)."""
+    model = small_hiertcn()
+    source = StreamingRecommender(model, session_gap=GAP)
+    for user, item, t in [("q1", 3, 100.0), ("q1", 4, 160.0), ("q2", 5, 100.0)]:
+        source.observe(user, item, t)
+    saved = source.state_dict()
+    target = StreamingRecommender(model, session_gap=GAP)
+    target.observe("a", 7, 100.0)
+    before = flat(target)
+    with interrupt_at(StreamingRecommender.load_state_dict, "for user in users:", hit=2) as fired:
+        with pytest.raises(KeyboardInterrupt):
+            target.load_state_dict(saved)
+    assert fired
+    assert list(target.user_slot) == ["a"], f"half-loaded users left registered: {list(target.user_slot)}"
+    with pytest.raises(KeyError):
+        target.scores("q1")
+    assert_same(flat(target), before)
+
+
+@pytest.mark.parametrize("where", ["view.session_sum += embedded[0]", "count[row] += 1", "last_time[row] = timestamp"])
+def test_single_event_interrupted_after_its_conv_step_changes_nothing(where):
+    """StreamingRecommender promises that a call failing part way through (an interrupt) changes nothing. A known
+    user's event inside an open session steps the TCN in place on views of the user's rows (conv history and
+    position advance), then writes features, session_sum and the count: an interrupt after the step left the conv
+    state one event ahead of the session count, and the retried event was seen twice by the convolution (scores
+    0.068 off an uninterrupted run's). The row's conv state, sum, features and counters must be put back."""
+    model = small_hiertcn()
+    recommender, plain = StreamingRecommender(model, session_gap=GAP), StreamingRecommender(model, session_gap=GAP)
+    for r in (recommender, plain):
+        r.observe("a", 3, 100.0)
+        r.observe("a", 4, 160.0)
+    before = flat(recommender)
+    with interrupt_at(StreamingRecommender._step_one, where) as fired:
+        with pytest.raises(KeyboardInterrupt):
+            recommender.observe("a", 5, 220.0)
+    assert fired
+    assert_same(flat(recommender), before)
+    for r in (recommender, plain):
+        r.observe("a", 5, 220.0)
+    torch.testing.assert_close(recommender.scores("a"), plain.scores("a"), rtol=0, atol=0)
+
+
+def test_batched_round_interrupted_after_its_conv_step_changes_nothing():
+    """observe_many promises the same all-or-nothing. For a call of one round it saved only the rows whose session
+    closes, assuming nothing is written to the others before their conv step fails; but _conv_step writes their
+    features, conv history and position, and _observe_round then session_sum and session_count: an interrupt after
+    _conv_step returned left the known users' conv state advanced and their session count not. Those rows must be
+    unchanged after the failed call."""
+    model = small_hiertcn()
+    recommender = StreamingRecommender(model, session_gap=GAP)
+    recommender.observe_many(["a", "b"], [3, 4], [100.0, 100.0])
+    before = flat(recommender)
+    with interrupt_at(StreamingRecommender._observe_round, "self.session_sum[stepped] += embedded") as fired:
+        with pytest.raises(KeyboardInterrupt):
+            recommender.observe_many(["a", "b"], [7, 8], [300.0, 300.0])
+    assert fired
+    assert_same(flat(recommender), before)
+
+
+@pytest.mark.parametrize("function, where", [("_copy_row", "for t in self._per_user_tensors():"),
+                                             ("_clear_row", "for t in self._per_user_tensors():"),
+                                             ("forget_users", "self.user_slot = slots")])
+def test_forget_users_interrupted_part_way_does_not_give_a_user_another_users_state(function, where):
+    """forget_users moves the last user's row into the freed one. It remapped ``user_slot[moved] = row`` before
+    copying the row: an interrupt on entry to _copy_row left user "c" mapped to the row that still held user "a"'s
+    state, so "c" was served "a"'s recommendations and its own history was lost. Interrupted anywhere, either
+    nothing is forgotten or "a" is fully forgotten, and the remaining users keep their own state and scores."""
+    model = small_hiertcn()
+    recommender = StreamingRecommender(model, session_gap=GAP)
+    for user, item, t in [("a", 3, 100.0), ("a", 4, 160.0), ("b", 5, 100.0), ("c", 9, 100.0), ("c", 10, 130.0)]:
+        recommender.observe(user, item, t)
+    scores = {user: recommender.scores(user).clone() for user in ("b", "c")}
+    own = per_user_tensors(recommender, ["c"])
+    with interrupt_at(getattr(StreamingRecommender, function), where) as fired:
+        with pytest.raises(KeyboardInterrupt):
+            recommender.forget_users(["a"])
+    assert fired
+    assert set(recommender.user_slot) in ({"a", "b", "c"}, {"b", "c"})
+    for user in ("b", "c"):
+        torch.testing.assert_close(recommender.scores(user), scores[user], rtol=0, atol=0, msg=user)
+    for key, value in per_user_tensors(recommender, ["c"]).items():
+        torch.testing.assert_close(value, own[key], rtol=0, atol=0, msg=key)
+
+
+def _interrupted_at_line(codes, n, call, recommender):
+    """Runs ``call(recommender)`` raising KeyboardInterrupt before the ``n``-th line executed in any of ``codes``
+    (every line start of the recommender's methods: a superset of where a real Ctrl-C can land). Returns where it
+    fired, or None when the call has fewer lines."""
+    count, fired = [0], []
+
+    def local(frame, event, arg):
+        if event == "line":
+            count[0] += 1
+            if count[0] == n:
+                sys.settrace(None)
+                fired.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+                raise KeyboardInterrupt
+        return local
+
+    sys.settrace(lambda frame, event, arg: local if frame.f_code in codes else None)
+    try:
+        call(recommender)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.settrace(None)
+    return fired[0] if fired else None
+
+
+def _with_history():
+    recommender = StreamingRecommender(small_hiertcn(), session_gap=GAP, initial_capacity=2)
+    for user, item, t in [("a", 3, 100.0), ("a", 4, 160.0), ("b", 5, 100.0), ("c", 9, 100.0), ("c", 10, 130.0)]:
+        recommender.observe(user, item, t)
+    return recommender
+
+
+def _same(now, then):
+    return now[0] == then[0] and all(
+        all(torch.equal(x, y) for x, y in zip(a, b)) if isinstance(a, list) else torch.equal(a, b)
+        for a, b in ((now[1][key], then[1][key]) for key in then[1]))
+
+
+def test_every_call_interrupted_at_any_line_leaves_the_state_before_or_after_it():
+    """Each state-changing call, interrupted before each line it runs in turn (its own and the helpers it calls),
+    leaves every user's state as before the call or as after it, never between; and where nothing was applied,
+    calling it again gives the uninterrupted result. (This sweep found forget_users' users' rows replaced inside
+    _all_or_nothing's with, whose exit could still put the rows back: users mapped to other users' rows.)"""
+    source = _with_history()
+    source.observe("z", 7, 50.0)
+    saved = source.export_users(["a", "z"])
+    calls = {
+        "observe, open session": lambda r: r.observe("a", 6, 200.0),
+        "observe, closing": lambda r: r.observe("a", 6, 5000.0),
+        "observe, new user": lambda r: r.observe("n", 6, 5000.0),
+        "observe_many, rounds": lambda r: r.observe_many(["a", "b", "n", "a", "c"], [1, 2, 3, 4, 5],
+                                                         [200.0, 5000.0, 10.0, 300.0, 9000.0]),
+        "forget_users": lambda r: r.forget_users(["a", "b"]),
+        "load_state_dict": lambda r: r.load_state_dict(saved),
+        "scores_many, now": lambda r: r.scores_many(["a", "c"], now=1e6),
+    }
+    codes = set()
+    for value in vars(StreamingRecommender).values():
+        function = inspect.unwrap(value) if callable(value) else None
+        if hasattr(function, "__code__"):
+            codes.add(function.__code__)
+    for label, call in calls.items():
+        before = snapshot(_with_history())
+        done = _with_history()
+        call(done)
+        after = snapshot(done)
+        n = 1
+        while (where := _interrupted_at_line(codes, n, call, recommender := _with_history())) is not None:
+            now = snapshot(recommender)
+            assert _same(now, before) or _same(now, after), f"{label}: interrupted at {where}, left between"
+            if _same(now, before):
+                call(recommender)
+                assert _same(snapshot(recommender), after), f"{label}: interrupted at {where}, then retried"
+            n += 1
+        assert n > 40, f"{label}: only {n - 1} lines ran"

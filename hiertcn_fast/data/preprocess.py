@@ -392,19 +392,23 @@ def _publish(temp: Path, final_path: Path, manifest: dict, replace: bool) -> Non
         return
     aside = new_temp_dir(final_path)
     replaced = aside / "replaced"
+    # Every step inside the try, the rename aside included: an interrupt (Ctrl-C) can land as any call returns,
+    # and the finally decides from what is on disk, never from how far the code got.
     try:
         try:
             os.rename(final_path, replaced)
         except FileNotFoundError:  # removed meanwhile (another rebuild): nothing to keep
             pass
-        try:
-            publish_temp_dir(temp, final_path, manifest)
-        except BaseException:
-            if replaced.exists() and not final_path.exists():
-                os.rename(replaced, final_path)
-            raise
+        publish_temp_dir(temp, final_path, manifest)
     finally:
-        shutil.rmtree(aside, ignore_errors=True)
+        try:
+            if replaced.exists() and not final_path.exists():  # publishing failed: the old cache goes back
+                os.rename(replaced, final_path)
+        finally:
+            # Deleted only with a cache in place (the new one, or the old one put back), or nothing aside: should
+            # even the rename back fail, the old cache stays in the temp dir rather than being lost.
+            if final_path.exists() or not replaced.exists():
+                shutil.rmtree(aside, ignore_errors=True)
 
 
 def _build(source, params, final_path, chunk_size, key, replace=False):
