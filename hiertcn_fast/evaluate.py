@@ -101,9 +101,11 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, padding_item: int 
     Works in blocks of rows so the temporary masks stay small.
     """
     n, num_columns = scores.shape
-    if padding_item is not None and not 0 <= padding_item < num_columns:
-        raise ValueError(f"padding_item must be a column of the scores (0..{num_columns - 1}) or None, got "
-                         f"{padding_item!r}")
+    if padding_item is not None:
+        if not is_int(padding_item) or not 0 <= padding_item < num_columns:
+            raise ValueError(f"padding_item must be a column of the scores (0..{num_columns - 1}) or None, got "
+                             f"{padding_item!r}")
+        padding_item = int(padding_item)
     if targets.shape != (n,) or targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise ValueError(f"targets must be (events,) = ({n},) integer item ids, got shape {tuple(targets.shape)} "
                          f"and dtype {targets.dtype}")

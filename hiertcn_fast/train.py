@@ -180,8 +180,10 @@ def build_model(name: str, num_items: int, seed: int = 0, **sizes) -> NextItemMo
     """A model of :data:`hiertcn_fast.models.NEURAL_MODELS` by name, its parameters drawn from ``seed``."""
     if name not in NEURAL_MODELS:
         raise ValueError(f"unknown model {name!r}; known: {sorted(NEURAL_MODELS)}")
+    if not is_int(seed) or not 0 <= seed <= SEED_LIMIT:
+        raise ValueError(f"seed must be a non-negative integer below 2**63, got {seed!r}")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(int(seed))
         return NEURAL_MODELS[name](num_items, **sizes)
 
 
@@ -965,6 +967,10 @@ def user_lane_batches(cache: SessionCache, splits, users: np.ndarray, users_per_
     ``splits`` (in time order), truncated to ``max_session_length`` events. ``keep`` is True throughout
     (a lane never changes user) and padded steps have length 0, so a stateful model's final state of
     lane b is its user's state after those sessions. Yields (users of the batch, SessionBatch)."""
+    for name, value in (("users_per_batch", users_per_batch), ("max_session_length", max_session_length)):
+        if not is_int(value) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    users_per_batch, max_session_length = int(users_per_batch), int(max_session_length)
     codes = [cache.split_code(split) for split in splits]
     session_split = np.asarray(cache.session_split)
     user_session_offsets = np.asarray(cache.user_session_offsets)

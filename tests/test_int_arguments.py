@@ -181,3 +181,86 @@ def test_the_gru_drop_ins_take_numpy_sizes_as_the_rest_of_the_package():
     assert_close(gru(x)[0], plain(x)[0])
     cell = GRUCell(np.int64(4), np.int64(6))
     assert _all_plain_ints(cell.input_size, cell.hidden_size)
+
+
+# ---- integer arguments: any integer but a bool ---------------------------------------------------------------------
+# README, "Integer arguments, everywhere in the package (ops, modules, models, data, training, evaluation, serving),
+# may be any integer, Python's or NumPy's ..., but not a bool; they are kept as Python ints ... (the `GRU` drop-in
+# too, where torch.nn.GRU takes only Python's)."
+
+@pytest.mark.parametrize("args, kwargs", [
+    ((4, True), {}),                       # hidden_size
+    ((True, 4), {}),                       # input_size
+    ((4, 4, True), {}),                    # num_layers
+    ((4, 4), {"num_layers": True}),
+    ((4,), {"hidden_size": True}),
+])
+def test_gru_dropin_refuses_bool_sizes(args, kwargs):
+    """hiertcn_fast.nn.GRU(4, True) built a GRU with hidden_size True (torch.nn.GRU keeps a bool as the size)."""
+    with pytest.raises((TypeError, ValueError)):
+        GRU(*args, **kwargs)
+
+
+@pytest.mark.parametrize("args", [(4, True), (True, 4)])
+def test_grucell_dropin_refuses_bool_sizes(args):
+    """hiertcn_fast.nn.GRUCell(4, True) built a cell with hidden_size True."""
+    with pytest.raises((TypeError, ValueError)):
+        GRUCell(*args)
+
+
+def test_build_model_refuses_bool_seed():
+    """hiertcn_fast.train.build_model(name, num_items, seed=True) drew the parameters from seed 1."""
+    from hiertcn_fast.train import build_model
+
+    with pytest.raises((TypeError, ValueError)):
+        build_model("session_gru", 10, seed=True, embedding_dim=4, hidden=4)
+
+
+def test_target_ranks_refuses_bool_padding_item():
+    """hiertcn_fast.evaluate.target_ranks(..., padding_item=True) passes its range check (True counted as column 1)
+    and then failed deep inside (``block[:, True]`` adds a dimension: a RuntimeError about tensor sizes), or, with a
+    target 1, blamed the target ("padding item True excluded"); its sibling RankingMetrics(padding_item=True)
+    refuses the bool by name."""
+    from hiertcn_fast.evaluate import target_ranks
+
+    scores = torch.randn(2, 5)
+    with pytest.raises((TypeError, ValueError), match="padding_item"):
+        target_ranks(scores, torch.tensor([2, 3]), padding_item=True)
+
+
+def _small_cache(tmp_path):
+    from hiertcn_fast.data import ArraySource, PreprocessParams, preprocess
+
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(6), 8)
+    items = rng.integers(1, 6, users.shape[0])
+    times = np.tile(np.arange(8) * 4000.0, 6)
+    params = PreprocessParams(min_item_count=1, min_user_count=1, max_user_count=None, split="warm")
+    return preprocess(ArraySource(users, items, times), tmp_path, params)
+
+
+@pytest.mark.parametrize("which", ["users_per_batch", "max_session_length"])
+def test_user_lane_batches_refuses_bool_ints(tmp_path, which):
+    """hiertcn_fast.train.user_lane_batches (public, in train.__all__) took users_per_batch=True (one user per
+    batch) and max_session_length=True (sessions cut to one event) without a word."""
+    from hiertcn_fast.train import user_lane_batches
+
+    cache = _small_cache(tmp_path)
+    kwargs = {"users_per_batch": 2, "max_session_length": 20, which: True}
+    with pytest.raises((TypeError, ValueError)):
+        next(iter(user_lane_batches(cache, ("train",), np.arange(3), kwargs["users_per_batch"],
+                                    kwargs["max_session_length"])))
+
+
+@pytest.mark.parametrize("bad, error", [(True, TypeError), (2.0, TypeError), (-1, ValueError)])
+def test_a_states_batch_is_an_integer(bad, error):
+    """TCN.init_state(True) and CausalConvState.zeros(True, ...) failed with torch's "zeros() takes 1 positional
+    argument but 3 were given", naming no argument; a NumPy integer is taken as a plain int."""
+    from hiertcn_fast.nn import TCN
+
+    with pytest.raises(error, match="CausalConvState.zeros: batch"):
+        TCN(4, [4, 4], 3).init_state(bad)
+    with pytest.raises(error, match="batch"):
+        CausalConvState.zeros(bad, 4, 3)
+    state = CausalConvState.zeros(np.int64(2), np.int32(4), np.int64(3), np.int16(2))
+    assert state.history.shape == (2, 4, 4) and _all_plain_ints(state.kernel_size, state.dilation)

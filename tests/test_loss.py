@@ -284,3 +284,52 @@ def test_the_loss_of_logits_with_a_large_common_shift_is_the_reference_loss(dtyp
     reference = linear_cross_entropy(features, weight, bias, targets, backend="reference")
     assert reference.item() == pytest.approx(3 * math.log(7), rel=1e-6)
     torch.testing.assert_close(linear_cross_entropy(features, weight, bias, targets, backend="cpu"), reference)
+
+
+# ---- inside torch.func transforms ----------------------------------------------------------------------------
+
+def _loss_inputs():
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(5, 4, generator=g)
+    weight = torch.randn(7, 4, generator=g)
+    bias = torch.randn(7, generator=g)
+    targets = torch.randint(0, 7, (5,), generator=g)
+    return features, weight, bias, targets
+
+
+def test_linear_cross_entropy_auto_runs_the_reference_under_torch_func_grad():
+    """README, Backends: "Inside a torch.func transform (grad, vjp, jacrev, vmap: per-sample gradients, MAML)
+    `auto` picks `reference`, whose plain PyTorch the transforms see through", for this op too: its auto choice
+    ran the cpu kernel's autograd.Function, which torch.func refuses ("must override the setup_context
+    staticmethod")."""
+    features, weight, bias, targets = _loss_inputs()
+    grad = torch.func.grad(lambda w: linear_cross_entropy(features, w, bias, targets))(weight)
+    expected = torch.func.grad(lambda w: linear_cross_entropy_reference(features, w, bias, targets))(weight)
+    torch.testing.assert_close(grad, expected)
+
+
+def test_linear_cross_entropy_per_sample_gradients_under_vmap():
+    """README, Backends: per-sample gradients (vmap of grad) work with auto, which picks the reference there; the
+    targets' range check reads the values under the transform's wrappers (it failed: "Cannot access data pointer
+    of Tensor that doesn't have storage"), and still refuses a target out of range."""
+    features, weight, bias, targets = _loss_inputs()
+
+    def one(f, t):
+        return linear_cross_entropy(f[None], weight, bias, t[None])
+
+    per_sample = torch.func.vmap(torch.func.grad(one))(features, targets)
+    expected = torch.stack([torch.func.grad(lambda f: linear_cross_entropy_reference(f[None], weight, bias, t[None]))(
+        f) for f, t in zip(features, targets)])
+    torch.testing.assert_close(per_sample, expected)
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 7\)"):
+        torch.func.vmap(torch.func.grad(one))(features, torch.tensor([1, 2, 3, 9, 0]))
+
+
+def test_linear_cross_entropy_named_cpu_backend_under_torch_func_is_backend_unavailable():
+    """README, Backends: "A backend asked for by name that cannot run the call raises BackendUnavailableError saying
+    why": backend='cpu' inside torch.func.grad (as causal_conv1d does) instead of torch's internal RuntimeError."""
+    from hiertcn_fast import BackendUnavailableError
+
+    features, weight, bias, targets = _loss_inputs()
+    with pytest.raises(BackendUnavailableError, match="torch.func transforms"):
+        torch.func.grad(lambda w: linear_cross_entropy(features, w, bias, targets, backend="cpu"))(weight)

@@ -13,7 +13,7 @@ Typical use::
                            state_shape=(2, 128), device="cuda")
     for batch in train.iter_queued(num_producers=2):       # or: for batch in train:
         state = train.begin_state(batch)                   # (layers, lanes, hidden), reset per lane
-        new_state = model(batch, state)                    # applies batch.keep after each step
+        features, new_state = model(batch, state)          # applies batch.keep after each step
         train.end_state(batch, new_state)                  # carried to the next batch
         checkpoint = train.state_dict()                    # position + state: exact resume
 

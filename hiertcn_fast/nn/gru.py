@@ -47,6 +47,12 @@ def _check_dtypes_and_devices(module, x, h, weight):
         raise ValueError(f"{type(module).__name__}: hx is on {h.device} but input is on {device}")
 
 
+def _refuse_bool_sizes(**sizes):
+    for name, value in sizes.items():
+        if isinstance(value, bool):
+            raise TypeError(f"{name} must be an integer, not a bool ({value!r})")
+
+
 class GRUCell(torch.nn.GRUCell):
     """torch.nn.GRUCell on hiertcn_fast.ops.gru_cell.
 
@@ -59,7 +65,8 @@ class GRUCell(torch.nn.GRUCell):
     """
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend=None):
-        # (torch.nn.GRUCell would keep a NumPy size as it came; the package keeps Python ints)
+        # (torch.nn.GRUCell would keep a NumPy size as it came, and a bool; the package keeps Python ints)
+        _refuse_bool_sizes(input_size=input_size, hidden_size=hidden_size)
         input_size, hidden_size = (int(v) if is_int(v) else v for v in (input_size, hidden_size))
         super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
         if backend is not None:
@@ -122,7 +129,10 @@ class GRU(torch.nn.GRU):
     """
 
     def __init__(self, *args, backend=None, **kwargs):
-        # Sizes may be NumPy integers, as everywhere in the package (torch.nn.GRU itself takes only Python's).
+        # Sizes may be NumPy integers, as everywhere in the package (torch.nn.GRU itself takes only Python's), but
+        # not bools (which torch.nn.GRU keeps as sizes); bias, batch_first and bidirectional are bools.
+        sizes = ("input_size", "hidden_size", "num_layers")
+        _refuse_bool_sizes(**dict(zip(sizes, args)), **{k: v for k, v in kwargs.items() if k in sizes})
         args = tuple(int(a) if is_int(a) else a for a in args)
         kwargs = {k: int(v) if is_int(v) else v for k, v in kwargs.items()}
         super().__init__(*args, **kwargs)

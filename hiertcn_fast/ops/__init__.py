@@ -1,5 +1,6 @@
-"""The public ops. Every op takes ``backend=`` (see hiertcn_fast.backends) and has a plain-PyTorch
-``<op>_reference`` that defines it."""
+"""The public ops. Every op takes ``backend=`` (see hiertcn_fast.backends), and every op but ``tcn_step`` has a
+plain-PyTorch ``<op>_reference`` that defines it (``tcn_step``'s is ``backend="reference"``, which applies
+``causal_conv1d_step_reference`` layer by layer)."""
 
 from .conv import (CausalConvState, causal_conv1d, causal_conv1d_reference, causal_conv1d_step,
                    causal_conv1d_step_reference, context_table, forget_weight_caches, tcn_step)

@@ -470,6 +470,11 @@ class CausalConvState:
 
     @classmethod
     def zeros(cls, batch, in_channels, kernel_size, dilation=1, *, dtype=torch.float32, device="cpu"):
+        for value, name, minimum in ((batch, "batch", 0), (in_channels, "in_channels", 0),
+                                     (kernel_size, "kernel_size", 1), (dilation, "dilation", 1)):
+            _check_int(value, f"CausalConvState.zeros: {name}", minimum)
+        batch, in_channels, kernel_size, dilation = int(batch), int(in_channels), int(kernel_size), int(dilation)
+        check_reach(kernel_size, dilation)
         history = torch.zeros(batch, (kernel_size - 1) * dilation, in_channels, dtype=dtype, device=device)
         return cls(history, torch.zeros(batch, dtype=torch.int64, device=device), kernel_size, dilation)
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import torch.autograd.forward_ad as forward_ad
 
 from .. import _extension
-from ..backends import BackendUnavailableError, requested_backend
+from ..backends import BackendUnavailableError, functorch_transforms_active, requested_backend
 from ._common import check_like, check_tensor, new_output, refuse_graph_of_gradient, symbolic
 
 _CPU_DTYPES = (torch.float32, torch.float64)
@@ -112,6 +112,9 @@ def _why_not_fused(features, weight, bias, targets) -> str:
         return "it does not run under torch.compile"
     if forward_ad._current_level >= 0:
         return "it has no forward-mode derivative (dual tensors)"
+    if functorch_transforms_active():
+        return ("torch.func transforms (grad, vjp, jacrev, vmap, ...) cannot see through the fused kernel's autograd "
+                "function")
     if torch.is_autocast_enabled("cpu") and features.dtype != torch.float64:
         return "it does not run under CPU autocast (which leaves only float64 alone)"
     return ""
@@ -142,6 +145,9 @@ def _check_target_range(targets, classes):
         # checks them itself (a device-side assert, which ends the process's CUDA context, never a skipped row).
         torch._assert_async(((targets >= 0) & (targets < classes)).all(), f"targets must lie in [0, {classes})")
         return
+    # Inside torch.func transforms the values are those of the tensor they wrap (vmap's batch holds every sample's).
+    while functorch_transforms_active() and torch._C._functorch.is_functorch_wrapped_tensor(targets):
+        targets = torch._C._functorch.get_unwrapped(targets)
     low, high = torch.stack(torch.aminmax(targets)).tolist()
     if low < 0 or high >= classes:
         hint = " (there is no ignore_index: leave out the rows to skip)" if low < 0 else ""
