@@ -10,7 +10,7 @@ INSTALL_STAMP := build/.installed
 install: $(INSTALL_STAMP)
 
 $(INSTALL_STAMP): setup.py pyproject.toml csrc/SOURCES $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/include/hiertcn/*.h)
-	$(PIP) install -q "$(TORCH_SPEC)" ninja numpy matplotlib tqdm pytest pytest-benchmark
+	$(PIP) install -q "$(TORCH_SPEC)" ninja numpy matplotlib tqdm pytest pytest-benchmark "setuptools>=70.1"
 	# The built-in data set (MovieLens-100k) ships inside the recbole wheel; its dependencies are not needed.
 	$(PIP) install -q --no-deps recbole==1.2.1
 	$(PIP) install --no-build-isolation --no-deps -e .

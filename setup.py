@@ -1,23 +1,27 @@
 """Build hiertcn_fast and its compiled extension hiertcn_fast._C.
 
 Knobs (environment variables; the README lists them in one table):
-  HIERTCN_EXTENSION=0      pure-Python install: no compilation, the triton and reference backends
-                           still work.
+  HIERTCN_EXTENSION=0|1    0: pure-Python install: no compilation, the triton and reference backends
+                           still work; 1 (default): build the extension.
   HIERTCN_CUDA=auto|0|1    build the CUDA kernels: auto (default) when nvcc is found and torch has
                            CUDA, 0 never, 1 always (a missing nvcc is then an error).
   HIERTCN_CUDA_ARCHS       CUDA architectures, default "8.0;9.0+PTX" (sm_80, sm_90 and PTX).
   CUDA_HOME                the CUDA toolkit; default /usr/local/cuda when it holds bin/nvcc.
-  MAX_JOBS                 parallel compile jobs; default: the number of CPUs.
-Nothing here touches the network.
+  MAX_JOBS                 parallel compile jobs (a positive integer); default: the number of CPUs.
+Nothing here touches the network. Needs setuptools >= 70.1, or an older one with the wheel package (pyproject.toml's
+build requirements, which pip does not install with --no-build-isolation, the way this package is installed against
+the torch already present).
 """
 
 import glob
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
 import sys
 
+import setuptools
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -32,6 +36,32 @@ def fail(message):
 
 def note(message):
     print(f"hiertcn_fast setup: {message}", file=sys.stderr)
+
+
+# What HIERTCN_CUDA_ARCHS (or TORCH_CUDA_ARCH_LIST) may hold: compute capabilities like 8.0, 9.0a or 9.0+PTX, or
+# torch's architecture names (Ampere, Hopper, Ampere+Tegra, ...), separated by ";" or spaces.
+ARCH_ENTRY = re.compile(r"\d+\.\d+[a-z]?(\+PTX)?|[A-Z][A-Za-z]*(\+[A-Z][A-Za-z]*)?")
+
+
+def check_settings():
+    """The knobs' values, each checked before anything else runs: a bad one is a one-line error naming it."""
+    # pip builds a wheel (bdist_wheel), which setuptools holds from 70.1 and older ones take from the wheel package.
+    version = tuple(int(part) for part in re.findall(r"\d+", setuptools.__version__)[:2])
+    if version < (70, 1) and importlib.util.find_spec("wheel") is None:
+        fail(f"setuptools >= 70.1 (or the wheel package) is needed, found setuptools {setuptools.__version__} and no "
+             f"wheel (pip installs no build requirements with --no-build-isolation): pip install 'setuptools>=70.1'")
+    if os.environ.get("HIERTCN_EXTENSION", "1") not in ("0", "1"):
+        fail(f"HIERTCN_EXTENSION must be 0 or 1, got {os.environ['HIERTCN_EXTENSION']!r}")
+    jobs = os.environ.get("MAX_JOBS")
+    if jobs is not None and not (jobs.isdigit() and int(jobs) > 0):
+        fail(f"MAX_JOBS must be a positive integer, got {jobs!r}")
+
+
+def check_archs(archs, source):
+    entries = archs.replace(" ", ";").split(";")
+    bad = [entry for entry in entries if entry and not ARCH_ENTRY.fullmatch(entry)]
+    if bad or not any(entries):
+        fail(f"{source} must list CUDA architectures like 8.0;9.0+PTX (separated by ';' or spaces), got {archs!r}")
 
 
 def read_sources():
@@ -102,6 +132,7 @@ def nvcc_release(cuda_home):
 
 
 def extension_modules():
+    check_settings()
     if os.environ.get("HIERTCN_EXTENSION", "1") == "0":
         note("HIERTCN_EXTENSION=0: pure-Python install (triton and reference backends only)")
         return [], {}
@@ -155,12 +186,15 @@ def extension_modules():
     # -fopenmp: at::parallel_for is a header template that runs in parallel only where the including code is
     # compiled with OpenMP (torch's own build is); without it every kernel of ours would run on one thread.
     # The extension then needs libgomp.so.1, the runtime torch has already loaded.
-    cxx_flags = ["-O3", "-Wall", "-Wno-unused-function", "-fopenmp"]
+    # -g0: Python's own compiler flags ask for debug information, 31 of the library's 33 MB.
+    cxx_flags = ["-O3", "-Wall", "-Wno-unused-function", "-fopenmp", "-g0"]
     link_flags = ["-fopenmp"]
     macros = []
     if with_cuda:
         # HIERTCN_CUDA_ARCHS, else torch's own TORCH_CUDA_ARCH_LIST (a user's choice was overwritten), else ours.
-        archs = os.environ.get("HIERTCN_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
+        source = next((name for name in ("HIERTCN_CUDA_ARCHS", "TORCH_CUDA_ARCH_LIST") if os.environ.get(name)), None)
+        archs = os.environ[source] if source else DEFAULT_CUDA_ARCHS
+        check_archs(archs, source)
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         note(f"building CUDA kernels with {cuda_home} for {os.environ['TORCH_CUDA_ARCH_LIST']}")
         macros.append(("HIERTCN_WITH_CUDA", "1"))

@@ -664,7 +664,7 @@ class StreamingRecommender:
         unknown = [user for user in keys if user not in self.user_slot]
         if unknown:
             raise KeyError(f"unknown user {unknown[0]!r}: only users with events can be forgotten")
-        # The plan first (the new users' rows, and the rows' moves), then the rows under a guard that puts them back,
+        # The plan first (where each remaining user's row goes), then the rows, saved to be put back on failure,
         # and the users' rows last, in one assignment: an interrupt anywhere leaves every user with its own state.
         slots, owner, steps = dict(self.user_slot), {row: user for user, row in self.user_slot.items()}, []
         for user in keys:

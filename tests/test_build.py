@@ -35,6 +35,45 @@ def test_bad_knob_value_is_rejected():
     assert result.returncode != 0 and "HIERTCN_CUDA must be auto, 0 or 1" in result.stderr
 
 
+@pytest.mark.parametrize("env, expected", [
+    ({"HIERTCN_EXTENSION": "false"}, "HIERTCN_EXTENSION must be 0 or 1, got 'false'"),
+    ({"MAX_JOBS": "0"}, "MAX_JOBS must be a positive integer, got '0'"),
+    ({"MAX_JOBS": "abc"}, "MAX_JOBS must be a positive integer, got 'abc'"),
+])
+def test_bad_build_settings_are_one_line_errors(env, expected):
+    """HIERTCN_EXTENSION=false went on to the full compile (only "0" was read), MAX_JOBS=abc was ignored by torch
+    and MAX_JOBS=0 became ninja -j 0 (no limit at all)."""
+    result = run_setup(**env)
+    assert result.returncode != 0 and expected in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("archs", ["sm_90", "9.0,8.0", ";"])
+def test_bad_cuda_archs_are_one_line_errors(archs):
+    """A bad HIERTCN_CUDA_ARCHS reached torch, whose ValueError ("Unknown CUDA arch (sm_90) or GPU not supported")
+    came as a 30-line traceback naming no variable."""
+    if not os.path.exists("/usr/local/cuda/bin/nvcc"):
+        pytest.skip("needs the CUDA toolkit at /usr/local/cuda (the archs are read where the CUDA kernels are built)")
+    result = run_setup(HIERTCN_CUDA="1", CUDA_HOME="/usr/local/cuda", HIERTCN_CUDA_ARCHS=archs)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "HIERTCN_CUDA_ARCHS must list CUDA architectures like 8.0;9.0+PTX" in result.stderr
+    assert f"got {archs!r}" in result.stderr
+
+
+def test_an_old_setuptools_without_wheel_is_a_one_line_error(tmp_path):
+    """With --no-build-isolation (the install README gives) pip installs no build requirement, and a fresh Python
+    3.11 venv's setuptools 65.5 (without the wheel package) failed with "error: invalid command 'bdist_wheel'",
+    naming nothing. Run without site-packages (python -S), where only a stand-in setuptools 65.5 is found."""
+    fake = tmp_path / "setuptools"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("__version__ = '65.5.0'\n"
+                                      "def find_packages(**kwargs):\n    return []\n"
+                                      "def setup(**kwargs):\n    pass\n")
+    result = subprocess.run([sys.executable, "-S", "setup.py", "--version"], cwd=ROOT, capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(tmp_path)), timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "setuptools >= 70.1 (or the wheel package) is needed, found setuptools 65.5.0 and no wheel" in result.stderr
+
+
 @pytest.mark.parametrize("env", [{"HIERTCN_EXTENSION": "0"}, {"HIERTCN_CUDA": "0"}])
 def test_configurations_without_cuda_or_compilation_configure(env):
     result = run_setup(**env)
@@ -90,6 +129,7 @@ def test_the_sdist_holds_everything_the_build_reads(tmp_path):
     shutil.copytree(os.path.join(ROOT, "csrc"), tree / "csrc")
     shutil.copytree(os.path.join(ROOT, "hiertcn_fast"), tree / "hiertcn_fast",
                     ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    shutil.copytree(os.path.join(ROOT, "tests"), tree / "tests", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     for name in ("setup.py", "pyproject.toml", "README.md", "CMakeLists.txt", "MANIFEST.in"):
         if os.path.exists(os.path.join(ROOT, name)):
             shutil.copy(os.path.join(ROOT, name), tree / name)
@@ -103,6 +143,13 @@ def test_the_sdist_holds_everything_the_build_reads(tmp_path):
     needed = ["CMakeLists.txt"] + [os.path.relpath(os.path.join(folder, name), ROOT)
                                    for folder, _, files in os.walk(os.path.join(ROOT, "csrc")) for name in files]
     assert "csrc/SOURCES" in needed and not sorted(set(needed) - names)
+    # The tests with their helpers (setuptools alone packed the test_*.py files without conftest.py, helpers.py,
+    # cuda_emu/, which 27 of them import), and nothing compiled.
+    tests = [os.path.relpath(os.path.join(folder, name), ROOT)
+             for folder, _, files in os.walk(os.path.join(ROOT, "tests")) if "__pycache__" not in folder
+             for name in files if not name.endswith((".pyc", ".so", ".o"))]
+    assert "tests/conftest.py" in tests and "tests/cuda_emu/proxy.py" in tests and not sorted(set(tests) - names)
+    assert not [name for name in names if name.endswith((".so", ".o", ".pyc")) or "__pycache__" in name]
 
 
 CUDA_TOOLKIT = "/usr/local/cuda/bin/nvcc"
