@@ -502,6 +502,7 @@ class Trainer:
         that raises after it (in the optimizer's other hooks, the all-reduce of the loss, or reading it) is
         counted with a NaN loss: its parameters moved. (rng and lanes are parameters, not locals, so that no
         statement precedes the try: an interrupt there would escape the rollback.)"""
+        counted = self.step
         try:
             self._optimizer_stepped[0] = False
             rng = (torch.get_rng_state(),
@@ -510,18 +511,18 @@ class Trainer:
             cache = self.source.state_cache
             lanes = None if cache is None else cache.state.clone()
             loss = self._run_step(batch, total_events)
+            self._count_step(loss, total_events)  # (inside: an interrupt as it starts is a step to count, below)
         except BaseException:
             if not self._optimizer_stepped[0]:
                 # Kept until applied in full: a second interrupt during the restore leaves it pending, and train()
                 # and checkpoint() apply it first.
                 self._pending_rollback = (batch.epoch, batch.index, lanes, rng)
                 self._apply_rollback()
-            else:
+            elif self.step == counted:
                 # The parameters moved and the lanes' state is stored: the step happened, only its loss (the
                 # all-reduce, the read of the value) is lost. Counted, so a checkpoint's step matches its parameters.
                 self._count_step(float("nan"), total_events)
             raise
-        self._count_step(loss, total_events)
         return loss
 
     def _apply_rollback(self) -> None:
@@ -541,9 +542,11 @@ class Trainer:
         self._pending_rollback = None
 
     def _count_step(self, loss: float, total_events: int) -> None:
-        self.step += 1
-        self.curve.append((self.step, loss))
-        self.train_events += total_events
+        # The counters in one assignment and the curve's append last: an interrupt can land only as a call
+        # returns, so none lands between the two counters (it did between the append and the events).
+        point = (self.step + 1, loss)
+        self.step, self.train_events = point[0], self.train_events + total_events
+        self.curve.append(point)
 
     def _draw_sampled(self) -> torch.Tensor:
         """num_sampled item ids from the proposal, with replacement, by inverse CDF on the sampler generator."""
@@ -599,13 +602,17 @@ class Trainer:
             try:
                 for batch, total_events in self.source.batches():
                     counted = self.step
+                    self._optimizer_stepped[0] = False
                     try:
                         loss = self._train_step(batch, total_events)  # counts the step
                     except BaseException:
                         # Raised before _train_step's own rollback could run (an interrupt at its entry): the
                         # batch was not used, so it goes back. (After that rollback this sets the same position.)
-                        if self.step == counted:
+                        # Once the optimizer stepped, the batch was used: counted, never given back.
+                        if self.step == counted and not self._optimizer_stepped[0]:
                             self.source.batcher.epoch, self.source.batcher.next_index = batch.epoch, batch.index
+                        elif self.step == counted:
+                            self._count_step(float("nan"), total_events)
                         raise
                     epoch_loss += loss * total_events
                     epoch_events += total_events

@@ -2,14 +2,17 @@
 state cache; resume equals uninterrupted."""
 
 import io
+import sys
+import threading
+import time
 from collections import deque
 
 import numpy as np
 import pytest
 import torch
 
-from hiertcn_fast.data import (ArraySource, CacheCorruptError, LaneStateCache, PreprocessParams, SessionBatcher,
-                               SessionCache, SyntheticSource, load_dataset, preprocess)
+from hiertcn_fast.data import (ArraySource, CacheCorruptError, LaneStateCache, PreprocessParams, SessionBatch,
+                               SessionBatcher, SessionCache, SyntheticSource, load_dataset, preprocess)
 
 SPLITS = {"train": 0, "valid": 1, "test": 2}
 
@@ -356,3 +359,122 @@ def test_synthetic_streamed_cache_batches(tmp_path):
     for index in range(a.num_batches()):
         for name, value in a.batch(index).tensors().items():
             assert torch.equal(value, b.batch(index).tensors()[name])
+
+
+# ---- interrupts (Ctrl-C) part way through: found by a line-by-line interrupt sweep ------------------------------
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    from model_helpers import synthetic_cache
+
+    return synthetic_cache(tmp_path_factory.mktemp("interrupts"))
+
+
+def _producers():
+    return [t for t in threading.enumerate() if "PinnedRingQueue-producer" in t.name]
+
+
+def test_queued_iteration_interrupted_while_the_batch_object_is_made_loses_no_batch(synthetic, monkeypatch):
+    """Every event of the split is delivered exactly once per epoch; a batch that fails to build is not skipped
+    (__iter__ builds the batch before counting it). iter_queued set ``self.next_index = index + 1`` before
+    ``SessionBatch.from_tensors`` ran: a Ctrl-C at the entry of from_tensors left batch ``index`` counted as handed
+    out but never delivered, so iteration, a resume from state_dict() and Trainer.train() all skipped it (the
+    sweep's training run ended one step short)."""
+    batcher = SessionBatcher(synthetic, "train", lanes=8, sessions_per_batch=4)
+    real, calls = SessionBatch.from_tensors.__func__, []
+
+    def from_tensors(cls, tensors, epoch, index):
+        calls.append(index)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated Ctrl-C at from_tensors' entry")
+        return real(cls, tensors, epoch, index)
+
+    monkeypatch.setattr(SessionBatch, "from_tensors", classmethod(from_tensors))
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        for batch in batcher.iter_queued(num_producers=1, num_slots=2):
+            seen.append(batch.index)
+    monkeypatch.undo()
+    seen += [batch.index for batch in batcher.iter_queued(num_producers=1, num_slots=2)]
+    assert seen == list(range(batcher.num_batches(0))), f"batch 2 lost: {seen[:5]}"
+
+
+def test_batcher_load_state_dict_interrupted_after_the_state_is_stored_restores_all_or_nothing(synthetic,
+                                                                                                monkeypatch):
+    """load_state_dict is all or nothing ('a resume that fails must not leave a half-restored position'). It copied
+    the lane state (``store``) and only then assigned the position: a Ctrl-C just after the copy returned left the
+    new lane state with the old position."""
+    def make():
+        return SessionBatcher(synthetic, "train", lanes=8, sessions_per_batch=4, state_shape=(2, 4))
+
+    source = make()
+    for _, batch in zip(range(3), source):
+        source.end_state(batch, source.begin_state(batch) + 1.0)
+    saved = source.state_dict()
+    batcher = make()
+    before = batcher.state_dict()
+    real = batcher.state_cache.store
+
+    def store(new_state):
+        real(new_state)
+        raise KeyboardInterrupt("simulated Ctrl-C just after the state's copy_ returned")
+
+    monkeypatch.setattr(batcher.state_cache, "store", store)
+    with pytest.raises(KeyboardInterrupt):
+        batcher.load_state_dict(saved)
+    now = batcher.state_dict()
+    position = (now["epoch"], now["next_index"])
+    assert (position == (before["epoch"], before["next_index"]) and torch.equal(now["state"], before["state"])) or (
+        position == (saved["epoch"], saved["next_index"]) and torch.equal(now["state"], saved["state"])), (
+        f"half-restored: position {position} (saved {saved['next_index']}), state equals saved: "
+        f"{torch.equal(now['state'], saved['state'])}")
+
+
+def _calls_from(code, n, run):
+    """Runs ``run()`` raising KeyboardInterrupt at the entry of the ``n``-th Python function called from a frame of
+    ``code`` on this thread (a function's entry is where a real Ctrl-C lands); returns the function's name, or None
+    when fewer calls were made."""
+    seen, fired = [0], []
+
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_back is not None and frame.f_back.f_code is code and not fired:
+            seen[0] += 1
+            if seen[0] == n:
+                fired.append(frame.f_code.co_name)
+                raise KeyboardInterrupt(f"simulated Ctrl-C entering {frame.f_code.co_name}")
+        return None
+
+    sys.settrace(tracer)
+    try:
+        run()
+    finally:
+        sys.settrace(None)
+    return fired[0] if fired else None
+
+
+def test_an_interrupt_entering_any_call_of_iter_queued_stops_the_producers_while_the_error_is_held(synthetic):
+    """Threads and pinned memory are released on every path, errors included. iter_queued made the queue in a with
+    statement: a Ctrl-C at PinnedRingQueue.__enter__'s entry came after the producers started but before the block,
+    so __exit__ never ran, and the __enter__ frame in the held traceback kept the queue and its producer threads
+    alive until the error was dropped and the cyclic collector ran. Interrupted at the entry of each call iter_queued
+    makes, the producers must stop while the error is still held."""
+    code = SessionBatcher.iter_queued.__code__
+    for n in range(1, 8):
+        batcher = SessionBatcher(synthetic, "train", lanes=8, sessions_per_batch=4)
+        held = []
+
+        def run():
+            try:
+                for _ in batcher.iter_queued(num_producers=2, num_slots=2):
+                    pass
+            except KeyboardInterrupt as error:
+                held.append(error)  # held, with its traceback, while the producers are checked
+
+        where = _calls_from(code, n, run)
+        if where is None:
+            break
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and _producers():
+            time.sleep(0.05)
+        assert held and not _producers(), f"interrupted entering {where}: producers left {_producers()}"
+    assert n > 2

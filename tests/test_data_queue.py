@@ -1,9 +1,11 @@
 """PinnedRingQueue: exactly-once ordered delivery, back-pressure, errors, shutdown, no leaks."""
 
 import gc
+import inspect
 import os
 import random
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -447,3 +449,54 @@ def test_cuda_copies_from_pinned_slots_never_overwrite_batches_in_use():
     assert [seq for seq, _ in kept] == list(range(total))
     assert all((value == seq).all().item() for seq, value in kept)
     assert violations == []
+
+
+def test_an_interrupt_anywhere_in_get_leaves_the_lock_free_and_close_joins():
+    """The ring's ``with ring.condition:`` blocks went through threading.Condition's Python-level __exit__: a Ctrl-C
+    at its entry skipped the release, the lock stayed held, and the consumer's own close() blocked forever (a
+    training run hung this way in the sweep). Interrupted at every line of get() and at the entry of every Python
+    function it calls, the lock must be free afterwards and close() must join the producers."""
+    spec = {"x": ((2,), torch.int64)}
+
+    def produce(seq, slot):
+        slot["x"].fill_(seq)
+        return seq < 50
+
+    get_code = PinnedRingQueue.get.__code__
+    # A with line's events include its exit, which a real signal cannot split (the C lock's __exit__ is one call,
+    # and signals are taken after calls return), while a traced raise there skips the release: those lines are left
+    # out (the entry of each with is the previous line's end, where a call had just returned).
+    lines, first = inspect.getsourcelines(PinnedRingQueue.get)
+    with_lines = {first + i for i, line in enumerate(lines) if line.strip().startswith("with ")}
+    for n in range(1, 200):
+        queue = PinnedRingQueue(spec, produce, num_producers=1, num_slots=2)
+        count, fired = [0], []
+
+        def tracer(frame, event, arg):
+            if fired:
+                return None
+            inside = frame.f_code is get_code
+            if (event == "call" and frame.f_back is not None and frame.f_back.f_code is get_code) or (
+                    event == "line" and inside and frame.f_lineno not in with_lines):
+                count[0] += 1
+                if count[0] == n:
+                    fired.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+                    raise KeyboardInterrupt("simulated Ctrl-C")
+            return tracer if inside else None
+
+        sys.settrace(tracer)
+        try:
+            queue.get()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        lock = queue._ring.condition._lock  # (the ring's lock, which the condition waits on)
+        held = lock.locked()
+        if held:
+            lock.release()  # let this test's queue close instead of hanging
+        closed = queue.close()
+        assert not held and closed, f"interrupted at {fired}: lock held {held}, producers joined {closed}"
+        if not fired:
+            break
+    assert n > 10

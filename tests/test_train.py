@@ -1081,3 +1081,62 @@ def test_a_killed_processs_checkpoint_temporary_file_is_removed_by_the_next_save
                       config(epochs=1, max_steps=1), out=None).train()
     trainer.save_checkpoint(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, other_host.name, alive.name])
+
+
+# ---- interrupts (Ctrl-C) as a step is counted: found by a line-by-line interrupt sweep -------------------
+
+def test_an_interrupt_as_a_step_is_counted_does_not_train_its_batch_twice(cache, monkeypatch):
+    """A step that raises after the optimizer's step is counted (NaN loss), so the step count matches the
+    parameters, and training on ends where the uninterrupted run does. ``_count_step`` was called after
+    _train_step's try: a Ctrl-C at its entry escaped the rollback, the step was not counted, and train()'s handler
+    (``if self.step == counted``) gave the batch back although the parameters had moved: it was trained on twice."""
+    plain = Trainer(build_model("hiertcn", cache.num_items, seed=2, **TINY["hiertcn"]), cache, config(epochs=2),
+                    out=None).train()
+    trainer = Trainer(build_model("hiertcn", cache.num_items, seed=2, **TINY["hiertcn"]), cache, config(epochs=2),
+                      out=None)
+    real, calls = trainer._count_step, []
+
+    def count_step(loss, events):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("simulated Ctrl-C at _count_step's entry")
+        return real(loss, events)
+
+    monkeypatch.setattr(trainer, "_count_step", count_step)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    optimizer_steps = int(next(iter(trainer.optimizer.state.values()))["step"])
+    monkeypatch.undo()
+    assert trainer.step == optimizer_steps, (trainer.step, optimizer_steps)
+    trainer.train()
+    assert trainer.step == plain.step
+    assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), plain.model.parameters())), (
+        f"the interrupted batch was applied twice (optimizer steps {optimizer_steps})")
+
+
+class _AppendThenInterrupt(list):
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def append(self, value):
+        super().append(value)
+        if len(self) == self.at:
+            raise KeyboardInterrupt("simulated Ctrl-C just after curve.append returned")
+
+
+def test_an_interrupt_after_the_curve_is_appended_loses_no_events(cache):
+    """Resume equals an uninterrupted run, counters included (train_events feeds events/s and the checkpoint).
+    _count_step updated step, curve and train_events in three statements: a Ctrl-C just after ``curve.append``
+    returned (a C call, where CPython takes signals) skipped ``train_events += total_events``."""
+    plain = Trainer(build_model("session_gru", cache.num_items, seed=2, **TINY["session_gru"]), cache,
+                    config(epochs=1), out=None).train()
+    trainer = Trainer(build_model("session_gru", cache.num_items, seed=2, **TINY["session_gru"]), cache,
+                      config(epochs=1), out=None)
+    trainer.curve = _AppendThenInterrupt(3)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.curve = list(trainer.curve)
+    trainer.train()
+    assert trainer.curve == plain.curve
+    assert trainer.train_events == plain.train_events

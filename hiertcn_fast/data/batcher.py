@@ -398,12 +398,22 @@ class SessionBatcher:
         def produce(sequence: int, slot: dict[str, torch.Tensor]) -> bool:
             return self.fill(first + sequence, slot, epoch)
 
-        with PinnedRingQueue(self.batch_spec(), produce, num_producers=num_producers, num_slots=num_slots,
-                             device=device) as queue:
+        # Not a with statement: an interrupt landing as __enter__ starts would leave the queue's producers running
+        # (the held traceback keeps the queue alive). Nothing that can be interrupted lies between the
+        # constructor's return and the try; should the interrupt land as the constructor returns, the queue is
+        # dropped at once, and its finalizer stops the producers.
+        queue = PinnedRingQueue(self.batch_spec(), produce, num_producers=num_producers, num_slots=num_slots,
+                                device=device)
+        try:
             for sequence, tensors in queue:
                 index = first + sequence
-                self.next_index = index + 1
-                yield SessionBatch.from_tensors(tensors, epoch, index)
+                batch = SessionBatch.from_tensors(tensors, epoch, index)
+                self.next_index = index + 1  # counted once made: an interrupt before leaves it to the next iteration
+                yield batch
+        except BaseException:
+            queue.close_after_error()
+            raise
+        queue.close(timeout=None)
         self._normalise_position()
 
     def begin_state(self, batch: SessionBatch) -> torch.Tensor:
@@ -464,6 +474,15 @@ class SessionBatcher:
                 got = (f"{state.dtype} tensor of shape {tuple(state.shape)}" if isinstance(state, torch.Tensor)
                        else type(state).__name__)
                 raise ValueError(f"state_dict: state must be a floating-point tensor of shape {expected}, got {got}")
-            self.state_cache.store(state.to(self.state_cache.state.device))
+            # All or nothing, interrupts included: the position goes with the state, and both back on a failure.
+            before = self.state_cache.state.clone(), self.epoch, self.next_index
+            try:
+                self.state_cache.store(state.to(self.state_cache.state.device))
+                self.epoch, self.next_index = position["epoch"], position["next_index"]
+            except BaseException:
+                self.state_cache.state.copy_(before[0])
+                self.epoch, self.next_index = before[1], before[2]
+                raise
+            return
         self.epoch, self.next_index = position["epoch"], position["next_index"]
 

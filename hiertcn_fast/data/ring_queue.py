@@ -93,7 +93,7 @@ class _Ring:
 
     The threads run :meth:`run_producer` of this object and never see the
     :class:`PinnedRingQueue`, so a queue nobody references can be collected (its finalizer calls
-    :meth:`abandon`). Every field below the slots is guarded by ``condition``.
+    :meth:`abandon`). Every field below the slots is guarded by ``lock`` (``condition`` waits on it).
     """
 
     def __init__(self, spec, produce, num_slots: int, device: torch.device, pin_memory: bool):
@@ -106,7 +106,10 @@ class _Ring:
         if device.type == "cuda":
             self.copy_stream = torch.cuda.Stream(device)
             self.copy_done = [torch.cuda.Event() for _ in range(num_slots)]
-        self.condition = threading.Condition(threading.Lock())
+        # Held through ``with lock`` (a C lock, whose release an interrupt cannot skip), never ``with condition``,
+        # whose Python-level __exit__ a Ctrl-C landing at its entry would skip: the lock stayed held and close() hung.
+        self.lock = threading.Lock()
+        self.condition = threading.Condition(self.lock)
         self.ready_seq = [-1] * num_slots  # which batch each slot holds, -1 when none
         self.next_claim = 0
         self.next_deliver = 0
@@ -122,7 +125,7 @@ class _Ring:
 
     def run_producer(self) -> None:
         while True:
-            with self.condition:
+            with self.lock:
                 seq = self.next_claim
                 if self.stream_over(seq):
                     return
@@ -137,7 +140,7 @@ class _Ring:
     def produce_batch(self, seq: int) -> bool:
         """Wait for batch ``seq``'s slot, fill it and publish it. False when the stream is over."""
         slot = seq % self.num_slots
-        with self.condition:
+        with self.lock:
             waited_from = time.perf_counter()
             while not self.stream_over(seq) and seq >= self.next_deliver + self.num_slots:
                 self.condition.wait(POLL_SECONDS)
@@ -154,7 +157,7 @@ class _Ring:
             raise TypeError(f"produce(seq, slot) must return True (batch written) or False (no batch seq), got "
                             f"{produced!r} for batch {seq}")
         produced = bool(produced)
-        with self.condition:
+        with self.lock:
             self.stats.produce_seconds += time.perf_counter() - started
             if produced:
                 self.ready_seq[slot] = seq
@@ -168,7 +171,7 @@ class _Ring:
         """Keep the error of the earliest failed batch: the consumer stops there, and a later
         batch's error must not hide it (nor make producers stop before it)."""
         name = threading.current_thread().name
-        with self.condition:
+        with self.lock:
             if self.closed:
                 return  # no consumer will ask for it: it stopped, or already got an earlier error
             if self.error is None or seq < self.error[2]:
@@ -242,7 +245,7 @@ class PinnedRingQueue:
         Raises a producer's exception if the next batch will never come, and RuntimeError after
         :meth:`close` or if every producer thread is gone before the next batch is ready."""
         ring = self._ring
-        with ring.condition:
+        with ring.lock:
             seq = ring.next_deliver
             slot = seq % ring.num_slots
             waited_from = time.perf_counter()
@@ -267,7 +270,7 @@ class PinnedRingQueue:
             ring.stats.occupancy_max = max(ring.stats.occupancy_max, occupancy)
             host, copy_done = ring.slots[slot], ring.copy_done[slot]
         tensors = self._copy_out(host, copy_done)
-        with ring.condition:
+        with ring.lock:
             ring.ready_seq[slot] = -1
             ring.next_deliver += 1
             ring.stats.delivered += 1
@@ -297,7 +300,7 @@ class PinnedRingQueue:
                     break
                 yield item
         except BaseException:  # noqa: B902 - GeneratorExit (break, a dropped iterator) included
-            self._close_or_warn()
+            self.close_after_error()
             raise
         self.close(timeout=None)
 
@@ -317,20 +320,20 @@ class PinnedRingQueue:
         if threading.current_thread() in self._threads:
             ring.abandon()  # this thread may hold the lock, and cannot join itself
             return False
-        with ring.condition:
+        with ring.lock:
             ring.closed = True
             ring.condition.notify_all()
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        with ring.condition:
+        with ring.lock:
             # A pinned block whose non_blocking copy is still in flight is kept by the caching
             # host allocator until the copy is done, so dropping the slots here is safe. The error
             # goes too: its traceback holds the failed produce() frame, and so a slot.
             ring.slots, ring.copy_done, ring.error = [], [], None
         return self.alive_producers == 0
 
-    def _close_or_warn(self) -> None:
+    def close_after_error(self) -> None:
         """Close on an error path: wait a bounded time (an interrupted consumer must not hang on a
         slow ``produce``), and say so if a producer is still running."""
         if not self.close():
@@ -349,4 +352,4 @@ class PinnedRingQueue:
         if exc_type is None:
             self.close(timeout=None)  # a normal exit leaves no producer behind
         else:
-            self._close_or_warn()
+            self.close_after_error()
