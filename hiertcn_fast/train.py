@@ -494,16 +494,16 @@ class Trainer:
 
     # ---- one step ----
 
-    def _train_step(self, batch, total_events: int, rng=None, lanes=None) -> float:
+    def _train_step(self, batch, total_events: int, rng=None, lanes=None, counted=None) -> float:
         """One step on ``batch``, counted (step, curve, events). A step that raises before the optimizer's step
         has moved the parameters (an interrupt, a transient error) gives its batch back: the generator's
         position, the lanes' state and the random generators return to where the step found them, so a
         checkpoint taken then, or another train() call, runs this batch again as an uninterrupted run does. One
         that raises after it (in the optimizer's other hooks, the all-reduce of the loss, or reading it) is
-        counted with a NaN loss: its parameters moved. (rng and lanes are parameters, not locals, so that no
+        counted with a NaN loss: its parameters moved. (rng, lanes and counted are parameters, not locals, so that no
         statement precedes the try: an interrupt there would escape the rollback.)"""
-        counted = self.step
         try:
+            counted = self.step
             self._optimizer_stepped[0] = False
             rng = (torch.get_rng_state(),
                    torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
