@@ -474,15 +474,16 @@ class SessionBatcher:
                 got = (f"{state.dtype} tensor of shape {tuple(state.shape)}" if isinstance(state, torch.Tensor)
                        else type(state).__name__)
                 raise ValueError(f"state_dict: state must be a floating-point tensor of shape {expected}, got {got}")
-            # All or nothing, interrupts included: the position goes with the state, and both back on a failure.
-            before = self.state_cache.state.clone(), self.epoch, self.next_index
-            try:
+        # All or nothing, interrupts included: the position goes with the state, and both back on a failure.
+        lanes = None if self.state_cache is None else self.state_cache.state.clone()
+        epoch, next_index = self.epoch, self.next_index
+        try:
+            if lanes is not None:
                 self.state_cache.store(state.to(self.state_cache.state.device))
-                self.epoch, self.next_index = position["epoch"], position["next_index"]
-            except BaseException:
-                self.state_cache.state.copy_(before[0])
-                self.epoch, self.next_index = before[1], before[2]
-                raise
-            return
-        self.epoch, self.next_index = position["epoch"], position["next_index"]
+            self.epoch, self.next_index = position["epoch"], position["next_index"]
+        except BaseException:
+            if lanes is not None:
+                self.state_cache.state.copy_(lanes)
+            self.epoch, self.next_index = epoch, next_index
+            raise
 
