@@ -40,6 +40,7 @@ import os
 import pickle
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 
 from ._ints import SEED_LIMIT, is_int
 from .data import LaneStateCache, SessionBatch, SessionBatcher, SessionCache
-from .data.cache import fsync_path, host_label, left_by_dead_process
+from .data.cache import CRC_BLOCK_BYTES, fsync_path, host_label, left_by_dead_process
 from .evaluate import RankingMetrics, batch_targets
 from .models import NEURAL_MODELS, HistoryBatch, NextItemModel, UserHistoryBatcher
 from .backends import requested_backend
@@ -253,6 +254,41 @@ def _remove_dead_saves(path: Path) -> None:
         host, pid = (fields[0], fields[1]) if len(fields) == 2 else (host_label(), fields[0])
         if left_by_dead_process(host, pid):
             candidate.unlink(missing_ok=True)
+
+
+def checkpoint_digest(state: dict) -> str:
+    """CRC-32 of everything a checkpoint holds but its own ``"digest"`` entry: each tensor's dtype, shape and bytes,
+    each plain value's type and repr, each container's kind and length, in the dict's order (which a save and load
+    keep). :meth:`Trainer.save_checkpoint` writes it and :meth:`Trainer.load_checkpoint` checks it, since
+    ``torch.load`` reads a tensor's bytes as they are: a flipped bit on disk or in transfer would otherwise resume
+    from a damaged parameter or moment without a word."""
+    crc = 0
+
+    def feed(data) -> None:
+        nonlocal crc
+        crc = zlib.crc32(data, crc)
+
+    def walk(value) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().to("cpu").contiguous()
+            feed(f"tensor {tensor.dtype} {tuple(tensor.shape)};".encode())
+            flat = tensor.reshape(-1).view(torch.uint8).numpy()
+            for start in range(0, flat.shape[0], CRC_BLOCK_BYTES):  # no second copy of a large tensor
+                feed(flat[start:start + CRC_BLOCK_BYTES])
+        elif isinstance(value, dict):
+            feed(f"dict {len(value)};".encode())
+            for key, item in value.items():
+                walk(key)
+                walk(item)
+        elif isinstance(value, (list, tuple)):
+            feed(f"{type(value).__name__} {len(value)};".encode())
+            for item in value:
+                walk(item)
+        else:
+            feed(f"{type(value).__name__} {value!r};".encode())
+
+    walk({key: value for key, value in state.items() if key != "digest"})
+    return f"crc32:{crc:08x}"
 
 
 class _LossStep(torch.nn.Module):
@@ -718,13 +754,15 @@ class Trainer:
         The checkpoint goes to a temporary file beside ``path``, flushed and fsync'ed, renamed over
         ``path``, and the directory is fsync'ed, so a crash or power loss leaves the old checkpoint or
         the new one, never an empty or partial file; a failed write (a full disk, Ctrl-C) removes its
-        temporary file and leaves the old checkpoint in place.
+        temporary file and leaves the old checkpoint in place. The file holds a digest of its contents
+        (:func:`checkpoint_digest`), which :meth:`load_checkpoint` checks.
         """
         path = Path(path if self.world_size == 1 else f"{path}.rank{self.rank}")
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_saves(path)
         temporary = path.with_name(f".{path.name}.tmp-{host_label()}-{os.getpid()}")
         state = self.checkpoint()
+        state["digest"] = checkpoint_digest(state)
         try:
             with open(temporary, "wb") as f:
                 torch.save(state, f)
@@ -749,7 +787,9 @@ class Trainer:
 
         All or nothing: a checkpoint refused at any point leaves the model, the optimizer, the
         generator position and state cache, the RNGs and the counters as they were. A file is read
-        with ``torch.load(weights_only=True)``, which runs no code from it.
+        with ``torch.load(weights_only=True)``, which runs no code from it, and is refused (ValueError) when its
+        contents no longer match the digest :meth:`save_checkpoint` wrote into it. A dict is taken as it is (one
+        edited on purpose included): no digest is checked.
         """
         state, problem, before = path_or_state, None, None
         try:
@@ -768,6 +808,11 @@ class Trainer:
                 found = state.get("format") if isinstance(state, dict) else type(state).__name__
                 raise ValueError(f"not a hiertcn_fast checkpoint of this version (format {found!r}, "
                                  f"expected {CHECKPOINT_FORMAT!r})")
+            if not isinstance(path_or_state, dict) and "digest" in state:
+                found = checkpoint_digest(state)
+                if found != state["digest"]:
+                    raise ValueError(f"{path}: a damaged checkpoint: its contents' digest is {found}, not the "
+                                     f"{state['digest']!r} written with them (a bit flipped on disk or in a copy)")
             before = self._restorable_state()
             missing = sorted(before.keys() - state.keys())
             if missing:

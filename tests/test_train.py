@@ -465,6 +465,57 @@ def test_a_failed_periodic_save_counts_no_time_twice(cache, tmp_path, monkeypatc
     assert 0 < trainer.train_seconds < wall - 0.9, (trainer.train_seconds, wall)
 
 
+@pytest.mark.parametrize("where", ["parameter", "moment"])
+def test_a_checkpoint_with_a_flipped_bit_in_a_tensor_is_refused(cache, tmp_path, where):
+    """torch.load reads a tensor's bytes as they are (its zip reader checks no CRC): one bit flipped on disk in a
+    parameter or an Adam moment resumed from the damaged value without a word. The digest save_checkpoint writes
+    is checked on load: a ValueError naming the file, the trainer unchanged; the intact file still loads."""
+    def model():
+        return build_model("session_gru", cache.num_items, **TINY["session_gru"])
+
+    path = tmp_path / "run.pt"
+    saved = Trainer(model(), cache, config(max_steps=3), out=None).train()
+    saved.save_checkpoint(path)
+    data = bytearray(path.read_bytes())
+    key = next(iter(saved.model.state_dict()))
+    if where == "parameter":
+        tensor = saved.model.state_dict()[key]
+    else:
+        tensor = saved.optimizer.state_dict()["state"][0]["exp_avg"]
+    needle = tensor.detach().contiguous().numpy().tobytes()
+    offset = data.find(needle)
+    assert offset > 0 and data.find(needle, offset + 1) < 0, "the tensor's bytes should be in the file once"
+    data[offset + len(needle) // 2] ^= 0x10
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(bytes(data))
+    raw = torch.load(damaged, map_location="cpu", weights_only=True)  # torch itself reads it without complaint
+    assert raw["step"] == 3
+
+    trainer = Trainer(model(), cache, config(max_steps=3), out=None)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(ValueError, match="damaged.pt: a damaged checkpoint: its contents' digest"):
+        trainer.load_checkpoint(damaged)
+    assert trainer.step == 0
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    trainer.load_checkpoint(path)
+    assert trainer.step == 3
+    assert all(torch.equal(saved.model.state_dict()[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_a_checkpoint_dict_is_taken_as_it_is_without_a_digest_check(cache, tmp_path):
+    """The digest guards files; a dict (read and edited on purpose) is loaded as given."""
+    path = tmp_path / "run.pt"
+    saved = Trainer(build_model("session_gru", cache.num_items, **TINY["session_gru"]), cache,
+                    config(max_steps=3), out=None).train()
+    saved.save_checkpoint(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert state["digest"].startswith("crc32:")
+    state["train_seconds"] = 0.0
+    trainer = Trainer(build_model("session_gru", cache.num_items, **TINY["session_gru"]), cache,
+                      config(max_steps=3), out=None).load_checkpoint(state)
+    assert trainer.step == 3 and trainer.train_seconds == 0.0
+
+
 _RAN_ON_LOAD = []
 
 
