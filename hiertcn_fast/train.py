@@ -33,6 +33,7 @@ import collections.abc
 import contextlib
 import copy
 import dataclasses
+import gc
 import glob
 import math
 import numbers
@@ -509,6 +510,7 @@ class Trainer:
         if self.distributed:
             step_module = torch.nn.parallel.DistributedDataParallel(step_module)
         self.loss_step = step_module
+        self._ddp_stale = False  # a step was given back under DDP: train() renews the wrapper first (_renew_ddp)
         self.step = 0
         self.curve: list[tuple[int, float]] = []
         self.train_events = 0
@@ -621,6 +623,8 @@ class Trainer:
     def train(self) -> "Trainer":
         config = self.config
         self._apply_rollback()
+        if self._ddp_stale:
+            self._renew_ddp()
         if not self._rng_seeded and self.step == 0:
             torch.manual_seed(config.seed + self.rank)  # dropout; a resumed run restores the RNG instead
             self._rng_seeded = True
@@ -642,6 +646,8 @@ class Trainer:
                     try:
                         loss = self._train_step(batch, total_events)  # counts the step
                     except BaseException:
+                        if self.distributed and not self._optimizer_stepped[0]:
+                            self._ddp_stale = True
                         # Raised before _train_step's own rollback could run (an interrupt at its entry): the
                         # batch was not used, so it goes back. (After that rollback this sets the same position.)
                         # Once the optimizer stepped, the batch was used: counted, never given back.
@@ -678,6 +684,21 @@ class Trainer:
         if config.checkpoint_path:
             self.save_checkpoint(config.checkpoint_path)
         return self
+
+    def _renew_ddp(self) -> None:
+        """A new DistributedDataParallel wrapper after a step given back under DDP. A step that raised during its
+        backward (an interrupt in an op's backward, an error in a gradient hook) left DDP's reducer part way
+        through an iteration, some gradients marked ready and the reduction never finished; the next forward then
+        failed on every rank ("Expected to have finished reduction in the prior iteration"), pointing at unused
+        parameters. The old wrapper goes first (its reducer removes the hooks it put on the parameters); the new
+        one checks the parameters' shapes across ranks and broadcasts rank 0's, the same on every rank since no
+        optimizer step ran. A collective: every rank gave its step back, so every rank renews it here."""
+        module = self.loss_step.module if isinstance(self.loss_step, torch.nn.parallel.DistributedDataParallel) \
+            else self.loss_step
+        self.loss_step = module
+        gc.collect()  # the old wrapper, should a reference cycle hold it, with its reducer's hooks
+        self.loss_step = torch.nn.parallel.DistributedDataParallel(module)
+        self._ddp_stale = False
 
     def _progress_bar(self, epoch: int):
         """A tqdm bar over this epoch's batches, or None (not rank 0, no output, or not wanted)."""

@@ -1,5 +1,6 @@
 """DistributedDataParallel: 2 ranks on the CPU (gloo), lanes sharded, give the loss curve of 1 rank."""
 
+import datetime
 import gc
 import os
 
@@ -215,3 +216,84 @@ def test_a_failing_rank_of_the_cli_exits_without_waiting_for_the_others(tmp_path
     rank1_done = mp.get_context("spawn").Event()
     _spawn(_failing_cli_worker, (2, port, str(tmp_path), str(tmp_path / "cache"), rank1_done))
     assert (tmp_path / "rank0.txt").read_text() == "rank 1 ended first"
+
+
+SMALL_SIZES = dict(embedding_dim=8, state_hidden=8, tcn_channels=(8, 8), kernel_size=3)
+SMALL_CONFIG = dict(epochs=1, lanes=6, sessions_per_batch=2, learning_rate=1e-2, seed=3, num_producers=0)
+
+
+def _small_trainer(cache):
+    model = build_model("hiertcn", cache.num_items, seed=5, **SMALL_SIZES)
+    return Trainer(model, cache, TrainConfig(**SMALL_CONFIG), out=None)
+
+
+def _raise_in_backward_worker(rank, world_size, init_file, cache_path, result_dir, how):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)
+        cache = SessionCache.open(cache_path)
+        uninterrupted = _small_trainer(cache).train()
+        trainer = _small_trainer(cache)
+        if how == "ctrl-c":
+            from helpers import interrupt_at
+            from hiertcn_fast.ops.conv import _CausalConvFunction
+
+            # The 5th causal-conv backward is in a later step's backward pass (the same step on both ranks, the
+            # test checks), after the output layer's gradients are ready and DDP has marked them.
+            try:
+                with interrupt_at(_CausalConvFunction.backward, 'refuse_graph_of_gradient("causal_conv1d")', hit=5):
+                    trainer.train()
+                raised = "nothing"
+            except KeyboardInterrupt:
+                raised = "KeyboardInterrupt"
+        else:
+            calls = [0]
+
+            def transient(grad):
+                calls[0] += 1
+                if calls[0] == 2:
+                    raise RuntimeError("a transient error in the backward pass")
+                return grad
+
+            handle = trainer.model.item_embedding.weight.register_hook(transient)
+            try:
+                trainer.train()
+                raised = "nothing"
+            except RuntimeError as error:
+                raised = str(error)
+            handle.remove()
+        steps_before = trainer.step
+        try:
+            trainer.train()  # training on: the README says it runs the given-back batch again, as uninterrupted
+            outcome = "trained on"
+        except Exception as error:
+            outcome = f"{type(error).__name__}: {error}"
+        torch.save({"raised": raised, "steps_before": steps_before, "outcome": outcome,
+                    "curve": trainer.curve, "expected": uninterrupted.curve,
+                    "same_parameters": all(torch.equal(value, trainer.model.state_dict()[key])
+                                           for key, value in uninterrupted.model.state_dict().items())},
+                   os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("how", ["ctrl-c", "transient-error"])
+def test_training_on_after_a_step_raised_in_backward_under_ddp(tmp_path, how):
+    """README: "A step that raises before the optimizer's (Ctrl-C, a transient error) gives its batch back, so
+    training on ... runs it again as an uninterrupted run does". Under DDP a step that raised DURING its backward
+    (a Ctrl-C in an op's backward, an error in a gradient hook), on every rank alike, was given back, but DDP's
+    reducer stayed part way through the iteration, and the next train() failed on every rank with DDP's
+    "Expected to have finished reduction in the prior iteration ... find_unused_parameters=True" (a wrong cause).
+    Trainer._renew_ddp now gives train() a new wrapper after a step given back."""
+    cache = synthetic_cache(tmp_path / "cache", num_events=600)
+    _spawn(_raise_in_backward_worker, (2, str(tmp_path / "init"), str(cache.path), str(tmp_path), how))
+    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+    # Both ranks raised in the same step (after at least one step), so they stay in step with each other.
+    assert results[0]["steps_before"] == results[1]["steps_before"] > 0, [r["steps_before"] for r in results]
+    for rank, result in enumerate(results):
+        assert result["raised"] != "nothing", f"rank {rank}: the step did not raise ({how})"
+        assert result["outcome"] == "trained on", f"rank {rank}: {result['outcome'][:300]}"
+        assert result["curve"] == result["expected"], rank
+        assert result["same_parameters"], rank
