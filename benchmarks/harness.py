@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional
 
 import pytest
 import torch
+import torch._dynamo
 
 RESULTS_DIR = os.environ.get("HIERTCN_BENCH_OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                                   "results")
@@ -106,6 +107,10 @@ def _variants(case: Case):
         _built["id"], _built["variants"] = None, None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        # A fresh compiler per case: dynamo keeps its graphs on the compiled function's code object, which every
+        # case's torch.compile(torch_way) shares; each case's shapes added an entry (dynamic ones after the first),
+        # and at its recompile limit (8) dynamo ran the later cases eagerly under the name "torch.compile".
+        torch._dynamo.reset()
         # The same inputs in every run: a result (and the same-result check, where a relu at its boundary can
         # tip one way in one variant's summation order and the other way in another's) reproduces.
         torch.manual_seed(zlib.crc32(case.id.encode()))

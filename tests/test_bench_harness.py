@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch._dynamo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
@@ -267,3 +268,57 @@ def test_the_results_record_threads_and_load():
     info = harness.machine()
     assert info["threads"] == torch.get_num_threads() and "load_at_start" in info and "load_at_end" in info
     assert f"{torch.get_num_threads()} torch thread(s)" in harness.load_line()
+
+
+def _counting_backend(calls):
+    """A torch.compile backend that runs the captured graph as it is and counts every run of a compiled graph."""
+    def backend(gm, example_inputs):
+        def run(*args):
+            calls.append(1)
+            return gm.forward(*args)
+        return run
+    return backend
+
+
+def test_every_conv_cases_torch_compile_variant_runs_compiled(monkeypatch):
+    """Every conv case compiles the same function, ``torch.compile(torch_way)``, and nothing between cases reset
+    dynamo. Dynamo keeps its cache on torch_way's code object, shared by all those wrappers, and the cases' shapes,
+    dilations, groups, context and requires_grad each add an entry; at config.recompile_limit (8) dynamo gives up
+    and runs torch_way eagerly. In the quick matrix the last case ("long depthwise ... fwd+bwd") then times plain
+    eager PyTorch under the name "torch.compile" (the log says "torch._dynamo hit config.recompile_limit (8)
+    function: 'torch_way'"), so that row and the fast path's speed-up over torch.compile were not what they claim.
+    The full matrix (HIERTCN_BENCH_FULL=1) lost both "long depthwise ... fwd+bwd" cases the same way, and
+    bench_gru.py's full matrix its gru_cell "b=1 h=512 fwd" (every case compiles a new GRUCell, all sharing
+    GRUCell.forward's code object). harness._variants now resets dynamo per case. Here the compiled graphs run
+    through a counting backend (the same dynamo front end and its caching, without inductor's build time); every
+    case's torch.compile variant must run a compiled graph."""
+
+    monkeypatch.delenv("HIERTCN_BENCH_COMPILE", raising=False)
+    monkeypatch.syspath_prepend(BENCH)
+    import bench_causal_conv
+    harness = bench_causal_conv.harness
+
+    calls = []
+    backend = _counting_backend(calls)
+    real_compile = torch.compile
+
+    def compile_with_counting_backend(model=None, **kwargs):
+        return real_compile(model, **{**kwargs, "backend": backend})
+
+    monkeypatch.setattr(torch, "compile", compile_with_counting_backend)
+    torch._dynamo.reset()
+    harness._built.update(id=None, variants=None)
+    eager_ones = []
+    try:
+        for case in bench_causal_conv.cases("cpu", True):
+            if case.op != "causal_conv1d":
+                continue
+            variants = harness._variants(case)  # as the benchmark builds a case (same-result check included)
+            before = len(calls)
+            variants[harness.COMPILED]()
+            if len(calls) == before:
+                eager_ones.append(case.name)
+    finally:
+        harness._built.update(id=None, variants=None)
+        torch._dynamo.reset()
+    assert not eager_ones, f"torch.compile variant ran eagerly (dynamo's recompile limit) in: {eager_ones}"
