@@ -17,6 +17,7 @@ def bench_timer(request):
     def run(case, variant, fn):
         if device == "cuda":
             timing = harness.time_gpu(fn)
+            timing.update(harness.time_gpu_wall(fn))
         else:
             timing = harness.time_cpu_case(case, variant)
         timing["peak_bytes"] = harness.peak_bytes(fn, device)

@@ -322,3 +322,41 @@ def test_every_conv_cases_torch_compile_variant_runs_compiled(monkeypatch):
         harness._built.update(id=None, variants=None)
         torch._dynamo.reset()
     assert not eager_ones, f"torch.compile variant ran eagerly (dynamo's recompile limit) in: {eager_ones}"
+
+
+def test_the_gpu_wall_timer_counts_the_hosts_work_between_synchronisations(monkeypatch):
+    """time_gpu_wall: on a clock that a call advances by its host time and a synchronisation by the device work
+    still queued, a call costs the larger of the two (here the host's 10 us against 4 us of device work), which
+    do_bench, timing the device alone, does not show. Each run is synchronised before and after."""
+    clock = {"now": 0.0, "device_free_at": 0.0}
+    syncs = []
+
+    def call():
+        clock["now"] += 10e-6  # the host's launches
+        clock["device_free_at"] = max(clock["device_free_at"], clock["now"]) + 4e-6
+
+    def synchronize(*args):
+        syncs.append(clock["now"])
+        clock["now"] = max(clock["now"], clock["device_free_at"])
+
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: clock["now"])
+    timing = harness.time_gpu_wall(call, rounds=7)
+    assert timing["wall_iterations"] == int(2e-3 / 14e-6)  # the first call: 10 us of host, then 4 us of device
+    # host-bound: the device work hides behind the next launches (but for the last call of each run)
+    assert timing["wall_median_s"] == pytest.approx(10e-6, rel=1e-2)
+    assert len(syncs) == 2 + 2 * 7
+
+
+def test_gpu_rows_carry_the_wall_clock_ratio_and_the_table_shows_it(monkeypatch):
+    rows = [{"op": "op", "case": "c", "variant": v, "baseline": "eager", "median_s": m, "wall_median_s": w}
+            for v, m, w in (("eager", 40e-6, 100e-6), ("fast", 10e-6, 50e-6))]
+    monkeypatch.setattr(harness, "_results", rows)
+    summary = {r["variant"]: r for r in harness.summary_rows()}
+    assert summary["fast"]["speedup"] == pytest.approx(4.0)
+    assert summary["fast"]["wall_speedup"] == pytest.approx(2.0)
+    table = harness.format_table(list(summary.values()))
+    assert "wall x" in table.splitlines()[0] and "2.00x" in table and "50.0us" in table
+    cpu_rows = [{k: v for k, v in r.items() if not k.startswith("wall")} for r in rows]
+    monkeypatch.setattr(harness, "_results", cpu_rows)
+    assert "wall" not in harness.format_table(harness.summary_rows()).splitlines()[0]
