@@ -903,7 +903,9 @@ class Trainer:
     def _ranks_say(self, value, error):
         """A collective call: every rank's ``value``, and "rank r: error" for each rank that passed an error."""
         everyone = [None] * self.world_size
-        torch.distributed.all_gather_object(everyone, (value, None if error is None else repr(error)))
+        # The type and the message (its repr hid an OSError's file: "FileNotFoundError(2, 'No such file ...')").
+        said = None if error is None else f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        torch.distributed.all_gather_object(everyone, (value, said))
         return [v for v, _ in everyone], [f"rank {r}: {e}" for r, (_, e) in enumerate(everyone) if e is not None]
 
     def _checkpoint_differences(self, state: dict) -> list[str]:

@@ -145,6 +145,8 @@ def _mixed_checkpoint_run(rank, cache_path, result_dir, how):
     dist.barrier()
     if rank == 1 and how == "steps":
         shutil.copy(mine + ".step2", mine)
+    if rank == 1 and how == "missing":
+        os.remove(mine)
     if rank == 1 and how == "lacks":
         state = torch.load(mine, weights_only=True)
         del state["train_seconds"], state["digest"]  # edited on purpose: without the digest it no longer matches
@@ -155,12 +157,14 @@ def _mixed_checkpoint_run(rank, cache_path, result_dir, how):
         outcome = "loaded"
     except ValueError as error:
         outcome = str(error)
+    except FileNotFoundError as error:
+        outcome = f"FileNotFoundError: {error}"
     with open(os.path.join(result_dir, f"outcome{rank}.txt"), "w") as f:
         f.write(outcome)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("how", ["steps", "lacks"])
+@pytest.mark.parametrize("how", ["steps", "lacks", "missing"])
 def test_ranks_refuse_checkpoints_together(tmp_path, how):
     """Every rank resumes from the same step or none does: checkpoints of different steps, or one that only one
     rank refuses, are refused on every rank (before, the others resumed and hung at their first all-reduce)."""
@@ -170,6 +174,11 @@ def test_ranks_refuse_checkpoints_together(tmp_path, how):
     if how == "steps":
         for outcome in outcomes:
             assert "the ranks' checkpoints hold different steps (rank 0: 4, rank 1: 2)" in outcome, outcome
+    elif how == "missing":  # rank 1's own error is FileNotFoundError; rank 0 is told which file is missing
+        assert outcomes[1].startswith("FileNotFoundError"), outcomes[1]
+        assert ("another rank could not read its checkpoint" in outcomes[0]
+                and f"rank 1: FileNotFoundError: [Errno 2] No such file or directory: '{tmp_path}/run.pt.rank1'"
+                in outcomes[0]), outcomes[0]
     else:
         assert "another rank could not read its checkpoint" in outcomes[0] and "train_seconds" in outcomes[0]
         assert "checkpoint lacks ['train_seconds']" in outcomes[1], outcomes[1]
