@@ -185,6 +185,19 @@ def _device_problem(args) -> str | None:
     return None
 
 
+def _lanes_problem(args) -> str | None:
+    """Under torchrun (WORLD_SIZE > 1) every rank takes an equal share of the lanes: a count the world size does not
+    divide is a usage error now, not a ValueError from every rank's Trainer after the data's preprocessing."""
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return f"WORLD_SIZE={os.environ['WORLD_SIZE']!r}: expected the number of ranks (torchrun sets it)"
+    if world_size > 1 and args.lanes % world_size:
+        return (f"--lanes {args.lanes}: the {world_size} ranks (WORLD_SIZE) each take an equal share of the lanes; "
+                f"use a multiple of {world_size}")
+    return None
+
+
 def _model_list(text: str) -> tuple:
     """The names in order, each once: a repeated name would train the same model again and overwrite it."""
     names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
@@ -430,7 +443,8 @@ def main(argv=None) -> int:
     args.started = started
     if args.command == "train":
         # Every check that can fail comes before the report folder is made, so a usage error leaves nothing behind.
-        problem = _device_problem(args) or _writable_folder(args.cache_dir, "--cache-dir", "cache folder")
+        problem = (_device_problem(args) or _lanes_problem(args)
+                   or _writable_folder(args.cache_dir, "--cache-dir", "cache folder"))
         if problem:
             train.error(problem)
         if _main_rank_by_environment():

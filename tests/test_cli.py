@@ -39,6 +39,23 @@ def test_bad_numbers_are_usage_errors(no_job, tmp_path, capsys, flag, value, exp
     assert not out.exists()
 
 
+@pytest.mark.parametrize("world_size, lanes, expected", [
+    ("3", "32", "--lanes 32: the 3 ranks (WORLD_SIZE) each take an equal share of the lanes; use a multiple of 3"),
+    ("two", "32", "WORLD_SIZE='two': expected the number of ranks"),
+])
+def test_lanes_the_world_size_does_not_divide_are_a_usage_error(no_job, tmp_path, capsys, monkeypatch, world_size,
+                                                                lanes, expected):
+    """Before, every rank's Trainer refused them, after the data's preprocessing and the rule baselines."""
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    out = tmp_path / "report"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--lanes", lanes, "--out", str(out)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert expected in error and "usage:" in error, error
+    assert not out.exists()
+
+
 def test_good_numbers_pass(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(cli, "_train", lambda args: seen.update(vars(args)) or 0)
