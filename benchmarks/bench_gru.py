@@ -184,10 +184,12 @@ def _steps_maker(steps, batch, time, hidden, layers, dtype, device, backward):
         weights = module.all_weights
         leaves = [padded, h, *module.parameters()]
 
+        keep_as_dtype = keep.to(dtype)  # once, outside the timed calls (the fast path converts its bool keep inside)
+
         def step_by_step(update):
             items, states = padded[:, :, 1:], [h]
             for step in range(steps):
-                states.append(update(items[step], lengths[step], states[-1], keep[step].to(dtype), weights))
+                states.append(update(items[step], lengths[step], states[-1], keep_as_dtype[step], weights))
             return torch.stack(states)
 
         return {"hiertcn_fast": _run(lambda: session_update_steps(padded[:, :, 1:], lengths, h, keep, weights),
