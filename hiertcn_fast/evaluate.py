@@ -161,15 +161,15 @@ def batch_targets(batch: SessionBatch) -> dict[str, torch.Tensor]:
 class _UserSums:
     """Per-user column sums over a stream: sorted int64 keys with a (users, columns) float64 table.
 
-    Chunks are reduced by user on arrival and merged into the table lazily (see MIN_PENDING_ROWS).
+    Chunks are reduced by user on arrival and merged into the table lazily (see MIN_PENDING_ROWS). All of it is
+    one tuple, ``state`` = (keys, table, pending chunks, pending rows), never changed in place: :meth:`added` and
+    :meth:`merged` compute a new one, which the caller stores together with its own sums in one assignment, so an
+    interrupt leaves the accumulator before or after a chunk, never part way.
     """
 
     def __init__(self, columns: int):
         self.columns = columns
-        self.keys = np.empty(0, np.int64)
-        self.sums = np.empty((0, columns), np.float64)
-        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
-        self.pending_rows = 0
+        self.state = (np.empty(0, np.int64), np.empty((0, columns), np.float64), (), 0)
 
     @staticmethod
     def _reduce(keys: np.ndarray, values: np.ndarray):
@@ -178,26 +178,34 @@ class _UserSums:
         np.add.at(sums, inverse, values)
         return unique, sums
 
-    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
-        unique, sums = self._reduce(keys, values)
-        self.pending.append((unique, sums))
-        self.pending_rows += unique.shape[0]
-        if self.pending_rows > max(MIN_PENDING_ROWS, self.keys.shape[0]):
-            self.compact()
+    @classmethod
+    def _compacted(cls, state: tuple) -> tuple:
+        keys, table, pending, _ = state
+        if not pending:
+            return state
+        keys, table = cls._reduce(np.concatenate([keys] + [k for k, _ in pending]),
+                                  np.concatenate([table] + [v for _, v in pending]))
+        return keys, table, (), 0
 
-    def compact(self) -> None:
-        if not self.pending:
-            return
-        keys = np.concatenate([self.keys] + [k for k, _ in self.pending])
-        sums = np.concatenate([self.sums] + [s for _, s in self.pending])
-        self.keys, self.sums = self._reduce(keys, sums)
-        self.pending, self.pending_rows = [], 0
+    def _with_pending(self, keys: np.ndarray, sums: np.ndarray) -> tuple:
+        table_keys, table, pending, rows = self.state
+        state = (table_keys, table, pending + ((keys, sums),), rows + keys.shape[0])
+        return self._compacted(state) if state[3] > max(MIN_PENDING_ROWS, table_keys.shape[0]) else state
 
-    def merge(self, other: "_UserSums") -> None:
-        other.compact()
-        self.pending.append((other.keys.copy(), other.sums.copy()))
-        self.pending_rows += other.keys.shape[0]
-        self.compact()
+    def added(self, keys: np.ndarray, values: np.ndarray) -> tuple:
+        """The state with a chunk's rows added (this object unchanged)."""
+        return self._with_pending(*self._reduce(keys, values))
+
+    def merged(self, other: "_UserSums") -> tuple:
+        """The state with another's sums added (both objects unchanged)."""
+        keys, table, _, _ = self._compacted(other.state)
+        return self._compacted(self._with_pending(keys, table))
+
+    def compact(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every pending chunk into the table (the same sums, in one assignment); the (keys, table)."""
+        self.state = self._compacted(self.state)
+        keys, table, _, _ = self.state
+        return keys, table
 
 
 class RankingMetrics:
@@ -298,7 +306,6 @@ class RankingMetrics:
             if rows.numel():
                 raise ValueError(f"scores: NaN in {rows.numel()} of {n} events (first at event {int(rows[0])}); "
                                  "ranks of NaN scores are undefined")
-        self.num_columns = num_columns  # only a chunk that passed every check fixes the catalogue's width
 
         higher, tied = target_ranks(scores, targets, self.padding_item)
         higher = higher.cpu().numpy().astype(np.float64)
@@ -311,16 +318,20 @@ class RankingMetrics:
             rank = 1.0 + higher + tied / 2.0
         values = self._metric_values(rank)
         first = first_in_session.cpu().numpy()
-        self._tie_events += int((tied > 0).sum())
-        self._tied_items += int(tied.sum())
 
         m = values.shape[1]
         per_user = np.zeros((n, 2 * (1 + m)), np.float64)
+        event_sums = dict(self._event_sums)
         for g, mask in enumerate((first, ~first)):
             block = np.concatenate([np.ones((n, 1)), values], axis=1) * mask[:, None]
-            self._event_sums[GROUPS[g]] += block.sum(0)
+            event_sums[GROUPS[g]] = event_sums[GROUPS[g]] + block.sum(0)
             per_user[:, g * (1 + m):(g + 1) * (1 + m)] = block
-        self._users.add(users.cpu().numpy().astype(np.int64), per_user)
+        user_state = self._users.added(users.cpu().numpy().astype(np.int64), per_user)
+        # All of the chunk in one assignment: an interrupt before it leaves the accumulator as it was (a retry counts
+        # the chunk once), never with some of its sums. Only a chunk that passed every check fixes the width.
+        (self.num_columns, self._event_sums, self._tie_events, self._tied_items, self._users.state) = (
+            num_columns, event_sums, self._tie_events + int((tied > 0).sum()), self._tied_items + int(tied.sum()),
+            user_state)
 
     def merge(self, other: "RankingMetrics") -> None:
         """Add another accumulator's events (e.g. from another process) to this one."""
@@ -330,12 +341,12 @@ class RankingMetrics:
             raise ValueError("other: metrics, tie policy or padding item differ from this accumulator's")
         if None not in (self.num_columns, other.num_columns) and self.num_columns != other.num_columns:
             raise ValueError(f"other: scored {other.num_columns} item columns, this accumulator {self.num_columns}")
-        self.num_columns = self.num_columns if self.num_columns is not None else other.num_columns
-        for group in GROUPS:
-            self._event_sums[group] += other._event_sums[group]
-        self._tie_events += other._tie_events
-        self._tied_items += other._tied_items
-        self._users.merge(other._users)
+        event_sums = {group: self._event_sums[group] + other._event_sums[group] for group in GROUPS}
+        user_state = self._users.merged(other._users)
+        # In one assignment, as update's.
+        (self.num_columns, self._event_sums, self._tie_events, self._tied_items, self._users.state) = (
+            self.num_columns if self.num_columns is not None else other.num_columns, event_sums,
+            self._tie_events + other._tie_events, self._tied_items + other._tied_items, user_state)
 
     def _averages(self, count: float, sums: np.ndarray) -> dict:
         return {name: (float(value / count) if count else math.nan) for name, value in zip(self.metric_names, sums)}
@@ -351,8 +362,7 @@ class RankingMetrics:
         m = len(self.metric_names)
         events = {group: self._event_sums[group] for group in GROUPS}
         events["all"] = events["first_in_session"] + events["rest"]
-        self._users.compact()
-        table = self._users.sums
+        _, table = self._users.compact()
         user_groups = {GROUPS[g]: table[:, g * (1 + m):(g + 1) * (1 + m)] for g in range(2)}
         user_groups["all"] = user_groups["first_in_session"] + user_groups["rest"]
         per_event, per_user = {}, {}

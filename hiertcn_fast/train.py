@@ -501,9 +501,11 @@ class Trainer:
             self.proposal_last = int(np.flatnonzero(weights)[-1]) if weights.any() else 0
         self.sampler = torch.Generator(device=self.device)
         self.sampler.manual_seed(config.seed)
-        # Set by the optimizer's first step post-hook, the moment its parameters have moved (see _train_step); a
-        # list, not an attribute the hook sets on self: a hook holding the trainer would make a reference cycle.
-        stepped = self._optimizer_stepped = [False]
+        # [0]: set by the optimizer's first step post-hook, once its parameters have moved; [1]: the probe _run_step
+        # takes just before the optimizer's step (_optimizer_probe), which tells whether they moved when the hook
+        # never ran (see _optimizer_moved). A list, not attributes the hook sets on self: a hook holding the
+        # trainer would make a reference cycle; both reset in one slice assignment.
+        stepped = self._optimizer_stepped = [False, None]
         self.optimizer.register_step_post_hook(lambda optimizer, args, kwargs: stepped.__setitem__(0, True))
         self._pending_rollback = None  # an interrupted step's restore not yet applied in full (_apply_rollback)
         step_module = _LossStep(model, self.amp, self.device.type, log_q, every_parameter=self.distributed)
@@ -542,7 +544,7 @@ class Trainer:
         statement precedes the try: an interrupt there would escape the rollback.)"""
         try:
             counted = self.step
-            self._optimizer_stepped[0] = False
+            self._optimizer_stepped[:] = (False, None)
             rng = (torch.get_rng_state(),
                    torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                    self.sampler.get_state())
@@ -551,7 +553,7 @@ class Trainer:
             loss = self._run_step(batch, total_events)
             self._count_step(loss, total_events)  # (inside: an interrupt as it starts is a step to count, below)
         except BaseException:
-            if not self._optimizer_stepped[0]:
+            if not self._optimizer_moved():
                 # Kept until applied in full: a second interrupt during the restore leaves it pending, and train()
                 # and checkpoint() apply it first.
                 self._pending_rollback = (batch.epoch, batch.index, lanes, rng)
@@ -578,6 +580,28 @@ class Trainer:
                 torch.cuda.set_rng_state(rng[1], self.device)
             self.sampler.set_state(rng[2])
         self._pending_rollback = None
+
+    def _optimizer_probe(self):
+        """A parameter the coming optimizer step updates (the first with a gradient) and a copy of its Adam step
+        count as it is now (None before its first step)."""
+        for group in self.optimizer.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is not None:
+                    step = self.optimizer.state.get(parameter, {}).get("step")
+                    return parameter, step.clone() if isinstance(step, torch.Tensor) else step
+        return None
+
+    def _optimizer_moved(self) -> bool:
+        """Whether the step at hand has moved the parameters. The post-hook's flag alone missed an interrupt that
+        landed after Adam's kernel had returned but before the hook ran (as the hook was entered, say): the batch
+        was given back and trained a second time on moved parameters. So also: has the probed parameter's step
+        count changed since _run_step's probe? (Adam counts and updates in the same kernel.)"""
+        stepped, probe = self._optimizer_stepped
+        if stepped or probe is None:
+            return stepped
+        parameter, before = probe
+        now = self.optimizer.state.get(parameter, {}).get("step")
+        return now is not None and float(now) != (0.0 if before is None else float(before))
 
     def _count_step(self, loss: float, total_events: int) -> None:
         # The counters in one assignment and the curve's append last: an interrupt can land only as a call
@@ -613,6 +637,7 @@ class Trainer:
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
         self.source.end(batch, new_state)  # before the optimizer's step: undone with the rest if that raises
+        self._optimizer_stepped[1] = self._optimizer_probe()
         self.optimizer.step()  # its first post-hook marks the batch spent (_optimizer_stepped)
         if self.distributed:
             torch.distributed.all_reduce(loss_sum)
@@ -634,6 +659,10 @@ class Trainer:
         def finished() -> bool:
             return config.max_steps is not None and self.step >= config.max_steps
 
+        # The steps counted and the generator's position after the last batch they trained, in one tuple: a batch
+        # the batcher has counted as handed out but no step has used (an interrupt in the generators, or between
+        # them and _train_step's own give-back) goes back from here.
+        mark = (self.step, (self.source.batcher.epoch, self.source.batcher.next_index))
         while self.source.epoch < config.epochs and not finished():
             epoch = self.source.epoch
             epoch_loss, epoch_events = 0.0, 0
@@ -642,20 +671,22 @@ class Trainer:
             try:
                 for batch, total_events in self.source.batches():
                     counted = self.step
-                    self._optimizer_stepped[0] = False
+                    self._optimizer_stepped[:] = (False, None)
                     try:
                         loss = self._train_step(batch, total_events)  # counts the step
                     except BaseException:
-                        if self.distributed and not self._optimizer_stepped[0]:
+                        moved = self._optimizer_moved()
+                        if self.distributed and not moved:
                             self._ddp_stale = True
                         # Raised before _train_step's own rollback could run (an interrupt at its entry): the
                         # batch was not used, so it goes back. (After that rollback this sets the same position.)
                         # Once the optimizer stepped, the batch was used: counted, never given back.
-                        if self.step == counted and not self._optimizer_stepped[0]:
+                        if self.step == counted and not moved:
                             self.source.batcher.epoch, self.source.batcher.next_index = batch.epoch, batch.index
                         elif self.step == counted:
                             self._count_step(float("nan"), total_events)
                         raise
+                    mark = (self.step, (batch.epoch, batch.index + 1))
                     epoch_loss += loss * total_events
                     epoch_events += total_events
                     if bar is not None:
@@ -674,6 +705,10 @@ class Trainer:
                     # Stop only after a batch is consumed: the generator has already counted it as handed out.
                     if finished():
                         break
+            except BaseException:
+                if self.step == mark[0]:  # no step since the mark: the batch in flight (if any) goes back
+                    self.source.batcher.epoch, self.source.batcher.next_index = mark[1]
+                raise
             finally:
                 # An interrupted epoch's time counts too (events/s, checkpoints): its steps' events do.
                 self.train_seconds += time.perf_counter() - started
@@ -1036,6 +1071,13 @@ class Trainer:
 
 # ---- evaluation -----------------------------------------------------------------------------------
 
+def _set_modes(modes) -> None:
+    """Each module's training flag as recorded (nn.Module.train would set one for all: a submodule the caller
+    had put in eval mode on purpose, frozen normalisation say, would come back in training mode)."""
+    for module, training in modes:
+        module.training = training
+
+
 def user_lane_batches(cache: SessionCache, splits, users: np.ndarray, users_per_batch: int,
                       max_session_length: int):
     """Lane batches holding ONE user per lane: lane b of a batch is user ``users[k]``'s sessions of
@@ -1124,8 +1166,7 @@ def evaluate(model: NextItemModel, cache: SessionCache, split: str = "test", con
     device = next(model.parameters()).device
     metrics = metrics or RankingMetrics()
     warm = cache.params.get("split") == "warm"
-    was_training = model.training
-    model.eval()
+    modes = [(module, module.training) for module in model.modules()]  # each module's own, put back as it was
 
     def score(batch, state):
         features, new_state = model(batch, state)
@@ -1134,7 +1175,8 @@ def evaluate(model: NextItemModel, cache: SessionCache, split: str = "test", con
                        fields["first_in_session"])
         return new_state
 
-    try:
+    try:  # model.eval() inside: an interrupt as it returns is undone by the finally too
+        model.eval()
         if warm and model.input_kind == "history":
             max_length = getattr(model, "max_session_length", None)
             for batch in UserHistoryBatcher(cache, split, users_per_batch=config.lanes, max_session_length=max_length,
@@ -1155,7 +1197,11 @@ def evaluate(model: NextItemModel, cache: SessionCache, split: str = "test", con
                     _, state = model(history.to(device), None)
                 score(batch.to(device), state)
     finally:
-        model.train(was_training)
+        try:
+            _set_modes(modes)
+        except BaseException:  # an interrupt as the restore started (a real Ctrl-C lands at a call): once more
+            _set_modes(modes)
+            raise
     result = metrics.result()
     max_length = getattr(model, "max_session_length", None)
     result["session_truncation"] = {"max_session_length": max_length,

@@ -323,3 +323,75 @@ def test_cutoffs_and_padding_column_are_checked_with_clear_messages():
             target_ranks(scores, targets, padding_item=bad)
     higher, _ = target_ranks(scores, targets, padding_item=None)
     assert higher.tolist() == [(scores[i] > scores[i, targets[i]]).sum().item() for i in range(3)]
+
+
+def _metrics_chunks():
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(40, 30, generator=generator), torch.randint(1, 30, (40,), generator=generator),
+             torch.randint(0, 6, (40,), generator=generator), torch.rand(40, generator=generator) < 0.3)
+            for _ in range(3)]
+
+
+def _fed(chunks):
+    metrics = RankingMetrics()
+    for chunk in chunks:
+        metrics.update(*chunk)
+    return metrics
+
+
+def _interrupted_at_line(call, codes, n):
+    """Run call() with KeyboardInterrupt raised before the n-th line it executes inside ``codes``; whether it fired."""
+    import sys
+
+    count = [0]
+
+    def local(frame, event, arg):
+        if event == "line":
+            count[0] += 1
+            if count[0] == n:
+                sys.settrace(None)
+                raise KeyboardInterrupt
+        return local
+
+    sys.settrace(lambda frame, event, arg: local if frame.f_code in codes else None)
+    try:
+        call()
+    except KeyboardInterrupt:
+        return True
+    finally:
+        sys.settrace(None)
+    return False
+
+
+@pytest.mark.parametrize("how", ["update", "merge", "update with a compaction"])
+def test_an_accumulator_interrupted_at_any_line_is_as_before_or_after_and_a_retry_counts_the_chunk_once(
+        monkeypatch, how):
+    """update() added a chunk to the first group's sums, then the other's, then the per-user sums (merge() the
+    same): an interrupt between them (the loop's back edge, the entry of _UserSums.add: real Ctrl-C landing points)
+    left sums that matched neither the accumulator before nor after, and a retry counted part of the chunk twice.
+    Now everything is computed first and stored in one assignment."""
+    if how == "update with a compaction":
+        monkeypatch.setattr(evaluate, "MIN_PENDING_ROWS", 1)
+    chunks = _metrics_chunks()
+    before, after = _fed(chunks[:2]).result(), _fed(chunks).result()
+    if how == "merge":
+        def act(metrics):
+            metrics.merge(_fed(chunks[2:]))
+    else:
+        def act(metrics):
+            metrics.update(*chunks[2])
+    codes = {RankingMetrics.update.__code__, RankingMetrics.merge.__code__,
+             *(f.__code__ for f in (evaluate._UserSums.added, evaluate._UserSums.merged,
+                                    evaluate._UserSums._with_pending, evaluate._UserSums._compacted.__func__))}
+    n = 0
+    while True:
+        n += 1
+        metrics = _fed(chunks[:2])
+        if not _interrupted_at_line(lambda: act(metrics), codes, n):
+            break
+        now = metrics.result()
+        assert now in (before, after), f"line {n}: torn accumulator ({now['counts']} vs {before['counts']})"
+        if now == before:
+            act(metrics)
+            assert metrics.result() == after, f"line {n}: the retry did not count the chunk exactly once"
+    assert n > 20 and metrics.result() == after

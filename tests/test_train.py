@@ -18,9 +18,11 @@ import torch.nn.functional as F
 from hiertcn_fast.data import SessionBatch
 from hiertcn_fast.models import iter_split_events
 from hiertcn_fast.evaluate import RankingMetrics, batch_targets
+from hiertcn_fast import train as train_module
 from hiertcn_fast.train import (CHECKPOINT_FORMAT, RESUME_FIELDS, RESUME_FREE_FIELDS, DataMemoryMeter, TrainConfig,
                                 Trainer, build_model, evaluate, sampled_softmax_loss, train_item_counts,
-                                user_lane_batches)
+                                _Source, user_lane_batches)
+from helpers import interrupt_at
 from model_helpers import synthetic_cache, one_thread  # noqa: F401 (autouse fixture)
 
 TINY = {
@@ -1191,3 +1193,89 @@ def test_an_interrupt_after_the_curve_is_appended_loses_no_events(cache):
     trainer.train()
     assert trainer.curve == plain.curve
     assert trainer.train_events == plain.train_events
+
+
+# ---- interrupts at the edges of a step (found by a line-by-line sweep) ---------------------------------------
+
+INTERRUPT_SIZES = dict(embedding_dim=16, state_hidden=8, tcn_channels=(16, 16), kernel_size=3)
+
+
+def _sweep_trainer(cache, max_steps):
+    return Trainer(build_model("hiertcn", cache.num_items, seed=3, **INTERRUPT_SIZES), cache,
+                   config(epochs=2, max_steps=max_steps, num_producers=0), out=None)
+
+
+def _assert_same_parameters(trainer, straight, what):
+    mismatched = [key for key, value in straight.model.state_dict().items()
+                  if not torch.equal(value, trainer.model.state_dict()[key])]
+    assert not mismatched, f"{what}: parameters differ from the uninterrupted run's: {mismatched[:4]}"
+
+
+@pytest.mark.parametrize("snippet", ["if warm and model.input_kind", "def score(batch, state):"])
+def test_evaluate_interrupted_after_model_eval_puts_every_modules_mode_back(cache, snippet):
+    """model.eval() ran before the try whose finally put the mode back: an interrupt as it returned left the caller's
+    model in eval mode (training went on without dropout). And the mode put back was the root's, for every module:
+    a submodule the caller had put in eval mode came back in training mode."""
+    model = build_model("hiertcn", cache.num_items, seed=1, dropout=0.1, **INTERRUPT_SIZES)
+    model.train()
+    model.item_embedding.eval()  # the caller's choice, to be kept
+    modes = {name: module.training for name, module in model.named_modules()}
+    with interrupt_at(evaluate, snippet) as fired:
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(model, cache, "test", config())
+    assert fired
+    assert {name: module.training for name, module in model.named_modules()} == modes
+    evaluate(model, cache, "test", config())
+    assert {name: module.training for name, module in model.named_modules()} == modes
+
+
+def test_evaluate_interrupted_as_its_restore_of_the_modes_starts_still_restores_them(cache):
+    """An interrupt as the finally's restore is entered (a real landing point: a call) stopped the one statement that
+    put the caller's mode back. The restore runs once more on an interrupt."""
+    model = build_model("hiertcn", cache.num_items, seed=1, dropout=0.1, **INTERRUPT_SIZES)
+    model.train()
+    with interrupt_at(train_module._set_modes, "for module, training in modes:") as fired:
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(model, cache, "test", config())
+    assert fired
+    assert all(module.training for module in model.modules())
+
+
+def test_an_interrupt_entering_the_optimizers_step_hook_counts_the_step_and_never_trains_its_batch_twice(cache):
+    """README: a step that raises after the optimizer's step "is counted (its loss NaN), never run twice". Whether
+    the optimizer had stepped was read from a flag its step post-hook sets: an interrupt as that hook was entered
+    (or anywhere in torch's Optimizer.step after the fused kernel returned) found the parameters and Adam's moments
+    moved but the flag unset, so the batch was given back and trained again on the moved parameters. Now the probed
+    parameter's Adam step count decides too."""
+    straight = _sweep_trainer(cache, 4).train()
+    trainer = _sweep_trainer(cache, 4)
+    (hook,) = trainer.optimizer._optimizer_step_post_hooks.values()
+    with interrupt_at(hook, "stepped.__setitem__", hit=2) as fired:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train()
+    assert fired
+    assert trainer.step == 2 and np.isnan(trainer.curve[-1][1]), trainer.curve
+    trainer.train()
+    _assert_same_parameters(trainer, straight, "interrupted entering the optimizer's step hook, then trained on")
+
+
+@pytest.mark.parametrize("function, snippet", [
+    (_Source.batches, "try:"), (_Source.batches, "yield local, total_events"),
+    (Trainer.train, "counted = self.step"), (Trainer.train, "self._optimizer_stepped[:] = (False, None)"),
+    (Trainer.train, "mark = (self.step, (batch.epoch"),
+], ids=["batches-try", "batches-yield", "train-counted", "train-stepped-flag", "train-mark"])
+def test_an_interrupt_between_the_batchers_count_and_the_steps_give_back_loses_no_batch(cache, function, snippet):
+    """The batcher counts a batch as handed out before it yields it; the give-backs covered _Source.batches' try and
+    the try around _train_step, and between them lay lines (a line-level interrupt only, no call among them) where
+    an interrupt skipped the batch: the next train() started after it. train() now gives back, on any error, every
+    batch after the last step it counted."""
+    straight = _sweep_trainer(cache, 4).train()
+    trainer = _sweep_trainer(cache, 4)
+    with interrupt_at(function, snippet, hit=2) as fired:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train()
+    assert fired
+    trainer.train()
+    assert (trainer.source.batcher.epoch, trainer.source.batcher.next_index, trainer.step) == (
+        straight.source.batcher.epoch, straight.source.batcher.next_index, straight.step), "a batch was skipped"
+    _assert_same_parameters(trainer, straight, f"interrupted at {function.__qualname__}: {snippet!r}, then resumed")

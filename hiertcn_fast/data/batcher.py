@@ -374,6 +374,19 @@ class SessionBatcher:
             self.epoch += 1
             self.next_index = 0
 
+    def _hand_out(self, batch: SessionBatch, index: int) -> Iterator[SessionBatch]:
+        """Yield ``batch``, counted as handed out (next_index = index + 1) as it goes. Raised here before the yield
+        (an interrupt between the count and the yield), the count is taken back: the batch reached nobody. Closed
+        while suspended at the yield (GeneratorExit), the consumer has it: it stays counted."""
+        try:
+            self.next_index = index + 1
+            yield batch
+        except GeneratorExit:
+            raise
+        except BaseException:
+            self.next_index = index
+            raise
+
     def __iter__(self) -> Iterator[SessionBatch]:
         """The remaining batches of the current epoch; the epoch advances at the end."""
         self._normalise_position(finished_only=True)
@@ -381,8 +394,7 @@ class SessionBatcher:
         while self.epoch == epoch and self.next_index < self.num_batches(epoch):
             index = self.next_index
             batch = self.batch(index, epoch)  # built before it counts: a batch that fails to build is not skipped
-            self.next_index = index + 1  # handed out = consumed, for checkpoints taken in the loop
-            yield batch
+            yield from self._hand_out(batch, index)  # handed out = consumed, for checkpoints taken in the loop
         self._normalise_position()
 
     def iter_queued(self, num_producers: int = 2, num_slots: int = 4, device=None) -> Iterator[SessionBatch]:
@@ -408,8 +420,7 @@ class SessionBatcher:
             for sequence, tensors in queue:
                 index = first + sequence
                 batch = SessionBatch.from_tensors(tensors, epoch, index)
-                self.next_index = index + 1  # counted once made: an interrupt before leaves it to the next iteration
-                yield batch
+                yield from self._hand_out(batch, index)  # counted once made: an interrupt before leaves it
         except BaseException:
             queue.close_after_error()
             raise
