@@ -252,6 +252,44 @@ def test_training_packs_the_context_weight_per_call_and_sees_unversioned_changes
     del first
 
 
+def test_a_fused_step_interrupted_as_its_post_hook_starts_leaves_no_stale_packing():
+    """The cached packing (inference) was forgotten only by a post-hook of the optimizer's step: an interrupt as that
+    hook was entered, after fused Adam had moved the weight, skipped it, and later calls without gradients
+    (evaluation, serving) used the weight from before the step. The caches are now forgotten before the step too."""
+    import sys
+
+    context_weight = torch.nn.Parameter(rand(5, 6, 3))
+    context, x, weight = rand(4, 6), rand(4, 7, 2), rand(5, 2, 3)
+
+    def forward():
+        return causal_conv1d(x, weight, context=context, context_weight=context_weight, activation="relu",
+                             backend="cpu")
+
+    optimizer = torch.optim.Adam([context_weight], lr=0.5, fused=True)
+    context_weight.grad = torch.ones_like(context_weight)
+    with torch.no_grad():
+        forward()  # caches the packing
+        fired = []
+
+        def at_the_hook_once_the_weight_moved(frame, event, arg):  # a line event at the hook's first line
+            if event == "line" and optimizer.state.get(context_weight, {}).get("step") == 1:
+                sys.settrace(None)
+                fired.append(True)
+                raise KeyboardInterrupt
+            return at_the_hook_once_the_weight_moved
+
+        hooks = {conv_ops._around_optimizer_step.__code__}
+        sys.settrace(lambda frame, event, arg: at_the_hook_once_the_weight_moved if frame.f_code in hooks else None)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                optimizer.step()
+        finally:
+            sys.settrace(None)
+        assert fired and optimizer.state[context_weight]["step"] == 1  # the step ran; the hook after it did not
+        torch.testing.assert_close(forward(), causal_conv1d_reference(
+            x, weight, context=context, context_weight=context_weight.detach(), activation="relu"))
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("case", [ConvCase(2, 9, 4, 6, 3, 2, context_channels=3, activation="tanh", residual=True),
                                   ConvCase(1, 7, 4, 4, 4, 1, groups=4, activation="gelu", residual=True),

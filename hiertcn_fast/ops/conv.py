@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _extension
@@ -572,14 +572,20 @@ def weight_cache_generation() -> int:
     return _generation[0]
 
 
-def _after_optimizer_step(optimizer, args, kwargs) -> None:
-    """torch's fused optimizers update parameters in one kernel that moves no version counter: after their step
-    every cache keyed by versions is forgotten. The others' updates move the versions, which the caches see."""
+def _around_optimizer_step(optimizer, args, kwargs) -> None:
+    """torch's fused optimizers update parameters in one kernel that moves no version counter: around their step
+    every cache keyed by versions is forgotten. The others' updates move the versions, which the caches see.
+
+    Before the step (a pre-hook), and again after it: an interrupt that lands once the kernel has returned but
+    before a post-hook runs (as it is entered, say) skipped the forgetting, and evaluation and serving went on
+    with the weights' packings from before the step. One landing in the pre-hook stops the step itself; nothing
+    between the pre-hook and the kernel fills a cache again."""
     if any(group.get("fused") for group in optimizer.param_groups):
         forget_weight_caches()
 
 
-register_optimizer_step_post_hook(_after_optimizer_step)
+register_optimizer_step_pre_hook(_around_optimizer_step)
+register_optimizer_step_post_hook(_around_optimizer_step)
 
 
 def _stamp(t: torch.Tensor) -> tuple:
