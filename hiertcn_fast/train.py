@@ -1156,6 +1156,10 @@ def evaluate(model: NextItemModel, cache: SessionCache, split: str = "test", con
     ``max_session_length`` and ``events_not_scored``, how many, and
     :func:`~hiertcn_fast.report.write_report` prints every model's event count when they differ.
     Caches truncated to the model's length (the main job's) have none.
+
+    ``metrics``: an accumulator to add the split's events to (with its cut-offs and tie policy), whose result is
+    returned. It receives them in one merge at the end, or none at all when the call fails part way (an
+    interrupt): a retry does not count the first batches twice.
     """
     if not isinstance(model, NextItemModel):
         raise TypeError(f"model must be a NextItemModel, got {type(model).__name__}")
@@ -1164,7 +1168,11 @@ def evaluate(model: NextItemModel, cache: SessionCache, split: str = "test", con
                          f"evaluate a model built for this cache (build_model(name, cache.num_items))")
     config = config or TrainConfig()
     device = next(model.parameters()).device
-    metrics = metrics or RankingMetrics()
+    if metrics is not None and not isinstance(metrics, RankingMetrics):
+        raise TypeError(f"metrics must be a RankingMetrics or None, got {type(metrics).__name__}")
+    target, metrics = metrics, RankingMetrics() if metrics is None else RankingMetrics(
+        recall_ks=metrics.recall_ks, mrr_cutoffs=metrics.mrr_cutoffs, ndcg_ks=metrics.ndcg_ks, ties=metrics.ties,
+        padding_item=metrics.padding_item)  # the caller's settings, its sums untouched until the end
     warm = cache.params.get("split") == "warm"
     modes = [(module, module.training) for module in model.modules()]  # each module's own, put back as it was
 
@@ -1202,6 +1210,9 @@ def evaluate(model: NextItemModel, cache: SessionCache, split: str = "test", con
         except BaseException:  # an interrupt as the restore started (a real Ctrl-C lands at a call): once more
             _set_modes(modes)
             raise
+    if target is not None:
+        target.merge(metrics)  # (one assignment inside)
+        metrics = target
     result = metrics.result()
     max_length = getattr(model, "max_session_length", None)
     result["session_truncation"] = {"max_session_length": max_length,

@@ -1279,3 +1279,30 @@ def test_an_interrupt_between_the_batchers_count_and_the_steps_give_back_loses_n
     assert (trainer.source.batcher.epoch, trainer.source.batcher.next_index, trainer.step) == (
         straight.source.batcher.epoch, straight.source.batcher.next_index, straight.step), "a batch was skipped"
     _assert_same_parameters(trainer, straight, f"interrupted at {function.__qualname__}: {snippet!r}, then resumed")
+
+
+def test_evaluate_into_a_callers_accumulator_adds_all_or_nothing(cache):
+    """``metrics``: the caller's accumulator (its cut-offs and tie policy) receives the split's events in one merge
+    at the end. Interrupted part way, it received the batches scored so far, and a retry counted them twice."""
+    model = build_model("hiertcn", cache.num_items, seed=1, **INTERRUPT_SIZES)
+
+    def accumulator():
+        metrics = RankingMetrics(recall_ks=(3,), mrr_cutoffs=(), ndcg_ks=(), ties="pessimistic")
+        metrics.update(torch.zeros(2, cache.num_items + 1), torch.tensor([1, 2]), torch.tensor([-1, -2]),
+                       torch.tensor([True, False]))  # two events of users no split has, scored first
+        return metrics
+
+    alone = evaluate(model, cache, "test", config(), metrics=RankingMetrics(recall_ks=(3,), mrr_cutoffs=(),
+                                                                            ndcg_ks=(), ties="pessimistic"))
+    assert alone["metrics"] == ["Recall@3"]
+    expected = evaluate(model, cache, "test", config(), metrics=accumulator())
+    assert expected["counts"]["events"] == alone["counts"]["events"] + 2
+    metrics = accumulator()
+    before = metrics.result()
+    with interrupt_at(RankingMetrics.update, "first_in_session = _as_tensor(", hit=3) as fired:
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(model, cache, "test", config(), metrics=metrics)
+    assert fired and metrics.result() == before
+    assert evaluate(model, cache, "test", config(), metrics=metrics) == expected
+    with pytest.raises(TypeError, match="metrics must be a RankingMetrics or None, got dict"):
+        evaluate(model, cache, "test", config(), metrics={})
