@@ -164,12 +164,14 @@ class _UserSums:
     Chunks are reduced by user on arrival and merged into the table lazily (see MIN_PENDING_ROWS). All of it is
     one tuple, ``state`` = (keys, table, pending chunks, pending rows), never changed in place: :meth:`added` and
     :meth:`merged` compute a new one, which the caller stores together with its own sums in one assignment, so an
-    interrupt leaves the accumulator before or after a chunk, never part way.
+    interrupt leaves the accumulator before or after a chunk, never part way. The pending chunks are a chain,
+    (earlier chain, (keys, sums)) or None, so that adding one copies nothing (a tuple of them copied them all:
+    quadratic in their number, which MIN_PENDING_ROWS lets reach tens of thousands).
     """
 
     def __init__(self, columns: int):
         self.columns = columns
-        self.state = (np.empty(0, np.int64), np.empty((0, columns), np.float64), (), 0)
+        self.state = (np.empty(0, np.int64), np.empty((0, columns), np.float64), None, 0)
 
     @staticmethod
     def _reduce(keys: np.ndarray, values: np.ndarray):
@@ -181,15 +183,20 @@ class _UserSums:
     @classmethod
     def _compacted(cls, state: tuple) -> tuple:
         keys, table, pending, _ = state
-        if not pending:
+        if pending is None:
             return state
-        keys, table = cls._reduce(np.concatenate([keys] + [k for k, _ in pending]),
-                                  np.concatenate([table] + [v for _, v in pending]))
-        return keys, table, (), 0
+        chunks = []
+        while pending is not None:
+            pending, chunk = pending
+            chunks.append(chunk)
+        chunks.reverse()  # in arrival order: the sums as they were added
+        keys, table = cls._reduce(np.concatenate([keys] + [k for k, _ in chunks]),
+                                  np.concatenate([table] + [v for _, v in chunks]))
+        return keys, table, None, 0
 
     def _with_pending(self, keys: np.ndarray, sums: np.ndarray) -> tuple:
         table_keys, table, pending, rows = self.state
-        state = (table_keys, table, pending + ((keys, sums),), rows + keys.shape[0])
+        state = (table_keys, table, (pending, (keys, sums)), rows + keys.shape[0])
         return self._compacted(state) if state[3] > max(MIN_PENDING_ROWS, table_keys.shape[0]) else state
 
     def added(self, keys: np.ndarray, values: np.ndarray) -> tuple:

@@ -39,7 +39,9 @@ import math
 import numbers
 import os
 import pickle
+import signal
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -292,6 +294,29 @@ def checkpoint_digest(state: dict) -> str:
     return f"crc32:{crc:08x}"
 
 
+@contextlib.contextmanager
+def _sigint_deferred():
+    """A Ctrl-C (SIGINT) that arrives inside the block raises its KeyboardInterrupt at the block's end, not part way.
+    torch's optimizers update in several calls (fused Adam: the step counts, then the kernel; then the step hooks),
+    and one landing between them left a step half taken or taken without its hooks. Only on the main thread (which
+    alone receives signals) and only while Python's own handler is installed; a program's own handler is left
+    alone. An error raised in the block goes on as it is (the interrupt is then dropped, the error being raised)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and not failed:
+            raise KeyboardInterrupt
+
+
 class _LossStep(torch.nn.Module):
     """The model plus its loss, as one module, so that DistributedDataParallel sees every parameter
     used in its forward. forward(batch, state, targets, scale, sampled) -> (scaled loss, loss sum, new state)."""
@@ -501,11 +526,10 @@ class Trainer:
             self.proposal_last = int(np.flatnonzero(weights)[-1]) if weights.any() else 0
         self.sampler = torch.Generator(device=self.device)
         self.sampler.manual_seed(config.seed)
-        # [0]: set by the optimizer's first step post-hook, once its parameters have moved; [1]: the probe _run_step
-        # takes just before the optimizer's step (_optimizer_probe), which tells whether they moved when the hook
-        # never ran (see _optimizer_moved). A list, not attributes the hook sets on self: a hook holding the
-        # trainer would make a reference cycle; both reset in one slice assignment.
-        stepped = self._optimizer_stepped = [False, None]
+        # Set by the optimizer's first step post-hook, the moment its parameters have moved (see _train_step; a
+        # Ctrl-C during the step is deferred to its end, _sigint_deferred); a list, not an attribute the hook sets
+        # on self: a hook holding the trainer would make a reference cycle.
+        stepped = self._optimizer_stepped = [False]
         self.optimizer.register_step_post_hook(lambda optimizer, args, kwargs: stepped.__setitem__(0, True))
         self._pending_rollback = None  # an interrupted step's restore not yet applied in full (_apply_rollback)
         step_module = _LossStep(model, self.amp, self.device.type, log_q, every_parameter=self.distributed)
@@ -544,7 +568,7 @@ class Trainer:
         statement precedes the try: an interrupt there would escape the rollback.)"""
         try:
             counted = self.step
-            self._optimizer_stepped[:] = (False, None)
+            self._optimizer_stepped[0] = False
             rng = (torch.get_rng_state(),
                    torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                    self.sampler.get_state())
@@ -581,27 +605,11 @@ class Trainer:
             self.sampler.set_state(rng[2])
         self._pending_rollback = None
 
-    def _optimizer_probe(self):
-        """A parameter the coming optimizer step updates (the first with a gradient) and a copy of its Adam step
-        count as it is now (None before its first step)."""
-        for group in self.optimizer.param_groups:
-            for parameter in group["params"]:
-                if parameter.grad is not None:
-                    step = self.optimizer.state.get(parameter, {}).get("step")
-                    return parameter, step.clone() if isinstance(step, torch.Tensor) else step
-        return None
-
     def _optimizer_moved(self) -> bool:
-        """Whether the step at hand has moved the parameters. The post-hook's flag alone missed an interrupt that
-        landed after Adam's kernel had returned but before the hook ran (as the hook was entered, say): the batch
-        was given back and trained a second time on moved parameters. So also: has the probed parameter's step
-        count changed since _run_step's probe? (Adam counts and updates in the same kernel.)"""
-        stepped, probe = self._optimizer_stepped
-        if stepped or probe is None:
-            return stepped
-        parameter, before = probe
-        now = self.optimizer.state.get(parameter, {}).get("step")
-        return now is not None and float(now) != (0.0 if before is None else float(before))
+        """Whether the step at hand has moved the parameters: its post-hook ran. A Ctrl-C inside the optimizer's
+        step is deferred to the step's end (_sigint_deferred), so it cannot land between the update and the hook,
+        where the batch was given back and trained a second time on moved parameters."""
+        return self._optimizer_stepped[0]
 
     def _count_step(self, loss: float, total_events: int) -> None:
         # The counters in one assignment and the curve's append last: an interrupt can land only as a call
@@ -637,8 +645,8 @@ class Trainer:
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
         self.source.end(batch, new_state)  # before the optimizer's step: undone with the rest if that raises
-        self._optimizer_stepped[1] = self._optimizer_probe()
-        self.optimizer.step()  # its first post-hook marks the batch spent (_optimizer_stepped)
+        with _sigint_deferred():  # all of the step or none of it: its first post-hook marks the batch spent
+            self.optimizer.step()
         if self.distributed:
             torch.distributed.all_reduce(loss_sum)
         return float(loss_sum) / max(total_events, 1)
@@ -671,7 +679,7 @@ class Trainer:
             try:
                 for batch, total_events in self.source.batches():
                     counted = self.step
-                    self._optimizer_stepped[:] = (False, None)
+                    self._optimizer_stepped[0] = False
                     try:
                         loss = self._train_step(batch, total_events)  # counts the step
                     except BaseException:
@@ -1158,8 +1166,8 @@ def evaluate(model: NextItemModel, cache: SessionCache, split: str = "test", con
     Caches truncated to the model's length (the main job's) have none.
 
     ``metrics``: an accumulator to add the split's events to (with its cut-offs and tie policy), whose result is
-    returned. It receives them in one merge at the end, or none at all when the call fails part way (an
-    interrupt): a retry does not count the first batches twice.
+    returned. It receives them all at the end, or none at all when the call fails part way (an interrupt): a
+    retry does not count the first batches twice.
     """
     if not isinstance(model, NextItemModel):
         raise TypeError(f"model must be a NextItemModel, got {type(model).__name__}")
@@ -1170,9 +1178,9 @@ def evaluate(model: NextItemModel, cache: SessionCache, split: str = "test", con
     device = next(model.parameters()).device
     if metrics is not None and not isinstance(metrics, RankingMetrics):
         raise TypeError(f"metrics must be a RankingMetrics or None, got {type(metrics).__name__}")
-    target, metrics = metrics, RankingMetrics() if metrics is None else RankingMetrics(
-        recall_ks=metrics.recall_ks, mrr_cutoffs=metrics.mrr_cutoffs, ndcg_ks=metrics.ndcg_ks, ties=metrics.ties,
-        padding_item=metrics.padding_item)  # the caller's settings, its sums untouched until the end
+    # A copy of the caller's (its settings and class, its events so far) takes the batches; the caller's is left
+    # untouched until the end.
+    target, metrics = metrics, RankingMetrics() if metrics is None else copy.deepcopy(metrics)
     warm = cache.params.get("split") == "warm"
     modes = [(module, module.training) for module in model.modules()]  # each module's own, put back as it was
 
@@ -1211,7 +1219,7 @@ def evaluate(model: NextItemModel, cache: SessionCache, split: str = "test", con
             _set_modes(modes)
             raise
     if target is not None:
-        target.merge(metrics)  # (one assignment inside)
+        target.__dict__.update(metrics.__dict__)  # one call: all of the split, or (an interrupt before) none of it
         metrics = target
     result = metrics.result()
     max_length = getattr(model, "max_session_length", None)

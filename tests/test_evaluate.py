@@ -395,3 +395,16 @@ def test_an_accumulator_interrupted_at_any_line_is_as_before_or_after_and_a_retr
             act(metrics)
             assert metrics.result() == after, f"line {n}: the retry did not count the chunk exactly once"
     assert n > 20 and metrics.result() == after
+
+
+def test_adding_a_chunk_copies_none_of_the_pending_ones():
+    """The pending chunks are a chain: each new state links to the one before. A tuple of them, copied whole on every
+    chunk, made a split's evaluation quadratic in its chunks (60,000 one-user chunks: 0.45 s before, 7.9 s)."""
+    sums = evaluate._UserSums(3)
+    previous = sums.state[2]
+    for i in range(5):
+        sums.state = sums.added(np.array([i, i + 1]), np.ones((2, 3)))
+        assert sums.state[2][0] is previous  # the earlier chain itself, not a copy
+        previous = sums.state[2]
+    keys, table = sums.compact()
+    assert keys.tolist() == list(range(6)) and table[:, 0].tolist() == [1, 2, 2, 2, 2, 1]
