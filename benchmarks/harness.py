@@ -203,6 +203,11 @@ def time_gpu(fn) -> dict:
             "timer": timer}
 
 
+def _calls_per_run(seconds_per_call: float) -> int:
+    """Calls in a timed run of about 2 ms (1 to 1000), so that the timer's bookkeeping is not what is measured."""
+    return max(1, min(1000, int(2e-3 / seconds_per_call)))
+
+
 def time_gpu_wall(fn, rounds: int = 20) -> dict:
     """Wall-clock seconds per call on a GPU, the host's work included: runs of back-to-back calls of about 2 ms,
     the device synchronised before and after each run, ``rounds`` runs. do_bench (time_gpu) times the device
@@ -214,7 +219,7 @@ def time_gpu_wall(fn, rounds: int = 20) -> dict:
     start = time.perf_counter()
     fn()
     torch.cuda.synchronize()
-    count = max(1, min(1000, int(2e-3 / max(time.perf_counter() - start, 1e-7))))
+    count = _calls_per_run(max(time.perf_counter() - start, 1e-7))
     samples = []
     for _ in range(rounds):
         torch.cuda.synchronize()
@@ -252,7 +257,7 @@ def time_interleaved(variants: Dict[str, Callable[[], object]], budget_s: float 
         start = time.perf_counter()
         variants[name]()
         once[name] = max(time.perf_counter() - start, 1e-7)
-    iterations = {name: max(1, min(1000, int(2e-3 / once[name]))) for name in names}
+    iterations = {name: _calls_per_run(once[name]) for name in names}
     per_round = sum(once[name] * iterations[name] for name in names)
     rounds = max(5, min(50, int(budget_s * len(names) / per_round)))
     samples = {name: [] for name in names}
@@ -329,21 +334,16 @@ def device_peaks():
 
 def summary_rows() -> List[dict]:
     """Results with speed-up over each case's baseline (baseline time / variant time) filled in."""
-    baselines = {}
+    by_case = {}
     for row in _results:
-        baselines.setdefault((row["op"], row["case"]), {})[row["variant"]] = row["median_s"]
-    walls = {}
-    for row in _results:
-        if row.get("wall_median_s"):
-            walls.setdefault((row["op"], row["case"]), {})[row["variant"]] = row["wall_median_s"]
+        by_case.setdefault((row["op"], row["case"]), {})[row["variant"]] = row
     rows = []
     for row in _results:
-        base = baselines[(row["op"], row["case"])].get(row["baseline"])
+        base = by_case[(row["op"], row["case"])].get(row["baseline"], {})
         extra = {}
         if row.get("wall_median_s"):  # a GPU run: the same ratio of the host-inclusive times (time_gpu_wall)
-            wall_base = walls[(row["op"], row["case"])].get(row["baseline"])
-            extra["wall_speedup"] = wall_base / row["wall_median_s"] if wall_base else None
-        rows.append(dict(row, speedup=(base / row["median_s"]) if base else None, **extra))
+            extra["wall_speedup"] = base["wall_median_s"] / row["wall_median_s"] if base.get("wall_median_s") else None
+        rows.append(dict(row, speedup=base["median_s"] / row["median_s"] if base.get("median_s") else None, **extra))
     return rows
 
 

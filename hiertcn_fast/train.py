@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from ._ints import SEED_LIMIT, is_int
 from .data import LaneStateCache, SessionBatch, SessionBatcher, SessionCache
-from .data.cache import CRC_BLOCK_BYTES, fsync_path, host_label, left_by_dead_process
+from .data.cache import crc32_of, fsync_path, host_label, left_by_dead_process
 from .evaluate import RankingMetrics, batch_targets
 from .models import NEURAL_MODELS, HistoryBatch, NextItemModel, UserHistoryBatcher
 from .backends import requested_backend
@@ -272,12 +272,11 @@ def checkpoint_digest(state: dict) -> str:
         crc = zlib.crc32(data, crc)
 
     def walk(value) -> None:
+        nonlocal crc
         if isinstance(value, torch.Tensor):
             tensor = value.detach().to("cpu").contiguous()
             feed(f"tensor {tensor.dtype} {tuple(tensor.shape)};".encode())
-            flat = tensor.reshape(-1).view(torch.uint8).numpy()
-            for start in range(0, flat.shape[0], CRC_BLOCK_BYTES):  # no second copy of a large tensor
-                feed(flat[start:start + CRC_BLOCK_BYTES])
+            crc = crc32_of(tensor.reshape(-1).view(torch.uint8).numpy(), crc)
         elif isinstance(value, dict):
             feed(f"dict {len(value)};".encode())
             for key, item in value.items():
@@ -577,7 +576,7 @@ class Trainer:
             loss = self._run_step(batch, total_events)
             self._count_step(loss, total_events)  # (inside: an interrupt as it starts is a step to count, below)
         except BaseException:
-            if not self._optimizer_moved():
+            if not self._optimizer_stepped[0]:
                 # Kept until applied in full: a second interrupt during the restore leaves it pending, and train()
                 # and checkpoint() apply it first.
                 self._pending_rollback = (batch.epoch, batch.index, lanes, rng)
@@ -604,12 +603,6 @@ class Trainer:
                 torch.cuda.set_rng_state(rng[1], self.device)
             self.sampler.set_state(rng[2])
         self._pending_rollback = None
-
-    def _optimizer_moved(self) -> bool:
-        """Whether the step at hand has moved the parameters: its post-hook ran. A Ctrl-C inside the optimizer's
-        step is deferred to the step's end (_sigint_deferred), so it cannot land between the update and the hook,
-        where the batch was given back and trained a second time on moved parameters."""
-        return self._optimizer_stepped[0]
 
     def _count_step(self, loss: float, total_events: int) -> None:
         # The counters in one assignment and the curve's append last: an interrupt can land only as a call
@@ -645,7 +638,9 @@ class Trainer:
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
         self.source.end(batch, new_state)  # before the optimizer's step: undone with the rest if that raises
-        with _sigint_deferred():  # all of the step or none of it: its first post-hook marks the batch spent
+        # All of the step or none of it: its first post-hook marks the batch spent, and a Ctrl-C cannot land between
+        # the update and that hook (the batch was then given back and trained twice on moved parameters).
+        with _sigint_deferred():
             self.optimizer.step()
         if self.distributed:
             torch.distributed.all_reduce(loss_sum)
@@ -683,7 +678,7 @@ class Trainer:
                     try:
                         loss = self._train_step(batch, total_events)  # counts the step
                     except BaseException:
-                        moved = self._optimizer_moved()
+                        moved = self._optimizer_stepped[0]
                         if self.distributed and not moved:
                             self._ddp_stale = True
                         # Raised before _train_step's own rollback could run (an interrupt at its entry): the

@@ -78,10 +78,9 @@ class CacheCorruptError(RuntimeError):
     """The cache on disk is truncated, modified or otherwise not what its manifest says."""
 
 
-def crc32_of(array: np.ndarray) -> int:
-    """CRC-32 of an array's bytes, in blocks so a memmap is never copied whole."""
+def crc32_of(array: np.ndarray, crc: int = 0) -> int:
+    """CRC-32 of an array's bytes, in blocks so a memmap is never copied whole; ``crc`` continues an earlier one."""
     flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-    crc = 0
     for start in range(0, flat.shape[0], CRC_BLOCK_BYTES):
         crc = zlib.crc32(flat[start:start + CRC_BLOCK_BYTES], crc)
     return crc

@@ -578,8 +578,8 @@ def _around_optimizer_step(optimizer, args, kwargs) -> None:
 
     Before the step (a pre-hook), and again after it: an interrupt that lands once the kernel has returned but
     before a post-hook runs (as it is entered, say) skipped the forgetting, and evaluation and serving went on
-    with the weights' packings from before the step. One landing in the pre-hook stops the step itself; nothing
-    between the pre-hook and the kernel fills a cache again."""
+    with the weights' packings from before the step. One landing in the pre-hook stops the step itself. The
+    post-hook stays for a closure's forward inside the step, which may fill a cache before the kernel runs."""
     if any(group.get("fused") for group in optimizer.param_groups):
         forget_weight_caches()
 
