@@ -17,25 +17,51 @@ SIZES = dict(embedding_dim=12, state_hidden=8, tcn_channels=(12, 12), kernel_siz
 CONFIG = dict(epochs=2, lanes=8, sessions_per_batch=4, learning_rate=1e-2, seed=3, num_producers=0)
 
 
-SPAWN_TIMEOUT = 300  # seconds: a rank that hangs fails its test (with what it was doing) instead of the whole run
+# Seconds: a rank that hangs fails its test, with where it was, instead of holding the whole run.
+SPAWN_TIMEOUT = int(os.environ.get("HIERTCN_TEST_SPAWN_TIMEOUT", 300))
+
+
+def _dumping_stacks(rank, fn, dump_dir, *args):
+    """Runs a rank's ``fn`` with faulthandler armed: shortly before _spawn's deadline every thread's stack goes to
+    ``dump_dir``/stacks{rank}.txt, so that a hang says where each rank was. A KeyboardInterrupt out of ``fn`` is
+    an error (torch's spawn takes it for the parent's Ctrl-C and exits 0)."""
+    import faulthandler
+
+    with open(os.path.join(dump_dir, f"stacks{rank}.txt"), "w") as dump:
+        faulthandler.dump_traceback_later(SPAWN_TIMEOUT - 20, file=dump)
+        try:
+            fn(rank, *args)
+        except KeyboardInterrupt as interrupt:  # torch's spawn exits 0 on one: a rank would pass for done
+            raise RuntimeError(f"rank {rank}: a KeyboardInterrupt escaped the worker") from interrupt
+        finally:
+            faulthandler.cancel_dump_traceback_later()
 
 
 def _spawn(fn, args, nprocs=2):
     """mp.spawn with a deadline: the ranks are joined until SPAWN_TIMEOUT, then terminated, and the test fails
-    saying so (a hung rank otherwise held CI until its own time limit)."""
+    saying so, with the stacks of the ranks still running (a hung rank otherwise held CI until its own time
+    limit, and said nothing of where it hung)."""
+    import tempfile
     import time
 
-    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT
-    while not context.join(timeout=max(1.0, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-            alive = [rank for rank, process in enumerate(context.processes) if process.is_alive()]
-            for process in context.processes:
-                if process.is_alive():
-                    process.terminate()
-            for process in context.processes:
-                process.join(10)
-            pytest.fail(f"ranks {alive} still running after {SPAWN_TIMEOUT} s: a hang (terminated)")
+    with tempfile.TemporaryDirectory(prefix="ddp-stacks-") as dump_dir:
+        context = mp.start_processes(_dumping_stacks, args=(fn, dump_dir, *args), nprocs=nprocs, join=False,
+                                     start_method="spawn")
+        deadline = time.monotonic() + SPAWN_TIMEOUT
+        while not context.join(timeout=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                alive = [rank for rank, process in enumerate(context.processes) if process.is_alive()]
+                for process in context.processes:
+                    if process.is_alive():
+                        process.terminate()
+                for process in context.processes:
+                    process.join(10)
+                stacks = []
+                for rank in alive:
+                    with open(os.path.join(dump_dir, f"stacks{rank}.txt")) as dump:
+                        stacks.append(f"rank {rank}:\n{dump.read()}")
+                pytest.fail(f"ranks {alive} still running after {SPAWN_TIMEOUT} s: a hang (terminated)\n"
+                            + "\n".join(stacks))
 
 
 def _run(cache_path, overrides=None):
@@ -283,6 +309,7 @@ def _raise_in_backward_worker(rank, world_size, init_file, cache_path, result_di
                     "same_parameters": all(torch.equal(value, trainer.model.state_dict()[key])
                                            for key, value in uninterrupted.model.state_dict().items())},
                    os.path.join(result_dir, f"rank{rank}.pt"))
+        _all_done()
     finally:
         dist.destroy_process_group()
 
