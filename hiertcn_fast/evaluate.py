@@ -100,6 +100,12 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, padding_item: int 
     scoring NaN has no rank: ValueError.
     Works in blocks of rows so the temporary masks stay small.
     """
+    for name, value in (("scores", scores), ("targets", targets)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if scores.dim() != 2 or not scores.is_floating_point():
+        raise ValueError(f"scores must be (events, items) floating point, got shape {tuple(scores.shape)} and "
+                         f"dtype {scores.dtype}")
     n, num_columns = scores.shape
     if padding_item is not None:
         if not is_int(padding_item) or not 0 <= padding_item < num_columns:

@@ -63,6 +63,10 @@ def evaluate_rules(cache: SessionCache, split: str = "test", rules=tuple(RULES),
     included) and the peak host memory traced while fitting and scoring; writes the report folder
     when ``out_dir`` is given.
     """
+    if isinstance(rules, str):
+        raise TypeError(f"rules must be a collection of rule names, got the string {rules!r}; "
+                        f"write ({rules!r},) for one rule")
+    rules = tuple(rules)  # read twice below: a generator would be spent by the check
     unknown = [name for name in rules if name not in RULES]
     if unknown:
         raise ValueError(f"rules: unknown names {unknown}; known: {sorted(RULES)}")

@@ -238,6 +238,16 @@ def test_target_ranks_counts():
     # device stands in for a GPU here.
     with pytest.raises(ValueError, match=r"targets must be on the scores' device \(cpu\), got meta"):
         target_ranks(scores, torch.tensor([2, 1], device="meta"))
+    # scores not (events, items) floating point: an error naming them (a 1-D or 3-D tensor failed as the shape was
+    # unpacked, "not enough values to unpack"; a NumPy array was told its targets were not on device "cpu").
+    for bad, error, message in ((torch.randn(4), ValueError, r"scores must be \(events, items\).*shape \(4,\)"),
+                                (torch.randn(2, 3, 4), ValueError, r"shape \(2, 3, 4\)"),
+                                (torch.ones(2, 4, dtype=torch.int64), ValueError, "floating point.*torch.int64"),
+                                (np.zeros((2, 4)), TypeError, "scores must be a torch.Tensor, got ndarray")):
+        with pytest.raises(error, match=message):
+            target_ranks(bad, torch.tensor([2, 1]))
+    with pytest.raises(TypeError, match="targets must be a torch.Tensor, got list"):
+        target_ranks(scores, [2, 1])
 
 
 def test_half_precision_scores(device):

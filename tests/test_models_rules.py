@@ -9,6 +9,7 @@ import torch
 from hiertcn_fast.data import ArraySource, PreprocessParams, SyntheticSource, preprocess
 from hiertcn_fast.evaluate import RankingMetrics
 from hiertcn_fast.models import EvalEvents, MostPopular, RepeatPrevious, TransitionCounts, iter_split_events
+from hiertcn_fast.models.rules import RuleModel
 
 # Raw items 10, 20, 30, 40 become dense ids 1, 2, 3, 4. Sessions split at gaps >= 50 s; warm split:
 # sessions starting after 90% of the time span (0..9710) are the test split.
@@ -157,6 +158,44 @@ def test_rule_bad_inputs(tiny_cache, synthetic_cache):
     with pytest.raises(ValueError, match="split must be one of"):
         list(iter_split_events(tiny_cache, "dev"))
     assert isinstance(_one_chunk(tiny_cache), EvalEvents)
+
+
+@pytest.mark.parametrize("rule_class", [MostPopular, RepeatPrevious, TransitionCounts])
+@pytest.mark.parametrize("how", ["bad split", "bad history", "interrupt"])
+def test_a_refit_that_raises_leaves_the_rule_as_it_was(tiny_cache, synthetic_cache, rule_class, how):
+    """A fit is all or nothing. fit set num_items from the new cache before the event stream checked split,
+    history and chunk_size (a generator: at its first item), so a refit that raised left the new catalogue's
+    size with the old fit's counts: MostPopular then scored the new cache's events over the old catalogue,
+    silently, and the other rules failed with an IndexError."""
+    from helpers import interrupt_at
+
+    rule = rule_class().fit(tiny_cache)
+    before = rule.score(_one_chunk(tiny_cache))
+    if how == "interrupt":  # a Ctrl-C in the middle of the new counts (the 2nd chunk of the stream)
+        with pytest.raises(KeyboardInterrupt), interrupt_at(RuleModel.fit, "np.bincount", hit=2):
+            rule.fit(synthetic_cache, chunk_size=50)
+    else:
+        with pytest.raises(ValueError, match="split must be one of" if how == "bad split" else "history"):
+            rule.fit(synthetic_cache, **({"split": "dev"} if how == "bad split" else {"history": "all"}))
+    assert torch.equal(rule.score(_one_chunk(tiny_cache)), before)
+    with pytest.raises(ValueError, match="events: catalogue of"):
+        rule.score(next(iter_split_events(synthetic_cache, "test")))
+    fresh = rule_class()
+    with pytest.raises(ValueError, match="split must be one of"):
+        fresh.fit(synthetic_cache, split="dev")
+    with pytest.raises(RuntimeError, match="before fit"):
+        fresh.score(_one_chunk(tiny_cache))
+
+
+def test_evaluate_rules_takes_any_iterable_of_names(tiny_cache):
+    """The names were read twice (the check for unknown ones, then the evaluation): a generator was spent by the
+    check, and nothing was evaluated, without an error. A single string is refused (it read as its letters)."""
+    from hiertcn_fast.rule_report import evaluate_rules
+
+    results = evaluate_rules(tiny_cache, "test", rules=(name for name in ("transitions",)))
+    assert list(results) == ["transitions"]
+    with pytest.raises(TypeError, match="collection of rule names"):
+        evaluate_rules(tiny_cache, "test", rules="transitions")
 
 
 def test_evaluate_rules_writes_report(synthetic_cache, tmp_path):

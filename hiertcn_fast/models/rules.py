@@ -45,30 +45,34 @@ class RuleModel:
         decides what the "previous item" of a training event is. Returns self."""
         if not isinstance(cache, SessionCache):
             raise TypeError(f"cache must be a SessionCache, got {type(cache).__name__}")
-        self.num_items = int(cache.num_items)
-        counts = np.zeros(self.num_items + 1, np.int64)
-        self._begin_fit()
+        # All or nothing: everything is counted into locals and set in one update at the end, so a fit that
+        # raises (a bad split, history or chunk_size is found only as the stream starts; an interrupt) leaves
+        # the rule as it was: unfitted, or fitted as before, never the new catalogue with the old counts.
+        num_items = int(cache.num_items)
+        counts = np.zeros(num_items + 1, np.int64)
+        fitting = self._begin_fit(num_items)
         for events in iter_split_events(cache, split, history=history, chunk_size=chunk_size):
-            counts += np.bincount(events.target, minlength=self.num_items + 1)
-            self._fit_chunk(events)
-        self._end_fit()
-        self.item_counts = counts
+            counts += np.bincount(events.target, minlength=num_items + 1)
+            self._fit_chunk(fitting, num_items, events)
+        fitted = self._end_fit(fitting, num_items)
         # Most frequent first, then smaller id: position 0 gets the largest key.
-        order = np.lexsort((np.arange(1, self.num_items + 1), -counts[1:])) + 1
-        key = np.empty(self.num_items + 1, np.float64)
-        key[order] = (self.num_items - np.arange(self.num_items)) / (self.num_items + 1.0)
+        order = np.lexsort((np.arange(1, num_items + 1), -counts[1:])) + 1
+        key = np.empty(num_items + 1, np.float64)
+        key[order] = (num_items - np.arange(num_items)) / (num_items + 1.0)
         key[0] = -np.inf
-        self.popularity_key = key
+        self.__dict__.update(fitted, num_items=num_items, item_counts=counts, popularity_key=key)
         return self
 
-    def _begin_fit(self) -> None:
+    def _begin_fit(self, num_items: int):
+        """The rule's own accumulator for a fit (None: the rule keeps nothing beyond the item counts)."""
+        return None
+
+    def _fit_chunk(self, fitting, num_items: int, events: EvalEvents) -> None:
         pass
 
-    def _fit_chunk(self, events: EvalEvents) -> None:
-        pass
-
-    def _end_fit(self) -> None:
-        pass
+    def _end_fit(self, fitting, num_items: int) -> dict:
+        """The rule's own fitted attributes, from its accumulator: set on the rule with the counts."""
+        return {}
 
     def score(self, events: EvalEvents) -> torch.Tensor:
         """Scores (len(events), num_items + 1) float64 on the CPU; see the module docstring."""
@@ -120,25 +124,23 @@ class TransitionCounts(RuleModel):
 
     name = "transitions"
 
-    def _begin_fit(self):
-        self._pending_pairs: list[tuple[np.ndarray, np.ndarray]] = []
+    def _begin_fit(self, num_items):
+        return []  # (unique pair keys, their counts) per chunk
 
-    def _fit_chunk(self, events):
-        pair = events.previous_item() * (self.num_items + 1) + events.target
-        keys, counts = np.unique(pair, return_counts=True)
-        self._pending_pairs.append((keys, counts))
+    def _fit_chunk(self, fitting, num_items, events):
+        pair = events.previous_item() * (num_items + 1) + events.target
+        fitting.append(np.unique(pair, return_counts=True))
 
-    def _end_fit(self):
-        keys = np.concatenate([k for k, _ in self._pending_pairs]) if self._pending_pairs else np.empty(0, np.int64)
-        counts = np.concatenate([c for _, c in self._pending_pairs]) if self._pending_pairs else np.empty(0, np.int64)
-        del self._pending_pairs
+    def _end_fit(self, fitting, num_items):
+        keys = np.concatenate([k for k, _ in fitting]) if fitting else np.empty(0, np.int64)
+        counts = np.concatenate([c for _, c in fitting]) if fitting else np.empty(0, np.int64)
         unique, inverse = np.unique(keys, return_inverse=True)
         summed = np.zeros(unique.shape[0], np.int64)
         np.add.at(summed, inverse, counts)
-        width = self.num_items + 1
-        self.next_item = unique % width                                     # (pairs,) CSR columns
-        self.pair_count = summed                                            # (pairs,)
-        self.row_offsets = np.searchsorted(unique // width, np.arange(width + 1))  # (num_items + 2,)
+        width = num_items + 1
+        return {"next_item": unique % width,                                    # (pairs,) CSR columns
+                "pair_count": summed,                                           # (pairs,)
+                "row_offsets": np.searchsorted(unique // width, np.arange(width + 1))}  # (num_items + 2,)
 
     def _add_signal(self, scores, events):
         previous = events.previous_item()
