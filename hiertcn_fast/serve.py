@@ -83,6 +83,10 @@ def _refuse_non_numbers(values, name: str, what: str = "numbers, one per event",
     """A clear word for text or truth values where numbers belong (torch.as_tensor would say "too many dimensions
     'str'", and would take True for 1 without a word)."""
     listed = isinstance(values, (list, tuple))
+    if values is None or (listed and any(value is None for value in values)):
+        raise TypeError(f"{name} must be {what}, got None")
+    if isinstance(values, collections.abc.Iterator):
+        raise TypeError(f"{name} must be {what} in a list, tuple, tensor or array, got a {type(values).__name__}")
     if isinstance(values, (str, bytes)) or (listed and any(isinstance(value, (str, bytes)) for value in values)):
         raise TypeError(f"{name} must be {what}, got text")
     if (isinstance(values, (bool, np.bool_)) or (isinstance(values, torch.Tensor) and values.dtype == torch.bool)
@@ -149,10 +153,13 @@ class _RowView:
 
     def keep(self) -> None:
         if not self.written:
-            self.written = [t for layer in self.conv.layers for t in (layer.history, layer.position)]
-            self.written += [self.session_sum, self.features]
+            # written is set last: should the copies fail (out of memory, an interrupt), the next event
+            # tries again (a written list without its backup failed every later event of the user).
+            written = [t for layer in self.conv.layers for t in (layer.history, layer.position)]
+            written += [self.session_sum, self.features]
             with _storage_mode():
-                self.backup = [t.clone() for t in self.written]
+                self.backup = [t.clone() for t in written]
+            self.written = written
         else:
             torch._foreach_copy_(self.backup, self.written)  # one call: a few microseconds per event
 
@@ -724,6 +731,7 @@ class StreamingRecommender:
     def state_dict(self) -> dict:
         return self.export_users()
 
+    @torch.no_grad()
     def load_state_dict(self, saved: dict) -> None:
         """Restore users saved by :meth:`state_dict` / :meth:`export_users` (replacing their current
         state; other users are kept). The model must be the one they were made with, and the session rules
@@ -732,7 +740,7 @@ class StreamingRecommender:
         memory, an interrupt) changes nothing either: the known users' rows are put back and the new users dropped,
         so no user is left half loaded (its GRU state written, its session not)."""
         values = self._checked_saved(saved)
-        users = list(saved["users"])
+        users = values.pop("users")
         known = len(self.user_slot)
         replaced = [self.user_slot[user] for user in users if user in self.user_slot]
         try:
@@ -770,7 +778,7 @@ class StreamingRecommender:
             if saved[key] != getattr(self, key):
                 raise ValueError(f"the state was saved with {key} = {saved[key]!r}, this recommender has "
                                  f"{getattr(self, key)!r}: its sessions would be cut differently")
-        users = list(saved["users"])
+        users = _user_keys(saved["users"])  # by value, as every other call takes them (a 0-d tensor by identity)
         if len(set(users)) != len(users):
             raise ValueError("the saved state lists a user more than once")
         n = len(users)
@@ -811,4 +819,5 @@ class StreamingRecommender:
                   for key in given}
         values["conv_history"] = [values.pop(f"conv_history[{l}]") for l in range(len(layers))]
         values["conv_position"] = [values.pop(f"conv_position[{l}]") for l in range(len(layers))]
+        values["users"] = users
         return values

@@ -78,3 +78,28 @@ def interrupt_at(function, snippet, hit=1):
         yield fired
     finally:
         sys.settrace(None)
+
+
+def interrupted_at_line(codes, n, call, recommender):
+    """Runs ``call(recommender)`` raising KeyboardInterrupt before the ``n``-th line executed in any of ``codes``
+    (every line start of the recommender's methods: a superset of where a real Ctrl-C can land). Returns where it
+    fired, or None when the call has fewer lines."""
+    count, fired = [0], []
+
+    def local(frame, event, arg):
+        if event == "line":
+            count[0] += 1
+            if count[0] == n:
+                sys.settrace(None)
+                fired.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+                raise KeyboardInterrupt
+        return local
+
+    sys.settrace(lambda frame, event, arg: local if frame.f_code in codes else None)
+    try:
+        call(recommender)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.settrace(None)
+    return fired[0] if fired else None

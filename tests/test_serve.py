@@ -1,7 +1,6 @@
 """StreamingRecommender: O(1) per-event updates that reproduce the full forward pass."""
 
 import inspect
-import sys
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ import torch
 
 from hiertcn_fast.models import HierTCN, SessionGRU
 from hiertcn_fast.serve import StreamingRecommender
-from helpers import EMULATING_CUDA, interrupt_at
+from helpers import EMULATING_CUDA, interrupt_at, interrupted_at_line
 from model_helpers import lane_batch, one_thread  # noqa: F401 (autouse fixture)
 
 NUM_ITEMS = 23
@@ -877,31 +876,6 @@ def test_forget_users_interrupted_part_way_does_not_give_a_user_another_users_st
         torch.testing.assert_close(value, own[key], rtol=0, atol=0, msg=key)
 
 
-def _interrupted_at_line(codes, n, call, recommender):
-    """Runs ``call(recommender)`` raising KeyboardInterrupt before the ``n``-th line executed in any of ``codes``
-    (every line start of the recommender's methods: a superset of where a real Ctrl-C can land). Returns where it
-    fired, or None when the call has fewer lines."""
-    count, fired = [0], []
-
-    def local(frame, event, arg):
-        if event == "line":
-            count[0] += 1
-            if count[0] == n:
-                sys.settrace(None)
-                fired.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
-                raise KeyboardInterrupt
-        return local
-
-    sys.settrace(lambda frame, event, arg: local if frame.f_code in codes else None)
-    try:
-        call(recommender)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sys.settrace(None)
-    return fired[0] if fired else None
-
-
 def _with_history():
     recommender = StreamingRecommender(small_hiertcn(), session_gap=GAP, initial_capacity=2)
     for user, item, t in [("a", 3, 100.0), ("a", 4, 160.0), ("b", 5, 100.0), ("c", 9, 100.0), ("c", 10, 130.0)]:
@@ -944,7 +918,7 @@ def test_every_call_interrupted_at_any_line_leaves_the_state_before_or_after_it(
         call(done)
         after = snapshot(done)
         n = 1
-        while (where := _interrupted_at_line(codes, n, call, recommender := _with_history())) is not None:
+        while (where := interrupted_at_line(codes, n, call, recommender := _with_history())) is not None:
             now = snapshot(recommender)
             assert _same(now, before) or _same(now, after), f"{label}: interrupted at {where}, left between"
             if _same(now, before):
