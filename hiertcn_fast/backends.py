@@ -176,9 +176,13 @@ def backends():
     return [_status(name) for name in BACKENDS]
 
 
+_NAMES = (*BACKENDS, "auto")
+_ENV_SOURCE = f"the {ENV_VAR} environment variable"
+
+
 def _check_name(name, source):
-    if name not in BACKENDS + ("auto",):
-        raise ValueError(f"{source} must be one of {BACKENDS + ('auto',)}, got {name!r}")
+    if name not in _NAMES:  # (a constant: this runs at every op call and every TCN step)
+        raise ValueError(f"{source} must be one of {_NAMES}, got {name!r}")
     return name
 
 
@@ -203,7 +207,7 @@ def requested_backend(backend=None):
                 else _selected.get())
     if selected is not None:
         return selected
-    return _check_name(os.environ.get(ENV_VAR, "auto") or "auto", f"the {ENV_VAR} environment variable")
+    return _check_name(os.environ.get(ENV_VAR, "auto") or "auto", _ENV_SOURCE)
 
 
 def _can_run(name, device: torch.device, dtype, dtypes) -> str:
@@ -290,7 +294,7 @@ def describe() -> str:
     """A human-readable report of the backends, for `python -m hiertcn_fast info`."""
     value = os.environ.get(ENV_VAR)
     try:
-        _check_name(value or "auto", f"the {ENV_VAR} environment variable")
+        _check_name(value or "auto", _ENV_SOURCE)
         selection = f"{ENV_VAR}={value}" if value else f"{ENV_VAR} {'unset' if value is None else 'empty'}: auto"
     except ValueError as error:  # every op call would raise this: said here, where the backends are checked
         selection = f"{ENV_VAR}={value!r} is INVALID, every op call will raise ValueError: {error}"
