@@ -52,7 +52,7 @@ import numpy as np
 __all__ = ["SessionCache", "CacheCorruptError", "CACHE_FORMAT", "CACHE_VERSION", "SPLITS"]
 
 CACHE_FORMAT = "hiertcn_fast.session_cache"
-CACHE_VERSION = 3  # bumped whenever the content for the same source and params changes
+CACHE_VERSION = 4  # bumped whenever the content for the same source and params changes
 VERIFY_MODES = ("lazy", "full", "none")
 MANIFEST_NAME = "manifest.json"
 TEMP_PREFIX = ".tmp-"

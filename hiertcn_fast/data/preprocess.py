@@ -133,11 +133,14 @@ def _merge_counts(keys: np.ndarray, counts: np.ndarray, new_values: np.ndarray):
 class _KeyIndex:
     """Position of int64 keys in a sorted unique key array (-1 when absent).
 
-    A dense lookup table when the keys' span is small (raw ids usually are dense-ish): a gather
-    instead of a binary search per event, several times faster on large logs.
+    A dense lookup table when the keys are dense-ish (raw ids usually are): a gather instead of a binary
+    search per event, several times faster on large logs. Only then: the table's size is bounded by the keys'
+    count (at most DENSE_SLOTS_PER_KEY slots a key, or DENSE_SPAN_FLOOR slots), so that memory follows the
+    keys, not the ids' span (two ids 2**25 apart made a 128 MiB table).
     """
 
-    DENSE_SPAN_LIMIT = 1 << 25
+    DENSE_SLOTS_PER_KEY = 8
+    DENSE_SPAN_FLOOR = 1 << 16
 
     def __init__(self, sorted_keys: np.ndarray):
         self.keys = sorted_keys
@@ -145,7 +148,7 @@ class _KeyIndex:
         if sorted_keys.shape[0]:
             self.low = int(sorted_keys[0])
             span = int(sorted_keys[-1]) - self.low + 1
-            if span <= max(self.DENSE_SPAN_LIMIT, 4 * sorted_keys.shape[0]) and span <= 1 << 31:
+            if span <= max(self.DENSE_SPAN_FLOOR, self.DENSE_SLOTS_PER_KEY * sorted_keys.shape[0]) and span <= 1 << 31:
                 self.table = np.full(span, -1, dtype=np.int32 if sorted_keys.shape[0] < 1 << 31 else np.int64)
                 self.table[sorted_keys - self.low] = np.arange(sorted_keys.shape[0])
 
@@ -295,11 +298,13 @@ def _sessionize_bucket(records, kept_items, params, stats):
     if n > 1:
         starts[1:] = (user[1:] != user[:-1]) | (np.diff(timestamp) >= params.session_gap)
     session_start = np.flatnonzero(starts)
+    item_before_truncation = item
     if params.max_session_length is not None:
         session_of_event = np.cumsum(starts) - 1
         position_in_session = np.arange(n) - session_start[session_of_event]
         keep = position_in_session < params.max_session_length
         stats["events_dropped_session_truncation"] += int(n - keep.sum())
+        item_before_truncation = item
         user, item, timestamp = user[keep], item[keep], timestamp[keep]
         starts = starts[keep]
         session_start = np.flatnonzero(starts)
@@ -309,6 +314,7 @@ def _sessionize_bucket(records, kept_items, params, stats):
     return {
         "user_raw_id": user[user_start] if user.shape[0] else np.empty(0, np.int64),
         "item_raw": item,
+        "item_raw_before_truncation": item_before_truncation,
         "timestamp": timestamp,
         "session_lengths": session_lengths,
         "sessions_per_user": sessions_per_user,
@@ -442,6 +448,7 @@ def _build(source, params, final_path, chunk_size, key, replace=False):
             writers["user_session_offsets"].append(np.zeros(1, np.int64))
             partition_user_offsets = [0]
             item_used = np.zeros(kept_items.shape[0], dtype=bool)
+            item_kept_by_users = np.zeros(kept_items.shape[0], dtype=bool)
             events_written = sessions_written = 0
             max_session_length = 0
             buckets_per_partition = _spill_buckets_per_partition(params.num_partitions)
@@ -461,6 +468,7 @@ def _build(source, params, final_path, chunk_size, key, replace=False):
                                   max(time_range[1], part["timestamp"].max())]
                     max_session_length = max(max_session_length, int(part["session_lengths"].max()))
                 item_used[kept_item_index.positions(part["item_raw"])] = True
+                item_kept_by_users[kept_item_index.positions(part["item_raw_before_truncation"])] = True
                 events_written += part["timestamp"].shape[0]
                 sessions_written += part["session_lengths"].shape[0]
                 if bucket % buckets_per_partition == 0:
@@ -474,7 +482,10 @@ def _build(source, params, final_path, chunk_size, key, replace=False):
         if events_written == 0:
             raise ValueError(f"no events left after preprocessing {source.name!r}: "
                              f"{json.dumps(stats | {'read': read_stats.to_json()})}")
-        stats["items_unused_after_user_filter"] = int(kept_items.shape[0] - present_items.shape[0])
+        # By reason: no event of a kept user, or every event past its session's max_session_length.
+        kept_by_users = int(item_kept_by_users.sum())
+        stats["items_unused_after_user_filter"] = int(kept_items.shape[0]) - kept_by_users
+        stats["items_unused_after_session_truncation"] = kept_by_users - int(present_items.shape[0])
 
         num_users = partition_user_offsets[-1]
         user_session_offsets = _read_range(temp / "user_session_offsets.bin", np.int64, 0, num_users + 1)

@@ -221,6 +221,15 @@ _UNDECODABLE = re.compile("[\udc80-\udcff]")
 _NOT_PLAIN_ASCII = re.compile("[^\t\n\r\x20-\x7e]")
 
 
+def _plain_number(cell: str) -> str:
+    """The cell, when it is written in the numbers' plain ASCII syntax that numpy's parser (the fast path) takes;
+    ValueError otherwise. int() and float() also take Python's literal syntax and any script's digits: "1_2" and
+    full-width "\uff11\uff12" were read as 12, another id."""
+    if "_" in cell or not cell.isascii():
+        raise ValueError(f"not a plain number: {cell!r}")
+    return cell
+
+
 def _undecodable(text: str) -> bool:
     """Whether ``text`` (decoded with ``errors="surrogateescape"``) held bytes that are not UTF-8."""
     return not text.isascii() and _UNDECODABLE.search(text) is not None
@@ -421,13 +430,13 @@ class DelimitedSource(InteractionSource):
                                      self.on_malformed)
                 continue
             try:
-                user = int(row[columns["user"]])
-                item = int(row[columns["item"]])
+                user = int(_plain_number(row[columns["user"]]))
+                item = int(_plain_number(row[columns["item"]]))
             except ValueError:
                 stats.note_malformed(where, "user or item id is not an integer", text, self.on_malformed)
                 continue
             try:
-                timestamp = float(row[columns["timestamp"]])
+                timestamp = float(_plain_number(row[columns["timestamp"]]))
             except ValueError:
                 stats.note_malformed(where, "timestamp is not a number", text, self.on_malformed)
                 continue
@@ -439,7 +448,7 @@ class DelimitedSource(InteractionSource):
                 continue
             if "event_type" in columns:
                 try:
-                    event_type = int(row[columns["event_type"]])
+                    event_type = int(_plain_number(row[columns["event_type"]]))
                 except ValueError:
                     stats.note_malformed(where, "event type is not an integer", text, self.on_malformed)
                     continue
