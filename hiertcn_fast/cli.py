@@ -16,9 +16,10 @@
   no earlier report outlives the job.
 
   Bad arguments are usage errors (exit status 2) before any work and before the report folder is
-  made: numbers out of range, an empty ``--out``, an unknown ``--dataset`` or ``--device``, a
-  ``--cache-dir`` that cannot be created or written, ``--device cuda`` with no GPU visible, and a
-  ``--backend`` (or HIERTCN_BACKEND) that cannot run here or on the job's device.
+  made: numbers out of range (``--threads`` above 1024 and ``--producers`` above 64 included), an empty
+  ``--out``, an unknown ``--dataset`` or ``--device``, a ``--cache-dir`` that cannot be created or written,
+  ``--device cuda`` with no GPU visible, a ``--backend`` (or HIERTCN_BACKEND) that cannot run here or on the
+  job's device, and a RANK or WORLD_SIZE (torchrun's) that is not an integer.
 """
 
 import argparse
@@ -60,6 +61,18 @@ def _non_negative_int(text: str) -> int:
     return _bounded_int(text, 0, "a non-negative integer")
 
 
+# Upper bounds of the thread counts: far above any machine's cores, far below what torch.set_num_threads (a C int)
+# or the operating system would refuse only after the job had started.
+MAX_THREADS = 1024
+MAX_PRODUCERS = 64
+
+
+def _thread_count(text: str) -> int:
+    return _bounded_int(text, 0, f"a non-negative integer up to {MAX_THREADS}", highest=MAX_THREADS)
+
+
+def _producer_count(text: str) -> int:
+    return _bounded_int(text, 0, f"a non-negative integer up to {MAX_PRODUCERS}", highest=MAX_PRODUCERS)
 
 
 def _seed(text: str) -> int:
@@ -114,8 +127,21 @@ def _checked_float(text: str, valid, expected: str) -> float:
     return value
 
 
+def _rank_problem() -> str | None:
+    """RANK (set by torchrun) must be a non-negative integer: a usage error now, like WORLD_SIZE, not a traceback."""
+    text = os.environ.get("RANK", "0")
+    try:
+        rank = int(text)
+    except ValueError:
+        rank = -1
+    if rank < 0:
+        return f"RANK={text!r}: expected this process's rank, a non-negative integer (torchrun sets it)"
+    return None
+
+
 def _main_rank_by_environment() -> bool:
-    """Rank 0 of a torchrun job (or a plain run), known before torch.distributed starts."""
+    """Rank 0 of a torchrun job (or a plain run), known before torch.distributed starts (RANK checked by
+    _rank_problem first)."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
@@ -423,15 +449,16 @@ def main(argv=None) -> int:
                        help="items sampled per batch with --loss sampled")
     train.add_argument("--lanes", type=_positive_int, default=32)
     train.add_argument("--sessions-per-batch", type=_positive_int, default=10)
-    train.add_argument("--producers", type=_non_negative_int, default=1,
-                       help="batch producer threads of the ring queue (0: build batches in the training thread)")
+    train.add_argument("--producers", type=_producer_count, default=1,
+                       help=f"batch producer threads of the ring queue, at most {MAX_PRODUCERS} (0: build batches "
+                            f"in the training thread; default: %(default)s)")
     train.add_argument("--seed", type=_seed, default=0, help="random seed, below 2**63 (default: %(default)s)")
     train.add_argument("--device", type=_device, default=None,
                        help="cpu, cuda or cuda:N (default: cuda when present); cuda with no GPU visible is a usage "
                             "error")
-    train.add_argument("--threads", type=_non_negative_int, default=1,
-                       help="torch CPU threads (default 1: these small models run several times faster on one "
-                            "thread than on two busy cores; 0: torch's default)")
+    train.add_argument("--threads", type=_thread_count, default=1,
+                       help=f"torch CPU threads, at most {MAX_THREADS} (default 1: these small models run several "
+                            f"times faster on one thread than on two busy cores; 0: torch's default)")
     train.add_argument("--backend", default=None, choices=("cuda", "triton", "cpu", "reference"),
                        help="op backend of the neural models (default: the usual automatic selection, or "
                             "HIERTCN_BACKEND); one that cannot run here or on the job's device is a usage error")
@@ -443,7 +470,7 @@ def main(argv=None) -> int:
     args.started = started
     if args.command == "train":
         # Every check that can fail comes before the report folder is made, so a usage error leaves nothing behind.
-        problem = (_device_problem(args) or _lanes_problem(args)
+        problem = (_device_problem(args) or _lanes_problem(args) or _rank_problem()
                    or _writable_folder(args.cache_dir, "--cache-dir", "cache folder"))
         if problem:
             train.error(problem)

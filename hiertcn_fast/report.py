@@ -19,6 +19,15 @@ then gains an ``events`` column and the notes list each model's events. The fold
 and report.md and results.json are replaced atomically, so the folder can be rewritten as results
 come in (``plots=False`` for the quick intermediate writes).
 
+A call that is refused (a bad argument, a figure that is not JSON-able) changes nothing in the folder: every
+check, results.json's JSON text, report.md's text and the plots' figures are made before any file is written or
+removed; each file is then written to a temporary name and renamed into place.
+
+Model names are reported as written: in results.json as they are, in the plots drawn literally (no mathtext for
+``$``, and a name starting with ``_`` is in the legends like any other), and in report.md with markdown's
+table separator ``|`` escaped as ``\\|`` (and ``\\`` as ``\\\\``) and each control character or line break (a newline,
+a tab, U+2028...) replaced by its Python escape (a newline shows as ``\\n``), so that a name is one table cell.
+
 Plots are drawn with matplotlib's Agg canvas directly (no pyplot), so nothing global changes and
 no display is needed.
 """
@@ -28,8 +37,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import time
+import unicodedata
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -48,10 +59,15 @@ REPORT_FILES = ("report.md", "results.json", *PLOT_FILES)
 class ModelResult:
     """One model's figures.
 
+    name: any non-empty string (see the module docstring for how report.md and the plots show it).
     quality: the dict of :meth:`hiertcn_fast.evaluate.RankingMetrics.result`.
-    training_curve: (step, loss) pairs, in step order (empty for models that are not trained).
+    training_curve: (step, loss) pairs, in step order (empty for models that are not trained); kept as
+        pairs of floats. A loss of None (how results.json writes a NaN loss) is taken as NaN, so the
+        "models" of a results.json read back are ModelResults again.
     events_per_second: training (or, for rules, scoring) throughput; None if not measured.
     peak_memory_bytes: peak memory of the run; None if not measured.
+    Both figures may be any real number, Python's or NumPy's (np.int64, np.float32...), but not a
+    bool; they are kept as Python ints / floats, so results.json holds plain numbers.
     extra: any other JSON-able figures (written to results.json only).
     """
 
@@ -71,18 +87,45 @@ class ModelResult:
         for key in ("per_user", "per_event", "tie_policy", "averaging"):
             if key not in self.quality:
                 raise ValueError(f"quality of {self.name!r} has no {key!r}; pass RankingMetrics.result()")
-        curve = []
-        for point in self.training_curve:
-            if len(point) != 2:
-                raise ValueError(f"training_curve of {self.name!r} must hold (step, loss) pairs, got {point!r}")
-            curve.append((float(point[0]), float(point[1])))
-        self.training_curve = curve
+        self.training_curve = [self._curve_point(point) for point in self.training_curve]
         for field in ("events_per_second", "peak_memory_bytes"):
             value = getattr(self, field)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not 0 <= value < math.inf):  # (NaN fails both comparisons)
+            if value is None:
+                continue
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                number = int(value)  # np.int64 and the like: a plain int for JSON
+            elif isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+                number = float(value)  # np.float32 and the like
+            else:  # a bool (np.bool_ is no numbers.Real), a string, anything else
+                number = None
+            if number is None or not 0 <= number < math.inf:  # (NaN fails both comparisons)
                 raise ValueError(f"{field} of {self.name!r} must be a finite non-negative number or None, got "
                                  f"{value!r}")
+            setattr(self, field, number)
+
+    def _curve_point(self, point) -> tuple[float, float]:
+        """One (step, loss) pair as floats: a finite step, a loss that may be NaN (None, as results.json writes
+        it) or infinite; anything else a ValueError naming the model and the field."""
+        problem = f"training_curve of {self.name!r} must hold (step, loss) pairs of numbers, got {point!r}"
+        if isinstance(point, (str, bytes, Mapping)):
+            raise ValueError(problem)
+        try:
+            step, loss = point
+        except (TypeError, ValueError):
+            raise ValueError(problem) from None
+        if loss is None:
+            loss = math.nan
+        values = []
+        for value in (step, loss):
+            if isinstance(value, (str, bytes, bool)):
+                raise ValueError(problem)
+            try:
+                values.append(float(value))
+            except (TypeError, ValueError):
+                raise ValueError(problem) from None
+        if not math.isfinite(values[0]):
+            raise ValueError(f"{problem} (a step must be finite)")
+        return values[0], values[1]
 
 
 def _as_results(results) -> list[ModelResult]:
@@ -141,6 +184,14 @@ def _finite_or_none(value):
     return value
 
 
+def _markdown_name(name: str) -> str:
+    """``name`` as one cell of a markdown table (and one line of a list): ``\\`` and ``|`` escaped with a backslash,
+    each control character or line break replaced by its Python escape (a newline by ``\\n``)."""
+    text = name.replace("\\", "\\\\").replace("|", "\\|")
+    return "".join(char.encode("unicode_escape").decode("ascii")
+                   if unicodedata.category(char) in ("Cc", "Zl", "Zp") else char for char in text)
+
+
 def _number(value, digits: int = 4) -> str:
     return format_figure(value, f".{digits}f", "n/a")
 
@@ -174,18 +225,19 @@ def _leaders(results: list[ModelResult], focus: str = "hiertcn") -> list[str]:
             label = f"{metric} ({unit.replace('_', ' ')})"
             best = scored[0][0]
             leaders = [name for value, name in scored if value == best]
-            text = f"- {label}: {' and '.join(leaders)} {_number(best)}"
+            text = f"- {label}: {' and '.join(map(_markdown_name, leaders))} {_number(best)}"
             value = next((value for value, name in scored if name == focus), None)
             if value is not None and len(scored) > 1:
                 place = sum(1 for other, _ in scored if other > value)  # ties share a place
                 if value == best and len(leaders) == 1:
                     runner_value, runner = scored[1]
-                    text += f", ahead of {runner} ({_number(runner_value)}) by {_number(value - runner_value)}"
+                    text += (f", ahead of {_markdown_name(runner)} ({_number(runner_value)}) by "
+                             f"{_number(value - runner_value)}")
                 elif value != best:
                     gap = best - value
                     relative = f" ({100 * gap / best:.1f}%)" if best else ""
-                    text += (f"; {focus} is {place + 1} of {len(scored)} with {_number(value)}, {_number(gap)}"
-                             f"{relative} behind")
+                    text += (f"; {_markdown_name(focus)} is {place + 1} of {len(scored)} with {_number(value)}, "
+                             f"{_number(gap)}{relative} behind")
             lines.append(text)
     events = results[0].quality.get("counts", {}).get("events")
     recall = _finite_or_none(results[0].quality["per_event"]["all"].get("Recall@10"))
@@ -210,7 +262,7 @@ def _markdown(results: list[ModelResult], title: str, notes: Sequence[str], plot
               "events/s", "peak memory", *([] if same_events else ["events"])]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        row = [r.name, *[_number(r.quality["per_user"]["all"].get(m)) for m in TABLE_METRICS],
+        row = [_markdown_name(r.name), *[_number(r.quality["per_user"]["all"].get(m)) for m in TABLE_METRICS],
                *[_number(r.quality["per_event"]["all"].get(m)) for m in TABLE_METRICS],
                _throughput(r.events_per_second), _memory(r.peak_memory_bytes),
                *([] if same_events else [str(r.quality.get("counts", {}).get("events", "n/a"))])]
@@ -221,22 +273,23 @@ def _markdown(results: list[ModelResult], title: str, notes: Sequence[str], plot
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         per_user = r.quality["per_user"]
-        row = [r.name, *[_number(per_user["first_in_session"].get(m)) for m in TABLE_METRICS],
+        row = [_markdown_name(r.name), *[_number(per_user["first_in_session"].get(m)) for m in TABLE_METRICS],
                *[_number(per_user["rest"].get(m)) for m in TABLE_METRICS]]
         lines.append("| " + " | ".join(row) + " |")
     counts = quality.get("counts", {})
     evaluated = (evaluated_events(quality) if same_events else
                  "NOT the same events for every model, so compare their figures with care: "
-                 + "; ".join(f"{r.name} {evaluated_events(r.quality)}" for r in results))
+                 + "; ".join(f"{_markdown_name(r.name)} {evaluated_events(r.quality)}" for r in results))
     lines += ["", "## How these numbers were made", "",
               f"- Catalogue: {quality.get('catalogue', 'full')}; "
-              f"{counts.get('catalogue_items', 'n/a')} items, no sampled negatives.",
+              f"{format_figure(counts.get('catalogue_items'), '', 'n/a')} items, no sampled negatives.",
               f"- Tie policy: {quality['tie_policy']}.",
               f"- Per user: {quality['averaging']['per_user']}.",
               f"- Per event: {quality['averaging']['per_event']}.",
               f"- Evaluated: {evaluated}.",
               "- Targets tied with another item (fraction of events): "
-              + ", ".join(f"{r.name} {_number(r.quality.get('ties', {}).get('fraction_events_with_tied_target'))}"
+              + ", ".join(f"{_markdown_name(r.name)} "
+                          f"{_number(r.quality.get('ties', {}).get('fraction_events_with_tied_target'))}"
                           for r in results) + ".",
               "- events/s: training throughput for trained models, scoring throughput for rules "
               "(see results.json for each model's notes)."]
@@ -254,23 +307,32 @@ def _figure(width: float, height: float):
     return figure
 
 
-def _plot_training_curves(results, path: Path) -> bool:
+def _literal_legend(axes, handles, names, **kwargs) -> None:
+    """A legend of ``names`` as written: given explicitly, so a name starting with "_" is not left out (matplotlib
+    skips such labels when it collects them itself), and drawn literally (a "$" is no mathtext)."""
+    legend = axes.legend(handles, names, **kwargs)
+    for text in legend.get_texts():
+        text.set_parse_math(False)
+
+
+def _training_curves_figure(results):
+    """The training-curves figure, or None when no model has a curve."""
     curves = [r for r in results if r.training_curve]
     if not curves:
-        return False
+        return None
     figure = _figure(7, 4)
     axes = figure.add_subplot()
+    lines = []
     for r in curves:
         steps, losses = zip(*r.training_curve)
-        axes.plot(steps, losses, label=r.name)
+        lines += axes.plot(steps, losses)
     axes.set_xlabel("step")
     axes.set_ylabel("training loss")
     axes.set_title("Training curves")
     axes.grid(alpha=0.3)
-    axes.legend()
+    _literal_legend(axes, lines, [r.name for r in curves])
     figure.tight_layout()
-    _save_figure(figure, path)
-    return True
+    return figure
 
 
 def _save_figure(figure, path: Path) -> None:
@@ -285,42 +347,47 @@ def _save_figure(figure, path: Path) -> None:
         raise
 
 
-def _bars_or_na(axes, positions, values, **kwargs) -> None:
+def _bars_or_na(axes, positions, values, **kwargs):
     """Bars of ``values``; a missing value (None or not finite: 'n/a' in report.md) is written 'n/a' at its
-    place, not drawn as a bar of height 0."""
+    place, not drawn as a bar of height 0. Returns the bars (a legend handle)."""
     missing = [v is None or not math.isfinite(v) for v in values]
-    axes.bar(positions, [0.0 if gone else v for v, gone in zip(values, missing)], **kwargs)
+    bars = axes.bar(positions, [0.0 if gone else v for v, gone in zip(values, missing)], **kwargs)
     for position, gone in zip(positions, missing):
         if gone:
             axes.text(position, 0, "n/a", ha="center", va="bottom", fontsize="x-small", rotation=90)
+    return bars
 
 
-def _grouped_bars(axes, labels, series: dict[str, list[float]], title: str) -> None:
+def _grouped_bars(axes, labels, series: dict[str, list[float]], title: str) -> list:
+    """One group of bars per label, one bar per series in it; returns the series' bars (legend handles)."""
     width = 0.8 / max(len(series), 1)
-    for i, (name, values) in enumerate(series.items()):
+    handles = []
+    for i, values in enumerate(series.values()):
         positions = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
-        _bars_or_na(axes, positions, values, width=width, label=name)
+        handles.append(_bars_or_na(axes, positions, values, width=width))
     axes.set_xticks(range(len(labels)))
-    axes.set_xticklabels(labels, rotation=30, ha="right")
+    axes.set_xticklabels(labels, rotation=30, ha="right", parse_math=False)
     axes.set_title(title)
     axes.grid(axis="y", alpha=0.3)
+    return handles
 
 
-def _plot_quality(results, path: Path) -> None:
+def _quality_figure(results):
     metrics = results[0].quality.get("metrics") or list(TABLE_METRICS)
     figure = _figure(11, 4)
     for k, unit in enumerate(UNITS):
         axes = figure.add_subplot(1, 2, k + 1)
         series = {r.name: [r.quality[unit]["all"].get(m, math.nan) for m in metrics] for r in results}
-        _grouped_bars(axes, metrics, series, f"Full-catalogue quality ({unit.replace('_', ' ')})")
-    axes.legend(fontsize="small")
+        handles = _grouped_bars(axes, metrics, series, f"Full-catalogue quality ({unit.replace('_', ' ')})")
+    _literal_legend(axes, handles, list(series), fontsize="small")
     figure.tight_layout()
-    _save_figure(figure, path)
+    return figure
 
 
-def _plot_throughput(results, path: Path) -> bool:
+def _throughput_figure(results):
+    """The events/s and peak-memory figure, or None when no model has either."""
     if all(r.events_per_second is None and r.peak_memory_bytes is None for r in results):
-        return False
+        return None
     figure = _figure(10, 4)
     names = [r.name for r in results]
     for k, (title, values) in enumerate((
@@ -330,12 +397,11 @@ def _plot_throughput(results, path: Path) -> bool:
         axes = figure.add_subplot(1, 2, k + 1)
         _bars_or_na(axes, range(len(names)), values, color=f"C{k}")
         axes.set_xticks(range(len(names)))
-        axes.set_xticklabels(names, rotation=30, ha="right")
+        axes.set_xticklabels(names, rotation=30, ha="right", parse_math=False)  # names as written, "$" too
         axes.set_title(title)
         axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()
-    _save_figure(figure, path)
-    return True
+    return figure
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -359,32 +425,26 @@ def write_report(results, out_dir: str | os.PathLike, title: str = "HierTCN repo
     module docstring). notes: lines placed under the title (data set, split, machine...). metadata:
     JSON-able, copied into results.json. plots: False writes report.md and results.json only (a
     quick update while a job runs). Report files of an earlier call that this one does not write
-    (a plot) are removed; other files in the folder are left alone.
+    (a plot) are removed; other files in the folder are left alone. A refused call (e.g. a figure in
+    ``extra`` or ``metadata`` that is not JSON-able: TypeError) writes and removes nothing.
     """
     results = _as_results(results)
     if isinstance(notes, str):
         raise TypeError("notes must be a sequence of strings, not one string")
+    notes = list(notes)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Path] = {}
+    # Everything that can refuse the call comes first (checks, the JSON and markdown texts, the figures, whose
+    # drawing is where matplotlib would fail), so a refused call leaves the folder as the last call wrote it.
+    figures = {}
     if plots:
-        if _plot_training_curves(results, out / "training_curves.png"):
-            written["training_curves"] = out / "training_curves.png"
-        _plot_quality(results, out / "quality.png")
-        written["quality"] = out / "quality.png"
-        if _plot_throughput(results, out / "throughput.png"):
-            written["throughput"] = out / "throughput.png"
-    plot_names = [p.name for p in written.values()]
-    for name in PLOT_FILES:
-        if name not in plot_names:
-            (out / name).unlink(missing_ok=True)
-
-    # results.json first: a job stopped between the two leaves report.md of the earlier write, which says what
-    # was unfinished then, rather than a report.md newer than the JSON that marks the job unfinished.
+        figures = {"training_curves": _training_curves_figure(results), "quality": _quality_figure(results),
+                   "throughput": _throughput_figure(results)}
+        figures = {key: figure for key, figure in figures.items() if figure is not None}
+    plot_names = [f"{key}.png" for key in figures]
     document = {
         "title": title,
         "created_unix": time.time(),
-        "notes": list(notes),
+        "notes": notes,
         "metadata": dict(metadata or {}),
         "tie_policy": results[0].quality["tie_policy"],
         "averaging": results[0].quality["averaging"],
@@ -393,8 +453,21 @@ def write_report(results, out_dir: str | os.PathLike, title: str = "HierTCN repo
                             "extra": r.extra} for r in results},
         "files": plot_names + ["report.md"],
     }
-    _write_text(out / "results.json", json.dumps(_finite_or_none(document), indent=1, allow_nan=False))
+    results_text = json.dumps(_finite_or_none(document), indent=1, allow_nan=False)
+    report_text = _markdown(results, title, notes, plot_names)
+
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    for key, figure in figures.items():  # each written to a temporary name and renamed into place
+        _save_figure(figure, out / f"{key}.png")
+        written[key] = out / f"{key}.png"
+    for name in PLOT_FILES:
+        if name not in plot_names:
+            (out / name).unlink(missing_ok=True)
+    # results.json first: a job stopped between the two leaves report.md of the earlier write, which says what
+    # was unfinished then, rather than a report.md newer than the JSON that marks the job unfinished.
+    _write_text(out / "results.json", results_text)
     written["results"] = out / "results.json"
-    _write_text(out / "report.md", _markdown(results, title, list(notes), plot_names))
+    _write_text(out / "report.md", report_text)
     written["report"] = out / "report.md"
     return written

@@ -14,6 +14,7 @@ import os
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Mapping
 from pathlib import Path
 
 from .data import PreprocessParams, SessionCache, load_dataset, preprocess
@@ -118,7 +119,11 @@ def evaluate_rules(cache: SessionCache, split: str = "test", rules=tuple(RULES),
 def format_table(results: dict[str, ModelResult], unit: str = "per_user") -> str:
     """A plain-text table of the headline figures, for the terminal. A missing figure (None, or NaN
     for an empty group) prints as "-"; an ``events`` column appears when the models were scored on
-    different events."""
+    different events. ``results`` must hold at least one model (a ValueError otherwise)."""
+    if not isinstance(results, Mapping):
+        raise TypeError(f"results must be a dict model name -> ModelResult, got {type(results).__name__}")
+    if not results:
+        raise ValueError("results must hold at least one model, got an empty dict")
     same_events = scored_on_same_events(list(results.values()))
     header = f"{'model':<16}{'Recall@10':>10}{'MRR':>8}{'NDCG@10':>9}{'R@10 first':>11}{'R@10 rest':>10}{'events/s':>12}"
     lines = [f"[{unit.replace('_', ' ')}; {next(iter(results.values())).quality['tie_policy'].split(':')[0]} ties]",

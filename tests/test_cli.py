@@ -11,6 +11,7 @@ import pytest
 
 from hiertcn_fast import cli
 from model_helpers import one_thread  # noqa: F401 (autouse fixture)
+from test_cli_audit_fixes import _usage_error
 
 
 @pytest.fixture
@@ -53,6 +54,37 @@ def test_lanes_the_world_size_does_not_divide_are_a_usage_error(no_job, tmp_path
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert expected in error and "usage:" in error, error
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--threads", str(2**31), "a non-negative integer up to 1024, got 2147483648"),
+    ("--threads", "1025", "a non-negative integer up to 1024, got 1025"),
+    ("--producers", "65", "a non-negative integer up to 64, got 65"),
+])
+def test_thread_counts_are_bounded_above(no_job, tmp_path, capsys, flag, value, expected):
+    """--threads and --producers were bounded below only: --threads 2147483648 started the job, which then died in
+    torch.set_num_threads (a C int) with a traceback, "Overflow when unpacking long", naming no flag. Both are now
+    bounded (1024 threads, 64 producers), the bounds stated in --help, and a count above is a usage error."""
+    out = tmp_path / "report"
+    error = _usage_error(capsys, ["train", flag, value, "--out", str(out), "--device", "cpu"])
+    assert f"argument {flag}: expected {expected}" in error, error
+    assert not out.exists()
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "torch CPU threads, at most 1024" in text and "ring queue, at most 64" in text
+
+
+@pytest.mark.parametrize("rank", ["x", "", "-1", "1.0"])
+def test_a_rank_that_is_not_a_non_negative_integer_is_a_usage_error(no_job, monkeypatch, tmp_path, capsys, rank):
+    """The job read torchrun's RANK with int() unguarded: RANK=x failed with a traceback, "invalid literal for int()
+    with base 10: 'x'", naming neither the variable nor the fix (and RANK=-1 ran the job as a rank that is not 0).
+    Like WORLD_SIZE, it is now a usage error naming RANK, before the report folder is made."""
+    monkeypatch.setenv("RANK", rank)
+    out = tmp_path / "report"
+    error = _usage_error(capsys, ["train", "--out", str(out)])
+    assert f"RANK={rank!r}: expected this process's rank, a non-negative integer (torchrun sets it)" in error, error
     assert not out.exists()
 
 

@@ -215,6 +215,17 @@ def test_evaluate_rules_writes_report(synthetic_cache, tmp_path):
         evaluate_rules(synthetic_cache, rules=("oracle",))
 
 
+def test_format_table_of_no_results_is_a_clear_error():
+    """format_table read its first model's tie policy before any check: format_table({}) raised a bare
+    StopIteration with no message (a RuntimeError inside a generator). It is now a ValueError, as write_report's."""
+    from hiertcn_fast.rule_report import format_table
+
+    with pytest.raises(ValueError, match="results must hold at least one model"):
+        format_table({})
+    with pytest.raises(TypeError, match="results must be a dict model name -> ModelResult, got list"):
+        format_table([])
+
+
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_batcher_events_equal_stream_events(synthetic_cache, split):
     """The lane batches (the neural models' path) and the per-event stream (the rules' path)

@@ -2,11 +2,14 @@
 
 import json
 import math
+import re
+import unicodedata
 
 import numpy as np
 import pytest
 import torch
 
+import hiertcn_fast.report as report_module
 from hiertcn_fast.evaluate import RankingMetrics
 from hiertcn_fast.report import ModelResult, write_report
 
@@ -20,6 +23,46 @@ def _quality(seed: int, ties: str = "optimistic", with_first: bool = True) -> di
     metrics.update(torch.from_numpy(rng.normal(size=(n, 25))), torch.from_numpy(rng.integers(1, 25, n)),
                    torch.from_numpy(rng.integers(0, 6, n)), torch.from_numpy(first))
     return metrics.result()
+
+def _strict_json(text: str):
+    """json.loads that refuses NaN / Infinity tokens (which Python's json accepts by default)."""
+    def refuse(token):
+        raise AssertionError(f"results.json holds the non-JSON token {token}")
+    return json.loads(text, parse_constant=refuse)
+
+# A cell of a markdown table row: up to an unescaped "|" (a backslash escapes the next character, as GitHub's
+# markdown reads a table row); then a backslash-escaped ASCII punctuation character shows as itself.
+_CELL = re.compile(r"((?:\\.|[^\\|])*)\|")
+_ESCAPED_PUNCTUATION = re.compile(r"\\([!-/:-@\[-`{-~])")
+
+def _tables(markdown: str) -> list[list[list[str]]]:
+    """Every markdown table: rows of cells as a markdown reader shows them (header first, the |---| line dropped)."""
+    tables, current = [], None
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            if current is None:
+                current = []
+                tables.append(current)
+            if not line.startswith("|---"):
+                current.append([_ESCAPED_PUNCTUATION.sub(r"\1", cell.strip()) for cell in _CELL.findall(line[1:])])
+        else:
+            current = None
+    return tables
+
+def _drawn(monkeypatch) -> dict:
+    """The figures write_report saves (as usual), by file name."""
+    figures, save = {}, report_module._save_figure
+
+    def capture(figure, path):
+        figures[path.name] = figure
+        save(figure, path)
+
+    monkeypatch.setattr(report_module, "_save_figure", capture)
+    return figures
+
+def _legend_texts(figure) -> list:
+    """The legend entries (matplotlib Text objects) of every axes of ``figure``."""
+    return [text for axes in figure.axes if axes.get_legend() for text in axes.get_legend().get_texts()]
 
 def _results():
     return [
@@ -194,3 +237,116 @@ def test_who_leads_ranks_ties_alike_and_flags_different_event_sets(tmp_path):
     results[1].quality["counts"]["events"] += 1
     section = write_report(results, tmp_path / "mixed", plots=False)["report"].read_text().split("## Who leads")[1]
     assert "Not every model was scored on the same events" in section
+
+
+@pytest.mark.parametrize("name, shown", [
+    ("a|b", "a|b"), ("x\ny", "x\\ny"), ("back\\|slash", "back\\|slash"), ("tab\there\u2028", "tab\\there\\u2028"),
+])
+def test_a_name_with_a_pipe_or_a_line_break_is_one_table_cell(tmp_path, name, shown):
+    """report.md put a model's name into its rows as it was: "a|b" added a cell (the numbers shifted one column to
+    the right) and "x\ny" cut the row in two. Now "|" and "\\" are escaped with a backslash and a control character
+    or line break is written as its Python escape, so the name is one cell; results.json keeps it as written."""
+    results = [ModelResult(name, _quality(0)), ModelResult("hiertcn", _quality(1))]
+    written = write_report(results, tmp_path / "odd", plots=False)
+    markdown = written["report"].read_text()
+    tables = _tables(markdown)
+    assert len(tables) == 2
+    for table in tables:
+        assert all(len(row) == len(table[0]) for row in table), table
+        assert [row[0] for row in table[1:]] == [shown, "hiertcn"]
+    assert not any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in markdown.replace("\n", ""))
+    plain = write_report([ModelResult("plain", _quality(0)), results[1]], tmp_path / "plain", plots=False)
+    assert len(markdown.splitlines()) == len(plain["report"].read_text().splitlines())
+    assert list(_strict_json(written["results"].read_text())["models"]) == [name, "hiertcn"]
+
+
+def test_a_name_starting_with_an_underscore_is_in_the_plot_legends(tmp_path, monkeypatch):
+    """The model name was the matplotlib label of its curve and bars, and matplotlib leaves labels starting with
+    "_" out of a legend: a model named "_baseline" was missing from the legends of training_curves.png and
+    quality.png."""
+    figures = _drawn(monkeypatch)
+    results = [ModelResult("_baseline", _quality(0), training_curve=[(0, 2.0), (1, 1.0)]),
+               ModelResult("hiertcn", _quality(1), training_curve=[(0, 2.5), (1, 1.5)])]
+    write_report(results, tmp_path)
+    for plot in ("training_curves.png", "quality.png"):
+        assert [text.get_text() for text in _legend_texts(figures[plot])] == ["_baseline", "hiertcn"], plot
+
+
+@pytest.mark.parametrize("name", ["cost$_$rule", "$x$"])
+def test_a_name_with_dollar_signs_is_drawn_as_written(tmp_path, monkeypatch, name):
+    """Matplotlib read the text between two "$" of a model name as mathtext: "cost$_$rule" made write_report fail
+    with matplotlib's ParseSyntaxException (naming neither the model nor the plot), and "$x$" was drawn as a math x.
+    Now names are drawn literally, in the legends and in the throughput plot's tick labels."""
+    figures = _drawn(monkeypatch)
+    results = [ModelResult(name, _quality(0), training_curve=[(0, 2.0), (1, 1.0)], events_per_second=5.0),
+               ModelResult("hiertcn", _quality(1))]
+    written = write_report(results, tmp_path)
+    texts = [*_legend_texts(figures["training_curves.png"]), *_legend_texts(figures["quality.png"]),
+             *[label for axes in figures["throughput.png"].axes for label in axes.get_xticklabels()]]
+    named = [text for text in texts if text.get_text() == name]
+    assert len(named) == 4 and not any(text.get_parse_math() for text in named)
+    assert written["quality"].read_bytes()[:8] == PNG_SIGNATURE
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("peak_memory_bytes", np.int64(5 * 2**20), 5 * 2**20), ("peak_memory_bytes", np.uint32(7), 7),
+    ("events_per_second", np.float32(2.5), 2.5), ("events_per_second", np.int64(9), 9),
+])
+def test_numpy_scalars_are_taken_as_python_numbers(tmp_path, field, value, expected):
+    """ModelResult took only Python ints and floats: np.int64(5 MiB) as peak_memory_bytes was refused with "must
+    be a finite non-negative number or None, got np.int64(5242880)", a message that contradicts itself. NumPy
+    numbers are now kept as Python ints / floats (plain numbers in results.json); bools and strings are still
+    refused."""
+    result = ModelResult("a", _quality(0), **{field: value})
+    assert type(getattr(result, field)) is type(expected) and getattr(result, field) == expected
+    document = _strict_json(write_report([result], tmp_path, plots=False)["results"].read_text())
+    assert document["models"]["a"][field] == expected
+    for bad in (np.bool_(True), True, "5", np.float64("nan"), np.int64(-1)):
+        with pytest.raises(ValueError, match=f"{field} of 'a' must be a finite non-negative number"):
+            ModelResult("a", _quality(0), **{field: bad})
+
+
+@pytest.mark.parametrize("refused", [
+    dict(extra={"parameters": np.int64(3)}), dict(metadata={"when": object()}),
+])
+def test_a_refused_call_leaves_the_earlier_report_as_it_was(tmp_path, refused):
+    """write_report drew the plots (replacing the earlier call's, and removing those it did not draw) before it
+    made the JSON, so a call refused for a figure that is not JSON-able had already changed the folder: the earlier
+    report.md and results.json linked plots that were gone, next to a quality.png of the refused call. Now every
+    text and figure is made before any file is written or removed."""
+    earlier = [ModelResult("hiertcn", _quality(0), training_curve=[(0, 1.0), (1, 0.5)], events_per_second=5.0),
+               ModelResult("pop", _quality(1))]
+    write_report(earlier, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(before) == ["quality.png", "report.md", "results.json", "throughput.png", "training_curves.png"]
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        write_report([ModelResult("pop", _quality(1), extra=refused.get("extra", {}))], tmp_path,
+                     metadata=refused.get("metadata"))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_training_curve_read_back_from_results_json_is_taken(tmp_path):
+    """results.json writes a NaN loss as null, and its "models" entries have ModelResult's fields, but ModelResult
+    turned each point into floats unguarded: a curve read back failed with a bare TypeError "float() argument must
+    be a string or a real number, not 'NoneType'", naming neither the model nor the field. A null loss is now NaN,
+    and any other bad point a ValueError naming both."""
+    result = ModelResult("hiertcn", _quality(0), training_curve=[(0, 3.5), (1, math.nan), (2, 1.0)])
+    document = _strict_json(write_report([result], tmp_path, plots=False)["results"].read_text())
+    stored = document["models"]["hiertcn"]
+    assert stored["training_curve"] == [[0.0, 3.5], [1.0, None], [2.0, 1.0]]
+    again = ModelResult("hiertcn", **stored)
+    assert again.training_curve[0] == (0.0, 3.5) and again.training_curve[2] == (2.0, 1.0)
+    assert again.training_curve[1][0] == 1.0 and math.isnan(again.training_curve[1][1])
+    assert write_report({"hiertcn": stored}, tmp_path / "again", plots=False)["report"].exists()
+    for bad in ([(0, "abc")], [(None, 1.0)], [(math.nan, 1.0)], [5], ["ab"], [(0, object())], [(True, 1.0)]):
+        with pytest.raises(ValueError, match="training_curve of 'hiertcn' must hold \\(step, loss\\) pairs"):
+            ModelResult("hiertcn", _quality(0), training_curve=bad)
+
+
+def test_a_result_with_no_events_prints_n_a_not_none(tmp_path):
+    """RankingMetrics.result() of a model that scored no event holds catalogue_items None (the key is there), and
+    report.md printed "None items" where the report's mark for a missing figure is "n/a"."""
+    markdown = write_report([ModelResult("empty", RankingMetrics().result())], tmp_path, plots=False)[
+        "report"].read_text()
+    assert "; n/a items, no sampled negatives." in markdown
+    assert "None" not in markdown, [line for line in markdown.splitlines() if "None" in line]
