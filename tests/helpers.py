@@ -4,6 +4,7 @@ import contextlib
 import inspect
 import os
 import sys
+import threading
 
 import pytest
 import torch
@@ -103,3 +104,21 @@ def interrupted_at_line(codes, n, call, recommender):
     finally:
         sys.settrace(None)
     return fired[0] if fired else None
+
+
+def run_bounded(function, seconds=20, what=lambda: ""):
+    """``function()`` on a daemon thread; returns (result, exception). A call still running after ``seconds`` fails
+    the test (saying ``what()``): a hang fails instead of blocking the run."""
+    outcome = {}
+
+    def body():
+        try:
+            outcome["result"] = function()
+        except BaseException as error:  # noqa: B902 - the test inspects whatever ended the call
+            outcome["error"] = error
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s: a hang {what()}"
+    return outcome.get("result"), outcome.get("error")

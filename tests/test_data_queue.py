@@ -16,6 +16,7 @@ import torch
 
 from hiertcn_fast.data import PinnedRingQueue, PreprocessParams, SessionBatcher, load_dataset, preprocess
 from hiertcn_fast.data import ring_queue
+from helpers import run_bounded
 
 SPEC = {"value": ((3, 5), torch.int64), "flag": ((7,), torch.bool), "weight": ((2,), torch.float32)}
 
@@ -111,20 +112,15 @@ WATCHDOG_SECONDS = 30  # only ever reached by a consumer that hangs, which is th
 def consume_on_a_thread(queue):
     """Iterate ``queue`` on another thread so that a consumer that hangs fails the test instead of
     blocking it. Returns (sequence numbers received, the exception that ended the loop or None)."""
-    got, outcome = [], {}
+    got = []
 
     def consume():
-        try:
-            for seq, _ in queue:
-                got.append(seq)
-        except BaseException as error:  # noqa: B902 - the test inspects whatever ended the loop
-            outcome["error"] = error
+        for seq, _ in queue:
+            got.append(seq)
 
-    consumer = threading.Thread(target=consume, daemon=True)
-    consumer.start()
-    consumer.join(WATCHDOG_SECONDS)
-    assert not consumer.is_alive(), f"consumer still waiting after {got} (producers alive: {queue.alive_producers})"
-    return got, outcome.get("error")
+    _, error = run_bounded(consume, WATCHDOG_SECONDS,
+                           lambda: f"(consumer after {got}, producers alive: {queue.alive_producers})")
+    return got, error
 
 
 def test_earliest_failed_batch_wins_when_a_later_batch_fails_first():
@@ -491,8 +487,8 @@ def test_an_interrupt_anywhere_in_get_leaves_the_lock_free_and_close_joins():
             pass
         finally:
             sys.settrace(None)
-        lock = queue._ring.condition._lock  # (the ring's lock, which the condition waits on)
-        held = lock.locked()
+        lock = queue._ring.condition._lock  # (the ring's lock, which the condition waits on; reentrant)
+        held = lock._is_owned()
         if held:
             lock.release()  # let this test's queue close instead of hanging
         closed = queue.close()

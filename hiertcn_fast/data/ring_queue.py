@@ -32,6 +32,7 @@ the queue can be garbage collected, which tells them to exit.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 import warnings
@@ -108,8 +109,19 @@ class _Ring:
             self.copy_done = [torch.cuda.Event() for _ in range(num_slots)]
         # Held through ``with lock`` (a C lock, whose release an interrupt cannot skip), never ``with condition``,
         # whose Python-level __exit__ a Ctrl-C landing at its entry would skip: the lock stayed held and close() hung.
-        self.lock = threading.Lock()
-        self.condition = threading.Condition(self.lock)
+        # Reentrant only for close() called by a signal handler on a thread inside get(); nothing else nests it.
+        self.lock = threading.RLock()
+        self.condition = threading.Condition(self.lock)  # producers wait on it for their slots
+        # The consumer (on the main thread, where a Ctrl-C lands) never waits with the lock held: Condition.wait
+        # gives it back in Python code (a Ctrl-C there left the lock released, and get()'s ``with`` then
+        # released it again, or released a producer's hold). It leaves the lock and waits on this C-level queue,
+        # which wake_consumer feeds one token per wait (consumer_waiting is set under the lock as it decides to).
+        self.wakeup = queue.SimpleQueue()
+        self.consumer_waiting = False
+        # Producer threads started and not yet past run_producer, counted by the producers themselves: get() reads
+        # this, not Thread.is_alive(), whose Python code a Ctrl-C can interrupt into marking a running thread
+        # stopped (CPython 3.11: the exception path of _wait_for_tstate_lock releases the thread's own lock).
+        self.running = 0
         self.ready_seq = [-1] * num_slots  # which batch each slot holds, -1 when none
         self.next_claim = 0
         self.next_deliver = 0
@@ -124,6 +136,14 @@ class _Ring:
                 or (self.end_seq is not None and seq >= self.end_seq))
 
     def run_producer(self) -> None:
+        try:
+            self.produce_batches()
+        finally:
+            with self.lock:
+                self.running -= 1
+                self.wake_consumer()
+
+    def produce_batches(self) -> None:
         while True:
             with self.lock:
                 seq = self.next_claim
@@ -165,7 +185,14 @@ class _Ring:
             elif self.end_seq is None or seq < self.end_seq:
                 self.end_seq = seq
             self.condition.notify_all()
+            self.wake_consumer()
         return produced
+
+    def wake_consumer(self) -> None:
+        """Under the lock: wake a consumer waiting in get() (see ``wakeup``)."""
+        if self.consumer_waiting:
+            self.consumer_waiting = False
+            self.wakeup.put(None)
 
     def record_error(self, error: BaseException, seq: int) -> None:
         """Keep the error of the earliest failed batch: the consumer stops there, and a later
@@ -178,10 +205,11 @@ class _Ring:
                 self.error = (error, name, seq)
                 error.add_note(f"raised in {name} while producing batch {seq}")
             self.condition.notify_all()
+            self.wake_consumer()
 
     def abandon(self) -> None:
         # Runs when the queue is garbage collected, possibly on a producer thread that holds the
-        # (non-reentrant) lock, so it only sets the flag; the threads see it on their next poll.
+        # lock, so it only sets the flag; the threads see it on their next poll.
         self.closed = True
 
 
@@ -232,7 +260,14 @@ class PinnedRingQueue:
             for i in range(num_producers):
                 thread = threading.Thread(target=self._ring.run_producer, name=f"PinnedRingQueue-producer-{i}",
                                           daemon=True)
-                thread.start()
+                with self._ring.lock:
+                    self._ring.running += 1
+                try:
+                    thread.start()
+                except BaseException:
+                    with self._ring.lock:
+                        self._ring.running -= 1
+                    raise
                 self._threads.append(thread)
         except BaseException:
             self.close()  # the threads already running must not outlive a constructor that failed
@@ -245,11 +280,11 @@ class PinnedRingQueue:
         Raises a producer's exception if the next batch will never come, and RuntimeError after
         :meth:`close` or if every producer thread is gone before the next batch is ready."""
         ring = self._ring
-        with ring.lock:
-            seq = ring.next_deliver
-            slot = seq % ring.num_slots
-            waited_from = time.perf_counter()
-            while True:
+        waited_from = time.perf_counter()
+        while True:
+            with ring.lock:
+                seq = ring.next_deliver
+                slot = seq % ring.num_slots
                 if ring.end_seq is not None and seq >= ring.end_seq:
                     return None
                 if ring.error is not None and seq >= ring.error[2]:
@@ -259,20 +294,25 @@ class PinnedRingQueue:
                 if ring.closed:
                     raise RuntimeError("PinnedRingQueue.get() after close()")
                 if ring.ready_seq[slot] == seq:
+                    ring.stats.consumer_wait_seconds += time.perf_counter() - waited_from
+                    occupancy = sum(1 for s in ring.ready_seq if s >= seq)
+                    ring.stats.occupancy_sum += occupancy
+                    ring.stats.occupancy_max = max(ring.stats.occupancy_max, occupancy)
+                    host, copy_done = ring.slots[slot], ring.copy_done[slot]
                     break
-                if self.alive_producers == 0:
+                if ring.running == 0:
                     raise RuntimeError(f"PinnedRingQueue: all producer threads exited before batch {seq} was "
                                        "ready, without an error or the end of the stream")
-                ring.condition.wait(POLL_SECONDS)
-            ring.stats.consumer_wait_seconds += time.perf_counter() - waited_from
-            occupancy = sum(1 for s in ring.ready_seq if s >= seq)
-            ring.stats.occupancy_sum += occupancy
-            ring.stats.occupancy_max = max(ring.stats.occupancy_max, occupancy)
-            host, copy_done = ring.slots[slot], ring.copy_done[slot]
+                ring.consumer_waiting = True
+            try:  # outside the lock (see _Ring.wakeup); at most POLL_SECONDS, to see producers that died
+                ring.wakeup.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                pass
         tensors = self._copy_out(host, copy_done)
         with ring.lock:
-            ring.ready_seq[slot] = -1
-            ring.next_deliver += 1
+            # One statement: an interrupt between the two stores would free the slot and leave the batch undelivered
+            # (the consumer then waited for ever for a batch that no producer would publish again).
+            ring.ready_seq[slot], ring.next_deliver = -1, seq + 1
             ring.stats.delivered += 1
             ring.condition.notify_all()
         return seq, tensors
@@ -320,9 +360,17 @@ class PinnedRingQueue:
         if threading.current_thread() in self._threads:
             ring.abandon()  # this thread may hold the lock, and cannot join itself
             return False
+        # A signal handler that calls close() while its thread is inside get() finds the lock held by that very
+        # thread (it waited for itself for ever when the lock was not reentrant). It sets the flag (get() raises
+        # at its next check) and returns: the producers cannot finish while this thread holds the lock, and
+        # get() is still using the slots.
+        inside_get = ring.lock._is_owned()  # (RLock's; threading.Condition relies on it too)
         with ring.lock:
             ring.closed = True
             ring.condition.notify_all()
+            ring.wake_consumer()
+        if inside_get:
+            return False
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
