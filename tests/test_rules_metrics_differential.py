@@ -103,7 +103,8 @@ def test_rules_match_slow_reimplementation(random_cache, rule_name, history):
             assert torch.all(scores[:, 0] == -math.inf)
             for i in range(len(chunk)):
                 user, target, first, hist = slow[row]
-                assert (int(chunk.user[i]), int(chunk.target[i]), bool(chunk.first_in_session[i])) == (user, target, first)
+                got_fields = (int(chunk.user[i]), int(chunk.target[i]), bool(chunk.first_in_session[i]))
+                assert got_fields == (user, target, first)
                 expected_order, signal = _slow_rule_ranking(rule_name, cache, history, train_events, hist)
                 got = scores[i, 1:].numpy()
                 got_order = (np.argsort(-got, kind="stable") + 1).tolist()
@@ -199,7 +200,8 @@ def _assert_result_matches(result, slow, total_events):
 def _random_chunk(rng, n, columns, num_users, tie_levels, special=False):
     """Scores drawn from few levels so that ties are frequent; optionally with +-inf (and NaN in column 0)."""
     levels = torch.tensor(rng.sample(range(-50, 50), tie_levels), dtype=torch.float64) / 7
-    scores = levels[torch.randint(0, tie_levels, (n, columns), generator=torch.Generator().manual_seed(rng.randrange(1 << 30)))]
+    generator = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    scores = levels[torch.randint(0, tie_levels, (n, columns), generator=generator)]
     if special and n:
         for _ in range(rng.randint(1, 4)):
             scores[rng.randrange(n), rng.randrange(1, columns)] = rng.choice([math.inf, -math.inf])

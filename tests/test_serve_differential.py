@@ -291,7 +291,7 @@ def test_interrupted_calls_leave_caches_that_serve_like_an_uninterrupted_recomme
     assert n > 40
 
 
-# ---- defects found by this file, fixed -----------------------------------------------------------------------------------------------------
+# ---- defects found by this file, fixed -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("failure", ["interrupt", "out of memory"])
 def test_a_first_single_event_failing_while_taking_its_backup_leaves_the_user_servable(monkeypatch, failure):
