@@ -67,12 +67,9 @@ MAX_THREADS = 1024
 MAX_PRODUCERS = 64
 
 
-def _thread_count(text: str) -> int:
-    return _bounded_int(text, 0, f"a non-negative integer up to {MAX_THREADS}", highest=MAX_THREADS)
-
-
-def _producer_count(text: str) -> int:
-    return _bounded_int(text, 0, f"a non-negative integer up to {MAX_PRODUCERS}", highest=MAX_PRODUCERS)
+def _count_up_to(highest: int):
+    """An argparse type: a non-negative integer up to ``highest``."""
+    return lambda text: _bounded_int(text, 0, f"a non-negative integer up to {highest}", highest=highest)
 
 
 def _seed(text: str) -> int:
@@ -131,10 +128,8 @@ def _rank_problem() -> str | None:
     """RANK (set by torchrun) must be a non-negative integer: a usage error now, like WORLD_SIZE, not a traceback."""
     text = os.environ.get("RANK", "0")
     try:
-        rank = int(text)
-    except ValueError:
-        rank = -1
-    if rank < 0:
+        _bounded_int(text, 0, "a non-negative integer")
+    except argparse.ArgumentTypeError:
         return f"RANK={text!r}: expected this process's rank, a non-negative integer (torchrun sets it)"
     return None
 
@@ -449,14 +444,14 @@ def main(argv=None) -> int:
                        help="items sampled per batch with --loss sampled")
     train.add_argument("--lanes", type=_positive_int, default=32)
     train.add_argument("--sessions-per-batch", type=_positive_int, default=10)
-    train.add_argument("--producers", type=_producer_count, default=1,
+    train.add_argument("--producers", type=_count_up_to(MAX_PRODUCERS), default=1,
                        help=f"batch producer threads of the ring queue, at most {MAX_PRODUCERS} (0: build batches "
                             f"in the training thread; default: %(default)s)")
     train.add_argument("--seed", type=_seed, default=0, help="random seed, below 2**63 (default: %(default)s)")
     train.add_argument("--device", type=_device, default=None,
                        help="cpu, cuda or cuda:N (default: cuda when present); cuda with no GPU visible is a usage "
                             "error")
-    train.add_argument("--threads", type=_thread_count, default=1,
+    train.add_argument("--threads", type=_count_up_to(MAX_THREADS), default=1,
                        help=f"torch CPU threads, at most {MAX_THREADS} (default 1: these small models run several "
                             f"times faster on one thread than on two busy cores; 0: torch's default)")
     train.add_argument("--backend", default=None, choices=("cuda", "triton", "cpu", "reference"),

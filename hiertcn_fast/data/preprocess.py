@@ -304,7 +304,6 @@ def _sessionize_bucket(records, kept_items, params, stats):
         position_in_session = np.arange(n) - session_start[session_of_event]
         keep = position_in_session < params.max_session_length
         stats["events_dropped_session_truncation"] += int(n - keep.sum())
-        item_before_truncation = item
         user, item, timestamp = user[keep], item[keep], timestamp[keep]
         starts = starts[keep]
         session_start = np.flatnonzero(starts)

@@ -184,8 +184,7 @@ class _Ring:
                 self.stats.produced += 1
             elif self.end_seq is None or seq < self.end_seq:
                 self.end_seq = seq
-            self.condition.notify_all()
-            self.wake_consumer()
+            self.wake_all()
         return produced
 
     def wake_consumer(self) -> None:
@@ -193,6 +192,11 @@ class _Ring:
         if self.consumer_waiting:
             self.consumer_waiting = False
             self.wakeup.put(None)
+
+    def wake_all(self) -> None:
+        """Under the lock: wake the producers waiting for a slot and the consumer waiting for a batch."""
+        self.condition.notify_all()
+        self.wake_consumer()
 
     def record_error(self, error: BaseException, seq: int) -> None:
         """Keep the error of the earliest failed batch: the consumer stops there, and a later
@@ -204,8 +208,7 @@ class _Ring:
             if self.error is None or seq < self.error[2]:
                 self.error = (error, name, seq)
                 error.add_note(f"raised in {name} while producing batch {seq}")
-            self.condition.notify_all()
-            self.wake_consumer()
+            self.wake_all()
 
     def abandon(self) -> None:
         # Runs when the queue is garbage collected, possibly on a producer thread that holds the
@@ -367,8 +370,7 @@ class PinnedRingQueue:
         inside_get = ring.lock._is_owned()  # (RLock's; threading.Condition relies on it too)
         with ring.lock:
             ring.closed = True
-            ring.condition.notify_all()
-            ring.wake_consumer()
+            ring.wake_all()
         if inside_get:
             return False
         deadline = None if timeout is None else time.monotonic() + timeout
