@@ -142,21 +142,30 @@ def test_tcn_step_shortcut_runs_only_for_the_objects_it_was_made_for(monkeypatch
 
     import hiertcn_fast.nn.conv as nn_conv
     from hiertcn_fast import _extension, use_backend
+    from hiertcn_fast.ops.conv import forget_weight_caches
     if not _extension.has_tcn_step_plan():
         # The suite requires the built extension (test_backends), and every build of it has the prepared step
         # (csrc/python/tcn_step_plan.cpp): without it the shortcut under test silently never runs.
         pytest.fail("the compiled extension has no prepared TCN step (hiertcn_fast._C.TcnStepPlan), a build "
                     f"regression: {_extension.load_error() or 'loaded, but without its python bindings'}")
     runs = []
-    real = nn_conv.prepared_tcn_step
+    real = nn_conv.TCN._fast_step
+
+    class Counted:  # the compiled shortcut, its steps counted
+        def __init__(self, shortcut):
+            self.shortcut = shortcut
+
+        def step(self, *args):
+            out = self.shortcut.step(*args)
+            if out is not None:
+                runs.append(1)
+            return out
 
     def counted(*args):
-        out = real(*args)
-        if out is not None:
-            runs.append(1)
-        return out
+        shortcut = real(*args)
+        return None if shortcut is None else Counted(shortcut)
 
-    monkeypatch.setattr(nn_conv, "prepared_tcn_step", counted)
+    monkeypatch.setattr(nn_conv.TCN, "_fast_step", counted)
     torch.manual_seed(0)
     tcn = TCN(5, [6, 6, 4], kernel_size=3, context_channels=3, dtype=torch.float64)
     twin = copy.deepcopy(tcn)
@@ -201,6 +210,7 @@ def test_tcn_step_shortcut_runs_only_for_the_objects_it_was_made_for(monkeypatch
     step(False)
     step(True)
     both(lambda m: setattr(m.blocks[0].conv.context_weight, "data", m.blocks[0].conv.context_weight.data * 0.5))
+    step(False)  # the full path recomputes the context's table
     step(True)
     # A whole block replaced (its weights copied into the twin's).
     block = TemporalBlock(6, 6, 3, 2, dtype=torch.float64)
@@ -236,11 +246,62 @@ def test_tcn_step_shortcut_runs_only_for_the_objects_it_was_made_for(monkeypatch
     tcn.blocks[0].conv.backend = None
     step(False)
     step(True)
-    # A bad input is still a clear error, and the state is not advanced by it.
-    with pytest.raises(RuntimeError, match=r"x must be \(2, 5\)"):
-        with torch.no_grad():
-            tcn.step(rand(3, 5), state, context)
+    # Inside a use_backend block; after forget_weight_caches().
+    with use_backend("reference"):
+        step(False)
+        step(False)
+    step(False)
     step(True)
+    forget_weight_caches()
+    step(False)
+    step(False)
+    step(True)
+    # The context modified in place: its table is recomputed (by the full path), then the shortcut takes it up.
+    with torch.no_grad():
+        context.mul_(-2)
+    step(False)
+    step(True)
+    # A layer of the state replaced by a copy of itself (the twin's too), or the state's list of layers rebound.
+    state.layers[1] = copy.deepcopy(state.layers[1])
+    twin_state.layers[1] = copy.deepcopy(twin_state.layers[1])
+    step(False)
+    step(False)
+    step(True)
+    state.layers = list(state.layers)
+    step(False)
+    step(True)
+    # x not contiguous along channels, or a tensor subclass: the same result (the shortcut copies the one, and
+    # leaves the other to the full path).
+    step(True, rand(2, 10)[:, ::2])
+
+    class Marked(torch.Tensor):
+        pass
+
+    step(False, rand(2, 5).as_subclass(Marked))
+    step(True)
+    # A bad input is still a clear error, the state is not advanced by it, and the shortcut stays for the next
+    # good one: the wrong batch, dtype, or an input that wants gradients.
+    positions = [layer.position.clone() for layer in state.layers]
+    with torch.no_grad(), pytest.raises(ValueError, match=r"x_t must be \(batch, in_channels\) = \(2, 5\)"):
+        tcn.step(rand(3, 5), state, context)
+    with torch.no_grad(), pytest.raises(TypeError, match="x_t has dtype torch.float32 but the state holds"):
+        tcn.step(rand(2, 5).float(), state, context)
+    with pytest.raises(RuntimeError, match="x_t requires grad"):
+        tcn.step(rand(2, 5).requires_grad_(), state, context)
+    assert all(torch.equal(layer.position, kept) for layer, kept in zip(state.layers, positions))
+    step(True)
+    # Under no_grad, an input that requires grad is taken (as by the full path).
+    step(True, rand(2, 5).requires_grad_())
+    # An attribute a step reads, changed: the full path sees it (a dilation that no longer fits the state).
+    tcn.blocks[1].conv.dilation = 4
+    with torch.no_grad(), pytest.raises(ValueError, match=r"state.layers\[1\] was made for dilation 2"):
+        tcn.step(rand(2, 5), state, context)
+    tcn.blocks[1].conv.dilation = 2  # as it was when the shortcut was made: taken again
+    step(True)
+    # A block removed: the state no longer fits.
+    del tcn.blocks[2]
+    with torch.no_grad(), pytest.raises(ValueError, match="state has 3 layers but this TCN has 2 blocks"):
+        tcn.step(rand(2, 5), state, context)
 
 
 # ---- drop-in details: constructor, layout, autocast, copies, misuse --------------------------------

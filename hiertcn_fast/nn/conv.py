@@ -4,17 +4,22 @@ Every module runs a whole sequence with forward() and one event at a time with s
 from init_state(); stepping through a sequence gives forward()'s outputs."""
 
 import math
-import operator
+import os
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .._ints import is_int
+from .._extension import module as module_of_extension
+from ..backends import ENV_VAR as BACKEND_ENV_VAR
+from ..backends import _selected as selected_backend_var
 from ..backends import BackendUnavailableError, requested_backend
+from ..ops.conv import _context_inputs as context_inputs
+from ..ops.conv import _generation as cache_generation
 from ..ops.conv import (ACTIVATIONS, CausalConvState, causal_conv1d, causal_conv1d_step, check_reach, prepared_entry,
-                        prepared_tcn_step, tcn_step, weight_cache_generation)
-from ..ops._common import refuse_inputs_requiring_grad, symbolic
+                        tcn_step)
+from ..ops._common import refuse_inputs_requiring_grad
 from ._autocast import autocast_cast, autocast_dtype
 
 
@@ -396,6 +401,18 @@ class TCN(nn.Module):
         ``state``. On the cpu and cuda backends the whole stack is one op (one CUDA launch): ops.tcn_step."""
         if not isinstance(state, TCNState):
             raise TypeError(f"state must be a TCNState (from TCN.init_state), got {type(state).__name__}")
+        # A step runs once per event, and at batch 1 its Python costs as much as the kernel. When the last call
+        # with this state prepared a step (on the cpu backend), a compiled guard checks that this call is made of
+        # the same objects (this TCN's modules, parameters and attributes, the state's layers and tensors, the
+        # context, the backend asked for) and that x_t is what that step takes, and runs it; where anything
+        # differs it returns None and the full path below runs, checks and all. (See _fast_step; dynamo traces
+        # the full path.)
+        # (It stays in place until a full path completes: a bad input's error leaves it for the next good one.)
+        fast = getattr(state, "_fast", None)  # None on a state made before the shortcut existed (unpickled)
+        if fast is not None and not torch.compiler.is_compiling():
+            out = fast.step(self, x_t, state, context)
+            if out is not None:
+                return out
         if not isinstance(x_t, torch.Tensor) or not (context is None or isinstance(context, torch.Tensor)):
             _check_tensors(x_t=x_t, context=context)
         if x_t.requires_grad or (context is not None and context.requires_grad):
@@ -406,20 +423,6 @@ class TCN(nn.Module):
                              or (context is not None and context.dtype != state.layers[0].history.dtype)):
             if autocast_dtype(x_t.device.type) is not None:
                 x_t, context = _cast((x_t, context), state.layers[0].history.dtype)
-        # A step runs once per event, and at batch 1 its Python costs as much as the kernel. When this TCN
-        # steps this state with the same objects as last time (every module, parameter, state tensor and the
-        # context, compared by identity) and the op prepared a step for that call, run it directly: the op
-        # would check exactly what it checked then. The prepared step itself refuses to run on parameters
-        # modified in place.
-        fast = getattr(state, "_fast", None)  # None on a state made before the shortcut existed (unpickled)
-        if fast is not None and not symbolic(x_t):  # (the prepared step reads x_t's memory directly)
-            key = self._step_objects(state, context)
-            if (len(key) == len(fast[0]) and all(map(operator.is_, key, fast[0]))
-                    and fast[1] == (requested_backend(key[2].backend), weight_cache_generation())):
-                out = prepared_tcn_step(fast[2], x_t, state.layers, context, key[5], key[1])
-                if out is not None:
-                    return out
-            state._fast = None
         blocks = self._modules["blocks"]._modules.values()
         if len(state.layers) != len(blocks):
             raise ValueError(f"state has {len(state.layers)} layers but this TCN has {len(blocks)} blocks")
@@ -451,42 +454,70 @@ class TCN(nn.Module):
         backend = convs[0].backend
         out = tcn_step(x_t, weights, biases, state.layers, proj_weights=proj_weights, proj_biases=proj_biases,
                        context_proj_weight=context_proj_weight, activation="relu", backend=backend, **first)
-        if not torch.compiler.is_compiling() and not parametrized:
+        if not torch.compiler.is_compiling():
             # Shortcut the next call only through a prepared step made for exactly this call's objects (the op
             # may have run another backend and left an older one in place).
-            entry = prepared_entry(weights, biases, state.layers, proj_weights, proj_biases, context,
-                                   first["context_weight"], context_proj_weight, "relu", backend)
-            if entry is not None:
-                state._fast = (self._step_objects(state, context), (requested_backend(backend),
-                                                                    weight_cache_generation()), entry)
+            entry = None if parametrized else prepared_entry(weights, biases, state.layers, proj_weights, proj_biases,
+                                                             context, first["context_weight"], context_proj_weight,
+                                                             "relu", backend)
+            state._fast = (None if entry is None
+                           else self._fast_step(state, context, entry, first["context_weight"], context_proj_weight))
         return out
 
-    def _step_objects(self, state, context):
-        """Everything a step's op call is made of, flat: the context and the first block's context projection
-        weight, then per block its conv, the conv's weight, bias and context weight and the projection with its
-        parameters, then per layer the state with its tensors and prepared step. Index 1 is the context
-        projection's weight, index 2 the first conv, index 5 its context weight."""
-        blocks = self._modules["blocks"]._modules.values()
-        context_projection = next(iter(blocks))._modules.get("context_projection")
-        objects = [context, None if context_projection is None else context_projection._parameters.get("weight")]
-        add = objects.append
-        for block in blocks:
-            modules = block._modules
-            conv = modules["conv"]
-            params = conv._parameters
-            add(conv)
-            add(params.get("weight"))  # None when parametrized: then no shortcut is armed
-            add(params.get("bias"))
-            add(params.get("context_weight"))
-            projection = modules.get("projection")
-            add(projection)
-            if projection is not None:
-                params = projection._parameters
-                add(params["weight"])
-                add(params.get("bias"))
-        for layer in state.layers:
-            add(layer)
-            add(layer.history)
-            add(layer.position)
-            add(layer._prepared)
-        return objects
+    # What the guard of the shortcut reads of each module: its parameters, and the plain attributes a step reads.
+    _GUARDED_PARAMETERS = ("weight", "bias", "context_weight")
+    _GUARDED_ATTRIBUTES = ("backend", "dilation", "in_channels", "context_channels")
+
+    def _fast_step(self, state, context, entry, context_weight, context_proj_weight):
+        """The shortcut of the next step made of this step's objects (csrc/python/tcn_step_plan.cpp, TcnFastStep):
+        identity checks of everything this call read, from this TCN and the state down (each module's __dict__,
+        its _modules and _parameters and the items the step used, the plain attributes it read, the state's
+        layers with their tensors and prepared step), the context, the backend asked for (the conv's attribute,
+        a use_backend block, the environment) and the weight-cache generation; and the prepared step with the
+        context's cached table and residual term. None where no shortcut applies (an extension without it, an
+        inference-mode context or weight, whose cached terms are recomputed at every use)."""
+        extension = module_of_extension()
+        fast_step = getattr(extension, "TcnFastStep", None)
+        sources = [] if context is None else [context, context_weight]
+        if context_proj_weight is not None:
+            sources.append(context_proj_weight)
+        if fast_step is None or any(t.is_inference() for t in sources):
+            return None
+        checks = [("arg", 0, self), ("arg", 2, context)]
+
+        def guard_module(module, names=("_modules", "_parameters"), attributes=()):
+            attrs = module.__dict__
+            checks.append(("dict_of", module, attrs))
+            for name in (*names, *attributes):
+                checks.append(("item", attrs, name, attrs.get(name)))
+            return attrs
+
+        modules = guard_module(self, ("_modules",))["_modules"]
+        checks.append(("item", modules, "blocks", modules["blocks"]))
+        blocks = guard_module(modules["blocks"], ("_modules",))["_modules"]
+        checks.append(("values", blocks, tuple(blocks.values())))
+        for i, block in enumerate(blocks.values()):
+            children = guard_module(block, ("_modules",))["_modules"]
+            for name in ("conv", "projection", "context_projection"):
+                child = children.get(name)
+                checks.append(("item", children, name, child))
+                if child is None or (name == "context_projection" and i > 0):
+                    continue
+                params = guard_module(child, ("_modules", "_parameters"),
+                                      self._GUARDED_ATTRIBUTES if name == "conv" else ())["_parameters"]
+                checks.extend(("item", params, p, params.get(p)) for p in self._GUARDED_PARAMETERS)
+        layers = state.layers
+        checks.append(("arg_item", 1, "layers", layers))
+        if type(layers) is not list:
+            return None
+        checks.append(("list", layers, tuple(layers)))
+        for layer in layers:
+            attrs = layer.__dict__
+            checks.append(("dict_of", layer, attrs))
+            checks.extend(("item", attrs, name, attrs.get(name)) for name in ("history", "position", "dilation",
+                                                                                "_prepared"))
+        checks.append(("env", BACKEND_ENV_VAR, os.environ.get(BACKEND_ENV_VAR)))
+        checks.append(("context_var", selected_backend_var, selected_backend_var.get()))
+        checks.append(("list", cache_generation, tuple(cache_generation)))
+        table, term = context_inputs(layers[0], context, context_weight, context_proj_weight)
+        return fast_step(checks, entry[2], torch.Tensor, table, term, sources)
