@@ -773,5 +773,5 @@ def test_projecting_temporal_block_names_an_x_of_another_dtype_or_width():
     block = TemporalBlock(3, 5, 3, 2)  # 3 -> 5 channels: the residual is a projection
     with pytest.raises(TypeError, match="x has dtype torch.float64 but this block's parameters have torch.float32"):
         block(torch.randn(2, 6, 3, dtype=torch.float64))
-    with pytest.raises(ValueError, match="x must have in_channels = 3 in its last dimension"):
+    with pytest.raises(ValueError, match=r"x must be \(batch, time, in_channels = 3\), got shape \(2, 6, 7\)"):
         block(torch.randn(2, 6, 7))

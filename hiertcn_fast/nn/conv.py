@@ -141,12 +141,15 @@ class CausalConv1d(nn.Module):
                             f"x_t)")
 
     def _check_layout(self, x):
-        """A clear word for nn.Conv1d's channels-first layout, which the shape checks would blame on the weight."""
-        if (isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[-1] != self.in_channels
-                and x.shape[1] == self.in_channels):
-            raise ValueError(f"x must be (batch, time, in_channels = {self.in_channels}), channels-last; got shape "
-                             f"{tuple(x.shape)}, which looks like nn.Conv1d's (batch, channels, time): pass "
-                             f"x.transpose(1, 2)")
+        """x's width, in the module's words (the op's shape checks would blame it on the weight), with a clear word
+        for nn.Conv1d's channels-first layout."""
+        if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[-1] != self.in_channels:
+            if x.shape[1] == self.in_channels:
+                raise ValueError(f"x must be (batch, time, in_channels = {self.in_channels}), channels-last; got shape "
+                                 f"{tuple(x.shape)}, which looks like nn.Conv1d's (batch, channels, time): pass "
+                                 f"x.transpose(1, 2)")
+            raise ValueError(f"x must be (batch, time, in_channels = {self.in_channels}), got shape {tuple(x.shape)}: "
+                             f"{x.shape[-1]} channels where this layer takes {self.in_channels}")
 
     def forward(self, x, context=None, residual=None):
         _check_tensors(x=x, context=context, residual=residual)
