@@ -1094,6 +1094,15 @@ def user_lane_batches(cache: SessionCache, splits, users: np.ndarray, users_per_
     codes = [cache.split_code(split) for split in splits]
     session_split = np.asarray(cache.session_split)
     user_session_offsets = np.asarray(cache.user_session_offsets)
+    num_users = user_session_offsets.shape[0] - 1
+    given = users
+    users = np.asarray(users)
+    if users.ndim != 1 or not (users.dtype.kind in "iu" or users.size == 0):
+        raise TypeError(f"users must be a 1-D array of user indices (integers), got {given!r:.80}")
+    if users.size and (users.min() < 0 or users.max() >= num_users):
+        raise ValueError(f"users must be user indices in 0..{num_users - 1} of this cache, got values from "
+                         f"{users.min()} to {users.max()}")
+    users = users.astype(np.int64)  # the batch's user field is int64 (-1 where a lane has no session)
     offsets, item = np.asarray(cache.session_offsets), np.asarray(cache.item)
     for start in range(0, users.shape[0], users_per_batch):
         chosen = users[start:start + users_per_batch]

@@ -286,7 +286,7 @@ def test_fill_refuses_out_tensors_that_do_not_match_the_batch_spec_before_writin
     del missing["continues"]
     other_dtype = slots()
     other_dtype["lengths"] = other_dtype["lengths"].int()
-    for out, message in ((narrow, r"out\['items'\] must be a CPU torch.int64 tensor of shape \(3, 4, "),
+    for out, message in ((narrow, r"out\['items'\] must be a contiguous CPU torch.int64 tensor of shape \(3, 4, "),
                          (missing, r"out\['continues'\] .* got missing"),
                          (other_dtype, r"out\['lengths'\] .* got a torch.int32 tensor")):
         before = {name: t.clone() for name, t in out.items()}

@@ -63,6 +63,56 @@ BATCH_FIELDS = {
 NUMPY_DTYPES = {torch.int64: np.int64, torch.bool: np.bool_}
 
 
+def checked_position(value, name: str) -> int:
+    """A batch index or epoch: a non-negative integer of any kind but a bool, as a plain int (what a batch records
+    and a checkpoint stores)."""
+    if not is_int(value):
+        raise TypeError(f"{name} must be a non-negative integer, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def saved_position(state_dict: dict, identity: dict, num_batches) -> dict[str, int]:
+    """The position (epoch, next_index) of a batcher's saved state_dict, checked: made by a batcher of this
+    ``identity`` (its settings and cache), with every key, non-negative integers, next_index at most
+    ``num_batches(epoch)`` (there, a finished epoch, which the next iteration moves past)."""
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+    mismatched = {k: (state_dict.get(k), v) for k, v in identity.items() if state_dict.get(k) != v}
+    if mismatched:
+        raise ValueError(f"state_dict: made by a different batcher or cache: {mismatched} (saved, here)")
+    missing = [k for k in ("epoch", "next_index", "state") if k not in state_dict]
+    if missing:
+        raise ValueError(f"state_dict: missing {missing}")
+    position = {}
+    for name in ("epoch", "next_index"):
+        value = state_dict[name]
+        if not is_int(value) or value < 0:
+            raise ValueError(f"state_dict: {name} must be a non-negative integer, got {value!r}")
+        position[name] = int(value)
+    batches = num_batches(position["epoch"])
+    if position["next_index"] > batches:
+        raise ValueError(f"state_dict: next_index {position['next_index']} is past the end of epoch "
+                         f"{position['epoch']}, which has {batches} batches")
+    return position
+
+
+def checked_index(value) -> int:
+    """A batch index: an integer of any kind but a bool, as a plain int (the range is the caller's to check: out of
+    it, an IndexError)."""
+    if not is_int(value):
+        raise TypeError(f"index must be an integer, got {value!r}")
+    return int(value)
+
+
+def checked_flag(value, name: str) -> bool:
+    """A switch: a bool (Python's or NumPy's). Anything else is refused: bool("no") is True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
 @dataclasses.dataclass
 class SessionBatch:
     """One mini-batch; see the module docstring for every field's shape and meaning."""
@@ -106,6 +156,10 @@ class LaneStateCache:
 
     def reset_lanes(self, continues: torch.Tensor) -> torch.Tensor:
         """Zero the lanes where ``continues`` (lanes,) is False; returns the state."""
+        if not isinstance(continues, torch.Tensor) or continues.dtype != torch.bool:
+            found = f"a {continues.dtype} tensor" if isinstance(continues, torch.Tensor) else type(continues).__name__
+            raise TypeError(f"continues must be a bool tensor (lanes,), got {found}: another dtype would scale the "
+                            f"state rather than keep or zero it")
         if continues.shape != (self.state.shape[1],):
             raise ValueError(f"continues: expected shape ({self.state.shape[1]},), got {tuple(continues.shape)}")
         # Asynchronous only from the host: a device-to-host copy made non_blocking may not have arrived when
@@ -179,7 +233,7 @@ class SessionBatcher:
         self.max_session_length = int(max_session_length)
         if not is_int(seed) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self.shuffle = bool(shuffle)
+        self.shuffle = checked_flag(shuffle, "shuffle")
         self.seed = int(seed)
         self.epoch = 0
         self.next_index = 0
@@ -232,6 +286,7 @@ class SessionBatcher:
 
     def user_order(self, epoch: int) -> np.ndarray:
         """Positions into ``split_users`` in the order users enter the lanes in ``epoch``."""
+        epoch = checked_position(epoch, "epoch")
         count = self.split_users.shape[0]
         if not self.shuffle:
             return np.arange(count)
@@ -246,6 +301,7 @@ class SessionBatcher:
         return np.lexsort((random_key, rank[self._user_partition]))
 
     def _plan_for(self, epoch: int) -> _EpochPlan:
+        epoch = checked_position(epoch, "epoch")
         plan = self._plan
         if plan is not None and plan.epoch == epoch:
             return plan
@@ -344,7 +400,8 @@ class SessionBatcher:
     def batch(self, index: int, epoch: int | None = None) -> SessionBatch:
         """Batch ``index`` of ``epoch`` (default: the current epoch), freshly allocated, with
         ``items`` as wide as its longest step. Does not move the position."""
-        epoch = self.epoch if epoch is None else epoch
+        epoch = self.epoch if epoch is None else checked_position(epoch, "epoch")
+        index = checked_index(index)
         arrays = self._write(epoch, index, None)
         return SessionBatch.from_tensors({k: torch.from_numpy(v) for k, v in arrays.items()}, epoch, index)
 
@@ -354,12 +411,14 @@ class SessionBatcher:
         for name, (shape, dtype) in self._spec.items():  # all checked before any is written
             tensor = out.get(name) if isinstance(out, dict) else None
             if (not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu" or tensor.dtype != dtype
-                    or tuple(tensor.shape) != shape):
-                found = (f"a {tensor.dtype} tensor of shape {tuple(tensor.shape)} on {tensor.device}"
-                         if isinstance(tensor, torch.Tensor) else "missing" if tensor is None else type(tensor).__name__)
-                raise ValueError(f"out[{name!r}] must be a CPU {dtype} tensor of shape {shape} (batch_spec()), "
-                                 f"got {found}")
-        epoch = self.epoch if epoch is None else epoch
+                    or tuple(tensor.shape) != shape or not tensor.is_contiguous()):
+                found = ("missing" if tensor is None else type(tensor).__name__ if not isinstance(tensor, torch.Tensor)
+                         else f"a {tensor.dtype} tensor of shape {tuple(tensor.shape)} on {tensor.device}"
+                              f"{'' if tensor.is_contiguous() else ', not contiguous'}")
+                raise ValueError(f"out[{name!r}] must be a contiguous CPU {dtype} tensor of shape {shape} "
+                                 f"(batch_spec()), got {found}")
+        epoch = self.epoch if epoch is None else checked_position(epoch, "epoch")
+        index = checked_index(index)
         if index >= self._plan_for(epoch).num_batches:
             return False
         self._write(epoch, index, {name: out[name].numpy() for name in self._spec})
@@ -456,26 +515,7 @@ class SessionBatcher:
         """Restore the position and state cache saved by :meth:`state_dict`. Everything is checked
         before anything changes: a malformed or foreign dict raises and leaves this batcher as it
         was (a resume that fails must not leave a half-restored position)."""
-        if not isinstance(state_dict, dict):
-            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        identity = self._identity()
-        mismatched = {k: (state_dict.get(k), v) for k, v in identity.items() if state_dict.get(k) != v}
-        if mismatched:
-            raise ValueError(f"state_dict: made by a different batcher or cache: {mismatched} (saved, here)")
-        missing = [k for k in ("epoch", "next_index", "state") if k not in state_dict]
-        if missing:
-            raise ValueError(f"state_dict: missing {missing}")
-        position = {}
-        for name in ("epoch", "next_index"):
-            value = state_dict[name]
-            if not is_int(value) or value < 0:
-                raise ValueError(f"state_dict: {name} must be a non-negative integer, got {value!r}")
-            position[name] = int(value)
-        # next_index == num_batches is a finished epoch, which the next iteration moves past.
-        num_batches = self.num_batches(position["epoch"])
-        if position["next_index"] > num_batches:
-            raise ValueError(f"state_dict: next_index {position['next_index']} is past the end of epoch "
-                             f"{position['epoch']}, which has {num_batches} batches")
+        position = saved_position(state_dict, self._identity(), self.num_batches)
         state = state_dict["state"]
         if (state is None) != (self.state_cache is None):
             raise ValueError("state_dict: state cache presence differs from this batcher's")

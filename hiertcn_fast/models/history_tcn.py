@@ -20,6 +20,7 @@ import torch
 
 from .._ints import is_int
 from ..data import SessionCache
+from ..data.batcher import checked_flag, checked_index, checked_position, saved_position
 from ..nn import TCN
 from .base import NextItemModel, check_positive
 
@@ -105,8 +106,8 @@ class UserHistoryBatcher:
             raise ValueError(f"context_splits must be a sequence of splits other than the batched one ({split!r}), "
                              f"got {context_splits!r}")
         self.cache, self.split = cache, split
-        self.users_per_batch, self.shuffle, self.seed = users_per_batch, bool(shuffle), int(seed)
-        self.by_length = bool(by_length)
+        self.users_per_batch, self.shuffle, self.seed = users_per_batch, checked_flag(shuffle, "shuffle"), int(seed)
+        self.by_length = checked_flag(by_length, "by_length")
         self.max_session_length = int(max_session_length or max(cache.max_session_length, 1))
         self.epoch, self.next_index = 0, 0
         self.context_splits = tuple(context_splits)
@@ -147,9 +148,12 @@ class UserHistoryBatcher:
         self.max_user_length = max((e.shape[0] for e in self._events), default=0)
 
     def num_batches(self, epoch: int | None = None) -> int:
+        if epoch is not None:
+            checked_position(epoch, "epoch")
         return -(-self.users.shape[0] // self.users_per_batch)
 
     def _order(self, epoch: int) -> np.ndarray:
+        epoch = checked_position(epoch, "epoch")
         count = self.users.shape[0]
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
         order = rng.permutation(count) if rng is not None else np.arange(count)
@@ -169,7 +173,8 @@ class UserHistoryBatcher:
         return np.concatenate(batches) if batches else order
 
     def batch(self, index: int, epoch: int | None = None) -> HistoryBatch:
-        epoch = self.epoch if epoch is None else epoch
+        epoch = self.epoch if epoch is None else checked_position(epoch, "epoch")
+        index = checked_index(index)
         if not 0 <= index < self.num_batches():
             raise IndexError(f"index {index} out of range: {self.num_batches()} batches per epoch")
         chosen = self._order(epoch)[index * self.users_per_batch:(index + 1) * self.users_per_batch]
@@ -193,8 +198,9 @@ class UserHistoryBatcher:
         epoch = self.epoch
         while self.epoch == epoch and self.next_index < self.num_batches():
             index = self.next_index
+            batch = self.batch(index, epoch)  # built before it counts: a batch that fails to build is not skipped
             self.next_index = index + 1
-            yield self.batch(index, epoch)
+            yield batch
         if self.epoch == epoch and self.next_index >= self.num_batches():
             self.epoch, self.next_index = epoch + 1, 0
 
@@ -207,10 +213,12 @@ class UserHistoryBatcher:
         return {**self._identity(), "epoch": self.epoch, "next_index": self.next_index, "state": None}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        mismatched = {k: (state_dict.get(k), v) for k, v in self._identity().items() if state_dict.get(k) != v}
-        if mismatched:
-            raise ValueError(f"state_dict: made by a different batcher or cache: {mismatched} (saved, here)")
-        self.epoch, self.next_index = int(state_dict["epoch"]), int(state_dict["next_index"])
+        """Restore the position saved by :meth:`state_dict`, checked as the lane batcher checks its own: a foreign,
+        malformed or out-of-range one raises and leaves this batcher as it was."""
+        position = saved_position(state_dict, self._identity(), self.num_batches)
+        if state_dict["state"] is not None:
+            raise ValueError("state_dict: a user-history batcher has no state cache, got a state")
+        self.epoch, self.next_index = position["epoch"], position["next_index"]
 
 
 class HistoryTCN(NextItemModel):
