@@ -147,6 +147,10 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be finite and > 0, lr_gamma in (0, 1], grad_clip and weight_decay "
                              f"finite and >= 0; got learning_rate={self.learning_rate!r}, lr_gamma={self.lr_gamma!r}, "
                              f"grad_clip={self.grad_clip!r}, weight_decay={self.weight_decay!r}")
+        # Plain floats, as the integers are plain ints: a NumPy number in a checkpoint's config made it unreadable
+        # by torch.load(weights_only=True).
+        for name in ("learning_rate", "lr_gamma", "grad_clip", "weight_decay"):
+            setattr(self, name, float(getattr(self, name)))
         milestones = self.lr_milestones
         if (isinstance(milestones, (str, bytes)) or not isinstance(milestones, collections.abc.Iterable)
                 or not all(isinstance(m, numbers.Real) and not isinstance(m, bool) for m in milestones)):
@@ -168,9 +172,13 @@ class TrainConfig:
             except (RuntimeError, TypeError, ValueError) as error:
                 raise ValueError(f"device must name a torch device (\"cpu\", \"cuda\", \"cuda:1\", ...) or be None, "
                                  f"got {self.device!r}: {error}") from None
-        if self.checkpoint_path is not None and not isinstance(self.checkpoint_path, (str, os.PathLike)):
-            raise ValueError(f"checkpoint_path must be a path (str or os.PathLike) or None, got "
-                             f"{self.checkpoint_path!r}")
+        if self.checkpoint_path is not None:
+            if not isinstance(self.checkpoint_path, (str, os.PathLike)):
+                raise ValueError(f"checkpoint_path must be a path (str or os.PathLike) or None, got "
+                                 f"{self.checkpoint_path!r}")
+            # Kept as a str: a pathlib.Path in a checkpoint's config made it unreadable by
+            # torch.load(weights_only=True).
+            self.checkpoint_path = os.fsdecode(os.fspath(self.checkpoint_path))
         for name in ("amp", "progress_bar"):  # bool("false") would be True
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True, False or None (automatic), got {getattr(self, name)!r}")
@@ -542,6 +550,9 @@ class Trainer:
         self.train_seconds = 0.0
         self.memory = DataMemoryMeter()
         self._rng_seeded = False
+        # The global RNGs (dropout's) as this trainer left them, while it is not training: another trainer (or
+        # anything else drawing) may move them in between, and train() and checkpoint() use this trainer's own.
+        self._rng_held = None
 
     # ---- schedule ----
 
@@ -598,10 +609,14 @@ class Trainer:
         if lanes is not None:  # (None: the step failed before its snapshot, which it had not changed yet)
             self.source.state_cache.state.copy_(lanes)
         if rng is not None:
+            if self._rng_held is not None:  # the step's draws are taken back from this trainer's own RNGs
+                _set_global_rngs(self._rng_held)
             torch.set_rng_state(rng[0])
             if rng[1] is not None:
                 torch.cuda.set_rng_state(rng[1], self.device)
             self.sampler.set_state(rng[2])
+            if self._rng_held is not None:
+                self._rng_held = _global_rngs()
         self._pending_rollback = None
 
     def _count_step(self, loss: float, total_events: int) -> None:
@@ -656,9 +671,20 @@ class Trainer:
         if not self._rng_seeded and self.step == 0:
             torch.manual_seed(config.seed + self.rank)  # dropout; a resumed run restores the RNG instead
             self._rng_seeded = True
+        elif self._rng_held is not None:
+            _set_global_rngs(self._rng_held)
+        self._rng_held = None
+        try:
+            return self._train()
+        finally:
+            self._rng_held = _global_rngs()
+
+    def _train(self) -> "Trainer":
+        config = self.config
         self.model.train()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+
         def finished() -> bool:
             return config.max_steps is not None and self.step >= config.max_steps
 
@@ -792,9 +818,13 @@ class Trainer:
         """The global RNGs for a checkpoint. Before the first train() they are not yet seeded (train() seeds them
         with config.seed + rank): the checkpoint holds them as seeded, without seeding them here, so a run
         resumed from it draws what the uninterrupted run draws."""
+        if self._rng_held is not None:  # not training: its own, whatever drew from the global ones since
+            rng, cuda = self._rng_held
+            return {"rng": rng.clone(), "sampler": self.sampler.get_state(),
+                    "cuda_rng": None if cuda is None else [state.clone() for state in cuda]}
         if self._rng_seeded or self.step > 0:
-            return {"rng": torch.get_rng_state(), "sampler": self.sampler.get_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            rng, cuda = _global_rngs()
+            return {"rng": rng, "sampler": self.sampler.get_state(), "cuda_rng": cuda}
         seed = self.config.seed + self.rank
         cpu = torch.Generator()
         cpu.manual_seed(seed)
@@ -903,7 +933,7 @@ class Trainer:
                 raise problem
             finally:
                 problem = None
-        rng_seeded = self._rng_seeded
+        rng_seeded, rng_held = self._rng_seeded, self._rng_held
         failure = None
         try:
             self._restore(state)
@@ -917,7 +947,7 @@ class Trainer:
                                      + "\n  ".join(failed))
         if failure is not None:
             self._restore(before)
-            self._rng_seeded = rng_seeded
+            self._rng_seeded, self._rng_held = rng_seeded, rng_held
             try:  # without a reference cycle, as above
                 raise failure
             finally:
@@ -1051,8 +1081,7 @@ class Trainer:
         state = self.checkpoint()
         state["model"] = {key: value.clone() for key, value in state["model"].items()}
         state["optimizer"] = copy.deepcopy(state["optimizer"])
-        state["rng"] = torch.get_rng_state()
-        state["cuda_rng"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        state["rng"], state["cuda_rng"] = _global_rngs()
         return state
 
     def _restore(self, state: dict) -> None:
@@ -1062,17 +1091,31 @@ class Trainer:
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         for group in self.optimizer.param_groups:  # a checkpoint's options would replace this trainer's choice
             group["fused"], group["foreach"] = self.fused_optimizer or None, None
+            # and its weight decay the config's (a resume with strict=False continues with the config's; the
+            # learning rate is set at every step from the config's schedule)
+            group["weight_decay"] = self.config.weight_decay
         self.source.load_state_dict(state["source"])
         self.step, self.curve = int(state["step"]), [tuple(p) for p in state["curve"]]
         self.train_events, self.train_seconds = int(state["train_events"]), float(state["train_seconds"])
-        torch.set_rng_state(state["rng"])
+        _set_global_rngs((state["rng"], state["cuda_rng"]))
         self.sampler.set_state(state["sampler"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
         self._rng_seeded = True
+        self._rng_held = _global_rngs()  # what train() starts from, whatever draws from the global ones meanwhile
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
+
+def _global_rngs() -> tuple:
+    """Copies of torch's global RNG states: the CPU's, and every CUDA device's (None without CUDA)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def _set_global_rngs(states) -> None:
+    rng, cuda = states
+    torch.set_rng_state(rng)
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
 
 def _set_modes(modes) -> None:
     """Each module's training flag as recorded (nn.Module.train would set one for all: a submodule the caller

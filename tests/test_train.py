@@ -1274,8 +1274,8 @@ def test_a_ctrl_c_during_the_optimizers_step_lets_the_step_finish_and_counts_it(
 
 @pytest.mark.parametrize("function, snippet", [
     (_Source.batches, "try:"), (_Source.batches, "yield local, total_events"),
-    (Trainer.train, "counted = self.step"), (Trainer.train, "self._optimizer_stepped[0] = False"),
-    (Trainer.train, "mark = (self.step, (batch.epoch"),
+    (Trainer._train, "counted = self.step"), (Trainer._train, "self._optimizer_stepped[0] = False"),
+    (Trainer._train, "mark = (self.step, (batch.epoch"),
 ], ids=["batches-try", "batches-yield", "train-counted", "train-stepped-flag", "train-mark"])
 def test_an_interrupt_between_the_batchers_count_and_the_steps_give_back_loses_no_batch(cache, function, snippet):
     """The batcher counts a batch as handed out before it yields it; the give-backs covered _Source.batches' try and
