@@ -215,7 +215,7 @@ def test_a_partial_benchmark_run_does_not_write_the_whole_suites_file(tmp_path):
 
     env = {**os.environ, "HIERTCN_BENCH_OUT": str(tmp_path), "HIERTCN_BENCH_COMPILE": "0",
            "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-    cases = ["b=32 h=128 fwd", "b=8 t=500 h=128 l=2 fwd", "b=256 t=20 h=128 l=2 fwd"]  # the cell, gru, session_update
+    cases = ["gru_cell b=32 h=128 fwd", "gru b=8 t=500 h=128 l=2 fwd", "session_update b=256 t=20 h=128 l=2 fwd"]
     nodes = [f"{os.path.join(BENCH, 'bench_gru.py')}::test_bench[{case}-hiertcn_fast]" for case in cases]
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *nodes], env=env, check=True,
                    cwd=ROOT, capture_output=True, timeout=600)
@@ -231,14 +231,30 @@ def test_node_ids_from_every_benchmark_file_do_not_write_the_whole_suites_file(t
     env = {**os.environ, "HIERTCN_BENCH_OUT": str(tmp_path), "HIERTCN_BENCH_COMPILE": "0",
            "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
     nodes = [f"{os.path.join(BENCH, name)}::test_bench[{case}]" for name, case in (
-        ("bench_gru_gates.py", "b=32 h=128 fwd-hiertcn_fast"), ("bench_gru.py", "b=32 h=128 fwd-hiertcn_fast"),
-        ("bench_causal_conv.py", "tcn step b=1 c=128 k=5 layers=3 window=21-hiertcn_fast"),
-        ("bench_loss.py", "events=2000 dim=128 classes=1683 fwd-hiertcn_fast"),
-        ("bench_serve.py", "hiertcn one event, history of 30 events-streaming"))]
+        ("bench_gru_gates.py", "gru_gates b=32 h=128 fwd-hiertcn_fast"),
+        ("bench_gru.py", "gru_cell b=32 h=128 fwd-hiertcn_fast"),
+        ("bench_causal_conv.py", "tcn_step tcn step b=1 c=128 k=5 layers=3 window=21-hiertcn_fast"),
+        ("bench_loss.py", "linear_cross_entropy events=2000 dim=128 classes=1683 fwd-hiertcn_fast"),
+        ("bench_serve.py", "serve hiertcn one event, history of 30 events-streaming"))]
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *nodes], env=env, check=True,
                    cwd=ROOT, capture_output=True, timeout=600)
     written = sorted(path.name for path in tmp_path.glob("*.json"))
     assert len(written) == 1 and not written[0].startswith("all"), written
+
+
+def test_every_benchmark_id_is_unique_and_names_its_op():
+    """gru and session_update cases shared names, and pytest numbered their ids apart (...-hiertcn_fast0/1)."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", BENCH],
+                            env=env, check=True, cwd=ROOT, capture_output=True, text=True, timeout=600).stdout
+    ids = [line.split("::", 1)[1] for line in listed.splitlines() if "::test_bench[" in line]
+    assert len(ids) > 100 and len(set(ids)) == len(ids)
+    ops = {"causal_conv1d", "tcn_step", "gru_cell", "gru", "session_update", "session_update_steps", "gru_gates",
+           "linear_cross_entropy", "serve"}
+    assert all(i.startswith("test_bench[") and i[len("test_bench["):].split(" ", 1)[0] in ops for i in ids), ids
+    assert not any(i.rstrip("]")[-1].isdigit() for i in ids)
 
 
 def test_a_whole_run_that_failed_or_was_stopped_is_not_the_whole_suites_file(monkeypatch):
