@@ -124,6 +124,18 @@ def _checked_float(text: str, valid, expected: str) -> float:
     return value
 
 
+DEFAULT_NUM_SAMPLED = 1024
+
+
+def _loss_problem(args) -> str | None:
+    """--num-sampled goes with --loss sampled (the full softmax samples nothing); its default is filled in here."""
+    if args.num_sampled is not None and args.loss != "sampled":
+        return f"--num-sampled {args.num_sampled} applies to --loss sampled only (this job's loss is {args.loss})"
+    if args.num_sampled is None:
+        args.num_sampled = DEFAULT_NUM_SAMPLED
+    return None
+
+
 def _rank_problem() -> str | None:
     """RANK (set by torchrun) must be a non-negative integer: a usage error now, like WORLD_SIZE, not a traceback."""
     text = os.environ.get("RANK", "0")
@@ -440,8 +452,9 @@ def main(argv=None) -> int:
                        help="dropout in [0, 1) on the low-level input and the output layer input (ml-100k is small)")
     train.add_argument("--loss", default="full", choices=("full", "sampled"),
                        help="full softmax over all items (default) or sampled softmax with log-q correction")
-    train.add_argument("--num-sampled", type=_positive_int, default=1024,
-                       help="items sampled per batch with --loss sampled")
+    train.add_argument("--num-sampled", type=_positive_int, default=None,
+                       help=f"items sampled per batch with --loss sampled (default: {DEFAULT_NUM_SAMPLED}); "
+                            f"refused with --loss full, where it would do nothing")
     train.add_argument("--lanes", type=_positive_int, default=32)
     train.add_argument("--sessions-per-batch", type=_positive_int, default=10)
     train.add_argument("--producers", type=_count_up_to(MAX_PRODUCERS), default=1,
@@ -465,7 +478,7 @@ def main(argv=None) -> int:
     args.started = started
     if args.command == "train":
         # Every check that can fail comes before the report folder is made, so a usage error leaves nothing behind.
-        problem = (_device_problem(args) or _lanes_problem(args) or _rank_problem()
+        problem = (_device_problem(args) or _lanes_problem(args) or _loss_problem(args) or _rank_problem()
                    or _writable_folder(args.cache_dir, "--cache-dir", "cache folder"))
         if problem:
             train.error(problem)

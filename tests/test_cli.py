@@ -40,6 +40,25 @@ def test_bad_numbers_are_usage_errors(no_job, tmp_path, capsys, flag, value, exp
     assert not out.exists()
 
 
+def test_num_sampled_with_the_full_softmax_is_a_usage_error(no_job, tmp_path, capsys, monkeypatch):
+    """--num-sampled did nothing with --loss full (the default), without a word; with --loss sampled it is taken,
+    and its default is 1024."""
+    out = tmp_path / "report"
+    for argv in (["--num-sampled", "64"], ["--loss", "full", "--num-sampled", "1024"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["train", *argv, "--out", str(out)])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert "applies to --loss sampled only (this job's loss is full)" in error and "usage:" in error, error
+        assert not out.exists()
+    taken = []
+    monkeypatch.setattr(cli, "_train", lambda args: taken.append(args.num_sampled) or 0)
+    for argv, expected in ((["--loss", "sampled", "--num-sampled", "64"], 64), (["--loss", "sampled"], 1024),
+                           ([], 1024)):
+        assert cli.main(["train", *argv, "--out", str(out)]) == 0
+        assert taken[-1] == expected
+
+
 @pytest.mark.parametrize("world_size, lanes, expected", [
     ("3", "32", "--lanes 32: the 3 ranks (WORLD_SIZE) each take an equal share of the lanes; use a multiple of 3"),
     ("two", "32", "WORLD_SIZE='two': expected the number of ranks"),
