@@ -94,7 +94,7 @@ class TrainConfig:
     learning_rate (paper 1e-2), lr_milestones (fractions of the run), lr_gamma (0.2: "divided by 5
     twice"), grad_clip (max global norm, 5.0: not in the paper, a guard; 0 disables), weight_decay (Adam's L2).
     loss: "full" (softmax over all items) or "sampled" (num_sampled items per batch from a
-    ``sampler`` proposal, "unigram" = train counts ** 0.75 or "uniform", with log-q correction).
+    ``sampler`` proposal, "unigram" = (train counts + 1) ** 0.75 or "uniform", with log-q correction).
     amp: bf16 autocast of the output layer and loss; None = on for CUDA devices.
     device: None = CUDA when present. num_producers, queue_slots: the ring queue (0 producers:
     build batches in the consuming thread). log_every: print progress every this many steps (0:
@@ -245,6 +245,7 @@ def sampled_softmax_loss(features: torch.Tensor, targets: torch.Tensor, output: 
     1 / (num_sampled * q(target)): its gradient would tend to -1, not to p(target) - 1.)
     """
     weight, bias = output.weight, output.bias
+    _check_sampled_loss_args(features, targets, weight, sampled, log_q)
     positive = (features * weight[targets]).sum(-1) + (0.0 if bias is None else bias[targets])
     negative = features @ weight[sampled].T + (0.0 if bias is None else bias[sampled]) - log_q[sampled]
     negative = negative.masked_fill(sampled[None, :] == targets[:, None], float("-inf"))
@@ -252,6 +253,32 @@ def sampled_softmax_loss(features: torch.Tensor, targets: torch.Tensor, output: 
     # At least float32 (bf16 logits under autocast are upcast), float64 kept: .float() turned it into float32.
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(logits, torch.zeros_like(targets), reduction="sum")
+
+
+def _check_sampled_loss_args(features, targets, weight, sampled, log_q) -> None:
+    """sampled_softmax_loss's arguments, named: indexing would take a negative id for one from the end of the
+    catalogue, and broadcasting a features/targets mismatch or a short log_q, each giving a finite, wrong loss."""
+    items = weight.shape[0]
+    for name, t in (("features", features), ("targets", targets), ("sampled", sampled), ("log_q", log_q)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if features.dim() != 2 or features.shape[1] != weight.shape[1]:
+        raise ValueError(f"features must be (events, {weight.shape[1]}), got shape {tuple(features.shape)}")
+    for name, ids in (("targets", targets), ("sampled", sampled)):
+        if ids.dtype != torch.int64 or ids.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D int64 tensor of item ids, got {ids.dtype} of shape "
+                             f"{tuple(ids.shape)}")
+    if targets.shape[0] != features.shape[0]:
+        raise ValueError(f"targets must hold one item id per row of features ({features.shape[0]}), got "
+                         f"{targets.shape[0]}")
+    if tuple(log_q.shape) != (items,):
+        raise ValueError(f"log_q must be ({items},), one value per item of the output layer, got shape "
+                         f"{tuple(log_q.shape)}")
+    for name, ids in (("targets", targets), ("sampled", sampled)):
+        if ids.numel() and ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= items:
+                raise ValueError(f"{name} must be item ids in [0, {items}), got values in [{low}, {high}]")
 
 
 def _remove_dead_saves(path: Path) -> None:
@@ -522,7 +549,10 @@ class Trainer:
         self.proposal = None
         if config.loss == "sampled":
             counts = train_item_counts(cache).astype(np.float64)
-            weights = counts ** 0.75 if config.sampler == "unigram" else np.ones_like(counts)
+            # Every item has mass, one unseen in training too (add-one smoothing of the counts): with q = 0 it was
+            # never drawn, and the sampled partition sum missed its term (its output row never got the negative
+            # gradient the full softmax gives it).
+            weights = (counts + 1.0) ** 0.75 if config.sampler == "unigram" else np.ones_like(counts)
             weights[0] = 0.0
             self.proposal = torch.from_numpy(weights / weights.sum()).to(self.device, torch.float32)
             log_q = torch.log(config.num_sampled * self.proposal.clamp(min=1e-30))

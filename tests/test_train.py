@@ -852,17 +852,29 @@ def test_the_sampler_draws_from_catalogues_beyond_torch_multinomial(cache, monke
                       config(loss="sampled", num_sampled=20000), out=None)
     counts = train_item_counts(cache)
     draws = torch.cat([trainer._draw_sampled() for _ in range(10)])
-    assert int(draws.min()) >= 1 and counts[draws.numpy()].min() > 0
-    expected = counts ** 0.75 / (counts ** 0.75).sum()
+    assert int(draws.min()) >= 1
+    weights = (counts + 1.0) ** 0.75  # add-one smoothing: every item has mass, one unseen in training too
+    weights[0] = 0.0
+    expected = weights / weights.sum()
     observed = np.bincount(draws.numpy(), minlength=len(counts)) / len(draws)
     assert np.abs(observed - expected).max() < 0.01
     big = np.zeros(2 ** 24 + 2)
-    big[[5, 2 ** 24 + 1]] = [1.0, 3.0]  # two items with mass, the last beyond 2^24
+    big[[5, 2 ** 24 + 1]] = [1e12, 3e12]  # two items with nearly all the mass, the last beyond 2^24
     monkeypatch.setattr(train_module, "train_item_counts", lambda cache, split="train": big)
     wide = Trainer(build_model("session_gru", cache.num_items, **TINY["session_gru"]), cache,
                    config(loss="sampled", num_sampled=4000), out=None)
-    values = set(wide._draw_sampled().tolist())
-    assert values == {5, 2 ** 24 + 1}
+    assert wide.proposal_last == 2 ** 24 + 1
+    drawn = wide._draw_sampled()
+    heavy = (wide.proposal[[5, 2 ** 24 + 1]] / wide.proposal[[5, 2 ** 24 + 1]].sum()).tolist()
+    assert int(drawn.min()) >= 1 and int(drawn.max()) <= 2 ** 24 + 1
+    # (1e12 + 1) ** 0.75 and (3e12 + 1) ** 0.75 against 2 ** 24 items of weight 1: 99.5% of the draws are the two.
+    share = [float((drawn == item).double().mean()) for item in (5, 2 ** 24 + 1)]
+    assert sum(share) > 0.98 and abs(share[1] / sum(share) - heavy[1]) < 0.04, (share, heavy)
+    # Items without mass (only the padding id 0 now) are never drawn: a proposal of two items alone.
+    cdf = np.zeros(2 ** 24 + 2)
+    cdf[[5, 2 ** 24 + 1]] = [1.0, 3.0]
+    wide.proposal_cdf = torch.from_numpy(np.cumsum(cdf))
+    assert set(wide._draw_sampled().tolist()) == {5, 2 ** 24 + 1}
 
 
 def test_a_step_that_raises_gives_its_batch_back(cache):

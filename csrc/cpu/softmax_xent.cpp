@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <optional>
+#include <type_traits>
 
 #include "hiertcn/checks.h"
 #include "hiertcn/gru_gates.h"
@@ -41,6 +42,16 @@ HIERTCN_CPU_CLONES void add_bias(T* __restrict z, const T* __restrict bias, int6
   for (int64_t j = 0; j < n; ++j) z[j] += bias[j];
 }
 
+// e^x for x = z - max <= 0. In float, exp_acc clamps x at -80 (all the GRU gates need): here a class 80 or more
+// below the row's max, a -inf logit (a masked class) included, gets exactly 0 (it got e^-80 ~ 1.8e-35, so a masked
+// class kept a probability and a gradient, and an infinite weight gave an infinite feature gradient where torch's
+// is NaN). What is dropped is below 1.8e-35 of the max's term. A select, so the loops still vectorise.
+template <typename T>
+inline T exp_shifted(T x) {
+  if constexpr (std::is_same_v<T, float>) return x < -80.0f ? 0.0f : exp_acc(x);
+  return exp_acc(x);
+}
+
 // z <- e^(z - m); returns the sum.
 template <typename T>
 HIERTCN_CPU_CLONES T exp_shift_sum(T* __restrict z, T m, int64_t n) {
@@ -48,12 +59,12 @@ HIERTCN_CPU_CLONES T exp_shift_sum(T* __restrict z, T m, int64_t n) {
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
     for (int l = 0; l < kLanes; ++l) {
-      const T e = exp_acc(z[j + l] - m);
+      const T e = exp_shifted(z[j + l] - m);
       z[j + l] = e;
       part[l] += e;
     }
   for (; j < n; ++j) {
-    const T e = exp_acc(z[j] - m);
+    const T e = exp_shifted(z[j] - m);
     z[j] = e;
     part[0] += e;
   }

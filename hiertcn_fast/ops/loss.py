@@ -136,14 +136,17 @@ def _check_parameters_like_features(features, weight, bias):
 def _check_target_range(targets, classes):
     """Every target must be a class id, on every backend: F.cross_entropy (the reference) would skip the rows
     marked with its ignore_index -100 and the cpu kernel refuses them, so one backend would report a loss the
-    other does not. Tracing has no values to look at, so under torch.compile it is skipped (and there the
-    reference composition, the one that runs, skips rows marked -100)."""
-    if targets.numel() == 0 or symbolic(targets):  # (fake tensors, FakeTensorMode, have no values either)
+    other does not. Traced (torch.compile), there are no values to look at: the graph checks them itself (an
+    assert in the graph, a RuntimeError when it runs; skipped, the compiled reference composition dropped the rows
+    marked -100 from the loss without a word)."""
+    if targets.numel() == 0:
         return
-    if targets.device.type != "cpu":
+    if targets.device.type != "cpu" or torch.compiler.is_compiling():
         # Reading the values would make the host wait for the device once more per training step: the device
         # checks them itself (a device-side assert, which ends the process's CUDA context, never a skipped row).
         torch._assert_async(((targets >= 0) & (targets < classes)).all(), f"targets must lie in [0, {classes})")
+        return
+    if symbolic(targets):  # fake tensors (FakeTensorMode, opcheck) have no values
         return
     # Inside torch.func transforms the values are those of the tensor they wrap (vmap's batch holds every sample's).
     while functorch_transforms_active() and torch._C._functorch.is_functorch_wrapped_tensor(targets):
@@ -161,7 +164,7 @@ def linear_cross_entropy(features: torch.Tensor, weight: torch.Tensor, bias, tar
     features (events, dim), weight (classes, dim) and bias (classes,) or None (nn.Linear's), targets
     (events,) int64 class ids in [0, classes): any other value, F.cross_entropy's ignore_index -100 included,
     is a ValueError on every backend for CPU tensors, and a device-side assert for device tensors (checked
-    without waiting for the device). Returns a scalar
+    without waiting for the device); under torch.compile, an assert in the graph (a RuntimeError). Returns a scalar
     (float32 for half-type inputs), differentiable in features, weight and bias; equals
     F.cross_entropy(F.linear(...), targets, reduction="sum").
     """
