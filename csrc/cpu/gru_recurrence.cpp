@@ -468,7 +468,8 @@ void session_update_forward_out(const at::Tensor& items, const at::Tensor& lengt
   const c10::DeviceGuard guard(items.device());
   check_buffer(items, out, h.sizes(), "out");
   check_session_update_saved(items, s, proj_weight, states, session_mean, projected, gates);
-  if (s.batch == 0) return;
+  // Nothing to compute: no rows, or a state of no units (out is empty; the backward returns zero gradients).
+  if (s.batch == 0 || s.hidden == 0) return;
   const GruKernels& k = gru_kernels_for(items.device());
   // Each layer's products go to scratch gi and gh, shared by the layers; what the backward reads of the
   // gates is their saved rows (4 * hidden per row, where gi and gh are 6).
@@ -551,8 +552,9 @@ void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& i
   if (grad_items.has_value()) check_buffer(items, *grad_items, items.sizes(), "grad_item_embeddings");
   check_buffer(items, grad_h, h.sizes(), "grad_h");
   check_weight_grads(items, s, weights, proj_weight, grad_weights, grad_proj_weight, grad_proj_bias);
-  if (s.batch == 0) {
+  if (s.batch == 0 || s.hidden == 0) {  // (with no units, nothing reaches out from the items or the weights)
     zero_grads(grad_h, grad_weights, grad_proj_weight, grad_proj_bias);
+    if (grad_items.has_value()) at::Tensor(*grad_items).zero_();
     return;
   }
   const GruKernels& k = gru_kernels_for(items.device());

@@ -338,6 +338,8 @@ def _check_gru(x, h0, weights, num_layers):
     if h0 is None:
         if isinstance(weights, torch.Tensor) or not weights or len(weights[0]) < 2:
             raise ValueError("weights must hold one (w_ih, w_hh[, b_ih, b_hh]) sequence per layer")
+        # The hidden size comes from layer 0's w_hh: checked first, so that a bad one is named as it is with h0.
+        check_tensor(weights[0][1], "weights[0] (w_hh)", 2)
         hidden = weights[0][1].shape[-1]
         h0 = x.new_zeros(num_layers, x.shape[0], hidden)
     check_tensor(h0, "h0", 3)
