@@ -968,10 +968,12 @@ def _stack_plan(x, weights, biases, states, proj_weights, proj_biases, context, 
     one is another tensor or was modified in place, e.g. by an optimiser step), the context table (cached on
     the first layer's state, recomputed when the context changes), the context's residual term (likewise),
     and the stack's checks, run again only
-    when the weights, projections, context or states are other objects."""
+    when the weights, projections, context, states or the states' tensors and sizes are other objects (a state's
+    history or position replaced, by one on another device say, went unchecked: the op then ran on it)."""
     # Stored on states[0], which is therefore not in it (no reference cycle: a state is freed with its last use).
     checked = (*weights, *biases, *proj_weights, *proj_biases, context, context_weight, context_proj_weight,
-               *states[1:])
+               *states[1:], *[part for state in states for part in (state.history, state.position, state.kernel_size,
+                                                                    state.dilation)])
     compiling = torch.compiler.is_compiling()  # traced: checked at every call, nothing stored on the state
     if compiling or len(states[0]._stack_checked) != len(checked) or not all(
             a is b for a, b in zip(states[0]._stack_checked, checked)):
