@@ -3,6 +3,7 @@
 // contiguous embedding elements and vectorises.
 #include <ATen/Parallel.h>
 
+#include <cstring>
 #include <vector>
 
 #include "hiertcn/gru_kernels.h"
@@ -36,15 +37,19 @@ void session_mean_backward_cpu_kernel(const SessionMeanBackwardParams& p) {
   using A = acc_t<T>;
   const T* grad_mean = static_cast<const T*>(p.grad_mean);
   T* grad_items = static_cast<T*>(p.grad_items);
+  // Each row's gradient is computed once, then copied to its session's steps; the padding steps are zeroed in one
+  // stretch (a row's steps are contiguous). The pass is a write of batch x time x dim values: memory-bound.
   at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t length = session_length(p.lengths, b, p.time);
       const A scale = session_mean_scale<A>(length);
       const T* g = grad_mean + b * p.grad_mean_row_stride;
-      for (int64_t t = 0; t < p.time; ++t) {
-        T* row = grad_items + (b * p.time + t) * p.dim;
-        for (int64_t d = 0; d < p.dim; ++d) row[d] = t < length ? static_cast<T>(static_cast<A>(g[d]) * scale) : T(0);
+      T* rows = grad_items + b * p.time * p.dim;
+      if (length > 0) {
+        for (int64_t d = 0; d < p.dim; ++d) rows[d] = static_cast<T>(static_cast<A>(g[d]) * scale);
+        for (int64_t t = 1; t < length; ++t) std::memcpy(rows + t * p.dim, rows, p.dim * sizeof(T));
       }
+      std::memset(static_cast<void*>(rows + length * p.dim), 0, (p.time - length) * p.dim * sizeof(T));
     }
   });
 }
