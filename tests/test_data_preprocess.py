@@ -459,6 +459,20 @@ def test_a_warm_split_of_a_time_span_past_float64_still_cuts_by_time(tmp_path):
     assert split_of_start == {-1e308: 0, -5e307: 0, 0.0: 0, 5e307: 0, 1e308: 2}
 
 
+def test_timestamps_further_apart_than_float64_spans_start_a_session_without_a_warning(tmp_path):
+    """One user's events at -1e308 (twice) and 1e308 (twice): the gap between them overflows to inf, a gap past any
+    session_gap (two sessions), which NumPy reported as an overflow."""
+    import warnings
+
+    source = ArraySource(np.ones(4, dtype=np.int64), np.array([1, 2, 3, 4]), np.array([1e308, 1e308, -1e308, -1e308]),
+                         name="huge-gap")
+    params = PreprocessParams(min_item_count=0, min_user_count=0, max_user_count=None, num_partitions=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache = preprocess(source, tmp_path, params)
+    assert np.diff(np.asarray(cache.session_offsets)).tolist() == [2, 2]
+
+
 def test_rebuild_interrupted_right_after_the_old_cache_is_moved_aside_keeps_the_old_cache(tmp_path, monkeypatch):
     """preprocess(rebuild=True) promises "a rebuild that fails leaves the existing cache as it was". _publish's
     rename of the old cache aside sat outside the try whose handler puts it back, while the enclosing finally

@@ -296,7 +296,10 @@ def _sessionize_bucket(records, kept_items, params, stats):
     n = user.shape[0]
     starts = np.ones(n, dtype=bool)
     if n > 1:
-        starts[1:] = (user[1:] != user[:-1]) | (np.diff(timestamp) >= params.session_gap)
+        # Finite timestamps more than about 1.8e308 apart differ by inf: a gap past any session_gap, which is what
+        # it is (NumPy's overflow warning said otherwise).
+        with np.errstate(over="ignore"):
+            starts[1:] = (user[1:] != user[:-1]) | (np.diff(timestamp) >= params.session_gap)
     session_start = np.flatnonzero(starts)
     item_before_truncation = item
     if params.max_session_length is not None:
