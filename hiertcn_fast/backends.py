@@ -13,6 +13,10 @@ block, the HIERTCN_BACKEND environment variable, then ``auto``. ``auto`` picks, 
 cuda if built, else triton, else reference; for CPU tensors, cpu if built, else reference (and
 reference for dtypes the preferred backend lacks, and inside torch.func transforms). A backend that was asked for by name and cannot
 run raises BackendUnavailableError naming the fix; it never falls back silently.
+
+Under torch.compile the backend is chosen when a graph is traced. The keyword and use_backend blocks are guarded
+(a change recompiles); HIERTCN_BACKEND is read at tracing only: set it before compiling, or call
+torch._dynamo.reset() after changing it (dynamo guards no environment variable).
 """
 
 import contextlib
@@ -247,6 +251,10 @@ def resolve(op: str, backend, device: torch.device, dtype: torch.dtype, dtypes) 
     """
     name = requested_backend(backend)
     transformed = functorch_transforms_active()
+    if torch.compiler.is_compiling():
+        # Traced, the memo is not read: dynamo would guard the graph on its contents, which the trace itself
+        # fills, so the first call of a compiled function in a process compiled it twice.
+        return _resolve_uncached(op, name, device, dtype, dtypes, transformed)
     key = (op, name, device.type, dtype, triton_interpreted(), transformed)
     answer = _resolved.get(key)
     if answer is None:
@@ -261,9 +269,11 @@ def resolve(op: str, backend, device: torch.device, dtype: torch.dtype, dtypes) 
 
 
 def functorch_transforms_active() -> bool:
-    """True inside a torch.func transform (grad, vjp, jacrev, vmap, ...)."""
+    """True inside a torch.func transform (grad, vjp, jacrev, vmap, ...), traced by torch.compile too: dynamo
+    traces a compiled transform's function with the transform's levels pushed (taken for False there, the compiled
+    kernels ran inside torch.compile(torch.func.grad(...)) and their gradients came out all zero)."""
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(active()) if active is not None and not torch.compiler.is_compiling() else False
+    return bool(active()) if active is not None else False
 
 
 _TRANSFORMS = ("torch.func transforms (grad, vjp, jacrev, vmap, ...) cannot differentiate through the compiled "

@@ -14,11 +14,11 @@ from .._ints import is_int
 from .._extension import module as module_of_extension
 from ..backends import ENV_VAR as BACKEND_ENV_VAR
 from ..backends import _selected as selected_backend_var
-from ..backends import BackendUnavailableError, requested_backend
+from ..backends import BackendUnavailableError, requested_backend, resolve
 from ..ops.conv import _context_inputs as context_inputs
 from ..ops.conv import _generation as cache_generation
-from ..ops.conv import (ACTIVATIONS, CausalConvState, causal_conv1d, causal_conv1d_step, check_reach, prepared_entry,
-                        tcn_step)
+from ..ops.conv import (ACTIVATIONS, CAUSAL_CONV_DTYPES, CausalConvState, causal_conv1d, causal_conv1d_step,
+                        check_reach, prepared_entry, tcn_step)
 from ..ops._common import refuse_inputs_requiring_grad
 from ._autocast import autocast_cast, autocast_dtype
 
@@ -325,7 +325,13 @@ class TemporalBlock(nn.Module):
         self._check_projected(x_t, context, "x_t")
         with torch.no_grad():  # the projection's parameters require grad; the step records none
             if isinstance(state, CausalConvState) and autocast_dtype(x_t.device.type) is not None:
-                # The step runs in the state's dtype under autocast: the projection too, not in autocast's.
+                # The step runs in the state's dtype under autocast: the projection too, not in autocast's. A state
+                # of another dtype than the parameters' is refused as the conv's step refuses it (nn.Linear failed
+                # on it first, with its own words).
+                for module in (self.projection, self.context_projection):
+                    if module is not None and module.weight.dtype != state.history.dtype:
+                        raise TypeError(f"weight has dtype {module.weight.dtype} but the state holds "
+                                        f"{state.history.dtype}; use one dtype")
                 x_t, context = _cast((x_t, context), state.history.dtype)
                 with torch.autocast(x_t.device.type, enabled=False):
                     residual = self._residual(x_t, context)
@@ -453,6 +459,8 @@ class TCN(nn.Module):
             proj_weights = [None if p is None else p["weight"] for p in projections]
             proj_biases = [None if p is None else p.get("bias") for p in projections]
             context_proj_weight = None if context_projection is None else context_projection._parameters["weight"]
+        if any(conv.backend != convs[0].backend for conv in convs):
+            return self._step_block_by_block(x_t, state, context, convs)
         first = convs[0]._context_args(context)
         backend = convs[0].backend
         out = tcn_step(x_t, weights, biases, state.layers, proj_weights=proj_weights, proj_biases=proj_biases,
@@ -466,6 +474,18 @@ class TCN(nn.Module):
             state._fast = (None if entry is None
                            else self._fast_step(state, context, entry, first["context_weight"], context_proj_weight))
         return out
+
+    def _step_block_by_block(self, x_t, state, context, convs):
+        """A step of a TCN whose blocks ask for different backends, each block on its own (as forward runs them; the
+        stack's one op ran all of them on the first block's). Every block's backend is resolved first, so that one
+        that cannot run refuses the call before any layer has stepped."""
+        for conv in convs:
+            resolve("causal_conv1d_step", conv.backend, x_t.device, state.layers[0].history.dtype, CAUSAL_CONV_DTYPES)
+        state._fast = None
+        h = x_t
+        for i, (block, layer) in enumerate(zip(list(self._modules["blocks"]._modules.values()), state.layers)):
+            h = block.step(h, layer, context if i == 0 else None)
+        return h
 
     # What the guard of the shortcut reads of each module: its parameters, and the plain attributes a step reads.
     _GUARDED_PARAMETERS = ("weight", "bias", "context_weight")

@@ -36,6 +36,7 @@ The cuda backend runs two launches per step (cuBLAS, then the gates) from the C+
 """
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
 from .. import _extension
@@ -726,7 +727,9 @@ def session_update_steps(item_embeddings: torch.Tensor, lengths: torch.Tensor, h
                                               name)
     flat = [t for layer in layers for t in layer if t is not None]
     items = unit_stride_rows(item_embeddings)
-    if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(
+    # No gradient wanted: the forward alone. (Under forward-mode AD a dual tensor does not require grad, and the
+    # forward alone dropped its tangent without a word: the autograd function refuses it instead.)
+    if not torch.compiler.is_compiling() and forward_ad._current_level < 0 and not (torch.is_grad_enabled() and any(
             t.requires_grad for t in (items, h, keep, proj_weight, proj_bias, *flat) if t is not None)):
         return _session_update_steps_forward(items, lengths, h.contiguous(), keep, proj_weight, proj_bias, flat,
                                              keep_gates=False)[0]
