@@ -49,7 +49,9 @@ def torch_release() -> tuple:
 # (and guards on the value: a compiled function recompiles in another use_backend block); torch 2.11's cannot, and
 # a fullgraph compile of an op without backend= failed there. On releases before 2.14 a trace reads this
 # module-level copy of the innermost selection instead, which dynamo guards as a global. It is right for one
-# thread; threads selecting different backends at once would each trace with the latest selection.
+# thread; threads (or asyncio tasks) selecting different backends at once would each trace with the latest
+# selection. Leaving a block sets the copy to what the context selects then (it restored the copy the block found:
+# blocks of two tasks or threads left out of order put back the other's selection, which outlived both).
 _TRACE_READS_CONTEXTVAR = torch_release() >= (2, 14)
 _selected_for_tracing = None
 
@@ -195,12 +197,12 @@ def use_backend(name: str):
     """Run the ops called inside the block on backend ``name`` (or "auto")."""
     global _selected_for_tracing
     token = _selected.set(_check_name(name, "use_backend(name)"))
-    previous, _selected_for_tracing = _selected_for_tracing, name
+    _selected_for_tracing = name
     try:
         yield
     finally:
-        _selected_for_tracing = previous
         _selected.reset(token)
+        _selected_for_tracing = _selected.get()
 
 
 def requested_backend(backend=None):

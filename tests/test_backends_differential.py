@@ -278,6 +278,9 @@ def test_threads_and_tasks_keep_their_own_selection():
 
     assert asyncio.run(main()) == ["reference", "cpu", "cuda"]
     assert requested_backend() == "auto"
+    # Nor does the module-level copy that traces read before torch 2.14: the blocks of the tasks and threads, left
+    # out of order, each put back the selection it had found, and one outlived them all.
+    assert sys.modules["hiertcn_fast.backends"]._selected_for_tracing is None
     # A thread started inside a block runs with a fresh context (threading does not copy contextvars).
     result = {}
     with use_backend("reference"):

@@ -367,9 +367,9 @@ def test_no_compiled_variant_is_collected_when_they_are_off(fresh_harness, monke
     def ids(test):
         return [param.id for param in test.pytestmark[0].args[1]]
 
-    assert ids(harness.bench_test(cases)) == ["c-hiertcn_fast", "c-torch eager", "c-torch.compile"]
+    assert ids(harness.bench_test(cases)) == ["op c-hiertcn_fast", "op c-torch eager", "op c-torch.compile"]
     monkeypatch.setenv("HIERTCN_BENCH_COMPILE", "0")
-    assert ids(harness.bench_test(cases)) == ["c-hiertcn_fast", "c-torch eager"]
+    assert ids(harness.bench_test(cases)) == ["op c-hiertcn_fast", "op c-torch eager"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
