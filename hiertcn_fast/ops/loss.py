@@ -141,12 +141,13 @@ def _check_target_range(targets, classes):
     marked -100 from the loss without a word)."""
     if targets.numel() == 0:
         return
-    if targets.device.type != "cpu" or torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if not compiling and symbolic(targets):  # fake tensors outside a trace (FakeTensorMode, opcheck): no values
+        return
+    if targets.device.type != "cpu" or compiling:
         # Reading the values would make the host wait for the device once more per training step: the device
         # checks them itself (a device-side assert, which ends the process's CUDA context, never a skipped row).
         torch._assert_async(((targets >= 0) & (targets < classes)).all(), f"targets must lie in [0, {classes})")
-        return
-    if symbolic(targets):  # fake tensors (FakeTensorMode, opcheck) have no values
         return
     # Inside torch.func transforms the values are those of the tensor they wrap (vmap's batch holds every sample's).
     while functorch_transforms_active() and torch._C._functorch.is_functorch_wrapped_tensor(targets):
