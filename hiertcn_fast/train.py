@@ -244,8 +244,14 @@ def sampled_softmax_loss(features: torch.Tensor, targets: torch.Tensor, output: 
     2008). (Correcting the target's logit as well, with hits removed, weighs the target by
     1 / (num_sampled * q(target)): its gradient would tend to -1, not to p(target) - 1.)
     """
+    _check_sampled_loss_args(features, targets, output.weight, sampled, log_q)
+    return _sampled_softmax_loss(features, targets, output, sampled, log_q)
+
+
+def _sampled_softmax_loss(features, targets, output, sampled, log_q):
+    """sampled_softmax_loss without its argument checks: the training step's, whose targets come from the batcher
+    and whose draws from the proposal (the checks' range reductions would run at every step)."""
     weight, bias = output.weight, output.bias
-    _check_sampled_loss_args(features, targets, weight, sampled, log_q)
     positive = (features * weight[targets]).sum(-1) + (0.0 if bias is None else bias[targets])
     negative = features @ weight[sampled].T + (0.0 if bias is None else bias[sampled]) - log_q[sampled]
     negative = negative.masked_fill(sampled[None, :] == targets[:, None], float("-inf"))
@@ -383,8 +389,8 @@ class _LossStep(torch.nn.Module):
                                                 None if output.bias is None else output.bias[1:], targets - 1,
                                                 backend=loss_backend)
             else:
-                loss_sum = sampled_softmax_loss(self.model.dropout(features), targets, self.model.output, sampled,
-                                                self.log_q)
+                loss_sum = _sampled_softmax_loss(self.model.dropout(features), targets, self.model.output, sampled,
+                                                 self.log_q)
         if self.every_parameter and isinstance(new_state, torch.Tensor) and new_state.requires_grad:
             loss_sum = loss_sum + new_state.sum() * 0.0
         if features.shape[0] == 0:

@@ -748,15 +748,21 @@ def test_temporal_block_fuzz_matches_its_torch_composition():
         xl, cl = leaf(x), leaf(context)
         want = run(xl, cl)
         g_p = grads_of([want], [xl, cl], peer_params, seed=trial)
-        close(got, want, msg=case)
-        assert len(g_m) == len(g_p)
-        for i, (a, b) in enumerate(zip(g_m, g_p)):
-            close(a, b, msg=f"{case} grad {i}")
-        for ctx_manager in (torch.no_grad, torch.inference_mode):
-            with ctx_manager():
-                state = block.init_state(batch)
-                steps = torch.stack([block.step(x[:, t], state, context) for t in range(time)], 1)
-            close(steps, got.detach(), msg=f"{case} step {ctx_manager.__name__}")
+        assert_matches_peer_and_steps(block, got, want, g_m, g_p, x, context, case)
+
+
+def assert_matches_peer_and_steps(module, got, want, grads, peer_grads, x, context, case):
+    """The module's output and gradients equal its peer's, and stepping x (batch, time, ...) one event at a time,
+    under no_grad and inference_mode, gives the output."""
+    close(got, want, msg=case)
+    assert len(grads) == len(peer_grads)
+    for i, (a, b) in enumerate(zip(grads, peer_grads)):
+        close(a, b, msg=f"{case} grad {i}")
+    for ctx_manager in (torch.no_grad, torch.inference_mode):
+        with ctx_manager():
+            state = module.init_state(x.shape[0])
+            steps = torch.stack([module.step(x[:, t], state, context) for t in range(x.shape[1])], 1)
+        close(steps, got.detach(), msg=f"{case} step {ctx_manager.__name__}")
 
 
 def test_tcn_fuzz_matches_its_torch_composition_and_steps():
@@ -786,15 +792,7 @@ def test_tcn_fuzz_matches_its_torch_composition_and_steps():
         for i, (run, _) in enumerate(peers):
             h = run(h, cl if i == 0 else None)
         g_p = grads_of([h], [xl, cl], [p for _, ps in peers for p in ps], seed=trial)
-        close(got, h, msg=case)
-        assert len(g_m) == len(g_p)
-        for i, (a, b) in enumerate(zip(g_m, g_p)):
-            close(a, b, msg=f"{case} grad {i}")
-        for ctx_manager in (torch.no_grad, torch.inference_mode):
-            with ctx_manager():
-                state = tcn.init_state(batch)
-                steps = torch.stack([tcn.step(x[:, t], state, context) for t in range(time)], 1)
-            close(steps, got.detach(), msg=f"{case} step {ctx_manager.__name__}")
+        assert_matches_peer_and_steps(tcn, got, h, g_m, g_p, x, context, case)
 
 
 def test_tcn_step_after_a_partial_reset_restarts_those_rows():

@@ -301,7 +301,7 @@ class SessionBatcher:
         return np.lexsort((random_key, rank[self._user_partition]))
 
     def _plan_for(self, epoch: int) -> _EpochPlan:
-        epoch = checked_position(epoch, "epoch")
+        """The schedule of ``epoch`` (a plain int: the public methods check what they are given)."""
         plan = self._plan
         if plan is not None and plan.epoch == epoch:
             return plan
@@ -350,7 +350,7 @@ class SessionBatcher:
         self._derive()
 
     def num_batches(self, epoch: int | None = None) -> int:
-        return self._plan_for(self.epoch if epoch is None else epoch).num_batches
+        return self._plan_for(self.epoch if epoch is None else checked_position(epoch, "epoch")).num_batches
 
     # ---- building batches --------------------------------------------------------------------
 

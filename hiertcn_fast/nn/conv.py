@@ -460,7 +460,7 @@ class TCN(nn.Module):
             proj_biases = [None if p is None else p.get("bias") for p in projections]
             context_proj_weight = None if context_projection is None else context_projection._parameters["weight"]
         if any(conv.backend != convs[0].backend for conv in convs):
-            return self._step_block_by_block(x_t, state, context, convs)
+            return self._step_block_by_block(x_t, state, context, list(blocks), convs)
         first = convs[0]._context_args(context)
         backend = convs[0].backend
         out = tcn_step(x_t, weights, biases, state.layers, proj_weights=proj_weights, proj_biases=proj_biases,
@@ -475,7 +475,7 @@ class TCN(nn.Module):
                            else self._fast_step(state, context, entry, first["context_weight"], context_proj_weight))
         return out
 
-    def _step_block_by_block(self, x_t, state, context, convs):
+    def _step_block_by_block(self, x_t, state, context, blocks, convs):
         """A step of a TCN whose blocks ask for different backends, each block on its own (as forward runs them; the
         stack's one op ran all of them on the first block's). Every block's backend is resolved first, so that one
         that cannot run refuses the call before any layer has stepped."""
@@ -483,7 +483,7 @@ class TCN(nn.Module):
             resolve("causal_conv1d_step", conv.backend, x_t.device, state.layers[0].history.dtype, CAUSAL_CONV_DTYPES)
         state._fast = None
         h = x_t
-        for i, (block, layer) in enumerate(zip(list(self._modules["blocks"]._modules.values()), state.layers)):
+        for i, (block, layer) in enumerate(zip(blocks, state.layers)):
             h = block.step(h, layer, context if i == 0 else None)
         return h
 
