@@ -56,6 +56,8 @@ ROW_BLOCK_ELEMENTS = 1 << 24
 # Per-user partial sums are merged into the sorted table once this many rows are pending
 # (or more rows than the table has), which keeps merging amortised O(n log n).
 MIN_PENDING_ROWS = 1 << 16
+# Cutoffs compare with ranks as at most this (float64 holds every integer up to it).
+CUTOFF_CAP = 1 << 53
 
 
 def _check_cutoffs(name: str, values, allow_none: bool = False) -> tuple:
@@ -76,8 +78,20 @@ def _as_tensor(name: str, value) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise TypeError(f"{name}: expected a numpy array of numbers or bools, got dtype {value.dtype}")
+        if any(stride < 0 for stride in value.strides):  # (a reversed view: torch takes no negative strides)
+            value = value.copy()
         return torch.from_numpy(value)
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+
+
+def _rankable(scores: torch.Tensor) -> torch.Tensor:
+    """Scores in a dtype torch's comparisons and reductions take: the float8 kinds as float32 (exactly, so ties
+    and order are kept)."""
+    if scores.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return scores
+    return scores.float()
 
 
 def _check_targets(targets: torch.Tensor, num_columns: int, padding_item: int | None) -> None:
@@ -106,6 +120,7 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, padding_item: int 
     if scores.dim() != 2 or not scores.is_floating_point():
         raise ValueError(f"scores must be (events, items) floating point, got shape {tuple(scores.shape)} and "
                          f"dtype {scores.dtype}")
+    scores = _rankable(scores)
     n, num_columns = scores.shape
     if padding_item is not None:
         if not is_int(padding_item) or not 0 <= padding_item < num_columns:
@@ -238,7 +253,7 @@ class RankingMetrics:
 
     def __init__(self, recall_ks=DEFAULT_RECALL_KS, mrr_cutoffs=DEFAULT_MRR_CUTOFFS, ndcg_ks=DEFAULT_NDCG_KS,
                  ties: str = "optimistic", padding_item: int | None = 0):
-        if ties not in TIE_POLICIES:
+        if not isinstance(ties, str) or ties not in TIE_POLICIES:
             raise ValueError(f"ties must be one of {tuple(TIE_POLICIES)}, got {ties!r}")
         if padding_item is not None and (not is_int(padding_item) or padding_item < 0):
             raise ValueError(f"padding_item must be a non-negative integer or None, got {padding_item!r}")
@@ -263,9 +278,13 @@ class RankingMetrics:
 
     def _metric_values(self, rank: np.ndarray) -> np.ndarray:
         """rank: (n,) float64 -> (n, metrics) float64."""
-        columns = [(rank <= k).astype(np.float64) for k in self.recall_ks]
-        columns += [(1.0 / rank) * (1.0 if k is None else (rank <= k)) for k in self.mrr_cutoffs]
-        columns += [(rank <= k) / np.log2(rank + 1.0) for k in self.ndcg_ks]
+        # A rank is at most the catalogue's size, far below 2**53: a cutoff above that (a Python int too big
+        # for a float) cuts nothing, and compares as 2**53.
+        recall_ks, mrr_cutoffs, ndcg_ks = ([None if k is None else min(k, CUTOFF_CAP) for k in ks]
+                                          for ks in (self.recall_ks, self.mrr_cutoffs, self.ndcg_ks))
+        columns = [(rank <= k).astype(np.float64) for k in recall_ks]
+        columns += [(1.0 / rank) * (1.0 if k is None else (rank <= k)) for k in mrr_cutoffs]
+        columns += [(rank <= k) / np.log2(rank + 1.0) for k in ndcg_ks]
         return np.stack(columns, axis=1)
 
     def update(self, scores, targets, users, first_in_session) -> None:
@@ -273,7 +292,8 @@ class RankingMetrics:
 
         scores: (events, items) floating point, any device; column i scores item id i.
         targets: (events,) integer item ids in the catalogue (never ``padding_item``).
-        users: (events,) integer user ids (any integers; dense indices from the cache are typical).
+        users: (events,) integer user ids (any integers that fit in int64; dense indices from the cache are
+            typical).
         first_in_session: (events,) bool, True for the first event of its session.
         The targets are moved to the scores' device; ranks are computed there.
         """
@@ -285,6 +305,7 @@ class RankingMetrics:
             raise ValueError(f"scores: expected shape (events, items), got {tuple(scores.shape)}")
         if not scores.is_floating_point():
             raise TypeError(f"scores: expected a floating point dtype, got {scores.dtype}")
+        scores = _rankable(scores)
         n, num_columns = scores.shape
         for name, value in (("targets", targets), ("users", users), ("first_in_session", first_in_session)):
             if value.shape != (n,):
@@ -304,6 +325,10 @@ class RankingMetrics:
         if n == 0:
             self.num_columns = num_columns
             return
+        user_keys = users.cpu().numpy()
+        if user_keys.dtype == np.uint64 and int(user_keys.max()) > np.iinfo(np.int64).max:
+            raise ValueError(f"users: user ids must fit in int64, got {int(user_keys.max())}")
+        user_keys = user_keys.astype(np.int64)
         targets = targets.to(device=scores.device, dtype=torch.int64)
         _check_targets(targets, num_columns, self.padding_item)
         # A row sum is a fast vectorised reduction and is NaN if the row holds a NaN (or both infinities,
@@ -339,7 +364,7 @@ class RankingMetrics:
             block = np.concatenate([np.ones((n, 1)), values], axis=1) * mask[:, None]
             event_sums[GROUPS[g]] = event_sums[GROUPS[g]] + block.sum(0)
             per_user[:, g * (1 + m):(g + 1) * (1 + m)] = block
-        user_state = self._users.added(users.cpu().numpy().astype(np.int64), per_user)
+        user_state = self._users.added(user_keys, per_user)
         # All of the chunk in one assignment: an interrupt before it leaves the accumulator as it was (a retry counts
         # the chunk once), never with some of its sums. Only a chunk that passed every check fixes the width.
         (self.num_columns, self._event_sums, self._tie_events, self._tied_items, self._users.state) = (
