@@ -140,7 +140,9 @@ def _integer_ids(values, role: str) -> np.ndarray:
     if kind == "u":
         bad = flat > np.iinfo(np.int64).max
     elif kind == "f":
-        bad = ~np.isfinite(flat) | (flat != np.trunc(flat)) | (flat < -INT64_LIMIT) | (flat >= INT64_LIMIT)
+        # (in float64: float16 has no 2**63, and the comparison's cast of it would overflow with a warning)
+        wide = flat.astype(np.float64)
+        bad = ~np.isfinite(wide) | (wide != np.trunc(wide)) | (wide < -INT64_LIMIT) | (wide >= INT64_LIMIT)
     else:
         bad = None
     if bad is not None and bad.any():
@@ -157,6 +159,8 @@ def _event_types(values, role: str) -> frozenset:
     for value in values:
         if not is_int(value):
             raise ValueError(f"{role} must hold integer event types, got {value!r}")
+        if not -(1 << 63) <= value < (1 << 63):
+            raise ValueError(f"{role} must hold event types in the int64 range (the column's type), got {value!r}")
         types.append(int(value))
     return frozenset(types)
 
@@ -451,6 +455,9 @@ class DelimitedSource(InteractionSource):
                     event_type = int(_plain_number(row[columns["event_type"]]))
                 except ValueError:
                     stats.note_malformed(where, "event type is not an integer", text, self.on_malformed)
+                    continue
+                if not -(1 << 63) <= event_type < (1 << 63):
+                    stats.note_malformed(where, "event type out of int64 range", text, self.on_malformed)
                     continue
                 if self.known_event_types is not None and event_type not in self.known_event_types:
                     stats.note_malformed(where, f"unknown event type {event_type}", text, self.on_malformed)
