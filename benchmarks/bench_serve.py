@@ -28,24 +28,6 @@ SESSION_EVENTS = 10
 GAP = 1800.0
 
 
-def history_batch(sessions, device) -> SessionBatch:
-    """One lane holding ``sessions`` (lists of item ids), as the training batcher lays a user out."""
-    steps, longest = len(sessions), max(len(s) for s in sessions)
-    items = torch.zeros(steps, 1, longest + 1, dtype=torch.int64)
-    lengths = torch.zeros(steps, 1, dtype=torch.int64)
-    for j, session in enumerate(sessions):
-        items[j, 0, 1:1 + len(session)] = torch.tensor(session)
-        lengths[j, 0] = len(session)
-    valid = torch.ones(steps, 1, dtype=torch.bool)
-    keep = torch.ones(steps, 1, dtype=torch.bool)
-    keep[-1] = False
-    step_widths = lengths.max(1).values + 1
-    return SessionBatch(items.to(device), lengths.to(device), step_widths.to(device), valid.to(device),
-                        keep.to(device), torch.zeros(steps, 1, dtype=torch.int64, device=device),
-                        torch.arange(steps, device=device)[:, None], torch.zeros(1, dtype=torch.bool, device=device),
-                        0, 0)
-
-
 def _case(device, events):
     def make():
         torch.manual_seed(0)
@@ -64,7 +46,7 @@ def _case(device, events):
 
         for item in items:  # the user's history so far
             recommender.observe("user", item, advance())
-        batch = history_batch(sessions, device)
+        batch = SessionBatch.of_sessions(sessions, device)
 
         def streaming():
             recommender.observe("user", items[clock["n"] % events], advance())

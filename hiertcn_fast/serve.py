@@ -95,6 +95,28 @@ def _refuse_non_numbers(values, name: str, what: str = "numbers, one per event",
         raise TypeError(f"{name} must be {what_not_bool or what}, got a bool")
 
 
+def _top_k(scores: torch.Tensor, k: int):
+    """(values, indices) of the ``k`` best scores per row of (rows, items), best first, exact ties in the order of
+    the item ids (lower first): the same items, in the same order, on every call and device, and top-``k`` a prefix
+    of top-``(k + 1)``. torch.topk alone leaves the order of ties (and which tied item makes the cut) to its
+    kernel. Only the items that score at least the k-th best value are sorted, not the catalogue."""
+    top = scores.topk(k, dim=1)
+    kth = top.values[:, -1:]
+    if bool(torch.isnan(kth).any()):  # (NaN sorts above everything; there is no order to refine)
+        return top.values, top.indices
+    candidate = scores >= kth
+    counts = candidate.sum(1)
+    if bool((counts == k).all()) and not bool((top.values[:, 1:] == top.values[:, :-1]).any()):
+        return top.values, top.indices  # no tie anywhere in the top k: topk's order is the only one
+    rows, items = torch.nonzero(candidate, as_tuple=True)  # row-major: item ids ascending within a row
+    values = scores[rows, items]
+    order = torch.sort(values, descending=True, stable=True).indices
+    order = order[torch.sort(rows[order], stable=True).indices]  # grouped by row; score, then id, within it
+    starts = torch.cumsum(counts, 0) - counts
+    pick = order[(starts[:, None] + torch.arange(k, device=scores.device)).reshape(-1)]
+    return values[pick].view(-1, k), items[pick].view(-1, k)
+
+
 def _user_key(user):
     """A user id as the key it is stored under: a tensor or NumPy scalar by its value (a 0-d tensor hashes by
     identity, so it would be a new user at every call)."""
@@ -649,15 +671,16 @@ class StreamingRecommender:
             raise ValueError(f"k must be an integer in 1..{self.model.num_items}, got {k!r}")
 
     def recommend_many(self, users, k: int = 10, now=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-``k`` items per user: (item ids (users, k) int64, scores (users, k)), best first."""
+        """Top-``k`` items per user: (item ids (users, k) int64, scores (users, k)), best first; items of exactly
+        equal scores in the order of their ids (so the top k are a prefix of the top k + 1)."""
         self._check_k(k)
-        top = self.scores_many(users, now).topk(int(k), dim=1)
-        return top.indices, top.values
+        values, indices = _top_k(self.scores_many(users, now), int(k))
+        return indices, values
 
     def recommend(self, user, k: int = 10, now=None) -> list[int]:
-        """The top-``k`` item ids for ``user``'s next event, best first."""
+        """The top-``k`` item ids for ``user``'s next event, best first; ties as in :meth:`recommend_many`."""
         self._check_k(k)
-        return self.scores(user, now).topk(int(k)).indices.tolist()
+        return _top_k(self.scores(user, now)[None], int(k))[1][0].tolist()
 
     # ---- forgetting users ---------------------------------------------------------------------------
 

@@ -503,3 +503,15 @@ def test_an_interrupt_between_counting_a_batch_and_yielding_it_loses_no_batch(sy
     first = next(stream)
     stream.close()
     assert (batcher.epoch, batcher.next_index) == (first.epoch, first.index + 1)
+
+
+def test_session_batch_of_sessions_lays_out_one_user():
+    batch = SessionBatch.of_sessions([[3, 1], [7], [2, 2, 5]])
+    assert batch.items.tolist() == [[[0, 3, 1, 0]], [[0, 7, 0, 0]], [[0, 2, 2, 5]]]
+    assert batch.lengths.tolist() == [[2], [1], [3]] and batch.step_widths.tolist() == [3, 2, 4]
+    assert batch.keep.tolist() == [[True], [True], [False]] and batch.valid.all()
+    assert batch.session.tolist() == [[0], [1], [2]] and batch.user.tolist() == [[0]] * 3
+    assert batch.continues.tolist() == [False]
+    for bad in ([], [[1], []]):
+        with pytest.raises(ValueError, match="sessions"):
+            SessionBatch.of_sessions(bad)

@@ -139,6 +139,27 @@ class SessionBatch:
         moved = {name: t.to(device, non_blocking=non_blocking) for name, t in self.tensors().items()}
         return SessionBatch.from_tensors(moved, self.epoch, self.index)
 
+    @classmethod
+    def of_sessions(cls, sessions, device=None) -> "SessionBatch":
+        """One lane holding one user's ``sessions`` (non-empty lists of item ids), in order, as the batcher lays
+        a user out: the state carried from session to session, the user ending with the last one (user 0,
+        sessions 0, 1, ...). What a model's full forward over a known history takes (e.g. to check a
+        StreamingRecommender against it)."""
+        if not sessions or any(len(session) == 0 for session in sessions):
+            raise ValueError("sessions must be a non-empty list of non-empty sessions (lists of item ids)")
+        steps, longest = len(sessions), max(len(session) for session in sessions)
+        items = torch.zeros(steps, 1, longest + 1, dtype=torch.int64)
+        lengths = torch.zeros(steps, 1, dtype=torch.int64)
+        for step, session in enumerate(sessions):
+            items[step, 0, 1:1 + len(session)] = torch.as_tensor(session, dtype=torch.int64)
+            lengths[step, 0] = len(session)
+        keep = torch.ones(steps, 1, dtype=torch.bool)
+        keep[-1] = False
+        batch = cls(items, lengths, lengths.max(1).values + 1, torch.ones(steps, 1, dtype=torch.bool), keep,
+                    torch.zeros(steps, 1, dtype=torch.int64), torch.arange(steps)[:, None],
+                    torch.zeros(1, dtype=torch.bool), 0, 0)
+        return batch if device is None else batch.to(device)
+
 
 class LaneStateCache:
     """The high-level (across-session) state carried between mini-batches.
