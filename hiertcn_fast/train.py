@@ -457,7 +457,10 @@ class _Source:
         self.state_cache = None
         if model.state_shape is not None:
             layers, hidden = model.state_shape
-            self.state_cache = LaneStateCache(layers, local, hidden, device=device)
+            # In the model's dtype (a float64 model's state is float64; under autocast the parameters, and so
+            # the state, stay float32).
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+            self.state_cache = LaneStateCache(layers, local, hidden, device=device, dtype=dtype)
 
     @property
     def epoch(self) -> int:

@@ -24,8 +24,8 @@ import torch
 from hiertcn_fast.data import PinnedRingQueue, SessionBatch, SessionBatcher
 from hiertcn_fast.data.batcher import BATCH_FIELDS
 from helpers import run_bounded
+from model_helpers import one_thread  # noqa: E402,F401  (an autouse fixture: one intra-op thread)
 
-torch.set_num_threads(1)
 
 HANG_SECONDS = 20  # only ever reached by something that hangs, which is the failure
 

@@ -26,8 +26,8 @@ from hiertcn_fast import evaluate as ev
 from hiertcn_fast.data import SessionBatch
 from hiertcn_fast.evaluate import TIE_POLICIES, RankingMetrics, batch_targets, target_ranks
 from test_rules_metrics_differential import _slow_rank
+from model_helpers import one_thread  # noqa: E402,F401  (an autouse fixture: one intra-op thread)
 
-torch.set_num_threads(1)
 
 GROUPS = ("all", "first_in_session", "rest")
 POLICIES = ("optimistic", "pessimistic", "average")

@@ -28,8 +28,8 @@ import torch
 from hiertcn_fast.data import SessionBatch
 from hiertcn_fast.models import NEURAL_MODELS, RULES, HierTCN
 from hiertcn_fast.serve import StreamingRecommender
+from model_helpers import one_thread  # noqa: E402,F401  (an autouse fixture: one intra-op thread)
 
-torch.set_num_threads(1)
 
 NUM_ITEMS = 13
 DUMMY = 1  # the item appended after a user's history to read the prediction of its next event (causal: unread)
