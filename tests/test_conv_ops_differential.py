@@ -643,14 +643,22 @@ def _assert_refused(call, states, what):
     return info.value
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_causal_conv1d_bad_input(backend):
+def good_conv_args():
+    """A valid causal_conv1d call (float64, context and residual, dilation 2) for the bad-input tests to spoil."""
     dt = torch.float64
     x, weight, bias = torch.randn(2, 5, 4, dtype=dt), torch.randn(6, 4, 3, dtype=dt), torch.randn(6, dtype=dt)
     context, context_weight = torch.randn(2, 3, dtype=dt), torch.randn(6, 3, 3, dtype=dt)
     residual = torch.randn(2, 5, 6, dtype=dt)
     good = dict(x=x, weight=weight, bias=bias, context=context, context_weight=context_weight, residual=residual,
                 dilation=2, groups=1, activation="relu")
+    return good
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causal_conv1d_bad_input(backend):
+    good = good_conv_args()
+    x, weight, bias, context = good["x"], good["weight"], good["bias"], good["context"]
+    context_weight, residual = good["context_weight"], good["residual"]
     bad = [
         ("x 2-D", dict(x=x[0])), ("x 4-D", dict(x=x[None])), ("weight 2-D", dict(weight=weight[0])),
         ("channel mismatch", dict(weight=weight[:, :3])), ("dilation 0", dict(dilation=0)),
