@@ -102,7 +102,7 @@ def _top_k(scores: torch.Tensor, k: int):
     kernel. Only the items that score at least the k-th best value are sorted, not the catalogue."""
     top = scores.topk(k, dim=1)
     kth = top.values[:, -1:]
-    if bool(torch.isnan(kth).any()):  # (NaN sorts above everything; there is no order to refine)
+    if bool(torch.isnan(top.values).any()):  # (NaN sorts above everything and equals nothing: no order to refine)
         return top.values, top.indices
     candidate = scores >= kth
     counts = candidate.sum(1)

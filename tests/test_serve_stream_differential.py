@@ -735,3 +735,14 @@ def test_models_without_streaming_state_are_refused(name):
 def test_rule_baselines_are_refused(name):
     with pytest.raises(TypeError, match="needs a HierTCN"):
         StreamingRecommender(RULES[name]())
+
+
+def test_top_k_of_rows_with_nan_or_ties_never_reads_another_rows_items():
+    """A NaN among the top k (it sorts above everything and equals nothing) falls back to torch.topk's order
+    instead of taking the candidates of the row below; tied rows beside it stay in the order of the ids."""
+    from hiertcn_fast.serve import _top_k
+    scores = torch.tensor([[1.0, math.nan, 1.0, 0.5, 1.0], [2.0, 2.0, 1.0, 1.0, 0.0]])
+    values, ids = _top_k(scores, 3)
+    assert torch.equal(ids, scores.topk(3, dim=1).indices)
+    values, ids = _top_k(scores[1:], 3)
+    assert ids.tolist() == [[0, 1, 2]] and values.tolist() == [[2.0, 2.0, 1.0]]
