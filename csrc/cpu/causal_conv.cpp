@@ -44,32 +44,51 @@ constexpr int kChannelBlock = 8;
 #endif
 #define HIERTCN_ALWAYS_INLINE inline __attribute__((always_inline))
 
-// Output channels per register block: 64 bytes, one AVX-512 vector (two AVX2 ones). Accumulators are
-// GCC vector-extension values, which the compiler keeps in registers (plain arrays it spills).
-template <typename T>
-constexpr int kOutBlock = 64 / sizeof(T);
-template <typename T>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct VecOf<double> {
-  typedef double type __attribute__((vector_size(64)));
-};
-template <typename T>
-using Vec = typename VecOf<T>::type;
+// The dense micro-kernels' versions (GCC's function multiversioning, picked at load time): AVX-512 with 64-byte
+// register blocks, AVX2 with FMA and 32-byte ones, the baseline. target_clones cannot make the AVX2 one: it makes a
+// clone per comma-separated name, and its "fma" clone (AVX without AVX2) was the one such a CPU ran. impl is
+// called as impl<VB> args.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define HIERTCN_DENSE_VERSIONS(name, params, impl, args)     \
+  __attribute__((target("avx512f"))) void name params {     \
+    impl<64> args;                                           \
+  }                                                          \
+  __attribute__((target("avx2,fma"))) void name params {    \
+    impl<32> args;                                           \
+  }                                                          \
+  __attribute__((target("default"))) void name params {     \
+    impl<64> args;                                           \
+  }
+#else
+#define HIERTCN_DENSE_VERSIONS(name, params, impl, args) \
+  void name params {                                     \
+    impl<64> args;                                       \
+  }
+#endif
 
-template <typename T>
-HIERTCN_ALWAYS_INLINE Vec<T> load_vec(const T* p) {
-  Vec<T> v;
+// Output channels per register block: VB bytes, one vector register of the instruction set the dense kernels
+// are compiled for (dense_tile_f32 and the others below): 64 for AVX-512 (and the baseline), 32 for AVX2.
+// Accumulators are GCC vector-extension values, which the compiler keeps in registers (plain arrays it spills).
+// 64-byte vectors on a CPU with AVX2 but no AVX-512 (AMD's Zen, many Intel client parts) went through the stack:
+// a step of 3 dense layers at batch 1 took 168 us there, against about 12 us on an AVX-512 machine.
+template <int VB, typename T>
+constexpr int kOutBlock = VB / sizeof(T);
+template <int VB, typename T>
+struct VecOf {
+  typedef T type __attribute__((vector_size(VB)));
+};
+template <int VB, typename T>
+using Vec = typename VecOf<VB, T>::type;
+
+template <int VB, typename T>
+HIERTCN_ALWAYS_INLINE Vec<VB, T> load_vec(const T* p) {
+  Vec<VB, T> v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-template <typename T>
-HIERTCN_ALWAYS_INLINE void store_vec(T* p, Vec<T> v) {
+template <int VB, typename T>
+HIERTCN_ALWAYS_INLINE void store_vec(T* p, Vec<VB, T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
@@ -77,19 +96,19 @@ HIERTCN_ALWAYS_INLINE void store_vec(T* p, Vec<T> v) {
 // w[(j * C_in + ci) * ldw + o0 + o], r < R, with NV vectors of accumulators per row. rows has kTimeTile entries
 // per tap; a tap whose rows are all out of range has tap_used[j] false. ldw is the weights' row stride: C_out
 // for the (k, C_in, C_out) packing, the block width for a column block of the blocked one.
-template <typename T, int R, int NV>
+template <int VB, typename T, int R, int NV>
 HIERTCN_ALWAYS_INLINE void dense_row_block(const T* const* rows, const bool* tap_used, const T* w_base, int64_t K,
                                            int64_t C_in, int64_t ldw, int64_t o0, T* acc, int64_t ldacc) {
-  constexpr int B = kOutBlock<T>;
-  Vec<T> sum[R][NV] = {};
+  constexpr int B = kOutBlock<VB, T>;
+  Vec<VB, T> sum[R][NV] = {};
   for (int64_t j = 0; j < K; ++j) {
     if (!tap_used[j]) continue;
     const T* const* tap_rows = rows + j * kTimeTile;
     const T* w = w_base + j * C_in * ldw + o0;
     for (int64_t ci = 0; ci < C_in; ++ci, w += ldw) {
-      Vec<T> wv[NV];
+      Vec<VB, T> wv[NV];
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) wv[v] = load_vec(w + v * B);
+      for (int v = 0; v < NV; ++v) wv[v] = load_vec<VB>(w + v * B);
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
         const T xv = tap_rows[r][ci];
@@ -103,7 +122,7 @@ HIERTCN_ALWAYS_INLINE void dense_row_block(const T* const* rows, const bool* tap
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       T* dst = acc + r * ldacc + o0 + v * B;
-      store_vec(dst, load_vec(dst) + sum[r][v]);
+      store_vec<VB>(dst, load_vec<VB>(dst) + sum[r][v]);
     }
 }
 
@@ -125,23 +144,23 @@ HIERTCN_ALWAYS_INLINE void dense_row_block_tail(const T* const* rows, const bool
 }
 
 // Output channels [0, width) of R rows.
-template <typename T, int R>
+template <int VB, typename T, int R>
 HIERTCN_ALWAYS_INLINE void dense_rows(const T* const* rows, const bool* tap_used, const T* w, int64_t K, int64_t C_in,
                                       int64_t ldw, int64_t width, T* acc, int64_t ldacc) {
-  constexpr int B = kOutBlock<T>;
+  constexpr int B = kOutBlock<VB, T>;
   int64_t o0 = 0;
   // A single row has one multiply-add per weight load: four or eight vectors of accumulators (independent
   // chains) keep the FMA units busy and read each weight row as one contiguous run.
   if (R == 1) {
-    for (; o0 + 8 * B <= width; o0 += 8 * B) dense_row_block<T, R, 8>(rows, tap_used, w, K, C_in, ldw, o0, acc, ldacc);
-    for (; o0 + 4 * B <= width; o0 += 4 * B) dense_row_block<T, R, 4>(rows, tap_used, w, K, C_in, ldw, o0, acc, ldacc);
+    for (; o0 + 8 * B <= width; o0 += 8 * B) dense_row_block<VB, T, R, 8>(rows, tap_used, w, K, C_in, ldw, o0, acc, ldacc);
+    for (; o0 + 4 * B <= width; o0 += 4 * B) dense_row_block<VB, T, R, 4>(rows, tap_used, w, K, C_in, ldw, o0, acc, ldacc);
   }
-  for (; o0 + 2 * B <= width; o0 += 2 * B) dense_row_block<T, R, 2>(rows, tap_used, w, K, C_in, ldw, o0, acc, ldacc);
-  for (; o0 + B <= width; o0 += B) dense_row_block<T, R, 1>(rows, tap_used, w, K, C_in, ldw, o0, acc, ldacc);
+  for (; o0 + 2 * B <= width; o0 += 2 * B) dense_row_block<VB, T, R, 2>(rows, tap_used, w, K, C_in, ldw, o0, acc, ldacc);
+  for (; o0 + B <= width; o0 += B) dense_row_block<VB, T, R, 1>(rows, tap_used, w, K, C_in, ldw, o0, acc, ldacc);
   if (o0 < width) dense_row_block_tail<T, R>(rows, tap_used, w, K, C_in, ldw, o0, width, acc, ldacc);
 }
 
-template <typename T>
+template <int VB, typename T>
 HIERTCN_ALWAYS_INLINE void dense_tile_impl(const T* const* rows, const bool* tap_used, const T* w, int64_t K,
                                            int64_t C_in, int64_t ldw, int64_t width, int64_t valid_rows, T* acc,
                                            int64_t ldacc) {
@@ -150,23 +169,21 @@ HIERTCN_ALWAYS_INLINE void dense_tile_impl(const T* const* rows, const bool* tap
   // runs over the same taps and channels in the same order, so the result does not depend on the blocking.
   int64_t r0 = 0;
   for (; valid_rows - r0 >= kRowBlock - 1; r0 += kRowBlock)
-    dense_rows<T, kRowBlock>(rows + r0, tap_used, w, K, C_in, ldw, width, acc + r0 * ldacc, ldacc);
-  for (; r0 < valid_rows; ++r0) dense_rows<T, 1>(rows + r0, tap_used, w, K, C_in, ldw, width, acc + r0 * ldacc, ldacc);
+    dense_rows<VB, T, kRowBlock>(rows + r0, tap_used, w, K, C_in, ldw, width, acc + r0 * ldacc, ldacc);
+  for (; r0 < valid_rows; ++r0) dense_rows<VB, T, 1>(rows + r0, tap_used, w, K, C_in, ldw, width, acc + r0 * ldacc, ldacc);
 }
 
 // One time tile of a dense convolution: acc[r * ldacc + o] += the tile's conv for output channels o < width,
 // from the weights w[(j * C_in + ci) * ldw + o], for its first valid_rows rows (a block of kRowBlock may cover
 // one row past them, whose source rows must then be readable).
-HIERTCN_CPU_CLONES void dense_tile_f32(const float* const* rows, const bool* tap_used, const float* w, int64_t K,
-                                       int64_t C_in, int64_t ldw, int64_t width, int64_t valid_rows, float* acc,
-                                       int64_t ldacc) {
-  dense_tile_impl(rows, tap_used, w, K, C_in, ldw, width, valid_rows, acc, ldacc);
-}
-HIERTCN_CPU_CLONES void dense_tile_f64(const double* const* rows, const bool* tap_used, const double* w, int64_t K,
-                                       int64_t C_in, int64_t ldw, int64_t width, int64_t valid_rows, double* acc,
-                                       int64_t ldacc) {
-  dense_tile_impl(rows, tap_used, w, K, C_in, ldw, width, valid_rows, acc, ldacc);
-}
+HIERTCN_DENSE_VERSIONS(dense_tile_f32,
+                       (const float* const* rows, const bool* tap_used, const float* w, int64_t K, int64_t C_in,
+                        int64_t ldw, int64_t width, int64_t valid_rows, float* acc, int64_t ldacc),
+                       dense_tile_impl, (rows, tap_used, w, K, C_in, ldw, width, valid_rows, acc, ldacc))
+HIERTCN_DENSE_VERSIONS(dense_tile_f64,
+                       (const double* const* rows, const bool* tap_used, const double* w, int64_t K, int64_t C_in,
+                        int64_t ldw, int64_t width, int64_t valid_rows, double* acc, int64_t ldacc),
+                       dense_tile_impl, (rows, tap_used, w, K, C_in, ldw, width, valid_rows, acc, ldacc))
 void dense_tile(const float* const* rows, const bool* tap_used, const float* w, int64_t K, int64_t C_in, int64_t ldw,
                 int64_t width, int64_t valid_rows, float* acc, int64_t ldacc) {
   dense_tile_f32(rows, tap_used, w, K, C_in, ldw, width, valid_rows, acc, ldacc);
@@ -178,20 +195,20 @@ void dense_tile(const double* const* rows, const bool* tap_used, const double* w
 
 // part[ci0 + c][o0 + o] += sum over rows [row_begin, row_end) of x[b, t - lag, ci0 + c] gz[row, o0 + o], for
 // c < kChannelBlock and NV vectors of output channels, accumulated in vector registers.
-template <typename T, int NV>
+template <int VB, typename T, int NV>
 HIERTCN_ALWAYS_INLINE void dense_weight_grad_block(const T* x, int64_t x_batch_stride, int64_t x_time_stride,
                                                    const T* gz, int64_t C_out, int64_t time, int64_t row_begin,
                                                    int64_t row_end, int64_t lag, int64_t ci0, int64_t o0, T* part) {
-  constexpr int B = kOutBlock<T>;
-  Vec<T> sum[kChannelBlock][NV] = {};
+  constexpr int B = kOutBlock<VB, T>;
+  Vec<VB, T> sum[kChannelBlock][NV] = {};
   int64_t b = row_begin / time, t = row_begin % time;
   for (int64_t row = row_begin; row < row_end; ++row) {
     if (t >= lag) {
       const T* xr = x + b * x_batch_stride + (t - lag) * x_time_stride + ci0;
       const T* g = gz + row * C_out + o0;
-      Vec<T> gv[NV];
+      Vec<VB, T> gv[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) gv[v] = load_vec(g + v * B);
+      for (int v = 0; v < NV; ++v) gv[v] = load_vec<VB>(g + v * B);
 #pragma GCC unroll 8
       for (int c = 0; c < kChannelBlock; ++c) {
         const T xv = xr[c];
@@ -206,7 +223,7 @@ HIERTCN_ALWAYS_INLINE void dense_weight_grad_block(const T* x, int64_t x_batch_s
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       T* dst = part + (ci0 + c) * C_out + o0 + v * B;
-      store_vec(dst, load_vec(dst) + sum[c][v]);
+      store_vec<VB>(dst, load_vec<VB>(dst) + sum[c][v]);
     }
 }
 
@@ -228,11 +245,11 @@ HIERTCN_ALWAYS_INLINE void dense_weight_grad_block_tail(const T* x, int64_t x_ba
   }
 }
 
-template <typename T>
+template <int VB, typename T>
 HIERTCN_ALWAYS_INLINE void dense_weight_grad_impl(const T* x, int64_t x_batch_stride, int64_t x_time_stride,
                                                   const T* gz, int64_t C_in, int64_t C_out, int64_t K, int64_t dilation,
                                                   int64_t time, int64_t row_begin, int64_t row_end, T* part) {
-  constexpr int B = kOutBlock<T>;
+  constexpr int B = kOutBlock<VB, T>;
   for (int64_t j = 0; j < K; ++j) {
     const int64_t lag = (K - 1 - j) * dilation;
     T* part_tap = part + j * C_in * C_out;
@@ -241,10 +258,10 @@ HIERTCN_ALWAYS_INLINE void dense_weight_grad_impl(const T* x, int64_t x_batch_st
       int64_t o0 = 0;
       if (c_count == kChannelBlock) {
         for (; o0 + 2 * B <= C_out; o0 += 2 * B)
-          dense_weight_grad_block<T, 2>(x, x_batch_stride, x_time_stride, gz, C_out, time, row_begin, row_end, lag,
+          dense_weight_grad_block<VB, T, 2>(x, x_batch_stride, x_time_stride, gz, C_out, time, row_begin, row_end, lag,
                                         ci0, o0, part_tap);
         for (; o0 + B <= C_out; o0 += B)
-          dense_weight_grad_block<T, 1>(x, x_batch_stride, x_time_stride, gz, C_out, time, row_begin, row_end, lag,
+          dense_weight_grad_block<VB, T, 1>(x, x_batch_stride, x_time_stride, gz, C_out, time, row_begin, row_end, lag,
                                         ci0, o0, part_tap);
       }
       if (o0 < C_out)
@@ -254,16 +271,14 @@ HIERTCN_ALWAYS_INLINE void dense_weight_grad_impl(const T* x, int64_t x_batch_st
   }
 }
 
-HIERTCN_CPU_CLONES void dense_weight_grad_f32(const float* x, int64_t xb, int64_t xt, const float* gz, int64_t C_in,
-                                              int64_t C_out, int64_t K, int64_t dilation, int64_t time,
-                                              int64_t row_begin, int64_t row_end, float* part) {
-  dense_weight_grad_impl(x, xb, xt, gz, C_in, C_out, K, dilation, time, row_begin, row_end, part);
-}
-HIERTCN_CPU_CLONES void dense_weight_grad_f64(const double* x, int64_t xb, int64_t xt, const double* gz, int64_t C_in,
-                                              int64_t C_out, int64_t K, int64_t dilation, int64_t time,
-                                              int64_t row_begin, int64_t row_end, double* part) {
-  dense_weight_grad_impl(x, xb, xt, gz, C_in, C_out, K, dilation, time, row_begin, row_end, part);
-}
+HIERTCN_DENSE_VERSIONS(dense_weight_grad_f32,
+                       (const float* x, int64_t xb, int64_t xt, const float* gz, int64_t C_in, int64_t C_out,
+                        int64_t K, int64_t dilation, int64_t time, int64_t row_begin, int64_t row_end, float* part),
+                       dense_weight_grad_impl, (x, xb, xt, gz, C_in, C_out, K, dilation, time, row_begin, row_end, part))
+HIERTCN_DENSE_VERSIONS(dense_weight_grad_f64,
+                       (const double* x, int64_t xb, int64_t xt, const double* gz, int64_t C_in, int64_t C_out,
+                        int64_t K, int64_t dilation, int64_t time, int64_t row_begin, int64_t row_end, double* part),
+                       dense_weight_grad_impl, (x, xb, xt, gz, C_in, C_out, K, dilation, time, row_begin, row_end, part))
 void dense_weight_grad(const float* x, int64_t xb, int64_t xt, const float* gz, int64_t C_in, int64_t C_out, int64_t K,
                        int64_t dilation, int64_t time, int64_t row_begin, int64_t row_end, float* part) {
   dense_weight_grad_f32(x, xb, xt, gz, C_in, C_out, K, dilation, time, row_begin, row_end, part);
@@ -808,7 +823,7 @@ void stack_tile_layers(const TcnStepParams& p, int64_t b0, int64_t rows, StackTi
     const int64_t C_in = L.in_channels, C_out = L.out_channels;
     T* out_buf = bufs + (l % 3) * kTimeTile * p.max_channels;
     stack_layer_taps(p, l, b0, rows, zero_row, s);
-    const int64_t unit = L.weight_block < C_out ? L.weight_block : 2 * kOutBlock<T>;
+    const int64_t unit = L.weight_block < C_out ? L.weight_block : 2 * kOutBlock<64, T>;
     const int64_t units = (C_out + unit - 1) / unit;
     const int64_t u0 = units * tid / nt, u1 = units * (tid + 1) / nt;
     if (u0 < u1) stack_layer_outputs(p, l, b0, rows, u0 * unit, std::min(C_out, u1 * unit), s, out_buf);

@@ -6,7 +6,10 @@
 //
 // HIERTCN_CPU_CLONES compiles a function for AVX-512, AVX2 and the baseline, picked at load time for the CPU
 // at hand (GCC target_clones): the build flags target the baseline x86-64, whose 4-wide SSE loops run the
-// element-wise math three to four times slower.
+// element-wise math three to four times slower. (target_clones makes a clone per comma-separated name, so
+// "avx2,fma" is an AVX2 clone and an AVX-with-FMA one, not one with both; an AVX2 CPU runs the AVX2 clone, without
+// FMA. The dense conv kernels, whose register blocks depend on the vector width, use function multiversioning
+// instead: csrc/cpu/causal_conv.cpp, HIERTCN_DENSE_VERSIONS.)
 #pragma once
 
 #if defined(__GNUC__) && !defined(__clang__)
