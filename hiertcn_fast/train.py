@@ -38,7 +38,6 @@ import glob
 import math
 import numbers
 import os
-import pickle
 import signal
 import sys
 import threading
@@ -459,7 +458,8 @@ class _Source:
             layers, hidden = model.state_shape
             # In the model's dtype (a float64 model's state is float64; under autocast the parameters, and so
             # the state, stay float32).
-            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+            parameters = model.parameters() if isinstance(model, torch.nn.Module) else ()
+            dtype = next((p.dtype for p in parameters if p.is_floating_point()), torch.float32)
             self.state_cache = LaneStateCache(layers, local, hidden, device=device, dtype=dtype)
 
     @property
@@ -929,7 +929,9 @@ class Trainer:
                     raise  # the path, not the file's contents
                 # A damaged or foreign file: torch's zip reader raises OSError for many a truncated one, and its
                 # weights-only unpickler UnpicklingError (advising weights_only=False) for other damage.
-                except (RuntimeError, EOFError, KeyError, ValueError, OSError, pickle.UnpicklingError) as error:
+                # A flipped bit can also make the unpickler's own code fail (an AttributeError where a dtype became
+                # a str): any error of reading the contents is the file's.
+                except Exception as error:  # noqa: BLE001
                     raise ValueError(f"{path}: not a readable hiertcn_fast checkpoint ({type(error).__name__}: "
                                      f"{error})") from error
             if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
