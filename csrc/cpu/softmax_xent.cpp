@@ -25,7 +25,7 @@ namespace {
 constexpr int kLanes = 16;
 
 template <typename T>
-HIERTCN_CPU_CLONES T row_max(const T* __restrict z, int64_t n) {
+HIERTCN_ALWAYS_INLINE T row_max_impl(const T* __restrict z, int64_t n) {
   T part[kLanes];
   for (int l = 0; l < kLanes; ++l) part[l] = z[0];
   int64_t j = 0;
@@ -38,7 +38,7 @@ HIERTCN_CPU_CLONES T row_max(const T* __restrict z, int64_t n) {
 }
 
 template <typename T>
-HIERTCN_CPU_CLONES void add_bias(T* __restrict z, const T* __restrict bias, int64_t n) {
+HIERTCN_ALWAYS_INLINE void add_bias_impl(T* __restrict z, const T* __restrict bias, int64_t n) {
   for (int64_t j = 0; j < n; ++j) z[j] += bias[j];
 }
 
@@ -54,7 +54,7 @@ inline T exp_shifted(T x) {
 
 // z <- e^(z - m); returns the sum.
 template <typename T>
-HIERTCN_CPU_CLONES T exp_shift_sum(T* __restrict z, T m, int64_t n) {
+HIERTCN_ALWAYS_INLINE T exp_shift_sum_impl(T* __restrict z, T m, int64_t n) {
   T part[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
@@ -74,9 +74,20 @@ HIERTCN_CPU_CLONES T exp_shift_sum(T* __restrict z, T m, int64_t n) {
 }
 
 template <typename T>
-HIERTCN_CPU_CLONES void scale_row(T* __restrict z, T s, int64_t n) {
+HIERTCN_ALWAYS_INLINE void scale_row_impl(T* __restrict z, T s, int64_t n) {
   for (int64_t j = 0; j < n; ++j) z[j] *= s;
 }
+
+// The row functions' versions (hiertcn/cpu_clones.h), one per dtype.
+#define HIERTCN_SOFTMAX_ROWS(T)                                                                                    \
+  HIERTCN_CPU_VERSIONS(T, row_max, (const T* __restrict z, int64_t n), row_max_impl<T>(z, n))                      \
+  HIERTCN_CPU_VERSIONS(void, add_bias, (T* __restrict z, const T* __restrict bias, int64_t n),                     \
+                       add_bias_impl<T>(z, bias, n))                                                               \
+  HIERTCN_CPU_VERSIONS(T, exp_shift_sum, (T* __restrict z, T m, int64_t n), exp_shift_sum_impl<T>(z, m, n))        \
+  HIERTCN_CPU_VERSIONS(void, scale_row, (T* __restrict z, T s, int64_t n), scale_row_impl<T>(z, s, n))
+HIERTCN_SOFTMAX_ROWS(float)
+HIERTCN_SOFTMAX_ROWS(double)
+#undef HIERTCN_SOFTMAX_ROWS
 
 template <typename T>
 void softmax_xent_rows(T* logits, const int64_t* targets, const T* bias, T* loss, int64_t rows, int64_t classes) {
