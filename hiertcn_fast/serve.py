@@ -99,11 +99,22 @@ def _top_k(scores: torch.Tensor, k: int):
     """(values, indices) of the ``k`` best scores per row of (rows, items), best first, exact ties in the order of
     the item ids (lower first): the same items, in the same order, on every call and device, and top-``k`` a prefix
     of top-``(k + 1)``. torch.topk alone leaves the order of ties (and which tied item makes the cut) to its
-    kernel. Only the items that score at least the k-th best value are sorted, not the catalogue."""
+    kernel. Only the items that score at least the k-th best value are sorted, not the catalogue, except in a row
+    that has a NaN score: NaN sorts above everything and equals nothing (so the ties cannot be found by comparing
+    with the k-th value), and that row's catalogue is sorted whole, its NaNs first in the order of the ids, then
+    the rest as in any row. The other rows of the call are not affected."""
     top = scores.topk(k, dim=1)
+    nan_rows = torch.isnan(top.values).any(1)  # (topk puts a row's NaNs first: none in its top k, none in the row)
+    if bool(nan_rows.any()):
+        values, indices = top.values.clone(), top.indices.clone()
+        with_nan = nan_rows.nonzero().squeeze(1)
+        whole = torch.sort(scores[with_nan], dim=1, descending=True, stable=True)
+        values[with_nan], indices[with_nan] = whole.values[:, :k], whole.indices[:, :k]
+        clean = (~nan_rows).nonzero().squeeze(1)
+        if clean.numel():
+            values[clean], indices[clean] = _top_k(scores[clean], k)
+        return values, indices
     kth = top.values[:, -1:]
-    if bool(torch.isnan(top.values).any()):  # (NaN sorts above everything and equals nothing: no order to refine)
-        return top.values, top.indices
     candidate = scores >= kth
     counts = candidate.sum(1)
     if bool((counts == k).all()) and not bool((top.values[:, 1:] == top.values[:, :-1]).any()):

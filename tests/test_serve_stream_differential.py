@@ -738,11 +738,25 @@ def test_rule_baselines_are_refused(name):
 
 
 def test_top_k_of_rows_with_nan_or_ties_never_reads_another_rows_items():
-    """A NaN among the top k (it sorts above everything and equals nothing) falls back to torch.topk's order
-    instead of taking the candidates of the row below; tied rows beside it stay in the order of the ids."""
+    """A row with a NaN score (it sorts above everything and equals nothing) is ordered by its whole catalogue: the
+    NaNs first, then score and id, never the candidates of the row below; tied rows beside it stay in the order of
+    the ids (torch.topk alone returns both rows' ties out of id order here)."""
     from hiertcn_fast.serve import _top_k
     scores = torch.tensor([[1.0, math.nan, 1.0, 0.5, 1.0], [2.0, 2.0, 1.0, 1.0, 0.0]])
     values, ids = _top_k(scores, 3)
-    assert torch.equal(ids, scores.topk(3, dim=1).indices)
+    assert ids.tolist() == [[1, 0, 2], [0, 1, 2]]
+    assert math.isnan(values[0, 0]) and values[0, 1:].tolist() == [1.0, 1.0] and values[1].tolist() == [2.0, 2.0, 1.0]
     values, ids = _top_k(scores[1:], 3)
     assert ids.tolist() == [[0, 1, 2]] and values.tolist() == [[2.0, 2.0, 1.0]]
+    wide = torch.zeros(3, 5000)
+    wide[0, [4000, 7]] = math.nan
+    wide[0, [3, 3000, 1200]] = 1.0
+    wide[1, [2500, 5, 1700, 3300]] = 2.0
+    wide[2, 9] = math.nan
+    for k in (1, 3, 4):
+        values, ids = _top_k(wide, k)
+        assert ids.tolist() == [[7, 4000, 3, 1200][:k], [5, 1700, 2500, 3300][:k], [9, 0, 1, 2][:k]], k
+        assert torch.isnan(values[0, :2]).all() and values[1].tolist() == [2.0] * k and torch.isnan(values[2, 0])
+        assert values[0, 2:].tolist() == [1.0] * max(k - 2, 0) and values[2, 1:].tolist() == [0.0] * (k - 1)
+    # A prefix: top-k of a NaN row is the first k of its top-(k + 1).
+    assert _top_k(wide, 5)[1][:, :4].tolist() == _top_k(wide, 4)[1].tolist()
