@@ -465,3 +465,124 @@ def test_a_refused_cache_is_not_kept_mapped_by_its_error(tmp_path):
     errors.append(refused.value)
     assert refused.value.__context__ is None
     assert maps_of_bad() == 0, "the refused cache is still mapped while its errors are held"
+
+
+# ---- session 30's audit ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("partition,error", [(-1, IndexError), (3, IndexError), (1.7, TypeError), ("1", TypeError),
+                                             (True, TypeError)])
+def test_verify_partitions_takes_partition_indices_only(tmp_path, partition, error):
+    """-1 was reported as a checksum mismatch of an intact cache, 3 as numpy's IndexError, 1.7 and '1' were taken
+    for partition 1; and a refused index counted towards "every partition verified", so a later first read of the
+    arrays skipped the check of a corrupted partition."""
+    cache = small_cache(tmp_path, num_partitions=3)
+    with pytest.raises(error, match="partition"):
+        cache.verify_partitions([partition])
+    assert cache._verified_partitions == set()
+    cache.verify_partitions([np.int64(1), 2])  # NumPy integers are integers
+    flip_byte(cache.path / "item.bin", 4)  # partition 0's first event, not verified yet
+    with pytest.raises(CacheCorruptError, match="partition 0"):
+        cache.item[:3]
+
+
+def test_damaged_session_offsets_are_reported_as_such(tmp_path):
+    """The events' checksums were checked first, over a range read from the damaged offsets: the error named
+    item.bin."""
+    cache = small_cache(tmp_path, num_partitions=3)
+    first_session = int(cache.user_session_offsets[int(cache.partition_user_offsets[1])])
+    offsets = np.memmap(cache.path / "session_offsets.bin", dtype=np.int64, mode="r+")
+    offsets[first_session] += 1
+    offsets.flush()
+    del offsets
+    with pytest.raises(CacheCorruptError, match=r"session_offsets\.bin: checksum mismatch in partition 0"):
+        SessionCache.open(cache.path).verify()
+
+
+def test_leaving_a_with_block_by_an_error_waits_and_warns_once():
+    """The queue's iterator and the with block around it each waited a second for a slow produce and warned: two
+    seconds and two warnings where the docstring promises about one."""
+    import threading
+    import warnings
+
+    release = threading.Event()
+
+    def slow(seq, slot):
+        if seq >= 1:
+            release.wait(30)
+        slot["x"].fill_(seq)
+        return True
+
+    queue = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(KeyError):
+            with PinnedRingQueue({"x": ((2,), torch.int64)}, slow, num_producers=2, num_slots=2) as queue:
+                for _ in queue:
+                    raise KeyError("the training step failed")
+    release.set()
+    still_running = [str(w.message) for w in caught if "still running" in str(w.message)]
+    assert len(still_running) == 1, still_running
+    queue.close(timeout=None)
+    assert queue.alive_producers == 0
+
+
+def test_produce_cannot_replace_the_slots_tensors():
+    """produce got the ring's own dict: rebinding slot['x'] (instead of writing into it) replaced the preallocated
+    tensor for good, and the consumer got whatever shape and dtype produce made."""
+    def rebinds(seq, slot):
+        if seq >= 3:
+            return False
+        slot["x"] = torch.full((5,), seq, dtype=torch.float32)
+        return True
+
+    spec = {"x": ((3,), torch.int64)}
+    with PinnedRingQueue(spec, rebinds, num_producers=1, num_slots=2) as queue:
+        with pytest.raises(TypeError, match=r"in place .*batch 0 changed \['x'\]"):
+            next(iter(queue))
+        assert all(slot["x"].shape == (3,) and slot["x"].dtype == torch.int64 for slot in queue._ring.slots)
+
+    def adds(seq, slot):
+        slot["extra"] = torch.zeros(1)
+        return seq < 2
+
+    with PinnedRingQueue(spec, adds, num_producers=1, num_slots=2) as queue:
+        with pytest.raises(TypeError, match=r"changed \['extra'\]"):
+            next(iter(queue))
+
+    def writes(seq, slot):
+        slot["x"][:] = seq
+        return seq < 3
+
+    with PinnedRingQueue(spec, writes, num_producers=2, num_slots=2) as queue:
+        assert [tensors["x"].tolist() for _, tensors in queue] == [[0] * 3, [1] * 3, [2] * 3]
+
+
+@pytest.mark.parametrize("sessions", [[[3, 0, 2]], [[-5, 2]], [[1.9, 2.2]], [[True, 2]], ["ab"], [[4], [[1, 2]]],
+                                      [[2 ** 70]], [torch.tensor([2 ** 63 + 3], dtype=torch.uint64)]])
+def test_of_sessions_refuses_what_is_not_an_item_id(sessions):
+    """The padding id 0, negative ids, floats (truncated) and bools (taken for 0 and 1) made a batch without a word."""
+    from hiertcn_fast.data import SessionBatch
+
+    with pytest.raises(ValueError, match=r"session \d must be a list of integer item ids >= 1"):
+        SessionBatch.of_sessions(sessions)
+
+
+def test_of_sessions_takes_integer_ids_of_any_kind():
+    from hiertcn_fast.data import SessionBatch
+
+    batch = SessionBatch.of_sessions([np.array([3, 4], dtype=np.uint8), (5,), torch.tensor([7], dtype=torch.uint32)])
+    assert batch.items.dtype == torch.int64
+    assert batch.items[:, 0].tolist() == [[0, 3, 4], [0, 5, 0], [0, 7, 0]]
+    assert batch.lengths[:, 0].tolist() == [2, 1, 1]
+
+
+def test_a_split_that_is_not_a_name_and_a_state_that_is_not_a_tensor_get_clear_errors(tmp_path):
+    """A list as the split was "unhashable type: 'list'"; a NumPy state stored in the lane cache an AttributeError."""
+    cache = small_cache(tmp_path)
+    with pytest.raises(ValueError, match=r"split must be one of \('train', 'valid', 'test'\), got \['train'\]"):
+        SessionBatcher(cache, ["train"])
+    batcher = SessionBatcher(cache, "train", lanes=2, state_shape=(1, 2))
+    with pytest.raises(TypeError, match="new_state must be a torch.Tensor, got ndarray"):
+        batcher.state_cache.store(np.zeros((1, 2, 2)))
+    batcher.state_cache.store(torch.ones(1, 2, 2))
+    assert torch.equal(batcher.state_cache.state, torch.ones(1, 2, 2))

@@ -151,7 +151,7 @@ class SessionBatch:
         items = torch.zeros(steps, 1, longest + 1, dtype=torch.int64)
         lengths = torch.zeros(steps, 1, dtype=torch.int64)
         for step, session in enumerate(sessions):
-            items[step, 0, 1:1 + len(session)] = torch.as_tensor(session, dtype=torch.int64)
+            items[step, 0, 1:1 + len(session)] = _session_item_ids(step, session)
             lengths[step, 0] = len(session)
         keep = torch.ones(steps, 1, dtype=torch.bool)
         keep[-1] = False
@@ -159,6 +159,26 @@ class SessionBatch:
                     torch.zeros(steps, 1, dtype=torch.int64), torch.arange(steps)[:, None],
                     torch.zeros(1, dtype=torch.bool), 0, 0)
         return batch if device is None else batch.to(device)
+
+
+def _session_item_ids(step: int, session) -> torch.Tensor:
+    """A session of SessionBatch.of_sessions as int64 item ids: integers >= 1 (0 is the padding and start id; a
+    float or a bool would be truncated or taken for 0 or 1 without a word)."""
+    refused = ValueError(f"session {step} must be a list of integer item ids >= 1 (0 is the padding id), got "
+                         f"{session!r}")
+    if isinstance(session, (str, bytes)) or (isinstance(session, (list, tuple)) and
+                                             any(isinstance(value, (bool, np.bool_)) for value in session)):
+        raise refused
+    try:
+        ids = torch.as_tensor(session)
+    except (TypeError, ValueError, RuntimeError):
+        raise refused from None
+    if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise refused
+    ids = ids.to(torch.int64)  # (first: an unsigned id past int64's range turns negative, and is refused below)
+    if bool((ids < 1).any()):
+        raise refused
+    return ids
 
 
 class LaneStateCache:
@@ -191,6 +211,8 @@ class LaneStateCache:
         return self.state
 
     def store(self, new_state: torch.Tensor) -> None:
+        if not isinstance(new_state, torch.Tensor):
+            raise TypeError(f"new_state must be a torch.Tensor, got {type(new_state).__name__}")
         if new_state.shape != self.state.shape:
             raise ValueError(f"new_state: expected shape {tuple(self.state.shape)}, got {tuple(new_state.shape)}")
         self.state.copy_(new_state.detach())

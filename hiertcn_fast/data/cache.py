@@ -49,6 +49,8 @@ from typing import Iterable
 
 import numpy as np
 
+from .._ints import is_int
+
 __all__ = ["SessionCache", "CacheCorruptError", "CACHE_FORMAT", "CACHE_VERSION", "SPLITS"]
 
 CACHE_FORMAT = "hiertcn_fast.session_cache"
@@ -70,7 +72,9 @@ ARRAY_DTYPES = {
     "partition_user_offsets": np.int64,
 }
 GLOBAL_ARRAYS = ("user_session_offsets", "user_raw_id", "item_raw_id", "partition_user_offsets")
-PARTITIONED_ARRAYS = ("item", "timestamp", "session_offsets", "session_split")
+# (In the order they are checked: a partition's events are found through its session offsets, so damaged offsets are
+# reported as such, not as a mismatch of the events they point at.)
+PARTITIONED_ARRAYS = ("session_offsets", "session_split", "item", "timestamp")
 CRC_BLOCK_BYTES = 64 << 20
 
 
@@ -332,9 +336,15 @@ class SessionCache:
                 raise CacheCorruptError(f"{self.path / (name + '.bin')}: offsets do not span 0..{end} (corrupted)")
 
     def verify_partitions(self, partitions: Iterable[int]) -> None:
-        """Check the CRCs of the given partitions (each once per process); raise on mismatch."""
+        """Check the CRCs of the given partitions (each once per process); raise on mismatch. Each partition is an
+        integer index in 0..num_partitions - 1 (TypeError, IndexError otherwise: what was verified is what the
+        first read of the arrays counts on)."""
         expected = self.manifest["checksums"]["partitions"]
         for p in partitions:
+            if not is_int(p):
+                raise TypeError(f"partitions must be integer partition indices, got {p!r}")
+            if not 0 <= p < self.num_partitions:
+                raise IndexError(f"partition {p} is not a partition of this cache (0..{self.num_partitions - 1})")
             p = int(p)
             if p in self._verified_partitions:
                 continue
@@ -355,6 +365,6 @@ class SessionCache:
         return np.searchsorted(self.partition_user_offsets, users, side="right") - 1
 
     def split_code(self, split: str) -> int:
-        if split not in SPLITS:
+        if not isinstance(split, str) or split not in SPLITS:  # (a list was "unhashable type")
             raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
         return SPLITS[split]

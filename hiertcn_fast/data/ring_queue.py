@@ -172,7 +172,16 @@ class _Ring:
         if copy_done is not None:
             copy_done.synchronize()  # the previous batch's copy out of this slot
         started = time.perf_counter()
+        held = dict(slot_tensors)  # produce() writes into the tensors; the slot's entries are put back if it rebinds
         produced = self.produce(seq, slot_tensors)
+        changed = sorted(set(held) ^ set(slot_tensors) |
+                         {name for name in held.keys() & slot_tensors.keys() if held[name] is not slot_tensors[name]})
+        if changed:
+            slot_tensors.clear()
+            slot_tensors.update(held)
+            raise TypeError(f"produce(seq, slot) must write into the slot's tensors in place (slot[name][...] = values "
+                            f"or slot[name].copy_(values)), not replace, add or remove entries; batch {seq} changed "
+                            f"{changed}")
         if not isinstance(produced, (bool, np.bool_)):  # None (a forgotten return) would end the stream unseen
             raise TypeError(f"produce(seq, slot) must return True (batch written) or False (no batch seq), got "
                             f"{produced!r} for batch {seq}")
@@ -238,6 +247,7 @@ class PinnedRingQueue:
 
     def __init__(self, spec, produce: Callable[[int, dict], bool], num_producers: int = 2, num_slots: int = 4,
                  device="cpu", pin_memory: bool | None = None):
+        self._gave_up = False  # (close_after_error: a bounded close already waited for the producers and warned)
         self.spec = _check_spec(spec)
         if not callable(produce):
             raise TypeError(f"produce must be callable, got {type(produce).__name__}")
@@ -385,8 +395,13 @@ class PinnedRingQueue:
 
     def close_after_error(self) -> None:
         """Close on an error path: wait a bounded time (an interrupted consumer must not hang on a
-        slow ``produce``), and say so if a producer is still running."""
+        slow ``produce``), and say so if a producer is still running. Once: a later call (the queue's
+        own iterator, then the ``with`` block around it) neither waits nor warns again."""
+        if self._gave_up:
+            self.close(timeout=0)
+            return
         if not self.close():
+            self._gave_up = True
             warnings.warn(f"PinnedRingQueue: {self.alive_producers} producer thread(s) still running "
                           f"{JOIN_SECONDS} s after close(); they stop once their produce call returns",
                           RuntimeWarning, stacklevel=3)
