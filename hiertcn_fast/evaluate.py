@@ -94,6 +94,18 @@ def _rankable(scores: torch.Tensor) -> torch.Tensor:
     return scores.float()
 
 
+def _int64_targets(targets: torch.Tensor) -> torch.Tensor:
+    """Integer item ids as int64 (torch compares only some integer dtypes: not uint16, uint32 or uint64). A uint64 id
+    past int64's range is refused by its value (the conversion would make it negative)."""
+    if targets.dtype == torch.uint64:
+        past = targets.view(torch.int64) < 0  # (the top bit: >= 2**63)
+        if bool(past.any()):
+            first = int(torch.nonzero(past)[0, 0])
+            value = int(targets[first:first + 1].cpu().numpy()[0])
+            raise ValueError(f"targets: item id {value} at event {first} is not in the catalogue (past int64's range)")
+    return targets.to(torch.int64)
+
+
 def _check_targets(targets: torch.Tensor, num_columns: int, padding_item: int | None) -> None:
     """Every target an item of the catalogue: a column of the scores other than ``padding_item``."""
     bad_target = (targets < 0) | (targets >= num_columns)
@@ -133,8 +145,8 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, padding_item: int 
     if targets.device != scores.device:
         raise ValueError(f"targets must be on the scores' device ({scores.device}), got {targets.device}; "
                          f"move them with .to(scores.device)")
+    targets = _int64_targets(targets)  # (also gather's index: int8 or int16 ids would fail inside it)
     _check_targets(targets, num_columns, padding_item)
-    targets = targets.to(torch.int64)  # gather's index (int8 or int16 ids would fail inside it)
     higher = torch.empty(n, dtype=torch.int64, device=scores.device)
     tied = torch.empty(n, dtype=torch.int64, device=scores.device)
     rows = max(1, ROW_BLOCK_ELEMENTS // max(num_columns, 1))
@@ -329,7 +341,7 @@ class RankingMetrics:
         if user_keys.dtype == np.uint64 and int(user_keys.max()) > np.iinfo(np.int64).max:
             raise ValueError(f"users: user ids must fit in int64, got {int(user_keys.max())}")
         user_keys = user_keys.astype(np.int64)
-        targets = targets.to(device=scores.device, dtype=torch.int64)
+        targets = _int64_targets(targets).to(scores.device)
         _check_targets(targets, num_columns, self.padding_item)
         # A row sum is a fast vectorised reduction and is NaN if the row holds a NaN (or both infinities,
         # hence the exact check on the suspect rows only). The padding column is never ranked, so a NaN

@@ -58,6 +58,20 @@ __all__ = ["StreamingRecommender"]
 STATE_FORMAT = "hiertcn_fast.streaming_state/1"
 
 
+def _numbers(values, name: str, dtype=None, device=None) -> torch.Tensor:
+    """torch.as_tensor of an argument of numbers, with its name in the errors torch's own would leave unnamed: a
+    reversed NumPy view is copied (torch takes no negative strides), and a number too large for its dtype is an
+    error that names the argument."""
+    if isinstance(values, np.ndarray) and any(stride < 0 for stride in values.strides):
+        values = values.copy()
+    try:
+        return torch.as_tensor(values, dtype=dtype, device=device)
+    except (OverflowError, RuntimeError, ValueError) as error:  # (a Python int past int64: "Overflow when unpacking")
+        if "verflow" not in str(error):
+            raise
+        raise ValueError(f"{name} holds a number too large for {dtype or 'int64'}: {error}") from None
+
+
 def _as_rows(values, dtype, device) -> torch.Tensor:
     return torch.as_tensor(values, dtype=dtype).reshape(-1).to(device)
 
@@ -506,10 +520,10 @@ class StreamingRecommender:
         self._check_model()
         _refuse_non_numbers(items, "items", what_not_bool="integer item ids")
         _refuse_non_numbers(timestamps, "timestamps")
-        given = torch.as_tensor(items)
+        given = _numbers(items, "items")
         if given.dim() > 1:
             raise ValueError(f"items must be one item id per event (one-dimensional), got shape {tuple(given.shape)}")
-        times = torch.as_tensor(timestamps, dtype=torch.float64)
+        times = _numbers(timestamps, "timestamps", torch.float64)
         if times.dim() > 1:
             raise ValueError(f"timestamps must be one time per event (one-dimensional), got shape "
                              f"{tuple(times.shape)}")
@@ -623,7 +637,8 @@ class StreamingRecommender:
 
     @torch.no_grad()
     def scores_many(self, users, now=None) -> torch.Tensor:
-        """Logits (users, num_items + 1) of each user's next item (column 0, the padding id, is -inf).
+        """Logits (users, num_items + 1) of each user's next item (column 0, the padding id, is -inf), float32 (float64
+        for a float64 model).
         With ``now`` (seconds, one per user or one for all), users idle for >= session_gap get
         first-of-session predictions (their open session is closed, as the next event would)."""
         users = _user_keys(users)
@@ -631,7 +646,7 @@ class StreamingRecommender:
         rows = self._slots(users, create=False)
         if now is not None:
             _refuse_non_numbers(now, "now", "seconds, one time for all users or one per user")
-            now = torch.as_tensor(now, dtype=torch.float64, device=self.device)
+            now = _numbers(now, "now", torch.float64, self.device)
             if now.dim() > 1 or now.numel() not in (1, rows.shape[0]):
                 raise ValueError(f"now must be one time for all users or one per user ({rows.shape[0]}), got shape "
                                  f"{tuple(now.shape)}")
@@ -653,8 +668,11 @@ class StreamingRecommender:
         return self._logits(self.features[rows])
 
     def _logits(self, features: torch.Tensor) -> torch.Tensor:
-        """The model's scores of ``features`` (users, ...), float, with the padding id's column at -inf."""
-        logits = self.model.scores(features).float()
+        """The model's scores of ``features`` (users, ...) with the padding id's column at -inf: in the model's
+        dtype, half types in float32 (a float64 model is ranked on its float64 scores, as its full forward is)."""
+        logits = self.model.scores(features)
+        if logits.dtype != torch.float64:
+            logits = logits.float()
         logits[:, 0] = -math.inf
         return logits
 

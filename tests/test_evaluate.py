@@ -228,9 +228,16 @@ def test_target_ranks_counts():
             target_ranks(scores, targets)
     # Any integer dtype of ids (uint8 and int16 ids failed inside gather); a NaN-scored target has no rank (it was
     # counted as tied with -1 items).
-    for dtype in (torch.uint8, torch.int16, torch.int32):
+    # (uint16, uint32 and uint64 failed in the check's comparison, which torch does not have for them.)
+    for dtype in (torch.uint8, torch.int16, torch.int32, torch.uint16, torch.uint32, torch.uint64):
         higher, tied = target_ranks(scores, torch.tensor([2, 1], dtype=dtype))
         assert higher.tolist() == [0, 0] and tied.tolist() == [1, 2], dtype
+    # A uint64 id past int64's range is named by its value (the conversion to int64 made it negative).
+    huge = torch.tensor([2, 2 ** 63 + 3], dtype=torch.uint64)
+    with pytest.raises(ValueError, match="item id 9223372036854775811 at event 1 is not in the catalogue"):
+        target_ranks(scores, huge)
+    with pytest.raises(ValueError, match="item id 9223372036854775811 at event 1 is not in the catalogue"):
+        RankingMetrics().update(scores, huge, torch.tensor([0, 1]), torch.tensor([True, False]))
     nan_target = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, float("nan"), 2.0]])
     with pytest.raises(ValueError, match="the target of event 1 scores NaN"):
         target_ranks(nan_target, torch.tensor([1, 2]))

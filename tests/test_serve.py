@@ -72,7 +72,7 @@ def test_streaming_equals_forward():
         for event, got in enumerate(streamed[user]):
             if got is None:
                 continue
-            torch.testing.assert_close(got[1:], expected[event, 1:].float(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[1:], expected[event, 1:], rtol=1e-5, atol=1e-5)
             assert got[0] == -torch.inf
     # A known user's single events stepped its row views in place, and (from the second step on) through
     # TCN.step's shortcut.
@@ -221,7 +221,7 @@ def test_gap_closes_session_and_truncation_matches_training():
         recommender.observe("u", item, 100.0 + GAP * 3 + i)
     got = recommender.scores("u")
     expected = forward_logits(model, [[1, 2, 3], [6, 7, 8]])[-1]
-    torch.testing.assert_close(got[1:], expected[1:].float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1:], expected[1:], rtol=1e-5, atol=1e-5)
 
 
 def test_save_and_restore():
@@ -926,3 +926,49 @@ def test_every_call_interrupted_at_any_line_leaves_the_state_before_or_after_it(
                 assert _same(snapshot(recommender), after), f"{label}: interrupted at {where}, then retried"
             n += 1
         assert n > 40, f"{label}: only {n - 1} lines ran"
+
+
+def _small_hiertcn(dtype):
+    torch.manual_seed(5)
+    return HierTCN(23, embedding_dim=12, state_layers=2, state_hidden=7, tcn_channels=(9, 11), kernel_size=3,
+                   dilations=(1, 2), max_session_length=6).to(dtype).eval()
+
+
+def test_a_float64_model_is_ranked_on_its_float64_scores():
+    """The scores were rounded to float32 before ranking: two items whose float64 scores differ by less than float32
+    resolves came out tied, in id order, and not in the model's order."""
+    model = _small_hiertcn(torch.float64)
+    with torch.no_grad():
+        model.output.weight[7] = model.output.weight[3]
+        model.output.bias[3] = 50.0
+        model.output.bias[7] = 50.0 + 1e-9
+    recommender = StreamingRecommender(model)
+    recommender.observe("a", 5, 0.0)
+    with torch.no_grad():
+        full = model.scores(recommender.features[recommender.user_slot["a"]][None])[0]
+    assert full[7] > full[3] and float(full[7].float()) == float(full[3].float())
+    scores = recommender.scores("a")
+    assert scores.dtype == torch.float64 and torch.equal(scores[1:], full[1:])
+    assert recommender.recommend("a", 2) == [7, 3]
+    assert recommender.recommend_many(["a"], 2)[0].tolist() == [[7, 3]]
+    float32 = StreamingRecommender(_small_hiertcn(torch.float32))
+    float32.observe("a", 5, 0.0)
+    assert float32.scores("a").dtype == torch.float32
+
+
+def test_item_and_time_arrays_are_taken_reversed_and_too_large_ids_are_named():
+    """A reversed NumPy view (negative strides) was torch's "At least one stride ... is negative", and an id past
+    int64 its "Overflow when unpacking long long": neither named the argument."""
+    model = _small_hiertcn(torch.float32)
+    reversed_views, copies = StreamingRecommender(model), StreamingRecommender(model)
+    items, times = np.array([5, 4, 3]), np.array([300.0, 200.0, 100.0])
+    reversed_views.observe_many(["a", "b", "c"], items[::-1], times[::-1])
+    copies.observe_many(["a", "b", "c"], items[::-1].copy(), times[::-1].copy())
+    now = np.array([9000.0, 8000.0, 7000.0])[::-1]
+    assert torch.equal(reversed_views.scores_many(["a", "b", "c"], now=now),
+                       copies.scores_many(["a", "b", "c"], now=now.copy()))
+    for call in (lambda: reversed_views.observe("new", 2 ** 70, 10000.0),
+                 lambda: reversed_views.observe_many(["a"], [2 ** 64], [10000.0])):
+        with pytest.raises(ValueError, match="items holds a number too large for int64"):
+            call()
+    assert "new" not in reversed_views.user_slot
