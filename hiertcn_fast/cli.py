@@ -317,7 +317,7 @@ def _train_and_report(args, device, started, main_rank) -> int:
                  preprocessing_note(cache),
                  f"evaluated: every event of the {args.split} split ({split_counts[args.split]['events']} events, "
                  f"{split_counts[args.split]['users']} users); trained on train ({split_counts['train']['events']} "
-                 f"events); rules fitted on train",
+                 f"events){'; rules fitted on train' if args.rules else ''}",
                  f"neural models: width {args.dim}, {args.epochs} epochs, {args.lanes} lanes x "
                  f"{args.sessions_per_batch} sessions per batch, Adam lr {args.lr} divided by 5 at 50% and 75%, "
                  f"gradients clipped at norm {config.grad_clip:g} (not in the paper), "
@@ -380,7 +380,7 @@ def _train_and_report(args, device, started, main_rank) -> int:
                        "events_per_second_means": "training events (targets) per second of the training loop",
                        "peak_memory_means": trainer.memory_kind})
             per_user = quality["per_user"]["all"]
-            print(f"[{name}] test Recall@10 {per_user['Recall@10']:.4f} MRR {per_user['MRR']:.4f} (per user); "
+            print(f"[{name}] {args.split} Recall@10 {per_user['Recall@10']:.4f} MRR {per_user['MRR']:.4f} (per user); "
                   f"{trainer.train_seconds:.0f} s training, {parameters:,} parameters", flush=True)
         if main_rank:
             save(models[index + 1:], final=False)

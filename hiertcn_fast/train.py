@@ -90,7 +90,8 @@ class TrainConfig:
 
     epochs: passes over the training split. lanes (B) and sessions_per_batch (S): the lane
     generator's batch (32 x 10); the history model takes ``lanes`` users per batch.
-    learning_rate (paper 1e-2), lr_milestones (fractions of the run), lr_gamma (0.2: "divided by 5
+    learning_rate (paper 1e-2), lr_milestones (fractions of the run, counted in epochs: batch i of epoch e, of n
+    batches, is at (e + i / n) / epochs, whatever the other epochs' batch counts), lr_gamma (0.2: "divided by 5
     twice"), grad_clip (max global norm, 5.0: not in the paper, a guard; 0 disables), weight_decay (Adam's L2).
     loss: "full" (softmax over all items) or "sampled" (num_sampled items per batch from a
     ``sampler`` proposal, "unigram" = (train counts + 1) ** 0.75 or "uniform", with log-q correction).
@@ -536,6 +537,13 @@ class Trainer:
         if not isinstance(model, NextItemModel):
             raise TypeError(f"model must be a NextItemModel, got {type(model).__name__}")
         self.config = config = config or TrainConfig()
+        # Refused before any work: a checkpoint that cannot be written failed only at the run's end, and a period
+        # without a path wrote nothing without a word.
+        if config.checkpoint_every and config.checkpoint_path is None:
+            raise ValueError(f"checkpoint_every={config.checkpoint_every} needs a checkpoint_path to write to")
+        if config.checkpoint_path is not None and os.path.isdir(config.checkpoint_path):
+            raise ValueError(f"checkpoint_path {config.checkpoint_path!r} is a folder: name the checkpoint file "
+                             f"(e.g. {os.path.join(config.checkpoint_path, 'checkpoint.pt')!r})")
         self.name = name or type(model).__name__
         self.out = sys.stdout if out is _STDOUT else out  # the stream of now, not of import time (None: silent)
         self.device = default_device(config.device)

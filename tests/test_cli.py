@@ -226,6 +226,18 @@ def test_an_earlier_report_is_replaced_and_the_job_says_so(tmp_path, cache_dir, 
     assert any("at this one setting and seed" in note and "quality_sweep.py" in note for note in document["notes"])
 
 
+def test_the_evaluated_split_is_named_as_it_is_and_rules_only_when_fitted(tmp_path, cache_dir, capsys):
+    """The console line said "test" whatever --split named, and the notes said "rules fitted on train" after
+    --no-rules."""
+    out = tmp_path / "report"
+    assert cli.main(_job(out, cache_dir, "--no-rules", "--models", "session_gru", "--split", "valid")) == 0
+    stdout = capsys.readouterr().out
+    assert "[session_gru] valid Recall@10" in stdout and "[session_gru] test" not in stdout
+    notes = json.loads((out / "results.json").read_text())["notes"]
+    assert any("every event of the valid split" in note for note in notes)
+    assert not any("rules fitted" in note for note in notes)
+
+
 def test_the_reports_wall_time_counts_from_the_commands_start(tmp_path):
     """report.md's note "wall time from the command's start to this report" and results.json's
     ``metadata.wall_seconds`` count from the command's start: ``python -m hiertcn_fast`` (and the ``hiertcn-fast``

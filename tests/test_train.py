@@ -136,7 +136,7 @@ def test_resume_from_a_periodic_checkpoint_equals_uninterrupted(cache, tmp_path)
     while the producer thread was building batches ahead) gives the run that never died."""
     settings = config(epochs=2, checkpoint_path=str(tmp_path / "run.pt"), checkpoint_every=3)
     straight = Trainer(build_model("hiertcn", cache.num_items, seed=2, dropout=0.1, **TINY["hiertcn"]), cache,
-                       dataclasses.replace(settings, checkpoint_path=None), out=None).train()
+                       dataclasses.replace(settings, checkpoint_path=None, checkpoint_every=0), out=None).train()
 
     class Died(Exception):
         pass
@@ -1337,3 +1337,18 @@ def test_evaluate_into_a_callers_accumulator_adds_all_or_nothing(cache):
             return {**super().result(), "by": "Pessimist"}
 
     assert evaluate(model, cache, "test", config(), metrics=Pessimist(ties="pessimistic"))["by"] == "Pessimist"
+
+
+def test_a_checkpoint_that_cannot_be_written_is_refused_before_training(cache, tmp_path):
+    """checkpoint_every without a checkpoint_path wrote nothing without a word, and a checkpoint_path that is a folder
+    failed only after the whole run (IsADirectoryError when the finished checkpoint was moved into place)."""
+    model = build_model("session_gru", cache.num_items, **TINY["session_gru"])
+    with pytest.raises(ValueError, match="checkpoint_every=5 needs a checkpoint_path"):
+        Trainer(model, cache, config(checkpoint_every=5), out=None)
+    with pytest.raises(ValueError, match="is a folder: name the checkpoint file"):
+        Trainer(model, cache, config(checkpoint_path=str(tmp_path)), out=None)
+    assert list(tmp_path.iterdir()) == []
+    trainer = Trainer(model, cache, config(max_steps=2, checkpoint_path=str(tmp_path / "run.pt"), checkpoint_every=1),
+                      out=None)
+    trainer.train()
+    assert [p.name for p in tmp_path.iterdir()] == ["run.pt"]
