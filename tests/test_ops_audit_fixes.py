@@ -225,3 +225,31 @@ def test_reference_tcn_step_refuses_a_negative_position_before_any_layer_steps()
     with pytest.raises(ValueError, match=r"layer 1: state.position must be an int64 \(2,\) tensor"):
         tcn_step(rand(2, 4), weights, [None, None], states, backend="reference")
     assert torch.equal(states[0].position, before[0][1])
+
+
+# ---- session 30's audit ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("shapes,layer,width", [([(4, 2, 3)], 0, 4), ([(4, 5, 3)], 0, 4), ([(4, 4, 3), (4, 6, 3)], 1, 4)])
+def test_tcn_step_names_a_weight_of_the_wrong_input_width(backend, shapes, layer, width):
+    """The cpu kernel's check named its packed copy of the weight, with a permuted shape ("packed_weights[0] must be
+    ... got shape [3, 2, 4]")."""
+    from hiertcn_fast.ops.conv import CausalConvState, tcn_step
+
+    x = torch.randn(2, 4)
+    weights = [torch.randn(shape) for shape in shapes]
+    states = [CausalConvState.zeros(2, w.shape[1], w.shape[2]) for w in weights]
+    with pytest.raises(ValueError, match=rf"weights\[{layer}\] \(out_channels, in_channels, k\) must have {width} "
+                                         rf"input channels .*got shape \({', '.join(map(str, shapes[layer]))}\)"):
+        tcn_step(x, weights, [None] * len(weights), states, backend=backend)
+
+
+@pytest.mark.parametrize("module", ["block", "tcn"])
+def test_an_unbatched_x_with_a_context_is_refused_for_its_rank(module):
+    """With a context, the context's batch check ran first and blamed the context ("must have x's batch 7")."""
+    from hiertcn_fast.nn import TCN, TemporalBlock
+
+    layer = TemporalBlock(3, 4, 2, context_channels=2) if module == "block" else TCN(3, [4], 2, context_channels=2)
+    for context in (torch.randn(1, 2), torch.randn(7, 2), None):
+        with pytest.raises(ValueError, match=r"x must be 3-D .*got shape \(7, 3\)"):
+            layer(torch.randn(7, 3), context)

@@ -19,6 +19,7 @@ int64_t rows_per_task(int64_t hidden) { return std::max<int64_t>(1, 16384 / std:
 // and the sizes plain values: without both, the compiler does not vectorise the loops over units. Each row
 // function is an always-inline template (T the storage type) compiled into the versions of
 // HIERTCN_CPU_VERSIONS, one per dtype, below.
+
 // Pass 1 of a row's chunk of n units from j0: the reset and update gates' sigmoids, r and z, into r[0..n) and
 // z[0..n). The row functions compute a chunk in two passes, the sigmoids then the rest: with all of one unit's
 // math in one loop body, its exp and divide chains were longer than the out-of-order window, and the loop ran

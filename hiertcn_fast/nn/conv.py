@@ -308,6 +308,9 @@ class TemporalBlock(nn.Module):
 
     def forward(self, x, context=None):
         _check_tensors(x=x, context=context)
+        if x.dim() != 3:  # (first: the context's check below would blame the context for an unbatched x)
+            raise ValueError(f"x must be 3-D (batch, time, in_channels = {self.conv.in_channels}), got shape "
+                             f"{tuple(x.shape)}")
         self.conv._check_layout(x)
         self._check_projected(x, context, "x")  # before the projection reads them
         return self.conv(x, context, residual=self._residual(x, context))

@@ -878,6 +878,11 @@ def _check_stack(x, weights, states, proj_weights, proj_biases, context, context
             raise TypeError(f"states[{l}] must be a CausalConvState, got {type(state).__name__}")
         check_tensor(weight, f"weights[{l}]", 3)
         check_like(weight, f"weights[{l}]", x, "x")
+        width = x.shape[-1] if l == 0 else weights[l - 1].shape[0]
+        if weight.shape[1] != width:  # (the cpu kernel's own check names its packed copy of the weight)
+            source = "x's channels" if l == 0 else f"weights[{l - 1}]'s out_channels"
+            raise ValueError(f"weights[{l}] (out_channels, in_channels, k) must have {width} input channels ({source}; "
+                             f"the layers of a stack are dense), got shape {tuple(weight.shape)}")
         for name, t in ((f"biases[{l}]", biases[l]), (f"proj_weights[{l}]", proj_weight),
                         (f"proj_biases[{l}]", proj_biases[l])):
             if isinstance(t, torch.Tensor):
