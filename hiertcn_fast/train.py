@@ -56,6 +56,7 @@ from .evaluate import RankingMetrics, batch_targets
 from .models import NEURAL_MODELS, HistoryBatch, NextItemModel, UserHistoryBatcher
 from .backends import requested_backend
 from .ops import linear_cross_entropy
+from .ops.loss import _check_parameters_like_features
 
 __all__ = ["TrainConfig", "Trainer", "evaluate", "build_model", "model_spec", "sampled_softmax_loss",
            "train_item_counts", "DataMemoryMeter", "user_lane_batches"]
@@ -270,6 +271,7 @@ def _check_sampled_loss_args(features, targets, weight, sampled, log_q) -> None:
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if features.dim() != 2 or features.shape[1] != weight.shape[1]:
         raise ValueError(f"features must be (events, {weight.shape[1]}), got shape {tuple(features.shape)}")
+    _check_parameters_like_features(features, weight, None)  # (the product's own error named no argument)
     for name, ids in (("targets", targets), ("sampled", sampled)):
         if ids.dtype != torch.int64 or ids.dim() != 1:
             raise ValueError(f"{name} must be a 1-D int64 tensor of item ids, got {ids.dtype} of shape "

@@ -96,9 +96,14 @@ class NextItemModel(nn.Module):
         layers, hidden = self.state_shape
         if state is None:
             return like.new_zeros(layers, lanes, hidden)
+        if not isinstance(state, torch.Tensor):
+            raise TypeError(f"state must be a torch.Tensor or None, got {type(state).__name__}")
         if state.shape != (layers, lanes, hidden):
             raise ValueError(f"state must be (layers, lanes, hidden) = {(layers, lanes, hidden)}, "
                              f"got {tuple(state.shape)}")
+        if state.dtype != like.dtype or state.device != like.device:
+            raise TypeError(f"state has dtype {state.dtype} on {state.device} but the model's activations have "
+                            f"{like.dtype} on {like.device}; pass a state made like them (or None)")
         return state
 
 

@@ -102,7 +102,9 @@ class UserHistoryBatcher:
                              f"{max_session_length!r}")
         if not is_int(seed) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        if isinstance(context_splits, str) or split in tuple(context_splits):
+        if not isinstance(context_splits, str):  # (once: a generator would be used up by the check below)
+            context_splits = tuple(context_splits)
+        if isinstance(context_splits, str) or split in context_splits:
             raise ValueError(f"context_splits must be a sequence of splits other than the batched one ({split!r}), "
                              f"got {context_splits!r}")
         self.cache, self.split = cache, split
@@ -193,7 +195,9 @@ class UserHistoryBatcher:
 
     def __iter__(self):
         """The remaining batches of the current epoch; the epoch advances at the end."""
-        if self.next_index >= self.num_batches():
+        # A finished epoch (a position restored at its end) is left first; an epoch without batches (an empty split)
+        # is not: the end below advances past it, one epoch per iteration as the lane batcher.
+        if self.next_index > 0 and self.next_index >= self.num_batches():
             self.epoch, self.next_index = self.epoch + 1, 0
         epoch = self.epoch
         while self.epoch == epoch and self.next_index < self.num_batches():
@@ -246,7 +250,17 @@ class HistoryTCN(NextItemModel):
     def forward(self, batch: HistoryBatch, state=None):
         if state is not None:
             raise ValueError("HistoryTCN has no state across batches; pass state=None")
-        width = int(batch.lengths.max()) if batch.lengths.numel() else 0
+        lengths, time = batch.lengths, batch.items.shape[1]
+        if lengths.shape != (batch.items.shape[0],):
+            raise ValueError(f"batch.lengths must be (users,) = ({batch.items.shape[0]},), got shape "
+                             f"{tuple(lengths.shape)}")
+        low, width = torch.stack(torch.aminmax(lengths)).tolist() if lengths.numel() else (0, 0)
+        if low < 0 or width > time - 1:
+            raise ValueError(f"batch.lengths must lie in [0, {time - 1}] (the events a row of items holds after its "
+                             f"start token), got lengths in [{low}, {width}]")
+        if batch.context_lengths is not None and bool(((batch.context_lengths < 0) |
+                                                       (batch.context_lengths > lengths)).any()):
+            raise ValueError("batch.context_lengths must lie in [0, lengths] (context events are a row's first)")
         if width == 0:
             return self.item_embedding.weight.new_zeros(0, self.output.in_features), None
         inputs = self.dropout(self.embed(batch.items[:, :width]))
