@@ -586,3 +586,91 @@ def test_a_split_that_is_not_a_name_and_a_state_that_is_not_a_tensor_get_clear_e
         batcher.state_cache.store(np.zeros((1, 2, 2)))
     batcher.state_cache.store(torch.ones(1, 2, 2))
     assert torch.equal(batcher.state_cache.state, torch.ones(1, 2, 2))
+
+
+def test_a_rebuild_never_shows_other_processes_a_missing_or_mixed_cache(tmp_path):
+    """A rebuild renamed the healthy cache aside, then fsynced and renamed the new one in: a process opening it in
+    between got "found no file (truncated or replaced)", a bare FileNotFoundError or "no manifest.json", on a healthy
+    cache. Here one thread rebuilds in a loop while another opens (the folder swap is atomic where the system can, and
+    an open that met a swap is retried)."""
+    import threading
+    import time
+
+    rng = np.random.default_rng(0)
+    source = ArraySource(rng.integers(0, 50, 3000), rng.integers(0, 30, 3000), rng.integers(0, 10 ** 5, 3000))
+    params = PreprocessParams(min_item_count=1, min_user_count=1, max_user_count=None, num_partitions=2)
+    first = preprocess(source, tmp_path, params)
+    stop, rebuilds, errors = threading.Event(), [], []
+
+    def rebuild():
+        try:
+            while not stop.is_set():
+                preprocess(source, tmp_path, params, rebuild=True)
+                rebuilds.append(1)
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(f"rebuild: {type(error).__name__}: {error}")
+
+    thread = threading.Thread(target=rebuild)
+    thread.start()
+    opened = 0
+    try:
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline and not errors:
+            try:
+                cache = preprocess(source, tmp_path, params, verify="full")
+                assert cache.num_events == first.num_events
+                opened += 1
+            except Exception as error:  # noqa: BLE001
+                errors.append(f"open: {type(error).__name__}: {error}")
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == []
+    assert len(rebuilds) >= 3 and opened >= 3, (len(rebuilds), opened)
+    assert [p.name for p in tmp_path.iterdir()] == [first.path.name]  # no temp dir left
+    assert SessionCache.open(first.path, verify="full").num_events == first.num_events
+
+
+def test_a_column_named_twice_or_read_for_two_roles_is_refused(tmp_path):
+    """The first of two 'timestamp' columns was read without a word, and item='user_id' read the users as items."""
+    doubled = tmp_path / "doubled.csv"
+    doubled.write_text("user_id,item_id,timestamp,timestamp\n1,2,100,5\n")
+    with pytest.raises(ValueError, match=r"names column 'timestamp' \(timestamp\) 2 times; pass its index"):
+        list(DelimitedSource(doubled).iter_chunks())
+    assert [c.timestamp.tolist() for c in DelimitedSource(doubled, timestamp=3).iter_chunks()] == [[5.0]]
+    plain = tmp_path / "plain.csv"
+    plain.write_text("user_id,item_id,timestamp\n1,2,100\n")
+    with pytest.raises(ValueError, match="user and item are read from one column"):
+        list(DelimitedSource(plain, item="user_id").iter_chunks())
+    headless = tmp_path / "headless.csv"
+    headless.write_text("1,2,100\n")
+    with pytest.raises(ValueError, match="user and timestamp are read from one column"):
+        list(DelimitedSource(headless, user=0, item=1, timestamp=0, header=False).iter_chunks())
+
+
+@pytest.mark.parametrize("suffix,delimiter", [(".tsv", "\t"), (".TSV", "\t"), (".Inter", "\t"), (".txt", "\t"),
+                                              (".csv", ","), (".log", ",")])
+def test_the_default_delimiter_follows_the_suffix_in_any_case(tmp_path, suffix, delimiter):
+    """.TSV read as comma-separated (the suffix was compared case-sensitively)."""
+    path = tmp_path / f"log{suffix}"
+    path.write_text(delimiter.join(["user_id", "item_id", "timestamp"]) + "\n" + delimiter.join(["1", "2", "3"]) + "\n")
+    source = DelimitedSource(path)
+    assert source.delimiter == delimiter
+    assert [c.item.tolist() for c in source.iter_chunks()] == [[2]]
+
+
+@pytest.mark.parametrize("fractions", [(True, False, False), "100", ("0.8", "0.1", "0.1"), (0.8, 0.1, None)])
+def test_split_fractions_must_be_numbers(fractions):
+    """A bool was taken for 1.0 or 0.0, and "100" for the three fractions 1, 0, 0."""
+    with pytest.raises(ValueError, match="split_fractions must be three finite non-negative numbers"):
+        PreprocessParams(split_fractions=fractions)
+    assert PreprocessParams(split_fractions=[np.float32(0.5), 0.25, 0.25]).split_fractions == (0.5, 0.25, 0.25)
+
+
+def test_a_source_name_too_long_for_the_build_folder_is_refused_before_the_build(tmp_path):
+    """A name the file system takes for the cache's folder but not for its longer build folder failed as a raw
+    "File name too long" once the build had started."""
+    source = ArraySource([1, 1, 2], [5, 6, 7], [0.0, 1.0, 2.0], name="n" * 220)
+    with pytest.raises(ValueError, match=r"source.name is too long: .* past the 255 a file name may have"):
+        preprocess(source, tmp_path, PreprocessParams(**LOOSE))
+    assert list(tmp_path.iterdir()) == []

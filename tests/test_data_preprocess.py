@@ -315,13 +315,19 @@ def test_a_failed_rebuild_keeps_the_existing_cache(tmp_path, small_source):
     assert_only_the_cache_is_left(tmp_path, rebuilt)
 
 
-def test_a_rebuild_that_fails_to_publish_puts_the_existing_cache_back(tmp_path, small_source, monkeypatch):
+@pytest.mark.parametrize("atomic_swap", [True, False])
+def test_a_rebuild_that_fails_to_publish_puts_the_existing_cache_back(tmp_path, small_source, monkeypatch,
+                                                                      atomic_swap):
+    """(atomic_swap False: a system without renameat2's exchange, where the old cache is moved aside first.)"""
     cache = preprocess(small_source, tmp_path, SMALL)
 
-    def full_disk(temp, final_path, manifest):
+    def full_disk(*args):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(preprocess_module, "publish_temp_dir", full_disk)
+    monkeypatch.setattr(preprocess_module, "seal_temp_dir", full_disk)
+    if not atomic_swap:
+        monkeypatch.setattr(preprocess_module, "exchange_paths", lambda first, second: False)
     with pytest.raises(OSError, match="No space left"):
         preprocess(small_source, tmp_path, SMALL, rebuild=True)
     assert_only_the_cache_is_left(tmp_path, cache)
@@ -492,8 +498,37 @@ def test_rebuild_interrupted_right_after_the_old_cache_is_moved_aside_keeps_the_
             raise KeyboardInterrupt("simulated Ctrl-C as the old cache was moved aside")
 
     monkeypatch.setattr(os, "rename", rename_then_interrupt)
+    monkeypatch.setattr(preprocess_module, "exchange_paths", lambda first, second: False)  # (the rename-aside path)
     with pytest.raises(KeyboardInterrupt):
         preprocess(source, tmp_path, params, rebuild=True)
     monkeypatch.undo()
     assert path.exists(), f"the existing cache was deleted; left in {tmp_path}: {sorted(p.name for p in tmp_path.iterdir())}"
+    assert np.array_equal(np.asarray(SessionCache.open(path, verify="full").item), items)
+
+
+def test_rebuild_interrupted_right_after_the_folders_swap_leaves_a_whole_cache(tmp_path, monkeypatch):
+    """With the atomic swap, an interrupt as it returns finds the new cache in place and the old one in the build's
+    temp dir, which the build's cleanup removes: a whole cache, and nothing else, is left."""
+    real = preprocess_module.exchange_paths
+    (tmp_path / "probe_a").mkdir()
+    (tmp_path / "probe_b").mkdir()
+    if not real(tmp_path / "probe_a", tmp_path / "probe_b"):
+        pytest.skip("this file system cannot swap folders atomically (the rename-aside path is tested above)")
+    (tmp_path / "probe_a").rmdir()
+    (tmp_path / "probe_b").rmdir()
+    source = SyntheticSource(3000, num_items=50, mean_events_per_user=20, seed=1)
+    params = PreprocessParams(min_item_count=1, min_user_count=2, num_partitions=2)
+    cache = preprocess(source, tmp_path, params)
+    path, items = cache.path, np.asarray(cache.item).copy()
+    del cache
+
+    def swap_then_interrupt(first, second):
+        assert real(first, second)
+        raise KeyboardInterrupt("simulated Ctrl-C as the folders swapped")
+
+    monkeypatch.setattr(preprocess_module, "exchange_paths", swap_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess(source, tmp_path, params, rebuild=True)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
     assert np.array_equal(np.asarray(SessionCache.open(path, verify="full").item), items)

@@ -36,6 +36,8 @@ A crash leaves only a ``.tmp-*`` directory, which is never opened as a cache.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -169,11 +171,8 @@ def remove_stale_temp_dirs(final_path: Path) -> list[Path]:
     return removed
 
 
-def publish_temp_dir(temp: Path, final_path: Path, manifest: dict) -> bool:
-    """Write the manifest last, fsync everything and rename ``temp`` to ``final_path``.
-
-    Returns False (and removes ``temp``) if another process published the same cache first.
-    """
+def seal_temp_dir(temp: Path, manifest: dict) -> None:
+    """Make the build in ``temp`` a complete cache: fsync its arrays, then write the manifest last, and fsync it."""
     for name in ARRAY_DTYPES:
         fsync_path(temp / f"{name}.bin")
     manifest = dict(manifest, manifest_sha256=manifest_digest(manifest))
@@ -183,6 +182,33 @@ def publish_temp_dir(temp: Path, final_path: Path, manifest: dict) -> bool:
         f.flush()
         os.fsync(f.fileno())
     fsync_path(temp)
+
+
+def exchange_paths(first: Path, second: Path) -> bool:
+    """Swap two directory entries of one file system in one atomic step (Linux's renameat2 with RENAME_EXCHANGE):
+    a process looking at either path sees the one folder or the other, never none. False where the C library,
+    kernel or file system cannot; FileNotFoundError if either path is gone."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_cwd, rename_exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE (linux/fcntl.h, linux/fs.h)
+    if renameat2(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    if error == errno.ENOENT:
+        raise FileNotFoundError(error, os.strerror(error), str(second))
+    raise OSError(error, os.strerror(error), str(first), None, str(second))
+
+
+def publish_temp_dir(temp: Path, final_path: Path, manifest: dict) -> bool:
+    """Write the manifest last, fsync everything and rename ``temp`` to ``final_path``.
+
+    Returns False (and removes ``temp``) if another process published the same cache first.
+    """
+    seal_temp_dir(temp, manifest)
     try:
         os.rename(temp, final_path)
     except OSError:

@@ -23,6 +23,7 @@ The result does not depend on ``chunk_size``.
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import dataclasses
 import hashlib
@@ -38,8 +39,8 @@ import numpy as np
 
 from .._ints import is_int
 from .cache import (ARRAY_DTYPES, CACHE_FORMAT, CACHE_VERSION, GLOBAL_ARRAYS, SPLITS as SPLIT_CODES, VERIFY_MODES,
-                    CacheCorruptError, SessionCache, crc32_of, new_temp_dir, publish_temp_dir,
-                    remove_stale_temp_dirs)
+                    TEMP_PREFIX, CacheCorruptError, SessionCache, crc32_of, exchange_paths, fsync_path, host_label,
+                    new_temp_dir, publish_temp_dir, remove_stale_temp_dirs, seal_temp_dir)
 from .readers import (DEFAULT_CHUNK_SIZE, InteractionChunk, InteractionSource, ReadStats, _check_chunk_size,
                       _integer_ids)
 
@@ -95,7 +96,11 @@ class PreprocessParams:
         object.__setattr__(self, "session_gap", float(gap))
         if self.split not in SPLIT_MODES:
             raise ValueError(f"split must be one of {SPLIT_MODES}, got {self.split!r}")
-        fractions = tuple(float(f) for f in self.split_fractions)
+        given = self.split_fractions
+        if (isinstance(given, (str, bytes)) or not isinstance(given, collections.abc.Iterable)
+                or not all(isinstance(f, numbers.Real) and not isinstance(f, (bool, np.bool_)) for f in given)):
+            raise ValueError(f"split_fractions must be three finite non-negative numbers summing to 1, got {given!r}")
+        fractions = tuple(float(f) for f in given)
         if (len(fractions) != 3 or not all(math.isfinite(f) and f >= 0 for f in fractions)
                 or abs(sum(fractions) - 1.0) > 1e-9):
             raise ValueError(f"split_fractions must be three finite non-negative numbers summing to 1, "
@@ -389,14 +394,60 @@ def _write_items_and_splits(temp, spill_dir, params, partition_user_offsets, use
     return split_counts, checksums
 
 
+# The longest file name (in bytes) of the file systems a cache lives on (Linux's NAME_MAX).
+NAME_MAX = 255
+
+# Attempts at opening a published cache that another process replaces meanwhile (see _open_published).
+OPEN_ATTEMPTS = 20
+
+
+def _folder_identity(path: Path):
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def _open_published(final_path: Path, verify: str) -> SessionCache:
+    """SessionCache.open of a published cache, again if another process's rebuild replaced the folder while it was
+    read (its files were then of two caches, or gone): an error is the cache's only if the folder stayed the one
+    that was opened. A file missing for good is reported as the damage it is."""
+    for attempt in range(OPEN_ATTEMPTS):
+        before = _folder_identity(final_path)
+        try:
+            return SessionCache.open(final_path, verify=verify)
+        except (CacheCorruptError, FileNotFoundError) as error:
+            if attempt + 1 == OPEN_ATTEMPTS or (before is not None and _folder_identity(final_path) == before):
+                if isinstance(error, FileNotFoundError):
+                    raise CacheCorruptError(f"{final_path}: {error.filename or error} is missing (removed)") from None
+                raise
+        time.sleep(0.005 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def _publish(temp: Path, final_path: Path, manifest: dict, replace: bool) -> None:
     """Publish the finished build ``temp`` as ``final_path``. With ``replace``, an existing cache
-    there is only given up now that its successor is complete: it is renamed aside (into a temp
-    dir, which a crash leaves as nothing that looks valid and the next build removes), the new one
-    renamed in, and only then is the old one deleted. Should publishing fail, the old one is put
-    back."""
+    there is only given up now that its successor is complete: the two folders swap places in one
+    atomic step where the system can (another process opening the cache meanwhile finds the old one
+    or the new one, never none), and the old one, now in the temp dir, is deleted. Elsewhere the old
+    one is renamed aside (into a temp dir, which a crash leaves as nothing that looks valid and the
+    next build removes), the new one renamed in, and only then is the old one deleted; should
+    publishing fail, the old one is put back."""
     if not replace:
         publish_temp_dir(temp, final_path, manifest)
+        return
+    seal_temp_dir(temp, manifest)
+    exchanged = False
+    try:
+        exchanged = exchange_paths(temp, final_path)
+    except FileNotFoundError:  # no cache there now (another rebuild is between its renames): published below
+        pass
+    finally:
+        if exchanged:
+            fsync_path(final_path.parent)
+            shutil.rmtree(temp, ignore_errors=True)  # the old cache
+    if exchanged:
         return
     aside = new_temp_dir(final_path)
     replaced = aside / "replaced"
@@ -554,9 +605,17 @@ def preprocess(source: InteractionSource, cache_dir: str | os.PathLike, params: 
                          f"got {name!r}")
     key = cache_key(source, params)
     final_path = Path(cache_dir).expanduser() / f"{name}-{key}"
+    # The build's folder is named after the cache's, longer (cache.new_temp_dir): a name the file system takes for
+    # the cache but not for its build failed as "File name too long" only when the build started.
+    build_name = f"{TEMP_PREFIX}{final_path.name}-{host_label()}-{os.getpid()}-{'0' * 8}"
+    build_bytes = len(os.fsencode(build_name))
+    if build_bytes > NAME_MAX:
+        raise ValueError(f"source.name is too long: the cache's build folder {build_name!r} would have {build_bytes} "
+                         f"bytes, past the {NAME_MAX} a file name may have; name the source in at most "
+                         f"{NAME_MAX - (build_bytes - len(os.fsencode(name)))} bytes")
     if final_path.exists() and not rebuild:
         try:
-            return SessionCache.open(final_path, verify=verify)
+            return _open_published(final_path, verify)
         except CacheCorruptError as error:
             refused = str(error)
         # Raised outside the handler: the first error (and the refused cache's maps it holds) is not kept as the
@@ -564,4 +623,4 @@ def preprocess(source: InteractionSource, cache_dir: str | os.PathLike, params: 
         raise CacheCorruptError(f"{refused}; pass rebuild=True to replace the cache")
     remove_stale_temp_dirs(final_path)
     _build(source, params, final_path, chunk_size, key, replace=rebuild)
-    return SessionCache.open(final_path, verify=verify)
+    return _open_published(final_path, verify)

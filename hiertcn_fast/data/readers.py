@@ -248,7 +248,8 @@ class DelimitedSource(InteractionSource):
         user, item, timestamp: column names (when ``header=True``) or 0-based (non-negative) column
             indices.
         event_type: optional column of integer event types.
-        delimiter: field separator; default tab for ``.tsv``/``.inter`` files, comma otherwise.
+        delimiter: field separator; default tab for ``.tsv``, ``.inter`` and ``.txt`` files (any case of the
+            suffix), comma otherwise.
         header: whether the first line names the columns.
         drop_event_types: event types whose records are removed (counted in
             ``ReadStats.dropped_event_type``).
@@ -276,7 +277,7 @@ class DelimitedSource(InteractionSource):
         if on_malformed not in ON_MALFORMED_POLICIES:
             raise ValueError(f"on_malformed must be one of {ON_MALFORMED_POLICIES}, got {on_malformed!r}")
         if delimiter is None:
-            delimiter = "\t" if self.path.suffix in (".tsv", ".inter", ".txt") else ","
+            delimiter = "\t" if self.path.suffix.lower() in (".tsv", ".inter", ".txt") else ","
         if not isinstance(delimiter, str) or len(delimiter) != 1:
             raise ValueError(f"delimiter must be a single character, got {delimiter!r}")
         self.columns = {"user": user, "item": item, "timestamp": timestamp}
@@ -319,6 +320,16 @@ class DelimitedSource(InteractionSource):
         return cell.strip()
 
     def _resolve_columns(self, header_cells: list[str] | None) -> dict[str, int]:
+        resolved = self._named_columns(header_cells)
+        roles_of = {}
+        for role, index in resolved.items():
+            roles_of.setdefault(index, []).append(role)
+        shared = [roles for roles in roles_of.values() if len(roles) > 1]
+        if shared:
+            raise ValueError(f"{self.path}: {' and '.join(shared[0])} are read from one column; each needs its own")
+        return resolved
+
+    def _named_columns(self, header_cells: list[str] | None) -> dict[str, int]:
         if header_cells is None:
             return dict(self.columns)  # type: ignore[arg-type]
         names = [self._header_cell_name(c) for c in header_cells]
@@ -329,6 +340,9 @@ class DelimitedSource(InteractionSource):
                     raise ValueError(f"{self.path}:1: {role} column index {column} out of range "
                                      f"(header has {len(names)} columns)")
                 resolved[role] = column
+            elif names.count(column) > 1:  # (the first of them was read, without a word)
+                raise ValueError(f"{self.path}:1: the header names column {column!r} ({role}) "
+                                 f"{names.count(column)} times; pass its index instead")
             elif column in names:
                 resolved[role] = names.index(column)
             else:
