@@ -588,8 +588,8 @@ def session_update(item_embeddings: torch.Tensor, lengths: torch.Tensor, h: torc
         out  = keep * (h' where lengths > 0, else h)
 
     Differentiable in item_embeddings, h, the weights, the projection and a floating keep. Lengths
-    outside [0, time] are an error on CPU tensors on every backend (a ValueError; the cpu kernel's own check
-    raises a RuntimeError with the same message); CUDA kernels clamp them (checking would synchronise).
+    outside [0, time] are an error on CPU tensors on every backend (a ValueError with the same message, the cpu
+    kernel's own check included); CUDA kernels clamp them (checking would synchronise).
     """
     layers = _well_formed_session_update(item_embeddings, lengths, h, keep, weights, proj_weight, proj_bias)
     if layers is None:
