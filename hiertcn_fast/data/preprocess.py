@@ -413,17 +413,18 @@ def _open_published(final_path: Path, verify: str) -> SessionCache:
     """SessionCache.open of a published cache, again if another process's rebuild replaced the folder while it was
     read (its files were then of two caches, or gone): an error is the cache's only if the folder stayed the one
     that was opened. A file missing for good is reported as the damage it is."""
-    for attempt in range(OPEN_ATTEMPTS):
+    attempts = 0
+    while True:
         before = _folder_identity(final_path)
         try:
             return SessionCache.open(final_path, verify=verify)
         except (CacheCorruptError, FileNotFoundError) as error:
-            if attempt + 1 == OPEN_ATTEMPTS or (before is not None and _folder_identity(final_path) == before):
+            attempts += 1
+            if attempts == OPEN_ATTEMPTS or (before is not None and _folder_identity(final_path) == before):
                 if isinstance(error, FileNotFoundError):
                     raise CacheCorruptError(f"{final_path}: {error.filename or error} is missing (removed)") from None
                 raise
-        time.sleep(0.005 * (attempt + 1))
-    raise AssertionError("unreachable")
+        time.sleep(0.005 * attempts)
 
 
 def _publish(temp: Path, final_path: Path, manifest: dict, replace: bool) -> None:
@@ -438,16 +439,15 @@ def _publish(temp: Path, final_path: Path, manifest: dict, replace: bool) -> Non
         publish_temp_dir(temp, final_path, manifest)
         return
     seal_temp_dir(temp, manifest)
-    exchanged = False
     try:
         exchanged = exchange_paths(temp, final_path)
     except FileNotFoundError:  # no cache there now (another rebuild is between its renames): published below
-        pass
-    finally:
-        if exchanged:
-            fsync_path(final_path.parent)
-            shutil.rmtree(temp, ignore_errors=True)  # the old cache
+        exchanged = False
     if exchanged:
+        try:
+            fsync_path(final_path.parent)
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)  # the old cache
         return
     aside = new_temp_dir(final_path)
     replaced = aside / "replaced"
