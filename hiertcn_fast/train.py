@@ -1285,8 +1285,11 @@ def evaluate(model: NextItemModel, cache: SessionCache, split: str = "test", con
     def score(batch, state):
         features, new_state = model(batch, state)
         fields = batch_targets(batch) if isinstance(batch, SessionBatch) else batch.targets()
-        metrics.update(model.scores(features).float(), fields["targets"], fields["users"],
-                       fields["first_in_session"])
+        scores = model.scores(features)
+        # At least float32 (bf16 under autocast is upcast exactly); float64 kept: .float() made a float64 model's
+        # close scores ties.
+        metrics.update(scores.to(torch.promote_types(scores.dtype, torch.float32)), fields["targets"],
+                       fields["users"], fields["first_in_session"])
         return new_state
 
     try:  # model.eval() inside: an interrupt as it returns is undone by the finally too

@@ -411,6 +411,8 @@ def test_spec_and_argument_validation():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             PinnedRingQueue(SPEC, ok, device="cuda")
+    with pytest.raises(ValueError, match="device meta holds no data"):  # its batches would arrive without values
+        PinnedRingQueue(SPEC, ok, device="meta")
     with PinnedRingQueue(SPEC, ok) as empty:
         assert list(empty) == []
 

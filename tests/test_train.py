@@ -771,6 +771,27 @@ def test_evaluate_refuses_a_model_of_another_catalogue(cache):
             evaluate(model, cache, "test", config())
 
 
+def test_evaluate_ranks_a_float64_models_scores_in_float64(cache):
+    """Every other item scores 1e-9 above the target, which float32 cannot tell apart: ranked in float64 the target
+    is last (Recall@1 0); the float32 copy evaluate() once ranked made them ties, which optimistic ties count as
+    hits (1)."""
+
+    class NearTies(type(build_model("session_gru", cache.num_items, seed=1, **TINY["session_gru"]))):
+        def forward(self, batch, state):
+            self.targets = batch_targets(batch)["targets"]
+            return super().forward(batch, state)
+
+        def scores(self, features):
+            s = torch.full((features.shape[0], self.num_items + 1), 1.0 + 1e-9, dtype=torch.float64)
+            s[torch.arange(features.shape[0]), self.targets] = 1.0
+            return s
+
+    model = build_model("session_gru", cache.num_items, seed=1, **TINY["session_gru"])
+    model.__class__ = NearTies
+    result = evaluate(model.double(), cache, "test", config())["per_event"]["all"]
+    assert result["events"] > 0 and result["Recall@1"] == 0.0 and result["Recall@20"] == 0.0
+
+
 @pytest.fixture(scope="module")
 def long_session_caches(tmp_path_factory):
     """Cold and warm caches whose sessions are NOT truncated and often longer than 5 events."""

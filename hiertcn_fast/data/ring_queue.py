@@ -255,6 +255,8 @@ class PinnedRingQueue:
             if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.device = torch.device(device)
+        if self.device.type == "meta":  # a meta tensor holds no values: every batch would arrive empty
+            raise ValueError("device meta holds no data; the queue delivers batches to a real device (cpu, cuda)")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device} requested but CUDA is not available")
         if pin_memory is None:  # only a CUDA consumer copies from the slots; a CPU one would only pay for pinning

@@ -306,6 +306,9 @@ def causal_conv1d(x, weight, bias=None, *, dilation=1, groups=1, context=None, c
     residual. Differentiable in every tensor argument; backward is deterministic: the same inputs give the same
     bits run after run at a fixed thread count (the cpu backend's dense layers of 32 channels or more take their
     products through BLAS, whose summation order, in the weight gradient, follows the thread count).
+    Non-finite weights: a tap that reaches before the start multiplies zeros on some paths (inf * 0 = NaN, as
+    F.conv1d on a left-padded input gives) and is skipped on others, so with an inf or NaN weight the first
+    (k - 1) * dilation steps may be NaN on one backend and finite on another; finite weights agree everywhere.
     """
     _check_causal_conv(x, weight, bias, dilation, groups, context, context_weight, activation, residual)
     dilation, groups = int(dilation), int(groups)  # (a NumPy integer passes the checks; the ops take Python's)
