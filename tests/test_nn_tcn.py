@@ -30,6 +30,24 @@ def test_causal_conv1d_initialises_like_nn_conv1d():
     assert torch.equal(conv.weight, torch_conv.weight) and torch.equal(conv.bias, torch_conv.bias)
 
 
+def test_causal_conv1d_with_context_initialises_as_one_nn_conv1d_over_the_concatenation():
+    """weight, context weight and bias all within nn.Conv1d(in + context, out, k)'s bound, each reaching near it (the
+    weight and the bias once had bounds of in * k alone, the context weight of context * k alone)."""
+    torch.manual_seed(0)
+    conv = CausalConv1d(8, 16, 3, context_channels=24)
+    bound = 1 / ((8 + 24) * 3) ** 0.5
+    for parameter in (conv.weight, conv.context_weight, conv.bias):
+        assert bound * 0.8 < parameter.abs().max() <= bound
+    # bias=False and no context: both registered as None, as nn.Conv1d registers its absent bias, so a plain
+    # tensor is refused instead of becoming an attribute that forward reads and step() does not.
+    plain = CausalConv1d(4, 4, 3, bias=False)
+    assert plain._parameters["bias"] is None and plain._parameters["context_weight"] is None
+    with pytest.raises(TypeError, match="bias"):
+        plain.bias = torch.zeros(4)
+    plain.bias = torch.nn.Parameter(torch.zeros(4))
+    assert set(plain.state_dict()) == {"weight", "bias"}
+
+
 @pytest.mark.parametrize("in_channels,out_channels", [(6, 6), (4, 7)])
 def test_temporal_block_semantics(in_channels, out_channels):
     block = TemporalBlock(in_channels, out_channels, kernel_size=5, dilation=2, context_channels=3,
@@ -423,6 +441,42 @@ def test_weight_norm_steps_like_forward():
         steps = torch.stack([tcn.step(x[:, t], state) for t in range(7)], 1)
     assert_close(steps, full)
     assert state._fast is None  # no prepared step for a weight computed on access
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*deprecated:FutureWarning")
+def test_hook_based_weight_norm_steps_like_forward():
+    """torch.nn.utils.weight_norm (the hook-based one, Bai et al.'s TCN) computes the weight in a forward pre-hook:
+    the steps run it too (TCN.step read the missing _parameters["weight"]: a KeyError; a layer's step read the
+    weight of the last forward, stale after weight_v changed)."""
+    torch.manual_seed(5)
+    tcn = TCN(4, [6, 5], kernel_size=3, dilations=[1, 2]).double().eval()
+    for block in tcn.blocks:
+        torch.nn.utils.weight_norm(block.conv)
+        torch.nn.utils.weight_norm(block.projection)
+    x = rand(2, 7, 4)
+    with torch.no_grad():
+        full = tcn(x)
+        for block in tcn.blocks:  # an optimizer's step between the forward and the steps
+            block.conv.weight_v.mul_(-1.5)
+            block.projection.weight_g.mul_(0.5)
+        full_after = tcn(x)
+        for block in tcn.blocks:
+            block.conv.weight_v.div_(-1.5)
+            block.projection.weight_g.div_(0.5)
+        tcn(x)  # the hooks' attributes hold the first weights again
+        for block in tcn.blocks:
+            block.conv.weight_v.mul_(-1.5)
+            block.projection.weight_g.mul_(0.5)
+        state = tcn.init_state(2)
+        steps = torch.stack([tcn.step(x[:, t], state) for t in range(7)], 1)
+        conv = tcn.blocks[0].conv
+        layer_state = conv.init_state(2)
+        residual = tcn.blocks[0].projection(x)
+        layer_steps = torch.stack([conv.step(x[:, t], layer_state, residual=residual[:, t]) for t in range(7)], 1)
+    assert not torch.allclose(full, full_after)
+    assert_close(steps, full_after)
+    assert state._fast is None  # no prepared step for a weight computed in a hook
+    assert_close(layer_steps, conv(x, residual=residual))
 
 
 def test_autocast_runs_in_the_autocast_dtype_like_nn_conv1d():

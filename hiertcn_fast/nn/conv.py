@@ -9,6 +9,8 @@ import os
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .._ints import is_int
 from .._extension import module as module_of_extension
@@ -21,6 +23,20 @@ from ..ops.conv import (ACTIVATIONS, CAUSAL_CONV_DTYPES, CausalConvState, causal
                         check_reach, prepared_entry, tcn_step)
 from ..ops._common import refuse_inputs_requiring_grad
 from ._autocast import autocast_cast, autocast_dtype
+
+
+def _recompute_hooked_weights(module) -> bool:
+    """torch.nn.utils.weight_norm and spectral_norm (the hook-based ones, which Bai et al.'s TCN code uses) compute
+    the weight in a forward pre-hook, and a step is no forward: run those hooks (they read no input) so that the
+    step reads the weight forward would. True if the module has one (its weight is then a computed attribute)."""
+    hooks = module._forward_pre_hooks
+    found = False
+    if hooks:
+        for hook in list(hooks.values()):
+            if isinstance(hook, (WeightNorm, SpectralNorm)):
+                hook(module, ())
+                found = True
+    return found
 
 
 def _one_int(value, name, minimum):
@@ -96,18 +112,26 @@ class CausalConv1d(nn.Module):
         self.dilation, self.groups, self.context_channels = dilation, groups, context_channels
         self.activation, self.backend = activation, backend
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kernel_size, **factory))
-        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
-        self.context_weight = (nn.Parameter(torch.empty(out_channels, context_channels, kernel_size, **factory))
-                               if context_channels else None)
+        # Registered when absent too, as nn.Conv1d does: assigning a plain tensor is then refused, not kept as an
+        # attribute that forward would read and the step would not.
+        self.register_parameter("bias", nn.Parameter(torch.empty(out_channels, **factory)) if bias else None)
+        self.register_parameter("context_weight", nn.Parameter(torch.empty(out_channels, context_channels,
+                                                                            kernel_size, **factory))
+                                if context_channels else None)
         self.reset_parameters()
 
     def reset_parameters(self):
-        # nn.Conv1d's initialisation; the context weight as if its channels were more input channels.
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.context_weight is not None:
-            nn.init.kaiming_uniform_(self.context_weight, a=math.sqrt(5))
+        # nn.Conv1d's initialisation of the one conv over concat(x, context) that the layer computes, fan_in =
+        # (in_channels / groups + context_channels) * kernel_size: the weights by kaiming_uniform_(a=sqrt(5))'s
+        # bound, computed as it computes it (without context the draws equal nn.Conv1d's bit for bit), the bias
+        # within 1 / sqrt(fan_in).
+        fan_in = (self.weight.shape[1] + self.context_channels) * self.kernel_size
+        if fan_in:
+            bound = math.sqrt(3.0) * (nn.init.calculate_gain("leaky_relu", math.sqrt(5)) / math.sqrt(fan_in))
+            for parameter in (self.weight, self.context_weight):
+                if parameter is not None:
+                    nn.init.uniform_(parameter, -bound, bound)
         if self.bias is not None:
-            fan_in = self.weight.shape[1] * self.kernel_size
             bound = 1 / math.sqrt(fan_in) if fan_in else 0.0
             nn.init.uniform_(self.bias, -bound, bound)
 
@@ -192,6 +216,7 @@ class CausalConv1d(nn.Module):
         """step() after its module-level checks (TemporalBlock.step makes them before its projection)."""
         if isinstance(state, CausalConvState) and autocast_dtype(x_t.device.type) is not None:
             x_t, context, residual = _cast((x_t, context, residual), state.history.dtype)
+        _recompute_hooked_weights(self)
         return causal_conv1d_step(x_t, self.weight, state, self.bias, groups=self.groups, activation=self.activation,
                                   residual=residual, backend=self.backend, **self._context_args(context))
 
@@ -447,9 +472,11 @@ class TCN(nn.Module):
             convs[0]._check_step_input(x_t, state.layers[0])
         projections = [block._modules.get("projection") for block in blocks]
         context_projection = next(iter(blocks))._modules.get("context_projection")
-        # A parametrized module (weight_norm, ...) computes its weight on access: no prepared step for it.
-        parametrized = any(parametrize.is_parametrized(m) for m in (*convs, *projections, context_projection)
-                           if m is not None)
+        # A parametrized module (weight_norm, ...) computes its weight on access, a hook-based one (the older
+        # weight_norm, spectral_norm) in its forward pre-hook, run here: no prepared step for either.
+        modules = [m for m in (*convs, *projections, context_projection) if m is not None]
+        hooked = [_recompute_hooked_weights(m) for m in modules]
+        parametrized = any(hooked) or any(parametrize.is_parametrized(m) for m in modules)
         if parametrized:
             weights, biases = [conv.weight for conv in convs], [conv.bias for conv in convs]
             proj_weights = [None if p is None else p.weight for p in projections]

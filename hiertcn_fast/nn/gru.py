@@ -221,8 +221,8 @@ class GRU(torch.nn.GRU):
         if hx is not None and not batched:
             hx = hx.unsqueeze(1)
         output, h_n = self._layers(x, hx)
-        if not self.batch_first:
-            output = output.transpose(0, 1)
+        if not self.batch_first:  # time-major and contiguous, as nn.GRU's (callers flatten it with view)
+            output = output.transpose(0, 1).contiguous()
         if not batched:
             output, h_n = output.squeeze(0 if self.batch_first else 1), h_n.squeeze(1)
         return output, h_n
