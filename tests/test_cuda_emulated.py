@@ -778,3 +778,15 @@ def test_session_mean_has_the_cpu_kernels_bits(emu, dtype):
     expected = session_update(cpu(), items, lengths, h, keep, weights, None, grad_out, guard=True)
     got = both_orders(emu, lambda: session_update(emu, items, lengths, h, keep, weights, None, grad_out, guard=True))
     assert same_bits(got["session_mean"], expected["session_mean"])
+
+
+def test_the_proxys_bit_comparison_takes_a_one_element_view_of_any_stride():
+    """The emulator's race check compares arguments bit for bit; a (1,) bias sliced from a longer vector (stride 2,
+    which contiguous() and clone() keep) made its view as bytes raise instead."""
+    from cuda_emu.proxy import _same_bits
+
+    bias = torch.randn(2, dtype=torch.float64)[::2]
+    assert bias.stride() == (2,)
+    assert _same_bits(bias, bias.clone())
+    assert not _same_bits(bias, bias + 1)
+    assert _same_bits(torch.arange(6.0).view(2, 3).t(), torch.arange(6.0).view(2, 3).t().contiguous())

@@ -253,3 +253,14 @@ def test_an_unbatched_x_with_a_context_is_refused_for_its_rank(module):
     for context in (torch.randn(1, 2), torch.randn(7, 2), None):
         with pytest.raises(ValueError, match=r"x must be 3-D .*got shape \(7, 3\)"):
             layer(torch.randn(7, 3), context)
+
+
+def test_the_reference_session_mean_clamps_lengths_as_the_device_kernels_do():
+    """On a GPU, session_update's lengths are not checked (that would synchronise): the CUDA and Triton kernels clamp
+    them to [0, time]; the reference divided a too-long row's sum by its unclamped length (row 0: by 7, not 4)."""
+    from hiertcn_fast.ops.gru import _session_mean_reference
+
+    items = torch.randn(3, 4, 5, dtype=torch.float64)
+    got = _session_mean_reference(items, torch.tensor([7, -2, 2]))
+    expected = torch.stack([items[0].mean(0), torch.zeros(5, dtype=torch.float64), items[2, :2].mean(0)])
+    torch.testing.assert_close(got, expected)

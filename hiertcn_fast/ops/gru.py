@@ -380,7 +380,9 @@ def gru(x: torch.Tensor, h0, weights, *, num_layers: int, backend=None):
 # ---- HierTCN's session-level update --------------------------------------------------------------
 
 def _session_mean_reference(items, lengths):
-    """items (batch, time, dim), lengths (batch,) -> the mean over each row's first lengths[b] items (0 if none)."""
+    """items (batch, time, dim), lengths (batch,) -> the mean over each row's first lengths[b] items (0 if none).
+    Lengths are clamped to [0, time] as the CUDA and Triton kernels clamp them (on CPU tensors they were checked)."""
+    lengths = lengths.clamp(0, items.shape[1])
     in_session = torch.arange(items.shape[1], device=items.device) < lengths[:, None]
     total = torch.where(in_session[..., None], items, torch.zeros((), dtype=items.dtype, device=items.device)).sum(1)
     return total / lengths.clamp(min=1).to(items.dtype)[:, None]
@@ -589,7 +591,7 @@ def session_update(item_embeddings: torch.Tensor, lengths: torch.Tensor, h: torc
 
     Differentiable in item_embeddings, h, the weights, the projection and a floating keep. Lengths
     outside [0, time] are an error on CPU tensors on every backend (a ValueError with the same message, the cpu
-    kernel's own check included); CUDA kernels clamp them (checking would synchronise).
+    kernel's own check included); on a GPU every backend clamps them (checking would synchronise).
     """
     layers = _well_formed_session_update(item_embeddings, lengths, h, keep, weights, proj_weight, proj_bias)
     if layers is None:

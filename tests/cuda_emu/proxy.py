@@ -120,9 +120,13 @@ def _copied(value, copies):
     return value
 
 
+def _unit_stride_copy(t):
+    # (contiguous() and clone() keep a one-element tensor's stride, which view(torch.uint8) refuses unless it is 1)
+    return torch.empty(t.numel(), dtype=t.dtype).copy_(t.detach().reshape(-1))
+
+
 def _same_bits(a, b):
-    flat_a, flat_b = a.detach().reshape(-1).contiguous(), b.detach().reshape(-1).contiguous()
-    return torch.equal(flat_a.view(torch.uint8), flat_b.view(torch.uint8))
+    return torch.equal(_unit_stride_copy(a).view(torch.uint8), _unit_stride_copy(b).view(torch.uint8))
 
 
 def install():
