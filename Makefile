@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.14.1
 INSTALL_STAMP := build/.installed
 
-.PHONY: install train test test-emulated bench cmake-test gpu-check clean
+.PHONY: install train test test-emulated bench cmake-test gpu-prepare gpu-check clean
 
 install: $(INSTALL_STAMP)
 
@@ -43,6 +43,10 @@ cmake-test: install
 	cmake -S . -B build/cmake -G Ninja
 	cmake --build build/cmake -j
 	ctest --test-dir build/cmake --output-on-failure
+
+# The recbole wheel (ml-100k is inside it) for a lent GPU machine, whose image lacks it: carry .whl (git ignores it).
+gpu-prepare:
+	$(PIP) download -q --no-deps --only-binary=:all: -d .whl recbole==1.2.1
 
 gpu-check:
 	bash benchmarks/gpu_check.sh

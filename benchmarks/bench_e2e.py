@@ -101,8 +101,13 @@ def measure_all(cache, runs, dim, rounds, device, lanes) -> dict:
     # The device peak is the process's (torch.cuda.max_memory_allocated), reset at each train(): read after each
     # model's own epoch, not once at the end (which gave every model the last one's).
     device_peaks = {label: None for label in trainers}
-    for _ in range(rounds):
-        for label, trainer in trainers.items():
+    labels = list(trainers)
+    for round_index in range(rounds):
+        # Each round starts one model later (as the harness rotates its variants): no model always runs first, on
+        # a machine still warming up, or last.
+        shift = round_index % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            trainer = trainers[label]
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             rates[label].append(timed_epoch(trainer, device))

@@ -17,7 +17,8 @@ and the peak memory of one call; and writes all of it as JSON to benchmarks/resu
 
 Environment: HIERTCN_BENCH_DEVICE=cpu|cuda (default: cuda when present), HIERTCN_BENCH_FULL=1 for
 the full shape matrix (default: the quick one), HIERTCN_BENCH_OUT=folder for the JSON (default
-benchmarks/results).
+benchmarks/results), HIERTCN_BENCH_COMPILE=0 without the torch.compile variants, HIERTCN_BENCH_COMMIT=commit
+recorded where the tree has no .git (a copy on a lent GPU machine).
 """
 
 import dataclasses
@@ -69,6 +70,10 @@ class Case:
     # anything is timed (a speed-up of different work would mean nothing). False only where the variants'
     # results differ by design; the case says why.
     same_result: bool = True
+    # A make() of the same case in float32, for the same-result check of a half-precision case whose variants
+    # round differently enough to tip a ReLU (the conv's gradients in bfloat16): its variants are checked
+    # against each other in float32 instead (the same function; the half kernels are the tests' subject).
+    check_make: Optional[Callable[[], Dict[str, Callable[[], object]]]] = None
 
     @property
     def id(self):
@@ -121,8 +126,13 @@ def _variants(case: Case):
             raise KeyError(f"{case.id}: make() returned variants {sorted(variants)}, declared {sorted(case.variants)}")
         if len(run_variants(case)) != len(variants):
             variants = {name: fn for name, fn in variants.items() if name in run_variants(case)}
-        if case.same_result:
+        if case.same_result and case.check_make is None:
             check_same_result(case, variants)
+        elif case.same_result:
+            torch.manual_seed(zlib.crc32(case.id.encode()))  # the same draws, before their rounding to the dtype
+            twins = {name: fn for name, fn in case.check_make().items() if name in variants}
+            check_same_result(case, twins, torch.float32)
+            del twins
         _built["variants"], _built["id"] = variants, case.id
     return _built["variants"]
 
@@ -142,8 +152,9 @@ def _tensors(result) -> list:
 SAME_RESULT_TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 4e-2}
 
 
-def check_same_result(case: Case, variants: dict) -> None:
-    """Every variant's first result equals the baseline's (each tensor, within the dtype's tolerance)."""
+def check_same_result(case: Case, variants: dict, dtype: Optional[torch.dtype] = None) -> None:
+    """Every variant's first result equals the baseline's (each tensor, within the tolerance of ``dtype``, by
+    default the case's)."""
     expected = _tensors(variants[case.baseline]())
     for name, fn in variants.items():
         if name == case.baseline:
@@ -156,7 +167,7 @@ def check_same_result(case: Case, variants: dict) -> None:
                 raise AssertionError(f"{case.id}: {name!r} result {i} has shape {tuple(a.shape)}, "
                                      f"{case.baseline!r} {tuple(b.shape)}")
             scale = max(1.0, float(b.detach().abs().max())) if b.numel() else 1.0
-            tolerance = SAME_RESULT_TOLERANCE[case.dtype] * scale
+            tolerance = SAME_RESULT_TOLERANCE[dtype or case.dtype] * scale
             torch.testing.assert_close(a.detach().double(), b.detach().double(), rtol=0, atol=tolerance,
                                        msg=lambda m: f"{case.id}: {name!r} differs from {case.baseline!r} in result "
                                                      f"{i}: {m}")
@@ -391,7 +402,8 @@ def load_line() -> str:
     start = info["load_at_start"]
     if bench_device() == "cpu" and start is not None and start + info["threads"] > cores + 0.5:
         line += (" -- WARNING: the machine was busy when the run started (load + threads > cores): CPU ratios from "
-                 "this run may not be reliable; rerun on an idle machine or with OMP_NUM_THREADS=1")
+                 "this run may not be reliable; rerun on an idle machine" +
+                 (" or with OMP_NUM_THREADS=1" if info["threads"] > 1 else ""))
     return line
 
 
@@ -407,11 +419,19 @@ def machine() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         pass
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+                                        cwd=here).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, cwd=here)
+        if status.returncode == 0 and info["commit"]:
+            info["uncommitted_changes"] = bool(status.stdout.strip())
     except OSError:
         pass
+    # A copy of the tree without .git (a lent GPU machine's): the caller names the commit.
+    if not info.get("commit") and os.environ.get("HIERTCN_BENCH_COMMIT"):
+        info["commit"] = os.environ["HIERTCN_BENCH_COMMIT"]
     return info
 
 
@@ -456,9 +476,13 @@ def write_results(label: str, command: str) -> Optional[str]:
     if not _results:
         return None
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    path = os.path.join(RESULTS_DIR, f"{label}-{bench_device()}.json")
+    # The knobs that change what a run holds name its file too: a run without the compiled variants, or of the
+    # full matrix, must not replace the default run's file (all-cpu.json, behind RESULTS.md's tables).
+    knobs = ("-full" if full_matrix() else "") + ("" if with_compiled() else "-nocompile")
+    path = os.path.join(RESULTS_DIR, f"{label}{knobs}-{bench_device()}.json")
     payload = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "command": command, "machine": machine(), "full_matrix": full_matrix(), "results": summary_rows()}
+               "command": command, "machine": machine(), "full_matrix": full_matrix(), "compiled": with_compiled(),
+               "results": summary_rows()}
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, default=str)
     return path

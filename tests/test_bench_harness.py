@@ -46,6 +46,42 @@ def test_the_check_runs_when_a_case_is_built_unless_opted_out():
     assert harness._variants(_case(variants, same_result=False)) is variants
 
 
+def test_a_half_case_with_a_float32_twin_is_checked_on_the_twin():
+    """A bfloat16 case whose variants differ by more than bfloat16's tolerance (a ReLU tipped the other way) is
+    checked on its float32 twin: agreeing twins pass, disagreeing twins are refused; the half variants are timed."""
+    x = torch.randn(8)
+    half = {"hiertcn_fast": lambda: x.bfloat16() + 1, "torch eager": lambda: x.bfloat16()}
+    harness._built.update(id=None, variants=None)
+    with pytest.raises(AssertionError):  # without a twin the half variants are compared, and differ
+        harness._variants(_case(half, dtype=torch.bfloat16))
+    twins_agree = {"hiertcn_fast": lambda: x * 3, "torch eager": lambda: x * 3 + 1e-6}
+    harness._built.update(id=None, variants=None)
+    assert harness._variants(_case(half, dtype=torch.bfloat16, check_make=lambda: twins_agree)) is half
+    # The twin is held to float32's tolerance, not bfloat16's: a difference of 1e-2 is refused.
+    twins_differ = {"hiertcn_fast": lambda: x * 3, "torch eager": lambda: x * 3 + 1e-2}
+    harness._built.update(id=None, variants=None)
+    with pytest.raises(AssertionError, match="op\\[case\\]: 'hiertcn_fast' differs"):
+        harness._variants(_case(half, dtype=torch.bfloat16, check_make=lambda: twins_differ))
+    harness._built.update(id=None, variants=None)
+
+
+def test_the_bfloat16_conv_cases_pass_their_check_on_float32_twins(monkeypatch):
+    """The GPU's conv cases run in bfloat16, where the grid's odd offsets round away and the variants' ReLUs tip
+    apart (376 gradient elements differed in the CPU proxy): built here on the CPU in bfloat16, they pass."""
+    monkeypatch.setenv("HIERTCN_BENCH_COMPILE", "0")
+    monkeypatch.syspath_prepend(BENCH)
+    import bench_causal_conv
+
+    case = bench_causal_conv._conv_case("cpu", torch.bfloat16, "hiertcn dense", 32, 21, 128, 5, 2, backward=True)
+    assert case.check_make is not None
+    harness_of_bench = sys.modules["harness"]
+    harness_of_bench._built.update(id=None, variants=None)
+    made = harness_of_bench._variants(case)
+    assert set(made) == {"hiertcn_fast", "torch eager"}
+    assert all(t.dtype == torch.bfloat16 for t in made["hiertcn_fast"]())
+    harness_of_bench._built.update(id=None, variants=None)
+
+
 class _ScratchInside(torch.autograd.Function):
     """Allocates a 4 MB scratch buffer inside its forward and frees it before returning."""
 
@@ -220,7 +256,7 @@ def test_a_partial_benchmark_run_does_not_write_the_whole_suites_file(tmp_path):
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *nodes], env=env, check=True,
                    cwd=ROOT, capture_output=True, timeout=600)
     written = sorted(path.name for path in tmp_path.glob("*.json"))
-    assert written == ["gru-gru_cell-session_update-cpu.json"], written
+    assert written == ["gru-gru_cell-session_update-nocompile-cpu.json"], written  # (run without compile)
 
 
 def test_node_ids_from_every_benchmark_file_do_not_write_the_whole_suites_file(tmp_path):
@@ -284,6 +320,30 @@ def test_the_results_record_threads_and_load():
     info = harness.machine()
     assert info["threads"] == torch.get_num_threads() and "load_at_start" in info and "load_at_end" in info
     assert f"{torch.get_num_threads()} torch thread(s)" in harness.load_line()
+
+
+def test_the_results_name_their_commit_and_their_knobs(tmp_path, monkeypatch):
+    """A tree without .git (a lent GPU machine's copy) records the commit its caller names; a run without the
+    compiled variants, or of the full matrix, writes a file of its own, not the default run's."""
+    monkeypatch.setenv("HIERTCN_BENCH_COMMIT", "abc1234")
+    monkeypatch.setattr(harness.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError("no git")))
+    assert harness.machine()["commit"] == "abc1234"
+    monkeypatch.undo()
+    monkeypatch.setattr(harness, "RESULTS_DIR", str(tmp_path))
+    monkeypatch.setattr(harness, "_results", [{"op": "op"}])
+    monkeypatch.setattr(harness, "summary_rows", lambda: [])
+    monkeypatch.setattr(harness, "machine", lambda: {})
+    names = []
+    for compile_, full in (("1", "0"), ("0", "0"), ("1", "1"), ("0", "1")):
+        monkeypatch.setenv("HIERTCN_BENCH_COMPILE", compile_)
+        monkeypatch.setenv("HIERTCN_BENCH_FULL", full)
+        path = harness.write_results("all", "cmd")
+        names.append(os.path.basename(path))
+        with open(path) as f:
+            assert json.load(f)["compiled"] == (compile_ == "1")
+    device = harness.bench_device()
+    assert names == [f"all-{device}.json", f"all-nocompile-{device}.json", f"all-full-{device}.json",
+                     f"all-full-nocompile-{device}.json"]
 
 
 def _counting_backend(calls):
@@ -376,3 +436,27 @@ def test_gpu_rows_carry_the_wall_clock_ratio_and_the_table_shows_it(monkeypatch)
     cpu_rows = [{k: v for k, v in r.items() if not k.startswith("wall")} for r in rows]
     monkeypatch.setattr(harness, "_results", cpu_rows)
     assert "wall" not in harness.format_table(harness.summary_rows()).splitlines()[0]
+
+
+def test_the_serving_benchmarks_recompute_gives_the_streaming_answer(monkeypatch):
+    """bench_serve's baseline recomputes the streaming answer: the sessions as the stream cut them, and the features
+    after the newest event. Its make() checks that; a recompute over other sessions (every ten events from the first,
+    as it once was; the stream starts one event earlier) is refused there."""
+    monkeypatch.syspath_prepend(BENCH)
+    import bench_serve
+
+    case = bench_serve.cases("cpu", True)[0]
+    made = case.make()
+    assert made["recompute"]().shape == made["streaming"]().shape
+    real = bench_serve.SessionBatch
+
+    class OldCut:
+        @staticmethod
+        def of_sessions(sessions, device):
+            items = [item for session in sessions for item in session][:-1]
+            step = bench_serve.SESSION_EVENTS
+            return real.of_sessions([items[i:i + step] for i in range(0, len(items), step)], device)
+
+    monkeypatch.setattr(bench_serve, "SessionBatch", OldCut)
+    with pytest.raises(AssertionError, match="recompute differs from the streaming answer"):
+        case.make()
