@@ -500,6 +500,23 @@ def test_a_negative_position_is_a_clear_error_not_a_stray_write(prepared):
         causal_conv1d_step(x, rand(4, 4, 3), single, backend="cpu")
 
 
+def test_a_negative_position_in_a_stack_stepped_layer_by_layer_steps_no_layer():
+    """A stack deeper than the fused op takes (33 layers) steps layer by layer on the cpu backend: a negative
+    position in layer 1 was refused by layer 1's step, after layer 0 had stepped (its position and history moved)."""
+    from hiertcn_fast.nn import TCN
+    tcn = TCN(3, [3] * 33, 2, [1] * 33).double().eval()
+    state = tcn.init_state(2)
+    x = rand(2, 3)
+    with torch.no_grad():
+        tcn.step(x, state)
+        state.layers[1].position[1] = -2
+        before = [(layer.history.clone(), layer.position.clone()) for layer in state.layers]
+        with pytest.raises(ValueError, match=r"position must be >= 0.*layer 1, row 1 has -2"):
+            tcn.step(x, state)
+    for layer, (history, position) in zip(state.layers, before):
+        assert torch.equal(layer.history, history) and torch.equal(layer.position, position)
+
+
 @pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] in ("triton", "cuda")])
 def test_a_negative_position_on_a_device_kernel_is_a_nan_row(backend, device):
     """The device kernels cannot raise without a sync per step: a row with a negative position gets a NaN

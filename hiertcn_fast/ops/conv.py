@@ -780,8 +780,13 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
     context_proj_weight (C_1, ctx) (with context only), r_0 also adds F.linear(context, context_proj_weight):
     layer 0's residual is then a projection of concat(h_0, context) (HierTCN's first block).
     x: h_0 (batch, C_0); returns h_L. The cpu and cuda backends run the whole stack as one op (on CUDA
-    one kernel launch); triton and reference step layer by layer. Each layer equals causal_conv1d_step
-    with that residual.
+    one kernel launch); triton and reference step layer by layer, as do stacks of more than 32 layers. Each
+    layer equals causal_conv1d_step with that residual.
+
+    A negative position (a state corrupted or written by hand) is a ValueError on CPU tensors, before any layer
+    steps. Device tensors are not read (the host would wait for the device at every step): the row's output is
+    NaN; the fused CUDA stack then leaves every layer's state of that row as it was, while layer by layer the
+    layers above the bad one step that row with a NaN input.
     """
     # A prepared CPU step for exactly these argument objects (the same TCN stepping the same state) skips the
     # checks below: they passed when it was prepared, and it checks x and the weights' versions itself.
@@ -847,8 +852,9 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
         extra = (context, context_weight) if l == 0 else (None, None)
         out_channels = _check_step(h_like, weights[l], states[l], biases[l], 1, *extra, activation, residual_like,
                                    where=f"layer {l}: ")
-        if name == "reference":  # each layer's step would refuse it, but only after the layers below it stepped
-            _check_positions_not_negative(states[l].position, l)
+        # Each layer's step would refuse a negative position, but only after the layers below it stepped (CPU
+        # tensors; device ones are not read, see the docstring).
+        _check_positions_not_negative(states[l].position, l)
         if name == "triton":  # the same: a strided history or position of layer l, after layer 0 stepped
             _check_triton_state(h_like, states[l])
         h_like = x.new_empty((x.shape[0], out_channels))
