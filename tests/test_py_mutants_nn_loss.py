@@ -58,25 +58,28 @@ def test_numpy_integers_are_taken_as_nn_conv1d_takes_them():
 
 
 def test_context_weight_is_initialised_as_more_input_channels():
-    """Kills C7 (conv.py: reset_parameters leaves context_weight as torch.empty's memory). The weight, then the
-    context weight, are kaiming_uniform_(a=sqrt(5)) as nn.Conv1d's weight; the bias is nn.Conv1d's (fan-in of
-    the weight alone). Recomputed with torch.nn.init under the same seed."""
+    """Kills C7 (conv.py: reset_parameters leaves context_weight as torch.empty's memory). The layer is one conv
+    over concat(x, context), so it is initialised as nn.Conv1d(in + ctx, out, k) would be: fan_in = (4 + 2) * 3 = 18,
+    the weight and then the context weight drawn within kaiming_uniform_(a=sqrt(5))'s bound 1/sqrt(18), the bias
+    within 1/sqrt(18). Recomputed with torch's own draws under the same seed."""
     torch.manual_seed(3)
     conv = CausalConv1d(4, 5, 3, context_channels=2)
     torch.manual_seed(3)
-    weight, context_weight = torch.empty(5, 4, 3), torch.empty(5, 2, 3)
-    torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-    torch.nn.init.kaiming_uniform_(context_weight, a=math.sqrt(5))
-    bias = torch.empty(5).uniform_(-1 / math.sqrt(12), 1 / math.sqrt(12))
+    fan_in = (4 + 2) * 3
+    bound = math.sqrt(3.0) * torch.nn.init.calculate_gain("leaky_relu", math.sqrt(5)) / math.sqrt(fan_in)
+    assert bound == pytest.approx(1 / math.sqrt(fan_in))
+    weight = torch.empty(5, 4, 3).uniform_(-bound, bound)
+    context_weight = torch.empty(5, 2, 3).uniform_(-bound, bound)
+    bias = torch.empty(5).uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
     assert torch.equal(conv.weight, weight)
     assert torch.equal(conv.context_weight, context_weight)
     assert torch.equal(conv.bias, bias)
-    # kaiming_uniform_(a=sqrt(5)) bounds by 1/sqrt(fan_in) = 1/sqrt(2 * 3), and re-initialising reaches it too.
+    # Re-initialising reaches the context weight too, within the same bound.
     with torch.no_grad():
         conv.context_weight.zero_()
     conv.reset_parameters()
     assert torch.count_nonzero(conv.context_weight) == 10 * 3
-    assert conv.context_weight.abs().max() <= 1 / math.sqrt(6)
+    assert conv.context_weight.abs().max() <= bound
 
 
 def test_channels_last_input_whose_time_equals_its_channels_is_not_a_layout_error():
