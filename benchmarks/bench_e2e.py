@@ -171,7 +171,7 @@ def _run(dim, rounds, device, quick, out, lanes) -> dict:
                                 "saved for backward (parameters excluded)"}
     out = out or os.path.join(harness.RESULTS_DIR, "bench_e2e.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
+    with open(out, "w", encoding="utf-8") as f:
         json.dump(document, f, indent=1)
     print(f"results: {out}")
     return document

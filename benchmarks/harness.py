@@ -483,6 +483,6 @@ def write_results(label: str, command: str) -> Optional[str]:
     payload = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "command": command, "machine": machine(), "full_matrix": full_matrix(), "compiled": with_compiled(),
                "results": summary_rows()}
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=2, default=str)
     return path

@@ -199,8 +199,8 @@ def main(argv=None) -> int:
               "selection_runs": selection_runs, "selected": selected, "test_runs": test_runs,
               "tables": {k: table(v, args.seeds) for k, v in test_runs.items()}, "rules": rules,
               "seconds": time.perf_counter() - started, "torch": torch.__version__}
-    (out / "quality.json").write_text(json.dumps(record, indent=1))
-    (out / "quality.md").write_text(markdown(record))
+    (out / "quality.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+    (out / "quality.md").write_text(markdown(record), encoding="utf-8")
     print(markdown(record))
     return 0
 

@@ -152,10 +152,16 @@ def _main_rank_by_environment() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _writable_folder(path: str, option: str, what: str) -> str | None:
-    """Create the folder and prove it writable; the problem, or None."""
+def _writable_folder(path: str, option: str, what: str, made: list | None = None) -> str | None:
+    """Create the folder and prove it writable; the problem, or None. The top-most folder this call makes is
+    appended to ``made`` (so that a later usage error can take it back: _remove_made_folders)."""
     try:
+        top, parent = None, Path(path).absolute()
+        while not parent.exists() and not parent.is_symlink() and parent.parent != parent:
+            top, parent = parent, parent.parent
         Path(path).mkdir(parents=True, exist_ok=True)
+        if top is not None and made is not None:
+            made.append(top)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
             pass
     except OSError as error:
@@ -163,12 +169,22 @@ def _writable_folder(path: str, option: str, what: str) -> str | None:
     return None
 
 
-def _prepare_report_folder(out: str) -> tuple[str | None, list[str]]:
+def _remove_made_folders(made: list) -> None:
+    """Remove the folders _writable_folder made, where they are still empty (deepest first)."""
+    for top in reversed(made):
+        for folder, _, _ in os.walk(top, topdown=False):
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
+
+
+def _prepare_report_folder(out: str, made: list | None = None) -> tuple[str | None, list[str]]:
     """Create the report folder and prove it writable. Returns (the problem, or None; the report
     files of an earlier run already there)."""
     from .report import REPORT_FILES
 
-    problem = _writable_folder(out, "--out", "report folder")
+    problem = _writable_folder(out, "--out", "report folder", made)
     if problem:
         return problem, []
     # An earlier report's files are replaced: anything else under one of their names (a folder) cannot be.
@@ -234,8 +250,10 @@ def _lanes_problem(args) -> str | None:
 def _model_list(text: str) -> tuple:
     """The names in order, each once: a repeated name would train the same model again and overwrite it."""
     names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no model; choose one or more of {','.join(MODEL_SIZES)}")
     unknown = [n for n in names if n not in MODEL_SIZES]
-    if unknown or not names:
+    if unknown:
         raise argparse.ArgumentTypeError(f"unknown models {unknown} in {text!r}; choose from {','.join(MODEL_SIZES)}")
     return names
 
@@ -477,15 +495,16 @@ def main(argv=None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what this job was asked, as given
     args.started = started
     if args.command == "train":
-        # Every check that can fail comes before the report folder is made, so a usage error leaves nothing behind.
+        # Every check that can fail comes before the folders are made, and a folder made for a job that a later
+        # check refuses is removed again, so a usage error leaves nothing behind.
+        made = []
         problem = (_device_problem(args) or _lanes_problem(args) or _loss_problem(args) or _rank_problem()
-                   or _writable_folder(args.cache_dir, "--cache-dir", "cache folder"))
+                   or _writable_folder(args.cache_dir, "--cache-dir", "cache folder", made))
+        if not problem and _main_rank_by_environment():
+            problem, args.earlier_report = _prepare_report_folder(args.out, made)
         if problem:
+            _remove_made_folders(made)
             train.error(problem)
-        if _main_rank_by_environment():
-            problem, args.earlier_report = _prepare_report_folder(args.out)
-            if problem:
-                train.error(problem)
     try:
         return args.run(args)
     except BrokenPipeError:

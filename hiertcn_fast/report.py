@@ -408,7 +408,7 @@ def _write_text(path: Path, text: str) -> None:
     """Replace ``path`` atomically: a reader (or a crash) never sees half a file."""
     temp = path.with_name(f".{path.name}.tmp")
     try:
-        temp.write_text(text)
+        temp.write_text(text, encoding="utf-8")  # not the locale's: an ASCII locale failed on any other name
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)

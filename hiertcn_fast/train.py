@@ -180,6 +180,8 @@ class TrainConfig:
             # Kept as a str: a pathlib.Path in a checkpoint's config made it unreadable by
             # torch.load(weights_only=True).
             self.checkpoint_path = os.fsdecode(os.fspath(self.checkpoint_path))
+            if not self.checkpoint_path:  # (its truthiness decides whether a checkpoint is written)
+                raise ValueError("checkpoint_path is empty: name the checkpoint file, or None for no checkpoint")
         for name in ("amp", "progress_bar"):  # bool("false") would be True
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True, False or None (automatic), got {getattr(self, name)!r}")
@@ -279,14 +281,38 @@ def _check_sampled_loss_args(features, targets, weight, sampled, log_q) -> None:
     if targets.shape[0] != features.shape[0]:
         raise ValueError(f"targets must hold one item id per row of features ({features.shape[0]}), got "
                          f"{targets.shape[0]}")
+    if sampled.numel() == 0:  # (the loss was 0 with no gradient: nothing to contrast the target with)
+        raise ValueError("sampled must hold at least one item id")
     if tuple(log_q.shape) != (items,):
         raise ValueError(f"log_q must be ({items},), one value per item of the output layer, got shape "
                          f"{tuple(log_q.shape)}")
+    if not log_q.is_floating_point():
+        raise ValueError(f"log_q must be a floating-point tensor (log of num_sampled * q), got {log_q.dtype}")
     for name, ids in (("targets", targets), ("sampled", sampled)):
         if ids.numel() and ids.device.type == "cpu" and not torch.compiler.is_compiling():
             low, high = int(ids.min()), int(ids.max())
             if low < 0 or high >= items:
                 raise ValueError(f"{name} must be item ids in [0, {items}), got values in [{low}, {high}]")
+    if log_q.device.type == "cpu" and sampled.device.type == "cpu" and not torch.compiler.is_compiling():
+        drawn = log_q[sampled]  # an item drawn has q > 0: its log_q is finite (-inf made the loss inf or NaN)
+        if not bool(torch.isfinite(drawn).all()):
+            bad = sampled[~torch.isfinite(drawn)]
+            raise ValueError(f"log_q must be finite at every sampled item; it is {float(log_q[bad[0]])} at item "
+                             f"{int(bad[0])}")
+
+
+def _check_checkpoint_folder(path: str) -> None:
+    """Refuse a checkpoint path whose folder cannot be made or written, without making anything: the first save
+    (at checkpoint_every, or the run's end) failed there, after the training, naming the parent instead."""
+    folder = Path(path).absolute().parent
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"checkpoint_path {path!r}: {str(existing)!r} is not a folder, so the checkpoint's folder "
+                         f"{str(folder)!r} cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"checkpoint_path {path!r}: the folder {str(existing)!r} is not writable")
 
 
 def _remove_dead_saves(path: Path) -> None:
@@ -546,6 +572,8 @@ class Trainer:
         if config.checkpoint_path is not None and os.path.isdir(config.checkpoint_path):
             raise ValueError(f"checkpoint_path {config.checkpoint_path!r} is a folder: name the checkpoint file "
                              f"(e.g. {os.path.join(config.checkpoint_path, 'checkpoint.pt')!r})")
+        if config.checkpoint_path is not None:
+            _check_checkpoint_folder(config.checkpoint_path)
         self.name = name or type(model).__name__
         self.out = sys.stdout if out is _STDOUT else out  # the stream of now, not of import time (None: silent)
         self.device = default_device(config.device)
@@ -699,8 +727,25 @@ class Trainer:
             loss, loss_sum, new_state = self.loss_step(batch, state, targets, scale, sampled)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
         if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros(())
+        # A diverged step (too high a learning rate, bad data) stops here, before it moves the parameters: the
+        # step is given back (see _train_step), where the run went on with NaN and failed only in the evaluation.
+        # The gradient norm is the same on every rank after DDP's all-reduce, so every rank raises alike; the
+        # local loss is looked at only without DDP (one rank alone raising would leave the others waiting).
+        finite = bool(torch.isfinite(norm)) and (self.distributed or bool(torch.isfinite(loss_sum)))
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            overflowed = not all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+            raise FloatingPointError(
+                f"{self.name}: step {self.step + 1} (epoch {batch.epoch}) diverged at learning rate {lr:g}: loss "
+                f"{float(loss_sum) / max(total_events, 1):g} per event, gradient norm {float(norm):g}"
+                + (" (the parameters were already non-finite: an earlier step's update overflowed them)"
+                   if overflowed else "")
+                + ". This step is not applied; lower the learning rate (or set grad_clip) and train again")
         self.source.end(batch, new_state)  # before the optimizer's step: undone with the rest if that raises
         # All of the step or none of it: its first post-hook marks the batch spent, and a Ctrl-C cannot land between
         # the update and that hook (the batch was then given back and trained twice on moved parameters).

@@ -41,8 +41,10 @@ def _usage_error(capsys, argv):
     # From the mutation audit of cli.py (tests/test_py_mutants_history_cli.py): C5, an infinite --lr accepted, and
     # C15, --models "," accepted as no model at all.
     ("--lr", "inf", "argument --lr: expected a positive finite number, got 'inf'"),
-    ("--models", ",", "argument --models: unknown models [] in ','"),
-    ("--models", " , ", "argument --models: unknown models [] in ' , '"),
+    ("--models", ",", "argument --models: ',' names no model; choose one or more of"),
+    ("--models", " , ", "argument --models: ' , ' names no model; choose one or more of"),
+    ("--models", "", "argument --models: '' names no model; choose one or more of"),
+    ("--models", "hiertcn,nope", "argument --models: unknown models ['nope'] in 'hiertcn,nope'"),
 ])
 def test_a_bad_device_or_dataset_is_a_usage_error(no_job, tmp_path, capsys, flag, value, expected):
     out = tmp_path / "report"

@@ -589,6 +589,16 @@ SAMPLED_BAD = {
     "float targets": (lambda f, t, o, s, q: (f, t.double(), o, s, q), "targets must be a 1-D int64 tensor"),
     "features of another width": (lambda f, t, o, s, q: (f[:, :3], t, o, s, q),
                                   r"features must be \(events, 4\), got shape \(3, 3\)"),
+    # Session 32's audit: no sampled id gave a loss of 0 with no gradient; a drawn item's log_q of -inf or NaN gave
+    # an infinite or NaN loss; an integer log_q was taken.
+    "no sampled id": (lambda f, t, o, s, q: (f, t, o, s[:0], q), "sampled must hold at least one item id"),
+    "log_q -inf at a drawn item": (lambda f, t, o, s, q: (f, t, o, s, q.index_fill(0, torch.tensor([3]),
+                                                                                   float("-inf"))),
+                                   "log_q must be finite at every sampled item; it is -inf at item 3"),
+    "log_q NaN at a drawn item": (lambda f, t, o, s, q: (f, t, o, s, q.index_fill(0, torch.tensor([9]),
+                                                                                  float("nan"))),
+                                  "log_q must be finite at every sampled item; it is nan at item 9"),
+    "integer log_q": (lambda f, t, o, s, q: (f, t, o, s, q.long()), "log_q must be a floating-point tensor"),
 }
 
 

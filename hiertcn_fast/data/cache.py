@@ -177,7 +177,7 @@ def seal_temp_dir(temp: Path, manifest: dict) -> None:
         fsync_path(temp / f"{name}.bin")
     manifest = dict(manifest, manifest_sha256=manifest_digest(manifest))
     manifest_path = temp / MANIFEST_NAME
-    with open(manifest_path, "w") as f:
+    with open(manifest_path, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
@@ -312,7 +312,7 @@ class SessionCache:
         if not manifest_path.is_file():
             raise CacheCorruptError(f"{path}: no {MANIFEST_NAME}; not a complete session cache")
         try:
-            manifest = json.loads(manifest_path.read_text())
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise CacheCorruptError(f"{manifest_path}: unreadable manifest ({error})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
