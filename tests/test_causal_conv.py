@@ -755,8 +755,10 @@ def test_step_bad_input_is_a_clear_error():
     with pytest.raises(TypeError, match="state must be a CausalConvState"):
         causal_conv1d_step(rand(2, 4, dtype=torch.float32), weight, state.history)
     strided = CausalConvState(torch.zeros(2, 4, 4), torch.zeros(4, dtype=torch.int64)[::2], 3, 2)
-    with pytest.raises(RuntimeError, match=r"position must be a contiguous int64 tensor, got a Long tensor with "
-                                           r"strides \[2\]"):
+    # (refused in Python, as for the triton backend, before the compiled op's "position must be a contiguous int64
+    # tensor, got a Long tensor with strides [2]")
+    with pytest.raises(ValueError, match=r"state.position must be a contiguous int64 \(2,\) tensor on x's device "
+                                         r"\(cpu\), got torch.int64 \(2,\) on cpu, strided"):
         causal_conv1d_step(rand(2, 4, dtype=torch.float32), weight, strided, backend="cpu")
     with pytest.raises(TypeError, match="state.history has dtype torch.float64 but x has torch.float32"):
         causal_conv1d_step(rand(2, 4, dtype=torch.float32), weight, CausalConvState.zeros(2, 4, 3, 1,

@@ -760,7 +760,7 @@ def test_bad_input_is_a_clear_error():
         gru(xs, h0, [weights[0], weights[1][:3]], num_layers=2)
     with pytest.raises(ValueError, match=r"weights\[1\] \(w_hh\) must have 3 \* hidden = 12 rows"):
         gru(xs, h0, [weights[0], [weights[1][0], weights[1][1][:8]]], num_layers=2)
-    with pytest.raises(ValueError, match=r"weights\[1\] \(w_ih\) is on meta but h is on cpu"):
+    with pytest.raises(ValueError, match=r"weights\[1\] \(w_ih\) is on meta but h0 is on cpu"):
         gru(xs, h0, [weights[0], [weights[1][0].to("meta"), weights[1][1]]], num_layers=2)
 
     items, lengths, hs, keep, su_weights, _ = session_inputs(4, 3, 3, 4, 2, False, True, "mixed", "mixed",

@@ -7,6 +7,7 @@ import math
 import os
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
@@ -446,7 +447,8 @@ class TCN(nn.Module):
         # the full path.)
         # (It stays in place until a full path completes: a bad input's error leaves it for the next good one.)
         fast = getattr(state, "_fast", None)  # None on a state made before the shortcut existed (unpickled)
-        if fast is not None and not torch.compiler.is_compiling():
+        # (Not under forward-mode AD, whose dual inputs the shortcut cannot see: tcn_step refuses them.)
+        if fast is not None and not torch.compiler.is_compiling() and forward_ad._current_level < 0:
             out = fast.step(self, x_t, state, context)
             if out is not None:
                 return out

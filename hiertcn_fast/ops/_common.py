@@ -5,6 +5,7 @@ import functools
 import os
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from ..backends import torch_release
 
@@ -108,6 +109,21 @@ def refuse_inputs_requiring_grad(step: str, train_with: str, **inputs) -> None:
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 raise RuntimeError(f"{step} is for inference and records no gradients, but {name} requires grad: run "
                                    f"{train_with} to train, or step under torch.no_grad() (or detach {name})")
+
+
+def refuse_tangents(step: str, **inputs) -> None:
+    """For the inference steps under forward-mode AD (call it only while a dual level is active: checking costs a
+    call per input): the kernels write plain outputs, so a tangent of an input (a dual tensor, which does not
+    require grad and so passes refuse_inputs_requiring_grad) would be dropped without a word. Refused on every
+    backend alike. Inputs may be tensors, None, or lists of them (a stack's weights)."""
+    for name, value in inputs.items():
+        for i, t in enumerate(value if isinstance(value, (list, tuple)) else (value,)):
+            if isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None:
+                shown = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
+                raise RuntimeError(f"{step} is for inference and has no forward-mode derivative, but {shown} carries a "
+                                   f"tangent (a dual tensor of torch.autograd.forward_ad): its tangent would be "
+                                   f"dropped; step outside forward-mode AD, or differentiate the forward over the "
+                                   f"sequence with backend='reference' (the others' forwards have no jvp either)")
 
 
 def refuse_graph_of_gradient(op: str) -> None:

@@ -12,12 +12,14 @@ Conventions (csrc/include/hiertcn/causal_conv.h has the kernel-side statement):
   Epilogue: out = act(z) or, with residual, act(act(z) + residual), z = conv + bias + context term.
 """
 
+import contextlib
 import dataclasses
 import operator
 import weakref
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
@@ -26,7 +28,7 @@ from .. import _extension
 from .._ints import is_int
 from ..backends import INTERPRETER_UNSUPPORTED, requested_backend, resolve
 from ._common import (FLOATING, check_like, check_shape, check_tensor, in_input_dtype, new_output, on_device_of,
-                      refuse_graph_of_gradient, refuse_inputs_requiring_grad, fake, symbolic, unit_stride_rows)
+                      refuse_graph_of_gradient, refuse_inputs_requiring_grad, refuse_tangents, fake, symbolic, unit_stride_rows)
 
 # Activation codes shared with the kernels (hiertcn/causal_conv.h ActivationCode, triton/causal_conv.py).
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "tanh": 3}
@@ -440,7 +442,10 @@ class CausalConvState:
     position: (batch,) int64, steps taken per row since its last reset. Both are updated in place. A negative
     position (a state written from outside) is refused by the CPU kernels and, on CPU tensors, by the
     reference; the device kernels (cuda, triton) cannot refuse without a sync per step, so that row's output is
-    NaN and its state is left unchanged.
+    NaN and its state is left unchanged. The kernels (cpu, cuda, triton) need both contiguous; the reference
+    takes views. Each layer of a stack needs a state of its own (tcn_step refuses layers whose states overlap in
+    memory). A state made under torch.inference_mode (its tensors then inference tensors) steps and resets
+    outside it too, on every backend.
     The state also caches the layer's weight in the kernels' packing and the context term's table, so that
     a step neither repacks the one nor recomputes the other.
     """
@@ -483,12 +488,13 @@ class CausalConvState:
 
     def reset(self, rows=None):
         """Start a new sequence in ``rows`` (a (batch,) bool mask or index tensor; None: every row)."""
-        if rows is None:
-            self.position.zero_()
-            self.history.zero_()
-        else:
-            self.position[rows] = 0
-            self.history[rows] = 0
+        with _writing_state(self):  # (a state made under torch.inference_mode resets outside it too, as it steps)
+            if rows is None:
+                self.position.zero_()
+                self.history.zero_()
+            else:
+                self.position[rows] = 0
+                self.history[rows] = 0
 
     def to(self, device=None, dtype=None) -> "CausalConvState":
         """An independent copy on ``device``, history in ``dtype`` (position stays int64); caches are not carried."""
@@ -641,10 +647,21 @@ def causal_conv1d_step_reference(x, weight, state, bias=None, *, groups=1, conte
         z = z + table[rows, torch.clamp(position // dilation, max=kernel_size - 1)]
     res = None if residual is None else residual.to(compute)
     out = _epilogue_reference(z, activation, res).to(x.dtype)
-    if history_length:
-        state.history[rows, position % history_length] = x
-    position += 1
+    with _writing_state(state):
+        if history_length:
+            state.history[rows, position % history_length] = x
+        position += 1
     return out
+
+
+def _writing_state(state):
+    """The block that writes ``state`` in place. A state made under torch.inference_mode holds inference tensors,
+    which torch lets only code inside inference mode update in place: the kernels of the other backends write
+    its memory whatever the mode, and so does the reference, inside inference mode for the writes alone (its
+    output stays a normal tensor). Nothing is lost by it: an inference tensor is in no autograd graph."""
+    if not symbolic(state.history) and (state.history.is_inference() or state.position.is_inference()):
+        return torch.inference_mode()
+    return contextlib.nullcontext()
 
 
 @in_input_dtype
@@ -658,6 +675,9 @@ def causal_conv1d_step(x, weight, state, bias=None, *, groups=1, context=None, c
     each row's current position. Reads k rows of history per row; writes one.
     """
     out_channels = _check_step(x, weight, state, bias, groups, context, context_weight, activation, residual)
+    if forward_ad._current_level >= 0:
+        refuse_tangents("causal_conv1d_step", x=x, weight=weight, bias=bias, context=context,
+                        context_weight=context_weight, residual=residual)
     groups = int(groups)
     name = resolve("causal_conv1d_step", backend, x.device, x.dtype, CAUSAL_CONV_DTYPES)
     if torch.is_grad_enabled():  # the step is inference only; entering no_grad costs more than the check
@@ -737,13 +757,16 @@ def _check_positions_not_negative(position, layer=None):
                          f"{row} has {low}")
 
 
-def _check_triton_state(x, state):
-    """The Triton step kernels index the history as contiguous and the positions as a contiguous vector, as the C++
-    ops check (a strided history or position would be misread). The rest of the position (int64, (batch,), x's
-    device) _check_step has checked."""
+def _check_kernel_state(x, state, backend, where="state"):
+    """The step kernels (cpu, cuda, triton) index the history as contiguous and the positions as a contiguous
+    vector (a strided view would be misread): refused here in words that say what to do, where the compiled ops
+    would name only their own argument. The rest of the position (int64, (batch,), x's device) _check_step and
+    _check_stack have checked. (The reference takes strided views.)"""
     if not state.history.is_contiguous():
-        raise ValueError("state.history must be contiguous for the triton backend (a view, e.g. a slice of a wider "
-                         "history, is not): pass a contiguous copy or use backend='reference'")
+        raise ValueError(f"{where}.history must be contiguous for the {backend} backend (a view, e.g. a slice of a "
+                         f"wider history, is not), got strides {tuple(state.history.stride())} for shape "
+                         f"{tuple(state.history.shape)}: pass a contiguous copy (CausalConvState(history.contiguous(), "
+                         f"...)) or use backend='reference'")
     if not state.position.is_contiguous():
         _check_position(x, state.position, contiguous=True)
 
@@ -752,8 +775,7 @@ def _step(name, x, weight, state, bias, groups, context, context_weight, activat
     if name == "reference":
         return causal_conv1d_step_reference(x, weight, state, bias, groups=groups, context=context,
                                             context_weight=context_weight, activation=activation, residual=residual)
-    if name == "triton":
-        _check_triton_state(x, state)
+    _check_kernel_state(x, state, name)
     table = None if context is None else state.cached_context_table(context, context_weight)
     out = new_output((x.shape[0], out_channels), x)
     bias = None if bias is None else bias.contiguous()
@@ -792,6 +814,10 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
     # checks below: they passed when it was prepared, and it checks x and the weights' versions itself.
     refuse_inputs_requiring_grad("tcn_step", "the stack's forward (causal_conv1d per layer) over the sequence", x=x,
                                  context=context)
+    if forward_ad._current_level >= 0:
+        refuse_tangents("tcn_step", x=x, weights=weights, biases=biases, proj_weights=proj_weights,
+                        proj_biases=proj_biases, context=context, context_weight=context_weight,
+                        context_proj_weight=context_proj_weight)
     entry = prepared_entry(weights, biases, states, proj_weights, proj_biases, context, context_weight,
                            context_proj_weight, activation, backend)
     if entry is not None and not symbolic(x):  # (it reads x's memory directly: not a fake x's)
@@ -856,7 +882,7 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
         # tensors; device ones are not read, see the docstring).
         _check_positions_not_negative(states[l].position, l)
         if name == "triton":  # the same: a strided history or position of layer l, after layer 0 stepped
-            _check_triton_state(h_like, states[l])
+            _check_kernel_state(h_like, states[l], name, f"states[{l}]")
         h_like = x.new_empty((x.shape[0], out_channels))
     layer_backend = name if name in ("triton", "reference") else backend
     h = x
@@ -885,6 +911,11 @@ def _check_stack(x, weights, states, proj_weights, proj_biases, context, context
     for l, (weight, state, proj_weight) in enumerate(zip(weights, states, proj_weights)):
         if not isinstance(state, CausalConvState):
             raise TypeError(f"states[{l}] must be a CausalConvState, got {type(state).__name__}")
+        # (The fused ops take the dilations as a list of ints: a bool or float one failed in the dispatcher's words,
+        # a bool True passed as 1.)
+        _check_int(state.kernel_size, f"states[{l}].kernel_size", 1)
+        _check_int(state.dilation, f"states[{l}].dilation", 1)
+        check_reach(state.kernel_size, state.dilation)
         check_tensor(weight, f"weights[{l}]", 3)
         check_like(weight, f"weights[{l}]", x, "x")
         width = x.shape[-1] if l == 0 else weights[l - 1].shape[0]
@@ -909,6 +940,7 @@ def _check_stack(x, weights, states, proj_weights, proj_biases, context, context
         for name, t in ((f"states[{l}].history", state.history), (f"states[{l}].position", state.position)):
             if t.device != x.device:
                 raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move the state with .to()")
+    _check_states_not_shared(states)
     if context is not None:
         check_tensor(context, "context", 2)
         check_tensor(context_weight, "context_weight", 3)
@@ -922,6 +954,37 @@ def _check_stack(x, weights, states, proj_weights, proj_biases, context, context
         check_like(context_proj_weight, "context_proj_weight", x, "x")
         check_shape(context_proj_weight, "context_proj_weight (out_channels, ctx_channels)",
                     (weights[0].shape[0], context.shape[1]))
+
+
+def _memory_span(t: torch.Tensor):
+    """(storage, first byte, one past the last byte) of the memory t's elements occupy; None when it holds none."""
+    if t.numel() == 0:
+        return None
+    start = t.storage_offset()
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    item = t.element_size()
+    return t.untyped_storage().data_ptr(), start * item, (start + extent) * item
+
+
+def _check_states_not_shared(states):
+    """Every layer writes its state in place at each step: layers whose histories or positions share memory (one
+    state passed for several layers, ``[state] * n``, or views of one tensor that overlap) would overwrite each
+    other's, and the backends would each give another wrong answer. Refused, naming the layers."""
+    spans = []
+    for l, state in enumerate(states):
+        for part in ("history", "position"):
+            t = getattr(state, part)
+            if symbolic(t):
+                return
+            span = _memory_span(t)
+            if span is not None:
+                spans.append((*span, f"states[{l}].{part}"))
+    spans.sort(key=lambda span: span[:2])
+    for (storage, _, end, name), (next_storage, next_start, _, next_name) in zip(spans, spans[1:]):
+        if storage == next_storage and next_start < end:
+            raise ValueError(f"{name} and {next_name} share memory, but every layer writes its own state in place at "
+                             f"each step: give each layer a state of its own (CausalConvState.zeros per layer, or "
+                             f"TCN.init_state)")
 
 
 # The packed weights and projections of the stacks stepped so far, per first weight: a step of a stack whose
@@ -989,12 +1052,21 @@ def _stack_plan(x, weights, biases, states, proj_weights, proj_biases, context, 
                *states[1:], *[part for state in states for part in (state.history, state.position, state.kernel_size,
                                                                     state.dilation)])
     compiling = torch.compiler.is_compiling()  # traced: checked at every call, nothing stored on the state
+    # x is not among the objects compared (each step brings a new one): its dtype, device and shape are compared
+    # here at every call, so that one unlike the first call's is told as on that call, not in the op's words.
+    if x.dtype != weights[0].dtype or x.device != weights[0].device:
+        check_like(weights[0], "weights[0]", x, "x")
     if compiling or len(states[0]._stack_checked) != len(checked) or not all(
             a is b for a, b in zip(states[0]._stack_checked, checked)):
         _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight, context_proj_weight,
                      biases)
+        for l, state in enumerate(states):  # (the fused op's backend is the device's: cpu or cuda)
+            _check_kernel_state(x, state, x.device.type, f"states[{l}]")
         if not compiling:
             states[0]._stack_checked = checked
+    if x.shape != (states[0].history.shape[0], weights[0].shape[1]):  # (after the stack's checks: they name a
+        check_shape(x, "x (batch, in_channels): the states' batch and weights[0]'s input channels",  # weight first)
+                    (states[0].history.shape[0], weights[0].shape[1]))
     packed, projections = _packed_stack(weights, proj_weights, x.device.type)
     table, term = _context_inputs(states[0], context, context_weight, context_proj_weight)
     return packed, list(biases), projections, list(proj_biases), table, term, [state.dilation for state in states]
@@ -1070,7 +1142,12 @@ def prepared_tcn_step(entry, x, states, context, context_weight, context_proj_we
     where the plan refused (a weight changed in place), which also drops the plan. For callers that checked
     that the entry belongs to exactly these arguments (tcn_step, TCN.step)."""
     table, term = _context_inputs(states[0], context, context_weight, context_proj_weight)
-    out = entry[2].step(x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous(), table, term)
+    try:
+        out = entry[2].step(x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous(), table, term)
+    except RuntimeError:
+        # The plan checks x (dtype, shape, strides) and the context's terms before it steps anything: one it
+        # refuses goes the checked way, whose errors name the argument and the fix (the plan is kept).
+        return None
     if out is None:  # a weight changed in place: the op repacks, and the next call prepares again
         states[0]._prepared = (entry[0], entry[1], None)
     return out

@@ -126,7 +126,7 @@ class _GruGatesFunction(torch.autograd.Function):
 
 # ---- weights -------------------------------------------------------------------------------------
 
-def _layer_weights(weights, num_layers, input_size, hidden, ref, name="weights"):
+def _layer_weights(weights, num_layers, input_size, hidden, ref, name="weights", ref_name="h"):
     """Validate per-layer GRU weights and return them as (w_ih, w_hh, b_ih, b_hh) tuples (biases may be None).
 
     weights: ``num_layers`` sequences (w_ih (3 * hidden, in), w_hh (3 * hidden, hidden)[, b_ih, b_hh
@@ -155,7 +155,7 @@ def _layer_weights(weights, num_layers, input_size, hidden, ref, name="weights")
                 continue
             arg = label if name is None else f"{name}[{layer}] ({label})"
             check_tensor(t, arg, ndim)
-            check_like(t, arg, ref, "h")
+            check_like(t, arg, ref, ref_name)
             if t.shape[0] != 3 * hidden:
                 raise ValueError(f"{arg} must have 3 * hidden = {3 * hidden} rows (gates r, z, n of hidden "
                                  f"size {hidden}), got shape {tuple(t.shape)}")
@@ -336,6 +336,7 @@ def _check_gru(x, h0, weights, num_layers):
         raise TypeError(f"num_layers must be an int, got {type(num_layers).__name__} {num_layers!r}")
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    given_h0 = h0 is not None
     if h0 is None:
         if isinstance(weights, torch.Tensor) or not weights or len(weights[0]) < 2:
             raise ValueError("weights must hold one (w_ih, w_hh[, b_ih, b_hh]) sequence per layer")
@@ -346,7 +347,9 @@ def _check_gru(x, h0, weights, num_layers):
     check_tensor(h0, "h0", 3)
     check_like(x, "x", h0, "h0")
     check_shape(h0, "h0 (num_layers, batch, hidden)", (num_layers, x.shape[0], h0.shape[2]))
-    return h0, _layer_weights(weights, num_layers, x.shape[2], h0.shape[2], h0)
+    # Without h0 the zeros made here are x's dtype and device: a weight unlike them is unlike x, the argument given.
+    return h0, _layer_weights(weights, num_layers, x.shape[2], h0.shape[2], h0,
+                              ref_name="h0" if given_h0 else "x")
 
 
 def gru_reference(x, h0, weights, *, num_layers):
