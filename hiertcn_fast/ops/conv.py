@@ -28,7 +28,8 @@ from .. import _extension
 from .._ints import is_int
 from ..backends import INTERPRETER_UNSUPPORTED, requested_backend, resolve
 from ._common import (FLOATING, check_like, check_shape, check_tensor, in_input_dtype, new_output, on_device_of,
-                      refuse_graph_of_gradient, refuse_inputs_requiring_grad, refuse_tangents, fake, symbolic, unit_stride_rows)
+                      refuse_graph_of_gradient, refuse_inputs_requiring_grad, refuse_tangents, fake, symbolic,
+                      unit_stride_rows)
 
 # Activation codes shared with the kernels (hiertcn/causal_conv.h ActivationCode, triton/causal_conv.py).
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "tanh": 3}
