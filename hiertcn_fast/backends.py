@@ -11,8 +11,9 @@ Four backends implement every op:
 Selection, first match wins: the op's ``backend=`` keyword, the innermost ``use_backend(...)``
 block, the HIERTCN_BACKEND environment variable, then ``auto``. ``auto`` picks, for CUDA tensors,
 cuda if built, else triton, else reference; for CPU tensors, cpu if built, else reference (and
-reference for dtypes the preferred backend lacks, and inside torch.func transforms). A backend that was asked for by name and cannot
-run raises BackendUnavailableError naming the fix; it never falls back silently.
+reference for dtypes the preferred backend lacks, inside torch.func transforms, and while a forward-mode AD level
+of torch.autograd.forward_ad is active: the kernels' autograd functions have no jvp). A backend that was asked for
+by name and cannot run raises BackendUnavailableError naming the fix; it never falls back silently.
 
 Under torch.compile the backend is chosen when a graph is traced. The keyword and use_backend blocks are guarded
 (a change recompiles); HIERTCN_BACKEND is read at tracing only: set it before compiling, or call
@@ -30,6 +31,7 @@ import os
 import sys
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from . import _extension
 
@@ -253,15 +255,18 @@ def resolve(op: str, backend, device: torch.device, dtype: torch.dtype, dtypes) 
     """
     name = requested_backend(backend)
     transformed = functorch_transforms_active()
+    # (A module attribute: -1 outside forward_ad.dual_level(). The inference steps have no derivative to compute
+    # and refuse a tangent themselves, naming the input that carries it.)
+    dual = forward_ad._current_level >= 0 and op not in _INFERENCE_STEPS
     if torch.compiler.is_compiling():
         # Traced, the memo is not read: dynamo would guard the graph on its contents, which the trace itself
         # fills, so the first call of a compiled function in a process compiled it twice.
-        return _resolve_uncached(op, name, device, dtype, dtypes, transformed)
-    key = (op, name, device.type, dtype, triton_interpreted(), transformed)
+        return _resolve_uncached(op, name, device, dtype, dtypes, transformed, dual)
+    key = (op, name, device.type, dtype, triton_interpreted(), transformed, dual)
     answer = _resolved.get(key)
     if answer is None:
         try:
-            answer = _resolve_uncached(op, name, device, dtype, dtypes, transformed)
+            answer = _resolve_uncached(op, name, device, dtype, dtypes, transformed, dual)
         except (BackendUnavailableError, TypeError) as exc:
             answer = exc
         _resolved[key] = answer
@@ -280,20 +285,26 @@ def functorch_transforms_active() -> bool:
 
 _TRANSFORMS = ("torch.func transforms (grad, vjp, jacrev, vmap, ...) cannot differentiate through the compiled "
                "kernels' autograd functions (torch's own check refuses them); backend 'reference' runs there")
+_FORWARD_AD = ("a forward-mode AD level (torch.autograd.forward_ad.dual_level) is active and the compiled kernels' "
+               "autograd functions have no jvp, so a tangent could not pass through them; backend 'reference' (or "
+               "the default, auto, which picks it there) computes the tangent")
+# The inference-only step ops: they run their kernels under forward-mode AD as elsewhere and refuse a tangent.
+_INFERENCE_STEPS = frozenset(("causal_conv1d_step", "tcn_step"))
 
 
-def _resolve_uncached(op, name, device, dtype, dtypes, transformed=False) -> str:
+def _resolve_uncached(op, name, device, dtype, dtypes, transformed=False, dual=False) -> str:
     if name != "auto":
         why = _can_run(name, device, dtype, dtypes)
-        if not why and transformed and name != "reference":
-            why = _TRANSFORMS
+        if not why and name != "reference":
+            why = _TRANSFORMS if transformed else _FORWARD_AD if dual else ""
         if why:
             raise BackendUnavailableError(f"{op}: backend {name!r} cannot run this call: {why}")
         return name
-    if transformed:  # auto: the plain-PyTorch definition, which the transforms see through
+    if transformed or dual:  # auto: the plain-PyTorch definition, which the transforms and forward AD see through
         why = _can_run("reference", device, dtype, dtypes)
         if why:
-            raise TypeError(f"{op}: no backend supports {dtype} on {device} under torch.func transforms: {why}")
+            where = "under torch.func transforms" if transformed else "under forward-mode AD"
+            raise TypeError(f"{op}: no backend supports {dtype} on {device} {where}: {why}")
         return "reference"
     order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
     for candidate in order:

@@ -615,18 +615,50 @@ def test_compiled_vmap_of_an_auto_op_runs_like_eager(op):
     torch.testing.assert_close(torch.compile(per_sample, fullgraph=True, backend="aot_eager")(*primal), want)
 
 
-# Forward-mode AD (dual tensors) through session_update_steps on auto silently dropped the tangent: the op took its
-# no-gradient fast path (a dual tensor does not require grad), so the output was a plain tensor. Every other op either
-# computes the tangent (reference) or raises (the autograd.Functions have no jvp); now this one raises too.
-def test_forward_mode_ad_through_session_update_steps_is_not_silently_dropped():
-    fn, primal = _func_cases()["session_update_steps"]
+# Forward-mode AD (dual tensors): session_update_steps on auto once dropped the tangent silently (its no-gradient fast
+# path), and until c83862f every op on auto failed in torch's words ("You must implement the jvp function", or "jvp
+# is not implemented for the c++ API of custom Function yet. Please open a feature request"), nn.CausalConv1d and
+# nn.GRUCell included. Auto now runs the reference while a dual level is active, as it does under torch.func
+# transforms: the tangent equals the reference's and a finite difference; a kernel backend asked for by name says why
+# it cannot run, and the level's end gives the kernels back.
+@pytest.mark.parametrize("op", list(_func_cases()))
+def test_forward_mode_ad_on_auto_runs_the_reference_and_a_named_kernel_backend_is_refused(op):
+    fn, primal = _func_cases()[op]
     tangent = torch.randn_like(primal)
     with fwAD.dual_level():
-        dual = fwAD.make_dual(primal, tangent)
-        want = fwAD.unpack_dual(fn(dual, "reference")).tangent
-        assert want is not None
-        with pytest.raises(NotImplementedError, match="jvp"):  # refused, as the other ops' kernels refuse it
-            fn(dual, None)
+        got = fwAD.unpack_dual(fn(fwAD.make_dual(primal, tangent), None)).tangent
+        want = fwAD.unpack_dual(fn(fwAD.make_dual(primal, tangent), "reference")).tangent
+        with pytest.raises(BackendUnavailableError, match=rf"{op}: backend 'cpu' cannot run this call: a "
+                                                          r"forward-mode AD level.*backend 'reference'"):
+            fn(fwAD.make_dual(primal, tangent), "cpu")
+    assert got is not None
+    torch.testing.assert_close(got, want)
+    eps = 1e-6  # float64: a central difference agrees to about eps**2
+    difference = (fn(primal + eps * tangent, None) - fn(primal - eps * tangent, None)) / (2 * eps)
+    torch.testing.assert_close(got, difference, rtol=1e-6, atol=1e-7)
+    assert torch.equal(fn(primal, "cpu"), fn(primal, None))  # outside the level, auto is the cpu kernels again
+
+
+def test_forward_mode_ad_through_the_nn_modules_on_auto():
+    torch.manual_seed(6)
+    x, c = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(2, 2, dtype=torch.float64)
+    cases = [(CausalConv1d(3, 4, 3, dilation=2, context_channels=2, activation="gelu").double(),
+              torch.nn.Conv1d(5, 4, 3, dilation=2).double(), lambda m, v: m(v, c)),
+             (GRUCell(3, 4).double(), torch.nn.GRUCell(3, 4).double(), lambda m, v: m(v[:, 0]))]
+    for ours, peer, call in cases:
+        if isinstance(ours, CausalConv1d):  # the peer: nn.Conv1d over the left-padded concatenation
+            peer.weight.data.copy_(torch.cat([ours.weight, ours.context_weight], 1))
+            peer.bias.data.copy_(ours.bias)
+            peer_call = lambda v: torch.nn.functional.gelu(peer(torch.nn.functional.pad(  # noqa: E731
+                torch.cat([v, c[:, None].expand(-1, v.shape[1], -1)], 2).transpose(1, 2), (4, 0))).transpose(1, 2))
+        else:
+            peer.load_state_dict(ours.state_dict())
+            peer_call = lambda v: peer(v[:, 0])  # noqa: E731
+        tangent = torch.randn_like(x)
+        with fwAD.dual_level():
+            got = fwAD.unpack_dual(call(ours, fwAD.make_dual(x, tangent))).tangent
+            want = fwAD.unpack_dual(peer_call(fwAD.make_dual(x, tangent))).tangent
+        torch.testing.assert_close(got, want)
 
 
 # ---- autocast --------------------------------------------------------------------------------------------------

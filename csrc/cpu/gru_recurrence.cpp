@@ -867,6 +867,16 @@ void refuse_graph_of_gradient(const char* op) {
               "of the gradient");
 }
 
+// A batched gradient (torch.autograd.grad(is_grads_batched=True), jacobian(vectorize=True),
+// gradcheck(check_batched_grad=True)) would reach the kernels' out ops, which have no batching rule: refused in
+// words that name the way out, not in the dispatcher's (which name an internal op).
+void refuse_batched_gradient(const char* op, const at::Tensor& grad) {
+  TORCH_CHECK(!grad.defined() || !grad.key_set().has(c10::DispatchKey::Batched), op,
+              ": its backward runs fused kernels, which take no batched gradient (is_grads_batched=True, "
+              "jacobian(vectorize=True), gradcheck(check_batched_grad=True)); use backend='reference' there, or "
+              "unbatched gradients");
+}
+
 // ---- the cell as one op, differentiated in C++ ------------------------------------------------------
 //
 // gru_cell is the layer ops at time 1 behind one autograd node written in C++: at HierTCN's sizes a
@@ -931,6 +941,7 @@ class GruCellFunction : public torch::autograd::Function<GruCellFunction> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     refuse_graph_of_gradient("gru_cell");
+    refuse_batched_gradient("gru_cell", grads[0]);
     const torch::autograd::variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &h = saved[1], &w_ih = saved[2], &w_hh = saved[3], &gates = saved[4];
     const bool bias = ctx->saved_data["bias"].toBool();
@@ -1047,6 +1058,7 @@ class SessionUpdateFunction : public torch::autograd::Function<SessionUpdateFunc
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     refuse_graph_of_gradient("session_update");
+    refuse_batched_gradient("session_update", grads[0]);
     const torch::autograd::variable_list saved = ctx->get_saved_variables();
     const at::Tensor &lengths = saved[1], &h = saved[2], &keep = saved[3], &states = saved[4], &gates = saved[5],
                      &session_mean = saved[6];

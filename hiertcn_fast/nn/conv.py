@@ -20,7 +20,7 @@ from ..backends import _selected as selected_backend_var
 from ..backends import BackendUnavailableError, requested_backend, resolve
 from ..ops.conv import _context_inputs as context_inputs
 from ..ops.conv import _generation as cache_generation
-from ..ops.conv import (ACTIVATIONS, CAUSAL_CONV_DTYPES, CausalConvState, causal_conv1d, causal_conv1d_step,
+from ..ops.conv import (CAUSAL_CONV_DTYPES, CausalConvState, causal_conv1d, causal_conv1d_step, check_activation,
                         check_reach, prepared_entry, tcn_step)
 from ..ops._common import refuse_inputs_requiring_grad
 from ._autocast import autocast_cast, autocast_dtype
@@ -104,8 +104,7 @@ class CausalConv1d(nn.Module):
             raise ValueError(f"groups ({groups}) must divide in_channels ({in_channels}) and out_channels "
                              f"({out_channels})")
         check_reach(kernel_size, dilation)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+        check_activation(activation)
         if backend is not None:
             requested_backend(backend)  # a known backend name
         factory = dict(device=device, dtype=dtype)
@@ -406,6 +405,10 @@ class TCN(nn.Module):
     def __init__(self, in_channels, channels, kernel_size=5, dilations=None, context_channels=0, *, backend=None,
                  device=None, dtype=None):
         super().__init__()
+        for name, value, example in (("channels", channels, "[64, 64, 64]"), ("dilations", dilations, "[1, 2, 4]")):
+            if value is not None and (isinstance(value, (str, bytes, torch.Tensor)) or not hasattr(value, "__iter__")):
+                raise TypeError(f"{name} must be a sequence with one int per block (e.g. {example}), got "
+                                f"{type(value).__name__} {value!r}")
         channels = list(channels)
         dilations = [2 ** i for i in range(len(channels))] if dilations is None else list(dilations)
         if not channels:

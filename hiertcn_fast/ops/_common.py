@@ -136,6 +136,17 @@ def refuse_graph_of_gradient(op: str) -> None:
                            f"backend='reference' where you need a graph of the gradient")
 
 
+def refuse_batched_gradient(op: str, grad) -> None:
+    """For the backward of an op whose gradients come from kernels: a batched gradient (torch.autograd.grad's
+    is_grads_batched=True, jacobian(vectorize=True), gradcheck(check_batched_grad=True)) would reach the kernels'
+    out ops, which have no batching rule, and fail in the dispatcher's words (naming an internal op). Refused in
+    words that name the way out; the reference backend's plain PyTorch takes batched gradients."""
+    if grad is not None and not torch.compiler.is_compiling() and torch._C._functorch.is_legacy_batchedtensor(grad):
+        raise RuntimeError(f"{op}: its backward runs fused kernels, which take no batched gradient "
+                           f"(is_grads_batched=True, jacobian(vectorize=True), gradcheck(check_batched_grad=True)); "
+                           f"use backend='reference' there, or unbatched gradients")
+
+
 def on_device_of(t: torch.Tensor):
     """The tensor's CUDA device made current for the block (Triton launches on the current device, not on its
     arguments' device); nothing for other devices."""

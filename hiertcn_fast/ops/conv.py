@@ -26,10 +26,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _extension
 from .._ints import is_int
-from ..backends import INTERPRETER_UNSUPPORTED, requested_backend, resolve
+from ..backends import INTERPRETER_UNSUPPORTED, functorch_transforms_active, requested_backend, resolve
 from ._common import (FLOATING, check_like, check_shape, check_tensor, in_input_dtype, new_output, on_device_of,
-                      refuse_graph_of_gradient, refuse_inputs_requiring_grad, refuse_tangents, fake, symbolic,
-                      unit_stride_rows)
+                      refuse_batched_gradient, refuse_graph_of_gradient, refuse_inputs_requiring_grad, refuse_tangents,
+                      fake, symbolic, unit_stride_rows)
 
 # Activation codes shared with the kernels (hiertcn/causal_conv.h ActivationCode, triton/causal_conv.py).
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "tanh": 3}
@@ -73,10 +73,11 @@ def _context_table(context, context_weight, lean_training):
     """context_table; lean_training (the kernels' backends): in training one product with the weight's cumulative
     packing, made per call, keeping only the context and the weight for its backward (_ContextTable); the
     reference keeps the plain definition (per-tap products, then suffix sums). Without gradients, one product
-    with the packing cached per weight version. Traced (torch.compile), the plain definition: the cache is not
-    traceable."""
+    with the packing cached per weight version. Traced (torch.compile), or inside a torch.func transform, the plain
+    definition: the cache is not traceable, and a transform's wrapped tensors have no storage to key it on (under
+    torch.func.grad with respect to x, the context and its weight require no grad)."""
     training = torch.is_grad_enabled() and (context.requires_grad or context_weight.requires_grad)
-    if torch.compiler.is_compiling() or (training and not lean_training):
+    if torch.compiler.is_compiling() or functorch_transforms_active() or (training and not lean_training):
         return torch.einsum("bc,ocj->bjo", context, context_weight).flip(1).cumsum(1)
     if training:
         return _ContextTable.apply(context, context_weight)
@@ -100,6 +101,7 @@ class _ContextTable(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_table):
         refuse_graph_of_gradient("causal_conv1d")
+        refuse_batched_gradient("causal_conv1d", grad_table)
         context, context_weight = ctx.saved_tensors
         out_channels, ctx_channels, k = context_weight.shape
         grad_rows = grad_table.reshape(context.shape[0], k * out_channels)
@@ -245,6 +247,16 @@ def _check_int(value, name, minimum):
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+def check_activation(activation) -> None:
+    """activation must be None or one of the names in ACTIVATIONS (a list or other unhashable value was a bare
+    "unhashable type" TypeError from the lookup)."""
+    if not (activation is None or isinstance(activation, str)):
+        raise TypeError(f"activation must be None or one of {tuple(a for a in ACTIVATIONS if a)}, got "
+                        f"{type(activation).__name__} {activation!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+
+
 def _check_conv_common(x, x_name, weight, bias, dilation, groups, context, context_weight, activation):
     """Checks shared by causal_conv1d and causal_conv1d_step; returns (out_channels, kernel_size)."""
     check_tensor(weight, "weight", 3)
@@ -261,6 +273,10 @@ def _check_conv_common(x, x_name, weight, bias, dilation, groups, context, conte
         raise ValueError(f"groups ({groups}) must divide in_channels ({in_channels}) and out_channels "
                          f"({out_channels})")
     if in_per_group * groups != in_channels:
+        if x.dim() == 3 and x.shape[1] == in_per_group * groups:
+            raise ValueError(f"{x_name} must be (batch, time, in_channels = {in_per_group * groups}), channels-last, "
+                             f"for this weight; got shape {tuple(x.shape)}, which looks like nn.Conv1d's (batch, "
+                             f"channels, time): pass {x_name}.transpose(1, 2)")
         raise ValueError(f"weight (out_channels, in_channels / groups, k) must have {in_channels // groups} input "
                          f"channels for {x_name} with {in_channels} channels and groups={groups}, "
                          f"got shape {tuple(weight.shape)}")
@@ -280,8 +296,7 @@ def _check_conv_common(x, x_name, weight, bias, dilation, groups, context, conte
                              f"{tuple(context.shape)}")
         check_shape(context_weight, "context_weight (out_channels, ctx_channels, k)",
                     (out_channels, context.shape[1], kernel_size))
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    check_activation(activation)
     return out_channels, kernel_size
 
 
@@ -308,7 +323,11 @@ def causal_conv1d(x, weight, bias=None, *, dilation=1, groups=1, context=None, c
     "gelu" or "tanh". Returns (batch, time, out_channels) = act(z), or act(act(z) + residual) with a
     residual. Differentiable in every tensor argument; backward is deterministic: the same inputs give the same
     bits run after run at a fixed thread count (the cpu backend's dense layers of 32 channels or more take their
-    products through BLAS, whose summation order, in the weight gradient, follows the thread count).
+    products through BLAS, whose summation order, in the weight gradient, follows the thread count; so does the
+    context gradient's, one BLAS product wherever the context enters). As with torch's own ops, the tensors an
+    op keeps for its backward must not be modified in place before it runs (autograd's version check says so):
+    on the kernels' backends these include the residual (with gelu, or tanh in half types), which the reference
+    does not keep.
     Non-finite weights: a tap that reaches before the start multiplies zeros on some paths (inf * 0 = NaN, as
     F.conv1d on a left-padded input gives) and is skipped on others, so with an inf or NaN weight the first
     (k - 1) * dilation steps may be NaN on one backend and finite on another; finite weights agree everywhere.
@@ -402,6 +421,7 @@ class _CausalConvFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         refuse_graph_of_gradient("causal_conv1d")
+        refuse_batched_gradient("causal_conv1d", grad_out)
         x, weight, pre, kept = ctx.saved_tensors
         dilation, groups, activation, name, has_bias, has_table, from_out, residual_is_x, has_residual = ctx.config
         grad_pre = new_output(grad_out.shape, x)
@@ -834,8 +854,7 @@ def tcn_step(x, weights, biases, states, *, proj_weights=None, proj_biases=None,
         raise ValueError(f"weights, biases, states, proj_weights and proj_biases need one entry per layer (at "
                          f"least one); got {layers}, {len(biases)}, {len(states)}, {len(proj_weights)} and "
                          f"{len(proj_biases)}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    check_activation(activation)
     if (context is None) != (context_weight is None):
         raise ValueError("context and context_weight must be given together")
     if context_proj_weight is not None and context is None:

@@ -35,6 +35,8 @@ the gates (one kernel per step at small batch) and a persistent kernel for the w
 The cuda backend runs two launches per step (cuBLAS, then the gates) from the C++ loop.
 """
 
+from collections.abc import Mapping
+
 import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
@@ -43,7 +45,7 @@ from .. import _extension
 from .._ints import is_int
 from ..backends import resolve
 from ._common import (FLOATING, check_like, check_shape, check_tensor, in_input_dtype, new_output, on_device_of,
-                      refuse_graph_of_gradient, symbolic, unit_stride_rows)
+                      refuse_batched_gradient, refuse_graph_of_gradient, symbolic, unit_stride_rows)
 
 # The dtypes every op of the family supports, per backend.
 GRU_DTYPES = {
@@ -111,13 +113,20 @@ class _GruGatesFunction(torch.autograd.Function):
     def forward(ctx, gi, gh, h, name):
         out = new_output(h.shape, h)
         _gru_gates_kernel(name, gi, gh, h, out)
-        ctx.save_for_backward(gi, gh, h)
+        # An input made under inference_mode (which cannot be saved for backward) is saved as a copy: the reference
+        # composition saves only tensors it made, and takes such inputs beside one that requires grad. (Not traced:
+        # dynamo has no is_inference.)
+        saved = (gi, gh, h)
+        if not torch.compiler.is_compiling():
+            saved = tuple(t.clone() if t.is_inference() else t for t in saved)
+        ctx.save_for_backward(*saved)
         ctx.backend = name
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         refuse_graph_of_gradient("gru_gates")
+        refuse_batched_gradient("gru_gates", grad_out)
         gi, gh, h = ctx.saved_tensors
         grad_gi, grad_gh, grad_h = new_output(gi.shape, gi), new_output(gh.shape, gh), new_output(h.shape, h)
         _gru_gates_backward_kernel(ctx.backend, unit_stride_rows(grad_out), gi, gh, h, grad_gi, grad_gh, grad_h)
@@ -136,15 +145,9 @@ def _layer_weights(weights, num_layers, input_size, hidden, ref, name="weights",
     layers = _well_formed_layer_weights(weights, num_layers, input_size, hidden, ref)
     if layers is not None:
         return layers
-    if isinstance(weights, torch.Tensor) or len(weights) != num_layers:
-        got = "a tensor" if isinstance(weights, torch.Tensor) else f"{len(weights)}"
-        raise ValueError(f"{name} must hold one (w_ih, w_hh[, b_ih, b_hh]) sequence per layer "
-                         f"(num_layers={num_layers}), got {got}")
+    _check_weights_structure(weights, num_layers, name)
     layers = []
     for layer, tensors in enumerate(weights):
-        if len(tensors) not in (2, 4):
-            raise ValueError(f"{name}[{layer}] must be (w_ih, w_hh) or (w_ih, w_hh, b_ih, b_hh), "
-                             f"got {len(tensors)} tensors")
         w_ih, w_hh, b_ih, b_hh = (tuple(tensors) + (None, None))[:4]
         in_features = input_size if layer == 0 else hidden
         if (b_ih is None) != (b_hh is None):
@@ -166,16 +169,47 @@ def _layer_weights(weights, num_layers, input_size, hidden, ref, name="weights",
     return layers
 
 
+def _is_sequence(value) -> bool:
+    """A list, tuple or other indexable sized container (nn.GRU's all_weights, a ParameterList), but not a tensor
+    (whose rows would pass for layers or weights), a str or a mapping, nor an iterator (used up by one look)."""
+    return (hasattr(value, "__len__") and hasattr(value, "__getitem__")
+            and not isinstance(value, (torch.Tensor, str, bytes, Mapping)))
+
+
+def _check_weights_structure(weights, num_layers, name):
+    """weights must be one (w_ih, w_hh[, b_ih, b_hh]) sequence per layer: said before any of its tensors is looked
+    at (without h0, gru reads the hidden size from weights[0][1], which for a forgotten level of nesting is a row
+    of w_ih)."""
+    shown = "weights" if name is None else name
+    if not _is_sequence(weights):
+        got = "a tensor" if isinstance(weights, torch.Tensor) else type(weights).__name__
+        raise TypeError(f"{shown} must be a list or tuple of one (w_ih, w_hh[, b_ih, b_hh]) sequence per layer "
+                        f"(num_layers={num_layers}), got {got}")
+    if len(weights) != num_layers:
+        raise ValueError(f"{shown} must hold one (w_ih, w_hh[, b_ih, b_hh]) sequence per layer "
+                         f"(num_layers={num_layers}), got {len(weights)}")
+    for layer, tensors in enumerate(weights):
+        if not _is_sequence(tensors):
+            got = "a tensor" if isinstance(tensors, torch.Tensor) else type(tensors).__name__
+            raise TypeError(f"{shown}[{layer}] must be a list or tuple (w_ih, w_hh) or (w_ih, w_hh, b_ih, b_hh), "
+                            f"got {got}")
+        if len(tensors) not in (2, 4):
+            raise ValueError(f"{shown}[{layer}] must be (w_ih, w_hh) or (w_ih, w_hh, b_ih, b_hh), "
+                             f"got {len(tensors)} tensors")
+
+
 def _well_formed_layer_weights(weights, num_layers, input_size, hidden, ref):
     """_layer_weights' result when every check passes, else None (then _layer_weights says what is wrong).
 
     One cheap pass: validation costs more than the kernels at HierTCN's small shapes.
     """
-    if isinstance(weights, torch.Tensor) or len(weights) != num_layers:
+    if not isinstance(weights, (list, tuple)) or len(weights) != num_layers:
         return None
     dtype, device, rows = ref.dtype, ref.device, 3 * hidden
     layers = []
     for layer, tensors in enumerate(weights):
+        if not isinstance(tensors, (list, tuple)):
+            return None
         if len(tensors) == 4:
             w_ih, w_hh, b_ih, b_hh = tensors
             biases_ok = (isinstance(b_ih, torch.Tensor) and isinstance(b_hh, torch.Tensor)
@@ -257,6 +291,7 @@ class _GruLayerFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         refuse_graph_of_gradient("gru")
+        refuse_batched_gradient("gru", grad_output)
         x, h0, w_ih, w_hh, output, gates = ctx.saved_tensors
         if output is None:  # one step: the op reads no output (only those of the steps before the last)
             output = new_output((x.shape[0], 1, h0.shape[1]), h0)
@@ -338,8 +373,7 @@ def _check_gru(x, h0, weights, num_layers):
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     given_h0 = h0 is not None
     if h0 is None:
-        if isinstance(weights, torch.Tensor) or not weights or len(weights[0]) < 2:
-            raise ValueError("weights must hold one (w_ih, w_hh[, b_ih, b_hh]) sequence per layer")
+        _check_weights_structure(weights, num_layers, "weights")
         # The hidden size comes from layer 0's w_hh: checked first, so that a bad one is named as it is with h0.
         check_tensor(weights[0][1], "weights[0] (w_hh)", 2)
         hidden = weights[0][1].shape[-1]
@@ -405,6 +439,7 @@ class _SessionMeanTritonFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_mean):
         refuse_graph_of_gradient("session_update")
+        refuse_batched_gradient("session_update", grad_mean)
         (lengths,) = ctx.saved_tensors
         grad_items = new_output(ctx.items_shape, grad_mean)
         torch.ops.hiertcn_fast.session_mean_backward_triton_out(unit_stride_rows(grad_mean), lengths, grad_items)
@@ -460,6 +495,7 @@ class _SessionUpdateFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         refuse_graph_of_gradient("session_update")
+        refuse_batched_gradient("session_update", grad_out)
         lengths, h, keep, proj_weight, session_mean, projected, states, gates, *weights = ctx.saved_tensors
         batch, time, dim = ctx.items_shape
         items = h.new_empty(dim).as_strided((batch, time, dim), (0, 0, 1))  # a stand-in with the shape
@@ -560,8 +596,17 @@ def _check_lengths_in_range(lengths, time):
     would count a longer session as the whole padded row and a negative one as no session, and the Triton
     kernels would read past the row, each silently and each differently. lengths: int64 (what the checks
     return). Device tensors are not read (that would make the host wait for the device; their kernels clamp),
-    nor traced or fake ones (torch.compile, FakeTensorMode: no values to look at)."""
-    if lengths.device.type != "cpu" or lengths.numel() == 0 or symbolic(lengths):
+    nor fake ones outside a trace (FakeTensorMode, opcheck: no values to look at). Traced by torch.compile, the
+    graph checks them itself: an assert in the graph, a RuntimeError when it runs (without it the compiled
+    reference clamped them without a word, where the cpu kernel refuses them)."""
+    if lengths.device.type != "cpu" or lengths.numel() == 0:
+        return
+    if torch.compiler.is_compiling():
+        # (A constant message: formatting the time into it would specialise the graph on it, one compile a length.)
+        torch._assert_async(((lengths >= 0) & (lengths <= time)).all(),
+                            "lengths must lie in [0, time], time the item embeddings' padded session length")
+        return
+    if symbolic(lengths):
         return
     low, high = torch.stack(torch.aminmax(lengths)).tolist()
     if low < 0 or high > time:
@@ -594,7 +639,8 @@ def session_update(item_embeddings: torch.Tensor, lengths: torch.Tensor, h: torc
 
     Differentiable in item_embeddings, h, the weights, the projection and a floating keep. Lengths
     outside [0, time] are an error on CPU tensors on every backend (a ValueError with the same message, the cpu
-    kernel's own check included); on a GPU every backend clamps them (checking would synchronise).
+    kernel's own check included; compiled by torch.compile, a RuntimeError when the graph runs);
+    on a GPU every backend clamps them (checking would synchronise).
     """
     layers = _well_formed_session_update(item_embeddings, lengths, h, keep, weights, proj_weight, proj_bias)
     if layers is None:
@@ -680,6 +726,7 @@ class _SessionUpdateStepsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         refuse_graph_of_gradient("session_update_steps")
+        refuse_batched_gradient("session_update_steps", grad_out)
         lengths, keep, proj_weight, session_mean, projected, out, cells, gates, *weights = ctx.saved_tensors
         items = out.new_empty(ctx.items_shape[-1]).as_strided(ctx.items_shape, (0, 0, 0, 1))  # a stand-in
         grad_items = new_output(items.shape, items) if ctx.needs_input_grad[0] else None
