@@ -1,7 +1,10 @@
-"""Fixes from the audit of the GRU ops and the sequence causal_conv1d (session 34). Each test failed on c83862f.
+"""Fixes from the audits of the GRU ops, the sequence causal_conv1d and the nn GRU drop-in (session 34). Each test
+failed on c83862f.
 
 Forward-mode AD on auto is tested in test_backends_differential.py (with the other torch.func cases).
 """
+
+import re
 
 import pytest
 import torch
@@ -207,3 +210,23 @@ def test_conv_errors_name_the_mistake():
     with pytest.raises(TypeError, match=r"dilations must be a sequence with one int per block .*got int 3"):
         TCN(4, [5], dilations=3)
     assert len(TCN(4, (5, 5), 3, dilations=range(1, 3)).blocks) == 2  # any iterable of ints, as before
+
+
+def test_gru_names_a_packed_sequence_whose_data_is_not_2d():
+    """3-D packed data was told as "x must be 3-D, got shape (2, 3, 2, 3)" (the padded copy), 1-D data as a width
+    mismatch; torch says "input must have 2 dimensions"."""
+    from torch.nn.utils.rnn import PackedSequence, pack_sequence
+
+    from hiertcn_fast.nn import GRU
+    three = pack_sequence([torch.randn(3, 2, 3), torch.randn(2, 2, 3)])
+    one = PackedSequence(torch.randn(5), torch.tensor([2, 2, 1]))
+    for packed, width in ((three, 3), (one, 1)):
+        with pytest.raises(ValueError, match=re.escape("GRU: a PackedSequence's data must be 2-D (packed steps, "
+                                                       f"input_size), got shape {tuple(packed.data.shape)}")):
+            GRU(width, 4)(packed)
+        with pytest.raises(RuntimeError, match="input must have 2 dimensions"):  # the peer refuses it too
+            torch.nn.GRU(width, 4)(packed)
+    two = pack_sequence([torch.randn(3, 3), torch.randn(2, 3)])
+    ours, peer = GRU(3, 4), torch.nn.GRU(3, 4)
+    ours.load_state_dict(peer.state_dict())
+    torch.testing.assert_close(ours(two)[0].data, peer(two)[0].data)

@@ -191,6 +191,10 @@ class GRU(torch.nn.GRU):
         return x, torch.stack(last_states)
 
     def _forward_packed(self, input, hx):
+        _check_tensor(input.data, "input.data")
+        if input.data.dim() != 2:  # (the packed steps, each (input_size,)): said before the width or the padding
+            raise ValueError(f"GRU: a PackedSequence's data must be 2-D (packed steps, input_size), got shape "
+                             f"{tuple(input.data.shape)}")
         _check_input_size(input.data, self.input_size)
         self._check_hx(hx, int(input.batch_sizes[0]), input)
         x, lengths = pad_packed_sequence(input, batch_first=True)  # rows in the caller's order, as hx
