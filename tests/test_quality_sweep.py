@@ -70,7 +70,7 @@ def test_the_default_run_is_the_main_jobs_run_and_selection_sees_only_validation
     monkeypatch.setattr(sweep, "evaluate", lambda model, cache, split, config: splits.append(split)
                         or evaluate(model, cache, split, config))
     assert sweep.main(["--out", str(tmp_path / "q"), "--models", "hiertcn", "--lrs", "0.01,0.03", "--dropouts", "0.3",
-                       "--seeds", "0", "--selection-seeds", "0", "--epochs", "1", "--cache-dir", cache_dir]) == 0
+                       "--seeds", "0", "--selection-seeds", "1", "--epochs", "1", "--cache-dir", cache_dir]) == 0
     record = json.loads((tmp_path / "q" / "quality.json").read_text())
     assert splits[:2] == ["valid", "valid"] and set(splits[2:]) == {"test"}
     assert [r["split"] for r in record["selection_runs"]] == ["valid", "valid"]
@@ -80,3 +80,21 @@ def test_the_default_run_is_the_main_jobs_run_and_selection_sees_only_validation
         assert default["per_user"][metric] == job["per_user"]["all"][metric]
         assert default["per_event"][metric] == job["per_event"]["all"][metric]
     assert "| hiertcn |" in (tmp_path / "q" / "quality.md").read_text()
+
+
+@pytest.mark.parametrize("seeds, selection", [("0,1,2", "2,3"), ("4", "4")])
+def test_selection_seeds_that_are_also_test_seeds_are_a_usage_error(tmp_path, capsys, seeds, selection):
+    """A setting tested from the initialisations it was selected on carries the selection's luck: refused before
+    anything is trained or written."""
+    out = tmp_path / "q"
+    with pytest.raises(SystemExit) as exited:
+        sweep.main(["--out", str(out), "--seeds", seeds, "--selection-seeds", selection])
+    assert exited.value.code == 2
+    shared = sorted(set(int(s) for s in seeds.split(",")) & set(int(s) for s in selection.split(",")))
+    assert f"--seeds and --selection-seeds must be disjoint; both hold {shared}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_default_seeds_are_disjoint():
+    args = sweep.build_parser().parse_args(["--out", "unused"])
+    assert args.seeds and args.selection_seeds and set(args.seeds).isdisjoint(args.selection_seeds)
