@@ -249,6 +249,9 @@ class TemporalBlock(nn.Module):
                                  context_channels=context_channels, activation="relu", backend=backend, device=device,
                                  dtype=dtype)
         factory = dict(device=device, dtype=dtype)
+        # The widths as the conv took them: Python ints (a NumPy integer argument is converted, as everywhere).
+        conv = self.conv
+        in_channels, out_channels, context_channels = conv.in_channels, conv.out_channels, conv.context_channels
         self.projection = (nn.Linear(in_channels, out_channels, **factory)
                            if in_channels != out_channels or context_channels else None)
         self.context_projection = (nn.Linear(context_channels, out_channels, bias=False, **factory)
@@ -415,13 +418,13 @@ class TCN(nn.Module):
             raise ValueError("channels must list at least one block's output channels")
         if len(dilations) != len(channels):
             raise ValueError(f"dilations must have one entry per block ({len(channels)}), got {len(dilations)}")
-        self.context_channels = context_channels
         widths = [in_channels] + channels
         self.blocks = nn.ModuleList(
             TemporalBlock(widths[i], widths[i + 1], kernel_size, dilations[i],
                           context_channels=context_channels if i == 0 else 0, backend=backend, device=device,
                           dtype=dtype)
             for i in range(len(channels)))
+        self.context_channels = self.blocks[0].conv.context_channels  # checked there, and a Python int
 
     @property
     def receptive_field(self) -> int:
