@@ -9,8 +9,8 @@ batches for the single-level history TCN, and for every batch:
 2. runs the model (the fused kernels in float32) and the output layer with the loss (bf16
    autocast on a GPU): full softmax cross-entropy over all items, or a sampled softmax with log-q
    correction;
-3. backward, gradient clipping, Adam, and a step learning-rate schedule (divided by ``lr_gamma``
-   at fractions ``lr_milestones`` of the run, the paper's "divided by 5 twice");
+3. backward, gradient clipping, Adam, and a step learning-rate schedule (multiplied by ``lr_gamma``,
+   0.2 by default, at fractions ``lr_milestones`` of the run: the paper's "divided by 5 twice");
 4. stores the new state, DETACHED (truncated backpropagation through time at batch boundaries).
 
 Checkpoints hold the model, the optimizer, the generator position and the state cache, the RNG

@@ -1,8 +1,9 @@
 """The data path: readers, streaming preprocessing into an on-disk session cache, the lane
 mini-batch generator with its high-level state cache, and a pinned-memory ring-buffer queue.
 
-Pure Python/NumPy/PyTorch; it imports nothing else from hiertcn_fast (it sits on top of the
-data flow) and never the compiled extension.
+Pure Python/NumPy/PyTorch: its modules use nothing of hiertcn_fast but the integer checks of
+``hiertcn_fast._ints``, and none of them the compiled extension (importing the package
+``hiertcn_fast`` itself loads it, where it is built).
 
 Typical use::
 

@@ -17,7 +17,9 @@ The tests check this against a literal simulation of the queues.
 A batch (``SessionBatch``; steps = S):
 
 - ``items`` int64 (steps, lanes, time): ``items[j, b, 0]`` is the start token 0, then the
-  session's item ids, then 0 padding. ``time = 1 + max_session_length >= step_widths.max()``.
+  session's item ids, then 0 padding. ``time`` is ``1 + max_session_length`` in the batches of
+  ``iter_queued()`` and ``fill()`` (fixed-size buffers); ``batch()``, and so iterating the batcher,
+  trims it to ``step_widths.max()``, the widest step of that batch.
 - ``lengths`` int64 (steps, lanes): events in the session (0 where not valid). Inputs are
   ``items[..., :-1]``, targets ``items[..., 1:]``, a target at position t counts iff t < length.
 - ``step_widths`` int64 (steps,): 1 + the longest session at that step (0 if the step is empty):

@@ -584,7 +584,10 @@ def preprocess(source: InteractionSource, cache_dir: str | os.PathLike, params: 
     the key hashes the source's fingerprint and ``params``: an existing cache with the same key is
     opened without reading the source; different params build a new one. A corrupted existing cache raises
     :class:`CacheCorruptError` unless ``rebuild=True``, which replaces it once the new one is
-    built: a rebuild that fails leaves the existing cache as it was.
+    built: a rebuild that fails leaves the existing cache as it was. What is checked here depends on
+    ``verify``: "full" checks every partition's event data, while the default "lazy" checks the manifest and
+    the small arrays here and each partition's event data at its first read, where damage is a
+    :class:`CacheCorruptError` naming the file and partition (``rebuild=True`` then replaces the cache).
     ``chunk_size`` (events read per chunk) bounds memory and never changes the result.
     The returned cache's ``stats`` count every event and record dropped, by reason.
     """
