@@ -210,23 +210,23 @@ def test_tcn_and_temporal_block_keep_numpy_widths_as_plain_ints():
 # may be any integer, Python's or NumPy's ..., but not a bool; they are kept as Python ints ... (the `GRU` drop-in
 # too, where torch.nn.GRU takes only Python's)."
 
-@pytest.mark.parametrize("args, kwargs", [
-    ((4, True), {}),                       # hidden_size
-    ((True, 4), {}),                       # input_size
-    ((4, 4, True), {}),                    # num_layers
-    ((4, 4), {"num_layers": True}),
-    ((4,), {"hidden_size": True}),
+@pytest.mark.parametrize("args, kwargs, name", [
+    ((4, True), {}, "hidden_size"),
+    ((True, 4), {}, "input_size"),
+    ((4, 4, True), {}, "num_layers"),
+    ((4, 4), {"num_layers": True}, "num_layers"),
+    ((4,), {"hidden_size": True}, "hidden_size"),
 ])
-def test_gru_dropin_refuses_bool_sizes(args, kwargs):
+def test_gru_dropin_refuses_bool_sizes(args, kwargs, name):
     """hiertcn_fast.nn.GRU(4, True) built a GRU with hidden_size True (torch.nn.GRU keeps a bool as the size)."""
-    with pytest.raises((TypeError, ValueError)):
+    with pytest.raises(TypeError, match=rf"^{name} must be an integer, not a bool \(True\)"):
         GRU(*args, **kwargs)
 
 
-@pytest.mark.parametrize("args", [(4, True), (True, 4)])
-def test_grucell_dropin_refuses_bool_sizes(args):
+@pytest.mark.parametrize("args, name", [((4, True), "hidden_size"), ((True, 4), "input_size")])
+def test_grucell_dropin_refuses_bool_sizes(args, name):
     """hiertcn_fast.nn.GRUCell(4, True) built a cell with hidden_size True."""
-    with pytest.raises((TypeError, ValueError)):
+    with pytest.raises(TypeError, match=rf"^{name} must be an integer, not a bool \(True\)"):
         GRUCell(*args)
 
 
@@ -234,7 +234,7 @@ def test_build_model_refuses_bool_seed():
     """hiertcn_fast.train.build_model(name, num_items, seed=True) drew the parameters from seed 1."""
     from hiertcn_fast.train import build_model
 
-    with pytest.raises((TypeError, ValueError)):
+    with pytest.raises(ValueError, match="seed must be a non-negative integer below 2\\*\\*63, got True"):
         build_model("session_gru", 10, seed=True, embedding_dim=4, hidden=4)
 
 
@@ -269,7 +269,7 @@ def test_user_lane_batches_refuses_bool_ints(tmp_path, which):
 
     cache = _small_cache(tmp_path)
     kwargs = {"users_per_batch": 2, "max_session_length": 20, which: True}
-    with pytest.raises((TypeError, ValueError)):
+    with pytest.raises((TypeError, ValueError), match=which):
         next(iter(user_lane_batches(cache, ("train",), np.arange(3), kwargs["users_per_batch"],
                                     kwargs["max_session_length"])))
 

@@ -552,7 +552,8 @@ def test_evaluate_takes_a_float64_stateful_model_on_the_cold_split(small_cache):
     """evaluate()'s contract asks only that the model be built for the cache's catalogue; a float64 model is
     evaluated on a warm split (the suite does so) and its forward takes a float64 state, but on a cold split the
     lane generator's state cache (train._Source's LaneStateCache) was float32 whatever the model's dtype. The
-    float64 model must score as its float32 original does (to rounding)."""
+    float64 model must score as its float32 original does: the same ranks, so the same metrics to the last digit
+    but the float64 sums' rounding (a target moving one rank shifts a metric of these 6 events by 1e-3 or more)."""
     from hiertcn_fast.train import evaluate
 
     model = make_model("hiertcn", small_cache, 3)
@@ -560,4 +561,4 @@ def test_evaluate_takes_a_float64_stateful_model_on_the_cold_split(small_cache):
     expected = evaluate(model, small_cache, "test", config)
     got = evaluate(copy.deepcopy(model).double(), small_cache, "test", config)
     for key, value in expected["per_event"]["all"].items():
-        assert got["per_event"]["all"][key] == pytest.approx(value, abs=2e-2), key
+        assert got["per_event"]["all"][key] == pytest.approx(value, rel=1e-12, abs=1e-12), key

@@ -13,6 +13,7 @@ Nothing here needs a GPU, and none holds more than a few MiB resident:
 """
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -51,13 +52,20 @@ def _record_grids(monkeypatch, module, call):
     return grids, None
 
 
-def _assert_within_cuda_limits_or_clear_error(grids, error):
-    if error is not None:
-        return  # a clear refusal (checked_grid's ValueError, or another message) is acceptable
+def _assert_within_cuda_limits(grids):
     past = [(name, grid) for name, grid in grids
             if any(size > limit for size, limit in zip(grid, CUDA_GRID_LIMITS))]
-    assert not past, (f"launched with grids past CUDA's limits {CUDA_GRID_LIMITS} and no error: {past}; on a GPU "
-                      "the driver answers only 'invalid argument'")
+    assert not past, (f"launched with grids past CUDA's limits {CUDA_GRID_LIMITS}: {past}; on a GPU the driver "
+                      "answers only 'invalid argument'")
+
+
+def _assert_refused_by_checked_grid(grids, error, axis=1):
+    """The call was refused with checked_grid's ValueError for grid axis ``axis`` (not any other error), and
+    nothing was launched past CUDA's limits before it."""
+    _assert_within_cuda_limits(grids)
+    assert isinstance(error, ValueError), f"expected checked_grid's ValueError, got {error!r} (launches: {grids})"
+    assert re.search(rf"the launch needs \d+ blocks on grid axis {axis}, past CUDA's limit of 65535; split the call",
+                     str(error)), str(error)
 
 
 def _gru_gates_forward_wide(module):
@@ -81,7 +89,7 @@ def test_triton_gru_gates_grid_axis1_past_65535(monkeypatch):
 
     for make in (_gru_gates_forward_wide, _gru_gates_backward_wide):
         grids, error = _record_grids(monkeypatch, gru_gates, make(gru_gates))
-        _assert_within_cuda_limits_or_clear_error(grids, error)
+        _assert_refused_by_checked_grid(grids, error)
 
 
 def test_triton_session_mean_forward_grid_axis1_past_65535(monkeypatch):
@@ -93,7 +101,7 @@ def test_triton_session_mean_forward_grid_axis1_past_65535(monkeypatch):
     lengths = torch.ones(1, dtype=torch.int64, device="meta")
     grids, error = _record_grids(monkeypatch, gru_session,
                                  lambda: gru_session.session_mean_forward(_meta(1, 2, dim), lengths, _meta(1, dim)))
-    _assert_within_cuda_limits_or_clear_error(grids, error)
+    _assert_refused_by_checked_grid(grids, error)
 
 
 def test_triton_conv_weight_grad_grid_axis1_past_65535(monkeypatch):
@@ -109,7 +117,7 @@ def test_triton_conv_weight_grad_grid_axis1_past_65535(monkeypatch):
         _meta(1, c_in, 1), None))
     assert error is None, f"the backward refused a size its input gradient runs: {error}"
     assert any(name == "_weight_grad_dense_kernel" for name, _ in grids), grids
-    _assert_within_cuda_limits_or_clear_error(grids, error)
+    _assert_within_cuda_limits(grids)
 
 
 def test_triton_conv_step_grid_axis1_past_65535(monkeypatch):
@@ -121,7 +129,7 @@ def test_triton_conv_step_grid_axis1_past_65535(monkeypatch):
     position = torch.zeros(1, dtype=torch.int64, device="meta")
     grids, error = _record_grids(monkeypatch, causal_conv, lambda: causal_conv.causal_conv_step(
         _meta(1, 1), _meta(1, 1, c_out), None, None, None, 1, 1, 0, _meta(1, 0, 1), position, _meta(1, c_out)))
-    _assert_within_cuda_limits_or_clear_error(grids, error)
+    _assert_refused_by_checked_grid(grids, error)
 
 
 # ---- int32 weight offsets in the Triton conv kernels -------------------------------------------------------------
