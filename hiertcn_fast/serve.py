@@ -21,10 +21,11 @@ equal a full forward pass of the model over the same history (tests/test_serve.p
 unknown (KeyError), not predicted from the start token.
 
 The model must stay in eval mode and on the device and dtype it had when the recommender was made: every call
-that runs the model (observing, scoring, recommending) checks, and refuses otherwise before anything changes (in training mode its dropout would make the stored
-states and the scores random). A call that fails part way through (out of memory, an interrupt) changes nothing
-either: what it may have changed by then is put back (``_all_or_nothing``; for a known user's single event on
-the CPU, the row's copy its view keeps, ``_RowView.keep``).
+that runs the model (observing, scoring, recommending) checks, and refuses otherwise before anything changes (in
+training mode its dropout would make the stored states and the scores random). A call that fails part way
+through (out of memory, an interrupt) changes nothing either: what it may have changed by then is put back
+(``_all_or_nothing``; for a known user's single event on the CPU, the row's copy its view keeps,
+``_RowView.keep``).
 
 Users live in rows ("slots") of these tensors, which grow by doubling and never shrink; :meth:`forget_users`
 frees the rows of users who left for new users; ``state_dict`` / ``load_state_dict`` save and restore every

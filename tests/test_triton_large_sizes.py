@@ -59,12 +59,12 @@ def _assert_within_cuda_limits(grids):
                       "answers only 'invalid argument'")
 
 
-def _assert_refused_by_checked_grid(grids, error, axis=1):
-    """The call was refused with checked_grid's ValueError for grid axis ``axis`` (not any other error), and
+def _assert_refused_by_checked_grid(grids, error):
+    """The call was refused with checked_grid's ValueError for grid axis 1 (not any other error), and
     nothing was launched past CUDA's limits before it."""
     _assert_within_cuda_limits(grids)
     assert isinstance(error, ValueError), f"expected checked_grid's ValueError, got {error!r} (launches: {grids})"
-    assert re.search(rf"the launch needs \d+ blocks on grid axis {axis}, past CUDA's limit of 65535; split the call",
+    assert re.search(r"the launch needs \d+ blocks on grid axis 1, past CUDA's limit of 65535; split the call",
                      str(error)), str(error)
 
 
