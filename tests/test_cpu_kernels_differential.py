@@ -1007,7 +1007,7 @@ def test_numpy_integers_are_taken_as_ints():
     _, v = a.fresh(requires_grad=False)
     ref = gru(xs, h0, gather_layers(v, 2, False), num_layers=2, backend=B)
     got = gru(xs, h0, gather_layers(v, 2, False), num_layers=np.int64(2), backend=B)
-    assert all(torch.equal(p, q) for p, q in zip(ref, got))
+    assert all(torch.equal(p, q) for p, q in zip(ref, got, strict=True))
 
 
 def test_causal_conv_state_zeros_bad_arguments_are_named():

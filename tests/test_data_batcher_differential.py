@@ -538,7 +538,7 @@ def test_pickled_batcher_resumes_where_it_was(tmp_path):
     rest, rest_clone = list(batcher), list(clone)
     assert [b.index for b in rest] == [b.index for b in rest_clone]
     for a, b in zip(rest, rest_clone):
-        assert all(torch.equal(x, y) for x, y in zip(a.tensors().values(), b.tensors().values()))
+        assert all(torch.equal(x, y) for x, y in zip(a.tensors().values(), b.tensors().values(), strict=True))
 
 
 def test_empty_split_has_no_batches_and_each_pass_advances_one_epoch(tmp_path):

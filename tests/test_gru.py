@@ -607,8 +607,10 @@ def test_gru_modules_pass_their_own_tensors_outside_autocast(monkeypatch):
     cell(x, h), sequence(xs, h0)
     (cx, ch, *cell_weights), (sx, sh, layers) = calls
     assert cx is x and ch is h and sx is xs and sh is h0
-    assert all(a is b for a, b in zip(cell_weights, (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)))
-    assert all(a is b for mine, theirs in zip(layers, sequence.all_weights) for a, b in zip(mine, theirs))
+    expected = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+    assert all(a is b for a, b in zip(cell_weights, expected, strict=True))
+    assert all(a is b for mine, theirs in zip(layers, sequence.all_weights, strict=True)
+               for a, b in zip(mine, theirs, strict=True))
 
 
 def pack_with_ties_reversed(padded, lengths, batch_first):

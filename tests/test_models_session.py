@@ -237,8 +237,9 @@ def test_the_embeddings_two_reads_and_their_one_gradient(read):
     flat = inputs.embedded.reshape(steps * lanes, positions, dim)
     expected_groups = [torch.stack([flat[r, :w] for r in rows.tolist()]) for rows, w in zip(row_groups, widths)]
     expected_items = [inputs.embedded[step, :, 1:] for step in range(steps)]
-    assert all(torch.equal(a, b) for a, b in zip(groups, expected_groups))
-    assert all(torch.equal(a, b) for a, b in zip(items, expected_items))
+    assert len(groups) == len(expected_groups) and len(items) == len(expected_items) == steps
+    assert all(torch.equal(a, b) for a, b in zip(groups, expected_groups, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(items, expected_items, strict=True))
     used_steps = {"both": range(steps), "items": range(steps), "some steps' items": [steps - 1], "rows": []}[read]
 
     def loss(group_values, item_values):

@@ -306,7 +306,7 @@ def test_tcn_step_shortcut_runs_only_for_the_objects_it_was_made_for(monkeypatch
         tcn.step(rand(2, 5).float(), state, context)
     with pytest.raises(RuntimeError, match="x_t requires grad"):
         tcn.step(rand(2, 5).requires_grad_(), state, context)
-    assert all(torch.equal(layer.position, kept) for layer, kept in zip(state.layers, positions))
+    assert all(torch.equal(layer.position, kept) for layer, kept in zip(state.layers, positions, strict=True))
     step(True)
     # Under no_grad, an input that requires grad is taken (as by the full path).
     step(True, rand(2, 5).requires_grad_())

@@ -51,7 +51,7 @@ def assert_unchanged(recommender, before):
     for key, value in tensors.items():
         want = before[1][key]
         if isinstance(value, list):
-            assert all(torch.equal(a, b) for a, b in zip(value, want)), key
+            assert all(torch.equal(a, b) for a, b in zip(value, want, strict=True)), key
         else:
             assert torch.equal(value, want), key
 

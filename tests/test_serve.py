@@ -885,7 +885,7 @@ def _with_history():
 
 def _same(now, then):
     return now[0] == then[0] and all(
-        all(torch.equal(x, y) for x, y in zip(a, b)) if isinstance(a, list) else torch.equal(a, b)
+        all(torch.equal(x, y) for x, y in zip(a, b, strict=True)) if isinstance(a, list) else torch.equal(a, b)
         for a, b in ((now[1][key], then[1][key]) for key in then[1]))
 
 

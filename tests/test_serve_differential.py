@@ -239,7 +239,7 @@ def _flat(recommender):
 
 
 def _same(a, b):
-    return a[0] == b[0] and all(torch.equal(x, y) for (_, x), (_, y) in zip(a[1], b[1]))
+    return a[0] == b[0] and all(torch.equal(x, y) for (_, x), (_, y) in zip(a[1], b[1], strict=True))
 
 
 def _follow_up(recommender):

@@ -319,7 +319,7 @@ def test_column_blocked_packing_equals_the_plain_one_bitwise(threads, batch):
     assert plain_out.abs().sum() > 0
     for out, histories in results[1:]:
         assert torch.equal(out, plain_out)
-        assert all(torch.equal(h, g) for h, g in zip(histories, plain_histories))
+        assert all(torch.equal(h, g) for h, g in zip(histories, plain_histories, strict=True))
 
 
 def test_column_blocked_projection_must_match_its_weights_blocks():
@@ -369,7 +369,7 @@ def test_bad_input_is_a_clear_error():
             with pytest.raises(ValueError, match=rf"{changed}\[{layer}\] is on meta but x is on cpu"):
                 tcn_step(x, given["weights"], given["biases"], states, proj_weights=given["proj_weights"],
                          proj_biases=given["proj_biases"], backend=backend)
-            assert all(torch.equal(s.position, p) for s, p in zip(states, positions)), (backend, changed)
+            assert all(torch.equal(s.position, p) for s, p in zip(states, positions, strict=True)), (backend, changed)
     with pytest.raises(ValueError, match="context and context_weight must be given together"):
         tcn_step(x, w, b, states, context=params["context"])
     with pytest.raises(ValueError, match="context_proj_weight .* is given without context"):

@@ -273,7 +273,10 @@ def test_a_refused_checkpoint_leaves_the_trainer_as_it_was(cache, saved_run, how
     trainer = Trainer(build_model("hiertcn", cache.num_items, seed=3, **sizes), cache,
                       dataclasses.replace(settings, max_steps=2), out=None).train()
     before = trainer_state(trainer)
-    with pytest.raises((ValueError, RuntimeError)):
+    message = {"parameter shapes": r"size mismatch for output\.weight: saved \(296, 16\) vs now \(296, 8\)",
+               "batcher": r"made by a different batcher or cache: \{'lanes': \(8, 4\)\}",
+               "sampler state": "RNG state size", "missing entry": r"checkpoint lacks \['train_seconds'\]"}[how]
+    with pytest.raises((ValueError, RuntimeError), match=message):
         trainer.load_checkpoint(state, strict=False)
     assert_same(before, trainer_state(trainer))
 
@@ -404,7 +407,7 @@ def test_a_refused_checkpoint_leaves_an_untrained_trainers_global_rng_as_it_was(
     torch.manual_seed(12345)
     torch.rand(3)
     rng = torch.get_rng_state()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="RNG state size"):
         trainer.load_checkpoint(state)
     assert torch.equal(torch.get_rng_state(), rng)
     assert not trainer._rng_seeded
@@ -1197,7 +1200,7 @@ def test_an_interrupt_as_a_step_is_counted_does_not_train_its_batch_twice(cache,
     assert trainer.step == optimizer_steps, (trainer.step, optimizer_steps)
     trainer.train()
     assert trainer.step == plain.step
-    assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), plain.model.parameters())), (
+    assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), plain.model.parameters(), strict=True)), (
         f"the interrupted batch was applied twice (optimizer steps {optimizer_steps})")
 
 

@@ -96,7 +96,7 @@ def test_a_non_finite_step_is_given_back_unapplied(cache, poison):
                                                  rf"{poison:g} per event, gradient norm nan\. This step is not "):
         trainer.train()
     assert trainer.step == 2 and len(trainer.curve) == 2
-    assert all(torch.equal(a, b.detach()) for a, b in zip(seen["parameters"], trainer.model.parameters()))
+    assert all(torch.equal(a, b.detach()) for a, b in zip(seen["parameters"], trainer.model.parameters(), strict=True))
     assert torch.equal(seen["lanes"], trainer.source.state_cache.state)
     assert all(p.grad is None for p in trainer.model.parameters())
     # Given back: training on from here runs the same steps as a run that never met the poison.

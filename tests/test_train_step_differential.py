@@ -467,7 +467,7 @@ def test_the_config_seed_fixes_the_run_and_another_seed_changes_it(small_cache):
 
     a, b, c = run(21), run(21), run(22)
     assert [x for _, x in a.trainer.curve] == [x for _, x in b.trainer.curve]
-    assert all(torch.equal(x, y) for x, y in zip(a.draws, b.draws))
+    assert all(torch.equal(x, y) for x, y in zip(a.draws, b.draws, strict=True))
     for key, value in a.params_after[-1].items():
         assert torch.equal(value, b.params_after[-1][key])
     assert not all(torch.equal(x.items, y.items) for x, y in zip(a.batches, c.batches))
