@@ -13,7 +13,8 @@
   the end), so an interrupted or failed job keeps what it finished. A model that fails is reported
   (traceback on stderr, a note in the report) and the job goes on with the others, then exits with
   status 1. An earlier report in the folder is replaced: the job says so first and removes it, so
-  no earlier report outlives the job.
+  no earlier report outlives the job. A session cache that fails its checksums is refused before any training
+  (exit status 1, naming the damaged file); ``--rebuild-cache`` replaces it.
 
   Bad arguments are usage errors (exit status 2) before any work and before the report folder is
   made: numbers out of range (``--threads`` above 1024 and ``--producers`` above 64 included), an empty
@@ -294,7 +295,7 @@ def _train(args) -> int:
 def _train_and_report(args, device, started, main_rank) -> int:
     import torch
 
-    from .data import load_dataset, preprocess
+    from .data import CacheCorruptError, load_dataset, preprocess
     from .report import REPORT_FILES, ModelResult, write_report
     from .rule_report import ML100K_PARAMS, evaluate_rules, format_table, preprocessing_note
     from .backends import requested_backend
@@ -310,7 +311,15 @@ def _train_and_report(args, device, started, main_rank) -> int:
         for name in REPORT_FILES:
             (Path(args.out) / name).unlink(missing_ok=True)
     params = dataclasses.replace(ML100K_PARAMS, split="warm" if args.split_by == "time" else "cold")
-    cache = preprocess(load_dataset(args.dataset), args.cache_dir, params)
+    try:
+        # Every partition's checksum is checked now (a few milliseconds on ml-100k), so that a damaged cache is
+        # refused here with the way out, not found at its first read in the middle of the rules or a model.
+        cache = preprocess(load_dataset(args.dataset), args.cache_dir, params, rebuild=args.rebuild_cache,
+                           verify="full")
+    except CacheCorruptError as error:
+        print(f"hiertcn-fast train: {error}\nhiertcn-fast train: the session cache in {args.cache_dir} cannot be "
+              f"used; run again with --rebuild-cache to replace it", file=sys.stderr, flush=True)
+        return 1
     models = args.models
     print(f"data: {args.dataset}, {cache.num_events} events, {cache.num_users} users, {cache.num_items} items; "
           f"device {device}", flush=True)
@@ -455,6 +464,9 @@ def main(argv=None) -> int:
     train.add_argument("--cache-dir", type=_folder, default=os.path.join(tempfile.gettempdir(), "hiertcn_fast_cache"),
                        help="session cache folder (default: %(default)s); created and checked writable before any "
                             "work")
+    train.add_argument("--rebuild-cache", action="store_true",
+                       help="rebuild the session cache even if one is there (a damaged cache is refused with exit "
+                            "status 1 and this advice; the old cache stays until the new one is built)")
     train.add_argument("--models", type=_model_list, default=DEFAULT_MODELS,
                        help=f"comma-separated neural models, trained in that order; duplicates are dropped "
                             f"(default: {','.join(DEFAULT_MODELS)})")

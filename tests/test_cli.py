@@ -267,3 +267,28 @@ def test_the_reports_wall_time_counts_from_the_commands_start(tmp_path):
     reported = document["metadata"]["wall_seconds"]
     assert document["metadata"]["status"] == "incomplete"
     assert reported >= 0.5 * since_start, (reported, since_start)
+
+
+def test_a_damaged_cache_is_refused_before_any_work_with_the_way_out(tmp_path, capsys):
+    """A damaged session cache ended the job in a traceback from the rule baselines' first read (lazy checksums),
+    with an API-only way out; it is now refused before any work, and --rebuild-cache replaces it."""
+    pytest.importorskip("recbole")
+    cache_dir, out = tmp_path / "cache", tmp_path / "report"
+    job = ["train", "--epochs", "1", "--dim", "8", "--models", "session_gru", "--out", str(out), "--cache-dir",
+           str(cache_dir)]
+    assert cli.main(job) == 0
+    item = next(cache_dir.glob("ml-100k-*/item.bin"))
+    data = bytearray(item.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    item.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert cli.main(job) == 1
+    captured = capsys.readouterr()
+    assert f"{item}: checksum mismatch in partition" in captured.err
+    assert "run again with --rebuild-cache" in captured.err and "Traceback" not in captured.err
+    assert captured.err.count("rebuild=True") == 1, captured.err  # the advice once, not once per layer
+    assert "[session_gru]" not in captured.out and not (out / "results.json").exists()
+    assert item.read_bytes() == bytes(data)  # refused, not replaced
+    assert cli.main([*job, "--rebuild-cache"]) == 0
+    assert item.read_bytes() != bytes(data)
+    assert json.loads((out / "results.json").read_text())["metadata"]["status"] == "complete"

@@ -58,7 +58,8 @@ def test_corrupted_events_are_reported_on_every_read_path(tmp_path, verify):
     users = _split_users(cache, "test")
     assert users.shape[0] > 0
     flip_byte(cache.path / "item.bin", 40)
-    with pytest.raises(CacheCorruptError, match="item.bin: checksum mismatch in partition 0"):
+    with pytest.raises(CacheCorruptError, match=r"item.bin: checksum mismatch in partition 0 \(corrupted\); "
+                                                r"preprocess\(\.\.\., rebuild=True\) replaces the cache"):
         UserHistoryBatcher(SessionCache.open(cache.path, verify=verify), "train", users_per_batch=8)
     opened = SessionCache.open(cache.path, verify=verify)
     with pytest.raises(CacheCorruptError, match="item.bin: checksum mismatch"):

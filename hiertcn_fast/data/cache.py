@@ -379,7 +379,7 @@ class SessionCache:
             for name in PARTITIONED_ARRAYS:
                 if crc32_of(self._arrays[name][ranges[name]]) != expected[p][name]:
                     raise CacheCorruptError(f"{self.path / (name + '.bin')}: checksum mismatch in partition "
-                                            f"{p} (corrupted)")
+                                            f"{p} (corrupted); preprocess(..., rebuild=True) replaces the cache")
             self._verified_partitions.add(p)
 
     def verify(self) -> None:

@@ -623,7 +623,9 @@ def preprocess(source: InteractionSource, cache_dir: str | os.PathLike, params: 
             refused = str(error)
         # Raised outside the handler: the first error (and the refused cache's maps it holds) is not kept as the
         # new one's context.
-        raise CacheCorruptError(f"{refused}; pass rebuild=True to replace the cache")
+        # A partition's checksum error already says how (SessionCache.verify_partitions, for the first reads).
+        raise CacheCorruptError(refused if "rebuild=True" in refused else f"{refused}; pass rebuild=True to replace "
+                                                                          f"the cache")
     remove_stale_temp_dirs(final_path)
     _build(source, params, final_path, chunk_size, key, replace=rebuild)
     return _open_published(final_path, verify)
