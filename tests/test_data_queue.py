@@ -221,12 +221,12 @@ def test_close_releases_the_slots_while_the_queue_is_still_referenced(path, devi
     queue.close()
     gc.collect()
     assert queue.alive_producers == 0
-    # The traceback of a producer's error holds its produce() frame, and so the slot it was filling.
-    held = {5 % 3} if caught is not None else set()
-    assert all(ref() is None for slot, slot_refs in enumerate(refs) if slot not in held for ref in slot_refs)
-    del caught
-    gc.collect()
+    # Also while the caller holds a producer's error: its traceback's produce() frame held the slot it was filling
+    # (slot 5 % 3 stayed alive until the error was dropped). The frames are kept, their variables are not.
     assert all(ref() is None for slot_refs in refs for ref in slot_refs)
+    if caught is not None:
+        frames = [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)]
+        assert "failing_produce" in frames and "produce_batch" in frames
 
 
 def test_a_dropped_queue_is_collected_and_stops_its_threads():
@@ -500,3 +500,35 @@ def test_an_interrupt_anywhere_in_get_leaves_the_lock_free_and_close_joins():
         if not fired:
             break
     assert n > 10
+
+
+def test_a_held_chained_producer_error_keeps_no_slot_alive():
+    """The slot reached through the errors a producer's error was raised from (``raise ... from``) or during is not
+    kept alive by the caller's hold on it either."""
+    def parse(seq, slot):
+        slot["value"].fill_(seq)
+        raise KeyError(f"record {seq}")
+
+    def produce(seq, slot):
+        if seq < 2:
+            slot["value"].fill_(seq)
+            return True
+        try:
+            parse(seq, slot)
+        except KeyError as error:
+            try:
+                raise LookupError("while parsing") from error
+            except LookupError:
+                raise ValueError(f"bad batch {seq}")  # __context__: the LookupError, whose __cause__ is the KeyError
+
+    queue = PinnedRingQueue(SPEC, produce, num_producers=1, num_slots=2)
+    refs = slot_tensor_refs(queue)
+    with pytest.raises(ValueError, match="bad batch 2") as caught:
+        for _ in queue:
+            pass
+    queue.close()
+    gc.collect()
+    assert isinstance(caught.value.__context__.__cause__, KeyError)
+    assert all(ref() is None for slot_refs in refs for ref in slot_refs)
+    inner = [frame.name for frame in traceback.extract_tb(caught.value.__context__.__cause__.__traceback__)]
+    assert inner[-1] == "parse"

@@ -35,6 +35,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import traceback
 import warnings
 import weakref
 from typing import Callable, Iterator
@@ -211,6 +212,10 @@ class _Ring:
         """Keep the error of the earliest failed batch: the consumer stops there, and a later
         batch's error must not hide it (nor make producers stop before it)."""
         name = threading.current_thread().name
+        # The traceback's finished frames (produce() and what it called) hold the slot being filled, and their
+        # locals would keep that pinned block alive for as long as the caller holds the error, long after close().
+        # The frames stay (the traceback still shows where it failed); their local variables go.
+        _clear_finished_frames(error)
         with self.lock:
             if self.closed:
                 return  # no consumer will ask for it: it stopped, or already got an earlier error
@@ -223,6 +228,19 @@ class _Ring:
         # Runs when the queue is garbage collected, possibly on a producer thread that holds the
         # lock, so it only sets the flag; the threads see it on their next poll.
         self.closed = True
+
+
+def _clear_finished_frames(error: BaseException) -> None:
+    """Drop the local variables of the finished frames in ``error``'s traceback and in those of the errors it
+    was raised from or during (``__cause__``, ``__context__``); frames still running are left as they are."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        pending += [current.__cause__, current.__context__]
 
 
 class PinnedRingQueue:
@@ -243,6 +261,11 @@ class PinnedRingQueue:
     dropped), the queue is closed. With :meth:`get`, always :meth:`close` it (or use ``with``).
     Leaving a ``with`` block normally waits for every producer to finish; leaving it by an
     exception waits at most about a second and warns if a producer is still running.
+
+    An error raised by ``produce`` reaches the consumer (from :meth:`get` or the loop) with a note
+    naming the producer thread and batch. Its traceback keeps every frame but not the local
+    variables of the finished ones (``produce``'s and below, in the errors it was chained from too):
+    they held the slot being filled, and a caller holding the error would keep that pinned block.
     """
 
     def __init__(self, spec, produce: Callable[[int, dict], bool], num_producers: int = 2, num_slots: int = 4,
