@@ -14,7 +14,9 @@
   (traceback on stderr, a note in the report) and the job goes on with the others, then exits with
   status 1. An earlier report in the folder is replaced: the job says so first and removes it, so
   no earlier report outlives the job. A session cache that fails its checksums is refused before any training
-  (exit status 1, naming the damaged file); ``--rebuild-cache`` replaces it.
+  (exit status 1, naming the damaged file); ``--rebuild-cache`` replaces it. A model whose parameters, gradients
+  and Adam moments alone need more memory than the device has available is not trained: it is reported as failed
+  (MemoryError, with the figures) before it is built, and the job goes on with the others.
 
   Bad arguments are usage errors (exit status 2) before any work and before the report folder is
   made: numbers out of range (``--threads`` above 1024 and ``--producers`` above 64 included), an empty
@@ -248,6 +250,53 @@ def _lanes_problem(args) -> str | None:
     return None
 
 
+TRAINING_BYTES_PER_PARAMETER = 16  # float32 weight, gradient and Adam's two moments
+
+
+def _available_memory_bytes(device) -> int | None:
+    """Memory a model could still take on ``device``: free device memory on a GPU, the kernel's MemAvailable on a
+    Linux CPU (None where neither can be read)."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _training_memory_problem(name: str, num_items: int, args, device) -> str | None:
+    """Why ``name`` at this job's sizes cannot train on ``device``: the least memory its training takes (its
+    parameters, built on the meta device, at TRAINING_BYTES_PER_PARAMETER; activations come on top), when that is
+    more than is available (for every rank of a job on this host, on a CPU). None when it fits or is not known.
+
+    Checked before the model is built: a model too large for the machine failed in an allocation, or, as Linux
+    grants memory before it is touched, was killed by the kernel's out-of-memory killer, with the job and its
+    report."""
+    import torch
+
+    from .train import build_model
+
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in build_model(name, num_items, dropout=args.dropout,
+                                                        **MODEL_SIZES[name](args.dim)).parameters())
+    available = _available_memory_bytes(device)
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    needed = parameters * TRAINING_BYTES_PER_PARAMETER * ranks_here
+    if available is None or needed <= available:
+        return None
+    per_rank = f" on each of this host's {ranks_here} ranks" if ranks_here > 1 else ""
+    return (f"{name} at --dim {args.dim} needs at least {needed / 2**30:.2f} GiB to train: {parameters:,} parameters "
+            f"and their gradients and Adam's two moments, {TRAINING_BYTES_PER_PARAMETER} bytes a parameter"
+            f"{per_rank}, before any activation; {device} has {available / 2**30:.2f} GiB available. Not trained; a "
+            f"smaller --dim fits")
+
+
 def _model_list(text: str) -> tuple:
     """The names in order, each once: a repeated name would train the same model again and overwrite it."""
     names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
@@ -329,6 +378,7 @@ def _train_and_report(args, device, started, main_rank) -> int:
                          log_every=args.log_every, loss=args.loss, num_sampled=args.num_sampled)
     split_counts = cache.manifest["counts"]["splits"]
     failed: dict[str, str] = {}
+    not_trained: set[str] = set()  # failed models refused before they were built (too large for the memory)
     backend = requested_backend(args.backend)  # --backend, else HIERTCN_BACKEND, else auto
     if backend == "auto":
         backend = f"auto ({'cuda, triton or reference' if device.type == 'cuda' else 'cpu or reference'} per op)"
@@ -359,7 +409,8 @@ def _train_and_report(args, device, started, main_rank) -> int:
                  "GPU the device peak; rules = peak traced host memory",
                  f"wall time from the command's start to this report (its plots excluded): {wall:.0f} s"
                  f"{'' if final else ' (the job was still running)'}"]
-        notes += [f"FAILED: {name} ({error}); it has no row here, its traceback is in the job's output"
+        traced = ", its traceback is in the job's output"
+        notes += [f"FAILED: {name} ({error}); it has no row here{'' if name in not_trained else traced}"
                   for name, error in failed.items()]
         # Only the final write, with the plots, is complete: the one after the last model has nothing pending but
         # the plots, and a job stopped while they are drawn must not leave a report that says "complete".
@@ -379,6 +430,15 @@ def _train_and_report(args, device, started, main_rank) -> int:
         save(models, final=False)
     for index, name in enumerate(models):
         try:
+            problem = _training_memory_problem(name, cache.num_items, args, device)
+            if distributed:  # every rank decides alike, or one would wait for the others in a collective for ever
+                flag = torch.tensor([problem is not None], dtype=torch.int32, device=device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                if flag.item() and problem is None:
+                    problem = f"{name}: another rank of this job has too little memory to train it"
+            if problem:
+                not_trained.add(name)
+                raise MemoryError(problem)
             model = build_model(name, cache.num_items, seed=args.seed, dropout=args.dropout, backend=args.backend,
                                 **MODEL_SIZES[name](args.dim))
             trainer = Trainer(model, cache, config, name=name, out=sys.stdout).train()
@@ -391,7 +451,8 @@ def _train_and_report(args, device, started, main_rank) -> int:
             # closed stdout (the job piped into `head`) is no model's failure: the job stops.
             if distributed or isinstance(error, BrokenPipeError):
                 raise
-            traceback.print_exc()
+            if name not in not_trained:  # (a refusal's message says it all)
+                traceback.print_exc()
             message = " ".join(str(error).split())  # one line: it goes into a markdown list
             failed[name] = f"{type(error).__name__}: {message[:300]}{'...' if len(message) > 300 else ''}"
             print(f"[{name}] FAILED ({failed[name]}); going on with the other models", file=sys.stderr, flush=True)

@@ -292,3 +292,49 @@ def test_a_damaged_cache_is_refused_before_any_work_with_the_way_out(tmp_path, c
     assert cli.main([*job, "--rebuild-cache"]) == 0
     assert item.read_bytes() != bytes(data)
     assert json.loads((out / "results.json").read_text())["metadata"]["status"] == "complete"
+
+
+def test_a_model_too_large_for_the_memory_is_refused_before_it_is_built(monkeypatch, tmp_path, cache_dir, capsys):
+    """A width whose parameters alone overflow the memory was allocated (failing late, or, memory being granted
+    before it is touched, ending in the kernel's out-of-memory killer with the whole job). Such a model is now
+    reported as failed before it is built, with its figures, and the others go on."""
+    import torch
+    from hiertcn_fast.train import build_model
+
+    hiertcn = sum(p.numel() for p in build_model("hiertcn", 1295, **cli.MODEL_SIZES["hiertcn"](8)).parameters())
+    session_gru = sum(p.numel() for p in build_model("session_gru", 1295,
+                                                     **cli.MODEL_SIZES["session_gru"](8)).parameters())
+    assert session_gru < hiertcn
+    limit = 16 * (session_gru + hiertcn) // 2  # session_gru's 16 bytes a parameter fit, hiertcn's do not
+    seen = []
+    monkeypatch.setattr(cli, "_available_memory_bytes", lambda device: seen.append(device) or limit)
+    built = []
+    import hiertcn_fast.train as train
+    real_build = train.build_model
+    monkeypatch.setattr(train, "build_model", lambda name, *a, **k: built.append(
+        (name, torch.get_default_device().type)) or real_build(name, *a, **k))
+    out = tmp_path / "report"
+    assert cli.main(_job(out, cache_dir, "--no-rules")) == 1
+    captured = capsys.readouterr()
+    expected = (f"hiertcn at --dim 8 needs at least {16 * hiertcn / 2**30:.2f} GiB to train: {hiertcn:,} parameters "
+                f"and their gradients and Adam's two moments, 16 bytes a parameter, before any activation; cpu has "
+                f"{limit / 2**30:.2f} GiB available. Not trained")
+    assert f"[hiertcn] FAILED (MemoryError: {expected}" in captured.err and "Traceback" not in captured.err
+    assert [name for name, where in built if where == "cpu"] == ["session_gru"]  # hiertcn: only on meta
+    assert len(seen) == 2
+    document = json.loads((out / "results.json").read_text())
+    assert list(document["models"]) == ["session_gru"] and document["metadata"]["status"] == "failed"
+    assert any(note.startswith("FAILED: hiertcn (MemoryError") and "traceback" not in note
+               for note in document["notes"])
+
+
+def test_the_available_memory_is_read_on_linux():
+    import torch
+
+    available = cli._available_memory_bytes(torch.device("cpu"))
+    if not os.path.exists("/proc/meminfo"):
+        assert available is None
+    else:
+        with open("/proc/meminfo") as meminfo:
+            total = int(next(line for line in meminfo if line.startswith("MemTotal:")).split()[1]) * 1024
+        assert 0 < available <= total

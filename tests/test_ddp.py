@@ -253,6 +253,46 @@ def test_a_failing_rank_of_the_cli_exits_without_waiting_for_the_others(tmp_path
     assert (tmp_path / "rank0.txt").read_text() == "rank 1 ended first"
 
 
+def _short_of_memory_cli_worker(rank, world_size, port, out_dir, cache_dir):
+    """`python -m hiertcn_fast train` under torchrun, where rank 1 alone finds too little memory for the model."""
+    import hiertcn_fast.cli as cli
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    if rank == 1:
+        cli._available_memory_bytes = lambda device: 1024
+    try:
+        cli.main(["train", "--out", os.path.join(out_dir, "report"), "--cache-dir", cache_dir, "--models", "hiertcn",
+                  "--no-rules", "--dim", "8", "--epochs", "1", "--lanes", "8"])
+    except MemoryError as error:
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(str(error))
+        assert not dist.is_initialized(), "the process group outlived the failed job"
+        return
+    raise AssertionError(f"rank {rank}: the job did not raise")
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_ranks_refuse_a_model_too_large_for_one_ranks_memory_together(tmp_path):
+    """The memory check before a model is built decides alike on every rank: a rank that trained on while another
+    refused would wait for it in the first collective for ever."""
+    import socket
+
+    pytest.importorskip("recbole")
+    from hiertcn_fast.data import load_dataset, preprocess
+    from hiertcn_fast.rule_report import ML100K_PARAMS
+
+    preprocess(load_dataset("ml-100k"), tmp_path / "cache", ML100K_PARAMS)  # built once, before the ranks read it
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _spawn(_short_of_memory_cli_worker, (2, port, str(tmp_path), str(tmp_path / "cache")))
+    assert (tmp_path / "rank0.txt").read_text() == "hiertcn: another rank of this job has too little memory to train it"
+    refused = (tmp_path / "rank1.txt").read_text()
+    assert refused.startswith("hiertcn at --dim 8 needs at least") and "on each of this host's 2 ranks" in refused
+    assert refused.endswith("cpu has 0.00 GiB available. Not trained; a smaller --dim fits"), refused
+
+
 SMALL_SIZES = dict(embedding_dim=8, state_hidden=8, tcn_channels=(8, 8), kernel_size=3)
 SMALL_CONFIG = dict(epochs=1, lanes=6, sessions_per_batch=2, learning_rate=1e-2, seed=3, num_producers=0)
 
