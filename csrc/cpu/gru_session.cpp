@@ -3,6 +3,7 @@
 // contiguous embedding elements and vectorises.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -18,16 +19,22 @@ void session_mean_cpu_kernel(const SessionMeanParams& p) {
   T* mean = static_cast<T*>(p.mean);
   at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> sum(p.dim);
+    std::vector<double> total(p.dim);
     for (int64_t b = begin; b < end; ++b) {
-      std::fill(sum.begin(), sum.end(), A(0));
+      std::fill(total.begin(), total.end(), 0.0);
       const int64_t length = session_length(p.lengths, b, p.time);
-      for (int64_t t = 0; t < length; ++t) {
-        const T* item = items + b * p.items_batch_stride + t * p.items_time_stride;
-        for (int64_t d = 0; d < p.dim; ++d) sum[d] += static_cast<A>(item[d]);
+      for (int64_t start = 0; start < length; start += kSessionMeanBlock) {
+        std::fill(sum.begin(), sum.end(), A(0));
+        const int64_t stop = std::min(length, start + kSessionMeanBlock);
+        for (int64_t t = start; t < stop; ++t) {
+          const T* item = items + b * p.items_batch_stride + t * p.items_time_stride;
+          for (int64_t d = 0; d < p.dim; ++d) sum[d] += static_cast<A>(item[d]);
+        }
+        for (int64_t d = 0; d < p.dim; ++d) total[d] += static_cast<double>(sum[d]);
       }
       const A scale = session_mean_scale<A>(length);
       T* mean_row = mean + b * p.mean_row_stride;
-      for (int64_t d = 0; d < p.dim; ++d) mean_row[d] = static_cast<T>(sum[d] * scale);
+      for (int64_t d = 0; d < p.dim; ++d) mean_row[d] = static_cast<T>(static_cast<A>(total[d]) * scale);
     }
   });
 }

@@ -1,5 +1,5 @@
 // CUDA kernels for the session mean (hiertcn/gru_session.h): one thread per (row, embedding element)
-// summing over the row's session, the same order of additions as the CPU kernel.
+// summing over the row's session in blocks, the same order of additions as the CPU kernel.
 #include <ATen/cuda/CUDAContext.h>
 
 #include "hiertcn/gru_kernels.h"
@@ -17,9 +17,15 @@ __global__ void session_mean_cuda_kernel(SessionMeanParams p) {
   const int64_t b = idx / p.dim, d = idx % p.dim;
   const int64_t length = session_length(p.lengths, b, p.time);
   const T* items = static_cast<const T*>(p.items) + b * p.items_batch_stride + d;
-  A sum = A(0);
-  for (int64_t t = 0; t < length; ++t) sum += static_cast<A>(items[t * p.items_time_stride]);
-  static_cast<T*>(p.mean)[b * p.mean_row_stride + d] = static_cast<T>(sum * session_mean_scale<A>(length));
+  double total = 0.0;
+  for (int64_t start = 0; start < length; start += kSessionMeanBlock) {
+    const int64_t stop = length < start + kSessionMeanBlock ? length : start + kSessionMeanBlock;
+    A sum = A(0);
+    for (int64_t t = start; t < stop; ++t) sum += static_cast<A>(items[t * p.items_time_stride]);
+    total += static_cast<double>(sum);
+  }
+  static_cast<T*>(p.mean)[b * p.mean_row_stride + d] =
+      static_cast<T>(static_cast<A>(total) * session_mean_scale<A>(length));
 }
 
 template <typename T>

@@ -2,6 +2,11 @@
 //
 //   mean[b, d] = sum_{t < lengths[b]} items[b, t, d] / max(lengths[b], 1)
 //
+// The sum runs in blocks of kSessionMeanBlock steps: each block's sum in the accumulation type (float for
+// the half types and float), the blocks' sums added in double, then rounded to the accumulation type. A
+// sequential float sum over a long session lost digits (relative error about 2e-5 at a million steps, against
+// 3e-7 for torch.sum); sessions up to one block long (HierTCN's, at most 21 steps) are summed as before.
+//
 // A row of length 0 has mean 0 (its GRU step is discarded by session_update anyway), so no NaN can
 // reach the weights' gradients through it.
 #pragma once
@@ -39,6 +44,8 @@ HIERTCN_HD int64_t session_length(const int64_t* lengths, int64_t b, int64_t tim
   const int64_t length = lengths[b];
   return length < 0 ? 0 : (length > time ? time : length);
 }
+
+constexpr int64_t kSessionMeanBlock = 64;
 
 // 1 / max(length, 1): the mean's scale, and the gradient's per item.
 template <typename A>
