@@ -4,12 +4,15 @@ Importing hiertcn_fast never fails because of the extension: when it is missing 
 error is kept here and reported by hiertcn_fast.backends().
 """
 
+import glob
 import importlib
+import os
 
 import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
 _module = None
 _error = None
+_stale_op = None  # the op a loaded but out-of-date extension lacks
 
 
 def _load():
@@ -30,6 +33,23 @@ def load_error():
     return _error
 
 
+def stale_op():
+    """The op an out-of-date extension lacks (None unless the extension was loaded and found out of date)."""
+    return _stale_op
+
+
+def unbuilt_source_tree():
+    """The package's folder when it is a source checkout's (setup.py and csrc/ beside it) holding no compiled
+    extension and the extension is missing: run from the checkout, Python imports this folder rather than an
+    installed copy. None otherwise."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(package)
+    if (_module is not None or _stale_op is not None or not os.path.isfile(os.path.join(root, "setup.py"))
+            or not os.path.isdir(os.path.join(root, "csrc")) or glob.glob(os.path.join(package, "_C*"))):
+        return None
+    return package
+
+
 def register_fake(op_name: str):
     """Decorator: register a fake (meta) kernel for the compiled op ``hiertcn_fast::op_name``.
 
@@ -39,11 +59,11 @@ def register_fake(op_name: str):
     """
 
     def decorate(fn):
-        global _module, _error
+        global _module, _error, _stale_op
         if _module is None:
             return fn
         if not hasattr(torch.ops.hiertcn_fast, op_name):
-            _module = None
+            _module, _stale_op = None, op_name
             _error = (f"the compiled extension is out of date: it lacks hiertcn_fast::{op_name}; rebuild it "
                       f"(pip install --no-build-isolation --no-deps -e ., or python setup.py build_ext --inplace)")
             return fn

@@ -137,6 +137,22 @@ def interpreter_numpy_clash() -> str:
     return ""
 
 
+def _extension_problem(how: str) -> tuple[str, str]:
+    """(detail, fix) of a backend that needs the compiled extension, which is not loaded: out of date, missing
+    from the source tree Python imports, or missing (or failing to load) elsewhere."""
+    if _extension.stale_op() is not None:
+        return (f"the compiled extension is out of date: it lacks hiertcn_fast::{_extension.stale_op()}",
+                f"rebuild it: {_REINSTALL}; or, in a source tree, python setup.py build_ext --inplace")
+    tree = _extension.unbuilt_source_tree()
+    if tree is not None:
+        return (f"this hiertcn_fast is the source tree {tree}, which holds no compiled extension "
+                f"({_extension.load_error()}); run from {os.path.dirname(tree)}, Python imports it, not an "
+                f"installed copy",
+                f"run from another folder to use the installed package, or build the tree in place ({how}): "
+                f"python setup.py build_ext --inplace, or pip install --no-build-isolation --no-deps -e .")
+    return f"the compiled extension is not loaded ({_extension.load_error()})", f"build it {how}: {_REINSTALL}"
+
+
 def _status(name: str) -> BackendStatus:
     if name == "reference":
         return BackendStatus(name, True, "plain PyTorch on any device")
@@ -145,12 +161,10 @@ def _status(name: str) -> BackendStatus:
             threads = ("parallel (OpenMP)" if "openmp=1" in _extension.build_info().split()
                        else "single-threaded: built without OpenMP")
             return BackendStatus(name, True, f"compiled C++ kernels for CPU tensors, {threads}")
-        return BackendStatus(name, False, f"the compiled extension is not loaded ({_extension.load_error()})",
-                             f"build it with a C++ compiler: {_REINSTALL}")
+        return BackendStatus(name, False, *_extension_problem("with a C++ compiler"))
     if name == "cuda":
         if not _extension.loaded():
-            return BackendStatus(name, False, f"the compiled extension is not loaded ({_extension.load_error()})",
-                                 f"build it with nvcc on PATH or CUDA_HOME set: {_REINSTALL}")
+            return BackendStatus(name, False, *_extension_problem("with nvcc on PATH or CUDA_HOME set"))
         if not _extension.compiled_with_cuda():
             return BackendStatus(name, False, "the extension was built without the CUDA kernels",
                                  f"rebuild with nvcc matching torch's CUDA {torch.version.cuda} "

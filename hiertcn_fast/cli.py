@@ -237,6 +237,18 @@ def _device_problem(args) -> str | None:
     return None
 
 
+def _dataset_problem(args) -> str | None:
+    """Why --dataset cannot be read here: the built-in data sets ship inside the recbole wheel, and a job without
+    it failed in a traceback after making its folders."""
+    from .data.readers import recbole_example_path
+
+    try:
+        recbole_example_path(args.dataset)
+    except (ModuleNotFoundError, FileNotFoundError) as error:
+        return f"--dataset {args.dataset}: {error}"
+    return None
+
+
 def _lanes_problem(args) -> str | None:
     """Under torchrun (WORLD_SIZE > 1) every rank takes an equal share of the lanes: a count the world size does not
     divide is a usage error now, not a ValueError from every rank's Trainer after the data's preprocessing."""
@@ -508,7 +520,12 @@ def main(argv=None) -> int:
     started = time.perf_counter() - (age or 0.0)
     from .data.readers import BUILTIN_DATASETS
 
-    parser = argparse.ArgumentParser(prog="hiertcn-fast", description=__doc__.split("\n")[0])
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="hiertcn-fast", description="HierTCN and its baselines: train, evaluate and "
+                                                                        "report on a built-in data set (train); which "
+                                                                        "op backends work here (info)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="which backends are usable here, and how to fix the others").set_defaults(
         run=_info)
@@ -535,10 +552,11 @@ def main(argv=None) -> int:
     train.add_argument("--split", default="test", choices=("valid", "test"), help="evaluated split")
     train.add_argument("--split-by", default="user", choices=("user", "time"),
                        help="cold start: users 80/10/10 (default); warm start: sessions by time at 80%%/90%%")
-    train.add_argument("--epochs", type=_positive_int, default=15)
+    train.add_argument("--epochs", type=_positive_int, default=15, help="training epochs (default: %(default)s)")
     train.add_argument("--dim", type=_positive_int, default=64,
-                       help="embedding / hidden / channel width (paper: 128)")
-    train.add_argument("--lr", type=_positive_float, default=1e-2, help="Adam learning rate (paper: 1e-2)")
+                       help="embedding / hidden / channel width (default: %(default)s; paper: 128)")
+    train.add_argument("--lr", type=_positive_float, default=1e-2,
+                       help="Adam learning rate (default: %(default)s; paper: 1e-2)")
     train.add_argument("--dropout", type=_probability, default=0.3,
                        help="dropout in [0, 1) on the low-level input and the output layer input (ml-100k is small)")
     train.add_argument("--loss", default="full", choices=("full", "sampled"),
@@ -546,8 +564,11 @@ def main(argv=None) -> int:
     train.add_argument("--num-sampled", type=_positive_int, default=None,
                        help=f"items sampled per batch with --loss sampled (default: {DEFAULT_NUM_SAMPLED}); "
                             f"refused with --loss full, where it would do nothing")
-    train.add_argument("--lanes", type=_positive_int, default=32)
-    train.add_argument("--sessions-per-batch", type=_positive_int, default=10)
+    train.add_argument("--lanes", type=_positive_int, default=32,
+                       help="lanes (batch rows), each a queue of users' sessions (default: %(default)s; paper: 32); "
+                            "under torchrun a multiple of the world size")
+    train.add_argument("--sessions-per-batch", type=_positive_int, default=10,
+                       help="sessions each lane contributes to a batch (default: %(default)s; paper: 10)")
     train.add_argument("--producers", type=_count_up_to(MAX_PRODUCERS), default=1,
                        help=f"batch producer threads of the ring queue, at most {MAX_PRODUCERS} (0: build batches "
                             f"in the training thread; default: %(default)s)")
@@ -572,7 +593,7 @@ def main(argv=None) -> int:
         # check refuses is removed again, so a usage error leaves nothing behind.
         made = []
         problem = (_device_problem(args) or _lanes_problem(args) or _loss_problem(args) or _rank_problem()
-                   or _writable_folder(args.cache_dir, "--cache-dir", "cache folder", made))
+                   or _dataset_problem(args) or _writable_folder(args.cache_dir, "--cache-dir", "cache folder", made))
         if not problem and _main_rank_by_environment():
             problem, args.earlier_report = _prepare_report_folder(args.out, made)
         if problem:

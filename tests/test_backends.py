@@ -152,12 +152,17 @@ def test_out_of_date_extension_is_reported_not_fatal(monkeypatch):
 
     monkeypatch.setattr(_extension, "_module", _extension._module)
     monkeypatch.setattr(_extension, "_error", _extension._error)
+    monkeypatch.setattr(_extension, "_stale_op", _extension._stale_op)
     fake = _extension.register_fake("op_this_build_lacks")(lambda: None)
     assert fake() is None
     assert not _extension.loaded()
     assert "out of date" in _extension.load_error() and "op_this_build_lacks" in _extension.load_error()
-    status = {s.name: s for s in hiertcn_fast.backends()}["cpu"]
-    assert not status.available and "out of date" in status.detail
+    for status in (s for s in hiertcn_fast.backends() if s.name in ("cpu", "cuda")):
+        # One reason and one fix: it said "not loaded (... out of date ...; rebuild it ...)", then "build it with a
+        # C++ compiler".
+        assert not status.available
+        assert status.detail == "the compiled extension is out of date: it lacks hiertcn_fast::op_this_build_lacks"
+        assert status.fix.startswith("rebuild it: pip install --no-build-isolation"), status.fix
 
 
 @pytest.mark.parametrize("reads_contextvar", [True, False], ids=["contextvar", "module copy"])

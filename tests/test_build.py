@@ -104,6 +104,39 @@ def test_import_and_reference_backend_work_without_the_extension(tmp_path):
     assert "torch.Size([2, 2])" in result.stdout and "refused:" in result.stdout
 
 
+@pytest.mark.parametrize("layout", ["source tree", "package only"])
+def test_an_unbuilt_source_tree_on_the_path_is_named_as_such(tmp_path, layout):
+    """Installed with the README's `pip install ... .`, then run from the checkout: Python imports the checkout's
+    hiertcn_fast, which holds no extension, and the cpu backend said "not loaded" with, as its fix, the install
+    just done. It now says which folder was imported and why, and how to use the installed copy or build in place."""
+    import shutil
+
+    shutil.copytree(os.path.join(ROOT, "hiertcn_fast"), tmp_path / "hiertcn_fast",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    if layout == "source tree":
+        shutil.copy(os.path.join(ROOT, "setup.py"), tmp_path / "setup.py")
+        (tmp_path / "csrc").mkdir()
+    code = ("import hiertcn_fast as hf\n"
+            "s = {b.name: b for b in hf.backends()}\n"
+            "print('DETAIL', s['cpu'].detail)\nprint('FIX', s['cpu'].fix)\n")
+    import site
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path)] + site.getsitepackages()))
+    result = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    detail = result.stdout.split("DETAIL ", 1)[1].split("\nFIX ")[0]
+    fix = result.stdout.split("FIX ", 1)[1]
+    if layout == "source tree":
+        assert detail.startswith(f"this hiertcn_fast is the source tree {tmp_path / 'hiertcn_fast'}, which holds no "
+                                 f"compiled extension (ModuleNotFoundError"), detail
+        assert fix.startswith("run from another folder to use the installed package, or build the tree in place")
+        assert "python setup.py build_ext --inplace" in fix
+    else:  # a copy of the package alone is no checkout: the plain message
+        assert detail.startswith("the compiled extension is not loaded (ModuleNotFoundError"), detail
+        assert fix.startswith("build it with a C++ compiler: pip install"), fix
+
+
 def test_the_built_extension_runs_its_cpu_kernels_in_parallel():
     """The CPU kernels' at::parallel_for is parallel only in code compiled with OpenMP; a build without it
     passed every other test while running each kernel on one thread."""
@@ -130,7 +163,11 @@ def test_the_sdist_holds_everything_the_build_reads(tmp_path):
     shutil.copytree(os.path.join(ROOT, "hiertcn_fast"), tree / "hiertcn_fast",
                     ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     shutil.copytree(os.path.join(ROOT, "tests"), tree / "tests", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    for name in ("setup.py", "pyproject.toml", "README.md", "CMakeLists.txt", "MANIFEST.in"):
+    shutil.copytree(os.path.join(ROOT, "benchmarks"), tree / "benchmarks",
+                    ignore=shutil.ignore_patterns("__pycache__", "results"))
+    (tree / "benchmarks" / "results").mkdir()
+    (tree / "benchmarks" / "results" / "scratch.json").write_text("{}")  # a local run's output: not packed
+    for name in ("setup.py", "pyproject.toml", "README.md", "CMakeLists.txt", "MANIFEST.in", "Makefile"):
         if os.path.exists(os.path.join(ROOT, name)):
             shutil.copy(os.path.join(ROOT, name), tree / name)
     result = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path / "dist")],
@@ -150,6 +187,13 @@ def test_the_sdist_holds_everything_the_build_reads(tmp_path):
              for name in files if not name.endswith((".pyc", ".so", ".o"))]
     assert "tests/conftest.py" in tests and "tests/cuda_emu/proxy.py" in tests and not sorted(set(tests) - names)
     assert not [name for name in names if name.endswith((".so", ".o", ".pyc")) or "__pycache__" in name]
+    # What three test files read (benchmarks/harness.py and the scripts beside it) and the Makefile the README's
+    # commands run; a local run's results are left out.
+    benchmarks = [os.path.relpath(os.path.join(folder, name), ROOT)
+                  for folder, _, files in os.walk(os.path.join(ROOT, "benchmarks"))
+                  if "__pycache__" not in folder and "results" not in folder for name in files]
+    assert "benchmarks/harness.py" in benchmarks and not sorted(set(benchmarks) - names)
+    assert "Makefile" in names and not [name for name in names if name.startswith("benchmarks/results")]
 
 
 CUDA_TOOLKIT = "/usr/local/cuda/bin/nvcc"

@@ -338,3 +338,43 @@ def test_the_available_memory_is_read_on_linux():
         with open("/proc/meminfo") as meminfo:
             total = int(next(line for line in meminfo if line.startswith("MemTotal:")).split()[1]) * 1024
         assert 0 < available <= total
+
+
+def test_a_missing_recbole_wheel_is_a_usage_error_before_any_folder(no_job, monkeypatch, tmp_path, capsys):
+    """ml-100k ships inside the recbole wheel. Without it the job made its report and cache folders and then
+    ended in a traceback from the data's reader."""
+    import importlib.util
+
+    import hiertcn_fast.data.readers as readers
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(readers.importlib.util, "find_spec", lambda name, *a: None if name == "recbole"
+                        else real(name, *a))
+    out, cache = tmp_path / "report", tmp_path / "cache"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--out", str(out), "--cache-dir", str(cache)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert ("--dataset ml-100k: data set 'ml-100k' ships inside the 'recbole' wheel, which is not installed; install "
+            "it without its dependencies: pip install --no-deps recbole==1.2.1") in error and "usage:" in error, error
+    assert not out.exists() and not cache.exists()
+
+
+def test_help_and_version_say_what_the_tool_is(capsys):
+    """--help began with the module docstring's markup (``python -m hiertcn_fast <command>``), --version was an
+    error, and --epochs, --lanes and --sessions-per-batch had no help and showed no default."""
+    from hiertcn_fast import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"hiertcn-fast {__version__}"
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "``" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option, default in (("--epochs EPOCHS", 15), ("--lanes LANES", 32), ("--dim DIM", 64), ("--lr LR", 0.01),
+                            ("--sessions-per-batch SESSIONS_PER_BATCH", 10)):
+        described = text.split(f" {option} ", 1)[1].split(" --", 1)[0]
+        assert f"(default: {default}" in described, (option, described)
