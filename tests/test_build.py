@@ -81,12 +81,27 @@ def test_configurations_without_cuda_or_compilation_configure(env):
     assert result.stdout.strip().endswith("0.1.0")
 
 
+def run_unbuilt_copy(folder, code, source_tree=False):
+    """Runs ``code`` in a fresh interpreter that imports a copy of the pure-Python package (no _C) made in
+    ``folder`` (with setup.py and csrc/ beside it when ``source_tree``, as in a checkout); returns its stdout."""
+    import shutil
+    import site
+
+    shutil.copytree(os.path.join(ROOT, "hiertcn_fast"), folder / "hiertcn_fast",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    if source_tree:
+        shutil.copy(os.path.join(ROOT, "setup.py"), folder / "setup.py")
+        (folder / "csrc").mkdir()
+    # -S skips .pth files, so an editable install of the real package cannot supply its _C.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(folder)] + site.getsitepackages()))
+    result = subprocess.run([sys.executable, "-S", "-c", code], cwd=folder, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def test_import_and_reference_backend_work_without_the_extension(tmp_path):
     # A copy of the pure-Python package (no _C) must import and report why cpu/cuda are missing.
-    import shutil
-
-    shutil.copytree(os.path.join(ROOT, "hiertcn_fast"), tmp_path / "hiertcn_fast",
-                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     code = ("import torch, hiertcn_fast as hf; from hiertcn_fast.ops import gru_gates\n"
             "s = {b.name: b for b in hf.backends()}\n"
             "assert not s['cpu'].available and 'not loaded' in s['cpu'].detail, s['cpu']\n"
@@ -94,14 +109,8 @@ def test_import_and_reference_backend_work_without_the_extension(tmp_path):
             "print(gru_gates(gi, gh, h).shape)\n"
             "try:\n    gru_gates(gi, gh, h, backend='cpu')\nexcept hf.BackendUnavailableError as e:\n"
             "    print('refused:', e)\n")
-    # -S skips .pth files, so an editable install of the real package cannot supply its _C.
-    import site
-
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path)] + site.getsitepackages()))
-    result = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "torch.Size([2, 2])" in result.stdout and "refused:" in result.stdout
+    stdout = run_unbuilt_copy(tmp_path, code)
+    assert "torch.Size([2, 2])" in stdout and "refused:" in stdout
 
 
 @pytest.mark.parametrize("layout", ["source tree", "package only"])
@@ -109,24 +118,12 @@ def test_an_unbuilt_source_tree_on_the_path_is_named_as_such(tmp_path, layout):
     """Installed with the README's `pip install ... .`, then run from the checkout: Python imports the checkout's
     hiertcn_fast, which holds no extension, and the cpu backend said "not loaded" with, as its fix, the install
     just done. It now says which folder was imported and why, and how to use the installed copy or build in place."""
-    import shutil
-
-    shutil.copytree(os.path.join(ROOT, "hiertcn_fast"), tmp_path / "hiertcn_fast",
-                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    if layout == "source tree":
-        shutil.copy(os.path.join(ROOT, "setup.py"), tmp_path / "setup.py")
-        (tmp_path / "csrc").mkdir()
     code = ("import hiertcn_fast as hf\n"
             "s = {b.name: b for b in hf.backends()}\n"
             "print('DETAIL', s['cpu'].detail)\nprint('FIX', s['cpu'].fix)\n")
-    import site
-
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path)] + site.getsitepackages()))
-    result = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    detail = result.stdout.split("DETAIL ", 1)[1].split("\nFIX ")[0]
-    fix = result.stdout.split("FIX ", 1)[1]
+    stdout = run_unbuilt_copy(tmp_path, code, source_tree=layout == "source tree")
+    detail = stdout.split("DETAIL ", 1)[1].split("\nFIX ")[0]
+    fix = stdout.split("FIX ", 1)[1]
     if layout == "source tree":
         assert detail.startswith(f"this hiertcn_fast is the source tree {tmp_path / 'hiertcn_fast'}, which holds no "
                                  f"compiled extension (ModuleNotFoundError"), detail
