@@ -752,9 +752,19 @@ def test_main_job_command_writes_the_report(tmp_path, capsys):
     assert "Recall@10" in capsys.readouterr().out
 
 
-def test_progress_bar_shows_loss_and_events_per_second(cache):
+def test_progress_bar_shows_loss_and_events_per_second(cache, monkeypatch):
     import io
 
+    import tqdm
+
+    class EveryUpdate(tqdm.tqdm):
+        """tqdm redraws at most every 0.1 s, and this tiny model's whole epoch can take less (the bar then showed
+        only its first frame, 0/33, and the test failed once in a full run): draw at every update."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, mininterval=0, miniters=1, **kwargs)
+
+    monkeypatch.setattr(tqdm, "tqdm", EveryUpdate)
     out = io.StringIO()
     model = build_model("hiertcn", cache.num_items, seed=1, **TINY["hiertcn"])
     trainer = Trainer(model, cache, config(epochs=1, progress_bar=True), name="hiertcn", out=out).train()
