@@ -80,6 +80,10 @@ PARTITIONED_ARRAYS = ("session_offsets", "session_split", "item", "timestamp")
 CRC_BLOCK_BYTES = 64 << 20
 
 
+# The way out that a checksum error found at a first read names (preprocess's own refusals add theirs).
+LAZY_REBUILD_ADVICE = "preprocess(..., rebuild=True) replaces the cache"
+
+
 class CacheCorruptError(RuntimeError):
     """The cache on disk is truncated, modified or otherwise not what its manifest says."""
 
@@ -379,7 +383,7 @@ class SessionCache:
             for name in PARTITIONED_ARRAYS:
                 if crc32_of(self._arrays[name][ranges[name]]) != expected[p][name]:
                     raise CacheCorruptError(f"{self.path / (name + '.bin')}: checksum mismatch in partition "
-                                            f"{p} (corrupted); preprocess(..., rebuild=True) replaces the cache")
+                                            f"{p} (corrupted); {LAZY_REBUILD_ADVICE}")
             self._verified_partitions.add(p)
 
     def verify(self) -> None:

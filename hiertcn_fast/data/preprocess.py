@@ -39,8 +39,8 @@ import numpy as np
 
 from .._ints import is_int
 from .cache import (ARRAY_DTYPES, CACHE_FORMAT, CACHE_VERSION, GLOBAL_ARRAYS, SPLITS as SPLIT_CODES, VERIFY_MODES,
-                    TEMP_PREFIX, CacheCorruptError, SessionCache, crc32_of, exchange_paths, fsync_path, host_label,
-                    new_temp_dir, publish_temp_dir, remove_stale_temp_dirs, seal_temp_dir)
+                    TEMP_PREFIX, LAZY_REBUILD_ADVICE, CacheCorruptError, SessionCache, crc32_of, exchange_paths,
+                    fsync_path, host_label, new_temp_dir, publish_temp_dir, remove_stale_temp_dirs, seal_temp_dir)
 from .readers import (DEFAULT_CHUNK_SIZE, InteractionChunk, InteractionSource, ReadStats, _check_chunk_size,
                       _integer_ids)
 
@@ -623,9 +623,9 @@ def preprocess(source: InteractionSource, cache_dir: str | os.PathLike, params: 
             refused = str(error)
         # Raised outside the handler: the first error (and the refused cache's maps it holds) is not kept as the
         # new one's context.
-        # A partition's checksum error already says how (SessionCache.verify_partitions, for the first reads).
-        raise CacheCorruptError(refused if "rebuild=True" in refused else f"{refused}; pass rebuild=True to replace "
-                                                                          f"the cache")
+        # A partition's checksum error already names the way out (SessionCache.verify_partitions, for first reads).
+        advised = refused.endswith(LAZY_REBUILD_ADVICE)
+        raise CacheCorruptError(refused if advised else f"{refused}; pass rebuild=True to replace the cache")
     remove_stale_temp_dirs(final_path)
     _build(source, params, final_path, chunk_size, key, replace=rebuild)
     return _open_published(final_path, verify)
