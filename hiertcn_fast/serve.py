@@ -34,6 +34,12 @@ that goes on exactly as the original.
 
 Every call may run inside ``torch.inference_mode()`` or outside it, in any mix: the stored tensors are made as
 normal tensors either way (an inference tensor could not be updated in place outside inference mode later).
+
+A recommender may be shared by threads (a server's pool, say): each public method, and a copy, holds the
+recommender's lock for the whole call, so calls from several threads run one at a time, each as if alone (their
+shared scratch states and the growth of the per-user tensors would otherwise mix users' states silently). The
+model's kernels still run on torch's intra-op threads inside each call. For calls that overlap, give each thread its
+own recommender over the same model, with its own users.
 """
 
 from __future__ import annotations
@@ -42,8 +48,10 @@ import collections
 import collections.abc
 import contextlib
 import dataclasses
+import functools
 import math
 import numbers
+import threading
 
 import numpy as np
 import torch
@@ -215,6 +223,15 @@ class _RowView:
         torch._foreach_copy_(self.written, self.backup)
 
 
+def _locked(method):
+    """The method run holding the recommender's lock (see the module docstring)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class StreamingRecommender:
     """Per-user streaming state over a trained HierTCN; see the module docstring.
 
@@ -256,6 +273,7 @@ class StreamingRecommender:
             self.session_count = torch.zeros(0, dtype=torch.int64, device=self.device)
             self.features = torch.zeros(0, model.output.in_features, device=self.device, dtype=self.dtype)
             self.last_time = torch.zeros(0, dtype=torch.float64, device=self.device)
+        self._lock = threading.RLock()
         self._scratches: dict = {}
         # Single events of a user on the CPU: that user's row views (least recently used first) and NumPy views
         # of the per-user counters, read and written as Python numbers (see _observe_one).
@@ -271,13 +289,15 @@ class StreamingRecommender:
     # a copied NumPy view of the counters is an array of its own (the single-event path's updates through it
     # would miss the copy's tensors), a row view holds prepared steps, and a scratch state's context source
     # names the state by identity and version (a copy's version counter starts again).
-    _DERIVED = ("_counters", "_row_views", "_scratches")
+    _DERIVED = ("_counters", "_row_views", "_scratches", "_lock")
 
+    @_locked
     def __getstate__(self):
         return {key: value for key, value in self.__dict__.items() if key not in self._DERIVED}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self._lock = threading.RLock()
         # Copied or loaded inside inference mode, the tensors came back as inference tensors.
         for name in ("state", "session_sum", "session_count", "features", "last_time"):
             setattr(self, name, _normal(getattr(self, name)))
@@ -504,6 +524,7 @@ class StreamingRecommender:
 
     # ---- events ----------------------------------------------------------------------------------------
 
+    @_locked
     @torch.no_grad()
     def observe(self, user, item: int, timestamp: float) -> None:
         """One event of ``user``: item id (1..num_items) at ``timestamp`` seconds (non-decreasing per user, and
@@ -513,6 +534,7 @@ class StreamingRecommender:
         if not self._observe_one(user, item, timestamp):
             self.observe_many([user], [item], [timestamp])
 
+    @_locked
     @torch.no_grad()
     def observe_many(self, users, items, timestamps) -> None:
         """Events of many users at once (sequences of equal length, in time order per user). Vectorised
@@ -636,6 +658,7 @@ class StreamingRecommender:
 
     # ---- recommendations -------------------------------------------------------------------------------
 
+    @_locked
     @torch.no_grad()
     def scores_many(self, users, now=None) -> torch.Tensor:
         """Logits (users, num_items + 1) of each user's next item (column 0, the padding id, is -inf), float32 (float64
@@ -677,6 +700,7 @@ class StreamingRecommender:
         logits[:, 0] = -math.inf
         return logits
 
+    @_locked
     @torch.no_grad()
     def scores(self, user, now=None) -> torch.Tensor:
         """Logits (num_items + 1,) of ``user``'s next item; see :meth:`scores_many`."""
@@ -700,6 +724,7 @@ class StreamingRecommender:
         if not is_int(k) or not 1 <= k <= self.model.num_items:
             raise ValueError(f"k must be an integer in 1..{self.model.num_items}, got {k!r}")
 
+    @_locked
     def recommend_many(self, users, k: int = 10, now=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``k`` items per user: (item ids (users, k) int64, scores (users, k)), best first; items of exactly
         equal scores in the order of their ids (so the top k are a prefix of the top k + 1)."""
@@ -707,6 +732,7 @@ class StreamingRecommender:
         values, indices = _top_k(self.scores_many(users, now), int(k))
         return indices, values
 
+    @_locked
     def recommend(self, user, k: int = 10, now=None) -> list[int]:
         """The top-``k`` item ids for ``user``'s next event, best first; ties as in :meth:`recommend_many`."""
         self._check_k(k)
@@ -714,6 +740,7 @@ class StreamingRecommender:
 
     # ---- forgetting users ---------------------------------------------------------------------------
 
+    @_locked
     @torch.no_grad()
     def forget_users(self, users) -> None:
         """Drop everything held for ``users`` (known users; listing one twice is allowed): their rows are freed
@@ -769,6 +796,7 @@ class StreamingRecommender:
 
     # ---- saving and restoring --------------------------------------------------------------------------
 
+    @_locked
     def export_users(self, users=None) -> dict:
         """Every per-user tensor of ``users`` (default: all), on the CPU, with their ids. A user listed more than
         once is exported once, at its first place (as forget_users takes it), so that the state loads."""
@@ -781,9 +809,11 @@ class StreamingRecommender:
                 "session_sum": self.session_sum[rows].cpu(), "session_count": self.session_count[rows].cpu(),
                 "features": self.features[rows].cpu(), "last_time": self.last_time[rows].cpu()}
 
+    @_locked
     def state_dict(self) -> dict:
         return self.export_users()
 
+    @_locked
     @torch.no_grad()
     def load_state_dict(self, saved: dict) -> None:
         """Restore users saved by :meth:`state_dict` / :meth:`export_users` (replacing their current

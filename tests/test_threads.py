@@ -1,0 +1,144 @@
+"""Several Python threads at once: the streaming recommender shared by threads, weights written by another thread
+while a call packs them, and another thread's torch.compile session (from a report-only audit of thread safety)."""
+
+import copy
+import threading
+
+import pytest
+import torch
+
+from hiertcn_fast import nn as hnn
+from hiertcn_fast import ops
+from hiertcn_fast.models import HierTCN
+from hiertcn_fast.ops import CausalConvState
+from hiertcn_fast.ops import conv as conv_ops
+from hiertcn_fast.serve import StreamingRecommender
+from model_helpers import one_thread  # noqa: F401 (autouse fixture)
+
+NUM_ITEMS = 23
+
+
+def small_hiertcn():
+    torch.manual_seed(5)
+    return HierTCN(NUM_ITEMS, embedding_dim=12, state_layers=2, state_hidden=7, tcn_channels=(9, 11), kernel_size=3,
+                   dilations=(1, 2), max_session_length=6).double().eval()
+
+
+def _run_in_thread(target, wait: float):
+    """Start target in a thread and wait for it at most ``wait`` seconds; the thread and what it raised."""
+    raised = []
+
+    def run():
+        try:
+            target()
+        except BaseException as error:  # noqa: BLE001 (handed to the test)
+            raised.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(wait)
+    return thread, raised
+
+
+@pytest.mark.parametrize("path", ["observe_many", "observe"])
+def test_a_shared_recommender_runs_one_call_at_a_time(path):
+    """Thread B's call lands while thread A's is inside the model's TCN step (A's user copied into the scratch
+    state every call of its row count shares): B must wait for A's call to end. Without the recommender's lock,
+    B's user was left in the scratch and stepped with A's input into A's row: both users' scores came out wrong,
+    with no error."""
+    model = small_hiertcn()
+    expected = StreamingRecommender(model, initial_capacity=16)
+    for user, item in (("ann", 5), ("ann", 6), ("bob", 9)):
+        expected.observe(user, item, 1000.0)
+    shared = StreamingRecommender(model, initial_capacity=16)
+    shared.observe("ann", 5, 1000.0)
+    real_step = type(model.tcn).step
+    landed, thread_a = [], threading.current_thread()
+
+    def step_with_another_thread(self, x, state, context=None):
+        if not landed and x.shape[0] == 1 and threading.current_thread() is thread_a:
+            # Thread B: a new user's first event, while this call is between copying its user in and stepping.
+            landed.append(_run_in_thread(lambda: shared.observe("bob", 9, 1000.0), wait=1.0))
+        return real_step(self, x, state, context)
+
+    model.tcn.step = step_with_another_thread.__get__(model.tcn)
+    try:
+        if path == "observe":
+            shared.observe("ann", 6, 1000.0)
+        else:
+            shared.observe_many(["ann"], [6], [1000.0])
+    finally:
+        del model.tcn.step
+    assert len(landed) == 1
+    thread, raised = landed[0]
+    assert thread.is_alive(), "thread B's call ran while thread A's was inside the model: no lock held it back"
+    thread.join(30)
+    assert not thread.is_alive() and not raised
+    for user in ("ann", "bob"):
+        torch.testing.assert_close(shared.scores(user), expected.scores(user), rtol=0, atol=1e-12)
+
+
+def test_a_shared_recommender_survives_threads_registering_users():
+    """Four threads each register and feed users of their own on one recommender (which grows from 1 row): every
+    user ends with the scores of a recommender fed the same events from one thread."""
+    model = small_hiertcn()
+    events = {f"u{t}_{i}": [(1 + (7 * t + 3 * i + j) % NUM_ITEMS, 1000.0 + 60 * j) for j in range(4)]
+              for t in range(4) for i in range(6)}
+    alone = StreamingRecommender(model, initial_capacity=1)
+    for user, stream in events.items():
+        for item, time in stream:
+            alone.observe(user, item, time)
+    shared = StreamingRecommender(model, initial_capacity=1)
+    start = threading.Barrier(4)
+    errors = []
+
+    def feed(t):
+        try:
+            start.wait(30)
+            mine = [user for user in events if user.startswith(f"u{t}_")]
+            for j in range(4):
+                for k, user in enumerate(mine):
+                    item, time = events[user][j]
+                    if k % 2:
+                        shared.observe_many([user], [item], [time])
+                    else:
+                        shared.observe(user, item, time)
+                    shared.recommend(user, 3)
+        except BaseException as error:  # noqa: BLE001
+            errors.append(error)
+
+    threads = [threading.Thread(target=feed, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors and not any(thread.is_alive() for thread in threads)
+    assert set(shared.user_slot) == set(events)
+    for user in events:
+        torch.testing.assert_close(shared.scores(user), alone.scores(user), rtol=0, atol=1e-12)
+
+
+def test_a_copy_of_a_shared_recommender_waits_for_the_call_in_flight():
+    """copy.deepcopy (and pickle) read the recommender under its lock: a copy made while another thread's call
+    is inside the model waits for it, and is the recommender after that call."""
+    model = small_hiertcn()
+    shared = StreamingRecommender(model, initial_capacity=4)
+    shared.observe("ann", 5, 1000.0)
+    real_step = type(model.tcn).step
+    started, copies = [], []
+
+    def step_with_a_copy(self, x, state, context=None):
+        if not started:
+            started.append(_run_in_thread(lambda: copies.append(copy.deepcopy(shared)), wait=1.0))
+        return real_step(self, x, state, context)
+
+    model.tcn.step = step_with_a_copy.__get__(model.tcn)
+    try:
+        shared.observe("ann", 6, 1000.0)
+    finally:
+        del model.tcn.step
+    thread, raised = started[0]
+    assert thread.is_alive(), "the copy was made in the middle of another thread's call"
+    thread.join(30)
+    assert not raised and len(copies) == 1
+    torch.testing.assert_close(copies[0].scores("ann"), shared.scores("ann"), rtol=0, atol=0)
