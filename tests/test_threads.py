@@ -142,3 +142,151 @@ def test_a_copy_of_a_shared_recommender_waits_for_the_call_in_flight():
     thread.join(30)
     assert not raised and len(copies) == 1
     torch.testing.assert_close(copies[0].scores("ann"), shared.scores("ann"), rtol=0, atol=0)
+
+
+# ---- A weight written by another thread while a call packs it -------------------------------------------------
+# The write is made at the exact point another thread's would land (inside the call, just after the package read
+# the weight), from this thread, so that each case is deterministic. The call in flight may use either value;
+# every later call must use the new one. A cache stamped with the weight's version after reading it kept the old
+# packing under the new version, for good.
+
+
+def _later_steps_match_a_fresh_copy(tcn, state, xs, context=None):
+    fresh_tcn, fresh_state = copy.deepcopy(tcn), copy.deepcopy(state)  # copies carry no caches
+    with torch.no_grad():
+        for x in xs:
+            torch.testing.assert_close(tcn.step(x, state, context), fresh_tcn.step(x, fresh_state, context),
+                                       rtol=0, atol=1e-12)
+
+
+def test_a_state_packs_again_after_a_write_that_landed_while_it_packed(monkeypatch):
+    torch.manual_seed(0)
+    weight, x = torch.randn(16, 8, 3, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
+    state = CausalConvState.zeros(2, 8, 3, 1, dtype=torch.float64)
+    real_pack, written = conv_ops.pack_weight, []
+
+    def pack_then_written(w, groups):
+        packed = real_pack(w, groups)
+        if not written:
+            written.append(weight.add_(1.0))
+        return packed
+
+    monkeypatch.setattr(conv_ops, "pack_weight", pack_then_written)
+    with torch.no_grad():
+        ops.causal_conv1d_step(x, weight, state, backend="cpu")
+    monkeypatch.setattr(conv_ops, "pack_weight", real_pack)
+    assert written
+    fresh = CausalConvState(state.history.clone(), state.position.clone(), 3, 1)
+    with torch.no_grad():
+        later = ops.causal_conv1d_step(x, weight, state, backend="cpu")
+        expected = ops.causal_conv1d_step(x, weight.clone(), fresh, backend="cpu")
+    torch.testing.assert_close(later, expected, rtol=0, atol=1e-12)
+
+
+def test_a_context_table_is_made_again_after_a_write_that_landed_while_it_was_made(monkeypatch):
+    torch.manual_seed(0)
+    weight, x = torch.randn(16, 8, 3, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
+    context, context_weight = torch.randn(2, 4, dtype=torch.float64), torch.randn(16, 4, 3, dtype=torch.float64)
+    state = CausalConvState.zeros(2, 8, 3, 1, dtype=torch.float64)
+    real_table, written = conv_ops.context_table, []
+
+    def table_then_written(c, cw):
+        table = real_table(c, cw)
+        if not written:
+            written.append(context_weight.add_(1.0))
+        return table
+
+    monkeypatch.setattr(conv_ops, "context_table", table_then_written)
+    with torch.no_grad():
+        ops.causal_conv1d_step(x, weight, state, context=context, context_weight=context_weight, backend="cpu")
+    monkeypatch.setattr(conv_ops, "context_table", real_table)
+    assert written
+    fresh = CausalConvState(state.history.clone(), state.position.clone(), 3, 1)
+    with torch.no_grad():
+        later = ops.causal_conv1d_step(x, weight, state, context=context, context_weight=context_weight,
+                                       backend="cpu")
+        expected = ops.causal_conv1d_step(x, weight, fresh, context=context, context_weight=context_weight.clone(),
+                                          backend="cpu")
+    torch.testing.assert_close(later, expected, rtol=0, atol=1e-12)
+
+
+def test_a_prepared_tcn_step_is_not_kept_after_a_write_that_landed_while_it_was_made(monkeypatch):
+    """The write lands between the packing of the stack's weights and the prepared plan's constructor, which reads
+    the versions it compares at every later step."""
+    torch.manual_seed(0)
+    tcn = hnn.TCN(8, [16, 16], kernel_size=3).double().eval()
+    state = tcn.init_state(1)
+    xs = [torch.randn(1, 8, dtype=torch.float64) for _ in range(6)]
+    extension = conv_ops._extension.module()
+    written = []
+
+    class Extension:
+        def __getattr__(self, name):
+            return getattr(extension, name)
+
+        @staticmethod
+        def TcnStepPlan(*args):  # noqa: N802 (the extension's class)
+            if not written:
+                with torch.no_grad():
+                    written.append(tcn.blocks[1].conv.weight.add_(0.5))
+            return extension.TcnStepPlan(*args)
+
+    monkeypatch.setattr(conv_ops._extension, "module", lambda: Extension())
+    with torch.no_grad():
+        for x in xs[:3]:  # the second step prepares the plan (the write lands then), the third would run it
+            tcn.step(x, state)
+    monkeypatch.undo()
+    assert written
+    _later_steps_match_a_fresh_copy(tcn, state, xs[3:])
+
+
+def test_the_step_shortcut_is_not_kept_after_a_context_write_that_landed_while_it_was_made(monkeypatch):
+    """The write of the context weight lands after the shortcut's context table was read and before the shortcut
+    took the weight's version."""
+    torch.manual_seed(0)
+    tcn = hnn.TCN(8, [16, 16], kernel_size=3, context_channels=4).double().eval()
+    state = tcn.init_state(1)
+    context = torch.randn(1, 4, dtype=torch.float64)
+    xs = [torch.randn(1, 8, dtype=torch.float64) for _ in range(6)]
+    real_inputs, written = hnn.conv.context_inputs, []
+
+    def inputs_then_written(*args):
+        inputs = real_inputs(*args)
+        if not written:
+            with torch.no_grad():
+                written.append(tcn.blocks[0].conv.context_weight.add_(0.5))
+        return inputs
+
+    monkeypatch.setattr(hnn.conv, "context_inputs", inputs_then_written)
+    with torch.no_grad():
+        for x in xs[:3]:
+            tcn.step(x, state, context)
+    monkeypatch.undo()
+    assert written
+    _later_steps_match_a_fresh_copy(tcn, state, xs[3:], context)
+
+
+def test_the_step_shortcut_is_not_kept_after_caches_forgotten_while_it_was_made(monkeypatch):
+    """A change through .data (which moves no version) followed by forget_weight_caches(), the documented way,
+    lands after the step found its prepared plan valid and before the shortcut read the cache generation."""
+    torch.manual_seed(0)
+    tcn = hnn.TCN(8, [16, 16], kernel_size=3).double().eval()
+    state = tcn.init_state(1)
+    xs = [torch.randn(1, 8, dtype=torch.float64) for _ in range(6)]
+    real_entry, written = hnn.conv.prepared_entry, []
+
+    def entry_then_forgotten(*args):
+        entry = real_entry(*args)
+        if entry is not None and not written:
+            tcn.blocks[1].conv.weight.data.add_(0.5)
+            ops.forget_weight_caches()
+            written.append(True)
+        return entry
+
+    monkeypatch.setattr(hnn.conv, "prepared_entry", entry_then_forgotten)
+    with torch.no_grad():
+        for x in xs[:3]:
+            tcn.step(x, state)
+    monkeypatch.undo()
+    assert written
+    _later_steps_match_a_fresh_copy(tcn, state, xs[3:])

@@ -20,6 +20,7 @@ from ..backends import _selected as selected_backend_var
 from ..backends import BackendUnavailableError, requested_backend, resolve
 from ..ops.conv import _context_inputs as context_inputs
 from ..ops.conv import _generation as cache_generation
+from ..ops.conv import _stamp
 from ..ops.conv import (CAUSAL_CONV_DTYPES, CausalConvState, causal_conv1d, causal_conv1d_step, check_activation,
                         check_reach, prepared_entry, tcn_step)
 from ..ops._common import refuse_inputs_requiring_grad
@@ -505,12 +506,16 @@ class TCN(nn.Module):
                        context_proj_weight=context_proj_weight, activation="relu", backend=backend, **first)
         if not torch.compiler.is_compiling():
             # Shortcut the next call only through a prepared step made for exactly this call's objects (the op
-            # may have run another backend and left an older one in place).
+            # may have run another backend and left an older one in place). The weight-cache generation the
+            # shortcut compares is read before the prepared step is looked up: a forget_weight_caches() in between
+            # (another thread) then fails the shortcut's check, instead of passing it with a forgotten plan.
+            generation = tuple(cache_generation)
             entry = None if parametrized else prepared_entry(weights, biases, state.layers, proj_weights, proj_biases,
                                                              context, first["context_weight"], context_proj_weight,
                                                              "relu", backend)
             state._fast = (None if entry is None
-                           else self._fast_step(state, context, entry, first["context_weight"], context_proj_weight))
+                           else self._fast_step(state, context, entry, first["context_weight"], context_proj_weight,
+                                                generation))
         return out
 
     def _step_block_by_block(self, x_t, state, context, blocks, convs):
@@ -529,7 +534,7 @@ class TCN(nn.Module):
     _GUARDED_PARAMETERS = ("weight", "bias", "context_weight")
     _GUARDED_ATTRIBUTES = ("backend", "dilation", "in_channels", "context_channels")
 
-    def _fast_step(self, state, context, entry, context_weight, context_proj_weight):
+    def _fast_step(self, state, context, entry, context_weight, context_proj_weight, generation):
         """The shortcut of the next step made of this step's objects (csrc/python/tcn_step_plan.cpp, TcnFastStep):
         identity checks of everything this call read, from this TCN and the state down (each module's __dict__,
         its _modules and _parameters and the items the step used, the plain attributes it read, the state's
@@ -579,6 +584,10 @@ class TCN(nn.Module):
                                                                                 "_prepared"))
         checks.append(("env", BACKEND_ENV_VAR, os.environ.get(BACKEND_ENV_VAR)))
         checks.append(("context_var", selected_backend_var, selected_backend_var.get()))
-        checks.append(("list", cache_generation, tuple(cache_generation)))
+        checks.append(("list", cache_generation, generation))
+        stamps = [_stamp(t) for t in sources]  # before the table and term are read (see ops.conv._cache_entry)
         table, term = context_inputs(layers[0], context, context_weight, context_proj_weight)
-        return fast_step(checks, entry[2], torch.Tensor, table, term, sources)
+        fast = fast_step(checks, entry[2], torch.Tensor, table, term, sources)
+        # A context tensor written meanwhile (another thread) may have left the table of its old values under the
+        # new version, which the shortcut took as it was made: no shortcut then.
+        return fast if all(_stamp(t) == stamp for t, stamp in zip(sources, stamps)) else None

@@ -529,7 +529,7 @@ class CausalConvState:
         if torch.compiler.is_compiling():
             return pack_weight(weight.detach(), groups)
         if not _cache_is_fresh(self._packed, (weight,), groups):
-            self._packed = _cache_entry((weight,), groups, pack_weight(weight.detach(), groups))
+            self._packed = _cache_entry((weight,), groups, lambda: pack_weight(weight.detach(), groups))
         return self._packed[-1]
 
     def cached_context_table(self, context: torch.Tensor, context_weight: torch.Tensor) -> torch.Tensor:
@@ -555,18 +555,19 @@ class CausalConvState:
             # every step: there the product is made again, asynchronously. (An inference weight's stamp equals
             # nothing: its product is made again at every step.)
             entry = getattr(self, slot)
+            stamp = _stamp(weight)  # (before the weight is read: see _cache_entry)
             if (entry and entry[-2] == "inference" and entry[0] is context and entry[2] is weight
-                    and entry[3] == _stamp(weight) and torch.equal(entry[1], context)):
+                    and entry[3] == stamp and torch.equal(entry[1], context)):
                 return entry[-1]
             with torch.no_grad():
                 product = make(context, weight).contiguous()
             if context.device.type == "cpu":
-                setattr(self, slot, (context, context.clone(), weight, _stamp(weight), "inference", product))
+                setattr(self, slot, (context, context.clone(), weight, stamp, "inference", product))
             return product
         entry = getattr(self, slot)
         if not _cache_is_fresh(entry, (context, weight), None):
             with torch.no_grad():  # the weight itself, not a detached alias, keys its packing's cache
-                entry = _cache_entry((context, weight), None, make(context, weight).contiguous())
+                entry = _cache_entry((context, weight), None, lambda: make(context, weight).contiguous())
             setattr(self, slot, entry)
         return entry[-1]
 
@@ -633,9 +634,14 @@ def _stamp(t: torch.Tensor) -> tuple:
     return t._version, t.data_ptr(), _generation[0], t.untyped_storage()
 
 
-def _cache_entry(sources, extra, value):
-    # The entry holds its source tensors, so their memory cannot be reused by other tensors while cached.
-    return (*((t, _stamp(t)) for t in sources), extra, value)
+def _cache_entry(sources, extra, make):
+    """A cache entry of make()'s value, derived from the tensors ``sources``. Their stamps are taken before make()
+    reads them: a write landing while it reads (another thread's optimizer step or ``w.add_()``; the version moves
+    once the write is done) then leaves the entry stale, and it is made again at the next use. Stamped after, the
+    entry would hold the new version beside a value of the old weights, for good. The entry holds its source
+    tensors, so their memory cannot be reused by other tensors while cached."""
+    stamps = [_stamp(t) for t in sources]
+    return (*zip(sources, stamps), extra, make())
 
 
 def _cache_is_fresh(entry, sources, extra):
@@ -1130,11 +1136,17 @@ def _prepared_step(x, weights, biases, states, proj_weights, proj_biases, contex
     if not _entry_matches(states[0]._prepared, key, mode):
         states[0]._prepared = (key, mode, None)
         return None
+    stamps = [_stamp(t) for t in sources]  # before the weights are packed (see _cache_entry)
     packed, biases, projections, proj_biases, table, term, dilations = _stack_plan(
         x, weights, biases, states, proj_weights, proj_biases, context, context_weight, context_proj_weight)
     plan = _extension.module().TcnStepPlan(
         unit_stride_rows(x), packed, biases, projections, proj_biases, table, term, dilations,
         ACTIVATIONS[activation], [state.history for state in states], [state.position for state in states], sources)
+    if any(_stamp(t) != stamp for t, stamp in zip(sources, stamps)):
+        # A weight was written while this call packed it (another thread): the plan, which took the weights'
+        # versions as it was made, may hold the old weights under the new versions. Not kept; the op runs.
+        states[0]._prepared = (key, mode, None)
+        return None
     entry = (key, mode, plan)
     states[0]._prepared = entry
     return prepared_tcn_step(entry, x, states, context, context_weight, context_proj_weight)
