@@ -47,6 +47,31 @@ def torch_release() -> tuple:
     return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 
 
+def compiling() -> bool:
+    """torch.compiler.is_compiling(), for this thread: whether it is being traced (torch.compile, export).
+
+    torch's flag is one for the process, and a compile session holds it: while one thread compiled, every other
+    thread's eager calls read True, and skipped their refusals (a double backward through the kernels came out
+    silently wrong) and their caches. It counts here only where this thread itself is traced: by Dynamo, or under
+    a tracing context or a fake, proxy or functional tensor mode (AOTAutograd, make_fx, export), all per thread."""
+    return torch.compiler.is_compiling() and compiling_here()
+
+
+_TRACING_MODES = tuple(getattr(torch._C._TorchDispatchModeKey, key) for key in ("FAKE", "PROXY", "FUNCTIONAL"))
+
+
+def compiling_here() -> bool:
+    """The per-thread half of compiling(), asked once torch.compiler.is_compiling() is True (hot paths call the
+    two inline: outside a compile session only the first is asked)."""
+    if torch.compiler.is_dynamo_compiling():  # (a constant True in a trace: Dynamo reads no further)
+        return True
+    from torch._guards import TracingContext
+
+    if TracingContext.try_get() is not None:
+        return True
+    return any(torch._C._get_dispatch_mode(key) is not None for key in _TRACING_MODES)
+
+
 # torch.compile reads the use_backend selection while it traces an op. torch 2.14's dynamo traces ContextVar.get
 # (and guards on the value: a compiled function recompiles in another use_backend block); torch 2.11's cannot, and
 # a fullgraph compile of an op without backend= failed there. On releases before 2.14 a trace reads this
@@ -225,7 +250,7 @@ def requested_backend(backend=None):
     """The backend asked for, by precedence: argument, use_backend block, environment, "auto"."""
     if backend is not None:
         return _check_name(backend, "backend")
-    selected = (_selected_for_tracing if not _TRACE_READS_CONTEXTVAR and torch.compiler.is_compiling()
+    selected = (_selected_for_tracing if not _TRACE_READS_CONTEXTVAR and compiling()
                 else _selected.get())
     if selected is not None:
         return selected
@@ -272,7 +297,7 @@ def resolve(op: str, backend, device: torch.device, dtype: torch.dtype, dtypes) 
     # (A module attribute: -1 outside forward_ad.dual_level(). The inference steps have no derivative to compute
     # and refuse a tangent themselves, naming the input that carries it.)
     dual = forward_ad._current_level >= 0 and op not in _INFERENCE_STEPS
-    if torch.compiler.is_compiling():
+    if compiling():
         # Traced, the memo is not read: dynamo would guard the graph on its contents, which the trace itself
         # fills, so the first call of a compiled function in a process compiled it twice.
         return _resolve_uncached(op, name, device, dtype, dtypes, transformed, dual)

@@ -54,7 +54,7 @@ from .data import LaneStateCache, SessionBatch, SessionBatcher, SessionCache
 from .data.cache import crc32_of, fsync_path, host_label, left_by_dead_process
 from .evaluate import RankingMetrics, batch_targets
 from .models import NEURAL_MODELS, HistoryBatch, NextItemModel, UserHistoryBatcher
-from .backends import requested_backend
+from .backends import compiling, requested_backend
 from .ops import linear_cross_entropy
 from .ops.loss import _check_parameters_like_features
 
@@ -289,11 +289,11 @@ def _check_sampled_loss_args(features, targets, weight, sampled, log_q) -> None:
     if not log_q.is_floating_point():
         raise ValueError(f"log_q must be a floating-point tensor (log of num_sampled * q), got {log_q.dtype}")
     for name, ids in (("targets", targets), ("sampled", sampled)):
-        if ids.numel() and ids.device.type == "cpu" and not torch.compiler.is_compiling():
+        if ids.numel() and ids.device.type == "cpu" and not compiling():
             low, high = int(ids.min()), int(ids.max())
             if low < 0 or high >= items:
                 raise ValueError(f"{name} must be item ids in [0, {items}), got values in [{low}, {high}]")
-    if log_q.device.type == "cpu" and sampled.device.type == "cpu" and not torch.compiler.is_compiling():
+    if log_q.device.type == "cpu" and sampled.device.type == "cpu" and not compiling():
         drawn = log_q[sampled]  # an item drawn has q > 0: its log_q is finite (-inf made the loss inf or NaN)
         if not bool(torch.isfinite(drawn).all()):
             bad = sampled[~torch.isfinite(drawn)]

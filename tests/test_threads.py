@@ -290,3 +290,55 @@ def test_the_step_shortcut_is_not_kept_after_caches_forgotten_while_it_was_made(
     monkeypatch.undo()
     assert written
     _later_steps_match_a_fresh_copy(tcn, state, xs[3:])
+
+
+# ---- Another thread's torch.compile session ------------------------------------------------------------------
+# torch.compiler.is_compiling() reads one flag for the process, which Dynamo holds for a whole compile session:
+# here it is made to read True as it does while another thread compiles. This thread, eager, must keep its
+# refusals and its caches.
+
+
+def _another_thread_compiling(monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+
+
+def test_a_double_backward_is_refused_while_another_thread_compiles(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
+    _another_thread_compiling(monkeypatch)
+    out = ops.causal_conv1d(x, weight, activation="tanh", backend="cpu")
+    with pytest.raises(RuntimeError, match="create_graph=True would give higher derivatives"):
+        torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+
+
+def test_a_batched_gradient_is_refused_while_another_thread_compiles(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, 2, dtype=torch.float64)
+    _another_thread_compiling(monkeypatch)
+    out = ops.causal_conv1d(x, weight, backend="cpu")
+    with pytest.raises(RuntimeError, match="take no batched gradient"):
+        torch.autograd.grad(out, x, torch.randn(3, *out.shape, dtype=torch.float64), is_grads_batched=True)
+
+
+def test_the_step_keeps_its_caches_while_another_thread_compiles(monkeypatch):
+    """TCN.step's shortcut and a state's packed weight are used as outside a compile session (traced, both would be
+    made again at every call)."""
+    torch.manual_seed(0)
+    tcn = hnn.TCN(8, [16, 16], kernel_size=3).double().eval()
+    state = tcn.init_state(1)
+    xs = [torch.randn(1, 8, dtype=torch.float64) for _ in range(4)]
+    _another_thread_compiling(monkeypatch)
+    with torch.no_grad():
+        for x in xs[:2]:
+            tcn.step(x, state)
+    assert state._fast is not None, "no shortcut made: the step took this thread for a traced one"
+    weight, x = torch.randn(16, 8, 3, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
+    conv_state = CausalConvState.zeros(2, 8, 3, 1, dtype=torch.float64)
+    with torch.no_grad():
+        ops.causal_conv1d_step(x, weight, conv_state, backend="cpu")
+        packed = conv_state._packed
+        ops.causal_conv1d_step(x, weight, conv_state, backend="cpu")
+    assert packed is not None and conv_state._packed is packed
+

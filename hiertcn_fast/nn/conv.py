@@ -17,7 +17,7 @@ from .._ints import is_int
 from .._extension import module as module_of_extension
 from ..backends import ENV_VAR as BACKEND_ENV_VAR
 from ..backends import _selected as selected_backend_var
-from ..backends import BackendUnavailableError, requested_backend, resolve
+from ..backends import BackendUnavailableError, compiling, compiling_here, requested_backend, resolve
 from ..ops.conv import _context_inputs as context_inputs
 from ..ops.conv import _generation as cache_generation
 from ..ops.conv import _stamp
@@ -455,7 +455,8 @@ class TCN(nn.Module):
         # (It stays in place until a full path completes: a bad input's error leaves it for the next good one.)
         fast = getattr(state, "_fast", None)  # None on a state made before the shortcut existed (unpickled)
         # (Not under forward-mode AD, whose dual inputs the shortcut cannot see: tcn_step refuses them.)
-        if fast is not None and not torch.compiler.is_compiling() and forward_ad._current_level < 0:
+        if (fast is not None and not (torch.compiler.is_compiling() and compiling_here())
+                and forward_ad._current_level < 0):
             out = fast.step(self, x_t, state, context)
             if out is not None:
                 return out
@@ -504,7 +505,7 @@ class TCN(nn.Module):
         backend = convs[0].backend
         out = tcn_step(x_t, weights, biases, state.layers, proj_weights=proj_weights, proj_biases=proj_biases,
                        context_proj_weight=context_proj_weight, activation="relu", backend=backend, **first)
-        if not torch.compiler.is_compiling():
+        if not compiling():
             # Shortcut the next call only through a prepared step made for exactly this call's objects (the op
             # may have run another backend and left an older one in place). The weight-cache generation the
             # shortcut compares is read before the prepared step is looked up: a forget_weight_caches() in between

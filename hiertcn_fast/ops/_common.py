@@ -7,7 +7,7 @@ import os
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-from ..backends import torch_release
+from ..backends import compiling, compiling_here, torch_release
 
 _poison = os.environ.get("HIERTCN_POISON_OUTPUTS", "0") == "1"
 
@@ -33,7 +33,7 @@ def symbolic(*tensors) -> bool:
     """Whether these values are only being traced (torch.compile) or are fake (FakeTensorMode, opcheck, export):
     then no Python code may read their values or data pointers, and no C++ helper called outside the dispatcher
     (a prepared step, which reads its inputs' memory directly) may see them."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and compiling_here():  # (compiling(), inline: this runs at every step)
         return True
     # A plain tensor (the common case, once per step) is never fake: only subclasses need the full test. (A loop,
     # not any() over a generator, which cost a step of the TCN 2 us.)
@@ -72,7 +72,7 @@ def in_input_dtype(op):
 
     @functools.wraps(op)
     def run(*args, **kwargs):
-        if torch.compiler.is_compiling():  # (traced: the autocast state is a constant of the graph)
+        if compiling():  # (traced: the autocast state is a constant of the graph)
             enabled = [device_type for device_type in _AUTOCAST_DEVICES if torch.is_autocast_enabled(device_type)]
         elif not _any_autocast():
             return op(*args, **kwargs)
@@ -130,7 +130,7 @@ def refuse_graph_of_gradient(op: str) -> None:
     """For the backward of an op whose gradients come from kernels (or were computed in its forward): under
     create_graph=True the gradients would have no graph, so higher derivatives through them would silently
     be wrong. Call it at the start of such a backward (where grad mode is create_graph's)."""
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    if torch.is_grad_enabled() and not compiling():
         raise RuntimeError(f"{op}: its backward is once differentiable (the gradients come from fused kernels), "
                            f"so create_graph=True would give higher derivatives without these terms; use "
                            f"backend='reference' where you need a graph of the gradient")
@@ -141,7 +141,7 @@ def refuse_batched_gradient(op: str, grad) -> None:
     is_grads_batched=True, jacobian(vectorize=True), gradcheck(check_batched_grad=True)) would reach the kernels'
     out ops, which have no batching rule, and fail in the dispatcher's words (naming an internal op). Refused in
     words that name the way out; the reference backend's plain PyTorch takes batched gradients."""
-    if grad is not None and not torch.compiler.is_compiling() and torch._C._functorch.is_legacy_batchedtensor(grad):
+    if grad is not None and not compiling() and torch._C._functorch.is_legacy_batchedtensor(grad):
         raise RuntimeError(f"{op}: its backward runs fused kernels, which take no batched gradient "
                            f"(is_grads_batched=True, jacobian(vectorize=True), gradcheck(check_batched_grad=True)); "
                            f"use backend='reference' there, or unbatched gradients")
@@ -161,7 +161,7 @@ _POISON_WHILE_TRACING = torch_release() >= (2, 14)
 def new_output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     """A fresh contiguous output on ``like``'s device (NaN-filled under poison_outputs)."""
     out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
-    if _poison and out.is_floating_point() and (_POISON_WHILE_TRACING or not torch.compiler.is_compiling()):
+    if _poison and out.is_floating_point() and (_POISON_WHILE_TRACING or not compiling()):
         out.fill_(float("nan"))
     return out
 

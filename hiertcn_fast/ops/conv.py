@@ -26,7 +26,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _extension
 from .._ints import is_int
-from ..backends import INTERPRETER_UNSUPPORTED, functorch_transforms_active, requested_backend, resolve
+from ..backends import (INTERPRETER_UNSUPPORTED, compiling, functorch_transforms_active, requested_backend,
+                        resolve)
 from ._common import (FLOATING, check_like, check_shape, check_tensor, in_input_dtype, new_output, on_device_of,
                       refuse_batched_gradient, refuse_graph_of_gradient, refuse_inputs_requiring_grad, refuse_tangents,
                       fake, symbolic, unit_stride_rows)
@@ -77,7 +78,7 @@ def _context_table(context, context_weight, lean_training):
     definition: the cache is not traceable, and a transform's wrapped tensors have no storage to key it on (under
     torch.func.grad with respect to x, the context and its weight require no grad)."""
     training = torch.is_grad_enabled() and (context.requires_grad or context_weight.requires_grad)
-    if torch.compiler.is_compiling() or functorch_transforms_active() or (training and not lean_training):
+    if compiling() or functorch_transforms_active() or (training and not lean_training):
         return torch.einsum("bc,ocj->bjo", context, context_weight).flip(1).cumsum(1)
     if training:
         return _ContextTable.apply(context, context_weight)
@@ -526,7 +527,7 @@ class CausalConvState:
     def packed_weight(self, weight: torch.Tensor, groups: int) -> torch.Tensor:
         """pack_weight(weight, groups), recomputed only when weight is another tensor or was modified in place.
         Traced (torch.compile), packed in the graph at every call: the cache is not traceable."""
-        if torch.compiler.is_compiling():
+        if compiling():
             return pack_weight(weight.detach(), groups)
         if not _cache_is_fresh(self._packed, (weight,), groups):
             self._packed = _cache_entry((weight,), groups, lambda: pack_weight(weight.detach(), groups))
@@ -545,7 +546,7 @@ class CausalConvState:
     def _cached_product(self, slot, make, context, weight):
         """make(context, weight), contiguous, kept in attribute ``slot`` and made again only when either is another
         tensor or changed. Traced, made at every call."""
-        if torch.compiler.is_compiling():
+        if compiling():
             return make(context.detach(), weight.detach()).contiguous()
         if context.is_inference():
             # An inference tensor has no version counter: on the CPU the cached product is kept with a copy of the
@@ -1051,7 +1052,7 @@ def _pack_stack(weights, proj_weights, device_type, threads):
 
 
 def _packed_stack(weights, proj_weights, device_type):
-    if torch.compiler.is_compiling():  # packed in the graph at every call (the cache is not traceable), with
+    if compiling():  # packed in the graph at every call (the cache is not traceable), with
         return _pack_stack(weights, proj_weights, device_type, 1)  # one thread's blocks (any block is valid)
     sources = (*weights, *proj_weights)
     threads = torch.get_num_threads() if device_type == "cpu" else 0
@@ -1077,18 +1078,18 @@ def _stack_plan(x, weights, biases, states, proj_weights, proj_biases, context, 
     checked = (*weights, *biases, *proj_weights, *proj_biases, context, context_weight, context_proj_weight,
                *states[1:], *[part for state in states for part in (state.history, state.position, state.kernel_size,
                                                                     state.dilation)])
-    compiling = torch.compiler.is_compiling()  # traced: checked at every call, nothing stored on the state
+    traced = compiling()  # traced: checked at every call, nothing stored on the state
     # x is not among the objects compared (each step brings a new one): its dtype, device and shape are compared
     # here at every call, so that one unlike the first call's is told as on that call, not in the op's words.
     if x.dtype != weights[0].dtype or x.device != weights[0].device:
         check_like(weights[0], "weights[0]", x, "x")
-    if compiling or len(states[0]._stack_checked) != len(checked) or not all(
+    if traced or len(states[0]._stack_checked) != len(checked) or not all(
             a is b for a, b in zip(states[0]._stack_checked, checked)):
         _check_stack(x, weights, states, proj_weights, proj_biases, context, context_weight, context_proj_weight,
                      biases)
         for l, state in enumerate(states):  # (the fused op's backend is the device's: cpu or cuda)
             _check_kernel_state(x, state, x.device.type, f"states[{l}]")
-        if not compiling:
+        if not traced:
             states[0]._stack_checked = checked
     if x.shape != (states[0].history.shape[0], weights[0].shape[1]):  # (after the stack's checks: they name a
         check_shape(x, "x (batch, in_channels): the states' batch and weights[0]'s input channels",  # weight first)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from .. import _extension
 from .._ints import is_int
-from ..backends import resolve
+from ..backends import compiling, resolve
 from ._common import (FLOATING, check_like, check_shape, check_tensor, in_input_dtype, new_output, on_device_of,
                       refuse_batched_gradient, refuse_graph_of_gradient, symbolic, unit_stride_rows)
 
@@ -117,7 +117,7 @@ class _GruGatesFunction(torch.autograd.Function):
         # composition saves only tensors it made, and takes such inputs beside one that requires grad. (Not traced:
         # dynamo has no is_inference.)
         saved = (gi, gh, h)
-        if not torch.compiler.is_compiling():
+        if not compiling():
             saved = tuple(t.clone() if t.is_inference() else t for t in saved)
         ctx.save_for_backward(*saved)
         ctx.backend = name
@@ -354,7 +354,7 @@ def gru_cell(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.T
     name = resolve("gru_cell", backend, h.device, h.dtype, GRU_DTYPES)
     if name == "reference":
         return gru_cell_reference(x, h, w_ih, w_hh, b_ih, b_hh)
-    if name in ("cpu", "cuda") and not torch.compiler.is_compiling():
+    if name in ("cpu", "cuda") and not compiling():
         # One op whose autograd node is C++ (csrc/cpu/gru_recurrence.cpp); torch.compile traces the
         # autograd.Function below instead, where the Python costs nothing per call.
         return torch.ops.hiertcn_fast.gru_cell.default(x, h, w_ih, w_hh, b_ih, b_hh)
@@ -601,7 +601,7 @@ def _check_lengths_in_range(lengths, time):
     reference clamped them without a word, where the cpu kernel refuses them)."""
     if lengths.device.type != "cpu" or lengths.numel() == 0:
         return
-    if torch.compiler.is_compiling():
+    if compiling():
         # (A constant message: formatting the time into it would specialise the graph on it, one compile a length.)
         torch._assert_async(((lengths >= 0) & (lengths <= time)).all(),
                             "lengths must lie in [0, time], time the item embeddings' padded session length")
@@ -653,7 +653,7 @@ def session_update(item_embeddings: torch.Tensor, lengths: torch.Tensor, h: torc
         _check_lengths_in_range(lengths, item_embeddings.shape[1])
         return _session_update_composed(item_embeddings, lengths, h, keep, layers, proj_weight, proj_bias, name)
     flat = [t for layer in layers for t in layer if t is not None]
-    if not torch.compiler.is_compiling():
+    if not compiling():
         # One op whose autograd node is C++; torch.compile traces the autograd.Function below.
         return torch.ops.hiertcn_fast.session_update.default(item_embeddings, lengths, h, keep, flat, proj_weight,
                                                              proj_bias)
@@ -781,7 +781,7 @@ def session_update_steps(item_embeddings: torch.Tensor, lengths: torch.Tensor, h
     items = unit_stride_rows(item_embeddings)
     # No gradient wanted: the forward alone. (Under forward-mode AD a dual tensor does not require grad, and the
     # forward alone dropped its tangent without a word: the autograd function refuses it instead.)
-    if not torch.compiler.is_compiling() and forward_ad._current_level < 0 and not (torch.is_grad_enabled() and any(
+    if not compiling() and forward_ad._current_level < 0 and not (torch.is_grad_enabled() and any(
             t.requires_grad for t in (items, h, keep, proj_weight, proj_bias, *flat) if t is not None)):
         return _session_update_steps_forward(items, lengths, h.contiguous(), keep, proj_weight, proj_bias, flat,
                                              keep_gates=False)[0]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import torch.autograd.forward_ad as forward_ad
 
 from .. import _extension
-from ..backends import BackendUnavailableError, functorch_transforms_active, requested_backend
+from ..backends import BackendUnavailableError, compiling, functorch_transforms_active, requested_backend
 from ._common import check_like, check_tensor, new_output, refuse_graph_of_gradient, symbolic
 
 _CPU_DTYPES = (torch.float32, torch.float64)
@@ -108,7 +108,7 @@ def _why_not_fused(features, weight, bias, targets) -> str:
             return f"{name} must have the dtype and device of features"
     if targets.device != features.device:
         return "targets must be on the device of features"
-    if torch.compiler.is_compiling():
+    if compiling():
         return "it does not run under torch.compile"
     if forward_ad._current_level >= 0:
         return "it has no forward-mode derivative (dual tensors)"
@@ -141,10 +141,10 @@ def _check_target_range(targets, classes):
     marked -100 from the loss without a word)."""
     if targets.numel() == 0:
         return
-    compiling = torch.compiler.is_compiling()
-    if not compiling and symbolic(targets):  # fake tensors outside a trace (FakeTensorMode, opcheck): no values
+    traced = compiling()
+    if not traced and symbolic(targets):  # fake tensors outside a trace (FakeTensorMode, opcheck): no values
         return
-    if targets.device.type != "cpu" or compiling:
+    if targets.device.type != "cpu" or traced:
         # Reading the values would make the host wait for the device once more per training step: the device
         # checks them itself (a device-side assert, which ends the process's CUDA context, never a skipped row).
         torch._assert_async(((targets >= 0) & (targets < classes)).all(), f"targets must lie in [0, {classes})")
