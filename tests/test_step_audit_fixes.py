@@ -265,3 +265,45 @@ def test_a_strided_history_is_refused_with_the_fix_by_the_kernels(backend, devic
     assert torch.equal(causal_conv1d_step(x, weights[0], strided, biases[0], backend="reference"),
                        causal_conv1d_step(x, weights[0], copy, biases[0], backend="reference"))
     assert torch.equal(strided.history, copy.history)
+
+
+# ---- Session 37: from a sanitizer (ASan and UBSan) audit of the C++ kernels -----------------------------------
+
+
+def test_a_prepared_plan_of_no_layers_is_refused():
+    """The extension's TcnStepPlan read the last of an empty list of layers (a segfault) before the layer count
+    was checked."""
+    from hiertcn_fast import _extension
+
+    plan = _extension.module().TcnStepPlan
+    with pytest.raises(RuntimeError, match="takes 1 to 32 layers, got 0"):
+        plan(torch.zeros(2, 4), [], [], [], [], None, None, [], 0, [], [], [])
+
+
+@pytest.mark.parametrize("check", [("arg", 7, None), ("arg", -1, None), ("arg_item", 100000, "blocks", None)])
+def test_a_shortcut_check_of_an_argument_past_the_three_is_refused(check):
+    """TcnFastStep compared its checks' argument i (tcn, state, context) without a range check: index 7 read past
+    the three (stack memory), and an "arg_item" check then handed that to Python (a segfault)."""
+    from hiertcn_fast import _extension
+
+    extension = _extension.module()
+    x = torch.zeros(1, 4)
+    plan = extension.TcnStepPlan(x, [torch.zeros(2, 4, 4)], [None], [None], [None], None, None, [1], 1,
+                                 [torch.zeros(1, 1, 4)], [torch.zeros(1, dtype=torch.long)], [])
+    with pytest.raises(RuntimeError, match=r"index must be 0 \(tcn\), 1 \(state\) or 2 \(context\)"):
+        extension.TcnFastStep([check], plan, torch.Tensor, None, None, [])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_position_at_the_int64_limit_wraps_as_the_reference_does_and_is_then_refused(backend):
+    """The kernels advanced a position with a signed overflow at 2**63 - 1 (undefined behaviour; setup.py's build
+    wraps it through Python's -fwrapv, a build without, like the CMake one, need not): it goes to -2**63, as the
+    reference's int64 addition does, and the next step refuses it."""
+    torch.manual_seed(0)
+    weight, x = torch.randn(2, 2, 2, dtype=torch.float64), torch.randn(1, 2, dtype=torch.float64)
+    state = CausalConvState(torch.zeros(1, 1, 2, dtype=torch.float64), torch.tensor([2**63 - 1]), 2, 1)
+    with torch.no_grad():
+        causal_conv1d_step(x, weight, state, backend=backend)
+        assert state.position.tolist() == [-2**63]
+        with pytest.raises(ValueError, match="position must be >= 0"):
+            causal_conv1d_step(x, weight, state, backend=backend)

@@ -3,6 +3,7 @@ while a call packs them, and another thread's torch.compile session (from a repo
 
 import copy
 import threading
+import time
 
 import pytest
 import torch
@@ -342,3 +343,56 @@ def test_the_step_keeps_its_caches_while_another_thread_compiles(monkeypatch):
         ops.causal_conv1d_step(x, weight, conv_state, backend="cpu")
     assert packed is not None and conv_state._packed is packed
 
+
+# ---- The GIL during a prepared step --------------------------------------------------------------------------
+
+
+def _first_run_of_another_thread(step):
+    """(start, when another Python thread first ran, end) around step(): the thread is woken just before step() is
+    called. Were the GIL held through the kernel, it could first run only once step() had returned."""
+    woken, first_ran = threading.Event(), []
+
+    def other():
+        woken.wait(30)
+        first_ran.append(time.perf_counter())
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    time.sleep(0.05)  # the thread is waiting on the event
+    start = time.perf_counter()
+    woken.set()
+    step()
+    end = time.perf_counter()
+    thread.join(30)
+    return start, first_ran[0], end
+
+
+@pytest.mark.parametrize("path", ["TCN.step", "ops.tcn_step"])
+def test_other_threads_run_while_a_prepared_step_runs_its_kernel(path):
+    """A server's other threads (its I/O, other requests) run while a large prepared step computes: the step
+    releases the GIL around its kernel, as torch's ops do. Held, they were stalled for the whole step."""
+    torch.manual_seed(0)
+    tcn = hnn.TCN(512, [512] * 8, kernel_size=3, dilations=[1] * 8).eval()  # about 0.1 s a step on one core
+    batch = 4096
+    state = tcn.init_state(batch)
+    x = torch.randn(batch, 512)
+    blocks = list(tcn.blocks)
+    weights = [block.conv.weight for block in blocks]
+    biases = [block.conv.bias for block in blocks]
+    if path == "TCN.step":
+        def step():
+            return tcn.step(x, state)
+    else:
+        layers = state.layers
+
+        def step():
+            return ops.tcn_step(x, weights, biases, layers, backend="cpu")
+    with torch.no_grad():
+        for _ in range(3):  # the second call prepares the step, the third runs it
+            step()
+        if path == "TCN.step":
+            assert state._fast is not None
+        start, first_ran, end = _first_run_of_another_thread(step)
+    assert end - start > 0.05, "the step is too short to tell"
+    assert first_ran < start + (end - start) / 2, (
+        f"the other thread first ran {first_ran - start:.3f} s into a {end - start:.3f} s step")

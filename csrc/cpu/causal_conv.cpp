@@ -661,7 +661,7 @@ void causal_conv_step_cpu_kernel(const CausalConvStepParams& p) {
         const T* x_row = x + b * p.x_row_stride;
         if (history_length > 0)
           std::copy(x_row, x_row + C_in, history + (b * history_length + position[b] % history_length) * C_in);
-        ++position[b];
+        position[b] = next_position(position[b]);
       }
     }
   });
@@ -846,7 +846,7 @@ template <typename T>
 void advance_positions(const TcnStepParams& p, int64_t b0, int64_t rows) {
   for (int64_t l = 0; l < p.layers; ++l) {
     int64_t* position = static_cast<int64_t*>(p.layer[l].position);
-    for (int64_t r = 0; r < rows; ++r) ++position[b0 + r];
+    for (int64_t r = 0; r < rows; ++r) position[b0 + r] = next_position(position[b0 + r]);
   }
 }
 

@@ -203,7 +203,7 @@ __global__ void causal_conv_step_cuda_kernel(CausalConvStepParams p) {
     T* slot = history + (pos % history_length) * C_in;
     for (int64_t c = threadIdx.x; c < C_in; c += blockDim.x) slot[c] = x[c];
   }
-  if (threadIdx.x == 0) position[b] = pos + 1;
+  if (threadIdx.x == 0) position[b] = next_position(pos);
 }
 
 // The whole TCN stack in one launch: one block per batch row takes it through every layer. The layer input
@@ -302,7 +302,7 @@ __global__ void __launch_bounds__(kStackThreads) tcn_step_cuda_kernel(TcnStepPar
       T* slot = history + (pos % history_length) * C_in;
       for (int64_t c = threadIdx.x; c < C_in; c += blockDim.x) slot[c] = T(in_buf[c]);
     }
-    if (threadIdx.x == 0) position[b] = pos + 1;
+    if (threadIdx.x == 0) position[b] = next_position(pos);
     A* swap = in_buf;
     in_buf = out_buf;
     out_buf = swap;

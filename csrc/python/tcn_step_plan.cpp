@@ -31,6 +31,9 @@ class TcnStepPlan {
       : packed_(std::move(packed_weights)), histories_(std::move(histories)), positions_(std::move(positions)),
         sources_(std::move(sources)) {
     TORCH_CHECK(x.device().is_cpu(), "a prepared TCN step runs on the CPU, got x on ", x.device());
+    // (Before packed_.back() below; make_tcn_step_params checks the layers against the other lists.)
+    TORCH_CHECK(!packed_.empty() && packed_.size() <= static_cast<size_t>(kMaxStackLayers),
+                "a TCN stack step takes 1 to ", kMaxStackLayers, " layers, got ", packed_.size());
     for (auto& t : biases) held_.push_back(t);
     for (auto& t : proj_weights) held_.push_back(t);
     for (auto& t : proj_biases) held_.push_back(t);
@@ -161,6 +164,7 @@ namespace py = pybind11;
 
 class TcnFastStep {
  public:
+  static constexpr int kCheckedArguments = 3;  // step()'s tcn, state and context
   enum class Kind { Arg, ArgItem, DictOf, Item, Values, List, Env, ContextVar };
 
   struct Check {
@@ -210,7 +214,12 @@ class TcnFastStep {
       if (sources_[i]._version() != versions_[i] || sources_[i].data_ptr() != pointers_[i] ||
           sources_[i].storage().unsafeGetStorageImpl() != storages_[i].unsafeGetStorageImpl())
         return py::none();
-    std::optional<at::Tensor> out = plan_->step(input, table_, term_);
+    std::optional<at::Tensor> out;
+    {
+      // Python objects are done with: other threads run while the kernel does (as around torch's ops).
+      py::gil_scoped_release released;
+      out = plan_->step(input, table_, term_);
+    }
     if (!out) return py::none();
     return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(*out)));
   }
@@ -223,6 +232,14 @@ class TcnFastStep {
     return typeid(*impl) == typeid(c10::TensorImpl) && t.layout() == at::kStrided && !t.is_neg() && !t.is_conj();
   }
 
+  // The index of one of step()'s three checked arguments (tcn, state, context), which passes() reads.
+  static int argument_index(const py::handle index) {
+    const int i = index.cast<int>();
+    TORCH_CHECK(i >= 0 && i < kCheckedArguments, "TcnFastStep: an argument check's index must be 0 (tcn), 1 (state) "
+                "or 2 (context), got ", i);
+    return i;
+  }
+
   static Check parse(const py::tuple& spec) {
     const std::string kind = spec[0].cast<std::string>();
     Check c;
@@ -232,9 +249,9 @@ class TcnFastStep {
       return out;
     };
     if (kind == "arg") {  // ("arg", i, expected): argument i (tcn, state, context) is expected
-      c = {Kind::Arg, spec[1].cast<int>(), py::none(), py::none(), spec[2]};
+      c = {Kind::Arg, argument_index(spec[1]), py::none(), py::none(), spec[2]};
     } else if (kind == "arg_item") {  // ("arg_item", i, name, expected): argument i's __dict__[name] is expected
-      c = {Kind::ArgItem, spec[1].cast<int>(), py::none(), spec[2], spec[3]};
+      c = {Kind::ArgItem, argument_index(spec[1]), py::none(), spec[2], spec[3]};
     } else if (kind == "dict_of") {  // ("dict_of", obj, d): obj's __dict__ is d
       c = {Kind::DictOf, 0, spec[1], py::none(), spec[2]};
     } else if (kind == "item") {  // ("item", d, key, expected): d.get(key) is expected (a dict)
@@ -278,7 +295,7 @@ class TcnFastStep {
     return value == nullptr ? Py_None : value;
   }
 
-  bool passes(std::array<PyObject*, 3> args) const {
+  bool passes(std::array<PyObject*, kCheckedArguments> args) const {
     for (const Check& c : checks_) {
       switch (c.kind) {
         case Kind::Arg:
@@ -368,7 +385,7 @@ void bind_tcn_step_plan(pybind11::module_& m) {
                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, std::vector<int64_t>, int64_t,
                     std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>())
       .def("step", &TcnStepPlan::step, py::arg("x"), py::arg("context_table") = py::none(),
-           py::arg("context_residual") = py::none());
+           py::arg("context_residual") = py::none(), py::call_guard<py::gil_scoped_release>());
   py::class_<TcnFastStep>(m, "TcnFastStep", "TCN.step's guarded shortcut to a prepared step (see TCN.step).")
       .def(py::init<const py::list&, py::object, py::object, std::optional<at::Tensor>, std::optional<at::Tensor>,
                     const std::vector<at::Tensor>&>())

@@ -23,4 +23,11 @@ struct AccType<double> {
 template <typename T>
 using acc_t = typename AccType<T>::type;
 
+// A step state's position after one more event. 2^63 - 1 goes to -2^63, as the reference's int64 addition does,
+// without a signed overflow (undefined behaviour: a build without -fwrapv, such as the CMake one, need not wrap);
+// the CPU step then refuses the negative position.
+HIERTCN_HD int64_t next_position(int64_t position) {
+  return static_cast<int64_t>(static_cast<uint64_t>(position) + 1u);
+}
+
 }  // namespace hiertcn
