@@ -160,22 +160,29 @@ def _later_steps_match_a_fresh_copy(tcn, state, xs, context=None):
                                        rtol=0, atol=1e-12)
 
 
+def _written_once_after(monkeypatch, name, tensor):
+    """ops.conv's function ``name`` made to write ``tensor`` in place once, just after its first call read it;
+    the list the write is recorded in."""
+    real, written = getattr(conv_ops, name), []
+
+    def then_written(*args):
+        value = real(*args)
+        if not written:
+            written.append(tensor.add_(1.0))
+        return value
+
+    monkeypatch.setattr(conv_ops, name, then_written)
+    return written
+
+
 def test_a_state_packs_again_after_a_write_that_landed_while_it_packed(monkeypatch):
     torch.manual_seed(0)
     weight, x = torch.randn(16, 8, 3, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
     state = CausalConvState.zeros(2, 8, 3, 1, dtype=torch.float64)
-    real_pack, written = conv_ops.pack_weight, []
-
-    def pack_then_written(w, groups):
-        packed = real_pack(w, groups)
-        if not written:
-            written.append(weight.add_(1.0))
-        return packed
-
-    monkeypatch.setattr(conv_ops, "pack_weight", pack_then_written)
+    written = _written_once_after(monkeypatch, "pack_weight", weight)
     with torch.no_grad():
         ops.causal_conv1d_step(x, weight, state, backend="cpu")
-    monkeypatch.setattr(conv_ops, "pack_weight", real_pack)
+    monkeypatch.undo()
     assert written
     fresh = CausalConvState(state.history.clone(), state.position.clone(), 3, 1)
     with torch.no_grad():
@@ -189,18 +196,10 @@ def test_a_context_table_is_made_again_after_a_write_that_landed_while_it_was_ma
     weight, x = torch.randn(16, 8, 3, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
     context, context_weight = torch.randn(2, 4, dtype=torch.float64), torch.randn(16, 4, 3, dtype=torch.float64)
     state = CausalConvState.zeros(2, 8, 3, 1, dtype=torch.float64)
-    real_table, written = conv_ops.context_table, []
-
-    def table_then_written(c, cw):
-        table = real_table(c, cw)
-        if not written:
-            written.append(context_weight.add_(1.0))
-        return table
-
-    monkeypatch.setattr(conv_ops, "context_table", table_then_written)
+    written = _written_once_after(monkeypatch, "context_table", context_weight)
     with torch.no_grad():
         ops.causal_conv1d_step(x, weight, state, context=context, context_weight=context_weight, backend="cpu")
-    monkeypatch.setattr(conv_ops, "context_table", real_table)
+    monkeypatch.undo()
     assert written
     fresh = CausalConvState(state.history.clone(), state.position.clone(), 3, 1)
     with torch.no_grad():

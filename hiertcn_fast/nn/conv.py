@@ -20,9 +20,8 @@ from ..backends import _selected as selected_backend_var
 from ..backends import BackendUnavailableError, compiling, compiling_here, requested_backend, resolve
 from ..ops.conv import _context_inputs as context_inputs
 from ..ops.conv import _generation as cache_generation
-from ..ops.conv import _stamp
-from ..ops.conv import (CAUSAL_CONV_DTYPES, CausalConvState, causal_conv1d, causal_conv1d_step, check_activation,
-                        check_reach, prepared_entry, tcn_step)
+from ..ops.conv import (CAUSAL_CONV_DTYPES, CausalConvState, _stamp, causal_conv1d, causal_conv1d_step,
+                        check_activation, check_reach, prepared_entry, tcn_step)
 from ..ops._common import refuse_inputs_requiring_grad
 from ._autocast import autocast_cast, autocast_dtype
 
