@@ -8,10 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import EMULATING_CUDA
 from hiertcn_fast.ops.conv import (CausalConvState, causal_conv1d, causal_conv1d_step, forget_weight_caches,
                                    tcn_step)
 
 BACKENDS = ("cpu", "reference")
+
+
+def _cuda_kernels(backend):
+    """The cpu backend runs csrc/cuda's kernels in the emulator: a negative position is not refused there (refusing
+    would take a device sync per step), and there is no prepared (CPU) plan."""
+    return backend == "cpu" and EMULATING_CUDA
 ACTS = (None, "relu", "gelu", "tanh")
 CHANNELS = (1, 7, 8, 15, 16, 17, 31, 32, 33, 64, 65)
 
@@ -731,7 +738,15 @@ def test_causal_conv1d_step_bad_input_changes_nothing(backend):
                                                    activation=args["activation"], residual=args["residual"],
                                                    backend=backend), states + [state], what)
     # A state whose position is negative in one row, int32, of another batch, or on another device.
-    for what, position in (("negative", torch.tensor([2, -1, 0])), ("int32", torch.zeros(3, dtype=torch.int32)),
+    if _cuda_kernels(backend):  # the row's output is NaN and none of its state is touched (see causal_conv.cu)
+        s = CausalConvState(state.history.clone(), torch.tensor([2, -1, 0]), 3, 2)
+        before = s.history.clone()
+        out = causal_conv1d_step(x, weight, s, bias, backend=backend)
+        assert out[1].isnan().all() and not out[[0, 2]].isnan().any()
+        assert torch.equal(s.history[1], before[1]) and int(s.position[1]) == -1
+        assert not torch.equal(s.history[[0, 2]], before[[0, 2]]) and s.position[[0, 2]].tolist() == [3, 1]
+    negative = [] if _cuda_kernels(backend) else [("negative", torch.tensor([2, -1, 0]))]
+    for what, position in (*negative, ("int32", torch.zeros(3, dtype=torch.int32)),
                            ("batch", torch.zeros(2, dtype=torch.int64)),
                            ("meta", torch.zeros(3, dtype=torch.int64, device="meta"))):
         s = CausalConvState(state.history.clone(), position, 3, 2)
@@ -783,7 +798,7 @@ def test_tcn_step_bad_input_changes_nothing(backend, prepared):
     with torch.no_grad():
         for _ in range(3 if prepared else 1):
             step()
-    if prepared and backend == "cpu":
+    if prepared and backend == "cpu" and not _cuda_kernels(backend):
         assert states[0]._prepared and states[0]._prepared[2] is not None
     other_dilation = CausalConvState(torch.zeros(3, 2, 6, dtype=dt), torch.zeros(3, dtype=torch.int64), 2, 3)
     other_batch = CausalConvState.zeros(2, 6, 2, 3, dtype=dt)
@@ -810,6 +825,13 @@ def test_tcn_step_bad_input_changes_nothing(backend, prepared):
             _assert_refused(lambda: step(**change), states, what)
     # A negative position in the deeper layer: nothing stepped, in either layer.
     states[1].position[2] = -4
+    if _cuda_kernels(backend):  # the row's output is NaN and none of its state is touched (see causal_conv.cu)
+        before = [(s.history[2].clone(), int(s.position[2])) for s in states]
+        with torch.no_grad():
+            out = step()
+        assert out[2].isnan().all() and not out[:2].isnan().any()
+        assert all(torch.equal(s.history[2], h) and int(s.position[2]) == q for s, (h, q) in zip(states, before))
+        return
     with torch.no_grad():
         _assert_refused(step, states, "negative position in layer 1")
     states[1].position[2] = 0
