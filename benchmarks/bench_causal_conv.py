@@ -10,7 +10,9 @@ the last receptive-field inputs.
 Those are the baselines the issue names. Two more PyTorch ways are timed beside them, so that the speed-up over
 the better PyTorch code is on record too: the context added through its per-tap table instead of concatenated
 ("torch eager, context table"), and the stack stepped in plain PyTorch with a ring buffer per layer ("torch eager,
-streaming step"): the same O(k) work per event as TCN.step, without fused kernels.
+streaming step"): the same O(k) work per event as TCN.step, without fused kernels. On the CPU, a dense float32 case
+also times hiertcn_fast with each of its two routes forced ("hiertcn_fast, BLAS route" and "hiertcn_fast,
+micro-kernels": ops.set_cpu_conv_blas), the measurement behind the "auto" rule of ops.cpu_conv_blas.
 
 FLOPs are the nominal ones of the concatenated convolution (2 per multiply-add; forward + backward
 counted as 3x forward), so the fast variant's TFLOP/s is an effective rate: it skips the context's
@@ -22,7 +24,8 @@ import torch.nn.functional as F
 
 import harness
 from hiertcn_fast.nn import TCN
-from hiertcn_fast.ops import causal_conv1d
+from hiertcn_fast import _extension
+from hiertcn_fast.ops import causal_conv1d, set_cpu_conv_blas
 
 
 def torch_way(x, weight, bias, dilation, groups, context, context_weight, residual):
@@ -119,9 +122,16 @@ def _conv_case(device, dtype, label, batch, time, channels, k, dilation, *, grou
         if context_channels:
             made[CONTEXT_TABLE] = run(lambda: torch_way_context_table(x, weight, bias, dilation, groups, context,
                                                                       context_weight, res))
+        if routes:
+            for name, mode in CPU_ROUTES.items():
+                made[name] = _forced_route(mode, run(fast))
         return made
 
-    variants = ("hiertcn_fast", "torch eager", "torch.compile") + ((CONTEXT_TABLE,) if context_channels else ())
+    # The cpu backend's two routes for a dense convolution, each forced (hiertcn_fast itself runs the one that
+    # ops.cpu_conv_blas() reports): the measurement behind its "auto" rule, taken on whatever CPU runs this.
+    routes = device == "cpu" and dtype == torch.float32 and groups == 1 and _extension.loaded()
+    variants = (("hiertcn_fast", "torch eager", "torch.compile") + ((CONTEXT_TABLE,) if context_channels else ())
+                + (tuple(CPU_ROUTES) if routes else ()))
     # In a half type the grid's values round (the bias's and residual's odd offsets do not survive bfloat16), the
     # variants' different summation orders tip a ReLU, and a flipped ReLU moves a whole gradient element: the
     # same-result check runs on the float32 inputs the half ones were rounded from.
@@ -129,6 +139,21 @@ def _conv_case(device, dtype, label, batch, time, channels, k, dilation, *, grou
     return harness.Case("causal_conv1d", name, make, flops=2 * macs * passes,
                         bytes=(activations + weights) * element * passes, dtype=dtype, variants=variants,
                         check_make=check_make)
+
+
+CPU_ROUTES = {"hiertcn_fast, BLAS route": "always", "hiertcn_fast, micro-kernels": "never"}
+
+
+def _forced_route(mode, fn):
+    """fn with the cpu conv's route forced to mode around each call (two atomic stores, next to a call of 100 us
+    and more), the process's setting restored after it."""
+    def forced():
+        previous = set_cpu_conv_blas(mode)
+        try:
+            return fn()
+        finally:
+            set_cpu_conv_blas(previous)
+    return forced
 
 
 # Extra baselines, beside the issue's "torch eager" (which for the conv concatenates the context, and for the

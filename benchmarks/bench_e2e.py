@@ -18,6 +18,7 @@ warm-up epoch that is not timed, then ``--rounds`` timed epochs, the models taki
 the median over the rounds), so that a change in the machine's load affects all models alike.
 
     python benchmarks/bench_e2e.py [--quick] [--dim 128] [--rounds 3] [--threads 1] [--out FILE]
+                                   [--cpu-conv-blas auto|always|never]   (the cpu conv's route: ops.set_cpu_conv_blas)
     python -m pytest benchmarks/bench_e2e.py       (the quick run, as a test)
 """
 
@@ -38,6 +39,8 @@ sys.path[:0] = [BENCH_DIR, os.path.dirname(BENCH_DIR)]
 import harness  # noqa: E402
 
 from hiertcn_fast.cli import MODEL_SIZES  # noqa: E402
+from hiertcn_fast import _extension  # noqa: E402
+from hiertcn_fast.ops.conv import CPU_CONV_BLAS_MODES, cpu_conv_blas, set_cpu_conv_blas  # noqa: E402
 from hiertcn_fast.data import PreprocessParams, SyntheticSource, load_dataset, preprocess  # noqa: E402
 from hiertcn_fast.rule_report import ML100K_PARAMS  # noqa: E402
 from hiertcn_fast.train import TrainConfig, Trainer, build_model, default_device  # noqa: E402
@@ -120,9 +123,12 @@ def measure_all(cache, runs, dim, rounds, device, lanes) -> dict:
             for label, trainer in trainers.items()}
 
 
-def run(dim=128, rounds=3, threads=1, device=None, quick=False, out=None, lanes=32) -> dict:
-    # The thread count is restored on return: under pytest the benchmark files after this one (bench_gru,
-    # bench_gru_gates) would otherwise run on this run's one thread.
+def run(dim=128, rounds=3, threads=1, device=None, quick=False, out=None, lanes=32, cpu_conv_blas=None) -> dict:
+    # The thread count and the conv route are restored on return: under pytest the benchmark files after this one
+    # (bench_gru, bench_gru_gates) would otherwise run on this run's one thread.
+    if cpu_conv_blas is not None and cpu_conv_blas not in CPU_CONV_BLAS_MODES:
+        raise ValueError(f"cpu_conv_blas must be one of {', '.join(CPU_CONV_BLAS_MODES)}; got {cpu_conv_blas!r}")
+    previous_route = set_cpu_conv_blas(cpu_conv_blas) if cpu_conv_blas is not None else None
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -130,6 +136,13 @@ def run(dim=128, rounds=3, threads=1, device=None, quick=False, out=None, lanes=
         return _run(dim, rounds, device, quick, out, lanes)
     finally:
         torch.set_num_threads(previous)
+        if previous_route is not None:
+            set_cpu_conv_blas(previous_route)
+
+
+def _conv_route() -> dict:
+    """The cpu conv's route in this run (None without the compiled extension, which then runs no cpu kernel)."""
+    return cpu_conv_blas() if _extension.loaded() else None
 
 
 def _run(dim, rounds, device, quick, out, lanes) -> dict:
@@ -165,6 +178,7 @@ def _run(dim, rounds, device, quick, out, lanes) -> dict:
         print(f"{key:<48} {value:8.3f}")
     document = {"benchmark": "bench_e2e", "data": "ml-100k", "dim": dim, "timed_rounds": rounds, "lanes": lanes,
                 "sessions_per_batch": 10, "device": str(device), "threads": torch.get_num_threads(),
+                "cpu_conv_blas": _conv_route(),
                 "machine": harness.machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "command": " ".join(sys.argv), "models": results, "long_history_memory": long_history, "ratios": ratios,
                 "memory_means": "data memory: the largest training step's batch tensors plus the activations "
@@ -193,8 +207,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--quick", action="store_true", help="only HierTCN (fused and reference), HRNN, history TCN")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_e2e.json)")
+    parser.add_argument("--cpu-conv-blas", choices=CPU_CONV_BLAS_MODES, default=None,
+                        help="force the cpu backend's route for big dense convolutions (default: leave it, 'auto')")
     args = parser.parse_args(argv)
-    run(args.dim, args.rounds, args.threads, args.device, args.quick, args.out, args.lanes)
+    run(args.dim, args.rounds, args.threads, args.device, args.quick, args.out, args.lanes, args.cpu_conv_blas)
     return 0
 
 

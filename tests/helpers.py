@@ -51,6 +51,18 @@ def assert_close(actual, expected, dtype=None):
 
 
 @contextlib.contextmanager
+def conv_blas(mode):
+    """The cpu backend's route for big dense convolutions forced to mode ("always", "never", "auto") inside the
+    block, restored after it (the setting is one for the process; hiertcn_fast.ops.set_cpu_conv_blas)."""
+    from hiertcn_fast.ops import set_cpu_conv_blas
+    previous = set_cpu_conv_blas(mode)
+    try:
+        yield
+    finally:
+        set_cpu_conv_blas(previous)
+
+
+@contextlib.contextmanager
 def interrupt_at(function, snippet, hit=1):
     """Raise KeyboardInterrupt in ``function`` just before the ``hit``-th execution of its line containing
     ``snippet``, as a Ctrl-C landing there would (CPython delivers one between bytecodes: on a function's entry, a

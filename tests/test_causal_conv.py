@@ -10,7 +10,7 @@ from hiertcn_fast.ops import (CausalConvState, causal_conv1d, causal_conv1d_refe
 from hiertcn_fast.ops import conv as conv_ops
 from hiertcn_fast.ops.conv import pack_weight
 from conv_helpers import ConvCase, conv1d_peer, left_padded_conv1d, split_leaves
-from helpers import BACKEND_DEVICES, CUDA, COMPARE_DTYPE, assert_close, rand
+from helpers import BACKEND_DEVICES, CUDA, COMPARE_DTYPE, assert_close, conv_blas, rand
 
 # The DESIGN.md shape matrix: k 1..9, dilations up to 64, time 1, prime, and shorter than the receptive
 # field, batch 1, channel counts that are not multiples of 8, dense / depthwise / grouped, every epilogue.
@@ -304,9 +304,15 @@ def test_gradcheck_float64(backend, case):
     assert torch.autograd.gradcheck(fn, [args[name].detach().requires_grad_() for name in names])
 
 
-def test_gradcheck_float64_cpu_blas_route():
-    # Big enough for the CPU backend's BLAS route; fast mode (random projections), as full numerical
-    # Jacobians of this many inputs take tens of seconds.
+@pytest.mark.parametrize("route", ["always", "never"])
+def test_gradcheck_float64_cpu_blas_route(route):
+    # Big enough for the CPU backend's BLAS route (forced on, and off); fast mode (random projections), as full
+    # numerical Jacobians of this many inputs take tens of seconds.
+    with conv_blas(route):
+        _gradcheck_blas_sized()
+
+
+def _gradcheck_blas_sized():
     args = ConvCase(3, 60, 32, 32, 3, 3, context_channels=2, activation="tanh", residual=True).inputs(torch.float64,
                                                                                                         "cpu")
     names = [name for name in ("x", "weight", "bias", "context", "context_weight", "residual") if name in args]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import EMULATING_CUDA
+from helpers import EMULATING_CUDA, conv_blas
 from hiertcn_fast.ops.conv import (CausalConvState, causal_conv1d, causal_conv1d_step, forget_weight_caches,
                                    tcn_step)
 
@@ -223,8 +223,15 @@ def test_channel_thresholds_dense_and_depthwise(backend, channels):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_blas_route_shapes(backend, dtype):
-    """Dense layers of >= 32 channels with >= 2**19 multiply-adds go through BLAS on the cpu backend."""
+@pytest.mark.parametrize("route", ["always", "never"])
+def test_blas_route_shapes(backend, dtype, route):
+    """Dense layers of >= 32 channels with >= 2**19 multiply-adds go through BLAS on the cpu backend, unless the
+    route is "never" (or "auto" on a CPU where the micro-kernels are faster): both routes, whatever this CPU is."""
+    with conv_blas(route):
+        _blas_route_shapes(backend, dtype)
+
+
+def _blas_route_shapes(backend, dtype):
     rng = random.Random(7)
     torch.manual_seed(7)
     for cin, cout, time, k, dilation in ((32, 32, 128, 4, 1), (33, 64, 97, 3, 5), (65, 32, 61, 5, 16),

@@ -945,10 +945,15 @@ void tcn_step_cpu_kernel(const TcnStepParams& p) {
 // crosses into another batch row; our kernels do the element-wise epilogues. The register-blocked
 // micro-kernels keep grouped, narrow and tiny convolutions, where the copies and BLAS calls cost more than
 // they save (measured at HierTCN's shapes, 1 and 2 threads).
+// Where the BLAS is slower than the micro-kernels (conv_blas_auto_choice), every size stays with them.
 constexpr int64_t kBlasMinChannels = 32;
 constexpr int64_t kBlasMinMultiplyAdds = int64_t(1) << 19;
 
+std::atomic<int64_t> conv_blas_setting{kConvBlasAuto};
+
 bool use_blas(const ConvShape& s) {
+  const int64_t mode = conv_blas_setting.load(std::memory_order_relaxed);
+  if (mode == kConvBlasNever || (mode == kConvBlasAuto && !conv_blas_auto_choice())) return false;
   return s.groups == 1 && s.in_channels >= kBlasMinChannels && s.out_channels >= kBlasMinChannels &&
          s.batch * s.time * s.in_channels * s.out_channels * s.kernel_size >= kBlasMinMultiplyAdds;
 }
@@ -1311,6 +1316,31 @@ void context_weight_grad_out_cpu(const at::Tensor& taps, at::Tensor& out) {
 }
 
 }  // namespace
+
+// torch's x86 wheels link MKL, which runs its AVX-512 products only on Intel CPUs: on an AMD CPU with AVX-512 (Zen 4,
+// Zen 5) it takes its AVX2 kernels while the micro-kernels here run their AVX-512 version. Measured on a Zen 5 VM
+// (2 threads, benchmarks/RESULTS.md, session 38): a dense HierTCN layer, b=32, t=21, 128 channels, k=5, forward in
+// 285 us through the micro-kernels against 470 us through the BLAS. Elsewhere (Intel, or no AVX-512: the AVX2
+// micro-kernels against MKL's AVX2 ones) the BLAS route was the faster one at these sizes.
+bool conv_blas_auto_choice() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const bool choice = [] {
+    __builtin_cpu_init();
+    return !(__builtin_cpu_supports("avx512f") && __builtin_cpu_is("amd"));
+  }();
+  return choice;
+#else
+  return true;
+#endif
+}
+
+void set_conv_blas_mode(int64_t mode) {
+  TORCH_CHECK_VALUE(mode == kConvBlasAuto || mode == kConvBlasAlways || mode == kConvBlasNever,
+                    "the conv BLAS mode must be 0 (auto), 1 (always) or 2 (never), got ", mode);
+  conv_blas_setting.store(mode, std::memory_order_relaxed);
+}
+
+int64_t conv_blas_mode() { return conv_blas_setting.load(std::memory_order_relaxed); }
 
 void tcn_step_cpu(const TcnStepParams& p, at::ScalarType dtype) {
   for (int64_t l = 0; l < p.layers; ++l) check_positions(p.layer[l].position, p.batch, l);

@@ -233,6 +233,41 @@ def causal_conv1d_reference(x, weight, bias=None, *, dilation=1, groups=1, conte
 MAX_REACH = 2 ** 62
 
 
+CPU_CONV_BLAS_MODES = ("auto", "always", "never")
+
+
+def _conv_blas_module(what):
+    module = _extension.module()
+    if module is None or not hasattr(module, "set_conv_blas_mode"):
+        problem = ("the compiled extension is not loaded" if module is None else
+                   "the compiled extension predates this setting (rebuild it)")
+        raise RuntimeError(f"{what}: {problem}; the setting concerns only the cpu backend's compiled kernels")
+    return module
+
+
+def cpu_conv_blas() -> dict:
+    """How the cpu backend runs dense causal convolutions (groups 1, >= 32 channels in and out, >= 2**19
+    multiply-adds): {"mode": "auto", "always" or "never", "blas": whether such a convolution goes through the BLAS
+    now}. In "auto" the route depends on the CPU: through torch's BLAS, except on an AMD CPU with AVX-512, where MKL
+    (the BLAS of torch's x86 wheels) runs its AVX2 kernels and the package's AVX-512 micro-kernels are faster.
+    Smaller, grouped and depthwise convolutions always run the micro-kernels."""
+    module = _conv_blas_module("cpu_conv_blas")
+    mode = CPU_CONV_BLAS_MODES[module.conv_blas_mode()]
+    return {"mode": mode, "blas": mode == "always" or (mode == "auto" and module.conv_blas_auto_choice())}
+
+
+def set_cpu_conv_blas(mode: str) -> str:
+    """Set the cpu backend's route for big dense convolutions (see ``cpu_conv_blas``) for the whole process and
+    return the previous mode. "always" and "never" force one route, for a benchmark or a test of both; each route
+    is deterministic, and the two agree to rounding, not bitwise."""
+    if not isinstance(mode, str) or mode not in CPU_CONV_BLAS_MODES:
+        raise ValueError(f"set_cpu_conv_blas: mode must be one of {', '.join(CPU_CONV_BLAS_MODES)}; got {mode!r}")
+    module = _conv_blas_module("set_cpu_conv_blas")
+    previous = CPU_CONV_BLAS_MODES[module.conv_blas_mode()]
+    module.set_conv_blas_mode(CPU_CONV_BLAS_MODES.index(mode))
+    return previous
+
+
 def check_reach(kernel_size: int, dilation: int) -> None:
     """A layer's reach (k - 1) * dilation must stay below MAX_REACH, and the dilation itself too (with k = 1 the
     reach is 0 whatever the dilation, which the ops' int64 arguments must still hold)."""

@@ -276,6 +276,14 @@ inline CausalConvStepParams make_causal_conv_step_params(const ConvShape& s, con
 
 using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
 
+// Whether the cpu backend's dense causal convolutions big enough for BLAS go through it (cpu/causal_conv.cpp):
+// kConvBlasAuto decides by the CPU (conv_blas_auto_choice), kConvBlasAlways and kConvBlasNever force a route. One
+// setting for the process; either route gives the same results to rounding, and each is deterministic.
+constexpr int64_t kConvBlasAuto = 0, kConvBlasAlways = 1, kConvBlasNever = 2;
+void set_conv_blas_mode(int64_t mode);
+int64_t conv_blas_mode();
+bool conv_blas_auto_choice();
+
 // The CPU stack step on filled params (cpu/causal_conv.cpp): what tcn_step_out runs after its checks, for the
 // prepared step of the Python module (csrc/python/tcn_step_plan.cpp), which checks once and reuses the params.
 void tcn_step_cpu(const TcnStepParams& p, at::ScalarType dtype);
