@@ -208,7 +208,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="only HierTCN (fused and reference), HRNN, history TCN")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_e2e.json)")
     parser.add_argument("--cpu-conv-blas", choices=CPU_CONV_BLAS_MODES, default=None,
-                        help="force the cpu backend's route for big dense convolutions (default: leave it, 'auto')")
+                        help="force the cpu backend's route for big dense convolutions (default: leave it: 'auto', or "
+                             "HIERTCN_CPU_CONV_BLAS)")
     args = parser.parse_args(argv)
     run(args.dim, args.rounds, args.threads, args.device, args.quick, args.out, args.lanes, args.cpu_conv_blas)
     return 0

@@ -162,3 +162,33 @@ def test_small_and_depthwise_convolutions_ignore_the_setting():
         assert torch.equal(a[0], b[0]), str(case)
         for name in a[1]:
             assert torch.equal(a[1][name], b[1][name]), (str(case), name)
+
+
+def _in_subprocess(env_value):
+    import os
+    import subprocess
+    import sys
+    env = {key: value for key, value in os.environ.items() if key != "HIERTCN_CPU_CONV_BLAS"}
+    if env_value is not None:
+        env["HIERTCN_CPU_CONV_BLAS"] = env_value
+    return subprocess.run([sys.executable, "-c", "from hiertcn_fast.ops import cpu_conv_blas; print(cpu_conv_blas())"],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("value", ["always", "never", "auto", None])
+def test_environment_variable_sets_the_route_at_import(value):
+    result = _in_subprocess(value)
+    assert result.returncode == 0, result.stderr
+    mode = value or "auto"
+    with conv_blas("auto"):
+        auto_blas = cpu_conv_blas()["blas"]
+    blas = {"always": True, "never": False, "auto": auto_blas}[mode]
+    assert result.stdout.strip() == str({"mode": mode, "blas": blas})
+
+
+@pytest.mark.parametrize("value", ["sometimes", "", "Never"])
+def test_bad_environment_variable_is_an_error_naming_it(value):
+    result = _in_subprocess(value)
+    assert result.returncode != 0
+    assert "HIERTCN_CPU_CONV_BLAS environment variable must be one of auto, always, never" in result.stderr
+    assert repr(value) in result.stderr

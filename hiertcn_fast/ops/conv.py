@@ -15,6 +15,7 @@ Conventions (csrc/include/hiertcn/causal_conv.h has the kernel-side statement):
 import contextlib
 import dataclasses
 import operator
+import os
 import weakref
 from typing import Optional
 
@@ -250,7 +251,8 @@ def cpu_conv_blas() -> dict:
     multiply-adds): {"mode": "auto", "always" or "never", "blas": whether such a convolution goes through the BLAS
     now}. In "auto" the route depends on the CPU: through torch's BLAS, except on an AMD CPU with AVX-512, where MKL
     (the BLAS of torch's x86 wheels) runs its AVX2 kernels and the package's AVX-512 micro-kernels are faster.
-    Smaller, grouped and depthwise convolutions always run the micro-kernels."""
+    Smaller, grouped and depthwise convolutions always run the micro-kernels. The HIERTCN_CPU_CONV_BLAS environment
+    variable sets the mode at import."""
     module = _conv_blas_module("cpu_conv_blas")
     mode = CPU_CONV_BLAS_MODES[module.conv_blas_mode()]
     return {"mode": mode, "blas": mode == "always" or (mode == "auto" and module.conv_blas_auto_choice())}
@@ -266,6 +268,27 @@ def set_cpu_conv_blas(mode: str) -> str:
     previous = CPU_CONV_BLAS_MODES[module.conv_blas_mode()]
     module.set_conv_blas_mode(CPU_CONV_BLAS_MODES.index(mode))
     return previous
+
+
+CPU_CONV_BLAS_ENV = "HIERTCN_CPU_CONV_BLAS"
+
+
+def _apply_cpu_conv_blas_env() -> None:
+    """HIERTCN_CPU_CONV_BLAS (auto, always, never) sets the route when hiertcn_fast is imported: for processes that
+    cannot call set_cpu_conv_blas first (DDP workers, a benchmark's subprocesses). A bad value is an error at import
+    (a typo would otherwise time the other route); without the compiled extension it is checked and has nothing to
+    set (there is no cpu backend)."""
+    value = os.environ.get(CPU_CONV_BLAS_ENV)
+    if value is None:
+        return
+    if value not in CPU_CONV_BLAS_MODES:
+        raise ValueError(f"the {CPU_CONV_BLAS_ENV} environment variable must be one of "
+                         f"{', '.join(CPU_CONV_BLAS_MODES)}; got {value!r}")
+    if _extension.loaded() and hasattr(_extension.module(), "set_conv_blas_mode"):
+        set_cpu_conv_blas(value)
+
+
+_apply_cpu_conv_blas_env()
 
 
 def check_reach(kernel_size: int, dilation: int) -> None:
