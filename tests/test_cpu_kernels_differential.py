@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from helpers import conv_blas
 from hiertcn_fast.ops.conv import CausalConvState, causal_conv1d, causal_conv1d_step
 from hiertcn_fast.ops.gru import gru, gru_cell, session_update, session_update_steps
 from test_conv_ops_differential import _row_peer_last, good_conv_args
@@ -278,6 +279,21 @@ THREAD_CONV_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("index", range(len(THREAD_CONV_CASES)))
 def test_conv_repeatable_bitwise_and_thread_counts_agree(dtype, index):
+    _repeatable_and_thread_counts_agree(dtype, index)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("route", ["always", "never"])
+def test_blas_sized_conv_repeatable_on_both_routes(dtype, route):
+    """The BLAS-sized dense case on each of the cpu conv's routes, whichever one "auto" picks on this CPU."""
+    with conv_blas(route):
+        _repeatable_and_thread_counts_agree(dtype, BLAS_SIZED_CASE)
+
+
+BLAS_SIZED_CASE = 3
+
+
+def _repeatable_and_thread_counts_agree(dtype, index):
     case = dict(THREAD_CONV_CASES[index], dtype=dtype)
     rng = random.Random(index)
     torch.manual_seed(index)
