@@ -274,6 +274,7 @@ THREAD_CONV_CASES = [
     dict(batch=4, time=64, k=5, dilation=1, groups=129, cin=129, cout=129, ctx=0, activation=None, residual=True,
          bias=True),
 ]
+BLAS_SIZED_CASE = 3  # the index of the dense case of >= 32 channels
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -288,9 +289,6 @@ def test_blas_sized_conv_repeatable_on_both_routes(dtype, route):
     """The BLAS-sized dense case on each of the cpu conv's routes, whichever one "auto" picks on this CPU."""
     with conv_blas(route):
         _repeatable_and_thread_counts_agree(dtype, BLAS_SIZED_CASE)
-
-
-BLAS_SIZED_CASE = 3
 
 
 def _repeatable_and_thread_counts_agree(dtype, index):
