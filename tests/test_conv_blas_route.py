@@ -192,3 +192,46 @@ def test_bad_environment_variable_is_an_error_naming_it(value):
     assert result.returncode != 0
     assert "HIERTCN_CPU_CONV_BLAS environment variable must be one of auto, always, never" in result.stderr
     assert repr(value) in result.stderr
+
+
+# ---- the micro-kernels' register blocks ------------------------------------------------------------------------
+# The dense micro-kernels cut the output channels into register blocks of several vectors (three 8-lane vectors a
+# row on AVX2, two 16-lane ones on AVX-512), then narrower blocks, then a scalar tail; the weight gradient cuts the
+# input channels into blocks of 4 (AVX2) or 8 (AVX-512). Each channel's sum runs over the same taps, channels and
+# rows in the same order whatever block holds it, so a conv's output channels and weight-gradient rows are bitwise
+# those of a wider conv with the same leading filters, and its input gradient's channels bitwise those of a conv
+# over more input channels: a block that read or wrote the wrong lanes, or summed in another order, breaks that.
+WIDE = 136  # 5 x 24 + 16 channels on AVX2, 8 x 16 + 8 on AVX-512: every kind of block, and a tail on AVX-512
+NARROW = [1, 4, 7, 8, 9, 16, 23, 24, 31, 40, 48, 56, 72, 127]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_micro_kernels_give_each_channel_the_same_bits_in_any_register_block(dtype):
+    torch.manual_seed(11)
+    batch, time, k, dilation = 3, 13, 3, 2
+    x = torch.randn(batch, time, WIDE, dtype=dtype)
+    weight = torch.randn(WIDE, WIDE, k, dtype=dtype) / WIDE ** 0.5
+    bias = torch.randn(WIDE, dtype=dtype)
+    grad_out = torch.randn(batch, time, WIDE, dtype=dtype)
+
+    def conv(x, weight, bias, grad_out, activation="relu"):
+        x, weight = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = causal_conv1d(x, weight, bias, dilation=dilation, activation=activation, backend="cpu")
+        grad_x, grad_weight = torch.autograd.grad(out, [x, weight], grad_out)
+        return out.detach(), grad_x, grad_weight
+
+    with conv_blas("never"):
+        out, _, grad_weight = conv(x, weight, bias, grad_out)
+        _, grad_x_linear, _ = conv(x, weight, bias, grad_out, activation=None)
+        # the reference is a different sum order: close, not bitwise
+        torch.testing.assert_close(out, causal_conv1d_reference(x, weight, bias, dilation=dilation,
+                                                                activation="relu"))
+        for width in NARROW:
+            # fewer output channels: the same first output channels and weight-gradient rows
+            out_n, _, grad_weight_n = conv(x, weight[:width], bias[:width], grad_out[..., :width])
+            assert torch.equal(out_n, out[..., :width]), width
+            assert torch.equal(grad_weight_n, grad_weight[:width]), width
+            # fewer input channels, no activation (so the same gradient reaches the product): the same first
+            # input-gradient channels (the input gradient's product has the input channels as its output width)
+            _, grad_x_n, _ = conv(x[..., :width], weight[:, :width], bias, grad_out, activation=None)
+            assert torch.equal(grad_x_n, grad_x_linear[..., :width]), width

@@ -34,8 +34,6 @@ constexpr int64_t kTimeTile = 8;
 // still several per thread.
 constexpr int64_t kWeightGradRowsPerChunk = 512;
 constexpr int kRowBlock = 4;
-// Input channels per weight-gradient register block (x kOutBlock-wide vectors of output channels).
-constexpr int kChannelBlock = 8;
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define HIERTCN_CPU_CLONES __attribute__((target_clones("avx512f", "fma", "default")))
@@ -73,6 +71,20 @@ constexpr int kChannelBlock = 8;
 // a step of 3 dense layers at batch 1 took 168 us there, against about 12 us on an AVX-512 machine.
 template <int VB, typename T>
 constexpr int kOutBlock = VB / sizeof(T);
+// Register blocks sized to the instruction set's 16 (AVX2) or 32 (AVX-512) vector registers. An AVX2 core has two
+// FMA pipes of 4 cycles' latency, so it needs about 8 independent accumulators, and 16 registers hold at most
+// 12 of them beside the loaded weight vectors and the broadcast input.
+// - kWideVectors: vectors of output channels per row in the forward tile's kRowBlock-row blocks (4 x 3 = 12
+//   accumulators on AVX2; 4 x 2 on AVX-512, whose vectors are twice as wide).
+// - kChannelBlock: input channels per weight-gradient register block, with kGradVectors vectors of output
+//   channels each: 4 x 3 on AVX2; 8 x 2 on AVX-512. On AVX2, 8 x 2 (16 accumulators) went through the stack.
+template <int VB>
+constexpr int kWideVectors = VB == 32 ? 3 : 2;
+template <int VB>
+constexpr int kChannelBlock = VB == 32 ? 4 : 8;
+template <int VB>
+constexpr int kGradVectors = VB == 32 ? 3 : 2;
+
 template <int VB, typename T>
 struct VecOf {
   typedef T type __attribute__((vector_size(VB)));
@@ -155,6 +167,9 @@ HIERTCN_ALWAYS_INLINE void dense_rows(const T* const* rows, const bool* tap_used
     for (; o0 + 8 * B <= width; o0 += 8 * B) dense_row_block<VB, T, R, 8>(rows, tap_used, w, K, C_in, ldw, o0, acc, ldacc);
     for (; o0 + 4 * B <= width; o0 += 4 * B) dense_row_block<VB, T, R, 4>(rows, tap_used, w, K, C_in, ldw, o0, acc, ldacc);
   }
+  if (kWideVectors<VB> == 3)
+    for (; o0 + 3 * B <= width; o0 += 3 * B)
+      dense_row_block<VB, T, R, kWideVectors<VB>>(rows, tap_used, w, K, C_in, ldw, o0, acc, ldacc);
   for (; o0 + 2 * B <= width; o0 += 2 * B) dense_row_block<VB, T, R, 2>(rows, tap_used, w, K, C_in, ldw, o0, acc, ldacc);
   for (; o0 + B <= width; o0 += B) dense_row_block<VB, T, R, 1>(rows, tap_used, w, K, C_in, ldw, o0, acc, ldacc);
   if (o0 < width) dense_row_block_tail<T, R>(rows, tap_used, w, K, C_in, ldw, o0, width, acc, ldacc);
@@ -194,13 +209,14 @@ void dense_tile(const double* const* rows, const bool* tap_used, const double* w
 }
 
 // part[ci0 + c][o0 + o] += sum over rows [row_begin, row_end) of x[b, t - lag, ci0 + c] gz[row, o0 + o], for
-// c < kChannelBlock and NV vectors of output channels, accumulated in vector registers.
+// c < kChannelBlock<VB> and NV vectors of output channels, accumulated in vector registers.
 template <int VB, typename T, int NV>
 HIERTCN_ALWAYS_INLINE void dense_weight_grad_block(const T* x, int64_t x_batch_stride, int64_t x_time_stride,
                                                    const T* gz, int64_t C_out, int64_t time, int64_t row_begin,
                                                    int64_t row_end, int64_t lag, int64_t ci0, int64_t o0, T* part) {
   constexpr int B = kOutBlock<VB, T>;
-  Vec<VB, T> sum[kChannelBlock][NV] = {};
+  constexpr int CB = kChannelBlock<VB>;
+  Vec<VB, T> sum[CB][NV] = {};
   int64_t b = row_begin / time, t = row_begin % time;
   for (int64_t row = row_begin; row < row_end; ++row) {
     if (t >= lag) {
@@ -210,7 +226,7 @@ HIERTCN_ALWAYS_INLINE void dense_weight_grad_block(const T* x, int64_t x_batch_s
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) gv[v] = load_vec<VB>(g + v * B);
 #pragma GCC unroll 8
-      for (int c = 0; c < kChannelBlock; ++c) {
+      for (int c = 0; c < CB; ++c) {
         const T xv = xr[c];
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) sum[c][v] += xv * gv[v];
@@ -219,7 +235,7 @@ HIERTCN_ALWAYS_INLINE void dense_weight_grad_block(const T* x, int64_t x_batch_s
     if (++t == time) t = 0, ++b;
   }
 #pragma GCC unroll 8
-  for (int c = 0; c < kChannelBlock; ++c)
+  for (int c = 0; c < CB; ++c)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       T* dst = part + (ci0 + c) * C_out + o0 + v * B;
@@ -227,7 +243,7 @@ HIERTCN_ALWAYS_INLINE void dense_weight_grad_block(const T* x, int64_t x_batch_s
     }
 }
 
-// The same for a block narrower than kChannelBlock input or kOutBlock output channels.
+// The same for a block narrower than kChannelBlock<VB> input or kOutBlock output channels.
 template <typename T>
 HIERTCN_ALWAYS_INLINE void dense_weight_grad_block_tail(const T* x, int64_t x_batch_stride, int64_t x_time_stride,
                                                         const T* gz, int64_t C_out, int64_t time, int64_t row_begin,
@@ -253,10 +269,14 @@ HIERTCN_ALWAYS_INLINE void dense_weight_grad_impl(const T* x, int64_t x_batch_st
   for (int64_t j = 0; j < K; ++j) {
     const int64_t lag = (K - 1 - j) * dilation;
     T* part_tap = part + j * C_in * C_out;
-    for (int64_t ci0 = 0; ci0 < C_in; ci0 += kChannelBlock) {
-      const int64_t c_count = std::min<int64_t>(kChannelBlock, C_in - ci0);
+    for (int64_t ci0 = 0; ci0 < C_in; ci0 += kChannelBlock<VB>) {
+      const int64_t c_count = std::min<int64_t>(kChannelBlock<VB>, C_in - ci0);
       int64_t o0 = 0;
-      if (c_count == kChannelBlock) {
+      if (c_count == kChannelBlock<VB>) {
+        if (kGradVectors<VB> == 3)
+          for (; o0 + 3 * B <= C_out; o0 += 3 * B)
+            dense_weight_grad_block<VB, T, kGradVectors<VB>>(x, x_batch_stride, x_time_stride, gz, C_out, time,
+                                                             row_begin, row_end, lag, ci0, o0, part_tap);
         for (; o0 + 2 * B <= C_out; o0 += 2 * B)
           dense_weight_grad_block<VB, T, 2>(x, x_batch_stride, x_time_stride, gz, C_out, time, row_begin, row_end, lag,
                                         ci0, o0, part_tap);
