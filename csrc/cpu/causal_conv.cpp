@@ -74,16 +74,14 @@ constexpr int kOutBlock = VB / sizeof(T);
 // Register blocks sized to the instruction set's 16 (AVX2) or 32 (AVX-512) vector registers. An AVX2 core has two
 // FMA pipes of 4 cycles' latency, so it needs about 8 independent accumulators, and 16 registers hold at most
 // 12 of them beside the loaded weight vectors and the broadcast input.
-// - kWideVectors: vectors of output channels per row in the forward tile's kRowBlock-row blocks (4 x 3 = 12
-//   accumulators on AVX2; 4 x 2 on AVX-512, whose vectors are twice as wide).
-// - kChannelBlock: input channels per weight-gradient register block, with kGradVectors vectors of output
-//   channels each: 4 x 3 on AVX2; 8 x 2 on AVX-512. On AVX2, 8 x 2 (16 accumulators) went through the stack.
+// - kBlockVectors: vectors of output channels per row of the forward tile's kRowBlock-row blocks and per input
+//   channel of the weight gradient's blocks: 3 on AVX2, 2 on AVX-512 (whose vectors are twice as wide).
+// - kChannelBlock: input channels per weight-gradient block: 4 x 3 accumulators on AVX2, 8 x 2 on AVX-512. On
+//   AVX2, 8 x 2 (16 accumulators) went through the stack.
 template <int VB>
-constexpr int kWideVectors = VB == 32 ? 3 : 2;
+constexpr int kBlockVectors = VB == 32 ? 3 : 2;
 template <int VB>
 constexpr int kChannelBlock = VB == 32 ? 4 : 8;
-template <int VB>
-constexpr int kGradVectors = VB == 32 ? 3 : 2;
 
 template <int VB, typename T>
 struct VecOf {
@@ -167,9 +165,10 @@ HIERTCN_ALWAYS_INLINE void dense_rows(const T* const* rows, const bool* tap_used
     for (; o0 + 8 * B <= width; o0 += 8 * B) dense_row_block<VB, T, R, 8>(rows, tap_used, w, K, C_in, ldw, o0, acc, ldacc);
     for (; o0 + 4 * B <= width; o0 += 4 * B) dense_row_block<VB, T, R, 4>(rows, tap_used, w, K, C_in, ldw, o0, acc, ldacc);
   }
-  if (kWideVectors<VB> == 3)
-    for (; o0 + 3 * B <= width; o0 += 3 * B)
-      dense_row_block<VB, T, R, kWideVectors<VB>>(rows, tap_used, w, K, C_in, ldw, o0, acc, ldacc);
+  constexpr int NW = kBlockVectors<VB>;
+  if constexpr (NW > 2)
+    for (; o0 + NW * B <= width; o0 += NW * B)
+      dense_row_block<VB, T, R, NW>(rows, tap_used, w, K, C_in, ldw, o0, acc, ldacc);
   for (; o0 + 2 * B <= width; o0 += 2 * B) dense_row_block<VB, T, R, 2>(rows, tap_used, w, K, C_in, ldw, o0, acc, ldacc);
   for (; o0 + B <= width; o0 += B) dense_row_block<VB, T, R, 1>(rows, tap_used, w, K, C_in, ldw, o0, acc, ldacc);
   if (o0 < width) dense_row_block_tail<T, R>(rows, tap_used, w, K, C_in, ldw, o0, width, acc, ldacc);
@@ -273,10 +272,11 @@ HIERTCN_ALWAYS_INLINE void dense_weight_grad_impl(const T* x, int64_t x_batch_st
       const int64_t c_count = std::min<int64_t>(kChannelBlock<VB>, C_in - ci0);
       int64_t o0 = 0;
       if (c_count == kChannelBlock<VB>) {
-        if (kGradVectors<VB> == 3)
-          for (; o0 + 3 * B <= C_out; o0 += 3 * B)
-            dense_weight_grad_block<VB, T, kGradVectors<VB>>(x, x_batch_stride, x_time_stride, gz, C_out, time,
-                                                             row_begin, row_end, lag, ci0, o0, part_tap);
+        constexpr int NW = kBlockVectors<VB>;
+        if constexpr (NW > 2)
+          for (; o0 + NW * B <= C_out; o0 += NW * B)
+            dense_weight_grad_block<VB, T, NW>(x, x_batch_stride, x_time_stride, gz, C_out, time, row_begin, row_end,
+                                               lag, ci0, o0, part_tap);
         for (; o0 + 2 * B <= C_out; o0 += 2 * B)
           dense_weight_grad_block<VB, T, 2>(x, x_batch_stride, x_time_stride, gz, C_out, time, row_begin, row_end, lag,
                                         ci0, o0, part_tap);
