@@ -73,28 +73,31 @@ def on_grid(shape, scale, grid, odd, device):
 
 
 def _conv_case(device, dtype, label, batch, time, channels, k, dilation, *, groups=1, context_channels=0,
-               residual=True, backward=False):
+               residual=True, backward=False, frozen=()):
+    """frozen: names of the tensors that want no gradient ("x": a first layer over data, not embeddings;
+    "weight", "bias": a frozen layer); every variant's backward then skips their gradients alike."""
     in_per_group = channels // groups
     element = torch.finfo(dtype).bits // 8
     macs = batch * time * channels * (in_per_group + context_channels) * k
     activations = batch * time * channels * (3 if residual else 2) + batch * context_channels
     weights = channels * (in_per_group + context_channels) * k
-    passes = 3 if backward else 1
+    passes = 1 + (backward and "x" not in frozen) + (backward and "weight" not in frozen)  # the products run
     name = (f"{label} b={batch} t={time} c={channels} k={k} d={dilation}" + (f" ctx={context_channels}"
-            if context_channels else "") + (" fwd+bwd" if backward else " fwd"))
+            if context_channels else "") + (f" no grad for {'+'.join(frozen)}" if frozen else "")
+            + (" fwd+bwd" if backward else " fwd"))
 
     def make(dtype=dtype):
-        def tensor(*shape, scale=1.0, grid=ACTIVATION_GRID, odd=0.0):
-            return on_grid(shape, scale, grid, odd, device).to(dtype).requires_grad_(backward)
+        def tensor(*shape, scale=1.0, grid=ACTIVATION_GRID, odd=0.0, name=None):
+            return on_grid(shape, scale, grid, odd, device).to(dtype).requires_grad_(backward and name not in frozen)
 
-        x = tensor(batch, time, channels)
-        weight = tensor(channels, in_per_group, k, scale=(in_per_group * k) ** -0.5, grid=WEIGHT_GRID)
-        bias = tensor(channels, grid=WEIGHT_GRID, odd=BIAS_ODD)
+        x = tensor(batch, time, channels, name="x")
+        weight = tensor(channels, in_per_group, k, scale=(in_per_group * k) ** -0.5, grid=WEIGHT_GRID, name="weight")
+        bias = tensor(channels, grid=WEIGHT_GRID, odd=BIAS_ODD, name="bias")
         context = tensor(batch, context_channels) if context_channels else None
         context_weight = tensor(channels, context_channels, k, scale=(context_channels * k) ** -0.5,
                                 grid=WEIGHT_GRID) if context_channels else None
         res = tensor(batch, time, channels, odd=RESIDUAL_ODD) if residual else None
-        leaves = [t for t in (x, weight, bias, context, context_weight, res) if t is not None]
+        leaves = [t for t in (x, weight, bias, context, context_weight, res) if t is not None and t.requires_grad]
         grad_out = torch.randn(batch, time, channels, device=device, dtype=dtype)
 
         def fast():
@@ -249,6 +252,12 @@ def cases(device, quick):
             out.append(_conv_case(device, dtype, "hiertcn block1", batch, 21, 128, 5, 1, context_channels=256,
                                   backward=backward))
             out.append(_conv_case(device, dtype, "hiertcn dense", batch, 21, 128, 5, 2, backward=backward))
+        if backward:
+            # A dense layer over data (x wants no gradient) and a frozen one (nor the weight and bias): the backward
+            # skips the input-gradient conv or the weight-gradient products.
+            for frozen in (("x",), ("weight", "bias")):
+                out.append(_conv_case(device, dtype, "dense", hiertcn_batches[-1], 21, 128, 5, 2, backward=True,
+                                      frozen=frozen))
         if quick:
             out.append(_conv_case(device, dtype, "long dense", 4, 1024, 64, 5, 64, backward=backward))
             out.append(_conv_case(device, dtype, "long depthwise", 4, 2048, 128, 4, 512, groups=128,

@@ -89,14 +89,15 @@ TORCH_LIBRARY(hiertcn_fast, m) {
 
   // Dilated causal convolution (hiertcn/causal_conv.h): x (batch, time, in), weight (out, in/groups, k),
   // context_table (batch, k, out) per-tap suffix sums of the context term, activation 0 none, 1 relu,
-  // 2 gelu, 3 tanh. pre, when given, receives the pre-activation z that the backward needs.
+  // 2 gelu, 3 tanh. pre, when given, receives the pre-activation z that the backward needs. The backward computes
+  // grad_x and grad_weight only where given (None: that input wants no gradient, and its product is skipped).
   m.def(
       "causal_conv1d_out(Tensor x, Tensor weight, Tensor? bias, Tensor? context_table, Tensor? residual, "
       "int dilation, int groups, int activation, *, Tensor(a!) out, Tensor(b!)? pre) -> ()");
   m.def(
       "causal_conv1d_backward_out(Tensor grad_out, Tensor x, Tensor weight, Tensor? pre, Tensor? residual, "
-      "int dilation, int groups, int activation, *, Tensor(a!) grad_pre, Tensor(b!) grad_x, "
-      "Tensor(c!) grad_weight, Tensor(d!)? grad_residual) -> ()");
+      "int dilation, int groups, int activation, *, Tensor(a!) grad_pre, Tensor(b!)? grad_x, "
+      "Tensor(c!)? grad_weight, Tensor(d!)? grad_residual) -> ()");
   // One step: x (batch, in), packed_weight (k, in, out/groups) (the forward kernels' packing, cached by the
   // caller), history (batch, (k-1)*dilation, in) circular buffer and position (batch) int64, both updated in
   // place; out (batch, out).

@@ -237,12 +237,13 @@ def conv_forward(lib, inp, guard):
     return out, pre
 
 
-def conv_backward(lib, inp, pre, guard):
+def conv_backward(lib, inp, pre, guard, want_x=True, want_weight=True):
     x, residual = inp["x"], inp["residual"]
     wrap_in = guarded_input if guard else (lambda t, pad_columns=0: t)
     wrap_out = guarded_output if guard else (lambda shape, dtype: torch.full(shape, float("nan"), dtype=dtype))
-    grads = dict(grad_pre=wrap_out(inp["grad_out"].shape, x.dtype), grad_x=wrap_out(x.shape, x.dtype),
-                 grad_weight=wrap_out(inp["weight"].shape, x.dtype),
+    grads = dict(grad_pre=wrap_out(inp["grad_out"].shape, x.dtype),
+                 grad_x=wrap_out(x.shape, x.dtype) if want_x else None,
+                 grad_weight=wrap_out(inp["weight"].shape, x.dtype) if want_weight else None,
                  grad_residual=None if residual is None else wrap_out(residual.shape, x.dtype))
     bits = inp["pre_mode"] == "bits"
     lib.causal_conv1d_backward_out(
@@ -282,6 +283,27 @@ def test_causal_conv_forward_and_backward_equal_the_cpu_kernels(emu, case, optio
             close(got["pre"], pre, dtype, "pre")
     for name, value in expected.items():
         close(got[name], value, dtype, name)
+
+
+@pytest.mark.parametrize("want_x,want_weight", [(True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[2], CONV_CASES[7]],
+                         ids=lambda c: "b{}t{}c{}o{}k{}d{}g{}".format(*c))
+def test_causal_conv_backward_computes_only_the_gradients_given(emu, case, want_x, want_weight):
+    """grad_x or grad_weight None: that output's kernels are skipped, and the rest is what the full backward gives
+    (the outputs not given have no buffer: a kernel writing one would write through a null pointer and crash)."""
+    inp = conv_inputs(case, CONV_OPTIONS[0], torch.float64)
+    out, pre = conv_forward(cpu(), inp, guard=True)
+    expected = conv_backward(cpu(), inp, pre, guard=True)
+
+    def run():
+        _, e_pre = conv_forward(emu, inp, guard=True)
+        return conv_backward(emu, inp, e_pre, guard=True, want_x=want_x, want_weight=want_weight)
+
+    got = both_orders(emu, run)
+    assert set(got) == {"grad_pre", "grad_residual"} | ({"grad_x"} if want_x else set()) | (
+        {"grad_weight"} if want_weight else set())
+    for name, value in got.items():
+        close(value, expected[name], torch.float64, name)
 
 
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)

@@ -1131,7 +1131,7 @@ at::Tensor pack_conv_weight_transposed_cpu(const at::Tensor& weight) {
 }
 
 // grad_weight (out, in, k) = by_tap (k, out, in) in the weight's layout.
-void copy_taps_last(const at::Tensor& by_tap, at::Tensor& grad_weight) {
+void copy_taps_last(const at::Tensor& by_tap, const at::Tensor& grad_weight) {
   if (!fast_layout(by_tap) || !fast_layout(grad_weight) || by_tap.scalar_type() != grad_weight.scalar_type()) {
     grad_weight.copy_(by_tap.permute({1, 2, 0}));
     return;
@@ -1217,16 +1217,21 @@ void time_major_weight_grad(const ConvShape& s, int64_t B, const at::Tensor& gz_
   }
 }
 
-// grad_x and grad_weight of the dense conv from grad_pre = dL/dz, through BLAS.
+// grad_x and grad_weight (each where wanted) of the dense conv from grad_pre = dL/dz, through BLAS.
 void blas_conv_backward(const ConvShape& s, const at::Tensor& grad_pre, const at::Tensor& x, const at::Tensor& weight,
-                        at::Tensor& grad_x, at::Tensor& grad_weight) {
+                        const std::optional<at::Tensor>& grad_x, const std::optional<at::Tensor>& grad_weight) {
   const int64_t B = s.batch, T = s.time, K = s.kernel_size;
+  if (!grad_x && !grad_weight) return;
   const at::Tensor gz_tm = time_major(grad_pre);
-  const at::Tensor gx_tm = time_major_conv(s, gz_tm, pack_conv_weight_transposed_cpu(weight), -1);
-  grad_x.copy_(gx_tm.view({T, B, s.in_channels}).transpose(0, 1));
-  at::Tensor grad_w = at::empty({K, s.out_channels, s.in_channels}, x.options());
-  time_major_weight_grad(s, B, gz_tm, time_major(x), grad_w);
-  copy_taps_last(grad_w, grad_weight);
+  if (grad_x) {
+    const at::Tensor gx_tm = time_major_conv(s, gz_tm, pack_conv_weight_transposed_cpu(weight), -1);
+    grad_x->copy_(gx_tm.view({T, B, s.in_channels}).transpose(0, 1));
+  }
+  if (grad_weight) {
+    at::Tensor grad_w = at::empty({K, s.out_channels, s.in_channels}, x.options());
+    time_major_weight_grad(s, B, gz_tm, time_major(x), grad_w);
+    copy_taps_last(grad_w, *grad_weight);
+  }
 }
 
 void causal_conv1d_out_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -1248,7 +1253,8 @@ void causal_conv1d_out_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 void causal_conv1d_backward_out_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                                     const std::optional<at::Tensor>& pre, const std::optional<at::Tensor>& residual,
                                     int64_t dilation, int64_t groups, int64_t activation, at::Tensor& grad_pre,
-                                    at::Tensor& grad_x, at::Tensor& grad_weight,
+                                    const std::optional<at::Tensor>& grad_x,
+                                    const std::optional<at::Tensor>& grad_weight,
                                     const std::optional<at::Tensor>& grad_residual) {
   const ConvShape s = check_conv_args(x, weight, std::nullopt, std::nullopt, dilation, groups, activation, false);
   CausalConvBackwardParams p =
@@ -1260,14 +1266,12 @@ void causal_conv1d_backward_out_cpu(const at::Tensor& grad_out, const at::Tensor
     blas_conv_backward(s, grad_pre, x, weight, grad_x, grad_weight);
     return;
   }
-  const at::Tensor partials = new_grad_weight_partials(p, x);
-  p.grad_weight_partials = partials.data_ptr();
-  const at::Tensor packed_transposed = pack_conv_weight_transposed_cpu(weight);
-  const CausalConvParams input_grad = make_input_grad_params(s, grad_pre, packed_transposed, grad_x);
+  const ConvBackwardScratch scratch =
+      make_conv_backward_scratch(s, p, x, weight, grad_pre, grad_x, pack_conv_weight_transposed_cpu);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_backward_out_cpu", [&] {
     epilogue_backward_cpu_kernel<scalar_t>(p);
-    causal_conv_cpu_kernel<scalar_t>(input_grad);
-    weight_grad_cpu_kernel<scalar_t>(p);
+    if (grad_x) causal_conv_cpu_kernel<scalar_t>(scratch.input_grad);
+    if (grad_weight) weight_grad_cpu_kernel<scalar_t>(p);
   });
 }
 

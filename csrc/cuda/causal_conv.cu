@@ -350,26 +350,25 @@ void causal_conv1d_out_cuda(const at::Tensor& x, const at::Tensor& weight, const
 void causal_conv1d_backward_out_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& pre, const std::optional<at::Tensor>& residual,
                                      int64_t dilation, int64_t groups, int64_t activation, at::Tensor& grad_pre,
-                                     at::Tensor& grad_x, at::Tensor& grad_weight,
+                                     const std::optional<at::Tensor>& grad_x,
+                                     const std::optional<at::Tensor>& grad_weight,
                                      const std::optional<at::Tensor>& grad_residual) {
   const ConvShape s = check_conv_args(x, weight, std::nullopt, std::nullopt, dilation, groups, activation, false);
   const c10::cuda::CUDAGuard guard(x.device());
   CausalConvBackwardParams p =
       make_causal_conv_backward_params(s, kWeightGradRowsPerChunk, grad_out, x, pre, residual, grad_pre, grad_x,
                                        grad_weight, grad_residual);
-  const at::Tensor partials = new_grad_weight_partials(p, x);
-  p.grad_weight_partials = partials.data_ptr();
-  const at::Tensor packed_transposed = pack_conv_weight_transposed(weight);
-  const CausalConvParams input_grad = make_input_grad_params(s, grad_pre, packed_transposed, grad_x);
+  const ConvBackwardScratch scratch =
+      make_conv_backward_scratch(s, p, x, weight, grad_pre, grad_x, pack_conv_weight_transposed);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t elements = s.batch * s.time * s.out_channels;
-  const int64_t packed_size = s.kernel_size * s.in_channels * (s.out_channels / s.groups);
+  const int64_t packed_size = grad_weight ? s.kernel_size * s.in_channels * (s.out_channels / s.groups) : 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "causal_conv1d_backward_out_cuda", [&] {
     if (elements > 0) {
       epilogue_backward_cuda_kernel<scalar_t><<<blocks_for(elements), kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    launch_causal_conv<scalar_t>(input_grad, stream);
+    if (grad_x) launch_causal_conv<scalar_t>(scratch.input_grad, stream);
     if (packed_size > 0) {
       const dim3 grid(blocks_for(packed_size), static_cast<unsigned>(p.weight_grad_chunks));
       weight_grad_partials_cuda_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(p);

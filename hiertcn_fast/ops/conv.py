@@ -380,7 +380,9 @@ def causal_conv1d(x, weight, bias=None, *, dilation=1, groups=1, context=None, c
     context: (batch, ctx_channels) with context_weight (out_channels, ctx_channels, k): the time-constant
     input concatenated to every step; residual: (batch, time, out_channels); activation: None, "relu",
     "gelu" or "tanh". Returns (batch, time, out_channels) = act(z), or act(act(z) + residual) with a
-    residual. Differentiable in every tensor argument; backward is deterministic: the same inputs give the same
+    residual. Differentiable in every tensor argument, and the backward pays only for the gradients wanted: no
+    input-gradient conv for an x that needs none (a first layer over data), no weight-gradient products for a
+    frozen weight. The backward is deterministic: the same inputs give the same
     bits run after run at a fixed thread count (the cpu backend's dense layers of 32 channels or more take their
     products through BLAS, whose summation order, in the weight gradient, follows the thread count; so does the
     context gradient's, one BLAS product wherever the context enters). As with torch's own ops, the tensors an
@@ -484,8 +486,10 @@ class _CausalConvFunction(torch.autograd.Function):
         x, weight, pre, kept = ctx.saved_tensors
         dilation, groups, activation, name, has_bias, has_table, from_out, residual_is_x, has_residual = ctx.config
         grad_pre = new_output(grad_out.shape, x)
-        grad_x = new_output(x.shape, x)
-        grad_weight = new_output(weight.shape, weight)
+        # Each product of the backward only for an input that wants its gradient (x's also when x is the residual,
+        # whose gradient joins it).
+        grad_x = new_output(x.shape, x) if ctx.needs_input_grad[0] else None
+        grad_weight = new_output(weight.shape, weight) if ctx.needs_input_grad[1] else None
         if pre is not None and pre.dtype == torch.uint8:
             # relu from the sign bits: the kernels read no residual, and write its gradient where there was one.
             grad_residual = new_output(grad_out.shape, x) if has_residual else None
@@ -505,7 +509,8 @@ class _CausalConvFunction(torch.autograd.Function):
         # The table's rows partition the steps: summing its gradient is summing grad_pre, on a k-step tensor.
         grad_bias = None if not has_bias else grad_pre.sum((0, 1)) if grad_table is None else grad_table.sum((0, 1))
         if residual_is_x:
-            grad_x += grad_residual
+            if grad_x is not None:
+                grad_x += grad_residual
             grad_residual = None
         return grad_x, grad_weight, grad_bias, grad_table, grad_residual, None, None, None, None, None
 
@@ -1318,8 +1323,9 @@ def _causal_conv1d_triton_out(x: torch.Tensor, packed_weight: torch.Tensor, bias
                          mutates_args={"grad_pre", "grad_x", "grad_weight", "grad_residual"})
 def _causal_conv1d_backward_triton_out(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                                        pre: Optional[torch.Tensor], residual: Optional[torch.Tensor], dilation: int,
-                                       groups: int, activation: int, grad_pre: torch.Tensor, grad_x: torch.Tensor,
-                                       grad_weight: torch.Tensor, grad_residual: Optional[torch.Tensor]) -> None:
+                                       groups: int, activation: int, grad_pre: torch.Tensor,
+                                       grad_x: Optional[torch.Tensor], grad_weight: Optional[torch.Tensor],
+                                       grad_residual: Optional[torch.Tensor]) -> None:
     from ..triton import causal_conv as kernels
 
     _check_sign_bits(pre, activation, residual)

@@ -375,7 +375,11 @@ def causal_conv_backward(grad_out, x, weight, pre, residual, dilation, groups, a
             HAS_PRE=pre is not None, HAS_RESIDUAL=(grad_residual if bits else residual) is not None,
             ACTIVATION=activation, PRE_BITS=bits, BLOCK=BLOCK_ELEMENTS)
     # The input gradient: an anti-causal conv of grad_pre with the transposed packing (k, out, in/groups).
-    _launch_conv(grad_pre, weight.permute(2, 0, 1).contiguous(), groups, kernel_size, dilation, -1, grad_x)
+    # grad_x and grad_weight are each None where that input wants no gradient: its work is skipped.
+    if grad_x is not None:
+        _launch_conv(grad_pre, weight.permute(2, 0, 1).contiguous(), groups, kernel_size, dilation, -1, grad_x)
+    if grad_weight is None:
+        return
     chunks, chunk_rows = _weight_grad_chunks(batch * time)
     # Several chunks: float32 partial gradients, added in chunk order below; one: the gradient written directly.
     target = grad_weight if chunks == 1 else grad_weight.new_empty((chunks, *grad_weight.shape), dtype=torch.float32)

@@ -85,7 +85,7 @@ struct CausalConvBackwardParams {
   const void* residual;  // nullptr when absent
   void* grad_pre;        // (batch, time, out_channels) contiguous: dL/dz
   void* grad_residual;   // (batch, time, out_channels) contiguous, or nullptr
-  void* grad_weight;     // (out_channels, in_channels / groups, kernel_size) contiguous
+  void* grad_weight;     // (out_channels, in_channels / groups, kernel_size) contiguous, or nullptr: not wanted
   // (weight_grad_chunks, kernel_size, in_channels, out_channels / groups) accumulation-type scratch.
   void* grad_weight_partials;
 };

@@ -184,8 +184,8 @@ inline CausalConvParams make_input_grad_params(const ConvShape& s, const at::Ten
 // with grad_weight_partials_shape and sets grad_weight_partials).
 inline CausalConvBackwardParams make_causal_conv_backward_params(
     const ConvShape& s, int64_t weight_grad_rows_per_chunk, const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& pre,
-    const std::optional<at::Tensor>& residual, const at::Tensor& grad_pre, const at::Tensor& grad_x,
-    const at::Tensor& grad_weight, const std::optional<at::Tensor>& grad_residual) {
+    const std::optional<at::Tensor>& residual, const at::Tensor& grad_pre, const std::optional<at::Tensor>& grad_x,
+    const std::optional<at::Tensor>& grad_weight, const std::optional<at::Tensor>& grad_residual) {
   check_channels_last(grad_out, {s.batch, s.time, s.out_channels}, "grad_out");
   check_same_device_dtype(x, grad_out, "x", "grad_out");
   TORCH_CHECK(s.activation == kActNone || pre.has_value(), "pre (the forward's z) is required with an activation");
@@ -198,8 +198,10 @@ inline CausalConvBackwardParams make_causal_conv_backward_params(
                 "grad_residual must be given exactly when residual is");
   }
   check_output(grad_pre, x, {s.batch, s.time, s.out_channels}, "grad_pre");
-  check_output(grad_x, x, {s.batch, s.time, s.in_channels}, "grad_x");
-  check_output(grad_weight, x, {s.out_channels, s.in_channels / s.groups, s.kernel_size}, "grad_weight");
+  // grad_x and grad_weight are optional: an input that wants no gradient costs no product.
+  if (grad_x) check_output(*grad_x, x, {s.batch, s.time, s.in_channels}, "grad_x");
+  if (grad_weight)
+    check_output(*grad_weight, x, {s.out_channels, s.in_channels / s.groups, s.kernel_size}, "grad_weight");
   CausalConvBackwardParams p{};
   set_shape_fields(p, s);
   p.time = s.time;
@@ -226,7 +228,7 @@ inline CausalConvBackwardParams make_causal_conv_backward_params(
     p.grad_residual = grad_residual->data_ptr();
   }
   p.grad_pre = grad_pre.data_ptr();
-  p.grad_weight = grad_weight.data_ptr();
+  p.grad_weight = grad_weight ? grad_weight->data_ptr() : nullptr;
   return p;
 }
 
@@ -234,6 +236,32 @@ inline at::Tensor new_grad_weight_partials(const CausalConvBackwardParams& p, co
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return at::empty({p.weight_grad_chunks, p.kernel_size * p.in_channels * (p.out_channels / p.groups)},
                    x.options().dtype(acc_dtype));
+}
+
+// What the backward allocates for the gradients wanted: the weight gradient's partial sums (when grad_weight is
+// given; p.grad_weight_partials points at them) and the input gradient's transposed packing, made by pack(weight),
+// with its conv's params (when grad_x is given).
+struct ConvBackwardScratch {
+  at::Tensor partials;
+  at::Tensor packed_transposed;
+  CausalConvParams input_grad{};
+};
+
+template <typename Pack>
+inline ConvBackwardScratch make_conv_backward_scratch(const ConvShape& s, CausalConvBackwardParams& p,
+                                                      const at::Tensor& x, const at::Tensor& weight,
+                                                      const at::Tensor& grad_pre,
+                                                      const std::optional<at::Tensor>& grad_x, Pack pack) {
+  ConvBackwardScratch scratch;
+  if (p.grad_weight) {
+    scratch.partials = new_grad_weight_partials(p, x);
+    p.grad_weight_partials = scratch.partials.data_ptr();
+  }
+  if (grad_x) {
+    scratch.packed_transposed = pack(weight);
+    scratch.input_grad = make_input_grad_params(s, grad_pre, scratch.packed_transposed, *grad_x);
+  }
+  return scratch;
 }
 
 inline CausalConvStepParams make_causal_conv_step_params(const ConvShape& s, const at::Tensor& x,
