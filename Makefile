@@ -27,7 +27,8 @@ test: install
 # in the op suites, the other backends' cases.
 EMULATED_OP_SUITES := tests/test_causal_conv.py tests/test_tcn_step.py tests/test_nn_tcn.py tests/test_gru.py \
 	tests/test_gru_gates.py tests/test_session_steps.py tests/test_py_mutants_ops.py tests/test_ops_audit_fixes.py \
-	tests/test_conv_ops_differential.py tests/test_gru_ops_differential.py tests/test_conv_grad_mask.py
+	tests/test_conv_ops_differential.py tests/test_gru_ops_differential.py tests/test_conv_grad_mask.py \
+	tests/test_gru_grad_mask.py
 EMULATED_MODEL_SUITES := tests/test_serve.py tests/test_models_session.py tests/test_models_history.py tests/test_train.py \
 	tests/test_py_mutants_train_models.py tests/test_py_mutants_serve_queue.py \
 	tests/test_py_mutants_nn_loss.py tests/test_py_mutants_history_cli.py

@@ -50,12 +50,13 @@ def _variants(quick, hiertcn_shape):
     return WITH_COMPILE if hiertcn_shape or not quick else WITHOUT_COMPILE
 
 
-def _cell_maker(batch, hidden, dtype, device, backward, variants):
+def _cell_maker(batch, hidden, dtype, device, backward, variants, frozen=False):
+    """frozen: the cell's weights want no gradient (only x's and h's are computed, by every variant alike)."""
     def make():
-        cell = torch.nn.GRUCell(hidden, hidden, device=device, dtype=dtype)
+        cell = torch.nn.GRUCell(hidden, hidden, device=device, dtype=dtype).requires_grad_(not frozen)
         x = torch.randn(batch, hidden, device=device, dtype=dtype, requires_grad=backward)
         h = torch.randn(batch, hidden, device=device, dtype=dtype, requires_grad=backward)
-        leaves = [x, h, *cell.parameters()]
+        leaves = [x, h] + ([] if frozen else list(cell.parameters()))
         weights = list(cell.parameters())
         made = {"hiertcn_fast": _run(lambda: gru_cell(x, h, *weights), leaves, backward),
                 "torch eager": _run(lambda: cell(x, h), leaves, backward)}
@@ -83,6 +84,13 @@ def _cell_cases(device, quick):
                 _cell_maker(batch, hidden, dtype, device, backward, variants),
                 flops=matmul_flops * (3 if backward else 1),
                 bytes=(weight_bytes + act_bytes) * (3 if backward else 1), dtype=dtype, variants=variants))
+    # A frozen cell at HierTCN's shape: the backward skips the two weight-gradient products (and the bias sums).
+    batch, hidden = 256, 128
+    cases.append(harness.Case(
+        "gru_cell", f"b={batch} h={hidden} frozen weights fwd+bwd",
+        _cell_maker(batch, hidden, dtype, device, True, WITHOUT_COMPILE, frozen=True),
+        flops=2 * batch * (2 * hidden) * 3 * hidden * 2, bytes=(2 * 3 * hidden * hidden + batch * hidden * 3)
+        * _element(dtype) * 2, dtype=dtype, variants=WITHOUT_COMPILE))
     return cases
 
 

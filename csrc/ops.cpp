@@ -45,7 +45,7 @@ TORCH_LIBRARY(hiertcn_fast, m) {
       "Tensor(a!) output, Tensor(b!) gates) -> ()");
   m.def(
       "gru_layer_backward_out(Tensor grad_output, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor output, "
-      "Tensor gates, *, Tensor(a!)? grad_x, Tensor(b!) grad_h0, Tensor(c!) grad_w_ih, Tensor(d!) grad_w_hh, "
+      "Tensor gates, *, Tensor(a!)? grad_x, Tensor(b!) grad_h0, Tensor(c!)? grad_w_ih, Tensor(d!)? grad_w_hh, "
       "Tensor(e!)? grad_b_ih, Tensor(f!)? grad_b_hh) -> ()");
   // The cell (cpu/gru_recurrence.cpp): the layer ops at time 1 behind one autograd node written in C++.
   m.def("gru_cell(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) -> Tensor");

@@ -509,7 +509,7 @@ def gru_weights(layers, input_size, hidden, dtype, g, bias=True):
     return weights
 
 
-def gru_layer(lib, x, h0, weights, grad_output, guard):
+def gru_layer(lib, x, h0, weights, grad_output, guard, frozen=()):
     batch, time, input_size = x.shape
     hidden = h0.shape[1]
     wrap_in = guarded_input if guard else (lambda t, pad_columns=0: t)
@@ -520,9 +520,10 @@ def gru_layer(lib, x, h0, weights, grad_output, guard):
             None if b_ih is None else wrap_in(b_ih), None if b_hh is None else wrap_in(b_hh)]
     lib.gru_layer_forward_out(*args, output=output, gates=gates)
     grads = dict(grad_x=make(x.shape, x.dtype), grad_h0=make(h0.shape, x.dtype),
-                 grad_w_ih=make(w_ih.shape, x.dtype), grad_w_hh=make(w_hh.shape, x.dtype),
-                 grad_b_ih=None if b_ih is None else make(b_ih.shape, x.dtype),
-                 grad_b_hh=None if b_hh is None else make(b_hh.shape, x.dtype))
+                 grad_w_ih=None if "w_ih" in frozen else make(w_ih.shape, x.dtype),
+                 grad_w_hh=None if "w_hh" in frozen else make(w_hh.shape, x.dtype),
+                 grad_b_ih=None if b_ih is None or "bias" in frozen else make(b_ih.shape, x.dtype),
+                 grad_b_hh=None if b_hh is None or "bias" in frozen else make(b_hh.shape, x.dtype))
     lib.gru_layer_backward_out(wrap_in(grad_output), args[0], args[1], args[2], args[3], output, gates, **grads)
     result = dict(output=output, **{k: v for k, v in grads.items() if v is not None})
     if guard:
@@ -553,6 +554,23 @@ def test_gru_layer_equals_the_cpu_kernels(emu, case, dtype):
         # rounded; the gradients sum over the steps.
         scale = None if dtype not in HALF_TYPES else float(value.abs().max()) * 2 * time
         close(got[name], value, dtype, name, scale=scale)
+
+
+@pytest.mark.parametrize("frozen", [("w_ih",), ("w_hh", "bias"), ("w_ih", "w_hh", "bias")], ids="+".join)
+@pytest.mark.parametrize("case", [GRU_CASES[0], GRU_CASES[1]], ids=lambda c: "b{}t{}i{}h{}-{}".format(*c))
+def test_gru_layer_backward_computes_only_the_weight_gradients_given(emu, case, frozen):
+    batch, time, input_size, hidden, bias = case
+    g = torch.Generator().manual_seed(batch * 100 + hidden)
+    x = torch.randn(batch, time, input_size, generator=g, dtype=torch.float64)
+    h0 = torch.randn(batch, hidden, generator=g, dtype=torch.float64)
+    grad_output = torch.randn(batch, time, hidden, generator=g, dtype=torch.float64)
+    weights = gru_weights(1, input_size, hidden, torch.float64, g, bias)
+    expected = gru_layer(cpu(), x, h0, weights, grad_output, guard=True)
+    got = both_orders(emu, lambda: gru_layer(emu, x, h0, weights, grad_output, guard=True, frozen=frozen))
+    assert "grad_w_ih" not in got if "w_ih" in frozen else "grad_w_ih" in got
+    assert "grad_w_hh" not in got if "w_hh" in frozen else "grad_w_hh" in got
+    for name, value in got.items():
+        close(value, expected[name], torch.float64, name)
 
 
 def session_update(lib, items, lengths, h, keep, weights, proj, grad_out, guard):

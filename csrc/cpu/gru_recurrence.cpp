@@ -184,21 +184,22 @@ void sum_rows_into(at::Tensor out, const at::Tensor& a) {
 // The weight gradients of one step, given dL/d gi and dL/d gh (batch, 3 * hidden):
 //   input side:  input_side_extra(), grad_w_ih = grad_gi^T x, grad_b_ih = sum grad_gi;
 //   state side:  grad_h += grad_gh W_hh, grad_w_hh = grad_gh^T h, grad_b_hh = sum grad_gh.
-// grad_h holds the gates' direct part dL/dh' * z on entry. concurrently: the two sides at once (CPU only).
+// grad_h holds the gates' direct part dL/dh' * z on entry. concurrently: the two sides at once (CPU only). A weight
+// gradient not given (a frozen weight) costs no product.
 void step_weight_grads(bool concurrently, const at::Tensor& grad_gi, const at::Tensor& grad_gh, const at::Tensor& x,
-                       const at::Tensor& h, const at::Tensor& w_hh, at::Tensor grad_h, at::Tensor grad_w_ih,
-                       at::Tensor grad_w_hh, const OptTensor& grad_b_ih, const OptTensor& grad_b_hh,
+                       const at::Tensor& h, const at::Tensor& w_hh, at::Tensor grad_h, const OptTensor& grad_w_ih,
+                       const OptTensor& grad_w_hh, const OptTensor& grad_b_ih, const OptTensor& grad_b_hh,
                        const std::function<void()>& input_side_extra) {
   run_pair(
       concurrently,
       [&] {
         input_side_extra();
-        mm_into(grad_w_ih, grad_gi.t(), x);
+        if (grad_w_ih.has_value()) mm_into(*grad_w_ih, grad_gi.t(), x);
         if (grad_b_ih.has_value()) sum_rows_into(*grad_b_ih, grad_gi);
       },
       [&] {
         addmm_into(grad_h, grad_h, grad_gh, w_hh);
-        mm_into(grad_w_hh, grad_gh.t(), h);
+        if (grad_w_hh.has_value()) mm_into(*grad_w_hh, grad_gh.t(), h);
         if (grad_b_hh.has_value()) sum_rows_into(*grad_b_hh, grad_gh);
       });
 }
@@ -243,7 +244,7 @@ void gru_layer_forward_out(const at::Tensor& x, const at::Tensor& h0, const at::
 void gru_layer_backward_out(const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& h0,
                             const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output,
                             const at::Tensor& gates, const OptTensor& grad_x, at::Tensor& grad_h0,
-                            at::Tensor& grad_w_ih, at::Tensor& grad_w_hh, const OptTensor& grad_b_ih,
+                            const OptTensor& grad_w_ih, const OptTensor& grad_w_hh, const OptTensor& grad_b_ih,
                             const OptTensor& grad_b_hh) {
   TORCH_CHECK(x.dim() == 3, "x must be (batch, time, input), got ", x.dim(), "-D");
   const c10::DeviceGuard guard(x.device());
@@ -255,8 +256,9 @@ void gru_layer_backward_out(const at::Tensor& grad_output, const at::Tensor& x, 
   check_buffer(x, output, {batch, time, hidden}, "output");
   check_buffer(x, gates, {time, batch, 4 * hidden}, "gates");
   check_buffer(x, grad_h0, {batch, hidden}, "grad_h0");
-  check_buffer(x, grad_w_ih, {3 * hidden, input}, "grad_w_ih");
-  check_buffer(x, grad_w_hh, {3 * hidden, hidden}, "grad_w_hh");
+  // grad_x and the weights' gradients are optional: one not given (an input wanting no gradient) is not computed.
+  if (grad_w_ih.has_value()) check_buffer(x, *grad_w_ih, {3 * hidden, input}, "grad_w_ih");
+  if (grad_w_hh.has_value()) check_buffer(x, *grad_w_hh, {3 * hidden, hidden}, "grad_w_hh");
   if (grad_x.has_value()) check_buffer(x, *grad_x, {batch, time, input}, "grad_x");
   TORCH_CHECK(grad_b_ih.has_value() == grad_b_hh.has_value(), "grad_b_ih and grad_b_hh go together");
   if (grad_b_ih.has_value()) {
@@ -265,9 +267,7 @@ void gru_layer_backward_out(const at::Tensor& grad_output, const at::Tensor& x, 
   }
   if (batch == 0 || hidden == 0) {
     grad_h0.zero_();
-    grad_w_ih.zero_();
-    grad_w_hh.zero_();
-    for (const OptTensor* t : {&grad_x, &grad_b_ih, &grad_b_hh})
+    for (const OptTensor* t : {&grad_x, &grad_w_ih, &grad_w_hh, &grad_b_ih, &grad_b_hh})
       if (t->has_value()) (*t)->zero_();
     return;
   }
@@ -315,10 +315,16 @@ void gru_layer_backward_out(const at::Tensor& grad_output, const at::Tensor& x, 
     at::Tensor grad_x_rows = grad_x->view({batch * time, input});
     at::mm_out(grad_x_rows, grad_gi_rows, w_ih);
   }
-  at::mm_out(grad_w_ih, grad_gi_rows.t(), x.reshape({batch * time, input}));
-  // The states each step started from, time-major like grad_gh: h0, then the outputs of steps 0..time-2.
-  const at::Tensor h_prev_all = at::cat({h0.unsqueeze(0), output.narrow(1, 0, time - 1).transpose(0, 1)}, 0);
-  at::mm_out(grad_w_hh, grad_gh_rows.t(), h_prev_all.reshape({time * batch, hidden}));
+  if (grad_w_ih.has_value()) {
+    at::Tensor grad_w_ih_out = *grad_w_ih;
+    at::mm_out(grad_w_ih_out, grad_gi_rows.t(), x.reshape({batch * time, input}));
+  }
+  if (grad_w_hh.has_value()) {
+    // The states each step started from, time-major like grad_gh: h0, then the outputs of steps 0..time-2.
+    const at::Tensor h_prev_all = at::cat({h0.unsqueeze(0), output.narrow(1, 0, time - 1).transpose(0, 1)}, 0);
+    at::Tensor grad_w_hh_out = *grad_w_hh;
+    at::mm_out(grad_w_hh_out, grad_gh_rows.t(), h_prev_all.reshape({time * batch, hidden}));
+  }
   if (grad_b_ih.has_value()) {
     at::Tensor grad_b_ih_out = *grad_b_ih, grad_b_hh_out = *grad_b_hh;
     at::sum_out(grad_b_ih_out, grad_gi_rows, {0});
@@ -895,14 +901,15 @@ void call_layer_forward(const at::Tensor& x, const at::Tensor& h0, const at::Ten
 
 void call_layer_backward(const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& h0,
                          const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output,
-                         const at::Tensor& gates, const OptTensor& grad_x, at::Tensor& grad_h0, at::Tensor& grad_w_ih,
-                         at::Tensor& grad_w_hh, const OptTensor& grad_b_ih, const OptTensor& grad_b_hh) {
+                         const at::Tensor& gates, const OptTensor& grad_x, at::Tensor& grad_h0,
+                         const OptTensor& grad_w_ih, const OptTensor& grad_w_hh, const OptTensor& grad_b_ih,
+                         const OptTensor& grad_b_hh) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("hiertcn_fast::gru_layer_backward_out", "")
           .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                      const at::Tensor&, const at::Tensor&, const OptTensor&, at::Tensor&, at::Tensor&, at::Tensor&,
-                      const OptTensor&, const OptTensor&)>();
+                      const at::Tensor&, const at::Tensor&, const OptTensor&, at::Tensor&, const OptTensor&,
+                      const OptTensor&, const OptTensor&, const OptTensor&)>();
   op.call(grad_output, x, h0, w_ih, w_hh, output, gates, grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh);
 }
 
@@ -952,17 +959,18 @@ class GruCellFunction : public torch::autograd::Function<GruCellFunction> {
     OptTensor grad_x;
     if (ctx->needs_input_grad(0)) grad_x = at::empty({x.size(0), 1, x.size(1)}, x.options());
     at::Tensor grad_h = at::empty_like(h, at::MemoryFormat::Contiguous);
-    at::Tensor grad_w_ih = at::empty_like(w_ih, at::MemoryFormat::Contiguous);
-    at::Tensor grad_w_hh = at::empty_like(w_hh, at::MemoryFormat::Contiguous);
-    OptTensor grad_b_ih, grad_b_hh;
-    if (bias) {
+    // A frozen weight (or bias pair) costs no product (or sum).
+    OptTensor grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh;
+    if (ctx->needs_input_grad(2)) grad_w_ih = at::empty_like(w_ih, at::MemoryFormat::Contiguous);
+    if (ctx->needs_input_grad(3)) grad_w_hh = at::empty_like(w_hh, at::MemoryFormat::Contiguous);
+    if (bias && (ctx->needs_input_grad(4) || ctx->needs_input_grad(5))) {
       grad_b_ih = at::empty({w_ih.size(0)}, w_ih.options());
       grad_b_hh = at::empty({w_hh.size(0)}, w_hh.options());
     }
     call_layer_backward(grad_out.unsqueeze(1), x.unsqueeze(1), h, w_ih, w_hh, out, gates, grad_x, grad_h,
                         grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh);
-    return {grad_x.has_value() ? grad_x->squeeze(1) : at::Tensor(), grad_h, grad_w_ih, grad_w_hh,
-            grad_b_ih.value_or(at::Tensor()), grad_b_hh.value_or(at::Tensor())};
+    return {grad_x.has_value() ? grad_x->squeeze(1) : at::Tensor(), grad_h, grad_w_ih.value_or(at::Tensor()),
+            grad_w_hh.value_or(at::Tensor()), grad_b_ih.value_or(at::Tensor()), grad_b_hh.value_or(at::Tensor())};
   }
 };
 

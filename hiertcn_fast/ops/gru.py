@@ -296,11 +296,16 @@ class _GruLayerFunction(torch.autograd.Function):
         if output is None:  # one step: the op reads no output (only those of the steps before the last)
             output = new_output((x.shape[0], 1, h0.shape[1]), h0)
         grad_output = (grad_output.unsqueeze(1) if ctx.single_step else grad_output).contiguous()
-        grad_x = new_output(x.shape, x) if ctx.needs_input_grad[0] else None
-        grad_b_ih = new_output(w_ih.shape[:1], w_ih) if ctx.bias else None
-        grad_b_hh = new_output(w_hh.shape[:1], w_hh) if ctx.bias else None
-        grad_h0, grad_w_ih, grad_w_hh = new_output(h0.shape, h0), new_output(w_ih.shape, w_ih), new_output(
-            w_hh.shape, w_hh)
+        # The products of the backward only for what wants a gradient: x, each weight, the bias pair (a frozen
+        # layer pays for dL/dh0 and the input's gradient alone).
+        need = ctx.needs_input_grad
+        grad_x = new_output(x.shape, x) if need[0] else None
+        biases = ctx.bias and (need[4] or need[5])
+        grad_b_ih = new_output(w_ih.shape[:1], w_ih) if biases else None
+        grad_b_hh = new_output(w_hh.shape[:1], w_hh) if biases else None
+        grad_h0 = new_output(h0.shape, h0)
+        grad_w_ih = new_output(w_ih.shape, w_ih) if need[2] else None
+        grad_w_hh = new_output(w_hh.shape, w_hh) if need[3] else None
         torch.ops.hiertcn_fast.gru_layer_backward_out(
             grad_output, x, h0, w_ih, w_hh, output, gates, grad_x=grad_x, grad_h0=grad_h0, grad_w_ih=grad_w_ih,
             grad_w_hh=grad_w_hh, grad_b_ih=grad_b_ih, grad_b_hh=grad_b_hh)
