@@ -1267,7 +1267,7 @@ void causal_conv1d_backward_out_cpu(const at::Tensor& grad_out, const at::Tensor
     return;
   }
   const ConvBackwardScratch scratch =
-      make_conv_backward_scratch(s, p, x, weight, grad_pre, grad_x, pack_conv_weight_transposed_cpu);
+      make_conv_backward_scratch(s, p, x, weight, grad_pre, grad_x, grad_weight, pack_conv_weight_transposed_cpu);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_backward_out_cpu", [&] {
     epilogue_backward_cpu_kernel<scalar_t>(p);
     if (grad_x) causal_conv_cpu_kernel<scalar_t>(scratch.input_grad);

@@ -359,7 +359,7 @@ void causal_conv1d_backward_out_cuda(const at::Tensor& grad_out, const at::Tenso
       make_causal_conv_backward_params(s, kWeightGradRowsPerChunk, grad_out, x, pre, residual, grad_pre, grad_x,
                                        grad_weight, grad_residual);
   const ConvBackwardScratch scratch =
-      make_conv_backward_scratch(s, p, x, weight, grad_pre, grad_x, pack_conv_weight_transposed);
+      make_conv_backward_scratch(s, p, x, weight, grad_pre, grad_x, grad_weight, pack_conv_weight_transposed);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t elements = s.batch * s.time * s.out_channels;
   const int64_t packed_size = grad_weight ? s.kernel_size * s.in_channels * (s.out_channels / s.groups) : 0;

@@ -251,9 +251,10 @@ template <typename Pack>
 inline ConvBackwardScratch make_conv_backward_scratch(const ConvShape& s, CausalConvBackwardParams& p,
                                                       const at::Tensor& x, const at::Tensor& weight,
                                                       const at::Tensor& grad_pre,
-                                                      const std::optional<at::Tensor>& grad_x, Pack pack) {
+                                                      const std::optional<at::Tensor>& grad_x,
+                                                      const std::optional<at::Tensor>& grad_weight, Pack pack) {
   ConvBackwardScratch scratch;
-  if (p.grad_weight) {
+  if (grad_weight) {  // (not p.grad_weight: an empty tensor's data pointer may be null)
     scratch.partials = new_grad_weight_partials(p, x);
     p.grad_weight_partials = scratch.partials.data_ptr();
   }
