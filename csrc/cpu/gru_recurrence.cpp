@@ -315,20 +315,15 @@ void gru_layer_backward_out(const at::Tensor& grad_output, const at::Tensor& x, 
     at::Tensor grad_x_rows = grad_x->view({batch * time, input});
     at::mm_out(grad_x_rows, grad_gi_rows, w_ih);
   }
-  if (grad_w_ih.has_value()) {
-    at::Tensor grad_w_ih_out = *grad_w_ih;
-    at::mm_out(grad_w_ih_out, grad_gi_rows.t(), x.reshape({batch * time, input}));
-  }
+  if (grad_w_ih.has_value()) mm_into(*grad_w_ih, grad_gi_rows.t(), x.reshape({batch * time, input}));
   if (grad_w_hh.has_value()) {
     // The states each step started from, time-major like grad_gh: h0, then the outputs of steps 0..time-2.
     const at::Tensor h_prev_all = at::cat({h0.unsqueeze(0), output.narrow(1, 0, time - 1).transpose(0, 1)}, 0);
-    at::Tensor grad_w_hh_out = *grad_w_hh;
-    at::mm_out(grad_w_hh_out, grad_gh_rows.t(), h_prev_all.reshape({time * batch, hidden}));
+    mm_into(*grad_w_hh, grad_gh_rows.t(), h_prev_all.reshape({time * batch, hidden}));
   }
   if (grad_b_ih.has_value()) {
-    at::Tensor grad_b_ih_out = *grad_b_ih, grad_b_hh_out = *grad_b_hh;
-    at::sum_out(grad_b_ih_out, grad_gi_rows, {0});
-    at::sum_out(grad_b_hh_out, grad_gh_rows, {0});
+    sum_rows_into(*grad_b_ih, grad_gi_rows);
+    sum_rows_into(*grad_b_hh, grad_gh_rows);
   }
 }
 
