@@ -50,13 +50,14 @@ def _variants(quick, hiertcn_shape):
     return WITH_COMPILE if hiertcn_shape or not quick else WITHOUT_COMPILE
 
 
-def _cell_maker(batch, hidden, dtype, device, backward, variants, frozen=False):
-    """frozen: the cell's weights want no gradient (only x's and h's are computed, by every variant alike)."""
+def _cell_maker(batch, hidden, dtype, device, backward, variants, frozen=False, detached=False):
+    """frozen: the cell's weights want no gradient (only x's and h's are computed, by every variant alike);
+    detached: h wants none (a state carried over detached, or a zero start)."""
     def make():
         cell = torch.nn.GRUCell(hidden, hidden, device=device, dtype=dtype).requires_grad_(not frozen)
         x = torch.randn(batch, hidden, device=device, dtype=dtype, requires_grad=backward)
-        h = torch.randn(batch, hidden, device=device, dtype=dtype, requires_grad=backward)
-        leaves = [x, h] + ([] if frozen else list(cell.parameters()))
+        h = torch.randn(batch, hidden, device=device, dtype=dtype, requires_grad=backward and not detached)
+        leaves = [x] + ([] if detached else [h]) + ([] if frozen else list(cell.parameters()))
         weights = list(cell.parameters())
         made = {"hiertcn_fast": _run(lambda: gru_cell(x, h, *weights), leaves, backward),
                 "torch eager": _run(lambda: cell(x, h), leaves, backward)}
@@ -91,6 +92,12 @@ def _cell_cases(device, quick):
         _cell_maker(batch, hidden, dtype, device, True, WITHOUT_COMPILE, frozen=True),
         flops=2 * batch * (2 * hidden) * 3 * hidden * 2, bytes=(2 * 3 * hidden * hidden + batch * hidden * 3)
         * _element(dtype) * 2, dtype=dtype, variants=WITHOUT_COMPILE))
+    # h without a gradient at the same shape: the backward skips dL/dh's W_hh product.
+    cases.append(harness.Case(
+        "gru_cell", f"b={batch} h={hidden} h detached fwd+bwd",
+        _cell_maker(batch, hidden, dtype, device, True, WITHOUT_COMPILE, detached=True),
+        flops=2 * batch * (2 * hidden) * 3 * hidden * 5 // 2, bytes=(2 * 3 * hidden * hidden + batch * hidden * 3)
+        * _element(dtype) * 3, dtype=dtype, variants=WITHOUT_COMPILE))
     return cases
 
 
@@ -138,15 +145,16 @@ def session_update_composition(items, lengths, h, keep, layers):
     return torch.where((lengths > 0)[None, :, None], torch.stack(states), h) * keep[None, :, None]
 
 
-def _session_maker(batch, time, hidden, layers, dtype, device, backward, variants):
+def _session_maker(batch, time, hidden, layers, dtype, device, backward, variants, detached=False):
+    """detached: h wants no gradient (as HierTCN's state comes from its cache)."""
     def make():
         module = torch.nn.GRU(hidden, hidden, num_layers=layers, device=device, dtype=dtype)
         items = torch.randn(batch, time, hidden, device=device, dtype=dtype, requires_grad=backward)
-        h = torch.randn(layers, batch, hidden, device=device, dtype=dtype, requires_grad=backward)
+        h = torch.randn(layers, batch, hidden, device=device, dtype=dtype, requires_grad=backward and not detached)
         lengths = torch.randint(0, time + 1, (batch,), device=device)
         keep = (torch.rand(batch, device=device) > 0.1).to(dtype)
         weights = module.all_weights
-        leaves = [items, h, *module.parameters()]
+        leaves = [items] + ([] if detached else [h]) + list(module.parameters())
         made = {"hiertcn_fast": _run(lambda: session_update(items, lengths, h, keep, weights), leaves, backward),
                 "torch eager": _run(lambda: session_update_composition(items, lengths, h, keep, weights), leaves,
                                     backward)}
@@ -173,6 +181,12 @@ def _session_cases(device, quick):
                 flops=flops * (3 if backward else 1),
                 bytes=batch * time * hidden * _element(dtype) * (2 if backward else 1), dtype=dtype,
                 variants=variants))
+    batch = 256  # the state detached, as HierTCN trains: no W_hh product for dL/dh
+    cases.append(harness.Case(
+        "session_update", f"b={batch} t={time} h={hidden} l={layers} h detached fwd+bwd",
+        _session_maker(batch, time, hidden, layers, dtype, device, True, WITHOUT_COMPILE, detached=True),
+        flops=2 * batch * layers * (2 * hidden) * 3 * hidden * 5 // 2, bytes=batch * time * hidden * _element(dtype) * 2,
+        dtype=dtype, variants=WITHOUT_COMPILE))
     return cases
 
 
@@ -181,16 +195,16 @@ def _session_cases(device, quick):
 STEP_BY_STEP = "session_update x steps"
 
 
-def _steps_maker(steps, batch, time, hidden, layers, dtype, device, backward):
+def _steps_maker(steps, batch, time, hidden, layers, dtype, device, backward, detached=False):
     def make():
         module = torch.nn.GRU(hidden, hidden, num_layers=layers, device=device, dtype=dtype)
         # As HierTCN holds them: positions 1..time of the padded batch (steps, batch, time + 1, dim).
         padded = torch.randn(steps, batch, time + 1, hidden, device=device, dtype=dtype, requires_grad=backward)
-        h = torch.randn(layers, batch, hidden, device=device, dtype=dtype, requires_grad=backward)
+        h = torch.randn(layers, batch, hidden, device=device, dtype=dtype, requires_grad=backward and not detached)
         lengths = torch.randint(0, time + 1, (steps, batch), device=device)
         keep = torch.rand(steps, batch, device=device) > 0.1
         weights = module.all_weights
-        leaves = [padded, h, *module.parameters()]
+        leaves = [padded] + ([] if detached else [h]) + list(module.parameters())
 
         keep_as_dtype = keep.to(dtype)  # once, outside the timed calls (the fast path converts its bool keep inside)
 
@@ -222,6 +236,13 @@ def _steps_cases(device, quick):
                 flops=flops * (3 if backward else 1),
                 bytes=steps * batch * time * hidden * _element(dtype) * (2 if backward else 1), dtype=dtype,
                 variants=("hiertcn_fast", STEP_BY_STEP, "torch eager")))
+    batch = 256  # HierTCN's training case: the state from the cache, detached
+    cases.append(harness.Case(
+        "session_update_steps", f"s={steps} b={batch} t={time} h={hidden} l={layers} h detached fwd+bwd",
+        _steps_maker(steps, batch, time, hidden, layers, dtype, device, True, detached=True),
+        flops=steps * 2 * batch * layers * (2 * hidden) * 3 * hidden * 3 - layers * 2 * batch * hidden * 3 * hidden,
+        bytes=steps * batch * time * hidden * _element(dtype) * 2, dtype=dtype,
+        variants=("hiertcn_fast", STEP_BY_STEP, "torch eager")))
     return cases
 
 

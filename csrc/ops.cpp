@@ -39,13 +39,14 @@ TORCH_LIBRARY(hiertcn_fast, m) {
   // One GRU layer over a whole sequence (cpu/gru_recurrence.cpp): x (batch, time, input), h0 (batch,
   // hidden), nn.GRU's weights; output (batch, time, hidden), and for the backward each step's gates
   // (time, batch, 4*hidden): r, z, n and hn = W_hn h + b_hn per row (pre-activations in half types; see
-  // hiertcn/gru_gates.h). grad_output holds dL/d output per step.
+  // hiertcn/gru_gates.h). grad_output holds dL/d output per step. A gradient output not given (None: that input
+  // wants no gradient) is not computed, nor the product that would make it.
   m.def(
       "gru_layer_forward_out(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, *, "
       "Tensor(a!) output, Tensor(b!) gates) -> ()");
   m.def(
       "gru_layer_backward_out(Tensor grad_output, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor output, "
-      "Tensor gates, *, Tensor(a!)? grad_x, Tensor(b!) grad_h0, Tensor(c!)? grad_w_ih, Tensor(d!)? grad_w_hh, "
+      "Tensor gates, *, Tensor(a!)? grad_x, Tensor(b!)? grad_h0, Tensor(c!)? grad_w_ih, Tensor(d!)? grad_w_hh, "
       "Tensor(e!)? grad_b_ih, Tensor(f!)? grad_b_hh) -> ()");
   // The cell (cpu/gru_recurrence.cpp): the layer ops at time 1 behind one autograd node written in C++.
   m.def("gru_cell(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) -> Tensor");
@@ -55,7 +56,8 @@ TORCH_LIBRARY(hiertcn_fast, m) {
   // from h (layers, batch, hidden), rows of length 0 unchanged, then times keep (batch,). weights: per
   // layer w_ih, w_hh[, b_ih, b_hh]. Saved for the backward: states (the GRU's new states before
   // masking), session_mean (batch, dim), projected (batch, projected), gates (layers, batch, 4*hidden): each
-  // row's r, z, n and hn = W_hn h + b_hn (pre-activations in half types), all the gates' backward reads.
+  // row's r, z, n and hn = W_hn h + b_hn (pre-activations in half types), all the gates' backward reads. The
+  // backward's grad_h may be None (h wants no gradient: its W_hh products are skipped), here and in the steps op.
   m.def(
       "session_update_forward_out(Tensor item_embeddings, Tensor lengths, Tensor h, Tensor keep, Tensor[] weights, "
       "Tensor? proj_weight, Tensor? proj_bias, *, Tensor(a!) out, Tensor(b!) states, Tensor(c!) session_mean, "
@@ -63,7 +65,7 @@ TORCH_LIBRARY(hiertcn_fast, m) {
   m.def(
       "session_update_backward_out(Tensor grad_out, Tensor item_embeddings, Tensor lengths, Tensor h, Tensor keep, "
       "Tensor[] weights, Tensor? proj_weight, Tensor session_mean, Tensor? projected, Tensor states, Tensor gates, "
-      "*, Tensor(a!)? grad_item_embeddings, Tensor(b!) grad_h, Tensor(c!)[] grad_weights, "
+      "*, Tensor(a!)? grad_item_embeddings, Tensor(b!)? grad_h, Tensor(c!)[] grad_weights, "
       "Tensor(d!)? grad_proj_weight, Tensor(e!)? grad_proj_bias) -> ()");
   // All of a lane batch's session steps in one op (cpu/gru_recurrence.cpp): out (steps + 1, layers, batch, hidden)
   // with out[0] = h and out[s + 1] = session_update(item_embeddings[s], lengths[s], out[s], keep[s]), for
@@ -79,7 +81,7 @@ TORCH_LIBRARY(hiertcn_fast, m) {
   m.def(
       "session_update_steps_backward_out(Tensor grad_out, Tensor item_embeddings, Tensor lengths, Tensor keep, "
       "Tensor[] weights, Tensor? proj_weight, Tensor session_mean, Tensor? projected, Tensor out, Tensor cells, "
-      "Tensor gates, *, Tensor(a!)? grad_item_embeddings, Tensor(b!) grad_h, Tensor(c!)[] grad_weights, "
+      "Tensor gates, *, Tensor(a!)? grad_item_embeddings, Tensor(b!)? grad_h, Tensor(c!)[] grad_weights, "
       "Tensor(d!)? grad_proj_weight, Tensor(e!)? grad_proj_bias, Tensor(f!)? grad_keep) -> ()");
   // session_update as one op (cpu/gru_recurrence.cpp): the out ops above behind one C++ autograd node;
   // lengths int64, keep in h's dtype.

@@ -519,7 +519,7 @@ def gru_layer(lib, x, h0, weights, grad_output, guard, frozen=()):
     args = [wrap_in(x, pad_columns=2), wrap_in(h0), wrap_in(w_ih), wrap_in(w_hh),
             None if b_ih is None else wrap_in(b_ih), None if b_hh is None else wrap_in(b_hh)]
     lib.gru_layer_forward_out(*args, output=output, gates=gates)
-    grads = dict(grad_x=make(x.shape, x.dtype), grad_h0=make(h0.shape, x.dtype),
+    grads = dict(grad_x=make(x.shape, x.dtype), grad_h0=None if "h0" in frozen else make(h0.shape, x.dtype),
                  grad_w_ih=None if "w_ih" in frozen else make(w_ih.shape, x.dtype),
                  grad_w_hh=None if "w_hh" in frozen else make(w_hh.shape, x.dtype),
                  grad_b_ih=None if b_ih is None or "bias" in frozen else make(b_ih.shape, x.dtype),
@@ -556,9 +556,10 @@ def test_gru_layer_equals_the_cpu_kernels(emu, case, dtype):
         close(got[name], value, dtype, name, scale=scale)
 
 
-@pytest.mark.parametrize("frozen", [("w_ih",), ("w_hh", "bias"), ("w_ih", "w_hh", "bias")], ids="+".join)
+@pytest.mark.parametrize("frozen", [("w_ih",), ("w_hh", "bias"), ("w_ih", "w_hh", "bias"), ("h0",),
+                                    ("h0", "w_ih", "w_hh", "bias")], ids="+".join)
 @pytest.mark.parametrize("case", [GRU_CASES[0], GRU_CASES[1]], ids=lambda c: "b{}t{}i{}h{}-{}".format(*c))
-def test_gru_layer_backward_computes_only_the_weight_gradients_given(emu, case, frozen):
+def test_gru_layer_backward_computes_only_the_gradients_given(emu, case, frozen):
     batch, time, input_size, hidden, bias = case
     g = torch.Generator().manual_seed(batch * 100 + hidden)
     x = torch.randn(batch, time, input_size, generator=g, dtype=torch.float64)
@@ -569,11 +570,12 @@ def test_gru_layer_backward_computes_only_the_weight_gradients_given(emu, case, 
     got = both_orders(emu, lambda: gru_layer(emu, x, h0, weights, grad_output, guard=True, frozen=frozen))
     assert "grad_w_ih" not in got if "w_ih" in frozen else "grad_w_ih" in got
     assert "grad_w_hh" not in got if "w_hh" in frozen else "grad_w_hh" in got
+    assert "grad_h0" not in got if "h0" in frozen else "grad_h0" in got
     for name, value in got.items():
         close(value, expected[name], torch.float64, name)
 
 
-def session_update(lib, items, lengths, h, keep, weights, proj, grad_out, guard):
+def session_update(lib, items, lengths, h, keep, weights, proj, grad_out, guard, want_h=True):
     layers, batch, hidden = h.shape
     dim = items.shape[2]
     wrap_in = guarded_input if guard else (lambda t, pad_columns=0: t)
@@ -589,7 +591,7 @@ def session_update(lib, items, lengths, h, keep, weights, proj, grad_out, guard)
             [wrap_in(w) for w in weights], None if proj_weight is None else wrap_in(proj_weight),
             None if proj_bias is None else wrap_in(proj_bias)]
     lib.session_update_forward_out(*args, **saved)
-    grads = dict(grad_item_embeddings=make(items.shape, dtype), grad_h=make(h.shape, dtype),
+    grads = dict(grad_item_embeddings=make(items.shape, dtype), grad_h=make(h.shape, dtype) if want_h else None,
                  grad_weights=[make(w.shape, dtype) for w in weights],
                  grad_proj_weight=None if proj_weight is None else make(proj_weight.shape, dtype),
                  grad_proj_bias=None if proj_bias is None else make(proj_bias.shape, dtype))
@@ -630,6 +632,25 @@ def test_session_update_equals_the_cpu_kernels(emu, dtype, projection):
     for name, value in expected.items():
         scale = None if dtype not in HALF_TYPES else float(value.abs().max()) * 4
         close(got[name], value, dtype, name, scale=scale)
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_session_update_backward_without_the_states_gradient(emu, projection):
+    """grad_h None (h wants no gradient): every other gradient as the CPU kernels give it with grad_h."""
+    layers, batch, time, dim, hidden = 2, 5, 6, 7, 9
+    g = torch.Generator().manual_seed(12)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    items, h, grad_out = r(batch, time, dim), r(layers, batch, hidden), r(layers, batch, hidden)
+    lengths, keep = torch.tensor([0, 1, 6, 3, 6]), torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    input_size = 4 if projection else dim
+    args = dict(items=items, lengths=lengths, h=h, keep=keep, weights=gru_weights(layers, input_size, hidden,
+                                                                                   torch.float64, g),
+                proj=(r(input_size, dim) / dim ** 0.5, r(input_size)) if projection else None, grad_out=grad_out)
+    expected = session_update(cpu(), **args, guard=True)
+    got = both_orders(emu, lambda: session_update(emu, **args, guard=True, want_h=False))
+    assert "grad_h" not in got and set(got) == set(expected) - {"grad_h"}
+    for name, value in got.items():
+        close(value, expected[name], torch.float64, name)
 
 
 def test_the_proxy_routes_the_cpu_backend_through_the_emulated_kernels(emu, monkeypatch):

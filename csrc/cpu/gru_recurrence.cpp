@@ -184,10 +184,10 @@ void sum_rows_into(at::Tensor out, const at::Tensor& a) {
 // The weight gradients of one step, given dL/d gi and dL/d gh (batch, 3 * hidden):
 //   input side:  input_side_extra(), grad_w_ih = grad_gi^T x, grad_b_ih = sum grad_gi;
 //   state side:  grad_h += grad_gh W_hh, grad_w_hh = grad_gh^T h, grad_b_hh = sum grad_gh.
-// grad_h holds the gates' direct part dL/dh' * z on entry. concurrently: the two sides at once (CPU only). A weight
-// gradient not given (a frozen weight) costs no product.
+// grad_h holds the gates' direct part dL/dh' * z on entry. concurrently: the two sides at once (CPU only). A
+// gradient not given (a frozen weight, or a state that wants no gradient) costs no product.
 void step_weight_grads(bool concurrently, const at::Tensor& grad_gi, const at::Tensor& grad_gh, const at::Tensor& x,
-                       const at::Tensor& h, const at::Tensor& w_hh, at::Tensor grad_h, const OptTensor& grad_w_ih,
+                       const at::Tensor& h, const at::Tensor& w_hh, const OptTensor& grad_h, const OptTensor& grad_w_ih,
                        const OptTensor& grad_w_hh, const OptTensor& grad_b_ih, const OptTensor& grad_b_hh,
                        const std::function<void()>& input_side_extra) {
   run_pair(
@@ -198,7 +198,7 @@ void step_weight_grads(bool concurrently, const at::Tensor& grad_gi, const at::T
         if (grad_b_ih.has_value()) sum_rows_into(*grad_b_ih, grad_gi);
       },
       [&] {
-        addmm_into(grad_h, grad_h, grad_gh, w_hh);
+        if (grad_h.has_value()) addmm_into(*grad_h, *grad_h, grad_gh, w_hh);
         if (grad_w_hh.has_value()) mm_into(*grad_w_hh, grad_gh.t(), h);
         if (grad_b_hh.has_value()) sum_rows_into(*grad_b_hh, grad_gh);
       });
@@ -243,7 +243,7 @@ void gru_layer_forward_out(const at::Tensor& x, const at::Tensor& h0, const at::
 // dL/d gi in a batch-major one, so the weight gradients are one matrix product each over all steps.
 void gru_layer_backward_out(const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& h0,
                             const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output,
-                            const at::Tensor& gates, const OptTensor& grad_x, at::Tensor& grad_h0,
+                            const at::Tensor& gates, const OptTensor& grad_x, const OptTensor& grad_h0,
                             const OptTensor& grad_w_ih, const OptTensor& grad_w_hh, const OptTensor& grad_b_ih,
                             const OptTensor& grad_b_hh) {
   TORCH_CHECK(x.dim() == 3, "x must be (batch, time, input), got ", x.dim(), "-D");
@@ -255,8 +255,8 @@ void gru_layer_backward_out(const at::Tensor& grad_output, const at::Tensor& x, 
   check_buffer(x, grad_output, {batch, time, hidden}, "grad_output");
   check_buffer(x, output, {batch, time, hidden}, "output");
   check_buffer(x, gates, {time, batch, 4 * hidden}, "gates");
-  check_buffer(x, grad_h0, {batch, hidden}, "grad_h0");
-  // grad_x and the weights' gradients are optional: one not given (an input wanting no gradient) is not computed.
+  // Every gradient is optional: one not given (an input wanting no gradient) is not computed.
+  if (grad_h0.has_value()) check_buffer(x, *grad_h0, {batch, hidden}, "grad_h0");
   if (grad_w_ih.has_value()) check_buffer(x, *grad_w_ih, {3 * hidden, input}, "grad_w_ih");
   if (grad_w_hh.has_value()) check_buffer(x, *grad_w_hh, {3 * hidden, hidden}, "grad_w_hh");
   if (grad_x.has_value()) check_buffer(x, *grad_x, {batch, time, input}, "grad_x");
@@ -266,19 +266,19 @@ void gru_layer_backward_out(const at::Tensor& grad_output, const at::Tensor& x, 
     check_buffer(x, *grad_b_hh, {3 * hidden}, "grad_b_hh");
   }
   if (batch == 0 || hidden == 0) {
-    grad_h0.zero_();
-    for (const OptTensor* t : {&grad_x, &grad_w_ih, &grad_w_hh, &grad_b_ih, &grad_b_hh})
+    for (const OptTensor* t : {&grad_x, &grad_h0, &grad_w_ih, &grad_w_hh, &grad_b_ih, &grad_b_hh})
       if (t->has_value()) (*t)->zero_();
     return;
   }
   const GruKernels& k = gru_kernels_for(x.device());
   if (x.is_cpu() && time == 1) {
-    // The cell: dL/dh0 receives the gates' direct part, then the W_hh product adds onto it.
+    // The cell: dL/dh0 receives the gates' direct part, then the W_hh product adds onto it (with no dL/dh0
+    // wanted, the direct part goes to scratch and the product is skipped).
     const at::Tensor grad_gi_step = at::empty({batch, 3 * hidden}, gates.options());
     const at::Tensor grad_gh_step = at::empty_like(grad_gi_step);
     const at::Tensor x_step = x.select(1, 0);
     step_gates_backward_saved(k, grad_output.select(1, 0), gates.select(0, 0), h0, grad_gi_step, grad_gh_step,
-                              grad_h0);
+                              grad_h0.has_value() ? *grad_h0 : at::empty({batch, hidden}, gates.options()));
     step_weight_grads(
         run_pairs_concurrently(batch * 3 * hidden * std::max(input, hidden)), grad_gi_step, grad_gh_step, x_step,
         h0, w_hh, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, [&] {
@@ -292,9 +292,9 @@ void gru_layer_backward_out(const at::Tensor& grad_output, const at::Tensor& x, 
 
   at::Tensor grad_gi = at::empty({batch, time, 3 * hidden}, gates.options());
   at::Tensor grad_gh = at::empty({time, batch, 3 * hidden}, gates.options());
-  at::Tensor grad_h_direct = at::empty_like(grad_h0);  // dL/dh_{t-1} through the gates alone
-  at::Tensor grad_h_carry = at::empty_like(grad_h0);   // dL/dh_{t-1} in full: gates plus W_hh path
-  at::Tensor grad_step = at::empty_like(grad_h0);      // dL/dh_t: from the output plus from step t + 1
+  at::Tensor grad_h_direct = at::empty({batch, hidden}, gates.options());  // dL/dh_{t-1} through the gates alone
+  at::Tensor grad_h_carry = at::empty_like(grad_h_direct);  // dL/dh_{t-1} in full: gates plus W_hh path
+  at::Tensor grad_step = at::empty_like(grad_h_direct);     // dL/dh_t: from the output plus from step t + 1
   for (int64_t t = time - 1; t >= 0; --t) {
     at::Tensor grad_h_t = grad_output.select(1, t);
     if (t < time - 1) {
@@ -305,8 +305,12 @@ void gru_layer_backward_out(const at::Tensor& grad_output, const at::Tensor& x, 
     at::Tensor grad_gh_t = grad_gh.select(0, t);
     step_gates_backward_saved(k, grad_h_t, gates.select(0, t), h_prev, grad_gi.select(1, t), grad_gh_t,
                               grad_h_direct);
-    at::Tensor& carry = t == 0 ? grad_h0 : grad_h_carry;
-    at::addmm_out(carry, grad_h_direct, grad_gh_t, w_hh);
+    if (t > 0) {
+      at::addmm_out(grad_h_carry, grad_h_direct, grad_gh_t, w_hh);
+    } else if (grad_h0.has_value()) {
+      at::Tensor grad_h0_out = *grad_h0;
+      at::addmm_out(grad_h0_out, grad_h_direct, grad_gh_t, w_hh);
+    }
   }
 
   const at::Tensor grad_gi_rows = grad_gi.view({batch * time, 3 * hidden});
@@ -531,11 +535,10 @@ void check_weight_grads(const at::Tensor& items, const SessionUpdateShapes& s, a
 }
 
 // An empty batch's gradients.
-void zero_grads(at::Tensor& grad_h, at::TensorList grad_weights, const OptTensor& grad_proj_weight,
+void zero_grads(const OptTensor& grad_h, at::TensorList grad_weights, const OptTensor& grad_proj_weight,
                 const OptTensor& grad_proj_bias) {
-  grad_h.zero_();
   for (const at::Tensor& g : grad_weights) at::Tensor(g).zero_();
-  for (const OptTensor* t : {&grad_proj_weight, &grad_proj_bias})
+  for (const OptTensor* t : {&grad_h, &grad_proj_weight, &grad_proj_bias})
     if (t->has_value()) (*t)->zero_();
 }
 
@@ -543,7 +546,7 @@ void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& i
                                  const at::Tensor& h, const at::Tensor& keep, at::TensorList weights,
                                  const OptTensor& proj_weight, const at::Tensor& session_mean,
                                  const OptTensor& projected, const at::Tensor& states, const at::Tensor& gates,
-                                 const OptTensor& grad_items, at::Tensor& grad_h,
+                                 const OptTensor& grad_items, const OptTensor& grad_h,
                                  at::TensorList grad_weights, const OptTensor& grad_proj_weight,
                                  const OptTensor& grad_proj_bias) {
   const SessionUpdateShapes s = check_session_update(items, lengths, h, keep, weights, proj_weight, std::nullopt);
@@ -551,7 +554,7 @@ void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& i
   check_buffer(items, grad_out, h.sizes(), "grad_out");
   check_session_update_saved(items, s, proj_weight, states, session_mean, projected, gates);
   if (grad_items.has_value()) check_buffer(items, *grad_items, items.sizes(), "grad_item_embeddings");
-  check_buffer(items, grad_h, h.sizes(), "grad_h");
+  if (grad_h.has_value()) check_buffer(items, *grad_h, h.sizes(), "grad_h");
   check_weight_grads(items, s, weights, proj_weight, grad_weights, grad_proj_weight, grad_proj_bias);
   if (s.batch == 0 || s.hidden == 0) {  // (with no units, nothing reaches out from the items or the weights)
     zero_grads(grad_h, grad_weights, grad_proj_weight, grad_proj_bias);
@@ -560,17 +563,23 @@ void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& i
   }
   const GruKernels& k = gru_kernels_for(items.device());
 
-  // out = keep * (active ? states : h): split dL/d out between the GRU states and the kept-old states.
+  // out = keep * (active ? states : h): split dL/d out between the GRU states and the kept-old states (h's part
+  // to scratch when h wants no gradient: then nothing more of dL/dh is computed).
   const at::Tensor grad_states = at::empty_like(states);
   if (items.is_cpu()) {
     const at::Tensor keep_values = keep.contiguous();
+    const at::Tensor grad_kept_old = grad_h.has_value() ? *grad_h : at::empty_like(states);
     launch_session_keep_backward_cpu(
-        session_keep_params(s, lengths, keep_values, grad_out, nullptr, grad_states, &grad_h), h.scalar_type());
+        session_keep_params(s, lengths, keep_values, grad_out, nullptr, grad_states, &grad_kept_old),
+        h.scalar_type());
   } else {
     const at::Tensor active = per_row(lengths.gt(0));
     const at::Tensor grad_kept = grad_out * per_row(keep);
     const at::Tensor zero = at::zeros({}, grad_out.options());
-    at::where_out(grad_h, active, zero, grad_kept);
+    if (grad_h.has_value()) {
+      at::Tensor grad_h_out = *grad_h;
+      at::where_out(grad_h_out, active, zero, grad_kept);
+    }
     at::Tensor grad_states_out = grad_states;
     at::where_out(grad_states_out, active, grad_kept, zero);
   }
@@ -593,8 +602,11 @@ void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& i
     const at::Tensor layer_input =
         l > 0 ? states.select(0, l - 1) : (projected.has_value() ? *projected : session_mean);
     step_gates_backward_saved(k, grad_layer_output, gates.select(0, l), h_l, grad_gi, grad_gh, grad_h_direct);
-    at::Tensor grad_h_l = grad_h.select(0, l);
-    add_into(grad_h_l, grad_h_l, grad_h_direct);
+    OptTensor grad_h_l;
+    if (grad_h.has_value()) {
+      grad_h_l = grad_h->select(0, l);
+      add_into(*grad_h_l, *grad_h_l, grad_h_direct);
+    }
     step_weight_grads(concurrently, grad_gi, grad_gh, layer_input, h_l, w.w_hh, grad_h_l, grad_weights[l * per_layer],
                       grad_weights[l * per_layer + 1],
                       s.bias ? OptTensor(grad_weights[l * per_layer + 2]) : std::nullopt,
@@ -779,9 +791,9 @@ void session_update_steps_backward_out(const at::Tensor& grad_out, const at::Ten
                                        const at::Tensor& keep, at::TensorList weights, const OptTensor& proj_weight,
                                        const at::Tensor& session_mean, const OptTensor& projected,
                                        const at::Tensor& out, const at::Tensor& cells, const at::Tensor& gates,
-                                       const OptTensor& grad_items, at::Tensor& grad_h, at::TensorList grad_weights,
-                                       const OptTensor& grad_proj_weight, const OptTensor& grad_proj_bias,
-                                       const OptTensor& grad_keep) {
+                                       const OptTensor& grad_items, const OptTensor& grad_h,
+                                       at::TensorList grad_weights, const OptTensor& grad_proj_weight,
+                                       const OptTensor& grad_proj_bias, const OptTensor& grad_keep) {
   TORCH_CHECK(out.dim() == 4, "out must be (steps + 1, layers, batch, hidden), got ", out.dim(), "-D");
   const at::Tensor h = out.select(0, 0);
   const StepsShapes ss = check_session_update_steps(items, lengths, h, keep, weights, proj_weight, std::nullopt);
@@ -790,7 +802,7 @@ void session_update_steps_backward_out(const at::Tensor& grad_out, const at::Ten
   check_session_update_steps_saved(items, ss, proj_weight, out, cells, session_mean, projected, gates, false);
   check_buffer(items, grad_out, out.sizes(), "grad_out");
   if (grad_items.has_value()) check_buffer(items, *grad_items, items.sizes(), "grad_item_embeddings");
-  check_buffer(items, grad_h, h.sizes(), "grad_h");
+  if (grad_h.has_value()) check_buffer(items, *grad_h, h.sizes(), "grad_h");
   check_weight_grads(items, s, weights, proj_weight, grad_weights, grad_proj_weight, grad_proj_bias);
   if (grad_keep.has_value()) check_buffer(items, *grad_keep, {ss.steps, s.batch}, "grad_keep");
   if (grad_keep.has_value()) (*grad_keep).zero_();
@@ -810,10 +822,15 @@ void session_update_steps_backward_out(const at::Tensor& grad_out, const at::Ten
   // dL/d layer l's cells from layer l + 1's input product (none above the top layer).
   const at::Tensor grad_from_above = s.layers > 1 ? at::empty({rows, s.hidden}, options) : at::Tensor();
   const at::Tensor prev_states = at::empty({ss.steps, s.batch, s.hidden}, out.options());
+  // Where h wants no gradient, the carries live in scratch of h's shape and their last update (step 0's, dL/d h)
+  // is skipped. (Each layer's carry then lies at the same offset as in grad_h: BLAS's rounding may depend on an
+  // operand's alignment, and the other gradients must not depend on whether h wants one.)
+  const at::Tensor carries = grad_h.has_value() ? *grad_h : at::empty_like(h, at::MemoryFormat::Contiguous);
   const int64_t per_layer = s.bias ? 4 : 2;
   for (int64_t l = s.layers - 1; l >= 0; --l) {
     const LayerWeights w = layer_weights(weights, s, l);
-    at::Tensor carry = grad_h.select(0, l);  // dL/d out[step + 1][l] in full, then dL/d h[l]
+    // dL/d out[step + 1][l] in full, then dL/d h[l]
+    at::Tensor carry = carries.select(0, l);
     carry.copy_(grad_out.select(0, ss.steps).select(0, l));
     for (int64_t step = ss.steps - 1; step >= 0; --step) {
       const at::Tensor prev = out.select(0, step).select(0, l), cell = cells.select(0, l).select(0, step);
@@ -827,6 +844,7 @@ void session_update_steps_backward_out(const at::Tensor& grad_out, const at::Ten
       at::Tensor grad_gh_step = grad_gh.narrow(0, step * s.batch, s.batch);
       step_gates_backward_saved(k, grad_cell, gates.select(0, l).select(0, step), prev,
                                 grad_gi.narrow(0, step * s.batch, s.batch), grad_gh_step, grad_direct);
+      if (step == 0 && !grad_h.has_value()) break;  // dL/d h unwanted
       add_into(carry, grad_passed, grad_direct);
       add_into(carry, carry, grad_out.select(0, step).select(0, l));
       addmm_into(carry, carry, grad_gh_step, w.w_hh);
@@ -896,14 +914,14 @@ void call_layer_forward(const at::Tensor& x, const at::Tensor& h0, const at::Ten
 
 void call_layer_backward(const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& h0,
                          const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output,
-                         const at::Tensor& gates, const OptTensor& grad_x, at::Tensor& grad_h0,
+                         const at::Tensor& gates, const OptTensor& grad_x, const OptTensor& grad_h0,
                          const OptTensor& grad_w_ih, const OptTensor& grad_w_hh, const OptTensor& grad_b_ih,
                          const OptTensor& grad_b_hh) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("hiertcn_fast::gru_layer_backward_out", "")
           .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                      const at::Tensor&, const at::Tensor&, const OptTensor&, at::Tensor&, const OptTensor&,
+                      const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                       const OptTensor&, const OptTensor&, const OptTensor&)>();
   op.call(grad_output, x, h0, w_ih, w_hh, output, gates, grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh);
 }
@@ -951,11 +969,10 @@ class GruCellFunction : public torch::autograd::Function<GruCellFunction> {
     // The layer op's output argument: of one step it reads none (only the steps before the last), so an unfilled
     // buffer of its shape stands in.
     const at::Tensor out = at::empty({h.size(0), 1, h.size(1)}, h.options());
-    OptTensor grad_x;
+    // An input that wants no gradient (a frozen weight or bias pair, an x or h without one) costs no product.
+    OptTensor grad_x, grad_h, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh;
     if (ctx->needs_input_grad(0)) grad_x = at::empty({x.size(0), 1, x.size(1)}, x.options());
-    at::Tensor grad_h = at::empty_like(h, at::MemoryFormat::Contiguous);
-    // A frozen weight (or bias pair) costs no product (or sum).
-    OptTensor grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh;
+    if (ctx->needs_input_grad(1)) grad_h = at::empty_like(h, at::MemoryFormat::Contiguous);
     if (ctx->needs_input_grad(2)) grad_w_ih = at::empty_like(w_ih, at::MemoryFormat::Contiguous);
     if (ctx->needs_input_grad(3)) grad_w_hh = at::empty_like(w_hh, at::MemoryFormat::Contiguous);
     if (bias && (ctx->needs_input_grad(4) || ctx->needs_input_grad(5))) {
@@ -964,8 +981,9 @@ class GruCellFunction : public torch::autograd::Function<GruCellFunction> {
     }
     call_layer_backward(grad_out.unsqueeze(1), x.unsqueeze(1), h, w_ih, w_hh, out, gates, grad_x, grad_h,
                         grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh);
-    return {grad_x.has_value() ? grad_x->squeeze(1) : at::Tensor(), grad_h, grad_w_ih.value_or(at::Tensor()),
-            grad_w_hh.value_or(at::Tensor()), grad_b_ih.value_or(at::Tensor()), grad_b_hh.value_or(at::Tensor())};
+    return {grad_x.has_value() ? grad_x->squeeze(1) : at::Tensor(), grad_h.value_or(at::Tensor()),
+            grad_w_ih.value_or(at::Tensor()), grad_w_hh.value_or(at::Tensor()), grad_b_ih.value_or(at::Tensor()),
+            grad_b_hh.value_or(at::Tensor())};
   }
 };
 
@@ -1003,14 +1021,14 @@ void call_session_backward(const at::Tensor& grad_out, const at::Tensor& items, 
                            const at::Tensor& h, const at::Tensor& keep, at::TensorList weights,
                            const OptTensor& proj_weight, const at::Tensor& session_mean, const OptTensor& projected,
                            const at::Tensor& states, const at::Tensor& gates,
-                           const OptTensor& grad_items, at::Tensor& grad_h, at::TensorList grad_weights,
+                           const OptTensor& grad_items, const OptTensor& grad_h, at::TensorList grad_weights,
                            const OptTensor& grad_proj_weight, const OptTensor& grad_proj_bias) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("hiertcn_fast::session_update_backward_out", "")
           .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                       at::TensorList, const OptTensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
-                      const at::Tensor&, const OptTensor&, at::Tensor&, at::TensorList,
+                      const at::Tensor&, const OptTensor&, const OptTensor&, at::TensorList,
                       const OptTensor&, const OptTensor&)>();
   op.call(grad_out, items, lengths, h, keep, weights, proj_weight, session_mean, projected, states, gates,
           grad_items, grad_h, grad_weights, grad_proj_weight, grad_proj_bias);
@@ -1074,9 +1092,9 @@ class SessionUpdateFunction : public torch::autograd::Function<SessionUpdateFunc
     const std::vector<at::Tensor> weights(saved.begin() + 9, saved.end());
     const at::Tensor grad_out = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(h);
 
-    OptTensor grad_items, grad_proj_weight, grad_proj_bias;
+    OptTensor grad_items, grad_h, grad_proj_weight, grad_proj_bias;
     if (ctx->needs_input_grad(0)) grad_items = at::empty(items.sizes(), items.options());
-    at::Tensor grad_h = at::empty_like(h);
+    if (ctx->needs_input_grad(2)) grad_h = at::empty_like(h);
     std::vector<at::Tensor> grad_weights;
     grad_weights.reserve(weights.size());
     for (const at::Tensor& w : weights) grad_weights.push_back(at::empty(w.sizes(), w.options()));
@@ -1091,7 +1109,8 @@ class SessionUpdateFunction : public torch::autograd::Function<SessionUpdateFunc
       const at::Tensor active = lengths.gt(0).view({1, -1, 1});
       grad_keep = (grad_out * at::where(active, states, h)).sum(at::IntArrayRef{0, 2});
     }
-    torch::autograd::variable_list result{grad_items.value_or(at::Tensor()), at::Tensor(), grad_h, grad_keep};
+    torch::autograd::variable_list result{grad_items.value_or(at::Tensor()), at::Tensor(),
+                                          grad_h.value_or(at::Tensor()), grad_keep};
     result.insert(result.end(), grad_weights.begin(), grad_weights.end());
     result.push_back(grad_proj_weight.value_or(at::Tensor()));
     result.push_back(grad_proj_bias.value_or(at::Tensor()));

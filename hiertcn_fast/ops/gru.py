@@ -296,14 +296,14 @@ class _GruLayerFunction(torch.autograd.Function):
         if output is None:  # one step: the op reads no output (only those of the steps before the last)
             output = new_output((x.shape[0], 1, h0.shape[1]), h0)
         grad_output = (grad_output.unsqueeze(1) if ctx.single_step else grad_output).contiguous()
-        # The products of the backward only for what wants a gradient: x, each weight, the bias pair (a frozen
-        # layer pays for dL/dh0 and the input's gradient alone).
+        # The products of the backward only for what wants a gradient: x, h0, each weight, the bias pair (a frozen
+        # layer pays for dL/dh0 and the input's gradient alone; nn.GRU's zero h0 for no dL/dh0).
         need = ctx.needs_input_grad
         grad_x = new_output(x.shape, x) if need[0] else None
         biases = ctx.bias and (need[4] or need[5])
         grad_b_ih = new_output(w_ih.shape[:1], w_ih) if biases else None
         grad_b_hh = new_output(w_hh.shape[:1], w_hh) if biases else None
-        grad_h0 = new_output(h0.shape, h0)
+        grad_h0 = new_output(h0.shape, h0) if need[1] else None
         grad_w_ih = new_output(w_ih.shape, w_ih) if need[2] else None
         grad_w_hh = new_output(w_hh.shape, w_hh) if need[3] else None
         torch.ops.hiertcn_fast.gru_layer_backward_out(
@@ -506,7 +506,7 @@ class _SessionUpdateFunction(torch.autograd.Function):
         items = h.new_empty(dim).as_strided((batch, time, dim), (0, 0, 1))  # a stand-in with the shape
         grad_out = grad_out.contiguous()
         grad_items = new_output(items.shape, items) if ctx.needs_input_grad[0] else None
-        grad_h = new_output(h.shape, h)
+        grad_h = new_output(h.shape, h) if ctx.needs_input_grad[2] else None
         grad_weights, grad_proj_weight, grad_proj_bias = _weight_grad_buffers(weights, proj_weight, ctx.proj_bias)
         torch.ops.hiertcn_fast.session_update_backward_out(
             grad_out, items, lengths, h, keep, weights, proj_weight, session_mean, projected, states, gates,
@@ -735,7 +735,7 @@ class _SessionUpdateStepsFunction(torch.autograd.Function):
         lengths, keep, proj_weight, session_mean, projected, out, cells, gates, *weights = ctx.saved_tensors
         items = out.new_empty(ctx.items_shape[-1]).as_strided(ctx.items_shape, (0, 0, 0, 1))  # a stand-in
         grad_items = new_output(items.shape, items) if ctx.needs_input_grad[0] else None
-        grad_h = new_output(out.shape[1:], out)
+        grad_h = new_output(out.shape[1:], out) if ctx.needs_input_grad[2] else None
         grad_weights, grad_proj_weight, grad_proj_bias = _weight_grad_buffers(weights, proj_weight, ctx.proj_bias)
         grad_keep = new_output(keep.shape, keep) if ctx.needs_input_grad[3] else None
         torch.ops.hiertcn_fast.session_update_steps_backward_out(
