@@ -195,16 +195,17 @@ def _session_cases(device, quick):
 STEP_BY_STEP = "session_update x steps"
 
 
-def _steps_maker(steps, batch, time, hidden, layers, dtype, device, backward, detached=False):
+def _steps_maker(steps, batch, time, hidden, layers, dtype, device, backward, detached=False, frozen=False):
+    """detached: h wants no gradient; frozen: nor does the GRU (fine-tuning below a pretrained one)."""
     def make():
-        module = torch.nn.GRU(hidden, hidden, num_layers=layers, device=device, dtype=dtype)
+        module = torch.nn.GRU(hidden, hidden, num_layers=layers, device=device, dtype=dtype).requires_grad_(not frozen)
         # As HierTCN holds them: positions 1..time of the padded batch (steps, batch, time + 1, dim).
         padded = torch.randn(steps, batch, time + 1, hidden, device=device, dtype=dtype, requires_grad=backward)
         h = torch.randn(layers, batch, hidden, device=device, dtype=dtype, requires_grad=backward and not detached)
         lengths = torch.randint(0, time + 1, (steps, batch), device=device)
         keep = torch.rand(steps, batch, device=device) > 0.1
         weights = module.all_weights
-        leaves = [padded] + ([] if detached else [h]) + list(module.parameters())
+        leaves = [padded] + ([] if detached else [h]) + ([] if frozen else list(module.parameters()))
 
         keep_as_dtype = keep.to(dtype)  # once, outside the timed calls (the fast path converts its bool keep inside)
 
@@ -241,6 +242,12 @@ def _steps_cases(device, quick):
         "session_update_steps", f"s={steps} b={batch} t={time} h={hidden} l={layers} h detached fwd+bwd",
         _steps_maker(steps, batch, time, hidden, layers, dtype, device, True, detached=True),
         flops=steps * 2 * batch * layers * (2 * hidden) * 3 * hidden * 3 - layers * 2 * batch * hidden * 3 * hidden,
+        bytes=steps * batch * time * hidden * _element(dtype) * 2, dtype=dtype,
+        variants=("hiertcn_fast", STEP_BY_STEP, "torch eager")))
+    cases.append(harness.Case(  # and with the GRU frozen: the items' gradient alone
+        "session_update_steps", f"s={steps} b={batch} t={time} h={hidden} l={layers} h detached, GRU frozen fwd+bwd",
+        _steps_maker(steps, batch, time, hidden, layers, dtype, device, True, detached=True, frozen=True),
+        flops=steps * 2 * batch * layers * (2 * hidden) * 3 * hidden * 2 - layers * 2 * batch * hidden * 3 * hidden,
         bytes=steps * batch * time * hidden * _element(dtype) * 2, dtype=dtype,
         variants=("hiertcn_fast", STEP_BY_STEP, "torch eager")))
     return cases

@@ -56,8 +56,10 @@ TORCH_LIBRARY(hiertcn_fast, m) {
   // from h (layers, batch, hidden), rows of length 0 unchanged, then times keep (batch,). weights: per
   // layer w_ih, w_hh[, b_ih, b_hh]. Saved for the backward: states (the GRU's new states before
   // masking), session_mean (batch, dim), projected (batch, projected), gates (layers, batch, 4*hidden): each
-  // row's r, z, n and hn = W_hn h + b_hn (pre-activations in half types), all the gates' backward reads. The
-  // backward's grad_h may be None (h wants no gradient: its W_hh products are skipped), here and in the steps op.
+  // row's r, z, n and hn = W_hn h + b_hn (pre-activations in half types), all the gates' backward reads. In the
+  // backward (here and in the steps op) only what is given is computed: grad_item_embeddings, grad_h,
+  // grad_proj_weight and grad_proj_bias may each be None, and grad_weights empty (no weight of the GRU wants a
+  // gradient) instead of one per weight.
   m.def(
       "session_update_forward_out(Tensor item_embeddings, Tensor lengths, Tensor h, Tensor keep, Tensor[] weights, "
       "Tensor? proj_weight, Tensor? proj_bias, *, Tensor(a!) out, Tensor(b!) states, Tensor(c!) session_mean, "

@@ -575,7 +575,8 @@ def test_gru_layer_backward_computes_only_the_gradients_given(emu, case, frozen)
         close(value, expected[name], torch.float64, name)
 
 
-def session_update(lib, items, lengths, h, keep, weights, proj, grad_out, guard, want_h=True):
+def session_update(lib, items, lengths, h, keep, weights, proj, grad_out, guard, dropped=()):
+    """dropped: the backward's gradient outputs left out (None; grad_weights empty)."""
     layers, batch, hidden = h.shape
     dim = items.shape[2]
     wrap_in = guarded_input if guard else (lambda t, pad_columns=0: t)
@@ -591,10 +592,11 @@ def session_update(lib, items, lengths, h, keep, weights, proj, grad_out, guard,
             [wrap_in(w) for w in weights], None if proj_weight is None else wrap_in(proj_weight),
             None if proj_bias is None else wrap_in(proj_bias)]
     lib.session_update_forward_out(*args, **saved)
-    grads = dict(grad_item_embeddings=make(items.shape, dtype), grad_h=make(h.shape, dtype) if want_h else None,
+    grads = dict(grad_item_embeddings=make(items.shape, dtype), grad_h=make(h.shape, dtype),
                  grad_weights=[make(w.shape, dtype) for w in weights],
                  grad_proj_weight=None if proj_weight is None else make(proj_weight.shape, dtype),
                  grad_proj_bias=None if proj_bias is None else make(proj_bias.shape, dtype))
+    grads.update({name: [] if name == "grad_weights" else None for name in dropped})
     lib.session_update_backward_out(wrap_in(grad_out), args[0], args[1], args[2], args[3], args[4], args[5],
                                     saved["session_mean"], saved["projected"], saved["states"], saved["gates"],
                                     **grads)
@@ -634,9 +636,11 @@ def test_session_update_equals_the_cpu_kernels(emu, dtype, projection):
         close(got[name], value, dtype, name, scale=scale)
 
 
+@pytest.mark.parametrize("dropped", [("grad_h",), ("grad_weights", "grad_proj_weight"),
+                                     ("grad_item_embeddings", "grad_weights", "grad_proj_bias")], ids="+".join)
 @pytest.mark.parametrize("projection", [False, True])
-def test_session_update_backward_without_the_states_gradient(emu, projection):
-    """grad_h None (h wants no gradient): every other gradient as the CPU kernels give it with grad_h."""
+def test_session_update_backward_computes_only_the_gradients_given(emu, projection, dropped):
+    """Gradient outputs left out (what wants no gradient): every other one as the CPU kernels give it in full."""
     layers, batch, time, dim, hidden = 2, 5, 6, 7, 9
     g = torch.Generator().manual_seed(12)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
@@ -647,8 +651,9 @@ def test_session_update_backward_without_the_states_gradient(emu, projection):
                                                                                    torch.float64, g),
                 proj=(r(input_size, dim) / dim ** 0.5, r(input_size)) if projection else None, grad_out=grad_out)
     expected = session_update(cpu(), **args, guard=True)
-    got = both_orders(emu, lambda: session_update(emu, **args, guard=True, want_h=False))
-    assert "grad_h" not in got and set(got) == set(expected) - {"grad_h"}
+    got = both_orders(emu, lambda: session_update(emu, **args, guard=True, dropped=dropped))
+    assert set(got) == {name for name in expected
+                        if name not in dropped and not (name.startswith("grad_weight") and "grad_weights" in dropped)}
     for name, value in got.items():
         close(value, expected[name], torch.float64, name)
 

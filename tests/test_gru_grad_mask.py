@@ -160,7 +160,7 @@ def test_the_compiled_layer_op_takes_none_for_either_weight_gradient(time, dtype
                                grad_b_hh=torch.empty_like(b_hh)))
 
 
-# ---- session_update and session_update_steps: a state that wants no gradient --------------------------------
+# ---- session_update and session_update_steps: a state, a GRU or a projection that wants no gradient -------------
 
 def _session_inputs(steps, dtype, device, seed):
     """steps None: session_update's arguments; otherwise session_update_steps's over that many steps. Two layers
@@ -180,8 +180,11 @@ def _session_inputs(steps, dtype, device, seed):
 
 SESSION_NAMES = ("items", "h", "keep", "proj_weight", "proj_bias") + tuple(
     f"{kind}{layer}" for layer in range(2) for kind in ("w_ih", "w_hh", "b_ih", "b_hh"))
-# Everything but the state (HierTCN's training: the state comes detached from the cache), and the weights alone.
-SESSION_WANTS = {"all but h": SESSION_NAMES[:1] + SESSION_NAMES[2:], "weights alone": SESSION_NAMES[3:]}
+# Everything but the state (HierTCN's training: the state comes detached from the cache); the weights alone; a
+# frozen GRU (fine-tuning below it); a frozen GRU and projection with the items wanting a gradient, or the state
+# alone.
+SESSION_WANTS = {"all but h": SESSION_NAMES[:1] + SESSION_NAMES[2:], "weights alone": SESSION_NAMES[3:],
+                 "GRU frozen": SESSION_NAMES[:5], "items alone": ("items",), "h alone": ("h",)}
 
 
 def _session_fn(steps, lengths, backend):
@@ -206,23 +209,46 @@ def test_session_ops_without_the_states_gradient_equal_the_full_backwards(backen
     _check(out.detach(), part, out_full.detach(), full, SESSION_NAMES, SESSION_WANTS[want], backend, dtype)
 
 
-@pytest.mark.parametrize("h_wants", [False, True], ids=["h frozen", "h wants"])
+class SessionBackwardCalls(TorchDispatchMode):
+    """The gradient outputs each call of a session op's backward is given: None or not, and grad_weights's length
+    (the C++ node of session_update calls its op through the dispatcher, where the mode sees it)."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is self.op.default:
+            self.seen.append({k: len(v) if isinstance(v, list) else v is not None for k, v in kwargs.items()
+                              if k.startswith("grad_")})
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("want", ["all", "all but h", "GRU frozen", "items alone", "h alone"])
 @pytest.mark.parametrize("steps", [None, 3], ids=["session_update", "steps=3"])
-def test_the_session_ops_are_given_no_state_gradient_where_none_is_wanted(steps, h_wants):
+def test_the_session_ops_are_given_only_the_gradient_outputs_wanted(steps, want):
     lengths, tensors = _session_inputs(steps, torch.float32, "cpu", 4)
-    tensors = [t.requires_grad_(name != "h" or h_wants) for t, name in zip(tensors, SESSION_NAMES)]
+    wanted = SESSION_NAMES if want == "all" else SESSION_WANTS[want]
+    tensors = [t.requires_grad_(name in wanted) for t, name in zip(tensors, SESSION_NAMES)]
     ops = torch.ops.hiertcn_fast
-    with BackwardCalls(ops.session_update_backward_out if steps is None
-                       else ops.session_update_steps_backward_out) as calls:
+    with SessionBackwardCalls(ops.session_update_backward_out if steps is None
+                              else ops.session_update_steps_backward_out) as calls:
         _session_fn(steps, lengths, "cpu")(*tensors).sum().backward()
-    assert len(calls.seen) == 1 and calls.seen[0]["grad_h"] == h_wants
-    assert calls.seen[0]["grad_item_embeddings"] and calls.seen[0]["grad_proj_weight"]
-    assert (tensors[1].grad is not None) == h_wants and tensors[0].grad is not None
+    expected = dict(grad_item_embeddings="items" in wanted, grad_h="h" in wanted,
+                    grad_weights=8 if "w_ih0" in wanted else 0, grad_proj_weight="proj_weight" in wanted,
+                    grad_proj_bias="proj_bias" in wanted)
+    if steps is not None:
+        expected["grad_keep"] = "keep" in wanted
+    assert calls.seen == [expected]
+    for name, t in zip(SESSION_NAMES, tensors):
+        assert (t.grad is not None) == (name in wanted), name
 
 
 @pytest.mark.parametrize("steps", [None, 3], ids=["session_update", "steps=3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_compiled_session_ops_take_none_for_the_states_gradient(steps, dtype):
+def test_the_compiled_session_ops_take_none_for_what_wants_no_gradient(steps, dtype):
     ops = torch.ops.hiertcn_fast
     lengths, (items, h, keep, pw, pb, *flat) = _session_inputs(steps, dtype, "cpu", 5)
     items = items.contiguous()
@@ -248,27 +274,41 @@ def test_the_compiled_session_ops_take_none_for_the_states_gradient(steps, dtype
         args = (grad_out, items, lengths, keep, flat, pw, saved["session_mean"], saved["projected"], saved["out"],
                 saved["cells"], saved["gates"])
 
-    def backward(want_h):
+    def backward(*dropped):
         nan = float("nan")
-        grads = dict(grad_item_embeddings=torch.full_like(items, nan),
-                     grad_h=torch.full_like(h, nan) if want_h else None,
+        grads = dict(grad_item_embeddings=torch.full_like(items, nan), grad_h=torch.full_like(h, nan),
                      grad_weights=[torch.full_like(t, nan) for t in flat], grad_proj_weight=torch.full_like(pw, nan),
                      grad_proj_bias=torch.full_like(pb, nan))
         if steps is not None:
             grads["grad_keep"] = torch.full_like(keep, nan)
+        grads.update({name: [] if name == "grad_weights" else None for name in dropped})
         op(*args, **grads)
         return grads
 
-    full, part = backward(True), backward(False)
-    assert torch.isfinite(full["grad_h"]).all() and part["grad_h"] is None
-    for name in ("grad_item_embeddings", "grad_proj_weight", "grad_proj_bias") + (() if steps is None
-                                                                                 else ("grad_keep",)):
-        assert torch.equal(part[name], full[name]), name
-    for got, expected in zip(part["grad_weights"], full["grad_weights"]):
-        assert torch.equal(got, expected)
-    grads = dict(grad_item_embeddings=torch.empty_like(items), grad_h=None,
-                 grad_weights=[torch.empty_like(t) for t in flat], grad_proj_weight=torch.empty_like(pw),
-                 grad_proj_bias=torch.empty_like(pb))
+    full = backward()
+    assert all(torch.isfinite(t).all() for v in full.values() for t in (v if isinstance(v, list) else [v]))
+    for dropped in [("grad_h",), ("grad_weights",), ("grad_weights", "grad_proj_weight", "grad_proj_bias"),
+                    ("grad_item_embeddings", "grad_proj_weight"), ("grad_item_embeddings", "grad_proj_weight",
+                                                                   "grad_proj_bias", "grad_weights")]:
+        part = backward(*dropped)
+        for name, value in part.items():
+            if name in dropped:
+                assert value in (None, []), name
+            elif name == "grad_weights":
+                assert all(torch.equal(a, b) for a, b in zip(value, full[name], strict=True)), dropped
+            else:
+                assert torch.equal(value, full[name]), (name, dropped)
+    for dropped in [("grad_h",), ("grad_weights", "grad_proj_weight", "grad_item_embeddings")]:
+        grads = dict(grad_item_embeddings=torch.empty_like(items), grad_h=torch.empty_like(h),
+                     grad_weights=[torch.empty_like(t) for t in flat], grad_proj_weight=torch.empty_like(pw),
+                     grad_proj_bias=torch.empty_like(pb))
+        if steps is not None:
+            grads["grad_keep"] = torch.empty_like(keep)
+        grads.update({name: [] if name == "grad_weights" else None for name in dropped})
+        torch.library.opcheck(op.default, args, grads)
+    grads = dict(grad_item_embeddings=None, grad_h=None, grad_weights=[torch.empty_like(flat[0])],
+                 grad_proj_weight=None, grad_proj_bias=None)
     if steps is not None:
-        grads["grad_keep"] = torch.empty_like(keep)
-    torch.library.opcheck(op.default, args, grads)
+        grads["grad_keep"] = None
+    with pytest.raises(RuntimeError, match="grad_weights must match weights one to one, or be empty"):
+        op(*args, **grads)

@@ -523,15 +523,48 @@ void session_update_forward_out(const at::Tensor& items, const at::Tensor& lengt
   at::mul_out(out, at::where(per_row(lengths.gt(0)), states, h), per_row(keep));
 }
 
-// The weight and projection gradients' buffers, as both session backwards take them.
+// The weight and projection gradients' buffers, as both session backwards take them: grad_weights one per weight,
+// or empty where no weight of the GRU wants a gradient; each projection gradient optional.
 void check_weight_grads(const at::Tensor& items, const SessionUpdateShapes& s, at::TensorList weights,
                         const OptTensor& proj_weight, at::TensorList grad_weights, const OptTensor& grad_proj_weight,
                         const OptTensor& grad_proj_bias) {
-  TORCH_CHECK(grad_weights.size() == weights.size(), "grad_weights must match weights one to one");
-  for (size_t i = 0; i < weights.size(); ++i) check_buffer(items, grad_weights[i], weights[i].sizes(), "grad_weights");
-  TORCH_CHECK(grad_proj_weight.has_value() == proj_weight.has_value(), "grad_proj_weight goes with proj_weight");
+  TORCH_CHECK(grad_weights.empty() || grad_weights.size() == weights.size(),
+              "grad_weights must match weights one to one, or be empty (the GRU's weights want no gradient)");
+  for (size_t i = 0; i < grad_weights.size(); ++i)
+    check_buffer(items, grad_weights[i], weights[i].sizes(), "grad_weights");
+  TORCH_CHECK(proj_weight.has_value() || !(grad_proj_weight.has_value() || grad_proj_bias.has_value()),
+              "grad_proj_weight and grad_proj_bias need proj_weight");
   if (grad_proj_weight.has_value()) check_buffer(items, *grad_proj_weight, proj_weight->sizes(), "grad_proj_weight");
   if (grad_proj_bias.has_value()) check_buffer(items, *grad_proj_bias, {s.input}, "grad_proj_bias");
+}
+
+// Weight gradient i of grad_weights, none where it is empty.
+OptTensor weight_grad(at::TensorList grad_weights, int64_t i) {
+  return grad_weights.empty() ? OptTensor() : OptTensor(grad_weights[i]);
+}
+
+// Whether the session ops' backward needs dL/d layer 0's input: for the items' gradient or the projection's.
+bool input_grad_wanted(const OptTensor& grad_items, const OptTensor& grad_proj_weight,
+                       const OptTensor& grad_proj_bias) {
+  return grad_items.has_value() || grad_proj_weight.has_value() || grad_proj_bias.has_value();
+}
+
+// Both session backwards' last part, from dL/d layer 0's input (rows, input): the projection's gradients and the
+// items' (through the session mean), each where wanted. s.batch counts the rows (steps x batch for the steps op);
+// session_mean is (rows, dim).
+void session_input_backward(const GruKernels& k, const at::Tensor& lengths, const SessionUpdateShapes& s,
+                            const at::Tensor& grad_input, const at::Tensor& session_mean, const OptTensor& proj_weight,
+                            const OptTensor& grad_proj_weight, const OptTensor& grad_proj_bias,
+                            const OptTensor& grad_items) {
+  if (grad_proj_weight.has_value()) mm_into(*grad_proj_weight, grad_input.t(), session_mean);
+  if (grad_proj_bias.has_value()) sum_rows_into(*grad_proj_bias, grad_input);
+  if (!grad_items.has_value() || grad_items->numel() == 0) return;
+  at::Tensor grad_mean = grad_input;
+  if (proj_weight.has_value()) {
+    grad_mean = at::empty({s.batch, s.dim}, grad_input.options());
+    mm_into(grad_mean, grad_input, *proj_weight);
+  }
+  run_session_mean_backward(k, lengths, s, grad_mean, *grad_items);
 }
 
 // An empty batch's gradients.
@@ -586,7 +619,7 @@ void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& i
 
   // The layers from the top: each one gates backward, then its products in two halves, concurrent on the
   // CPU (input side: its weight gradient and the gradient passed below; state side: dL/dh and its weight
-  // gradient).
+  // gradient), each product only where its gradient is wanted.
   const bool concurrently =
       items.is_cpu() && run_pairs_concurrently(s.batch * 3 * s.hidden * std::max(s.input, s.hidden));
   const at::Tensor grad_gi = at::empty({s.batch, 3 * s.hidden}, grad_out.options());
@@ -596,6 +629,7 @@ void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& i
   const at::Tensor grad_input = at::empty({s.batch, s.input}, grad_out.options());  // dL/d layer 0's input
   at::Tensor grad_layer_output = grad_states.select(0, s.layers - 1);                // dL/d states[l], in full
   const int64_t per_layer = s.bias ? 4 : 2;
+  const bool input_wanted = input_grad_wanted(grad_items, grad_proj_weight, grad_proj_bias);
   for (int64_t l = s.layers - 1; l >= 0; --l) {
     const LayerWeights w = layer_weights(weights, s, l);
     const at::Tensor h_l = h.select(0, l);
@@ -607,28 +641,23 @@ void session_update_backward_out(const at::Tensor& grad_out, const at::Tensor& i
       grad_h_l = grad_h->select(0, l);
       add_into(*grad_h_l, *grad_h_l, grad_h_direct);
     }
-    step_weight_grads(concurrently, grad_gi, grad_gh, layer_input, h_l, w.w_hh, grad_h_l, grad_weights[l * per_layer],
-                      grad_weights[l * per_layer + 1],
-                      s.bias ? OptTensor(grad_weights[l * per_layer + 2]) : std::nullopt,
-                      s.bias ? OptTensor(grad_weights[l * per_layer + 3]) : std::nullopt, [&] {
+    step_weight_grads(concurrently, grad_gi, grad_gh, layer_input, h_l, w.w_hh, grad_h_l,
+                      weight_grad(grad_weights, l * per_layer), weight_grad(grad_weights, l * per_layer + 1),
+                      s.bias ? weight_grad(grad_weights, l * per_layer + 2) : std::nullopt,
+                      s.bias ? weight_grad(grad_weights, l * per_layer + 3) : std::nullopt, [&] {
                         // Below layer 0 the input is the previous layer's state, whose own gradient joins.
                         if (l > 0) {
                           addmm_into(grad_below, grad_states.select(0, l - 1), grad_gi, w.w_ih);
-                        } else {
+                        } else if (input_wanted) {
                           mm_into(grad_input, grad_gi, w.w_ih);
                         }
                       });
     if (l > 0) grad_layer_output = grad_below;
   }
-
-  at::Tensor grad_mean = grad_input;
-  if (proj_weight.has_value()) {
-    mm_into(*grad_proj_weight, grad_input.t(), session_mean);
-    if (grad_proj_bias.has_value()) sum_rows_into(*grad_proj_bias, grad_input);
-    grad_mean = at::empty({s.batch, s.dim}, grad_out.options());
-    mm_into(grad_mean, grad_input, *proj_weight);
+  if (input_wanted) {
+    session_input_backward(k, lengths, s, grad_input, session_mean, proj_weight, grad_proj_weight, grad_proj_bias,
+                           grad_items);
   }
-  if (grad_items.has_value() && grad_items->numel() > 0) run_session_mean_backward(k, lengths, s, grad_mean, *grad_items);
 }
 
 // ---- all of a lane batch's session steps in one op -----------------------------------------------
@@ -821,7 +850,10 @@ void session_update_steps_backward_out(const at::Tensor& grad_out, const at::Ten
   const at::Tensor grad_input = at::empty({rows, s.input}, options);     // dL/d layer 0's input
   // dL/d layer l's cells from layer l + 1's input product (none above the top layer).
   const at::Tensor grad_from_above = s.layers > 1 ? at::empty({rows, s.hidden}, options) : at::Tensor();
-  const at::Tensor prev_states = at::empty({ss.steps, s.batch, s.hidden}, out.options());
+  // The states each step started from, for the W_hh gradients.
+  const at::Tensor prev_states =
+      grad_weights.empty() ? at::Tensor() : at::empty({ss.steps, s.batch, s.hidden}, out.options());
+  const bool input_wanted = input_grad_wanted(grad_items, grad_proj_weight, grad_proj_bias);
   // Where h wants no gradient, the carries live in scratch of h's shape and their last update (step 0's, dL/d h)
   // is skipped. (Each layer's carry then lies at the same offset as in grad_h: BLAS's rounding may depend on an
   // operand's alignment, and the other gradients must not depend on whether h wants one.)
@@ -849,31 +881,30 @@ void session_update_steps_backward_out(const at::Tensor& grad_out, const at::Ten
       add_into(carry, carry, grad_out.select(0, step).select(0, l));
       addmm_into(carry, carry, grad_gh_step, w.w_hh);
     }
-    // The weight gradients and the input's, each one product over all steps.
-    const at::Tensor layer_input = l > 0 ? cells.select(0, l - 1).view({rows, s.hidden})
-                                         : (projected.has_value() ? *projected : session_mean).view({rows, s.input});
-    mm_into(grad_weights[l * per_layer], grad_gi.t(), layer_input);
-    at::Tensor prev_states_l = prev_states;
-    prev_states_l.copy_(out.narrow(0, 0, ss.steps).select(1, l));
-    mm_into(grad_weights[l * per_layer + 1], grad_gh.t(), prev_states.view({rows, s.hidden}));
-    if (s.bias) {
-      sum_rows_into(grad_weights[l * per_layer + 2], grad_gi);
-      sum_rows_into(grad_weights[l * per_layer + 3], grad_gh);
+    // The weight gradients (where wanted) and the input's, each one product over all steps.
+    if (!grad_weights.empty()) {
+      const at::Tensor layer_input = l > 0 ? cells.select(0, l - 1).view({rows, s.hidden})
+                                           : (projected.has_value() ? *projected : session_mean).view({rows, s.input});
+      mm_into(grad_weights[l * per_layer], grad_gi.t(), layer_input);
+      at::Tensor prev_states_l = prev_states;
+      prev_states_l.copy_(out.narrow(0, 0, ss.steps).select(1, l));
+      mm_into(grad_weights[l * per_layer + 1], grad_gh.t(), prev_states.view({rows, s.hidden}));
+      if (s.bias) {
+        sum_rows_into(grad_weights[l * per_layer + 2], grad_gi);
+        sum_rows_into(grad_weights[l * per_layer + 3], grad_gh);
+      }
     }
-    mm_into(l > 0 ? grad_from_above : grad_input, grad_gi, w.w_ih);
+    if (l > 0) {
+      mm_into(grad_from_above, grad_gi, w.w_ih);
+    } else if (input_wanted) {
+      mm_into(grad_input, grad_gi, w.w_ih);
+    }
   }
-
-  at::Tensor grad_mean = grad_input;
-  if (proj_weight.has_value()) {
-    mm_into(*grad_proj_weight, grad_input.t(), session_mean.view({rows, s.dim}));
-    if (grad_proj_bias.has_value()) sum_rows_into(*grad_proj_bias, grad_input);
-    grad_mean = at::empty({rows, s.dim}, options);
-    mm_into(grad_mean, grad_input, *proj_weight);
-  }
-  if (grad_items.has_value() && grad_items->numel() > 0) {
+  if (input_wanted) {
     SessionUpdateShapes all = s;
     all.batch = rows;
-    run_session_mean_backward(k, lengths, all, grad_mean, *grad_items);
+    session_input_backward(k, lengths, all, grad_input, session_mean.view({rows, s.dim}), proj_weight,
+                           grad_proj_weight, grad_proj_bias, grad_items);
   }
 }
 
@@ -1092,15 +1123,24 @@ class SessionUpdateFunction : public torch::autograd::Function<SessionUpdateFunc
     const std::vector<at::Tensor> weights(saved.begin() + 9, saved.end());
     const at::Tensor grad_out = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(h);
 
+    // Only what wants a gradient is computed: the GRU's weights all or none (none when every one is frozen), the
+    // projection's weight and bias each (the autograd inputs: items, lengths, h, keep, the weights, then
+    // proj_weight and proj_bias where given).
     OptTensor grad_items, grad_h, grad_proj_weight, grad_proj_bias;
     if (ctx->needs_input_grad(0)) grad_items = at::empty(items.sizes(), items.options());
     if (ctx->needs_input_grad(2)) grad_h = at::empty_like(h);
+    const size_t first_weight = 4, after_weights = first_weight + weights.size();
+    bool weights_wanted = false;
+    for (size_t i = first_weight; i < after_weights; ++i) weights_wanted = weights_wanted || ctx->needs_input_grad(i);
     std::vector<at::Tensor> grad_weights;
-    grad_weights.reserve(weights.size());
-    for (const at::Tensor& w : weights) grad_weights.push_back(at::empty(w.sizes(), w.options()));
+    if (weights_wanted) {
+      grad_weights.reserve(weights.size());
+      for (const at::Tensor& w : weights) grad_weights.push_back(at::empty(w.sizes(), w.options()));
+    }
     if (proj_weight.has_value()) {
-      grad_proj_weight = at::empty(proj_weight->sizes(), proj_weight->options());
-      if (ctx->saved_data["proj_bias"].toBool()) grad_proj_bias = at::empty({proj_weight->size(0)}, h.options());
+      if (ctx->needs_input_grad(after_weights)) grad_proj_weight = at::empty(proj_weight->sizes(), proj_weight->options());
+      if (ctx->saved_data["proj_bias"].toBool() && ctx->needs_input_grad(after_weights + 1))
+        grad_proj_bias = at::empty({proj_weight->size(0)}, h.options());
     }
     call_session_backward(grad_out, items, lengths, h, keep, weights, proj_weight, session_mean, projected, states,
                           gates, grad_items, grad_h, grad_weights, grad_proj_weight, grad_proj_bias);
@@ -1111,7 +1151,11 @@ class SessionUpdateFunction : public torch::autograd::Function<SessionUpdateFunc
     }
     torch::autograd::variable_list result{grad_items.value_or(at::Tensor()), at::Tensor(),
                                           grad_h.value_or(at::Tensor()), grad_keep};
-    result.insert(result.end(), grad_weights.begin(), grad_weights.end());
+    if (weights_wanted) {
+      result.insert(result.end(), grad_weights.begin(), grad_weights.end());
+    } else {
+      result.resize(result.size() + weights.size());
+    }
     result.push_back(grad_proj_weight.value_or(at::Tensor()));
     result.push_back(grad_proj_bias.value_or(at::Tensor()));
     return result;

@@ -469,12 +469,13 @@ def _session_update_composed(items, lengths, h, keep, layers, proj_weight, proj_
     return torch.where(active, torch.stack(states), h) * keep[None, :, None]
 
 
-def _weight_grad_buffers(weights, proj_weight, proj_bias: bool):
-    """The session ops' weight gradients' buffers: (per weight, the projection weight's or None, its bias's or
-    None)."""
-    return ([new_output(w.shape, w) for w in weights],
-            new_output(proj_weight.shape, proj_weight) if proj_weight is not None else None,
-            new_output(proj_weight.shape[:1], proj_weight) if proj_bias else None)
+def _weight_grad_buffers(need, weights, proj_weight):
+    """The session ops' weight gradients' buffers, for what wants a gradient (need: ctx.needs_input_grad of a node
+    over (items, lengths, h, keep, proj_weight, proj_bias, *weights)): (one per weight, or none at all where no
+    weight of the GRU wants one; the projection weight's or None; its bias's or None)."""
+    return ([new_output(w.shape, w) for w in weights] if any(need[6:]) else [],
+            new_output(proj_weight.shape, proj_weight) if need[4] else None,
+            new_output(proj_weight.shape[:1], proj_weight) if need[5] else None)
 
 
 class _SessionUpdateFunction(torch.autograd.Function):
@@ -493,7 +494,6 @@ class _SessionUpdateFunction(torch.autograd.Function):
             session_mean=session_mean, projected=projected, gates=gates)
         # The item embeddings' shape is all the backward needs of them (see the C++ node).
         ctx.save_for_backward(lengths, h, keep, proj_weight, session_mean, projected, states, gates, *weights)
-        ctx.proj_bias = proj_bias is not None
         ctx.items_shape = items.shape
         return out
 
@@ -507,7 +507,8 @@ class _SessionUpdateFunction(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_items = new_output(items.shape, items) if ctx.needs_input_grad[0] else None
         grad_h = new_output(h.shape, h) if ctx.needs_input_grad[2] else None
-        grad_weights, grad_proj_weight, grad_proj_bias = _weight_grad_buffers(weights, proj_weight, ctx.proj_bias)
+        grad_weights, grad_proj_weight, grad_proj_bias = _weight_grad_buffers(ctx.needs_input_grad, weights,
+                                                                              proj_weight)
         torch.ops.hiertcn_fast.session_update_backward_out(
             grad_out, items, lengths, h, keep, weights, proj_weight, session_mean, projected, states, gates,
             grad_item_embeddings=grad_items, grad_h=grad_h, grad_weights=grad_weights,
@@ -516,7 +517,8 @@ class _SessionUpdateFunction(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             kept = torch.where((lengths > 0)[None, :, None], states, h)
             grad_keep = (grad_out * kept).sum(dim=(0, 2))
-        return grad_items, None, grad_h, grad_keep, grad_proj_weight, grad_proj_bias, *grad_weights
+        return (grad_items, None, grad_h, grad_keep, grad_proj_weight, grad_proj_bias,
+                *(grad_weights or [None] * len(weights)))
 
 
 def _check_session_update(items, lengths, h, keep, weights, proj_weight, proj_bias):
@@ -724,7 +726,6 @@ class _SessionUpdateStepsFunction(torch.autograd.Function):
         # and a copy returned (a few hundred KB at HierTCN's sizes): the caller may edit what it gets in place
         # (zero a lane's final state, say) before the backward, as it may session_update's result.
         ctx.save_for_backward(lengths, keep, proj_weight, session_mean, projected, out, cells, gates, *weights)
-        ctx.proj_bias = proj_bias is not None
         ctx.items_shape = items.shape
         return out.clone()
 
@@ -736,13 +737,15 @@ class _SessionUpdateStepsFunction(torch.autograd.Function):
         items = out.new_empty(ctx.items_shape[-1]).as_strided(ctx.items_shape, (0, 0, 0, 1))  # a stand-in
         grad_items = new_output(items.shape, items) if ctx.needs_input_grad[0] else None
         grad_h = new_output(out.shape[1:], out) if ctx.needs_input_grad[2] else None
-        grad_weights, grad_proj_weight, grad_proj_bias = _weight_grad_buffers(weights, proj_weight, ctx.proj_bias)
+        grad_weights, grad_proj_weight, grad_proj_bias = _weight_grad_buffers(ctx.needs_input_grad, weights,
+                                                                              proj_weight)
         grad_keep = new_output(keep.shape, keep) if ctx.needs_input_grad[3] else None
         torch.ops.hiertcn_fast.session_update_steps_backward_out(
             grad_out.contiguous(), items, lengths, keep, weights, proj_weight, session_mean, projected, out, cells,
             gates, grad_item_embeddings=grad_items, grad_h=grad_h, grad_weights=grad_weights,
             grad_proj_weight=grad_proj_weight, grad_proj_bias=grad_proj_bias, grad_keep=grad_keep)
-        return grad_items, None, grad_h, grad_keep, grad_proj_weight, grad_proj_bias, *grad_weights
+        return (grad_items, None, grad_h, grad_keep, grad_proj_weight, grad_proj_bias,
+                *(grad_weights or [None] * len(weights)))
 
 
 def session_update_steps_reference(item_embeddings, lengths, h, keep, weights, *, proj_weight=None, proj_bias=None):
