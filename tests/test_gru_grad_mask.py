@@ -83,8 +83,8 @@ def test_sequence_with_frozen_weights_equals_the_full_backwards(backend, device,
 
 
 class BackwardCalls(TorchDispatchMode):
-    """Records which gradient outputs each call of a backward op is given (the C++ nodes of the cell and of
-    session_update call theirs through the dispatcher, where the mode sees them too)."""
+    """Records which gradient outputs each call of a backward op is given: None or not, and a list's length (the C++
+    nodes of the cell and of session_update call theirs through the dispatcher, where the mode sees them too)."""
 
     def __init__(self, op):
         super().__init__()
@@ -94,8 +94,8 @@ class BackwardCalls(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is self.op.default:
-            self.seen.append({k: v is not None for k, v in kwargs.items() if k.startswith("grad_")
-                              and not isinstance(v, list)})
+            self.seen.append({k: len(v) if isinstance(v, list) else v is not None for k, v in kwargs.items()
+                              if k.startswith("grad_")})
         return func(*args, **kwargs)
 
 
@@ -209,23 +209,6 @@ def test_session_ops_without_the_states_gradient_equal_the_full_backwards(backen
     _check(out.detach(), part, out_full.detach(), full, SESSION_NAMES, SESSION_WANTS[want], backend, dtype)
 
 
-class SessionBackwardCalls(TorchDispatchMode):
-    """The gradient outputs each call of a session op's backward is given: None or not, and grad_weights's length
-    (the C++ node of session_update calls its op through the dispatcher, where the mode sees it)."""
-
-    def __init__(self, op):
-        super().__init__()
-        self.op = op
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is self.op.default:
-            self.seen.append({k: len(v) if isinstance(v, list) else v is not None for k, v in kwargs.items()
-                              if k.startswith("grad_")})
-        return func(*args, **kwargs)
-
-
 @pytest.mark.parametrize("want", ["all", "all but h", "GRU frozen", "items alone", "h alone"])
 @pytest.mark.parametrize("steps", [None, 3], ids=["session_update", "steps=3"])
 def test_the_session_ops_are_given_only_the_gradient_outputs_wanted(steps, want):
@@ -233,8 +216,8 @@ def test_the_session_ops_are_given_only_the_gradient_outputs_wanted(steps, want)
     wanted = SESSION_NAMES if want == "all" else SESSION_WANTS[want]
     tensors = [t.requires_grad_(name in wanted) for t, name in zip(tensors, SESSION_NAMES)]
     ops = torch.ops.hiertcn_fast
-    with SessionBackwardCalls(ops.session_update_backward_out if steps is None
-                              else ops.session_update_steps_backward_out) as calls:
+    with BackwardCalls(ops.session_update_backward_out if steps is None
+                       else ops.session_update_steps_backward_out) as calls:
         _session_fn(steps, lengths, "cpu")(*tensors).sum().backward()
     expected = dict(grad_item_embeddings="items" in wanted, grad_h="h" in wanted,
                     grad_weights=8 if "w_ih0" in wanted else 0, grad_proj_weight="proj_weight" in wanted,
