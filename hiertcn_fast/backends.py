@@ -301,7 +301,9 @@ def resolve(op: str, backend, device: torch.device, dtype: torch.dtype, dtypes) 
         # Traced, the memo is not read: dynamo would guard the graph on its contents, which the trace itself
         # fills, so the first call of a compiled function in a process compiled it twice.
         return _resolve_uncached(op, name, device, dtype, dtypes, transformed, dual)
-    key = (op, name, device.type, dtype, triton_interpreted(), transformed, dual)
+    # TRITON_INTERPRET matters only to the triton backend asked for by name (auto never picks triton for CPU
+    # tensors, and for CUDA tensors the interpreter plays no part): read only then, as it costs an environment read.
+    key = (op, name, device.type, dtype, name == "triton" and triton_interpreted(), transformed, dual)
     answer = _resolved.get(key)
     if answer is None:
         try:
@@ -312,6 +314,82 @@ def resolve(op: str, backend, device: torch.device, dtype: torch.dtype, dtypes) 
     if isinstance(answer, Exception):
         raise type(answer)(*answer.args)
     return answer
+
+
+# Whether autocast is on for any device: one query (private to torch; the public per-device queries where it is
+# missing).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
+    lambda: any(torch.is_autocast_enabled(device_type) for device_type in ("cpu", "cuda")))
+# How many TorchDispatchModes are active (FakeTensorMode, a proxy mode, a user's): under one, the entry points take
+# their checked path, whose Python checks then run on the mode's tensors (a fake kernel checks nothing).
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None) or (lambda: 1)
+_KERNEL_BACKENDS = ("cpu", "cuda")
+_default_kernels = {}
+
+
+def default_kernel(op: str, t: torch.Tensor, dtypes) -> bool:
+    """Whether a call of ``op`` on tensors like ``t`` (its device and dtype) that asks for no backend anywhere runs a
+    compiled kernel (cpu or cuda) directly: no backend= keyword, use_backend block or HIERTCN_BACKEND other than
+    auto, and not traced (torch.compile), inside torch.func transforms, under a forward-mode AD level or under
+    autocast. Then the answer depends on the op, device type and dtype alone and is memoised, so an op's eager entry
+    point can take its compiled kernel after a few cheap reads of the global state instead of the whole selection
+    (at batch 1 the selection cost about as much as a GRU cell's kernel). False wherever the full selection must
+    run: it is the judge of every other case, errors included."""
+    # Traced, nothing after the first test is read (dynamo folds is_compiling() to True): the full selection knows
+    # what a trace may read (the use_backend context variable not, on some torch releases).
+    if torch.compiler.is_compiling():
+        return False
+    if t.is_cpu:
+        kind = "cpu"
+    elif t.is_cuda:
+        kind = "cuda"
+    else:
+        return False
+    if (_selected.get() is not None or functorch_transforms_active() or forward_ad._current_level >= 0
+            or _any_autocast() or _dispatch_modes() or _backend_variable() not in (None, "auto", "")):
+        return False
+    dtype = t.dtype
+    answer = _default_kernels.get((op, kind, dtype))
+    if answer is None:
+        try:
+            answer = resolve(op, None, t.device, dtype, dtypes) in _KERNEL_BACKENDS
+        except (BackendUnavailableError, TypeError, ValueError):
+            answer = False
+        _default_kernels[(op, kind, dtype)] = answer
+    return answer
+
+
+# HIERTCN_BACKEND as os.environ holds it, read on every call of an op. os.environ.get raises and catches a KeyError
+# inside when the variable is unset (the usual case), which costs more than the rest of default_kernel's reads; the
+# dict behind os.environ (updated by every assignment to os.environ, monkeypatch.setenv's included) answers at once.
+# Where os.environ is not CPython's mapping, or has been replaced, the plain reading.
+_ENVIRON = os.environ
+_ENVIRON_DATA = getattr(_ENVIRON, "_data", None)
+try:
+    _ENVIRON_KEY = _ENVIRON.encodekey(ENV_VAR) if isinstance(_ENVIRON_DATA, dict) else None
+    _decode_value = _ENVIRON.decodevalue
+except Exception:
+    _ENVIRON_KEY = None
+
+
+def _backend_variable():
+    if _ENVIRON_KEY is None or os.environ is not _ENVIRON:
+        return os.environ.get(ENV_VAR)
+    value = _ENVIRON_DATA.get(_ENVIRON_KEY)
+    return None if value is None else _decode_value(value)
+
+
+def dispatches_like(t: torch.Tensor, *others) -> bool:
+    """True when every one of ``others`` (None taken for an absent optional tensor) is a tensor of t's kind, CPU or
+    CUDA, so that a call with them all goes to t's kernel, which then checks devices, dtypes and shapes itself. A
+    tensor of another kind (meta, above all) would take the call to its own kernel, an op's fake one that checks
+    nothing; anything not a tensor is left to the checked path too."""
+    cpu = t.is_cpu
+    for other in others:
+        if other is not None and (not isinstance(other, torch.Tensor) or other.is_cpu is not cpu
+                                  or not (cpu or other.is_cuda)):
+            return False
+    return True
 
 
 def functorch_transforms_active() -> bool:

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .._ints import is_int
-from ..backends import requested_backend
+from ..backends import default_kernel, dispatches_like, requested_backend
 from ..ops import gru, gru_cell
+from ..ops.gru import GRU_DTYPES
 from ._autocast import autocast_cast as _autocast_cast, rnn_autocast_dtype as _autocast_dtype
 
 
@@ -53,6 +54,18 @@ def _refuse_bool_sizes(**sizes):
             raise TypeError(f"{name} must be an integer, not a bool ({value!r})")
 
 
+def _cell_weights(cell):
+    """(weight_ih, weight_hh, bias_ih, bias_hh) of a GRUCell, from its _parameters where all are there (a dict read
+    each, where an attribute read goes through nn.Module.__getattr__), else as attributes: a parametrized weight, or
+    one under the hook-based weight_norm, is computed on access or by a pre-hook and is not in _parameters."""
+    params = cell._parameters
+    w_ih, w_hh = params.get("weight_ih"), params.get("weight_hh")
+    b_ih, b_hh = (params.get("bias_ih"), params.get("bias_hh")) if cell.bias else (None, None)
+    if w_ih is None or w_hh is None or (cell.bias and (b_ih is None or b_hh is None)):
+        return cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh
+    return w_ih, w_hh, b_ih, b_hh
+
+
 class GRUCell(torch.nn.GRUCell):
     """torch.nn.GRUCell on hiertcn_fast.ops.gru_cell.
 
@@ -74,6 +87,25 @@ class GRUCell(torch.nn.GRUCell):
         self.backend = backend
 
     def forward(self, input, hx=None):
+        # The common call (batched, default backend, hx given or zeros) goes straight to the kernel, which checks
+        # what it is given; the module's own sizes are compared here. Anything else, or anything the kernel
+        # refuses, takes the path below, whose checks say what is wrong as torch.nn.GRUCell would.
+        if (self.backend is None and isinstance(input, torch.Tensor) and input.dim() == 2
+                and input.shape[1] == self.input_size
+                and (hx is None or (isinstance(hx, torch.Tensor) and hx.dim() == 2 and hx.shape[0] == input.shape[0]
+                                    and hx.shape[1] == self.hidden_size))
+                and default_kernel("gru_cell", input, GRU_DTYPES)):
+            w_ih, w_hh, b_ih, b_hh = _cell_weights(self)
+            if (input.dtype == w_ih.dtype and (hx is None or hx.dtype == input.dtype)
+                    and dispatches_like(input, hx, w_ih, w_hh, b_ih, b_hh)):
+                h = input.new_zeros(input.shape[0], self.hidden_size) if hx is None else hx
+                try:
+                    return torch.ops.hiertcn_fast.gru_cell.default(input, h, w_ih, w_hh, b_ih, b_hh)
+                except Exception:  # (a device apart, a weight replaced by one of another shape): said below
+                    pass
+        return self._forward_checked(input, hx)
+
+    def _forward_checked(self, input, hx):
         _check_tensor(input, "input")
         if input.dim() not in (1, 2):
             raise ValueError(f"GRUCell: expected input to be 1-D or 2-D, got {input.dim()}-D")
@@ -234,6 +266,30 @@ class GRU(torch.nn.GRU):
     def step(self, input, hx=None):
         """One time step: input (batch, input_size), hx (num_layers, batch, hidden_size) or None (zeros)
         -> (output (batch, hidden_size), h_n (num_layers, batch, hidden_size))."""
+        # As GRUCell.forward: the common call takes the kernel a layer at a time (the cell op is a layer's step),
+        # anything else or anything the kernel refuses the checked path.
+        if (self.backend is None and isinstance(input, torch.Tensor) and input.dim() == 2
+                and input.shape[1] == self.input_size and not (self.dropout > 0 and self.training)
+                and (hx is None or (isinstance(hx, torch.Tensor) and hx.dim() == 3 and hx.shape[0] == self.num_layers
+                                    and hx.shape[1] == input.shape[0] and hx.shape[2] == self.hidden_size))
+                and default_kernel("gru_cell", input, GRU_DTYPES)):
+            weights = self.all_weights
+            if (input.dtype == weights[0][0].dtype and (hx is None or hx.dtype == input.dtype)
+                    and dispatches_like(input, hx, *(t for layer in weights for t in layer))):
+                h0 = input.new_zeros(self.num_layers, input.shape[0], self.hidden_size) if hx is None else hx
+                cell = torch.ops.hiertcn_fast.gru_cell.default
+                try:
+                    h, states = input, []
+                    for layer, layer_weights in enumerate(weights):
+                        h = cell(h, h0[layer], *layer_weights) if len(layer_weights) == 4 else \
+                            cell(h, h0[layer], *layer_weights, None, None)
+                        states.append(h)
+                    return h, torch.stack(states)
+                except Exception:  # said by the checked path
+                    pass
+        return self._step_checked(input, hx)
+
+    def _step_checked(self, input, hx):
         _check_tensor(input, "input")
         if input.dim() != 2:
             raise ValueError(f"GRU.step: expected input (batch, input_size), got shape {tuple(input.shape)}")

@@ -7,7 +7,7 @@ import os
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-from ..backends import compiling, compiling_here, torch_release
+from ..backends import _any_autocast, compiling, compiling_here, torch_release
 
 _poison = os.environ.get("HIERTCN_POISON_OUTPUTS", "0") == "1"
 
@@ -59,9 +59,6 @@ def _is_fake(t) -> bool:
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
-# One query for every device (private to torch; the public per-device queries where it is missing).
-_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
-    lambda: any(torch.is_autocast_enabled(device_type) for device_type in _AUTOCAST_DEVICES))
 
 
 def in_input_dtype(op):

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from .. import _extension
 from .._ints import is_int
-from ..backends import compiling, resolve
+from ..backends import compiling, default_kernel, dispatches_like, resolve
 from ._common import (FLOATING, check_like, check_shape, check_tensor, in_input_dtype, new_output, on_device_of,
                       refuse_batched_gradient, refuse_graph_of_gradient, symbolic, unit_stride_rows)
 
@@ -340,7 +340,6 @@ def _well_formed_cell(x, h, w_ih, w_hh, b_ih, b_hh):
     return _well_formed_layer_weights((weights,), 1, x.shape[1], h.shape[1], h) is not None
 
 
-@in_input_dtype
 def gru_cell(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih=None, b_hh=None, *,
              backend=None) -> torch.Tensor:
     """One GRU step, what nn.GRUCell computes: x (batch, input), h (batch, hidden) -> h' (batch, hidden).
@@ -348,6 +347,26 @@ def gru_cell(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.T
     w_ih (3 * hidden, input), w_hh (3 * hidden, hidden), b_ih and b_hh (3 * hidden,) or both None:
     nn.GRUCell's weight_ih, weight_hh, bias_ih, bias_hh. Differentiable in every tensor argument.
     """
+    if (backend is None and isinstance(h, torch.Tensor) and default_kernel("gru_cell", h, GRU_DTYPES)
+            and dispatches_like(h, x, w_ih, w_hh, b_ih, b_hh)):
+        return gru_cell_kernel(x, h, w_ih, w_hh, b_ih, b_hh)
+    return _gru_cell(x, h, w_ih, w_hh, b_ih, b_hh, backend=backend)
+
+
+def gru_cell_kernel(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
+    """gru_cell on its compiled kernel, for a call that backends.default_kernel sent there: the op checks every
+    argument itself (shapes, dtypes, devices), so the Python checks run only when it refuses the call, and then the
+    full entry point runs, which says what is wrong in this package's words (or, if every check passes, makes the
+    call again). At batch 1 the Python checks and the selection cost about as much as the kernel."""
+    try:
+        return torch.ops.hiertcn_fast.gru_cell.default(x, h, w_ih, w_hh, b_ih, b_hh)
+    except Exception:
+        return _gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)
+
+
+@in_input_dtype
+def _gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
+    """gru_cell with every check and the full backend selection."""
     if not _well_formed_cell(x, h, w_ih, w_hh, b_ih, b_hh):
         check_tensor(h, "h", 2)
         check_tensor(x, "x", 2)
