@@ -1,4 +1,5 @@
-"""The GRU family against torch.nn: gru_cell vs nn.GRUCell, gru vs nn.GRU (cuDNN on a GPU, PyTorch's
+"""The GRU family against torch.nn: gru_cell vs nn.GRUCell, our nn.GRUCell and nn.GRU.step vs torch's modules one step
+at a time, gru vs nn.GRU (cuDNN on a GPU, PyTorch's
 own kernels on the CPU), session_update vs its composition from torch ops, session_update_steps (a lane
 batch's 10 session steps in one op) vs that composition step by step and vs session_update step by step;
 torch.compile where it applies. HierTCN's shapes: batch 32..256 lanes, hidden 128, 2 layers, sessions of up to 20 items.
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import harness
+from hiertcn_fast.nn import GRU, GRUCell
 from hiertcn_fast.ops import gru, gru_cell, session_update, session_update_steps
 
 
@@ -71,7 +73,7 @@ def _cell_maker(batch, hidden, dtype, device, backward, variants, frozen=False, 
 
 def _cell_cases(device, quick):
     dtype = _dtype(device)
-    shapes = ([(32, 128), (256, 128), (1024, 256)] if quick else
+    shapes = ([(1, 128), (32, 128), (256, 128), (1024, 256)] if quick else
               [(batch, hidden) for hidden in (128, 256, 512) for batch in (1, 32, 256, 1024)])
     cases = []
     for batch, hidden in shapes:
@@ -98,6 +100,44 @@ def _cell_cases(device, quick):
         _cell_maker(batch, hidden, dtype, device, True, WITHOUT_COMPILE, detached=True),
         flops=2 * batch * (2 * hidden) * 3 * hidden * 5 // 2, bytes=(2 * 3 * hidden * hidden + batch * hidden * 3)
         * _element(dtype) * 3, dtype=dtype, variants=WITHOUT_COMPILE))
+    return cases
+
+
+# ---- the modules one step at a time (streaming: the entry points' own cost shows at batch 1) ----------------
+
+def _module_step_maker(batch, hidden, layers, dtype, device):
+    """Our nn.GRUCell (layers None) or nn.GRU.step against torch's module on the same weights, forward only."""
+    def make():
+        if layers is None:
+            peer = torch.nn.GRUCell(hidden, hidden, device=device, dtype=dtype)
+            ours = GRUCell(hidden, hidden, device=device, dtype=dtype)
+            h = torch.randn(batch, hidden, device=device, dtype=dtype)
+        else:
+            peer = torch.nn.GRU(hidden, hidden, num_layers=layers, batch_first=True, device=device, dtype=dtype)
+            ours = GRU(hidden, hidden, num_layers=layers, batch_first=True, device=device, dtype=dtype)
+            h = torch.randn(layers, batch, hidden, device=device, dtype=dtype)
+        ours.load_state_dict(peer.state_dict())
+        x = torch.randn(batch, hidden, device=device, dtype=dtype)
+        if layers is None:
+            return {"hiertcn_fast": _run(lambda: ours(x, h), [], False),
+                    "torch eager": _run(lambda: peer(x, h), [], False)}
+        return {"hiertcn_fast": _run(lambda: ours.step(x, h), [], False),
+                "torch eager": _run(lambda: (lambda out, h_n: (out[:, 0], h_n))(*peer(x[:, None], h)), [], False)}
+
+    return make
+
+
+def _module_step_cases(device, quick):
+    dtype, hidden = _dtype(device), 128
+    cases = []
+    for batch in (1, 32):
+        for op, layers in (("nn.GRUCell", None), ("nn.GRU.step", 2)):
+            name = f"b={batch} h={hidden}" + ("" if layers is None else f" l={layers}") + " fwd"
+            cases.append(harness.Case(
+                op, name, _module_step_maker(batch, hidden, layers, dtype, device),
+                flops=2 * batch * (2 * hidden) * 3 * hidden * (layers or 1),
+                bytes=2 * 3 * hidden * hidden * (layers or 1) * _element(dtype), dtype=dtype,
+                variants=WITHOUT_COMPILE))
     return cases
 
 
@@ -254,8 +294,8 @@ def _steps_cases(device, quick):
 
 
 def cases(device, quick):
-    return (_cell_cases(device, quick) + _sequence_cases(device, quick) + _session_cases(device, quick)
-            + _steps_cases(device, quick))
+    return (_cell_cases(device, quick) + _module_step_cases(device, quick) + _sequence_cases(device, quick)
+            + _session_cases(device, quick) + _steps_cases(device, quick))
 
 
 test_bench = harness.bench_test(cases)
