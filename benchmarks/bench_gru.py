@@ -227,6 +227,12 @@ def _session_cases(device, quick):
         _session_maker(batch, time, hidden, layers, dtype, device, True, WITHOUT_COMPILE, detached=True),
         flops=2 * batch * layers * (2 * hidden) * 3 * hidden * 5 // 2, bytes=batch * time * hidden * _element(dtype) * 2,
         dtype=dtype, variants=WITHOUT_COMPILE))
+    batch = 1  # serving: one user's session closes
+    cases.append(harness.Case(
+        "session_update", f"b={batch} t={time} h={hidden} l={layers} fwd",
+        _session_maker(batch, time, hidden, layers, dtype, device, False, WITHOUT_COMPILE),
+        flops=2 * batch * layers * (2 * hidden) * 3 * hidden, bytes=batch * time * hidden * _element(dtype),
+        dtype=dtype, variants=WITHOUT_COMPILE))
     return cases
 
 

@@ -1,4 +1,4 @@
-"""The eager shortcut of gru_cell, nn.GRUCell and nn.GRU.step: a call that asks for no backend anywhere, on tensors a
+"""The eager shortcut of gru_cell, nn.GRUCell, nn.GRU.step and session_update: a call that asks for no backend anywhere, on tensors a
 compiled kernel takes, goes straight to the op, which checks its arguments itself; the Python checks and the backend
 selection run only where the op refuses the call or the shortcut does not apply. Whichever way a call goes, its
 results (to the bit), gradients and errors must be those of the fully checked path."""
@@ -13,7 +13,7 @@ from torch.nn.utils import parametrizations
 import hiertcn_fast.backends  # noqa: F401 (the module, below)
 from hiertcn_fast.backends import ENV_VAR, default_kernel, use_backend
 from hiertcn_fast.nn import GRU, GRUCell
-from hiertcn_fast.ops import gru_cell
+from hiertcn_fast.ops import gru_cell, session_update
 from helpers import CUDA
 
 gru_ops = sys.modules["hiertcn_fast.ops.gru"]
@@ -41,6 +41,7 @@ def full_path_calls(monkeypatch):
         return run
 
     monkeypatch.setattr(gru_ops, "_gru_cell", spy("gru_cell", gru_ops._gru_cell))
+    monkeypatch.setattr(gru_ops, "_session_update_checked", spy("session_update", gru_ops._session_update_checked))
     monkeypatch.setattr(GRUCell, "_forward_checked", spy("GRUCell", GRUCell._forward_checked))
     monkeypatch.setattr(GRU, "_step_checked", spy("GRU.step", GRU._step_checked))
     return calls
@@ -388,3 +389,101 @@ def test_compiled_gru_cell_still_compiles_fullgraph_and_matches():
     torch._dynamo.reset()
     compiled = torch.compile(lambda *a: gru_cell(*a), backend="eager", fullgraph=True)
     assert torch.equal(compiled(*args), gru_cell(*args))
+
+
+# ---- session_update ---------------------------------------------------------------------------------
+
+def _session_args(batch=3, time=5, dim=4, hidden=6, layers=2, bias=True, projected=None, dtype=torch.float32):
+    torch.manual_seed(11)
+    items = torch.randn(batch, time, dim, dtype=dtype)
+    lengths = torch.randint(0, time + 1, (batch,))
+    lengths[0] = 0  # a row without a session leaves h alone
+    h = torch.randn(layers, batch, hidden, dtype=dtype)
+    keep = (torch.rand(batch) > 0.3).to(dtype)
+    inputs = projected or dim
+    weights = []
+    for layer in range(layers):
+        tensors = [torch.randn(3 * hidden, inputs if layer == 0 else hidden, dtype=dtype) * 0.3,
+                   torch.randn(3 * hidden, hidden, dtype=dtype) * 0.3]
+        if bias:
+            tensors += [torch.randn(3 * hidden, dtype=dtype) * 0.1 for _ in range(2)]
+        weights.append(tensors)
+    proj = {} if projected is None else {"proj_weight": torch.randn(projected, dim, dtype=dtype) * 0.3,
+                                         "proj_bias": torch.randn(projected, dtype=dtype) * 0.1}
+    return (items, lengths, h, keep, weights), proj
+
+
+def _session_run(args, proj, **kwargs):
+    items, lengths, h, keep, weights = args
+    leaves = [items.clone().requires_grad_(), h.clone().requires_grad_(), keep.clone().requires_grad_()]
+    layers = [[t.clone().requires_grad_() for t in layer] for layer in weights]
+    proj = {k: v.clone().requires_grad_() for k, v in proj.items()}
+    out = session_update(leaves[0], lengths, leaves[1], leaves[2], layers, **proj, **kwargs)
+    torch.manual_seed(12)
+    out.backward(torch.randn_like(out))
+    return [out.detach()] + [t.grad for t in leaves] + [t.grad for layer in layers for t in layer] + \
+        [v.grad for v in proj.values()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layers,bias,projected", [(1, True, None), (2, False, None), (3, True, 5)])
+def test_session_update_shortcut_gives_the_checked_path_bits(full_path_calls, dtype, layers, bias, projected):
+    args, proj = _session_args(layers=layers, bias=bias, projected=projected, dtype=dtype)
+    got = _session_run(args, proj)
+    assert full_path_calls == []
+    want = _session_run(args, proj, backend="cpu")
+    assert full_path_calls == ["session_update"]
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), i
+
+
+@pytest.mark.parametrize("case", ["lengths int32", "keep bool", "h not contiguous", "weights tuples"])
+def test_session_update_arguments_the_checked_path_converts(full_path_calls, case):
+    """Arguments the op does not take as they are (the checked path converts them) go the checked way; a tuple
+    of tuples is as good as a list of lists."""
+    (items, lengths, h, keep, weights), _ = _session_args()
+    want = session_update(items, lengths, h, keep, weights)
+    assert full_path_calls == []
+    if case == "lengths int32":
+        lengths = lengths.int()
+    elif case == "keep bool":
+        keep = keep.bool()
+    elif case == "h not contiguous":
+        h = h.transpose(0, 1).contiguous().transpose(0, 1)
+    else:
+        weights = tuple(tuple(layer) for layer in weights)
+    assert torch.equal(session_update(items, lengths, h, keep, weights), want)
+    assert full_path_calls == ([] if case == "weights tuples" else ["session_update"])
+
+
+def _bad_session_calls():
+    (items, lengths, h, keep, weights), _ = _session_args()
+    w0, w1 = weights
+    return {
+        "lengths above time": (items, lengths + 6, h, keep, weights, {}),
+        "negative length": (items, lengths - 6, h, keep, weights, {}),
+        "lengths of another batch": (items, lengths[:2], h, keep, weights, {}),
+        "keep of another batch": (items, lengths, h, keep[:2], weights, {}),
+        "h of another batch": (items, lengths, h[:, :2].contiguous(), keep, weights, {}),
+        "a layer without biases": (items, lengths, h, keep, [w0, w1[:2]], {}),
+        "one layer too many": (items, lengths, h, keep, [w0, w1, w1], {}),
+        "biases as a layer": (items, lengths, h, keep, [w0[:2], w0[2:]], {}),
+        "w_ih of layer 1 too wide": (items, lengths, h, keep, [w0, [torch.randn(18, 7), *w1[1:]]], {}),
+        "items float64": (items.double(), lengths, h, keep, weights, {}),
+        "items 2-D": (items[:, 0], lengths, h, keep, weights, {}),
+        "proj_bias alone": (items, lengths, h, keep, weights, {"proj_bias": torch.randn(4)}),
+        "proj_weight of another width": (items, lengths, h, keep, weights, {"proj_weight": torch.randn(4, 3)}),
+        "a weight on meta": (items, lengths, h, keep, [w0, [w1[0].to("meta"), *w1[1:]]], {}),
+        "lengths a list": (items, lengths.tolist(), h, keep, weights, {}),
+        "weights a tensor": (items, lengths, h, keep, torch.stack([torch.stack(w1[:2]), torch.stack(w1[:2])]), {}),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_session_calls()))
+def test_session_update_bad_input_gets_the_checked_paths_error(case):
+    items, lengths, h, keep, weights, proj = _bad_session_calls()[case]
+    with pytest.raises(Exception) as want:
+        session_update(items, lengths, h, keep, weights, **proj, backend="cpu")
+    with pytest.raises(Exception) as got:
+        session_update(items, lengths, h, keep, weights, **proj)
+    assert type(got.value) is type(want.value) and str(got.value) == str(want.value), (case, got.value)

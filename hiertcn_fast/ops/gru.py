@@ -646,7 +646,6 @@ def session_update_reference(item_embeddings, lengths, h, keep, weights, *, proj
     return _session_update_composed(item_embeddings, lengths, h, keep, layers, proj_weight, proj_bias, "reference")
 
 
-@in_input_dtype
 def session_update(item_embeddings: torch.Tensor, lengths: torch.Tensor, h: torch.Tensor, keep: torch.Tensor,
                    weights, *, proj_weight=None, proj_bias=None, backend=None) -> torch.Tensor:
     """HierTCN's high-level step for a batch of lanes, in one op. Returns the new h (layers, batch, hidden).
@@ -668,6 +667,41 @@ def session_update(item_embeddings: torch.Tensor, lengths: torch.Tensor, h: torc
     kernel's own check included; compiled by torch.compile, a RuntimeError when the graph runs);
     on a GPU every backend clamps them (checking would synchronise).
     """
+    if backend is None and isinstance(h, torch.Tensor) and default_kernel("session_update", h, GRU_DTYPES):
+        flat = _session_kernel_weights(item_embeddings, lengths, h, keep, weights, proj_weight, proj_bias)
+        if flat is not None:
+            # As gru_cell's shortcut: the op checks every argument (the lengths' values too, on CPU tensors), and
+            # where it refuses the call the checked path below says what is wrong.
+            try:
+                return torch.ops.hiertcn_fast.session_update.default(item_embeddings, lengths, h, keep, flat,
+                                                                     proj_weight, proj_bias)
+            except Exception:
+                pass
+    return _session_update_checked(item_embeddings, lengths, h, keep, weights, proj_weight, proj_bias, backend)
+
+
+def _session_kernel_weights(item_embeddings, lengths, h, keep, weights, proj_weight, proj_bias):
+    """The weights as the op takes them (flat, per layer w_ih, w_hh[, b_ih, b_hh]) where the call can go to it as
+    it is: lengths int64 and keep in h's dtype (the checked path converts others), h and lengths contiguous, one
+    weight sequence per layer, all with or all without biases, and every tensor of h's kind (dispatches_like).
+    None otherwise."""
+    if not (isinstance(lengths, torch.Tensor) and isinstance(keep, torch.Tensor) and lengths.dtype == torch.int64
+            and keep.dtype == h.dtype and h.dim() == 3 and h.is_contiguous() and lengths.is_contiguous()
+            and isinstance(weights, (list, tuple)) and len(weights) == h.shape[0] >= 1):
+        return None
+    per_layer = len(weights[0]) if isinstance(weights[0], (list, tuple)) else 0
+    if per_layer not in (2, 4) or any(not isinstance(layer, (list, tuple)) or len(layer) != per_layer
+                                      for layer in weights):
+        return None
+    flat = [t for layer in weights for t in layer]
+    if proj_bias is not None and proj_weight is None:
+        return None
+    return flat if dispatches_like(h, item_embeddings, lengths, keep, proj_weight, proj_bias, *flat) else None
+
+
+@in_input_dtype
+def _session_update_checked(item_embeddings, lengths, h, keep, weights, proj_weight, proj_bias, backend):
+    """session_update with every check and the full backend selection."""
     layers = _well_formed_session_update(item_embeddings, lengths, h, keep, weights, proj_weight, proj_bias)
     if layers is None:
         lengths, keep, layers = _check_session_update(item_embeddings, lengths, h, keep, weights, proj_weight,
