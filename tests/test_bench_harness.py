@@ -288,7 +288,7 @@ def test_every_benchmark_id_is_unique_and_names_its_op():
     ids = [line.split("::", 1)[1] for line in listed.splitlines() if "::test_bench[" in line]
     assert len(ids) > 100 and len(set(ids)) == len(ids)
     ops = {"causal_conv1d", "tcn_step", "gru_cell", "gru", "session_update", "session_update_steps", "gru_gates",
-           "linear_cross_entropy", "serve"}
+           "linear_cross_entropy", "serve", "nn.GRUCell", "nn.GRU.step"}
     assert all(i.startswith("test_bench[") and i[len("test_bench["):].split(" ", 1)[0] in ops for i in ids), ids
     assert not any(i.rstrip("]")[-1].isdigit() for i in ids)
 
