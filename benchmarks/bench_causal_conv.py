@@ -252,6 +252,10 @@ def cases(device, quick):
             out.append(_conv_case(device, dtype, "hiertcn block1", batch, 21, 128, 5, 1, context_channels=256,
                                   backward=backward))
             out.append(_conv_case(device, dtype, "hiertcn dense", batch, 21, 128, 5, 2, backward=backward))
+        # One session alone (a user's own model, fine-tuning on one stream): a whole session (the cpu backend's
+        # BLAS route) and its first three events (below the route's size: the micro-kernels, forward and backward).
+        for time in (21, 3):
+            out.append(_conv_case(device, dtype, "small dense", 1, time, 128, 5, 2, backward=backward))
         if backward:
             # A dense layer over data (x wants no gradient) and a frozen one (nor the weight and bias): the backward
             # skips the input-gradient conv or the weight-gradient products.

@@ -614,14 +614,32 @@ void weight_grad_cpu_kernel(const CausalConvBackwardParams& p) {
       }
     }
   });
-  // Sum the chunks in order and scatter from the packed layout [j][ci][ol] to (out, in/groups, k).
-  at::parallel_for(0, packed_size, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e) {
-      A sum = A(0);
-      for (int64_t chunk = 0; chunk < p.weight_grad_chunks; ++chunk) sum += partials[chunk * packed_size + e];
-      const int64_t j = e / (C_in * out_g), ci = (e / out_g) % C_in, ol = e % out_g;
-      const int64_t g = ci / in_g, cl = ci % in_g;
-      grad_weight[((g * out_g + ol) * in_g + cl) * K + j] = T(sum);
+  // Sum the chunks in order and scatter from the packed layout [j][ci][ol] to (out, in/groups, k). An item is
+  // (group, run of kRun output channels): the chunks' sums for a run are read as rows and vectorised, and its
+  // kRun rows of the weight gradient are written in order, so the writes stay in a few cache lines (with a division
+  // per element and a write at a stride of in * k per channel, this scatter cost 0.75 ms for a 128-channel, k = 5
+  // weight, ten times the products of a one-step backward).
+  constexpr int64_t kRun = 16;
+  const int64_t chunks = p.weight_grad_chunks;
+  const int64_t runs = (out_g + kRun - 1) / kRun;
+  at::parallel_for(0, p.groups * runs, std::max<int64_t>(1, 4096 / std::max<int64_t>(in_g * K * kRun, 1)),
+                   [&](int64_t begin, int64_t end) {
+    A sums[kRun];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t g = item / runs, o0 = (item % runs) * kRun;
+      const int64_t run = std::min(kRun, out_g - o0);
+      T* dst = grad_weight + (g * out_g + o0) * in_g * K;
+      for (int64_t cl = 0; cl < in_g; ++cl) {
+        for (int64_t j = 0; j < K; ++j) {
+          const A* src = partials + (j * C_in + g * in_g + cl) * out_g + o0;
+          std::fill(sums, sums + run, A(0));
+          for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+            const A* part = src + chunk * packed_size;
+            for (int64_t o = 0; o < run; ++o) sums[o] += part[o];
+          }
+          for (int64_t o = 0; o < run; ++o) dst[(o * in_g + cl) * K + j] = T(sums[o]);
+        }
+      }
     }
   });
 }
