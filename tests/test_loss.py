@@ -118,18 +118,42 @@ def test_keeps_gradients_not_the_logits_for_the_backward():
         torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
+def test_a_batch_of_few_rows_keeps_its_logits_gradient_no_larger_than_the_weights():
+    """No more events than features (4 against 10): the loss keeps the (events, classes) gradient of its logits,
+    here smaller than the weight's gradient the blocked path would keep, with the weight and the features (the
+    leaves themselves: no copy), and the backward's products on it give the peer's gradients, scaled by the
+    incoming gradient."""
+    features, weight, b, targets = _leaves(4, 10, 500, torch.float64)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        loss = linear_cross_entropy(features, weight, b, targets, backend="cpu")
+    assert sorted(tuple(t.shape) for t in kept) == sorted([(4, 500), (500, 10), (4, 10)])
+    assert any(t is weight for t in kept) and any(t is features for t in kept)
+    leaves = [features, weight, b]
+    got = torch.autograd.grad(loss * 3.0, leaves)
+    want = torch.autograd.grad(peer(features, weight, b, targets) * 3.0, leaves)
+    for one, other in zip(got, want):
+        torch.testing.assert_close(one, other, **TOL[torch.float64])
+    torch.testing.assert_close(loss, peer(features, weight, b, targets), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("events", [40, 3], ids=["blocked", "few rows"])  # 5 features: few rows at 3 events
 @pytest.mark.parametrize("needs", [(True, False, False), (False, True, True), (False, False, True)])
-def test_only_the_gradients_asked_for(needs):
+def test_only_the_gradients_asked_for(needs, events):
     """A frozen output layer, or fixed features: the gradients asked for equal the peer's, and the ones not asked
-    for are neither computed nor kept."""
-    features, weight, b, targets = _leaves(40, 5, 23, torch.float64)
+    for are neither computed nor kept (a batch of few rows keeps its logits' gradient, and the weight or the
+    features where the other's gradient needs them)."""
+    features, weight, b, targets = _leaves(events, 5, 23, torch.float64)
     leaves = (features, weight, b)
     for leaf, need in zip(leaves, needs):
         leaf.requires_grad_(need)
     kept = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
         ours = linear_cross_entropy(*leaves, targets, backend="cpu")
-    assert len(kept) == sum(needs)
+    if events > 5:
+        assert len(kept) == sum(needs)
+    else:
+        assert [tuple(t.shape) for t in kept] == [(events, 23)] + [(23, 5)] * needs[0] + [(events, 5)] * needs[1]
     asked = [leaf for leaf in leaves if leaf.requires_grad]
     for got, want in zip(torch.autograd.grad(ours, asked), torch.autograd.grad(peer(*leaves, targets), asked)):
         torch.testing.assert_close(got, want, **TOL[torch.float64])
@@ -146,11 +170,12 @@ def test_without_gradients_the_loss_alone():
         torch.testing.assert_close(ours, expected.detach(), **TOL[torch.float64])
 
 
-def test_backward_twice_and_double_backward():
+@pytest.mark.parametrize("events", [9, 3], ids=["blocked", "few rows"])
+def test_backward_twice_and_double_backward(events):
     """retain_graph: a second backward gives the same gradients again; a graph of the gradient
     (create_graph=True) is a clear error (the cpu path is once differentiable), not a silently wrong second
     derivative."""
-    features, weight, b, targets = _leaves(9, 4, 6, torch.float64)
+    features, weight, b, targets = _leaves(events, 4, 6, torch.float64)
     loss = linear_cross_entropy(features, weight, b, targets, backend="cpu")
     first = torch.autograd.grad(loss, [features, weight, b], retain_graph=True)
     second = torch.autograd.grad(loss * 2.0, [features, weight, b], retain_graph=True)

@@ -10,7 +10,9 @@ log-sum-exp, loss, and the row turned into softmax - one_hot, its gradient), and
 the gradients (two products and a column sum), since the loss is a scalar at the end of the graph; the
 backward only scales them by the incoming gradient. Its memory is one block's logits (at most 1,024 rows) while
 it runs and the gradients (events x dim, and the weight's size) kept for the backward, not an (events, items)
-buffer, which at a web-scale catalogue would dwarf everything else a training step holds. Without a gradient
+buffer, which at a web-scale catalogue would dwarf everything else a training step holds (a batch of no more
+events than features keeps its (events, items) logits' gradient instead, then no larger than the weight's
+gradient, and runs the two gradient products in the backward: see _few_rows). Without a gradient
 to compute (no_grad, evaluation) it computes the loss alone. It is once differentiable: create_graph=True
 is a clear error (the reference has higher derivatives), and under forward-mode AD auto runs the reference.
 
@@ -77,24 +79,54 @@ def _blocked_loss_and_gradients(features, weight, bias, targets, need_features, 
     return loss_rows.sum(), grad_features, grad_weight, grad_bias
 
 
+def _few_rows(events: int, dim: int, classes: int, element_size: int) -> bool:
+    """Whether a batch is small enough to keep its (events, classes) logits' gradient for the backward: no more
+    rows than features (so that buffer is no larger than the weight's gradient, which the blocked path keeps),
+    in one block. There the blocked path's weight gradient, summed into a zeroed buffer in the forward and
+    scaled into a new one in the backward, cost more than the products themselves: at one event, 1,683 classes
+    and 128 features, twice PyTorch's time."""
+    return events <= min(dim, _block_rows(classes, element_size))
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """The loss is a scalar at the end of the graph, so its gradients are those for a unit loss gradient
     times the incoming one: they are computed in the forward, block by block, and the backward only scales
     them. What is kept for the backward is then the gradients (events x dim and the weight's size), never
-    the (events, classes) logits."""
+    the (events, classes) logits. A batch of no more rows than features (_few_rows) keeps instead the
+    gradient of its logits, no larger than the weight's gradient, and runs the two products in the backward on
+    it scaled by the incoming gradient: the weight's gradient is then written once, not zeroed, summed into and
+    scaled."""
 
     @staticmethod
     def forward(ctx, features, weight, bias, targets):
         need = ctx.needs_input_grad
+        need_bias = bias is not None and need[2]
+        events, dim = features.shape
+        ctx.few_rows = _few_rows(events, dim, weight.shape[0], features.element_size())
+        if ctx.few_rows:
+            grad_logits = features.new_empty((events, weight.shape[0]))
+            torch.mm(features, weight.t(), out=grad_logits)
+            loss_rows = new_output((events,), features)
+            # The row kernel turns the logits into their gradient, softmax - one_hot, in place.
+            torch.ops.hiertcn_fast.softmax_xent_out(grad_logits, targets, bias, loss=loss_rows)
+            ctx.need_bias = need_bias
+            ctx.save_for_backward(grad_logits, weight if need[0] else None, features if need[1] else None)
+            return loss_rows.sum()
         loss, grad_features, grad_weight, grad_bias = _blocked_loss_and_gradients(
-            features, weight, bias, targets, need[0], need[1], bias is not None and need[2])
+            features, weight, bias, targets, need[0], need[1], need_bias)
         ctx.save_for_backward(grad_features, grad_weight, grad_bias)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         refuse_graph_of_gradient("linear_cross_entropy")
-        return (*(None if g is None else g * grad_loss for g in ctx.saved_tensors), None)
+        if not ctx.few_rows:
+            return (*(None if g is None else g * grad_loss for g in ctx.saved_tensors), None)
+        grad_logits, weight, features = ctx.saved_tensors
+        scaled = grad_logits * grad_loss
+        return (None if weight is None else torch.mm(scaled, weight),
+                None if features is None else torch.mm(scaled.t(), features),
+                scaled.sum(0) if ctx.need_bias else None, None)
 
 
 def _why_not_fused(features, weight, bias, targets) -> str:
