@@ -109,7 +109,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss_rows = new_output((events,), features)
             # The row kernel turns the logits into their gradient, softmax - one_hot, in place.
             torch.ops.hiertcn_fast.softmax_xent_out(grad_logits, targets, bias, loss=loss_rows)
-            ctx.need_bias = need_bias
             ctx.save_for_backward(grad_logits, weight if need[0] else None, features if need[1] else None)
             return loss_rows.sum()
         loss, grad_features, grad_weight, grad_bias = _blocked_loss_and_gradients(
@@ -126,7 +125,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scaled = grad_logits * grad_loss
         return (None if weight is None else torch.mm(scaled, weight),
                 None if features is None else torch.mm(scaled.t(), features),
-                scaled.sum(0) if ctx.need_bias else None, None)
+                scaled.sum(0) if ctx.needs_input_grad[2] else None, None)
 
 
 def _why_not_fused(features, weight, bias, targets) -> str:
