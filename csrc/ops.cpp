@@ -127,4 +127,7 @@ TORCH_LIBRARY(hiertcn_fast, m) {
   // The full-softmax cross-entropy's row pass (cpu/softmax_xent.cpp): logits (rows, classes) get bias added,
   // and become softmax - one_hot(targets) in place; loss[r] = logsumexp(row r) - logit[r][targets[r]].
   m.def("softmax_xent_out(Tensor(a!) logits, Tensor targets, Tensor? bias, *, Tensor(b!) loss) -> ()");
+  // The whole loss (cpu/softmax_xent.cpp): sum over rows of cross_entropy(features @ weight^T + bias, targets),
+  // with an autograd node in C++; block_rows bounds the rows of logits held at once.
+  m.def("linear_cross_entropy(Tensor features, Tensor weight, Tensor? bias, Tensor targets, int block_rows) -> Tensor");
 }

@@ -252,6 +252,20 @@ def cases(side, backend):
             assert bool(torch.isfinite(loss)) and bool(torch.isfinite(weight.grad).all())
         return name, run
 
+    def row_pass(name, rows, classes, bias=True, dtype=torch.float32):
+        # The loss op calls its row pass from C++, past this module's hook on torch.ops: called here directly.
+        def run():
+            torch.manual_seed(7)
+            z = torch.randn(rows, classes, dtype=dtype)
+            b = torch.randn(classes, dtype=dtype) if bias else None
+            targets = torch.arange(rows) * 5 % classes
+            logits, loss = g(z), g(torch.empty(rows, dtype=dtype))
+            torch.ops.hiertcn_fast.softmax_xent_out(logits, g(targets), None if b is None else g(b), loss=loss)
+            shifted = z if b is None else z + b
+            want = torch.logsumexp(shifted, 1) - shifted.gather(1, targets[:, None])[:, 0]
+            assert torch.allclose(loss, want, rtol=1e-5, atol=1e-5)
+        return name, run
+
     return [
         # output channels past a multiple of the CUDA kernels' 128 threads; depthwise and grouped
         conv("conv depthwise 130", 2, 19, 130, 130, 3, 4, 130),
@@ -275,6 +289,8 @@ def cases(side, backend):
     ] + ([] if backend == "triton" else [  # (no Triton kernel)
         cross_entropy("linear_cross_entropy", 5, 9, 1001),
         cross_entropy("linear_cross_entropy no bias", 3, 130, 77, bias=False),
+        row_pass("softmax_xent_out rows", 5, 1001),
+        row_pass("softmax_xent_out rows no bias", 3, 77, bias=False),
     ])
 
 

@@ -43,9 +43,9 @@ def test_equals_cross_entropy_of_linear(dtype, events, dim, classes, bias):
 def test_the_cpu_path_is_taken_and_reference_matches():
     features, weight, b, targets = _leaves(20, 8, 30, torch.float64)
     fused = linear_cross_entropy(features, weight, b, targets)
-    assert fused.grad_fn is not None and "LinearCrossEntropy" in type(fused.grad_fn).__name__
+    assert fused.grad_fn is not None and "LinearCrossEntropy" in fused.grad_fn.name()
     reference = linear_cross_entropy(features, weight, b, targets, backend="reference")
-    assert "LinearCrossEntropy" not in type(reference.grad_fn).__name__
+    assert "LinearCrossEntropy" not in reference.grad_fn.name()
     torch.testing.assert_close(fused, reference, **TOL[torch.float64])
     torch.testing.assert_close(linear_cross_entropy_reference(features, weight, b, targets), reference)
 
@@ -236,6 +236,88 @@ def test_opcheck_row_op():
     torch.library.opcheck(torch.ops.hiertcn_fast.softmax_xent_out.default,
                           (logits, torch.randint(0, 11, (6,)), rand(11, dtype=torch.float32)),
                           dict(loss=torch.empty(6)))
+
+
+@pytest.mark.parametrize("events", [3, 40], ids=["few rows", "blocked"])  # 5 features: few rows at 3 events
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_loss_op(events, bias):
+    """The whole-loss op (its C++ autograd node, its fake kernel, its schema) passes opcheck with and without
+    gradients, on both of its forward paths (block_rows 16: three blocks at 40 events)."""
+    features, weight, b, targets = _leaves(events, 5, 9, torch.float64, bias)
+    op = torch.ops.hiertcn_fast.linear_cross_entropy.default
+    torch.library.opcheck(op, (features, weight, b, targets, 16))
+    torch.library.opcheck(op, (features.detach(), weight.detach(), None if b is None else b.detach(), targets, 16))
+
+
+def test_the_loss_op_checks_its_arguments_itself():
+    """The default path calls the compiled op with no Python checks in front: the op itself refuses what the entry
+    point's checks refuse, before writing anything (and the entry point then says why in its own words)."""
+    features, weight, b, targets = _leaves(4, 3, 5, torch.float32)
+    op = torch.ops.hiertcn_fast.linear_cross_entropy.default
+    bad = [
+        ((features[0], weight, b, targets, 8), "features must be 2-D"),
+        ((features.half(), weight, b, targets, 8), "float32 or float64"),
+        ((features, weight[:, :2], b, targets, 8), r"weight must be \(classes, 3\)"),
+        ((features, weight.double(), b, targets, 8), "weight must have the dtype of features"),
+        ((features, weight, b[:4], targets, 8), "bias must have shape"),
+        ((features, weight, b.double(), targets, 8), "bias must have the dtype of features"),
+        ((features, weight, b, targets.int(), 8), "targets must be a 1-D int64 tensor"),
+        ((features, weight, b, targets[:3], 8), "targets must be a 1-D int64 tensor"),
+        ((features, weight, b, torch.tensor([0, 5, 1, 2]), 8), r"targets must lie in \[0, 5\), got values in \[0, 5\]"),
+        ((features, weight, b, torch.tensor([0, -100, 1, 2]), 8), r"got values in \[-100, 2\]"),
+        ((features, weight, b, targets, 0), "block_rows must be >= 1"),
+    ]
+    for args, message in bad:
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match=message):
+                op(*args)
+
+
+def test_the_default_path_calls_the_op_and_falls_back_to_the_checks(monkeypatch):
+    """With no backend asked for, a good call goes straight to the compiled op (the checked entry point is not
+    run) and gives the peer's loss and gradients; a bad one reaches the checked entry point, whose error names
+    the argument in this package's words."""
+    import hiertcn_fast.ops.loss as loss_module
+
+    checked = loss_module._checked_linear_cross_entropy
+    calls = []
+
+    def spy(*args):
+        calls.append(args[-1])
+        return checked(*args)
+
+    monkeypatch.setattr(loss_module, "_checked_linear_cross_entropy", spy)
+    features, weight, b, targets = _leaves(6, 4, 9, torch.float64)
+    loss = linear_cross_entropy(features, weight, b, targets)
+    assert calls == [] and "LinearCrossEntropy" in loss.grad_fn.name()
+    expected = peer(features, weight, b, targets)
+    torch.testing.assert_close(loss, expected, **TOL[torch.float64])
+    leaves = [features, weight, b]
+    for got, want in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(expected, leaves)):
+        torch.testing.assert_close(got, want, **TOL[torch.float64])
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 9\), got values in \[0, 9\]"):
+        linear_cross_entropy(features, weight, b, torch.tensor([0, 9, 1, 1, 2, 3]))
+    with pytest.raises(TypeError, match="weight has dtype torch.float32 but features has torch.float64"):
+        linear_cross_entropy(features, weight.float(), b, targets)
+    assert calls == [None, None]
+    linear_cross_entropy(features, weight, b, targets, backend="cpu")
+    assert calls == [None, None, "cpu"]
+
+
+@pytest.mark.parametrize("events", [3, 40], ids=["few rows", "blocked"])
+def test_a_backward_for_some_inputs_gives_their_gradients(events):
+    """Every leaf requires grad, and one backward asks for the gradient of one of them (or two): each is the
+    peer's, with or without a bias (whose absence moves the targets to the node's third input)."""
+    for bias in (True, False):
+        features, weight, b, targets = _leaves(events, 5, 11, torch.float64, bias)
+        leaves = [t for t in (features, weight, b) if t is not None]
+        loss, expected = linear_cross_entropy(*leaves[:2], b, targets), peer(features, weight, b, targets)
+        subsets = [[leaf] for leaf in leaves] + [[features, leaves[-1]]]
+        for subset in subsets:
+            got = torch.autograd.grad(loss * 1.5, subset, retain_graph=True)
+            want = torch.autograd.grad(expected * 1.5, subset, retain_graph=True)
+            for one, other in zip(got, want):
+                torch.testing.assert_close(one, other, **TOL[torch.float64])
 
 
 def test_bad_input_is_a_clear_error():

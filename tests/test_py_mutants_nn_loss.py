@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conv_helpers import left_padded_conv1d
 from helpers import assert_close, rand
@@ -351,29 +352,40 @@ def test_a_parameter_on_another_device_is_refused_under_autocast_too():
                                      targets, backend=backend)
 
 
+class _AtenCalls(TorchDispatchMode):
+    """Records the name of every aten (and hiertcn_fast) op that runs below autograd while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 def test_without_grad_mode_no_gradient_products_are_computed(monkeypatch):
-    """Kills L14 (loss.py: leaves requiring grad take the gradient-computing path even under no_grad). Under
-    no_grad the documented behaviour is the loss alone: the blocked pass is asked for no gradient, even though
-    features and weight require grad; the loss equals the float64 recomputation."""
+    """Kills L14 (the loss op: leaves requiring grad take the gradient-computing path even under no_grad). Under
+    no_grad the documented behaviour is the loss alone: one product per block of rows (the logits), the row
+    pass, no gradient products, even though features and weight require grad; the loss equals the float64
+    recomputation. With grad mode on, the same call (600 events: more than the 4 features, so blocked) runs
+    each block's gradient products too: the features' (mm) and the weight's (addmm_)."""
     import hiertcn_fast.ops.loss as loss_module
 
-    asked = []
-    blocked = loss_module._blocked_loss_and_gradients
-
-    def spy(*args):
-        asked.append(args[4:])
-        return blocked(*args)
-
-    monkeypatch.setattr(loss_module, "_blocked_loss_and_gradients", spy)
-    features, weight = rand(9, 4).requires_grad_(), rand(6, 4).requires_grad_()
-    targets = torch.tensor([0, 5, 1, 1, 2, 3, 4, 5, 0])
-    with torch.no_grad():
-        loss = loss_module.linear_cross_entropy(features, weight, None, targets, backend="cpu")
-    assert asked == [(False, False, False)] and not loss.requires_grad
+    monkeypatch.setattr(loss_module, "_MIN_BLOCK_ROWS", 256)
+    monkeypatch.setattr(loss_module, "_MAX_BLOCK_ROWS", 256)
+    features, weight = rand(600, 4).requires_grad_(), rand(6, 4).requires_grad_()
+    targets = torch.randint(0, 6, (600,))
+    with torch.no_grad(), _AtenCalls() as calls:
+        loss = linear_cross_entropy(features, weight, None, targets, backend="cpu")
+    assert not loss.requires_grad
+    assert calls.names.count("mm") == 3 and "addmm_" not in calls.names  # blocks of 256, 256 and 88 rows
+    assert calls.names.count("softmax_xent_out") == 3
     torch.testing.assert_close(loss, _loss_peer(features, weight, None, targets).detach(), rtol=1e-10, atol=1e-10)
-    # With grad mode on, the same call asks for exactly the gradients of the leaves that require grad.
-    loss_module.linear_cross_entropy(features, weight, None, targets, backend="cpu")
-    assert asked[1] == (True, True, False)
+    with _AtenCalls() as calls:
+        loss = linear_cross_entropy(features, weight, None, targets, backend="cpu")
+    assert loss.requires_grad
+    assert calls.names.count("mm") == 6 and calls.names.count("addmm_") == 3
 
 
 def test_strided_targets_take_the_cpu_path():

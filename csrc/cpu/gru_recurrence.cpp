@@ -908,25 +908,6 @@ void session_update_steps_backward_out(const at::Tensor& grad_out, const at::Ten
   }
 }
 
-// Under create_graph=True the kernels' gradients would have no graph, so higher derivatives through them would
-// silently lack these terms: refused (the reference backend builds the graph).
-void refuse_graph_of_gradient(const char* op) {
-  TORCH_CHECK(!at::GradMode::is_enabled(), op,
-              ": its backward is once differentiable (the gradients come from fused kernels), so create_graph=True "
-              "would give higher derivatives without these terms; use backend='reference' where you need a graph "
-              "of the gradient");
-}
-
-// A batched gradient (torch.autograd.grad(is_grads_batched=True), jacobian(vectorize=True),
-// gradcheck(check_batched_grad=True)) would reach the kernels' out ops, which have no batching rule: refused in
-// words that name the way out, not in the dispatcher's (which name an internal op).
-void refuse_batched_gradient(const char* op, const at::Tensor& grad) {
-  TORCH_CHECK(!grad.defined() || !grad.key_set().has(c10::DispatchKey::Batched), op,
-              ": its backward runs fused kernels, which take no batched gradient (is_grads_batched=True, "
-              "jacobian(vectorize=True), gradcheck(check_batched_grad=True)); use backend='reference' there, or "
-              "unbatched gradients");
-}
-
 // ---- the cell as one op, differentiated in C++ ------------------------------------------------------
 //
 // gru_cell is the layer ops at time 1 behind one autograd node written in C++: at HierTCN's sizes a

@@ -8,8 +8,11 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <type_traits>
@@ -127,8 +130,15 @@ void softmax_xent_out_cpu(at::Tensor& logits, const at::Tensor& targets, const s
   TORCH_CHECK(loss.is_contiguous(), "loss must be contiguous");
   check_same_device_dtype(logits, loss, "logits", "loss");
   if (rows == 0) return;
-  const at::Tensor bad = targets.lt(0).logical_or_(targets.ge(classes));
-  TORCH_CHECK(!bad.any().item<bool>(), "targets must lie in [0, ", classes, ")");
+  // One pass over the ids (a few tensor ops here cost more than the row pass at one event).
+  const int64_t* ids = targets.data_ptr<int64_t>();
+  int64_t low = ids[0], high = ids[0];
+  for (int64_t r = 1; r < rows; ++r) {
+    low = std::min(low, ids[r]);
+    high = std::max(high, ids[r]);
+  }
+  TORCH_CHECK(low >= 0 && high < classes, "targets must lie in [0, ", classes, "), got values in [", low, ", ", high,
+              "]");
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "softmax_xent_out_cpu", [&] {
     softmax_xent_rows<scalar_t>(logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(),
                                 bias ? bias->data_ptr<scalar_t>() : nullptr, loss.data_ptr<scalar_t>(), rows,
@@ -136,8 +146,173 @@ void softmax_xent_out_cpu(at::Tensor& logits, const at::Tensor& targets, const s
   });
 }
 
+// ---- the whole loss as one op, differentiated in C++ -----------------------------------------------------
+//
+// linear_cross_entropy(features, weight, bias, targets, block_rows): the summed cross-entropy of
+// features @ weight^T + bias, what hiertcn_fast.ops.linear_cross_entropy runs on its cpu backend. One op with
+// an autograd node written in C++: at a few events a Python autograd.Function and the Python loop around the
+// blocks cost more than the product and the row pass (at one event, 1,683 classes, three times PyTorch's whole
+// forward). The row pass goes through the dispatcher (softmax_xent_out), so fake tensors (opcheck, tracing) take
+// its fake kernel.
+//
+// With a gradient to compute, the forward goes one of two ways (the caller's block_rows, at least 1, is the
+// rows per block):
+// - a batch of no more events than features, in one block (few rows): it keeps the (events, classes) gradient
+//   of its logits, no larger than the weight's gradient, and the backward runs the two products on it scaled
+//   by the incoming gradient;
+// - otherwise, block by block: each block's logits (product), the row pass, and at once that block's share of
+//   the gradients for a unit loss gradient (two products and a column sum). It keeps the gradients, never an
+//   (events, classes) buffer, and the backward scales them.
+// Without one (no_grad, inference mode, no input needing it), the loss alone, block by block.
+
+using OptTensor = std::optional<at::Tensor>;
+
+void call_softmax_xent_out(at::Tensor& logits, const at::Tensor& targets, const OptTensor& bias, at::Tensor& loss) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("hiertcn_fast::softmax_xent_out", "")
+                             .typed<void(at::Tensor&, const at::Tensor&, const OptTensor&, at::Tensor&)>();
+  op.call(logits, targets, bias, loss);
+}
+
+void check_loss_arguments(const at::Tensor& features, const at::Tensor& weight, const OptTensor& bias,
+                          const at::Tensor& targets, int64_t block_rows) {
+  TORCH_CHECK(features.dim() == 2, "linear_cross_entropy: features must be 2-D (events, dim), got shape ",
+              features.sizes());
+  TORCH_CHECK(features.device().is_cpu() || features.device().is_meta(),
+              "linear_cross_entropy: this op runs on CPU tensors, got features on ", features.device());
+  TORCH_CHECK(features.scalar_type() == at::kFloat || features.scalar_type() == at::kDouble,
+              "linear_cross_entropy: features must be float32 or float64, got ", features.scalar_type());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == features.size(1), "linear_cross_entropy: weight must be "
+              "(classes, ", features.size(1), "), got shape ", weight.sizes());
+  check_same_device_dtype(features, weight, "features", "weight");
+  if (bias) {
+    check_shape(*bias, {weight.size(0)}, "bias");
+    check_same_device_dtype(features, *bias, "features", "bias");
+  }
+  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.size(0) == features.size(0) &&
+                  targets.device() == features.device(),
+              "linear_cross_entropy: targets must be a 1-D int64 tensor of one class id per row of features (",
+              features.size(0), ") on its device, got ", targets.scalar_type(), " of shape ", targets.sizes(),
+              " on ", targets.device());
+  TORCH_CHECK(block_rows >= 1, "linear_cross_entropy: block_rows must be >= 1, got ", block_rows);
+}
+
+struct LossParts {
+  at::Tensor loss, grad_features, grad_weight, grad_bias;  // a gradient not asked for is undefined
+};
+
+// Block by block: the loss and, for a unit loss gradient, the gradients asked for.
+LossParts blocked_loss_and_gradients(const at::Tensor& features, const at::Tensor& weight, const OptTensor& bias,
+                                     const at::Tensor& targets, int64_t block_rows, bool need_features,
+                                     bool need_weight, bool need_bias) {
+  const int64_t events = features.size(0), classes = weight.size(0);
+  at::Tensor loss_rows = at::empty({events}, features.options());
+  LossParts parts;
+  if (need_features) parts.grad_features = at::empty_like(features);
+  if (need_weight) parts.grad_weight = at::zeros_like(weight);
+  if (need_bias) parts.grad_bias = at::zeros_like(*bias);
+  at::Tensor block = at::empty({std::min(block_rows, events), classes}, features.options());
+  const at::Tensor weight_t = weight.t();
+  for (int64_t start = 0; start < events; start += block_rows) {
+    const int64_t stop = std::min(start + block_rows, events);
+    const at::Tensor x = features.slice(0, start, stop);
+    at::Tensor logits = block.slice(0, 0, stop - start);
+    at::Tensor loss_part = loss_rows.slice(0, start, stop);
+    at::mm_out(logits, x, weight_t);
+    call_softmax_xent_out(logits, targets.slice(0, start, stop), bias, loss_part);
+    if (need_features) {
+      at::Tensor grad_part = parts.grad_features.slice(0, start, stop);
+      at::mm_out(grad_part, logits, weight);
+    }
+    if (need_weight) parts.grad_weight.addmm_(logits.t(), x);
+    if (need_bias) parts.grad_bias.add_(logits.sum(0));
+  }
+  parts.loss = loss_rows.sum();
+  return parts;
+}
+
+class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossEntropyFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& features_in,
+                            const at::Tensor& weight_in, const OptTensor& bias_in, const at::Tensor& targets_in,
+                            int64_t block_rows) {
+    check_loss_arguments(features_in, weight_in, bias_in, targets_in, block_rows);
+    const at::Tensor features = features_in.contiguous(), weight = weight_in.contiguous();
+    const at::Tensor targets = targets_in.contiguous();
+    const OptTensor bias = bias_in ? OptTensor(bias_in->contiguous()) : std::nullopt;
+    const bool need_features = ctx->needs_input_grad(0), need_weight = ctx->needs_input_grad(1);
+    // (An absent bias has no edge: then edge 2 is the targets'.)
+    const bool need_bias = bias.has_value() && ctx->needs_input_grad(2);
+    ctx->saved_data["need_bias"] = need_bias;
+    const int64_t events = features.size(0), dim = features.size(1);
+    const bool few_rows = (need_features || need_weight || need_bias) && events <= std::min(dim, block_rows);
+    ctx->saved_data["few_rows"] = few_rows;
+    if (few_rows) {
+      at::Tensor grad_logits = at::mm(features, weight.t());
+      at::Tensor loss_rows = at::empty({events}, features.options());
+      // The row pass turns the logits into their gradient, softmax - one_hot, in place.
+      call_softmax_xent_out(grad_logits, targets, bias, loss_rows);
+      ctx->save_for_backward({grad_logits, need_features ? weight : at::Tensor(), need_weight ? features : at::Tensor()});
+      return loss_rows.sum();
+    }
+    LossParts parts = blocked_loss_and_gradients(features, weight, bias, targets, block_rows, need_features,
+                                                 need_weight, need_bias);
+    ctx->save_for_backward({parts.grad_features, parts.grad_weight, parts.grad_bias});
+    return parts.loss;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    refuse_graph_of_gradient("linear_cross_entropy");
+    refuse_batched_gradient("linear_cross_entropy", grads[0]);
+    const torch::autograd::variable_list saved = ctx->get_saved_variables();
+    torch::autograd::variable_list result(5);
+    if (!grads[0].defined()) return result;  // no gradient reached the loss: none for the inputs
+    const at::Tensor& grad_loss = grads[0];
+    if (!ctx->saved_data["few_rows"].toBool()) {
+      for (int i = 0; i < 3; ++i) {
+        if (saved[i].defined()) result[i] = saved[i] * grad_loss;
+      }
+      return result;
+    }
+    // Each product only where this backward asks for its gradient (autograd.grad of some of the inputs).
+    const at::Tensor &grad_logits = saved[0], &weight = saved[1], &features = saved[2];
+    const at::Tensor scaled = grad_logits * grad_loss;
+    if (weight.defined() && ctx->needs_input_grad(0)) result[0] = at::mm(scaled, weight);
+    if (features.defined() && ctx->needs_input_grad(1)) result[1] = at::mm(scaled.t(), features);
+    if (ctx->saved_data["need_bias"].toBool() && ctx->needs_input_grad(2)) result[2] = scaled.sum(0);
+    return result;
+  }
+};
+
+// Below autograd (inference mode), or with no gradient to compute: the loss alone.
+at::Tensor linear_cross_entropy_forward_only(const at::Tensor& features, const at::Tensor& weight,
+                                             const OptTensor& bias, const at::Tensor& targets, int64_t block_rows) {
+  check_loss_arguments(features, weight, bias, targets, block_rows);
+  const OptTensor b = bias ? OptTensor(bias->contiguous()) : std::nullopt;
+  return blocked_loss_and_gradients(features.contiguous(), weight.contiguous(), b, targets.contiguous(), block_rows,
+                                    false, false, false)
+      .loss;
+}
+
+at::Tensor linear_cross_entropy_autograd(const at::Tensor& features, const at::Tensor& weight, const OptTensor& bias,
+                                         const at::Tensor& targets, int64_t block_rows) {
+  // Without grad mode or an input that requires grad, the node would have no edges to ask needs_input_grad of.
+  if (!at::GradMode::is_enabled() ||
+      !(features.requires_grad() || weight.requires_grad() || (bias && bias->requires_grad()))) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return linear_cross_entropy_forward_only(features, weight, bias, targets, block_rows);
+  }
+  return LinearCrossEntropyFunction::apply(features, weight, bias, targets, block_rows);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hiertcn_fast, CPU, m) { m.impl("softmax_xent_out", &softmax_xent_out_cpu); }
+TORCH_LIBRARY_IMPL(hiertcn_fast, CPU, m) {
+  m.impl("softmax_xent_out", &softmax_xent_out_cpu);
+  m.impl("linear_cross_entropy", &linear_cross_entropy_forward_only);
+}
+
+TORCH_LIBRARY_IMPL(hiertcn_fast, Autograd, m) { m.impl("linear_cross_entropy", &linear_cross_entropy_autograd); }
 
 }  // namespace hiertcn

@@ -12,9 +12,11 @@ backward only scales them by the incoming gradient. Its memory is one block's lo
 it runs and the gradients (events x dim, and the weight's size) kept for the backward, not an (events, items)
 buffer, which at a web-scale catalogue would dwarf everything else a training step holds (a batch of no more
 events than features keeps its (events, items) logits' gradient instead, then no larger than the weight's
-gradient, and runs the two gradient products in the backward: see _few_rows). Without a gradient
-to compute (no_grad, evaluation) it computes the loss alone. It is once differentiable: create_graph=True
-is a clear error (the reference has higher derivatives), and under forward-mode AD auto runs the reference.
+gradient, and runs the two gradient products in the backward). Without a gradient to compute (no_grad,
+evaluation) it computes the loss alone. It is once differentiable: create_graph=True is a clear error (the
+reference has higher derivatives), and under forward-mode AD auto runs the reference. All of this is one
+compiled op, torch.ops.hiertcn_fast.linear_cross_entropy, with its autograd node in C++: at a few events a
+Python autograd.Function and block loop cost more than the product and the row pass.
 
 Backends: cpu (csrc/cpu/softmax_xent.cpp; float32 and float64 CPU tensors) and reference (the composition
 above). With auto, whatever the cpu kernel does not take (CUDA tensors, half types, torch.compile's tracing)
@@ -27,10 +29,13 @@ import torch.nn.functional as F
 import torch.autograd.forward_ad as forward_ad
 
 from .. import _extension
-from ..backends import BackendUnavailableError, compiling, functorch_transforms_active, requested_backend
-from ._common import check_like, check_tensor, new_output, refuse_graph_of_gradient, symbolic
+from ..backends import (BackendUnavailableError, compiling, default_kernel, dispatches_like,
+                        functorch_transforms_active, requested_backend)
+from ._common import FLOATING, check_like, check_tensor, symbolic
 
 _CPU_DTYPES = (torch.float32, torch.float64)
+# For backends.default_kernel: the cpu kernel takes float32 and float64 CPU tensors, and the reference the rest.
+_DTYPES = {"cuda": (), "triton": (), "cpu": _CPU_DTYPES, "reference": FLOATING}
 
 
 def linear_cross_entropy_reference(features, weight, bias, targets):
@@ -50,82 +55,6 @@ _MIN_BLOCK_ROWS, _MAX_BLOCK_ROWS = 256, 1024
 
 def _block_rows(classes: int, element_size: int) -> int:
     return min(_MAX_BLOCK_ROWS, max(_MIN_BLOCK_ROWS, _BLOCK_BYTES // max(1, classes * element_size)))
-
-
-def _blocked_loss_and_gradients(features, weight, bias, targets, need_features, need_weight, need_bias):
-    """The cpu path, one block of rows at a time: the block's logits (product), then the row kernel (bias,
-    log-sum-exp, loss, the rows turned into softmax - one_hot, their gradient), then that block's share of
-    the gradients for a unit loss gradient. Returns (loss, grad_features, grad_weight, grad_bias); a gradient
-    not asked for is None."""
-    events, classes = features.shape[0], weight.shape[0]
-    loss_rows = new_output((events,), features)
-    grad_features = torch.empty_like(features) if need_features else None
-    grad_weight = torch.zeros_like(weight) if need_weight else None
-    grad_bias = torch.zeros_like(bias) if need_bias else None
-    rows = _block_rows(classes, features.element_size())
-    block = features.new_empty((min(rows, events), classes))
-    weight_t = weight.t()
-    for start in range(0, events, rows):
-        stop = min(start + rows, events)
-        x, logits = features[start:stop], block[:stop - start]
-        torch.mm(x, weight_t, out=logits)
-        torch.ops.hiertcn_fast.softmax_xent_out(logits, targets[start:stop], bias, loss=loss_rows[start:stop])
-        if need_features:
-            torch.mm(logits, weight, out=grad_features[start:stop])
-        if need_weight:
-            grad_weight.addmm_(logits.t(), x)
-        if need_bias:
-            grad_bias.add_(logits.sum(0))
-    return loss_rows.sum(), grad_features, grad_weight, grad_bias
-
-
-def _few_rows(events: int, dim: int, classes: int, element_size: int) -> bool:
-    """Whether a batch is small enough to keep its (events, classes) logits' gradient for the backward: no more
-    rows than features (so that buffer is no larger than the weight's gradient, which the blocked path keeps),
-    in one block. There the blocked path's weight gradient, summed into a zeroed buffer in the forward and
-    scaled into a new one in the backward, cost more than the products themselves: at one event, 1,683 classes
-    and 128 features, twice PyTorch's time."""
-    return events <= min(dim, _block_rows(classes, element_size))
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """The loss is a scalar at the end of the graph, so its gradients are those for a unit loss gradient
-    times the incoming one: they are computed in the forward, block by block, and the backward only scales
-    them. What is kept for the backward is then the gradients (events x dim and the weight's size), never
-    the (events, classes) logits. A batch of no more rows than features (_few_rows) keeps instead the
-    gradient of its logits, no larger than the weight's gradient, and runs the two products in the backward on
-    it scaled by the incoming gradient: the weight's gradient is then written once, not zeroed, summed into and
-    scaled."""
-
-    @staticmethod
-    def forward(ctx, features, weight, bias, targets):
-        need = ctx.needs_input_grad
-        need_bias = bias is not None and need[2]
-        events, dim = features.shape
-        ctx.few_rows = _few_rows(events, dim, weight.shape[0], features.element_size())
-        if ctx.few_rows:
-            grad_logits = features.new_empty((events, weight.shape[0]))
-            torch.mm(features, weight.t(), out=grad_logits)
-            loss_rows = new_output((events,), features)
-            # The row kernel turns the logits into their gradient, softmax - one_hot, in place.
-            torch.ops.hiertcn_fast.softmax_xent_out(grad_logits, targets, bias, loss=loss_rows)
-            ctx.save_for_backward(grad_logits, weight if need[0] else None, features if need[1] else None)
-            return loss_rows.sum()
-        loss, grad_features, grad_weight, grad_bias = _blocked_loss_and_gradients(
-            features, weight, bias, targets, need[0], need[1], need_bias)
-        ctx.save_for_backward(grad_features, grad_weight, grad_bias)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        refuse_graph_of_gradient("linear_cross_entropy")
-        if not ctx.few_rows:
-            return (*(None if g is None else g * grad_loss for g in ctx.saved_tensors), None)
-        grad_logits, weight, features = ctx.saved_tensors
-        scaled = grad_logits * grad_loss
-        return (None if weight is None else torch.mm(scaled, weight),
-                None if features is None else torch.mm(scaled.t(), features),
-                scaled.sum(0) if ctx.needs_input_grad[2] else None, None)
 
 
 def _why_not_fused(features, weight, bias, targets) -> str:
@@ -200,6 +129,22 @@ def linear_cross_entropy(features: torch.Tensor, weight: torch.Tensor, bias, tar
     (float32 for half-type inputs), differentiable in features, weight and bias; equals
     F.cross_entropy(F.linear(...), targets, reduction="sum").
     """
+    if (backend is None and isinstance(features, torch.Tensor) and default_kernel("linear_cross_entropy", features,
+                                                                                 _DTYPES)
+            and dispatches_like(features, weight, bias, targets)):
+        # The compiled op checks every argument itself (shapes, dtypes, devices, target ids): the Python checks
+        # run only when it refuses the call, and then say what is wrong in this package's words. At one event
+        # they and the selection cost about half as much as the op.
+        try:
+            return torch.ops.hiertcn_fast.linear_cross_entropy.default(
+                features, weight, bias, targets, _block_rows(weight.shape[0], features.element_size()))
+        except Exception:
+            pass
+    return _checked_linear_cross_entropy(features, weight, bias, targets, backend)
+
+
+def _checked_linear_cross_entropy(features, weight, bias, targets, backend):
+    """linear_cross_entropy with every check and the full backend selection."""
     check_tensor(features, "features", 2)
     check_tensor(weight, "weight", 2)
     if weight.shape[1] != features.shape[1]:
@@ -224,12 +169,13 @@ def linear_cross_entropy(features: torch.Tensor, weight: torch.Tensor, bias, tar
         raise BackendUnavailableError(f"linear_cross_entropy: backend 'cpu' cannot run this call: {why}")
     if requested == "reference" or why:
         return linear_cross_entropy_reference(features, weight, bias, targets)
-    features, weight, targets = features.contiguous(), weight.contiguous(), targets.contiguous()
-    bias = None if bias is None else bias.contiguous()
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (features, weight, bias)):
-        return _LinearCrossEntropy.apply(features, weight, bias, targets)
-    # No gradient wanted (evaluation, no_grad): the loss alone, without the gradient products.
-    return _blocked_loss_and_gradients(features, weight, bias, targets, False, False, False)[0]
+    return torch.ops.hiertcn_fast.linear_cross_entropy.default(features, weight, bias, targets,
+                                                               _block_rows(weight.shape[0], features.element_size()))
+
+
+@_extension.register_fake("linear_cross_entropy")
+def _linear_cross_entropy_fake(features, weight, bias, targets, block_rows):
+    return features.new_empty(())
 
 
 @_extension.register_fake("softmax_xent_out")

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 
 namespace hiertcn {
 
@@ -31,6 +32,25 @@ inline void check_rows_unit_stride(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2, name, " must be 2-D, got ", t.dim(), "-D");
   TORCH_CHECK(has_unit_stride(t, 1), name,
               " must have unit stride along its last dimension, got strides ", t.strides());
+}
+
+// Under create_graph=True the kernels' gradients would have no graph, so higher derivatives through them would
+// silently lack these terms: refused (the reference backend builds the graph).
+inline void refuse_graph_of_gradient(const char* op) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), op,
+              ": its backward is once differentiable (the gradients come from fused kernels), so create_graph=True "
+              "would give higher derivatives without these terms; use backend='reference' where you need a graph "
+              "of the gradient");
+}
+
+// A batched gradient (torch.autograd.grad(is_grads_batched=True), jacobian(vectorize=True),
+// gradcheck(check_batched_grad=True)) would reach the kernels' out ops, which have no batching rule: refused in
+// words that name the way out, not in the dispatcher's (which name an internal op).
+inline void refuse_batched_gradient(const char* op, const at::Tensor& grad) {
+  TORCH_CHECK(!grad.defined() || !grad.key_set().has(c10::DispatchKey::Batched), op,
+              ": its backward runs fused kernels, which take no batched gradient (is_grads_batched=True, "
+              "jacobian(vectorize=True), gradcheck(check_batched_grad=True)); use backend='reference' there, or "
+              "unbatched gradients");
 }
 
 }  // namespace hiertcn
