@@ -37,7 +37,12 @@ def _maker(events, dim, classes, backward):
                 return lambda: fn(features, weight, bias, targets)
             return lambda: torch.autograd.grad(fn(features, weight, bias, targets), leaves)
 
-        return {"hiertcn_fast": run(lambda *a: linear_cross_entropy(*a, backend="cpu")),
+        # The call as users and the trainer make it (no backend asked for), which must reach the fused op: a
+        # call of its autograd node is checked once here, so a fallback to PyTorch's way cannot pass for ours.
+        probe = linear_cross_entropy(features.detach().requires_grad_(), weight.detach(), bias.detach(), targets)
+        if "LinearCrossEntropy" not in probe.grad_fn.name():
+            raise RuntimeError(f"linear_cross_entropy did not run its fused op here (grad_fn {probe.grad_fn.name()})")
+        return {"hiertcn_fast": run(linear_cross_entropy),
                 "torch eager": run(_torch_way), "torch.compile": run(compiled)}
 
     return make

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hiertcn_fast.backends import use_backend
 from hiertcn_fast.ops import linear_cross_entropy, linear_cross_entropy_reference
 from helpers import rand
 
@@ -290,6 +291,7 @@ def test_the_default_path_calls_the_op_and_falls_back_to_the_checks(monkeypatch)
     features, weight, b, targets = _leaves(6, 4, 9, torch.float64)
     loss = linear_cross_entropy(features, weight, b, targets)
     assert calls == [] and "LinearCrossEntropy" in loss.grad_fn.name()
+    assert torch.equal(linear_cross_entropy(features, weight, b, targets, backend="auto"), loss) and calls == []
     expected = peer(features, weight, b, targets)
     torch.testing.assert_close(loss, expected, **TOL[torch.float64])
     leaves = [features, weight, b]
@@ -302,6 +304,11 @@ def test_the_default_path_calls_the_op_and_falls_back_to_the_checks(monkeypatch)
     assert calls == [None, None]
     linear_cross_entropy(features, weight, b, targets, backend="cpu")
     assert calls == [None, None, "cpu"]
+    # Where a block or the environment asks for another backend, an explicit "auto" still means auto: checked.
+    with use_backend("reference"):
+        assert "LinearCrossEntropy" in linear_cross_entropy(features, weight, b, targets, backend="auto").grad_fn.name()
+        assert "LinearCrossEntropy" not in linear_cross_entropy(features, weight, b, targets).grad_fn.name()
+    assert calls == [None, None, "cpu", "auto", None]
 
 
 @pytest.mark.parametrize("events", [3, 40], ids=["few rows", "blocked"])

@@ -129,8 +129,10 @@ def linear_cross_entropy(features: torch.Tensor, weight: torch.Tensor, bias, tar
     (float32 for half-type inputs), differentiable in features, weight and bias; equals
     F.cross_entropy(F.linear(...), targets, reduction="sum").
     """
-    if (backend is None and isinstance(features, torch.Tensor) and default_kernel("linear_cross_entropy", features,
-                                                                                 _DTYPES)
+    # (backend="auto", as the trainer passes it, is the default too: only a use_backend block or the environment
+    # could ask otherwise, and default_kernel reads both.)
+    if ((backend is None or (type(backend) is str and backend == "auto")) and isinstance(features, torch.Tensor)
+            and default_kernel("linear_cross_entropy", features, _DTYPES)
             and dispatches_like(features, weight, bias, targets)):
         # The compiled op checks every argument itself (shapes, dtypes, devices, target ids): the Python checks
         # run only when it refuses the call, and then say what is wrong in this package's words. At one event
