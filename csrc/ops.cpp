@@ -50,6 +50,9 @@ TORCH_LIBRARY(hiertcn_fast, m) {
       "Tensor(e!)? grad_b_ih, Tensor(f!)? grad_b_hh) -> ()");
   // The cell (cpu/gru_recurrence.cpp): the layer ops at time 1 behind one autograd node written in C++.
   m.def("gru_cell(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) -> Tensor");
+  // One layer over a sequence, x (batch, time, input), h0 (batch, hidden) -> (batch, time, hidden), with its
+  // autograd node in C++ (cpu/gru_recurrence.cpp), as gru_cell.
+  m.def("gru_layer(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) -> Tensor");
 
   // HierTCN's session-level update (cpu/gru_recurrence.cpp): masked session mean of item_embeddings
   // (batch, time, dim) over lengths (batch,) int64, optional projection, one step of a multi-layer GRU

@@ -208,6 +208,21 @@ def cases(side, backend):
             assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(x.grad).all())
         return name, run
 
+    def gru_layer_ops(name, batch, time, input_size, hidden, dtype=torch.float32):
+        # ops.gru calls the layer ops from C++ (its node, gru_layer), past this module's hook on torch.ops; the
+        # autograd.Function that torch.compile traces calls them from Python, with the buffers it makes.
+        def run():
+            from hiertcn_fast.ops.gru import _GruLayerFunction
+
+            torch.manual_seed(6)
+            x = g(torch.randn(batch, time, input_size, dtype=dtype)).requires_grad_()
+            h0 = g(torch.randn(batch, hidden, dtype=dtype)).requires_grad_()
+            weights = stack_weights(input_size, hidden, 1, dtype)[0]
+            out = _GruLayerFunction.apply(x, h0, *weights, False)
+            out.backward(g(torch.randn(out.shape, dtype=dtype)))
+            assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(x.grad).all())
+        return name, run
+
     def session_update(name, batch, time, dim, hidden, layers, proj=False, dtype=torch.float32):
         def run():
             torch.manual_seed(5)
@@ -282,6 +297,7 @@ def cases(side, backend):
         gru_cell("gru_cell no bias", 2, 130, 129, bias=False),
         gru("gru 2 layers", 3, 7, 5, 9, 2),
         gru("gru hidden 130", 2, 3, 4, 130, 1),
+        *([gru_layer_ops("gru layer ops", 3, 7, 5, 130)] if backend == "cpu" else []),
         session_update("session_update", 5, 4, 6, 7, 2),
         session_update("session_update projected", 4, 3, 10, 6, 1, proj=True),
         gru_gates("gru_gates", 3, 130),

@@ -356,6 +356,62 @@ def test_torch_compile_fullgraph(backend):
                                    [x, h0, items, h, keep, *proj, *flat], dtype)
 
 
+@pytest.mark.parametrize("time", [1, 4])
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_layer_op(time, bias):
+    """The layer op behind ops.gru (its C++ autograd node, fake kernel and schema) passes opcheck, with and
+    without gradients, at one step (which keeps no output) and over a sequence."""
+    x, h0, weights = sequence_inputs(3, time, 5, 6, 1, False, bias, torch.float64, "cpu")
+    args = [x, h0[0], *weights[0]] + ([None, None] if not bias else [])
+    op = torch.ops.hiertcn_fast.gru_layer.default
+    torch.library.opcheck(op, [t.detach() if isinstance(t, torch.Tensor) else t for t in args])
+    torch.library.opcheck(op, [t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args])
+
+
+def test_default_sequence_skips_the_checks_and_falls_back_to_them(monkeypatch):
+    """With no backend asked for, a well-formed call runs the layer op with no pass through the full checks, and
+    gives nn.GRU's outputs and gradients (its result may be edited in place before the backward, as after
+    torch.nn); a malformed one reaches the full checks, which name what is wrong."""
+    import sys
+
+    gru_module = sys.modules["hiertcn_fast.ops.gru"]  # (the package's attribute of that name is the function)
+    checked = gru_module._check_gru
+    calls = []
+
+    def spy(*args):
+        calls.append(len(args))
+        return checked(*args)
+
+    monkeypatch.setattr(gru_module, "_check_gru", spy)
+    x, h0, weights = sequence_inputs(2, 5, 4, 3, 2, True, True, torch.float64, "cpu")
+    inputs = leaves([x, h0] + [t for layer in weights for t in layer])
+    layers = [inputs[2:6], inputs[6:10]]
+    out, h_n = gru(inputs[0], inputs[1], layers, num_layers=2)
+    assert calls == [] and "GruLayerFunction" in out.grad_fn.name()
+    peer_inputs = leaves(inputs)
+    want_out, want_h = torch_gru(peer_inputs[0], peer_inputs[1], [peer_inputs[2:6], peer_inputs[6:10]])
+    assert_close(out, want_out)
+    assert_close(h_n, want_h)
+    first = out.detach().clone()
+    out[:, 0] = 0.0  # in place, before the backward
+    want_out = want_out.clone()
+    want_out[:, 0] = 0.0
+    seed = torch.randn_like(out)
+    ((out * seed).sum() + h_n.sum()).backward()
+    ((want_out * seed).sum() + want_h.sum()).backward()
+    for got, want in zip(inputs, peer_inputs):
+        assert_close(got.grad, want.grad)
+    with torch.no_grad():  # the forward alone, the same bits
+        no_grad_out, no_grad_h = gru(x, h0, weights, num_layers=2)
+    assert torch.equal(no_grad_out, first) and torch.equal(no_grad_h, h_n.detach()) and no_grad_out.grad_fn is None
+    assert calls == []
+    with pytest.raises(ValueError, match="num_layers"):
+        gru(x, h0, weights, num_layers=3)
+    with pytest.raises(TypeError, match="num_layers must be an int"):
+        gru(x, h0, weights, num_layers=2.0)
+    assert calls == [4, 4]
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_opcheck_compiled_ops(device):
     ops = torch.ops.hiertcn_fast

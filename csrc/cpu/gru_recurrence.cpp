@@ -955,6 +955,30 @@ at::Tensor cell_forward(const at::Tensor& x, const at::Tensor& h, const at::Tens
 // The layer op's kernels index h by rows with unit stride.
 at::Tensor unit_stride_rows(const at::Tensor& t) { return has_unit_stride(t, -1) ? t : t.contiguous(); }
 
+// The backward of a layer's node (the cell's is one step of it): grad_out (batch, time, hidden) contiguous, x
+// (batch, time, input), h0 (batch, hidden), out the states the forward ran through (read for the steps before
+// the last), gates as saved. The gradients of x, h0, w_ih, w_hh, b_ih and b_hh, each undefined where none is
+// wanted: an input that wants none (a frozen weight or bias pair, an x or h0 without one) costs no product.
+torch::autograd::variable_list layer_node_backward(torch::autograd::AutogradContext* ctx, const at::Tensor& grad_out,
+                                                   const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                                                   const at::Tensor& w_hh, const at::Tensor& out,
+                                                   const at::Tensor& gates, bool bias) {
+  OptTensor grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh;
+  if (ctx->needs_input_grad(0)) grad_x = at::empty(x.sizes(), x.options());
+  if (ctx->needs_input_grad(1)) grad_h0 = at::empty_like(h0, at::MemoryFormat::Contiguous);
+  if (ctx->needs_input_grad(2)) grad_w_ih = at::empty_like(w_ih, at::MemoryFormat::Contiguous);
+  if (ctx->needs_input_grad(3)) grad_w_hh = at::empty_like(w_hh, at::MemoryFormat::Contiguous);
+  // (Without biases the node has four edges: asked only with them.)
+  if (bias && (ctx->needs_input_grad(4) || ctx->needs_input_grad(5))) {
+    grad_b_ih = at::empty({w_ih.size(0)}, w_ih.options());
+    grad_b_hh = at::empty({w_hh.size(0)}, w_hh.options());
+  }
+  call_layer_backward(grad_out, x, h0, w_ih, w_hh, out, gates, grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih,
+                      grad_b_hh);
+  return {grad_x.value_or(at::Tensor()), grad_h0.value_or(at::Tensor()), grad_w_ih.value_or(at::Tensor()),
+          grad_w_hh.value_or(at::Tensor()), grad_b_ih.value_or(at::Tensor()), grad_b_hh.value_or(at::Tensor())};
+}
+
 class GruCellFunction : public torch::autograd::Function<GruCellFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h,
@@ -976,26 +1000,14 @@ class GruCellFunction : public torch::autograd::Function<GruCellFunction> {
     refuse_batched_gradient("gru_cell", grads[0]);
     const torch::autograd::variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &h = saved[1], &w_ih = saved[2], &w_hh = saved[3], &gates = saved[4];
-    const bool bias = ctx->saved_data["bias"].toBool();
     const at::Tensor grad_out = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(h);
     // The layer op's output argument: of one step it reads none (only the steps before the last), so an unfilled
     // buffer of its shape stands in.
     const at::Tensor out = at::empty({h.size(0), 1, h.size(1)}, h.options());
-    // An input that wants no gradient (a frozen weight or bias pair, an x or h without one) costs no product.
-    OptTensor grad_x, grad_h, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh;
-    if (ctx->needs_input_grad(0)) grad_x = at::empty({x.size(0), 1, x.size(1)}, x.options());
-    if (ctx->needs_input_grad(1)) grad_h = at::empty_like(h, at::MemoryFormat::Contiguous);
-    if (ctx->needs_input_grad(2)) grad_w_ih = at::empty_like(w_ih, at::MemoryFormat::Contiguous);
-    if (ctx->needs_input_grad(3)) grad_w_hh = at::empty_like(w_hh, at::MemoryFormat::Contiguous);
-    if (bias && (ctx->needs_input_grad(4) || ctx->needs_input_grad(5))) {
-      grad_b_ih = at::empty({w_ih.size(0)}, w_ih.options());
-      grad_b_hh = at::empty({w_hh.size(0)}, w_hh.options());
-    }
-    call_layer_backward(grad_out.unsqueeze(1), x.unsqueeze(1), h, w_ih, w_hh, out, gates, grad_x, grad_h,
-                        grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh);
-    return {grad_x.has_value() ? grad_x->squeeze(1) : at::Tensor(), grad_h.value_or(at::Tensor()),
-            grad_w_ih.value_or(at::Tensor()), grad_w_hh.value_or(at::Tensor()), grad_b_ih.value_or(at::Tensor()),
-            grad_b_hh.value_or(at::Tensor())};
+    torch::autograd::variable_list result = layer_node_backward(ctx, grad_out.unsqueeze(1), x.unsqueeze(1), h, w_ih,
+                                                                w_hh, out, gates, ctx->saved_data["bias"].toBool());
+    if (result[0].defined()) result[0] = result[0].squeeze(1);
+    return result;
   }
 };
 
@@ -1009,6 +1021,82 @@ at::Tensor gru_cell_forward_only(const at::Tensor& x, const at::Tensor& h, const
                                  const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh) {
   at::Tensor gates;
   return cell_forward(x, unit_stride_rows(h), w_ih, w_hh, b_ih, b_hh, gates);
+}
+
+// ---- one layer over a sequence as one op, differentiated in C++ ----------------------------------------------
+//
+// gru_layer is the layer ops behind one autograd node written in C++, as the cell is: hiertcn_fast.ops.gru runs
+// one per layer. At a few short sequences (one user's sessions) a Python autograd.Function per layer and the
+// outputs allocated from Python cost about as much as the recurrence. What the caller gets is never what the
+// backward keeps, so that it may edit the result in place: one step keeps no output (its backward reads h0 and
+// the gates only); a sequence keeps the states it ran through and returns a copy of them.
+
+// output (batch, time, hidden) and the saved gates (time, batch, 4 * hidden) for x (batch, time, input), h0
+// (batch, hidden) with unit-stride rows.
+at::Tensor layer_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                         const OptTensor& b_ih, const OptTensor& b_hh, at::Tensor& gates) {
+  TORCH_CHECK(x.dim() == 3 && h0.dim() == 2, "gru_layer: x must be 3-D (batch, time, input) and h0 2-D (batch, "
+              "hidden), got ", x.dim(), "-D and ", h0.dim(), "-D");
+  const int64_t batch = x.size(0), time = x.size(1), hidden = h0.size(1);
+  TORCH_CHECK(time >= 1, "gru_layer: x must hold at least one time step, got shape ", x.sizes());
+  at::Tensor output = at::empty({batch, time, hidden}, h0.options());
+  gates = at::empty({time, batch, 4 * hidden}, h0.options());
+  call_layer_forward(x, h0, w_ih, w_hh, b_ih, b_hh, output, gates);
+  return output;
+}
+
+class GruLayerFunction : public torch::autograd::Function<GruLayerFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h0,
+                            const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
+                            const OptTensor& b_hh) {
+    at::Tensor gates;
+    const at::Tensor h_rows = unit_stride_rows(h0);
+    at::Tensor output = layer_forward(x, h_rows, w_ih, w_hh, b_ih, b_hh, gates);
+    const bool one_step = output.size(1) == 1;
+    ctx->save_for_backward({x, h_rows, w_ih, w_hh, one_step ? at::Tensor() : output, gates});
+    ctx->saved_data["bias"] = b_ih.has_value();
+    return one_step ? output : output.clone();
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    refuse_graph_of_gradient("gru");
+    refuse_batched_gradient("gru", grads[0]);
+    const torch::autograd::variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &h0 = saved[1], &w_ih = saved[2], &w_hh = saved[3], &gates = saved[5];
+    const int64_t batch = x.size(0), time = x.size(1), hidden = h0.size(1);
+    // One step: the op reads no output (only those of the steps before the last).
+    const at::Tensor output = saved[4].defined() ? saved[4] : at::empty({batch, 1, hidden}, h0.options());
+    const at::Tensor grad_out =
+        grads[0].defined() ? grads[0].contiguous() : at::zeros({batch, time, hidden}, h0.options());
+    return layer_node_backward(ctx, grad_out, x, h0, w_ih, w_hh, output, gates, ctx->saved_data["bias"].toBool());
+  }
+};
+
+// Below autograd (inference mode), or with no gradient to compute: the forward alone (no copy of the output).
+at::Tensor gru_layer_forward_only(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                                  const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh) {
+  at::Tensor gates;
+  return layer_forward(x, unit_stride_rows(h0), w_ih, w_hh, b_ih, b_hh, gates);
+}
+
+bool any_requires_grad(std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors) {
+    if (t->defined() && t->requires_grad()) return true;
+  }
+  return false;
+}
+
+at::Tensor gru_layer_autograd(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                              const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh) {
+  const at::Tensor none;
+  if (!at::GradMode::is_enabled() ||
+      !any_requires_grad({&x, &h0, &w_ih, &w_hh, b_ih ? &*b_ih : &none, b_hh ? &*b_hh : &none})) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return gru_layer_forward_only(x, h0, w_ih, w_hh, b_ih, b_hh);
+  }
+  return GruLayerFunction::apply(x, h0, w_ih, w_hh, b_ih, b_hh);
 }
 
 // ---- session_update as one op, differentiated in C++ ------------------------------------------------
@@ -1159,11 +1247,13 @@ at::Tensor session_update_forward_only(const at::Tensor& items, const at::Tensor
 
 TORCH_LIBRARY_IMPL(hiertcn_fast, Autograd, m) {
   m.impl("gru_cell", &gru_cell_autograd);
+  m.impl("gru_layer", &gru_layer_autograd);
   m.impl("session_update", &session_update_autograd);
 }
 
 TORCH_LIBRARY_IMPL(hiertcn_fast, CompositeExplicitAutograd, m) {
   m.impl("gru_cell", &gru_cell_forward_only);
+  m.impl("gru_layer", &gru_layer_forward_only);
   m.impl("session_update", &session_update_forward_only);
 }
 

@@ -317,6 +317,10 @@ class _GruLayerFunction(torch.autograd.Function):
 def _gru_layer(name, x, h0, w_ih, w_hh, b_ih, b_hh, single_step=False):
     """One layer on backend ``name``: x (batch, time, input), h0 (batch, hidden) -> (batch, time, hidden);
     with single_step, x (batch, input) -> (batch, hidden)."""
+    if name in ("cpu", "cuda") and not single_step and not compiling():
+        # One op whose autograd node is C++ (csrc/cpu/gru_recurrence.cpp); torch.compile traces the
+        # autograd.Function below instead, where the Python costs nothing per call.
+        return torch.ops.hiertcn_fast.gru_layer.default(x, h0, w_ih, w_hh, b_ih, b_hh)
     if name in ("cpu", "cuda"):
         return _GruLayerFunction.apply(x, unit_stride_rows(h0), w_ih, w_hh, b_ih, b_hh, single_step)
     if single_step:
@@ -433,9 +437,24 @@ def gru(x: torch.Tensor, h0, weights, *, num_layers: int, backend=None):
     Returns (output (batch, time, hidden) = the last layer's states, h_n (num_layers, batch, hidden)).
     Differentiable in x, h0 and every weight.
     """
+    if backend is None and isinstance(x, torch.Tensor) and default_kernel("gru", x, GRU_DTYPES):
+        layers = _well_formed_gru(x, h0, weights, num_layers)
+        if layers is not None:
+            return _gru_layers("cpu" if x.is_cpu else "cuda", x, h0, layers)
     h0, layers = _check_gru(x, h0, weights, num_layers)
     name = resolve("gru", backend, h0.device, h0.dtype, GRU_DTYPES)
     return _gru_layers(name, x, h0, layers)
+
+
+def _well_formed_gru(x, h0, weights, num_layers):
+    """The layers' weights when every check of gru passes, for a call that backends.default_kernel sent to the
+    compiled kernels, in one cheap pass; else None (then the full checks say what is wrong). At a few short
+    sequences the checks and the selection cost a noticeable share of the recurrence."""
+    if not (type(num_layers) is int and num_layers >= 1 and x.dim() == 3 and x.shape[1] >= 1
+            and isinstance(h0, torch.Tensor) and h0.dim() == 3 and h0.dtype == x.dtype and h0.device == x.device
+            and h0.shape[0] == num_layers and h0.shape[1] == x.shape[0] and dispatches_like(x, h0)):
+        return None
+    return _well_formed_layer_weights(weights, num_layers, x.shape[2], h0.shape[2], h0)
 
 
 # ---- HierTCN's session-level update --------------------------------------------------------------
@@ -875,6 +894,11 @@ def _gru_layer_backward_out_fake(grad_output, x, h0, w_ih, w_hh, output, gates, 
 @_extension.register_fake("gru_cell")
 def _gru_cell_fake(x, h, w_ih, w_hh, b_ih, b_hh):
     return h.new_empty(h.shape)
+
+
+@_extension.register_fake("gru_layer")
+def _gru_layer_fake(x, h0, w_ih, w_hh, b_ih, b_hh):
+    return h0.new_empty((x.shape[0], x.shape[1], h0.shape[1]))
 
 
 @_extension.register_fake("session_update")
