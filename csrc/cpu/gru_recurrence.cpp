@@ -1081,18 +1081,9 @@ at::Tensor gru_layer_forward_only(const at::Tensor& x, const at::Tensor& h0, con
   return layer_forward(x, unit_stride_rows(h0), w_ih, w_hh, b_ih, b_hh, gates);
 }
 
-bool any_requires_grad(std::initializer_list<const at::Tensor*> tensors) {
-  for (const at::Tensor* t : tensors) {
-    if (t->defined() && t->requires_grad()) return true;
-  }
-  return false;
-}
-
 at::Tensor gru_layer_autograd(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
                               const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh) {
-  const at::Tensor none;
-  if (!at::GradMode::is_enabled() ||
-      !any_requires_grad({&x, &h0, &w_ih, &w_hh, b_ih ? &*b_ih : &none, b_hh ? &*b_hh : &none})) {
+  if (!records_graph(x, h0, w_ih, w_hh, b_ih, b_hh)) {
     at::AutoDispatchBelowADInplaceOrView below;
     return gru_layer_forward_only(x, h0, w_ih, w_hh, b_ih, b_hh);
   }

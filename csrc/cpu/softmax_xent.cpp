@@ -297,9 +297,7 @@ at::Tensor linear_cross_entropy_forward_only(const at::Tensor& features, const a
 
 at::Tensor linear_cross_entropy_autograd(const at::Tensor& features, const at::Tensor& weight, const OptTensor& bias,
                                          const at::Tensor& targets, int64_t block_rows) {
-  // Without grad mode or an input that requires grad, the node would have no edges to ask needs_input_grad of.
-  if (!at::GradMode::is_enabled() ||
-      !(features.requires_grad() || weight.requires_grad() || (bias && bias->requires_grad()))) {
+  if (!records_graph(features, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView below;
     return linear_cross_entropy_forward_only(features, weight, bias, targets, block_rows);
   }

@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 
+#include <optional>
+
 namespace hiertcn {
 
 inline void check_same_device_dtype(const at::Tensor& ref, const at::Tensor& t, const char* ref_name,
@@ -32,6 +34,16 @@ inline void check_rows_unit_stride(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2, name, " must be 2-D, got ", t.dim(), "-D");
   TORCH_CHECK(has_unit_stride(t, 1), name,
               " must have unit stride along its last dimension, got strides ", t.strides());
+}
+
+// Whether a call with these inputs (tensors, or optional ones) records an autograd node: grad mode on and one of
+// them requiring grad. Without one, the ops' C++ autograd kernels run their forward alone: a node without edges
+// cannot answer needs_input_grad, and would keep tensors for a backward that never comes.
+inline bool requires_grad_of(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
+inline bool requires_grad_of(const std::optional<at::Tensor>& t) { return t.has_value() && requires_grad_of(*t); }
+template <typename... Tensors>
+bool records_graph(const Tensors&... tensors) {
+  return at::GradMode::is_enabled() && (requires_grad_of(tensors) || ...);
 }
 
 // Under create_graph=True the kernels' gradients would have no graph, so higher derivatives through them would
